@@ -1,0 +1,1 @@
+"""Pure math of streamrec: scoring, learners, encoders, evaluation metrics (no I/O, no Kafka)."""

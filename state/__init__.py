@@ -1,0 +1,1 @@
+"""State kept by workers behind small interfaces: histories, decayed counts, checkpoints."""

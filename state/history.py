@@ -1,0 +1,53 @@
+"""A user's recent timeline: the last T events, stored as a JSON-safe value in a Faust table.
+
+Kept as parallel lists (not a list of objects) so the stored JSON stays small and the lists can
+become numpy arrays without a Python loop per event when the learners need them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class History:
+    items: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    ts: tuple[float, ...] = ()
+    event_ids: tuple[str, ...] = field(default=())  # "" where the event had no id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def seen(self) -> frozenset[str]:
+        return frozenset(self.items)
+
+    def has_event(self, event_id: str | None) -> bool:
+        """True if an event with this id is already in the window (a redelivery)."""
+        return bool(event_id) and event_id in self.event_ids
+
+    def appended(self, item_id: str, kind: str, ts: float, event_id: str | None,
+                 limit: int) -> History:
+        """A new history with the event added and only the last ``limit`` events kept.
+
+        Events are kept in arrival order; out-of-order timestamps are kept as they came,
+        because arrival order is what the stream learns from.
+        """
+        keep = slice(-limit, None)
+        return History(
+            items=(self.items + (item_id,))[keep],
+            kinds=(self.kinds + (kind,))[keep],
+            ts=(self.ts + (float(ts),))[keep],
+            event_ids=(self.event_ids + (event_id or "",))[keep],
+        )
+
+    def to_json(self) -> dict:
+        return {"items": list(self.items), "kinds": list(self.kinds), "ts": list(self.ts),
+                "ids": list(self.event_ids)}
+
+    @classmethod
+    def from_json(cls, value: dict | None) -> History:
+        if not value:
+            return cls()
+        return cls(items=tuple(value["items"]), kinds=tuple(value["kinds"]),
+                   ts=tuple(value["ts"]), event_ids=tuple(value.get("ids", ())))

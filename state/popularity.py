@@ -1,0 +1,129 @@
+"""Exponentially decayed item popularity, kept in the log domain.
+
+The decayed count of item i at time t is c_i(t) = Σ_e w_e · 2^(−(t − t_e)/h) over its events e
+(weight w_e, event time t_e, half-life h). Writing λ = ln 2 / h,
+
+    log c_i(t) = logsumexp_e(log w_e + λ t_e) − λ t,
+
+so we store only the time-free part ``a_i = logsumexp_e(log w_e + λ t_e)``. Adding an event is one
+``logaddexp``; items rank by ``a_i`` at every t (decay never reorders them), and the count at any
+time is ``exp(a_i − λ t)``. Nothing has to be rescanned when time moves, and nothing overflows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+
+class DecayedPopularity:
+    """Decayed, weighted event counts per item with a cached ranking.
+
+    Reads (``count``, ``top``) never create state: an unknown item reads as zero.
+    """
+
+    def __init__(self, half_life_s: float, *, refresh_s: float = 0.5,
+                 clock=time.monotonic) -> None:
+        if not half_life_s > 0:
+            raise ValueError("half_life_s must be > 0")
+        self.rate = math.log(2.0) / half_life_s
+        self.refresh_s = refresh_s
+        self._clock = clock
+        self._index: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._log_mass = np.empty(1024, dtype=np.float64)
+        self.now = 0.0  # latest event time seen (event-time clock)
+        self._order: np.ndarray = np.empty(0, dtype=np.int64)
+        self._order_at = -math.inf
+        self._dirty = False
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._index
+
+    def add(self, item_id: str, ts: float, weight: float = 1.0) -> None:
+        """Count one event of ``item_id`` at event time ``ts`` with confidence ``weight``."""
+        term = math.log(weight) + self.rate * ts
+        row = self._index.get(item_id)
+        if row is None:
+            row = self._append(item_id)
+            self._log_mass[row] = term
+        else:
+            self._log_mass[row] = np.logaddexp(self._log_mass[row], term)
+        self.now = max(self.now, ts)
+        self._dirty = True
+
+    def _append(self, item_id: str) -> int:
+        row = len(self._ids)
+        if row == len(self._log_mass):
+            self._log_mass = np.resize(self._log_mass, 2 * row)
+        self._index[item_id] = row
+        self._ids.append(item_id)
+        return row
+
+    def count(self, item_id: str, at: float | None = None) -> float:
+        """Decayed count at event time ``at`` (default: the latest event time seen)."""
+        row = self._index.get(item_id)
+        if row is None:
+            return 0.0
+        return math.exp(self._log_mass[row] - self.rate * (self.now if at is None else at))
+
+    def _ranking(self) -> np.ndarray:
+        stale = self._clock() - self._order_at >= self.refresh_s
+        if self._dirty and stale:
+            self._order = np.argsort(-self._log_mass[: len(self._ids)], kind="stable")
+            self._order_at = self._clock()
+            self._dirty = False
+        return self._order
+
+    def top(self, k: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
+        """The ``k`` most popular items not in ``exclude``, with their decayed counts.
+
+        The ranking is cached for ``refresh_s`` seconds, so answers may lag the stream by that
+        much; the counts themselves are always current.
+        """
+        excluded = set(exclude)
+        picked: list[tuple[str, float]] = []
+        for row in self._ranking():
+            item_id = self._ids[row]
+            if item_id in excluded:
+                continue
+            picked.append((item_id, self.count(item_id)))
+            if len(picked) == k:
+                break
+        return picked
+
+    # -- persistence (npz, no pickle) -----------------------------------------------------
+    def save(self, path: Path) -> None:
+        """Write atomically: a reader sees the old file or the new one, never half of one."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, ids=np.array(self._ids, dtype=np.str_),
+                     log_mass=self._log_mass[: len(self._ids)], rate=self.rate, now=self.now)
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> bool:
+        """Replace the counts with those saved at ``path``; False if there is no file."""
+        if not path.exists():
+            return False
+        with np.load(path, allow_pickle=False) as data:
+            if not math.isclose(float(data["rate"]), self.rate):
+                raise ValueError(f"{path} was saved with another half-life")
+            ids = [str(item) for item in data["ids"]]
+            self._index = {item_id: row for row, item_id in enumerate(ids)}
+            self._ids = ids
+            self._log_mass = np.array(data["log_mass"], dtype=np.float64)
+            if len(self._log_mass) == 0:
+                self._log_mass = np.empty(1024, dtype=np.float64)
+            self.now = float(data["now"])
+        self._dirty = True
+        self._order_at = -math.inf
+        return True

@@ -1,0 +1,156 @@
+"""The Faust application: topics, the user-history table and thin agents.
+
+Built by :func:`create_app` from a settings object, an :class:`~stream_app.engine.Engine` and a
+:class:`~stream_app.metrics.Metrics` bundle; nothing is created at import time.
+
+Partitioning: ``timeline-events`` and ``rec-requests`` are keyed by ``user_id`` and have the same
+number of partitions, so a request lands on the partition (and the worker) that holds the user's
+history. A message whose key is not its ``user_id`` is re-sent once with the right key instead
+of being processed on the wrong partition.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import faust
+
+from state.history import History
+
+from .engine import Engine
+from .kafka import faust_credentials
+from .metrics import Metrics
+from .settings import Settings
+from .wire import (DeadLetter, InvalidMessage, RecResponse, decode_event, decode_request,
+                   salvage_request)
+
+log = logging.getLogger(__name__)
+HISTORY_TABLE = "user-histories"
+
+
+def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.App:
+    app = faust.App(
+        settings.app_id,
+        broker=settings.faust_broker_url,
+        broker_credentials=faust_credentials(settings),
+        store="rocksdb://",  # picks the rocksdict driver
+        datadir=str(settings.data_dir / "faust"),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        autodiscover=False,
+        stream_wait_empty=False,
+    )
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    events = app.topic(settings.topic_events, **raw)
+    dead_letters = app.topic(settings.topic_dead_letters, **raw)
+    requests = app.topic(settings.topic_requests, **raw)
+    histories = app.Table(HISTORY_TABLE, partitions=settings.partitions,
+                          schema=faust.Schema(key_serializer="raw", value_serializer="json"))
+    reply_topics: dict[str, faust.TopicT] = {}
+
+    async def dead_letter(error: InvalidMessage, message) -> None:
+        letter = DeadLetter.of(error, message.value or b"", message.key, topic=message.topic,
+                               partition=message.partition, offset=message.offset)
+        await dead_letters.send(key=message.key, value=letter.to_bytes())
+        metrics.dead_letters.labels(error.reason).inc()
+        metrics.events.labels("invalid", "dead_letter").inc()
+
+    async def take_event(message) -> None:
+        event = decode_event(message.value, kinds=settings.event_kinds,
+                             max_bytes=settings.max_event_bytes)
+        if message.key != event.user_id.encode():
+            await events.send(key=event.user_id.encode(), value=message.value)
+            metrics.events.labels(event.kind, "rekeyed").inc()
+            return
+        history = History.from_json(histories.get(event.user_id))
+        updated = engine.ingest(event, history)
+        if updated is None:
+            metrics.events.labels(event.kind, "duplicate").inc()
+            return
+        histories[event.user_id] = updated.to_json()
+        metrics.events.labels(event.kind, "accepted").inc()
+
+    @app.agent(events, name="ingest")
+    async def ingest(stream):
+        """Validate each event; invalid ones go to the DLQ with a reason, never crash."""
+        async for item in stream.events():
+            message = item.message
+            try:
+                await take_event(message)
+            except InvalidMessage as error:
+                await dead_letter(error, message)
+            except Exception as error:  # noqa: BLE001 - an agent must survive anything
+                log.exception("event at %s/%d/%d failed", message.topic, message.partition,
+                              message.offset)
+                await dead_letter(InvalidMessage("internal_error", repr(error)), message)
+
+    async def reply_topic(name: str | None) -> faust.TopicT:
+        name = name or settings.topic_responses
+        if name not in reply_topics:
+            topic = app.topic(name, **raw)
+            await topic.maybe_declare()
+            reply_topics[name] = topic
+        return reply_topics[name]
+
+    async def respond(response: RecResponse, reply_to: str | None, started: float) -> None:
+        topic = await reply_topic(reply_to)
+        key = response.request_id.encode() if response.request_id else None
+        await topic.send(key=key, value=response.to_bytes())
+        metrics.requests.labels("error" if response.error else "ok").inc()
+        metrics.request_latency.observe(time.perf_counter() - started)
+
+    async def answer(message, started: float) -> None:
+        request = decode_request(message.value, max_bytes=settings.max_request_bytes,
+                                 max_history=settings.max_request_history)
+        engine.check_reply_to(request)
+        if request.user_id is not None and message.key != request.user_id.encode():
+            await requests.send(key=request.user_id.encode(), value=message.value)
+            return
+        stored = histories.get(request.user_id) if request.user_id is not None else None
+        response = engine.answer(request, History.from_json(stored), started)
+        await respond(response, request.reply_to, started)
+
+    async def answer_error(error: Exception, message, started: float) -> None:
+        fields = salvage_request(message.value)
+        reply_to = fields["reply_to"]
+        if reply_to is not None and not reply_to.startswith(settings.topic_responses):
+            reply_to = None
+        text = str(error) if isinstance(error, InvalidMessage) else f"internal error: {error!r}"
+        response = RecResponse(request_id=fields["request_id"], user_id=fields["user_id"],
+                               error=text, model_version=engine.model_version,
+                               took_ms=(time.perf_counter() - started) * 1000.0)
+        await respond(response, reply_to, started)
+
+    @app.agent(requests, name="respond")
+    async def respond_agent(stream):
+        """Answer every request on its reply topic keyed by request_id; errors are answers too."""
+        async for item in stream.events():
+            started = time.perf_counter()
+            message = item.message
+            try:
+                await answer(message, started)
+            except Exception as error:  # noqa: BLE001 - the responder never goes silent
+                if not isinstance(error, InvalidMessage):
+                    log.exception("request at %s/%d/%d failed", message.topic,
+                                  message.partition, message.offset)
+                try:
+                    await answer_error(error, message, started)
+                except Exception:  # noqa: BLE001
+                    log.exception("could not send the error response")
+
+    @histories.on_recover
+    async def count_users() -> None:
+        engine.users = sum(1 for _ in histories.keys())
+        log.info("user histories recovered: %d users", engine.users)
+
+    @app.timer(settings.checkpoint_interval_s)
+    async def checkpoint() -> None:
+        engine.save()
+
+    app.streamrec_histories = histories  # for tests and tools that inspect the table
+    return app

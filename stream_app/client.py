@@ -1,0 +1,127 @@
+"""Plain Kafka clients (kafka-python): replay events, ask for recommendations.
+
+These are what any application does to talk to streamrec; nothing here needs Faust.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable
+
+from .kafka import client_config
+from .settings import Settings
+from .wire import RecRequest, RecResponse
+
+
+class ResponseTimeout(TimeoutError):
+    pass
+
+
+def producer(settings: Settings, **overrides):
+    from kafka import KafkaProducer
+
+    options = {"linger_ms": 5, "acks": 1, "enable_idempotence": False, **overrides}
+    return KafkaProducer(client_id=f"{settings.app_id}-client", **client_config(settings),
+                         **options)
+
+
+def replay(settings: Settings, events: Iterable[dict], *, rate: float | None = None,
+           progress=None) -> int:
+    """Send events (wire-format dicts) keyed by ``user_id``; ``rate`` caps events per second.
+    Returns how many were sent after all are acknowledged."""
+    sink = producer(settings)
+    sent = 0
+    started = time.monotonic()
+    try:
+        for event in events:
+            sink.send(settings.topic_events, key=event["user_id"].encode(),
+                      value=json.dumps(event, separators=(",", ":")).encode())
+            sent += 1
+            if progress is not None:
+                progress.update(1)
+            if rate:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+        sink.flush()
+    finally:
+        sink.close()
+    return sent
+
+
+class RecClient:
+    """Sends requests to ``rec-requests`` and waits for the answer on a response topic.
+
+    The consumer is positioned at the end of the response topic before the first request is
+    sent, and answers are matched by ``request_id``; other clients' answers are skipped.
+    """
+
+    def __init__(self, settings: Settings, reply_to: str | None = None) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.settings = settings
+        self.reply_to = reply_to or settings.topic_responses
+        self._producer = producer(settings, linger_ms=0)
+        self._consumer = KafkaConsumer(
+            client_id=f"{settings.app_id}-client", enable_auto_commit=False,
+            fetch_max_wait_ms=20, **client_config(settings))
+        partitions = self._wait_for_partitions(self.reply_to)
+        self._consumer.assign([TopicPartition(self.reply_to, p) for p in partitions])
+        self._consumer.seek_to_end()
+        for tp in self._consumer.assignment():
+            self._consumer.position(tp)  # resolve now, before any request is sent
+        self._pending: dict[str, RecResponse] = {}
+
+    def _wait_for_partitions(self, topic: str, timeout_s: float = 10.0) -> set[int]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            partitions = self._consumer.partitions_for_topic(topic)
+            if partitions:
+                return partitions
+            time.sleep(0.1)
+        raise ResponseTimeout(f"topic {topic!r} does not exist on {self.settings.broker or 'the embedded broker'}")
+
+    def send(self, request: RecRequest) -> None:
+        key = (request.user_id or request.request_id).encode()
+        self._producer.send(self.settings.topic_requests, key=key, value=request.to_bytes())
+        self._producer.flush()
+
+    def wait(self, request_id: str, timeout_s: float) -> RecResponse:
+        deadline = time.monotonic() + timeout_s
+        while request_id not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ResponseTimeout(f"no response to {request_id} within {timeout_s:g} s")
+            batches = self._consumer.poll(timeout_ms=int(min(left, 0.2) * 1000))
+            for records in batches.values():
+                for record in records:
+                    self._take(record.value)
+        return self._pending.pop(request_id)
+
+    def _take(self, raw: bytes) -> None:
+        try:
+            response = RecResponse.model_validate_json(raw)
+        except ValueError:
+            return
+        if response.request_id is not None:
+            self._pending[response.request_id] = response
+
+    def recommend(self, user_id: str | None = None, *, history: list[str] | None = None,
+                  k: int = 10, timeout_s: float = 10.0, **fields) -> RecResponse:
+        request = RecRequest(request_id=uuid.uuid4().hex, user_id=user_id, history=history, k=k,
+                             reply_to=None if self.reply_to == self.settings.topic_responses
+                             else self.reply_to, **fields)
+        self.send(request)
+        return self.wait(request.request_id, timeout_s)
+
+    def close(self) -> None:
+        self._producer.close()
+        self._consumer.close()
+
+    def __enter__(self) -> RecClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,165 @@
+"""Read interaction files into one time-ordered log, and turn a log into timeline events.
+
+Formats (the three of the shared datasets, plus our own wire format):
+
+- ``movielens``: CSV ``userId,movieId,rating,timestamp`` with a header. Ratings >= 4 become
+  ``click`` events (a strong positive), lower ratings ``view`` events.
+- ``sequences``: one line per user, ``user item item ...`` in time order, no timestamps.
+- ``pairs``: one line per interaction, ``user item``, each user's lines in time order.
+- ``jsonl``: one wire-format event (JSON object) per line.
+
+Files without timestamps become a stream that interleaves users while keeping each user's own
+order: every user's events get sorted uniform random times (seeded), and the log is sorted by
+them. This is a uniformly random merge of the per-user sequences, so the stream never replays
+"user after user". Synthetic timestamps are then one second apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMATS = ("movielens", "sequences", "pairs", "jsonl")
+SYNTHETIC_EPOCH = 1_600_000_000.0
+
+
+@dataclass
+class InteractionLog:
+    """Parallel arrays in stream order. ``order`` is the user's own position (0, 1, ...)."""
+
+    users: np.ndarray  # str
+    items: np.ndarray  # str
+    kinds: np.ndarray  # str
+    ts: np.ndarray  # float64, non-decreasing
+    order: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def events(self) -> Iterator[dict]:
+        for i in range(len(self)):
+            yield {"v": 1, "event_id": f"{self.users[i]}:{self.order[i]}",
+                   "user_id": str(self.users[i]), "item_id": str(self.items[i]),
+                   "kind": str(self.kinds[i]), "ts": float(self.ts[i])}
+
+
+def guess_format(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    if path.suffix == ".csv":
+        return "movielens"
+    with open(path) as handle:
+        first = handle.readline().split()
+    return "pairs" if len(first) == 2 else "sequences"
+
+
+def load(path: Path, fmt: str | None = None, *, seed: int = 0) -> InteractionLog:
+    """Load ``path`` (a file, or a dataset folder holding exactly one known file)."""
+    path = _resolve(Path(path))
+    fmt = fmt or guess_format(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    return {"movielens": _movielens, "sequences": _sequences, "pairs": _pairs,
+            "jsonl": _jsonl}[fmt](path, seed)
+
+
+def _resolve(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_file():
+        return path
+    for name in ("ratings.csv", "Beauty.txt", "Toys_and_Games.txt", "Video.txt", "events.jsonl"):
+        if (path / name).exists():
+            return path / name
+    raise FileNotFoundError(f"no known data file in {path}")
+
+
+def _movielens(path: Path, seed: int) -> InteractionLog:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    users = np.array([row["userId"] for row in rows], dtype=np.str_)
+    items = np.array([row["movieId"] for row in rows], dtype=np.str_)
+    ratings = np.array([float(row["rating"]) for row in rows])
+    ts = np.array([float(row["timestamp"]) for row in rows])
+    kinds = np.where(ratings >= 4.0, "click", "view")
+    by_time = np.lexsort((np.arange(len(ts)), ts))  # stable: file order breaks ties
+    return _with_order(users[by_time], items[by_time], kinds[by_time], ts[by_time])
+
+
+def _sequences(path: Path, seed: int) -> InteractionLog:
+    users, items = [], []
+    with open(path) as handle:
+        for line in handle:
+            user, *sequence = line.split()
+            users.extend([user] * len(sequence))
+            items.extend(sequence)
+    return interleave(np.array(users, dtype=np.str_), np.array(items, dtype=np.str_), seed)
+
+
+def _pairs(path: Path, seed: int) -> InteractionLog:
+    users, items = [], []
+    with open(path) as handle:
+        for line in handle:
+            if line.strip():
+                user, item = line.split()[:2]
+                users.append(user)
+                items.append(item)
+    return interleave(np.array(users, dtype=np.str_), np.array(items, dtype=np.str_), seed)
+
+
+def _jsonl(path: Path, seed: int) -> InteractionLog:
+    users, items, kinds, ts = [], [], [], []
+    with open(path) as handle:
+        for line in handle:
+            if line.strip():
+                event = json.loads(line)
+                users.append(event["user_id"])
+                items.append(event["item_id"])
+                kinds.append(event.get("kind", "view"))
+                ts.append(float(event["ts"]))
+    ts_arr = np.array(ts, dtype=np.float64)
+    by_time = np.argsort(ts_arr, kind="stable")
+    return _with_order(np.array(users, dtype=np.str_)[by_time],
+                       np.array(items, dtype=np.str_)[by_time],
+                       np.array(kinds, dtype=np.str_)[by_time], ts_arr[by_time])
+
+
+def interleave(users: np.ndarray, items: np.ndarray, seed: int) -> InteractionLog:
+    """Uniformly random merge of per-user sequences, each user's order kept (seeded).
+
+    ``users``/``items`` list each user's events in that user's order (users may be grouped).
+    """
+    rng = np.random.default_rng(seed)
+    n = len(users)
+    order = _position_within_user(users)
+    keys = rng.random(n)
+    # Sort each user's random keys and hand them out in the user's own order.
+    by_user_then_key = np.lexsort((keys, users))
+    by_user_then_pos = np.lexsort((order, users))
+    sorted_keys = np.empty(n)
+    sorted_keys[by_user_then_pos] = keys[by_user_then_key]
+    stream = np.argsort(sorted_keys, kind="stable")
+    ts = SYNTHETIC_EPOCH + np.arange(n, dtype=np.float64)
+    kinds = np.full(n, "view", dtype=np.str_)
+    return InteractionLog(users[stream], items[stream], kinds, ts, order[stream])
+
+
+def _position_within_user(users: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each user, in array order."""
+    grouped = np.argsort(users, kind="stable")
+    sorted_users = users[grouped]
+    starts = np.r_[0, np.flatnonzero(sorted_users[1:] != sorted_users[:-1]) + 1]
+    lengths = np.diff(np.r_[starts, len(users)])
+    positions = np.arange(len(users)) - np.repeat(starts, lengths)
+    order = np.empty(len(users), dtype=np.int64)
+    order[grouped] = positions
+    return order
+
+
+def _with_order(users, items, kinds, ts) -> InteractionLog:
+    return InteractionLog(users, items, kinds, ts, _position_within_user(users))

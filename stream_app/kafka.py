@@ -1,0 +1,91 @@
+"""Kafka client configuration from settings (TLS/SASL pass through) and topic administration."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def client_config(settings: Settings) -> dict:
+    """Keyword arguments shared by kafka-python producers, consumers and admin clients."""
+    config: dict = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol.startswith("SASL"):
+        config["sasl_mechanism"] = settings.sasl_mechanism
+        config["sasl_plain_username"] = settings.sasl_username
+        if settings.sasl_password is not None:
+            config["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if getattr(settings, name) is not None:
+            config[name] = str(getattr(settings, name))
+    return config
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.security_protocol.endswith("SSL"):
+        return None
+    context = ssl.create_default_context(
+        cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+    if settings.ssl_certfile:
+        context.load_cert_chain(str(settings.ssl_certfile),
+                                str(settings.ssl_keyfile) if settings.ssl_keyfile else None)
+    return context
+
+
+def faust_credentials(settings: Settings):
+    """The Faust ``broker_credentials`` value for the configured security protocol."""
+    import faust
+
+    context = ssl_context(settings)
+    if settings.security_protocol.startswith("SASL"):
+        password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+        return faust.SASLCredentials(username=settings.sasl_username, password=password,
+                                     mechanism=settings.sasl_mechanism, ssl_context=context)
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def service_topics(settings: Settings) -> list[str]:
+    return [settings.topic_events, settings.topic_dead_letters, settings.topic_requests,
+            settings.topic_responses]
+
+
+def ensure_topics(settings: Settings, names: list[str] | None = None,
+                  timeout_s: float = 30.0) -> None:
+    """Create the topics (all with ``settings.partitions``) unless they exist; retries until
+    the broker answers or ``timeout_s`` passes."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    names = names or service_topics(settings)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(client_id=f"{settings.app_id}-admin", **client_config(settings))
+            break
+        except KafkaError as error:
+            if time.monotonic() > deadline:
+                raise
+            log.debug("broker not ready yet: %s", error)
+            time.sleep(0.2)
+    try:
+        existing = set(admin.list_topics())
+        missing = [name for name in names if name not in existing]
+        for name in missing:
+            try:
+                admin.create_topics([NewTopic(name, settings.partitions,
+                                              settings.replication_factor)])
+            except TopicAlreadyExistsError:
+                pass
+        if missing:
+            log.info("created topics %s with %d partitions", missing, settings.partitions)
+    finally:
+        admin.close()

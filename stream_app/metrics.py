@@ -1,0 +1,57 @@
+"""Prometheus metrics as an injected bundle on its own registry (no global registry state).
+
+Values that are only known at scrape time (users, items) come from callbacks read by a custom
+collector, so the hot path never updates a gauge it does not have to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _ScrapeTimeGauges:
+    """Collects gauges whose values are computed by callbacks when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def describe(self):
+        return [GaugeMetricFamily(name, doc) for name, (doc, _) in self.sources.items()]
+
+    def collect(self):
+        for name, (doc, read) in self.sources.items():
+            yield GaugeMetricFamily(name, doc, value=float(read()))
+
+
+class Metrics:
+    """Every metric a streamrec worker exports. Names follow Prometheus conventions."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter("streamrec_events_total", "Timeline events by kind and outcome.",
+                              ["kind", "outcome"], registry=r)
+        self.dead_letters = Counter("streamrec_dead_letters_total",
+                                    "Events sent to the dead-letter topic, by reason.",
+                                    ["reason"], registry=r)
+        self.requests = Counter("streamrec_requests_total", "Recommendation requests by status.",
+                                ["status"], registry=r)
+        self.request_latency = Histogram("streamrec_request_latency_seconds",
+                                         "Time from taking a request to sending its response.",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self._gauges = _ScrapeTimeGauges()
+        r.register(self._gauges)
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """Export ``name`` whose value is ``read()`` at scrape time."""
+        self._gauges.sources[name] = (doc, read)
+
+    def serve(self, host: str, port: int):
+        """Serve /metrics over HTTP; returns the server so it can be shut down."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, thread

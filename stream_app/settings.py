@@ -1,0 +1,128 @@
+"""The one settings object: frozen, typed, read from ``STREAMREC_*`` environment variables.
+
+Nothing else in streamrec reads the environment. Components receive this object (or plain
+values taken from it) from the factory that builds them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_KIND_WEIGHTS = {"view": 1.0, "click": 4.0, "cart": 6.0, "sale": 10.0}
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+class Settings(BaseSettings):
+    """streamrec configuration. Every field maps to ``STREAMREC_<FIELD>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", frozen=True, extra="ignore")
+
+    # -- broker --------------------------------------------------------------------------
+    broker: str | None = Field(
+        None,
+        description="Kafka bootstrap servers, e.g. 'kafka:9092' or 'kafka://a:9092;b:9092'. "
+        "Unset: `streamrec up` starts the embedded broker.",
+    )
+    embedded_host: str = Field("127.0.0.1", description="Listen address of the embedded broker.")
+    embedded_port: int = Field(9092, ge=1, le=65535, description="Port of the embedded broker.")
+    embedded_compat: bool | None = Field(
+        None,
+        description="Apply the embedded-broker compatibility fixes (short fetch waits, exact "
+        "end offsets). Default: on exactly when the embedded broker is used.",
+    )
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    # -- application -----------------------------------------------------------------------
+    app_id: str = Field("streamrec", description="Consumer group and changelog prefix.")
+    data_dir: Path = Field(Path(".streamrec"), description="Local state: tables, checkpoints.")
+    topic_events: str = "timeline-events"
+    topic_dead_letters: str = "timeline-events-dlq"
+    topic_requests: str = "rec-requests"
+    topic_responses: str = "rec-responses"
+    partitions: int = Field(4, ge=1, le=1024, description="Partitions of every topic.")
+    replication_factor: int = Field(1, ge=1)
+    session_timeout_s: float = Field(
+        10.0, gt=0, description="Consumer group session timeout; joins wait about half of it."
+    )
+    fetch_max_wait_ms: int | None = Field(
+        None, ge=1, description="Worker fetch wait. Default: 10 on the embedded broker, else 1500."
+    )
+
+    # -- events and requests ---------------------------------------------------------------------
+    kind_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
+        description="Event kinds and their confidence weights (JSON object).",
+    )
+    history_length: int = Field(50, ge=1, le=10_000, description="Events kept per user (T).")
+    max_event_bytes: int = Field(16_384, ge=256, description="Larger events go to the DLQ.")
+    max_request_bytes: int = Field(65_536, ge=256, description="Larger requests get an error.")
+    max_request_history: int = Field(1000, ge=0, description="Items a request may carry.")
+    popularity_half_life_s: float = Field(
+        7 * 86400.0, gt=0, description="Half-life of item popularity, in event time."
+    )
+    popularity_refresh_s: float = Field(
+        0.5, ge=0, description="How stale the cached popularity order may get."
+    )
+    checkpoint_interval_s: float = Field(30.0, gt=0)
+
+    # -- observability ---------------------------------------------------------------------------
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535, description="0 disables the endpoint.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("kind_weights")
+    @classmethod
+    def _weights_positive(cls, weights: dict[str, float]) -> dict[str, float]:
+        if not weights:
+            raise ValueError("at least one event kind is required")
+        bad = {kind: w for kind, w in weights.items() if not w > 0}
+        if bad:
+            raise ValueError(f"kind weights must be > 0: {bad}")
+        return weights
+
+    # -- derived -----------------------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        """True when no external broker is configured: streamrec runs its own."""
+        return self.broker is None
+
+    @property
+    def compat_fixes(self) -> bool:
+        return self.embedded if self.embedded_compat is None else self.embedded_compat
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """``host:port`` strings for kafka-python, whatever form ``broker`` was given in."""
+        if self.broker is None:
+            return [f"{self.embedded_host}:{self.embedded_port}"]
+        raw = self.broker.removeprefix("kafka://")
+        return [part.removeprefix("kafka://") for part in raw.replace(",", ";").split(";") if part]
+
+    @property
+    def faust_broker_url(self) -> str:
+        return ";".join(f"kafka://{server}" for server in self.bootstrap_servers)
+
+    @property
+    def worker_fetch_max_wait_ms(self) -> int:
+        if self.fetch_max_wait_ms is not None:
+            return self.fetch_max_wait_ms
+        return 10 if self.compat_fixes else 1500
+
+    @property
+    def event_kinds(self) -> frozenset[str]:
+        return frozenset(self.kind_weights)
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return type(self).model_validate({**self.model_dump(), **changes})

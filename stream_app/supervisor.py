@@ -1,0 +1,152 @@
+"""`streamrec up`: the broker (embedded unless one is configured), topics and a worker, as one
+unit that starts together and stops together on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .client import RecClient, ResponseTimeout
+from .kafka import ensure_topics
+from .processes import Child, EmbeddedBroker, worker_argv
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``STREAMREC_*`` variables that reproduce ``settings`` in a child process."""
+    import json
+    import os
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STREAMREC_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"STREAMREC_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
+    return env
+
+
+class System:
+    """A running broker + worker. Use as a context manager; ``stop()`` is idempotent."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.logs = settings.data_dir / "logs"
+        self.broker: EmbeddedBroker | None = None
+        self.worker: Child | None = None
+
+    def start(self, ready_timeout_s: float = 120.0) -> System:
+        s = self.settings
+        if s.embedded:
+            self.broker = EmbeddedBroker(s.embedded_host, s.embedded_port,
+                                         log_path=self.logs / "broker.log").start()
+        ensure_topics(s)
+        self.worker = Child("worker", worker_argv(), env=settings_env(s),
+                            log_path=self.logs / "worker.log").start()
+        self.wait_ready(ready_timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Ready = a real request gets a real answer through the broker and the worker."""
+        deadline = time.monotonic() + timeout_s
+        with RecClient(self.settings) as client:
+            while time.monotonic() < deadline:
+                if not self.worker.alive():
+                    raise RuntimeError(f"the worker exited; see {self.logs / 'worker.log'}\n"
+                                       + tail(self.logs / "worker.log"))
+                try:
+                    client.recommend(user_id=None, k=1, timeout_s=2.0)
+                    return
+                except ResponseTimeout:
+                    continue
+        raise TimeoutError(f"the worker did not answer within {timeout_s:.0f} s; see "
+                           f"{self.logs / 'worker.log'}")
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop(30.0)
+        if self.broker is not None:
+            self.broker.stop(5.0)
+
+    def __enter__(self) -> System:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def describe(self) -> str:
+        s = self.settings
+        broker = (f"{s.bootstrap_servers[0]} (embedded Tansu broker, memory storage)"
+                  if s.embedded else ", ".join(s.bootstrap_servers))
+        metrics = (f"http://{s.metrics_host}:{s.metrics_port}/metrics" if s.metrics_port
+                   else "disabled")
+        return "\n".join([
+            "streamrec is up",
+            f"  broker     {broker}",
+            f"  events     {s.topic_events} (dead letters: {s.topic_dead_letters})",
+            f"  requests   {s.topic_requests} -> {s.topic_responses}",
+            f"  metrics    {metrics}",
+            f"  state      {s.data_dir.resolve()}",
+            f"  logs       {self.logs.resolve()}",
+        ])
+
+
+def wait_for_signal(system: System, on_tick: Callable[[], None] | None = None) -> None:
+    """Block until SIGINT/SIGTERM or until the worker dies."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.is_set():
+            if system.worker is not None and not system.worker.alive():
+                log.error("the worker exited:\n%s", tail(system.logs / "worker.log"))
+                break
+            stop.wait(0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def scrape(settings: Settings) -> dict[str, float]:
+    """Sum of each metric's samples on the worker's /metrics page (by sample name)."""
+    url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as page:
+        text = page.read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def wait_ingested(settings: Settings, count: int, timeout_s: float = 300.0,
+                  progress=None) -> float:
+    """Wait until the worker has taken ``count`` events in (any outcome); returns the count."""
+    deadline = time.monotonic() + timeout_s
+    taken = 0.0
+    while time.monotonic() < deadline:
+        taken = scrape(settings).get("streamrec_events_total", 0.0)
+        if progress is not None:
+            progress.n = int(min(taken, count))
+            progress.refresh()
+        if taken >= count:
+            return taken
+        time.sleep(0.25)
+    raise TimeoutError(f"the worker took {taken:.0f} of {count} events in {timeout_s:.0f} s")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,182 @@
+"""Wire formats: JSON on Kafka, versioned by a ``"v"`` field, validated by pydantic. Never pickle.
+
+Decoding never raises anything but :class:`InvalidMessage`, whose ``reason`` is a short,
+bounded code (used as a metric label) and whose ``detail`` says what exactly is wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import field_validator
+
+WIRE_VERSION = 1
+SOURCES = ("ann", "dr", "popular")
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+Id = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+
+
+class InvalidMessage(ValueError):
+    """A message that cannot be accepted; ``reason`` is one of a few fixed codes."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: Literal[1] = WIRE_VERSION
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class Event(_Wire):
+    """One user timeline event (key: ``user_id``)."""
+
+    event_id: Id | None = None
+    user_id: Id
+    item_id: Id
+    kind: StrictStr = Field(min_length=1, max_length=64)
+    ts: float
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _finite_number(cls, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("ts must be a number (seconds since the epoch)")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("ts must be finite and >= 0")
+        return float(value)
+
+
+class RecRequest(_Wire):
+    """A request for recommendations (key: ``user_id`` so it meets the user's history)."""
+
+    request_id: Id
+    user_id: Id | None = None
+    history: list[Id] | None = None
+    k: StrictInt = Field(10, ge=1, le=1000)
+    exclude_seen: StrictBool = True
+    sources: list[Literal["ann", "dr", "popular"]] | None = None
+    diversity: float | None = Field(None, ge=0, le=100)
+    reply_to: StrictStr | None = None
+
+    @field_validator("reply_to")
+    @classmethod
+    def _topic_name(cls, value: str | None) -> str | None:
+        if value is not None and not TOPIC_NAME.match(value):
+            raise ValueError("reply_to must be a Kafka topic name ([A-Za-z0-9._-], 1..249)")
+        return value
+
+
+class RecItem(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    item_id: str
+    score: float
+    source: str
+
+
+class RecResponse(_Wire):
+    """The answer to one request, sent to its ``reply_to`` topic keyed by ``request_id``."""
+
+    request_id: str | None
+    user_id: str | None = None
+    items: list[RecItem] = Field(default_factory=list)
+    model_version: int = 0
+    index_version: int | None = None
+    took_ms: float = 0.0
+    error: str | None = None
+
+
+class DeadLetter(_Wire):
+    """What the DLQ holds: the original bytes (base64), where they came from, and why."""
+
+    reason: str
+    detail: str
+    topic: str
+    partition: int
+    offset: int
+    key_b64: str | None
+    payload_b64: str
+
+    @classmethod
+    def of(cls, error: InvalidMessage, raw: bytes, key: bytes | None, *, topic: str,
+           partition: int, offset: int) -> DeadLetter:
+        return cls(
+            reason=error.reason, detail=error.detail[:2000], topic=topic, partition=partition,
+            offset=offset, key_b64=None if key is None else base64.b64encode(key).decode(),
+            payload_b64=base64.b64encode(raw).decode(),
+        )
+
+    def payload(self) -> bytes:
+        return base64.b64decode(self.payload_b64)
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for problem in error.errors(include_url=False):
+        where = ".".join(str(p) for p in problem["loc"]) or "message"
+        parts.append(f"{where}: {problem['msg']}")
+    return "; ".join(parts)
+
+
+def _decode(raw: bytes | None, model: type[_Wire], max_bytes: int) -> _Wire:
+    if raw is None:
+        raise InvalidMessage("empty", "message has no value")
+    if len(raw) > max_bytes:
+        raise InvalidMessage("oversized", f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as error:
+        if any(p["type"] == "json_invalid" for p in error.errors()):
+            raise InvalidMessage("bad_json", _describe(error)) from None
+        if any(p["type"] == "model_type" for p in error.errors()):
+            raise InvalidMessage("bad_json", "the message must be a JSON object") from None
+        if any(p["loc"] == ("v",) for p in error.errors()):
+            raise InvalidMessage("bad_version", f"supported wire version: {WIRE_VERSION}") from None
+        raise InvalidMessage("schema", _describe(error)) from None
+
+
+def decode_event(raw: bytes | None, *, kinds: frozenset[str], max_bytes: int) -> Event:
+    """Parse and validate one event; unknown kinds are rejected (their weight is undefined)."""
+    event = _decode(raw, Event, max_bytes)
+    assert isinstance(event, Event)
+    if event.kind not in kinds:
+        raise InvalidMessage("unknown_kind", f"kind {event.kind!r} is not one of {sorted(kinds)}")
+    return event
+
+
+def decode_request(raw: bytes | None, *, max_bytes: int, max_history: int) -> RecRequest:
+    request = _decode(raw, RecRequest, max_bytes)
+    assert isinstance(request, RecRequest)
+    if request.history is not None and len(request.history) > max_history:
+        raise InvalidMessage("schema", f"history has {len(request.history)} items > {max_history}")
+    return request
+
+
+def salvage_request(raw: bytes | None) -> dict[str, str | None]:
+    """Best-effort ``request_id``, ``user_id`` and ``reply_to`` of a request that failed
+    validation, so that its error response can still be matched and routed."""
+    try:
+        value = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    fields: dict[str, str | None] = {"request_id": None, "user_id": None, "reply_to": None}
+    if isinstance(value, dict):
+        for name in fields:
+            if isinstance(value.get(name), str) and 0 < len(value[name]) <= 256:
+                fields[name] = value[name]
+    if fields["reply_to"] is not None and not TOPIC_NAME.match(fields["reply_to"]):
+        fields["reply_to"] = None
+    return fields

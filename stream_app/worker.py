@@ -1,0 +1,54 @@
+"""Run one worker process: the Faust app, its state and its metrics endpoint."""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+
+from .app import create_app
+from .compat import install_embedded_broker_fixes
+from .engine import Engine
+from .kafka import ensure_topics
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_metrics(engine: Engine) -> Metrics:
+    metrics = Metrics()
+    metrics.gauge("streamrec_users", "Users whose history this worker holds.",
+                  lambda: engine.users)
+    metrics.gauge("streamrec_items", "Distinct items this worker has seen.",
+                  lambda: len(engine.popularity))
+    metrics.gauge("streamrec_model_version", "Version of the model serving requests.",
+                  lambda: engine.model_version)
+    return metrics
+
+
+def run_worker(settings: Settings) -> int:
+    """Block until SIGTERM/SIGINT; checkpoint the model state on the way out."""
+    if settings.compat_fixes:
+        install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
+    ensure_topics(settings)
+    engine = Engine(settings)
+    if engine.load():
+        log.info("loaded checkpoint: %d items", len(engine.popularity))
+    metrics = build_metrics(engine)
+    server = None
+    if settings.metrics_port:
+        server, _ = metrics.serve(settings.metrics_host, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+    app = create_app(settings, engine, metrics)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        engine.save()
+        log.info("checkpoint written to %s", engine.checkpoint_dir)
+        if server is not None:
+            server.shutdown()
+    return 0
