@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Iterable
 
-from .kafka import client_config
+from .kafka import client_config, ensure_topics
 from .settings import Settings
 from .wire import RecRequest, RecResponse
 
@@ -67,6 +67,8 @@ class RecClient:
         self._consumer = KafkaConsumer(
             client_id=f"{settings.app_id}-client", enable_auto_commit=False,
             fetch_max_wait_ms=20, **client_config(settings))
+        if self.reply_to != settings.topic_responses:
+            ensure_topics(settings, [self.reply_to])
         partitions = self._wait_for_partitions(self.reply_to)
         self._consumer.assign([TopicPartition(self.reply_to, p) for p in partitions])
         self._consumer.seek_to_end()

@@ -90,13 +90,17 @@ class RecItem(BaseModel):
 class RecResponse(_Wire):
     """The answer to one request, sent to its ``reply_to`` topic keyed by ``request_id``."""
 
-    request_id: str | None
+    request_id: str | None = None
     user_id: str | None = None
     items: list[RecItem] = Field(default_factory=list)
     model_version: int = 0
     index_version: int | None = None
     took_ms: float = 0.0
     error: str | None = None
+
+    def to_bytes(self) -> bytes:
+        """Every field, nulls included: clients can rely on the keys being there."""
+        return self.model_dump_json().encode()
 
 
 class DeadLetter(_Wire):

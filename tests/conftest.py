@@ -1,0 +1,106 @@
+"""Shared fixtures. Broker tests start a real Tansu broker on a free 127.0.0.1 port; every test
+gets its own app id, topic names and data dir, so tests never see each other's messages."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from stream_app.processes import Child, EmbeddedBroker, free_port, worker_argv
+from stream_app.settings import Settings
+from stream_app.supervisor import scrape, settings_env
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not DATA.exists():
+        pytest.fail(f"the shared datasets are expected at {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("broker") / "broker.log"
+    with EmbeddedBroker("127.0.0.1", free_port(), log_path=log_path) as running:
+        yield running
+
+
+@pytest.fixture
+def settings(broker, tmp_path) -> Settings:
+    """Settings of one isolated streamrec deployment on the shared test broker."""
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        broker=broker.bootstrap, embedded_compat=True, app_id=f"streamrec-{tag}",
+        data_dir=tmp_path / "data", topic_events=f"events-{tag}", topic_dead_letters=f"dlq-{tag}",
+        topic_requests=f"requests-{tag}", topic_responses=f"responses-{tag}", partitions=2,
+        session_timeout_s=6.0, metrics_port=free_port(), checkpoint_interval_s=1.0,
+        popularity_refresh_s=0.0,
+    )
+
+
+class WorkerProcess:
+    """One ``streamrec worker`` subprocess, started and waited for like `streamrec up` does."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log_path = settings.data_dir / "logs" / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.child = Child("worker", worker_argv(), env=settings_env(settings),
+                           log_path=self.log_path)
+
+    def start(self, timeout_s: float = 60.0) -> WorkerProcess:
+        from stream_app.supervisor import System
+
+        self.child.start()
+        system = System(self.settings)
+        system.worker = self.child
+        system.logs = self.log_path.parent
+        try:
+            system.wait_ready(timeout_s)
+        except Exception:
+            print(self.log_path.read_text(errors="replace")[-5000:])
+            raise
+        return self
+
+    def stop(self) -> int | None:
+        return self.child.stop(30.0)
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.settings)
+
+    def wait_metric(self, name: str, at_least: float, timeout_s: float = 30.0) -> float:
+        deadline = time.monotonic() + timeout_s
+        value = 0.0
+        while time.monotonic() < deadline:
+            value = self.metrics().get(name, 0.0)
+            if value >= at_least:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"{name} = {value} < {at_least} after {timeout_s} s")
+
+
+@pytest.fixture
+def start_worker():
+    workers: list[WorkerProcess] = []
+
+    def start(settings: Settings) -> WorkerProcess:
+        worker = WorkerProcess(settings)
+        workers.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def event(user: str, item: str, kind: str = "view", ts: float = 1_700_000_000.0,
+          event_id: str | None = None) -> bytes:
+    body = {"v": 1, "user_id": user, "item_id": item, "kind": kind, "ts": ts}
+    if event_id:
+        body["event_id"] = event_id
+    return json.dumps(body).encode()

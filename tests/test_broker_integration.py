@@ -1,0 +1,206 @@
+"""End to end on a real broker: kafka-python clients on one side, a real worker on the other."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import time
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from stream_app.client import RecClient
+from stream_app.kafka import client_config
+from stream_app.wire import DeadLetter, RecResponse
+
+from .conftest import event
+
+pytestmark = pytest.mark.integration
+
+# Popularity with equal timestamps is the plain weighted count: c = 10 (one sale),
+# b = 2 clicks x 4 = 8, a = 3 views, d = 1 view.
+STREAM = [
+    ("u1", "b", "click"), ("u2", "b", "click"), ("u2", "a", "view"), ("u3", "a", "view"),
+    ("u3", "c", "sale"), ("u4", "a", "view"), ("u4", "d", "view"),
+]
+
+
+def produce(settings, messages: list[tuple[bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(**client_config(settings), acks=1, enable_idempotence=False)
+    for key, value in messages:
+        producer.send(settings.topic_events, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def produce_stream(settings) -> None:
+    produce(settings, [(user.encode(), event(user, item, kind, event_id=f"{user}-{i}"))
+                       for i, (user, item, kind) in enumerate(STREAM)])
+
+
+def read_topic(settings, topic: str, count: int, timeout_s: float = 20.0) -> list:
+    consumer = KafkaConsumer(topic, **client_config(settings), auto_offset_reset="earliest",
+                             enable_auto_commit=False, fetch_max_wait_ms=20)
+    records: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(records) < count and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=200).values():
+            records.extend(batch)
+    consumer.close()
+    return records
+
+
+def ids(response: RecResponse) -> list[str]:
+    return [item.item_id for item in response.items]
+
+
+def test_events_reach_the_worker_and_requests_get_popularity_minus_seen(settings, start_worker):
+    worker = start_worker(settings)
+    produce_stream(settings)
+    worker.wait_metric("streamrec_events_total", len(STREAM))
+    with RecClient(settings) as client:
+        assert ids(client.recommend("u1", k=3)) == ["c", "a", "d"]  # b seen
+        assert ids(client.recommend("u3", k=2)) == ["b", "d"]  # a, c seen
+        unknown = client.recommend("nobody", k=4)
+        assert ids(unknown) == ["c", "b", "a", "d"]
+        assert [round(item.score, 6) for item in unknown.items] == [10.0, 8.0, 3.0, 1.0]
+        assert {item.source for item in unknown.items} == {"popular"}
+        with_history = client.recommend("nobody", history=["c"], k=2)
+        assert ids(with_history) == ["b", "a"]
+        assert ids(client.recommend("u1", k=2, exclude_seen=False)) == ["c", "b"]
+    metrics = worker.metrics()
+    assert metrics["streamrec_users"] == 4
+    assert metrics["streamrec_items"] == 4
+    assert metrics["streamrec_requests_total"] >= 5
+    assert metrics["streamrec_request_latency_seconds_count"] >= 5
+
+
+def test_redelivered_and_wrongly_keyed_events(settings, start_worker):
+    worker = start_worker(settings)
+    produce(settings, [
+        (b"u1", event("u1", "x", "sale", event_id="e1")),
+        (b"u1", event("u1", "x", "sale", event_id="e1")),  # redelivery: ignored
+        (b"someone-else", event("u2", "y", "view", event_id="e2")),  # re-keyed to u2
+        (None, event("u3", "y", "view", event_id="e3")),  # no key: re-keyed to u3
+    ])
+    worker.wait_metric("streamrec_events_total", 6)  # 2 accepted + 1 duplicate + 2x(rekeyed+accepted)
+    with RecClient(settings) as client:
+        assert ids(client.recommend("u2", k=5)) == ["x"]  # y is in u2's history
+        assert ids(client.recommend("u3", k=5)) == ["x"]
+        scores = {item.item_id: item.score for item in client.recommend("new", k=5).items}
+    assert scores == pytest.approx({"x": 10.0, "y": 2.0})
+
+
+MALFORMED = {
+    "bad_json": b"{not json",
+    "schema": json.dumps({"v": 1, "user_id": "u1", "kind": "view", "ts": 1.0}).encode(),
+    "wrong_type": json.dumps({"v": 1, "user_id": 7, "item_id": "i", "kind": "view",
+                              "ts": "yesterday"}).encode(),
+    "unknown_kind": event("u1", "i", kind="teleport"),
+    "oversized": json.dumps({"v": 1, "user_id": "u1", "item_id": "i", "kind": "view", "ts": 1.0,
+                             "pad": "x" * 20_000}).encode(),
+}
+EXPECTED_REASON = {"bad_json": "bad_json", "schema": "schema", "wrong_type": "schema",
+                   "unknown_kind": "unknown_kind", "oversized": "oversized"}
+
+
+def test_malformed_events_go_to_the_dead_letter_topic(settings, start_worker):
+    worker = start_worker(settings)
+    produce(settings, [(b"u1", payload) for payload in MALFORMED.values()]
+            + [(b"u1", event("u1", "good"))])
+    letters = [DeadLetter.model_validate_json(record.value)
+               for record in read_topic(settings, settings.topic_dead_letters, len(MALFORMED))]
+    by_payload = {letter.payload(): letter for letter in letters}
+    assert len(letters) == len(MALFORMED)
+    for name, payload in MALFORMED.items():
+        letter = by_payload[payload]  # the original bytes are kept exactly
+        assert letter.reason == EXPECTED_REASON[name], (name, letter)
+        assert letter.detail and letter.topic == settings.topic_events
+        assert base64.b64decode(letter.key_b64) == b"u1"
+    assert "user_id" in by_payload[MALFORMED["wrong_type"]].detail
+    worker.wait_metric("streamrec_events_total", len(MALFORMED) + 1)
+    metrics = worker.metrics()
+    assert metrics["streamrec_dead_letters_total"] == len(MALFORMED)
+    with RecClient(settings) as client:  # the agent survived and still learns
+        assert ids(client.recommend("other", k=1)) == ["good"]
+
+
+BAD_REQUESTS = {
+    b"not json at all": "bad_json",
+    json.dumps({"v": 1, "user_id": "u1", "k": 5}).encode(): "request_id",
+    json.dumps({"v": 1, "request_id": "r-k0", "k": 0}).encode(): "k",
+    json.dumps({"v": 1, "request_id": "r-k", "k": 1001}).encode(): "k",
+    json.dumps({"v": 1, "request_id": "r-src", "sources": ["crystal-ball"]}).encode(): "sources",
+    json.dumps({"v": 1, "request_id": "r-reply", "reply_to": "timeline-events"}).encode():
+        "reply_to",
+    json.dumps({"v": 9, "request_id": "r-v"}).encode(): "version",
+}
+
+
+def test_bad_requests_get_error_responses(settings, start_worker):
+    start_worker(settings)
+    with RecClient(settings) as client:
+        producer = KafkaProducer(**client_config(settings), acks=1, enable_idempotence=False)
+        for payload in BAD_REQUESTS:
+            producer.send(settings.topic_requests, key=b"u1", value=payload)
+        producer.flush()
+        producer.close()
+        errors = []
+        deadline = time.monotonic() + 20
+        while len(errors) < len(BAD_REQUESTS) and time.monotonic() < deadline:
+            for batch in client._consumer.poll(timeout_ms=200).values():
+                errors.extend(RecResponse.model_validate_json(r.value) for r in batch)
+            # the readiness probe's answer may be read too (the embedded broker reports a
+            # slightly early end offset), so keep only answers that carry an error
+            errors = [response for response in errors if response.error]
+        ok = client.recommend("u1", k=1)  # still answering
+    assert len(errors) == len(BAD_REQUESTS)
+    assert not any(response.items for response in errors)
+    texts = " | ".join(sorted(response.error for response in errors))
+    for fragment in BAD_REQUESTS.values():
+        assert fragment in texts, (fragment, texts)
+    matched = {r.request_id for r in errors}
+    assert {"r-k0", "r-k", "r-src", "r-reply", "r-v"} <= matched
+    assert ok.error is None
+
+
+def test_reply_to_topic_is_honoured(settings, start_worker):
+    start_worker(settings)
+    with RecClient(settings, reply_to=settings.topic_responses + "-mine") as client:
+        response = client.recommend(None, history=["a"], k=3)
+    assert response.error is None and response.request_id
+
+
+def test_restarted_worker_keeps_histories(settings, start_worker):
+    worker = start_worker(settings)
+    produce_stream(settings)
+    worker.wait_metric("streamrec_events_total", len(STREAM))
+    time.sleep(1.5)  # let a checkpoint and the changelog flush happen
+    assert worker.stop() == 0
+
+    again = start_worker(settings)  # same broker, same data dir
+    assert again.metrics()["streamrec_users"] == 4
+    with RecClient(settings) as client:
+        assert ids(client.recommend("u3", k=2)) == ["b", "d"]  # history survived
+        assert ids(client.recommend("nobody", k=4)) == ["c", "b", "a", "d"]  # counts too
+
+
+def test_fresh_worker_recovers_histories_from_the_changelog(settings, start_worker):
+    worker = start_worker(settings)
+    many = [(f"u{i % 50}".encode(), event(f"u{i % 50}", f"i{i}", event_id=f"e{i}"))
+            for i in range(500)]
+    produce(settings, many)  # batches of many records: the end-offset bug's trigger
+    worker.wait_metric("streamrec_events_total", len(many))
+    time.sleep(1.0)
+    worker.stop()
+
+    fresh = settings.replace(data_dir=settings.data_dir.parent / "fresh")
+    shutil.copytree(settings.data_dir / "checkpoints", fresh.data_dir / "checkpoints")
+    again = start_worker(fresh)  # no local table state: histories come from the changelog
+    assert again.metrics()["streamrec_users"] == 50
+    everything = {f"i{i}" for i in range(500)}
+    with RecClient(fresh) as client:
+        for user in (7, 48, 49):  # u49's last event is the changelog's very last record
+            seen = {f"i{i}" for i in range(user, 500, 50)}
+            assert set(ids(client.recommend(f"u{user}", k=1000))) == everything - seen

@@ -1,0 +1,110 @@
+"""The one-command path: `streamrec up` on its own embedded broker, queried by `streamrec
+recommend`, stopped by SIGTERM with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stream_app.kafka import ensure_topics
+from stream_app.processes import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def descendants(pid: int) -> set[int]:
+    """All live processes below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def cli(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stream_app", *args], env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture
+def embedded_env(tmp_path) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STREAMREC_")}
+    env.update(STREAMREC_EMBEDDED_PORT=str(free_port()), STREAMREC_METRICS_PORT=str(free_port()),
+               STREAMREC_DATA_DIR=str(tmp_path / "state"), STREAMREC_SESSION_TIMEOUT_S="6")
+    return env
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} not printed; got:\n{''.join(lines)}")
+
+
+def test_up_answers_recommend_and_stops_cleanly(embedded_env):
+    up = subprocess.Popen([sys.executable, "-m", "stream_app", "up"], env=embedded_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        printed = "".join(wait_for_line(up, "Ctrl-C stops everything", 120))
+        assert f"127.0.0.1:{embedded_env['STREAMREC_EMBEDDED_PORT']}" in printed
+        assert f"http://127.0.0.1:{embedded_env['STREAMREC_METRICS_PORT']}/metrics" in printed
+        children = descendants(up.pid)
+        assert len(children) >= 2  # broker and worker
+
+        answer = cli("recommend", "--user", "alice", "--history", "x,y", "--k", "3", "--json",
+                     env=embedded_env)
+        assert answer.returncode == 0, answer.stderr
+        response = json.loads(answer.stdout)
+        assert response["error"] is None and response["user_id"] == "alice"
+        table = cli("recommend", "--user", "alice", env=embedded_env)
+        assert table.returncode == 0 and "user alice" in table.stdout
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(60)
+    assert code == 0
+    time.sleep(0.5)
+    assert not [pid for pid in children if alive(pid)], "processes left behind"
+
+
+def test_recommend_times_out_with_a_clear_error(broker, tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STREAMREC_")}
+    env.update(STREAMREC_BROKER=broker.bootstrap, STREAMREC_TOPIC_REQUESTS="lonely-requests",
+               STREAMREC_TOPIC_RESPONSES="lonely-responses")
+    from stream_app.settings import Settings
+
+    ensure_topics(Settings(broker=broker.bootstrap, topic_requests="lonely-requests",
+                           topic_responses="lonely-responses"),
+                  ["lonely-requests", "lonely-responses"])
+    result = cli("recommend", "--user", "u", "--timeout", "1", env=env)
+    assert result.returncode == 1
+    assert "no response" in result.stderr

@@ -1,0 +1,50 @@
+"""Dataset loading and the user interleaving rule."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream_app.datasets import interleave, load
+
+
+def grouped(n_users=30, per_user=8):
+    users = np.repeat([f"u{u}" for u in range(n_users)], per_user)
+    items = np.array([f"{u}-{p}" for u in range(n_users) for p in range(per_user)])
+    return users, items
+
+
+def test_interleave_keeps_each_users_order_and_is_seeded():
+    users, items = grouped()
+    log = interleave(users, items, seed=3)
+    for user in np.unique(users):
+        mine = log.items[log.users == user]
+        assert [int(i.split("-")[1]) for i in mine] == list(range(8))
+        assert list(log.order[log.users == user]) == list(range(8))
+    assert np.all(np.diff(log.ts) > 0)
+    again = interleave(users, items, seed=3)
+    assert list(again.items) == list(log.items)
+    assert list(interleave(users, items, seed=4).items) != list(log.items)
+
+
+def test_interleave_never_replays_user_after_user():
+    users, items = grouped()
+    log = interleave(users, items, seed=0)
+    switches = np.count_nonzero(log.users[1:] != log.users[:-1])
+    assert switches > len(users) * 0.8  # grouped order would switch only 29 times
+    first_half_users = set(log.users[: len(log) // 2])
+    assert len(first_half_users) == 30  # every user is active early
+
+
+def test_loaders_read_the_three_formats(tmp_path, shared_data):
+    (tmp_path / "seq.txt").write_text("1 5 6 7\n2 8 5\n")
+    (tmp_path / "pairs.txt").write_text("1 5\n1 6\n2 8\n2 5\n")
+    for name in ("seq.txt", "pairs.txt"):
+        log = load(tmp_path / name)
+        assert sorted(zip(log.users, log.items)) == sorted(
+            [("1", "5"), ("1", "6"), ("2", "8"), ("2", "5")] + ([("1", "7")] if name == "seq.txt" else []))
+        assert list(log.items[log.users == "2"]) == ["8", "5"]
+    movielens = load(shared_data / "ml-latest-small")
+    assert len(movielens) == 100_836 and np.all(np.diff(movielens.ts) >= 0)
+    assert set(np.unique(movielens.kinds)) == {"click", "view"}
+    events = list(__import__("itertools").islice(movielens.events(), 2))
+    assert {"user_id", "item_id", "kind", "ts", "event_id", "v"} == set(events[0])

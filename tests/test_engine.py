@@ -1,0 +1,80 @@
+"""The agents' logic without a broker: histories, ingest, answers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from state.history import History
+from stream_app.engine import Engine
+from stream_app.settings import Settings
+from stream_app.wire import Event, InvalidMessage, RecRequest
+
+
+@pytest.fixture
+def engine(tmp_path) -> Engine:
+    return Engine(Settings(data_dir=tmp_path, history_length=3, popularity_refresh_s=0))
+
+
+def ev(user, item, kind="view", ts=100.0, event_id=None) -> Event:
+    return Event(user_id=user, item_id=item, kind=kind, ts=ts, event_id=event_id)
+
+
+def feed(engine: Engine, events: list[Event]) -> dict[str, History]:
+    histories: dict[str, History] = {}
+    for event in events:
+        updated = engine.ingest(event, histories.get(event.user_id, History()))
+        if updated is not None:
+            histories[event.user_id] = updated
+    return histories
+
+
+def test_history_keeps_the_last_t_events_in_arrival_order():
+    history = History()
+    for n in range(5):
+        history = history.appended(f"i{n}", "view", float(n), f"e{n}", limit=3)
+    assert history.items == ("i2", "i3", "i4") and history.ts == (2.0, 3.0, 4.0)
+    assert History.from_json(history.to_json()) == history
+    assert history.has_event("e4") and not history.has_event("e0") and not history.has_event(None)
+
+
+def test_ingest_counts_users_weights_kinds_and_ignores_redeliveries(engine):
+    histories = feed(engine, [ev("u1", "a", "sale", event_id="x"), ev("u1", "a", "sale", event_id="x"),
+                              ev("u2", "b", "click"), ev("u2", "a")])
+    assert engine.users == 2
+    assert len(histories["u1"]) == 1  # the redelivery changed nothing
+    assert engine.popularity.count("a") == pytest.approx(10.0 + 1.0)
+    assert engine.popularity.count("b") == pytest.approx(4.0)
+
+
+def request(**fields) -> RecRequest:
+    return RecRequest(request_id="r", **fields)
+
+
+def test_answers_exclude_seen_items_and_fall_back_to_popularity(engine):
+    histories = feed(engine, [ev("u1", "a", "sale"), ev("u2", "b", "click"), ev("u3", "c")])
+    answer = engine.answer(request(user_id="u1", k=5), histories["u1"], time.perf_counter())
+    assert [i.item_id for i in answer.items] == ["b", "c"]
+    unknown = engine.answer(request(user_id="new", k=2), History(), time.perf_counter())
+    assert [i.item_id for i in unknown.items] == ["a", "b"]
+    extra = engine.answer(request(user_id="u1", history=["b"]), histories["u1"], time.perf_counter())
+    assert [i.item_id for i in extra.items] == ["c"]
+    everything = engine.answer(request(user_id="u1", exclude_seen=False, k=1), histories["u1"],
+                               time.perf_counter())
+    assert [i.item_id for i in everything.items] == ["a"]
+    assert answer.request_id == "r" and answer.took_ms >= 0 and answer.error is None
+
+
+def test_reply_to_must_be_a_response_topic(engine):
+    engine.check_reply_to(request(reply_to="rec-responses-client-7"))
+    with pytest.raises(InvalidMessage, match="reply_to"):
+        engine.check_reply_to(request(reply_to="timeline-events"))
+
+
+def test_checkpoint_round_trip(engine, tmp_path):
+    feed(engine, [ev("u1", "a", "sale"), ev("u2", "b")])
+    engine.save()
+    again = Engine(engine.settings)
+    assert again.load()
+    assert again.popularity.top(2) == engine.popularity.top(2)

@@ -1,0 +1,93 @@
+"""Decayed popularity against a direct recomputation from the event list."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from state.popularity import DecayedPopularity
+
+HALF_LIFE = 3600.0
+
+
+def direct_count(events, item, at):
+    return sum(w * 2 ** (-(at - ts) / HALF_LIFE) for i, ts, w in events if i == item)
+
+
+events_strategy = st.lists(
+    st.tuples(st.sampled_from("abcdef"), st.floats(1e9, 1e9 + 5e5), st.sampled_from([1.0, 4.0, 10.0])),
+    min_size=1, max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(events_strategy)
+def test_decayed_counts_equal_the_direct_sum(events):
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    for item, ts, weight in events:
+        popularity.add(item, ts, weight)
+    at = max(ts for _, ts, _ in events)
+    for item in "abcdefg":
+        assert popularity.count(item, at) == pytest.approx(direct_count(events, item, at),
+                                                           rel=1e-9, abs=1e-300)
+    ranked = [item for item, _ in popularity.top(10)]
+    expected = sorted({i for i, _, _ in events}, key=lambda i: -direct_count(events, i, at))
+    counts = [direct_count(events, i, at) for i in ranked]
+    assert sorted(ranked) == sorted(expected)
+    assert all(a >= b * (1 - 1e-9) for a, b in zip(counts, counts[1:]))
+
+
+def test_top_excludes_and_reads_create_nothing():
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    for item, weight in [("a", 1.0), ("b", 4.0), ("c", 10.0), ("a", 1.0)]:
+        popularity.add(item, 0.0, weight)
+    assert popularity.top(2) == [("c", pytest.approx(10.0)), ("b", pytest.approx(4.0))]
+    assert [i for i, _ in popularity.top(5, exclude={"c"})] == ["b", "a"]
+    assert popularity.count("zzz") == 0.0 and len(popularity) == 3 and "zzz" not in popularity
+
+
+def test_decay_halves_per_half_life_and_never_overflows():
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    popularity.add("old", 0.0, 8.0)
+    popularity.add("new", 1.0e10, 1.0)  # λ·t ≈ 1.9e6: exp() of it would overflow
+    assert popularity.count("new") == pytest.approx(1.0)
+    assert popularity.count("old", at=3 * HALF_LIFE) == pytest.approx(1.0)
+    assert [i for i, _ in popularity.top(2)] == ["new", "old"]
+
+
+def test_ranking_cache_refreshes_after_refresh_s():
+    now = [0.0]
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=1.0, clock=lambda: now[0])
+    popularity.add("a", 0.0)
+    assert popularity.top(1)[0][0] == "a"
+    popularity.add("b", 0.0, 5.0)
+    assert popularity.top(1)[0][0] == "a"  # cached order, current counts
+    now[0] = 1.5
+    assert popularity.top(1)[0][0] == "b"
+
+
+def test_save_and_load_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    for _ in range(3000):
+        popularity.add(f"item-{rng.integers(500)}", float(rng.uniform(0, 1e5)),
+                       float(rng.choice([1, 4, 10])))
+    path = tmp_path / "p.npz"
+    popularity.save(path)
+    loaded = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    assert loaded.load(path)
+    assert loaded.top(50) == popularity.top(50) and loaded.now == popularity.now
+    loaded.add("brand-new", loaded.now, 1.0)
+    assert loaded.count("brand-new") == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="half-life"):
+        DecayedPopularity(2 * HALF_LIFE).load(path)
+    assert not DecayedPopularity(HALF_LIFE).load(tmp_path / "missing.npz")
+
+
+def test_half_life_must_be_positive():
+    with pytest.raises(ValueError):
+        DecayedPopularity(0.0)
+    assert math.isfinite(DecayedPopularity(1.0).rate)

@@ -1,0 +1,82 @@
+"""Settings from the environment and command-line argument errors."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from stream_app.cli import build_parser, main
+from stream_app.settings import Settings
+
+
+def test_settings_come_from_prefixed_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("STREAMREC_BROKER", "kafka://a:9092;b:9093")
+    monkeypatch.setenv("STREAMREC_KIND_WEIGHTS", '{"view": 1, "buy": 20}')
+    monkeypatch.setenv("STREAMREC_PARTITIONS", "8")
+    monkeypatch.setenv("STREAMREC_SASL_PASSWORD", "hunter2")
+    settings = Settings()
+    assert settings.bootstrap_servers == ["a:9092", "b:9093"]
+    assert settings.faust_broker_url == "kafka://a:9092;kafka://b:9093"
+    assert settings.event_kinds == {"view", "buy"} and settings.partitions == 8
+    assert not settings.embedded and not settings.compat_fixes
+    assert settings.worker_fetch_max_wait_ms == 1500
+    assert "hunter2" not in repr(settings)
+    with pytest.raises(ValidationError):
+        settings.partitions = 3  # frozen
+
+
+def test_defaults_mean_the_embedded_broker_on_loopback():
+    settings = Settings()
+    assert settings.embedded and settings.compat_fixes
+    assert settings.bootstrap_servers == ["127.0.0.1:9092"]
+    assert settings.metrics_host == "127.0.0.1"
+    assert settings.worker_fetch_max_wait_ms == 10
+
+
+def test_bad_settings_are_refused(monkeypatch):
+    monkeypatch.setenv("STREAMREC_KIND_WEIGHTS", '{"view": 0}')
+    with pytest.raises(ValidationError, match="kind weights"):
+        Settings()
+    monkeypatch.setenv("STREAMREC_KIND_WEIGHTS", '{"view": 1}')
+    monkeypatch.setenv("STREAMREC_PARTITIONS", "0")
+    with pytest.raises(ValidationError):
+        Settings()
+    assert main(["recommend", "--user", "u"]) == 2  # invalid configuration, exit code 2
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["launch"],
+    ["recommend", "--user", "u", "--k", "0"],
+    ["recommend", "--user", "u", "--k", "1001"],
+    ["recommend", "--user", "u", "--k", "ten"],
+    ["recommend", "--history", ""],
+    ["recommend", "--user", "u", "--timeout", "-1"],
+    ["produce"],
+    ["produce", "x.txt", "--format", "parquet"],
+    ["produce", "x.txt", "--rate", "0"],
+    ["produce", "x.txt", "--limit", "-5"],
+])
+def test_argument_errors_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_recommend_needs_a_user_or_a_history(capsys):
+    assert main(["recommend"]) == 2
+    assert "--user" in capsys.readouterr().err
+
+
+def test_produce_reports_a_missing_file(capsys, tmp_path):
+    assert main(["produce", str(tmp_path / "nope.txt")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for command in ("up", "demo", "produce", "recommend", "STREAMREC_BROKER"):
+        assert command in text

@@ -1,0 +1,118 @@
+"""Wire formats: what is accepted, what is rejected, and with which reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stream_app.wire import (DeadLetter, InvalidMessage, RecRequest, RecResponse, decode_event,
+                             decode_request, salvage_request)
+
+KINDS = frozenset({"view", "click", "sale"})
+
+
+def encode(**fields) -> bytes:
+    return json.dumps({"v": 1, **fields}).encode()
+
+
+def good_event(**changes) -> dict:
+    return {"user_id": "u1", "item_id": "i1", "kind": "view", "ts": 1_700_000_000, **changes}
+
+
+def reason_of_event(raw: bytes, max_bytes: int = 4096) -> str:
+    with pytest.raises(InvalidMessage) as caught:
+        decode_event(raw, kinds=KINDS, max_bytes=max_bytes)
+    return caught.value.reason
+
+
+def test_a_good_event_round_trips():
+    event = decode_event(encode(**good_event(event_id="e1", extra="ignored")), kinds=KINDS,
+                         max_bytes=4096)
+    assert (event.user_id, event.item_id, event.kind, event.ts, event.event_id) == (
+        "u1", "i1", "view", 1_700_000_000.0, "e1")
+    assert decode_event(event.to_bytes(), kinds=KINDS, max_bytes=4096) == event
+
+
+def test_a_missing_version_means_the_current_one():
+    raw = json.dumps(good_event()).encode()
+    assert decode_event(raw, kinds=KINDS, max_bytes=4096).v == 1
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"{oops", "bad_json"),
+    (b"\xff\xfe", "bad_json"),
+    (b"[1, 2]", "bad_json"),
+    (b"", "bad_json"),
+    (encode(user_id="u1", kind="view", ts=1.0), "schema"),  # no item_id
+    (encode(**good_event(user_id=7)), "schema"),  # number, not a string
+    (encode(**good_event(ts="yesterday")), "schema"),
+    (encode(**good_event(ts=True)), "schema"),
+    (encode(**good_event(ts=-1)), "schema"),
+    (encode(**good_event(user_id="")), "schema"),
+    (encode(**good_event(kind="teleport")), "unknown_kind"),
+    (json.dumps({"v": 2, **good_event()}).encode(), "bad_version"),
+])
+def test_bad_events_are_rejected_with_a_reason(raw, reason):
+    assert reason_of_event(raw) == reason
+
+
+def test_oversized_events_are_rejected_before_parsing():
+    assert reason_of_event(encode(**good_event(pad="x" * 5000)), max_bytes=4096) == "oversized"
+    with pytest.raises(InvalidMessage, match="empty"):
+        decode_event(None, kinds=KINDS, max_bytes=4096)
+
+
+def test_schema_errors_name_the_field():
+    with pytest.raises(InvalidMessage, match="ts"):
+        decode_event(encode(**good_event(ts="soon")), kinds=KINDS, max_bytes=4096)
+
+
+def decode(raw: bytes) -> RecRequest:
+    return decode_request(raw, max_bytes=4096, max_history=3)
+
+
+def test_a_good_request_and_its_defaults():
+    request = decode(encode(request_id="r1", user_id="u1"))
+    assert (request.k, request.exclude_seen, request.sources, request.reply_to) == (
+        10, True, None, None)
+    full = decode(encode(request_id="r", history=["a", "b"], k=1000, sources=["ann", "popular"],
+                         diversity=0.5, reply_to="rec-responses.mine"))
+    assert full.history == ["a", "b"] and full.sources == ["ann", "popular"]
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    ({"user_id": "u1"}, "request_id"),
+    ({"request_id": "r", "k": 0}, "k"),
+    ({"request_id": "r", "k": 1001}, "k"),
+    ({"request_id": "r", "k": "10"}, "k"),
+    ({"request_id": "r", "sources": ["magic"]}, "sources"),
+    ({"request_id": "r", "reply_to": "no spaces allowed"}, "reply_to"),
+    ({"request_id": "r", "history": ["a", "b", "c", "d"]}, "history"),
+    ({"request_id": "r", "exclude_seen": "yes"}, "exclude_seen"),
+])
+def test_bad_requests_say_what_is_wrong(fields, fragment):
+    with pytest.raises(InvalidMessage) as caught:
+        decode(encode(**fields))
+    assert fragment in str(caught.value)
+
+
+def test_salvage_finds_what_can_route_an_error():
+    assert salvage_request(encode(request_id="r9", user_id="u", k=0, reply_to="rec-responses-x")
+                           ) == {"request_id": "r9", "user_id": "u", "reply_to": "rec-responses-x"}
+    assert salvage_request(b"garbage") == {"request_id": None, "user_id": None, "reply_to": None}
+    assert salvage_request(encode(request_id=5, reply_to="bad topic"))["reply_to"] is None
+
+
+def test_responses_always_carry_every_key():
+    body = json.loads(RecResponse(request_id=None, error="bad").to_bytes())
+    assert {"request_id", "user_id", "items", "model_version", "index_version", "took_ms",
+            "error", "v"} <= set(body)
+
+
+def test_dead_letters_keep_the_original_bytes():
+    raw = b"\x00\x01 not json"
+    letter = DeadLetter.of(InvalidMessage("bad_json", "nope"), raw, b"k", topic="t",
+                           partition=1, offset=42)
+    again = DeadLetter.model_validate_json(letter.to_bytes())
+    assert again.payload() == raw and again.offset == 42 and again.reason == "bad_json"
