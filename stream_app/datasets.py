@@ -145,7 +145,7 @@ def interleave(users: np.ndarray, items: np.ndarray, seed: int) -> InteractionLo
     sorted_keys[by_user_then_pos] = keys[by_user_then_key]
     stream = np.argsort(sorted_keys, kind="stable")
     ts = SYNTHETIC_EPOCH + np.arange(n, dtype=np.float64)
-    kinds = np.full(n, "view", dtype=np.str_)
+    kinds = np.full(n, "view")  # dtype=np.str_ here would truncate every kind to "v"
     return InteractionLog(users[stream], items[stream], kinds, ts, order[stream])
 
 

@@ -43,6 +43,7 @@ def test_loaders_read_the_three_formats(tmp_path, shared_data):
         assert sorted(zip(log.users, log.items)) == sorted(
             [("1", "5"), ("1", "6"), ("2", "8"), ("2", "5")] + ([("1", "7")] if name == "seq.txt" else []))
         assert list(log.items[log.users == "2"]) == ["8", "5"]
+        assert set(log.kinds) == {"view"}
     movielens = load(shared_data / "ml-latest-small")
     assert len(movielens) == 100_836 and np.all(np.diff(movielens.ts) >= 0)
     assert set(np.unique(movielens.kinds)) == {"click", "view"}

@@ -1,0 +1,1 @@
+"""Grafana dashboards and provisioning for streamrec, generated from code (see ``dashboards``)."""

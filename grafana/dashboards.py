@@ -1,0 +1,197 @@
+"""The streamrec Grafana dashboard and its provisioning files, generated from code.
+
+Dashboards are plain dicts (no grafanalib), serialised with sorted keys so the committed
+files change only when the code does, and every uid is a literal so links, alerts and
+provisioned copies survive regeneration. ``tests/test_deploy.py`` checks that the committed
+files equal :func:`render_all` and that every metric a PromQL expression names is exported by
+the worker's metrics bundle. Regenerate after editing::
+
+    python -m grafana.dashboards          # rewrite the files
+    python -m grafana.dashboards --check  # exit 1 when a committed file is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DATASOURCE_UID = "streamrec-prometheus"
+DATASOURCE = {"type": "prometheus", "uid": DATASOURCE_UID}
+PROMETHEUS_URL = "http://prometheus:9090"  # the compose service name and port
+#: where the compose file mounts ``grafana/dashboards`` inside the Grafana container
+DASHBOARDS_MOUNT = "/etc/grafana/dashboards"
+RATE_WINDOW = "1m"  # >= 4 scrape intervals (5 s in prometheus/prometheus.yml)
+
+
+# -- building blocks -------------------------------------------------------------------------
+def target(expr: str, legend: str, ref: str = "A") -> dict:
+    """One PromQL query of a panel."""
+    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": ref}
+
+
+def timeseries(title: str, targets: list[dict], unit: str, description: str = "") -> dict:
+    """A graph panel; ``id`` and ``gridPos`` are filled in by :func:`layout`."""
+    return {
+        "type": "timeseries", "title": title, "description": description,
+        "datasource": DATASOURCE, "targets": targets,
+        "fieldConfig": {"defaults": {"unit": unit, "min": 0}, "overrides": []},
+        "options": {"legend": {"displayMode": "table", "placement": "bottom",
+                               "calcs": ["lastNotNull", "max"]},
+                    "tooltip": {"mode": "multi", "sort": "desc"}},
+    }
+
+
+def stat(title: str, targets: list[dict], description: str = "") -> dict:
+    """A single-number panel (one number per series)."""
+    return {
+        "type": "stat", "title": title, "description": description,
+        "datasource": DATASOURCE, "targets": targets,
+        "fieldConfig": {"defaults": {"unit": "none", "decimals": 0}, "overrides": []},
+        "options": {"colorMode": "value", "graphMode": "area", "textMode": "value_and_name",
+                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}},
+    }
+
+
+def layout(rows: list[list[dict]], height: int = 8) -> list[dict]:
+    """Number the panels and place each row's panels side by side on Grafana's 24-column
+    grid, so ids and positions are a pure function of the order in the code."""
+    panels, next_id = [], 1
+    for y, row in enumerate(rows):
+        width = 24 // len(row)
+        for x, panel in enumerate(row):
+            grid = {"h": height, "w": width, "x": x * width, "y": y * height}
+            panels.append({**panel, "id": next_id, "gridPos": grid})
+            next_id += 1
+    return panels
+
+
+def rate(metric: str, by: str) -> str:
+    return f"sum by ({by}) (rate({metric}[{RATE_WINDOW}]))"
+
+
+def latency_quantile(q: float) -> str:
+    return (f"histogram_quantile({q}, sum by (le) "
+            f"(rate(streamrec_request_latency_seconds_bucket[{RATE_WINDOW}])))")
+
+
+# -- the dashboard ---------------------------------------------------------------------------
+def overview() -> dict:
+    """Traffic, errors and latency of every worker, plus the model state they serve."""
+    rows = [
+        [timeseries("Events by kind and outcome",
+                    [target(rate("streamrec_events_total", "kind, outcome"),
+                            "{{kind}} {{outcome}}")], "ops",
+                    "Timeline events per second, summed over workers."),
+         timeseries("Dead letters by reason",
+                    [target(rate("streamrec_dead_letters_total", "reason"), "{{reason}}")],
+                    "ops", "Events sent to the dead-letter topic per second.")],
+        [timeseries("Requests by status",
+                    [target(rate("streamrec_requests_total", "status"), "{{status}}")], "reqps",
+                    "Recommendation requests answered per second."),
+         timeseries("Request latency",
+                    [target(latency_quantile(0.5), "p50", "A"),
+                     target(latency_quantile(0.99), "p99", "B")], "s",
+                    "From taking a request to sending its response, all workers.")],
+        [stat("Users", [target("sum(streamrec_users)", "users")],
+              "Users with history; each user lives on one worker, so the sum is the total."),
+         stat("Items", [target("streamrec_items", "{{instance}}")],
+              "Distinct items each worker has seen (workers overlap, so no sum)."),
+         stat("Model version", [target("streamrec_model_version", "{{instance}}")],
+              "Model version serving requests, per worker.")],
+    ]
+    return {
+        "uid": "streamrec-overview", "title": "streamrec overview",
+        "tags": ["streamrec"], "timezone": "browser", "editable": False,
+        "refresh": "10s", "time": {"from": "now-30m", "to": "now"},
+        "schemaVersion": 39, "version": 1, "graphTooltip": 1,
+        "panels": layout(rows), "templating": {"list": []}, "annotations": {"list": []},
+    }
+
+
+#: committed file (relative to ``grafana/dashboards``) → dashboard builder
+DASHBOARDS = {"streamrec.json": overview}
+
+
+def expressions(dashboard: dict) -> Iterator[str]:
+    """Every PromQL expression in a dashboard's panels."""
+    for panel in dashboard["panels"]:
+        for query in panel.get("targets", ()):
+            yield query["expr"]
+
+
+# -- provisioning ----------------------------------------------------------------------------
+def datasource_provisioning() -> str:
+    return f"""\
+# Generated by `python -m grafana.dashboards`; do not edit.
+apiVersion: 1
+datasources:
+  - name: Prometheus
+    uid: {DATASOURCE_UID}
+    type: prometheus
+    access: proxy
+    url: {PROMETHEUS_URL}
+    isDefault: true
+    editable: false
+    jsonData:
+      timeInterval: 5s
+"""
+
+
+def dashboard_provisioning() -> str:
+    return f"""\
+# Generated by `python -m grafana.dashboards`; do not edit.
+apiVersion: 1
+providers:
+  - name: streamrec
+    orgId: 1
+    folder: streamrec
+    type: file
+    disableDeletion: true
+    allowUiUpdates: false
+    updateIntervalSeconds: 30
+    options:
+      path: {DASHBOARDS_MOUNT}
+      foldersFromFilesStructure: false
+"""
+
+
+def render_all() -> dict[Path, str]:
+    """Every generated file's path and its exact text."""
+    files = {ROOT / "dashboards" / name: json.dumps(build(), sort_keys=True, indent=2) + "\n"
+             for name, build in DASHBOARDS.items()}
+    files[ROOT / "provisioning" / "datasources" / "prometheus.yml"] = datasource_provisioning()
+    files[ROOT / "provisioning" / "dashboards" / "streamrec.yml"] = dashboard_provisioning()
+    return files
+
+
+def stale(files: dict[Path, str]) -> list[Path]:
+    """The generated files whose committed text differs (or that are missing)."""
+    return [path for path, text in files.items()
+            if not path.exists() or path.read_text() != text]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grafana.dashboards", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 when a committed file is out of date")
+    args = parser.parse_args(argv)
+    files = render_all()
+    outdated = stale(files)
+    if args.check:
+        for path in outdated:
+            print(f"out of date: {path.relative_to(ROOT.parent)}", file=sys.stderr)
+        return 1 if outdated else 0
+    for path in outdated:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(files[path])
+        print(f"wrote {path.relative_to(ROOT.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
