@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from .datasets import FORMATS
 from .settings import Settings
 
-DEMO_DATA = Path("../shared/data/ml-latest-small")
+DEMO_DATASET = "ml-latest-small"
 EPILOG = """\
 configuration: every setting is an environment variable STREAMREC_<NAME>, e.g.
   STREAMREC_BROKER=kafka:9092   use this Kafka instead of starting the embedded broker
@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", help="run one worker against the configured broker")
 
     demo = commands.add_parser("demo", help="`up`, replay a dataset, print live recommendations")
-    demo.add_argument("path", nargs="?", type=Path, default=DEMO_DATA,
-                      help=f"dataset file or folder (default: {DEMO_DATA})")
+    demo.add_argument("path", nargs="?", type=Path, default=None,
+                      help=f"dataset file or folder (default: {DEMO_DATASET} in "
+                           "STREAMREC_DATASETS_DIR, ../shared/data)")
     demo.add_argument("--format", choices=FORMATS, help="file format (default: guessed)")
     demo.add_argument("--limit", type=positive_int, help="replay at most N events")
     demo.add_argument("--users", type=positive_int, default=3, help="users to show (default 3)")
@@ -186,7 +187,8 @@ def cmd_demo(settings: Settings, args) -> int:
     from .datasets import load
     from .supervisor import System, wait_for_signal, wait_ingested
 
-    log = load(args.path, args.format)
+    path = args.path or settings.datasets_dir / DEMO_DATASET
+    log = load(path, args.format)
     total = min(len(log), args.limit or len(log))
     system = System(settings)
     try:
@@ -196,7 +198,7 @@ def cmd_demo(settings: Settings, args) -> int:
             replay(settings, itertools.islice(log.events(), total), progress=bar)
         with tqdm(total=total, unit="ev", desc="ingested ", file=sys.stderr) as bar:
             wait_ingested(settings, total, progress=bar)
-        show_users(settings, log, total, args.users, titles_near(args.path), RecClient)
+        show_users(settings, log, total, args.users, titles_near(path), RecClient)
         if not args.exit:
             print("\nstreamrec is up; try `streamrec recommend --user "
                   f"{log.users[0]}`. Ctrl-C stops everything.", flush=True)

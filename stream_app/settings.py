@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # -- application -----------------------------------------------------------------------
     app_id: str = Field("streamrec", description="Consumer group and changelog prefix.")
     data_dir: Path = Field(Path(".streamrec"), description="Local state: tables, checkpoints.")
+    datasets_dir: Path = Field(Path("../shared/data"),
+                               description="Where the sample datasets (demo, eval, tests) lie.")
     topic_events: str = "timeline-events"
     topic_dead_letters: str = "timeline-events-dlq"
     topic_requests: str = "rec-requests"

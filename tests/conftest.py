@@ -14,14 +14,16 @@ from stream_app.processes import Child, EmbeddedBroker, free_port, worker_argv
 from stream_app.settings import Settings
 from stream_app.supervisor import scrape, settings_env
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not DATA.exists():
-        pytest.fail(f"the shared datasets are expected at {DATA}")
-    return DATA
+    """The sample datasets (STREAMREC_DATASETS_DIR, default ../shared/data from the checkout)."""
+    configured = Settings().datasets_dir
+    root = configured if configured.is_absolute() else Path(__file__).parents[1] / configured
+    if not root.exists():
+        pytest.fail(f"the sample datasets are expected at {root} (STREAMREC_DATASETS_DIR)")
+    return root.resolve()
 
 
 @pytest.fixture(scope="session")

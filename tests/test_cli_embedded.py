@@ -108,3 +108,12 @@ def test_recommend_times_out_with_a_clear_error(broker, tmp_path):
     result = cli("recommend", "--user", "u", "--timeout", "1", env=env)
     assert result.returncode == 1
     assert "no response" in result.stderr
+
+
+def test_demo_replays_a_dataset_and_prints_recommendations(embedded_env, shared_data):
+    embedded_env["STREAMREC_DATASETS_DIR"] = str(shared_data)
+    result = cli("demo", "--limit", "3000", "--users", "2", "--exit", env=embedded_env,
+                 timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("source") == 2  # two users' tables
+    assert "popular" in result.stdout and "(19" in result.stdout  # MovieLens titles with years
