@@ -32,6 +32,7 @@ def run_worker(settings: Settings) -> int:
     if settings.compat_fixes:
         install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
     ensure_topics(settings)
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes one level only
     engine = Engine(settings)
     if engine.load():
         log.info("loaded checkpoint: %d items", len(engine.popularity))

@@ -1,0 +1,43 @@
+"""A bare Faust agent that only consumes a topic and counts: the yardstick for worker throughput.
+
+Run as ``python benchmarks/bare_agent.py`` with the same ``STREAMREC_*`` settings as a worker;
+it exports ``bare_events_total`` on the metrics port. Same broker, same consumer settings, same
+embedded-broker fixes as a streamrec worker, so the ratio between the two isolates streamrec's
+own cost per event.
+"""
+
+from __future__ import annotations
+
+import faust
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+from stream_app.compat import install_embedded_broker_fixes
+from stream_app.kafka import faust_credentials
+from stream_app.settings import Settings
+
+
+def main() -> None:
+    settings = Settings()
+    if settings.compat_fixes:
+        install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    registry = CollectorRegistry()
+    consumed = Counter("bare_events_total", "Messages consumed.", registry=registry)
+    start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+    app = faust.App(settings.app_id, broker=settings.faust_broker_url,
+                    broker_credentials=faust_credentials(settings),
+                    broker_session_timeout=settings.session_timeout_s,
+                    consumer_auto_offset_reset="earliest", web_enabled=False,
+                    autodiscover=False, datadir=str(settings.data_dir / "faust"))
+    topic = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(topic)
+    async def count(stream):
+        async for _ in stream:
+            consumed.inc()
+
+    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()

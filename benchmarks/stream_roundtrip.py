@@ -1,0 +1,156 @@
+"""Throughput and latency of a real worker on a real (embedded) broker, in one run.
+
+1. Fill the events topic with N synthetic events (Zipf items, uniform users).
+2. A bare Faust agent that only counts consumes them: its events/s is the yardstick.
+3. A streamrec worker consumes the same topic (own consumer group): events/s and the ratio.
+4. Requests through Kafka: sequential round trips, then C concurrent clients: p50/p99.
+
+    python benchmarks/stream_roundtrip.py --quick          # about a minute
+    python benchmarks/stream_roundtrip.py --events 200000 --requests 2000 --clients 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from stream_app.client import RecClient, producer
+from stream_app.kafka import ensure_topics
+from stream_app.processes import Child, EmbeddedBroker, free_port, worker_argv
+from stream_app.settings import Settings
+from stream_app.supervisor import scrape, settings_env
+
+
+def synthetic_events(n: int, users: int, items: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    user_ids = rng.integers(0, users, n)
+    item_ids = np.minimum(rng.zipf(1.2, n), items) - 1
+    kinds = rng.choice(["view", "click", "sale"], n, p=[0.8, 0.15, 0.05])
+    for i in range(n):
+        yield (f"u{user_ids[i]}", json.dumps(
+            {"v": 1, "event_id": f"e{i}", "user_id": f"u{user_ids[i]}",
+             "item_id": f"i{item_ids[i]}", "kind": str(kinds[i]), "ts": 1.7e9 + i}).encode())
+
+
+def fill(settings: Settings, n: int) -> float:
+    sink = producer(settings, linger_ms=20, batch_size=256 * 1024)
+    started = time.perf_counter()
+    for user, value in synthetic_events(n, users=max(1000, n // 20), items=50_000):
+        sink.send(settings.topic_events, key=user.encode(), value=value)
+    sink.flush()
+    sink.close()
+    return n / (time.perf_counter() - started)
+
+
+def consume_rate(settings: Settings, child: Child, metric: str, n: int) -> float:
+    """Events/s from the first consumed event to the n-th, read off the process's metrics."""
+    first = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"{child.name} died; see {child.log_path}")
+        try:
+            count = scrape(settings).get(metric, 0.0)
+        except OSError:
+            count = 0.0
+        now = time.perf_counter()
+        if count > 0 and first is None:
+            first = (now, count)
+        if count >= n:
+            return (count - first[1]) / max(now - first[0], 1e-9)
+        time.sleep(0.05)
+    raise TimeoutError(f"{metric} did not reach {n}")
+
+
+def start(name: str, settings: Settings, argv: list[str], workdir: Path) -> Child:
+    return Child(name, argv, env=settings_env(settings), log_path=workdir / f"{name}.log").start()
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    values = np.array(samples) * 1000
+    return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
+            "max_ms": float(values.max()), "n": len(values)}
+
+
+def round_trips(settings: Settings, requests: int, clients: int, users: int) -> dict:
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def run(count: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with RecClient(settings) as client:
+            mine = []
+            for _ in range(count):
+                started = time.perf_counter()
+                response = client.recommend(f"u{rng.integers(users)}", k=10, timeout_s=10)
+                assert response.error is None, response.error
+                mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=run, args=(requests // clients, s)) for s in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    return {**percentiles(latencies), "requests_per_s": len(latencies) / elapsed,
+            "clients": clients}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes for CI")
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.events, args.requests = 20_000, 200
+    workdir = Path(f"/tmp/streamrec-bench-{uuid.uuid4().hex[:6]}")
+    results: dict = {"events": args.events}
+    with EmbeddedBroker("127.0.0.1", free_port(), log_path=workdir / "broker.log") as broker:
+        tag = uuid.uuid4().hex[:6]
+        base = Settings(broker=broker.bootstrap, embedded_compat=True, data_dir=workdir,
+                        topic_events=f"bench-events-{tag}", metrics_port=free_port(),
+                        session_timeout_s=6.0, log_level="warning")
+        ensure_topics(base)
+        results["produce_events_per_s"] = fill(base, args.events)
+        bare = base.replace(app_id=f"bare-{tag}", data_dir=workdir / "bare")
+        agent = start("bare-agent", bare, [sys.executable,
+                      str(Path(__file__).with_name("bare_agent.py"))], workdir)
+        try:
+            results["bare_agent_events_per_s"] = consume_rate(bare, agent, "bare_events_total",
+                                                              args.events)
+        finally:
+            agent.stop()
+        served = base.replace(app_id=f"worker-{tag}", data_dir=workdir / "worker")
+        worker = start("worker", served, worker_argv(), workdir)
+        try:
+            results["worker_events_per_s"] = consume_rate(served, worker,
+                                                          "streamrec_events_total", args.events)
+            results["worker_to_bare_ratio"] = (results["worker_events_per_s"]
+                                               / results["bare_agent_events_per_s"])
+            users = max(1000, args.events // 20)
+            results["sequential"] = round_trips(served, args.requests // 4, 1, users)
+            results["concurrent"] = round_trips(served, args.requests, args.clients, users)
+        finally:
+            worker.stop()
+    print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
