@@ -66,7 +66,7 @@ class RecClient:
         self._producer = producer(settings, linger_ms=0)
         self._consumer = KafkaConsumer(
             client_id=f"{settings.app_id}-client", enable_auto_commit=False,
-            fetch_max_wait_ms=20, **client_config(settings))
+            fetch_max_wait_ms=5, **client_config(settings))
         if self.reply_to != settings.topic_responses:
             ensure_topics(settings, [self.reply_to])
         partitions = self._wait_for_partitions(self.reply_to)

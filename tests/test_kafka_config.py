@@ -1,0 +1,38 @@
+"""TLS/SASL settings pass through to every client."""
+
+from __future__ import annotations
+
+import faust
+
+from stream_app.kafka import client_config, faust_credentials
+from stream_app.settings import Settings
+
+
+def test_plaintext_by_default():
+    settings = Settings(broker="k:9092")
+    assert client_config(settings) == {"bootstrap_servers": ["k:9092"],
+                                       "security_protocol": "PLAINTEXT"}
+    assert faust_credentials(settings) is None
+
+
+def test_sasl_ssl_passes_through(tmp_path):
+    settings = Settings(broker="k:9093", security_protocol="SASL_SSL",
+                        sasl_mechanism="SCRAM-SHA-512", sasl_username="svc",
+                        sasl_password="s3cret")
+    config = client_config(settings)
+    assert config["security_protocol"] == "SASL_SSL"
+    assert (config["sasl_mechanism"], config["sasl_plain_username"],
+            config["sasl_plain_password"]) == ("SCRAM-SHA-512", "svc", "s3cret")
+    credentials = faust_credentials(settings)
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert credentials.username == "svc" and credentials.password == "s3cret"
+    assert credentials.ssl_context is not None
+
+
+def test_ssl_files_pass_through(tmp_path):
+    settings = Settings(broker="k:9093", security_protocol="SSL",
+                        ssl_cafile=tmp_path / "ca.pem", ssl_certfile=tmp_path / "c.pem",
+                        ssl_keyfile=tmp_path / "k.pem")
+    config = client_config(settings)
+    assert config["ssl_cafile"].endswith("ca.pem") and config["ssl_keyfile"].endswith("k.pem")
+    assert "sasl_mechanism" not in config
