@@ -1,0 +1,143 @@
+"""The dot-product model and its all-pairs square loss (Rendle §5.1, LED §5.2).
+
+Items are ψ̃(i) = [v_i, b_i] and user contexts φ̃(u) = [φ(u), 1], both in R^{d+1}, so the score
+ŷ(u, i) = ⟨φ(u), v_i⟩ + b_i is one inner product and maximum inner product search serves it
+unchanged. The loss over all user-item pairs,
+
+    L = Σ_{(u,i)∈S} α_ui (ŷ − 1)² + α0 Σ_{u,i} ŷ² + λ‖Ψ̃‖²,
+
+never needs negative sampling: Σ_{u,i} ŷ² = ⟨G_C, G_I⟩ with the (d+1)×(d+1) Gramians
+G_C = Σ_u φ̃φ̃ᵀ and G_I = Σ_i ψ̃ψ̃ᵀ (Rendle eq. 22–25). Positives appear in both sums, as in
+Rendle's simplified loss (eq. 21): α_ui here is the *extra* weight of a positive over α0.
+
+Only item parameters are regularized: users are encoded from item vectors (nothing is learned
+per user), so Ψ̃ holds every parameter of the model.
+
+The loss functions use only ``@``, indexing, ``**`` and ``.sum``, so they run unchanged on torch
+tensors; the tests differentiate them with autograd to check :func:`item_gradient`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def augment_items(V: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Item rows ψ̃(i) = [v_i, b_i]: the bias becomes one more coordinate (LED §5.2).
+
+    Examples
+    --------
+    >>> augment_items(np.array([[1.0, 2.0]]), np.array([0.5])).tolist()
+    [[1.0, 2.0, 0.5]]
+    """
+    V = np.asarray(V, dtype=np.float64)
+    return np.hstack([V, np.asarray(b, dtype=np.float64).reshape(len(V), 1)])
+
+
+def augment_users(Phi: np.ndarray) -> np.ndarray:
+    """User rows φ̃(u) = [φ(u), 1], so ⟨φ̃(u), ψ̃(i)⟩ = ⟨φ(u), v_i⟩ + b_i.
+
+    Accepts one vector (d,) or a batch (m, d) and keeps that shape (plus one column).
+
+    Examples
+    --------
+    >>> augment_users(np.array([[1.0, 2.0]])).tolist()
+    [[1.0, 2.0, 1.0]]
+    >>> augment_users(np.zeros(2)).tolist()
+    [0.0, 0.0, 1.0]
+    """
+    Phi = np.asarray(Phi, dtype=np.float64)
+    ones = np.ones(Phi.shape[:-1] + (1,))
+    return np.concatenate([Phi, ones], axis=-1)
+
+
+def all_pairs_loss(Phi_aug, Psi_aug, pos_users, pos_items, alpha, alpha0: float, lam: float):
+    """The loss L evaluated directly over all m·n pairs: the O(m·n·d) reference.
+
+    Parameters
+    ----------
+    Phi_aug : array (m, d+1)
+        Augmented user rows [φ(u), 1].
+    Psi_aug : array (n, d+1)
+        Augmented item rows [v_i, b_i].
+    pos_users, pos_items : int arrays (P,)
+        The positives S as (row of Phi_aug, row of Psi_aug); repeated pairs count repeatedly.
+    alpha : array (P,)
+        Confidence weight α_ui of each positive.
+    alpha0, lam : float
+        Weight of every pair (label 0) and of the L2 penalty on Psi_aug.
+
+    Returns
+    -------
+    A 0-d value of the inputs' array type (numpy scalar, or a torch tensor that autograd can
+    differentiate).
+
+    Examples
+    --------
+    >>> Phi, Psi = np.array([[1.0, 1.0]]), np.array([[0.5, 0.0], [0.0, 1.0]])
+    >>> float(all_pairs_loss(Phi, Psi, np.array([0]), np.array([0]), np.array([1.0]), 0.1, 0.0))
+    0.375
+    """
+    scores = Phi_aug @ Psi_aug.T
+    positive = (alpha * (scores[pos_users, pos_items] - 1.0) ** 2).sum()
+    return positive + alpha0 * (scores ** 2).sum() + lam * (Psi_aug ** 2).sum()
+
+
+def gramian_loss(Phi_aug, Psi_aug, pos_users, pos_items, alpha, alpha0: float, lam: float, *,
+                 G_C=None, G_I=None):
+    """The same loss as :func:`all_pairs_loss` in O((m + n)·d² + |S|·d) via ⟨G_C, G_I⟩.
+
+    ``G_C`` and ``G_I`` default to the exact Gramians of ``Phi_aug`` and ``Psi_aug``; pass
+    streaming estimates instead to get the loss the online learner actually sees.
+
+    Examples
+    --------
+    >>> Phi, Psi = np.array([[1.0, 1.0]]), np.array([[0.5, 0.0], [0.0, 1.0]])
+    >>> float(gramian_loss(Phi, Psi, np.array([0]), np.array([0]), np.array([1.0]), 0.1, 0.0))
+    0.375
+    """
+    G_C = Phi_aug.T @ Phi_aug if G_C is None else G_C
+    G_I = Psi_aug.T @ Psi_aug if G_I is None else G_I
+    pos_scores = (Phi_aug[pos_users] * Psi_aug[pos_items]).sum(1)
+    positive = (alpha * (pos_scores - 1.0) ** 2).sum()
+    return positive + alpha0 * (G_C * G_I).sum() + lam * (Psi_aug ** 2).sum()
+
+
+def item_gradient(phi_aug: np.ndarray, psi_aug: np.ndarray, alpha: np.ndarray, G_C: np.ndarray,
+                  n_items: np.ndarray, alpha0: float, lam: float) -> np.ndarray:
+    """Per-positive gradient of L with respect to the item row ψ̃(i), halved (Rendle eq. 34).
+
+    For the positive (u, i) with n_i positives of item i in total,
+
+        g = α (ŷ − 1) φ̃(u) + (α0 / n_i) G_C ψ̃(i) + (λ / n_i) ψ̃(i).
+
+    Summed over the n_i positives of item i this is exactly ½ ∂L/∂ψ̃(i) (users held fixed): the
+    all-pairs and penalty terms are spread evenly over the item's positives, which is what lets
+    SGD visit positives only. The factor 2 of the square is dropped everywhere (it folds into the
+    learning rate). Items without positives get no gradient, as in Rendle's Algorithm 5.
+
+    Parameters
+    ----------
+    phi_aug, psi_aug : (B, d+1)
+        The user and item rows of each positive.
+    alpha : (B,)
+        Confidence weights.
+    G_C : (d+1, d+1)
+        User Gramian (exact or a streaming estimate).
+    n_items : (B,)
+        Positive count n_i of each positive's item (decayed counts work the same way).
+
+    Returns
+    -------
+    ndarray (B, d+1)
+
+    Examples
+    --------
+    >>> g = item_gradient(np.array([[1.0, 1.0]]), np.array([[0.5, 0.0]]), np.array([1.0]),
+    ...                   np.eye(2), np.array([1.0]), 0.1, 0.0)
+    >>> g.round(3).tolist()
+    [[-0.45, -0.5]]
+    """
+    y_hat = np.einsum("bk,bk->b", phi_aug, psi_aug)
+    shrink = (alpha0 * (psi_aug @ G_C) + lam * psi_aug) / np.asarray(n_items)[:, None]
+    return (alpha * (y_hat - 1.0))[:, None] * phi_aug + shrink

@@ -1,0 +1,320 @@
+"""The online item model: item vectors and biases learned from the event stream (Rendle Alg. 5).
+
+One :meth:`ItemLearner.learn` call is one micro-batch of positives (user vector φ(u), item id,
+confidence α). Each positive pulls its item towards the user, and — through the user Gramian
+G_C — pushes it away from *all* users, which stands in for every unobserved pair without sampling
+a single negative (:func:`models.embedding.item_gradient`). Steps are Adagrad, per coordinate:
+items seen rarely keep large steps, popular items settle.
+
+State is owned here and nowhere else: the augmented item matrix Ψ̃ (rows grow when new item ids
+arrive), the item-id ↔ row map, per-item (optionally decayed) counts n_i, Adagrad accumulators,
+the exact item Gramian G_I (kept by rank-k corrections, recomputed periodically) and the decayed
+estimate of the user Gramian G_C. Reads (``scores``, ``top_k``, ``rows_of``) never create state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.embedding import augment_users, item_gradient
+from state.gramian import DecayedGramian, ExactGramian, load_npz, read_only_view, save_npz
+
+InitVector = Callable[[str], "np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Hyperparameters of :class:`ItemLearner`.
+
+    The defaults are tuned on the planted-cluster stream of ``tests/test_learner.py`` (8 clusters
+    of 50 items with skewed popularity, 400 users, 20 % off-cluster noise, one pass, α = 1,
+    |C| = users seen so far). There own-cluster precision@10 stays ≥ 0.99 for micro-batches of
+    32 to 256 and init_scale 0.1 to 1. With lr ≤ 0.1 and this small init, one pass is too short
+    for the item vectors to grow out of the noise (the model stays a popularity ranker). These
+    are a starting point, not a universal choice:
+
+    - ``alpha0``: weight of every (user, item) pair with label 0. What matters is the implicit
+      negative mass α0·|C| against the positives' α, with |C| passed to :meth:`ItemLearner.learn`
+      as the number of active users; 0.05 (0.01 works too, with a smaller margin) keeps each
+      item's score high for its own users and low for everyone else.
+    - ``lam``: L2 penalty on item rows (spread over an item's positives, like α0).
+    - ``lr``: Adagrad step size; Adagrad divides by the root of the summed squared gradients, so
+      this is roughly the first step's size per coordinate.
+    - ``adagrad_init``: starting accumulator (TensorFlow's ``initial_accumulator_value``); it keeps
+      a new item's first steps proportional to its gradient, where plain Adagrad would move every
+      coordinate by ``lr`` whatever the gradient's size.
+    - ``count_half_life``: half-life of n_i in learned events; None counts forever.
+    - ``init_scale``: expected norm of a new item's random vector; small so a new item starts
+      near the origin (score ≈ its bias) without being exactly symmetric with the others.
+    - ``user_gramian_beta``: β of the decayed user Gramian (memory ≈ 1/β micro-batches).
+    - ``recompute_every``: learn calls between exact recomputations of G_I (bounds float drift).
+    """
+
+    dim: int = 64
+    alpha0: float = 0.05
+    lam: float = 0.01
+    lr: float = 0.2
+    adagrad_init: float = 0.1
+    count_half_life: float | None = None
+    init_scale: float = 0.1
+    user_gramian_beta: float = 0.05
+    recompute_every: int = 1000
+    seed: int = 0
+
+
+class ItemLearner:
+    """Online item embeddings + biases with the all-pairs square loss and streaming Gramians.
+
+    ``init_vector(item_id)`` may return an augmented row [v, b] (length dim + 1) for a new item,
+    e.g. :func:`models.bootstrap.cold_start_vector` of its co-occurring items; ``None`` falls back
+    to a small random vector seeded by (``seed``, item id), so every replica and every restart
+    gives an item the same start whatever the arrival order.
+
+    One owner at a time (an agent's partition): nothing here is locked. A step's matrix products
+    are only (dim+1)×B×(dim+1), so run the owning process with one BLAS thread
+    (``OPENBLAS_NUM_THREADS=1`` or threadpoolctl): on a busy 2-core machine a multi-threaded
+    OpenBLAS made each step ~30× slower (``benchmarks/learner_step.py --blas-threads 0``).
+    """
+
+    def __init__(self, config: LearnerConfig = LearnerConfig(),
+                 init_vector: InitVector | None = None) -> None:
+        self.config = config
+        self.init_vector = init_vector
+        width = config.dim + 1
+        self._index: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._psi = np.zeros((1024, width))
+        self._accum = np.full((1024, width), config.adagrad_init)
+        self._count = np.zeros(1024)
+        self._count_at = np.zeros(1024)
+        self.item_gramian = ExactGramian(width)
+        self.user_gramian = DecayedGramian(width, config.user_gramian_beta)
+        self.events = 0
+        self.steps = 0
+        self.last_drift = 0.0
+
+    # -- reads (never create state) -------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._index
+
+    @property
+    def item_ids(self) -> list[str]:
+        return list(self._ids)
+
+    @property
+    def item_matrix(self) -> np.ndarray:
+        """Ψ̃ (n, dim + 1): rows [v_i, b_i] in row order (a read-only view)."""
+        return read_only_view(self._psi[: len(self._ids)])
+
+    def rows_of(self, item_ids: Iterable[str]) -> np.ndarray:
+        """Row of each id, −1 for ids never learned."""
+        return np.array([self._index.get(i, -1) for i in item_ids], dtype=np.int64)
+
+    def count(self, item_id: str) -> float:
+        """n_i now (decayed to the current event clock when ``count_half_life`` is set)."""
+        row = self._index.get(item_id)
+        if row is None:
+            return 0.0
+        return float(self._decayed_counts(np.array([row]))[0])
+
+    def scores(self, phi: np.ndarray) -> np.ndarray:
+        """ŷ(u, i) = ⟨φ, v_i⟩ + b_i for every item in row order: exact MIPS by brute force."""
+        return self._psi[: len(self._ids)] @ augment_users(phi)
+
+    def top_k(self, phi: np.ndarray, k: int,
+              exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
+        """The ``k`` best (item id, score) pairs for φ, best first, skipping ``exclude``."""
+        scores = self.scores(phi)
+        excluded = {self._index[i] for i in exclude if i in self._index}
+        scores[list(excluded)] = -np.inf
+        k = min(k, len(scores) - len(excluded))
+        if k <= 0:
+            return []
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [(self._ids[row], float(scores[row])) for row in top]
+
+    # -- learning ------------------------------------------------------------------------
+    def learn(self, phi_batch: np.ndarray, item_ids: Sequence[str], alphas: np.ndarray, *,
+              n_users: float | None = None, user_weights: np.ndarray | None = None) -> float:
+        """One Adagrad step on a micro-batch of positives; returns its mean loss before the step.
+
+        Parameters
+        ----------
+        phi_batch : (B, dim)
+            User vectors of the events (from an encoder over the histories before each event).
+        item_ids : sequence of str, length B
+            Items of the events; unknown ids become new rows (see ``init_vector``).
+        alphas : (B,)
+            Confidence weights α_ui.
+        n_users : float, optional
+            |C|, the number of active users, for the user Gramian (see
+            :class:`state.gramian.DecayedGramian`); None keeps the last value given. It starts
+            at 1, which makes α0 a weight per *average* user rather than per user.
+        user_weights : (B,), optional
+            Importance weights for the user Gramian, ∝ 1/activity of each event's user.
+
+        The loss is the item side of Rendle's per-example loss (eq. 33), averaged over the batch:
+        α(ŷ − 1)² + ψ̃ᵀ(α0 Ĝ_C + λI)ψ̃ / n_i, whose gradient is :func:`item_gradient` (× 2).
+        """
+        if len(item_ids) == 0:
+            return 0.0
+        phi_aug = augment_users(np.asarray(phi_batch, dtype=np.float64).reshape(len(item_ids), -1))
+        alphas = np.asarray(alphas, dtype=np.float64)
+        rows = self._ensure_rows(item_ids)
+        self.user_gramian.update(phi_aug, n_users, user_weights)
+        G_C = self.user_gramian.value()
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        self.events += len(rows)
+        n_i = self._add_counts(uniq, np.bincount(inverse))[inverse]
+        before = self._psi[uniq]
+        psi = before[inverse]
+        loss = self._loss(phi_aug, psi, alphas, G_C, n_i)
+        grads = item_gradient(phi_aug, psi, alphas, G_C, n_i, self.config.alpha0, self.config.lam)
+        summed = np.zeros_like(before)
+        np.add.at(summed, inverse, grads)  # duplicates of an item in the batch add up
+        self._adagrad(uniq, summed)
+        self.item_gramian.update(before, self._psi[uniq])
+        self._tick()
+        return loss
+
+    def _loss(self, phi_aug, psi, alphas, G_C, n_i) -> float:
+        y_hat = np.einsum("bk,bk->b", phi_aug, psi)
+        penalty = np.einsum("bk,bk->b", psi @ (self.config.alpha0 * G_C), psi)
+        penalty += self.config.lam * np.einsum("bk,bk->b", psi, psi)
+        return float(np.mean(alphas * (y_hat - 1.0) ** 2 + penalty / n_i))
+
+    def _adagrad(self, rows: np.ndarray, grad: np.ndarray) -> None:
+        accum = self._accum[rows] + grad ** 2
+        self._accum[rows] = accum
+        self._psi[rows] -= self.config.lr * grad / np.sqrt(accum)
+
+    def _tick(self) -> None:
+        self.steps += 1
+        if self.steps % self.config.recompute_every == 0:
+            self.last_drift = self.item_gramian.recompute(self._psi[: len(self._ids)])
+
+    # -- counts ---------------------------------------------------------------------------
+    def _decay(self, rows: np.ndarray, now: float) -> np.ndarray:
+        if self.config.count_half_life is None:
+            return np.ones(len(rows))
+        return np.exp2(-(now - self._count_at[rows]) / self.config.count_half_life)
+
+    def _decayed_counts(self, rows: np.ndarray) -> np.ndarray:
+        return self._count[rows] * self._decay(rows, self.events)
+
+    def _add_counts(self, rows: np.ndarray, added: np.ndarray) -> np.ndarray:
+        """n_i including this batch (so n_i ≥ 1 in the gradient), stamped at the event clock."""
+        counts = self._count[rows] * self._decay(rows, self.events) + added
+        self._count[rows] = counts
+        self._count_at[rows] = self.events
+        return counts
+
+    # -- rows -----------------------------------------------------------------------------
+    def assign(self, item_ids: Sequence[str], rows: np.ndarray) -> None:
+        """Set the augmented rows of ``item_ids`` (creating unknown ids), e.g. from a bootstrap.
+
+        The item Gramian stays exact; counts and Adagrad state of existing items are kept.
+        """
+        if len(set(item_ids)) != len(item_ids):
+            raise ValueError("assign() needs distinct item ids")
+        new_rows = np.asarray(rows, dtype=np.float64).reshape(len(item_ids), self.config.dim + 1)
+        fresh = np.array([i not in self._index for i in item_ids], dtype=bool)
+        self._append([i for i, new in zip(item_ids, fresh) if new], new_rows[fresh])
+        known = self.rows_of([i for i, new in zip(item_ids, fresh) if not new])
+        self.item_gramian.update(self._psi[known], new_rows[~fresh])
+        self._psi[known] = new_rows[~fresh]
+
+    def _ensure_rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        index = self._index
+        rows = [index.get(i, -1) for i in item_ids]
+        missing = [k for k, row in enumerate(rows) if row < 0]
+        if missing:
+            fresh = list(dict.fromkeys(item_ids[k] for k in missing))
+            self._append(fresh, np.stack([self._initial_row(i) for i in fresh]))
+            for k in missing:
+                rows[k] = index[item_ids[k]]
+        return np.array(rows, dtype=np.int64)
+
+    def _initial_row(self, item_id: str) -> np.ndarray:
+        if self.init_vector is not None:
+            row = self.init_vector(item_id)
+            if row is not None:
+                return np.asarray(row, dtype=np.float64).reshape(self.config.dim + 1)
+        key = int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
+        rng = np.random.default_rng([self.config.seed, key])
+        scale = self.config.init_scale / math.sqrt(self.config.dim)
+        return np.append(rng.normal(0.0, scale, self.config.dim), 0.0)
+
+    def _append(self, item_ids: list[str], rows: np.ndarray) -> None:
+        if not item_ids:
+            return
+        start = len(self._ids)
+        self._reserve(start + len(item_ids))
+        self._psi[start: start + len(item_ids)] = rows
+        self._index.update({item_id: start + k for k, item_id in enumerate(item_ids)})
+        self._ids.extend(item_ids)
+        self.item_gramian.update(np.empty((0, self.config.dim + 1)), rows)
+
+    def _reserve(self, size: int) -> None:
+        capacity = len(self._psi)
+        if size <= capacity:
+            return
+        grown = max(size, 2 * capacity)
+        self._psi = _grow(self._psi, grown, 0.0)
+        self._accum = _grow(self._accum, grown, self.config.adagrad_init)
+        self._count = _grow(self._count, grown, 0.0)
+        self._count_at = _grow(self._count_at, grown, 0.0)
+
+    # -- persistence (npz, no pickle) -----------------------------------------------------
+    def save(self, path: Path) -> None:
+        """Write every piece of state to one npz, atomically (tmp file + rename)."""
+        n = len(self._ids)
+        arrays = {
+            "ids": np.array(self._ids, dtype=np.str_), "psi": self._psi[:n].copy(),
+            "accum": self._accum[:n].copy(), "count": self._count[:n].copy(),
+            "count_at": self._count_at[:n].copy(),
+            "clock": np.array([self.events, self.steps], dtype=np.int64),
+            "config": np.array(json.dumps(asdict(self.config))),
+        }
+        arrays.update(self.item_gramian.to_arrays("item_"))
+        arrays.update(self.user_gramian.to_arrays("user_"))
+        save_npz(path, arrays)
+
+    def load(self, path: Path) -> bool:
+        """Replace all state with the one saved at ``path``; False if there is no file.
+
+        Hyperparameters other than ``dim`` may differ from the saved run's (they shape future
+        steps only); a different ``dim`` raises ValueError.
+        """
+        data = load_npz(path)
+        if data is None:
+            return False
+        saved_dim = json.loads(str(data["config"]))["dim"]
+        if saved_dim != self.config.dim:
+            raise ValueError(f"{path} holds dim={saved_dim}, this learner has {self.config.dim}")
+        self._ids = [str(i) for i in data["ids"]]
+        self._index = {item_id: row for row, item_id in enumerate(self._ids)}
+        self._psi, self._accum = data["psi"], data["accum"]
+        self._count, self._count_at = data["count"], data["count_at"]
+        self._reserve(max(len(self._ids), 1024))
+        self.events, self.steps = (int(x) for x in data["clock"])
+        self.item_gramian.set_arrays(data, "item_")
+        self.user_gramian.set_arrays(data, "user_")
+        return True
+
+
+def _grow(array: np.ndarray, size: int, fill: float) -> np.ndarray:
+    grown = np.full((size,) + array.shape[1:], fill, dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown

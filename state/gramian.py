@@ -1,0 +1,207 @@
+"""Streaming Gramians for the all-pairs loss (Rendle §5.1.1, §5.1.3).
+
+- :class:`ExactGramian` holds G_I = Σ_i ψ̃ψ̃ᵀ over the item rows. The learner owns every item row,
+  so it knows a row's old and new value and can keep G_I exact with a rank-k correction per
+  micro-batch; :meth:`ExactGramian.recompute` bounds the floating-point drift of that recursion
+  and measures it.
+- :class:`DecayedGramian` estimates G_C = Σ_u φ̃φ̃ᵀ over users. User vectors are recomputed from
+  moving item vectors and users come and go, so there is no old value to subtract; the estimate
+  is an exponential moving average over the stream of user vectors instead (Rendle eq. 41,
+  Krichene et al.'s SOGram).
+
+Both persist to npz without pickle and write atomically (tmp file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to an npz atomically: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """All arrays of an npz (never unpickling anything); None if there is no file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def read_only_view(array: np.ndarray) -> np.ndarray:
+    """Hand out state without a copy and without letting the reader write into it."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+class ExactGramian:
+    """G = Σ_i ψ̃_i ψ̃_iᵀ kept exact while rows change, by rank-k corrections.
+
+    Examples
+    --------
+    >>> g = ExactGramian(2)
+    >>> g.update(np.empty((0, 2)), np.array([[1.0, 2.0]]))
+    >>> g.update(np.array([[1.0, 2.0]]), np.array([[0.0, 1.0]]))
+    >>> g.matrix.tolist()
+    [[0.0, 0.0], [0.0, 1.0]]
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._G = np.zeros((dim, dim))
+        self.updates_since_recompute = 0
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The current Gramian (a read-only view: copy it to keep a snapshot)."""
+        return read_only_view(self._G)
+
+    def update(self, old_rows: np.ndarray, new_rows: np.ndarray) -> None:
+        """G += NᵀN − OᵀO for rows that changed from O to N (one batch, distinct rows).
+
+        A new row has no old value: pass it in ``new_rows`` only (``old_rows`` may be shorter or
+        empty; the two sums are independent). A row changed twice within one batch must be given
+        once, with its value before and after the batch.
+        """
+        new_rows = np.asarray(new_rows, dtype=np.float64).reshape(-1, self.dim)
+        old_rows = np.asarray(old_rows, dtype=np.float64).reshape(-1, self.dim)
+        self._G += new_rows.T @ new_rows
+        self._G -= old_rows.T @ old_rows
+        self.updates_since_recompute += 1
+
+    def recompute(self, all_rows: np.ndarray) -> float:
+        """Replace G by the exact Σ ψ̃ψ̃ᵀ; return ‖G_old − G_exact‖_F / ‖G_exact‖_F."""
+        all_rows = np.asarray(all_rows, dtype=np.float64).reshape(-1, self.dim)
+        exact = all_rows.T @ all_rows
+        drift = _relative_distance(self._G, exact)
+        self._G = exact
+        self.updates_since_recompute = 0
+        return drift
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {f"{prefix}G": self._G.copy()}
+
+    def set_arrays(self, arrays: dict[str, np.ndarray], prefix: str = "") -> None:
+        G = np.array(arrays[f"{prefix}G"], dtype=np.float64)
+        if G.shape != (self.dim, self.dim):
+            raise ValueError(f"saved Gramian has shape {G.shape}, expected {(self.dim,) * 2}")
+        self._G = G
+        self.updates_since_recompute = 0
+
+    def save(self, path: Path) -> None:
+        save_npz(path, self.to_arrays())
+
+    def load(self, path: Path) -> bool:
+        """Replace G with the one saved at ``path``; False if there is no file."""
+        arrays = load_npz(path)
+        if arrays is None:
+            return False
+        self.set_arrays(arrays)
+        return True
+
+
+class DecayedGramian:
+    """Estimate of G_C = Σ_u φ̃(u)φ̃(u)ᵀ from a stream of user vectors (Rendle eq. 41).
+
+    Per micro-batch, with weights w_b (default 1),
+
+        M̂ ← (1 − β) M̂ + β · Σ_b w_b φ̃_b φ̃_bᵀ / Σ_b w_b,      Ĝ_C = |C| · M̂ / (1 − (1 − β)^t).
+
+    With a constant |C| this is eq. 41 batched: Ĝ ← (1 − β)Ĝ + β·|C|·mean_batch(φ̃φ̃ᵀ). Two
+    deliberate differences:
+
+    - |C|, the number of active users, is passed in by the caller (``n_active``) and multiplies
+      the average on read. The learner is partitioned by item and sees no user ids; the ingest
+      side owns the user table and knows |C|. Keeping the average and the count apart makes a
+      change of |C| (e.g. the fast growth at the start of a stream) take effect at once instead
+      of with the 1/β lag of the recursion.
+    - The average is bias-corrected by 1 − (1 − β)^t (as in Adam), so early estimates are not
+      shrunk towards the zero start.
+
+    The stream samples users in proportion to their activity, while G_C weighs users equally.
+    Rendle's 1/|I_c| factor corrects that; here pass ``weights`` ∝ 1/activity of each row's user
+    to get the same correction (a self-normalized importance weight). Without weights the
+    estimate is the activity-weighted one, exact when users are equally active.
+
+    Examples
+    --------
+    >>> g = DecayedGramian(2, beta=0.5)
+    >>> g.update(np.array([[1.0, 1.0], [3.0, 1.0]]), n_active=2)
+    >>> g.value().tolist()
+    [[10.0, 4.0], [4.0, 2.0]]
+    """
+
+    def __init__(self, dim: int, beta: float = 0.01, n_active: float = 1.0) -> None:
+        if not 0.0 < beta <= 1.0:
+            raise ValueError("beta must be in (0, 1]")
+        self.dim = dim
+        self.beta = beta
+        self.n_active = float(n_active)
+        self._moment = np.zeros((dim, dim))
+        self._mass = 0.0  # 1 − (1 − β)^t: the weight the moving average has accumulated
+
+    def update(self, rows: np.ndarray, n_active: float | None = None,
+               weights: np.ndarray | None = None) -> None:
+        """Fold one micro-batch of augmented user rows φ̃ (B, dim) into the estimate."""
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, self.dim)
+        if n_active is not None:
+            self.n_active = float(n_active)
+        if len(rows) == 0:
+            return
+        w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=np.float64)
+        batch = (rows.T * w) @ rows / w.sum()
+        self._moment = (1.0 - self.beta) * self._moment + self.beta * batch
+        self._mass = (1.0 - self.beta) * self._mass + self.beta
+
+    def value(self) -> np.ndarray:
+        """Ĝ_C (a new array); zeros before the first update."""
+        if self._mass == 0.0:
+            return np.zeros((self.dim, self.dim))
+        return (self.n_active / self._mass) * self._moment
+
+    def distance_to(self, exact: np.ndarray) -> float:
+        """‖Ĝ_C − G_C‖_F / ‖G_C‖_F against an exact Gramian."""
+        return _relative_distance(self.value(), exact)
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {f"{prefix}moment": self._moment.copy(),
+                f"{prefix}scalars": np.array([self.beta, self.n_active, self._mass])}
+
+    def set_arrays(self, arrays: dict[str, np.ndarray], prefix: str = "") -> None:
+        moment = np.array(arrays[f"{prefix}moment"], dtype=np.float64)
+        if moment.shape != (self.dim, self.dim):
+            raise ValueError(f"saved Gramian has shape {moment.shape}, expected "
+                             f"{(self.dim,) * 2}")
+        # The saved beta is informational: the average stays valid under another beta, which
+        # only changes how fast it forgets from now on.
+        _, n_active, mass = (float(x) for x in arrays[f"{prefix}scalars"])
+        self._moment, self.n_active, self._mass = moment, n_active, mass
+
+    def save(self, path: Path) -> None:
+        save_npz(path, self.to_arrays())
+
+    def load(self, path: Path) -> bool:
+        """Replace the estimate with the one saved at ``path``; False if there is no file."""
+        arrays = load_npz(path)
+        if arrays is None:
+            return False
+        self.set_arrays(arrays)
+        return True
+
+
+def _relative_distance(estimate: np.ndarray, exact: np.ndarray) -> float:
+    scale = np.linalg.norm(exact)
+    gap = np.linalg.norm(estimate - exact)
+    return float(gap / scale) if scale > 0 else float(gap)

@@ -1,0 +1,72 @@
+"""The dot-product model's loss and item gradient against direct computations and autograd."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.embedding import (all_pairs_loss, augment_items, augment_users, gramian_loss,
+                              item_gradient)
+
+ALPHA0, LAM = 0.3, 0.05
+
+
+def random_problem(seed: int, m: int = 7, n: int = 11, d: int = 4, positives: int = 25):
+    rng = np.random.default_rng(seed)
+    Phi = augment_users(rng.normal(size=(m, d)))
+    Psi = augment_items(rng.normal(size=(n, d)), rng.normal(size=n))
+    users = rng.integers(0, m, positives)
+    items = rng.integers(0, n, positives)  # repeats allowed: a pair can be a positive twice
+    alpha = rng.uniform(0.5, 5.0, positives)
+    return Phi, Psi, users, items, alpha
+
+
+def test_augmented_inner_product_is_dot_plus_bias():
+    rng = np.random.default_rng(0)
+    V, b, Phi = rng.normal(size=(5, 3)), rng.normal(size=5), rng.normal(size=(4, 3))
+    np.testing.assert_allclose(augment_users(Phi) @ augment_items(V, b).T, Phi @ V.T + b)
+    np.testing.assert_array_equal(augment_users(np.zeros(3)), [0.0, 0.0, 0.0, 1.0])
+
+
+def test_all_pairs_loss_matches_an_explicit_double_loop():
+    Phi, Psi, users, items, alpha = random_problem(1, m=3, n=4, positives=5)
+    expected = sum(a * (Phi[u] @ Psi[i] - 1) ** 2 for u, i, a in zip(users, items, alpha))
+    expected += ALPHA0 * sum((Phi[u] @ Psi[i]) ** 2 for u in range(3) for i in range(4))
+    expected += LAM * (Psi ** 2).sum()
+    assert all_pairs_loss(Phi, Psi, users, items, alpha, ALPHA0, LAM) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gramian_trick_equals_the_all_pairs_loss(seed):
+    problem = random_problem(seed)
+    direct = all_pairs_loss(*problem, ALPHA0, LAM)
+    assert gramian_loss(*problem, ALPHA0, LAM) == pytest.approx(direct, rel=1e-12)
+
+
+def test_gramian_loss_uses_given_gramian_estimates():
+    Phi, Psi, users, items, alpha = random_problem(3)
+    G_C = 2.0 * Phi.T @ Phi  # a (wrong) estimate must change the result by α0⟨ΔG_C, G_I⟩
+    exact = gramian_loss(Phi, Psi, users, items, alpha, ALPHA0, LAM)
+    skewed = gramian_loss(Phi, Psi, users, items, alpha, ALPHA0, LAM, G_C=G_C)
+    extra = ALPHA0 * np.sum((Phi.T @ Phi) * (Psi.T @ Psi))
+    assert skewed - exact == pytest.approx(extra)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_per_positive_item_gradients_sum_to_half_the_autograd_gradient(seed):
+    Phi, Psi, users, items, alpha = random_problem(seed)
+    Psi_t = torch.tensor(Psi, requires_grad=True)
+    loss = all_pairs_loss(torch.tensor(Phi), Psi_t, torch.tensor(users), torch.tensor(items),
+                          torch.tensor(alpha), ALPHA0, LAM)
+    loss.backward()
+    n_items = np.bincount(items, minlength=len(Psi)).astype(float)
+    per_positive = item_gradient(Phi[users], Psi[items], alpha, Phi.T @ Phi, n_items[items],
+                                 ALPHA0, LAM)
+    summed = np.zeros_like(Psi)
+    np.add.at(summed, items, per_positive)
+    has_positives = n_items > 0
+    assert has_positives.sum() >= 5
+    np.testing.assert_allclose(summed[has_positives],
+                               0.5 * Psi_t.grad.numpy()[has_positives], rtol=1e-10, atol=1e-12)
+    assert not summed[~has_positives].any()  # no positive, no update (Rendle Alg. 5)

@@ -1,0 +1,81 @@
+"""User encoders against direct formulas and a least-squares oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.embedding import augment_items, augment_users, all_pairs_loss
+from models.encoders import (ials_fold_in, mean_encoder, mean_encoder_batch, pack_histories,
+                             recency_weights)
+
+
+def test_mean_encoder_is_the_weighted_mean_with_recency_decay():
+    rng = np.random.default_rng(0)
+    V, w, ts = rng.normal(size=(5, 3)), rng.uniform(1, 4, 5), np.array([0., 3., 7., 7., 10.])
+    expected = sum(w[t] * 0.5 ** ((10.0 - ts[t]) / 4.0) * V[t] for t in range(5)) / 5
+    np.testing.assert_allclose(mean_encoder(V, w, ts, half_life=4.0), expected)
+    np.testing.assert_allclose(mean_encoder(V), V.mean(axis=0))
+    np.testing.assert_allclose(mean_encoder(V, ts=ts), V.mean(axis=0))  # no half-life: no decay
+
+
+def test_empty_history_encodes_to_zero():
+    assert mean_encoder(np.empty((0, 4))).tolist() == [0.0] * 4
+    assert ials_fold_in(np.empty((0, 5)), np.empty(0), np.eye(5), 0.1, 0.1).tolist() == [0.0] * 4
+
+
+def test_recency_weight_halves_per_half_life():
+    np.testing.assert_allclose(recency_weights(np.array([0.0, 5.0, 10.0]), 5.0), [0.25, 0.5, 1])
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_batched_mean_encoder_equals_one_call_per_user(decay):
+    rng = np.random.default_rng(1)
+    V = rng.normal(size=(30, 6))
+    histories = [rng.integers(0, 30, rng.integers(0, 9)).tolist() for _ in range(40)]
+    assert any(len(h) == 0 for h in histories)
+    indptr, rows = pack_histories(histories)
+    weights, ts = rng.uniform(1, 10, len(rows)), rng.uniform(0, 100, len(rows))
+    half_life = 25.0 if decay else None
+    batched = mean_encoder_batch(V, indptr, rows, weights, ts, half_life)
+    for b, history in enumerate(histories):
+        part = slice(indptr[b], indptr[b + 1])
+        single = mean_encoder(V[history], weights[part], ts[part], half_life)
+        np.testing.assert_allclose(batched[b], single, atol=1e-12)
+
+
+def fold_in_problem(seed: int, n: int = 40, d: int = 5, T: int = 8):
+    rng = np.random.default_rng(seed)
+    Psi = augment_items(rng.normal(size=(n, d)), rng.normal(size=n))
+    history = rng.integers(0, n, T)  # repeats allowed
+    return Psi, history, rng.uniform(0.5, 10.0, T)
+
+
+def lstsq_oracle(Psi, history, alpha, alpha0, lam):
+    """The user's loss as one stacked least-squares problem over ALL items (positives included
+    in the α0 rows too, as in the loss), solved by lstsq."""
+    d = Psi.shape[1] - 1
+    V, b = Psi[:, :d], Psi[:, d]
+    s0, sa = np.sqrt(alpha0), np.sqrt(alpha)[:, None]
+    A = np.vstack([s0 * V, sa * V[history], np.sqrt(lam) * np.eye(d)])
+    y = np.concatenate([-s0 * b, sa[:, 0] * (1.0 - b[history]), np.zeros(d)])
+    return np.linalg.lstsq(A, y, rcond=None)[0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ials_fold_in_equals_the_least_squares_oracle(seed):
+    Psi, history, alpha = fold_in_problem(seed)
+    phi = ials_fold_in(Psi[history], alpha, Psi.T @ Psi, alpha0=0.2, lam=0.7)
+    np.testing.assert_allclose(phi, lstsq_oracle(Psi, history, alpha, 0.2, 0.7), atol=1e-10)
+
+
+def test_ials_fold_in_is_a_stationary_point_of_the_all_pairs_loss():
+    Psi, history, alpha = fold_in_problem(7)
+    phi = ials_fold_in(Psi[history], alpha, Psi.T @ Psi, alpha0=0.2, lam=0.7)
+    phi_t = torch.tensor(augment_users(phi[None, :]), requires_grad=True)
+    loss = all_pairs_loss(phi_t, torch.tensor(Psi), torch.zeros(len(history), dtype=torch.long),
+                          torch.tensor(history), torch.tensor(alpha), 0.2, 0.0)
+    loss = loss + 0.7 * (phi_t[0, :-1] ** 2).sum()  # the user's own penalty λ‖φ‖²
+    loss.backward()
+    np.testing.assert_allclose(phi_t.grad.numpy()[0, :-1], 0.0, atol=1e-9)

@@ -1,0 +1,117 @@
+"""Streaming Gramians against their exact batch values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from state.gramian import DecayedGramian, ExactGramian
+
+DIM = 4
+values = st.floats(-100, 100, allow_nan=False, allow_infinity=False)
+rows_strategy = st.integers(0, 6).flatmap(
+    lambda k: hnp.arrays(np.float64, (k, DIM), elements=values))
+# one operation: rows to append, and (row picks, new values) for rows to change
+operation = st.tuples(rows_strategy, st.lists(st.integers(0, 10 ** 6), max_size=6), rows_strategy)
+
+
+def apply(V: np.ndarray, gramian: ExactGramian, op) -> np.ndarray:
+    appended, picks, changed = op
+    gramian.update(np.empty((0, DIM)), appended)
+    V = np.vstack([V, appended])
+    picks = [p % len(V) for p in picks] if len(V) else []
+    targets = np.unique(np.array(picks, dtype=np.int64))[: len(changed)]
+    gramian.update(V[targets], changed[: len(targets)])
+    V[targets] = changed[: len(targets)]
+    return V
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(operation, min_size=1, max_size=12))
+def test_exact_gramian_equals_the_batch_gramian_after_any_updates(ops):
+    gramian, V = ExactGramian(DIM), np.empty((0, DIM))
+    for op in ops:
+        V = apply(V, gramian, op)
+    exact = V.T @ V
+    scale = 1.0 + np.abs(exact).max()
+    np.testing.assert_allclose(gramian.matrix, exact, rtol=1e-9, atol=1e-9 * scale)
+
+
+def test_recompute_reports_the_relative_drift_and_restores_exactness():
+    rng = np.random.default_rng(0)
+    V = rng.normal(size=(50, DIM))
+    gramian = ExactGramian(DIM)
+    gramian.update(np.empty((0, DIM)), V)
+    assert gramian.recompute(V) < 1e-12
+    gramian.update(np.empty((0, DIM)), rng.normal(size=(5, DIM)))  # rows V does not have
+    wrong = gramian.matrix.copy()
+    drift = gramian.recompute(V)
+    assert drift == pytest.approx(np.linalg.norm(wrong - V.T @ V) / np.linalg.norm(V.T @ V))
+    assert drift > 0.01
+    np.testing.assert_allclose(gramian.matrix, V.T @ V)
+    with pytest.raises(ValueError):
+        gramian.matrix[0, 0] = 1.0  # reads hand out no writable state
+
+
+def user_rows(m: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.hstack([rng.normal(size=(m, DIM - 1)) + 0.5, np.ones((m, 1))])  # [φ, 1]
+
+
+def stream(Phi, gramian, n_batches, rng, p=None, weights_of=None):
+    for _ in range(n_batches):
+        users = rng.choice(len(Phi), 64, p=p)
+        w = None if weights_of is None else weights_of[users]
+        gramian.update(Phi[users], n_active=len(Phi), weights=w)
+
+
+def test_decayed_gramian_converges_on_a_stationary_stream():
+    Phi, rng = user_rows(300, 1), np.random.default_rng(2)
+    gramian = DecayedGramian(DIM, beta=0.02)
+    stream(Phi, gramian, 50, rng)
+    early = gramian.distance_to(Phi.T @ Phi)
+    stream(Phi, gramian, 1500, rng)
+    assert gramian.distance_to(Phi.T @ Phi) < 0.05
+    assert early < 0.15  # bias-corrected: no shrinkage towards the zero start
+
+
+def test_importance_weights_undo_activity_bias():
+    """Active users appear more often in the stream; weights ∝ 1/activity recover Σ_u φ̃φ̃ᵀ."""
+    Phi, rng = user_rows(200, 3), np.random.default_rng(4)
+    Phi[:20, :-1] += 3.0  # the heavy users look different from the rest
+    activity = np.where(np.arange(200) < 20, 20.0, 1.0)
+    p = activity / activity.sum()
+    plain, weighted = DecayedGramian(DIM, 0.02), DecayedGramian(DIM, 0.02)
+    stream(Phi, plain, 1500, np.random.default_rng(5), p=p)
+    stream(Phi, weighted, 1500, np.random.default_rng(5), p=p, weights_of=1.0 / activity)
+    assert weighted.distance_to(Phi.T @ Phi) < 0.08
+    assert plain.distance_to(Phi.T @ Phi) > 0.5
+
+
+def test_value_scales_with_the_active_user_count_at_once():
+    gramian = DecayedGramian(2, beta=0.01)
+    assert not gramian.value().any()  # nothing seen yet
+    gramian.update(np.array([[2.0, 1.0]]), n_active=10)
+    np.testing.assert_allclose(gramian.value(), 10 * np.array([[4.0, 2.0], [2.0, 1.0]]))
+    gramian.update(np.empty((0, 2)), n_active=20)
+    np.testing.assert_allclose(gramian.value(), 20 * np.array([[4.0, 2.0], [2.0, 1.0]]))
+
+
+def test_save_and_load_round_trip_without_pickle(tmp_path):
+    exact, decayed = ExactGramian(3), DecayedGramian(3, beta=0.1)
+    rows = np.random.default_rng(0).normal(size=(5, 3))
+    exact.update(np.empty((0, 3)), rows)
+    decayed.update(rows, n_active=7)
+    exact.save(tmp_path / "exact.npz")
+    decayed.save(tmp_path / "decayed.npz")
+    exact_2, decayed_2 = ExactGramian(3), DecayedGramian(3, beta=0.1)
+    assert exact_2.load(tmp_path / "exact.npz") and decayed_2.load(tmp_path / "decayed.npz")
+    np.testing.assert_array_equal(exact_2.matrix, exact.matrix)
+    np.testing.assert_array_equal(decayed_2.value(), decayed.value())
+    assert not ExactGramian(3).load(tmp_path / "missing.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decayed.npz", "exact.npz"]
+    with pytest.raises(ValueError):
+        ExactGramian(4).load(tmp_path / "exact.npz")

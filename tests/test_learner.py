@@ -1,0 +1,225 @@
+"""The online item learner: one Adagrad step against a hand computation, exact Gramians, reads that
+create nothing, persistence, and planted clusters learned in a single streaming pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.embedding import augment_users, item_gradient
+from models.encoders import mean_encoder, mean_encoder_batch, pack_histories
+from models.learner import ItemLearner, LearnerConfig
+
+N_CLUSTERS, PER_CLUSTER, N_USERS = 8, 50, 400
+
+
+def planted_stream(seed: int):
+    """Users of one cluster each: 12 items of their cluster (skewed popularity inside it) plus 3
+    uniformly random items as noise, all interleaved at random into one stream."""
+    rng = np.random.default_rng(seed)
+    user_cluster = np.arange(N_USERS) % N_CLUSTERS
+    popularity = 1.0 / np.arange(1, PER_CLUSTER + 1) ** 0.8
+    popularity /= popularity.sum()
+    users, items = [], []
+    for user, cluster in enumerate(user_cluster):
+        own = rng.choice(PER_CLUSTER, 12, replace=False, p=popularity) + cluster * PER_CLUSTER
+        noise = rng.choice(N_CLUSTERS * PER_CLUSTER, 3, replace=False)
+        picked = rng.permutation(np.unique(np.r_[own, noise]))
+        users += [user] * len(picked)
+        items += picked.tolist()
+    order = rng.permutation(len(users))
+    return np.array(users)[order], np.array(items)[order], user_cluster
+
+
+def item_id(item: int) -> str:
+    return f"item-{item}"
+
+
+def encode(learner: ItemLearner, histories: list[list[int]]) -> np.ndarray:
+    """Mean encoder of each history over the learner's current item vectors (unknown skipped)."""
+    rows = [learner.rows_of(map(item_id, history)) for history in histories]
+    indptr, flat = pack_histories([r[r >= 0] for r in rows])
+    return mean_encoder_batch(learner.item_matrix[:, :-1], indptr, flat)
+
+
+def stream_pass(learner: ItemLearner, users, items, batch: int = 64):
+    """One prequential pass: each event's φ(u) encodes the user's history before that event."""
+    seen: dict[int, list[int]] = {}
+    losses = []
+    for start in range(0, len(users), batch):
+        histories = []
+        for user, item in zip(users[start: start + batch], items[start: start + batch]):
+            history = seen.setdefault(user, [])
+            histories.append(list(history))
+            history.append(item)
+        phi = encode(learner, histories)
+        ids = [item_id(i) for i in items[start: start + batch]]
+        losses.append(learner.learn(phi, ids, np.ones(len(ids)), n_users=len(seen)))
+    return seen, np.array(losses)
+
+
+def own_cluster_precision(ranked: list[list[int]], user_cluster) -> float:
+    return float(np.mean([[item // PER_CLUSTER == user_cluster[u] for item in items]
+                          for u, items in enumerate(ranked)]))
+
+
+@pytest.fixture(scope="module")
+def planted_run():
+    users, items, user_cluster = planted_stream(seed=0)
+    learner = ItemLearner(LearnerConfig())
+    seen, losses = stream_pass(learner, users, items)
+    return learner, seen, losses, user_cluster, items
+
+
+def test_one_streaming_pass_learns_the_planted_clusters(planted_run):
+    learner, seen, _, user_cluster, items = planted_run
+    model_top, popular_top = [], []
+    counts = np.bincount(items, minlength=N_CLUSTERS * PER_CLUSTER)
+    for user in range(N_USERS):
+        phi = encode(learner, [seen[user]])[0]
+        top = learner.top_k(phi, 10, exclude={item_id(i) for i in seen[user]})
+        model_top.append([int(i.split("-")[1]) for i, _ in top])
+        popular = np.argsort(-counts, kind="stable")
+        popular_top.append([i for i in popular if i not in set(seen[user])][:10])
+    # Random is 1/8 own-cluster; popularity is worse (the user has seen their cluster's hits).
+    assert own_cluster_precision(model_top, user_cluster) >= 0.9
+    assert own_cluster_precision(popular_top, user_cluster) <= 0.2
+
+
+def test_loss_decreases_over_the_pass(planted_run):
+    losses = planted_run[2]
+    assert losses[-10:].mean() < 0.5 * losses[:10].mean()
+
+
+def test_item_gramian_stays_exact_while_learning(planted_run):
+    learner = planted_run[0]
+    Psi = learner.item_matrix
+    np.testing.assert_allclose(learner.item_gramian.matrix, Psi.T @ Psi, rtol=1e-9, atol=1e-9)
+
+
+def test_learn_steps_are_adagrad_steps_of_the_summed_item_gradients():
+    config = LearnerConfig(dim=3, alpha0=0.2, lam=0.1, lr=0.5)
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(4, 4))  # rows of a, b, c, and of d, which arrives on the stream
+    learner = ItemLearner(config, init_vector=lambda i: start[3] if i == "d" else None)
+    learner.assign(["a", "b", "c"], start[:3])
+    phi, alphas = augment_users(rng.normal(size=(5, 3))), rng.uniform(1, 3, 5)
+    G_C = 10 * phi.T @ phi / 5  # |C| times the batch mean: the bias-corrected first estimate
+    rows = np.array([1, 0, 1, 3, 1])  # b, a, b, d, b
+    expected, accum = start.copy(), np.full((4, 4), config.adagrad_init)
+    for step in (1, 2):  # the same batch twice: G_C stays, counts and accumulators grow
+        n_i = step * np.array([3.0, 1.0, 3.0, 1.0, 3.0])
+        grads = item_gradient(phi, expected[rows], alphas, G_C, n_i, 0.2, 0.1)
+        learner.learn(phi[:, :-1], ["b", "a", "b", "d", "b"], alphas, n_users=10)
+        for row in (0, 1, 3):
+            g = grads[rows == row].sum(axis=0)
+            accum[row] += g ** 2
+            expected[row] -= 0.5 * g / np.sqrt(accum[row])
+        np.testing.assert_allclose(learner.item_matrix, expected, rtol=1e-12, atol=1e-12)
+    assert learner.count("b") == 6.0 and learner.count("c") == 0.0
+
+
+def test_reads_create_no_state():
+    learner = ItemLearner(LearnerConfig(dim=4))
+    learner.learn(np.ones((2, 4)), ["x", "y"], np.ones(2), n_users=2)
+    snapshot = learner.item_matrix.copy()
+    assert len(learner.scores(np.ones(4))) == 2
+    assert [i for i, _ in learner.top_k(np.ones(4), 5, exclude={"x", "never-seen"})] == ["y"]
+    assert learner.rows_of(["never-seen"]).tolist() == [-1]
+    assert learner.count("never-seen") == 0.0
+    assert len(learner) == 2 and "never-seen" not in learner
+    np.testing.assert_array_equal(learner.item_matrix, snapshot)
+    with pytest.raises(ValueError):
+        learner.item_matrix[0, 0] = 1.0
+
+
+def test_top_k_equals_a_brute_force_sort():
+    learner = ItemLearner(LearnerConfig(dim=8))
+    rng = np.random.default_rng(1)
+    ids = [f"i{k}" for k in range(300)]
+    learner.assign(ids, rng.normal(size=(300, 9)))
+    phi = rng.normal(size=8)
+    exclude = set(rng.choice(ids, 40, replace=False))
+    scores = learner.item_matrix @ np.append(phi, 1.0)
+    expected = [ids[r] for r in np.argsort(-scores) if ids[r] not in exclude][:25]
+    top = learner.top_k(phi, 25, exclude=exclude)
+    assert [i for i, _ in top] == expected
+    assert [s for _, s in top] == pytest.approx(sorted(scores[learner.rows_of(expected)])[::-1])
+    assert len(learner.top_k(phi, 1000, exclude=exclude)) == 260
+
+
+def test_new_items_start_from_the_hook_or_a_seeded_id_hash():
+    config = LearnerConfig(seed=3, alpha0=0.0, lam=0.0)  # α = 0 below: learn() moves nothing
+    one, two = ItemLearner(config), ItemLearner(config)
+    one.learn(np.zeros((2, 64)), ["p", "q"], np.zeros(2))
+    two.learn(np.zeros((2, 64)), ["q", "p"], np.zeros(2))  # other arrival order, same start
+    start = one.item_matrix[one.rows_of(["p"])[0]]
+    np.testing.assert_array_equal(start, two.item_matrix[two.rows_of(["p"])[0]])
+    assert 0.08 < np.linalg.norm(start) < 0.12 and start[-1] == 0.0  # ‖v‖ ≈ init_scale, b = 0
+    assert not np.array_equal(start, two.item_matrix[two.rows_of(["q"])[0]])
+    other_seed = ItemLearner(LearnerConfig(seed=4, alpha0=0.0, lam=0.0))
+    other_seed.learn(np.zeros((1, 64)), ["p"], np.zeros(1))
+    assert not np.array_equal(start, other_seed.item_matrix[0])
+    hooked = ItemLearner(config, init_vector=lambda i: np.full(65, 2.0) if i == "p" else None)
+    hooked.learn(np.zeros((2, 64)), ["q", "p"], np.zeros(2))
+    np.testing.assert_array_equal(hooked.item_matrix[1], np.full(65, 2.0))
+    np.testing.assert_array_equal(hooked.item_matrix[0], one.item_matrix[1])
+
+
+def test_assign_keeps_the_item_gramian_exact():
+    learner = ItemLearner(LearnerConfig(dim=3))
+    rng = np.random.default_rng(2)
+    learner.assign(["a", "b"], rng.normal(size=(2, 4)))
+    learner.assign(["b", "c"], rng.normal(size=(2, 4)))
+    Psi = learner.item_matrix
+    np.testing.assert_allclose(learner.item_gramian.matrix, Psi.T @ Psi, atol=1e-12)
+    assert learner.item_ids == ["a", "b", "c"]
+    with pytest.raises(ValueError):
+        learner.assign(["a", "a"], np.zeros((2, 4)))
+
+
+def test_counts_decay_with_the_half_life_in_events():
+    learner = ItemLearner(LearnerConfig(dim=2, count_half_life=4.0))
+    learner.learn(np.zeros((4, 2)), ["a", "a", "b", "b"], np.ones(4))
+    learner.learn(np.zeros((4, 2)), ["b", "b", "b", "b"], np.ones(4))
+    assert learner.count("a") == pytest.approx(1.0)  # 2 counts, one half-life ago
+    assert learner.count("b") == pytest.approx(5.0)
+
+
+def test_save_and_load_resume_the_same_stream(tmp_path):
+    users, items, _ = planted_stream(seed=1)
+    half = len(users) // 2
+    config = LearnerConfig(dim=8, recompute_every=7)
+    original = ItemLearner(config)
+    stream_pass(original, users[:half], items[:half])
+    original.save(tmp_path / "learner.npz")
+    restored = ItemLearner(config)
+    assert restored.load(tmp_path / "learner.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["learner.npz"]
+    phi = np.random.default_rng(0).normal(size=(6, 8))
+    ids = ["item-1", "item-2", "item-1", "brand-new", "item-399", "item-7"]
+    assert restored.learn(phi, ids, np.ones(6)) == original.learn(phi, ids, np.ones(6))
+    np.testing.assert_array_equal(restored.item_matrix, original.item_matrix)
+    np.testing.assert_array_equal(restored.item_gramian.matrix, original.item_gramian.matrix)
+    np.testing.assert_array_equal(restored.user_gramian.value(), original.user_gramian.value())
+    assert restored.item_ids == original.item_ids and restored.events == original.events
+    assert not ItemLearner(config).load(tmp_path / "missing.npz")
+    with pytest.raises(ValueError):
+        ItemLearner(LearnerConfig(dim=4)).load(tmp_path / "learner.npz")
+
+
+def test_periodic_recompute_reports_a_tiny_drift():
+    learner = ItemLearner(LearnerConfig(dim=4, recompute_every=5))
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        learner.learn(rng.normal(size=(16, 4)), [f"i{k}" for k in rng.integers(0, 30, 16)],
+                      np.ones(16), n_users=50)
+    assert learner.item_gramian.updates_since_recompute == 0
+    assert 0.0 <= learner.last_drift < 1e-12
+
+
+def test_mean_encoder_of_a_learned_history_matches_the_batched_one(planted_run):
+    learner, seen = planted_run[0], planted_run[1]
+    rows = learner.rows_of(map(item_id, seen[0]))
+    np.testing.assert_allclose(encode(learner, [seen[0]])[0],
+                               mean_encoder(learner.item_matrix[rows, :-1]))
