@@ -6,7 +6,7 @@ become numpy arrays without a Python loop per event when the learners need them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,7 @@ class History:
     kinds: tuple[str, ...] = ()
     ts: tuple[float, ...] = ()
     event_ids: tuple[str, ...] = field(default=())  # "" where the event had no id
+    phi_b64: str = ""  # the user's vector after the last event (float32, base64); "" = none
 
     def __len__(self) -> int:
         return len(self.items)
@@ -39,15 +40,20 @@ class History:
             kinds=(self.kinds + (kind,))[keep],
             ts=(self.ts + (float(ts),))[keep],
             event_ids=(self.event_ids + (event_id or "",))[keep],
+            phi_b64=self.phi_b64,
         )
+
+    def with_phi(self, phi_b64: str) -> History:
+        return replace(self, phi_b64=phi_b64)
 
     def to_json(self) -> dict:
         return {"items": list(self.items), "kinds": list(self.kinds), "ts": list(self.ts),
-                "ids": list(self.event_ids)}
+                "ids": list(self.event_ids), "phi": self.phi_b64}
 
     @classmethod
     def from_json(cls, value: dict | None) -> History:
         if not value:
             return cls()
         return cls(items=tuple(value["items"]), kinds=tuple(value["kinds"]),
-                   ts=tuple(value["ts"]), event_ids=tuple(value.get("ids", ())))
+                   ts=tuple(value["ts"]), event_ids=tuple(value.get("ids", ())),
+                   phi_b64=value.get("phi", ""))

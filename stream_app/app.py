@@ -22,8 +22,8 @@ from .engine import Engine
 from .kafka import faust_credentials
 from .metrics import Metrics
 from .settings import Settings
-from .wire import (DeadLetter, InvalidMessage, RecResponse, decode_event, decode_request,
-                   salvage_request)
+from .wire import (DeadLetter, InvalidMessage, RecResponse, TrainExample, decode_event,
+                   decode_request, salvage_request)
 
 log = logging.getLogger(__name__)
 HISTORY_TABLE = "user-histories"
@@ -49,6 +49,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
     events = app.topic(settings.topic_events, **raw)
     dead_letters = app.topic(settings.topic_dead_letters, **raw)
     requests = app.topic(settings.topic_requests, **raw)
+    train = app.topic(settings.topic_train, **raw)
     histories = app.Table(HISTORY_TABLE, partitions=settings.partitions,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
     reply_topics: dict[str, faust.TopicT] = {}
@@ -68,11 +69,13 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
             metrics.events.labels(event.kind, "rekeyed").inc()
             return
         history = History.from_json(histories.get(event.user_id))
-        updated = engine.ingest(event, history)
-        if updated is None:
+        taken = engine.ingest(event, history)
+        if taken is None:
             metrics.events.labels(event.kind, "duplicate").inc()
             return
+        updated, example = taken
         histories[event.user_id] = updated.to_json()
+        await train.send(key=event.item_id.encode(), value=example.to_bytes())
         metrics.events.labels(event.kind, "accepted").inc()
 
     @app.agent(events, name="ingest")
@@ -88,6 +91,25 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
                 log.exception("event at %s/%d/%d failed", message.topic, message.partition,
                               message.offset)
                 await dead_letter(InvalidMessage("internal_error", repr(error)), message)
+
+    @app.agent(train, name="learn")
+    async def learn(stream):
+        """Micro-batches of training examples (partitioned by item) into the item learner."""
+        async for batch in stream.take(settings.learn_batch, within=settings.learn_batch_wait_s):
+            examples = []
+            for value in batch:
+                try:
+                    examples.append(TrainExample.model_validate_json(value))
+                except ValueError:
+                    log.warning("skipping an undecodable training example")
+            try:
+                started = time.perf_counter()
+                loss = engine.learn(examples)
+                metrics.learn_seconds.observe(time.perf_counter() - started)
+                metrics.learned.inc(len(examples))
+                metrics.batch_loss.set(loss)
+            except Exception:  # noqa: BLE001 - a bad batch must not stop learning
+                log.exception("learning step failed on %d examples", len(examples))
 
     async def reply_topic(name: str | None) -> faust.TopicT:
         name = name or settings.topic_responses

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from evaluation.cli import add_eval_parser, cmd_eval
+
 from .datasets import FORMATS
 from .settings import Settings
 
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--timeout", type=positive_float, default=10.0,
                            help="seconds to wait for the answer (default 10)")
     recommend.add_argument("--json", action="store_true", help="print the raw JSON response")
+    add_eval_parser(commands)
     return parser
 
 
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "worker":
         logging.getLogger("stream_app").setLevel(max(logging.WARNING, logging.root.level))
     handler = {"up": cmd_up, "worker": cmd_worker, "demo": cmd_demo, "produce": cmd_produce,
-               "recommend": cmd_recommend}[args.command]
+               "recommend": cmd_recommend, "eval": cmd_eval}[args.command]
     try:
         return handler(settings, args)
     except (FileNotFoundError, ValueError, TimeoutError, RuntimeError) as error:

@@ -1,4 +1,4 @@
-"""What the agents do, without Faust: take an event into state, answer a request.
+"""What the agents do, without Faust: take an event into state, learn, answer a request.
 
 The agents in :mod:`stream_app.app` only decode, call these methods, write the table and send.
 Keeping the logic here means it is tested without a broker and reused by the evaluation harness.
@@ -6,41 +6,127 @@ Keeping the logic here means it is tested without a broker and reused by the eva
 
 from __future__ import annotations
 
+import base64
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+from river import stats
+
+from models.encoders import ials_fold_in, mean_encoder
+from models.learner import ItemLearner
 from state.history import History
 from state.popularity import DecayedPopularity
 
 from .settings import Settings
-from .wire import SOURCES, Event, InvalidMessage, RecItem, RecRequest, RecResponse
+from .wire import SOURCES, Event, InvalidMessage, RecItem, RecRequest, RecResponse, TrainExample
+
+#: sources answered by the model. "ann" is exact maximum inner product search over the current
+#: item vectors until the HNSW index exists; "dr" is answered the same way until Deep Retrieval
+#: exists. Each returned item names the source that really produced it.
+MODEL_SOURCES = ("ann", "dr")
+
+
+def encode_phi(phi: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(phi, dtype="<f4").tobytes()).decode()
+
+
+def decode_phi(text: str) -> np.ndarray | None:
+    if not text:
+        return None
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float64)
 
 
 class Engine:
     """The worker's model state and the decisions made on it."""
 
-    #: sources this worker can serve; others named in a request fall back to popularity
-    available_sources = ("popular",)
+    available_sources = ("ann", "popular")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.popularity = DecayedPopularity(settings.popularity_half_life_s,
                                             refresh_s=settings.popularity_refresh_s)
+        self.learner = ItemLearner(settings.learner_config())
+        self.loss = stats.EWMean(fading_factor=0.05)
         self.users = 0  # users whose history this worker holds
-        self.model_version = 0
+        self.learned = 0  # training examples applied
+        self.checkpointed_at = time.time()
+
+    @property
+    def model_version(self) -> int:
+        """Learning steps applied so far: it moves forward with every micro-batch."""
+        return self.learner.steps
+
+    # -- user vectors -----------------------------------------------------------------------
+    def encode(self, items: Sequence[str], kinds: Sequence[str],
+               ts: Sequence[float]) -> np.ndarray:
+        """φ(u) from a history with the current item vectors; zeros if no item is known yet
+        (whose ranking is the bias ranking, LED §7.2)."""
+        rows = self.learner.rows_of(items)
+        known = rows >= 0
+        if not known.any():
+            return np.zeros(self.settings.model_dim)
+        weights = np.array([self.settings.kind_weights.get(k, 1.0) for k in kinds])[known]
+        psi = self.learner.item_matrix[rows[known]]
+        d = self.settings.model_dim
+        if self.settings.encoder == "ials":
+            return ials_fold_in(psi, weights, self.learner.item_gramian.matrix,
+                                self.settings.alpha0, self.settings.l2)
+        return mean_encoder(psi[:, :d], weights, np.asarray(ts, dtype=np.float64)[known],
+                            self.settings.encoder_half_life_s)
+
+    def _encode_history(self, history: History) -> np.ndarray:
+        return self.encode(history.items, history.kinds, history.ts)
 
     # -- events ---------------------------------------------------------------------------
-    def ingest(self, event: Event, history: History) -> History | None:
-        """Learn from one valid event; returns the new history, or None for a redelivery
-        (same ``event_id`` already in the user's window), which changes nothing."""
+    def ingest(self, event: Event, history: History) -> tuple[History, TrainExample] | None:
+        """Take one valid event: the new history (with the refreshed user vector) and the
+        training example for the learn agent; None for a redelivery (same ``event_id``
+        already in the user's window), which changes nothing."""
         if history.has_event(event.event_id):
             return None
         if not history:
             self.users += 1
         weight = self.settings.kind_weights[event.kind]
         self.popularity.add(event.item_id, event.ts, weight)
-        return history.appended(event.item_id, event.kind, event.ts, event.event_id,
-                                self.settings.history_length)
+        before = self._encode_history(history)
+        updated = history.appended(event.item_id, event.kind, event.ts, event.event_id,
+                                   self.settings.history_length)
+        updated = updated.with_phi(encode_phi(self._encode_history(updated)))
+        example = TrainExample.of(event.user_id, event.item_id, weight, event.ts, before)
+        return updated, example
+
+    def learn(self, examples: Sequence[TrainExample]) -> float:
+        """One micro-batch step of the item learner; returns the batch loss."""
+        if not examples:
+            return 0.0
+        phis = np.stack([example.phi() for example in examples])
+        items = [example.item_id for example in examples]
+        self._cold_start(items, phis)
+        loss = self.learner.learn(phis, items, np.array([e.alpha for e in examples]),
+                                  n_users=max(self.users, 1))
+        self.loss.update(loss)
+        self.learned += len(examples)
+        return loss
+
+    def _cold_start(self, items: list[str], phis: np.ndarray) -> None:
+        """A new item starts at the mean vector of the users who took it: a weighted mean of
+        the items it co-occurs with in their timelines (LED cannot do item cold start)."""
+        new = [k for k, item in enumerate(items) if item not in self.learner]
+        if not new:
+            return
+        by_item: dict[str, list[int]] = {}
+        for k in new:
+            by_item.setdefault(items[k], []).append(k)
+        ids, rows = [], []
+        for item, ks in by_item.items():
+            mean = phis[ks].mean(axis=0)
+            if np.linalg.norm(mean) > 0:
+                ids.append(item)
+                rows.append(np.append(mean, 0.0))
+        if ids:
+            self.learner.assign(ids, np.stack(rows))
 
     # -- requests -------------------------------------------------------------------------
     def check_reply_to(self, request: RecRequest) -> None:
@@ -50,15 +136,39 @@ class Engine:
         if request.reply_to is not None and not request.reply_to.startswith(prefix):
             raise InvalidMessage("schema", f"reply_to must start with {prefix!r}")
 
+    def user_vector(self, request: RecRequest, history: History) -> np.ndarray | None:
+        """φ(u) from the stored history plus the request's, with the *current* item vectors;
+        None when no item of it is known yet.
+
+        The vector stored with the history was computed at the user's last event, with the item
+        vectors of that moment; when learning lags ingest (a replay, a burst) it is stale. The
+        history is at most T events, so encoding again costs O(T·d) (iALS: O(T·d² + d³)) and
+        always answers with the model as it is now.
+        """
+        extra = list(request.history or ())
+        now = history.ts[-1] if history.ts else 0.0
+        phi = self.encode(list(history.items) + extra, list(history.kinds) + ["view"] * len(extra),
+                          list(history.ts) + [now] * len(extra))
+        return phi if phi.any() else None
+
     def answer(self, request: RecRequest, history: History, started: float) -> RecResponse:
-        """Top-k for the user: seen items (stored history plus the request's) are excluded
-        when ``exclude_seen``; an unknown user gets plain popularity."""
+        """Top-k for the user: the model's ranking (exact MIPS) for users with a vector, then
+        popularity to fill; seen items (stored history plus the request's) are excluded when
+        ``exclude_seen``; an unknown user gets plain popularity."""
         seen: set[str] = set()
         if request.exclude_seen:
             seen = set(history.items) | set(request.history or ())
-        ranked = self.popularity.top(request.k, exclude=seen)
-        items = [RecItem(item_id=item_id, score=score, source="popular")
-                 for item_id, score in ranked]
+        sources = request.sources or SOURCES
+        items: list[RecItem] = []
+        phi = self.user_vector(request, history)
+        if phi is not None and len(self.learner) and set(sources) & set(MODEL_SOURCES):
+            items = [RecItem(item_id=item_id, score=score, source="ann")
+                     for item_id, score in self.learner.top_k(phi, request.k, exclude=seen)]
+        if len(items) < request.k:
+            taken = seen | {item.item_id for item in items}
+            items += [RecItem(item_id=item_id, score=score, source="popular")
+                      for item_id, score in self.popularity.top(request.k - len(items),
+                                                                exclude=taken)]
         return RecResponse(request_id=request.request_id, user_id=request.user_id, items=items,
                            model_version=self.model_version, index_version=None,
                            took_ms=(time.perf_counter() - started) * 1000.0)
@@ -70,9 +180,12 @@ class Engine:
 
     def save(self) -> None:
         self.popularity.save(self.checkpoint_dir / "popularity.npz")
+        self.learner.save(self.checkpoint_dir / "model.npz")
+        self.checkpointed_at = time.time()
 
     def load(self) -> bool:
-        return self.popularity.load(self.checkpoint_dir / "popularity.npz")
+        found = self.popularity.load(self.checkpoint_dir / "popularity.npz")
+        return self.learner.load(self.checkpoint_dir / "model.npz") or found
 
 
 assert set(Engine.available_sources) <= set(SOURCES)

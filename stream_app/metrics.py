@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -44,6 +44,13 @@ class Metrics:
         self.request_latency = Histogram("streamrec_request_latency_seconds",
                                          "Time from taking a request to sending its response.",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.learned = Counter("streamrec_learned_events_total",
+                               "Training examples applied to the item model.", registry=r)
+        self.learn_seconds = Histogram("streamrec_learn_step_seconds",
+                                       "Time of one micro-batch learning step.",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_loss = Gauge("streamrec_learn_batch_loss",
+                                "Loss of the last micro-batch before its step.", registry=r)
         self._gauges = _ScrapeTimeGauges()
         r.register(self._gauges)
 

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     topic_dead_letters: str = "timeline-events-dlq"
     topic_requests: str = "rec-requests"
     topic_responses: str = "rec-responses"
+    topic_train: str = Field("train-examples", description="Training examples keyed by item.")
     partitions: int = Field(4, ge=1, le=1024, description="Partitions of every topic.")
     replication_factor: int = Field(1, ge=1)
     session_timeout_s: float = Field(
@@ -77,6 +78,18 @@ class Settings(BaseSettings):
         0.5, ge=0, description="How stale the cached popularity order may get."
     )
     checkpoint_interval_s: float = Field(30.0, gt=0)
+
+    # -- model (DESIGN.md "Models") -----------------------------------------------------------
+    model_dim: int = Field(64, ge=2, le=1024, description="Embedding dimension d.")
+    encoder: Literal["mean", "ials"] = Field("mean", description="User encoder.")
+    encoder_half_life_s: float | None = Field(
+        None, gt=0, description="Recency decay of the mean encoder (event time); unset = none.")
+    alpha0: float = Field(0.05, ge=0, description="Weight of the all-pairs (implicit zero) term.")
+    l2: float = Field(0.01, ge=0, description="L2 regularization λ.")
+    learning_rate: float = Field(0.2, gt=0, description="Adagrad learning rate of item vectors.")
+    learn_batch: int = Field(256, ge=1, description="Largest micro-batch of training examples.")
+    learn_batch_wait_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
+    model_seed: int = 0
 
     # -- observability ---------------------------------------------------------------------------
     metrics_host: str = "127.0.0.1"
@@ -120,6 +133,12 @@ class Settings(BaseSettings):
         if self.fetch_max_wait_ms is not None:
             return self.fetch_max_wait_ms
         return 10 if self.compat_fixes else 1500
+
+    def learner_config(self):
+        from models.learner import LearnerConfig
+
+        return LearnerConfig(dim=self.model_dim, alpha0=self.alpha0, lam=self.l2,
+                             lr=self.learning_rate, seed=self.model_seed)
 
     @property
     def event_kinds(self) -> frozenset[str]:

@@ -103,6 +103,33 @@ class RecResponse(_Wire):
         return self.model_dump_json().encode()
 
 
+class TrainExample(_Wire):
+    """One positive (user, item) for the learn agent (key: ``item_id``).
+
+    ``phi_b64`` is the user's vector from the history *before* this event, as little-endian
+    float32 bytes in base64: compact, exact enough, and decodable without pickle.
+    """
+
+    user_id: str
+    item_id: str
+    alpha: float
+    ts: float
+    phi_b64: str
+
+    @classmethod
+    def of(cls, user_id: str, item_id: str, alpha: float, ts: float, phi) -> TrainExample:
+        import numpy as np
+
+        raw = np.asarray(phi, dtype="<f4").tobytes()
+        return cls(user_id=user_id, item_id=item_id, alpha=alpha, ts=ts,
+                   phi_b64=base64.b64encode(raw).decode())
+
+    def phi(self):
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(self.phi_b64), dtype="<f4").astype(np.float64)
+
+
 class DeadLetter(_Wire):
     """What the DLQ holds: the original bytes (base64), where they came from, and why."""
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import faust
+from threadpoolctl import threadpool_limits
 
 from .app import create_app
 from .compat import install_embedded_broker_fixes
@@ -24,6 +26,15 @@ def build_metrics(engine: Engine) -> Metrics:
                   lambda: len(engine.popularity))
     metrics.gauge("streamrec_model_version", "Version of the model serving requests.",
                   lambda: engine.model_version)
+    metrics.gauge("streamrec_model_items", "Items with a learned vector.",
+                  lambda: len(engine.learner))
+    metrics.gauge("streamrec_train_loss", "Exponentially weighted mean of the batch loss.",
+                  lambda: engine.loss.get())
+    metrics.gauge("streamrec_gramian_drift",
+                  "Relative distance of the incremental item Gramian from its last recompute.",
+                  lambda: engine.learner.last_drift)
+    metrics.gauge("streamrec_checkpoint_age_seconds", "Seconds since the last checkpoint.",
+                  lambda: time.time() - engine.checkpointed_at)
     return metrics
 
 
@@ -31,6 +42,9 @@ def run_worker(settings: Settings) -> int:
     """Block until SIGTERM/SIGINT; checkpoint the model state on the way out."""
     if settings.compat_fixes:
         install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
+    # Each learning step multiplies (d+1)×B×(d+1) matrices: threads only add overhead, and a
+    # multi-threaded BLAS on busy cores made steps ~30x slower (benchmarks/learner_step.py).
+    threadpool_limits(1)
     ensure_topics(settings)
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes one level only
     engine = Engine(settings)

@@ -40,7 +40,7 @@ def settings(broker, tmp_path) -> Settings:
     return Settings(
         broker=broker.bootstrap, embedded_compat=True, app_id=f"streamrec-{tag}",
         data_dir=tmp_path / "data", topic_events=f"events-{tag}", topic_dead_letters=f"dlq-{tag}",
-        topic_requests=f"requests-{tag}", topic_responses=f"responses-{tag}", partitions=2,
+        topic_requests=f"requests-{tag}", topic_responses=f"responses-{tag}", topic_train=f"train-{tag}", partitions=2,
         session_timeout_s=6.0, metrics_port=free_port(), checkpoint_interval_s=1.0,
         popularity_refresh_s=0.0,
     )

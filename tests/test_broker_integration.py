@@ -55,20 +55,24 @@ def ids(response: RecResponse) -> list[str]:
     return [item.item_id for item in response.items]
 
 
+POPULAR = {"sources": ["popular"]}
+CLUSTERS_ITEMS = 6 * 30  # items of tests/test_engine_model.planted_stream
+
+
 def test_events_reach_the_worker_and_requests_get_popularity_minus_seen(settings, start_worker):
     worker = start_worker(settings)
     produce_stream(settings)
     worker.wait_metric("streamrec_events_total", len(STREAM))
     with RecClient(settings) as client:
-        assert ids(client.recommend("u1", k=3)) == ["c", "a", "d"]  # b seen
-        assert ids(client.recommend("u3", k=2)) == ["b", "d"]  # a, c seen
-        unknown = client.recommend("nobody", k=4)
+        assert ids(client.recommend("u1", k=3, **POPULAR)) == ["c", "a", "d"]  # b seen
+        assert ids(client.recommend("u3", k=2, **POPULAR)) == ["b", "d"]  # a, c seen
+        unknown = client.recommend("nobody", k=4, **POPULAR)
         assert ids(unknown) == ["c", "b", "a", "d"]
         assert [round(item.score, 6) for item in unknown.items] == [10.0, 8.0, 3.0, 1.0]
         assert {item.source for item in unknown.items} == {"popular"}
-        with_history = client.recommend("nobody", history=["c"], k=2)
+        with_history = client.recommend("nobody", history=["c"], k=2, **POPULAR)
         assert ids(with_history) == ["b", "a"]
-        assert ids(client.recommend("u1", k=2, exclude_seen=False)) == ["c", "b"]
+        assert ids(client.recommend("u1", k=2, exclude_seen=False, **POPULAR)) == ["c", "b"]
     metrics = worker.metrics()
     assert metrics["streamrec_users"] == 4
     assert metrics["streamrec_items"] == 4
@@ -86,9 +90,9 @@ def test_redelivered_and_wrongly_keyed_events(settings, start_worker):
     ])
     worker.wait_metric("streamrec_events_total", 6)  # 2 accepted + 1 duplicate + 2x(rekeyed+accepted)
     with RecClient(settings) as client:
-        assert ids(client.recommend("u2", k=5)) == ["x"]  # y is in u2's history
-        assert ids(client.recommend("u3", k=5)) == ["x"]
-        scores = {item.item_id: item.score for item in client.recommend("new", k=5).items}
+        assert ids(client.recommend("u2", k=5, **POPULAR)) == ["x"]  # y is in u2's history
+        assert ids(client.recommend("u3", k=5, **POPULAR)) == ["x"]
+        scores = {item.item_id: item.score for item in client.recommend("new", k=5, **POPULAR).items}
     assert scores == pytest.approx({"x": 10.0, "y": 2.0})
 
 
@@ -123,7 +127,7 @@ def test_malformed_events_go_to_the_dead_letter_topic(settings, start_worker):
     metrics = worker.metrics()
     assert metrics["streamrec_dead_letters_total"] == len(MALFORMED)
     with RecClient(settings) as client:  # the agent survived and still learns
-        assert ids(client.recommend("other", k=1)) == ["good"]
+        assert ids(client.recommend("other", k=1, **POPULAR)) == ["good"]
 
 
 BAD_REQUESTS = {
@@ -154,7 +158,7 @@ def test_bad_requests_get_error_responses(settings, start_worker):
             # the readiness probe's answer may be read too (the embedded broker reports a
             # slightly early end offset), so keep only answers that carry an error
             errors = [response for response in errors if response.error]
-        ok = client.recommend("u1", k=1)  # still answering
+        ok = client.recommend("u1", k=1, **POPULAR)  # still answering
     assert len(errors) == len(BAD_REQUESTS)
     assert not any(response.items for response in errors)
     texts = " | ".join(sorted(response.error for response in errors))
@@ -182,8 +186,8 @@ def test_restarted_worker_keeps_histories(settings, start_worker):
     again = start_worker(settings)  # same broker, same data dir
     assert again.metrics()["streamrec_users"] == 4
     with RecClient(settings) as client:
-        assert ids(client.recommend("u3", k=2)) == ["b", "d"]  # history survived
-        assert ids(client.recommend("nobody", k=4)) == ["c", "b", "a", "d"]  # counts too
+        assert ids(client.recommend("u3", k=2, **POPULAR)) == ["b", "d"]  # history survived
+        assert ids(client.recommend("nobody", k=4, **POPULAR)) == ["c", "b", "a", "d"]  # counts too
 
 
 def test_fresh_worker_recovers_histories_from_the_changelog(settings, start_worker):
@@ -203,4 +207,35 @@ def test_fresh_worker_recovers_histories_from_the_changelog(settings, start_work
     with RecClient(fresh) as client:
         for user in (7, 48, 49):  # u49's last event is the changelog's very last record
             seen = {f"i{i}" for i in range(user, 500, 50)}
-            assert set(ids(client.recommend(f"u{user}", k=1000))) == everything - seen
+            assert set(ids(client.recommend(f"u{user}", k=1000, **POPULAR))) == everything - seen
+
+
+def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings, start_worker):
+    from .test_engine_model import planted_stream
+
+    worker = start_worker(settings)
+    stream = planted_stream()
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    worker.wait_metric("streamrec_learned_events_total", len(stream), timeout_s=120)
+    assert worker.metrics()["streamrec_model_version"] > 0
+    with RecClient(settings) as client:
+        before = client.recommend("u3", k=10)  # u3 belongs to cluster 3
+        assert sum(item.item_id.startswith("c3-") for item in before.items) >= 8
+        assert {item.source for item in before.items} == {"ann"}
+        cold = client.recommend("newcomer", k=10)
+        produce(settings, [(b"newcomer", event("newcomer", f"c5-i{n}", "sale", event_id=f"n{n}"))
+                           for n in range(3)])
+        worker.wait_metric("streamrec_learned_events_total", len(stream) + 3)
+        warm = client.recommend("newcomer", k=10)
+    assert ids(warm) != ids(cold)
+    assert sum(i.startswith("c5-") for i in ids(warm)) >= 7  # the history moved the user
+    assert worker.stop() == 0  # checkpoints on the way out
+
+    again = start_worker(settings)
+    with RecClient(settings) as client:
+        after = client.recommend("u3", k=10)
+    assert after.model_version >= before.model_version
+    assert ids(after) == ids(before)
+    assert [i.score for i in after.items] == pytest.approx([i.score for i in before.items],
+                                                           rel=1e-6)
+    assert again.metrics()["streamrec_model_items"] == CLUSTERS_ITEMS

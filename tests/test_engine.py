@@ -24,9 +24,10 @@ def ev(user, item, kind="view", ts=100.0, event_id=None) -> Event:
 def feed(engine: Engine, events: list[Event]) -> dict[str, History]:
     histories: dict[str, History] = {}
     for event in events:
-        updated = engine.ingest(event, histories.get(event.user_id, History()))
-        if updated is not None:
-            histories[event.user_id] = updated
+        taken = engine.ingest(event, histories.get(event.user_id, History()))
+        if taken is not None:
+            histories[event.user_id] = taken[0]
+            engine.learn([taken[1]])
     return histories
 
 
@@ -49,7 +50,7 @@ def test_ingest_counts_users_weights_kinds_and_ignores_redeliveries(engine):
 
 
 def request(**fields) -> RecRequest:
-    return RecRequest(request_id="r", **fields)
+    return RecRequest(request_id="r", **{"sources": ["popular"], **fields})
 
 
 def test_answers_exclude_seen_items_and_fall_back_to_popularity(engine):

@@ -1,0 +1,102 @@
+"""The learning path the stream uses (Engine.ingest -> Engine.learn -> Engine.answer), on planted
+clusters where the right answer is known."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from state.history import History
+from stream_app.engine import Engine
+from stream_app.settings import Settings
+from stream_app.wire import Event, RecRequest
+
+CLUSTERS, ITEMS_PER_CLUSTER, USERS, PER_USER = 6, 30, 240, 12
+
+
+def planted_stream(seed: int = 0) -> list[Event]:
+    """Users of cluster c take only items of cluster c; users are interleaved in the stream."""
+    rng = np.random.default_rng(seed)
+    per_user = []
+    for user in range(USERS):
+        cluster = user % CLUSTERS
+        picks = rng.choice(ITEMS_PER_CLUSTER, PER_USER, replace=False)
+        per_user.append([f"c{cluster}-i{p}" for p in picks])
+    order = rng.permutation(np.repeat(np.arange(USERS), PER_USER))
+    cursor = [0] * USERS
+    events = []
+    for n, user in enumerate(order):
+        events.append(Event(user_id=f"u{user}", item_id=per_user[user][cursor[user]],
+                            kind="click", ts=1e9 + n, event_id=f"e{n}"))
+        cursor[user] += 1
+    return events
+
+
+def run_stream(engine: Engine, events: list[Event], batch: int = 64) -> dict[str, History]:
+    histories: dict[str, History] = {}
+    pending = []
+    for event in events:
+        taken = engine.ingest(event, histories.get(event.user_id, History()))
+        histories[event.user_id], example = taken
+        pending.append(example)
+        if len(pending) == batch:
+            engine.learn(pending)
+            pending = []
+    engine.learn(pending)
+    return histories
+
+
+def own_cluster_precision(engine: Engine, histories, sources=None) -> float:
+    hits = total = 0
+    for user, history in histories.items():
+        cluster = f"c{int(user[1:]) % CLUSTERS}-"
+        answer = engine.answer(RecRequest(request_id="r", user_id=user, k=10, sources=sources),
+                               history, time.perf_counter())
+        hits += sum(item.item_id.startswith(cluster) for item in answer.items)
+        total += len(answer.items)
+    return hits / total
+
+
+@pytest.fixture(params=["mean", "ials"])
+def engine(request, tmp_path) -> Engine:
+    return Engine(Settings(data_dir=tmp_path, encoder=request.param, popularity_refresh_s=0,
+                           model_dim=16))
+
+
+def test_one_streaming_pass_retrieves_the_users_own_cluster(engine):
+    histories = run_stream(engine, planted_stream())
+    model = own_cluster_precision(engine, histories)
+    popular = own_cluster_precision(engine, histories, sources=["popular"])
+    assert model >= 0.9, model
+    assert popular <= 0.35, popular  # about 1/6 by construction
+    assert engine.model_version > 0 and engine.learned == USERS * PER_USER
+
+
+def test_recommendations_change_as_a_history_grows(engine):
+    histories = run_stream(engine, planted_stream())
+    request = RecRequest(request_id="r", user_id="newcomer", k=10)
+    cold = engine.answer(request, History(), time.perf_counter())
+    assert {item.source for item in cold.items} == {"popular"}
+    history = History()
+    for n, item in enumerate(["c2-i0", "c2-i1", "c2-i2"]):
+        taken = engine.ingest(Event(user_id="newcomer", item_id=item, kind="sale", ts=2e9 + n),
+                              history)
+        history = taken[0]
+    warm = engine.answer(request, history, time.perf_counter())
+    assert warm.items != cold.items
+    assert sum(item.item_id.startswith("c2-") for item in warm.items) >= 8
+    assert {item.source for item in warm.items} == {"ann"}
+
+
+def test_checkpoint_restores_identical_scores(engine):
+    histories = run_stream(engine, planted_stream())
+    engine.save()
+    restored = Engine(engine.settings)
+    assert restored.load()
+    for user in ("u1", "u2", "u77"):
+        request = RecRequest(request_id="r", user_id=user, k=20)
+        before = engine.answer(request, histories[user], time.perf_counter()).items
+        after = restored.answer(request, histories[user], time.perf_counter()).items
+        assert before == after
