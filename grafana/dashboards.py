@@ -102,6 +102,19 @@ def overview() -> dict:
               "Distinct items each worker has seen (workers overlap, so no sum)."),
          stat("Model version", [target("streamrec_model_version", "{{instance}}")],
               "Model version serving requests, per worker.")],
+        [timeseries("Learning",
+                    [target(f"sum(rate(streamrec_learned_events_total[{RATE_WINDOW}]))",
+                            "learned/s", "A"),
+                     target(rate("streamrec_events_total", "outcome"), "{{outcome}}/s", "B")],
+                    "ops", "Training examples applied per second against events taken in: "
+                           "a growing gap is learning lag."),
+         timeseries("Training loss and Gramian drift",
+                    [target("streamrec_train_loss", "loss {{instance}}", "A"),
+                     target("streamrec_gramian_drift", "drift {{instance}}", "B")], "none",
+                    "EW mean of the batch loss; relative error of the incremental item Gramian "
+                    "found at its last exact recompute."),
+         stat("Checkpoint age", [target("streamrec_checkpoint_age_seconds", "{{instance}}")],
+              "Seconds since model state was last written to the data dir.")],
     ]
     return {
         "uid": "streamrec-overview", "title": "streamrec overview",

@@ -87,7 +87,7 @@ def record_fixed_counts(metrics: Metrics) -> None:
 def endpoint():
     """A worker's metrics bundle with known scrape-time gauges, served on 127.0.0.1."""
     engine = Engine(Settings())
-    engine.users, engine.model_version = 3, 2
+    engine.users, engine.learner.steps = 3, 2  # model_version counts learning steps
     for item in ("a", "b"):
         engine.popularity.add(item, 0.0, 1.0)
     metrics = build_metrics(engine)
