@@ -1,0 +1,98 @@
+"""`streamrec eval` end to end: the real Beauty file in quick mode, and the other protocols on a
+small planted file given by path."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from evaluation.report import read_anchors
+from stream_app.cli import main
+
+RECORD_KEYS = {"model", "dataset", "protocol", "seed", "params", "metrics", "wall_s", "fit_s",
+               "train_events", "train_events_per_s", "scored"}
+
+
+def check_metrics(record):
+    for name, value in record["metrics"].items():
+        assert 0.0 <= value <= 1.0, (record["model"], name, value)
+        assert math.isfinite(value)
+
+
+@pytest.mark.slow
+def test_quick_leave_one_out_on_beauty(tmp_path, shared_data, capsys):
+    out = tmp_path / "beauty"
+    status = main(["eval", "--dataset", "beauty", "--protocol", "loo", "--quick",
+                   "--out", str(out), "--data-root", str(shared_data)])
+    assert status == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["protocol"] == "loo" and payload["dataset"] == "beauty"
+    assert payload["quick"] is True and payload["seed"] == 0
+    assert "--quick" in payload["command"] and payload["machine"]["cpus_usable"] >= 1
+    records = {r["model"]: r for r in payload["records"]}
+    assert set(records) == {"streaming", "popularity", "ease", "ials", "bpr"}
+    for record in records.values():
+        assert RECORD_KEYS <= set(record)
+        assert {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)} | {"MRR", "AUC"} \
+            <= set(record["metrics"])
+        check_metrics(record)
+        assert record["train_events"] == payload["split"]["train_events"] > 0
+        assert record["train_events_per_s"] > 0
+    assert records["ease"]["metrics"]["NDCG@10"] > records["popularity"]["metrics"]["NDCG@10"]
+    # the anchors are the README's numbers, shown beside the measured rows
+    published = [a for a in read_anchors(shared_data / "README.md") if a["dataset"] == "beauty"]
+    assert payload["anchors"] == published and published[0]["metrics"]["HR@10"] > 0
+    assert "ICLRec (published)" in capsys.readouterr().out
+    assert (out / "results.png").stat().st_size > 10_000
+
+
+def planted_pairs(path, seed=0, clusters=6, items=30, users_per_cluster=25, length=12):
+    """A ``user item`` file: each user draws items of their own cluster only."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for c in range(clusters):
+        for u in range(users_per_cluster):
+            for i in rng.choice(items, size=length, replace=False):
+                lines.append(f"c{c}u{u} c{c}i{i}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("protocol", ["heldout", "prequential"])
+def test_other_protocols_on_a_file(tmp_path, protocol, capsys):
+    data = planted_pairs(tmp_path / "planted.txt")
+    out = tmp_path / protocol
+    status = main(["eval", "--dataset", str(data), "--format", "pairs", "--protocol", protocol,
+                   "--models", "streaming,popularity,ease", "--k", "5,10", "--windows", "3",
+                   "--out", str(out)])
+    assert status == 0
+    payload = json.loads((out / "results.json").read_text())
+    records = {r["model"]: r for r in payload["records"]}
+    assert list(records) == ["streaming", "popularity", "ease"]
+    for record in records.values():
+        check_metrics(record)
+    assert payload["anchors"] == []  # the published numbers are leave-one-out only
+    if protocol == "heldout":
+        assert {"RecallMin@10", "Recall@10", "NDCG@10", "AUC"} <= set(records["ease"]["metrics"])
+        assert payload["split"]["test_users"] > 0
+    else:
+        curve = records["ease"]["over_time"]
+        assert len(curve["event"]) == len(curve["HR@10"]) >= 5
+        assert payload["split"]["window_edges"][0] == 0
+    # users only ever consume their own cluster: item-item co-occurrence must beat popularity
+    metric = "RecallMin@10" if protocol == "heldout" else "HR@10"
+    assert records["ease"]["metrics"][metric] > records["popularity"]["metrics"][metric]
+    assert (out / "results.png").exists()
+    capsys.readouterr()
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--dataset", "beauty", "--models", "ease,nope"])
+    with pytest.raises(SystemExit):
+        main(["eval", "--dataset", "beauty", "--k", "0"])
+    assert main(["eval", "--dataset", "no-such-dataset"]) == 1
+    assert "neither a named dataset" in capsys.readouterr().err
