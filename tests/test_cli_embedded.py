@@ -116,4 +116,5 @@ def test_demo_replays_a_dataset_and_prints_recommendations(embedded_env, shared_
                  timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("source") == 2  # two users' tables
-    assert "popular" in result.stdout and "(19" in result.stdout  # MovieLens titles with years
+    assert " ann " in result.stdout  # ranked by the learned model
+    assert "(19" in result.stdout  # MovieLens titles with years
