@@ -21,15 +21,19 @@ from stream_app.datasets import FORMATS
 from .data import NAMED_DATASETS, Dataset, data_root, load_dataset, sample_users
 
 PROTOCOLS = ("loo", "heldout", "prequential")
-MODELS = ("streaming", "popularity", "ease", "ials", "bpr")
+MODELS = ("streaming", "stream-popularity", "popularity", "ease", "ials", "bpr")
+DEFAULT_MODELS = ("streaming", "popularity", "ease", "ials", "bpr")
 
-#: full runs: candidate parameters per model, the first is the default (no validation data)
+#: full runs: candidate parameters per model, the first is the default (no validation data).
+#: Ranges come from validation runs on Beauty (docs/results.md): EASE's λ spans 12.5..3200 by
+#: factors of 4; iALS and BPR gain from wide factors.
 FULL_GRIDS = {
-    "ease": ({"l2": 200.0}, {"l2": 50.0}, {"l2": 800.0}, {"l2": 3200.0}),
-    "ials": ({"factors": 64, "regularization": 0.05, "alpha": 10.0, "iterations": 15},
-             {"factors": 64, "regularization": 0.05, "alpha": 2.0, "iterations": 15},
-             {"factors": 64, "regularization": 0.05, "alpha": 40.0, "iterations": 15}),
-    "bpr": ({"factors": 64, "learning_rate": 0.05, "regularization": 0.01, "iterations": 100},),
+    "ease": ({"l2": 200.0}, {"l2": 12.5}, {"l2": 50.0}, {"l2": 800.0}, {"l2": 3200.0}),
+    "ials": ({"factors": 256, "regularization": 0.05, "alpha": 40.0, "iterations": 15},
+             {"factors": 256, "regularization": 0.05, "alpha": 10.0, "iterations": 15},
+             {"factors": 128, "regularization": 0.05, "alpha": 40.0, "iterations": 15}),
+    "bpr": ({"factors": 128, "learning_rate": 0.05, "regularization": 0.01, "iterations": 200},
+            {"factors": 256, "learning_rate": 0.05, "regularization": 0.01, "iterations": 200}),
 }
 #: --quick: one candidate each, fewer factors and iterations
 QUICK_GRIDS = {
@@ -55,8 +59,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         help="loo: leave-one-out, full ranking (SASRec/ICLRec); heldout: "
                              "held-out users, 80/20 fold-in (Mult-VAE); prequential: "
                              "test-then-train over the stream (default loo)")
-    parser.add_argument("--models", type=model_list, default=list(MODELS),
-                        help=f"comma-separated, from {','.join(MODELS)} (default: all)")
+    parser.add_argument("--models", type=model_list, default=list(DEFAULT_MODELS),
+                        help=f"comma-separated, from {','.join(MODELS)} "
+                             f"(default: {','.join(DEFAULT_MODELS)})")
     parser.add_argument("--k", type=k_list, default=[5, 10, 20],
                         help="comma-separated cutoffs (default 5,10,20)")
     parser.add_argument("--quick", action="store_true",
@@ -162,13 +167,16 @@ def build_specs(names: list[str], n_items: int, settings, seed: int, quick: bool
     """The requested models, in the requested order, each with its candidate grid."""
     from .baselines import BPR, EASE, IALS, Popularity
     from .protocols import ModelSpec
-    from .streaming import OnlinePopularity
+    from .streaming import OnlineEmbedding, OnlinePopularity
 
     grids = QUICK_GRIDS if quick else FULL_GRIDS
     builders = {
-        "streaming": ModelSpec("streaming", partial(OnlinePopularity, n_items,
-                                                    settings.popularity_half_life_s),
+        "streaming": ModelSpec("streaming", partial(OnlineEmbedding, n_items, settings),
                                streaming=True),
+        "stream-popularity": ModelSpec("stream-popularity",
+                                       partial(OnlinePopularity, n_items,
+                                               settings.popularity_half_life_s),
+                                       streaming=True),
         "popularity": ModelSpec("popularity", Popularity),
         "ease": ModelSpec("ease", EASE, grids["ease"]),
         "ials": ModelSpec("ials", partial(IALS, seed=seed), grids["ials"]),

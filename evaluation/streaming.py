@@ -76,3 +76,76 @@ class OnlinePopularity:
             self._scores = np.array([self.popularity.count(key) for key in self._keys])
             self._scores_at = self._learned
         return np.broadcast_to(self._scores, (history.shape[0], self.n_items)).copy()
+
+
+class OnlineEmbedding:
+    """The workers' online model, run through the same code as the stream: per event, the
+    user's vector from their history *before* the event (:meth:`Engine.encode_weighted`), a
+    training example, and micro-batches of :meth:`Engine.learn` (Gramian-trick SGD on item
+    embeddings and biases). Ranking is exact MIPS over the learned items, with the history row
+    the harness passes in as the user's history (its stored values as confidence weights)."""
+
+    name = "streaming"
+
+    def __init__(self, n_items: int, settings) -> None:
+        from stream_app.engine import Engine
+
+        self.n_items = n_items
+        self.settings = settings
+        self.engine = Engine(settings)
+        self._keys = [str(item) for item in range(n_items)]
+        self._histories: dict[int, tuple[list[str], list[float], list[float]]] = {}
+        self._pending: list = []
+
+    def learn(self, events: Events) -> None:
+        from stream_app.wire import TrainExample
+
+        limit = self.settings.history_length
+        for user, item, weight, ts in zip(events.users.tolist(), events.items.tolist(),
+                                          events.weights.tolist(), events.ts.tolist()):
+            items, weights, times = self._histories.setdefault(user, ([], [], []))
+            if not items:
+                self.engine.users += 1
+            phi = self.engine.encode_weighted(items, np.array(weights), times)
+            self._pending.append(TrainExample.of(str(user), self._keys[item], weight, ts, phi))
+            for values, value in ((items, self._keys[item]), (weights, weight), (times, ts)):
+                values.append(value)
+                del values[:-limit]
+            if len(self._pending) == self.settings.learn_batch:
+                self._flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        self.engine.learn(self._pending)
+        self._pending = []
+
+    def score(self, history: sp.csr_matrix) -> np.ndarray:
+        """ŷ for every (history row, item); items never learned score −inf."""
+        learner = self.engine.learner
+        rows = learner.rows_of(self._keys)
+        known = rows >= 0
+        psi = learner.item_matrix[rows[known]]
+        phis = np.zeros((history.shape[0], self.settings.model_dim))
+        for row in range(history.shape[0]):
+            span = slice(history.indptr[row], history.indptr[row + 1])
+            cols = history.indices[span]  # the whole history row: CSR keeps no time order
+            phis[row] = self.engine.encode_weighted([self._keys[c] for c in cols],
+                                                    np.asarray(history.data[span]),
+                                                    np.zeros(len(cols)))
+        scores = np.full((history.shape[0], self.n_items), -np.inf)
+        scores[:, known] = np.hstack([phis, np.ones((len(phis), 1))]) @ psi.T
+        return scores
+
+    def recommend(self, history: sp.csr_matrix, k: int,
+                  exclude: sp.csr_matrix | None = None) -> np.ndarray:
+        ranked = np.full((history.shape[0], min(k, self.n_items)), -1, dtype=np.int64)
+        for start in range(0, history.shape[0], 512):
+            block = slice(start, min(start + 512, history.shape[0]))
+            scores = self.score(history[block])
+            if exclude is not None:
+                part = exclude[block].tocoo()
+                scores[part.row, part.col] = -np.inf
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :ranked.shape[1]]
+            valid = np.take_along_axis(scores, top, axis=1) > -np.inf
+            ranked[block] = np.where(valid, top, -1)
+        return ranked

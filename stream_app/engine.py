@@ -63,17 +63,23 @@ class Engine:
                ts: Sequence[float]) -> np.ndarray:
         """φ(u) from a history with the current item vectors; zeros if no item is known yet
         (whose ranking is the bias ranking, LED §7.2)."""
+        weights = np.array([self.settings.kind_weights.get(k, 1.0) for k in kinds])
+        return self.encode_weighted(items, weights, ts)
+
+    def encode_weighted(self, items: Sequence[str], weights: np.ndarray,
+                        ts: Sequence[float]) -> np.ndarray:
+        """:meth:`encode` with the confidence weight of each event given directly."""
         rows = self.learner.rows_of(items)
         known = rows >= 0
         if not known.any():
             return np.zeros(self.settings.model_dim)
-        weights = np.array([self.settings.kind_weights.get(k, 1.0) for k in kinds])[known]
         psi = self.learner.item_matrix[rows[known]]
-        d = self.settings.model_dim
+        weights = np.asarray(weights, dtype=np.float64)[known]
         if self.settings.encoder == "ials":
             return ials_fold_in(psi, weights, self.learner.item_gramian.matrix,
                                 self.settings.alpha0, self.settings.l2)
-        return mean_encoder(psi[:, :d], weights, np.asarray(ts, dtype=np.float64)[known],
+        return mean_encoder(psi[:, :self.settings.model_dim], weights,
+                            np.asarray(ts, dtype=np.float64)[known],
                             self.settings.encoder_half_life_s)
 
     def _encode_history(self, history: History) -> np.ndarray:
