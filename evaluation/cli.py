@@ -147,10 +147,11 @@ def cmd_eval(settings, args) -> int:
 def run_protocol(dataset: Dataset, settings, args) -> tuple[list[dict], dict]:
     """Split (or prepare the stream), build the models for its catalog, run them."""
     from .protocols import RunConfig, prepare_stream, run_offline, run_prequential
+    from .report import main_metric
     from .splits import heldout_users, leave_one_out
 
     ks = tuple(args.k)
-    config = RunConfig(ks=ks, select_metric=f"NDCG@{10 if 10 in ks else max(ks)}")
+    config = RunConfig(ks=ks, select_metric=main_metric(ks))
     if args.protocol == "prequential":
         windows = args.windows or (4 if args.quick else 10)
         stream = prepare_stream(dataset, windows, settings.history_length)

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -57,28 +58,47 @@ def _bar(config: RunConfig, **kwargs) -> tqdm:
 # -- scoring one fold ------------------------------------------------------------------------------
 
 
-def evaluate_fold(model, fold: Fold, config: RunConfig, desc: str = "") -> tuple[dict, dict]:
-    """Mean metrics over the fold's rows, and metric-vs-K curves for K = 1..max(ks).
+class FoldScores(NamedTuple):
+    """Mean of every metric over a fold's rows, its standard error, and metric-vs-K curves."""
+
+    means: dict
+    errors: dict  # standard error of each mean: sample sd / sqrt(rows)
+    curves: dict
+
+
+def evaluate_fold(model, fold: Fold, config: RunConfig, desc: str = "") -> FoldScores:
+    """Mean metrics over the fold's rows, with standard errors, and curves for K = 1..max(ks).
 
     Top-K metrics come from the model's ranking; MRR and AUC (full ranking over all items but
     the history) are added when the model exposes ``score``.
     """
     sums: dict[str, float] = {}
+    squares: dict[str, float] = {}
     curve_sums = np.zeros((4, config.max_k))
     with _bar(config, total=len(fold), desc=desc, unit="user") as bar:
         for start in range(0, len(fold), config.batch_size):
             rows = slice(start, start + config.batch_size)
-            batch = _score_batch(model, fold.history[rows], fold.targets[rows], config)
-            for name, values in batch[0].items():
-                sums[name] = sums.get(name, 0.0) + float(values.sum())
-            curve_sums += batch[1]
+            values, curves = _score_batch(model, fold.history[rows], fold.targets[rows], config)
+            for name, per_row in values.items():
+                sums[name] = sums.get(name, 0.0) + float(per_row.sum())
+                squares[name] = squares.get(name, 0.0) + float(np.square(per_row).sum())
+            curve_sums += curves
             bar.update(fold.history[rows].shape[0])
     n = max(len(fold), 1)
     means = {name: total / n for name, total in sums.items()}
+    errors = {name: _standard_error(means[name], squares[name] / n, n) for name in means}
     curves = {"K": list(range(1, config.max_k + 1))}
     for name, row in zip(("HR", "Recall", "RecallMin", "NDCG"), curve_sums / n):
         curves[name] = row.tolist()
-    return means, curves
+    return FoldScores(means, errors, curves)
+
+
+def _standard_error(mean: float, mean_square: float, n: int) -> float:
+    """sd(ddof=1) / sqrt(n) from the first two moments; 0 for a single row."""
+    if n < 2:
+        return 0.0
+    variance = max(mean_square - mean * mean, 0.0) * n / (n - 1)
+    return float(np.sqrt(variance / n))
 
 
 def _score_batch(model, history: sp.csr_matrix, targets: sp.csr_matrix,
@@ -129,17 +149,17 @@ def _run_batch(split: Split, spec: ModelSpec, config: RunConfig) -> dict:
     for params in spec.grid:
         model = spec.build(**params)
         fit_s = _timed(lambda: model.fit(split.train))
-        validation, _ = evaluate_fold(model, split.validation, config,
-                                      desc=f"{spec.name} {params} validation")
+        validation = evaluate_fold(model, split.validation, config,
+                                   desc=f"{spec.name} {params} validation").means
         value = validation[config.select_metric]
         tried.append({"params": params, config.select_metric: value, "fit_s": fit_s})
         if value > best_value:
             best, best_value = (model, params, validation, fit_s), value
         del model
     model, params, validation, fit_s = best
-    test, curves = evaluate_fold(model, split.test, config, desc=f"{spec.name} test")
+    test = evaluate_fold(model, split.test, config, desc=f"{spec.name} test")
     n_train = len(split.train_events)
-    return _record(spec.name, params, test, curves, validation, tried, fit_s, n_train,
+    return _record(spec.name, params, test, validation, tried, fit_s, n_train,
                    time.perf_counter() - started, len(split.test))
 
 
@@ -150,9 +170,10 @@ def _run_streaming(split: Split, spec: ModelSpec, config: RunConfig) -> dict:
     params = spec.grid[0]
     model = spec.build(**params)
     learn_s = _learn_all(model, split.train_events, config)
-    validation, _ = evaluate_fold(model, split.validation, config, desc=f"{spec.name} validation")
-    test, curves = evaluate_fold(model, split.test, config, desc=f"{spec.name} test")
-    return _record(spec.name, params, test, curves, validation, [], learn_s,
+    validation = evaluate_fold(model, split.validation, config,
+                               desc=f"{spec.name} validation").means
+    test = evaluate_fold(model, split.test, config, desc=f"{spec.name} test")
+    return _record(spec.name, params, test, validation, [], learn_s,
                    len(split.train_events), time.perf_counter() - started, len(split.test))
 
 
@@ -167,10 +188,11 @@ def _learn_all(model, events: Events, config: RunConfig, chunk: int = 4096) -> f
     return spent
 
 
-def _record(name, params, test, curves, validation, tried, fit_s, n_train, wall_s,
+def _record(name, params, test: FoldScores, validation, tried, fit_s, n_train, wall_s,
             scored) -> dict:
-    return {"model": name, "params": params, "metrics": test, "validation": validation,
-            "curves": curves, "selection": tried, "fit_s": fit_s, "wall_s": wall_s,
+    return {"model": name, "params": params, "metrics": test.means,
+            "metrics_se": test.errors, "validation": validation,
+            "curves": test.curves, "selection": tried, "fit_s": fit_s, "wall_s": wall_s,
             "train_events": n_train,
             "train_events_per_s": n_train / fit_s if fit_s > 0 else None,
             "scored": scored}
@@ -271,8 +293,8 @@ def run_prequential(stream: Stream, specs: Sequence[ModelSpec],
             ranks, fit_s, learned = _prequential_streaming(stream, spec, config, learn_batch)
         else:
             ranks, fit_s, learned = _prequential_batch(stream, spec, config)
-        record = _record(spec.name, spec.grid[0], _rank_metrics(ranks, config), None,
-                         None, [], fit_s, learned, time.perf_counter() - started, len(ranks))
+        record = _record(spec.name, spec.grid[0], _rank_metrics(ranks, config), None, [],
+                         fit_s, learned, time.perf_counter() - started, len(ranks))
         record["over_time"] = _over_time(stream, ranks, config)
         records.append(record)
     return records
@@ -348,16 +370,21 @@ def _rank_hits(ranks: np.ndarray, width: int) -> np.ndarray:
     return (ranks[:, None] == np.arange(width)[None, :]) & (ranks[:, None] >= 0)
 
 
-def _rank_metrics(ranks: np.ndarray, config: RunConfig) -> dict:
+def _rank_metrics(ranks: np.ndarray, config: RunConfig) -> FoldScores:
+    """Totals over the scored events, with standard errors (no curves vs K: prequential
+    reports the curve over time instead)."""
     hits = _rank_hits(ranks, config.max_k)
     one = np.ones(len(ranks), dtype=np.int64)
-    out = {}
+    values = {}
     for k in config.ks:
-        out[f"HR@{k}"] = float(metrics.hit_rate(hits, k).mean()) if len(ranks) else 0.0
-        out[f"NDCG@{k}"] = float(metrics.ndcg(hits, one, k).mean()) if len(ranks) else 0.0
-    out[f"MRR@{config.max_k}"] = float(metrics.reciprocal_rank_at(hits, config.max_k).mean()) \
-        if len(ranks) else 0.0
-    return out
+        values[f"HR@{k}"] = metrics.hit_rate(hits, k)
+        values[f"NDCG@{k}"] = metrics.ndcg(hits, one, k)
+    values[f"MRR@{config.max_k}"] = metrics.reciprocal_rank_at(hits, config.max_k)
+    n = len(ranks)
+    means = {name: float(v.mean()) if n else 0.0 for name, v in values.items()}
+    errors = {name: float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+              for name, v in values.items()}
+    return FoldScores(means, errors, None)
 
 
 def _over_time(stream: Stream, ranks: np.ndarray, config: RunConfig) -> dict:

@@ -73,17 +73,46 @@ def print_table(payload: dict, console=None) -> None:
     table.add_column("model")
     for column in columns:
         table.add_column(column.replace("RecallMin", "Recall"), justify="right")
+    main = main_metric(payload["ks"])
+    table.add_column(f"± {main}", justify="right")
     table.add_column("fit s", justify="right")
     table.add_column("train ev/s", justify="right")
     for record in records:
         table.add_row(record["model"], *(_fmt(record["metrics"].get(c)) for c in columns),
+                      _fmt(record.get("metrics_se", {}).get(main)),
                       f"{record['fit_s']:.1f}", _rate(record["train_events_per_s"]))
     for anchor in anchors:
         table.add_row(f"[dim]{anchor_label(anchor)}[/dim]",
-                      *(_fmt(anchor["metrics"].get(c)) for c in columns), "", "")
+                      *(_fmt(anchor["metrics"].get(c)) for c in columns), "", "", "")
     console.print(table)
     if payload["protocol"] == "heldout":
         console.print("Recall@K is normalized by min(K, |held-out items|) (Mult-VAE).")
+
+
+def main_metric(ks) -> str:
+    """The metric whose standard error the tables show: NDCG at the selection cutoff."""
+    return f"NDCG@{10 if 10 in ks else max(ks)}"
+
+
+def markdown_table(payload: dict) -> str:
+    """The table of :func:`print_table` as GitHub markdown, for docs/results.md: generated from
+    results.json so recorded numbers are never retyped."""
+    records = payload["records"]
+    columns = table_columns(payload["protocol"], tuple(payload["ks"]), records)
+    main = main_metric(payload["ks"])
+    head = ["model", *(c.replace("RecallMin", "Recall") for c in columns), f"± {main}",
+            "fit s", "train events/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for record in records:
+        cells = [record["model"], *(_fmt(record["metrics"].get(c)) for c in columns),
+                 _fmt(record.get("metrics_se", {}).get(main)),
+                 f"{record['fit_s']:.1f}", _rate(record["train_events_per_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    for anchor in payload["anchors"]:
+        cells = [anchor_label(anchor), *(_fmt(anchor["metrics"].get(c)) for c in columns),
+                 "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def anchor_label(anchor: dict) -> str:

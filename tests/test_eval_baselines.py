@@ -186,11 +186,15 @@ def test_planted_oracle_is_perfect_and_popularity_scores_its_closed_form():
     ])
     assert records["oracle"]["metrics"]["HR@1"] == 1.0
     assert records["oracle"]["metrics"]["NDCG@1"] == 1.0
+    n = sum(SIZES)
     for k in (1, 5, 10, 20):
         hr, ndcg = popularity_loo(SIZES, M, k)
         for name in ("popularity", "streaming"):
             assert records[name]["metrics"][f"HR@{k}"] == pytest.approx(hr)
             assert records[name]["metrics"][f"NDCG@{k}"] == pytest.approx(ndcg)
+            # a 0/1 hit per user: the standard error of the mean is sqrt(p(1-p)/(n-1))
+            assert records[name]["metrics_se"][f"HR@{k}"] == pytest.approx(
+                np.sqrt(hr * (1 - hr) / (n - 1)), abs=1e-12)
     # and the closed form is not trivially 0 or 1 at the cutoffs checked
     assert 0 < popularity_loo(SIZES, M, 5)[0] < popularity_loo(SIZES, M, 10)[0] < 1
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.report import read_anchors
+from evaluation.report import markdown_table, read_anchors
 from stream_app.cli import main
 
 RECORD_KEYS = {"model", "dataset", "protocol", "seed", "params", "metrics", "wall_s", "fit_s",
@@ -20,6 +20,8 @@ def check_metrics(record):
     for name, value in record["metrics"].items():
         assert 0.0 <= value <= 1.0, (record["model"], name, value)
         assert math.isfinite(value)
+    assert record["metrics_se"].keys() == record["metrics"].keys()
+    assert all(0.0 <= se < 0.5 for se in record["metrics_se"].values())
 
 
 @pytest.mark.slow
@@ -47,6 +49,9 @@ def test_quick_leave_one_out_on_beauty(tmp_path, shared_data, capsys):
     assert payload["anchors"] == published and published[0]["metrics"]["HR@10"] > 0
     assert "ICLRec (published)" in capsys.readouterr().out
     assert (out / "results.png").stat().st_size > 10_000
+    table = markdown_table(payload).splitlines()
+    assert len(table) == 2 + len(records) + len(published)
+    assert table[2].startswith("| streaming | ") and "ICLRec (published)" in table[-1]
 
 
 def planted_pairs(path, seed=0, clusters=6, items=30, users_per_cluster=25, length=12):

@@ -118,6 +118,7 @@ def test_streaming_popularity_equals_a_slow_replay():
         popularity.add(item, float(ev.ts[e]), float(ev.weights[e]))
         mine.add(item)
     assert record["metrics"]["HR@3"] == pytest.approx(np.mean(hits))
+    assert record["metrics_se"]["HR@3"] == pytest.approx(np.std(hits, ddof=1) / np.sqrt(len(hits)))
     assert record["scored"] == len(hits)
     curve = record["over_time"]
     sizes = np.diff(np.linspace(0, len(hits), len(curve["HR@3"]) + 1).astype(int))
