@@ -53,7 +53,8 @@ class LearnerConfig:
     - ``count_half_life``: half-life of n_i in learned events; None counts forever.
     - ``init_scale``: expected norm of a new item's random vector; small so a new item starts
       near the origin (score ≈ its bias) without being exactly symmetric with the others.
-    - ``user_gramian_beta``: β of the decayed user Gramian (memory ≈ 1/β micro-batches).
+    - ``user_gramian_beta``: β of the decayed user Gramian, per event (memory ≈ 1/β events,
+      whatever the micro-batch sizes).
     - ``recompute_every``: learn calls between exact recomputations of G_I (bounds float drift).
     """
 
@@ -64,7 +65,7 @@ class LearnerConfig:
     adagrad_init: float = 0.1
     count_half_life: float | None = None
     init_scale: float = 0.1
-    user_gramian_beta: float = 0.05
+    user_gramian_beta: float = 1e-4
     recompute_every: int = 1000
     seed: int = 0
 

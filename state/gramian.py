@@ -115,12 +115,15 @@ class ExactGramian:
 class DecayedGramian:
     """Estimate of G_C = Σ_u φ̃(u)φ̃(u)ᵀ from a stream of user vectors (Rendle eq. 41).
 
-    Per micro-batch, with weights w_b (default 1),
+    Per micro-batch of B rows, with weights w_b (default 1) and κ = (1 − β)^B,
 
-        M̂ ← (1 − β) M̂ + β · Σ_b w_b φ̃_b φ̃_bᵀ / Σ_b w_b,      Ĝ_C = |C| · M̂ / (1 − (1 − β)^t).
+        M̂ ← κ M̂ + (1 − κ) · Σ_b w_b φ̃_b φ̃_bᵀ / Σ_b w_b,      Ĝ_C = |C| · M̂ / (1 − (1 − β)^t),
 
-    With a constant |C| this is eq. 41 batched: Ĝ ← (1 − β)Ĝ + β·|C|·mean_batch(φ̃φ̃ᵀ). Two
-    deliberate differences:
+    t the rows seen so far. With a constant |C| and B = 1 this is eq. 41: Ĝ ← (1 − β)Ĝ +
+    β·|C|·φ̃φ̃ᵀ. β is a rate *per row*, so the memory is about 1/β user vectors however the
+    stream is cut into micro-batches: a live worker's batches are as small as the traffic of
+    the last few milliseconds, and a rate per batch would let a batch of three events from one
+    user weigh as much as a batch of 256 from everyone. Two more deliberate differences:
 
     - |C|, the number of active users, is passed in by the caller (``n_active``) and multiplies
       the average on read. The learner is partitioned by item and sees no user ids; the ingest
@@ -143,7 +146,7 @@ class DecayedGramian:
     [[10.0, 4.0], [4.0, 2.0]]
     """
 
-    def __init__(self, dim: int, beta: float = 0.01, n_active: float = 1.0) -> None:
+    def __init__(self, dim: int, beta: float = 1e-4, n_active: float = 1.0) -> None:
         if not 0.0 < beta <= 1.0:
             raise ValueError("beta must be in (0, 1]")
         self.dim = dim
@@ -162,8 +165,9 @@ class DecayedGramian:
             return
         w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=np.float64)
         batch = (rows.T * w) @ rows / w.sum()
-        self._moment = (1.0 - self.beta) * self._moment + self.beta * batch
-        self._mass = (1.0 - self.beta) * self._mass + self.beta
+        keep = (1.0 - self.beta) ** len(rows)
+        self._moment = keep * self._moment + (1.0 - keep) * batch
+        self._mass = keep * self._mass + (1.0 - keep)
 
     def value(self) -> np.ndarray:
         """Ĝ_C (a new array); zeros before the first update."""

@@ -70,12 +70,29 @@ def stream(Phi, gramian, n_batches, rng, p=None, weights_of=None):
 
 def test_decayed_gramian_converges_on_a_stationary_stream():
     Phi, rng = user_rows(300, 1), np.random.default_rng(2)
-    gramian = DecayedGramian(DIM, beta=0.02)
+    gramian = DecayedGramian(DIM, beta=0.02 / 64)
     stream(Phi, gramian, 50, rng)
     early = gramian.distance_to(Phi.T @ Phi)
     stream(Phi, gramian, 1500, rng)
     assert gramian.distance_to(Phi.T @ Phi) < 0.05
     assert early < 0.15  # bias-corrected: no shrinkage towards the zero start
+
+
+def test_the_past_fades_per_row_whatever_the_batching():
+    """B rows in one batch or in B batches of one forget the past by the same (1 − β)^B."""
+    rng = np.random.default_rng(6)
+    past, row = rng.normal(size=(10, 3)), rng.normal(size=(1, 3))
+    one_batch, singles = DecayedGramian(3, beta=0.05), DecayedGramian(3, beta=0.05)
+    for gramian in (one_batch, singles):
+        gramian.update(past, n_active=5)
+    one_batch.update(np.repeat(row, 8, axis=0))
+    for _ in range(8):
+        singles.update(row)
+    np.testing.assert_allclose(one_batch.value(), singles.value(), rtol=1e-12)
+    mass = 1 - 0.95 ** 18
+    expected = 5 * (0.95 ** 8 * (1 - 0.95 ** 10) * past.T @ past / 10
+                    + (1 - 0.95 ** 8) * row.T @ row) / mass
+    np.testing.assert_allclose(one_batch.value(), expected, rtol=1e-12)
 
 
 def test_importance_weights_undo_activity_bias():
@@ -84,7 +101,7 @@ def test_importance_weights_undo_activity_bias():
     Phi[:20, :-1] += 3.0  # the heavy users look different from the rest
     activity = np.where(np.arange(200) < 20, 20.0, 1.0)
     p = activity / activity.sum()
-    plain, weighted = DecayedGramian(DIM, 0.02), DecayedGramian(DIM, 0.02)
+    plain, weighted = DecayedGramian(DIM, 0.02 / 64), DecayedGramian(DIM, 0.02 / 64)
     stream(Phi, plain, 1500, np.random.default_rng(5), p=p)
     stream(Phi, weighted, 1500, np.random.default_rng(5), p=p, weights_of=1.0 / activity)
     assert weighted.distance_to(Phi.T @ Phi) < 0.08
