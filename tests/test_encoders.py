@@ -12,9 +12,11 @@ from models.encoders import (ials_fold_in, mean_encoder, mean_encoder_batch, pac
 
 
 def test_mean_encoder_is_the_weighted_mean_with_recency_decay():
+    """Σ w_t v_t / Σ w_t: weights mix directions, they do not scale φ."""
     rng = np.random.default_rng(0)
     V, w, ts = rng.normal(size=(5, 3)), rng.uniform(1, 4, 5), np.array([0., 3., 7., 7., 10.])
-    expected = sum(w[t] * 0.5 ** ((10.0 - ts[t]) / 4.0) * V[t] for t in range(5)) / 5
+    decayed = [w[t] * 0.5 ** ((10.0 - ts[t]) / 4.0) for t in range(5)]
+    expected = sum(decayed[t] * V[t] for t in range(5)) / sum(decayed)
     np.testing.assert_allclose(mean_encoder(V, w, ts, half_life=4.0), expected)
     np.testing.assert_allclose(mean_encoder(V), V.mean(axis=0))
     np.testing.assert_allclose(mean_encoder(V, ts=ts), V.mean(axis=0))  # no half-life: no decay
