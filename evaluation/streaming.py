@@ -79,10 +79,10 @@ class OnlinePopularity:
 
 
 class OnlineEmbedding:
-    """The workers' online model, run through the same code as the stream: per event, the
-    user's vector from their history *before* the event (:meth:`Engine.encode_weighted`), a
-    training example, and micro-batches of :meth:`Engine.learn` (Gramian-trick SGD on item
-    embeddings and biases). Ranking is exact MIPS over the learned items, with the history row
+    """The workers' online model, run through the same code as the stream: per event, a
+    training example carrying the user's history *before* the event, and micro-batches of
+    :meth:`Engine.learn` (encode each example's user with the current item vectors, then
+    Gramian-trick SGD on item embeddings and biases). Ranking is exact MIPS over the learned items, with the history row
     the harness passes in as the user's history (its stored values as confidence weights)."""
 
     name = "streaming"
@@ -106,8 +106,9 @@ class OnlineEmbedding:
             items, weights, times = self._histories.setdefault(user, ([], [], []))
             if not items:
                 self.engine.users += 1
-            phi = self.engine.encode_weighted(items, np.array(weights), times)
-            self._pending.append(TrainExample.of(str(user), self._keys[item], weight, ts, phi))
+            self._pending.append(TrainExample(
+                user_id=str(user), item_id=self._keys[item], alpha=weight, ts=ts,
+                history=list(items), weights=list(weights), history_ts=list(times)))
             for values, value in ((items, self._keys[item]), (weights, weight), (times, ts)):
                 values.append(value)
                 del values[:-limit]

@@ -96,18 +96,24 @@ class Engine:
             self.users += 1
         weight = self.settings.kind_weights[event.kind]
         self.popularity.add(event.item_id, event.ts, weight)
-        before = self._encode_history(history)
         updated = history.appended(event.item_id, event.kind, event.ts, event.event_id,
                                    self.settings.history_length)
         updated = updated.with_phi(encode_phi(self._encode_history(updated)))
-        example = TrainExample.of(event.user_id, event.item_id, weight, event.ts, before)
+        example = TrainExample(
+            user_id=event.user_id, item_id=event.item_id, alpha=weight, ts=event.ts,
+            history=list(history.items), history_ts=list(history.ts),
+            weights=[self.settings.kind_weights.get(kind, 1.0) for kind in history.kinds])
         return updated, example
 
     def learn(self, examples: Sequence[TrainExample]) -> float:
-        """One micro-batch step of the item learner; returns the batch loss."""
+        """One micro-batch step of the item learner; returns the batch loss.
+
+        Each example's user vector is encoded here, from the history it carries and the item
+        vectors as they are now (see :class:`~stream_app.wire.TrainExample` for why)."""
         if not examples:
             return 0.0
-        phis = np.stack([example.phi() for example in examples])
+        phis = np.stack([self.encode_weighted(e.history, np.asarray(e.weights), e.history_ts)
+                         for e in examples])
         items = [example.item_id for example in examples]
         self._cold_start(items, phis)
         loss = self.learner.learn(phis, items, np.array([e.alpha for e in examples]),

@@ -104,30 +104,32 @@ class RecResponse(_Wire):
 
 
 class TrainExample(_Wire):
-    """One positive (user, item) for the learn agent (key: ``item_id``).
+    """One positive (user, item) for the learn agent (key: ``item_id``), with the user's
+    history *before* this event: item ids, confidence weights and times, oldest first.
 
-    ``phi_b64`` is the user's vector from the history *before* this event, as little-endian
-    float32 bytes in base64: compact, exact enough, and decodable without pickle.
+    The history, not a user vector, travels: the learn agent encodes it with the item vectors
+    of the moment it learns. A vector computed at ingest would be as old as the lag between
+    ingest and learning, and in a burst (a replay, a backlog after a restart) ingest runs far
+    ahead: every user of the burst would be encoded against a model that had learned nothing
+    yet, and the items would learn their biases only.
     """
 
     user_id: str
     item_id: str
     alpha: float
     ts: float
-    phi_b64: str
+    history: list[str] = Field(default_factory=list)
+    weights: list[float] = Field(default_factory=list)
+    history_ts: list[float] = Field(default_factory=list)
 
+    @field_validator("history_ts")
     @classmethod
-    def of(cls, user_id: str, item_id: str, alpha: float, ts: float, phi) -> TrainExample:
-        import numpy as np
-
-        raw = np.asarray(phi, dtype="<f4").tobytes()
-        return cls(user_id=user_id, item_id=item_id, alpha=alpha, ts=ts,
-                   phi_b64=base64.b64encode(raw).decode())
-
-    def phi(self):
-        import numpy as np
-
-        return np.frombuffer(base64.b64decode(self.phi_b64), dtype="<f4").astype(np.float64)
+    def _aligned(cls, history_ts: list[float], info) -> list[float]:
+        lengths = {len(info.data.get("history", ())), len(info.data.get("weights", ())),
+                   len(history_ts)}
+        if len(lengths) != 1:
+            raise ValueError("history, weights and history_ts must have equal lengths")
+        return history_ts
 
 
 class DeadLetter(_Wire):
