@@ -76,6 +76,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         help="evaluate on a seeded sample of this many users")
     parser.add_argument("--windows", type=positive_int,
                         help="prequential: refit windows of batch models (default 10, quick 4)")
+    parser.add_argument("--through-kafka", action="store_true",
+                        help="also run the streaming model for real (loo, heldout): start a "
+                             "broker (embedded unless STREAMREC_BROKER) and a worker, produce "
+                             "the training events to Kafka, ask every ranking on the request "
+                             "topic; reported as the row streaming-kafka")
     parser.add_argument("--learn-batch", type=positive_int, default=1,
                         help="prequential: events the streaming model ranks before learning "
                              "them (default 1: strictly test-then-train per event)")
@@ -153,24 +158,30 @@ def run_protocol(dataset: Dataset, settings, args) -> tuple[list[dict], dict]:
     ks = tuple(args.k)
     config = RunConfig(ks=ks, select_metric=main_metric(ks))
     if args.protocol == "prequential":
+        if args.through_kafka:
+            raise ValueError("--through-kafka runs the loo and heldout protocols; prequential "
+                             "test-then-train per event through Kafka would measure round trips")
         windows = args.windows or (4 if args.quick else 10)
         stream = prepare_stream(dataset, windows, settings.history_length)
-        specs = build_specs(args.models, dataset.n_items, settings, args.seed, args.quick)
+        specs = build_specs(args.models, dataset, settings, args.seed, args.quick)
         records = run_prequential(stream, specs, config, learn_batch=args.learn_batch)
         return records, {**stream.info, "window_edges": stream.bounds.tolist()}
     split = leave_one_out(dataset) if args.protocol == "loo" else heldout_users(dataset, args.seed)
-    specs = build_specs(args.models, split.n_items, settings, args.seed, args.quick)
+    models = args.models + (["streaming-kafka"] if args.through_kafka else [])
+    specs = build_specs(models, split.dataset, settings, args.seed, args.quick)
     info = {**split.info, "select_metric": config.select_metric}
     return run_offline(split, specs, config), info
 
 
-def build_specs(names: list[str], n_items: int, settings, seed: int, quick: bool):
+def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: bool):
     """The requested models, in the requested order, each with its candidate grid."""
     from .baselines import BPR, EASE, IALS, Popularity
     from .protocols import ModelSpec
     from .streaming import OnlineEmbedding, OnlinePopularity
+    from .through_kafka import KafkaStreaming
 
     grids = QUICK_GRIDS if quick else FULL_GRIDS
+    n_items = dataset.n_items
     builders = {
         "streaming": ModelSpec("streaming", partial(OnlineEmbedding, n_items, settings),
                                streaming=True),
@@ -178,6 +189,8 @@ def build_specs(names: list[str], n_items: int, settings, seed: int, quick: bool
                                        partial(OnlinePopularity, n_items,
                                                settings.popularity_half_life_s),
                                        streaming=True),
+        "streaming-kafka": ModelSpec("streaming-kafka",
+                                     partial(KafkaStreaming, dataset, settings), streaming=True),
         "popularity": ModelSpec("popularity", Popularity),
         "ease": ModelSpec("ease", EASE, grids["ease"]),
         "ials": ModelSpec("ials", partial(IALS, seed=seed), grids["ials"]),
@@ -206,6 +219,8 @@ def command_line(args) -> str:
             parts += [flag, str(value)]
     if args.protocol == "prequential" and args.learn_batch != 1:
         parts += ["--learn-batch", str(args.learn_batch)]
+    if args.through_kafka:
+        parts.append("--through-kafka")
     if args.quick:
         parts.append("--quick")
     if args.out is not None:

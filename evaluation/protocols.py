@@ -169,10 +169,14 @@ def _run_streaming(split: Split, spec: ModelSpec, config: RunConfig) -> dict:
     started = time.perf_counter()
     params = spec.grid[0]
     model = spec.build(**params)
-    learn_s = _learn_all(model, split.train_events, config)
-    validation = evaluate_fold(model, split.validation, config,
-                               desc=f"{spec.name} validation").means
-    test = evaluate_fold(model, split.test, config, desc=f"{spec.name} test")
+    try:
+        learn_s = _learn_all(model, split.train_events, config)
+        validation = evaluate_fold(model, split.validation, config,
+                                   desc=f"{spec.name} validation").means
+        test = evaluate_fold(model, split.test, config, desc=f"{spec.name} test")
+    finally:
+        if hasattr(model, "close"):  # a model with processes behind it (--through-kafka)
+            model.close()
     return _record(spec.name, params, test, validation, [], learn_s,
                    len(split.train_events), time.perf_counter() - started, len(split.test))
 

@@ -110,6 +110,28 @@ class RecClient:
         if response.request_id is not None:
             self._pending[response.request_id] = response
 
+    def ask_many(self, requests: Iterable[RecRequest], timeout_s: float = 30.0,
+                 in_flight: int = 256) -> dict[str, RecResponse]:
+        """Answers to many requests, keeping up to ``in_flight`` of them outstanding at once
+        (a pipelined client: round trips overlap instead of adding up). ``timeout_s`` bounds
+        the wait for each window of answers."""
+        answers: dict[str, RecResponse] = {}
+        window: list[str] = []
+        for request in requests:
+            key = (request.user_id or request.request_id).encode()
+            self._producer.send(self.settings.topic_requests, key=key, value=request.to_bytes())
+            window.append(request.request_id)
+            if len(window) >= in_flight:
+                self._collect(window, answers, timeout_s)
+                window = []
+        self._collect(window, answers, timeout_s)
+        return answers
+
+    def _collect(self, request_ids: list[str], answers: dict, timeout_s: float) -> None:
+        self._producer.flush()
+        for request_id in request_ids:
+            answers[request_id] = self.wait(request_id, timeout_s)
+
     def recommend(self, user_id: str | None = None, *, history: list[str] | None = None,
                   k: int = 10, timeout_s: float = 10.0, **fields) -> RecResponse:
         request = RecRequest(request_id=uuid.uuid4().hex, user_id=user_id, history=history, k=k,

@@ -94,6 +94,32 @@ def test_other_protocols_on_a_file(tmp_path, protocol, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("protocol", ["loo", "heldout"])
+def test_through_kafka_replays_into_a_real_worker_and_asks_the_request_topic(tmp_path, protocol,
+                                                                           capsys):
+    """The embedded default: a broker and a worker of its own, events produced, rankings asked
+    on the request topic; scored on the same split as the in-process rows."""
+    data = planted_pairs(tmp_path / "planted.txt")
+    out = tmp_path / "out"
+    status = main(["eval", "--dataset", str(data), "--format", "pairs", "--protocol", protocol,
+                   "--models", "streaming,popularity", "--k", "5,10", "--through-kafka",
+                   "--out", str(out)])
+    assert status == 0
+    payload = json.loads((out / "results.json").read_text())
+    records = {r["model"]: r for r in payload["records"]}
+    assert list(records) == ["streaming", "popularity", "streaming-kafka"]
+    kafka, streaming = records["streaming-kafka"], records["streaming"]
+    check_metrics(kafka)
+    assert kafka["train_events"] == streaming["train_events"] == payload["split"]["train_events"]
+    assert kafka["scored"] == streaming["scored"] >= 30
+    assert kafka["fit_s"] > 0 and "--through-kafka" in payload["command"]
+    # users only ever consume their own cluster: the worker must have learned that
+    metric = "HR@10" if protocol == "loo" else "RecallMin@10"
+    assert kafka["metrics"][metric] > max(0.3, 2 * records["popularity"]["metrics"][metric])
+    capsys.readouterr()
+
+
 def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--dataset", "beauty", "--models", "ease,nope"])
@@ -101,3 +127,6 @@ def test_bad_arguments_are_refused(capsys):
         main(["eval", "--dataset", "beauty", "--k", "0"])
     assert main(["eval", "--dataset", "no-such-dataset"]) == 1
     assert "neither a named dataset" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "movielens", "--protocol", "prequential",
+                 "--through-kafka"]) == 1
+    assert "--through-kafka runs the loo and heldout protocols" in capsys.readouterr().err

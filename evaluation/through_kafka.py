@@ -1,0 +1,143 @@
+"""The streaming model measured through Kafka: ``streamrec eval --through-kafka``.
+
+The in-process ``streaming`` model runs the engine's learning steps directly. This one runs the
+real thing: a broker (embedded unless ``STREAMREC_BROKER`` is set) and a worker process; the
+training events are produced to the events topic as wire-format JSON, keyed by user, and every
+ranking is a request on the requests topic answered by the worker. The two rows of one run can
+then be compared: the only intended differences are how the worker partitions and batches the
+learning, and Kafka itself.
+
+Each run is a deployment of its own (app id, topic names and data dir carry a fresh tag), so it
+never reads or disturbs anything else on the broker.
+
+Requests are anonymous (``user_id`` null) and carry the row's history items, so the worker
+encodes exactly the history the harness gives every other model. A request carries at most
+``max_request_history`` items; when a history is longer (a few MovieLens users), the rest is
+still excluded from the answer, on the client side.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from stream_app.client import RecClient, replay
+from stream_app.processes import free_port
+from stream_app.settings import Settings
+from stream_app.supervisor import System, scrape
+from stream_app.wire import RecRequest
+
+from .data import Dataset, Events
+
+
+def isolated_settings(settings: Settings, data_dir: Path) -> Settings:
+    """A private deployment on the configured (or a fresh embedded) broker."""
+    tag = uuid.uuid4().hex[:8]
+    changes: dict[str, object] = {
+        "app_id": f"{settings.app_id}-eval-{tag}", "data_dir": data_dir,
+        "metrics_host": "127.0.0.1", "metrics_port": free_port(),
+        **{name: f"{getattr(settings, name)}-eval-{tag}"
+           for name in ("topic_events", "topic_dead_letters", "topic_requests",
+                        "topic_responses", "topic_train")},
+    }
+    if settings.embedded:
+        changes["embedded_port"] = free_port(settings.embedded_host)
+    return settings.replace(**changes)
+
+
+def kind_of_weight(kind_weights: dict[str, float]) -> dict[float, str]:
+    """The event kind to send for each confidence weight (datasets carry weights, the wire
+    carries kinds; kinds of equal weight are interchangeable for the model)."""
+    return {weight: kind for kind, weight in kind_weights.items()}
+
+
+class KafkaStreaming:
+    """Implements the harness's streaming-model contract against a running worker.
+
+    ``learn`` produces the events and returns once the worker has learned all of them, so the
+    harness's training time is the end-to-end time through the broker and the worker.
+    """
+
+    name = "streaming-kafka"
+
+    def __init__(self, dataset: Dataset, settings: Settings, *, timeout_s: float = 60.0) -> None:
+        self.user_ids = dataset.user_ids.astype(str)
+        self.item_ids = dataset.item_ids.astype(str)
+        self.item_index = {item: index for index, item in enumerate(self.item_ids.tolist())}
+        self.timeout_s = timeout_s
+        self._data_dir = tempfile.TemporaryDirectory(prefix="streamrec-eval-")
+        self.settings = isolated_settings(settings, Path(self._data_dir.name))
+        self._kinds = kind_of_weight(self.settings.kind_weights)
+        self.system = System(self.settings)
+        try:
+            self.system.start()
+            self._client = RecClient(self.settings)
+        except BaseException:
+            self.close()
+            raise
+        self.produced = 0
+
+    # -- learning -------------------------------------------------------------------------
+    def learn(self, events: Events) -> None:
+        self.produced += replay(self.settings, (
+            {"v": 1, "user_id": self.user_ids[user], "item_id": self.item_ids[item],
+             "kind": self._kinds[weight], "ts": ts}
+            for user, item, weight, ts in zip(events.users.tolist(), events.items.tolist(),
+                                              events.weights.tolist(), events.ts.tolist())))
+        self._wait_learned(self.produced)
+
+    def _wait_learned(self, count: int) -> None:
+        """Until the worker's ``streamrec_learned_events_total`` reaches ``count``; a stalled
+        worker (no progress for ``timeout_s``) is an error, not a hang."""
+        last, last_change = -1.0, time.monotonic()
+        while True:
+            if not self.system.worker.alive():
+                raise RuntimeError(f"the worker exited; see {self.system.logs / 'worker.log'}")
+            learned = scrape(self.settings).get("streamrec_learned_events_total", 0.0)
+            if learned >= count:
+                return
+            if learned != last:
+                last, last_change = learned, time.monotonic()
+            elif time.monotonic() - last_change > self.timeout_s:
+                raise TimeoutError(f"the worker learned {learned:.0f} of {count} events and "
+                                   f"made no progress for {self.timeout_s:.0f} s")
+            time.sleep(0.05)
+
+    # -- ranking --------------------------------------------------------------------------
+    def recommend(self, history: sp.csr_matrix, k: int,
+                  exclude: sp.csr_matrix | None = None) -> np.ndarray:
+        """Top-``k`` item indices per history row from the worker's answers, ``-1`` padded."""
+        exclude = history if exclude is None else exclude
+        limit = self.settings.max_request_history
+        requests = []
+        for row in range(history.shape[0]):
+            items = self.item_ids[history.indices[history.indptr[row]:history.indptr[row + 1]]]
+            hidden = int(exclude.indptr[row + 1] - exclude.indptr[row]) - min(len(items), limit)
+            requests.append(RecRequest(request_id=f"{row}-{uuid.uuid4().hex[:12]}",
+                                       history=items[:limit].tolist(),
+                                       k=min(k + max(hidden, 0), 1000), exclude_seen=True))
+        answers = self._client.ask_many(requests, timeout_s=self.timeout_s)
+        ranked = np.full((history.shape[0], k), -1, dtype=np.int64)
+        for row, request in enumerate(requests):
+            response = answers[request.request_id]
+            if response.error:
+                raise RuntimeError(f"the worker answered an evaluation request with an error: "
+                                   f"{response.error}")
+            excluded = set(exclude.indices[exclude.indptr[row]:exclude.indptr[row + 1]].tolist())
+            picked = [index for index in (self.item_index.get(item.item_id, -1)
+                                          for item in response.items)
+                      if index >= 0 and index not in excluded][:k]
+            ranked[row, :len(picked)] = picked
+        return ranked
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        if hasattr(self, "_client"):
+            self._client.close()
+        self.system.stop()
+        self._data_dir.cleanup()
