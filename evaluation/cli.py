@@ -142,9 +142,10 @@ def cmd_eval(settings, args) -> int:
     payload["wall_s"] = time.perf_counter() - started
     out = args.out or Path("out") / "eval" / f"{dataset.name}-{args.protocol}"
     report.write_json(out / "results.json", payload)
+    report.write_markdown(out / "results.md", payload)
     report.plot(payload, out / "results.png")
     report.print_table(payload)
-    print(f"wrote {out / 'results.json'} and {out / 'results.png'} "
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'results.png'} "
           f"({payload['wall_s']:.0f} s)")
     return 0
 

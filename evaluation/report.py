@@ -144,6 +144,21 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_markdown(path: Path, payload: dict) -> None:
+    """``results.md``: the command, what was measured and the table, ready for docs/results.md."""
+    split = payload["split"]
+    lines = [f"## {payload['dataset']} · {payload['protocol']}"
+             + (" (quick)" if payload["quick"] else ""), "", "```bash", payload["command"], "```",
+             "", f"{_scored_line(payload)}; {split.get('train_events', split.get('events'))} "
+             f"training events; {payload['wall_s']:.0f} s in all on "
+             f"{payload['machine']['cpus_usable']} CPUs ({payload['machine']['processor']}).",
+             "", markdown_table(payload), ""]
+    if payload["protocol"] == "heldout":
+        lines += ["Recall@K is normalized by min(K, |held-out items|) (Mult-VAE).", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
 def plot(payload: dict, path: Path) -> None:
     """Recall (HR for loo) and NDCG vs K per model, anchors as markers; for prequential, the
     hit rate over the stream per model."""

@@ -52,6 +52,8 @@ def test_quick_leave_one_out_on_beauty(tmp_path, shared_data, capsys):
     table = markdown_table(payload).splitlines()
     assert len(table) == 2 + len(records) + len(published)
     assert table[2].startswith("| streaming | ") and "ICLRec (published)" in table[-1]
+    written = (out / "results.md").read_text()
+    assert payload["command"] in written and "\n".join(table) in written
 
 
 def planted_pairs(path, seed=0, clusters=6, items=30, users_per_cluster=25, length=12):
