@@ -64,9 +64,13 @@ class Child:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             output = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which stops
+        # the worker while the broker is still up, then the broker. Had the broker received
+        # the same SIGINT, it would die first and the worker's graceful stop would wait on a
+        # broker that is gone.
         self.process = subprocess.Popen(
             self.argv, env=self.env, stdout=output, stderr=subprocess.STDOUT if output else None,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, start_new_session=True)
         self._output = output
         log.info("started %s (pid %d)", self.name, self.process.pid)
         return self
@@ -79,7 +83,10 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM, wait up to ``timeout_s``, then SIGKILL. Returns the exit code."""
+        """SIGTERM, wait up to ``timeout_s``, then SIGKILL. Returns the exit code.
+
+        A KeyboardInterrupt while waiting (a second Ctrl-C) kills the process at once and is
+        raised again: an impatient user never leaves a process behind."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -90,6 +97,10 @@ class Child:
                 log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
                 self.process.kill()
                 self.process.wait()
+            except KeyboardInterrupt:
+                self.process.kill()
+                self.process.wait()
+                raise
         if self._output is not None:
             self._output.close()
         return self.process.returncode

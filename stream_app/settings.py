@@ -78,6 +78,8 @@ class Settings(BaseSettings):
         0.5, ge=0, description="How stale the cached popularity order may get."
     )
     checkpoint_interval_s: float = Field(30.0, gt=0)
+    shutdown_timeout_s: float = Field(
+        20.0, gt=0, description="Longest graceful stop of a worker before it exits anyway.")
 
     # -- model (DESIGN.md "Models") -----------------------------------------------------------
     model_dim: int = Field(64, ge=2, le=1024, description="Embedding dimension d.")

@@ -73,10 +73,14 @@ class System:
                            f"{self.logs / 'worker.log'}")
 
     def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.stop(30.0)
-        if self.broker is not None:
-            self.broker.stop(5.0)
+        """The worker first (it commits and checkpoints through the broker), then the broker;
+        the broker is stopped even when stopping the worker is interrupted."""
+        try:
+            if self.worker is not None:
+                self.worker.stop(self.settings.shutdown_timeout_s + 10.0)
+        finally:
+            if self.broker is not None:
+                self.broker.stop(5.0)
 
     def __enter__(self) -> System:
         return self.start()

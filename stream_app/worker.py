@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 
 import faust
@@ -38,6 +40,39 @@ def build_metrics(engine: Engine) -> Metrics:
     return metrics
 
 
+class Worker(faust.Worker):
+    """A Faust worker whose graceful stop has a deadline.
+
+    Faust's stop commits offsets and flushes producers; with the broker gone (killed with the
+    same Ctrl-C, or lost) it retries forever and the process never exits, which leaves an
+    orphan holding the data dir's locks. After ``shutdown_timeout_s`` the process exits anyway;
+    the model checkpoint of the last ``checkpoint_interval_s`` stands and events after the last
+    commit are delivered again (at least once).
+    """
+
+    def __init__(self, *args, shutdown_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.shutdown_timeout_s = shutdown_timeout_s
+
+    def _schedule_shutdown(self, signal) -> None:
+        if not self._signal_stop_time:
+            deadline = threading.Timer(self.shutdown_timeout_s, _exit_after_deadline,
+                                       args=(self.shutdown_timeout_s,))
+            deadline.daemon = True
+            deadline.start()
+        super()._schedule_shutdown(signal)
+
+
+def _exit_after_deadline(timeout_s: float) -> None:
+    log.error("graceful stop took longer than %.0f s; exiting now", timeout_s)
+    logging.shutdown()
+    os._exit(EXIT_DEADLINE)
+
+
+#: exit status of a worker whose graceful stop overran its deadline
+EXIT_DEADLINE = 75
+
+
 def run_worker(settings: Settings) -> int:
     """Block until SIGTERM/SIGINT; checkpoint the model state on the way out."""
     if settings.compat_fixes:
@@ -56,7 +91,8 @@ def run_worker(settings: Settings) -> int:
         server, _ = metrics.serve(settings.metrics_host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     app = create_app(settings, engine, metrics)
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
+                    shutdown_timeout_s=settings.shutdown_timeout_s)
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:

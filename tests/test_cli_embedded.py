@@ -118,3 +118,50 @@ def test_demo_replays_a_dataset_and_prints_recommendations(embedded_env, shared_
     assert result.stdout.count("source") == 2  # two users' tables
     assert " ann " in result.stdout  # ranked by the learned model
     assert "(19" in result.stdout  # MovieLens titles with years
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_in_a_terminal_stops_everything(embedded_env, presses):
+    """A terminal sends SIGINT to the whole foreground process group; once or twice (an
+    impatient user), nothing may be left behind."""
+    up = subprocess.Popen([sys.executable, "-m", "stream_app", "up"], env=embedded_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)  # its own group, as a shell job would be
+    try:
+        wait_for_line(up, "Ctrl-C stops everything", 120)
+        children = descendants(up.pid)
+        assert len(children) >= 2
+        for _ in range(presses):
+            os.killpg(up.pid, signal.SIGINT)
+            time.sleep(1.0)
+        up.wait(60)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assert not [pid for pid in children if alive(pid)], "processes left behind"
+
+
+def test_a_worker_whose_broker_is_gone_still_stops(tmp_path):
+    """Faust's graceful stop retries a dead broker forever; the worker exits at its deadline."""
+    from stream_app.processes import Child, EmbeddedBroker, worker_argv
+    from stream_app.settings import Settings
+    from stream_app.supervisor import System, settings_env
+    from stream_app.worker import EXIT_DEADLINE
+
+    settings = Settings(embedded_port=free_port(), metrics_port=free_port(),
+                        data_dir=tmp_path / "state", session_timeout_s=6.0,
+                        shutdown_timeout_s=3.0)
+    system = System(settings)
+    system.start()
+    try:
+        system.broker.process.kill()  # the broker vanishes first
+        system.broker.process.wait()
+        started = time.monotonic()
+        system.worker.process.send_signal(signal.SIGTERM)
+        code = system.worker.process.wait(30)
+        took = time.monotonic() - started
+    finally:
+        system.stop()
+    assert code in (0, EXIT_DEADLINE)
+    assert took < settings.shutdown_timeout_s + 5.0
