@@ -2,7 +2,8 @@
 
 1. Fill the events topic with N synthetic events (Zipf items, uniform users).
 2. A bare Faust agent that only counts consumes them: its events/s is the yardstick.
-3. A streamrec worker consumes the same topic (own consumer group): events/s and the ratio.
+3. A streamrec worker consumes the same topic (own consumer group): events/s taken in and
+   events/s learned (the training examples applied to the model), each with its ratio.
 4. Requests through Kafka: sequential round trips, then C concurrent clients: p50/p99.
 
     python benchmarks/stream_roundtrip.py --quick          # about a minute
@@ -49,24 +50,30 @@ def fill(settings: Settings, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-def consume_rate(settings: Settings, child: Child, metric: str, n: int) -> float:
-    """Events/s from the first consumed event to the n-th, read off the process's metrics."""
-    first = None
+def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int) -> list[float]:
+    """Events/s of each metric from its first counted event to the n-th, read off the
+    process's metrics endpoint (all metrics watched in one loop, so none starts late)."""
+    first: dict[str, tuple[float, float]] = {}
+    rates: dict[str, float] = {}
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and len(rates) < len(metrics):
         if not child.alive():
             raise RuntimeError(f"{child.name} died; see {child.log_path}")
         try:
-            count = scrape(settings).get(metric, 0.0)
+            counts = scrape(settings)
         except OSError:
-            count = 0.0
+            counts = {}
         now = time.perf_counter()
-        if count > 0 and first is None:
-            first = (now, count)
-        if count >= n:
-            return (count - first[1]) / max(now - first[0], 1e-9)
+        for metric in metrics:
+            count = counts.get(metric, 0.0)
+            if count > 0 and metric not in first:
+                first[metric] = (now, count)
+            if count >= n and metric not in rates:
+                rates[metric] = (count - first[metric][1]) / max(now - first[metric][0], 1e-9)
         time.sleep(0.05)
-    raise TimeoutError(f"{metric} did not reach {n}")
+    if len(rates) < len(metrics):
+        raise TimeoutError(f"{sorted(set(metrics) - set(rates))} did not reach {n}")
+    return [rates[metric] for metric in metrics]
 
 
 def start(name: str, settings: Settings, argv: list[str], workdir: Path) -> Child:
@@ -130,17 +137,20 @@ def main(argv: list[str] | None = None) -> dict:
         agent = start("bare-agent", bare, [sys.executable,
                       str(Path(__file__).with_name("bare_agent.py"))], workdir)
         try:
-            results["bare_agent_events_per_s"] = consume_rate(bare, agent, "bare_events_total",
-                                                              args.events)
+            [results["bare_agent_events_per_s"]] = consume_rates(
+                bare, agent, ["bare_events_total"], args.events)
         finally:
             agent.stop()
         served = base.replace(app_id=f"worker-{tag}", data_dir=workdir / "worker")
         worker = start("worker", served, worker_argv(), workdir)
         try:
-            results["worker_events_per_s"] = consume_rate(served, worker,
-                                                          "streamrec_events_total", args.events)
+            results["worker_events_per_s"], results["worker_learned_events_per_s"] = \
+                consume_rates(served, worker, ["streamrec_events_total",
+                                               "streamrec_learned_events_total"], args.events)
             results["worker_to_bare_ratio"] = (results["worker_events_per_s"]
                                                / results["bare_agent_events_per_s"])
+            results["learned_to_bare_ratio"] = (results["worker_learned_events_per_s"]
+                                                / results["bare_agent_events_per_s"])
             users = max(1000, args.events // 20)
             results["sequential"] = round_trips(served, args.requests // 4, 1, users)
             results["concurrent"] = round_trips(served, args.requests, args.clients, users)

@@ -11,10 +11,14 @@ of being processed on the wrong partition.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import weakref
+import zlib
 
 import faust
+from faust.streams import _current_event  # see acting_for()
 
 from state.history import History
 
@@ -22,11 +26,48 @@ from .engine import Engine
 from .kafka import faust_credentials
 from .metrics import Metrics
 from .settings import Settings
-from .wire import (DeadLetter, InvalidMessage, RecResponse, TrainExample, decode_event,
-                   decode_request, salvage_request)
+from .wire import (DeadLetter, InvalidMessage, RecResponse, TrainBatch, TrainExample,
+                   decode_event, decode_request, salvage_request)
 
 log = logging.getLogger(__name__)
 HISTORY_TABLE = "user-histories"
+#: largest training message (bytes); Kafka's default message limit is 1 MiB
+TRAIN_MESSAGE_BYTES = 512 * 1024
+
+
+def item_partition(item_id: str, partitions: int) -> int:
+    """The train-topic partition (and so the learner) that owns an item: a stable hash, the
+    same in every process and every run (Python's own ``hash`` of str is salted)."""
+    return zlib.crc32(item_id.encode()) % partitions
+
+
+def _chunks_by_size(parts: list[bytes], limit: int):
+    chunk: list[bytes] = []
+    size = 0
+    for part in parts:
+        if chunk and size + len(part) > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(part)
+        size += len(part) + 1
+    if chunk:
+        yield chunk
+
+
+@contextlib.contextmanager
+def acting_for(event: faust.EventT):
+    """Make ``event`` Faust's current event while a batch member is processed.
+
+    Faust writes a table change to the changelog partition of the *current* event. Inside
+    ``take_events`` the current event is the last one buffered, so without this every user of
+    a batch would be written to that event's partition, and after a rebalance the owner of a
+    user's partition would not find the user's history.
+    """
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
 
 
 def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.App:
@@ -61,55 +102,86 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
         metrics.dead_letters.labels(error.reason).inc()
         metrics.events.labels("invalid", "dead_letter").inc()
 
-    async def take_event(message) -> None:
+    async def take_event(message) -> TrainExample | None:
         event = decode_event(message.value, kinds=settings.event_kinds,
                              max_bytes=settings.max_event_bytes)
         if message.key != event.user_id.encode():
             await events.send(key=event.user_id.encode(), value=message.value)
             metrics.events.labels(event.kind, "rekeyed").inc()
-            return
+            return None
         history = History.from_json(histories.get(event.user_id))
         taken = engine.ingest(event, history)
         if taken is None:
             metrics.events.labels(event.kind, "duplicate").inc()
-            return
+            return None
         updated, example = taken
         histories[event.user_id] = updated.to_json()
-        await train.send(key=event.item_id.encode(), value=example.to_bytes())
         metrics.events.labels(event.kind, "accepted").inc()
+        return example
+
+    async def take_guarded(message) -> TrainExample | None:
+        """:func:`take_event`, with every failure routed to the DLQ with a reason."""
+        try:
+            return await take_event(message)
+        except InvalidMessage as error:
+            await dead_letter(error, message)
+        except Exception as error:  # noqa: BLE001 - an agent must survive anything
+            log.exception("event at %s/%d/%d failed", message.topic, message.partition,
+                          message.offset)
+            await dead_letter(InvalidMessage("internal_error", repr(error)), message)
+        return None
+
+    async def send_training(examples: list[TrainExample]) -> None:
+        """One message per item partition (and per ``TRAIN_MESSAGE_BYTES``), partition chosen
+        by a stable hash of the item id, so each item is always learned by the same owner."""
+        by_partition: dict[int, list[bytes]] = {}
+        for example in examples:
+            partition = item_partition(example.item_id, settings.partitions)
+            by_partition.setdefault(partition, []).append(example.to_bytes())
+        for partition, parts in by_partition.items():
+            for chunk in _chunks_by_size(parts, TRAIN_MESSAGE_BYTES):
+                await train.send(key=str(partition).encode(), partition=partition,
+                                 value=TrainBatch.encode_parts(chunk))
 
     @app.agent(events, name="ingest")
     async def ingest(stream):
-        """Validate each event; invalid ones go to the DLQ with a reason, never crash."""
-        async for item in stream.events():
-            message = item.message
-            try:
-                await take_event(message)
-            except InvalidMessage as error:
-                await dead_letter(error, message)
-            except Exception as error:  # noqa: BLE001 - an agent must survive anything
-                log.exception("event at %s/%d/%d failed", message.topic, message.partition,
-                              message.offset)
-                await dead_letter(InvalidMessage("internal_error", repr(error)), message)
+        """Validate events in batches; invalid ones go to the DLQ with a reason, never crash.
+
+        A batch is acknowledged only after its training messages are handed to the producer,
+        and Faust flushes the producer before it commits offsets: at least once holds."""
+        async for batch in stream.take_events(settings.ingest_batch,
+                                              within=settings.ingest_batch_wait_s):
+            examples = []
+            for item in batch:
+                with acting_for(item):
+                    example = await take_guarded(item.message)
+                if example is not None:
+                    examples.append(example)
+            await send_training(examples)
 
     @app.agent(train, name="learn")
     async def learn(stream):
         """Micro-batches of training examples (partitioned by item) into the item learner."""
-        async for batch in stream.take(settings.learn_batch, within=settings.learn_batch_wait_s):
+        async for values in stream.take(settings.learn_batch,
+                                        within=settings.learn_batch_wait_s):
             examples = []
-            for value in batch:
+            for value in values:
                 try:
-                    examples.append(TrainExample.model_validate_json(value))
+                    examples.extend(TrainBatch.model_validate_json(value).examples)
                 except ValueError:
-                    log.warning("skipping an undecodable training example")
-            try:
-                started = time.perf_counter()
-                loss = engine.learn(examples)
-                metrics.learn_seconds.observe(time.perf_counter() - started)
-                metrics.learned.inc(len(examples))
-                metrics.batch_loss.set(loss)
-            except Exception:  # noqa: BLE001 - a bad batch must not stop learning
-                log.exception("learning step failed on %d examples", len(examples))
+                    log.warning("skipping an undecodable training message")
+            for start in range(0, len(examples), settings.learn_batch):
+                learn_step(examples[start:start + settings.learn_batch])
+
+    def learn_step(examples: list[TrainExample]) -> None:
+        try:
+            started = time.perf_counter()
+            loss = engine.learn(examples)
+            metrics.learn_seconds.observe(time.perf_counter() - started)
+            metrics.learned.inc(len(examples))
+            metrics.batch_loss.set(loss)
+        except Exception:  # noqa: BLE001 - a bad batch must not stop learning
+            log.exception("learning step failed on %d examples", len(examples))
 
     async def reply_topic(name: str | None) -> faust.TopicT:
         name = name or settings.topic_responses

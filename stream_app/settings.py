@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     alpha0: float = Field(0.05, ge=0, description="Weight of the all-pairs (implicit zero) term.")
     l2: float = Field(0.01, ge=0, description="L2 regularization λ.")
     learning_rate: float = Field(0.2, gt=0, description="Adagrad learning rate of item vectors.")
+    ingest_batch: int = Field(256, ge=1, description="Events the ingest agent takes at once.")
+    ingest_batch_wait_s: float = Field(
+        0.01, gt=0, description="Longest wait to fill an ingest batch (adds to event latency).")
     learn_batch: int = Field(256, ge=1, description="Largest micro-batch of training examples.")
     learn_batch_wait_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
     model_seed: int = 0

@@ -132,6 +132,22 @@ class TrainExample(_Wire):
         return history_ts
 
 
+class TrainBatch(_Wire):
+    """Training examples of one item partition, sent as one message (key: the partition).
+
+    One message per partition per ingest batch instead of one per event: the learn agent's
+    cost per message (consume, decode, dispatch) is paid once for tens of examples.
+    """
+
+    examples: list[TrainExample]
+
+    @staticmethod
+    def encode_parts(parts: list[bytes]) -> bytes:
+        """The message for already serialized examples (each serialized once, when it is
+        measured for the size limit)."""
+        return b'{"v":1,"examples":[' + b",".join(parts) + b"]}"
+
+
 class DeadLetter(_Wire):
     """What the DLQ holds: the original bytes (base64), where they came from, and why."""
 

@@ -245,3 +245,32 @@ def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings,
     assert [i.score for i in after.items] == pytest.approx([i.score for i in before.items],
                                                            rel=1e-6)
     assert again.metrics()["streamrec_model_items"] == CLUSTERS_ITEMS
+
+
+def test_batched_ingest_writes_each_history_to_its_users_partition(settings, start_worker):
+    """Events are taken in batches; each user's table change must still go to the changelog
+    partition of that user's events, or a rebalance would hand the history to the wrong
+    worker. Also: every event yields exactly one training example, on its item's partition."""
+    from stream_app.app import HISTORY_TABLE, item_partition
+
+    worker = start_worker(settings)
+    many = [(f"u{i % 40}".encode(), event(f"u{i % 40}", f"i{i % 97}", event_id=f"e{i}"))
+            for i in range(600)]
+    produce(settings, many)  # one burst: the ingest agent takes it in large batches
+    worker.wait_metric("streamrec_learned_events_total", len(many))
+    events = read_topic(settings, settings.topic_events, len(many))
+    user_partition = {record.key: record.partition for record in events}
+    assert len(set(user_partition.values())) == settings.partitions  # users on every partition
+    changelog = read_topic(settings, f"{settings.app_id}-{HISTORY_TABLE}-changelog", len(many))
+    assert len(changelog) >= 40
+    # the table's changelog keys are JSON strings
+    assert all(record.partition == user_partition[json.loads(record.key).encode()]
+               for record in changelog)
+    messages = read_topic(settings, settings.topic_train, len(many), timeout_s=5.0)
+    examples = []
+    for record in messages:
+        batch = json.loads(record.value)["examples"]
+        assert {item_partition(x["item_id"], settings.partitions) for x in batch} \
+            == {record.partition}
+        examples += batch
+    assert len(examples) == len(many) > 4 * len(messages)  # batched, many examples a message
