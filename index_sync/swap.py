@@ -1,0 +1,151 @@
+"""The serving reference and the rebuild loop that replaces it.
+
+Queries read :attr:`IndexHolder.current` once and use that object to the end: an index is never
+modified after it is built, so a query sees one complete version whatever happens meanwhile.
+A swap is one attribute assignment (atomic under the GIL) and only ever moves forward.
+
+:class:`IndexRebuilder` builds in a background thread from a snapshot the caller takes on its
+own thread (a copy of the item rows: the learner keeps changing them), writes the version to
+disk, swaps it in and prunes old versions. One build at a time; a failed build is logged and
+the previous version keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .clusters import ClusteredIndex
+from .hnsw import HnswParams, ItemIndex
+from .versions import ServedIndex, load_newest, next_version, prune, write_version
+
+log = logging.getLogger(__name__)
+
+
+class IndexHolder:
+    """The index that answers queries now (None before the first one exists)."""
+
+    def __init__(self) -> None:
+        self.current: ServedIndex | None = None
+        self.swaps = 0
+        self.swapped_at = 0.0
+        self._lock = threading.Lock()  # orders swaps; readers never take it
+
+    def swap(self, index: ServedIndex) -> bool:
+        """Serve ``index`` if it is newer than the current one; False (and no change) if not."""
+        with self._lock:
+            if self.current is not None and index.version <= self.current.version:
+                return False
+            self.current = index
+            self.swaps += 1
+            self.swapped_at = time.time()
+            return True
+
+    @property
+    def version(self) -> int | None:
+        index = self.current
+        return None if index is None else index.version
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a build needs, copied on the owner's thread."""
+
+    ids: list[str]
+    vectors: np.ndarray  # (n, d+1) augmented rows, a copy
+    model_version: int
+
+
+@dataclass(frozen=True)
+class RebuildPolicy:
+    """When to rebuild: every ``interval_s``, or sooner once ``changed_items`` item rows have
+    changed since the last build's snapshot; never with fewer than ``min_items`` items."""
+
+    interval_s: float = 60.0
+    changed_items: int = 10_000
+    min_items: int = 1
+    clusters: int = 0
+    keep: int = 2
+    grace_s: float = 300.0
+
+
+class IndexRebuilder:
+    """Builds, writes, swaps and prunes index versions off the serving path."""
+
+    def __init__(self, root: Path, holder: IndexHolder, policy: RebuildPolicy = RebuildPolicy(),
+                 params: HnswParams = HnswParams(), seed: int = 0) -> None:
+        self.root = root
+        self.holder = holder
+        self.policy = policy
+        self.params = params
+        self.seed = seed
+        # The first build also waits for the interval or the changed items: until then the
+        # engine answers by exact search, which is what a young, small catalog needs anyway.
+        self.last_snapshot_at = time.time()
+        self.builds = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_build_seconds = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-build")
+        self._running: Future | None = None
+
+    def load_existing(self) -> bool:
+        """Serve the newest valid version on disk, if any (at start)."""
+        index = load_newest(self.root, self.params)
+        return index is not None and self.holder.swap(index)
+
+    @property
+    def building(self) -> bool:
+        return self._running is not None and not self._running.done()
+
+    def due(self, changed_items: int, n_items: int, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        if self.building or n_items < self.policy.min_items or changed_items == 0:
+            return False
+        return (changed_items >= self.policy.changed_items
+                or now - self.last_snapshot_at >= self.policy.interval_s)
+
+    def submit(self, snapshot: Snapshot) -> Future:
+        """Start a build of ``snapshot`` in the background (the caller checked :meth:`due`)."""
+        if self.building:
+            raise RuntimeError("a build is already running")
+        self.last_snapshot_at = time.time()
+        self._running = self._executor.submit(self._build_and_swap, snapshot)
+        return self._running
+
+    def _build_and_swap(self, snapshot: Snapshot) -> ServedIndex | None:
+        try:
+            index = self.build(snapshot.ids, snapshot.vectors, snapshot.model_version)
+            write_version(self.root, index)
+            self.holder.swap(index)
+            self.builds += 1
+            self.last_build_seconds = index.manifest.build_seconds
+            self.last_error = None
+            prune(self.root, self.policy.keep, self.policy.grace_s)
+            log.info("index v%d: %d items built in %.1f s", index.version, len(index),
+                     index.manifest.build_seconds)
+            return index
+        except Exception as error:  # noqa: BLE001 - the previous version keeps serving
+            self.failures += 1
+            self.last_error = repr(error)
+            log.exception("index build failed; version %s keeps serving", self.holder.version)
+            return None
+
+    def build(self, ids: Sequence[str], vectors: np.ndarray, model_version: int) -> ServedIndex:
+        version = max(next_version(self.root), (self.holder.version or 0) + 1)
+        if self.policy.clusters > 1:
+            return ClusteredIndex.build(ids, vectors, self.policy.clusters, version=version,
+                                        model_version=model_version, params=self.params,
+                                        seed=self.seed)
+        return ItemIndex.build(ids, vectors, version=version, model_version=model_version,
+                               params=self.params, seed=self.seed)
+
+    def close(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=True)

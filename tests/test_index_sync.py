@@ -1,0 +1,260 @@
+"""index_sync: recall against exact MIPS, versions on disk, hot swap under load, quotas."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from index_sync.clusters import ClusteredIndex, quotas
+from index_sync.hnsw import HnswParams, ItemIndex, exact_top_k
+from index_sync.swap import IndexHolder, IndexRebuilder, RebuildPolicy, Snapshot
+from index_sync.versions import load_newest, prune, version_dirs, write_version
+
+
+def model_like(n: int, dim: int = 32, rank: int = 8, seed: int = 0) -> np.ndarray:
+    """Low-rank vectors with a bias column, like learned item rows [v, b]."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(n, rank)) @ rng.normal(size=(rank, dim)) / np.sqrt(rank)
+    v += 0.1 * rng.normal(size=(n, dim))
+    bias = rng.normal(0.0, 0.5, size=(n, 1))
+    return np.hstack([v, bias])
+
+
+def queries(m: int, dim: int = 32, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.hstack([rng.normal(size=(m, dim)) / np.sqrt(dim), np.ones((m, 1))])
+
+
+def ids_of(n: int, prefix: str = "i") -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+def test_recall_against_exact_mips_at_the_configured_ef():
+    vectors, ids = model_like(5000), ids_of(5000)
+    index = ItemIndex.build(ids, vectors, version=1, model_version=0, params=HnswParams())
+    recalls = []
+    for q in queries(200):
+        exact = {ids[i] for i in exact_top_k(vectors, q, 10)}
+        found = [item for item, _ in index.search(q, 10)]
+        recalls.append(len(exact & set(found)) / 10)
+    assert np.mean(recalls) >= 0.95, np.mean(recalls)
+
+
+def test_scores_are_the_model_scores_and_exclusion_keeps_k():
+    vectors, ids = model_like(500, seed=3), ids_of(500)
+    index = ItemIndex.build(ids, vectors, version=1, model_version=0)
+    q = queries(1, seed=4)[0]
+    top = index.search(q, 10)
+    for item, score in top:
+        assert score == pytest.approx(float(vectors[int(item[1:])] @ q), rel=1e-4, abs=1e-4)
+    excluded = {item for item, _ in top[:5]}
+    again = index.search(q, 10, exclude=excluded)
+    assert len(again) == 10 and not excluded & {item for item, _ in again}
+    assert index.search(q, 1000)[-1][0] in ids and len(index.search(q, 1000)) == 500
+
+
+def test_versions_round_trip_and_the_newest_valid_one_loads(tmp_path):
+    vectors, ids = model_like(300), ids_of(300)
+    for version in (1, 2):
+        write_version(tmp_path, ItemIndex.build(ids, vectors, version=version, model_version=7))
+    loaded = load_newest(tmp_path)
+    assert loaded.version == 2 and loaded.ids == ids and loaded.manifest.model_version == 7
+    manifest = json.loads((tmp_path / "v2" / "manifest.json").read_text())
+    assert {"version", "dim", "count", "model_version", "build_seconds", "files"} <= set(manifest)
+    q = queries(1)[0]
+    original = ItemIndex.build(ids, vectors, version=3, model_version=7)
+    assert [i for i, _ in loaded.search(q, 10)] == [i for i, _ in original.search(q, 10)]
+    with pytest.raises(FileExistsError):
+        write_version(tmp_path, ItemIndex.build(ids, vectors, version=2, model_version=7))
+
+
+@pytest.mark.parametrize("damage", ["truncated index", "changed checksum", "missing ids",
+                                    "bad manifest", "temp folder only"])
+def test_a_damaged_or_partial_version_is_never_loaded(tmp_path, damage, caplog):
+    vectors, ids = model_like(200), ids_of(200)
+    write_version(tmp_path, ItemIndex.build(ids, vectors, version=1, model_version=1))
+    newer = write_version(tmp_path, ItemIndex.build(ids[:100], vectors[:100], version=2,
+                                                    model_version=2))
+    if damage == "truncated index":
+        data = (newer / "index-0.bin").read_bytes()
+        (newer / "index-0.bin").write_bytes(data[: len(data) // 2])
+    elif damage == "changed checksum":
+        manifest = json.loads((newer / "manifest.json").read_text())
+        manifest["files"]["ids-0.json"] = "0" * 64
+        (newer / "manifest.json").write_text(json.dumps(manifest))
+    elif damage == "missing ids":
+        (newer / "ids-0.json").unlink()
+    elif damage == "bad manifest":
+        (newer / "manifest.json").write_text("{not json")
+    else:  # a build that died before its rename: only the temp folder exists
+        newer.rename(tmp_path / ".tmp-v2-deadbeef")
+    loaded = load_newest(tmp_path)
+    assert loaded is not None and loaded.version == 1 and len(loaded) == 200
+    if damage != "temp folder only":
+        assert "skipping index version 2" in caplog.text
+
+
+def test_a_build_killed_midway_leaves_the_previous_version(tmp_path):
+    """A real process killed (SIGKILL) while it writes a version: what it leaves behind is a
+    temp folder, which is never loaded; the previous version keeps being the newest."""
+    vectors, ids = model_like(200), ids_of(200)
+    write_version(tmp_path, ItemIndex.build(ids, vectors, version=1, model_version=1))
+    script = (
+        "import sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from index_sync.hnsw import ItemIndex\n"
+        "from index_sync.versions import write_version\n"
+        "v = np.random.default_rng(0).normal(size=(40000, 33))\n"
+        "index = ItemIndex.build([str(i) for i in range(len(v))], v, version=2, "
+        "model_version=2)\n"
+        "print('writing', flush=True)\n"
+        "n = 0\n"
+        "while True:\n"
+        "    n += 1\n"
+        "    write_version(Path(sys.argv[1]) / f'scratch-{n}', index)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    assert writer.stdout.readline().strip() == "writing"
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("scratch-*/.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    partial = list(tmp_path.glob("scratch-*/.tmp-*"))
+    assert partial, "the writer was never caught mid-write"
+    for folder in partial:  # what the dead build left, beside the good version
+        folder.rename(tmp_path / folder.name)
+    assert load_newest(tmp_path).version == 1
+    assert [v for v, _ in version_dirs(tmp_path)] == [1]
+
+
+def test_prune_keeps_the_newest_and_respects_the_grace_period(tmp_path):
+    vectors, ids = model_like(50), ids_of(50)
+    for version in range(1, 5):
+        write_version(tmp_path, ItemIndex.build(ids, vectors, version=version, model_version=0))
+    (tmp_path / ".tmp-v9-dead").mkdir()
+    assert prune(tmp_path, keep=2, grace_s=3600) == []  # all too young
+    removed = prune(tmp_path, keep=2, grace_s=0.0, now=time.time() + 1)
+    assert sorted(p.name for p in removed) == [".tmp-v9-dead", "v1", "v2"]
+    assert [v for v, _ in version_dirs(tmp_path)] == [4, 3]
+
+
+def test_hot_swap_under_load_answers_from_exactly_one_complete_version():
+    """Each version's items carry its number in their ids; 4 threads query during 25 swaps:
+    no query fails, no answer mixes versions, versions seen never go backwards."""
+    n, dim = 400, 16
+    vectors = model_like(n, dim=dim, seed=5)
+    holder = IndexHolder()
+    holder.swap(ItemIndex.build(ids_of(n, "v1-"), vectors, version=1, model_version=1))
+    stop = threading.Event()
+    errors: list[str] = []
+    seen_versions: list[list[int]] = [[] for _ in range(4)]
+
+    def query(worker: int) -> None:
+        q = queries(1, dim=dim, seed=worker)[0]
+        while not stop.is_set():
+            try:
+                index = holder.current
+                answer = index.search(q, 10)
+                versions = {item.split("-")[0] for item, _ in answer}
+                if len(answer) != 10 or versions != {f"v{index.version}"}:
+                    errors.append(f"bad answer {answer}")
+                seen_versions[worker].append(index.version)
+            except Exception as error:  # noqa: BLE001
+                errors.append(repr(error))
+
+    threads = [threading.Thread(target=query, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for version in range(2, 27):
+        built = ItemIndex.build(ids_of(n, f"v{version}-"), vectors, version=version,
+                                model_version=version)
+        assert holder.swap(built)
+    assert not holder.swap(ItemIndex.build(ids_of(n, "v3-"), vectors, version=3,
+                                           model_version=3))  # never backwards
+    time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert holder.swaps == 26 and holder.version == 26
+    for versions in seen_versions:
+        assert versions and versions == sorted(versions)
+
+
+def test_rebuilder_builds_aside_swaps_and_survives_a_failed_build(tmp_path):
+    holder = IndexHolder()
+    rebuilder = IndexRebuilder(tmp_path, holder, RebuildPolicy(interval_s=3600,
+                                                                changed_items=10))
+    vectors, ids = model_like(300), ids_of(300)
+    assert not rebuilder.due(changed_items=5, n_items=300)
+    assert rebuilder.due(changed_items=10, n_items=300)
+    rebuilder.submit(Snapshot(ids, vectors, model_version=3)).result(60)
+    assert holder.version == 1 and holder.current.manifest.model_version == 3
+    broken = Snapshot(ids, vectors[:, :5][:10], model_version=4)  # ids and rows disagree
+    assert rebuilder.submit(broken).result(60) is None
+    assert holder.version == 1 and rebuilder.failures == 1 and rebuilder.last_error
+    rebuilder.submit(Snapshot(ids, vectors, model_version=5)).result(60)
+    assert holder.version == 2
+    restarted = IndexHolder()
+    assert IndexRebuilder(tmp_path, restarted).load_existing()
+    assert restarted.version == 2 and restarted.current.manifest.model_version == 5
+    rebuilder.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(p=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12),
+       alpha=st.floats(0.0, 200.0), total=st.integers(0, 500))
+def test_quotas_always_sum_to_the_total(p, alpha, total):
+    counts = quotas(np.array(p), alpha, total)
+    assert counts.sum() == total and (counts >= 0).all()
+
+
+def test_quota_extremes():
+    p = np.array([0.1, 0.6, 0.3, 0.0])
+    assert quotas(p, 0.0, 40).tolist() == [10, 10, 10, 10]  # absolute fairness
+    assert quotas(p, 1000.0, 40).tolist() == [0, 40, 0, 0]  # the top cluster only
+    assert quotas(p, 1.0, 10).tolist() == [1, 6, 3, 0]
+
+
+def test_clustered_index_follows_the_users_cluster_with_large_alpha():
+    rng = np.random.default_rng(7)
+    centers = rng.normal(size=(4, 16)) * 3
+    labels = np.repeat(np.arange(4), 150)
+    vectors = np.hstack([centers[labels] + rng.normal(size=(600, 16)), np.zeros((600, 1))])
+    ids = [f"c{label}-{i}" for i, label in enumerate(labels)]
+    index = ClusteredIndex.build(ids, vectors, 4, version=1, model_version=0)
+    assert len(index) == 600 and index.manifest.clusters == 4
+    q = np.append(rng.normal(size=16), 1.0)
+    history = [i for i in ids if i.startswith("c2-")][:5]
+    focused = index.search(q, 20, diversity=100.0, history=history)
+    assert len(focused) == 20 and all(i.startswith("c2-") for i, _ in focused)
+    fair = index.search(q, 20, diversity=0.0, history=history)
+    assert {i.split("-")[0] for i, _ in fair} == {"c0", "c1", "c2", "c3"}
+    # with α = 1 and no history, it still finds most of the exact top items
+    exact = {ids[i] for i in exact_top_k(vectors, q, 20)}
+    found = {i for i, _ in index.search(q, 20)}
+    assert len(exact & found) >= 10
+
+
+def test_a_clustered_version_round_trips(tmp_path):
+    vectors, ids = model_like(400), ids_of(400)
+    index = ClusteredIndex.build(ids, vectors, 3, version=1, model_version=2)
+    write_version(tmp_path, index)
+    loaded = load_newest(tmp_path)
+    assert isinstance(loaded, ClusteredIndex) and sorted(loaded.ids) == sorted(ids)
+    q = queries(1)[0]
+    before, after = index.search(q, 10), loaded.search(q, 10)
+    assert [i for i, _ in after] == [i for i, _ in before]
+    assert [s for _, s in after] == pytest.approx([s for _, s in before])
