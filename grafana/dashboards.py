@@ -115,6 +115,23 @@ def overview() -> dict:
                     "found at its last exact recompute."),
          stat("Checkpoint age", [target("streamrec_checkpoint_age_seconds", "{{instance}}")],
               "Seconds since model state was last written to the data dir.")],
+        [timeseries("Answer stages (p99)",
+                    [target(f"histogram_quantile(0.99, sum by (le, stage) "
+                            f"(rate(streamrec_stage_seconds_bucket[{RATE_WINDOW}])))",
+                            "{{stage}}")], "s",
+                    "embed: the user vector; ann: candidates from the index; merge: the one "
+                    "rerank with the current vectors and the popularity fill."),
+         timeseries("Answers by source",
+                    [target(rate("streamrec_candidates_total", "source"), "{{source}}")], "ops",
+                    "Items returned per second by the source that produced them."),
+         stat("Index version", [target("streamrec_index_version", "v {{instance}}", "A"),
+                                target("streamrec_index_items", "items {{instance}}", "B")],
+              "Serving HNSW version (0: exact search) and its items."),
+         stat("Index age and build", [target("streamrec_index_age_seconds", "age s", "A"),
+                                      target("streamrec_index_build_seconds", "build s", "B"),
+                                      target("streamrec_index_failures", "failed builds", "C")],
+              "Seconds since the serving index was built, the last build's seconds, failed "
+              "builds (the previous version kept serving).")],
     ]
     return {
         "uid": "streamrec-overview", "title": "streamrec overview",

@@ -117,6 +117,18 @@ class ItemLearner:
         """Ψ̃ (n, dim + 1): rows [v_i, b_i] in row order (a read-only view)."""
         return read_only_view(self._psi[: len(self._ids)])
 
+    def item_ids_at(self, rows: Iterable[int]) -> list[str]:
+        """The ids of the given rows."""
+        return [self._ids[row] for row in rows]
+
+    def scores_of(self, phi: np.ndarray, item_ids: Sequence[str]) -> np.ndarray:
+        """ŷ(u, i) for the given items (−inf for ids never learned), in the given order."""
+        rows = self.rows_of(item_ids)
+        scores = np.full(len(rows), -np.inf)
+        known = rows >= 0
+        scores[known] = self._psi[rows[known]] @ augment_users(phi)
+        return scores
+
     def rows_of(self, item_ids: Iterable[str]) -> np.ndarray:
         """Row of each id, −1 for ids never learned."""
         return np.array([self._index.get(i, -1) for i in item_ids], dtype=np.int64)

@@ -246,5 +246,13 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
     async def checkpoint() -> None:
         engine.save()
 
+    @app.timer(settings.index_check_s)
+    async def rebuild_index() -> None:
+        """Snapshot the item vectors here, on the loop that learns; build in a thread."""
+        try:
+            engine.maybe_rebuild_index()
+        except Exception:  # noqa: BLE001 - serving goes on with the current version
+            log.exception("could not start an index build")
+
     app.streamrec_histories = histories  # for tests and tools that inspect the table
     return app

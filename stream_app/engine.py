@@ -7,6 +7,7 @@ Keeping the logic here means it is tested without a broker and reused by the eva
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from river import stats
 
+from index_sync.serving import ServingIndex
+from models.embedding import augment_users
 from models.encoders import ials_fold_in, mean_encoder
 from models.learner import ItemLearner
 from state.history import History
@@ -22,10 +25,11 @@ from state.popularity import DecayedPopularity
 from .settings import Settings
 from .wire import SOURCES, Event, InvalidMessage, RecItem, RecRequest, RecResponse, TrainExample
 
-#: sources answered by the model. "ann" is exact maximum inner product search over the current
-#: item vectors until the HNSW index exists; "dr" is answered the same way until Deep Retrieval
-#: exists. Each returned item names the source that really produced it.
+#: sources answered by the model: "ann" retrieves from the serving HNSW index (exact search
+#: while the catalog is small or before the first build); "dr" is answered the same way until
+#: Deep Retrieval exists. Each returned item names the source that really produced it.
 MODEL_SOURCES = ("ann", "dr")
+log = logging.getLogger(__name__)
 
 
 def encode_phi(phi: np.ndarray) -> str:
@@ -43,11 +47,13 @@ class Engine:
 
     available_sources = ("ann", "popular")
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics=None) -> None:
         self.settings = settings
+        self.metrics = metrics  # a stream_app.metrics.Metrics, or None (tools, the harness)
         self.popularity = DecayedPopularity(settings.popularity_half_life_s,
                                             refresh_s=settings.popularity_refresh_s)
         self.learner = ItemLearner(settings.learner_config())
+        self.index = ServingIndex(self.learner, settings.index_config())
         self.loss = stats.EWMean(fading_factor=0.05)
         self.users = 0  # users whose history this worker holds
         self.learned = 0  # training examples applied
@@ -118,6 +124,7 @@ class Engine:
         self._cold_start(items, phis)
         loss = self.learner.learn(phis, items, np.array([e.alpha for e in examples]),
                                   n_users=max(self.users, 1))
+        self.index.learned(items)
         self.loss.update(loss)
         self.learned += len(examples)
         return loss
@@ -164,26 +171,69 @@ class Engine:
         return phi if phi.any() else None
 
     def answer(self, request: RecRequest, history: History, started: float) -> RecResponse:
-        """Top-k for the user: the model's ranking (exact MIPS) for users with a vector, then
-        popularity to fill; seen items (stored history plus the request's) are excluded when
-        ``exclude_seen``; an unknown user gets plain popularity."""
+        """Top-k for the user: model candidates (the serving index, or exact search) scored
+        once with the current item vectors, then popularity to fill; seen items (stored
+        history plus the request's) are excluded when ``exclude_seen``; an unknown user gets
+        plain popularity."""
         seen: set[str] = set()
         if request.exclude_seen:
             seen = set(history.items) | set(request.history or ())
         sources = request.sources or SOURCES
         items: list[RecItem] = []
+        index_version = None
+        clock = time.perf_counter()
         phi = self.user_vector(request, history)
+        clock = self._stage("embed", clock)
         if phi is not None and len(self.learner) and set(sources) & set(MODEL_SOURCES):
-            items = [RecItem(item_id=item_id, score=score, source="ann")
-                     for item_id, score in self.learner.top_k(phi, request.k, exclude=seen)]
+            candidates, index_version = self.index.retrieve(
+                augment_users(phi), self._candidates_wanted(request), seen,
+                diversity=request.diversity, history=list(history.items))
+            clock = self._stage("ann", clock)
+            items = self._rerank(phi, candidates, request.k)
         if len(items) < request.k:
             taken = seen | {item.item_id for item in items}
             items += [RecItem(item_id=item_id, score=score, source="popular")
                       for item_id, score in self.popularity.top(request.k - len(items),
                                                                 exclude=taken)]
+        self._stage("merge", clock)
+        self._count_sources(items)
         return RecResponse(request_id=request.request_id, user_id=request.user_id, items=items,
-                           model_version=self.model_version, index_version=None,
+                           model_version=self.model_version, index_version=index_version,
                            took_ms=(time.perf_counter() - started) * 1000.0)
+
+    def _candidates_wanted(self, request: RecRequest) -> int:
+        """``rerank_candidates`` to choose the top k from; exactly k when the request sets a
+        ``diversity``: then the quota merge of a clustered index decides which clusters the
+        k answers come from (Kuaishou: the final list is the top M_k of each cluster), and a
+        rerank of a wider pool would give them all back to the user's main cluster."""
+        if request.diversity is not None:
+            return request.k
+        return max(request.k, self.settings.rerank_candidates)
+
+    def _rerank(self, phi: np.ndarray, candidates: list[str], k: int) -> list[RecItem]:
+        """One score per candidate, with the vectors as they are now; the best ``k``."""
+        candidates = list(dict.fromkeys(candidates))
+        scores = self.learner.scores_of(phi, candidates)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [RecItem(item_id=candidates[i], score=float(scores[i]), source="ann")
+                for i in order if np.isfinite(scores[i])]
+
+    def _stage(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.stage_latency.labels(stage).observe(now - since)
+        return now
+
+    def _count_sources(self, items: list[RecItem]) -> None:
+        if self.metrics is None:
+            return
+        for source in {item.source for item in items}:
+            self.metrics.candidates.labels(source).inc(
+                sum(1 for item in items if item.source == source))
+
+    def maybe_rebuild_index(self) -> bool:
+        """Start an index build aside if one is due (call on the learning thread)."""
+        return self.index.maybe_rebuild(self.model_version)
 
     # -- persistence ----------------------------------------------------------------------
     @property
@@ -196,8 +246,12 @@ class Engine:
         self.checkpointed_at = time.time()
 
     def load(self) -> bool:
+        """The last checkpoint and the newest valid index version, where they exist."""
         found = self.popularity.load(self.checkpoint_dir / "popularity.npz")
-        return self.learner.load(self.checkpoint_dir / "model.npz") or found
+        found = self.learner.load(self.checkpoint_dir / "model.npz") or found
+        if self.index.load_existing():
+            log.info("serving index version %s", self.index.version)
+        return found
 
 
 assert set(Engine.available_sources) <= set(SOURCES)

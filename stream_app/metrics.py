@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+STAGE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
 class _ScrapeTimeGauges:
@@ -51,6 +52,12 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.batch_loss = Gauge("streamrec_learn_batch_loss",
                                 "Loss of the last micro-batch before its step.", registry=r)
+        self.stage_latency = Histogram("streamrec_stage_seconds",
+                                       "Time of one stage of answering a request.", ["stage"],
+                                       buckets=STAGE_BUCKETS, registry=r)
+        self.candidates = Counter("streamrec_candidates_total",
+                                  "Items returned to clients, by the source that produced them.",
+                                  ["source"], registry=r)
         self._gauges = _ScrapeTimeGauges()
         r.register(self._gauges)
 

@@ -96,6 +96,23 @@ class Settings(BaseSettings):
     learn_batch_wait_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
     model_seed: int = 0
 
+    # -- serving index (DESIGN.md "Serving and index_sync") ------------------------------------
+    index_enabled: bool = Field(True, description="Serve from HNSW indices rebuilt aside.")
+    index_interval_s: float = Field(60.0, gt=0, description="Rebuild at least this often.")
+    index_changed_items: int = Field(
+        10_000, ge=1, description="Rebuild sooner once this many item vectors have changed.")
+    index_min_items: int = Field(
+        1000, ge=1, description="Below this many items, exact search serves (it is as fast).")
+    index_clusters: int = Field(0, ge=0, description="k-means clusters (0: one index).")
+    index_ef: int = Field(128, ge=1, description="HNSW search breadth (a query uses ef >= k).")
+    index_m: int = Field(16, ge=2, description="HNSW graph degree.")
+    index_build_threads: int = Field(1, ge=1, description="Threads of an index build.")
+    index_keep: int = Field(2, ge=1, description="Index versions kept on disk.")
+    index_grace_s: float = Field(300.0, ge=0, description="Age before an old version is pruned.")
+    index_check_s: float = Field(1.0, gt=0, description="How often a rebuild is considered.")
+    rerank_candidates: int = Field(
+        100, ge=1, description="Candidates a model source retrieves before the one rerank.")
+
     # -- observability ---------------------------------------------------------------------------
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 disables the endpoint.")
@@ -144,6 +161,20 @@ class Settings(BaseSettings):
 
         return LearnerConfig(dim=self.model_dim, alpha0=self.alpha0, lam=self.l2,
                              lr=self.learning_rate, seed=self.model_seed)
+
+    def index_config(self):
+        from index_sync.hnsw import HnswParams
+        from index_sync.serving import IndexConfig
+        from index_sync.swap import RebuildPolicy
+
+        return IndexConfig(
+            root=self.data_dir / "index", enabled=self.index_enabled, seed=self.model_seed,
+            policy=RebuildPolicy(interval_s=self.index_interval_s,
+                                 changed_items=self.index_changed_items,
+                                 min_items=self.index_min_items, clusters=self.index_clusters,
+                                 keep=self.index_keep, grace_s=self.index_grace_s),
+            params=HnswParams(M=self.index_m, ef=self.index_ef,
+                              threads=self.index_build_threads))
 
     @property
     def event_kinds(self) -> frozenset[str]:

@@ -37,6 +37,18 @@ def build_metrics(engine: Engine) -> Metrics:
                   lambda: engine.learner.last_drift)
     metrics.gauge("streamrec_checkpoint_age_seconds", "Seconds since the last checkpoint.",
                   lambda: time.time() - engine.checkpointed_at)
+    index_gauges = {
+        "version": "Version of the serving item index (0: exact search).",
+        "items": "Items in the serving item index.",
+        "build_seconds": "Seconds the last index build took.",
+        "age_seconds": "Seconds since the serving index was built.",
+        "swaps": "Index versions swapped in since the worker started.",
+        "failures": "Index builds that failed (the previous version kept serving).",
+    }
+    for key, doc in index_gauges.items():
+        metrics.gauge(f"streamrec_index_{key}", doc,
+                      lambda key=key: engine.index.stats(time.time())[key])
+    engine.metrics = metrics
     return metrics
 
 
@@ -98,6 +110,7 @@ def run_worker(settings: Settings) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     finally:
+        engine.index.close()
         engine.save()
         log.info("checkpoint written to %s", engine.checkpoint_dir)
         if server is not None:

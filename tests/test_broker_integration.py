@@ -274,3 +274,33 @@ def test_batched_ingest_writes_each_history_to_its_users_partition(settings, sta
             == {record.partition}
         examples += batch
     assert len(examples) == len(many) > 4 * len(messages)  # batched, many examples a message
+
+
+def test_requests_are_answered_while_the_index_is_rebuilt(settings, start_worker):
+    """Rebuilds every half second while the stream flows: every request is answered, the
+    index version in the answers only moves forward, and several versions are swapped in."""
+    from .test_engine_model import planted_stream
+
+    settings = settings.replace(index_min_items=10, index_changed_items=20,
+                                index_interval_s=0.5, index_check_s=0.2, model_dim=16)
+    worker = start_worker(settings)
+    stream = planted_stream()
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream[:1500]])
+    versions = []
+    with RecClient(settings) as client:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            response = client.recommend("u3", k=10, timeout_s=10)
+            assert response.error is None and len(response.items) == 10
+            versions.append(response.index_version or 0)
+            if len(versions) == 5:
+                produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream[1500:]])
+            if len(set(versions)) >= 3 and len(versions) > 20:
+                break
+    assert versions == sorted(versions), versions
+    assert len(set(v for v in versions if v)) >= 2, versions
+    metrics = worker.metrics()
+    assert metrics["streamrec_index_swaps"] >= 2
+    assert metrics["streamrec_index_version"] >= max(versions)
+    assert metrics["streamrec_index_failures"] == 0
+    assert metrics["streamrec_stage_seconds_count"] > 0

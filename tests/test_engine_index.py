@@ -1,0 +1,100 @@
+"""The responder on a serving index: same answers as exact search, new items retrievable at
+once, the index version reported, rebuilds aside, and the newest version loaded on restart."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from state.history import History
+from stream_app.engine import Engine
+from stream_app.settings import Settings
+from stream_app.wire import Event, RecRequest
+
+from .test_engine_model import planted_stream, run_stream
+
+
+def engine_with_index(tmp_path, **changes) -> Engine:
+    settings = Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
+                        index_min_items=10, index_changed_items=50, index_interval_s=3600,
+                        **changes)
+    return Engine(settings)
+
+
+def build_now(engine: Engine) -> None:
+    engine.index.rebuilder.last_snapshot_at = 0.0  # due by age
+    assert engine.maybe_rebuild_index()
+    engine.index.rebuilder._running.result(60)
+
+
+def answer(engine, user, history, k=10, **fields):
+    return engine.answer(RecRequest(request_id="r", user_id=user, k=k, **fields), history,
+                         time.perf_counter())
+
+
+def test_index_answers_equal_exact_search_and_name_their_version(tmp_path):
+    engine = engine_with_index(tmp_path)
+    histories = run_stream(engine, planted_stream())
+    exact = {user: answer(engine, user, histories[user]) for user in ("u1", "u2", "u9")}
+    assert all(a.index_version is None for a in exact.values())
+    build_now(engine)
+    assert engine.index.version == 1 and (tmp_path / "index" / "v1" / "manifest.json").exists()
+    for user, before in exact.items():
+        after = answer(engine, user, histories[user])
+        assert after.index_version == 1
+        assert [i.item_id for i in after.items] == [i.item_id for i in before.items]
+        assert [i.score for i in after.items] == pytest.approx([i.score for i in before.items])
+
+
+def test_an_item_learned_after_the_build_is_retrievable_at_once(tmp_path):
+    engine = engine_with_index(tmp_path)
+    histories = run_stream(engine, planted_stream())
+    build_now(engine)
+    phi = engine.user_vector(RecRequest(request_id="r", user_id="u1"), histories["u1"])
+    row = np.append(3 * phi / np.linalg.norm(phi), 2.0)  # the best match for u1 by far
+    engine.learner.assign(["new-star"], row[None, :])
+    assert "new-star" not in engine.index.current
+    reply = answer(engine, "u1", histories["u1"])
+    assert reply.index_version == 1
+    assert reply.items[0].item_id == "new-star" and reply.items[0].source == "ann"
+
+
+def test_rebuilds_happen_aside_when_enough_items_changed_and_load_after_restart(tmp_path):
+    engine = engine_with_index(tmp_path)
+    histories = run_stream(engine, planted_stream())
+    assert engine.maybe_rebuild_index()  # 180 items changed >= 50
+    assert not engine.maybe_rebuild_index() or engine.index.rebuilder.building is False
+    engine.index.rebuilder._running.result(60)
+    assert engine.index.version == 1
+    assert not engine.maybe_rebuild_index()  # nothing changed since the snapshot
+    before = answer(engine, "u4", histories["u4"])
+    engine.save()
+    engine.index.close()
+
+    restarted = engine_with_index(tmp_path)
+    assert restarted.load() and restarted.index.version == 1
+    after = answer(restarted, "u4", histories["u4"])
+    assert after.index_version == 1
+    assert [i.item_id for i in after.items] == [i.item_id for i in before.items]
+
+
+def test_clustered_index_with_diversity(tmp_path):
+    engine = engine_with_index(tmp_path, index_clusters=6)
+    histories = run_stream(engine, planted_stream())
+    build_now(engine)
+    user = "u3"  # cluster 3
+    focused = answer(engine, user, histories[user], k=10, diversity=100.0)
+    assert sum(i.item_id.startswith("c3-") for i in focused.items) >= 9
+    spread = answer(engine, user, histories[user], k=12, diversity=0.0)
+    clusters = {i.item_id.split("-")[0] for i in spread.items if i.source == "ann"}
+    assert len(clusters) >= 4  # equal quotas reach other clusters
+
+
+def test_index_can_be_switched_off(tmp_path):
+    engine = engine_with_index(tmp_path, index_enabled=False)
+    histories = run_stream(engine, planted_stream())
+    assert not engine.maybe_rebuild_index()
+    assert answer(engine, "u1", histories["u1"]).index_version is None
+    assert not np.any([p.name.startswith("v") for p in (tmp_path / "index").glob("*")])
