@@ -5,6 +5,8 @@
 3. A streamrec worker consumes the same topic (own consumer group): events/s taken in and
    events/s learned (the training examples applied to the model), each with its ratio.
 4. Requests through Kafka: sequential round trips, then C concurrent clients: p50/p99.
+5. The same clients while a trickle of events keeps the index rebuilding (every 2 s): the
+   worst latency near a swap against the p99 away from swaps.
 
     python benchmarks/stream_roundtrip.py --quick          # about a minute
     python benchmarks/stream_roundtrip.py --events 200000 --requests 2000 --clients 8
@@ -29,14 +31,14 @@ from stream_app.settings import Settings
 from stream_app.supervisor import scrape, settings_env
 
 
-def synthetic_events(n: int, users: int, items: int, seed: int = 0):
+def synthetic_events(n: int, users: int, items: int, seed: int = 0, id_prefix: str = "e"):
     rng = np.random.default_rng(seed)
     user_ids = rng.integers(0, users, n)
     item_ids = np.minimum(rng.zipf(1.2, n), items) - 1
     kinds = rng.choice(["view", "click", "sale"], n, p=[0.8, 0.15, 0.05])
     for i in range(n):
         yield (f"u{user_ids[i]}", json.dumps(
-            {"v": 1, "event_id": f"e{i}", "user_id": f"u{user_ids[i]}",
+            {"v": 1, "event_id": f"{id_prefix}{i}", "user_id": f"u{user_ids[i]}",
              "item_id": f"i{item_ids[i]}", "kind": str(kinds[i]), "ts": 1.7e9 + i}).encode())
 
 
@@ -87,7 +89,13 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def round_trips(settings: Settings, requests: int, clients: int, users: int) -> dict:
-    latencies: list[float] = []
+    return summarize(timed_requests(settings, requests, clients, users), clients)
+
+
+def timed_requests(settings: Settings, requests: int, clients: int,
+                   users: int) -> list[tuple[float, float, int]]:
+    """(start, seconds, index version) of every request, from ``clients`` threads."""
+    samples: list[tuple[float, float, int]] = []
     lock = threading.Lock()
 
     def run(count: int, seed: int) -> None:
@@ -98,19 +106,59 @@ def round_trips(settings: Settings, requests: int, clients: int, users: int) -> 
                 started = time.perf_counter()
                 response = client.recommend(f"u{rng.integers(users)}", k=10, timeout_s=10)
                 assert response.error is None, response.error
-                mine.append(time.perf_counter() - started)
+                mine.append((started, time.perf_counter() - started,
+                             response.index_version or 0))
         with lock:
-            latencies.extend(mine)
+            samples.extend(mine)
 
     threads = [threading.Thread(target=run, args=(requests // clients, s)) for s in range(clients)]
-    started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
-    return {**percentiles(latencies), "requests_per_s": len(latencies) / elapsed,
-            "clients": clients}
+    return sorted(samples)
+
+
+def summarize(samples: list[tuple[float, float, int]], clients: int) -> dict:
+    elapsed = max(s + d for s, d, _ in samples) - samples[0][0]
+    return {**percentiles([d for _, d, _ in samples]),
+            "requests_per_s": len(samples) / elapsed, "clients": clients}
+
+
+def during_swaps(settings: Settings, requests: int, clients: int, users: int,
+                 build_s: float) -> dict:
+    """Latency near index swaps against the rest. A swap is the first answer carrying a new
+    index version; "near" is from one build time before it (the build runs aside in the same
+    process) to 0.1 s after."""
+    samples = timed_requests(settings, requests, clients, users)
+    swaps, seen = [], samples[0][2]
+    for start, _, version in samples:
+        if version > seen:
+            swaps.append(start)
+            seen = version
+    near = [d for s, d, _ in samples
+            if any(t - build_s - 0.1 <= s <= t + 0.1 for t in swaps)]
+    far = [d for s, d, _ in samples
+           if not any(t - build_s - 0.1 <= s <= t + 0.1 for t in swaps)]
+    result = {"swaps_seen": len(swaps), "index_build_s": build_s,
+              "outside": percentiles(far) if far else None,
+              "near_swaps": percentiles(near) if near else None}
+    if near and far:
+        result["worst_near_swap_to_p99_outside"] = (result["near_swaps"]["max_ms"]
+                                                    / result["outside"]["p99_ms"])
+    return result
+
+
+def trickle(settings: Settings, stop: threading.Event, rate: float = 200.0) -> None:
+    """A slow stream of new events, so item vectors keep changing and rebuilds keep coming."""
+    sink = producer(settings)
+    events = synthetic_events(10**6, users=1000, items=50_000, seed=9, id_prefix="t")
+    while not stop.is_set():
+        user, value = next(events)
+        sink.send(settings.topic_events, key=user.encode(), value=value)
+        time.sleep(1.0 / rate)
+    sink.flush()
+    sink.close()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,9 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"events": args.events}
     with EmbeddedBroker("127.0.0.1", free_port(), log_path=workdir / "broker.log") as broker:
         tag = uuid.uuid4().hex[:6]
+        # Rebuilds every 2 s (when items changed), so the request phases see swaps.
         base = Settings(broker=broker.bootstrap, embedded_compat=True, data_dir=workdir,
                         topic_events=f"bench-events-{tag}", metrics_port=free_port(),
-                        session_timeout_s=6.0, log_level="warning")
+                        session_timeout_s=6.0, log_level="warning", index_interval_s=2.0)
         ensure_topics(base)
         results["produce_events_per_s"] = fill(base, args.events)
         bare = base.replace(app_id=f"bare-{tag}", data_dir=workdir / "bare")
@@ -154,6 +203,16 @@ def main(argv: list[str] | None = None) -> dict:
             users = max(1000, args.events // 20)
             results["sequential"] = round_trips(served, args.requests // 4, 1, users)
             results["concurrent"] = round_trips(served, args.requests, args.clients, users)
+            stop = threading.Event()
+            feeder = threading.Thread(target=trickle, args=(served, stop))
+            feeder.start()
+            try:
+                build_s = scrape(served).get("streamrec_index_build_seconds", 0.0)
+                results["during_swaps"] = during_swaps(served, args.requests * 2, args.clients,
+                                                       users, build_s)
+            finally:
+                stop.set()
+                feeder.join()
         finally:
             worker.stop()
     print(json.dumps(results, indent=2))

@@ -99,9 +99,12 @@ def test_other_protocols_on_a_file(tmp_path, protocol, capsys):
 @pytest.mark.integration
 @pytest.mark.parametrize("protocol", ["loo", "heldout"])
 def test_through_kafka_replays_into_a_real_worker_and_asks_the_request_topic(tmp_path, protocol,
-                                                                           capsys):
+                                                                           capsys, monkeypatch):
     """The embedded default: a broker and a worker of its own, events produced, rankings asked
     on the request topic; scored on the same split as the in-process rows."""
+    # Micro-batches of 16 in both rows: the worker then takes as many learning steps however
+    # its timing cuts the burst into messages (this small stream needs the steps).
+    monkeypatch.setenv("STREAMREC_LEARN_BATCH", "16")
     data = planted_pairs(tmp_path / "planted.txt")
     out = tmp_path / "out"
     status = main(["eval", "--dataset", str(data), "--format", "pairs", "--protocol", protocol,

@@ -71,6 +71,8 @@ class Scraped:
         """One answered request: keeps rate() over the latency buckets above zero."""
         self.metrics.requests.labels("ok").inc()
         self.metrics.request_latency.observe(LATENCY_S)
+        self.metrics.stage_latency.labels("ann").observe(LATENCY_S / 10)
+        self.metrics.candidates.labels("ann").inc(10)
 
     def log_tail(self) -> str:
         return self.log.read_text()[-3000:] if self.log.exists() else "(no log)"
