@@ -121,9 +121,9 @@ def overview() -> dict:
                             "{{stage}}")], "s",
                     "embed: the user vector; ann: candidates from the index; merge: the one "
                     "rerank with the current vectors and the popularity fill."),
-         timeseries("Answers by source",
+         timeseries("Candidates by source",
                     [target(rate("streamrec_candidates_total", "source"), "{{source}}")], "ops",
-                    "Items returned per second by the source that produced them."),
+                    "Candidates retrieved per second by each source, before the rerank."),
          stat("Index version", [target("streamrec_index_version", "v {{instance}}", "A"),
                                 target("streamrec_index_items", "items {{instance}}", "B")],
               "Serving HNSW version (0: exact search) and its items."),

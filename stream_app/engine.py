@@ -189,14 +189,15 @@ class Engine:
                 augment_users(phi), self._candidates_wanted(request), seen,
                 diversity=request.diversity, history=list(history.items))
             clock = self._stage("ann", clock)
+            self._count_candidates("ann", len(candidates))
             items = self._rerank(phi, candidates, request.k)
         if len(items) < request.k:
             taken = seen | {item.item_id for item in items}
+            popular = self.popularity.top(request.k - len(items), exclude=taken)
+            self._count_candidates("popular", len(popular))
             items += [RecItem(item_id=item_id, score=score, source="popular")
-                      for item_id, score in self.popularity.top(request.k - len(items),
-                                                                exclude=taken)]
+                      for item_id, score in popular]
         self._stage("merge", clock)
-        self._count_sources(items)
         return RecResponse(request_id=request.request_id, user_id=request.user_id, items=items,
                            model_version=self.model_version, index_version=index_version,
                            took_ms=(time.perf_counter() - started) * 1000.0)
@@ -224,12 +225,9 @@ class Engine:
             self.metrics.stage_latency.labels(stage).observe(now - since)
         return now
 
-    def _count_sources(self, items: list[RecItem]) -> None:
-        if self.metrics is None:
-            return
-        for source in {item.source for item in items}:
-            self.metrics.candidates.labels(source).inc(
-                sum(1 for item in items if item.source == source))
+    def _count_candidates(self, source: str, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.candidates.labels(source).inc(count)
 
     def maybe_rebuild_index(self) -> bool:
         """Start an index build aside if one is due (call on the learning thread)."""

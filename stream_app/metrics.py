@@ -56,7 +56,7 @@ class Metrics:
                                        "Time of one stage of answering a request.", ["stage"],
                                        buckets=STAGE_BUCKETS, registry=r)
         self.candidates = Counter("streamrec_candidates_total",
-                                  "Items returned to clients, by the source that produced them.",
+                                  "Candidates retrieved, by source (before the rerank).",
                                   ["source"], registry=r)
         self._gauges = _ScrapeTimeGauges()
         r.register(self._gauges)

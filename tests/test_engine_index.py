@@ -98,3 +98,21 @@ def test_index_can_be_switched_off(tmp_path):
     assert not engine.maybe_rebuild_index()
     assert answer(engine, "u1", histories["u1"]).index_version is None
     assert not np.any([p.name.startswith("v") for p in (tmp_path / "index").glob("*")])
+
+
+def test_stage_latency_and_candidates_per_source_are_recorded(tmp_path):
+    from stream_app.metrics import Metrics
+
+    engine = engine_with_index(tmp_path)
+    engine.metrics = Metrics()
+    histories = run_stream(engine, planted_stream())
+    build_now(engine)
+    answer(engine, "u1", histories["u1"], k=10)
+    answer(engine, "nobody", History(), k=4)  # popularity only
+    value = engine.metrics.registry.get_sample_value
+    assert value("streamrec_candidates_total", {"source": "ann"}) == \
+        engine.settings.rerank_candidates
+    assert value("streamrec_candidates_total", {"source": "popular"}) == 4
+    for stage in ("embed", "ann", "merge"):
+        assert value("streamrec_stage_seconds_count", {"stage": stage}) >= 1
+    assert value("streamrec_stage_seconds_count", {"stage": "embed"}) == 2
