@@ -187,7 +187,8 @@ class Engine:
         if phi is not None and len(self.learner) and set(sources) & set(MODEL_SOURCES):
             candidates, index_version = self.index.retrieve(
                 augment_users(phi), self._candidates_wanted(request), seen,
-                diversity=request.diversity, history=list(history.items))
+                diversity=request.diversity,
+                history=list(history.items) + list(request.history or ()))
             clock = self._stage("ann", clock)
             self._count_candidates("ann", len(candidates))
             items = self._rerank(phi, candidates, request.k)
