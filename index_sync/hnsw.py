@@ -120,8 +120,9 @@ class ItemIndex:
         # race with queries on other threads.
         padded = np.append(np.asarray(query, dtype=np.float32), np.float32(0.0))
         labels, distances = self.graph.knn_query(padded, k=want)
-        found = [(self.ids[label], 1.0 - float(distance))
-                 for label, distance in zip(labels[0], distances[0])]
+        ids = self.ids
+        found = [(ids[label], 1.0 - distance)
+                 for label, distance in zip(labels[0].tolist(), distances[0].tolist())]
         return [pair for pair in found if pair[0] not in exclude][:k]
 
 
