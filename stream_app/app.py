@@ -157,7 +157,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
                     example = await take_guarded(item.message)
                 if example is not None:
                     examples.append(example)
-            await send_training(examples)
+            try:
+                await send_training(examples)
+            except Exception:  # noqa: BLE001 - histories are stored; only learning is lost
+                log.exception("could not send %d training examples", len(examples))
 
     @app.agent(train, name="learn")
     async def learn(stream):
