@@ -196,7 +196,7 @@ class Engine:
             taken = seen | {item.item_id for item in items}
             popular = self.popularity.top(request.k - len(items), exclude=taken)
             self._count_candidates("popular", len(popular))
-            items += [RecItem(item_id=item_id, score=score, source="popular")
+            items += [RecItem.model_construct(item_id=item_id, score=score, source="popular")
                       for item_id, score in popular]
         self._stage("merge", clock)
         return RecResponse(request_id=request.request_id, user_id=request.user_id, items=items,
@@ -217,7 +217,10 @@ class Engine:
         candidates = list(dict.fromkeys(candidates))
         scores = self.learner.scores_of(phi, candidates)
         order = np.argsort(-scores, kind="stable")[:k]
-        return [RecItem(item_id=candidates[i], score=float(scores[i]), source="ann")
+        # model_construct: the values are ours and already typed; validating ten items
+        # per answer was a fifth of the in-process answer time.
+        return [RecItem.model_construct(item_id=candidates[i], score=float(scores[i]),
+                                        source="ann")
                 for i in order if np.isfinite(scores[i])]
 
     def _stage(self, stage: str, since: float) -> float:
