@@ -50,6 +50,13 @@ class LearnerConfig:
     - ``adagrad_init``: starting accumulator (TensorFlow's ``initial_accumulator_value``); it keeps
       a new item's first steps proportional to its gradient, where plain Adagrad would move every
       coordinate by ``lr`` whatever the gradient's size.
+    - ``bias_adagrad_init``: the same for the bias coordinate, much larger. With 0.1, an item's
+      first positive moved its bias by about ``lr`` whatever the item's popularity, and an
+      item seen once never met the all-pairs push back (it is evaluated at the old, near-zero
+      row), so the learned biases ranked worse than counting (MovieLens held-out NDCG@10 of
+      the bias alone 0.053 against popularity's 0.088). Starting at 100 makes bias steps
+      proportional to the evidence: the full model went from 0.021 to 0.032 on MovieLens and
+      from 0.0108 to 0.0126 on Beauty (quick).
     - ``count_half_life``: half-life of n_i in learned events; None counts forever.
     - ``init_scale``: expected norm of a new item's random vector; small so a new item starts
       near the origin (score ≈ its bias) without being exactly symmetric with the others.
@@ -63,6 +70,7 @@ class LearnerConfig:
     lam: float = 0.01
     lr: float = 0.2
     adagrad_init: float = 0.1
+    bias_adagrad_init: float = 100.0
     count_half_life: float | None = None
     init_scale: float = 0.1
     user_gramian_beta: float = 1e-4
@@ -92,7 +100,9 @@ class ItemLearner:
         self._index: dict[str, int] = {}
         self._ids: list[str] = []
         self._psi = np.zeros((1024, width))
-        self._accum = np.full((1024, width), config.adagrad_init)
+        self._accum_init = np.append(np.full(config.dim, config.adagrad_init),
+                                     config.bias_adagrad_init)
+        self._accum = np.tile(self._accum_init, (1024, 1))
         self._count = np.zeros(1024)
         self._count_at = np.zeros(1024)
         self.item_gramian = ExactGramian(width)
@@ -285,7 +295,7 @@ class ItemLearner:
             return
         grown = max(size, 2 * capacity)
         self._psi = _grow(self._psi, grown, 0.0)
-        self._accum = _grow(self._accum, grown, self.config.adagrad_init)
+        self._accum = _grow(self._accum, grown, self._accum_init)
         self._count = _grow(self._count, grown, 0.0)
         self._count_at = _grow(self._count_at, grown, 0.0)
 

@@ -106,7 +106,8 @@ def test_learn_steps_are_adagrad_steps_of_the_summed_item_gradients():
     phi, alphas = augment_users(rng.normal(size=(5, 3))), rng.uniform(1, 3, 5)
     G_C = 10 * phi.T @ phi / 5  # |C| times the batch mean: the bias-corrected first estimate
     rows = np.array([1, 0, 1, 3, 1])  # b, a, b, d, b
-    expected, accum = start.copy(), np.full((4, 4), config.adagrad_init)
+    expected = start.copy()
+    accum = np.tile([config.adagrad_init] * 3 + [config.bias_adagrad_init], (4, 1))
     for step in (1, 2):  # the same batch twice: G_C stays, counts and accumulators grow
         n_i = step * np.array([3.0, 1.0, 3.0, 1.0, 3.0])
         grads = item_gradient(phi, expected[rows], alphas, G_C, n_i, 0.2, 0.1)
@@ -223,3 +224,14 @@ def test_mean_encoder_of_a_learned_history_matches_the_batched_one(planted_run):
     rows = learner.rows_of(map(item_id, seen[0]))
     np.testing.assert_allclose(encode(learner, [seen[0]])[0],
                                mean_encoder(learner.item_matrix[rows, :-1]))
+
+
+def test_biases_follow_the_evidence_not_the_first_step():
+    """An item seen once must not get the bias of an item seen a hundred times."""
+    learner = ItemLearner(LearnerConfig(dim=4, seed=1))
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        learner.learn(rng.normal(0, 0.1, (1, 4)), ["hit"], np.ones(1), n_users=100)
+    learner.learn(rng.normal(0, 0.1, (1, 4)), ["once"], np.ones(1), n_users=100)
+    bias = dict(zip(learner.item_ids, learner.item_matrix[:, -1]))
+    assert bias["hit"] > 5 * bias["once"] > 0
