@@ -170,7 +170,8 @@ def load_newest(root: Path, params: HnswParams = HnswParams()) -> ServedIndex | 
 # -- pruning ---------------------------------------------------------------------------------
 
 
-def prune(root: Path, keep: int = 2, grace_s: float = 300.0, now: float | None = None) -> list[Path]:
+def prune(root: Path, keep: int = 2, grace_s: float = 300.0,
+          now: float | None = None) -> list[Path]:
     """Remove versions beyond the newest ``keep`` once they are older than ``grace_s`` (a
     reader that picked one just before a swap may still be loading it), and temp folders of
     builds that died, once they are older than the grace period too. Returns what went."""

@@ -144,9 +144,8 @@ def test_ctrl_c_in_a_terminal_stops_everything(embedded_env, presses):
 
 def test_a_worker_whose_broker_is_gone_still_stops(tmp_path):
     """Faust's graceful stop retries a dead broker forever; the worker exits at its deadline."""
-    from stream_app.processes import Child, EmbeddedBroker, worker_argv
     from stream_app.settings import Settings
-    from stream_app.supervisor import System, settings_env
+    from stream_app.supervisor import System
     from stream_app.worker import EXIT_DEADLINE
 
     settings = Settings(embedded_port=free_port(), metrics_port=free_port(),

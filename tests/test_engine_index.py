@@ -11,7 +11,7 @@ import pytest
 from state.history import History
 from stream_app.engine import Engine
 from stream_app.settings import Settings
-from stream_app.wire import Event, RecRequest
+from stream_app.wire import RecRequest
 
 from .test_engine_model import planted_stream, run_stream
 
