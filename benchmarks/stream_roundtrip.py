@@ -136,10 +136,10 @@ def during_swaps(settings: Settings, requests: int, clients: int, users: int,
         if version > seen:
             swaps.append(start)
             seen = version
-    near = [d for s, d, _ in samples
-            if any(t - build_s - 0.1 <= s <= t + 0.1 for t in swaps)]
-    far = [d for s, d, _ in samples
-           if not any(t - build_s - 0.1 <= s <= t + 0.1 for t in swaps)]
+    near, far = [], []
+    for start, seconds, _ in samples:
+        close = any(t - build_s - 0.1 <= start <= t + 0.1 for t in swaps)
+        (near if close else far).append(seconds)
     result = {"swaps_seen": len(swaps), "index_build_s": build_s,
               "outside": percentiles(far) if far else None,
               "near_swaps": percentiles(near) if near else None}

@@ -85,10 +85,11 @@ class RecClient:
             time.sleep(0.1)
         raise ResponseTimeout(f"topic {topic!r} does not exist on {self.settings.broker or 'the embedded broker'}")
 
-    def send(self, request: RecRequest) -> None:
+    def send(self, request: RecRequest, flush: bool = True) -> None:
         key = (request.user_id or request.request_id).encode()
         self._producer.send(self.settings.topic_requests, key=key, value=request.to_bytes())
-        self._producer.flush()
+        if flush:
+            self._producer.flush()
 
     def wait(self, request_id: str, timeout_s: float) -> RecResponse:
         deadline = time.monotonic() + timeout_s
@@ -118,8 +119,7 @@ class RecClient:
         answers: dict[str, RecResponse] = {}
         window: list[str] = []
         for request in requests:
-            key = (request.user_id or request.request_id).encode()
-            self._producer.send(self.settings.topic_requests, key=key, value=request.to_bytes())
+            self.send(request, flush=False)
             window.append(request.request_id)
             if len(window) >= in_flight:
                 self._collect(window, answers, timeout_s)
