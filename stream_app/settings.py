@@ -86,9 +86,13 @@ class Settings(BaseSettings):
     encoder: Literal["mean", "ials"] = Field("mean", description="User encoder.")
     encoder_half_life_s: float | None = Field(
         None, gt=0, description="Recency decay of the mean encoder (event time); unset = none.")
-    alpha0: float = Field(0.05, ge=0, description="Weight of the all-pairs (implicit zero) term.")
+    alpha0: float = Field(0.1, ge=0, description="Weight of the all-pairs (implicit zero) term.")
     l2: float = Field(0.01, ge=0, description="L2 regularization λ.")
     learning_rate: float = Field(0.2, gt=0, description="Adagrad learning rate of item vectors.")
+    item_solver: Literal["solve", "adagrad"] = Field(
+        "solve", description="Item step: closed-form per-item solve, or Adagrad (O(d) memory).")
+    prior_weight: float = Field(
+        0.5, ge=0, description="Pull of a solved item towards its starting row (μ).")
     ingest_batch: int = Field(256, ge=1, description="Events the ingest agent takes at once.")
     ingest_batch_wait_s: float = Field(
         0.01, gt=0, description="Longest wait to fill an ingest batch (adds to event latency).")
@@ -160,7 +164,8 @@ class Settings(BaseSettings):
         from models.learner import LearnerConfig
 
         return LearnerConfig(dim=self.model_dim, alpha0=self.alpha0, lam=self.l2,
-                             lr=self.learning_rate, seed=self.model_seed)
+                             lr=self.learning_rate, solver=self.item_solver,
+                             prior_weight=self.prior_weight, seed=self.model_seed)
 
     def index_config(self):
         from index_sync.hnsw import HnswParams

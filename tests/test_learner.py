@@ -1,5 +1,6 @@
-"""The online item learner: one Adagrad step against a hand computation, exact Gramians, reads that
-create nothing, persistence, and planted clusters learned in a single streaming pass."""
+"""The online item learner: one Adagrad step against a hand computation, the closed-form solve
+against a least-squares oracle, exact Gramians, reads that create nothing, persistence, and
+planted clusters learned in a single streaming pass by both solvers."""
 
 from __future__ import annotations
 
@@ -63,10 +64,10 @@ def own_cluster_precision(ranked: list[list[int]], user_cluster) -> float:
                           for u, items in enumerate(ranked)]))
 
 
-@pytest.fixture(scope="module")
-def planted_run():
+@pytest.fixture(scope="module", params=["solve", "adagrad"])
+def planted_run(request):
     users, items, user_cluster = planted_stream(seed=0)
-    learner = ItemLearner(LearnerConfig())
+    learner = ItemLearner(LearnerConfig(solver=request.param))
     seen, losses = stream_pass(learner, users, items)
     return learner, seen, losses, user_cluster, items
 
@@ -98,7 +99,7 @@ def test_item_gramian_stays_exact_while_learning(planted_run):
 
 
 def test_learn_steps_are_adagrad_steps_of_the_summed_item_gradients():
-    config = LearnerConfig(dim=3, alpha0=0.2, lam=0.1, lr=0.5)
+    config = LearnerConfig(dim=3, alpha0=0.2, lam=0.1, lr=0.5, solver="adagrad")
     rng = np.random.default_rng(0)
     start = rng.normal(size=(4, 4))  # rows of a, b, c, and of d, which arrives on the stream
     learner = ItemLearner(config, init_vector=lambda i: start[3] if i == "d" else None)
@@ -118,6 +119,44 @@ def test_learn_steps_are_adagrad_steps_of_the_summed_item_gradients():
             expected[row] -= 0.5 * g / np.sqrt(accum[row])
         np.testing.assert_allclose(learner.item_matrix, expected, rtol=1e-12, atol=1e-12)
     assert learner.count("b") == 6.0 and learner.count("c") == 0.0
+
+
+def test_solved_rows_are_least_squares_solutions_of_each_items_whole_loss():
+    """After a stream of batches, every item touched by the last batch sits at the minimizer of
+    Σ α (⟨φ̃, ψ̃⟩ − 1)² + α0 ψ̃ᵀ G_C ψ̃ + λ‖ψ̃‖² + μ‖ψ̃ − ψ̃₀‖² over all its positives so far,
+    written here as one stacked least-squares problem per item."""
+    config = LearnerConfig(dim=3, alpha0=0.3, lam=0.05, prior_weight=0.7)
+    rng = np.random.default_rng(5)
+    start = {i: rng.normal(size=4) for i in "abcd"}
+    learner = ItemLearner(config, init_vector=start.get)
+    seen: dict[str, list[tuple[np.ndarray, float]]] = {i: [] for i in "abcd"}
+    for _ in range(6):
+        ids = list(rng.choice(list("abcd"), 7))
+        phi, alphas = rng.normal(size=(7, 3)), rng.uniform(0.5, 4.0, 7)
+        learner.learn(phi, ids, alphas, n_users=20)
+        for item, p, a in zip(ids, augment_users(phi), alphas):
+            seen[item].append((p, a))
+    G_C = learner.user_gramian.value()
+    chol = np.linalg.cholesky(config.alpha0 * G_C + config.lam * np.eye(4))
+    for item in set(ids):
+        design = np.vstack([np.sqrt(a) * p for p, a in seen[item]]
+                           + [chol.T, np.sqrt(config.prior_weight) * np.eye(4)])
+        target = np.r_[[np.sqrt(a) for _, a in seen[item]], np.zeros(4),
+                       np.sqrt(config.prior_weight) * start[item]]
+        expected = np.linalg.lstsq(design, target, rcond=None)[0]
+        row = learner.rows_of([item])[0]
+        np.testing.assert_allclose(learner.item_matrix[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_assign_moves_the_prior_of_a_solved_item_and_keeps_its_positives():
+    learner = ItemLearner(LearnerConfig(dim=2, alpha0=0.0, lam=0.0, prior_weight=1.0))
+    learner.learn(np.array([[1.0, 0.0]]), ["a"], np.array([1.0]))
+    learner.assign(["a"], np.array([[0.0, 4.0, 0.0]]))
+    learner.learn(np.array([[1.0, 0.0]]), ["a"], np.array([1.0]))
+    # Two positives at φ̃ = [1, 0, 1] with target 1, prior [0, 4, 0] of weight 1.
+    design = np.vstack([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0], np.eye(3)])
+    expected = np.linalg.lstsq(design, np.r_[1.0, 1.0, 0.0, 4.0, 0.0], rcond=None)[0]
+    np.testing.assert_allclose(learner.item_matrix[0], expected, atol=1e-6)
 
 
 def test_reads_create_no_state():
