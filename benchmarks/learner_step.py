@@ -1,5 +1,8 @@
 """Throughput of ``ItemLearner.learn``: events per second on micro-batches, single process.
 
+Both item solvers run on the same batches in one run (``--solver`` picks one), so their ratio is
+measured under the same machine load.
+
     python benchmarks/learner_step.py            # d=64, 100k items, batches of 256
     python benchmarks/learner_step.py --quick    # the same in well under 20 s
 
@@ -34,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new", type=float, default=0.01, help="share of new item ids per batch")
     parser.add_argument("--quick", action="store_true", help="300 batches")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--solver", choices=["solve", "adagrad", "both"], default="both")
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="BLAS threads; 0 leaves the library default")
     return parser.parse_args()
@@ -52,8 +56,9 @@ def make_batches(args: argparse.Namespace, rng: np.random.Generator):
     return batches
 
 
-def build(args: argparse.Namespace, rng: np.random.Generator) -> ItemLearner:
-    learner = ItemLearner(LearnerConfig(dim=args.dim, recompute_every=10 ** 9, seed=args.seed))
+def build(args: argparse.Namespace, rng: np.random.Generator, solver: str) -> ItemLearner:
+    learner = ItemLearner(LearnerConfig(dim=args.dim, recompute_every=10 ** 9, seed=args.seed,
+                                        solver=solver))
     learner.assign([f"item-{i}" for i in range(args.items)],
                    rng.normal(0.0, 0.1 / np.sqrt(args.dim), (args.items, args.dim + 1)))
     return learner
@@ -76,14 +81,23 @@ def main() -> None:
         args.batches = 300
     if args.blas_threads > 0:
         threadpool_limits(limits=args.blas_threads, user_api="blas")
+    solvers = ["solve", "adagrad"] if args.solver == "both" else [args.solver]
+    results = {solver: measure(args, solver) for solver in solvers}
+    if len(results) == 2:
+        results["solve_over_adagrad"] = round(results["solve"]["events_per_s"]
+                                              / results["adagrad"]["events_per_s"], 3)
+    print(json.dumps(results, indent=2))
+
+
+def measure(args: argparse.Namespace, solver: str) -> dict:
     rng = np.random.default_rng(args.seed)
-    learner = build(args, rng)
+    learner = build(args, rng, solver)
     step_s = timed_steps(learner, make_batches(args, rng))
     start = time.perf_counter()
     drift = learner.item_gramian.recompute(learner.item_matrix)
     recompute_s = time.perf_counter() - start
     per_batch = step_s.mean() + recompute_s / LearnerConfig().recompute_every
-    print(json.dumps({
+    return {
         "items": len(learner), "dim": args.dim, "blas_threads": args.blas_threads,
         "batch": args.batch, "timed_batches": len(step_s),
         "events_per_s": round(args.batch / step_s.mean()),
@@ -92,8 +106,7 @@ def main() -> None:
         "step_ms_p99": round(1e3 * float(np.quantile(step_s, 0.99)), 3),
         "recompute_ms": round(1e3 * recompute_s, 2),
         "gramian_drift_before_recompute": drift,
-    }, indent=2))
-
+    }
 
 if __name__ == "__main__":
     main()

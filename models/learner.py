@@ -255,12 +255,12 @@ class ItemLearner:
         # One sparse product sums the positives of each item (no Python loop, no np.add.at).
         by_item = sp.csr_matrix((alphas, (inverse, np.arange(batch))), shape=(len(rows), batch))
         outer = (phi_aug[:, :, None] * phi_aug[:, None, :]).reshape(batch, width * width)
-        self._pos_gram[slots] += (by_item @ outer).reshape(len(rows), width, width)
-        self._pos_target[slots] += by_item @ phi_aug
-        self._psi[rows] = item_solve(self._pos_gram[slots].astype(np.float64),
-                                     self._pos_target[slots], self._prior[rows], G_C,
-                                     self.config.alpha0, self.config.lam,
-                                     self.config.prior_weight)
+        gram = self._pos_gram[slots].astype(np.float64)  # one gather, summed in float64
+        gram += (by_item @ outer).reshape(len(rows), width, width)
+        target = self._pos_target[slots] + by_item @ phi_aug
+        self._pos_gram[slots], self._pos_target[slots] = gram, target
+        self._psi[rows] = item_solve(gram, target, self._prior[rows], G_C, self.config.alpha0,
+                                     self.config.lam, self.config.prior_weight)
 
     def _slots_for(self, rows: np.ndarray) -> np.ndarray:
         """Statistics slots of ``rows``, allocated at an item's first positive (so items only
