@@ -121,31 +121,51 @@ def test_learn_steps_are_adagrad_steps_of_the_summed_item_gradients():
     assert learner.count("b") == 6.0 and learner.count("c") == 0.0
 
 
-def test_solved_rows_are_least_squares_solutions_of_each_items_whole_loss():
-    """After a stream of batches, every item touched by the last batch sits at the minimizer of
-    Σ α (⟨φ̃, ψ̃⟩ − 1)² + α0 ψ̃ᵀ G_C ψ̃ + λ‖ψ̃‖² + μ‖ψ̃ − ψ̃₀‖² over all its positives so far,
-    written here as one stacked least-squares problem per item."""
-    config = LearnerConfig(dim=3, alpha0=0.3, lam=0.05, prior_weight=0.7)
+def solve_stream(sweep: int):
+    config = LearnerConfig(dim=3, alpha0=0.3, lam=0.05, prior_weight=0.7, sweep_per_step=sweep)
     rng = np.random.default_rng(5)
-    start = {i: rng.normal(size=4) for i in "abcd"}
+    start = {i: rng.normal(size=4) for i in "abcdef"}
     learner = ItemLearner(config, init_vector=start.get)
-    seen: dict[str, list[tuple[np.ndarray, float]]] = {i: [] for i in "abcd"}
+    seen: dict[str, list[tuple[np.ndarray, float]]] = {i: [] for i in "abcdef"}
     for _ in range(6):
-        ids = list(rng.choice(list("abcd"), 7))
+        ids = list(rng.choice(list("abcdef"), 7))
         phi, alphas = rng.normal(size=(7, 3)), rng.uniform(0.5, 4.0, 7)
         learner.learn(phi, ids, alphas, n_users=20)
         for item, p, a in zip(ids, augment_users(phi), alphas):
             seen[item].append((p, a))
-    G_C = learner.user_gramian.value()
+    return learner, config, start, seen, set(ids)
+
+
+def least_squares_row(config, G_C, prior, positives) -> np.ndarray:
+    """argmin Σ α (⟨φ̃, ψ̃⟩ − 1)² + α0 ψ̃ᵀ G_C ψ̃ + λ‖ψ̃‖² + μ‖ψ̃ − ψ̃₀‖² as one stacked
+    least-squares problem."""
     chol = np.linalg.cholesky(config.alpha0 * G_C + config.lam * np.eye(4))
-    for item in set(ids):
-        design = np.vstack([np.sqrt(a) * p for p, a in seen[item]]
-                           + [chol.T, np.sqrt(config.prior_weight) * np.eye(4)])
-        target = np.r_[[np.sqrt(a) for _, a in seen[item]], np.zeros(4),
-                       np.sqrt(config.prior_weight) * start[item]]
-        expected = np.linalg.lstsq(design, target, rcond=None)[0]
+    design = np.vstack([np.sqrt(a) * p for p, a in positives]
+                       + [chol.T, np.sqrt(config.prior_weight) * np.eye(4)])
+    target = np.r_[[np.sqrt(a) for _, a in positives], np.zeros(4),
+                   np.sqrt(config.prior_weight) * prior]
+    return np.linalg.lstsq(design, target, rcond=None)[0]
+
+
+@pytest.mark.parametrize("sweep", [0, 6])
+def test_solved_rows_are_least_squares_solutions_of_each_items_whole_loss(sweep):
+    """Every item touched by the last batch — and with a sweep covering the catalogue, every
+    item — sits at the minimizer of its whole loss over all its positives so far, against the
+    current user Gramian."""
+    learner, config, start, seen, last_batch = solve_stream(sweep)
+    G_C = learner.user_gramian.value()
+    checked = set(seen) if sweep else last_batch
+    for item in checked:
+        expected = least_squares_row(config, G_C, start[item], seen[item])
         row = learner.rows_of([item])[0]
         np.testing.assert_allclose(learner.item_matrix[row], expected, rtol=1e-5, atol=1e-6)
+    stale = set(seen) - last_batch
+    if not sweep and stale:  # without the sweep, older items keep their older G_C
+        item = sorted(stale)[0]
+        expected = least_squares_row(config, G_C, start[item], seen[item])
+        assert not np.allclose(learner.item_matrix[learner.rows_of([item])[0]], expected)
+    Psi = learner.item_matrix
+    np.testing.assert_allclose(learner.item_gramian.matrix, Psi.T @ Psi, atol=1e-9)
 
 
 def test_assign_moves_the_prior_of_a_solved_item_and_keeps_its_positives():
