@@ -21,7 +21,7 @@ from stream_app.datasets import FORMATS
 from .data import NAMED_DATASETS, Dataset, data_root, load_dataset, sample_users
 
 PROTOCOLS = ("loo", "heldout", "prequential")
-MODELS = ("streaming", "stream-popularity", "popularity", "ease", "ials", "bpr")
+MODELS = ("streaming", "streaming-dr", "stream-popularity", "popularity", "ease", "ials", "bpr")
 DEFAULT_MODELS = ("streaming", "popularity", "ease", "ials", "bpr")
 
 #: full runs: candidate parameters per model, the first is the default (no validation data).
@@ -178,14 +178,19 @@ def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: 
     """The requested models, in the requested order, each with its candidate grid."""
     from .baselines import BPR, EASE, IALS, Popularity
     from .protocols import ModelSpec
-    from .streaming import OnlineEmbedding, OnlinePopularity
+    from .streaming import OnlineDeepRetrieval, OnlineEmbedding, OnlinePopularity
     from .through_kafka import KafkaStreaming
 
     grids = QUICK_GRIDS if quick else FULL_GRIDS
     n_items = dataset.n_items
     builders = {
-        "streaming": ModelSpec("streaming", partial(OnlineEmbedding, n_items, settings),
+        # Deep Retrieval learns only where it is measured: it does not change the item model.
+        "streaming": ModelSpec("streaming",
+                               partial(OnlineEmbedding, n_items,
+                                       settings.replace(dr_enabled=False)),
                                streaming=True),
+        "streaming-dr": ModelSpec("streaming-dr", partial(OnlineDeepRetrieval, n_items, settings),
+                                  streaming=True),
         "stream-popularity": ModelSpec("stream-popularity",
                                        partial(OnlinePopularity, n_items,
                                                settings.popularity_half_life_s),

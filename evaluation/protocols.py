@@ -111,7 +111,7 @@ def _score_batch(model, history: sp.csr_matrix, targets: sp.csr_matrix,
         ranked = metrics.top_k(mask_excluded(scores.copy(), history), config.max_k)
     else:
         ranked = model.recommend(history, config.max_k, exclude=history)
-        if hasattr(model, "score"):
+        if hasattr(model, "score") and getattr(model, "full_ranking", True):
             scores = model.score(history)
     hits = metrics.hit_matrix(ranked, targets)
     n_relevant = np.diff(targets.indptr)
@@ -174,11 +174,14 @@ def _run_streaming(split: Split, spec: ModelSpec, config: RunConfig) -> dict:
         validation = evaluate_fold(model, split.validation, config,
                                    desc=f"{spec.name} validation").means
         test = evaluate_fold(model, split.test, config, desc=f"{spec.name} test")
+        record = _record(spec.name, params, test, validation, [], learn_s,
+                         len(split.train_events), time.perf_counter() - started, len(split.test))
+        if hasattr(model, "retrieval_stats"):
+            record["retrieval"] = model.retrieval_stats()
     finally:
         if hasattr(model, "close"):  # a model with processes behind it (--through-kafka)
             model.close()
-    return _record(spec.name, params, test, validation, [], learn_s,
-                   len(split.train_events), time.perf_counter() - started, len(split.test))
+    return record
 
 
 def _learn_all(model, events: Events, config: RunConfig, chunk: int = 4096) -> float:

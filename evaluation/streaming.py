@@ -120,12 +120,8 @@ class OnlineEmbedding:
         self.engine.learn(self._pending)
         self._pending = []
 
-    def score(self, history: sp.csr_matrix) -> np.ndarray:
-        """ŷ for every (history row, item); items never learned score −inf."""
-        learner = self.engine.learner
-        rows = learner.rows_of(self._keys)
-        known = rows >= 0
-        psi = learner.item_matrix[rows[known]]
+    def user_vectors(self, history: sp.csr_matrix) -> np.ndarray:
+        """φ(u) of each history row with the current item vectors."""
         phis = np.zeros((history.shape[0], self.settings.model_dim))
         for row in range(history.shape[0]):
             span = slice(history.indptr[row], history.indptr[row + 1])
@@ -133,6 +129,15 @@ class OnlineEmbedding:
             phis[row] = self.engine.encode_weighted([self._keys[c] for c in cols],
                                                     np.asarray(history.data[span]),
                                                     np.zeros(len(cols)))
+        return phis
+
+    def score(self, history: sp.csr_matrix) -> np.ndarray:
+        """ŷ for every (history row, item); items never learned score −inf."""
+        learner = self.engine.learner
+        rows = learner.rows_of(self._keys)
+        known = rows >= 0
+        psi = learner.item_matrix[rows[known]]
+        phis = self.user_vectors(history)
         scores = np.full((history.shape[0], self.n_items), -np.inf)
         scores[:, known] = np.hstack([phis, np.ones((len(phis), 1))]) @ psi.T
         return scores
@@ -150,3 +155,74 @@ class OnlineEmbedding:
             valid = np.take_along_axis(scores, top, axis=1) > -np.inf
             ranked[block] = np.where(valid, top, -1)
         return ranked
+
+
+class OnlineDeepRetrieval(OnlineEmbedding):
+    """The same online model with Deep Retrieval learned beside it (as a worker with
+    ``dr_enabled`` does), ranking only the items on the paths a beam search finds for the user
+    (the ``dr`` source): the items there are scored by the model, the rest never are.
+
+    M-steps run every ``dr_m_step_events`` learned pairs and once more before ranking, where
+    a worker runs them on its timer. Ranking also measures, on the same rows and the same model,
+    what brute force would return: ``retrieval_stats`` gives the overlap of the two top
+    ``compare_at`` lists, the share of the catalogue scored per query and the in-process
+    latency of the beam search plus the path union.
+    """
+
+    name = "streaming-dr"
+    full_ranking = False  # MRR and AUC would be brute force's: the rows rank only candidates
+
+    def __init__(self, n_items: int, settings, compare_at: int = 50) -> None:
+        super().__init__(n_items, settings.replace(dr_enabled=True))
+        self.compare_at = compare_at
+        self._stale = False
+        self._overlaps: list[float] = []
+        self._scored: list[int] = []
+        self._seconds: list[float] = []
+
+    def learn(self, events: Events) -> None:
+        super().learn(events)
+        paths = self.engine.paths
+        if paths.events_since_m_step >= paths.policy.events:
+            paths.run_m_step_now()
+        self._stale = paths.events_since_m_step > 0
+
+    def recommend(self, history: sp.csr_matrix, k: int,
+                  exclude: sp.csr_matrix | None = None) -> np.ndarray:
+        import time
+
+        if self._stale:
+            self.engine.paths.run_m_step_now()
+            self._stale = False
+        brute = super().recommend(history, max(k, self.compare_at), exclude)
+        phis = self.user_vectors(history)
+        ranked = np.full((history.shape[0], min(k, self.n_items)), -1, dtype=np.int64)
+        for row, phi in enumerate(phis):
+            banned = set() if exclude is None else set(
+                exclude.indices[exclude.indptr[row]: exclude.indptr[row + 1]].tolist())
+            started = time.perf_counter()
+            found = [int(i) for i in self.engine.paths.model.retrieve(phi)]
+            self._seconds.append(time.perf_counter() - started)
+            found = [i for i in found if i not in banned]
+            self._scored.append(len(found))
+            scores = self.engine.learner.scores_of(phi, [self._keys[i] for i in found])
+            order = np.argsort(-scores, kind="stable")
+            top = [found[i] for i in order if np.isfinite(scores[i])]
+            ranked[row, :min(len(top), ranked.shape[1])] = top[:ranked.shape[1]]
+            wanted = set(brute[row, :self.compare_at].tolist()) - {-1}
+            if wanted:
+                self._overlaps.append(len(wanted & set(top[:self.compare_at])) / len(wanted))
+        return ranked
+
+    def retrieval_stats(self) -> dict:
+        """Over every row ranked so far (validation and test folds)."""
+        seconds = np.array(self._seconds or [np.nan])
+        scored = np.array(self._scored or [0])
+        return {
+            f"overlap_with_brute_force@{self.compare_at}": float(np.mean(self._overlaps)),
+            "items_scored_mean": float(scored.mean()),
+            "fraction_scored": float(scored.mean() / self.n_items),
+            "retrieve_ms_p50": float(np.median(seconds) * 1e3),
+            "retrieve_ms_p99": float(np.quantile(seconds, 0.99) * 1e3),
+            **{f"dr_{key}": value for key, value in self.engine.paths.stats().items()},
+        }

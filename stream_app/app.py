@@ -251,11 +251,16 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
 
     @app.timer(settings.index_check_s)
     async def rebuild_index() -> None:
-        """Snapshot the item vectors here, on the loop that learns; build in a thread."""
+        """Snapshot the item vectors (and the path scores) here, on the loop that learns;
+        build the index (and run the M-step) in a thread."""
         try:
             engine.maybe_rebuild_index()
         except Exception:  # noqa: BLE001 - serving goes on with the current version
             log.exception("could not start an index build")
+        try:
+            engine.maybe_m_step()
+        except Exception:  # noqa: BLE001 - the paths in force keep serving
+            log.exception("could not start a Deep Retrieval M-step")
 
     app.streamrec_histories = histories  # for tests and tools that inspect the table
     return app

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from river import stats
 
+from index_sync.paths import PathRetrieval
 from index_sync.serving import ServingIndex
 from models.embedding import augment_users
 from models.encoders import ials_fold_in, mean_encoder
@@ -26,8 +27,9 @@ from .settings import Settings
 from .wire import SOURCES, Event, InvalidMessage, RecItem, RecRequest, RecResponse, TrainExample
 
 #: sources answered by the model: "ann" retrieves from the serving HNSW index (exact search
-#: while the catalog is small or before the first build); "dr" is answered the same way until
-#: Deep Retrieval exists. Each returned item names the source that really produced it.
+#: while the catalog is small or before the first build); "dr" from the items on the Deep
+#: Retrieval paths a beam search finds for the user. Their candidates are scored once, together,
+#: and each returned item names the source that produced it ("ann" where both did).
 MODEL_SOURCES = ("ann", "dr")
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def decode_phi(text: str) -> np.ndarray | None:
 class Engine:
     """The worker's model state and the decisions made on it."""
 
-    available_sources = ("ann", "popular")
+    available_sources = ("ann", "dr", "popular")
 
     def __init__(self, settings: Settings, metrics=None) -> None:
         self.settings = settings
@@ -54,6 +56,11 @@ class Engine:
                                             refresh_s=settings.popularity_refresh_s)
         self.learner = ItemLearner(settings.learner_config())
         self.index = ServingIndex(self.learner, settings.index_config())
+        self.paths: PathRetrieval | None = None
+        if settings.dr_enabled:
+            self.paths = PathRetrieval(settings.dr_config(), settings.m_step_policy(),
+                                       settings.dr_max_candidates)
+        self.dr_loss = stats.EWMean(fading_factor=0.05)
         self.loss = stats.EWMean(fading_factor=0.05)
         self.users = 0  # users whose history this worker holds
         self.learned = 0  # training examples applied
@@ -125,6 +132,10 @@ class Engine:
         loss = self.learner.learn(phis, items, np.array([e.alpha for e in examples]),
                                   n_users=max(self.users, 1))
         self.index.learned(items)
+        if self.paths is not None:
+            dr_loss = self.paths.learn(phis, items)
+            if np.isfinite(dr_loss):  # nan: no pair of the batch had a known user vector
+                self.dr_loss.update(dr_loss)
         self.loss.update(loss)
         self.learned += len(examples)
         return loss
@@ -178,20 +189,29 @@ class Engine:
         seen: set[str] = set()
         if request.exclude_seen:
             seen = set(history.items) | set(request.history or ())
-        sources = request.sources or SOURCES
+        sources = request.sources or self.settings.default_sources
         items: list[RecItem] = []
         index_version = None
         clock = time.perf_counter()
         phi = self.user_vector(request, history)
         clock = self._stage("embed", clock)
-        if phi is not None and len(self.learner) and set(sources) & set(MODEL_SOURCES):
-            candidates, index_version = self.index.retrieve(
-                augment_users(phi), self._candidates_wanted(request), seen,
-                diversity=request.diversity,
-                history=list(history.items) + list(request.history or ()))
-            clock = self._stage("ann", clock)
-            self._count_candidates("ann", len(candidates))
-            items = self._rerank(phi, candidates, request.k)
+        if phi is not None and len(self.learner):
+            pool: dict[str, str] = {}  # candidate → the source that found it first
+            if "ann" in sources:
+                candidates, index_version = self.index.retrieve(
+                    augment_users(phi), self._candidates_wanted(request), seen,
+                    diversity=request.diversity,
+                    history=list(history.items) + list(request.history or ()))
+                clock = self._stage("ann", clock)
+                self._count_candidates("ann", len(candidates))
+                pool.update(dict.fromkeys(candidates, "ann"))
+            if "dr" in sources and self.paths is not None and self._dr_wanted(request):
+                candidates = self.paths.retrieve(phi, seen)
+                clock = self._stage("dr", clock)
+                self._count_candidates("dr", len(candidates))
+                for candidate in candidates:
+                    pool.setdefault(candidate, "dr")
+            items = self._rerank(phi, pool, request.k)
         if len(items) < request.k:
             taken = seen | {item.item_id for item in items}
             popular = self.popularity.top(request.k - len(items), exclude=taken)
@@ -212,15 +232,23 @@ class Engine:
             return request.k
         return max(request.k, self.settings.rerank_candidates)
 
-    def _rerank(self, phi: np.ndarray, candidates: list[str], k: int) -> list[RecItem]:
-        """One score per candidate, with the vectors as they are now; the best ``k``."""
-        candidates = list(dict.fromkeys(candidates))
+    @staticmethod
+    def _dr_wanted(request: RecRequest) -> bool:
+        """A ``diversity`` request leaves the final list to the cluster quotas of the index;
+        dr candidates would compete with them in the rerank, so they join only when the
+        request names dr itself."""
+        return request.diversity is None or "dr" in (request.sources or ())
+
+    def _rerank(self, phi: np.ndarray, pool: dict[str, str], k: int) -> list[RecItem]:
+        """One score per candidate, with the vectors as they are now; the best ``k``, each
+        with the source that found it."""
+        candidates = list(pool)
         scores = self.learner.scores_of(phi, candidates)
         order = np.argsort(-scores, kind="stable")[:k]
         # model_construct: the values are ours and already typed; validating ten items
         # per answer was a fifth of the in-process answer time.
         return [RecItem.model_construct(item_id=candidates[i], score=float(scores[i]),
-                                        source="ann")
+                                        source=pool[candidates[i]])
                 for i in order if np.isfinite(scores[i])]
 
     def _stage(self, stage: str, since: float) -> float:
@@ -237,6 +265,10 @@ class Engine:
         """Start an index build aside if one is due (call on the learning thread)."""
         return self.index.maybe_rebuild(self.model_version)
 
+    def maybe_m_step(self) -> bool:
+        """Install a finished Deep Retrieval M-step, start one aside if due (learning thread)."""
+        return self.paths is not None and self.paths.maybe_m_step()
+
     # -- persistence ----------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:
@@ -245,12 +277,16 @@ class Engine:
     def save(self) -> None:
         self.popularity.save(self.checkpoint_dir / "popularity.npz")
         self.learner.save(self.checkpoint_dir / "model.npz")
+        if self.paths is not None:
+            self.paths.save(self.checkpoint_dir / "dr")
         self.checkpointed_at = time.time()
 
     def load(self) -> bool:
         """The last checkpoint and the newest valid index version, where they exist."""
         found = self.popularity.load(self.checkpoint_dir / "popularity.npz")
         found = self.learner.load(self.checkpoint_dir / "model.npz") or found
+        if self.paths is not None:
+            found = self.paths.load(self.checkpoint_dir / "dr") or found
         if self.index.load_existing():
             log.info("serving index version %s", self.index.version)
         return found

@@ -117,10 +117,39 @@ class Settings(BaseSettings):
     rerank_candidates: int = Field(
         100, ge=1, description="Candidates a model source retrieves before the one rerank.")
 
+    # -- Deep Retrieval (DESIGN.md "Deep Retrieval") ------------------------------------------
+    dr_enabled: bool = Field(
+        True, description="Learn Deep Retrieval paths on the stream (E-step, M-step, source dr).")
+    dr_width: int = Field(100, ge=2, le=100_000, description="Nodes per layer (K).")
+    dr_depth: int = Field(3, ge=1, le=8, description="Layers (D); K^D paths.")
+    dr_paths_per_item: int = Field(3, ge=1, le=32, description="Paths per item (J).")
+    dr_beam: int = Field(25, ge=1, le=10_000, description="Beam of a request's path search (B).")
+    dr_top_s: int = Field(16, ge=1, le=1000, description="Paths tracked per item (S).")
+    dr_decay: float = Field(0.999, gt=0, le=1, description="Decay of tracked path scores (η).")
+    dr_penalty: float = Field(1e-6, ge=0, description="Path size penalty α of f(|c|)=|c|^4/4.")
+    dr_learning_rate: float = Field(1e-3, gt=0, description="Adam step of the structure model.")
+    dr_m_step_interval_s: float = Field(
+        300.0, gt=0, description="Run an M-step at least this often (when events arrived).")
+    dr_m_step_events: int = Field(
+        200_000, ge=1, description="Run an M-step sooner once this many pairs were learned.")
+    dr_max_candidates: int = Field(
+        1000, ge=1, description="Most items a dr retrieval hands to the rerank.")
+    default_sources: list[Literal["ann", "dr", "popular"]] = Field(
+        default_factory=lambda: ["ann", "popular"],
+        description="Sources of a request that names none (JSON list). dr costs a beam search "
+                    "per request, so it is opt-in: per request, or here.")
+
     # -- observability ---------------------------------------------------------------------------
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 disables the endpoint.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("default_sources")
+    @classmethod
+    def _some_source(cls, sources: list[str]) -> list[str]:
+        if not sources:
+            raise ValueError("at least one default source is required")
+        return list(dict.fromkeys(sources))
 
     @field_validator("kind_weights")
     @classmethod
@@ -166,6 +195,19 @@ class Settings(BaseSettings):
         return LearnerConfig(dim=self.model_dim, alpha0=self.alpha0, lam=self.l2,
                              lr=self.learning_rate, solver=self.item_solver,
                              prior_weight=self.prior_weight, seed=self.model_seed)
+
+    def dr_config(self):
+        from models.deep_retrieval import DRConfig
+
+        return DRConfig(input_dim=self.model_dim, width=self.dr_width, depth=self.dr_depth,
+                        paths_per_item=self.dr_paths_per_item, beam=self.dr_beam,
+                        top_s=self.dr_top_s, decay=self.dr_decay, penalty=self.dr_penalty,
+                        lr=self.dr_learning_rate, seed=self.model_seed)
+
+    def m_step_policy(self):
+        from index_sync.paths import MStepPolicy
+
+        return MStepPolicy(interval_s=self.dr_m_step_interval_s, events=self.dr_m_step_events)
 
     def index_config(self):
         from index_sync.hnsw import HnswParams

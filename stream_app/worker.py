@@ -8,6 +8,7 @@ import threading
 import time
 
 import faust
+import torch
 from threadpoolctl import threadpool_limits
 
 from .app import create_app
@@ -48,6 +49,21 @@ def build_metrics(engine: Engine) -> Metrics:
     for key, doc in index_gauges.items():
         metrics.gauge(f"streamrec_index_{key}", doc,
                       lambda key=key: engine.index.stats(time.time())[key])
+    dr_gauges = {
+        "m_steps": "Deep Retrieval M-steps installed since the worker started.",
+        "last_m_step_seconds": "Seconds the last Deep Retrieval M-step took.",
+        "largest_path": "Items on the largest Deep Retrieval path.",
+        "nonempty_paths": "Deep Retrieval paths holding at least one item.",
+        "items": "Items with Deep Retrieval paths.",
+        "m_step_failures": "Deep Retrieval M-steps that failed (the old paths kept serving).",
+    }
+    if engine.paths is not None:
+        for key, doc in dr_gauges.items():
+            metrics.gauge(f"streamrec_dr_{key}", doc,
+                          lambda key=key: engine.paths.stats()[key])
+        metrics.gauge("streamrec_dr_estep_loss",
+                      "Exponentially weighted mean of the Deep Retrieval E-step loss.",
+                      lambda: engine.dr_loss.get())
     engine.metrics = metrics
     return metrics
 
@@ -92,6 +108,7 @@ def run_worker(settings: Settings) -> int:
     # Each learning step multiplies (d+1)×B×(d+1) matrices: threads only add overhead, and a
     # multi-threaded BLAS on busy cores made steps ~30x slower (benchmarks/learner_step.py).
     threadpool_limits(1)
+    torch.set_num_threads(1)  # the same for the Deep Retrieval structure model's small steps
     ensure_topics(settings)
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes one level only
     engine = Engine(settings)
@@ -111,6 +128,8 @@ def run_worker(settings: Settings) -> int:
         return int(exit_.code or 0)
     finally:
         engine.index.close()
+        if engine.paths is not None:
+            engine.paths.close()
         engine.save()
         log.info("checkpoint written to %s", engine.checkpoint_dir)
         if server is not None:

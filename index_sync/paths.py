@@ -1,0 +1,136 @@
+"""Deep Retrieval inside a worker: E-step on every micro-batch, M-step aside, beam search to serve.
+
+The learn thread owns :class:`models.deep_retrieval.DeepRetrieval`: it runs the E-step and the
+tracker updates of each micro-batch (:meth:`PathRetrieval.learn`) and, from the same timer that
+considers index rebuilds, starts an M-step when one is due. The M-step itself — coordinate descent
+over every scored item, minutes for millions of items — runs on a copy of the path scores in a
+worker thread, so the event loop keeps learning and answering; its new assignment is installed
+back on the learn thread at the next check, and the path → items index is swapped in one step.
+Items met while it ran keep the paths they were given on arrival.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.deep_retrieval import DeepRetrieval, DRConfig, MStepResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MStepPolicy:
+    """When to run an M-step: every ``interval_s`` once pairs were learned since the last one,
+    or sooner after ``events`` pairs."""
+
+    interval_s: float = 300.0
+    events: int = 200_000
+
+
+class PathRetrieval:
+    """One worker's Deep Retrieval source: learning, M-steps off the loop, retrieval."""
+
+    def __init__(self, config: DRConfig, policy: MStepPolicy = MStepPolicy(),
+                 max_candidates: int = 1000) -> None:
+        self.model = DeepRetrieval(config)
+        self.policy = policy
+        self.max_candidates = max_candidates
+        self.events_since_m_step = 0
+        self.last_m_step_at = time.time()
+        self.failures = 0
+        self.last_error: str | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dr-m-step")
+        self._running: Future | None = None
+
+    # -- learning (learn thread) -----------------------------------------------------------
+    def learn(self, phis: np.ndarray, items: list[str]) -> float:
+        """E-step and path-score update for one micro-batch; x = φ(u), no gradient into it.
+
+        Pairs whose user vector is zero (a first event: nothing known about the user) carry no
+        information on where the user belongs; learning them would teach every item's paths to
+        the same x, so they are skipped."""
+        informative = np.flatnonzero(np.any(phis != 0, axis=1))
+        if not len(informative):
+            return float("nan")
+        loss = self.model.learn(phis[informative], [items[k] for k in informative])
+        self.events_since_m_step += len(informative)
+        return loss
+
+    def maybe_m_step(self, now: float | None = None) -> bool:
+        """Install a finished M-step; start one if due. True when one was started."""
+        self._install_finished()
+        now = time.time() if now is None else now
+        if self._running is not None or not self._due(now):
+            return False
+        snapshot = self.model.m_step_snapshot()
+        self.events_since_m_step = 0
+        self.last_m_step_at = now
+        self._running = self._executor.submit(self.model.compute_m_step, snapshot)
+        self._running.snapshot = snapshot
+        return True
+
+    def _due(self, now: float) -> bool:
+        if self.events_since_m_step == 0 or len(self.model) == 0:
+            return False
+        return (self.events_since_m_step >= self.policy.events
+                or now - self.last_m_step_at >= self.policy.interval_s)
+
+    def _install_finished(self) -> MStepResult | None:
+        running = self._running
+        if running is None or not running.done():
+            return None
+        self._running = None
+        try:
+            result = running.result()
+        except Exception as error:  # noqa: BLE001 - the paths in force keep serving
+            self.failures += 1
+            self.last_error = repr(error)
+            log.exception("M-step failed; the previous paths keep serving")
+            return None
+        self.model.install_m_step(running.snapshot, result)
+        log.info("M-step: %d items, largest path %d, %d non-empty paths, %.2f s",
+                 len(result.assignment), result.largest_path, result.nonempty_paths,
+                 result.seconds)
+        return result
+
+    def run_m_step_now(self, timeout: float | None = None) -> MStepResult | None:
+        """Start an M-step regardless of the policy and wait for it (tools and tests)."""
+        if self._running is None:
+            if len(self.model) == 0:
+                return None
+            snapshot = self.model.m_step_snapshot()
+            self.events_since_m_step = 0
+            self.last_m_step_at = time.time()
+            self._running = self._executor.submit(self.model.compute_m_step, snapshot)
+            self._running.snapshot = snapshot
+        self._running.result(timeout)
+        return self._install_finished()
+
+    # -- serving (any thread) --------------------------------------------------------------
+    def retrieve(self, phi: np.ndarray, exclude: set[str], beam: int | None = None) -> list[str]:
+        """Items on the beam's paths, best path first, without ``exclude``, at most
+        ``max_candidates`` (the rerank's cost is linear in them)."""
+        found = [item for item in self.model.retrieve(phi, beam) if item not in exclude]
+        return found[: self.max_candidates]
+
+    def stats(self) -> dict:
+        stats = dict(self.model.stats)
+        stats.update(m_step_running=float(self._running is not None),
+                     m_step_failures=self.failures)
+        return stats
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        self.model.save(directory)
+
+    def load(self, directory: Path) -> bool:
+        return self.model.load(directory)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

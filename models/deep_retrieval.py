@@ -1,0 +1,635 @@
+"""Deep Retrieval (DR): a learnable K × D path structure for candidate retrieval (DR §2–3).
+
+A user vector x is mapped to a distribution over K^D paths, p(c | x) = Π_d p(c_d | x, c_<d), by D
+small softmax layers (:class:`StructureModel`); every item lives on J paths. Retrieval is a beam
+search for the B most probable paths and the union of their items (:func:`beam_search`). The
+item → path map is learned by EM: the E-step trains the layers on −log Σ_j p(π_j(v) | x)
+(:func:`multi_path_loss`), decayed top-S path scores s[v, c] are tracked on the stream
+(:class:`state.path_scores.PathScoreTracker`), and the M-step reassigns paths by penalized
+coordinate descent (:func:`m_step`). :class:`DeepRetrieval` owns the state of one learn partition.
+
+Paths are int64 codes, ``code = Σ_d c_d · K^(D-1-d)`` (:func:`encode_paths`), so one path is one
+integer in every array, index and checkpoint; ``-1`` is "no path".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from state.path_scores import EMPTY, PathIndex, PathScoreTracker
+
+NearFn = Callable[[str], "str | None"]
+
+#: Floor of the partial score sum Σ_prev before an item's first pick (see :func:`m_step`).
+FIRST_PICK_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class DRConfig:
+    """Hyperparameters of :class:`DeepRetrieval` (symbols of the DR paper in brackets).
+
+    - ``width`` (K), ``depth`` (D): K^D paths; the defaults give 10^6 paths, a few per item for
+      catalogues of 10^5–10^6 items.
+    - ``paths_per_item`` (J), ``beam`` (B, retrieval), ``top_s`` (S, paths tracked per item and
+      the beam used to score a training pair), ``decay`` (η of the streaming score update).
+    - ``penalty`` (α of f(|c|) = |c|⁴/4): adding an item to a path of size n costs
+      α·((n+1)⁴ − n⁴)/4 ≈ α n³, traded against N_v·log(1 + s/Σ_prev), whose typical size is
+      N_v (an item's pairs) times a log-ratio of order 1. The paper used 3·10⁻⁵ on MovieLens-20M
+      (20k items, N_v ≈ 500) and 3·10⁻⁷ on Amazon books (1.5M items, N_v ≈ 6): in both the
+      penalty matches the likelihood gain at |c| ≈ 250. With 10⁻⁶ and N_v of 10–100, the balance
+      is at |c| ≈ 200–450: for 10⁴–10⁶ items on 10⁶ paths (mean size ≤ 3) it leaves ordinary paths
+      alone and only stops collapse into a few paths of thousands of items, which would make the
+      reranker score a large share of the catalogue.
+    - ``node_dim``: size of the embedding e(c_d) of a chosen node fed to the later layers.
+    - ``hidden``: 0 = one linear softmax layer per level; > 0 = one hidden ReLU layer of that size.
+    - ``lr`` (Adam), ``mstep_passes`` (the paper: 3–5 are enough), ``seed`` (model init and
+      random paths).
+    - ``new_item_paths``: where an item met for the first time goes. ``random`` (J paths seeded
+      by its id, the paper's initialization) lets the E-step teach the layers to route that
+      item's users to its paths, which spreads the catalogue. ``beam`` (the J best paths of the
+      first user's x) is retrievable at once for similar users, but while the layers are
+      untrained every x gives the same beam: on a planted stream all items landed on the same
+      two paths and no M-step moved them (each item's tracked scores favour those paths too).
+    """
+
+    input_dim: int = 64
+    width: int = 100
+    depth: int = 3
+    paths_per_item: int = 3
+    beam: int = 25
+    top_s: int = 16
+    decay: float = 0.999
+    penalty: float = 1e-6
+    node_dim: int = 16
+    hidden: int = 0
+    lr: float = 1e-3
+    mstep_passes: int = 3
+    new_item_paths: Literal["random", "beam"] = "random"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.width < 2 or self.depth < 1:
+            raise ValueError("width must be >= 2 and depth >= 1")
+        if self.width ** self.depth >= 2 ** 62:
+            raise ValueError("K^D paths must fit an int64 code")
+        if min(self.paths_per_item, self.beam, self.top_s, self.input_dim) < 1:
+            raise ValueError("paths_per_item, beam, top_s and input_dim must be >= 1")
+        if not 0.0 < self.decay <= 1.0 or self.penalty < 0.0:
+            raise ValueError("decay must be in (0, 1] and penalty >= 0")
+
+
+def encode_paths(paths: np.ndarray, width: int) -> np.ndarray:
+    """Path node indices (..., D) → int64 codes (...); a row with any negative node gives -1.
+
+    >>> encode_paths(np.array([[1, 2, 3]]), 10).tolist()
+    [123]
+    """
+    paths = np.asarray(paths, dtype=np.int64)
+    weights = width ** np.arange(paths.shape[-1] - 1, -1, -1, dtype=np.int64)
+    codes = paths @ weights
+    return np.where((paths < 0).any(axis=-1), EMPTY, codes)
+
+
+def decode_paths(codes: np.ndarray, width: int, depth: int) -> np.ndarray:
+    """int64 codes (...) → node indices (..., D); code -1 decodes to all -1.
+
+    >>> decode_paths(np.array([123, -1]), 10, 3).tolist()
+    [[1, 2, 3], [-1, -1, -1]]
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    weights = width ** np.arange(depth - 1, -1, -1, dtype=np.int64)
+    paths = (codes[..., None] // weights) % width
+    return np.where(codes[..., None] < 0, EMPTY, paths)
+
+
+def _layer(in_dim: int, width: int, hidden: int) -> nn.Module:
+    if hidden <= 0:
+        return nn.Linear(in_dim, width)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, width))
+
+
+class StructureModel(nn.Module):
+    """D softmax layers; layer d sees [x, e_1(c_1), …, e_{d-1}(c_{d-1})] (DR §2.1, Fig. 1b).
+
+    Each layer has its own node embeddings: node k of layer 1 and node k of layer 2 are different
+    nodes. Parameters are Θ(K D²), far fewer than the K^D paths. Initialization is seeded without
+    touching the global torch RNG.
+    """
+
+    def __init__(self, input_dim: int, width: int, depth: int, node_dim: int = 16,
+                 hidden: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.input_dim, self.width, self.depth = input_dim, width, depth
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.node_emb = nn.ModuleList(nn.Embedding(width, node_dim) for _ in range(depth - 1))
+            self.layers = nn.ModuleList(_layer(input_dim + d * node_dim, width, hidden)
+                                        for d in range(depth))
+
+    def layer_log_probs(self, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """log p(c_d = · | x, c_<d) for d = prefix.shape[1]; x (N, input_dim), prefix (N, d)."""
+        d = prefix.shape[1]
+        parts = [x] + [self.node_emb[i](prefix[:, i]) for i in range(d)]
+        return torch.log_softmax(self.layers[d](torch.cat(parts, dim=1)), dim=1)
+
+    def log_prob(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+        """log p(c | x) = Σ_d log p(c_d | x, c_<d); x (B, input_dim), paths (B, …, D) → (B, …)."""
+        x = torch.as_tensor(x, dtype=torch.float32)
+        paths = torch.as_tensor(paths, dtype=torch.long)
+        batch, depth = paths.shape[0], paths.shape[-1]
+        flat = paths.reshape(batch, -1, depth)
+        per_row = flat.shape[1]
+        xs = x[:, None, :].expand(batch, per_row, x.shape[1]).reshape(batch * per_row, -1)
+        flat = flat.reshape(batch * per_row, depth)
+        total = torch.zeros(batch * per_row, dtype=xs.dtype)
+        for d in range(depth):
+            logp = self.layer_log_probs(xs, flat[:, :d])
+            total = total + logp.gather(1, flat[:, d:d + 1]).squeeze(1)
+        return total.reshape(paths.shape[:-1])
+
+
+def beam_search(model: StructureModel, x: np.ndarray, beam: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``beam`` most probable paths for each row of x, best first (DR Alg. 1).
+
+    Each layer expands every kept prefix by its K children and keeps the best ``beam`` of the
+    K·beam candidates, for all users at once; cost O(D·K·B log B) per user. Scores accumulate in
+    float64 so ties from float32 rounding do not reorder paths across layers.
+
+    Returns ``(codes (n, b) int64, log_probs (n, b) float64)`` with b = min(beam, K^D): with
+    ``beam >= K^D`` nothing is ever pruned, so the result is the exhaustive ranking of all paths.
+
+    >>> model = StructureModel(input_dim=2, width=3, depth=2)
+    >>> codes, logp = beam_search(model, np.zeros((1, 2)), beam=9)
+    >>> sorted(codes[0].tolist()) == list(range(9)), bool(np.isclose(np.exp(logp).sum(), 1.0))
+    (True, True)
+    """
+    width, depth = model.width, model.depth
+    with torch.no_grad():
+        xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        n = xt.shape[0]
+        scores = torch.zeros(n, 1, dtype=torch.float64)
+        prefix = torch.zeros(n, 1, 0, dtype=torch.long)
+        for d in range(depth):
+            kept = prefix.shape[1]
+            xs = xt[:, None, :].expand(n, kept, xt.shape[1]).reshape(n * kept, -1)
+            logp = model.layer_log_probs(xs, prefix.reshape(n * kept, d))
+            cand = (scores[:, :, None] + logp.double().reshape(n, kept, width)).reshape(n, -1)
+            scores, idx = cand.topk(min(beam, cand.shape[1]), dim=1)
+            parent = torch.div(idx, width, rounding_mode="floor")
+            prefix = torch.cat([prefix.gather(1, parent[:, :, None].expand(-1, -1, d)),
+                                (idx % width)[:, :, None]], dim=2)
+    return encode_paths(prefix.numpy(), width), scores.numpy()
+
+
+def multi_path_loss(model: StructureModel, x: torch.Tensor | np.ndarray,
+                    item_paths: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Mean over the batch of −log Σ_j p(π_j | x), the E-step objective (DR §2.1, multi-path).
+
+    ``item_paths`` is (B, J, D) node indices, or (B, J) int64 codes. A path listed twice for one
+    item counts once and ``-1`` paths are ignored, so padding never inflates p. x is detached:
+    the structure model must not train the user embedding.
+    """
+    x = torch.as_tensor(x, dtype=torch.float32).detach()
+    paths = torch.as_tensor(item_paths, dtype=torch.long)
+    if paths.dim() == 2:
+        paths = torch.as_tensor(decode_paths(paths.numpy(), model.width, model.depth))
+    same = (paths[:, :, None, :] == paths[:, None, :, :]).all(dim=-1)
+    earlier = torch.tril(torch.ones(paths.shape[1], paths.shape[1], dtype=torch.bool), -1)
+    skip = (same & earlier).any(dim=-1) | (paths < 0).any(dim=-1)
+    logp = model.log_prob(x, paths.clamp(min=0)).masked_fill(skip, -math.inf)
+    return -torch.logsumexp(logp, dim=1).mean()
+
+
+@dataclass(frozen=True)
+class MStepResult:
+    """New (n, J) assignment and the path-size statistics it produces."""
+
+    assignment: np.ndarray
+    largest_path: int
+    nonempty_paths: int
+    seconds: float
+    items_updated: int = 0
+
+
+def _path_sizes(assignment: np.ndarray) -> dict[int, int]:
+    """|c| for every nonempty path; an item on a path twice counts once."""
+    pairs = np.unique(np.stack([np.repeat(np.arange(len(assignment)), assignment.shape[1]),
+                                assignment.ravel()], axis=1), axis=0)
+    codes, counts = np.unique(pairs[pairs[:, 1] >= 0, 1], return_counts=True)
+    return dict(zip(codes.tolist(), counts.tolist()))
+
+
+def _pick_paths(codes: list, scores: list, n_v: float, j_paths: int, alpha: float,
+                sizes: dict) -> list:
+    """Greedy J picks for one item by the paper's incremental gain (DR §3, Alg. 2).
+
+    f(n+1) − f(n) = ((n+1)⁴ − n⁴)/4 = n³ + 1.5n² + n + 0.25, written out to stay in floats.
+    """
+    picked: list = []
+    total = FIRST_PICK_EPS
+    log1p, get = math.log1p, sizes.get
+    for _ in range(j_paths):
+        best, best_gain, best_s = -1, -math.inf, 0.0
+        for c, s in zip(codes, scores):
+            if c < 0 or c in picked:
+                continue
+            n = get(c, 0)
+            gain = n_v * log1p(s / total) - alpha * (((n + 1.5) * n + 1.0) * n + 0.25)
+            if gain > best_gain:
+                best, best_gain, best_s = c, gain, s
+        if best < 0:
+            break
+        picked.append(best)
+        sizes[best] = get(best, 0) + 1
+        total += best_s
+    return picked
+
+
+def m_step(path_codes: np.ndarray, path_scores: np.ndarray, counts: np.ndarray,
+           current: np.ndarray, J: int, penalty: float, passes: int = 3,
+           chunk: int = 65536) -> MStepResult:
+    """Penalized coordinate descent over item → path assignments (DR §3, Alg. 2).
+
+    For each pass and each item with a positive score: its old paths leave the size counts, then
+    J paths are picked one by one among its S candidates by the gain
+    N_v [log(Σ_prev + s[v, c]) − log Σ_prev] − α [f(|c|+1) − f(|c|)], f(x) = x⁴/4, each pick
+    entering the size counts at once (so later items see it).
+
+    Σ_prev starts at ε = ``FIRST_PICK_EPS`` instead of 0 so that the first gain is finite. The
+    ε term is then N_v log((ε + s)/ε) = N_v log(ε + s) − N_v log ε, and the constant −N_v log ε
+    is the same for every candidate, so the first pick maximizes N_v log s − α Δf exactly as the
+    single-path objective does; ε only floors log s for vanishing scores.
+
+    An item whose candidates run out before J picks keeps its first pick in the empty slots (the
+    duplicate is one path: it counts once in |c| and in the loss). Items without a positive score
+    keep their paths. The per-item work is a short Python loop over S candidates; rows are turned
+    into Python lists a ``chunk`` at a time to bound memory.
+
+    >>> codes = np.array([[4, 7, -1], [4, 7, -1]]); scores = np.array([[2., 1., 0.], [2., 1., 0.]])
+    >>> m_step(codes, scores, np.ones(2), np.zeros((2, 1), np.int64), 1, 10.0).assignment.ravel()
+    array([4, 7])
+    """
+    start = time.perf_counter()
+    assignment = np.array(current, dtype=np.int64, copy=True)
+    sizes = _path_sizes(assignment)
+    rows = np.flatnonzero((np.asarray(path_scores) > 0).any(axis=1))
+    counts = np.asarray(counts, dtype=np.float64)
+    for _ in range(passes):
+        for lo in range(0, rows.size, chunk):
+            block = rows[lo:lo + chunk]
+            _descend_block(block, path_codes[block].tolist(), path_scores[block].tolist(),
+                           counts[block].tolist(), assignment, J, penalty, sizes)
+    nonempty = {c: n for c, n in sizes.items() if n > 0}
+    return MStepResult(assignment, max(nonempty.values(), default=0), len(nonempty),
+                       time.perf_counter() - start, int(rows.size))
+
+
+def _descend_block(block: np.ndarray, codes: list, scores: list, counts: list,
+                   assignment: np.ndarray, J: int, penalty: float, sizes: dict) -> None:
+    """Coordinate steps for one chunk of items, in row order, updating ``sizes`` in place."""
+    old_rows = assignment[block].tolist()
+    new_rows = []
+    for old, c_row, s_row, n_v in zip(old_rows, codes, scores, counts):
+        for c in set(old):
+            if c >= 0:
+                sizes[c] -= 1
+        picked = _pick_paths(c_row, s_row, n_v, J, penalty, sizes)
+        if not picked:
+            picked = old
+            for c in set(old):
+                if c >= 0:
+                    sizes[c] += 1
+        new_rows.append(picked + [picked[0]] * (J - len(picked)))
+    assignment[block] = np.asarray(new_rows, dtype=np.int64).reshape(len(block), J)
+
+
+@dataclass(frozen=True)
+class MStepSnapshot:
+    """The M-step's inputs for the first ``n`` items, copied on the learn thread."""
+
+    n: int
+    codes: np.ndarray
+    scores: np.ndarray
+    counts: np.ndarray
+    assignment: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Serving:
+    """What retrieval reads, swapped as one reference: the last built index, the items assigned
+    since (path code → rows, for new items only) and the id list."""
+
+    index: PathIndex
+    pending: dict
+    ids: list
+
+
+class DeepRetrieval:
+    """Structure model, path scores, assignment and inverted index of one learn partition.
+
+    Writes (``learn``, ``assign_new``, ``run_m_step``, ``load``) come from one thread. Reads
+    (``retrieve``) may run concurrently: they read the serving snapshot once, and a rebuilt index
+    replaces it in one assignment. They never create state (an unknown x just finds paths).
+    A read during an optimizer step may see partly updated weights, which only perturbs scores.
+    """
+
+    STATE_FILE = "dr_state.npz"
+
+    def __init__(self, config: DRConfig) -> None:
+        self.config = config
+        self.model = StructureModel(config.input_dim, config.width, config.depth,
+                                    config.node_dim, config.hidden, config.seed)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.tracker = PathScoreTracker(config.top_s, config.decay)
+        self._rng = np.random.default_rng(config.seed)
+        self._row: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._counts = np.zeros(1024, dtype=np.float64)
+        self._assign = np.full((1024, config.paths_per_item), EMPTY, dtype=np.int64)
+        self._serving = _Serving(PathIndex.build(self._assign[:0]), {}, self._ids)
+        self._m_steps = 0
+        self._last_m_step_seconds = 0.0
+        self._last_loss = math.nan
+
+    # ---- state access -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def assignment(self) -> np.ndarray:
+        """Current (n, J) path codes of every item (a read-only view)."""
+        view = self._assign[:len(self._ids)]
+        view = view.view()
+        view.setflags(write=False)
+        return view
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._counts[:len(self._ids)].copy()
+
+    def rows_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Rows of known ids (-1 for unknown ones); creates nothing."""
+        return np.array([self._row.get(i, -1) for i in item_ids], dtype=np.int64)
+
+    @property
+    def stats(self) -> dict:
+        index = self._serving.index
+        sizes = _path_sizes(self.assignment) if self._serving.pending else None
+        return {
+            "items": len(self._ids),
+            "nonempty_paths": len(sizes) if sizes is not None else index.nonempty_paths,
+            "largest_path": max(sizes.values(), default=0) if sizes is not None
+            else index.largest_path,
+            "m_steps": self._m_steps,
+            "last_m_step_seconds": self._last_m_step_seconds,
+            "last_loss": self._last_loss,
+        }
+
+    # ---- learning -----------------------------------------------------------------------
+    def learn(self, x: np.ndarray, item_ids: Sequence[str], counts_weight=None) -> float:
+        """One E-step micro-batch of (x_u, item) pairs; returns the loss before the step.
+
+        New items get paths first (:meth:`assign_new`), one Adam step lowers
+        −log Σ_j p(π_j(v) | x) on the items' current paths, then each pair's top-S beam paths
+        with probabilities p(c | x) (not logs: s[v, c] is a sum of probabilities) are merged into
+        the item's tracked scores, and N_v grows by the pair's weight (default 1).
+
+        N_v is a lifetime count while s[v, c] decays by η per pair of the item; the M-step gain
+        only uses ratios of scores, so the decay does not bias it, but an item's old pairs keep
+        weighing its likelihood term against the penalty.
+        """
+        x = np.asarray(x, dtype=np.float32).reshape(len(item_ids), self.config.input_dim)
+        cfg = self.config
+        rows = self.assign_new(item_ids, x=x if cfg.new_item_paths == "beam" else None)
+        paths = decode_paths(self._assign[rows], cfg.width, cfg.depth)
+        self.optimizer.zero_grad()
+        loss = multi_path_loss(self.model, torch.from_numpy(x), paths)
+        loss.backward()
+        self.optimizer.step()
+        codes, logp = beam_search(self.model, x, cfg.top_s)
+        self.tracker.update_many(rows, codes, np.exp(logp))
+        weight = np.ones(len(rows)) if counts_weight is None else np.asarray(counts_weight, float)
+        np.add.at(self._counts, rows, np.broadcast_to(weight, rows.shape))
+        self._last_loss = float(loss.detach())
+        return self._last_loss
+
+    def assign_new(self, item_ids: Sequence[str], x: np.ndarray | None = None,
+                   near: NearFn | None = None) -> np.ndarray:
+        """Give J paths to every id not seen before and return the rows of all ``item_ids``.
+
+        A new item copies the paths of ``near(item_id)`` when that returns a known id (e.g. its
+        nearest neighbour by embedding); otherwise it takes the J most probable paths of the first
+        x it is met with (``x`` row-aligned with ``item_ids``); without either, J distinct seeded
+        random paths. Its paths enter the serving index at once, so the item is retrievable by
+        users like the one it was met with before the next M-step ever scores it.
+        """
+        fresh: dict[str, int] = {}
+        for pos, item in enumerate(item_ids):
+            if item not in self._row and item not in fresh:
+                fresh[item] = pos
+        if fresh:
+            self._append(list(fresh), self._initial_paths(fresh, x, near))
+        return np.array([self._row[i] for i in item_ids], dtype=np.int64)
+
+    def _initial_paths(self, fresh: dict[str, int], x: np.ndarray | None,
+                       near: NearFn | None) -> np.ndarray:
+        cfg = self.config
+        J = cfg.paths_per_item
+        paths = np.full((len(fresh), J), EMPTY, dtype=np.int64)
+        todo = np.ones(len(fresh), dtype=bool)
+        if near is not None:
+            for k, item in enumerate(fresh):
+                other = near(item)
+                if other is not None and other in self._row:
+                    paths[k] = self._assign[self._row[other]]
+                    todo[k] = False
+        if x is not None and todo.any():
+            where = np.array(list(fresh.values()))[todo]
+            codes, _ = beam_search(self.model, np.asarray(x)[where], J)
+            paths[todo, :codes.shape[1]] = codes
+            paths[todo, codes.shape[1]:] = codes[:, :1]
+            todo[:] = False
+        n_paths = cfg.width ** cfg.depth
+        for k, item in enumerate(fresh):
+            if todo[k]:  # seeded by the id: the same paths whatever the arrival order
+                key = int.from_bytes(hashlib.blake2b(item.encode(), digest_size=8).digest(),
+                                     "little")
+                rng = np.random.default_rng([cfg.seed, key])
+                paths[k] = rng.choice(n_paths, size=J, replace=J > n_paths)
+        return paths
+
+    def _append(self, ids: list[str], paths: np.ndarray) -> None:
+        start, end = len(self._ids), len(self._ids) + len(ids)
+        if end > len(self._assign):
+            cap = max(end, 2 * len(self._assign))
+            assign = np.full((cap, self.config.paths_per_item), EMPTY, dtype=np.int64)
+            assign[:start] = self._assign[:start]
+            self._assign = assign
+            self._counts = np.concatenate([self._counts, np.zeros(cap - len(self._counts))])
+        self._assign[start:end] = paths
+        self._counts[start:end] = 0.0
+        self.tracker.grow(end)
+        self._ids.extend(ids)  # before the pending rows that name them: readers index ids
+        serving = self._serving
+        for row, item in enumerate(ids, start):
+            self._row[item] = row
+            for code in set(paths[row - start].tolist()):
+                serving.pending.setdefault(code, []).append(row)
+        if end - serving.index.assignment.shape[0] > max(256, end // 8):
+            self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        """Fold the pending items into a fresh index, built aside and swapped in one step."""
+        index = PathIndex.build(self._assign[:len(self._ids)])
+        self._serving = _Serving(index, {}, self._ids)
+
+    def run_m_step(self) -> MStepResult:
+        """Reassign every scored item's paths (:func:`m_step`), then swap in the new index."""
+        snapshot = self.m_step_snapshot()
+        result = self.compute_m_step(snapshot)
+        self.install_m_step(snapshot, result)
+        return result
+
+    def m_step_snapshot(self) -> MStepSnapshot:
+        """Copies of what the M-step reads, so it can run on another thread while learning goes
+        on (learn thread; O(n·S) copies)."""
+        n = len(self._ids)
+        return MStepSnapshot(n, self.tracker.codes.copy(), self.tracker.scores.copy(),
+                             self._counts[:n].copy(), self._assign[:n].copy())
+
+    def compute_m_step(self, snapshot: MStepSnapshot) -> MStepResult:
+        """The coordinate descent on a snapshot; touches no state, so any thread may run it."""
+        cfg = self.config
+        return m_step(snapshot.codes, snapshot.scores, snapshot.counts, snapshot.assignment,
+                      cfg.paths_per_item, cfg.penalty, cfg.mstep_passes)
+
+    def install_m_step(self, snapshot: MStepSnapshot, result: MStepResult) -> None:
+        """Take the new paths of the snapshot's items and swap in a rebuilt index (learn thread).
+
+        Items added after the snapshot keep the paths they were given on arrival; only an M-step
+        changes an existing item's paths, so nothing else can have moved meanwhile.
+        """
+        assign = self._assign.copy()
+        assign[:snapshot.n] = result.assignment
+        index = PathIndex.build(assign[:len(self._ids)])
+        self._assign, self._serving = assign, _Serving(index, {}, self._ids)
+        self._m_steps += 1
+        self._last_m_step_seconds = result.seconds
+
+    # ---- retrieval ----------------------------------------------------------------------
+    def retrieve(self, x: np.ndarray, beam: int | None = None) -> list[str]:
+        """Items on the beam's paths for one user vector, deduplicated, best path first."""
+        return self.retrieve_many(np.asarray(x).reshape(1, -1), beam)[0]
+
+    def retrieve_many(self, X: np.ndarray, beam: int | None = None) -> list[list[str]]:
+        """:meth:`retrieve` for a batch of user vectors, with one batched beam search."""
+        serving = self._serving
+        if not serving.ids:
+            return [[] for _ in range(len(X))]
+        codes, _ = beam_search(self.model, np.asarray(X), beam or self.config.beam)
+        return [self._items_of(serving, row) for row in codes]
+
+    def items_on_paths(self, codes: np.ndarray) -> list[str]:
+        """The items the serving structure holds on ``codes`` (the pending new items included),
+        deduplicated, in the order of the codes."""
+        return self._items_of(self._serving, np.asarray(codes, dtype=np.int64))
+
+    @staticmethod
+    def _items_of(serving: _Serving, codes: np.ndarray) -> list[str]:
+        rows, sizes = serving.index.items_on(codes)
+        if serving.pending:
+            parts = np.split(rows, np.cumsum(sizes)[:-1])
+            ordered: list[int] = []
+            for code, part in zip(codes.tolist(), parts):
+                ordered.extend(part.tolist())
+                ordered.extend(serving.pending.get(code, ()))
+        else:
+            ordered = rows.tolist()
+        ids = serving.ids
+        return [ids[r] for r in dict.fromkeys(ordered)]
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Write model weights, then arrays, each to a temp file renamed into place.
+
+        The weights go to a file named by a fresh generation and the npz (written last) names
+        it, so a crash between the two leaves the previous complete checkpoint in force. The
+        Adam moments are not saved: after a reload the optimizer restarts cold, which only
+        changes the size of the first steps.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        generation = f"{time.time_ns():x}"
+        model_file = f"dr_model.{generation}.pt"
+        _atomic_write(directory / model_file, lambda f: torch.save(self.model.state_dict(), f))
+        n = len(self._ids)
+        arrays = {
+            "ids": np.array(self._ids, dtype=np.str_), "counts": self._counts[:n],
+            "assignment": self._assign[:n], "codes": self.tracker.codes,
+            "scores": self.tracker.scores,
+            "meta": np.array(json.dumps({"config": asdict(self.config), "m_steps": self._m_steps,
+                                         "model_file": model_file}), dtype=np.str_),
+        }
+        _atomic_write(directory / self.STATE_FILE, lambda f: np.savez(f, **arrays))
+        for old in directory.glob("dr_model.*.pt"):
+            if old.name != model_file:
+                old.unlink(missing_ok=True)
+
+    def load(self, directory: Path) -> bool:
+        """Restore a checkpoint written by :meth:`save`; False when there is none.
+
+        Raises ValueError when the checkpoint was written with a different shape of model.
+        """
+        state_path = Path(directory) / self.STATE_FILE
+        if not state_path.exists():
+            return False
+        with np.load(state_path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        meta = json.loads(str(arrays["meta"]))
+        shape_keys = ("input_dim", "width", "depth", "paths_per_item", "top_s", "node_dim",
+                      "hidden")
+        mine = asdict(self.config)
+        if any(meta["config"][k] != mine[k] for k in shape_keys):
+            raise ValueError(f"checkpoint config {meta['config']} does not fit {mine}")
+        model_path = Path(directory) / meta["model_file"]
+        if not model_path.exists():
+            return False
+        self.model.load_state_dict(torch.load(model_path, weights_only=True))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+        self._install(arrays, meta)
+        return True
+
+    def _install(self, arrays: dict, meta: dict) -> None:
+        ids = [str(i) for i in arrays["ids"]]
+        n = len(ids)
+        self._assign = np.full((max(n, 1024), self.config.paths_per_item), EMPTY, np.int64)
+        self._assign[:n] = arrays["assignment"]
+        self._counts = np.zeros(max(n, 1024))
+        self._counts[:n] = arrays["counts"]
+        self.tracker.load_arrays(arrays["codes"], arrays["scores"])
+        self._ids = ids
+        self._row = {item: row for row, item in enumerate(ids)}
+        self._m_steps = int(meta["m_steps"])
+        self._serving = _Serving(PathIndex.build(self._assign[:n]), {}, self._ids)
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Write through ``write(fileobj)`` to a temp file, fsync, then rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

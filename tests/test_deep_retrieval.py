@@ -1,0 +1,407 @@
+"""Deep Retrieval: oracle tests for each piece and a planted-cluster stream for the whole EM loop.
+
+Oracles: the streaming top-S update against a dict transcription of the paper's four rules, beam
+search against exhaustive enumeration, the M-step against hand-computed gains. Planted data
+(4 well-separated clusters of 30 items, users near their cluster's centre) gives the E-step,
+tracker and M-step together a known right answer: one cluster's items share paths, different
+clusters' items do not, and a user's beam finds its cluster's items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.deep_retrieval import (DeepRetrieval, DRConfig, StructureModel, beam_search,
+                                   decode_paths, encode_paths, m_step, multi_path_loss)
+from state.path_scores import PathIndex, PathScoreTracker
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tensors here are tiny; on a busy 2-core box intra-op threads only wait on each other
+    (the EM runs took 6x longer with 2 threads), so this module uses one and restores the rest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- path codes -----------------------------------------------------------------------------
+
+
+def test_encode_decode_round_trip():
+    paths = decode_paths(np.arange(4 ** 3), 4, 3)
+    assert paths.shape == (64, 3) and paths.min() == 0 and paths.max() == 3
+    assert encode_paths(paths, 4).tolist() == list(range(64))
+    assert paths[27].tolist() == [1, 2, 3]  # 27 = 1·16 + 2·4 + 3
+
+
+# ---- streaming top-S tracker vs the four rules ----------------------------------------------
+
+
+def reference_update(recorded: dict, new: dict, eta: float, size: int) -> dict:
+    """The paper's rules, literally; min_score is 0 while the list is not full."""
+    min_score = min(recorded.values()) if len(recorded) >= size else 0.0
+    merged = {}
+    for code in set(recorded) | set(new):
+        if code in recorded and code in new:
+            merged[code] = eta * recorded[code] + new[code]
+        elif code in new:
+            merged[code] = eta * min_score + new[code]
+        else:
+            merged[code] = eta * recorded[code]
+    return dict(sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:size])
+
+
+@st.composite
+def update_streams(draw):
+    size = draw(st.integers(3, 5))
+    eta = draw(st.floats(0.01, 1.0))
+    score = st.floats(0.0, 10.0, allow_nan=False)
+    steps = draw(st.lists(st.tuples(
+        st.integers(0, 1),
+        st.dictionaries(st.integers(0, 7), score, min_size=1, max_size=size + 2)),
+        min_size=1, max_size=25))
+    return size, eta, steps
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(update_streams())
+def test_tracker_matches_the_four_rules(case):
+    size, eta, steps = case
+    tracker = PathScoreTracker(size, eta, capacity=1)
+    tracker.grow(2)
+    reference = [{}, {}]
+    for row, new in steps:
+        codes = np.array(list(new), dtype=np.int64)
+        tracker.update(row, codes, np.array([new[c] for c in new.keys()]))
+        reference[row] = reference_update(reference[row], new, eta, size)
+        for r in (0, 1):
+            expect = reference[r]
+            got_codes, got_scores = tracker.codes[r], tracker.scores[r]
+            assert got_codes[:len(expect)].tolist() == list(expect)
+            assert np.all(got_codes[len(expect):] == -1)
+            np.testing.assert_allclose(got_scores[:len(expect)], list(expect.values()), rtol=1e-12)
+
+
+def test_tracker_full_list_credits_min_score_to_new_paths():
+    tracker = PathScoreTracker(2, 0.5)
+    tracker.grow(1)
+    tracker.update(0, np.array([1, 2]), np.array([4.0, 2.0]))
+    tracker.update(0, np.array([3]), np.array([1.5]))
+    # full list: min_score = 2, so path 3 gets 0.5·2 + 1.5 = 2.5 and evicts path 2 (0.5·2 = 1)
+    assert tracker.codes[0].tolist() == [3, 1] and tracker.scores[0].tolist() == [2.5, 2.0]
+
+
+def test_path_index_inverts_the_assignment():
+    assignment = np.array([[5, 9], [9, 9], [2, -1], [5, 2]])
+    index = PathIndex.build(assignment)
+    assert index.paths.tolist() == [2, 5, 9] and index.sizes.tolist() == [2, 2, 2]
+    rows, sizes = index.items_on(np.array([9, 7, 2]))
+    assert rows.tolist() == [0, 1, 2, 3] and sizes.tolist() == [2, 0, 2]
+    assert index.largest_path == 2 and index.nonempty_paths == 3
+    with pytest.raises(ValueError):
+        index.assignment[0, 0] = 1  # immutable: rebuilt, never edited
+
+
+# ---- beam search ----------------------------------------------------------------------------
+
+
+def exhaustive(model: StructureModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All K^D paths ranked by log p(c|x) from log_prob, best first."""
+    n_paths = model.width ** model.depth
+    paths = torch.as_tensor(decode_paths(np.arange(n_paths), model.width, model.depth))
+    with torch.no_grad():
+        logp = model.log_prob(torch.as_tensor(x, dtype=torch.float32),
+                              paths.expand(len(x), -1, -1)).double().numpy()
+    order = np.argsort(-logp, axis=1, kind="stable")
+    return order.astype(np.int64), np.take_along_axis(logp, order, axis=1)
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_beam_search_with_full_beam_is_exhaustive(hidden):
+    model = StructureModel(input_dim=5, width=4, depth=3, node_dim=3, hidden=hidden, seed=3)
+    x = np.random.default_rng(0).normal(size=(6, 5)) * 2
+    codes, logp = beam_search(model, x, beam=64)
+    all_codes, all_logp = exhaustive(model, x)
+    assert codes.dtype == np.int64 and codes.shape == (6, 64)
+    np.testing.assert_array_equal(codes, all_codes)
+    np.testing.assert_allclose(logp, all_logp, atol=1e-5)
+    np.testing.assert_allclose(np.exp(all_logp).sum(axis=1), 1.0, atol=1e-5)
+    wide, _ = beam_search(model, x, beam=500)  # more than K^D: still every path, once
+    np.testing.assert_array_equal(wide, all_codes)
+
+
+def test_small_beam_is_sorted_and_scores_are_path_log_probs():
+    model = StructureModel(input_dim=5, width=4, depth=3, node_dim=3, seed=4)
+    x = np.random.default_rng(1).normal(size=(7, 5)) * 2
+    codes, logp = beam_search(model, x, beam=5)
+    assert codes.shape == (7, 5)
+    assert np.all(np.diff(logp, axis=1) <= 1e-12)
+    assert all(len(set(row)) == 5 for row in codes.tolist())
+    paths = torch.as_tensor(decode_paths(codes, 4, 3))
+    with torch.no_grad():
+        direct = model.log_prob(torch.as_tensor(x, dtype=torch.float32), paths).numpy()
+    np.testing.assert_allclose(logp, direct, atol=1e-5)
+    _, all_logp = exhaustive(model, x)
+    assert np.all(logp[:, 0] <= all_logp[:, 0] + 1e-5)  # approximate: never beats the optimum
+
+
+def test_one_layer_beam_is_exact_top_b():
+    model = StructureModel(input_dim=5, width=9, depth=1, seed=5)
+    x = np.random.default_rng(2).normal(size=(4, 5))
+    codes, _ = beam_search(model, x, beam=3)
+    np.testing.assert_array_equal(codes, exhaustive(model, x)[0][:, :3])
+
+
+# ---- E-step loss ----------------------------------------------------------------------------
+
+
+def test_multi_path_loss_trains_and_handles_duplicates():
+    rng = np.random.default_rng(3)
+    model = StructureModel(input_dim=6, width=5, depth=2, node_dim=4, seed=1)
+    x = torch.tensor(rng.normal(size=(32, 6)), dtype=torch.float32, requires_grad=True)
+    paths = torch.as_tensor(rng.integers(0, 5, size=(32, 3, 2)))
+    loss = multi_path_loss(model, x, paths)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert x.grad is None  # no gradient into the user embedding
+    codes = encode_paths(paths.numpy(), 5)
+    assert torch.isclose(multi_path_loss(model, x, codes), loss)
+    dup = torch.as_tensor([[[1, 2], [1, 2], [3, 4]]])
+    once = torch.as_tensor([[[1, 2], [3, 4], [-1, -1]]])
+    assert torch.isclose(multi_path_loss(model, x[:1], dup), multi_path_loss(model, x[:1], once))
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    first = float(loss.detach())
+    for _ in range(60):
+        optimizer.zero_grad()
+        step = multi_path_loss(model, x, paths)
+        step.backward()
+        optimizer.step()
+    assert float(multi_path_loss(model, x, paths).detach()) < 0.5 * first
+
+
+# ---- M-step ---------------------------------------------------------------------------------
+
+
+def test_m_step_first_pick_maximizes_likelihood_minus_penalty():
+    # item 0 alone on path 10 (size 1 after the others), items 1-4 sit on path 20 (size 4).
+    codes = np.array([[20, 10, -1]] + [[-1, -1, -1]] * 4)
+    scores = np.array([[3.0, 1.0, 0.0]] + [[0.0] * 3] * 4)
+    current = np.array([[10], [20], [20], [20], [20]])
+    counts = np.array([2.0, 1, 1, 1, 1])
+    # gain(20) − gain(10) = 2·log 3 − α (Δf(4) − Δf(0)) = 2.197 − α·(369/4 − 1/4) = 2.197 − 92 α
+    cheap = m_step(codes, scores, counts, current, J=1, penalty=0.02, passes=3)
+    dear = m_step(codes, scores, counts, current, J=1, penalty=0.03, passes=3)
+    assert cheap.assignment[:, 0].tolist() == [20, 20, 20, 20, 20] and cheap.largest_path == 5
+    assert dear.assignment[:, 0].tolist() == [10, 20, 20, 20, 20] and dear.largest_path == 4
+    assert current[0, 0] == 10  # the input is not modified
+
+
+def test_m_step_picks_j_distinct_paths_and_keeps_unscored_items():
+    codes = np.array([[7, 8, 9, 6], [1, -1, -1, -1], [-1, -1, -1, -1]])
+    scores = np.array([[4.0, 3.0, 2.0, 1.0], [1.0, 0, 0, 0], [0.0] * 4])
+    current = np.array([[0, 0], [2, 3], [4, 5]])
+    result = m_step(codes, scores, np.ones(3), current, J=2, penalty=0.0, passes=2)
+    assert result.assignment.tolist() == [[7, 8], [1, 1], [4, 5]]
+    assert result.items_updated == 2 and result.nonempty_paths == 5 and result.largest_path == 1
+
+
+# ---- planted clusters: the whole EM loop ----------------------------------------------------
+
+N_CLUSTERS, PER_CLUSTER, DIM = 4, 30, 8
+# The penalty matters here: with α = 0 some seeds (2 and 3 of 0..7) collapse two clusters onto
+# one path for good, the failure the paper's penalty exists for; 3e-3 separated all 8 seeds.
+PLANTED = DRConfig(input_dim=DIM, width=8, depth=2, paths_per_item=2, beam=2, top_s=4,
+                   penalty=3e-3, node_dim=4, lr=0.01, mstep_passes=3, seed=0)
+EM_ROUNDS, STEPS_PER_ROUND = 6, 30
+
+
+class Planted:
+    """Cluster centres of norm 8, items and users within 0.3 noise of their centre."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        centres = self.rng.normal(size=(N_CLUSTERS, DIM))
+        self.centres = 8.0 * centres / np.linalg.norm(centres, axis=1, keepdims=True)
+        self.cluster = np.repeat(np.arange(N_CLUSTERS), PER_CLUSTER)
+        self.ids = [f"item{k}" for k in range(len(self.cluster))]
+        self.vectors = self.centres[self.cluster] + 0.3 * self.rng.normal(size=(len(self.ids), DIM))
+
+    def users(self, clusters: np.ndarray) -> np.ndarray:
+        return self.centres[clusters] + 0.3 * self.rng.normal(size=(len(clusters), DIM))
+
+    def stream(self, dr: DeepRetrieval, steps: int, batch: int = 64) -> list[float]:
+        losses = []
+        for _ in range(steps):
+            items = self.rng.integers(0, len(self.ids), batch)
+            losses.append(dr.learn(self.users(self.cluster[items]), [self.ids[i] for i in items]))
+        return losses
+
+
+def run_em(seed: int, penalty: float) -> tuple[Planted, DeepRetrieval, list[float]]:
+    data = Planted(seed)
+    dr = DeepRetrieval(dataclasses.replace(PLANTED, seed=seed, penalty=penalty))
+    losses = []
+    for _ in range(EM_ROUNDS):
+        losses += data.stream(dr, steps=STEPS_PER_ROUND)
+        dr.run_m_step()
+    return data, dr, losses
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return run_em(seed=0, penalty=PLANTED.penalty)
+
+
+def test_learn_streams_and_m_step_counts(planted):
+    data, dr, losses = planted
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    stats = dr.stats
+    assert stats["items"] == 120 and stats["m_steps"] == EM_ROUNDS
+    assert stats["last_loss"] == losses[-1]
+    assert dr.counts.sum() == EM_ROUNDS * STEPS_PER_ROUND * 64
+    assert np.all(dr.tracker.codes[:, 0] >= 0)  # every item has scored paths
+
+
+def test_m_step_groups_items_by_cluster(planted):
+    data, dr, _ = planted
+    assignment = dr.assignment[dr.rows_of(data.ids)]
+    paths = [set(row) for row in assignment.tolist()]
+    same, other, other_best = [], [], []
+    for a in range(len(paths)):
+        for b in range(a + 1, len(paths)):
+            if data.cluster[a] == data.cluster[b]:
+                same.append(bool(paths[a] & paths[b]))
+            else:
+                other.append(bool(paths[a] & paths[b]))
+                other_best.append(assignment[a, 0] == assignment[b, 0])
+    assert np.mean(same) >= 0.9
+    assert np.mean(other) <= 0.05  # only second paths, which carry ~0.5 % of p(c|x), may meet
+    assert not any(other_best)  # the first pick (best path) is never another cluster's
+
+
+def test_larger_penalty_gives_smaller_largest_path(planted):
+    _, dr, _ = planted
+    args = (dr.tracker.codes, dr.tracker.scores, dr.counts, dr.assignment, 2)
+    free = m_step(*args, penalty=0.0, passes=3)
+    mild = m_step(*args, penalty=1e-3, passes=3)
+    strong = m_step(*args, penalty=1.0, passes=3)
+    assert free.largest_path >= PER_CLUSTER  # unpenalized, a cluster piles onto its best path
+    assert strong.largest_path < mild.largest_path <= free.largest_path
+    assert strong.nonempty_paths > free.nonempty_paths
+
+
+def test_penalty_prevents_collapse_in_the_em_loop():
+    # seed 2: without a penalty two clusters end on one path (the paper's collapse)
+    collapsed = run_em(seed=2, penalty=0.0)[1]
+    separated = run_em(seed=2, penalty=PLANTED.penalty)[1]
+    assert collapsed.stats["largest_path"] >= 2 * PER_CLUSTER
+    assert separated.stats["largest_path"] < collapsed.stats["largest_path"]
+
+
+def test_retrieval_recalls_brute_force_top_k(planted):
+    data, dr, _ = planted
+    clusters = np.repeat(np.arange(N_CLUSTERS), 5)
+    users = data.users(clusters)
+    # Beam 1: a cluster's items all sit on its best path; its second path carries ~0.5 % of
+    # p(c|x) and may be shared with a few items of another cluster (seen in this fixture).
+    retrieved = dr.retrieve_many(users, beam=1)
+    recalls, fractions = [], []
+    for x, got in zip(users, retrieved):
+        top = {data.ids[i] for i in np.argsort(-(data.vectors @ x))[:10]}
+        recalls.append(len(top & set(got)) / 10)
+        fractions.append(len(got) / len(data.ids))
+        assert len(got) == len(set(got))
+    assert np.mean(recalls) >= 0.9 and min(recalls) >= 0.7
+    assert max(fractions) <= 0.3
+    assert dr.retrieve(users[0], beam=1) == retrieved[0]
+    wider = dr.retrieve_many(users, beam=3)
+    assert all(set(a) <= set(b) for a, b in zip(retrieved, wider))
+
+
+def test_save_load_round_trip(planted, tmp_path):
+    data, dr, _ = planted
+    fresh = DeepRetrieval(PLANTED)
+    assert fresh.load(tmp_path) is False
+    dr.save(tmp_path)
+    dr.save(tmp_path)  # a second save replaces the first and leaves one weights file
+    assert len(list(tmp_path.glob("dr_model.*.pt"))) == 1
+    assert not list(tmp_path.glob("*.tmp"))
+    assert fresh.load(tmp_path) is True
+    users = data.users(np.arange(N_CLUSTERS))
+    for beam in (2, 5):
+        assert fresh.retrieve_many(users, beam) == dr.retrieve_many(users, beam)
+    np.testing.assert_array_equal(fresh.assignment, dr.assignment)
+    np.testing.assert_array_equal(fresh.tracker.scores, dr.tracker.scores)
+    assert {k: v for k, v in fresh.stats.items() if k != "last_m_step_seconds"} | {
+        "last_loss": 0} == {k: v for k, v in dr.stats.items() if k != "last_m_step_seconds"} | {
+        "last_loss": 0}
+    with pytest.raises(ValueError):
+        DeepRetrieval(DRConfig(input_dim=DIM, width=9, depth=2)).load(tmp_path)
+
+    # a new item is retrievable at once for users like the one it was met with
+    x = data.users(np.array([1]))
+    fresh.assign_new(["brand-new"], x=x)
+    assert "brand-new" in fresh.retrieve(x[0], beam=PLANTED.paths_per_item)
+    assert "brand-new" not in dr.retrieve(x[0], beam=PLANTED.paths_per_item)
+
+
+def test_new_items_grow_state_and_stay_retrievable():
+    config = DRConfig(input_dim=4, width=6, depth=3, paths_per_item=3, top_s=4, seed=2)
+    dr = DeepRetrieval(config)
+    ids = [f"n{k}" for k in range(3000)]
+    rows = dr.assign_new(ids)  # no x and no neighbour: seeded random paths
+    assert rows.tolist() == list(range(3000)) and len(dr) == 3000
+    assignment = dr.assignment
+    assert assignment.min() >= 0 and assignment.max() < 6 ** 3
+    assert all(len(set(row)) == 3 for row in assignment.tolist())
+    assert dr.stats["items"] == 3000
+    assert dr.stats["largest_path"] >= math.ceil(3000 * 3 / 6 ** 3)  # pigeonhole
+    assert dr.stats["nonempty_paths"] <= 6 ** 3
+    copy = dr.assign_new(["twin"], near=lambda item: "n7")
+    np.testing.assert_array_equal(dr.assignment[copy[0]], assignment[7])
+    assert dr.assign_new(["n7", "twin"]).tolist() == [7, 3000]  # known ids: nothing new
+    assert dr.rows_of(["twin", "nobody"]).tolist() == [3000, -1] and len(dr) == 3001
+    index = PathIndex.build(dr.assignment)
+    for row in (0, 1234, 2999, 3000):
+        on_path, _ = index.items_on(dr.assignment[row][:1])
+        assert row in on_path.tolist()
+    # the serving index (folded or pending) agrees with a fresh build of the assignment
+    serving = dr._serving
+    for code in dr.assignment[[5, 3000]].ravel().tolist():
+        rows_built, _ = index.items_on(np.array([code]))
+        rows_served, _ = serving.index.items_on(np.array([code]))
+        served = set(rows_served.tolist()) | set(serving.pending.get(code, ()))
+        assert served == set(rows_built.tolist())
+
+
+def test_m_step_aside_keeps_items_met_meanwhile(planted, tmp_path):
+    data, trained, _ = planted
+    trained.save(tmp_path)
+    dr = DeepRetrieval(PLANTED)
+    assert dr.load(tmp_path)
+    snapshot = dr.m_step_snapshot()
+    x = data.users(np.array([2, 2]))
+    dr.learn(x, ["late-item", data.ids[0]])  # learning goes on while the M-step runs aside
+    arrival = dr.assignment[dr.rows_of(["late-item"])[0]].copy()
+    result = dr.compute_m_step(snapshot)
+    expect = m_step(snapshot.codes, snapshot.scores, snapshot.counts, snapshot.assignment,
+                    PLANTED.paths_per_item, PLANTED.penalty, PLANTED.mstep_passes)
+    np.testing.assert_array_equal(result.assignment, expect.assignment)
+    dr.install_m_step(snapshot, result)
+    assert dr.stats["m_steps"] == trained.stats["m_steps"] + 1
+    np.testing.assert_array_equal(dr.assignment[:snapshot.n], result.assignment)
+    np.testing.assert_array_equal(dr.assignment[snapshot.n], arrival)
+    assert "late-item" in dr.retrieve(x[0], beam=PLANTED.paths_per_item)

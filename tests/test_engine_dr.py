@@ -1,0 +1,102 @@
+"""Deep Retrieval inside the engine: learned on the stream's micro-batches, M-steps run aside and
+installed on the learning thread, and the ``dr`` source answering requests."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from state.history import History
+from stream_app.engine import Engine
+from stream_app.settings import Settings
+from stream_app.wire import Event, RecRequest
+from tests.test_engine_model import CLUSTERS, planted_stream, run_stream
+
+DR = dict(dr_width=8, dr_depth=2, dr_paths_per_item=2, dr_beam=6, dr_top_s=6,
+          dr_learning_rate=0.02, dr_m_step_events=10 ** 9, dr_m_step_interval_s=10 ** 6)
+
+
+def make_engine(tmp_path, **changes) -> Engine:
+    settings = Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16, model_seed=1,
+                        **{**DR, **changes})
+    return Engine(settings)
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    engine = make_engine(tmp_path_factory.mktemp("dr"))
+    histories = run_stream(engine, planted_stream())
+    histories = run_stream(engine, planted_stream(seed=1)) | histories  # a second pass
+    assert engine.paths.run_m_step_now(timeout=60) is not None
+    return engine, histories
+
+
+def ask(engine: Engine, user: str, history: History, sources, k: int = 10):
+    return engine.answer(RecRequest(request_id="r", user_id=user, k=k, sources=sources),
+                         history, time.perf_counter())
+
+
+def test_the_dr_source_answers_from_the_users_own_cluster(learned):
+    engine, histories = learned
+    hits = total = 0
+    for user, history in list(histories.items())[:60]:
+        answer = ask(engine, user, history, ["dr"])
+        assert answer.items and {item.source for item in answer.items} == {"dr"}
+        assert not {item.item_id for item in answer.items} & set(history.items)
+        cluster = f"c{int(user[1:]) % CLUSTERS}-"
+        hits += sum(item.item_id.startswith(cluster) for item in answer.items)
+        total += len(answer.items)
+    assert hits / total >= 0.8, hits / total  # random: 1/6
+
+
+def test_dr_scores_only_a_part_of_the_catalogue(learned):
+    engine, histories = learned
+    sizes = [len(engine.paths.retrieve(engine.user_vector(RecRequest(request_id="r", k=1),
+                                                          history), set()))
+             for history in list(histories.values())[:40]]
+    assert 0 < np.mean(sizes) < 0.5 * len(engine.learner)
+
+
+def test_a_request_without_sources_uses_the_default_sources(learned):
+    engine, histories = learned
+    user, history = next(iter(histories.items()))
+    default = ask(engine, user, history, None)
+    assert default.items and "dr" not in {item.source for item in default.items}
+    both = ask(engine, user, history, ["ann", "dr"], k=50)
+    assert {item.source for item in both.items} <= {"ann", "dr"}
+
+
+def test_an_m_step_runs_aside_and_items_met_meanwhile_stay_retrievable(tmp_path):
+    engine = make_engine(tmp_path, dr_m_step_events=500)
+    histories = run_stream(engine, planted_stream())
+    assert engine.maybe_m_step()  # due: more than 500 pairs since the start
+    assert not engine.maybe_m_step()  # one at a time
+    # A brand-new item arrives while the M-step may still be running.
+    event = Event(user_id="u0", item_id="fresh-item", kind="click", ts=2e9, event_id="new")
+    history, example = engine.ingest(event, histories["u0"])
+    engine.learn([example])
+    deadline = time.time() + 60
+    while engine.paths.stats()["m_steps"] == 0 and time.time() < deadline:
+        engine.maybe_m_step()
+        time.sleep(0.05)
+    assert engine.paths.stats()["m_steps"] == 1
+    rows = engine.paths.model.rows_of(["fresh-item"])
+    assert rows[0] >= 0
+    fresh_paths = engine.paths.model.assignment[rows[0]]
+    assert "fresh-item" in engine.paths.model.items_on_paths(np.unique(fresh_paths))
+
+
+def test_checkpoint_restores_the_same_dr_answers(learned, tmp_path):
+    engine, histories = learned
+    engine.settings = engine.settings.replace(data_dir=tmp_path)
+    engine.save()
+    restored = Engine(engine.settings)
+    assert restored.load()
+    for user, history in list(histories.items())[:10]:
+        before = ask(engine, user, history, ["dr"])
+        after = ask(restored, user, history, ["dr"])
+        assert [i.item_id for i in before.items] == [i.item_id for i in after.items]
+        np.testing.assert_allclose([i.score for i in before.items],
+                                   [i.score for i in after.items])
