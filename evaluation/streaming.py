@@ -201,7 +201,7 @@ class OnlineDeepRetrieval(OnlineEmbedding):
             banned = set() if exclude is None else set(
                 exclude.indices[exclude.indptr[row]: exclude.indptr[row + 1]].tolist())
             started = time.perf_counter()
-            found = [int(i) for i in self.engine.paths.model.retrieve(phi)]
+            found = [int(i) for i in self.engine.paths.retrieve(phi, set())]
             self._seconds.append(time.perf_counter() - started)
             found = [i for i in found if i not in banned]
             self._scored.append(len(found))

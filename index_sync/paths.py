@@ -33,6 +33,13 @@ class MStepPolicy:
     events: int = 200_000
 
 
+def unit_rows(phis: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero): the structure model's input."""
+    phis = np.atleast_2d(np.asarray(phis, dtype=np.float64))
+    norms = np.linalg.norm(phis, axis=1, keepdims=True)
+    return np.divide(phis, norms, out=np.zeros_like(phis), where=norms > 0)
+
+
 class PathRetrieval:
     """One worker's Deep Retrieval source: learning, M-steps off the loop, retrieval."""
 
@@ -50,15 +57,20 @@ class PathRetrieval:
 
     # -- learning (learn thread) -----------------------------------------------------------
     def learn(self, phis: np.ndarray, items: list[str]) -> float:
-        """E-step and path-score update for one micro-batch; x = φ(u), no gradient into it.
+        """E-step and path-score update for one micro-batch; x = φ(u)/‖φ(u)‖, no gradient
+        into the embedding model.
 
-        Pairs whose user vector is zero (a first event: nothing known about the user) carry no
-        information on where the user belongs; learning them would teach every item's paths to
-        the same x, so they are skipped."""
-        informative = np.flatnonzero(np.any(phis != 0, axis=1))
+        Every item gets its paths here, at its first pair. Pairs whose user vector is zero (a
+        first event: nothing known about the user) carry no information on where the user
+        belongs; learning them would teach every item's paths to the same x, so they are
+        skipped. The unit scaling keeps the softmax layers' input the same size whatever the
+        item vectors' norms, which drift as the item model learns."""
+        self.model.assign_new(items)
+        x = unit_rows(phis)
+        informative = np.flatnonzero(np.any(x != 0, axis=1))
         if not len(informative):
             return float("nan")
-        loss = self.model.learn(phis[informative], [items[k] for k in informative])
+        loss = self.model.learn(x[informative], [items[k] for k in informative])
         self.events_since_m_step += len(informative)
         return loss
 
@@ -116,7 +128,8 @@ class PathRetrieval:
     def retrieve(self, phi: np.ndarray, exclude: set[str], beam: int | None = None) -> list[str]:
         """Items on the beam's paths, best path first, without ``exclude``, at most
         ``max_candidates`` (the rerank's cost is linear in them)."""
-        found = [item for item in self.model.retrieve(phi, beam) if item not in exclude]
+        found = [item for item in self.model.retrieve(unit_rows(phi)[0], beam)
+                 if item not in exclude]
         return found[: self.max_candidates]
 
     def stats(self) -> dict:

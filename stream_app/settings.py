@@ -127,7 +127,9 @@ class Settings(BaseSettings):
     dr_top_s: int = Field(16, ge=1, le=1000, description="Paths tracked per item (S).")
     dr_decay: float = Field(0.999, gt=0, le=1, description="Decay of tracked path scores (η).")
     dr_penalty: float = Field(1e-6, ge=0, description="Path size penalty α of f(|c|)=|c|^4/4.")
-    dr_learning_rate: float = Field(1e-3, gt=0, description="Adam step of the structure model.")
+    dr_learning_rate: float = Field(0.03, gt=0, description="Adam step of the structure model.")
+    dr_hidden: int = Field(0, ge=0, le=4096,
+                           description="Hidden ReLU units per layer (0: one softmax layer).")
     dr_m_step_interval_s: float = Field(
         300.0, gt=0, description="Run an M-step at least this often (when events arrived).")
     dr_m_step_events: int = Field(
@@ -202,7 +204,7 @@ class Settings(BaseSettings):
         return DRConfig(input_dim=self.model_dim, width=self.dr_width, depth=self.dr_depth,
                         paths_per_item=self.dr_paths_per_item, beam=self.dr_beam,
                         top_s=self.dr_top_s, decay=self.dr_decay, penalty=self.dr_penalty,
-                        lr=self.dr_learning_rate, seed=self.model_seed)
+                        hidden=self.dr_hidden, lr=self.dr_learning_rate, seed=self.model_seed)
 
     def m_step_policy(self):
         from index_sync.paths import MStepPolicy

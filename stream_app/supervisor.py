@@ -32,7 +32,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
-        env[f"STREAMREC_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
+        structured = isinstance(value, (dict, list))  # JSON, as pydantic-settings reads them
+        env[f"STREAMREC_{name.upper()}"] = json.dumps(value) if structured else str(value)
     return env
 
 

@@ -304,3 +304,30 @@ def test_requests_are_answered_while_the_index_is_rebuilt(settings, start_worker
     assert metrics["streamrec_index_version"] >= max(versions)
     assert metrics["streamrec_index_failures"] == 0
     assert metrics["streamrec_stage_seconds_count"] > 0
+
+
+def test_dr_requests_get_deep_retrieval_candidates_after_an_m_step(settings, start_worker):
+    """The worker learns DR paths from the stream, runs an M-step aside on its timer, and a
+    request with sources=["dr"] is answered from the items on the user's beam paths."""
+    from .test_engine_model import planted_stream
+
+    settings = settings.replace(
+        model_dim=16, dr_width=8, dr_depth=2, dr_paths_per_item=2, dr_beam=6, dr_top_s=6,
+        dr_learning_rate=0.02, dr_m_step_events=1000, dr_m_step_interval_s=1.0,
+        index_check_s=0.2)
+    worker = start_worker(settings)
+    stream = planted_stream()
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    worker.wait_metric("streamrec_learned_events_total", len(stream), timeout_s=120)
+    worker.wait_metric("streamrec_dr_m_steps", 1, timeout_s=60)
+    with RecClient(settings) as client:
+        answer = client.recommend("u3", k=10, sources=["dr"])
+        default = client.recommend("u3", k=10)
+    assert answer.error is None and answer.items
+    assert {item.source for item in answer.items} == {"dr"}
+    assert sum(item.item_id.startswith("c3-") for item in answer.items) >= 0.7 * len(answer.items)
+    assert "dr" not in {item.source for item in default.items}  # dr is opt-in per request
+    metrics = worker.metrics()
+    assert metrics["streamrec_dr_items"] == CLUSTERS_ITEMS
+    assert 0 < metrics["streamrec_dr_largest_path"] < CLUSTERS_ITEMS
+    assert metrics["streamrec_dr_m_step_failures"] == 0
