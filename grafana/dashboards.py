@@ -119,8 +119,9 @@ def overview() -> dict:
                     [target(f"histogram_quantile(0.99, sum by (le, stage) "
                             f"(rate(streamrec_stage_seconds_bucket[{RATE_WINDOW}])))",
                             "{{stage}}")], "s",
-                    "embed: the user vector; ann: candidates from the index; merge: the one "
-                    "rerank with the current vectors and the popularity fill."),
+                    "embed: the user vector; ann: candidates from the index; dr: the Deep "
+                    "Retrieval beam and its paths' items; merge: the one rerank with the "
+                    "current vectors and the popularity fill."),
          timeseries("Candidates by source",
                     [target(rate("streamrec_candidates_total", "source"), "{{source}}")], "ops",
                     "Candidates retrieved per second by each source, before the rerank."),
@@ -132,6 +133,28 @@ def overview() -> dict:
                                       target("streamrec_index_failures", "failed builds", "C")],
               "Seconds since the serving index was built, the last build's seconds, failed "
               "builds (the previous version kept serving).")],
+        [timeseries("Deep Retrieval paths",
+                    [target("streamrec_dr_largest_path", "largest path {{instance}}", "A"),
+                     target("streamrec_dr_nonempty_paths", "non-empty paths {{instance}}", "B"),
+                     target("streamrec_dr_items", "items {{instance}}", "C")], "none",
+                    "After each M-step: the size of the largest path (the penalty keeps it "
+                    "small), paths holding items, items with paths."),
+         timeseries("Deep Retrieval learning",
+                    [target("streamrec_dr_estep_loss", "E-step loss {{instance}}", "A"),
+                     target("streamrec_dr_last_m_step_seconds", "M-step s {{instance}}", "B")],
+                    "none", "EW mean of the E-step's multi-path loss; seconds of the last "
+                            "M-step (it runs aside, off the event loop)."),
+         timeseries("Items per DR retrieval",
+                    [target(f"histogram_quantile(0.5, sum by (le) "
+                            f"(rate(streamrec_dr_retrieved_items_bucket[{RATE_WINDOW}])))",
+                            "p50", "A"),
+                     target(f"histogram_quantile(0.99, sum by (le) "
+                            f"(rate(streamrec_dr_retrieved_items_bucket[{RATE_WINDOW}])))",
+                            "p99", "B")], "none",
+                    "Items a dr request hands to the rerank (what it scores)."),
+         stat("M-steps", [target("streamrec_dr_m_steps", "done {{instance}}", "A"),
+                          target("streamrec_dr_m_step_failures", "failed {{instance}}", "B")],
+              "Deep Retrieval M-steps installed, and failed (the old paths kept serving).")],
     ]
     return {
         "uid": "streamrec-overview", "title": "streamrec overview",

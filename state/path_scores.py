@@ -31,7 +31,8 @@ def merge_top_s(old_codes: np.ndarray, old_scores: np.ndarray, new_codes: np.nda
     new path with ``min_score`` because a full list may have evicted it earlier with at most that
     score (space-saving's overestimate); a list that was never full has evicted nothing, so the
     path's true past score is 0. Ties keep the smaller code, so results are deterministic.
-    Duplicate codes in ``new_codes`` are summed (beam search never produces any).
+    Duplicate codes in ``new_codes`` are summed (beam search never produces any); ``-1`` in it
+    is an empty slot and ignored.
 
     Returns the new ``(codes, scores)`` of length ``size``, best first, padded with ``-1``/0.
 
@@ -42,6 +43,8 @@ def merge_top_s(old_codes: np.ndarray, old_scores: np.ndarray, new_codes: np.nda
     """
     keep = old_codes >= 0
     old_c, old_s = old_codes[keep], old_scores[keep]
+    given = new_codes >= 0  # an empty slot in the new list is no path
+    new_codes, new_scores = new_codes[given], new_scores[given]
     min_score = float(old_s.min()) if old_c.size >= size else 0.0
     fresh = ~np.isin(new_codes, old_c)
     new_vals = new_scores + np.where(fresh, eta * min_score, 0.0)
@@ -54,6 +57,43 @@ def merge_top_s(old_codes: np.ndarray, old_scores: np.ndarray, new_codes: np.nda
     codes[:order.size] = union[order]
     scores[:order.size] = summed[order]
     return codes, scores
+
+
+def merge_rows(old_codes: np.ndarray, old_scores: np.ndarray, new_codes: np.ndarray,
+               new_scores: np.ndarray, eta: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`merge_top_s` for many items at once: (R, S) old lists, (R, S') new lists without
+    repeated codes, the same four rules and tie order; returns the (R, S) new lists."""
+    size = old_codes.shape[1]
+    valid_old = old_codes >= 0
+    full = valid_old.all(axis=1)
+    lowest = np.where(valid_old, old_scores, np.inf).min(axis=1)
+    min_score = np.where(full, lowest, 0.0)
+    valid_new = new_codes >= 0
+    match = (new_codes[:, :, None] == old_codes[:, None, :]) & valid_new[:, :, None]
+    in_old = match.any(axis=2)
+    new_vals = new_scores + np.where(in_old, 0.0, eta * min_score[:, None])
+    old_vals = eta * old_scores + np.einsum("rn,rno->ro", np.where(in_old, new_vals, 0.0), match)
+    union_codes = np.concatenate([old_codes, new_codes], axis=1)
+    union_vals = np.concatenate([np.where(valid_old, old_vals, -np.inf),
+                                 np.where(valid_new & ~in_old, new_vals, -np.inf)], axis=1)
+    row_ids = np.repeat(np.arange(len(union_codes)), union_codes.shape[1])
+    order = np.lexsort((union_codes.ravel(), -union_vals.ravel(), row_ids))
+    order = order.reshape(union_codes.shape)[:, :size] % union_codes.shape[1]
+    codes = np.take_along_axis(union_codes, order, axis=1)
+    scores = np.take_along_axis(union_vals, order, axis=1)
+    empty = ~np.isfinite(scores)
+    return np.where(empty, EMPTY, codes), np.where(empty, 0.0, scores)
+
+
+def _rounds(rows: np.ndarray) -> list[np.ndarray]:
+    """Positions of ``rows`` grouped so that round k holds each row's k-th occurrence."""
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    starts = np.r_[0, np.flatnonzero(sorted_rows[1:] != sorted_rows[:-1]) + 1]
+    occurrence = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+    rank = np.empty(len(rows), dtype=np.int64)
+    rank[order] = occurrence
+    return [np.flatnonzero(rank == k) for k in range(int(rank.max(initial=-1)) + 1)]
 
 
 class PathScoreTracker:
@@ -111,9 +151,26 @@ class PathScoreTracker:
         self._codes[row], self._scores[row] = codes, scores
 
     def update_many(self, rows: np.ndarray, codes: np.ndarray, scores: np.ndarray) -> None:
-        """:meth:`update` for each pair in order; a row repeated in a batch sees both pairs."""
-        for row, c, s in zip(np.asarray(rows).tolist(), codes, scores):
-            self.update(row, c, s)
+        """:meth:`update` for each pair in order; a row repeated in a batch sees both pairs.
+
+        Vectorized: the pairs are taken in rounds (each row's first pair, then each row's
+        second, …) and a round merges all its rows at once (:func:`merge_rows`), which is the
+        same as the pairs one by one because a round never holds a row twice. Lists with a
+        repeated code (never from a beam search) take the one-by-one path."""
+        rows = np.asarray(rows, dtype=np.int64)
+        codes = np.asarray(codes, dtype=np.int64).reshape(len(rows), -1)
+        scores = np.asarray(scores, dtype=np.float64).reshape(len(rows), -1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self._n):
+            raise IndexError(f"rows outside 0..{self._n - 1}")
+        ordered = np.sort(codes, axis=1)
+        if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
+            for row, c, s in zip(rows.tolist(), codes, scores):
+                self.update(row, c, s)
+            return
+        for round_ in _rounds(rows):
+            r = rows[round_]
+            self._codes[r], self._scores[r] = merge_rows(
+                self._codes[r], self._scores[r], codes[round_], scores[round_], self.decay)
 
     def load_arrays(self, codes: np.ndarray, scores: np.ndarray) -> None:
         """Replace the whole state (used by checkpoint loading)."""

@@ -209,6 +209,8 @@ class Engine:
                 candidates = self.paths.retrieve(phi, seen)
                 clock = self._stage("dr", clock)
                 self._count_candidates("dr", len(candidates))
+                if self.metrics is not None:
+                    self.metrics.dr_retrieved.observe(len(candidates))
                 for candidate in candidates:
                     pool.setdefault(candidate, "dr")
             items = self._rerank(phi, pool, request.k)

@@ -58,6 +58,10 @@ class Metrics:
         self.candidates = Counter("streamrec_candidates_total",
                                   "Candidates retrieved, by source (before the rerank).",
                                   ["source"], registry=r)
+        self.dr_retrieved = Histogram("streamrec_dr_retrieved_items",
+                                      "Items on the paths one Deep Retrieval beam found.",
+                                      buckets=(1, 10, 30, 100, 300, 1000, 3000, 10000),
+                                      registry=r)
         self._gauges = _ScrapeTimeGauges()
         r.register(self._gauges)
 

@@ -405,3 +405,23 @@ def test_m_step_aside_keeps_items_met_meanwhile(planted, tmp_path):
     np.testing.assert_array_equal(dr.assignment[:snapshot.n], result.assignment)
     np.testing.assert_array_equal(dr.assignment[snapshot.n], arrival)
     assert "late-item" in dr.retrieve(x[0], beam=PLANTED.paths_per_item)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.sampled_from([1.0, 0.9, 0.5]))
+def test_update_many_equals_updates_one_by_one(seed, top_s, eta):
+    """The vectorized batch merge against the one-pair merge, rows repeated within batches."""
+    rng = np.random.default_rng(seed)
+    one, many = PathScoreTracker(top_s, eta), PathScoreTracker(top_s, eta)
+    one.grow(5), many.grow(5)
+    for _ in range(4):
+        rows = rng.integers(0, 5, size=7)
+        width = rng.integers(1, top_s + 3)
+        codes = np.stack([rng.choice(12, size=width, replace=False) for _ in rows])
+        codes[rng.random(codes.shape) < 0.1] = -1  # an empty slot now and then
+        scores = np.round(rng.random(codes.shape), 1)  # ties happen
+        for row, c, s in zip(rows, codes, scores):
+            one.update(int(row), c, s)
+        many.update_many(rows, codes, scores)
+        np.testing.assert_array_equal(many.codes, one.codes)
+        np.testing.assert_allclose(many.scores, one.scores, rtol=1e-12, atol=1e-12)
