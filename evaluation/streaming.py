@@ -173,6 +173,9 @@ class OnlineDeepRetrieval(OnlineEmbedding):
     full_ranking = False  # MRR and AUC would be brute force's: the rows rank only candidates
 
     def __init__(self, n_items: int, settings, compare_at: int = 50) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # as a worker runs it: the structure model's steps are tiny
         super().__init__(n_items, settings.replace(dr_enabled=True))
         self.compare_at = compare_at
         self._stale = False
