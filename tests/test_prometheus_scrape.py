@@ -73,6 +73,7 @@ class Scraped:
         self.metrics.request_latency.observe(LATENCY_S)
         self.metrics.stage_latency.labels("ann").observe(LATENCY_S / 10)
         self.metrics.candidates.labels("ann").inc(10)
+        self.metrics.dr_retrieved.observe(120)  # a dr request's items
 
     def log_tail(self) -> str:
         return self.log.read_text()[-3000:] if self.log.exists() else "(no log)"
