@@ -115,6 +115,24 @@ def markdown_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def retrieval_line(record: dict) -> str:
+    """What a candidate-retrieval row (``streaming-dr``) scored and how close it came to brute
+    force of the same model, in one sentence under the table."""
+    stats = record["retrieval"]
+    overlap = next((key for key in stats if key.startswith("overlap_with_brute_force@")), None)
+    parts = [f"{record['model']}: {stats['items_scored_mean']:.0f} items scored per query "
+             f"({100 * stats['fraction_scored']:.1f} % of the catalog)"]
+    if overlap:
+        parts.append(f"its top {overlap.split('@')[1]} shares {stats[overlap]:.3f} of brute "
+                     f"force's")
+    parts.append(f"beam search and path union p50 {stats['retrieve_ms_p50']:.2f} ms, p99 "
+                 f"{stats['retrieve_ms_p99']:.2f} ms")
+    if "dr_nonempty_paths" in stats:
+        parts.append(f"{stats['dr_m_steps']} M-steps, {stats['dr_nonempty_paths']} non-empty "
+                     f"paths, the largest {stats['dr_largest_path']} items")
+    return "; ".join(parts) + ".\n"
+
+
 def anchor_label(anchor: dict) -> str:
     """"ICLRec (WWW'22, its README)" -> "ICLRec (published)"."""
     return f"{anchor['model'].split(' (')[0]} (published)"
@@ -155,6 +173,7 @@ def write_markdown(path: Path, payload: dict) -> None:
              "", markdown_table(payload), ""]
     if payload["protocol"] == "heldout":
         lines += ["Recall@K is normalized by min(K, |held-out items|) (Mult-VAE).", ""]
+    lines += [retrieval_line(record) for record in payload["records"] if record.get("retrieval")]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 

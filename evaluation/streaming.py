@@ -227,5 +227,6 @@ class OnlineDeepRetrieval(OnlineEmbedding):
             "fraction_scored": float(scored.mean() / self.n_items),
             "retrieve_ms_p50": float(np.median(seconds) * 1e3),
             "retrieve_ms_p99": float(np.quantile(seconds, 0.99) * 1e3),
-            **{f"dr_{key}": value for key, value in self.engine.paths.stats().items()},
+            **{f"dr_{key}": value if np.isfinite(value) else None  # JSON has no NaN
+               for key, value in self.engine.paths.stats().items()},
         }
