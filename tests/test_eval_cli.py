@@ -135,3 +135,31 @@ def test_bad_arguments_are_refused(capsys):
     assert main(["eval", "--dataset", "movielens", "--protocol", "prequential",
                  "--through-kafka"]) == 1
     assert "--through-kafka runs the loo and heldout protocols" in capsys.readouterr().err
+
+
+def test_streaming_dr_ranks_from_its_paths_and_reports_the_retrieval(tmp_path, monkeypatch,
+                                                                     capsys):
+    """The streaming-dr row learns the same model with Deep Retrieval beside it and ranks only
+    the items on the user's beam paths; its record says how many it scored and how much of
+    brute force's top list it kept."""
+    for name, value in {"DR_WIDTH": "8", "DR_DEPTH": "2", "DR_PATHS_PER_ITEM": "2",
+                        "DR_BEAM": "3", "DR_TOP_S": "6", "DR_M_STEP_EVENTS": "500",
+                        "MODEL_DIM": "16"}.items():
+        monkeypatch.setenv(f"STREAMREC_{name}", value)
+    data = planted_pairs(tmp_path / "planted.txt")
+    out = tmp_path / "dr"
+    status = main(["eval", "--dataset", str(data), "--format", "pairs", "--protocol", "heldout",
+                   "--models", "streaming,streaming-dr,popularity", "--k", "5,10",
+                   "--out", str(out)])
+    assert status == 0
+    payload = json.loads((out / "results.json").read_text())
+    records = {r["model"]: r for r in payload["records"]}
+    stats = records["streaming-dr"]["retrieval"]
+    assert 0 < stats["fraction_scored"] < 0.6
+    assert stats["dr_m_steps"] >= 1 and stats["dr_nonempty_paths"] > 1
+    assert 0.0 <= stats["overlap_with_brute_force@50"] <= 1.0
+    assert "MRR" not in records["streaming-dr"]["metrics"]  # it does not rank everything
+    dr, popular = (records[m]["metrics"]["RecallMin@10"] for m in ("streaming-dr", "popularity"))
+    assert dr > popular
+    assert "streaming-dr:" in (out / "results.md").read_text()
+    capsys.readouterr()
