@@ -80,12 +80,16 @@ class PathRetrieval:
         now = time.time() if now is None else now
         if self._running is not None or not self._due(now):
             return False
+        self._start(now)
+        return True
+
+    def _start(self, now: float) -> None:
+        """Copy the path scores here (learn thread) and run the descent on the copy aside."""
         snapshot = self.model.m_step_snapshot()
         self.events_since_m_step = 0
         self.last_m_step_at = now
         self._running = self._executor.submit(self.model.compute_m_step, snapshot)
         self._running.snapshot = snapshot
-        return True
 
     def _due(self, now: float) -> bool:
         if self.events_since_m_step == 0 or len(self.model) == 0:
@@ -116,11 +120,7 @@ class PathRetrieval:
         if self._running is None:
             if len(self.model) == 0:
                 return None
-            snapshot = self.model.m_step_snapshot()
-            self.events_since_m_step = 0
-            self.last_m_step_at = time.time()
-            self._running = self._executor.submit(self.model.compute_m_step, snapshot)
-            self._running.snapshot = snapshot
+            self._start(time.time())
         self._running.result(timeout)
         return self._install_finished()
 
