@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +121,7 @@ class PathRetrieval:
             if len(self.model) == 0:
                 return None
             self._start(time.time())
-        self._running.result(timeout)
+        wait([self._running], timeout)
         return self._install_finished()
 
     # -- serving (any thread) --------------------------------------------------------------

@@ -100,3 +100,19 @@ def test_checkpoint_restores_the_same_dr_answers(learned, tmp_path):
         assert [i.item_id for i in before.items] == [i.item_id for i in after.items]
         np.testing.assert_allclose([i.score for i in before.items],
                                    [i.score for i in after.items])
+
+
+def test_a_failed_m_step_keeps_the_paths_in_force(tmp_path, monkeypatch):
+    engine = make_engine(tmp_path)
+    run_stream(engine, planted_stream()[:600])
+    before = engine.paths.model.assignment.copy()
+
+    def broken(snapshot):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(engine.paths.model, "compute_m_step", broken)
+    assert engine.paths.run_m_step_now(timeout=30) is None
+    stats = engine.paths.stats()
+    assert stats["m_step_failures"] == 1 and stats["m_steps"] == 0
+    np.testing.assert_array_equal(engine.paths.model.assignment, before)
+    assert "disk on fire" in engine.paths.last_error
