@@ -1,0 +1,147 @@
+"""Assemble docs/results.md from out/eval/*/results.{json,md} (run from the repository root
+after the `streamrec eval` runs it names); numbers in the prose are read from the JSON."""
+import json
+from pathlib import Path
+
+root = Path("out/eval")
+RUNS = [("beauty-loo", "Amazon Beauty, leave-one-out, full ranking", "NDCG@10"),
+        ("toys-loo", "Amazon Toys, leave-one-out, full ranking", "NDCG@10"),
+        ("movielens-heldout", "MovieLens latest-small, held-out users (Mult-VAE protocol)",
+         "NDCG@10")]
+# NDCG@10 of the streaming row before this change (docs/results.md of the previous version)
+BEFORE = {"beauty-loo": 0.0190, "toys-loo": 0.0162, "movielens-heldout": 0.0324}
+
+
+def run(name):
+    return json.loads((root / name / "results.json").read_text())
+
+
+def metric(payload, model, key):
+    return next(r for r in payload["records"] if r["model"] == model)["metrics"][key]
+
+
+def retrieval(payload):
+    return next(r for r in payload["records"] if r["model"] == "streaming-dr")["retrieval"]
+
+
+def table_part(name):
+    return (root / name / "results.md").read_text().split("\n", 2)[2].strip()
+
+
+def f4(x):
+    return f"{x:.4f}"
+
+
+runs = {name: run(name) for name, _, _ in RUNS if (root / name / "results.json").exists()}
+out = ["""# Results
+
+Every number here comes from `streamrec eval` on the datasets of `../shared/data/`, with
+popularity and the batch baselines (EASE, iALS and BPR from `implicit`) computed in the same run
+on the same split, and the published anchors printed beside them. Each run also writes
+`results.json` (every metric, its standard error, the parameters chosen on validation, wall
+time and training events/s), `results.md` (the table and the retrieval line below) and
+`results.png` (HR/Recall and NDCG against K). Machine: a shared 2-core virtual machine, CPU
+only; one run each. The runs below used `OPENBLAS_NUM_THREADS=1 STREAMREC_DR_M_STEP_EVENTS=20000`
+(an M-step every 20,000 learned pairs, where a worker's default is 200,000 or 5 minutes: these
+streams are short).
+
+Rows:
+
+- `streaming`: the workers' online model (mean encoder, d = 64, α0 = 0.1, λ = 0.01, the
+  closed-form item solve with prior weight μ = 0.5 and a round-robin re-solve of 64 items per
+  step, micro-batches of 256) trained in **one pass** over the training events in stream order
+  through the engine's own code path (`Engine.learn`), ranked by exact search.
+- `streaming-dr`: the same model with Deep Retrieval learned beside it (K = 100, D = 3, J = 3,
+  S = 16, B = 25, penalty 1e-6, Adam 0.03), ranking **only** the items on the paths its beam
+  search finds for the user (at most 1,000), scored by the model. The line under each table
+  compares it with brute force of the same model on the same rows.
+- `streaming-kafka` (`--through-kafka`): the same model run for real: an embedded broker and a
+  worker of its own (Deep Retrieval learning too), the training events produced to
+  `timeline-events`, every ranking asked on `rec-requests` (answered from the worker's HNSW index
+  once the catalog passes 1,000 items). Its `train events/s` is end to end.
+- `popularity`, `ease`, `ials`, `bpr`: batch baselines; EASE's λ, iALS's and BPR's factors and
+  rates are chosen on the validation targets from a small grid (`evaluation/cli.py`).
+- `ICLRec (published)`: from `../shared/data/README.md`, a sequential transformer with the same
+  leave-one-out protocol; an anchor, not a peer.
+
+`±` is the standard error of NDCG@10 over the test users.
+"""]
+for name, title, _ in RUNS:
+    if name in runs:
+        out.append(f"## {title}\n\n{table_part(name)}\n")
+
+BUDGET_RUNS = [("beauty-loo-dr10", "Beauty", 1210), ("toys-loo-dr10", "Toys", 1192)]
+budget = [(name, label, cap) for name, label, cap in BUDGET_RUNS if (root / name).exists()]
+if budget:
+    out.append("""## Deep Retrieval at the target's budget (10 % of the catalog)
+
+The rows above cap a dr retrieval at 1,000 items (8.2 % and 8.4 % of the catalogs). The issue's
+target allows 10 %; these runs give DR that budget (and a beam of 40 paths to fill it) and
+nothing else changes:
+""")
+    for name, label, cap in budget:
+        out.append(f"```bash\nOPENBLAS_NUM_THREADS=1 STREAMREC_DR_M_STEP_EVENTS=20000 "
+                   f"STREAMREC_DR_BEAM=40 STREAMREC_DR_MAX_CANDIDATES={cap} \\\n"
+                   f"  {run(name)['command']}\n```\n")
+        body = table_part(name).split("```", 2)[2].strip()
+        out.append(body + "\n")
+    runs.update({name: run(name) for name, _, _ in budget})
+
+lines = ["## Reading", ""]
+b, t = runs.get("beauty-loo"), runs.get("toys-loo")
+if b and t:
+    lines.append(
+        f"- One streaming pass, item learner: NDCG@10 {f4(metric(b, 'streaming', 'NDCG@10'))} on "
+        f"Beauty (was {BEFORE['beauty-loo']:.4f} with Adagrad steps) and "
+        f"{f4(metric(t, 'streaming', 'NDCG@10'))} on Toys (was {BEFORE['toys-loo']:.4f}): the "
+        f"closed-form per-item solve over each item's accumulated positives against the streamed "
+        f"user Gramian. Still below iALS ({f4(metric(b, 'ials', 'NDCG@10'))} and "
+        f"{f4(metric(t, 'ials', 'NDCG@10'))}, 15 alternating passes over all data): the learner "
+        f"issue's target (at least iALS with one pass) is **not met**. Tried on the validation "
+        f"folds without a clear gain: d = 128, the iALS fold-in encoder, recency decay, shorter "
+        f"histories, more re-solving per step.")
+    pairs = [("Beauty", b), ("Toys", t)]
+    pairs += [(f"{label}, 10 % budget", runs[name]) for name, label, _ in budget]
+    for label, p in pairs:
+        r = retrieval(p)
+        bf, dr = metric(p, "streaming", "HR@50"), metric(p, "streaming-dr", "HR@50")
+        lines.append(
+            f"- Deep Retrieval, {label}: HR@50 (recall@50 of the held-out item) "
+            f"{f4(dr)} against {f4(bf)} for brute force of the same model, **{dr / bf:.2f}×**, "
+            f"while scoring {r['items_scored_mean']:.0f} items per query "
+            f"(**{100 * r['fraction_scored']:.1f} %** of the catalog); NDCG@10 "
+            f"{f4(metric(p, 'streaming-dr', 'NDCG@10'))} against "
+            f"{f4(metric(p, 'streaming', 'NDCG@10'))}. Item by item, DR's top 50 shares "
+            f"{r['overlap_with_brute_force@50']:.2f} of brute force's top 50; "
+            f"{r['dr_nonempty_paths']} non-empty paths, the largest {r['dr_largest_path']} "
+            f"items.")
+    lines.append(
+        "- The issue's target for DR (≥ 0.95 of brute-force recall@50 while scoring ≤ 10 % of "
+        "the catalog) reads as the held-out recall@50 ratio above: met on Beauty at 8 % and on "
+        "both at the 10 % budget, missed on Toys at the 1,000 cap (8.4 %). The item-by-item "
+        "overlap with brute force's top 50 (0.74 to 0.77) is the stricter reading and is not "
+        "at 0.95. The path structure ends coarse (a few hundred paths of tens to hundreds of "
+        "items): the E-step teaches the layers to send users to the paths their items hold, "
+        "which concentrates the tracked scores, and the penalty 1e-6 only binds near a few "
+        "hundred items per path.")
+    for label, p in (("Beauty", b), ("Toys", t)):
+        lines.append(
+            f"- `streaming-kafka` on {label}: NDCG@10 {f4(metric(p, 'streaming-kafka', 'NDCG@10'))}"
+            f" against {f4(metric(p, 'streaming', 'NDCG@10'))} in process: the worker cuts the "
+            f"replay into micro-batches by arrival time and partition and answers from an HNSW "
+            f"index built from a snapshot.")
+m = runs.get("movielens-heldout")
+if m:
+    lines.append(
+        f"- MovieLens (held-out users, popularity strong): streaming NDCG@10 "
+        f"{f4(metric(m, 'streaming', 'NDCG@10'))} (was {BEFORE['movielens-heldout']:.4f}), "
+        f"popularity {f4(metric(m, 'popularity', 'NDCG@10'))}, iALS "
+        f"{f4(metric(m, 'ials', 'NDCG@10'))}, EASE {f4(metric(m, 'ease', 'NDCG@10'))}.")
+lines += ["", """## Quick mode (CI)
+
+`streamrec eval --dataset beauty --protocol loo --quick` (a seeded sample of 3,000 users, one
+candidate per baseline) finishes in about 40 s and is run by the test suite; its numbers are
+for checking the machinery, not for comparing models. The learner's α0 = 0.1 and μ = 0.5 and
+DR's Adam step 0.03 were chosen on quick-mode *validation* folds of Beauty and Toys."""]
+out.append("\n".join(lines))
+Path("docs/results.md").write_text("\n".join(out) + "\n")
