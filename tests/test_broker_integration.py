@@ -233,6 +233,9 @@ def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings,
             if moved >= 7 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        # Every learning step may move any item (the item solves re-solve a sweep of items
+        # against the current user Gramian): the answer to compare is the last one.
+        last = client.recommend("u3", k=10)
     assert ids(warm) != ids(cold)  # the history changed the answer
     assert moved >= 7, ids(warm)  # ... towards the newcomer's cluster
     assert worker.stop() == 0  # checkpoints on the way out
@@ -240,9 +243,9 @@ def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings,
     again = start_worker(settings)
     with RecClient(settings) as client:
         after = client.recommend("u3", k=10)
-    assert after.model_version >= before.model_version
-    assert ids(after) == ids(before)
-    assert [i.score for i in after.items] == pytest.approx([i.score for i in before.items],
+    assert after.model_version >= last.model_version > before.model_version
+    assert ids(after) == ids(last)
+    assert [i.score for i in after.items] == pytest.approx([i.score for i in last.items],
                                                            rel=1e-6)
     assert again.metrics()["streamrec_model_items"] == CLUSTERS_ITEMS
 
