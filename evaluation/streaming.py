@@ -1,9 +1,10 @@
 """The streaming model slot of the harness: anything that learns from batches of events in stream
 order and ranks items for history rows.
 
-``OnlinePopularity`` fills the slot for now with the engine's own state, the decayed popularity of
-:mod:`state.popularity`, fed with the same kind weights and half-life the workers use. The
-online embedding learner will drop in by implementing :class:`StreamingModel`.
+Three fill it: ``OnlinePopularity`` (the engine's decayed popularity of :mod:`state.popularity`,
+with the workers' kind weights and half-life), ``OnlineEmbedding`` (the workers' online model,
+through the engine's own learning code) and ``OnlineDeepRetrieval`` (the same model ranking only
+the items on its Deep Retrieval paths, measured against brute force as it goes).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class OnlinePopularity:
 class OnlineEmbedding:
     """The workers' online model, run through the same code as the stream: per event, a
     training example carrying the user's history *before* the event, and micro-batches of
-    :meth:`Engine.learn` (encode each example's user with the current item vectors, then
-    Gramian-trick SGD on item embeddings and biases). Ranking is exact MIPS over the learned items, with the history row
-    the harness passes in as the user's history (its stored values as confidence weights)."""
+    :meth:`Engine.learn` (encode each example's user with the current item vectors, then the
+    item step: closed-form per-item solves, or Adagrad, as the settings say). Ranking is exact
+    MIPS over the learned items, with the history row the harness passes in as the user's
+    history (its stored values as confidence weights)."""
 
     name = "streaming"
 
