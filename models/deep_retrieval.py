@@ -371,7 +371,6 @@ class DeepRetrieval:
                                     config.node_dim, config.hidden, config.seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.tracker = PathScoreTracker(config.top_s, config.decay)
-        self._rng = np.random.default_rng(config.seed)
         self._row: dict[str, int] = {}
         self._ids: list[str] = []
         self._counts = np.zeros(1024, dtype=np.float64)
