@@ -131,8 +131,7 @@ class ItemLearner:
         self._count_at = np.zeros(1024)
         self._prior = np.zeros((1024, width))  # ψ̃₀: the row each item started from
         self._slot = np.full(1024, -1, dtype=np.int64)  # row → its statistics (solve only)
-        self._pos_gram = np.zeros((0, width, width), dtype=np.float32)
-        self._pos_target = np.zeros((0, width))
+        self._pos_gram, self._pos_target = _no_statistics(width)
         self._slots_used = 0
         self._sweep_at = 0  # next row the background re-solve visits
         self.item_gramian = ExactGramian(width)
@@ -242,7 +241,7 @@ class ItemLearner:
             np.add.at(summed, inverse, grads)  # duplicates of an item in the batch add up
             self._adagrad(uniq, summed)
         self.item_gramian.update(before, self._psi[uniq])
-        self._sweep()
+        self._sweep(G_C)
         self._tick()
         return loss
 
@@ -264,35 +263,40 @@ class ItemLearner:
         gram += (by_item @ outer).reshape(len(rows), width, width)
         target = self._pos_target[slots] + by_item @ phi_aug
         self._pos_gram[slots], self._pos_target[slots] = gram, target
-        self._psi[rows] = item_solve(gram, target, self._prior[rows], G_C, self.config.alpha0,
-                                     self.config.lam, self.config.prior_weight)
+        self._psi[rows] = self._solved(rows, gram, target, G_C)
 
-    def resolve(self, rows: np.ndarray) -> None:
+    def _solved(self, rows: np.ndarray, gram: np.ndarray, target: np.ndarray,
+                G_C: np.ndarray) -> np.ndarray:
+        """The closed-form rows of ``rows`` from their statistics and priors."""
+        return item_solve(gram, target, self._prior[rows], G_C, self.config.alpha0,
+                          self.config.lam, self.config.prior_weight)
+
+    def resolve(self, rows: np.ndarray, G_C: np.ndarray | None = None) -> None:
         """Re-solve learned ``rows`` against the current user Gramian (``solve`` only).
 
         An item is solved when its positives arrive, with G_C as it was then; early in a
         stream, when G_C is young, its push-back was weaker than it is now. Re-solving from
         the stored statistics puts items on the same footing; :meth:`learn` sweeps
-        ``sweep_per_step`` items round-robin so that every item is refreshed without a pause."""
+        ``sweep_per_step`` items round-robin so that every item is refreshed without a pause.
+        ``G_C`` defaults to the user Gramian's current estimate."""
         rows = np.asarray(rows, dtype=np.int64)
         rows = rows[self._slot[rows] >= 0]
         if self.config.solver != "solve" or not len(rows):
             return
         slots = self._slot[rows]
         before = self._psi[rows].copy()
-        self._psi[rows] = item_solve(self._pos_gram[slots].astype(np.float64),
-                                     self._pos_target[slots], self._prior[rows],
-                                     self.user_gramian.value(), self.config.alpha0,
-                                     self.config.lam, self.config.prior_weight)
+        G_C = self.user_gramian.value() if G_C is None else G_C
+        self._psi[rows] = self._solved(rows, self._pos_gram[slots].astype(np.float64),
+                                       self._pos_target[slots], G_C)
         self.item_gramian.update(before, self._psi[rows])
 
-    def _sweep(self) -> None:
+    def _sweep(self, G_C: np.ndarray) -> None:
         n, size = len(self._ids), self.config.sweep_per_step
         if self.config.solver != "solve" or not n or not size:
             return
         rows = (self._sweep_at + np.arange(min(size, n))) % n
         self._sweep_at = int(rows[-1] + 1) % n
-        self.resolve(rows)
+        self.resolve(rows, G_C)
 
     def _slots_for(self, rows: np.ndarray) -> np.ndarray:
         """Statistics slots of ``rows``, allocated at an item's first positive (so items only
@@ -440,7 +444,6 @@ class ItemLearner:
 
     def _load_statistics(self, data) -> None:
         """The ``solve`` state; a checkpoint from before it existed starts it empty (prior = Ψ̃)."""
-        width = self.config.dim + 1
         if "slot" in data:
             self._prior, self._slot = data["prior"], data["slot"].astype(np.int64)
             self._pos_gram = data["pos_gram"].astype(np.float32)
@@ -448,9 +451,13 @@ class ItemLearner:
         else:
             self._prior = self._psi.copy()
             self._slot = np.full(len(self._psi), -1, dtype=np.int64)
-            self._pos_gram = np.zeros((0, width, width), dtype=np.float32)
-            self._pos_target = np.zeros((0, width))
+            self._pos_gram, self._pos_target = _no_statistics(self.config.dim + 1)
         self._slots_used = len(self._pos_gram)
+
+
+def _no_statistics(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """An empty pool of per-item statistics: A_i in float32 (the memory), s_i in float64."""
+    return np.zeros((0, width, width), dtype=np.float32), np.zeros((0, width))
 
 
 def _grow(array: np.ndarray, size: int, fill: float) -> np.ndarray:
