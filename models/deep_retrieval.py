@@ -402,13 +402,19 @@ class DeepRetrieval:
 
     @property
     def stats(self) -> dict:
-        index = self._serving.index
-        sizes = _path_sizes(self.assignment) if self._serving.pending else None
+        """Read at every metrics scrape: the sizes come from the built index plus the few items
+        pending beside it (rows appended since are on no indexed row), never from a pass over
+        the whole assignment."""
+        serving = self._serving
+        pending = list(serving.pending.items())  # one C-level copy: the learn thread appends
+        codes = np.array([code for code, _ in pending], dtype=np.int64)
+        added = np.array([len(rows) for _, rows in pending], dtype=np.int64)
+        _, indexed = serving.index.spans(codes)
         return {
             "items": len(self._ids),
-            "nonempty_paths": len(sizes) if sizes is not None else index.nonempty_paths,
-            "largest_path": max(sizes.values(), default=0) if sizes is not None
-            else index.largest_path,
+            "nonempty_paths": serving.index.nonempty_paths + int((indexed == 0).sum()),
+            "largest_path": max(serving.index.largest_path,
+                                int((indexed + added).max(initial=0))),
             "m_steps": self._m_steps,
             "last_m_step_seconds": self._last_m_step_seconds,
             "last_loss": self._last_loss,

@@ -231,18 +231,23 @@ class PathIndex:
     def nonempty_paths(self) -> int:
         return int(self.paths.size)
 
+    def spans(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Start in ``items`` and size of each of ``codes``; unknown codes (and ``-1``) have
+        size 0. One searchsorted."""
+        codes = np.asarray(codes, dtype=np.int64).ravel()
+        if self.paths.size == 0:
+            return np.zeros(codes.size, dtype=np.int64), np.zeros(codes.size, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.paths, codes), self.paths.size - 1)
+        found = self.paths[pos] == codes
+        starts = np.where(found, self.offsets[pos], 0)
+        return starts, np.where(found, self.offsets[pos + 1] - starts, 0)
+
     def items_on(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Item rows on each of ``codes`` (concatenated in the order of ``codes``) and sizes.
 
         Unknown codes (and ``-1``) have size 0. Fully vectorized: a searchsorted and one gather.
         """
-        codes = np.asarray(codes, dtype=np.int64).ravel()
-        if self.paths.size == 0:
-            return np.empty(0, dtype=np.int64), np.zeros(codes.size, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.paths, codes), self.paths.size - 1)
-        found = self.paths[pos] == codes
-        starts = np.where(found, self.offsets[pos], 0)
-        sizes = np.where(found, self.offsets[pos + 1] - starts, 0)
+        starts, sizes = self.spans(codes)
         ends = np.cumsum(sizes)
         gather = np.arange(int(ends[-1]) if ends.size else 0, dtype=np.int64) \
             - np.repeat(ends - sizes, sizes) + np.repeat(starts, sizes)

@@ -385,6 +385,13 @@ def test_new_items_grow_state_and_stay_retrievable():
         rows_served, _ = serving.index.items_on(np.array([code]))
         served = set(rows_served.tolist()) | set(serving.pending.get(code, ()))
         assert served == set(rows_built.tolist())
+    # path statistics with items pending beside the built index equal a full rebuild's
+    for extra in (0, 150):
+        dr.assign_new([f"late{k}" for k in range(extra)])
+        assert dr._serving.pending  # the incremental path is the one under test
+        built = PathIndex.build(dr.assignment)
+        assert dr.stats["nonempty_paths"] == built.nonempty_paths
+        assert dr.stats["largest_path"] == built.largest_path
 
 
 def test_m_step_aside_keeps_items_met_meanwhile(planted, tmp_path):
