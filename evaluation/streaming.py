@@ -135,21 +135,28 @@ class OnlineEmbedding:
 
     def score(self, history: sp.csr_matrix) -> np.ndarray:
         """ŷ for every (history row, item); items never learned score −inf."""
+        return self._scores(self.user_vectors(history))
+
+    def _scores(self, phis: np.ndarray) -> np.ndarray:
         learner = self.engine.learner
         rows = learner.rows_of(self._keys)
         known = rows >= 0
         psi = learner.item_matrix[rows[known]]
-        phis = self.user_vectors(history)
-        scores = np.full((history.shape[0], self.n_items), -np.inf)
+        scores = np.full((len(phis), self.n_items), -np.inf)
         scores[:, known] = np.hstack([phis, np.ones((len(phis), 1))]) @ psi.T
         return scores
 
     def recommend(self, history: sp.csr_matrix, k: int,
                   exclude: sp.csr_matrix | None = None) -> np.ndarray:
-        ranked = np.full((history.shape[0], min(k, self.n_items)), -1, dtype=np.int64)
-        for start in range(0, history.shape[0], 512):
-            block = slice(start, min(start + 512, history.shape[0]))
-            scores = self.score(history[block])
+        return self._brute_force(self.user_vectors(history), k, exclude)
+
+    def _brute_force(self, phis: np.ndarray, k: int,
+                     exclude: sp.csr_matrix | None) -> np.ndarray:
+        """Exact top ``k`` of each user vector, in blocks of 512 rows."""
+        ranked = np.full((len(phis), min(k, self.n_items)), -1, dtype=np.int64)
+        for start in range(0, len(phis), 512):
+            block = slice(start, min(start + 512, len(phis)))
+            scores = self._scores(phis[block])
             if exclude is not None:
                 part = exclude[block].tocoo()
                 scores[part.row, part.col] = -np.inf
@@ -199,8 +206,8 @@ class OnlineDeepRetrieval(OnlineEmbedding):
         if self._stale:
             self.engine.paths.run_m_step_now()
             self._stale = False
-        brute = super().recommend(history, max(k, self.compare_at), exclude)
-        phis = self.user_vectors(history)
+        phis = self.user_vectors(history)  # once, for brute force and for the beam
+        brute = self._brute_force(phis, max(k, self.compare_at), exclude)
         ranked = np.full((history.shape[0], min(k, self.n_items)), -1, dtype=np.int64)
         for row, phi in enumerate(phis):
             banned = set() if exclude is None else set(
