@@ -113,17 +113,22 @@ class ItemIndex:
         exclusion never shortens the answer. ``diversity`` and ``history`` steer the quota
         merge of :class:`~index_sync.clusters.ClusteredIndex`; one index ignores them."""
         held = sum(1 for item in exclude if item in self._position) if exclude else 0
-        want = min(k + held, len(self.ids))
-        if want <= 0:
-            return []
+        labels, scores = self.search_labels(query, k + held)
+        ids = self.ids
+        found = [(ids[label], score) for label, score in zip(labels.tolist(), scores.tolist())]
+        return [pair for pair in found if pair[0] not in exclude][:k]
+
+    def search_labels(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (positions in ``ids``) and scores of the ``k`` best items, best first: the
+        serving path's form, which never touches an item id."""
+        k = min(k, len(self.ids))
+        if k <= 0:
+            return np.empty(0, dtype=np.int64), np.empty(0)
         # No set_ef here: hnswlib searches with max(ef, k) by itself, and changing ef would
         # race with queries on other threads.
         padded = np.append(np.asarray(query, dtype=np.float32), np.float32(0.0))
-        labels, distances = self.graph.knn_query(padded, k=want)
-        ids = self.ids
-        found = [(ids[label], 1.0 - distance)
-                 for label, distance in zip(labels[0].tolist(), distances[0].tolist())]
-        return [pair for pair in found if pair[0] not in exclude][:k]
+        labels, distances = self.graph.knn_query(padded, k=k)
+        return labels[0].astype(np.int64), 1.0 - distances[0]
 
 
 def on_sphere(vectors: np.ndarray) -> np.ndarray:

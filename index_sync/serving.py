@@ -14,7 +14,7 @@ search over all items: on a small catalog that is as fast and never wrong.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +22,44 @@ import numpy as np
 
 from models.learner import ItemLearner
 
-from .hnsw import HnswParams
+from .clusters import ClusteredIndex
+from .hnsw import HnswParams, ItemIndex
 from .swap import IndexHolder, IndexRebuilder, RebuildPolicy, Snapshot
 from .versions import ServedIndex
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Coverage:
+    """Where an index's labels lie among the learner's rows.
+
+    ``label_rows`` maps a label to its learner row (−1: an item the learner lacks), or is
+    None when label = row: the index was built from a snapshot of this learner, whose rows
+    are only ever appended. ``missing`` are learner rows below ``covered`` the index lacks;
+    every row from ``covered`` on is missing too.
+    """
+
+    label_rows: np.ndarray | None
+    missing: np.ndarray
+    covered: int
+
+    @classmethod
+    def of(cls, index: ServedIndex, learner: ItemLearner) -> _Coverage:
+        ids, count = learner.item_ids, len(index)
+        if ids[:count] == index.ids:  # built from a snapshot of this learner
+            return cls(None, np.empty(0, dtype=np.int64), count)
+        # loaded from disk, or clustered (ids in cluster order)
+        label_rows = learner.rows_of(index.ids) if isinstance(index, ItemIndex) else None
+        missing = np.array([row for row, item in enumerate(ids) if item not in index],
+                           dtype=np.int64)
+        return cls(label_rows, missing, len(ids))
+
+
+def _first_not_in(rows: np.ndarray, excluded: set[int], n: int) -> np.ndarray:
+    """The first ``n`` of ``rows`` that are neither in ``excluded`` nor −1, in order."""
+    kept = [row for row in rows.tolist() if row not in excluded and row >= 0]
+    return np.array(kept[:n], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -48,7 +81,7 @@ class ServingIndex:
         self.rebuilder = IndexRebuilder(config.root, self.holder, config.policy, config.params,
                                         config.seed)
         self._changed: set[str] = set()
-        self._coverage: dict[int, tuple[np.ndarray, int]] = {}
+        self._coverage: dict[int, _Coverage] = {}
 
     # -- keeping it fresh ------------------------------------------------------------------
     def learned(self, item_ids: Sequence[str]) -> None:
@@ -81,46 +114,66 @@ class ServingIndex:
         return index if self.config.enabled else None
 
     # -- retrieval -------------------------------------------------------------------------
-    def retrieve(self, query: np.ndarray, n: int, exclude: Collection[str] = (), *,
+    def retrieve(self, query: np.ndarray, n: int, exclude_rows: np.ndarray, *,
                  diversity: float | None = None,
-                 history: Sequence[str] = ()) -> tuple[list[str], int | None]:
-        """Up to ``n`` candidate item ids for the augmented query, none of ``exclude``, and
-        the index version they came from (None: exact search)."""
+                 history: Sequence[str] = ()) -> tuple[np.ndarray, int | None]:
+        """Up to ``n`` candidates for the augmented query as learner rows, none of
+        ``exclude_rows`` (−1 entries are ignored), and the index version they came from
+        (None: exact search).
+
+        Rows, not item ids, because the responder scores the candidates with the learner's
+        rows next: going through ids and back cost two dict lookups per candidate, most of
+        the answer's time beside the graph search itself.
+        """
         index = self.current
         if index is None:
-            return [item for item, _ in self.learner.top_k(query[:-1], n, exclude)], None
-        found = [item for item, _ in index.search(query, n, exclude, diversity=diversity,
-                                                   history=history)]
-        return found + self._fresh(index, query, n, exclude), index.version
+            return self.learner.top_rows(query[:-1], n, exclude_rows)[0], None
+        excluded = set(exclude_rows.tolist())
+        excluded.discard(-1)
+        if isinstance(index, ClusteredIndex):
+            found = index.search(query, n, set(self.learner.item_ids_at(excluded)),
+                                 diversity=diversity, history=history)
+            rows = self.learner.rows_of(item for item, _ in found)
+            rows = rows[rows >= 0]
+        else:
+            rows = self._search_rows(index, query, n, excluded)
+        return np.concatenate([rows, self._fresh(index, query, n, excluded)]), index.version
+
+    def _search_rows(self, index: ItemIndex, query: np.ndarray, n: int,
+                     excluded: set[int]) -> np.ndarray:
+        """The graph's best ``n`` as learner rows; asks for ``n`` plus the excluded count, so
+        exclusion never shortens the answer."""
+        labels, _ = index.search_labels(query, n + len(excluded))
+        label_rows = self._coverage_of(index).label_rows
+        rows = labels if label_rows is None else label_rows[labels]
+        return _first_not_in(rows, excluded, n)
 
     def _fresh(self, index: ServedIndex, query: np.ndarray, n: int,
-               exclude: Collection[str]) -> list[str]:
-        """The best ``n`` of the learner's items that ``index`` does not hold, exactly."""
+               excluded: set[int]) -> np.ndarray:
+        """The best ``n`` of the learner's rows that ``index`` does not hold, exactly."""
         rows = self._rows_missing_from(index)
         if len(rows) == 0:
-            return []
+            return rows
         scores = self.learner.item_matrix[rows] @ query
         order = rows[np.argsort(-scores, kind="stable")]
-        ids = self.learner.item_ids_at(order[: n + len(exclude)])
-        return [item for item in ids if item not in exclude][:n]
+        return _first_not_in(order[: n + len(excluded)], excluded, n)
 
     def _rows_missing_from(self, index: ServedIndex) -> np.ndarray:
         """Learner rows the index lacks. Rows are only ever appended, so once the rows up to
         ``covered`` are checked (once per index version), every later row is missing too."""
-        known = self._coverage.get(index.version)
-        if known is None:
-            ids = self.learner.item_ids
-            count = len(index)
-            if ids[:count] == index.ids:  # built from a snapshot of this learner
-                known = (np.empty(0, dtype=np.int64), count)
-            else:  # loaded from disk, or clustered (ids in cluster order)
-                known = (np.array([row for row, item in enumerate(ids) if item not in index],
-                                  dtype=np.int64), len(ids))
-            self._coverage[index.version] = known
+        coverage = self._coverage_of(index)
+        return np.concatenate([coverage.missing,
+                               np.arange(coverage.covered, len(self.learner), dtype=np.int64)])
+
+    def _coverage_of(self, index: ServedIndex) -> _Coverage:
+        """How ``index`` lines up with the learner's rows, worked out once per version."""
+        coverage = self._coverage.get(index.version)
+        if coverage is None:
+            coverage = _Coverage.of(index, self.learner)
+            self._coverage[index.version] = coverage
             for old in [v for v in self._coverage if v < index.version]:
                 del self._coverage[old]
-        missing, covered = known
-        return np.concatenate([missing, np.arange(covered, len(self.learner), dtype=np.int64)])
+        return coverage
 
     # -- scrape-time statistics ------------------------------------------------------------
     def stats(self, now: float) -> dict[str, float]:

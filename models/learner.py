@@ -183,18 +183,30 @@ class ItemLearner:
         """ŷ(u, i) = ⟨φ, v_i⟩ + b_i for every item in row order: exact MIPS by brute force."""
         return self._psi[: len(self._ids)] @ augment_users(phi)
 
+    def scores_at(self, phi: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """ŷ(u, i) for the items at ``rows`` (valid rows only), in the given order."""
+        return self._psi[rows] @ augment_users(phi)
+
     def top_k(self, phi: np.ndarray, k: int,
               exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
         """The ``k`` best (item id, score) pairs for φ, best first, skipping ``exclude``."""
+        rows, scores = self.top_rows(phi, k, self.rows_of(exclude))
+        return [(self._ids[row], score) for row, score in zip(rows.tolist(), scores.tolist())]
+
+    def top_rows(self, phi: np.ndarray, k: int, exclude_rows: np.ndarray | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the ``k`` best items for φ, best first, none of
+        ``exclude_rows`` (−1 entries, unknown items, are ignored)."""
         scores = self.scores(phi)
-        excluded = {self._index[i] for i in exclude if i in self._index}
-        scores[list(excluded)] = -np.inf
+        excluded = np.empty(0, dtype=np.int64) if exclude_rows is None else exclude_rows
+        excluded = np.unique(excluded[excluded >= 0])
+        scores[excluded] = -np.inf
         k = min(k, len(scores) - len(excluded))
         if k <= 0:
-            return []
+            return np.empty(0, dtype=np.int64), np.empty(0)
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
-        return [(self._ids[row], float(scores[row])) for row in top]
+        return top, scores[top]
 
     # -- learning ------------------------------------------------------------------------
     def learn(self, phi_batch: np.ndarray, item_ids: Sequence[str], alphas: np.ndarray, *,

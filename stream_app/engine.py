@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,24 +197,24 @@ class Engine:
         phi = self.user_vector(request, history)
         clock = self._stage("embed", clock)
         if phi is not None and len(self.learner):
-            pool: dict[str, str] = {}  # candidate → the source that found it first
+            found: list[tuple[np.ndarray, str]] = []  # candidate rows, the source that found them
             if "ann" in sources:
-                candidates, index_version = self.index.retrieve(
-                    augment_users(phi), self._candidates_wanted(request), seen,
-                    diversity=request.diversity,
+                rows, index_version = self.index.retrieve(
+                    augment_users(phi), self._candidates_wanted(request),
+                    self.learner.rows_of(seen), diversity=request.diversity,
                     history=list(history.items) + list(request.history or ()))
                 clock = self._stage("ann", clock)
-                self._count_candidates("ann", len(candidates))
-                pool.update(dict.fromkeys(candidates, "ann"))
+                self._count_candidates("ann", len(rows))
+                found.append((rows, "ann"))
             if "dr" in sources and self.paths is not None and self._dr_wanted(request):
                 candidates = self.paths.retrieve(phi, seen)
                 clock = self._stage("dr", clock)
                 self._count_candidates("dr", len(candidates))
                 if self.metrics is not None:
                     self.metrics.dr_retrieved.observe(len(candidates))
-                for candidate in candidates:
-                    pool.setdefault(candidate, "dr")
-            items = self._rerank(phi, pool, request.k)
+                rows = self.learner.rows_of(candidates)
+                found.append((rows[rows >= 0], "dr"))
+            items = self._rerank(phi, found, request.k)
         if len(items) < request.k:
             taken = seen | {item.item_id for item in items}
             popular = self.popularity.top(request.k - len(items), exclude=taken)
@@ -241,17 +242,26 @@ class Engine:
         request names dr itself."""
         return request.diversity is None or "dr" in (request.sources or ())
 
-    def _rerank(self, phi: np.ndarray, pool: dict[str, str], k: int) -> list[RecItem]:
-        """One score per candidate, with the vectors as they are now; the best ``k``, each
-        with the source that found it."""
-        candidates = list(pool)
-        scores = self.learner.scores_of(phi, candidates)
+    def _rerank(self, phi: np.ndarray, found: list[tuple[np.ndarray, str]],
+                k: int) -> list[RecItem]:
+        """One score per candidate row, with the vectors as they are now; the best ``k``, each
+        with the first source that found it."""
+        if not found:
+            return []
+        rows = np.concatenate([candidates for candidates, _ in found])
+        source_at = np.repeat(np.arange(len(found)), [len(candidates) for candidates, _ in found])
+        if len(found) > 1:  # one source never repeats a row; several may share some
+            rows, first = np.unique(rows, return_index=True)
+            source_at = source_at[first]
+        scores = self.learner.scores_at(phi, rows)
         order = np.argsort(-scores, kind="stable")[:k]
+        ids = self.learner.item_ids_at(rows[order].tolist())
         # model_construct: the values are ours and already typed; validating ten items
         # per answer was a fifth of the in-process answer time.
-        return [RecItem.model_construct(item_id=candidates[i], score=float(scores[i]),
-                                        source=pool[candidates[i]])
-                for i in order if np.isfinite(scores[i])]
+        return [RecItem.model_construct(item_id=item_id, score=score, source=found[source][1])
+                for item_id, score, source in zip(ids, scores[order].tolist(),
+                                                  source_at[order].tolist())
+                if math.isfinite(score)]
 
     def _stage(self, stage: str, since: float) -> float:
         now = time.perf_counter()

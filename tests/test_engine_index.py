@@ -61,6 +61,25 @@ def test_an_item_learned_after_the_build_is_retrievable_at_once(tmp_path):
     assert reply.items[0].item_id == "new-star" and reply.items[0].source == "ann"
 
 
+def test_an_index_in_another_order_than_the_learner_answers_the_same(tmp_path):
+    """An index whose labels are not the learner's rows (a version another worker wrote, items
+    in another order, one of them unknown here) maps its labels to rows and still answers as
+    exact search does, items it lacks coming from the exact pass over the rest."""
+    engine = engine_with_index(tmp_path)
+    histories = run_stream(engine, planted_stream())
+    exact = {user: answer(engine, user, histories[user]) for user in ("u1", "u2", "u9")}
+    ids, rows = engine.learner.item_ids, engine.learner.item_matrix
+    order = np.random.default_rng(0).permutation(len(ids))[: len(ids) - 3]  # 3 left out
+    shuffled = [ids[i] for i in order] + ["only-in-the-index"]
+    vectors = np.vstack([rows[order], np.zeros((1, rows.shape[1]))])
+    engine.index.holder.swap(engine.index.rebuilder.build(shuffled, vectors, model_version=0))
+    for user, before in exact.items():
+        after = answer(engine, user, histories[user])
+        assert after.index_version == engine.index.version
+        assert [i.item_id for i in after.items] == [i.item_id for i in before.items]
+        assert "only-in-the-index" not in {i.item_id for i in after.items}
+
+
 def test_rebuilds_happen_aside_when_enough_items_changed_and_load_after_restart(tmp_path):
     engine = engine_with_index(tmp_path)
     histories = run_stream(engine, planted_stream())
