@@ -85,6 +85,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
         web_enabled=False,
         autodiscover=False,
         stream_wait_empty=False,
+        consumer_max_fetch_size=settings.fetch_partition_bytes,
+        broker_max_poll_records=settings.poll_records,
     )
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(settings.topic_events, **raw)

@@ -11,7 +11,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from stream_app.client import RecClient
-from stream_app.kafka import client_config
+from stream_app.kafka import client_config, ensure_topics
 from stream_app.wire import DeadLetter, RecResponse
 
 from .conftest import event
@@ -248,6 +248,34 @@ def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings,
     assert [i.score for i in after.items] == pytest.approx([i.score for i in last.items],
                                                            rel=1e-6)
     assert again.metrics()["streamrec_model_items"] == CLUSTERS_ITEMS
+
+
+@pytest.mark.parametrize("fetch", ["small", "client defaults"])
+def test_a_backlog_is_learned_while_it_is_taken_in(settings, start_worker, fetch):
+    """Training examples must not queue behind a backlog of events: the model learns while
+    the worker is still working through the backlog, not after it. With the Kafka clients'
+    default fetch sizes it does not (the second case documents why the settings exist)."""
+    backlog = 8000
+    if fetch == "client defaults":
+        settings = settings.replace(fetch_partition_bytes=1024**2, poll_records=100_000)
+    ensure_topics(settings)  # with the worker's partition count, before the backlog
+    produce(settings, [(f"u{n % 400}".encode(),
+                        event(f"u{n % 400}", f"i{(n * 7919) % 500}", event_id=f"b{n}"))
+                       for n in range(backlog)])
+    worker = start_worker(settings)
+    learned_during_backlog = 0.0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = worker.metrics()
+        if metrics.get("streamrec_events_total", 0.0) >= backlog:
+            break
+        learned_during_backlog = metrics.get("streamrec_learned_events_total", 0.0)
+        time.sleep(0.2)
+    worker.wait_metric("streamrec_learned_events_total", backlog, timeout_s=60)
+    if fetch == "small":
+        assert learned_during_backlog > 0
+    else:
+        assert learned_during_backlog == 0
 
 
 def test_batched_ingest_writes_each_history_to_its_users_partition(settings, start_worker):
