@@ -126,7 +126,8 @@ class ItemIndex:
             return np.empty(0, dtype=np.int64), np.empty(0)
         # No set_ef here: hnswlib searches with max(ef, k) by itself, and changing ef would
         # race with queries on other threads.
-        padded = np.append(np.asarray(query, dtype=np.float32), np.float32(0.0))
+        padded = np.zeros(len(query) + 1, dtype=np.float32)  # the sphere's extra coordinate
+        padded[:-1] = query
         labels, distances = self.graph.knn_query(padded, k=k)
         return labels[0].astype(np.int64), 1.0 - distances[0]
 

@@ -183,9 +183,10 @@ class ItemLearner:
         """ŷ(u, i) = ⟨φ, v_i⟩ + b_i for every item in row order: exact MIPS by brute force."""
         return self._psi[: len(self._ids)] @ augment_users(phi)
 
-    def scores_at(self, phi: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """ŷ(u, i) for the items at ``rows`` (valid rows only), in the given order."""
-        return self._psi[rows] @ augment_users(phi)
+    def scores_at(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """ŷ(u, i) for the items at ``rows`` (valid rows only), in the given order; ``query``
+        is the augmented user row [φ(u), 1]."""
+        return self._psi[rows] @ query
 
     def top_k(self, phi: np.ndarray, k: int,
               exclude: Iterable[str] = ()) -> list[tuple[str, float]]:

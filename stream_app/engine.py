@@ -83,7 +83,11 @@ class Engine:
     def encode_weighted(self, items: Sequence[str], weights: np.ndarray,
                         ts: Sequence[float]) -> np.ndarray:
         """:meth:`encode` with the confidence weight of each event given directly."""
-        rows = self.learner.rows_of(items)
+        return self._encode_rows(self.learner.rows_of(items), weights, ts)
+
+    def _encode_rows(self, rows: np.ndarray, weights: np.ndarray,
+                     ts: Sequence[float]) -> np.ndarray:
+        """:meth:`encode_weighted` from the learner rows of the items (−1: unknown)."""
         known = rows >= 0
         if not known.any():
             return np.zeros(self.settings.model_dim)
@@ -176,11 +180,19 @@ class Engine:
         history is at most T events, so encoding again costs O(T·d) (iALS: O(T·d² + d³)) and
         always answers with the model as it is now.
         """
+        return self._user_vector_and_rows(request, history)[0]
+
+    def _user_vector_and_rows(self, request: RecRequest,
+                              history: History) -> tuple[np.ndarray | None, np.ndarray]:
+        """:meth:`user_vector`, and the learner rows of the history it came from (−1:
+        unknown), which the responder also excludes: one id lookup per history item."""
         extra = list(request.history or ())
         now = history.ts[-1] if history.ts else 0.0
-        phi = self.encode(list(history.items) + extra, list(history.kinds) + ["view"] * len(extra),
-                          list(history.ts) + [now] * len(extra))
-        return phi if phi.any() else None
+        rows = self.learner.rows_of(list(history.items) + extra)
+        kinds = list(history.kinds) + ["view"] * len(extra)
+        weights = np.array([self.settings.kind_weights.get(kind, 1.0) for kind in kinds])
+        phi = self._encode_rows(rows, weights, list(history.ts) + [now] * len(extra))
+        return (phi if phi.any() else None), rows
 
     def answer(self, request: RecRequest, history: History, started: float) -> RecResponse:
         """Top-k for the user: model candidates (the serving index, or exact search) scored
@@ -194,14 +206,16 @@ class Engine:
         items: list[RecItem] = []
         index_version = None
         clock = time.perf_counter()
-        phi = self.user_vector(request, history)
+        phi, history_rows = self._user_vector_and_rows(request, history)
         clock = self._stage("embed", clock)
         if phi is not None and len(self.learner):
+            query = augment_users(phi)
             found: list[tuple[np.ndarray, str]] = []  # candidate rows, the source that found them
             if "ann" in sources:
                 rows, index_version = self.index.retrieve(
-                    augment_users(phi), self._candidates_wanted(request),
-                    self.learner.rows_of(seen), diversity=request.diversity,
+                    query, self._candidates_wanted(request),
+                    history_rows if request.exclude_seen else history_rows[:0],
+                    diversity=request.diversity,
                     history=list(history.items) + list(request.history or ()))
                 clock = self._stage("ann", clock)
                 self._count_candidates("ann", len(rows))
@@ -214,7 +228,7 @@ class Engine:
                     self.metrics.dr_retrieved.observe(len(candidates))
                 rows = self.learner.rows_of(candidates)
                 found.append((rows[rows >= 0], "dr"))
-            items = self._rerank(phi, found, request.k)
+            items = self._rerank(query, found, request.k)
         if len(items) < request.k:
             taken = seen | {item.item_id for item in items}
             popular = self.popularity.top(request.k - len(items), exclude=taken)
@@ -241,10 +255,10 @@ class Engine:
         request names dr itself."""
         return request.diversity is None or "dr" in (request.sources or ())
 
-    def _rerank(self, phi: np.ndarray, found: list[tuple[np.ndarray, str]],
+    def _rerank(self, query: np.ndarray, found: list[tuple[np.ndarray, str]],
                 k: int) -> list[RecItem]:
-        """One score per candidate row, with the vectors as they are now; the best ``k``, each
-        with the first source that found it."""
+        """One score per candidate row for the augmented user row ``query``, with the vectors
+        as they are now; the best ``k``, each with the first source that found it."""
         if not found:
             return []
         rows = np.concatenate([candidates for candidates, _ in found])
@@ -252,7 +266,7 @@ class Engine:
         if len(found) > 1:  # one source never repeats a row; several may share some
             rows, first = np.unique(rows, return_index=True)
             source_at = source_at[first]
-        scores = self.learner.scores_at(phi, rows)
+        scores = self.learner.scores_at(query, rows)
         order = np.argsort(-scores, kind="stable")[:k]
         ids = self.learner.item_ids_at(rows[order].tolist())
         sources = [found[at][1] for at in source_at[order].tolist()]
