@@ -93,6 +93,9 @@ class Settings(BaseSettings):
         "solve", description="Item step: closed-form per-item solve, or Adagrad (O(d) memory).")
     prior_weight: float = Field(
         0.5, ge=0, description="Pull of a solved item towards its starting row (μ).")
+    positives_half_life: float | None = Field(
+        30_000.0, gt=0, description="Half-life, in events this worker learns, of an item's "
+        "accumulated positives (solve); unset: they count forever.")
     ingest_batch: int = Field(256, ge=1, description="Events the ingest agent takes at once.")
     ingest_batch_wait_s: float = Field(
         0.01, gt=0, description="Longest wait to fill an ingest batch (adds to event latency).")
@@ -168,6 +171,14 @@ class Settings(BaseSettings):
             raise ValueError("at least one default source is required")
         return list(dict.fromkeys(sources))
 
+    @field_validator("positives_half_life", mode="before")
+    @classmethod
+    def _none_word(cls, value):
+        """``none`` (or an empty value) in the environment turns a decay with a default off."""
+        if isinstance(value, str) and value.strip().lower() in ("", "none"):
+            return None
+        return value
+
     @field_validator("kind_weights")
     @classmethod
     def _weights_positive(cls, weights: dict[str, float]) -> dict[str, float]:
@@ -211,7 +222,8 @@ class Settings(BaseSettings):
 
         return LearnerConfig(dim=self.model_dim, alpha0=self.alpha0, lam=self.l2,
                              lr=self.learning_rate, solver=self.item_solver,
-                             prior_weight=self.prior_weight, seed=self.model_seed)
+                             prior_weight=self.prior_weight,
+                             positives_half_life=self.positives_half_life, seed=self.model_seed)
 
     def dr_config(self):
         from models.deep_retrieval import DRConfig

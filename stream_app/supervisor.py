@@ -28,7 +28,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
     env = {key: value for key, value in os.environ.items() if not key.startswith("STREAMREC_")}
     for name, value in settings.model_dump().items():
-        if value is None:
+        if value is None:  # unset, unless the default is not (then the child reads "none")
+            if Settings.model_fields[name].default is not None:
+                env[f"STREAMREC_{name.upper()}"] = "none"
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()

@@ -4,6 +4,8 @@ planted clusters learned in a single streaming pass by both solvers."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 
@@ -121,49 +123,59 @@ def test_learn_steps_are_adagrad_steps_of_the_summed_item_gradients():
     assert learner.count("b") == 6.0 and learner.count("c") == 0.0
 
 
-def solve_stream(sweep: int):
-    config = LearnerConfig(dim=3, alpha0=0.3, lam=0.05, prior_weight=0.7, sweep_per_step=sweep)
+def solve_stream(sweep: int, half_life: float | None = None):
+    config = LearnerConfig(dim=3, alpha0=0.3, lam=0.05, prior_weight=0.7, sweep_per_step=sweep,
+                           positives_half_life=half_life)
     rng = np.random.default_rng(5)
     start = {i: rng.normal(size=4) for i in "abcdef"}
     learner = ItemLearner(config, init_vector=start.get)
-    seen: dict[str, list[tuple[np.ndarray, float]]] = {i: [] for i in "abcdef"}
+    seen: dict[str, list[tuple[np.ndarray, float, int]]] = {i: [] for i in "abcdef"}
     for _ in range(6):
         ids = list(rng.choice(list("abcdef"), 7))
         phi, alphas = rng.normal(size=(7, 3)), rng.uniform(0.5, 4.0, 7)
         learner.learn(phi, ids, alphas, n_users=20)
         for item, p, a in zip(ids, augment_users(phi), alphas):
-            seen[item].append((p, a))
+            seen[item].append((p, a, learner.events))
     return learner, config, start, seen, set(ids)
 
 
-def least_squares_row(config, G_C, prior, positives) -> np.ndarray:
-    """argmin Σ α (⟨φ̃, ψ̃⟩ − 1)² + α0 ψ̃ᵀ G_C ψ̃ + λ‖ψ̃‖² + μ‖ψ̃ − ψ̃₀‖² as one stacked
-    least-squares problem."""
+def least_squares_row(config, G_C, prior, positives, now: int) -> np.ndarray:
+    """argmin Σ w α (⟨φ̃, ψ̃⟩ − 1)² + α0 ψ̃ᵀ G_C ψ̃ + λ‖ψ̃‖² + μ‖ψ̃ − ψ̃₀‖² as one stacked
+    least-squares problem, w = 0.5^(age / half-life) of each positive (1 without one)."""
+    half_life = config.positives_half_life
+    weights = [a * (0.5 ** ((now - t) / half_life) if half_life else 1.0)
+               for _, a, t in positives]
     chol = np.linalg.cholesky(config.alpha0 * G_C + config.lam * np.eye(4))
-    design = np.vstack([np.sqrt(a) * p for p, a in positives]
+    design = np.vstack([np.sqrt(w) * p for (p, _, _), w in zip(positives, weights)]
                        + [chol.T, np.sqrt(config.prior_weight) * np.eye(4)])
-    target = np.r_[[np.sqrt(a) for _, a in positives], np.zeros(4),
-                   np.sqrt(config.prior_weight) * prior]
+    target = np.r_[np.sqrt(weights), np.zeros(4), np.sqrt(config.prior_weight) * prior]
     return np.linalg.lstsq(design, target, rcond=None)[0]
 
 
 @pytest.mark.parametrize("sweep", [0, 6])
-def test_solved_rows_are_least_squares_solutions_of_each_items_whole_loss(sweep):
+@pytest.mark.parametrize("half_life", [None, 10.0])
+def test_solved_rows_are_least_squares_solutions_of_each_items_whole_loss(sweep, half_life):
     """Every item touched by the last batch — and with a sweep covering the catalogue, every
-    item — sits at the minimizer of its whole loss over all its positives so far, against the
-    current user Gramian."""
-    learner, config, start, seen, last_batch = solve_stream(sweep)
-    G_C = learner.user_gramian.value()
+    item — sits at the minimizer of its whole loss over all its positives so far, each
+    discounted by its age when a half-life is set, against the current user Gramian."""
+    learner, config, start, seen, last_batch = solve_stream(sweep, half_life)
+    G_C, now = learner.user_gramian.value(), learner.events
     checked = set(seen) if sweep else last_batch
     for item in checked:
-        expected = least_squares_row(config, G_C, start[item], seen[item])
+        expected = least_squares_row(config, G_C, start[item], seen[item], now)
         row = learner.rows_of([item])[0]
         np.testing.assert_allclose(learner.item_matrix[row], expected, rtol=1e-5, atol=1e-6)
     stale = set(seen) - last_batch
     if not sweep and stale:  # without the sweep, older items keep their older G_C
         item = sorted(stale)[0]
-        expected = least_squares_row(config, G_C, start[item], seen[item])
+        expected = least_squares_row(config, G_C, start[item], seen[item], now)
         assert not np.allclose(learner.item_matrix[learner.rows_of([item])[0]], expected)
+    if half_life:  # the discount matters: undiscounted positives give other rows
+        undiscounted = LearnerConfig(**{**asdict(config), "positives_half_life": None})
+        item = sorted(checked)[0]
+        assert not np.allclose(
+            learner.item_matrix[learner.rows_of([item])[0]],
+            least_squares_row(undiscounted, G_C, start[item], seen[item], now), atol=1e-4)
     Psi = learner.item_matrix
     np.testing.assert_allclose(learner.item_gramian.matrix, Psi.T @ Psi, atol=1e-9)
 
@@ -249,7 +261,7 @@ def test_counts_decay_with_the_half_life_in_events():
 def test_save_and_load_resume_the_same_stream(tmp_path):
     users, items, _ = planted_stream(seed=1)
     half = len(users) // 2
-    config = LearnerConfig(dim=8, recompute_every=7)
+    config = LearnerConfig(dim=8, recompute_every=7, positives_half_life=50.0)
     original = ItemLearner(config)
     stream_pass(original, users[:half], items[:half])
     original.save(tmp_path / "learner.npz")
