@@ -126,12 +126,15 @@ if b and t:
             f"items.")
     ratios = {label: metric(p, "streaming-dr", "HR@50") / metric(p, "streaming", "HR@50")
               for label, p in pairs}
-    met = [label for label, ratio in ratios.items() if ratio >= 0.95]
-    missed = [label for label, ratio in ratios.items() if ratio < 0.95]
+    met = [f"{label} ({ratio:.2f}×)" for label, ratio in ratios.items() if ratio >= 0.95]
+    missed = [f"{label} ({ratio:.2f}×)" for label, ratio in ratios.items() if ratio < 0.95]
     lines.append(
         "- The issue's target for DR (≥ 0.95 of brute-force recall@50 while scoring ≤ 10 % of "
-        "the catalog) reads as the held-out recall@50 ratio above: met on "
-        f"{', '.join(met) or 'none'}; missed on {', '.join(missed) or 'none'}. The item-by-item "
+        "the catalog) reads as the held-out recall@50 ratio above. Met: "
+        f"{'; '.join(met) or 'none'}. Missed: {'; '.join(missed) or 'none'}. With the previous "
+        "learner Toys reached 0.98× at the 10 % budget: DR's own recall rose with this learner "
+        "(HR@50 at the 10 % budget 0.0934 → 0.1038), brute force's more (0.0957 → 0.1119). "
+        "The item-by-item "
         "overlap with brute force's top 50 is the stricter reading and is not at 0.95. "
         + ("" if budget else "The runs at the 10 % budget (DR 1.04× and 0.98×) were measured "
            "with the previous learner (positives counted forever; see this file's history). ")
