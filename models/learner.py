@@ -175,7 +175,7 @@ class ItemLearner:
         rows = self.rows_of(item_ids)
         scores = np.full(len(rows), -np.inf)
         known = rows >= 0
-        scores[known] = self._psi[rows[known]] @ augment_users(phi)
+        scores[known] = self.scores_at(augment_users(phi), rows[known])
         return scores
 
     def rows_of(self, item_ids: Iterable[str]) -> np.ndarray:

@@ -27,11 +27,6 @@ from state.popularity import DecayedPopularity
 from .settings import Settings
 from .wire import SOURCES, Event, InvalidMessage, RecItem, RecRequest, RecResponse, TrainExample
 
-#: sources answered by the model: "ann" retrieves from the serving HNSW index (exact search
-#: while the catalog is small or before the first build); "dr" from the items on the Deep
-#: Retrieval paths a beam search finds for the user. Their candidates are scored once, together,
-#: and each returned item names the source that produced it ("ann" where both did).
-MODEL_SOURCES = ("ann", "dr")
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +43,10 @@ def decode_phi(text: str) -> np.ndarray | None:
 class Engine:
     """The worker's model state and the decisions made on it."""
 
+    #: "ann" retrieves from the serving HNSW index (exact search while the catalog is small or
+    #: before the first build); "dr" from the items on the Deep Retrieval paths a beam search
+    #: finds for the user. Their candidates are scored once, together, and each returned item
+    #: names the source that produced it ("ann" where both did); "popular" fills up.
     available_sources = ("ann", "dr", "popular")
 
     def __init__(self, settings: Settings, metrics=None) -> None:
@@ -77,8 +76,10 @@ class Engine:
                ts: Sequence[float]) -> np.ndarray:
         """φ(u) from a history with the current item vectors; zeros if no item is known yet
         (whose ranking is the bias ranking, LED §7.2)."""
-        weights = np.array([self.settings.kind_weights.get(k, 1.0) for k in kinds])
-        return self.encode_weighted(items, weights, ts)
+        return self.encode_weighted(items, self._kind_weights(kinds), ts)
+
+    def _kind_weights(self, kinds: Sequence[str]) -> np.ndarray:
+        return np.array([self.settings.kind_weights.get(kind, 1.0) for kind in kinds])
 
     def encode_weighted(self, items: Sequence[str], weights: np.ndarray,
                         ts: Sequence[float]) -> np.ndarray:
@@ -120,7 +121,7 @@ class Engine:
         example = TrainExample(
             user_id=event.user_id, item_id=event.item_id, alpha=weight, ts=event.ts,
             history=list(history.items), history_ts=list(history.ts),
-            weights=[self.settings.kind_weights.get(kind, 1.0) for kind in history.kinds])
+            weights=self._kind_weights(history.kinds).tolist())
         return updated, example
 
     def learn(self, examples: Sequence[TrainExample]) -> float:
@@ -189,8 +190,7 @@ class Engine:
         extra = list(request.history or ())
         now = history.ts[-1] if history.ts else 0.0
         rows = self.learner.rows_of(list(history.items) + extra)
-        kinds = list(history.kinds) + ["view"] * len(extra)
-        weights = np.array([self.settings.kind_weights.get(kind, 1.0) for kind in kinds])
+        weights = self._kind_weights(list(history.kinds) + ["view"] * len(extra))
         phi = self._encode_rows(rows, weights, list(history.ts) + [now] * len(extra))
         return (phi if phi.any() else None), rows
 
