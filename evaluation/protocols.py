@@ -24,7 +24,7 @@ from models import metrics
 
 from .baselines import ScoringRecommender, mask_excluded
 from .data import Dataset, Events, interaction_matrix
-from .splits import Fold, Split
+from .splits import Fold, Split, latest_by_cell
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,9 @@ def evaluate_fold(model, fold: Fold, config: RunConfig, desc: str = "") -> FoldS
     with _bar(config, total=len(fold), desc=desc, unit="user") as bar:
         for start in range(0, len(fold), config.batch_size):
             rows = slice(start, start + config.batch_size)
-            values, curves = _score_batch(model, fold.history[rows], fold.targets[rows], config)
+            times = None if fold.times is None else fold.times[rows]
+            values, curves = _score_batch(model, fold.history[rows], fold.targets[rows], config,
+                                          times)
             for name, per_row in values.items():
                 sums[name] = sums.get(name, 0.0) + float(per_row.sum())
                 squares[name] = squares.get(name, 0.0) + float(np.square(per_row).sum())
@@ -102,17 +104,22 @@ def _standard_error(mean: float, mean_square: float, n: int) -> float:
 
 
 def _score_batch(model, history: sp.csr_matrix, targets: sp.csr_matrix,
-                 config: RunConfig) -> tuple[dict, np.ndarray]:
-    """Per-row metric values for one batch, and the summed curves."""
+                 config: RunConfig, times: sp.csr_matrix | None = None) -> tuple[dict, np.ndarray]:
+    """Per-row metric values for one batch, and the summed curves.
+
+    A model with ``reads_times`` also gets ``times`` (when the fold has them): the history in
+    time order, as a worker keeps it."""
     scores = None
+    extra = {"times": times} if times is not None and getattr(model, "reads_times", False) \
+        else {}
     if isinstance(model, ScoringRecommender):
         # recommend() is top_k of score(); score once and take both from it.
         scores = model.score(history)
         ranked = metrics.top_k(mask_excluded(scores.copy(), history), config.max_k)
     else:
-        ranked = model.recommend(history, config.max_k, exclude=history)
+        ranked = model.recommend(history, config.max_k, exclude=history, **extra)
         if hasattr(model, "score") and getattr(model, "full_ranking", True):
-            scores = model.score(history)
+            scores = model.score(history, **extra)
     hits = metrics.hit_matrix(ranked, targets)
     n_relevant = np.diff(targets.indptr)
     values = {}
@@ -222,6 +229,7 @@ class Stream:
     bounds: np.ndarray  # window edges in stream positions; scoring starts at bounds[1]
     scored: np.ndarray  # positions of the events that are scored
     by_user: np.ndarray  # items grouped by user, each user's in their own order
+    by_user_ts: np.ndarray  # the times of those events
     user_start: np.ndarray  # offset of each user's first item in by_user
     history_length: int
     info: dict
@@ -257,15 +265,18 @@ def prepare_stream(dataset: Dataset, windows: int, history_length: int) -> Strea
             "cold_user_events": int((ev.order[scored] == 0).sum()),
             "cold_item_events": int(cold_item[scored].sum()),
             "history_length": history_length}
-    return Stream(dataset, bounds, scored, ev.items[grouped], np.r_[0, np.cumsum(counts)[:-1]],
-                  history_length, info)
+    return Stream(dataset, bounds, scored, ev.items[grouped], ev.ts[grouped],
+                  np.r_[0, np.cumsum(counts)[:-1]], history_length, info)
 
 
-def stream_rows(stream: Stream, positions: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """(history, seen) rows for the events at ``positions``: what the user did before each.
+def stream_rows(stream: Stream, positions: np.ndarray
+                ) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
+    """(history, seen, times) rows for the events at ``positions``: what the user did before
+    each.
 
     History is the last ``history_length`` items (what a worker keeps per user); seen is every
-    earlier item, all of them excluded from the ranking.
+    earlier item, all of them excluded from the ranking; times holds, on the pattern of
+    history, the time of each history item's latest event (the history's time order).
     """
     ev = stream.dataset.events
     n_items = stream.dataset.n_items
@@ -274,16 +285,25 @@ def stream_rows(stream: Stream, positions: np.ndarray) -> tuple[sp.csr_matrix, s
     seen = _ragged_rows(stream.by_user, base, np.zeros_like(before), before, n_items)
     start = np.maximum(before - stream.history_length, 0)
     history = _ragged_rows(stream.by_user, base, start, before, n_items)
-    return history, seen
+    owner, at = _ragged_positions(base, start, before)
+    times = latest_by_cell(owner, stream.by_user[at], stream.by_user_ts[at],
+                           (len(base), n_items))
+    return history, seen, times
+
+
+def _ragged_positions(base, start, stop) -> tuple[np.ndarray, np.ndarray]:
+    """(row, position in the flat array) of every element of the rows
+    ``flat[base[r] + start[r] : base[r] + stop[r]]``, rows in order."""
+    lengths = stop - start
+    indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    offsets = np.arange(indptr[-1]) - np.repeat(indptr[:-1], lengths)
+    return np.repeat(np.arange(len(base)), lengths), np.repeat(base + start, lengths) + offsets
 
 
 def _ragged_rows(flat, base, start, stop, n_items) -> sp.csr_matrix:
     """Binary CSR whose row r holds ``flat[base[r] + start[r] : base[r] + stop[r]]``."""
-    lengths = stop - start
-    indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    offsets = np.arange(indptr[-1]) - np.repeat(indptr[:-1], lengths)
-    indices = flat[np.repeat(base + start, lengths) + offsets]
-    matrix = sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr),
+    owner, at = _ragged_positions(base, start, stop)
+    matrix = sp.csr_matrix((np.ones(len(at), dtype=np.float32), (owner, flat[at])),
                            shape=(len(base), n_items))
     matrix.sum_duplicates()
     matrix.data[:] = 1.0
@@ -315,6 +335,7 @@ def _prequential_streaming(stream: Stream, spec: ModelSpec, config: RunConfig,
     events before it."""
     ev = stream.dataset.events
     model = spec.build(**spec.grid[0])
+    reads_times = getattr(model, "reads_times", False)
     spent = _timed(lambda: model.learn(ev.take(slice(0, stream.bounds[1]))))
     ranks = np.full(len(stream.scored), -1, dtype=np.int64)
     is_scored = np.zeros(len(ev), dtype=bool)
@@ -325,13 +346,15 @@ def _prequential_streaming(stream: Stream, spec: ModelSpec, config: RunConfig,
               unit="ev") as bar:
         for block in range(start, len(ev), 8192):
             positions = np.arange(block, min(block + 8192, len(ev)))
-            history, seen = stream_rows(stream, positions)
+            history, seen, times = stream_rows(stream, positions)
             for offset in range(0, len(positions), learn_batch):
                 rows = slice(offset, offset + learn_batch)
                 here = positions[rows]
                 wanted = is_scored[here]
                 if wanted.any():
-                    ranked = model.recommend(history[rows], config.max_k, exclude=seen[rows])
+                    extra = {"times": times[rows]} if reads_times else {}
+                    ranked = model.recommend(history[rows], config.max_k, exclude=seen[rows],
+                                             **extra)
                     ranks[slot[here[wanted]]] = _target_rank(ranked[wanted], ev.items[here[wanted]])
                 part = ev.take(slice(here[0], here[-1] + 1))
                 spent += _timed(lambda: model.learn(part))
@@ -358,7 +381,7 @@ def _prequential_batch(stream: Stream, spec: ModelSpec,
                 if len(part) == 0:
                     continue
                 positions = stream.scored[part]
-                history, seen = stream_rows(stream, positions)
+                history, seen, _ = stream_rows(stream, positions)
                 ranked = model.recommend(history, config.max_k, exclude=seen)
                 ranks[part] = _target_rank(ranked, ev.items[positions])
                 bar.update(len(part))

@@ -21,6 +21,9 @@ class Fold:
     users: np.ndarray  # dataset user index of each row
     history: sp.csr_matrix  # (rows, n_items) items the model may read
     targets: sp.csr_matrix  # (rows, n_items) relevant items, never in history
+    # (rows, n_items) time of the row's latest event on each history item, the same pattern as
+    # ``history``: what a model that reads histories in time order (as a worker does) needs.
+    times: sp.csr_matrix | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -66,8 +69,10 @@ def leave_one_out(dataset: Dataset) -> Split:
     users = np.flatnonzero(length >= 3)
     seen_before_test = (train + val_target).tocsr()
     seen_before_test.data[:] = 1.0
-    validation = Fold(users, train[users], val_target[users])
-    test = Fold(users, seen_before_test[users], test_target[users])
+    train_times = latest_times(ev.take(is_train), shape)
+    test_times = latest_times(ev.take(is_train | is_val), shape)
+    validation = Fold(users, train[users], val_target[users], train_times[users])
+    test = Fold(users, seen_before_test[users], test_target[users], test_times[users])
     info = {"users": int(dataset.n_users), "items": int(dataset.n_items), "events": len(ev),
             "scored_users": len(users), "train_events": int(is_train.sum()),
             "repeat_targets": _repeats(validation) + _repeats(test)}
@@ -127,7 +132,26 @@ def _fold_in(dataset: Dataset, chosen: np.ndarray, fold_in: float) -> Fold:
     shape = (dataset.n_users, dataset.n_items)
     history = interaction_matrix(ev.users[mine & early], ev.items[mine & early], *shape)
     targets = interaction_matrix(ev.users[mine & ~early], ev.items[mine & ~early], *shape)
-    return _without_history(Fold(users, history[users], targets[users]))
+    times = latest_times(ev.take(mine & early), shape)
+    return _without_history(Fold(users, history[users], targets[users], times[users]))
+
+
+def latest_times(ev: Events, shape) -> sp.csr_matrix:
+    """(users × items) time of each user's latest event on each item: the sparsity pattern of
+    :func:`interaction_matrix` on the same events, with times instead of ones."""
+    return latest_by_cell(ev.users, ev.items, ev.ts, shape)
+
+
+def latest_by_cell(rows: np.ndarray, cols: np.ndarray, ts: np.ndarray, shape) -> sp.csr_matrix:
+    """CSR holding, for every (row, col) that occurs, the largest of its ``ts``."""
+    key = rows.astype(np.int64) * shape[1] + cols
+    newest_first = np.lexsort((-ts, key))
+    _, first = np.unique(key[newest_first], return_index=True)
+    chosen = newest_first[first]
+    matrix = sp.csr_matrix((np.asarray(ts, dtype=np.float64)[chosen],
+                            (rows[chosen], cols[chosen])), shape=shape)
+    matrix.sort_indices()
+    return matrix
 
 
 def _target_matrix(ev: Events, mask: np.ndarray, shape) -> sp.csr_matrix:
@@ -146,4 +170,5 @@ def _without_history(fold: Fold) -> Fold:
     targets = (fold.targets - fold.targets.multiply(fold.history)).tocsr()
     targets.eliminate_zeros()
     keep = np.diff(targets.indptr) > 0
-    return Fold(fold.users[keep], fold.history[keep], targets[keep])
+    times = None if fold.times is None else fold.times[keep]
+    return Fold(fold.users[keep], fold.history[keep], targets[keep], times)

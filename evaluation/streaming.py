@@ -85,9 +85,12 @@ class OnlineEmbedding:
     :meth:`Engine.learn` (encode each example's user with the current item vectors, then the
     item step: closed-form per-item solves, or Adagrad, as the settings say). Ranking is exact
     MIPS over the learned items, with the history row the harness passes in as the user's
-    history (its stored values as confidence weights)."""
+    history (its stored values as confidence weights). Given ``times`` (the row's items with
+    the time of each), the history is read as a worker keeps it: in time order, the newest
+    ``history_length`` items, with their times for the encoder's recency decay."""
 
     name = "streaming"
+    reads_times = True
 
     def __init__(self, n_items: int, settings) -> None:
         from stream_app.engine import Engine
@@ -122,20 +125,22 @@ class OnlineEmbedding:
         self.engine.learn(self._pending)
         self._pending = []
 
-    def user_vectors(self, history: sp.csr_matrix) -> np.ndarray:
+    def user_vectors(self, history: sp.csr_matrix,
+                     times: sp.csr_matrix | None = None) -> np.ndarray:
         """φ(u) of each history row with the current item vectors."""
         phis = np.zeros((history.shape[0], self.settings.model_dim))
         for row in range(history.shape[0]):
             span = slice(history.indptr[row], history.indptr[row + 1])
-            cols = history.indices[span]  # the whole history row: CSR keeps no time order
-            phis[row] = self.engine.encode_weighted([self._keys[c] for c in cols],
-                                                    np.asarray(history.data[span]),
-                                                    np.zeros(len(cols)))
+            cols, weights = history.indices[span], np.asarray(history.data[span])
+            ts = np.zeros(len(cols)) if times is None else row_times(times, row, cols)
+            newest = np.argsort(ts, kind="stable")[-self.settings.history_length:]
+            phis[row] = self.engine.encode_weighted([self._keys[c] for c in cols[newest]],
+                                                    weights[newest], ts[newest])
         return phis
 
-    def score(self, history: sp.csr_matrix) -> np.ndarray:
+    def score(self, history: sp.csr_matrix, times: sp.csr_matrix | None = None) -> np.ndarray:
         """ŷ for every (history row, item); items never learned score −inf."""
-        return self._scores(self.user_vectors(history))
+        return self._scores(self.user_vectors(history, times))
 
     def _scores(self, phis: np.ndarray) -> np.ndarray:
         learner = self.engine.learner
@@ -146,9 +151,9 @@ class OnlineEmbedding:
         scores[:, known] = np.hstack([phis, np.ones((len(phis), 1))]) @ psi.T
         return scores
 
-    def recommend(self, history: sp.csr_matrix, k: int,
-                  exclude: sp.csr_matrix | None = None) -> np.ndarray:
-        return self._brute_force(self.user_vectors(history), k, exclude)
+    def recommend(self, history: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = None,
+                  times: sp.csr_matrix | None = None) -> np.ndarray:
+        return self._brute_force(self.user_vectors(history, times), k, exclude)
 
     def _brute_force(self, phis: np.ndarray, k: int,
                      exclude: sp.csr_matrix | None) -> np.ndarray:
@@ -164,6 +169,16 @@ class OnlineEmbedding:
             valid = np.take_along_axis(scores, top, axis=1) > -np.inf
             ranked[block] = np.where(valid, top, -1)
         return ranked
+
+
+def row_times(times: sp.csr_matrix, row: int, cols: np.ndarray) -> np.ndarray:
+    """The times of ``cols`` in row ``row`` of ``times`` (every col must be stored there)."""
+    span = slice(times.indptr[row], times.indptr[row + 1])
+    stored, values = times.indices[span], times.data[span]
+    at = np.searchsorted(stored, cols)
+    if len(cols) and (at.max() >= len(stored) or (stored[at] != cols).any()):
+        raise ValueError("times must hold every history item of the row")
+    return np.asarray(values[at], dtype=np.float64)
 
 
 class OnlineDeepRetrieval(OnlineEmbedding):
@@ -199,14 +214,14 @@ class OnlineDeepRetrieval(OnlineEmbedding):
             paths.run_m_step_now()
         self._stale = paths.events_since_m_step > 0
 
-    def recommend(self, history: sp.csr_matrix, k: int,
-                  exclude: sp.csr_matrix | None = None) -> np.ndarray:
+    def recommend(self, history: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = None,
+                  times: sp.csr_matrix | None = None) -> np.ndarray:
         import time
 
         if self._stale:
             self.engine.paths.run_m_step_now()
             self._stale = False
-        phis = self.user_vectors(history)  # once, for brute force and for the beam
+        phis = self.user_vectors(history, times)  # once, for brute force and for the beam
         brute = self._brute_force(phis, max(k, self.compare_at), exclude)
         ranked = np.full((history.shape[0], min(k, self.n_items)), -1, dtype=np.int64)
         for row, phi in enumerate(phis):

@@ -10,10 +10,10 @@ learning, and Kafka itself.
 Each run is a deployment of its own (app id, topic names and data dir carry a fresh tag), so it
 never reads or disturbs anything else on the broker.
 
-Requests are anonymous (``user_id`` null) and carry the row's history items, so the worker
-encodes exactly the history the harness gives every other model. A request carries at most
-``max_request_history`` items; when a history is longer (a few MovieLens users), the rest is
-still excluded from the answer, on the client side.
+Requests are anonymous (``user_id`` null) and carry the row's history items, oldest first when
+the harness passes their times, so the worker encodes exactly the history the in-process model
+reads. A request carries at most ``max_request_history`` items, the newest; when a history is
+longer (a few MovieLens users), the rest is still excluded from the answer, on the client side.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from stream_app.supervisor import System, scrape
 from stream_app.wire import RecRequest
 
 from .data import Dataset, Events
+from .streaming import row_times
 
 
 def isolated_settings(settings: Settings, data_dir: Path) -> Settings:
@@ -64,6 +65,7 @@ class KafkaStreaming:
     """
 
     name = "streaming-kafka"
+    reads_times = True
 
     def __init__(self, dataset: Dataset, settings: Settings, *, timeout_s: float = 60.0) -> None:
         self.user_ids = dataset.user_ids.astype(str)
@@ -109,17 +111,20 @@ class KafkaStreaming:
             time.sleep(0.05)
 
     # -- ranking --------------------------------------------------------------------------
-    def recommend(self, history: sp.csr_matrix, k: int,
-                  exclude: sp.csr_matrix | None = None) -> np.ndarray:
+    def recommend(self, history: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = None,
+                  times: sp.csr_matrix | None = None) -> np.ndarray:
         """Top-``k`` item indices per history row from the worker's answers, ``-1`` padded."""
         exclude = history if exclude is None else exclude
         limit = self.settings.max_request_history
         requests = []
         for row in range(history.shape[0]):
-            items = self.item_ids[history.indices[history.indptr[row]:history.indptr[row + 1]]]
-            hidden = int(exclude.indptr[row + 1] - exclude.indptr[row]) - min(len(items), limit)
+            cols = history.indices[history.indptr[row]:history.indptr[row + 1]]
+            if times is not None:
+                cols = cols[np.argsort(row_times(times, row, cols), kind="stable")]
+            items = self.item_ids[cols[max(len(cols) - limit, 0):]]
+            hidden = int(exclude.indptr[row + 1] - exclude.indptr[row]) - len(items)
             requests.append(RecRequest(request_id=f"{row}-{uuid.uuid4().hex[:12]}",
-                                       history=items[:limit].tolist(),
+                                       history=items.tolist(),
                                        k=min(k + max(hidden, 0), 1000), exclude_seen=True))
         answers = self._client.ask_many(requests, timeout_s=self.timeout_s)
         ranked = np.full((history.shape[0], k), -1, dtype=np.int64)

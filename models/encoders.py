@@ -34,8 +34,24 @@ def recency_weights(ts: np.ndarray, half_life: float, t_max: float | None = None
     return np.exp2(-(t_max - ts) / half_life)
 
 
+def position_weights(n_events: int, half_life_events: float) -> np.ndarray:
+    """2^(−j/half_life) for the event j places before the newest of a time-ordered history.
+
+    Recency counted in the user's own events rather than in time: what a user did last says
+    most about what they do next however long ago it was, and the unit means the same on
+    every dataset (a dataset without real timestamps has no meaningful time half-life).
+
+    Examples
+    --------
+    >>> position_weights(3, half_life_events=1.0).tolist()
+    [0.25, 0.5, 1.0]
+    """
+    return np.exp2(-np.arange(n_events - 1, -1, -1, dtype=np.float64) / half_life_events)
+
+
 def mean_encoder(V_hist: np.ndarray, weights: np.ndarray | None = None,
-                 ts: np.ndarray | None = None, half_life: float | None = None) -> np.ndarray:
+                 ts: np.ndarray | None = None, half_life: float | None = None,
+                 half_life_events: float | None = None) -> np.ndarray:
     """LED's user vector, the weighted mean φ = Σ_t w_t v_t / Σ_t w_t over a history.
 
     With equal weights this is LED's (1/T) Σ_t v_t (§5.2). With kind weights the divisor is
@@ -57,6 +73,9 @@ def mean_encoder(V_hist: np.ndarray, weights: np.ndarray | None = None,
     ts, half_life : optional
         Event times and a half-life in the same unit; when both are given, w_t is multiplied by
         2^(−(t_max − t_t)/half_life), t_max the newest event of the history.
+    half_life_events : optional
+        Recency in events (:func:`position_weights`): the rows of ``V_hist`` are in time
+        order, and the j-th before the last is weighted by 2^(−j/half_life_events).
 
     Returns
     -------
@@ -76,6 +95,8 @@ def mean_encoder(V_hist: np.ndarray, weights: np.ndarray | None = None,
     w = np.ones(T) if weights is None else np.asarray(weights, dtype=np.float64)
     if ts is not None and half_life is not None:
         w = w * recency_weights(ts, half_life)
+    if half_life_events is not None:
+        w = w * position_weights(T, half_life_events)
     return (w @ V_hist) / w.sum()
 
 
@@ -96,7 +117,8 @@ def pack_histories(histories: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.n
 
 def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,
                        weights: np.ndarray | None = None, ts: np.ndarray | None = None,
-                       half_life: float | None = None) -> np.ndarray:
+                       half_life: float | None = None,
+                       half_life_events: float | None = None) -> np.ndarray:
     """:func:`mean_encoder` for B histories at once: one sparse (B × n) · (n × d) product.
 
     History b is ``item_rows[indptr[b]:indptr[b+1]]`` (rows of ``V``), with the matching slices
@@ -123,6 +145,9 @@ def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,
         t_max = np.full(len(lengths), -np.inf)
         np.maximum.at(t_max, owner, ts)
         w = w * recency_weights(ts, half_life, t_max[owner])
+    if half_life_events is not None:
+        from_newest = np.repeat(indptr[1:], lengths) - 1 - np.arange(len(owner))
+        w = w * np.exp2(-from_newest / half_life_events)
     w = w / np.bincount(owner, weights=w, minlength=len(lengths))[owner]
     H = scipy.sparse.csr_matrix((w, np.asarray(item_rows), indptr), shape=(len(lengths), len(V)))
     return np.asarray(H @ V)

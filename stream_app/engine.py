@@ -19,7 +19,7 @@ from river import stats
 from index_sync.paths import PathRetrieval
 from index_sync.serving import ServingIndex
 from models.embedding import augment_users
-from models.encoders import ials_fold_in, mean_encoder
+from models.encoders import ials_fold_in, mean_encoder, position_weights
 from models.learner import ItemLearner
 from state.history import History
 from state.popularity import DecayedPopularity
@@ -93,7 +93,11 @@ class Engine:
         if not known.any():
             return np.zeros(self.settings.model_dim)
         psi = self.learner.item_matrix[rows[known]]
-        weights = np.asarray(weights, dtype=np.float64)[known]
+        weights = np.asarray(weights, dtype=np.float64)
+        if self.settings.encoder_half_life_events is not None:  # places among all events
+            weights = weights * position_weights(len(weights),
+                                                 self.settings.encoder_half_life_events)
+        weights = weights[known]
         if self.settings.encoder == "ials":
             return ials_fold_in(psi, weights, self.learner.item_gramian.matrix,
                                 self.settings.alpha0, self.settings.l2)

@@ -65,7 +65,7 @@ class RecRequest(_Wire):
 
     request_id: Id
     user_id: Id | None = None
-    history: list[Id] | None = None
+    history: list[Id] | None = None  # items just seen, oldest first: the newest events
     k: StrictInt = Field(10, ge=1, le=1000)
     exclude_seen: StrictBool = True
     sources: list[Literal["ann", "dr", "popular"]] | None = None

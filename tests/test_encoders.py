@@ -8,7 +8,7 @@ import torch
 
 from models.embedding import augment_items, augment_users, all_pairs_loss
 from models.encoders import (ials_fold_in, mean_encoder, mean_encoder_batch, pack_histories,
-                             recency_weights)
+                             position_weights, recency_weights)
 
 
 def test_mean_encoder_is_the_weighted_mean_with_recency_decay():
@@ -22,6 +22,20 @@ def test_mean_encoder_is_the_weighted_mean_with_recency_decay():
     np.testing.assert_allclose(mean_encoder(V, ts=ts), V.mean(axis=0))  # no half-life: no decay
 
 
+def test_mean_encoder_weighs_recent_events_by_their_place_in_the_history():
+    """The j-th event before the newest weighs 2^(−j/h), on top of its own weight and of the
+    decay in time; the newest of one event alone is the event itself."""
+    rng = np.random.default_rng(2)
+    V, w, ts = rng.normal(size=(4, 3)), rng.uniform(1, 4, 4), np.array([0., 1., 5., 9.])
+    factor = [w[t] * 2.0 ** (-(3 - t) / 1.5) * 2.0 ** (-(9.0 - ts[t]) / 6.0) for t in range(4)]
+    expected = sum(factor[t] * V[t] for t in range(4)) / sum(factor)
+    np.testing.assert_allclose(mean_encoder(V, w, ts, half_life=6.0, half_life_events=1.5),
+                               expected)
+    assert not np.allclose(mean_encoder(V, w, ts, half_life_events=1.5), mean_encoder(V, w))
+    np.testing.assert_allclose(mean_encoder(V[:1], half_life_events=0.1), V[0])
+    np.testing.assert_allclose(position_weights(3, 2.0), [0.5, 2 ** -0.5, 1.0])
+
+
 def test_empty_history_encodes_to_zero():
     assert mean_encoder(np.empty((0, 4))).tolist() == [0.0] * 4
     assert ials_fold_in(np.empty((0, 5)), np.empty(0), np.eye(5), 0.1, 0.1).tolist() == [0.0] * 4
@@ -31,8 +45,9 @@ def test_recency_weight_halves_per_half_life():
     np.testing.assert_allclose(recency_weights(np.array([0.0, 5.0, 10.0]), 5.0), [0.25, 0.5, 1])
 
 
-@pytest.mark.parametrize("decay", [False, True])
-def test_batched_mean_encoder_equals_one_call_per_user(decay):
+@pytest.mark.parametrize("decay,half_life_events", [(False, None), (True, None), (True, 2.0),
+                                                    (False, 0.5)])
+def test_batched_mean_encoder_equals_one_call_per_user(decay, half_life_events):
     rng = np.random.default_rng(1)
     V = rng.normal(size=(30, 6))
     histories = [rng.integers(0, 30, rng.integers(0, 9)).tolist() for _ in range(40)]
@@ -40,10 +55,10 @@ def test_batched_mean_encoder_equals_one_call_per_user(decay):
     indptr, rows = pack_histories(histories)
     weights, ts = rng.uniform(1, 10, len(rows)), rng.uniform(0, 100, len(rows))
     half_life = 25.0 if decay else None
-    batched = mean_encoder_batch(V, indptr, rows, weights, ts, half_life)
+    batched = mean_encoder_batch(V, indptr, rows, weights, ts, half_life, half_life_events)
     for b, history in enumerate(histories):
         part = slice(indptr[b], indptr[b + 1])
-        single = mean_encoder(V[history], weights[part], ts[part], half_life)
+        single = mean_encoder(V[history], weights[part], ts[part], half_life, half_life_events)
         np.testing.assert_allclose(batched[b], single, atol=1e-12)
 
 

@@ -100,3 +100,29 @@ def test_checkpoint_restores_identical_scores(engine):
         before = engine.answer(request, histories[user], time.perf_counter()).items
         after = restored.answer(request, histories[user], time.perf_counter()).items
         assert before == after
+
+
+@pytest.mark.parametrize("half_life_events", [3.0, None])
+def test_the_user_vector_weighs_the_newest_events_most(tmp_path, half_life_events):
+    """φ = Σ w_t 2^(−j_t/h) v_t / Σ …, j_t the place of event t before the newest, counted over
+    the whole history (an item the model does not know still takes its place); the items of
+    a request's ``history`` are the newest events, oldest first."""
+    engine = Engine(Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
+                             encoder_half_life_events=half_life_events))
+    run_stream(engine, planted_stream())
+    items, kinds = ["c0-i1", "c3-i2", "never-seen", "c1-i4"], ["sale", "view", "view", "click"]
+    weights = np.array([10.0, 1.0, 1.0, 4.0])
+    if half_life_events is not None:
+        weights = weights * 2.0 ** (-np.array([3, 2, 1, 0]) / half_life_events)
+    known = [0, 1, 3]
+    V = engine.learner.item_matrix[engine.learner.rows_of([items[t] for t in known]), :-1]
+    expected = (weights[known] @ V) / weights[known].sum()
+    np.testing.assert_allclose(engine.encode(items, kinds, [0.0] * 4), expected)
+    if half_life_events is not None:  # order matters, and a request's items come last
+        assert not np.allclose(engine.encode(items[::-1], kinds[::-1], [0.0] * 4), expected)
+    stored = History().appended(items[0], kinds[0], 0.0, "e0", 50) \
+        .appended(items[1], kinds[1], 0.0, "e1", 50)
+    request = RecRequest(request_id="r", user_id="u", history=items[2:], k=5)
+    phi, _ = engine._user_vector_and_rows(request, stored)
+    extra_kinds = kinds[:2] + ["view", "view"]
+    np.testing.assert_allclose(phi, engine.encode(items, extra_kinds, [0.0] * 4))

@@ -8,8 +8,10 @@ import pytest
 import scipy.sparse as sp
 
 from evaluation.data import Dataset, Events, encode, interaction_matrix
-from evaluation.protocols import ModelSpec, RunConfig, prepare_stream, run_prequential
-from evaluation.streaming import OnlinePopularity
+from evaluation.protocols import (ModelSpec, RunConfig, evaluate_fold, prepare_stream,
+                                  run_prequential)
+from evaluation.splits import leave_one_out
+from evaluation.streaming import OnlineEmbedding, OnlinePopularity
 from state.popularity import DecayedPopularity
 from stream_app.datasets import interleave
 
@@ -124,3 +126,62 @@ def test_streaming_popularity_equals_a_slow_replay():
     sizes = np.diff(np.linspace(0, len(hits), len(curve["HR@3"]) + 1).astype(int))
     assert np.average(curve["HR@3"], weights=sizes) == pytest.approx(np.mean(hits))
     assert curve["event"][-1] == stream.scored[-1] + 1
+
+
+class TimesRecorder(Echo):
+    """Echo that also keeps the ``times`` rows the harness hands it."""
+
+    reads_times = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen_times: list[sp.csr_matrix] = []
+
+    def recommend(self, history, k, exclude=None, times=None):
+        assert times is not None and times.shape == history.shape
+        self.seen_times.append(times)
+        return super().recommend(history, k, exclude)
+
+
+def small_log(seed: int = 3) -> Dataset:
+    rng = np.random.default_rng(seed)
+    users = np.repeat([f"u{u}" for u in range(30)], 8)
+    items = np.array([f"i{int(i)}" for i in rng.integers(0, 25, len(users))])
+    return encode(interleave(users, items, seed), {"view": 1.0}, "small")
+
+
+def test_a_model_that_reads_times_gets_each_folds_history_times():
+    split = leave_one_out(small_log())
+    model = TimesRecorder()
+    evaluate_fold(model, split.test, CONFIG)
+    handed = sp.vstack(model.seen_times).tocsr()
+    assert (handed != split.test.times).nnz == 0 and handed.nnz == split.test.history.nnz
+
+
+def test_the_streaming_model_reads_a_history_in_time_order(tmp_path):
+    """The newest ``history_length`` items, oldest first, with their times: what a worker
+    keeps; without times the row would be read in column order, which is not the same."""
+    from stream_app.settings import Settings
+
+    dataset = small_log()
+    settings = Settings(data_dir=tmp_path, model_dim=8, history_length=4, popularity_refresh_s=0)
+    model = OnlineEmbedding(dataset.n_items, settings)
+    model.learn(dataset.events)
+    fold = leave_one_out(dataset).test
+    phis = model.user_vectors(fold.history, fold.times)
+    for r in range(len(fold)):
+        span = slice(fold.times.indptr[r], fold.times.indptr[r + 1])
+        order = np.argsort(fold.times.data[span], kind="stable")[-4:]
+        cols, ts = fold.times.indices[span][order], fold.times.data[span][order]
+        expected = model.engine.encode_weighted([str(c) for c in cols], np.ones(len(cols)), ts)
+        np.testing.assert_allclose(phis[r], expected)
+    assert not np.allclose(phis, model.user_vectors(fold.history))
+
+
+def test_prequential_hands_times_to_a_model_that_reads_them():
+    recorder = TimesRecorder()
+    stream = prepare_stream(small_log(), windows=3, history_length=50)
+    run_prequential(stream, [ModelSpec("rec", lambda: recorder, streaming=True)], CONFIG,
+                    learn_batch=1)
+    assert sum(times.shape[0] for times in recorder.seen_times) == len(stream.scored)
+    assert sum(times.nnz for times in recorder.seen_times) > 0

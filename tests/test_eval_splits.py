@@ -30,6 +30,19 @@ def rows(matrix, r):
     return set(matrix.indices[matrix.indptr[r]:matrix.indptr[r + 1]].tolist())
 
 
+def time_order(fold, r):
+    """The row's history items ordered by the time in ``fold.times`` (same pattern)."""
+    span = slice(fold.times.indptr[r], fold.times.indptr[r + 1])
+    assert rows(fold.times, r) == rows(fold.history, r)
+    return fold.times.indices[span][np.argsort(fold.times.data[span], kind="stable")].tolist()
+
+
+def by_last_occurrence(sequence):
+    """Distinct items, ordered by the position of their last occurrence."""
+    return sorted(set(sequence), key=lambda item: max(i for i, x in enumerate(sequence)
+                                                      if x == item))
+
+
 def user_sequence(dataset, user):
     ev = dataset.events
     mine = np.flatnonzero(ev.users == user)
@@ -50,6 +63,7 @@ def test_leave_one_out_targets_never_leak(seed):
             assert target == {sequence[-offset]}
             assert not target & rows(fold.history, r)
             assert fold.history[r].nnz == len(set(sequence[:-offset]))
+            assert time_order(fold, r) == by_last_occurrence(sequence[:-offset])
     for r, user in enumerate(split.test.users.tolist()):
         sequence = user_sequence(dataset, user)
         # the validation and test items are not training data for this user
@@ -82,6 +96,7 @@ def test_heldout_users_never_train(seed):
             sequence = user_sequence(kept, user)
             n_history = max(1, min(int(np.floor(0.8 * len(sequence))), len(sequence) - 1))
             assert rows(fold.history, r) == set(sequence[:n_history])
+            assert time_order(fold, r) == by_last_occurrence(sequence[:n_history])
             assert rows(fold.targets, r) == set(sequence[n_history:]) - set(sequence[:n_history])
             assert rows(fold.targets, r) <= trained_items
 
@@ -120,12 +135,16 @@ def test_stream_rows_hold_only_the_past(seed, limit):
     dataset = random_dataset(seed, n_users=12)
     stream = prepare_stream(dataset, windows=3, history_length=limit)
     positions = np.arange(len(dataset.events))
-    history, seen = stream_rows(stream, positions)
+    history, seen, times = stream_rows(stream, positions)
     ev = dataset.events
     for e in positions.tolist():
-        earlier = [int(ev.items[p]) for p in range(e) if ev.users[p] == ev.users[e]]
-        assert rows(seen, e) == set(earlier)
-        assert rows(history, e) == set(earlier[-limit:])
+        earlier = [p for p in range(e) if ev.users[p] == ev.users[e]]
+        items = [int(ev.items[p]) for p in earlier]
+        assert rows(seen, e) == set(items)
+        assert rows(history, e) == set(items[-limit:])
+        latest = {int(ev.items[p]): float(ev.ts[p]) for p in earlier[-limit:]}  # last one wins
+        span = slice(times.indptr[e], times.indptr[e + 1])
+        assert dict(zip(times.indices[span].tolist(), times.data[span].tolist())) == latest
 
 
 def test_prepared_stream_skips_repeats_and_warmup():
@@ -133,7 +152,7 @@ def test_prepared_stream_skips_repeats_and_warmup():
     stream = prepare_stream(dataset, windows=4, history_length=50)
     ev = dataset.events
     assert stream.scored.min() >= stream.bounds[1]
-    _, seen = stream_rows(stream, stream.scored)
+    _, seen, _ = stream_rows(stream, stream.scored)
     for r, e in enumerate(stream.scored.tolist()):
         assert int(ev.items[e]) not in rows(seen, r)
     assert stream.info["repeat_events_skipped"] > 0
