@@ -49,6 +49,21 @@ def position_weights(n_events: int, half_life_events: float) -> np.ndarray:
     return np.exp2(-np.arange(n_events - 1, -1, -1, dtype=np.float64) / half_life_events)
 
 
+def ragged_position_weights(indptr: np.ndarray, half_life_events: float) -> np.ndarray:
+    """:func:`position_weights` of consecutive histories, flat: history b is
+    ``[indptr[b], indptr[b+1])``.
+
+    Examples
+    --------
+    >>> ragged_position_weights(np.array([0, 2, 3]), half_life_events=1.0).tolist()
+    [0.5, 1.0, 1.0]
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    lengths = np.diff(indptr)
+    from_newest = np.repeat(indptr[1:], lengths) - 1 - np.arange(indptr[-1])
+    return np.exp2(-from_newest / half_life_events)
+
+
 def mean_encoder(V_hist: np.ndarray, weights: np.ndarray | None = None,
                  ts: np.ndarray | None = None, half_life: float | None = None,
                  half_life_events: float | None = None) -> np.ndarray:
@@ -146,8 +161,7 @@ def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,
         np.maximum.at(t_max, owner, ts)
         w = w * recency_weights(ts, half_life, t_max[owner])
     if half_life_events is not None:
-        from_newest = np.repeat(indptr[1:], lengths) - 1 - np.arange(len(owner))
-        w = w * np.exp2(-from_newest / half_life_events)
+        w = w * ragged_position_weights(indptr, half_life_events)
     w = w / np.bincount(owner, weights=w, minlength=len(lengths))[owner]
     H = scipy.sparse.csr_matrix((w, np.asarray(item_rows), indptr), shape=(len(lengths), len(V)))
     return np.asarray(H @ V)

@@ -16,6 +16,7 @@ import logging
 import time
 import weakref
 import zlib
+from collections import Counter
 
 import faust
 from faust.streams import _current_event  # see acting_for()
@@ -26,7 +27,7 @@ from .engine import Engine
 from .kafka import faust_credentials
 from .metrics import Metrics
 from .settings import Settings
-from .wire import (DeadLetter, InvalidMessage, RecResponse, TrainBatch, TrainExample,
+from .wire import (DeadLetter, Event, InvalidMessage, RecResponse, TrainBatch, TrainExample,
                    decode_event, decode_request, salvage_request)
 
 log = logging.getLogger(__name__)
@@ -104,27 +105,16 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
         metrics.dead_letters.labels(error.reason).inc()
         metrics.events.labels("invalid", "dead_letter").inc()
 
-    async def take_event(message) -> TrainExample | None:
-        event = decode_event(message.value, kinds=settings.event_kinds,
-                             max_bytes=settings.max_event_bytes)
-        if message.key != event.user_id.encode():
+    async def decode_guarded(message) -> Event | None:
+        """The valid event of a message; None when the message went to the DLQ (with a
+        reason) or was re-sent under its user's key."""
+        try:
+            event = decode_event(message.value, kinds=settings.event_kinds,
+                                 max_bytes=settings.max_event_bytes)
+            if message.key == event.user_id.encode():
+                return event
             await events.send(key=event.user_id.encode(), value=message.value)
             metrics.events.labels(event.kind, "rekeyed").inc()
-            return None
-        history = History.from_json(histories.get(event.user_id))
-        taken = engine.ingest(event, history)
-        if taken is None:
-            metrics.events.labels(event.kind, "duplicate").inc()
-            return None
-        updated, example = taken
-        histories[event.user_id] = updated.to_json()
-        metrics.events.labels(event.kind, "accepted").inc()
-        return example
-
-    async def take_guarded(message) -> TrainExample | None:
-        """:func:`take_event`, with every failure routed to the DLQ with a reason."""
-        try:
-            return await take_event(message)
         except InvalidMessage as error:
             await dead_letter(error, message)
         except Exception as error:  # noqa: BLE001 - an agent must survive anything
@@ -132,6 +122,47 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
                           message.offset)
             await dead_letter(InvalidMessage("internal_error", repr(error)), message)
         return None
+
+    def apply(taken: list[tuple[faust.EventT, Event]]) -> list[TrainExample]:
+        """Valid events into the users' histories (one table read and one write per user of
+        the batch, each write on the partition of that user's last event) and training
+        examples."""
+        users = dict.fromkeys(event.user_id for _, event in taken)
+        stored = {user: History.from_json(histories.get(user)) for user in users}
+        updated, examples = engine.ingest_many([event for _, event in taken], stored)
+        last = {event.user_id: item for item, event in taken}
+        for user, history in updated.items():
+            with acting_for(last[user]):
+                histories[user] = history.to_json()
+        outcomes = Counter((event.kind, "duplicate" if example is None else "accepted")
+                           for (_, event), example in zip(taken, examples))
+        for (kind, outcome), count in outcomes.items():
+            metrics.events.labels(kind, outcome).inc(count)
+        return [example for example in examples if example is not None]
+
+    async def take_batch(batch: list[faust.EventT]) -> list[TrainExample]:
+        """:func:`apply` to the batch's valid events; if that fails, event by event, so a
+        poison event goes to the DLQ alone (events before it in the failed attempt may then
+        count twice in popularity: a bounded error, where skipping them would lose them)."""
+        taken = []
+        for item in batch:
+            event = await decode_guarded(item.message)
+            if event is not None:
+                taken.append((item, event))
+        try:
+            return apply(taken)
+        except Exception:  # noqa: BLE001 - an agent must survive anything
+            log.exception("a batch of %d events failed; taking them one at a time", len(taken))
+        examples = []
+        for item, event in taken:
+            try:
+                examples.extend(apply([(item, event)]))
+            except Exception as error:  # noqa: BLE001
+                message = item.message
+                log.exception("event at %s/%d/%d failed", message.topic, message.partition,
+                              message.offset)
+                await dead_letter(InvalidMessage("internal_error", repr(error)), message)
+        return examples
 
     async def send_training(examples: list[TrainExample]) -> None:
         """One message per item partition (and per ``TRAIN_MESSAGE_BYTES``), partition chosen
@@ -153,12 +184,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
         and Faust flushes the producer before it commits offsets: at least once holds."""
         async for batch in stream.take_events(settings.ingest_batch,
                                               within=settings.ingest_batch_wait_s):
-            examples = []
-            for item in batch:
-                with acting_for(item):
-                    example = await take_guarded(item.message)
-                if example is not None:
-                    examples.append(example)
+            examples = await take_batch(batch)
             try:
                 await send_training(examples)
             except Exception:  # noqa: BLE001 - histories are stored; only learning is lost

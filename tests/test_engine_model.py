@@ -126,3 +126,60 @@ def test_the_user_vector_weighs_the_newest_events_most(tmp_path, half_life_event
     phi, _ = engine._user_vector_and_rows(request, stored)
     extra_kinds = kinds[:2] + ["view", "view"]
     np.testing.assert_allclose(phi, engine.encode(items, extra_kinds, [0.0] * 4))
+
+
+@pytest.mark.parametrize("encoder", ["mean", "ials"])
+def test_a_batch_of_events_is_taken_as_one_event_at_a_time(tmp_path, encoder):
+    """ingest_many = ingest event by event: the same training examples (None for a
+    redelivery), the same final histories and, within float32, the same stored vectors."""
+    from stream_app.engine import decode_phi
+
+    def engine_after_warmup(path):
+        engine = Engine(Settings(data_dir=path, encoder=encoder, popularity_refresh_s=0,
+                                 model_dim=16))
+        run_stream(engine, planted_stream()[:1500])
+        return engine
+
+    batched, one_by_one = engine_after_warmup(tmp_path / "a"), engine_after_warmup(tmp_path / "b")
+    rng = np.random.default_rng(5)
+    events = [Event(user_id=f"u{rng.integers(6)}",
+                    item_id=str(rng.choice(["c1-i3", "c2-i7", "new-item", "c4-i0"])),
+                    kind=str(rng.choice(["view", "sale"])), ts=3e9 + n, event_id=f"b{n}")
+              for n in range(40)]
+    events.insert(10, events[3])  # a redelivery inside the batch
+    stored = {"u1": History().appended("c0-i0", "click", 1.0, "old", 50)}
+    updated, examples = batched.ingest_many(events, stored)
+    histories = dict(stored)
+    expected = []
+    for event in events:
+        taken = one_by_one.ingest(event, histories.get(event.user_id, History()))
+        expected.append(None if taken is None else taken[1])
+        if taken is not None:
+            histories[event.user_id] = taken[0]
+    assert examples == expected and examples[10] is None
+    assert set(updated) == {event.user_id for event in events}
+    for user, history in updated.items():
+        assert history.items == histories[user].items and history.ts == histories[user].ts
+        np.testing.assert_allclose(decode_phi(history.phi_b64),
+                                   decode_phi(histories[user].phi_b64), atol=1e-6)
+    assert batched.users == one_by_one.users
+    assert batched.popularity.count("c2-i7") == one_by_one.popularity.count("c2-i7")
+
+
+@pytest.mark.parametrize("encoder", ["mean", "ials"])
+def test_the_learn_step_encodes_a_batch_as_one_history_at_a_time(tmp_path, encoder):
+    """The batched encoding of training examples (one sparse product) = encode_weighted per
+    example, with unknown items, empty histories and repeats."""
+    engine = Engine(Settings(data_dir=tmp_path, encoder=encoder, popularity_refresh_s=0,
+                             model_dim=16))
+    run_stream(engine, planted_stream()[:1500])
+    rng = np.random.default_rng(8)
+    pool = ["c0-i1", "c3-i2", "never-seen", "c1-i4", "c5-i9"]
+    items = [list(rng.choice(pool, int(rng.integers(1, 7)))) for _ in range(30)]
+    items += [[], ["never-seen"], ["c0-i1", "c0-i1"]]
+    weights = [rng.uniform(1, 10, len(h)).tolist() for h in items]
+    ts = [sorted(rng.uniform(0, 100, len(h)).tolist()) for h in items]
+    batched = engine._encode_many(items, weights, ts)
+    for row, (i, w, t) in enumerate(zip(items, weights, ts)):
+        np.testing.assert_allclose(batched[row], engine.encode_weighted(i, np.asarray(w), t),
+                                   atol=1e-12)
