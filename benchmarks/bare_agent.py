@@ -28,7 +28,9 @@ def main() -> None:
                     broker_credentials=faust_credentials(settings),
                     broker_session_timeout=settings.session_timeout_s,
                     consumer_auto_offset_reset="earliest", web_enabled=False,
-                    autodiscover=False, datadir=str(settings.data_dir / "faust"))
+                    autodiscover=False, datadir=str(settings.data_dir / "faust"),
+                    consumer_max_fetch_size=settings.fetch_partition_bytes,
+                    broker_max_poll_records=settings.poll_records)
     topic = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw")
 
     @app.agent(topic)
