@@ -25,6 +25,23 @@ def test_settings_come_from_prefixed_environment(monkeypatch, tmp_path):
         settings.partitions = 3  # frozen
 
 
+@pytest.mark.parametrize("name", ["encoder_half_life_events", "positives_half_life"])
+def test_a_decay_with_a_default_is_turned_off_by_none_and_stays_off_in_a_child(monkeypatch,
+                                                                              name):
+    from stream_app.supervisor import settings_env
+
+    assert getattr(Settings(), name) is not None
+    monkeypatch.setenv(f"STREAMREC_{name.upper()}", "none")
+    assert getattr(Settings(), name) is None
+    monkeypatch.delenv(f"STREAMREC_{name.upper()}")
+    child = settings_env(Settings(**{name: None}))
+    assert child[f"STREAMREC_{name.upper()}"] == "none"
+    for key, value in child.items():
+        if key.startswith("STREAMREC_"):
+            monkeypatch.setenv(key, value)
+    assert getattr(Settings(), name) is None
+
+
 def test_defaults_mean_the_embedded_broker_on_loopback():
     settings = Settings()
     assert settings.embedded and settings.compat_fixes
