@@ -148,6 +148,7 @@ class ItemLearner:
         self.user_gramian = DecayedGramian(width, config.user_gramian_beta)
         self.events = 0
         self.steps = 0
+        self.changed_rows = np.empty(0, dtype=np.int64)  # rows the last learn() call moved
         self.last_drift = 0.0
 
     # -- reads (never create state) -------------------------------------------------------
@@ -264,7 +265,8 @@ class ItemLearner:
             np.add.at(summed, inverse, grads)  # duplicates of an item in the batch add up
             self._adagrad(uniq, summed)
         self.item_gramian.update(before, self._psi[uniq])
-        self._sweep(G_C)
+        swept = self._sweep(G_C)
+        self.changed_rows = np.union1d(uniq, swept)
         self._tick()
         return loss
 
@@ -325,13 +327,15 @@ class ItemLearner:
         self._psi[rows] = self._solved(rows, *self._statistics_now(slots), G_C)
         self.item_gramian.update(before, self._psi[rows])
 
-    def _sweep(self, G_C: np.ndarray) -> None:
+    def _sweep(self, G_C: np.ndarray) -> np.ndarray:
+        """Re-solve the next ``sweep_per_step`` rows; returns them."""
         n, size = len(self._ids), self.config.sweep_per_step
         if self.config.solver != "solve" or not n or not size:
-            return
+            return np.empty(0, dtype=np.int64)
         rows = (self._sweep_at + np.arange(min(size, n))) % n
         self._sweep_at = int(rows[-1] + 1) % n
         self.resolve(rows, G_C)
+        return rows
 
     def _slots_for(self, rows: np.ndarray) -> np.ndarray:
         """Statistics slots of ``rows``, allocated at an item's first positive (so items only

@@ -223,7 +223,7 @@ class Engine:
         self._cold_start(items, phis)
         loss = self.learner.learn(phis, items, np.array([e.alpha for e in examples]),
                                   n_users=max(self.users, 1))
-        self.index.learned(items)
+        self.index.learned(items, self.learner.changed_rows)
         if self.paths is not None:
             dr_loss = self.paths.learn(phis, items)
             if np.isfinite(dr_loss):  # nan: no pair of the batch had a known user vector

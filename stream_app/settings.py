@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     index_min_items: int = Field(
         1000, ge=1, description="Below this many items, exact search serves (it is as fast).")
     index_clusters: int = Field(0, ge=0, description="k-means clusters (0: one index).")
+    index_stale_limit: int = Field(
+        4096, ge=0, description="Most items moved since the index's snapshot that an answer "
+        "scores exactly beside the graph search (the most recently moved).")
     index_ef: int = Field(128, ge=1, description="HNSW search breadth (a query uses ef >= k).")
     index_m: int = Field(16, ge=2, description="HNSW graph degree.")
     index_build_threads: int = Field(1, ge=1, description="Threads of an index build.")
@@ -253,6 +256,7 @@ class Settings(BaseSettings):
 
         return IndexConfig(
             root=self.data_dir / "index", enabled=self.index_enabled, seed=self.model_seed,
+            stale_limit=self.index_stale_limit,
             policy=RebuildPolicy(interval_s=self.index_interval_s,
                                  changed_items=self.index_changed_items,
                                  min_items=self.index_min_items, clusters=self.index_clusters,

@@ -61,6 +61,48 @@ def test_an_item_learned_after_the_build_is_retrievable_at_once(tmp_path):
     assert reply.items[0].item_id == "new-star" and reply.items[0].source == "ann"
 
 
+def test_an_item_that_moved_after_the_build_is_retrieved_with_its_new_vector(tmp_path):
+    """The snapshot holds the item's old vector (far from u1); learning moves it to u1's best
+    match. The graph search alone would not find it; the exact scoring of moved rows does,
+    and once a newer index holds the move, the moved rows are forgotten."""
+    engine = engine_with_index(tmp_path)
+    histories = run_stream(engine, planted_stream())
+    build_now(engine)
+    phi = engine.user_vector(RecRequest(request_id="r", user_id="u1"), histories["u1"])
+    scores = engine.learner.scores(phi)
+    scores[engine.learner.rows_of(histories["u1"].items)] = np.inf
+    row = int(np.argmin(scores))  # u1's worst item: far outside the graph's 64 candidates
+    mover = engine.learner.item_ids_at([row])[0]
+    before = answer(engine, "u1", histories["u1"], k=5)
+    assert mover not in [item.item_id for item in before.items]
+    engine.learner._psi[row] = np.append(3 * phi / np.linalg.norm(phi), 2.0)
+    engine.learner.steps += 1  # a learning step moved it, and Engine.learn reports:
+    engine.index.learned([mover], [row])
+    reply = answer(engine, "u1", histories["u1"], k=5)
+    assert reply.index_version == 1 and reply.items[0].item_id == mover
+    engine.learner.steps += 1
+    engine.index.learned([], np.arange(len(engine.learner)))  # every row moved
+    rows, _ = engine.index.retrieve(np.append(phi, 1.0), 64, np.empty(0, dtype=np.int64))
+    assert len(rows) == len(set(rows.tolist())) >= 64  # found by the graph and exactly: once
+    build_now(engine)
+    assert engine.index.version == 2 and len(engine.index._rows_moved_since(
+        engine.index.current.manifest.model_version)) == 0
+    assert answer(engine, "u1", histories["u1"], k=5).items[0].item_id == mover
+
+
+def test_the_learner_reports_every_row_a_step_moved(tmp_path):
+    engine = engine_with_index(tmp_path)
+    run_stream(engine, planted_stream()[:600])
+    before = engine.learner.item_matrix.copy()
+    examples = [taken[1] for taken in (engine.ingest(event, History())
+                                       for event in planted_stream(1)[:40])]
+    engine.learn(examples)
+    after = engine.learner.item_matrix[:len(before)]
+    moved = np.flatnonzero(np.any(after != before, axis=1))
+    assert set(moved.tolist()) <= set(engine.learner.changed_rows.tolist())
+    assert len(moved) > 40 // 4  # the batch's items and the sweep's
+
+
 def test_an_index_in_another_order_than_the_learner_answers_the_same(tmp_path):
     """An index whose labels are not the learner's rows (a version another worker wrote, items
     in another order, one of them unknown here) maps its labels to rows and still answers as
