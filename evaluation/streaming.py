@@ -131,11 +131,11 @@ class OnlineEmbedding:
         phis = np.zeros((history.shape[0], self.settings.model_dim))
         for row in range(history.shape[0]):
             span = slice(history.indptr[row], history.indptr[row + 1])
-            cols, weights = history.indices[span], np.asarray(history.data[span])
-            ts = np.zeros(len(cols)) if times is None else row_times(times, row, cols)
-            newest = np.argsort(ts, kind="stable")[-self.settings.history_length:]
-            phis[row] = self.engine.encode_weighted([self._keys[c] for c in cols[newest]],
-                                                    weights[newest], ts[newest])
+            newest, ts = newest_in_time_order(history, times, row,
+                                              self.settings.history_length)
+            cols, weights = history.indices[span][newest], history.data[span][newest]
+            phis[row] = self.engine.encode_weighted([self._keys[c] for c in cols],
+                                                    np.asarray(weights), ts)
         return phis
 
     def score(self, history: sp.csr_matrix, times: sp.csr_matrix | None = None) -> np.ndarray:
@@ -171,14 +171,23 @@ class OnlineEmbedding:
         return ranked
 
 
-def row_times(times: sp.csr_matrix, row: int, cols: np.ndarray) -> np.ndarray:
-    """The times of ``cols`` in row ``row`` of ``times`` (every col must be stored there)."""
-    span = slice(times.indptr[row], times.indptr[row + 1])
-    stored, values = times.indices[span], times.data[span]
-    at = np.searchsorted(stored, cols)
-    if len(cols) and (at.max() >= len(stored) or (stored[at] != cols).any()):
-        raise ValueError("times must hold every history item of the row")
-    return np.asarray(values[at], dtype=np.float64)
+def newest_in_time_order(history: sp.csr_matrix, times: sp.csr_matrix | None, row: int,
+                         limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The newest ``limit`` items of a history row as a worker keeps them, oldest first:
+    their positions within the row's stored entries, and their times from ``times`` (which
+    must hold every item of the row). Without ``times``, column order and times of 0."""
+    span = slice(history.indptr[row], history.indptr[row + 1])
+    cols = history.indices[span]
+    if times is None:
+        ts = np.zeros(len(cols))
+    else:
+        stored = times.indices[times.indptr[row]:times.indptr[row + 1]]
+        at = np.searchsorted(stored, cols)
+        if len(cols) and (at.max() >= len(stored) or (stored[at] != cols).any()):
+            raise ValueError("times must hold every history item of the row")
+        ts = np.asarray(times.data[times.indptr[row] + at], dtype=np.float64)
+    newest = np.argsort(ts, kind="stable")[max(len(cols) - limit, 0):]
+    return newest, ts[newest]
 
 
 class OnlineDeepRetrieval(OnlineEmbedding):

@@ -33,7 +33,7 @@ from stream_app.supervisor import System, scrape
 from stream_app.wire import RecRequest
 
 from .data import Dataset, Events
-from .streaming import row_times
+from .streaming import newest_in_time_order
 
 
 def isolated_settings(settings: Settings, data_dir: Path) -> Settings:
@@ -118,10 +118,8 @@ class KafkaStreaming:
         limit = self.settings.max_request_history
         requests = []
         for row in range(history.shape[0]):
-            cols = history.indices[history.indptr[row]:history.indptr[row + 1]]
-            if times is not None:
-                cols = cols[np.argsort(row_times(times, row, cols), kind="stable")]
-            items = self.item_ids[cols[max(len(cols) - limit, 0):]]
+            newest, _ = newest_in_time_order(history, times, row, limit)
+            items = self.item_ids[history.indices[history.indptr[row]:][newest]]
             hidden = int(exclude.indptr[row + 1] - exclude.indptr[row]) - len(items)
             requests.append(RecRequest(request_id=f"{row}-{uuid.uuid4().hex[:12]}",
                                        history=items.tolist(),
