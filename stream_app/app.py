@@ -11,18 +11,16 @@ of being processed on the wrong partition.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-import weakref
 import zlib
 from collections import Counter
 
 import faust
-from faust.streams import _current_event  # see acting_for()
 
 from state.history import History
 
+from .changelog import BatchedTableWriter
 from .engine import Engine
 from .kafka import faust_credentials
 from .metrics import Metrics
@@ -34,6 +32,8 @@ log = logging.getLogger(__name__)
 HISTORY_TABLE = "user-histories"
 #: largest training message (bytes); Kafka's default message limit is 1 MiB
 TRAIN_MESSAGE_BYTES = 512 * 1024
+#: largest record batch of the producer (Faust's default is 16 KiB, about 4 histories)
+CHANGELOG_BATCH_BYTES = 256 * 1024
 
 
 def item_partition(item_id: str, partitions: int) -> int:
@@ -55,22 +55,6 @@ def _chunks_by_size(parts: list[bytes], limit: int):
         yield chunk
 
 
-@contextlib.contextmanager
-def acting_for(event: faust.EventT):
-    """Make ``event`` Faust's current event while a batch member is processed.
-
-    Faust writes a table change to the changelog partition of the *current* event. Inside
-    ``take_events`` the current event is the last one buffered, so without this every user of
-    a batch would be written to that event's partition, and after a rebalance the owner of a
-    user's partition would not find the user's history.
-    """
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
 def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.App:
     app = faust.App(
         settings.app_id,
@@ -88,6 +72,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
         stream_wait_empty=False,
         consumer_max_fetch_size=settings.fetch_partition_bytes,
         broker_max_poll_records=settings.poll_records,
+        # a changelog batch of BatchedTableWriter holds ~60 histories of 50 events
+        producer_max_batch_size=CHANGELOG_BATCH_BYTES,
     )
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(settings.topic_events, **raw)
@@ -96,6 +82,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
     train = app.topic(settings.topic_train, **raw)
     histories = app.Table(HISTORY_TABLE, partitions=settings.partitions,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
+    history_writer = BatchedTableWriter(histories)
     reply_topics: dict[str, faust.TopicT] = {}
 
     async def dead_letter(error: InvalidMessage, message) -> None:
@@ -125,15 +112,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
 
     def apply(taken: list[tuple[faust.EventT, Event]]) -> list[TrainExample]:
         """Valid events into the users' histories (one table read and one write per user of
-        the batch, each write on the partition of that user's last event) and training
-        examples."""
+        the batch, each write on the partition of that user's last event, its changelog
+        record queued for the batch's flush) and training examples."""
         users = dict.fromkeys(event.user_id for _, event in taken)
         stored = {user: History.from_json(histories.get(user)) for user in users}
         updated, examples = engine.ingest_many([event for _, event in taken], stored)
         last = {event.user_id: item for item, event in taken}
         for user, history in updated.items():
-            with acting_for(last[user]):
-                histories[user] = history.to_json()
+            history_writer.set(user, history.to_json(), last[user])
         outcomes = Counter((event.kind, "duplicate" if example is None else "accepted")
                            for (_, event), example in zip(taken, examples))
         for (kind, outcome), count in outcomes.items():
@@ -180,11 +166,17 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
     async def ingest(stream):
         """Validate events in batches; invalid ones go to the DLQ with a reason, never crash.
 
-        A batch is acknowledged only after its training messages are handed to the producer,
-        and Faust flushes the producer before it commits offsets: at least once holds."""
+        A batch is acknowledged only after its histories' changelog records and its training
+        messages are handed to the producer, and Faust flushes the producer before it commits
+        offsets: at least once holds."""
         async for batch in stream.take_events(settings.ingest_batch,
                                               within=settings.ingest_batch_wait_s):
             examples = await take_batch(batch)
+            try:
+                await history_writer.flush()
+            except Exception:  # noqa: BLE001 - stored locally; lost only if the worker dies
+                log.exception("could not write the changelog of %d histories",
+                              history_writer.pending)
             try:
                 await send_training(examples)
             except Exception:  # noqa: BLE001 - histories are stored; only learning is lost

@@ -1,0 +1,136 @@
+"""BatchedTableWriter: the store and the changelog get the bytes Faust's own write would give, one
+record batch per partition. The real broker path is covered by tests/test_broker_integration.py
+(a fresh worker recovers every history from these records); here the batching itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+from aiokafka.producer.message_accumulator import BatchBuilder
+from faust.serializers.registry import Registry
+from faust.streams import current_event
+
+from stream_app.changelog import BatchedTableWriter
+
+
+class RecordingStore:
+    """Keeps what a rocksdb store's ``_set`` would put, per partition of the current event."""
+
+    def __init__(self) -> None:
+        self.by_partition: dict[int, dict[bytes, bytes]] = {}
+        self.persisted: dict[tuple[str, int], int] = {}
+
+    def _set(self, key: bytes, value: bytes) -> None:
+        partition = current_event().message.partition
+        self.by_partition.setdefault(partition, {})[key] = value
+
+    def set_persisted_offset(self, tp, offset: int) -> None:
+        self.persisted[(tp.topic, tp.partition)] = offset
+
+
+class RecordingProducer:
+    """aiokafka's create_batch/send_batch; every batch is delivered at the next offsets."""
+
+    def __init__(self, batch_bytes: int) -> None:
+        self.batch_bytes = batch_bytes
+        self.sent: list[tuple[str, int, list[tuple[bytes, bytes]]]] = []
+        self.end: dict[int, int] = {}
+
+    def create_batch(self) -> BatchBuilder:
+        return BatchBuilder(self.batch_bytes, compression_type=0, is_transactional=False)
+
+    async def send_batch(self, batch, topic, *, partition):
+        records = [(r.key, r.value) for r in _records_of(batch)]
+        self.sent.append((topic, partition, records))
+        base = self.end.get(partition, 0)
+        self.end[partition] = base + len(records)
+        delivery = asyncio.get_running_loop().create_future()
+        delivery.set_result(SimpleNamespace(offset=base))
+        return delivery
+
+
+def _records_of(batch: BatchBuilder):
+    from aiokafka.record.default_records import DefaultRecordBatch
+
+    return list(DefaultRecordBatch(bytes(batch._build())))  # as the sender does
+
+
+def make_table(batch_bytes: int):
+    producer = RecordingProducer(batch_bytes)
+    app = SimpleNamespace(serializers=Registry(),
+                          producer=SimpleNamespace(_ensure_producer=lambda: producer))
+    table = SimpleNamespace(app=app, data=RecordingStore(), key_type=None, value_type=None,
+                            key_serializer="json", value_serializer="json",
+                            changelog_topic=SimpleNamespace(get_topic_name=lambda: "h-changelog"))
+    return table, producer
+
+
+class FakeEvent:  # weak-referenceable, as Faust's events are
+    def __init__(self, partition: int) -> None:
+        self.message = SimpleNamespace(partition=partition)
+
+
+def event_on(partition: int) -> FakeEvent:
+    return FakeEvent(partition)
+
+
+def write_all(table, values: dict[str, tuple[dict, int]]) -> int:
+    writer = BatchedTableWriter(table)
+
+    async def run() -> int:
+        for key, (value, partition) in values.items():
+            writer.set(key, value, event_on(partition))
+        assert writer.pending == len(values)
+        return await writer.flush()
+
+    sent = asyncio.run(run())
+    assert writer.pending == 0
+    return sent
+
+
+def histories(n_users: int, partitions: int) -> dict[str, tuple[dict, int]]:
+    return {f"u{u}": ({"items": [f"i{k}" for k in range(u % 7 + 1)], "phi": "AAAA"},
+                      u % partitions) for u in range(n_users)}
+
+
+def test_one_batch_per_partition_with_the_bytes_faust_would_write():
+    table, producer = make_table(batch_bytes=1 << 20)
+    values = histories(60, partitions=3)
+    assert write_all(table, values) == 60
+    assert sorted(partition for _, partition, _ in producer.sent) == [0, 1, 2]
+    registry = Registry()
+    for topic, partition, records in producer.sent:
+        assert topic == "h-changelog"
+        expected = {registry.dumps_key(None, key, serializer="json"):
+                    registry.dumps_value(None, value, serializer="json")
+                    for key, (value, p) in values.items() if p == partition}
+        assert dict(records) == expected == table.data.by_partition[partition]
+        assert all(json.loads(k) in values for k, _ in records)  # JSON keys, as Faust's
+    # each partition's persisted offset: the base offset of its (only) batch
+    assert table.data.persisted == {("h-changelog", p): 0 for p in range(3)}
+
+
+def test_a_full_batch_starts_another_and_nothing_is_dropped():
+    table, producer = make_table(batch_bytes=400)
+    values = histories(50, partitions=2)
+    assert write_all(table, values) == 50
+    assert len(producer.sent) > 2  # split
+    delivered = [key for _, _, records in producer.sent for key, _ in records]
+    assert sorted(json.loads(k) for k in delivered) == sorted(values)
+    # the last batch of each partition sets its persisted offset
+    for partition in (0, 1):
+        last_base = producer.end[partition] - len(
+            [r for _, p, r in producer.sent if p == partition][-1])
+        assert table.data.persisted[("h-changelog", partition)] == last_base
+
+
+def test_a_record_larger_than_a_batch_goes_in_a_batch_of_its_own():
+    table, producer = make_table(batch_bytes=200)
+    values = {"u-a": ({"items": ["a"]}, 1), "u-big": ({"items": ["x" * 500]}, 1),
+              "u-b": ({"items": ["b"]}, 1)}
+    assert write_all(table, values) == 3
+    assert [[json.loads(k) for k, _ in records] for _, _, records in producer.sent] == [
+        ["u-a"], ["u-big"], ["u-b"]]
+    assert len(table.data.by_partition[1]) == 3  # all stored
