@@ -1,7 +1,8 @@
 """Throughput of ``ItemLearner.learn``: events per second on micro-batches, single process.
 
-Both item solvers run on the same batches in one run (``--solver`` picks one), so their ratio is
-measured under the same machine load.
+The item solvers run on the same batches in one run (``--solver`` picks one), so their ratios
+are measured under the same machine load: ``solve`` (exact per-item solve), ``cg`` (the same
+statistics, ``--cg-steps`` conjugate-gradient steps per touched item) and ``adagrad``.
 
     python benchmarks/learner_step.py            # d=64, 100k items, batches of 256
     python benchmarks/learner_step.py --quick    # the same in well under 20 s
@@ -37,7 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new", type=float, default=0.01, help="share of new item ids per batch")
     parser.add_argument("--quick", action="store_true", help="300 batches")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--solver", choices=["solve", "adagrad", "both"], default="both")
+    parser.add_argument("--solver", choices=["solve", "cg", "adagrad", "all"], default="all")
+    parser.add_argument("--cg-steps", type=int, default=3, help="CG steps of the cg solver")
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="BLAS threads; 0 leaves the library default")
     return parser.parse_args()
@@ -57,8 +59,10 @@ def make_batches(args: argparse.Namespace, rng: np.random.Generator):
 
 
 def build(args: argparse.Namespace, rng: np.random.Generator, solver: str) -> ItemLearner:
-    learner = ItemLearner(LearnerConfig(dim=args.dim, recompute_every=10 ** 9, seed=args.seed,
-                                        solver=solver))
+    learner = ItemLearner(LearnerConfig(
+        dim=args.dim, recompute_every=10 ** 9, seed=args.seed,
+        solver="adagrad" if solver == "adagrad" else "solve",
+        cg_steps=args.cg_steps if solver == "cg" else 0))
     learner.assign([f"item-{i}" for i in range(args.items)],
                    rng.normal(0.0, 0.1 / np.sqrt(args.dim), (args.items, args.dim + 1)))
     return learner
@@ -81,11 +85,12 @@ def main() -> None:
         args.batches = 300
     if args.blas_threads > 0:
         threadpool_limits(limits=args.blas_threads, user_api="blas")
-    solvers = ["solve", "adagrad"] if args.solver == "both" else [args.solver]
+    solvers = ["solve", "cg", "adagrad"] if args.solver == "all" else [args.solver]
     results = {solver: measure(args, solver) for solver in solvers}
-    if len(results) == 2:
-        results["solve_over_adagrad"] = round(results["solve"]["events_per_s"]
-                                              / results["adagrad"]["events_per_s"], 3)
+    for fast, slow in (("cg", "solve"), ("solve", "adagrad")):
+        if fast in results and slow in results:
+            results[f"{fast}_over_{slow}"] = round(results[fast]["events_per_s"]
+                                                   / results[slow]["events_per_s"], 3)
     print(json.dumps(results, indent=2))
 
 

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
         "solve", description="Item step: closed-form per-item solve, or Adagrad (O(d) memory).")
     prior_weight: float = Field(
         0.5, ge=0, description="Pull of a solved item towards its starting row (μ).")
+    item_cg_steps: int = Field(
+        3, ge=0, le=1024, description="Conjugate-gradient steps of an item's solve, from its "
+        "current row; 0: an exact solve.")
     positives_half_life: float | None = Field(
         30_000.0, gt=0, description="Half-life, in events this worker learns, of an item's "
         "accumulated positives (solve); unset: they count forever.")
@@ -233,7 +236,7 @@ class Settings(BaseSettings):
 
         return LearnerConfig(dim=self.model_dim, alpha0=self.alpha0, lam=self.l2,
                              lr=self.learning_rate, solver=self.item_solver,
-                             prior_weight=self.prior_weight,
+                             prior_weight=self.prior_weight, cg_steps=self.item_cg_steps,
                              positives_half_life=self.positives_half_life, seed=self.model_seed)
 
     def dr_config(self):

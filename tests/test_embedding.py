@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.embedding import (all_pairs_loss, augment_items, augment_users, gramian_loss,
-                              item_gradient)
+                              item_gradient, item_solve, item_solve_cg)
 
 ALPHA0, LAM = 0.3, 0.05
 
@@ -70,3 +70,44 @@ def test_per_positive_item_gradients_sum_to_half_the_autograd_gradient(seed):
     np.testing.assert_allclose(summed[has_positives],
                                0.5 * Psi_t.grad.numpy()[has_positives], rtol=1e-10, atol=1e-12)
     assert not summed[~has_positives].any()  # no positive, no update (Rendle Alg. 5)
+
+
+def random_item_systems(seed: int, items: int = 30, width: int = 9):
+    """A_i of a few positives each (float32, as the learner stores them), targets, priors and
+    a user Gramian: the systems item_solve solves."""
+    rng = np.random.default_rng(seed)
+    users = rng.normal(0.0, 0.5, (items, 4, width))
+    gram = np.einsum("ubi,ubj->uij", users, users).astype(np.float32)
+    target = users.sum(axis=1)
+    prior = rng.normal(0.0, 0.1, (items, width))
+    context = rng.normal(size=(40, width))
+    return gram, target, prior, context.T @ context
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cg_with_as_many_steps_as_coordinates_is_the_exact_solve(seed):
+    gram, target, prior, G_C = random_item_systems(seed)
+    exact = item_solve(gram.astype(np.float64), target, prior, G_C, 0.05, 0.01, 0.5)
+    cg = item_solve_cg(gram, target, prior, G_C, 0.05, 0.01, 0.5, start=prior, steps=9)
+    np.testing.assert_allclose(cg, exact, rtol=1e-4, atol=1e-5)
+
+
+def test_cg_error_shrinks_with_each_step_and_a_solved_start_stays_put():
+    """CG minimizes the error in the system's norm over a growing subspace: it can only fall."""
+    gram, target, prior, G_C = random_item_systems(2)
+    params = (0.05, 0.01, 0.5)
+    exact = item_solve(gram.astype(np.float64), target, prior, G_C, *params)
+    system = gram.astype(np.float64) + 0.05 * G_C + 0.51 * np.eye(9)
+
+    def energy_error(x):
+        gap = x - exact
+        return np.einsum("ui,uij,uj->u", gap, system, gap)
+
+    errors = [energy_error(item_solve_cg(gram, target, prior, G_C, *params, start=prior,
+                                         steps=steps)) for steps in range(6)]
+    for fewer, more in zip(errors, errors[1:]):
+        assert np.all(more <= fewer * (1 + 1e-6) + 1e-12)
+    assert errors[3].sum() < 0.1 * errors[0].sum()
+    settled = item_solve_cg(gram, target, prior, G_C, *params, start=exact, steps=3)
+    assert np.all(np.isfinite(settled))  # a zero residual must not divide by zero
+    np.testing.assert_allclose(settled, exact, rtol=1e-4, atol=1e-5)

@@ -123,9 +123,9 @@ def test_learn_steps_are_adagrad_steps_of_the_summed_item_gradients():
     assert learner.count("b") == 6.0 and learner.count("c") == 0.0
 
 
-def solve_stream(sweep: int, half_life: float | None = None):
+def solve_stream(sweep: int, half_life: float | None = None, cg_steps: int = 0):
     config = LearnerConfig(dim=3, alpha0=0.3, lam=0.05, prior_weight=0.7, sweep_per_step=sweep,
-                           positives_half_life=half_life)
+                           positives_half_life=half_life, cg_steps=cg_steps)
     rng = np.random.default_rng(5)
     start = {i: rng.normal(size=4) for i in "abcdef"}
     learner = ItemLearner(config, init_vector=start.get)
@@ -154,11 +154,14 @@ def least_squares_row(config, G_C, prior, positives, now: int) -> np.ndarray:
 
 @pytest.mark.parametrize("sweep", [0, 6])
 @pytest.mark.parametrize("half_life", [None, 10.0])
-def test_solved_rows_are_least_squares_solutions_of_each_items_whole_loss(sweep, half_life):
+@pytest.mark.parametrize("cg_steps", [0, 4])
+def test_solved_rows_are_least_squares_solutions_of_each_items_whole_loss(sweep, half_life,
+                                                                          cg_steps):
     """Every item touched by the last batch — and with a sweep covering the catalogue, every
     item — sits at the minimizer of its whole loss over all its positives so far, each
-    discounted by its age when a half-life is set, against the current user Gramian."""
-    learner, config, start, seen, last_batch = solve_stream(sweep, half_life)
+    discounted by its age when a half-life is set, against the current user Gramian. The
+    exact solve and CG with as many steps as the row has coordinates (exact for CG) alike."""
+    learner, config, start, seen, last_batch = solve_stream(sweep, half_life, cg_steps)
     G_C, now = learner.user_gramian.value(), learner.events
     checked = set(seen) if sweep else last_batch
     for item in checked:
