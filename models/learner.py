@@ -301,8 +301,9 @@ class ItemLearner:
         self._psi[rows] = self._solved(rows, gram, target, G_C)
 
     def _statistics_now(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A_i (float64) and s_i of ``slots`` as of now: stored as of each slot's last update
-        and discounted lazily (a factor of 0.5 per ``positives_half_life`` events since)."""
+        """A_i and s_i of ``slots`` as of now: stored as of each slot's last update and
+        discounted lazily (a factor of 0.5 per ``positives_half_life`` events since). A_i comes
+        in float64 for the exact solve and in its stored float32 for CG."""
         gram = self._pos_gram[slots]  # one gather (a copy)
         if not self.config.cg_steps:
             gram = gram.astype(np.float64)  # factorized in float64

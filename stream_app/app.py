@@ -172,11 +172,12 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
         async for batch in stream.take_events(settings.ingest_batch,
                                               within=settings.ingest_batch_wait_s):
             examples = await take_batch(batch)
+            written = history_writer.pending
             try:
                 await history_writer.flush()
             except Exception:  # noqa: BLE001 - stored locally; lost only if the worker dies
-                log.exception("could not write the changelog of %d histories",
-                              history_writer.pending)
+                log.exception("could not write the changelog of (some of) %d histories",
+                              written)
             try:
                 await send_training(examples)
             except Exception:  # noqa: BLE001 - histories are stored; only learning is lost
