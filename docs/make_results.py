@@ -239,7 +239,9 @@ much larger error. d = 128 (exact solves) gave Beauty {DIM_128['beauty-loo'][1]:
 {DIM_128['toys-loo'][1]:.4f}. The price is the solve's item statistics, (d+1)² floats per
 learned item: 17 KB at d = 64, 264 KB at d = 256 (3.2 GB for these 12,000 items; a worker
 holds only its item partitions), and time: the learning step alone is about 12× as slow
-(`benchmarks/learner_step.py --dim 256`), one pass in process 3.6× (the table). The default
+(`benchmarks/learner_step.py` at d = 64 and with `--dim 256`), one pass in process
+several times slower (the table's last column, from separate runs on a shared machine, so only
+roughly comparable). The default
 stays d = 64 for catalogues of millions of items; `STREAMREC_MODEL_DIM` is the knob where
 memory allows."""]
 lines += ["", """## Quick mode (CI)
