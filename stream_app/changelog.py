@@ -7,8 +7,12 @@ sampling profile put Faust's producer buffer, aiokafka's sender and the callback
 event loop). :class:`BatchedTableWriter` stores the same values in the table's local store and
 appends the same records (same key, same JSON value, same partition) to one aiokafka record
 batch per changelog partition. The values are serialized once, with the table's own
-serializers, for the store and the record alike; the store must be Faust's rocksdb store (the
-app's only store), whose ``_set`` puts bytes on the current event's partition.
+serializers, for the store and the record alike.
+
+Two Faust internals make this possible: the rocksdb store's ``_set`` (bytes onto the current
+event's partition) and the aiokafka producer behind Faust's (``_ensure_producer``). Where a
+Faust version lacks either, the writes take Faust's own path, one changelog send per write:
+slower, never wrong.
 
 Durability is unchanged: the batches go into the producer Faust owns, and Faust flushes that
 producer before it commits consumer offsets, so an event's offset is committed only after the
@@ -64,6 +68,10 @@ class BatchedTableWriter:
         """Store ``table[key] = value`` on the partition of ``event`` (the key's partition) and
         queue its changelog record."""
         table = self.table
+        if not hasattr(table.data, "_set"):  # not the rocksdb store: Faust's own write
+            with acting_for(event):
+                table[key] = value
+            return
         serializers = table.app.serializers
         key_bytes = serializers.dumps_key(table.key_type, key, serializer=table.key_serializer)
         value_bytes = serializers.dumps_value(table.value_type, value,
@@ -71,6 +79,13 @@ class BatchedTableWriter:
         with acting_for(event):  # the (rocksdb) store puts the bytes on the event's partition
             table.data._set(key_bytes, value_bytes)
         self._pending.setdefault(event.message.partition, []).append((key_bytes, value_bytes))
+
+    def _client(self):
+        """The aiokafka producer Faust flushes on commit; None if this Faust has none to
+        give (the records then take Faust's own path, one send each)."""
+        ensure = getattr(self.table.app.producer, "_ensure_producer", None)
+        client = ensure() if ensure is not None else None
+        return client if hasattr(client, "create_batch") else None
 
     @property
     def pending(self) -> int:
@@ -80,11 +95,16 @@ class BatchedTableWriter:
         """Hand every queued record to the producer, one record batch per partition (more
         when a batch fills up); returns how many were queued."""
         pending, self._pending = self._pending, {}
-        producer = self.table.app.producer
-        client = producer._ensure_producer()  # the aiokafka producer Faust flushes on commit
+        client = self._client()
         topic = self.table.changelog_topic.get_topic_name()
         sent = 0
         for partition, records in pending.items():
+            if client is None:
+                for key, value in records:
+                    self.table.send_changelog(partition, key, value, key_serializer="raw",
+                                              value_serializer="raw")
+                sent += len(records)
+                continue
             batch = client.create_batch()
             for key, value in records:
                 if batch.append(key=key, value=value, timestamp=None) is None:  # full

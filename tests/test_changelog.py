@@ -62,8 +62,10 @@ def make_table(batch_bytes: int):
     app = SimpleNamespace(serializers=Registry(),
                           producer=SimpleNamespace(_ensure_producer=lambda: producer))
     table = SimpleNamespace(app=app, data=RecordingStore(), key_type=None, value_type=None,
-                            key_serializer="json", value_serializer="json",
+                            key_serializer="json", value_serializer="json", sent_alone=[],
                             changelog_topic=SimpleNamespace(get_topic_name=lambda: "h-changelog"))
+    table.send_changelog = lambda partition, key, value, **codecs: table.sent_alone.append(
+        (partition, key, value, codecs))
     return table, producer
 
 
@@ -134,3 +136,51 @@ def test_a_record_larger_than_a_batch_goes_in_a_batch_of_its_own():
     assert [[json.loads(k) for k, _ in records] for _, _, records in producer.sent] == [
         ["u-a"], ["u-big"], ["u-b"]]
     assert len(table.data.by_partition[1]) == 3  # all stored
+
+
+def test_without_a_batching_producer_records_take_fausts_own_path():
+    """A Faust whose producer exposes no aiokafka client still gets every record, sent one
+    by one through the table's own changelog path with the bytes already serialized."""
+    table, producer = make_table(batch_bytes=1 << 20)
+    table.app.producer = SimpleNamespace()  # no _ensure_producer
+    values = histories(10, partitions=2)
+    assert write_all(table, values) == 10
+    assert producer.sent == []
+    registry = Registry()
+    assert sorted(table.sent_alone, key=lambda r: r[1]) == sorted(
+        [(p, registry.dumps_key(None, key, serializer="json"),
+          registry.dumps_value(None, value, serializer="json"),
+          {"key_serializer": "raw", "value_serializer": "raw"})
+         for key, (value, p) in values.items()], key=lambda r: r[1])
+
+
+def write_all_pending_free(table, values) -> int:
+    writer = BatchedTableWriter(table)
+
+    async def run() -> int:
+        for key, (value, partition) in values.items():
+            writer.set(key, value, event_on(partition))
+        assert writer.pending == 0  # nothing queued: Faust sent each record itself
+        return await writer.flush()
+
+    return asyncio.run(run())
+
+
+class PlainStore:
+    """A store without ``_set``: the writer must fall back to the table's own write."""
+
+
+def test_without_a_bytes_store_writes_are_fausts_own():
+    table, producer = make_table(batch_bytes=1 << 20)
+    written = []
+
+    class Table(SimpleNamespace):
+        def __setitem__(self, key, value):
+            written.append((key, value, current_event().message.partition))
+
+    table = Table(**vars(table))
+    table.data = PlainStore()
+    values = histories(6, partitions=3)
+    assert write_all_pending_free(table, values) == 0
+    assert written == [(key, value, p) for key, (value, p) in values.items()]
+    assert producer.sent == []
