@@ -78,13 +78,15 @@ def event_on(partition: int) -> FakeEvent:
     return FakeEvent(partition)
 
 
-def write_all(table, values: dict[str, tuple[dict, int]]) -> int:
+def write_all(table, values: dict[str, tuple[dict, int]], queued: int | None = None) -> int:
+    """Set every value, check that ``queued`` records (default: all) wait for the flush, flush;
+    returns what the flush reported."""
     writer = BatchedTableWriter(table)
 
     async def run() -> int:
         for key, (value, partition) in values.items():
             writer.set(key, value, event_on(partition))
-        assert writer.pending == len(values)
+        assert writer.pending == (len(values) if queued is None else queued)
         return await writer.flush()
 
     sent = asyncio.run(run())
@@ -154,18 +156,6 @@ def test_without_a_batching_producer_records_take_fausts_own_path():
          for key, (value, p) in values.items()], key=lambda r: r[1])
 
 
-def write_all_pending_free(table, values) -> int:
-    writer = BatchedTableWriter(table)
-
-    async def run() -> int:
-        for key, (value, partition) in values.items():
-            writer.set(key, value, event_on(partition))
-        assert writer.pending == 0  # nothing queued: Faust sent each record itself
-        return await writer.flush()
-
-    return asyncio.run(run())
-
-
 class PlainStore:
     """A store without ``_set``: the writer must fall back to the table's own write."""
 
@@ -181,6 +171,6 @@ def test_without_a_bytes_store_writes_are_fausts_own():
     table = Table(**vars(table))
     table.data = PlainStore()
     values = histories(6, partitions=3)
-    assert write_all_pending_free(table, values) == 0
+    assert write_all(table, values, queued=0) == 0  # Faust sent each record itself
     assert written == [(key, value, p) for key, (value, p) in values.items()]
     assert producer.sent == []
