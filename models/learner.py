@@ -42,6 +42,24 @@ InitVector = Callable[[str], "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
+class RowDelta:
+    """What learning changed in an :class:`ItemLearner`, for a read replica to follow.
+
+    ``rows`` (sorted) are every row that moved or was created since the replica last followed;
+    ``values`` their augmented rows now. Rows from ``first_row`` on are new, their ids in
+    ``new_ids`` (in row order). ``steps`` and ``drift`` are the learner's clock and its last
+    Gramian drift.
+    """
+
+    first_row: int
+    new_ids: list[str]
+    rows: np.ndarray
+    values: np.ndarray
+    steps: int
+    drift: float
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     """Hyperparameters of :class:`ItemLearner`.
 
@@ -228,6 +246,33 @@ class ItemLearner:
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
         return top, scores[top]
+
+    # -- replicas ------------------------------------------------------------------------
+    def delta(self, first_row: int, moved_rows: np.ndarray) -> RowDelta:
+        """The :class:`RowDelta` of ``moved_rows`` and of every row created from ``first_row``
+        on (the replica's length when it last followed)."""
+        rows = np.union1d(np.asarray(moved_rows, dtype=np.int64),
+                          np.arange(first_row, len(self._ids), dtype=np.int64))
+        return RowDelta(first_row=first_row, new_ids=self._ids[first_row:], rows=rows,
+                        values=self._psi[rows].copy(), steps=self.steps,
+                        drift=self.last_drift)
+
+    def follow(self, delta: RowDelta) -> None:
+        """Apply a :class:`RowDelta` of the learner this one replicates: afterwards its ids,
+        rows, step count and item Gramian are the learner's (the Gramian by the same rank-k
+        corrections). A replica only reads and follows; it never learns, so it keeps no
+        statistics. Raises ValueError when the delta does not continue this replica."""
+        if delta.first_row != len(self._ids):
+            raise ValueError(f"a delta from row {delta.first_row} cannot follow a replica "
+                             f"of {len(self._ids)} rows")
+        fresh = delta.rows >= delta.first_row
+        if int(fresh.sum()) != len(delta.new_ids):
+            raise ValueError("a delta must carry every new row")
+        self._append(list(delta.new_ids), delta.values[fresh])
+        moved = delta.rows[~fresh]
+        self.item_gramian.update(self._psi[moved], delta.values[~fresh])
+        self._psi[moved] = delta.values[~fresh]
+        self.steps, self.last_drift = delta.steps, delta.drift
 
     # -- learning ------------------------------------------------------------------------
     def learn(self, phi_batch: np.ndarray, item_ids: Sequence[str], alphas: np.ndarray, *,
@@ -442,8 +487,8 @@ class ItemLearner:
         self._reserve(start + len(item_ids))
         self._psi[start: start + len(item_ids)] = rows
         self._prior[start: start + len(item_ids)] = rows
+        self._ids.extend(item_ids)  # before the index: a row found by id is always readable
         self._index.update({item_id: start + k for k, item_id in enumerate(item_ids)})
-        self._ids.extend(item_ids)
         self.item_gramian.update(np.empty((0, self.config.dim + 1)), rows)
 
     def _reserve(self, size: int) -> None:
@@ -477,11 +522,12 @@ class ItemLearner:
         arrays.update(self.user_gramian.to_arrays("user_"))
         save_npz(path, arrays)
 
-    def load(self, path: Path) -> bool:
+    def load(self, path: Path, *, statistics: bool = True) -> bool:
         """Replace all state with the one saved at ``path``; False if there is no file.
 
         Hyperparameters other than ``dim`` may differ from the saved run's (they shape future
-        steps only); a different ``dim`` raises ValueError.
+        steps only); a different ``dim`` raises ValueError. ``statistics=False`` leaves out the
+        per-item solve statistics ((d+1)² floats per item), which a replica never uses.
         """
         data = load_npz(path)
         if data is None:
@@ -495,7 +541,12 @@ class ItemLearner:
         self._count, self._count_at = data["count"], data["count_at"]
         clock = [int(x) for x in data["clock"]] + [0]  # older checkpoints: no sweep position
         self.events, self.steps, self._sweep_at = clock[:3]
-        self._load_statistics(data)
+        if statistics:
+            self._load_statistics(data)
+        else:
+            self._prior, self._slot = self._psi.copy(), np.full(len(self._psi), -1, dtype=np.int64)
+            self._pos_gram, self._pos_target, self._pos_at = _no_statistics(self.config.dim + 1)
+            self._slots_used = 0
         self._reserve(max(len(self._ids), 1024))
         self.item_gramian.set_arrays(data, "item_")
         self.user_gramian.set_arrays(data, "user_")

@@ -11,7 +11,10 @@ of being processed on the wrong partition.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import time
 import zlib
 from collections import Counter
@@ -21,8 +24,9 @@ import faust
 from state.history import History
 
 from .changelog import BatchedTableWriter
-from .engine import Engine
+from .engine import Engine, LearnedReport
 from .kafka import faust_credentials
+from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .settings import Settings
 from .wire import (DeadLetter, Event, InvalidMessage, RecResponse, TrainBatch, TrainExample,
@@ -55,7 +59,11 @@ def _chunks_by_size(parts: list[bytes], limit: int):
         yield chunk
 
 
-def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.App:
+def create_app(settings: Settings, engine: Engine, metrics: Metrics,
+               learner: LearnerProcess | None = None) -> faust.App:
+    """The app. With a ``learner`` process, the learn agent hands training messages to it and
+    ``engine`` follows what it learns (a replica of its item model); without one, the learn
+    agent learns here, on the event loop."""
     app = faust.App(
         settings.app_id,
         broker=settings.faust_broker_url,
@@ -185,27 +193,46 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
 
     @app.agent(train, name="learn")
     async def learn(stream):
-        """Micro-batches of training examples (partitioned by item) into the item learner."""
+        """Micro-batches of training examples (partitioned by item) into the item learner:
+        the learner process's, or the engine's here."""
         async for values in stream.take(settings.learn_batch,
                                         within=settings.learn_batch_wait_s):
-            examples = []
-            for value in values:
-                try:
-                    examples.extend(TrainBatch.model_validate_json(value).examples)
-                except ValueError:
-                    log.warning("skipping an undecodable training message")
-            for start in range(0, len(examples), settings.learn_batch):
-                learn_step(examples[start:start + settings.learn_batch])
+            if learner is not None:
+                await learner.learn(list(values), engine.users)
+                continue
+            examples, bad = TrainBatch.examples_of(values)
+            if bad:
+                log.warning("skipped %d undecodable training messages", bad)
+            record_learned(engine.learn_reported(examples, settings.learn_batch))
 
-    def learn_step(examples: list[TrainExample]) -> None:
+    def record_learned(report: LearnedReport) -> None:
+        for seconds in report.step_seconds:
+            metrics.learn_seconds.observe(seconds)
+        metrics.learned.inc(report.examples)
+        if report.losses:
+            metrics.batch_loss.set(report.losses[-1])
+
+    def follow(report: LearnedReport) -> None:
+        engine.follow(report)
+        record_learned(report)
+
+    def reload_paths() -> None:
         try:
-            started = time.perf_counter()
-            loss = engine.learn(examples)
-            metrics.learn_seconds.observe(time.perf_counter() - started)
-            metrics.learned.inc(len(examples))
-            metrics.batch_loss.set(loss)
-        except Exception:  # noqa: BLE001 - a bad batch must not stop learning
-            log.exception("learning step failed on %d examples", len(examples))
+            if not engine.reload_paths():
+                log.warning("the learner's Deep Retrieval paths were not there to load")
+        except Exception:  # noqa: BLE001 - the paths in force keep serving
+            log.exception("could not load the learner's Deep Retrieval paths")
+
+    def learner_saved() -> None:
+        engine.checkpointed_at = time.time()
+
+    if learner is not None:
+        @app.task
+        async def follow_learner() -> None:
+            """Apply the learner process's reports on this loop; stop the worker if it dies."""
+            learner.attach(asyncio.get_running_loop(), on_report=follow, on_paths=reload_paths,
+                           on_saved=learner_saved,
+                           on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
 
     async def reply_topic(name: str | None) -> faust.TopicT:
         name = name or settings.topic_responses
@@ -268,7 +295,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
 
     @app.timer(settings.checkpoint_interval_s)
     async def checkpoint() -> None:
-        engine.save()
+        engine.save(model=learner is None)
+        if learner is not None:
+            learner.request_save()  # the learner process owns the model
 
     @app.timer(settings.index_check_s)
     async def rebuild_index() -> None:
@@ -278,6 +307,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics) -> faust.Ap
             engine.maybe_rebuild_index()
         except Exception:  # noqa: BLE001 - serving goes on with the current version
             log.exception("could not start an index build")
+        if learner is not None:
+            return  # the learner process runs the M-steps
         try:
             engine.maybe_m_step()
         except Exception:  # noqa: BLE001 - the paths in force keep serving

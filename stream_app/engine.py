@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from index_sync.serving import ServingIndex
 from models.embedding import augment_users
 from models.encoders import (ials_fold_in, mean_encoder, mean_encoder_batch, position_weights,
                              ragged_position_weights)
-from models.learner import ItemLearner
+from models.learner import ItemLearner, RowDelta
 from state.history import History
 from state.popularity import DecayedPopularity
 
@@ -39,6 +40,21 @@ def decode_phi(text: str) -> np.ndarray | None:
     if not text:
         return None
     return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float64)
+
+
+@dataclass(frozen=True)
+class LearnedReport:
+    """What one learning call changed, for an engine that follows a learner elsewhere
+    (:meth:`Engine.follow`): the item rows, the batch's items and what the metrics show."""
+
+    delta: RowDelta
+    items: list[str]  # distinct items of the learned examples (the index rebuild policy)
+    step_seconds: list[float]
+    losses: list[float]
+    dr_losses: list[float]  # finite E-step losses only
+    dr_stats: dict | None
+    examples: int
+    failed: int  # examples of steps that raised (logged where they ran)
 
 
 class _WeightOfKind(dict):
@@ -69,7 +85,9 @@ class Engine:
             self.paths = PathRetrieval(settings.dr_config(), settings.m_step_policy(),
                                        settings.dr_max_candidates)
         self.dr_loss = stats.EWMean(fading_factor=0.05)
+        self.last_dr_loss = float("nan")
         self.loss = stats.EWMean(fading_factor=0.05)
+        self.reported_dr_stats: dict | None = None  # a followed learner's, see follow()
         self._weight_of_kind = _WeightOfKind(settings.kind_weights)
         self.users = 0  # users whose history this worker holds
         self.learned = 0  # training examples applied
@@ -225,12 +243,58 @@ class Engine:
                                   n_users=max(self.users, 1))
         self.index.learned(items, self.learner.changed_rows)
         if self.paths is not None:
-            dr_loss = self.paths.learn(phis, items)
+            dr_loss = self.last_dr_loss = self.paths.learn(phis, items)
             if np.isfinite(dr_loss):  # nan: no pair of the batch had a known user vector
                 self.dr_loss.update(dr_loss)
         self.loss.update(loss)
         self.learned += len(examples)
         return loss
+
+    def learn_reported(self, examples: Sequence[TrainExample], step: int) -> LearnedReport:
+        """:meth:`learn` in micro-batches of ``step``, and the :class:`LearnedReport` that lets
+        another engine follow. A step that raises is logged and skipped (learning goes on);
+        its rows may have moved part way, so the report then carries every row."""
+        first_row, moved, failed = len(self.learner), [], 0
+        seconds, losses, dr_losses = [], [], []
+        for start in range(0, len(examples), step):
+            chunk = examples[start:start + step]
+            started = time.perf_counter()
+            try:
+                losses.append(self.learn(chunk))
+            except Exception:  # noqa: BLE001 - a bad batch must not stop learning
+                log.exception("learning step failed on %d examples", len(chunk))
+                failed += len(chunk)
+                moved.append(np.arange(len(self.learner)))
+                continue
+            seconds.append(time.perf_counter() - started)
+            moved.append(self.learner.changed_rows)
+            if self.paths is not None and np.isfinite(self.last_dr_loss):
+                dr_losses.append(self.last_dr_loss)
+        rows = np.concatenate(moved) if moved else np.empty(0, dtype=np.int64)
+        return LearnedReport(
+            delta=self.learner.delta(first_row, rows),
+            items=list(dict.fromkeys(example.item_id for example in examples)),
+            step_seconds=seconds, losses=losses, dr_losses=dr_losses,
+            dr_stats=self.paths.stats() if self.paths is not None else None,
+            examples=len(examples) - failed, failed=failed)
+
+    def follow(self, report: LearnedReport) -> None:
+        """Take in what a learner elsewhere learned (this engine's learner is its replica):
+        item rows, the index's notes of moved rows, losses and counts."""
+        self.learner.follow(report.delta)
+        self.index.learned(report.items, report.delta.rows)
+        for loss in report.losses:
+            self.loss.update(loss)
+        for loss in report.dr_losses:
+            self.dr_loss.update(loss)
+        self.reported_dr_stats = report.dr_stats
+        self.learned += report.examples
+
+    def dr_stats(self) -> dict:
+        """Deep Retrieval figures for the metrics: the followed learner's where there is one."""
+        if self.reported_dr_stats is not None:
+            return self.reported_dr_stats
+        return self.paths.stats() if self.paths is not None else {}
 
     def _cold_start(self, items: list[str], phis: np.ndarray) -> None:
         """A new item starts at the mean vector of the users who took it: a weighted mean of
@@ -383,17 +447,27 @@ class Engine:
     def checkpoint_dir(self) -> Path:
         return self.settings.data_dir / "checkpoints"
 
-    def save(self) -> None:
+    def save(self, *, model: bool = True) -> None:
+        """Checkpoint popularity and (``model``) the item model and Deep Retrieval; an engine
+        that follows a learner process leaves the model to it (its replica lacks the solve
+        statistics)."""
         self.popularity.save(self.checkpoint_dir / "popularity.npz")
-        self.learner.save(self.checkpoint_dir / "model.npz")
-        if self.paths is not None:
-            self.paths.save(self.checkpoint_dir / "dr")
-        self.checkpointed_at = time.time()
+        if model:
+            self.learner.save(self.checkpoint_dir / "model.npz")
+            if self.paths is not None:
+                self.paths.save(self.checkpoint_dir / "dr")
+            self.checkpointed_at = time.time()
 
-    def load(self) -> bool:
-        """The last checkpoint and the newest valid index version, where they exist."""
+    def reload_paths(self) -> bool:
+        """Load the Deep Retrieval paths a learner process saved after its M-step."""
+        return self.paths is not None and self.paths.load(self.checkpoint_dir / "dr")
+
+    def load(self, *, replica: bool = False) -> bool:
+        """The last checkpoint and the newest valid index version, where they exist
+        (``replica``: the item model without the solve statistics, see :meth:`follow`)."""
         found = self.popularity.load(self.checkpoint_dir / "popularity.npz")
-        found = self.learner.load(self.checkpoint_dir / "model.npz") or found
+        found = self.learner.load(self.checkpoint_dir / "model.npz",
+                                  statistics=not replica) or found
         if self.paths is not None:
             found = self.paths.load(self.checkpoint_dir / "dr") or found
         if self.index.load_existing():

@@ -112,6 +112,9 @@ class Settings(BaseSettings):
         0.01, gt=0, description="Longest wait to fill an ingest batch (adds to event latency).")
     learn_batch: int = Field(256, ge=1, description="Largest micro-batch of training examples.")
     learn_batch_wait_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
+    learner_process: bool = Field(
+        True, description="Learn in a child process of the worker (the event loop keeps a "
+        "replica of the item rows); false: learn on the worker's event loop.")
     # The worker's one consumer reads events, training examples and requests. Faust hands an
     # agent every record of a poll before it polls again, and aiokafka returns a partition's
     # buffered records before those of partitions fetched later; with the client defaults

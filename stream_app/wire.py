@@ -145,6 +145,19 @@ class TrainBatch(_Wire):
 
     examples: list[TrainExample]
 
+    @classmethod
+    def examples_of(cls, values) -> tuple[list[TrainExample], int]:
+        """The examples of several messages, and how many messages did not decode (skipped:
+        only this worker's own ingest writes them, so one that fails is damage, not data)."""
+        examples: list[TrainExample] = []
+        bad = 0
+        for value in values:
+            try:
+                examples.extend(cls.model_validate_json(value).examples)
+            except ValueError:
+                bad += 1
+        return examples, bad
+
     @staticmethod
     def encode_parts(parts: list[bytes]) -> bytes:
         """The message for already serialized examples (each serialized once, when it is

@@ -15,6 +15,7 @@ from .app import create_app
 from .compat import install_embedded_broker_fixes
 from .engine import Engine
 from .kafka import ensure_topics
+from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .settings import Settings
 
@@ -60,7 +61,7 @@ def build_metrics(engine: Engine) -> Metrics:
     if engine.paths is not None:
         for key, doc in dr_gauges.items():
             metrics.gauge(f"streamrec_dr_{key}", doc,
-                          lambda key=key: engine.paths.stats()[key])
+                          lambda key=key: engine.dr_stats().get(key, 0.0))
         metrics.gauge("streamrec_dr_estep_loss",
                       "Exponentially weighted mean of the Deep Retrieval E-step loss.",
                       lambda: engine.dr_loss.get())
@@ -99,6 +100,8 @@ def _exit_after_deadline(timeout_s: float) -> None:
 
 #: exit status of a worker whose graceful stop overran its deadline
 EXIT_DEADLINE = 75
+#: exit status of a worker stopped because its learner process died
+EXIT_LEARNER_DIED = 76
 
 
 def run_worker(settings: Settings) -> int:
@@ -112,26 +115,29 @@ def run_worker(settings: Settings) -> int:
     ensure_topics(settings)
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes one level only
     engine = Engine(settings)
-    if engine.load():
+    learner = LearnerProcess(settings).start() if settings.learner_process else None
+    if engine.load(replica=learner is not None):
         log.info("loaded checkpoint: %d items", len(engine.popularity))
     metrics = build_metrics(engine)
     server = None
     if settings.metrics_port:
         server, _ = metrics.serve(settings.metrics_host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
-    app = create_app(settings, engine, metrics)
+    app = create_app(settings, engine, metrics, learner)
     worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
                     shutdown_timeout_s=settings.shutdown_timeout_s)
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:
-        return int(exit_.code or 0)
+        return EXIT_LEARNER_DIED if learner is not None and learner.died else int(exit_.code or 0)
     finally:
         engine.index.close()
         if engine.paths is not None:
             engine.paths.close()
-        engine.save()
+        if learner is not None and not learner.died:
+            learner.stop(settings.shutdown_timeout_s)
+        engine.save(model=learner is None)
         log.info("checkpoint written to %s", engine.checkpoint_dir)
         if server is not None:
             server.shutdown()
-    return 0
+    return EXIT_LEARNER_DIED if learner is not None and learner.died else 0
