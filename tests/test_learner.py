@@ -309,3 +309,35 @@ def test_biases_follow_the_evidence_not_the_first_step():
     learner.learn(rng.normal(0, 0.1, (1, 4)), ["once"], np.ones(1), n_users=100)
     bias = dict(zip(learner.item_ids, learner.item_matrix[:, -1]))
     assert bias["hit"] > 5 * bias["once"] > 0
+
+
+def test_a_replica_that_follows_the_deltas_equals_the_learner(tmp_path):
+    """Oracle for the worker's replica: after any sequence of learning steps (new items, cold
+    starts by assign, sweeps, Gramian recomputes), following each step's delta gives the
+    learner's ids, rows, step count and item Gramian."""
+    users, items, _ = planted_stream(seed=2)
+    config = LearnerConfig(dim=8, recompute_every=3, sweep_per_step=16)
+    learner = ItemLearner(config)
+    stream_pass(learner, users[:200], items[:200])
+    learner.save(tmp_path / "start.npz")
+    replica = ItemLearner(config)
+    assert replica.load(tmp_path / "start.npz", statistics=False)
+    assert replica._slots_used == 0 and len(replica._pos_gram) == 0  # no (d+1)² per item
+    rng = np.random.default_rng(4)
+    for step in range(12):
+        first_row, moved = len(learner), []
+        if step % 4 == 3:  # a cold start: assign new rows between learning steps
+            learner.assign([f"cold-{step}"], rng.normal(size=(1, 9)))
+        for _ in range(step % 3):  # zero to two learning calls per delta
+            ids = [item_id(i) for i in rng.integers(0, 500, 24)]  # some unseen ids
+            learner.learn(rng.normal(size=(24, 8)), ids, np.ones(24), n_users=100)
+            moved.append(learner.changed_rows)
+        delta = learner.delta(first_row, np.concatenate(moved) if moved else [])
+        replica.follow(delta)
+        assert replica.item_ids == learner.item_ids
+        np.testing.assert_array_equal(replica.item_matrix, learner.item_matrix)
+        assert replica.steps == learner.steps and replica.last_drift == learner.last_drift
+        np.testing.assert_allclose(replica.item_gramian.matrix, learner.item_gramian.matrix,
+                                   rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="cannot follow"):
+        replica.follow(learner.delta(0, []))  # a delta from before the last one

@@ -1,0 +1,170 @@
+"""Learning in a child process: an engine that follows the learner's reports answers as the
+learning engine does, and the real child process learns what the worker hands it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from models.learner import ItemLearner
+from state.history import History
+from stream_app.engine import Engine
+from stream_app.learner_process import LearnerProcess
+from stream_app.settings import Settings
+from stream_app.wire import RecRequest, TrainBatch
+from tests.test_engine_dr import DR
+from tests.test_engine_model import planted_stream
+
+SOURCES = ("ann", "dr", "popular")
+
+
+def settings_for(tmp_path, **changes) -> Settings:
+    return Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16, model_seed=1,
+                    learn_batch=32, **{**DR, **changes})
+
+
+def examples_and_histories(count: int | None = None):
+    """Training examples of the planted stream, as the ingest agent makes them."""
+    ingest = Engine(Settings(model_dim=16))
+    histories: dict[str, History] = {}
+    examples = []
+    for event in planted_stream()[:count]:
+        histories[event.user_id], example = ingest.ingest(
+            event, histories.get(event.user_id, History()))
+        examples.append(example)
+    return examples, histories
+
+
+def answers(engine: Engine, histories: dict[str, History], sources=SOURCES, users: int = 40):
+    out = []
+    for user, history in list(histories.items())[:users]:
+        answer = engine.answer(RecRequest(request_id="r", user_id=user, k=10, sources=sources),
+                               history, time.perf_counter())
+        out.append([(item.item_id, round(item.score, 9), item.source) for item in answer.items])
+    return out
+
+
+def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp_path):
+    examples, histories = examples_and_histories()
+    learning = Engine(settings_for(tmp_path / "learner"))
+    following = Engine(settings_for(tmp_path / "learner"))  # same checkpoint dir: DR hand-over
+    assert following.load(replica=True) is False  # nothing saved yet: both start empty
+    for start in range(0, len(examples), 100):
+        learning.users = 240
+        chunk = examples[start:start + 100]
+        report = learning.learn_reported(chunk, step=32)
+        assert len(report.losses) == len(report.step_seconds) == -(-len(chunk) // 32)
+        following.follow(report)
+    assert following.learned == learning.learned == len(examples)
+    assert following.model_version == learning.model_version
+    assert following.loss.get() == learning.loss.get()
+    assert following.dr_loss.get() == learning.dr_loss.get()
+    assert learning.paths.run_m_step_now(timeout=60) is not None
+    learning.paths.save(learning.checkpoint_dir / "dr")
+    assert following.reload_paths()
+    np.testing.assert_array_equal(following.learner.item_matrix, learning.learner.item_matrix)
+    assert answers(following, histories) == answers(learning, histories)
+    from_paths = answers(following, histories, sources=["dr"])
+    assert from_paths == answers(learning, histories, sources=["dr"])
+    assert all(answer for answer in from_paths)
+
+
+def test_a_failed_step_is_skipped_and_its_report_carries_every_row(tmp_path, monkeypatch):
+    examples, _ = examples_and_histories(300)
+    learning = Engine(settings_for(tmp_path))
+    following = Engine(settings_for(tmp_path))
+    following.follow(learning.learn_reported(examples[:200], step=32))
+    real_learn, calls = learning.paths.learn, []
+
+    def fails_once(phis, items):  # the DR step fails after the item rows have moved
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real_learn(phis, items)
+
+    monkeypatch.setattr(learning.paths, "learn", fails_once)
+    report = learning.learn_reported(examples[200:], step=32)
+    assert report.failed == 32 and report.examples == 100 - 32
+    assert set(report.delta.rows.tolist()) == set(range(len(learning.learner)))
+    following.follow(report)
+    np.testing.assert_array_equal(following.learner.item_matrix, learning.learner.item_matrix)
+
+
+def run_with_learner(learner: LearnerProcess, engine: Engine, batches: list[list[bytes]],
+                     users: int) -> dict:
+    """Hand ``batches`` to the learner process on an event loop; wait for every report and
+    for a checkpoint; what the callbacks saw."""
+    seen = {"reports": [], "saved": 0, "died": False}
+
+    async def main() -> None:
+        done = asyncio.Event()
+
+        def on_report(report):
+            engine.follow(report)
+            seen["reports"].append(report)
+
+        def on_saved():
+            seen["saved"] += 1
+            done.set()
+
+        def on_death():
+            seen["died"] = True
+            done.set()
+
+        learner.attach(asyncio.get_running_loop(), on_report=on_report, on_paths=lambda: None,
+                       on_saved=on_saved, on_death=on_death)
+        for values in batches:
+            await learner.learn(values, users)
+        learner.request_save()  # answered after every batch before it
+        await asyncio.wait_for(done.wait(), 120)
+
+    asyncio.run(main())
+    return seen
+
+
+def test_the_learner_process_learns_what_the_worker_hands_it(tmp_path):
+    examples, histories = examples_and_histories()
+    settings = settings_for(tmp_path)
+    messages = [TrainBatch(examples=examples[start:start + 50]).to_bytes()
+                for start in range(0, len(examples), 50)]
+    batches = [messages[start:start + 5] for start in range(0, len(messages), 5)]
+    batches[1] = batches[1] + [b"not a training message"]  # skipped, logged
+    learner = LearnerProcess(settings).start()
+    follower = Engine(settings)
+    try:
+        seen = run_with_learner(learner, follower, batches, users=240)
+    finally:
+        assert learner.stop(60)
+    assert not seen["died"] and seen["saved"] == 1 and len(seen["reports"]) == len(batches)
+    assert follower.learned == len(examples)
+    # the same batches learned here, by the engine's own steps
+    oracle = Engine(settings_for(tmp_path / "oracle"))
+    oracle.users = 240
+    for values in batches:
+        oracle.learn_reported(TrainBatch.examples_of(values)[0], settings.learn_batch)
+    assert follower.learner.item_ids == oracle.learner.item_ids
+    np.testing.assert_allclose(follower.learner.item_matrix, oracle.learner.item_matrix,
+                               rtol=1e-6, atol=1e-9)
+    saved = ItemLearner(settings.learner_config())  # the child's checkpoint, written on stop
+    assert saved.load(settings.data_dir / "checkpoints" / "model.npz")
+    np.testing.assert_array_equal(saved.item_matrix, follower.learner.item_matrix)
+    assert saved.steps == follower.model_version == oracle.model_version
+
+
+def test_the_worker_hears_when_its_learner_process_dies(tmp_path):
+    learner = LearnerProcess(settings_for(tmp_path)).start()
+    os.kill(learner.pid, signal.SIGKILL)
+    seen = run_with_learner(learner, Engine(settings_for(tmp_path)), [], users=1)
+    assert seen["died"] and learner.died
+    assert not learner.stop(5)  # nothing to stop, and no checkpoint
+
+
+@pytest.mark.parametrize("values, bad", [([b"{}", b"[", b'{"v":1,"examples":[]}'], 2)])
+def test_training_messages_that_do_not_decode_are_counted(values, bad):
+    examples, failed = TrainBatch.examples_of(values)
+    assert examples == [] and failed == bad
