@@ -3,7 +3,9 @@
 1. Fill the events topic with N synthetic events (Zipf items, uniform users).
 2. A bare Faust agent that only counts consumes them: its events/s is the yardstick.
 3. A streamrec worker consumes the same topic (own consumer group): events/s taken in and
-   events/s learned (the training examples applied to the model), each with its ratio.
+   events/s learned (the training examples applied to the model), each with its ratio. With
+   ``--in-loop-too``, first a worker that learns on its event loop
+   (``STREAMREC_LEARNER_PROCESS=false``), for the same ratios in the same run.
 4. Requests through Kafka: sequential round trips, then C concurrent clients: p50/p99.
 5. The same clients while a trickle of events keeps the index rebuilding (every 2 s): the
    worst latency near a swap against the p99 away from swaps.
@@ -52,14 +54,24 @@ def fill(settings: Settings, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
+#: share of the events taken in before the clock starts: a worker's first events meet cold
+#: caches, a first rebalance and a first index build, which the steady rate should not carry
+WARMUP = 0.05
+#: seconds between scrapes: each scrape renders the whole metrics page on the measured process,
+#: so polling it faster takes CPU from what is being measured (20 scrapes/s cost a worker ~10 %)
+SCRAPE_EVERY_S = 0.2
+
+
 def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int) -> list[float]:
-    """Events/s of each metric, from the first event the *first* metric counted to the moment
-    this metric reached n: for the worker, events taken in and events learned end to end
-    (learning lags intake, so timing it from its own first count would flatter it)."""
-    started: float | None = None
-    done: dict[str, float] = {}
+    """Events/s of each metric, from the moment the *first* metric passed ``WARMUP``·n to the
+    moment this metric reached n; both moments interpolated between scrapes. For the worker:
+    events taken in and events learned end to end (learning lags intake, so timing it from
+    its own start would flatter it)."""
+    last: dict[str, tuple[float, float]] = {}
+    crossed: dict[tuple[str, float], float] = {}
+    marks = [(metrics[0], WARMUP * n)] + [(metric, float(n)) for metric in metrics]
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and len(done) < len(metrics):
+    while time.monotonic() < deadline and len(crossed) < len(marks):
         if not child.alive():
             raise RuntimeError(f"{child.name} died; see {child.log_path}")
         try:
@@ -67,15 +79,23 @@ def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int) 
         except OSError:
             counts = {}
         now = time.perf_counter()
-        if started is None and counts.get(metrics[0], 0.0) > 0:
-            started = now
+        for metric, level in marks:
+            count = counts.get(metric)
+            if count is None or (metric, level) in crossed or count < level:
+                continue
+            before_t, before = last.get(metric, (now, count))
+            share = (level - before) / (count - before) if count > before else 1.0
+            crossed[(metric, level)] = before_t + share * (now - before_t)
         for metric in metrics:
-            if metric not in done and counts.get(metric, 0.0) >= n:
-                done[metric] = now
-        time.sleep(0.05)
-    if len(done) < len(metrics):
-        raise TimeoutError(f"{sorted(set(metrics) - set(done))} did not reach {n}")
-    return [n / max(done[metric] - started, 1e-9) for metric in metrics]
+            if metric in counts:
+                last[metric] = (now, counts[metric])
+        time.sleep(SCRAPE_EVERY_S)
+    missing = [mark for mark in marks if mark not in crossed]
+    if missing:
+        raise TimeoutError(f"{missing} not reached")
+    started = crossed[(metrics[0], WARMUP * n)]
+    return [(1 - WARMUP) * n / max(crossed[(metric, float(n))] - started, 1e-9)
+            for metric in metrics]
 
 
 def start(name: str, settings: Settings, argv: list[str], workdir: Path) -> Child:
@@ -168,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--in-loop-too", action="store_true",
+                        help="also measure a worker that learns on its event loop")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -190,6 +212,20 @@ def main(argv: list[str] | None = None) -> dict:
                 bare, agent, ["bare_events_total"], args.events)
         finally:
             agent.stop()
+        if args.in_loop_too:
+            in_loop = base.replace(app_id=f"in-loop-{tag}", data_dir=workdir / "in-loop",
+                                   learner_process=False)
+            worker = start("in-loop-worker", in_loop, worker_argv(), workdir)
+            try:
+                taken, learned = consume_rates(in_loop, worker, [
+                    "streamrec_events_total", "streamrec_learned_events_total"], args.events)
+            finally:
+                worker.stop()
+            bare_rate = results["bare_agent_events_per_s"]
+            results["in_loop"] = {"worker_events_per_s": taken,
+                                  "worker_learned_events_per_s": learned,
+                                  "worker_to_bare_ratio": taken / bare_rate,
+                                  "learned_to_bare_ratio": learned / bare_rate}
         served = base.replace(app_id=f"worker-{tag}", data_dir=workdir / "worker")
         worker = start("worker", served, worker_argv(), workdir)
         try:

@@ -44,7 +44,7 @@ def isolated_settings(settings: Settings, data_dir: Path) -> Settings:
         "metrics_host": "127.0.0.1", "metrics_port": free_port(),
         **{name: f"{getattr(settings, name)}-eval-{tag}"
            for name in ("topic_events", "topic_dead_letters", "topic_requests",
-                        "topic_responses", "topic_train")},
+                        "topic_responses")},
     }
     if settings.embedded:
         changes["embedded_port"] = free_port(settings.embedded_host)

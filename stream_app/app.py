@@ -87,7 +87,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     events = app.topic(settings.topic_events, **raw)
     dead_letters = app.topic(settings.topic_dead_letters, **raw)
     requests = app.topic(settings.topic_requests, **raw)
-    train = app.topic(settings.topic_train, **raw)
+    train = app.topic(settings.train_topic, **raw)
     histories = app.Table(HISTORY_TABLE, partitions=settings.partitions,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
     history_writer = BatchedTableWriter(histories)

@@ -55,7 +55,7 @@ def faust_credentials(settings: Settings):
 
 def service_topics(settings: Settings) -> list[str]:
     return [settings.topic_events, settings.topic_dead_letters, settings.topic_requests,
-            settings.topic_responses, settings.topic_train]
+            settings.topic_responses, settings.train_topic]
 
 
 def ensure_topics(settings: Settings, names: list[str] | None = None,

@@ -217,7 +217,12 @@ class LearnerLoop:
                 log.warning("the worker is gone; checkpointing and exiting")
                 self.engine.save()
                 return
-            if message is not None and not self.handle(message):
+            try:
+                if message is not None and not self.handle(message):
+                    return
+            except (BrokenPipeError, EOFError):
+                log.warning("the worker is gone; checkpointing and exiting")
+                self.engine.save()
                 return
             if time.monotonic() >= next_check:
                 self.m_step()

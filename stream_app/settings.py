@@ -52,7 +52,10 @@ class Settings(BaseSettings):
     topic_dead_letters: str = "timeline-events-dlq"
     topic_requests: str = "rec-requests"
     topic_responses: str = "rec-responses"
-    topic_train: str = Field("train-examples", description="Training examples keyed by item.")
+    topic_train: str | None = Field(
+        None, description="Training examples keyed by item. Default '<app_id>-train-examples': "
+        "the topic is internal to one app, like its changelogs (two apps on one cluster must not "
+        "learn each other's examples).")
     partitions: int = Field(4, ge=1, le=1024, description="Partitions of every topic.")
     replication_factor: int = Field(1, ge=1)
     session_timeout_s: float = Field(
@@ -273,6 +276,10 @@ class Settings(BaseSettings):
     @property
     def event_kinds(self) -> frozenset[str]:
         return frozenset(self.kind_weights)
+
+    @property
+    def train_topic(self) -> str:
+        return self.topic_train or f"{self.app_id}-train-examples"
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated again)."""

@@ -300,7 +300,7 @@ def test_batched_ingest_writes_each_history_to_its_users_partition(settings, sta
     last_stored = {json.loads(record.key): json.loads(record.value) for record in changelog}
     assert {user: stored["items"] for user, stored in last_stored.items()} == {
         f"u{u}": [f"i{i % 97}" for i in range(u, 600, 40)] for u in range(40)}
-    messages = read_topic(settings, settings.topic_train, len(many), timeout_s=5.0)
+    messages = read_topic(settings, settings.train_topic, len(many), timeout_s=5.0)
     examples = []
     for record in messages:
         batch = json.loads(record.value)["examples"]

@@ -97,3 +97,13 @@ def test_help_reads_well(capsys):
     text = capsys.readouterr().out
     for command in ("up", "demo", "produce", "recommend", "STREAMREC_BROKER"):
         assert command in text
+
+
+def test_the_train_topic_belongs_to_the_app_unless_named(monkeypatch):
+    """Two apps on one cluster share the events topic, never their training examples."""
+    monkeypatch.delenv("STREAMREC_TOPIC_TRAIN", raising=False)
+    assert Settings().train_topic == "streamrec-train-examples"
+    assert Settings(app_id="shop-a").train_topic == "shop-a-train-examples"
+    assert Settings().replace(app_id="shop-b").train_topic == "shop-b-train-examples"
+    monkeypatch.setenv("STREAMREC_TOPIC_TRAIN", "learn")
+    assert Settings(app_id="shop-a").replace(app_id="shop-c").train_topic == "learn"
