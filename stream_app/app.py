@@ -11,7 +11,6 @@ of being processed on the wrong partition.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -230,9 +229,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         @app.task
         async def follow_learner() -> None:
             """Apply the learner process's reports on this loop; stop the worker if it dies."""
-            learner.attach(asyncio.get_running_loop(), on_report=follow, on_paths=reload_paths,
-                           on_saved=learner_saved,
-                           on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
+            await learner.attach(on_report=follow, on_paths=reload_paths, on_saved=learner_saved,
+                                 on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
 
     async def reply_topic(name: str | None) -> faust.TopicT:
         name = name or settings.topic_responses

@@ -17,9 +17,11 @@ owns the model:
 - the child runs the Deep Retrieval M-steps, saves the paths when one is installed and says
   so, and the loop loads them for retrieval; it writes the model checkpoint when asked.
 
-Messages between the two are pickled by :mod:`multiprocessing` connections: both ends are this
-program (the child is spawned from this module), nothing from Kafka or disk is unpickled; the
-Kafka bytes travel inside as bytes and are validated in the child.
+The worker sends the child frames of its own (a length, a kind, the raw Kafka values), which
+the child validates as it decodes them. The child's reports come back pickled by a
+:mod:`multiprocessing` connection: both ends are this program, the child spawned from this
+module, and nothing from Kafka or disk is unpickled. The worker closing the pipe (its stop, or
+its death) tells the child to checkpoint and exit.
 
 If the child dies, the worker stops (and its supervisor or container restarts it from the last
 checkpoint, redelivering what was not committed): a worker that takes events in but cannot
@@ -29,11 +31,12 @@ learn would look healthy while its model froze.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
-import queue
+import os
 import signal
-import threading
+import struct
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -58,8 +61,7 @@ class LearnerProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._to_child: Connection | None = None
         self._from_child: Connection | None = None
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender: threading.Thread | None = None
+        self._writer: asyncio.WriteTransport | None = None
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_report: Callable[[LearnedReport], None] | None = None
@@ -83,45 +85,44 @@ class LearnerProcess:
             raise RuntimeError(f"the learner process did not start within {timeout_s:.0f} s")
         kind, items, steps = self._from_child.recv()
         log.info("learner process %d ready: %d items, %d steps", self._process.pid, items, steps)
-        self._sender = threading.Thread(target=self._send_all, name="learner-sender",
-                                        daemon=True)
-        self._sender.start()
         return self
 
-    def attach(self, loop: asyncio.AbstractEventLoop, *,
-               on_report: Callable[[LearnedReport], None], on_paths: Callable[[], None],
-               on_saved: Callable[[], None], on_death: Callable[[], None]) -> None:
-        """Apply the child's messages on ``loop`` from now on (call it on that loop)."""
-        self._loop = loop
+    async def attach(self, *, on_report: Callable[[LearnedReport], None],
+                     on_paths: Callable[[], None], on_saved: Callable[[], None],
+                     on_death: Callable[[], None]) -> None:
+        """Feed the child and apply its messages on the running loop from now on.
+
+        Frames to the child go through an asyncio pipe transport: it writes what the pipe
+        takes and buffers the rest, so a child busy learning never blocks the loop (and no
+        thread competes with the loop for the interpreter lock)."""
+        self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.in_flight)
         self._on_report, self._on_paths = on_report, on_paths
         self._on_saved, self._on_death = on_saved, on_death
-        loop.add_reader(self._from_child.fileno(), self._receive)
+        self._writer, _ = await self._loop.connect_write_pipe(asyncio.Protocol, self._to_child)
+        self._loop.add_reader(self._from_child.fileno(), self._receive)
 
     def stop(self, timeout_s: float = 30.0) -> bool:
-        """Ask the child to checkpoint and exit; wait for it. True when it saved."""
+        """Close the child's input: it checkpoints and exits. Waits for it, taking (and
+        dropping) its last reports so that it never blocks on a full pipe; True when it
+        exited cleanly, i.e. after writing the checkpoint."""
         if self._process is None:
             return False
         if self._loop is not None and not self._loop.is_closed():
-            try:
+            with contextlib.suppress(ValueError, OSError, RuntimeError):
                 self._loop.remove_reader(self._from_child.fileno())
-            except (ValueError, OSError, RuntimeError):
-                pass
-        self._outbox.put(("stop",))
-        saved = False
+        self._to_child.close()  # a frame cut short reads as the end too
         deadline = time.monotonic() + timeout_s
-        try:
-            while not saved and self._from_child.poll(max(0.0, deadline - time.monotonic())):
-                saved = self._from_child.recv()[0] == "stopped"
-        except (EOFError, OSError):
-            pass
-        self._outbox.put(None)
+        with contextlib.suppress(EOFError, OSError):
+            while self._process.is_alive() and time.monotonic() < deadline:
+                if self._from_child.poll(0.1):
+                    self._from_child.recv()
         self._process.join(max(0.0, deadline - time.monotonic()))
         if self._process.is_alive():
             log.error("the learner process did not stop; killing it")
             self._process.kill()
             self._process.join(5)
-        return saved
+        return self._process.exitcode == 0
 
     @property
     def pid(self) -> int | None:
@@ -132,18 +133,10 @@ class LearnerProcess:
         """Hand raw training messages to the child; waits while ``in_flight`` batches are
         still being learned."""
         await self._slots.acquire()
-        self._outbox.put(("learn", values, users))
+        self._writer.write(learn_frame(values, users))
 
     def request_save(self) -> None:
-        self._outbox.put(("save",))
-
-    def _send_all(self) -> None:
-        """Writes to the pipe block while the child is busy: they happen here, not on the loop."""
-        while (message := self._outbox.get()) is not None:
-            try:
-                self._to_child.send(message)
-            except (OSError, ValueError):
-                return  # the child is gone; _receive sees the end of its pipe
+        self._writer.write(frame(SAVE))
 
     def _receive(self) -> None:
         try:
@@ -169,6 +162,52 @@ class LearnerProcess:
             self._on_paths()
         elif kind == "saved":
             self._on_saved()
+
+
+# -- frames to the child: a length, a kind, the raw Kafka values (no pickle) ---------------------
+LEARN, SAVE = b"L", b"S"
+_LENGTH = struct.Struct("!I")
+_LEARN_HEAD = struct.Struct("!QI")  # users, number of values
+
+
+def frame(kind: bytes, body: bytes = b"") -> bytes:
+    return _LENGTH.pack(len(kind) + len(body)) + kind + body
+
+
+def learn_frame(values: list[bytes], users: int) -> bytes:
+    parts = [_LEARN_HEAD.pack(users, len(values))]
+    for value in values:
+        parts += [_LENGTH.pack(len(value)), value]
+    return frame(LEARN, b"".join(parts))
+
+
+def parse_learn(body: memoryview) -> tuple[list[bytes], int]:
+    users, count = _LEARN_HEAD.unpack_from(body)
+    at, values = _LEARN_HEAD.size, []
+    for _ in range(count):
+        (size,) = _LENGTH.unpack_from(body, at)
+        at += _LENGTH.size
+        values.append(bytes(body[at:at + size]))
+        at += size
+    return values, users
+
+
+def read_frame(fd: int) -> tuple[bytes, memoryview]:
+    """The next frame's kind and body; EOFError at the end of the pipe (or inside a frame)."""
+    (size,) = _LENGTH.unpack(_read_exactly(fd, _LENGTH.size))
+    data = memoryview(_read_exactly(fd, size))
+    return bytes(data[:1]), data[1:]
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the pipe ended")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 # -- the child ----------------------------------------------------------------------------------
@@ -208,39 +247,27 @@ class LearnerLoop:
         self.outbox = outbox
 
     def run(self, inbox: Connection) -> None:
+        """Until the worker closes the pipe (its stop, or its death): then checkpoint."""
         next_check = time.monotonic() + self.settings.index_check_s
-        while True:
-            try:
-                message = inbox.recv() if inbox.poll(
-                    max(0.0, next_check - time.monotonic())) else None
-            except (EOFError, OSError):
-                log.warning("the worker is gone; checkpointing and exiting")
-                self.engine.save()
-                return
-            try:
-                if message is not None and not self.handle(message):
-                    return
-            except (BrokenPipeError, EOFError):
-                log.warning("the worker is gone; checkpointing and exiting")
-                self.engine.save()
-                return
-            if time.monotonic() >= next_check:
-                self.m_step()
-                next_check = time.monotonic() + self.settings.index_check_s
+        try:
+            while True:
+                if inbox.poll(max(0.0, next_check - time.monotonic())):
+                    self.handle(*read_frame(inbox.fileno()))
+                if time.monotonic() >= next_check:
+                    self.m_step()
+                    next_check = time.monotonic() + self.settings.index_check_s
+        except (EOFError, OSError, struct.error):  # BrokenPipeError: the worker is gone
+            self.engine.save()
+            log.info("learner stopped; checkpoint written")
 
-    def handle(self, message: tuple) -> bool:
-        """Act on one message; False after ``stop``."""
-        kind = message[0]
-        if kind == "learn":
-            self.outbox.send(("learned", self.learn(message[1], message[2])))
-        elif kind == "save":
+    def handle(self, kind: bytes, body: memoryview) -> None:
+        if kind == LEARN:
+            self.outbox.send(("learned", self.learn(*parse_learn(body))))
+        elif kind == SAVE:
             self.engine.save()
             self.outbox.send(("saved",))
-        elif kind == "stop":
-            self.engine.save()
-            self.outbox.send(("stopped",))
-            return False
-        return True
+        else:
+            raise EOFError(f"unknown frame {kind!r}")  # a damaged pipe: stop, checkpointed
 
     def learn(self, values: list[bytes], users: int) -> LearnedReport:
         examples, bad = TrainBatch.examples_of(values)

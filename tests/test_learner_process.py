@@ -14,7 +14,8 @@ import pytest
 from models.learner import ItemLearner
 from state.history import History
 from stream_app.engine import Engine
-from stream_app.learner_process import LearnerProcess
+from stream_app.learner_process import (LEARN, SAVE, LearnerProcess, frame, learn_frame,
+                                        parse_learn, read_frame)
 from stream_app.settings import Settings
 from stream_app.wire import RecRequest, TrainBatch
 from tests.test_engine_dr import DR
@@ -116,8 +117,8 @@ def run_with_learner(learner: LearnerProcess, engine: Engine, batches: list[list
             seen["died"] = True
             done.set()
 
-        learner.attach(asyncio.get_running_loop(), on_report=on_report, on_paths=lambda: None,
-                       on_saved=on_saved, on_death=on_death)
+        await learner.attach(on_report=on_report, on_paths=lambda: None, on_saved=on_saved,
+                             on_death=on_death)
         for values in batches:
             await learner.learn(values, users)
         learner.request_save()  # answered after every batch before it
@@ -168,3 +169,17 @@ def test_the_worker_hears_when_its_learner_process_dies(tmp_path):
 def test_training_messages_that_do_not_decode_are_counted(values, bad):
     examples, failed = TrainBatch.examples_of(values)
     assert examples == [] and failed == bad
+
+
+def test_frames_carry_the_values_unchanged_and_a_cut_frame_reads_as_the_end():
+    read, write = os.pipe()
+    values = [b"", b"x" * 30_000, b'{"v":1}']  # all of it fits in the pipe
+    os.write(write, learn_frame(values, 12) + frame(SAVE))
+    kind, body = read_frame(read)
+    assert kind == LEARN and parse_learn(body) == (values, 12)
+    assert read_frame(read)[0] == SAVE
+    os.write(write, learn_frame(values, 3)[:-5])  # the worker died mid-frame
+    os.close(write)
+    with pytest.raises(EOFError):
+        read_frame(read)
+    os.close(read)
