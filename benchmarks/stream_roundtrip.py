@@ -5,7 +5,8 @@
 3. A streamrec worker consumes the same topic (own consumer group): events/s taken in and
    events/s learned (the training examples applied to the model), each with its ratio. With
    ``--in-loop-too``, first a worker that learns on its event loop
-   (``STREAMREC_LEARNER_PROCESS=false``), for the same ratios in the same run.
+   (``STREAMREC_LEARNER_PROCESS=false``), for the same ratios in the same run. Each also
+   reports the CPU microseconds per event of the process and of its children (the learner).
 4. Requests through Kafka: sequential round trips, then C concurrent clients: p50/p99.
 5. The same clients while a trickle of events keeps the index rebuilding (every 2 s): the
    worst latency near a swap against the p99 away from swaps.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -62,12 +64,31 @@ WARMUP = 0.05
 SCRAPE_EVERY_S = 0.2
 
 
-def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int) -> list[float]:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system, all threads) of a process and of its child processes so far
+    (Linux /proc; zeros elsewhere)."""
+    def of(one: int) -> float:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return of(pid), sum(of(int(child)) for child in children)
+
+
+def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int,
+                  cpu: dict | None = None) -> list[float]:
     """Events/s of each metric, from the moment the *first* metric passed ``WARMUP``·n to the
     moment this metric reached n; both moments interpolated between scrapes. For the worker:
     events taken in and events learned end to end (learning lags intake, so timing it from
-    its own start would flatter it)."""
+    its own start would flatter it). ``cpu``, when given, receives the CPU microseconds per
+    event that the process and its child processes (the learner) spent over that window."""
     last: dict[str, tuple[float, float]] = {}
+    cpu_at: list[tuple[float, float]] = []
     crossed: dict[tuple[str, float], float] = {}
     marks = [(metrics[0], WARMUP * n)] + [(metric, float(n)) for metric in metrics]
     deadline = time.monotonic() + 600
@@ -79,6 +100,8 @@ def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int) 
         except OSError:
             counts = {}
         now = time.perf_counter()
+        if not cpu_at and counts.get(metrics[0], 0.0) >= WARMUP * n:
+            cpu_at.append(cpu_seconds(child.pid))
         for metric, level in marks:
             count = counts.get(metric)
             if count is None or (metric, level) in crossed or count < level:
@@ -94,6 +117,10 @@ def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int) 
     if missing:
         raise TimeoutError(f"{missing} not reached")
     started = crossed[(metrics[0], WARMUP * n)]
+    if cpu is not None:
+        (own0, kids0), (own1, kids1) = cpu_at[0], cpu_seconds(child.pid)
+        cpu.update(process_us_per_event=1e6 * (own1 - own0) / ((1 - WARMUP) * n),
+                   children_us_per_event=1e6 * (kids1 - kids0) / ((1 - WARMUP) * n))
     return [(1 - WARMUP) * n / max(crossed[(metric, float(n))] - started, 1e-9)
             for metric in metrics]
 
@@ -208,8 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
         agent = start("bare-agent", bare, [sys.executable,
                       str(Path(__file__).with_name("bare_agent.py"))], workdir)
         try:
+            results["bare_agent_cpu"] = {}
             [results["bare_agent_events_per_s"]] = consume_rates(
-                bare, agent, ["bare_events_total"], args.events)
+                bare, agent, ["bare_events_total"], args.events, results["bare_agent_cpu"])
         finally:
             agent.stop()
         if args.in_loop_too:
@@ -217,21 +245,26 @@ def main(argv: list[str] | None = None) -> dict:
                                    learner_process=False)
             worker = start("in-loop-worker", in_loop, worker_argv(), workdir)
             try:
+                in_loop_cpu: dict = {}
                 taken, learned = consume_rates(in_loop, worker, [
-                    "streamrec_events_total", "streamrec_learned_events_total"], args.events)
+                    "streamrec_events_total", "streamrec_learned_events_total"], args.events,
+                    in_loop_cpu)
             finally:
                 worker.stop()
             bare_rate = results["bare_agent_events_per_s"]
             results["in_loop"] = {"worker_events_per_s": taken,
                                   "worker_learned_events_per_s": learned,
                                   "worker_to_bare_ratio": taken / bare_rate,
-                                  "learned_to_bare_ratio": learned / bare_rate}
+                                  "learned_to_bare_ratio": learned / bare_rate,
+                                  "cpu": in_loop_cpu}
         served = base.replace(app_id=f"worker-{tag}", data_dir=workdir / "worker")
         worker = start("worker", served, worker_argv(), workdir)
         try:
+            results["worker_cpu"] = {}
             results["worker_events_per_s"], results["worker_learned_events_per_s"] = \
                 consume_rates(served, worker, ["streamrec_events_total",
-                                               "streamrec_learned_events_total"], args.events)
+                                               "streamrec_learned_events_total"], args.events,
+                              results["worker_cpu"])
             results["worker_to_bare_ratio"] = (results["worker_events_per_s"]
                                                / results["bare_agent_events_per_s"])
             results["learned_to_bare_ratio"] = (results["worker_learned_events_per_s"]
