@@ -134,7 +134,7 @@ def run_worker(settings: Settings) -> int:
         engine.index.close()
         if engine.paths is not None:
             engine.paths.close()
-        if learner is not None and not learner.died:
+        if learner is not None:  # also after a death: joined here, not in multiprocessing's atexit
             learner.stop(settings.shutdown_timeout_s)
         engine.save(model=learner is None)
         log.info("checkpoint written to %s", engine.checkpoint_dir)
