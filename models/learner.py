@@ -254,7 +254,7 @@ class ItemLearner:
         rows = np.union1d(np.asarray(moved_rows, dtype=np.int64),
                           np.arange(first_row, len(self._ids), dtype=np.int64))
         return RowDelta(first_row=first_row, new_ids=self._ids[first_row:], rows=rows,
-                        values=self._psi[rows].copy(), steps=self.steps,
+                        values=self._psi[rows], steps=self.steps,
                         drift=self.last_drift)
 
     def follow(self, delta: RowDelta) -> None:
@@ -541,20 +541,16 @@ class ItemLearner:
         self._count, self._count_at = data["count"], data["count_at"]
         clock = [int(x) for x in data["clock"]] + [0]  # older checkpoints: no sweep position
         self.events, self.steps, self._sweep_at = clock[:3]
-        if statistics:
-            self._load_statistics(data)
-        else:
-            self._prior, self._slot = self._psi.copy(), np.full(len(self._psi), -1, dtype=np.int64)
-            self._pos_gram, self._pos_target, self._pos_at = _no_statistics(self.config.dim + 1)
-            self._slots_used = 0
+        self._load_statistics(data, statistics)
         self._reserve(max(len(self._ids), 1024))
         self.item_gramian.set_arrays(data, "item_")
         self.user_gramian.set_arrays(data, "user_")
         return True
 
-    def _load_statistics(self, data) -> None:
-        """The ``solve`` state; a checkpoint from before it existed starts it empty (prior = Ψ̃)."""
-        if "slot" in data:
+    def _load_statistics(self, data, wanted: bool = True) -> None:
+        """The ``solve`` state; a checkpoint from before it existed, or a replica that does not
+        want it, starts it empty (prior = Ψ̃)."""
+        if wanted and "slot" in data:
             self._prior, self._slot = data["prior"], data["slot"].astype(np.int64)
             self._pos_gram = data["pos_gram"].astype(np.float32)
             self._pos_target = data["pos_target"]

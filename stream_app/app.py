@@ -199,10 +199,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             if learner is not None:
                 await learner.learn(list(values), engine.users)
                 continue
-            examples, bad = TrainBatch.examples_of(values)
-            if bad:
-                log.warning("skipped %d undecodable training messages", bad)
-            record_learned(engine.learn_reported(examples, settings.learn_batch))
+            record_learned(engine.learn_messages(values, settings.learn_batch))
 
     def record_learned(report: LearnedReport) -> None:
         for seconds in report.step_seconds:

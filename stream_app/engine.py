@@ -27,7 +27,8 @@ from state.history import History
 from state.popularity import DecayedPopularity
 
 from .settings import Settings
-from .wire import SOURCES, Event, InvalidMessage, RecItem, RecRequest, RecResponse, TrainExample
+from .wire import (SOURCES, Event, InvalidMessage, RecItem, RecRequest, RecResponse, TrainBatch,
+                   TrainExample)
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,14 @@ class Engine:
             step_seconds=seconds, losses=losses, dr_losses=dr_losses,
             dr_stats=self.paths.stats() if self.paths is not None else None,
             examples=len(examples) - failed, failed=failed)
+
+    def learn_messages(self, values: Sequence[bytes], step: int) -> LearnedReport:
+        """:meth:`learn_reported` of the examples in training messages; a message that does
+        not decode is skipped (logged)."""
+        examples, bad = TrainBatch.examples_of(values)
+        if bad:
+            log.warning("skipped %d undecodable training messages", bad)
+        return self.learn_reported(examples, step)
 
     def follow(self, report: LearnedReport) -> None:
         """Take in what a learner elsewhere learned (this engine's learner is its replica):

@@ -41,9 +41,11 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+import torch
+from threadpoolctl import threadpool_limits
+
 from .engine import Engine, LearnedReport
 from .settings import Settings
-from .wire import TrainBatch
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +233,6 @@ def child_main(settings: Settings, inbox: Connection, outbox: Connection) -> Non
 def limit_threads() -> None:
     """One BLAS and one torch thread: a step's products are small, and threads on busy cores
     made steps ~30x slower (benchmarks/learner_step.py)."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
     threadpool_limits(1)
     torch.set_num_threads(1)
 
@@ -270,11 +269,8 @@ class LearnerLoop:
             raise EOFError(f"unknown frame {kind!r}")  # a damaged pipe: stop, checkpointed
 
     def learn(self, values: list[bytes], users: int) -> LearnedReport:
-        examples, bad = TrainBatch.examples_of(values)
-        if bad:
-            log.warning("skipped %d undecodable training messages", bad)
         self.engine.users = users
-        return self.engine.learn_reported(examples, self.settings.learn_batch)
+        return self.engine.learn_messages(values, self.settings.learn_batch)
 
     def m_step(self) -> None:
         """Install a finished M-step (and start a due one); hand installed paths over."""

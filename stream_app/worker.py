@@ -8,14 +8,12 @@ import threading
 import time
 
 import faust
-import torch
-from threadpoolctl import threadpool_limits
 
 from .app import create_app
 from .compat import install_embedded_broker_fixes
 from .engine import Engine
 from .kafka import ensure_topics
-from .learner_process import LearnerProcess
+from .learner_process import LearnerProcess, limit_threads
 from .metrics import Metrics
 from .settings import Settings
 
@@ -108,10 +106,7 @@ def run_worker(settings: Settings) -> int:
     """Block until SIGTERM/SIGINT; checkpoint the model state on the way out."""
     if settings.compat_fixes:
         install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
-    # Each learning step multiplies (d+1)×B×(d+1) matrices: threads only add overhead, and a
-    # multi-threaded BLAS on busy cores made steps ~30x slower (benchmarks/learner_step.py).
-    threadpool_limits(1)
-    torch.set_num_threads(1)  # the same for the Deep Retrieval structure model's small steps
+    limit_threads()  # here too: user vectors, answers, and learning when it runs on the loop
     ensure_topics(settings)
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes one level only
     engine = Engine(settings)
