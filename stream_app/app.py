@@ -212,9 +212,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         engine.follow(report)
         record_learned(report)
 
-    def reload_paths() -> None:
+    def reload_paths(stats: dict) -> None:
         try:
-            if not engine.reload_paths():
+            if not engine.reload_paths(stats):
                 log.warning("the learner's Deep Retrieval paths were not there to load")
         except Exception:  # noqa: BLE001 - the paths in force keep serving
             log.exception("could not load the learner's Deep Retrieval paths")

@@ -467,8 +467,10 @@ class Engine:
                 self.paths.save(self.checkpoint_dir / "dr")
             self.checkpointed_at = time.time()
 
-    def reload_paths(self) -> bool:
-        """Load the Deep Retrieval paths a learner process saved after its M-step."""
+    def reload_paths(self, reported_stats: dict) -> bool:
+        """Load the Deep Retrieval paths a learner process saved after its M-step, and take
+        its figures as of then (an M-step may finish after the last batch it reports on)."""
+        self.reported_dr_stats = reported_stats
         return self.paths is not None and self.paths.load(self.checkpoint_dir / "dr")
 
     def load(self, *, replica: bool = False) -> bool:

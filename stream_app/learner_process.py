@@ -67,7 +67,7 @@ class LearnerProcess:
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_report: Callable[[LearnedReport], None] | None = None
-        self._on_paths: Callable[[], None] | None = None
+        self._on_paths: Callable[[dict], None] | None = None
         self._on_saved: Callable[[], None] | None = None
         self._on_death: Callable[[], None] | None = None
 
@@ -90,7 +90,7 @@ class LearnerProcess:
         return self
 
     async def attach(self, *, on_report: Callable[[LearnedReport], None],
-                     on_paths: Callable[[], None], on_saved: Callable[[], None],
+                     on_paths: Callable[[dict], None], on_saved: Callable[[], None],
                      on_death: Callable[[], None]) -> None:
         """Feed the child and apply its messages on the running loop from now on.
 
@@ -161,7 +161,7 @@ class LearnerProcess:
                 log.exception("could not apply the learner's report")
                 raise EOFError("replica out of step") from None
         elif kind == "paths":
-            self._on_paths()
+            self._on_paths(message[1])
         elif kind == "saved":
             self._on_saved()
 
@@ -282,6 +282,6 @@ class LearnerLoop:
             self.engine.maybe_m_step()
             if paths.stats()["m_steps"] != before:
                 paths.save(self.engine.checkpoint_dir / "dr")
-                self.outbox.send(("paths",))
+                self.outbox.send(("paths", paths.stats()))
         except Exception:  # noqa: BLE001 - the paths in force keep serving
             log.exception("Deep Retrieval M-step failed")

@@ -354,6 +354,16 @@ def test_dr_requests_get_deep_retrieval_candidates_after_an_m_step(settings, sta
     produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
     worker.wait_metric("streamrec_learned_events_total", len(stream), timeout_s=120)
     worker.wait_metric("streamrec_dr_m_steps", 1, timeout_s=60)
+    # The worker serves the paths of the learner process's last M-step; the first one may have
+    # run on the first thousand pairs. Once every pair is learned, M-steps stop after the one
+    # that saw them all: wait until no new one has come for three M-step intervals.
+    settled, count = time.monotonic(), worker.metrics()["streamrec_dr_m_steps"]
+    deadline = settled + 60
+    while time.monotonic() - settled < 3.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = worker.metrics()["streamrec_dr_m_steps"]
+        if now != count:
+            settled, count = time.monotonic(), now
     with RecClient(settings) as client:
         answer = client.recommend("u3", k=10, sources=["dr"])
         default = client.recommend("u3", k=10)

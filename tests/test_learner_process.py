@@ -67,7 +67,8 @@ def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp
     assert following.dr_loss.get() == learning.dr_loss.get()
     assert learning.paths.run_m_step_now(timeout=60) is not None
     learning.paths.save(learning.checkpoint_dir / "dr")
-    assert following.reload_paths()
+    assert following.reload_paths(learning.paths.stats())
+    assert following.dr_stats()["m_steps"] == 1  # an M-step after the last report counts
     np.testing.assert_array_equal(following.learner.item_matrix, learning.learner.item_matrix)
     assert answers(following, histories) == answers(learning, histories)
     from_paths = answers(following, histories, sources=["dr"])
@@ -117,7 +118,7 @@ def run_with_learner(learner: LearnerProcess, engine: Engine, batches: list[list
             seen["died"] = True
             done.set()
 
-        await learner.attach(on_report=on_report, on_paths=lambda: None, on_saved=on_saved,
+        await learner.attach(on_report=on_report, on_paths=lambda stats: None, on_saved=on_saved,
                              on_death=on_death)
         for values in batches:
             await learner.learn(values, users)
