@@ -163,8 +163,13 @@ def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,
     if half_life_events is not None:
         w = w * ragged_position_weights(indptr, half_life_events)
     w = w / np.bincount(owner, weights=w, minlength=len(lengths))[owner]
-    H = scipy.sparse.csr_matrix((w, np.asarray(item_rows), indptr), shape=(len(lengths), len(V)))
-    return np.asarray(H @ V)
+    # the product runs over the rows the histories use, gathered: scipy multiplies a dense
+    # operand only when it is contiguous and copies it otherwise, and V is usually a column
+    # slice of the augmented item matrix (a copy of every item's row for each batch)
+    used, local_rows = np.unique(np.asarray(item_rows), return_inverse=True)
+    H = scipy.sparse.csr_matrix((w, local_rows.reshape(-1), indptr),
+                                shape=(len(lengths), len(used)))
+    return np.asarray(H @ V[used]).reshape(len(lengths), V.shape[1])
 
 
 def ials_fold_in(Psi_hist: np.ndarray, alpha: np.ndarray, G_I: np.ndarray, alpha0: float,

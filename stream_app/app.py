@@ -22,7 +22,7 @@ import faust
 
 from state.history import History
 
-from .changelog import BatchedTableWriter
+from .changelog import BatchedTable
 from .engine import Engine, LearnedReport
 from .kafka import faust_credentials
 from .learner_process import LearnerProcess
@@ -89,7 +89,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     train = app.topic(settings.train_topic, **raw)
     histories = app.Table(HISTORY_TABLE, partitions=settings.partitions,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
-    history_writer = BatchedTableWriter(histories)
+    history_table = BatchedTable(histories)
     reply_topics: dict[str, faust.TopicT] = {}
 
     async def dead_letter(error: InvalidMessage, message) -> None:
@@ -119,14 +119,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     def apply(taken: list[tuple[faust.EventT, Event]]) -> list[TrainExample]:
         """Valid events into the users' histories (one table read and one write per user of
-        the batch, each write on the partition of that user's last event, its changelog
-        record queued for the batch's flush) and training examples."""
-        users = dict.fromkeys(event.user_id for _, event in taken)
-        stored = {user: History.from_json(histories.get(user)) for user in users}
-        updated, examples = engine.ingest_many([event for _, event in taken], stored)
+        the batch, on the partition of that user's events, the write's changelog record
+        queued for the batch's flush) and training examples."""
         last = {event.user_id: item for item, event in taken}
+        stored = {user: History.from_json(value)
+                  for user, value in history_table.get_many(last).items()}
+        updated, examples = engine.ingest_many([event for _, event in taken], stored)
         for user, history in updated.items():
-            history_writer.set(user, history.to_json(), last[user])
+            history_table.set(user, history.to_json(), last[user])
         outcomes = Counter((event.kind, "duplicate" if example is None else "accepted")
                            for (_, event), example in zip(taken, examples))
         for (kind, outcome), count in outcomes.items():
@@ -179,9 +179,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         async for batch in stream.take_events(settings.ingest_batch,
                                               within=settings.ingest_batch_wait_s):
             examples = await take_batch(batch)
-            written = history_writer.pending
+            written = history_table.pending
             try:
-                await history_writer.flush()
+                await history_table.flush()
             except Exception:  # noqa: BLE001 - stored locally; lost only if the worker dies
                 log.exception("could not write the changelog of (some of) %d histories",
                               written)

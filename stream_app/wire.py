@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import orjson
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from pydantic import field_validator
 
@@ -125,6 +127,12 @@ class TrainExample(_Wire):
     history: list[str] = Field(default_factory=list)
     weights: list[float] = Field(default_factory=list)
     history_ts: list[float] = Field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        """The same JSON as the pydantic dump (no field is optional), written by orjson from
+        the fields as they are: the ingest agent writes one of these per event, and the dump
+        took twice as long."""
+        return orjson.dumps(self.__dict__)
 
     @field_validator("history_ts")
     @classmethod

@@ -1,18 +1,21 @@
-"""BatchedTableWriter: the store and the changelog get the bytes Faust's own write would give, one
-record batch per partition. The real broker path is covered by tests/test_broker_integration.py
-(a fresh worker recovers every history from these records); here the batching itself."""
+"""BatchedTable: the store and the changelog get the bytes Faust's own write would give, one
+record batch per partition, and reads give what Faust's own read gives. The real broker path is
+covered by tests/test_broker_integration.py (a fresh worker recovers every history from these
+records); here the batching itself, and reads against a real rocksdb store."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 from types import SimpleNamespace
 
+import faust
 from aiokafka.producer.message_accumulator import BatchBuilder
 from faust.serializers.registry import Registry
 from faust.streams import current_event
 
-from stream_app.changelog import BatchedTableWriter
+from stream_app.changelog import BatchedTable, acting_for
 
 
 class RecordingStore:
@@ -81,7 +84,7 @@ def event_on(partition: int) -> FakeEvent:
 def write_all(table, values: dict[str, tuple[dict, int]], queued: int | None = None) -> int:
     """Set every value, check that ``queued`` records (default: all) wait for the flush, flush;
     returns what the flush reported."""
-    writer = BatchedTableWriter(table)
+    writer = BatchedTable(table)
 
     async def run() -> int:
         for key, (value, partition) in values.items():
@@ -157,7 +160,7 @@ def test_without_a_batching_producer_records_take_fausts_own_path():
 
 
 class PlainStore:
-    """A store without ``_set``: the writer must fall back to the table's own write."""
+    """A store without ``_set`` or ``_db_for_partition``: Faust's own reads and writes."""
 
 
 def test_without_a_bytes_store_writes_are_fausts_own():
@@ -174,3 +177,50 @@ def test_without_a_bytes_store_writes_are_fausts_own():
     assert write_all(table, values, queued=0) == 0  # Faust sent each record itself
     assert written == [(key, value, p) for key, (value, p) in values.items()]
     assert producer.sent == []
+
+
+def rocksdb_table(tmp_path, partitions: int = 4) -> faust.Table:
+    """A Faust table on a real rocksdb store (no broker needed to read and write it)."""
+    app = faust.App("changelog-test", store="rocksdb://", datadir=str(tmp_path),
+                    autodiscover=False)
+    return app.Table("histories", partitions=partitions,
+                     schema=faust.Schema(key_serializer="raw", value_serializer="json"))
+
+
+def test_reads_equal_fausts_own_read_for_the_events_partition(tmp_path):
+    """get_many = Faust's ``table.get`` while it processes the key's event: values written on
+    that partition (the bytes Faust's own write gives, see above), None for a key never written
+    and for one stored on another partition."""
+    table = rocksdb_table(tmp_path)
+    batched = BatchedTable(table)
+    rng = random.Random(7)
+    for u in range(40):
+        value = {"items": [f"i{rng.randrange(9)}" for _ in range(u % 5 + 1)], "phi": "AA"}
+        batched.set(f"u{u}", value, event_on(u % 4))
+    asked = {f"u{u}": event_on(u % 4) for u in range(0, 50, 2)}  # u40.. never written
+    asked["u1"] = event_on(2)  # stored on partition 1
+    oracle = {}
+    for key, event in asked.items():
+        with acting_for(event):
+            oracle[key] = table.get(key)
+    read = batched.get_many(asked)
+    assert read == oracle
+    assert read["u1"] is None and read["u42"] is None
+    assert sum(value is not None for value in read.values()) == 20
+
+
+def test_without_a_partitioned_store_reads_are_fausts_own():
+    table, _ = make_table(batch_bytes=1 << 20)
+    asked = []
+
+    class Table(SimpleNamespace):
+        def get(self, key):
+            asked.append(key)
+            return {"items": [key]}
+
+    table = Table(**vars(table))
+    table.data = PlainStore()
+    events = {"u1": event_on(0), "u2": event_on(1)}
+    assert BatchedTable(table).get_many(events) == {"u1": {"items": ["u1"]},
+                                                    "u2": {"items": ["u2"]}}
+    assert asked == ["u1", "u2"]

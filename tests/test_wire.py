@@ -116,3 +116,19 @@ def test_dead_letters_keep_the_original_bytes():
                            partition=1, offset=42)
     again = DeadLetter.model_validate_json(letter.to_bytes())
     assert again.payload() == raw and again.offset == 42 and again.reason == "bad_json"
+
+
+def test_a_training_example_writes_the_json_pydantic_writes():
+    """TrainExample.to_bytes (orjson over the fields) = pydantic's own dump, for a validated
+    example and for one built as the ingest agent builds it (model_construct), and both
+    decode back to the example; a batch of them decodes too."""
+    from stream_app.wire import TrainBatch, TrainExample
+
+    fields = dict(user_id="u1", item_id="i\u00e9\"2", alpha=2.5, ts=1.7e9 + 0.25,
+                  history=["i1", "i0"], weights=[1.0, 3.0], history_ts=[1.0, 2.5])
+    for example in (TrainExample(**fields), TrainExample.model_construct(**fields)):
+        raw = example.to_bytes()
+        assert json.loads(raw) == json.loads(example.model_dump_json(exclude_none=True))
+        assert TrainExample.model_validate_json(raw) == TrainExample(**fields)
+    batch = TrainBatch.encode_parts([TrainExample(**fields).to_bytes()] * 2)
+    assert TrainBatch.examples_of([batch]) == ([TrainExample(**fields)] * 2, 0)
