@@ -12,6 +12,12 @@ does); the catalogue is filled first with ``assign`` so every timed step touches
 plus a share of brand-new ids per batch (``--new``) to include row growth and init. The
 periodic exact recompute of G_I is timed separately and amortized into the total.
 
+Each solver's result also times the user side of a micro-batch: encoding ``--batch`` users with
+histories of ``--history`` items (the mean encoder over the item matrix, as the engine encodes a
+batch at ingest and before each step). Its cost must not grow with the catalogue:
+
+    python benchmarks/learner_step.py --quick --solver adagrad --items 1000000
+
 BLAS runs on one thread by default (``--blas-threads``): a step's matrix products are only
 (d+1)×B×(d+1), and a multi-threaded OpenBLAS that has to share busy cores made steps about 30×
 slower here. Workers should do the same (``OPENBLAS_NUM_THREADS=1`` or threadpoolctl).
@@ -26,6 +32,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from models.encoders import mean_encoder_batch
 from models.learner import ItemLearner, LearnerConfig
 
 
@@ -35,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batches", type=int, default=2000)
+    parser.add_argument("--history", type=int, default=50, help="events per encoded history")
     parser.add_argument("--new", type=float, default=0.01, help="share of new item ids per batch")
     parser.add_argument("--quick", action="store_true", help="300 batches")
     parser.add_argument("--seed", type=int, default=0)
@@ -79,6 +87,22 @@ def timed_steps(learner: ItemLearner, batches) -> np.ndarray:
     return np.array(step_s)
 
 
+def timed_encodes(learner: ItemLearner, args: argparse.Namespace,
+                  rng: np.random.Generator, repeats: int = 20) -> np.ndarray:
+    """Seconds per encode of ``args.batch`` histories, drawn like the batches' items."""
+    weights = 1.0 / np.arange(1, args.items + 1) ** 0.8
+    lengths = np.full(args.batch, args.history)
+    indptr = np.r_[0, np.cumsum(lengths)]
+    vectors = learner.item_matrix[:, :args.dim]  # the engine's view: vector columns of Ψ̃
+    seconds = []
+    for _ in range(repeats + 2):
+        rows = rng.choice(args.items, size=int(indptr[-1]), p=weights / weights.sum())
+        start = time.perf_counter()
+        mean_encoder_batch(vectors, indptr, rows, np.ones(len(rows)))
+        seconds.append(time.perf_counter() - start)
+    return np.array(seconds[2:])
+
+
 def main() -> None:
     args = parse_args()
     if args.quick:
@@ -98,6 +122,7 @@ def measure(args: argparse.Namespace, solver: str) -> dict:
     rng = np.random.default_rng(args.seed)
     learner = build(args, rng, solver)
     step_s = timed_steps(learner, make_batches(args, rng))
+    encode_s = timed_encodes(learner, args, rng)
     start = time.perf_counter()
     drift = learner.item_gramian.recompute(learner.item_matrix)
     recompute_s = time.perf_counter() - start
@@ -110,6 +135,7 @@ def measure(args: argparse.Namespace, solver: str) -> dict:
         "step_ms_p50": round(1e3 * float(np.median(step_s)), 3),
         "step_ms_p99": round(1e3 * float(np.quantile(step_s, 0.99)), 3),
         "recompute_ms": round(1e3 * recompute_s, 2),
+        "encode_users_ms_p50": round(1e3 * float(np.median(encode_s)), 3),
         "gramian_drift_before_recompute": drift,
     }
 
