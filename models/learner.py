@@ -247,7 +247,7 @@ class ItemLearner:
         top = top[np.argsort(-scores[top], kind="stable")]
         return top, scores[top]
 
-    # -- replicas ------------------------------------------------------------------------
+    # -- replicas (ItemReplica) ------------------------------------------------------------
     def delta(self, first_row: int, moved_rows: np.ndarray) -> RowDelta:
         """The :class:`RowDelta` of ``moved_rows`` and of every row created from ``first_row``
         on (the replica's length when it last followed)."""
@@ -256,23 +256,6 @@ class ItemLearner:
         return RowDelta(first_row=first_row, new_ids=self._ids[first_row:], rows=rows,
                         values=self._psi[rows], steps=self.steps,
                         drift=self.last_drift)
-
-    def follow(self, delta: RowDelta) -> None:
-        """Apply a :class:`RowDelta` of the learner this one replicates: afterwards its ids,
-        rows, step count and item Gramian are the learner's (the Gramian by the same rank-k
-        corrections). A replica only reads and follows; it never learns, so it keeps no
-        statistics. Raises ValueError when the delta does not continue this replica."""
-        if delta.first_row != len(self._ids):
-            raise ValueError(f"a delta from row {delta.first_row} cannot follow a replica "
-                             f"of {len(self._ids)} rows")
-        fresh = delta.rows >= delta.first_row
-        if int(fresh.sum()) != len(delta.new_ids):
-            raise ValueError("a delta must carry every new row")
-        self._append(list(delta.new_ids), delta.values[fresh])
-        moved = delta.rows[~fresh]
-        self.item_gramian.update(self._psi[moved], delta.values[~fresh])
-        self._psi[moved] = delta.values[~fresh]
-        self.steps, self.last_drift = delta.steps, delta.drift
 
     # -- learning ------------------------------------------------------------------------
     def learn(self, phi_batch: np.ndarray, item_ids: Sequence[str], alphas: np.ndarray, *,
@@ -481,12 +464,17 @@ class ItemLearner:
         return np.append(rng.normal(0.0, scale, self.config.dim), 0.0)
 
     def _append(self, item_ids: list[str], rows: np.ndarray) -> None:
+        start = len(self._ids)
+        self._append_rows(item_ids, rows)
+        self._prior[start: start + len(item_ids)] = rows
+
+    def _append_rows(self, item_ids: list[str], rows: np.ndarray) -> None:
+        """New ids with their rows, in the item Gramian too."""
         if not item_ids:
             return
         start = len(self._ids)
         self._reserve(start + len(item_ids))
         self._psi[start: start + len(item_ids)] = rows
-        self._prior[start: start + len(item_ids)] = rows
         self._ids.extend(item_ids)  # before the index: a row found by id is always readable
         self._index.update({item_id: start + k for k, item_id in enumerate(item_ids)})
         self.item_gramian.update(np.empty((0, self.config.dim + 1)), rows)
@@ -522,35 +510,45 @@ class ItemLearner:
         arrays.update(self.user_gramian.to_arrays("user_"))
         save_npz(path, arrays)
 
-    def load(self, path: Path, *, statistics: bool = True) -> bool:
+    def load(self, path: Path) -> bool:
         """Replace all state with the one saved at ``path``; False if there is no file.
 
         Hyperparameters other than ``dim`` may differ from the saved run's (they shape future
-        steps only); a different ``dim`` raises ValueError. ``statistics=False`` leaves out the
-        per-item solve statistics ((d+1)² floats per item), which a replica never uses.
+        steps only); a different ``dim`` raises ValueError.
         """
-        data = load_npz(path)
+        data = self._checkpoint(path)
         if data is None:
             return False
-        saved_dim = json.loads(str(data["config"]))["dim"]
-        if saved_dim != self.config.dim:
-            raise ValueError(f"{path} holds dim={saved_dim}, this learner has {self.config.dim}")
-        self._ids = [str(i) for i in data["ids"]]
-        self._index = {item_id: row for row, item_id in enumerate(self._ids)}
-        self._psi, self._accum = data["psi"], data["accum"]
+        self._load_rows(data)
+        self._accum = data["accum"]
         self._count, self._count_at = data["count"], data["count_at"]
-        clock = [int(x) for x in data["clock"]] + [0]  # older checkpoints: no sweep position
-        self.events, self.steps, self._sweep_at = clock[:3]
-        self._load_statistics(data, statistics)
+        self._load_statistics(data)
         self._reserve(max(len(self._ids), 1024))
-        self.item_gramian.set_arrays(data, "item_")
         self.user_gramian.set_arrays(data, "user_")
         return True
 
-    def _load_statistics(self, data, wanted: bool = True) -> None:
-        """The ``solve`` state; a checkpoint from before it existed, or a replica that does not
-        want it, starts it empty (prior = Ψ̃)."""
-        if wanted and "slot" in data:
+    def _checkpoint(self, path: Path):
+        data = load_npz(path)
+        if data is not None:
+            saved_dim = json.loads(str(data["config"]))["dim"]
+            if saved_dim != self.config.dim:
+                raise ValueError(f"{path} holds dim={saved_dim}, this learner has "
+                                 f"{self.config.dim}")
+        return data
+
+    def _load_rows(self, data) -> None:
+        """What a replica has too: ids, rows, the clock and the item Gramian."""
+        self._ids = [str(i) for i in data["ids"]]
+        self._index = {item_id: row for row, item_id in enumerate(self._ids)}
+        self._psi = data["psi"]
+        clock = [int(x) for x in data["clock"]] + [0]  # older checkpoints: no sweep position
+        self.events, self.steps, self._sweep_at = clock[:3]
+        self.item_gramian.set_arrays(data, "item_")
+
+    def _load_statistics(self, data) -> None:
+        """The ``solve`` state; a checkpoint from before it existed starts it empty
+        (prior = Ψ̃)."""
+        if "slot" in data:
             self._prior, self._slot = data["prior"], data["slot"].astype(np.int64)
             self._pos_gram = data["pos_gram"].astype(np.float32)
             self._pos_target = data["pos_target"]
@@ -562,6 +560,53 @@ class ItemLearner:
             self._slot = np.full(len(self._psi), -1, dtype=np.int64)
             self._pos_gram, self._pos_target, self._pos_at = _no_statistics(self.config.dim + 1)
         self._slots_used = len(self._pos_gram)
+
+
+class ItemReplica(ItemLearner):
+    """A read replica of an :class:`ItemLearner` that learns elsewhere (the worker's copy of
+    its learner process's model): the learner's reads, moved forward by :meth:`follow`.
+
+    It holds the ids, the rows Ψ̃, the step clock and the item Gramian, and none of the
+    learning state: no Adagrad accumulators, priors or counts (as a full learner these took
+    twice the memory of the rows: 1 GB per million items at d = 64) and no solve statistics.
+    Learning, assigning and saving raise TypeError.
+    """
+
+    def _reserve(self, size: int) -> None:
+        if size > len(self._psi):
+            self._psi = _grow(self._psi, max(size, 2 * len(self._psi)), 0.0)
+
+    _append = ItemLearner._append_rows  # no priors
+
+    def follow(self, delta: RowDelta) -> None:
+        """Apply a :class:`RowDelta` of the learner this one replicates: afterwards its ids,
+        rows, step count and item Gramian are the learner's (the Gramian by the same rank-k
+        corrections). Raises ValueError when the delta does not continue this replica."""
+        if delta.first_row != len(self._ids):
+            raise ValueError(f"a delta from row {delta.first_row} cannot follow a replica "
+                             f"of {len(self._ids)} rows")
+        fresh = delta.rows >= delta.first_row
+        if int(fresh.sum()) != len(delta.new_ids):
+            raise ValueError("a delta must carry every new row")
+        self._append(list(delta.new_ids), delta.values[fresh])
+        moved = delta.rows[~fresh]
+        self.item_gramian.update(self._psi[moved], delta.values[~fresh])
+        self._psi[moved] = delta.values[~fresh]
+        self.steps, self.last_drift = delta.steps, delta.drift
+
+    def load(self, path: Path) -> bool:
+        """The rows of the learner's checkpoint at ``path`` (False if there is none)."""
+        data = self._checkpoint(path)
+        if data is None:
+            return False
+        self._load_rows(data)
+        self._reserve(max(len(self._ids), 1024))
+        return True
+
+    def _learning(self, *args, **kwargs):
+        raise TypeError("an ItemReplica only follows the learner it replicates")
+
+    learn = assign = resolve = save = delta = _learning
 
 
 def _no_statistics(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from index_sync.serving import ServingIndex
 from models.embedding import augment_users
 from models.encoders import (ials_fold_in, mean_encoder, mean_encoder_batch, position_weights,
                              ragged_position_weights)
-from models.learner import ItemLearner, RowDelta
+from models.learner import ItemLearner, ItemReplica, RowDelta
 from state.history import History
 from state.popularity import DecayedPopularity
 
@@ -74,12 +74,14 @@ class Engine:
     #: names the source that produced it ("ann" where both did); "popular" fills up.
     available_sources = ("ann", "dr", "popular")
 
-    def __init__(self, settings: Settings, metrics=None) -> None:
+    def __init__(self, settings: Settings, metrics=None, *, replica: bool = False) -> None:
+        """``replica``: the item model is learned elsewhere (a learner process) and this engine
+        follows it (:meth:`follow`): its learner is an :class:`ItemReplica`."""
         self.settings = settings
         self.metrics = metrics  # a stream_app.metrics.Metrics, or None (tools, the harness)
         self.popularity = DecayedPopularity(settings.popularity_half_life_s,
                                             refresh_s=settings.popularity_refresh_s)
-        self.learner = ItemLearner(settings.learner_config())
+        self.learner = (ItemReplica if replica else ItemLearner)(settings.learner_config())
         self.index = ServingIndex(self.learner, settings.index_config())
         self.paths: PathRetrieval | None = None
         if settings.dr_enabled:
@@ -458,8 +460,8 @@ class Engine:
 
     def save(self, *, model: bool = True) -> None:
         """Checkpoint popularity and (``model``) the item model and Deep Retrieval; an engine
-        that follows a learner process leaves the model to it (its replica lacks the solve
-        statistics)."""
+        that follows a learner process leaves the model to it (its replica has no learning
+        state to save)."""
         self.popularity.save(self.checkpoint_dir / "popularity.npz")
         if model:
             self.learner.save(self.checkpoint_dir / "model.npz")
@@ -473,12 +475,11 @@ class Engine:
         self.reported_dr_stats = reported_stats
         return self.paths is not None and self.paths.load(self.checkpoint_dir / "dr")
 
-    def load(self, *, replica: bool = False) -> bool:
-        """The last checkpoint and the newest valid index version, where they exist
-        (``replica``: the item model without the solve statistics, see :meth:`follow`)."""
+    def load(self) -> bool:
+        """The last checkpoint and the newest valid index version, where they exist (a
+        replica takes the item rows only)."""
         found = self.popularity.load(self.checkpoint_dir / "popularity.npz")
-        found = self.learner.load(self.checkpoint_dir / "model.npz",
-                                  statistics=not replica) or found
+        found = self.learner.load(self.checkpoint_dir / "model.npz") or found
         if self.paths is not None:
             found = self.paths.load(self.checkpoint_dir / "dr") or found
         if self.index.load_existing():

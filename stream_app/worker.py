@@ -109,9 +109,9 @@ def run_worker(settings: Settings) -> int:
     limit_threads()  # here too: user vectors, answers, and learning when it runs on the loop
     ensure_topics(settings)
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes one level only
-    engine = Engine(settings)
+    engine = Engine(settings, replica=settings.learner_process)
     learner = LearnerProcess(settings).start() if settings.learner_process else None
-    if engine.load(replica=learner is not None):
+    if engine.load():
         log.info("loaded checkpoint: %d items", len(engine.popularity))
     metrics = build_metrics(engine)
     server = None

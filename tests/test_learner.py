@@ -11,7 +11,7 @@ import pytest
 
 from models.embedding import augment_users, item_gradient
 from models.encoders import mean_encoder, mean_encoder_batch, pack_histories
-from models.learner import ItemLearner, LearnerConfig
+from models.learner import ItemLearner, ItemReplica, LearnerConfig
 
 N_CLUSTERS, PER_CLUSTER, N_USERS = 8, 50, 400
 
@@ -320,14 +320,14 @@ def test_a_replica_that_follows_the_deltas_equals_the_learner(tmp_path):
     learner = ItemLearner(config)
     stream_pass(learner, users[:200], items[:200])
     learner.save(tmp_path / "start.npz")
-    replica = ItemLearner(config)
-    assert replica.load(tmp_path / "start.npz", statistics=False)
+    replica = ItemReplica(config)
+    assert replica.load(tmp_path / "start.npz")
     assert replica._slots_used == 0 and len(replica._pos_gram) == 0  # no (d+1)² per item
     rng = np.random.default_rng(4)
     for step in range(12):
         first_row, moved = len(learner), []
-        if step % 4 == 3:  # a cold start: assign new rows between learning steps
-            learner.assign([f"cold-{step}"], rng.normal(size=(1, 9)))
+        if step % 4 == 3:  # cold starts: assign new rows between learning steps
+            learner.assign([f"cold-{step}-{k}" for k in range(400)], rng.normal(size=(400, 9)))
         for _ in range(step % 3):  # zero to two learning calls per delta
             ids = [item_id(i) for i in rng.integers(0, 500, 24)]  # some unseen ids
             learner.learn(rng.normal(size=(24, 8)), ids, np.ones(24), n_users=100)
@@ -341,3 +341,8 @@ def test_a_replica_that_follows_the_deltas_equals_the_learner(tmp_path):
                                    rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="cannot follow"):
         replica.follow(learner.delta(0, []))  # a delta from before the last one
+    # only the rows: no Adagrad state, priors or counts grew with the catalogue
+    assert len(replica._psi) >= len(replica) > 1024
+    assert max(len(replica._accum), len(replica._prior), len(replica._count)) == 1024
+    with pytest.raises(TypeError, match="only follows"):
+        replica.learn(np.zeros((1, 8)), ["x"], np.ones(1))

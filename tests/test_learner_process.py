@@ -53,8 +53,9 @@ def answers(engine: Engine, histories: dict[str, History], sources=SOURCES, user
 def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp_path):
     examples, histories = examples_and_histories()
     learning = Engine(settings_for(tmp_path / "learner"))
-    following = Engine(settings_for(tmp_path / "learner"))  # same checkpoint dir: DR hand-over
-    assert following.load(replica=True) is False  # nothing saved yet: both start empty
+    following = Engine(settings_for(tmp_path / "learner"),  # same checkpoint dir: DR hand-over
+                       replica=True)
+    assert following.load() is False  # nothing saved yet: both start empty
     for start in range(0, len(examples), 100):
         learning.users = 240
         chunk = examples[start:start + 100]
@@ -79,7 +80,7 @@ def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp
 def test_a_failed_step_is_skipped_and_its_report_carries_every_row(tmp_path, monkeypatch):
     examples, _ = examples_and_histories(300)
     learning = Engine(settings_for(tmp_path))
-    following = Engine(settings_for(tmp_path))
+    following = Engine(settings_for(tmp_path), replica=True)
     following.follow(learning.learn_reported(examples[:200], step=32))
     real_learn, calls = learning.paths.learn, []
 
@@ -137,7 +138,7 @@ def test_the_learner_process_learns_what_the_worker_hands_it(tmp_path):
     batches = [messages[start:start + 5] for start in range(0, len(messages), 5)]
     batches[1] = batches[1] + [b"not a training message"]  # skipped, logged
     learner = LearnerProcess(settings).start()
-    follower = Engine(settings)
+    follower = Engine(settings, replica=True)
     try:
         seen = run_with_learner(learner, follower, batches, users=240)
     finally:
@@ -161,7 +162,7 @@ def test_the_learner_process_learns_what_the_worker_hands_it(tmp_path):
 def test_the_worker_hears_when_its_learner_process_dies(tmp_path):
     learner = LearnerProcess(settings_for(tmp_path)).start()
     os.kill(learner.pid, signal.SIGKILL)
-    seen = run_with_learner(learner, Engine(settings_for(tmp_path)), [], users=1)
+    seen = run_with_learner(learner, Engine(settings_for(tmp_path), replica=True), [], users=1)
     assert seen["died"] and learner.died
     assert not learner.stop(5)  # nothing to stop, and no checkpoint
 
