@@ -20,6 +20,28 @@ from pathlib import Path
 
 import numpy as np
 
+#: the fewest items a ranking keeps: a request that needs more (k + its exclusions) ranks again
+RANKED_AT_LEAST = 1024
+
+
+def top_rows(values: np.ndarray, depth: int) -> np.ndarray:
+    """``np.argsort(-values, kind="stable")[:depth]`` (ties in row order) without sorting
+    everything: a partition finds the ``depth`` largest, only those are sorted. At a million
+    items that is 4 ms instead of the full sort's 100 ms, which ran on the event loop.
+
+    >>> top_rows(np.array([1.0, 3.0, 2.0, 3.0]), 2).tolist()
+    [1, 3]
+    """
+    if depth >= len(values):
+        return np.argsort(-values, kind="stable")
+    if depth <= 0:
+        return np.empty(0, dtype=np.int64)
+    cut = values[np.argpartition(-values, depth - 1)[depth - 1]]  # the depth-th largest value
+    above = np.flatnonzero(values > cut)
+    at_cut = np.flatnonzero(values == cut)[: depth - len(above)]  # lowest rows first
+    rows = np.concatenate([above, at_cut])
+    return rows[np.argsort(-values[rows], kind="stable")]
+
 
 class DecayedPopularity:
     """Decayed, weighted event counts per item with a cached ranking.
@@ -40,6 +62,7 @@ class DecayedPopularity:
         self.now = 0.0  # latest event time seen (event-time clock)
         self._order: np.ndarray = np.empty(0, dtype=np.int64)
         self._order_at = -math.inf
+        self._order_complete = False  # the cached ranking holds every item (as of then)
         self._dirty = False
 
     def __len__(self) -> int:
@@ -75,10 +98,15 @@ class DecayedPopularity:
             return 0.0
         return math.exp(self._log_mass[row] - self.rate * (self.now if at is None else at))
 
-    def _ranking(self) -> np.ndarray:
+    def _ranking(self, depth: int) -> np.ndarray:
+        """The rows of the ``depth`` (at least) most popular items, best first. Cached for
+        ``refresh_s`` seconds; ranked again sooner only when a deeper ranking is asked for."""
         stale = self._clock() - self._order_at >= self.refresh_s
-        if self._dirty and stale:
-            self._order = np.argsort(-self._log_mass[: len(self._ids)], kind="stable")
+        shallow = depth > len(self._order) and not self._order_complete
+        if (self._dirty and stale) or shallow:
+            mass = self._log_mass[: len(self._ids)]
+            self._order = top_rows(mass, max(depth, RANKED_AT_LEAST))
+            self._order_complete = len(self._order) == len(mass)
             self._order_at = self._clock()
             self._dirty = False
         return self._order
@@ -91,7 +119,7 @@ class DecayedPopularity:
         """
         excluded = set(exclude)
         picked: list[tuple[str, float]] = []
-        for row in self._ranking():
+        for row in self._ranking(k + len(excluded)):
             item_id = self._ids[row]
             if item_id in excluded:
                 continue

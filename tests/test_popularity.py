@@ -91,3 +91,31 @@ def test_half_life_must_be_positive():
     with pytest.raises(ValueError):
         DecayedPopularity(0.0)
     assert math.isfinite(DecayedPopularity(1.0).rate)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_rows_equal_the_stable_full_sort(seed):
+    """Oracle: the partial ranking = the first rows of a stable argsort, ties included."""
+    from state.popularity import top_rows
+
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 40, 3000).astype(float)  # many ties, across the cut too
+    full = np.argsort(-values, kind="stable")
+    for depth in (0, 1, 7, 100, 2999, 3000, 5000):
+        np.testing.assert_array_equal(top_rows(values, depth), full[:depth])
+
+
+def test_a_top_beyond_the_cached_ranking_ranks_deeper():
+    """The cached ranking keeps RANKED_AT_LEAST items; a request that needs more (k plus its
+    exclusions) gets a deeper ranking at once, not a short answer."""
+    from state.popularity import RANKED_AT_LEAST
+
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=3600.0)
+    n = RANKED_AT_LEAST + 500
+    for row in range(n):
+        popularity.add(f"i{row}", 0.0, float(n - row))  # i0 most popular
+    assert [i for i, _ in popularity.top(3)] == ["i0", "i1", "i2"]
+    excluded = {f"i{row}" for row in range(RANKED_AT_LEAST)}
+    assert [i for i, _ in popularity.top(5, exclude=excluded)] == [
+        f"i{row}" for row in range(RANKED_AT_LEAST, RANKED_AT_LEAST + 5)]
+    assert len(popularity.top(n)) == n
