@@ -12,7 +12,7 @@ serializers, for the store and the record alike.
 
 Reads have the same story: ``table.get(key)`` outside of Faust's per-event context looks the
 key up in the store, then reads it (two rocksdb lookups, each through four layers of Faust's
-mappings), and it was a fifth of the ingest agent's time. :meth:`BatchedTable.get_many` reads
+mappings), and it was a quarter of the ingest agent's time. :meth:`BatchedTable.get_many` reads
 all the users of a batch with one multi-get per partition, on the partition each user's event
 came from: where Faust's own write puts the value, and where :meth:`BatchedTable.set` puts it.
 
