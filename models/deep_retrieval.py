@@ -466,6 +466,29 @@ class DeepRetrieval:
             self._append(list(fresh), self._initial_paths(fresh, x, near))
         return np.array([self._row[i] for i in item_ids], dtype=np.int64)
 
+    def structure_weights(self) -> dict[str, np.ndarray]:
+        """A copy of the structure model's parameters (about 0.1 MB at the defaults), for a
+        follower that serves with them (:meth:`set_structure_weights`)."""
+        return {name: value.detach().numpy().copy()
+                for name, value in self.model.state_dict().items()}
+
+    def set_structure_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.model.load_state_dict({name: torch.from_numpy(np.asarray(value))
+                                    for name, value in weights.items()})
+
+    def items_since(self, first_row: int) -> tuple[list[str], np.ndarray]:
+        """The ids of rows ``first_row`` on and their paths (n, J): the items a follower has
+        not been given yet (:meth:`add_items`)."""
+        return self._ids[first_row:], self._assign[first_row:len(self._ids)].copy()
+
+    def add_items(self, item_ids: Sequence[str], paths: np.ndarray) -> None:
+        """Give ids not seen before the paths another instance gave them (a follower taking
+        the items its learner met); known ids keep their own. Retrievable at once, like
+        :meth:`assign_new`'s."""
+        fresh = {item: k for k, item in enumerate(item_ids) if item not in self._row}
+        if fresh:
+            self._append(list(fresh), np.asarray(paths, dtype=np.int64)[list(fresh.values())])
+
     def _initial_paths(self, fresh: dict[str, int], x: np.ndarray | None,
                        near: NearFn | None) -> np.ndarray:
         cfg = self.config

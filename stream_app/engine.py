@@ -54,6 +54,9 @@ class LearnedReport:
     losses: list[float]
     dr_losses: list[float]  # finite E-step losses only
     dr_stats: dict | None
+    dr_new_items: list[str]  # items Deep Retrieval met first in this call, with their paths
+    dr_new_paths: np.ndarray | None
+    dr_weights: dict | None  # the structure model, at most every dr_follow_model_s
     examples: int
     failed: int  # examples of steps that raised (logged where they ran)
 
@@ -91,6 +94,7 @@ class Engine:
         self.last_dr_loss = float("nan")
         self.loss = stats.EWMean(fading_factor=0.05)
         self.reported_dr_stats: dict | None = None  # a followed learner's, see follow()
+        self._weights_sent_at = -math.inf  # when a report last carried the DR structure model
         self._weight_of_kind = _WeightOfKind(settings.kind_weights)
         self.users = 0  # users whose history this worker holds
         self.learned = 0  # training examples applied
@@ -258,6 +262,7 @@ class Engine:
         another engine follow. A step that raises is logged and skipped (learning goes on);
         its rows may have moved part way, so the report then carries every row."""
         first_row, moved, failed = len(self.learner), [], 0
+        first_dr_row = len(self.paths.model) if self.paths is not None else 0
         seconds, losses, dr_losses = [], [], []
         for start in range(0, len(examples), step):
             chunk = examples[start:start + step]
@@ -274,12 +279,23 @@ class Engine:
             if self.paths is not None and np.isfinite(self.last_dr_loss):
                 dr_losses.append(self.last_dr_loss)
         rows = np.concatenate(moved) if moved else np.empty(0, dtype=np.int64)
+        new_items, new_paths = (self.paths.model.items_since(first_dr_row)
+                                if self.paths is not None else ([], None))
         return LearnedReport(
             delta=self.learner.delta(first_row, rows),
             items=list(dict.fromkeys(example.item_id for example in examples)),
             step_seconds=seconds, losses=losses, dr_losses=dr_losses,
             dr_stats=self.paths.stats() if self.paths is not None else None,
+            dr_new_items=new_items, dr_new_paths=new_paths, dr_weights=self._weights_due(),
             examples=len(examples) - failed, failed=failed)
+
+    def _weights_due(self) -> dict | None:
+        """The structure model for a follower, when ``dr_follow_model_s`` has passed."""
+        now = time.monotonic()
+        if self.paths is None or now - self._weights_sent_at < self.settings.dr_follow_model_s:
+            return None
+        self._weights_sent_at = now
+        return self.paths.model.structure_weights()
 
     def learn_messages(self, values: Sequence[bytes], step: int) -> LearnedReport:
         """:meth:`learn_reported` of the examples in training messages; a message that does
@@ -291,9 +307,17 @@ class Engine:
 
     def follow(self, report: LearnedReport) -> None:
         """Take in what a learner elsewhere learned (this engine's learner is its replica):
-        item rows, the index's notes of moved rows, losses and counts."""
+        item rows, the index's notes of moved rows, Deep Retrieval's new items with their
+        paths (retrievable at once, as where the learner runs) and its structure model when
+        the report carries it (the paths of known items change at the learner's M-steps,
+        :meth:`reload_paths`), losses and counts."""
         self.learner.follow(report.delta)
         self.index.learned(report.items, report.delta.rows)
+        if self.paths is not None:
+            if report.dr_new_items:
+                self.paths.model.add_items(report.dr_new_items, report.dr_new_paths)
+            if report.dr_weights is not None:
+                self.paths.model.set_structure_weights(report.dr_weights)
         for loss in report.losses:
             self.loss.update(loss)
         for loss in report.dr_losses:

@@ -174,6 +174,10 @@ class Settings(BaseSettings):
         200_000, ge=1, description="Run an M-step sooner once this many pairs were learned.")
     dr_max_candidates: int = Field(
         1000, ge=1, description="Most items a dr retrieval hands to the rerank.")
+    dr_follow_model_s: float = Field(
+        1.0, ge=0, description="How often the learner process hands its Deep Retrieval "
+        "structure model to the worker's loop, which serves dr with it (seconds; 0: after "
+        "every batch).")
     default_sources: list[Literal["ann", "dr", "popular"]] = Field(
         default_factory=lambda: ["ann", "popular"],
         description="Sources of a request that names none (JSON list). dr costs a beam search "

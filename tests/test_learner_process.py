@@ -52,9 +52,9 @@ def answers(engine: Engine, histories: dict[str, History], sources=SOURCES, user
 
 def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp_path):
     examples, histories = examples_and_histories()
-    learning = Engine(settings_for(tmp_path / "learner"))
-    following = Engine(settings_for(tmp_path / "learner"),  # same checkpoint dir: DR hand-over
-                       replica=True)
+    settings = settings_for(tmp_path / "learner", dr_follow_model_s=0)  # weights every batch
+    learning = Engine(settings)
+    following = Engine(settings, replica=True)  # same checkpoint dir: DR hand-over
     assert following.load() is False  # nothing saved yet: both start empty
     for start in range(0, len(examples), 100):
         learning.users = 240
@@ -66,6 +66,11 @@ def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp
     assert following.model_version == learning.model_version
     assert following.loss.get() == learning.loss.get()
     assert following.dr_loss.get() == learning.dr_loss.get()
+    # before any M-step: every item on the paths it was given when the learner met it, and
+    # the beam searched with the learner's structure model as of its last step
+    assert len(following.paths.model) == len(learning.paths.model) > 0
+    early = answers(following, histories, sources=["dr"])
+    assert early == answers(learning, histories, sources=["dr"]) and all(early)
     assert learning.paths.run_m_step_now(timeout=60) is not None
     learning.paths.save(learning.checkpoint_dir / "dr")
     assert following.reload_paths(learning.paths.stats())
