@@ -569,7 +569,7 @@ class ItemReplica(ItemLearner):
     It holds the ids, the rows Ψ̃, the step clock and the item Gramian, and none of the
     learning state: no Adagrad accumulators, priors or counts (as a full learner these took
     twice the memory of the rows: 1 GB per million items at d = 64) and no solve statistics.
-    Learning, assigning and saving raise TypeError.
+    Learning, assigning, saving and asking for counts raise TypeError.
     """
 
     def _reserve(self, size: int) -> None:
@@ -606,7 +606,7 @@ class ItemReplica(ItemLearner):
     def _learning(self, *args, **kwargs):
         raise TypeError("an ItemReplica only follows the learner it replicates")
 
-    learn = assign = resolve = save = delta = _learning
+    learn = assign = resolve = save = delta = count = _learning
 
 
 def _no_statistics(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
