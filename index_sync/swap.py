@@ -56,10 +56,10 @@ class IndexHolder:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What a build needs, copied on the owner's thread."""
+    """What a build needs, taken on the owner's thread."""
 
-    ids: list[str]
-    vectors: np.ndarray  # (n, d+1) augmented rows, a copy
+    ids: list[str]  # a copy
+    vectors: np.ndarray  # (n, d+1) augmented rows: the live rows (see ServingIndex.maybe_rebuild)
     model_version: int
 
 
