@@ -11,6 +11,7 @@ of being processed on the wrong partition.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -212,12 +213,27 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         engine.follow(report)
         record_learned(report)
 
+    paths_read = asyncio.Lock()
+    paths_reads: set[asyncio.Task] = set()
+
+    async def reload_paths_aside(stats: dict) -> None:
+        """Read the paths the learner saved in a thread (seconds at a million items), then
+        serve them; one read at a time."""
+        async with paths_read:
+            engine.begin_paths_read()
+            try:
+                fresh = await asyncio.get_running_loop().run_in_executor(None,
+                                                                         engine.read_paths)
+                if not engine.install_paths(fresh, stats):
+                    log.warning("the learner's Deep Retrieval paths were not there to load")
+            except Exception:  # noqa: BLE001 - the paths in force keep serving
+                engine.install_paths(None, stats)
+                log.exception("could not load the learner's Deep Retrieval paths")
+
     def reload_paths(stats: dict) -> None:
-        try:
-            if not engine.reload_paths(stats):
-                log.warning("the learner's Deep Retrieval paths were not there to load")
-        except Exception:  # noqa: BLE001 - the paths in force keep serving
-            log.exception("could not load the learner's Deep Retrieval paths")
+        task = asyncio.ensure_future(reload_paths_aside(stats))
+        paths_reads.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(paths_reads.discard)
 
     def learner_saved() -> None:
         engine.checkpointed_at = time.time()

@@ -19,6 +19,7 @@ from river import stats
 
 from index_sync.paths import PathRetrieval
 from index_sync.serving import ServingIndex
+from models.deep_retrieval import DeepRetrieval
 from models.embedding import augment_users
 from models.encoders import (ials_fold_in, mean_encoder, mean_encoder_batch, position_weights,
                              ragged_position_weights)
@@ -95,6 +96,8 @@ class Engine:
         self.loss = stats.EWMean(fading_factor=0.05)
         self.reported_dr_stats: dict | None = None  # a followed learner's, see follow()
         self._weights_sent_at = -math.inf  # when a report last carried the DR structure model
+        # (items, paths, weights) of reports followed while saved paths are read aside
+        self._followed_during_read: list[tuple] | None = None
         self._weight_of_kind = _WeightOfKind(settings.kind_weights)
         self.users = 0  # users whose history this worker holds
         self.learned = 0  # training examples applied
@@ -318,6 +321,9 @@ class Engine:
                 self.paths.model.add_items(report.dr_new_items, report.dr_new_paths)
             if report.dr_weights is not None:
                 self.paths.model.set_structure_weights(report.dr_weights)
+            if self._followed_during_read is not None:  # for the paths being read aside
+                self._followed_during_read.append(
+                    (report.dr_new_items, report.dr_new_paths, report.dr_weights))
         for loss in report.losses:
             self.loss.update(loss)
         for loss in report.dr_losses:
@@ -494,10 +500,39 @@ class Engine:
             self.checkpointed_at = time.time()
 
     def reload_paths(self, reported_stats: dict) -> bool:
-        """Load the Deep Retrieval paths a learner process saved after its M-step, and take
-        its figures as of then (an M-step may finish after the last batch it reports on)."""
+        """:meth:`read_paths` and :meth:`install_paths` in one call (tools and tests; a worker
+        reads aside)."""
+        self.begin_paths_read()
+        return self.install_paths(self.read_paths(), reported_stats)
+
+    def begin_paths_read(self) -> None:
+        """From now on, keep what reports bring Deep Retrieval for :meth:`install_paths`."""
+        self._followed_during_read = []
+
+    def read_paths(self) -> DeepRetrieval | None:
+        """The Deep Retrieval state a learner process saved after its M-step, read into a new
+        object; None if there is none. Any thread: at a million items it takes seconds, which
+        the event loop must not wait for."""
+        if self.paths is None:
+            return None
+        fresh = DeepRetrieval(self.paths.model.config)
+        return fresh if fresh.load(self.checkpoint_dir / "dr") else None
+
+    def install_paths(self, fresh: DeepRetrieval | None, reported_stats: dict) -> bool:
+        """Serve ``fresh`` (from :meth:`read_paths`), with the new items and the newest
+        structure model that reports brought while it was read, and take the learner's
+        figures as of its M-step (one may finish after the last batch it reports on)."""
         self.reported_dr_stats = reported_stats
-        return self.paths is not None and self.paths.load(self.checkpoint_dir / "dr")
+        followed, self._followed_during_read = self._followed_during_read or [], None
+        if self.paths is None or fresh is None:
+            return False
+        for items, paths, weights in followed:
+            if items:
+                fresh.add_items(items, paths)
+            if weights is not None:
+                fresh.set_structure_weights(weights)
+        self.paths.model = fresh
+        return True
 
     def load(self) -> bool:
         """The last checkpoint and the newest valid index version, where they exist (a

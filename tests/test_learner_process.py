@@ -82,6 +82,30 @@ def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp
     assert all(answer for answer in from_paths)
 
 
+def test_paths_read_aside_are_served_with_what_reports_brought_meanwhile(tmp_path):
+    """The worker reads the learner's saved paths in a thread; reports it follows meanwhile
+    (new items, a newer structure model) must not be lost when the read paths take over."""
+    examples, histories = examples_and_histories()
+    settings = settings_for(tmp_path / "learner", dr_follow_model_s=0)
+    learning = Engine(settings)
+    following = Engine(settings, replica=True)
+    learning.users = 240
+    following.follow(learning.learn_reported(examples[:150], step=32))
+    assert learning.paths.run_m_step_now(timeout=60) is not None
+    learning.paths.save(learning.checkpoint_dir / "dr")
+    saved_items = len(learning.paths.model)
+    following.begin_paths_read()
+    fresh = following.read_paths()  # as in the worker's thread
+    for start in range(150, len(examples), 100):  # reports followed while it reads
+        following.follow(learning.learn_reported(examples[start:start + 100], step=32))
+    assert len(learning.paths.model) > saved_items == len(fresh)  # items the file lacks
+    assert following.install_paths(fresh, learning.paths.stats())
+    assert following.paths.model is fresh and len(fresh) == len(learning.paths.model)
+    assert following.install_paths(None, {}) is False  # nothing read: the paths stay
+    assert answers(following, histories, sources=["dr"]) == answers(learning, histories,
+                                                                     sources=["dr"])
+
+
 def test_a_failed_step_is_skipped_and_its_report_carries_every_row(tmp_path, monkeypatch):
     examples, _ = examples_and_histories(300)
     learning = Engine(settings_for(tmp_path))
