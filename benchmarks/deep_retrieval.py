@@ -1,5 +1,7 @@
 """Deep Retrieval costs: the M-step on a large catalogue, beam search and retrieval per query,
-and the E-step's learning throughput, in process.
+the E-step's learning throughput, and writing and reading the state a worker loads after each
+M-step of its learner process (the catalogue's ids and paths; the path-score tracker empty),
+in process.
 
     python benchmarks/deep_retrieval.py            # 1M items (the issue's M-step size)
     python benchmarks/deep_retrieval.py --quick    # 100k items, well under a minute
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import numpy as np
@@ -102,6 +105,19 @@ def measure_e_step(config: DRConfig, rng, batches: int = 40, batch: int = 256) -
             "pairs_per_s": round(batch / per_batch)}
 
 
+def measure_checkpoint(config: DRConfig, assignment: np.ndarray) -> dict:
+    model = DeepRetrieval(config)
+    model.add_items([f"item-{i}" for i in range(len(assignment))], assignment)
+    with tempfile.TemporaryDirectory() as directory:
+        started = time.perf_counter()
+        model.save(directory)
+        saved = time.perf_counter() - started
+        started = time.perf_counter()
+        assert DeepRetrieval(config).load(directory)
+        loaded = time.perf_counter() - started
+    return {"items": len(assignment), "save_s": round(saved, 2), "load_s": round(loaded, 2)}
+
+
 def main() -> None:
     args = parse_args()
     if args.quick:
@@ -117,6 +133,7 @@ def main() -> None:
         "m_step": m_step_result,
         "queries": measure_queries(config, assignment, args, rng),
         "e_step": measure_e_step(config, rng),
+        "checkpoint": measure_checkpoint(config, assignment),
     }
     print(json.dumps(report, indent=2))
 
