@@ -1,7 +1,7 @@
 """Deep Retrieval costs: the M-step on a large catalogue, beam search and retrieval per query,
 the E-step's learning throughput, and writing and reading the state a worker loads after each
-M-step of its learner process (the catalogue's ids and paths; the path-score tracker empty),
-in process.
+M-step of its learner process (the catalogue's ids and paths; the path-score tracker empty; a
+worker reads it without the scores), in process.
 
     python benchmarks/deep_retrieval.py            # 1M items (the issue's M-step size)
     python benchmarks/deep_retrieval.py --quick    # 100k items, well under a minute
@@ -115,7 +115,11 @@ def measure_checkpoint(config: DRConfig, assignment: np.ndarray) -> dict:
         started = time.perf_counter()
         assert DeepRetrieval(config).load(directory)
         loaded = time.perf_counter() - started
-    return {"items": len(assignment), "save_s": round(saved, 2), "load_s": round(loaded, 2)}
+        started = time.perf_counter()
+        assert DeepRetrieval(config, track_scores=False).load(directory)
+        serving = time.perf_counter() - started
+    return {"items": len(assignment), "save_s": round(saved, 2), "load_s": round(loaded, 2),
+            "load_serving_only_s": round(serving, 2)}
 
 
 def main() -> None:

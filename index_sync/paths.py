@@ -44,8 +44,9 @@ class PathRetrieval:
     """One worker's Deep Retrieval source: learning, M-steps off the loop, retrieval."""
 
     def __init__(self, config: DRConfig, policy: MStepPolicy = MStepPolicy(),
-                 max_candidates: int = 1000) -> None:
-        self.model = DeepRetrieval(config)
+                 max_candidates: int = 1000, *, track_scores: bool = True) -> None:
+        """``track_scores=False``: serving only (see :class:`DeepRetrieval`)."""
+        self.model = DeepRetrieval(config, track_scores=track_scores)
         self.policy = policy
         self.max_candidates = max_candidates
         self.events_since_m_step = 0

@@ -365,12 +365,15 @@ class DeepRetrieval:
 
     STATE_FILE = "dr_state.npz"
 
-    def __init__(self, config: DRConfig) -> None:
+    def __init__(self, config: DRConfig, *, track_scores: bool = True) -> None:
+        """``track_scores=False``: an instance that only serves (a worker following a learner
+        process): no path scores (S codes and scores per item, 256 MB per million items at
+        the defaults), so it neither learns nor runs M-steps nor saves."""
         self.config = config
         self.model = StructureModel(config.input_dim, config.width, config.depth,
                                     config.node_dim, config.hidden, config.seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        self.tracker = PathScoreTracker(config.top_s, config.decay)
+        self.tracker = PathScoreTracker(config.top_s, config.decay) if track_scores else None
         self._row: dict[str, int] = {}
         self._ids: list[str] = []
         self._counts = np.zeros(1024, dtype=np.float64)
@@ -433,6 +436,7 @@ class DeepRetrieval:
         only uses ratios of scores, so the decay does not bias it, but an item's old pairs keep
         weighing its likelihood term against the penalty.
         """
+        self._tracking()
         x = np.asarray(x, dtype=np.float32).reshape(len(item_ids), self.config.input_dim)
         cfg = self.config
         rows = self.assign_new(item_ids, x=x if cfg.new_item_paths == "beam" else None)
@@ -489,6 +493,10 @@ class DeepRetrieval:
         if fresh:
             self._append(list(fresh), np.asarray(paths, dtype=np.int64)[list(fresh.values())])
 
+    def _tracking(self) -> None:
+        if self.tracker is None:
+            raise TypeError("this DeepRetrieval only serves (track_scores=False)")
+
     def _initial_paths(self, fresh: dict[str, int], x: np.ndarray | None,
                        near: NearFn | None) -> np.ndarray:
         cfg = self.config
@@ -526,7 +534,8 @@ class DeepRetrieval:
             self._counts = np.concatenate([self._counts, np.zeros(cap - len(self._counts))])
         self._assign[start:end] = paths
         self._counts[start:end] = 0.0
-        self.tracker.grow(end)
+        if self.tracker is not None:
+            self.tracker.grow(end)
         self._ids.extend(ids)  # before the pending rows that name them: readers index ids
         serving = self._serving
         for row, item in enumerate(ids, start):
@@ -551,6 +560,7 @@ class DeepRetrieval:
     def m_step_snapshot(self) -> MStepSnapshot:
         """Copies of what the M-step reads, so it can run on another thread while learning goes
         on (learn thread; O(n·S) copies)."""
+        self._tracking()
         n = len(self._ids)
         return MStepSnapshot(n, self.tracker.codes.copy(), self.tracker.scores.copy(),
                              self._counts[:n].copy(), self._assign[:n].copy())
@@ -615,6 +625,7 @@ class DeepRetrieval:
         Adam moments are not saved: after a reload the optimizer restarts cold, which only
         changes the size of the first steps.
         """
+        self._tracking()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         generation = f"{time.time_ns():x}"
@@ -641,8 +652,9 @@ class DeepRetrieval:
         state_path = Path(directory) / self.STATE_FILE
         if not state_path.exists():
             return False
+        skipped = () if self.tracker is not None else ("codes", "scores")
         with np.load(state_path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            arrays = {k: data[k] for k in data.files if k not in skipped}
         meta = json.loads(str(arrays["meta"]))
         shape_keys = ("input_dim", "width", "depth", "paths_per_item", "top_s", "node_dim",
                       "hidden")
@@ -664,7 +676,8 @@ class DeepRetrieval:
         self._assign[:n] = arrays["assignment"]
         self._counts = np.zeros(max(n, 1024))
         self._counts[:n] = arrays["counts"]
-        self.tracker.load_arrays(arrays["codes"], arrays["scores"])
+        if self.tracker is not None:
+            self.tracker.load_arrays(arrays["codes"], arrays["scores"])
         self._ids = ids
         self._row = {item: row for row, item in enumerate(ids)}
         self._m_steps = int(meta["m_steps"])

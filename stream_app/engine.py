@@ -90,7 +90,7 @@ class Engine:
         self.paths: PathRetrieval | None = None
         if settings.dr_enabled:
             self.paths = PathRetrieval(settings.dr_config(), settings.m_step_policy(),
-                                       settings.dr_max_candidates)
+                                       settings.dr_max_candidates, track_scores=not replica)
         self.dr_loss = stats.EWMean(fading_factor=0.05)
         self.last_dr_loss = float("nan")
         self.loss = stats.EWMean(fading_factor=0.05)
@@ -515,7 +515,8 @@ class Engine:
         the event loop must not wait for."""
         if self.paths is None:
             return None
-        fresh = DeepRetrieval(self.paths.model.config)
+        fresh = DeepRetrieval(self.paths.model.config,
+                              track_scores=self.paths.model.tracker is not None)
         return fresh if fresh.load(self.checkpoint_dir / "dr") else None
 
     def install_paths(self, fresh: DeepRetrieval | None, reported_stats: dict) -> bool:

@@ -358,6 +358,27 @@ def test_save_load_round_trip(planted, tmp_path):
     assert "brand-new" not in dr.retrieve(x[0], beam=PLANTED.paths_per_item)
 
 
+def test_a_serving_only_instance_retrieves_like_the_learner_without_path_scores(planted,
+                                                                                tmp_path):
+    """track_scores=False (a worker following its learner process): the same retrievals from
+    the same checkpoint, no path scores read or grown, and learning or saving refused."""
+    data, dr, _ = planted
+    dr.save(tmp_path)
+    serving = DeepRetrieval(PLANTED, track_scores=False)
+    assert serving.load(tmp_path) and serving.tracker is None
+    users = data.users(np.arange(N_CLUSTERS))
+    assert serving.retrieve_many(users, 3) == dr.retrieve_many(users, 3)
+    ids, paths = dr.items_since(0)
+    follower = DeepRetrieval(PLANTED, track_scores=False)
+    follower.add_items(ids, paths)  # grows the assignment, no scores
+    follower.set_structure_weights(dr.structure_weights())
+    assert follower.retrieve_many(users, 3) == dr.retrieve_many(users, 3)
+    for refused in (lambda: serving.learn(users, ["x"] * len(users)),
+                    serving.m_step_snapshot, lambda: serving.save(tmp_path / "other")):
+        with pytest.raises(TypeError, match="only serves"):
+            refused()
+
+
 def test_new_items_grow_state_and_stay_retrievable():
     config = DRConfig(input_dim=4, width=6, depth=3, paths_per_item=3, top_s=4, seed=2)
     dr = DeepRetrieval(config)

@@ -101,6 +101,7 @@ def test_paths_read_aside_are_served_with_what_reports_brought_meanwhile(tmp_pat
     assert len(learning.paths.model) > saved_items == len(fresh)  # items the file lacks
     assert following.install_paths(fresh, learning.paths.stats())
     assert following.paths.model is fresh and len(fresh) == len(learning.paths.model)
+    assert fresh.tracker is None  # a follower reads no path scores
     assert following.install_paths(None, {}) is False  # nothing read: the paths stay
     assert answers(following, histories, sources=["dr"]) == answers(learning, histories,
                                                                      sources=["dr"])
