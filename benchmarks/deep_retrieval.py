@@ -20,11 +20,10 @@ import tempfile
 import time
 
 import numpy as np
-import torch
-from threadpoolctl import threadpool_limits
 
 from models.deep_retrieval import DeepRetrieval, DRConfig, beam_search, m_step
 from state.path_scores import PathIndex
+from stream_app.learner_process import limit_threads
 from stream_app.settings import Settings
 
 
@@ -126,8 +125,7 @@ def main() -> None:
     args = parse_args()
     if args.quick:
         args.items, args.queries, args.clusters = 100_000, 500, 200
-    threadpool_limits(1)
-    torch.set_num_threads(1)
+    limit_threads()
     config = Settings().dr_config()
     rng = np.random.default_rng(args.seed)
     m_step_result, assignment = measure_m_step(config, args, rng)

@@ -53,9 +53,14 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def item_odds(items: int) -> np.ndarray:
+    """Zipf-like probabilities of the catalogue's rows (exponent 0.8)."""
+    weights = 1.0 / np.arange(1, items + 1) ** 0.8
+    return weights / weights.sum()
+
+
 def make_batches(args: argparse.Namespace, rng: np.random.Generator):
-    weights = 1.0 / np.arange(1, args.items + 1) ** 0.8
-    picks = rng.choice(args.items, size=(args.batches, args.batch), p=weights / weights.sum())
+    picks = rng.choice(args.items, size=(args.batches, args.batch), p=item_odds(args.items))
     batches = []
     for b, row in enumerate(picks):
         ids = [f"item-{i}" for i in row]
@@ -90,13 +95,13 @@ def timed_steps(learner: ItemLearner, batches) -> np.ndarray:
 def timed_encodes(learner: ItemLearner, args: argparse.Namespace,
                   rng: np.random.Generator, repeats: int = 20) -> np.ndarray:
     """Seconds per encode of ``args.batch`` histories, drawn like the batches' items."""
-    weights = 1.0 / np.arange(1, args.items + 1) ** 0.8
+    odds = item_odds(args.items)
     lengths = np.full(args.batch, args.history)
     indptr = np.r_[0, np.cumsum(lengths)]
     vectors = learner.item_matrix[:, :args.dim]  # the engine's view: vector columns of Ψ̃
     seconds = []
     for _ in range(repeats + 2):
-        rows = rng.choice(args.items, size=int(indptr[-1]), p=weights / weights.sum())
+        rows = rng.choice(args.items, size=int(indptr[-1]), p=odds)
         start = time.perf_counter()
         mean_encoder_batch(vectors, indptr, rows, np.ones(len(rows)))
         seconds.append(time.perf_counter() - start)

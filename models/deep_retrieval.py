@@ -462,10 +462,7 @@ class DeepRetrieval:
         random paths. Its paths enter the serving index at once, so the item is retrievable by
         users like the one it was met with before the next M-step ever scores it.
         """
-        fresh: dict[str, int] = {}
-        for pos, item in enumerate(item_ids):
-            if item not in self._row and item not in fresh:
-                fresh[item] = pos
+        fresh = self._unknown(item_ids)
         if fresh:
             self._append(list(fresh), self._initial_paths(fresh, x, near))
         return np.array([self._row[i] for i in item_ids], dtype=np.int64)
@@ -489,9 +486,17 @@ class DeepRetrieval:
         """Give ids not seen before the paths another instance gave them (a follower taking
         the items its learner met); known ids keep their own. Retrievable at once, like
         :meth:`assign_new`'s."""
-        fresh = {item: k for k, item in enumerate(item_ids) if item not in self._row}
+        fresh = self._unknown(item_ids)
         if fresh:
             self._append(list(fresh), np.asarray(paths, dtype=np.int64)[list(fresh.values())])
+
+    def _unknown(self, item_ids: Sequence[str]) -> dict[str, int]:
+        """Ids not seen before → their first position in ``item_ids``."""
+        fresh: dict[str, int] = {}
+        for pos, item in enumerate(item_ids):
+            if item not in self._row and item not in fresh:
+                fresh[item] = pos
+        return fresh
 
     def _tracking(self) -> None:
         if self.tracker is None:

@@ -62,6 +62,16 @@ class LearnedReport:
     failed: int  # examples of steps that raised (logged where they ran)
 
 
+def _take_dr(model: DeepRetrieval, items: list[str], paths: np.ndarray | None,
+             weights: dict | None) -> None:
+    """What a report brings a following Deep Retrieval: new items with their paths, and the
+    structure model when it rides along."""
+    if items:
+        model.add_items(items, paths)
+    if weights is not None:
+        model.set_structure_weights(weights)
+
+
 class _WeightOfKind(dict):
     """kind → confidence weight; a kind that is not configured (any more) weighs 1."""
 
@@ -317,13 +327,10 @@ class Engine:
         self.learner.follow(report.delta)
         self.index.learned(report.items, report.delta.rows)
         if self.paths is not None:
-            if report.dr_new_items:
-                self.paths.model.add_items(report.dr_new_items, report.dr_new_paths)
-            if report.dr_weights is not None:
-                self.paths.model.set_structure_weights(report.dr_weights)
+            taken = (report.dr_new_items, report.dr_new_paths, report.dr_weights)
+            _take_dr(self.paths.model, *taken)
             if self._followed_during_read is not None:  # for the paths being read aside
-                self._followed_during_read.append(
-                    (report.dr_new_items, report.dr_new_paths, report.dr_weights))
+                self._followed_during_read.append(taken)
         for loss in report.losses:
             self.loss.update(loss)
         for loss in report.dr_losses:
@@ -527,11 +534,8 @@ class Engine:
         followed, self._followed_during_read = self._followed_during_read or [], None
         if self.paths is None or fresh is None:
             return False
-        for items, paths, weights in followed:
-            if items:
-                fresh.add_items(items, paths)
-            if weights is not None:
-                fresh.set_structure_weights(weights)
+        for taken in followed:
+            _take_dr(fresh, *taken)
         self.paths.model = fresh
         return True
 

@@ -121,10 +121,11 @@ def run_worker(settings: Settings) -> int:
     app = create_app(settings, engine, metrics, learner)
     worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
                     shutdown_timeout_s=settings.shutdown_timeout_s)
+    code = 0
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:
-        return EXIT_LEARNER_DIED if learner is not None and learner.died else int(exit_.code or 0)
+        code = int(exit_.code or 0)
     finally:
         engine.index.close()
         if engine.paths is not None:
@@ -135,4 +136,4 @@ def run_worker(settings: Settings) -> int:
         log.info("checkpoint written to %s", engine.checkpoint_dir)
         if server is not None:
             server.shutdown()
-    return EXIT_LEARNER_DIED if learner is not None and learner.died else 0
+    return EXIT_LEARNER_DIED if learner is not None and learner.died else code
