@@ -3,20 +3,28 @@
 Run as ``python benchmarks/bare_agent.py`` with the same ``STREAMREC_*`` settings as a worker;
 it exports ``bare_events_total`` on the metrics port. Same broker, same consumer settings, same
 embedded-broker fixes as a streamrec worker, so the ratio between the two isolates streamrec's
-own cost per event.
+own cost per event. Faust's own message delivery by default; ``--direct-delivery`` takes the
+worker's (``stream_app/delivery.py``), for the ratio with that cost removed from both.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import faust
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from stream_app.compat import install_embedded_broker_fixes
+from stream_app.delivery import install_direct_delivery
 from stream_app.kafka import faust_credentials
 from stream_app.settings import Settings
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--direct-delivery", action="store_true",
+                        help="deliver messages as a streamrec worker does")
+    args = parser.parse_args(argv)
     settings = Settings()
     if settings.compat_fixes:
         install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
@@ -31,6 +39,8 @@ def main() -> None:
                     autodiscover=False, datadir=str(settings.data_dir / "faust"),
                     consumer_max_fetch_size=settings.fetch_partition_bytes,
                     broker_max_poll_records=settings.poll_records)
+    if args.direct_delivery:
+        install_direct_delivery(app)
     topic = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw")
 
     @app.agent(topic)

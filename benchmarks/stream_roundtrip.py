@@ -1,7 +1,9 @@
 """Throughput and latency of a real worker on a real (embedded) broker, in one run.
 
 1. Fill the events topic with N synthetic events (Zipf items, uniform users).
-2. A bare Faust agent that only counts consumes them: its events/s is the yardstick.
+2. A bare Faust agent that only counts consumes them: its events/s is the yardstick. Then the
+   same agent with the worker's direct delivery (``stream_app/delivery.py``): the ratio with
+   Faust's per-message tasks removed from both sides.
 3. A streamrec worker consumes the same topic (own consumer group): events/s taken in and
    events/s learned (the training examples applied to the model), each with its ratio. With
    ``--in-loop-too``, first a worker that learns on its event loop
@@ -247,15 +249,16 @@ def main(argv: list[str] | None = None) -> dict:
                         session_timeout_s=6.0, log_level="warning", index_interval_s=2.0)
         ensure_topics(base)
         results["produce_events_per_s"] = fill(base, args.events)
-        bare = base.replace(app_id=f"bare-{tag}", data_dir=workdir / "bare")
-        agent = start("bare-agent", bare, [sys.executable,
-                      str(Path(__file__).with_name("bare_agent.py"))], workdir)
-        try:
-            results["bare_agent_cpu"] = {}
-            [results["bare_agent_events_per_s"]] = consume_rates(
-                bare, agent, ["bare_events_total"], args.events, results["bare_agent_cpu"])
-        finally:
-            agent.stop()
+        for name, flags in (("bare_agent", []), ("bare_direct_agent", ["--direct-delivery"])):
+            bare = base.replace(app_id=f"{name}-{tag}", data_dir=workdir / name)
+            agent = start(name, bare, [sys.executable,
+                          str(Path(__file__).with_name("bare_agent.py")), *flags], workdir)
+            try:
+                results[f"{name}_cpu"] = {}
+                [results[f"{name}_events_per_s"]] = consume_rates(
+                    bare, agent, ["bare_events_total"], args.events, results[f"{name}_cpu"])
+            finally:
+                agent.stop()
         if args.in_loop_too:
             in_loop = base.replace(app_id=f"in-loop-{tag}", data_dir=workdir / "in-loop",
                                    learner_process=False)
@@ -285,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                / results["bare_agent_events_per_s"])
             results["learned_to_bare_ratio"] = (results["worker_learned_events_per_s"]
                                                 / results["bare_agent_events_per_s"])
+            results["worker_to_bare_direct_ratio"] = (results["worker_events_per_s"]
+                                                      / results["bare_direct_agent_events_per_s"])
             users = max(1000, args.events // 20)
             results["sequential"] = round_trips(served, args.requests // 4, 1, users)
             results["concurrent"] = round_trips(served, args.requests, args.clients, users)

@@ -24,6 +24,7 @@ import faust
 from state.history import History
 
 from .changelog import BatchedTable
+from .delivery import install_direct_delivery
 from .engine import Engine, LearnedReport
 from .kafka import faust_credentials
 from .learner_process import LearnerProcess
@@ -83,6 +84,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         # a changelog batch of BatchedTableWriter holds ~60 histories of 50 events
         producer_max_batch_size=CHANGELOG_BATCH_BYTES,
     )
+    if settings.direct_delivery:
+        install_direct_delivery(app)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(settings.topic_events, **raw)
     dead_letters = app.topic(settings.topic_dead_letters, **raw)

@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     learner_process: bool = Field(
         True, description="Learn in a child process of the worker (the event loop keeps a "
         "replica of the item rows); false: learn on the worker's event loop.")
+    direct_delivery: bool = Field(
+        True, description="Hand each consumed message to its streams in place, without the "
+        "four asyncio tasks Faust makes per message (stream_app/delivery.py); false: Faust's "
+        "own path.")
     # The worker's one consumer reads events, training examples and requests. Faust hands an
     # agent every record of a poll before it polls again, and aiokafka returns a partition's
     # buffered records before those of partitions fetched later; with the client defaults
