@@ -123,14 +123,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     def apply(taken: list[tuple[faust.EventT, Event]]) -> list[TrainExample]:
         """Valid events into the users' histories (one table read and one write per user of
-        the batch, on the partition of that user's events, the write's changelog record
-        queued for the batch's flush) and training examples."""
+        the batch, on the partition of that user's events, in one store batch per partition,
+        the write's changelog record queued for the batch's flush) and training examples."""
         last = {event.user_id: item for item, event in taken}
         stored = {user: History.from_json(value)
                   for user, value in history_table.get_many(last).items()}
         updated, examples = engine.ingest_many([event for _, event in taken], stored)
-        for user, history in updated.items():
-            history_table.set(user, history.to_json(), last[user])
+        history_table.set_many((user, history.to_json(), last[user])
+                               for user, history in updated.items())
         outcomes = Counter((event.kind, "duplicate" if example is None else "accepted")
                            for (_, event), example in zip(taken, examples))
         for (kind, outcome), count in outcomes.items():
