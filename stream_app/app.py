@@ -81,7 +81,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         stream_wait_empty=False,
         consumer_max_fetch_size=settings.fetch_partition_bytes,
         broker_max_poll_records=settings.poll_records,
-        # a changelog batch of BatchedTableWriter holds ~60 histories of 50 events
+        # a changelog batch of BatchedTable holds ~60 histories of 50 events
         producer_max_batch_size=CHANGELOG_BATCH_BYTES,
     )
     if settings.direct_delivery:

@@ -5,7 +5,7 @@ A Faust table write (``table[key] = value``) stores the value and sends one chan
 through Faust's producer path: a pending message, a future, a delivery callback per record. At
 one write per user per ingest batch that path was the largest single cost of a worker (a
 sampling profile put Faust's producer buffer, aiokafka's sender and the callbacks at 28 % of the
-event loop). :class:`BatchedTableWriter` stores the same values in the table's local store and
+event loop). :class:`BatchedTable` stores the same values in the table's local store and
 appends the same records (same key, same JSON value, same partition) to one aiokafka record
 batch per changelog partition. The values are serialized once, with the table's own
 serializers, for the store and the record alike.
@@ -39,10 +39,10 @@ from typing import Any
 
 import faust
 import rocksdict
-from faust.utils import json as faust_json
-from mode.utils.compat import want_bytes
 from faust.streams import _current_event  # see acting_for()
 from faust.types import TP
+from faust.utils import json as faust_json
+from mode.utils.compat import want_bytes
 
 log = logging.getLogger(__name__)
 #: the key by which Faust's JSON marks a serialized model (``faust.models.base``)
