@@ -85,6 +85,26 @@ def merge_rows(old_codes: np.ndarray, old_scores: np.ndarray, new_codes: np.ndar
     return np.where(empty, EMPTY, codes), np.where(empty, 0.0, scores)
 
 
+def merge_list(old_codes: list, old_scores: list, new_codes: list, new_scores: list,
+               eta: float, size: int) -> tuple[list, list]:
+    """:func:`merge_top_s` on Python lists, for one short list at a time: the same rules, tie
+    order and float operations (so the same bits), without numpy's per-call cost.
+
+    >>> merge_list([5, 7], [2.0, 1.0], [7, 9], [0.5, 0.25], 1.0, 2)
+    ([5, 7], [2.0, 1.5])
+    """
+    kept = [(c, s) for c, s in zip(old_codes, old_scores) if c >= 0]
+    credit = eta * min(s for _, s in kept) if len(kept) >= size else 0.0
+    merged = {c: eta * s for c, s in kept}
+    for c, s in zip(new_codes, new_scores):
+        if c < 0:
+            continue
+        merged[c] = merged[c] + s if c in merged else s + credit
+    best = sorted(merged.items(), key=lambda item: (-item[1], item[0]))[:size]
+    pad = size - len(best)
+    return [c for c, _ in best] + [EMPTY] * pad, [s for _, s in best] + [0.0] * pad
+
+
 def _rounds(rows: np.ndarray) -> list[np.ndarray]:
     """Positions of ``rows`` grouped so that round k holds each row's k-th occurrence."""
     order = np.argsort(rows, kind="stable")
@@ -103,6 +123,12 @@ class PathScoreTracker:
     sorted best first. The arrays handed out are views of the first ``n`` rows; an update writes
     whole rows, so a reader sees either the old or the new list of an item.
     """
+
+    #: A round of :meth:`update_many` with fewer rows than this, and every later round (they
+    #: only get smaller), is merged pair by pair in Python: numpy's fixed cost per call is
+    #: most of a small round's merge, and a popular item repeated in a batch makes one round
+    #: per repetition.
+    vector_round_min = 8
 
     def __init__(self, top_s: int, decay: float, capacity: int = 1024) -> None:
         if top_s < 1:
@@ -167,10 +193,32 @@ class PathScoreTracker:
             for row, c, s in zip(rows.tolist(), codes, scores):
                 self.update(row, c, s)
             return
-        for round_ in _rounds(rows):
+        rounds = _rounds(rows)
+        for k, round_ in enumerate(rounds):
+            if len(round_) < self.vector_round_min:
+                self._merge_in_python(rows, codes, scores, np.concatenate(rounds[k:]))
+                return
             r = rows[round_]
             self._codes[r], self._scores[r] = merge_rows(
                 self._codes[r], self._scores[r], codes[round_], scores[round_], self.decay)
+
+    def _merge_in_python(self, rows: np.ndarray, codes: np.ndarray, scores: np.ndarray,
+                         positions: np.ndarray) -> None:
+        """Merge the pairs at ``positions`` in their order, one row at a time (:func:`merge_list`)."""
+        positions = np.sort(positions)
+        positions = positions[np.argsort(rows[positions], kind="stable")]
+        pairs = zip(rows[positions].tolist(), codes[positions].tolist(), scores[positions].tolist())
+        row_now, list_codes, list_scores = -1, [], []
+        for row, new_codes, new_scores in pairs:
+            if row != row_now:
+                if row_now >= 0:
+                    self._codes[row_now], self._scores[row_now] = list_codes, list_scores
+                row_now = row
+                list_codes, list_scores = self._codes[row].tolist(), self._scores[row].tolist()
+            list_codes, list_scores = merge_list(list_codes, list_scores, new_codes, new_scores,
+                                                 self.decay, self.top_s)
+        if row_now >= 0:
+            self._codes[row_now], self._scores[row_now] = list_codes, list_scores
 
     def load_arrays(self, codes: np.ndarray, scores: np.ndarray) -> None:
         """Replace the whole state (used by checkpoint loading)."""
