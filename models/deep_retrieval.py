@@ -166,19 +166,33 @@ class StructureModel(nn.Module):
                                         linear.bias.numpy().copy(), tables, out))
         return layers
 
+    def prefix_log_probs(self, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """:meth:`layer_log_probs` for several prefixes of each user: x (N, input_dim), prefix
+        (N, kept, d) → (N, kept, K). The first linear map is split as W_x x + Σ_i W_i e_i(c_i)
+        + b, so the x part (most of the input) is computed once per user, not once per prefix."""
+        n, kept, d = prefix.shape
+        layer = self.layers[d]
+        linear = layer if isinstance(layer, nn.Linear) else layer[0]
+        weight = linear.weight
+        pre = (x @ weight[:, :self.input_dim].T + linear.bias)[:, None, :]
+        node_dim = self.node_emb[0].embedding_dim if d else 0
+        for i in range(d):
+            cols = slice(self.input_dim + i * node_dim, self.input_dim + (i + 1) * node_dim)
+            pre = pre + self.node_emb[i](prefix[:, :, i]) @ weight[:, cols].T
+        if not isinstance(layer, nn.Linear):
+            pre = layer[2](layer[1](pre))
+        return torch.log_softmax(pre, dim=-1).expand(n, kept, self.width)  # d = 0: one row
+
     def log_prob(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
         """log p(c | x) = Σ_d log p(c_d | x, c_<d); x (B, input_dim), paths (B, …, D) → (B, …)."""
         x = torch.as_tensor(x, dtype=torch.float32)
         paths = torch.as_tensor(paths, dtype=torch.long)
         batch, depth = paths.shape[0], paths.shape[-1]
         flat = paths.reshape(batch, -1, depth)
-        per_row = flat.shape[1]
-        xs = x[:, None, :].expand(batch, per_row, x.shape[1]).reshape(batch * per_row, -1)
-        flat = flat.reshape(batch * per_row, depth)
-        total = torch.zeros(batch * per_row, dtype=xs.dtype)
+        total = torch.zeros(flat.shape[:2], dtype=x.dtype)
         for d in range(depth):
-            logp = self.layer_log_probs(xs, flat[:, :d])
-            total = total + logp.gather(1, flat[:, d:d + 1]).squeeze(1)
+            logp = self.prefix_log_probs(x, flat[:, :, :d])
+            total = total + logp.gather(2, flat[:, :, d:d + 1]).squeeze(2)
         return total.reshape(paths.shape[:-1])
 
 
