@@ -21,7 +21,8 @@ from stream_app.datasets import FORMATS
 from .data import NAMED_DATASETS, Dataset, data_root, load_dataset, sample_users
 
 PROTOCOLS = ("loo", "heldout", "prequential")
-MODELS = ("streaming", "streaming-dr", "stream-popularity", "popularity", "ease", "ials", "bpr")
+MODELS = ("streaming", "streaming-dr", "stream-popularity", "popularity", "ease", "ials",
+          "ials-same-width", "bpr")
 DEFAULT_MODELS = ("streaming", "popularity", "ease", "ials", "bpr")
 
 #: full runs: candidate parameters per model, the first is the default (no validation data).
@@ -174,6 +175,17 @@ def run_protocol(dataset: Dataset, settings, args) -> tuple[list[dict], dict]:
     return run_offline(split, specs, config), info
 
 
+def same_width_grid(grid: tuple[dict, ...], dim: int) -> tuple[dict, ...]:
+    """``grid`` with every candidate's factors set to ``dim``, duplicates dropped, order kept.
+
+    iALS's own grid picks its width on validation (256 on the Amazon sets); this row holds it
+    to the streaming model's d, so the two can also be compared at equal memory per item.
+    """
+    candidates = ({**params, "factors": dim} for params in grid)
+    unique = {tuple(sorted(params.items())): params for params in candidates}
+    return tuple(unique.values())
+
+
 def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: bool):
     """The requested models, in the requested order, each with its candidate grid."""
     from .baselines import BPR, EASE, IALS, Popularity
@@ -200,6 +212,8 @@ def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: 
         "popularity": ModelSpec("popularity", Popularity),
         "ease": ModelSpec("ease", EASE, grids["ease"]),
         "ials": ModelSpec("ials", partial(IALS, seed=seed), grids["ials"]),
+        "ials-same-width": ModelSpec("ials-same-width", partial(IALS, seed=seed),
+                                     same_width_grid(grids["ials"], settings.model_dim)),
         "bpr": ModelSpec("bpr", partial(BPR, seed=seed), grids["bpr"]),
     }
     return [builders[name] for name in names]

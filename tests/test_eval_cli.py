@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from evaluation.cli import same_width_grid
 from evaluation.report import markdown_table, read_anchors
 from stream_app.cli import main
 
@@ -93,6 +94,31 @@ def test_other_protocols_on_a_file(tmp_path, protocol, capsys):
     metric = "RecallMin@10" if protocol == "heldout" else "HR@10"
     assert records["ease"]["metrics"][metric] > records["popularity"]["metrics"][metric]
     assert (out / "results.png").exists()
+    capsys.readouterr()
+
+
+def test_same_width_grid_holds_every_candidate_to_the_dimension():
+    grid = ({"factors": 256, "alpha": 40.0}, {"factors": 256, "alpha": 10.0},
+            {"factors": 128, "alpha": 40.0})
+    assert same_width_grid(grid, 64) == ({"factors": 64, "alpha": 40.0},
+                                         {"factors": 64, "alpha": 10.0})
+    assert grid[0]["factors"] == 256  # the shared grid is left as it was
+
+
+def test_ials_at_the_streaming_width_is_a_row_of_its_own(tmp_path, monkeypatch, capsys):
+    """``ials-same-width`` picks its rate and weight on validation like ``ials``, with the
+    streaming model's d as its factors."""
+    monkeypatch.setenv("STREAMREC_MODEL_DIM", "8")
+    data = planted_pairs(tmp_path / "planted.txt")
+    out = tmp_path / "out"
+    status = main(["eval", "--dataset", str(data), "--format", "pairs", "--protocol", "heldout",
+                   "--models", "ials-same-width,popularity", "--k", "5,10", "--out", str(out)])
+    assert status == 0
+    records = {r["model"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    assert records["ials-same-width"]["params"]["factors"] == 8
+    check_metrics(records["ials-same-width"])
+    metric = "RecallMin@10"
+    assert records["ials-same-width"]["metrics"][metric] > records["popularity"]["metrics"][metric]
     capsys.readouterr()
 
 
