@@ -273,9 +273,11 @@ def test_a_backlog_is_learned_while_it_is_taken_in(settings, start_worker, fetch
         time.sleep(0.2)
     worker.wait_metric("streamrec_learned_events_total", backlog, timeout_s=60)
     if fetch == "small":
-        assert learned_during_backlog > 0
+        assert learned_during_backlog > 0  # about 60 % of the backlog on an idle machine
     else:
-        assert learned_during_backlog == 0
+        # One fetch brings the whole backlog and the train topic waits behind it: nothing is
+        # learned on an idle machine; a loaded one has let a message or two through (72 events).
+        assert learned_during_backlog < backlog / 10
 
 
 def test_batched_ingest_writes_each_history_to_its_users_partition(settings, start_worker):
