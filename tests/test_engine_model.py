@@ -75,7 +75,7 @@ def test_one_streaming_pass_retrieves_the_users_own_cluster(engine):
 
 
 def test_recommendations_change_as_a_history_grows(engine):
-    histories = run_stream(engine, planted_stream())
+    run_stream(engine, planted_stream())
     request = RecRequest(request_id="r", user_id="newcomer", k=10)
     cold = engine.answer(request, History(), time.perf_counter())
     assert {item.source for item in cold.items} == {"popular"}
