@@ -19,6 +19,8 @@ tensors; the tests differentiate them with autograd to check :func:`item_gradien
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -228,3 +230,60 @@ def item_solve_cg(pos_gram: np.ndarray, pos_target: np.ndarray, prior: np.ndarra
         direction = residual + ratio[:, None] * direction
         power = new_power
     return x
+
+
+# -- symmetric statistics stored by their upper triangle ------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _triangle(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column of each packed entry (the upper triangle, row by row), and for each of
+    the width² entries of the full matrix the packed entry that holds it."""
+    upper_rows, upper_cols = np.triu_indices(width)
+    position = np.empty((width, width), dtype=np.int64)
+    position[upper_rows, upper_cols] = np.arange(len(upper_rows))
+    position[upper_cols, upper_rows] = position[upper_rows, upper_cols]
+    for array in (upper_rows, upper_cols, position):
+        array.flags.writeable = False
+    return upper_rows, upper_cols, position.reshape(-1)
+
+
+def packed_size(width: int) -> int:
+    """Entries of a packed symmetric ``width`` × ``width`` matrix: width·(width+1)/2."""
+    return width * (width + 1) // 2
+
+
+def pack_symmetric(full: np.ndarray) -> np.ndarray:
+    """(…, w, w) symmetric → (…, w(w+1)/2): the upper triangle, row by row (about half the
+    memory; an item learner holds one such A_i per learned item).
+
+    >>> pack_symmetric(np.array([[1.0, 2.0], [2.0, 3.0]])).tolist()
+    [1.0, 2.0, 3.0]
+    """
+    width = full.shape[-1]
+    upper_rows, upper_cols, _ = _triangle(width)
+    flat = full.reshape(*full.shape[:-2], width * width)
+    return np.take(flat, upper_rows * width + upper_cols, axis=-1)
+
+
+def unpack_symmetric(packed: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_symmetric`: (…, w(w+1)/2) → (…, w, w), one gather.
+
+    >>> unpack_symmetric(np.array([1.0, 2.0, 3.0]), 2).tolist()
+    [[1.0, 2.0], [2.0, 3.0]]
+    """
+    _, _, position = _triangle(width)
+    # np.take keeps the result C-ordered; an index array on the last axis made it column-major,
+    # and a batched matmul over that was 10 times slower
+    return np.take(packed, position, axis=-1).reshape(*packed.shape[:-1], width, width)
+
+
+def packed_outer(x: np.ndarray) -> np.ndarray:
+    """``pack_symmetric`` of each row's outer product x xᵀ, without forming it: (…, w) →
+    (…, w(w+1)/2).
+
+    >>> packed_outer(np.array([1.0, 2.0])).tolist()
+    [1.0, 2.0, 4.0]
+    """
+    upper_rows, upper_cols, _ = _triangle(x.shape[-1])
+    return np.take(x, upper_rows, axis=-1) * np.take(x, upper_cols, axis=-1)

@@ -9,8 +9,8 @@ a single negative. Two solvers take that step:
   (A_i = Σ α φ̃φ̃ᵀ, s_i = Σ α φ̃) and is re-solved in closed form after every micro-batch that
   touches it (:func:`models.embedding.item_solve`, one-sided iALS). One streaming pass then
   reaches each item's optimum given the users as they were; on the full Beauty and Toys streams
-  it raised validation NDCG@10 by 24 % and 40 % over Adagrad. It costs (d+1)² floats per learned
-  item (17 KB at d = 64 in float32).
+  it raised validation NDCG@10 by 24 % and 40 % over Adagrad. It costs (d+1)(d+2)/2 floats per
+  learned item (A_i is symmetric and stored by its upper triangle: 8.6 KB at d = 64 in float32).
 - ``adagrad``: Rendle's Algorithm 5, a per-coordinate Adagrad step on the gradient of
   :func:`models.embedding.item_gradient`: O(d) memory per item, for catalogues whose statistics
   would not fit.
@@ -35,7 +35,8 @@ import numpy as np
 
 import scipy.sparse as sp
 
-from models.embedding import augment_users, item_gradient, item_solve, item_solve_cg
+from models.embedding import (augment_users, item_gradient, item_solve, item_solve_cg,
+                              pack_symmetric, packed_outer, packed_size, unpack_symmetric)
 from state.gramian import DecayedGramian, ExactGramian, load_npz, read_only_view, save_npz
 
 InitVector = Callable[[str], "np.ndarray | None"]
@@ -317,15 +318,13 @@ class ItemLearner:
                alphas: np.ndarray, G_C: np.ndarray) -> None:
         """Add the batch's positives to A_i, s_i of their items, then re-solve those items."""
         slots = self._slots_for(rows)
-        batch, width = phi_aug.shape
+        batch = len(phi_aug)
         gram, target = self._statistics_now(slots)
         # One sparse product sums the positives of each item (no Python loop, no np.add.at),
-        # in the precision A_i is held in (float32 for CG: half the traffic of float64).
+        # in the precision A_i is held in (float32 for CG), on the upper triangles only.
         by_item = sp.csr_matrix((alphas.astype(gram.dtype), (inverse, np.arange(batch))),
                                 shape=(len(rows), batch))
-        phi_cast = phi_aug.astype(gram.dtype, copy=False)
-        outer = (phi_cast[:, :, None] * phi_cast[:, None, :]).reshape(batch, width * width)
-        gram += (by_item @ outer).reshape(len(rows), width, width)
+        gram += by_item @ packed_outer(phi_aug.astype(gram.dtype, copy=False))
         target += by_item @ phi_aug
         self._pos_gram[slots], self._pos_target[slots] = gram, target
         self._pos_at[slots] = self.events
@@ -333,8 +332,9 @@ class ItemLearner:
 
     def _statistics_now(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A_i and s_i of ``slots`` as of now: stored as of each slot's last update and
-        discounted lazily (a factor of 0.5 per ``positives_half_life`` events since). A_i comes
-        in float64 for the exact solve and in its stored float32 for CG."""
+        discounted lazily (a factor of 0.5 per ``positives_half_life`` events since). A_i
+        comes packed (its upper triangle), in float64 for the exact solve and in its stored
+        float32 for CG."""
         gram = self._pos_gram[slots]  # one gather (a copy)
         if not self.config.cg_steps:
             gram = gram.astype(np.float64)  # factorized in float64
@@ -342,15 +342,16 @@ class ItemLearner:
         half_life = self.config.positives_half_life
         if half_life is not None:
             factor = 0.5 ** ((self.events - self._pos_at[slots]) / half_life)
-            gram *= factor[:, None, None]
+            gram *= factor[:, None]
             target *= factor[:, None]
         return gram, target
 
     def _solved(self, rows: np.ndarray, gram: np.ndarray, target: np.ndarray,
                 G_C: np.ndarray) -> np.ndarray:
-        """The closed-form rows of ``rows`` from their statistics and priors (or
-        ``cg_steps`` CG steps towards them from the current rows)."""
+        """The closed-form rows of ``rows`` from their statistics (``gram`` packed) and priors
+        (or ``cg_steps`` CG steps towards them from the current rows)."""
         config = self.config
+        gram = unpack_symmetric(gram, config.dim + 1)
         if config.cg_steps:
             return item_solve_cg(gram, target, self._prior[rows], G_C, config.alpha0,
                                  config.lam, config.prior_weight, start=self._psi[rows],
@@ -503,7 +504,7 @@ class ItemLearner:
             "accum": self._accum[:n].copy(), "count": self._count[:n].copy(),
             "count_at": self._count_at[:n].copy(), "prior": self._prior[:n].copy(),
             "slot": self._slot[:n].copy(),
-            "pos_gram": self._pos_gram[: self._slots_used].copy(),
+            "pos_gram_upper": self._pos_gram[: self._slots_used].copy(),
             "pos_target": self._pos_target[: self._slots_used].copy(),
             "pos_at": self._pos_at[: self._slots_used].copy(),
             "clock": np.array([self.events, self.steps, self._sweep_at], dtype=np.int64),
@@ -553,7 +554,9 @@ class ItemLearner:
         (prior = Ψ̃)."""
         if "slot" in data:
             self._prior, self._slot = data["prior"], data["slot"].astype(np.int64)
-            self._pos_gram = data["pos_gram"].astype(np.float32)
+            self._pos_gram = (data["pos_gram_upper"].astype(np.float32)
+                              if "pos_gram_upper" in data  # older checkpoints: whole A_i
+                              else pack_symmetric(data["pos_gram"]).astype(np.float32))
             self._pos_target = data["pos_target"]
             # older checkpoints: statistics as of now (discounted from here on)
             self._pos_at = (data["pos_at"] if "pos_at" in data
@@ -613,15 +616,17 @@ class ItemReplica(ItemLearner):
 
 
 def _no_statistics(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An empty pool of per-item statistics: A_i in float32 (the memory), s_i in float64, and
-    the event clock each was last updated at."""
-    return np.zeros((0, width, width), dtype=np.float32), np.zeros((0, width)), np.zeros(0)
+    """An empty pool of per-item statistics: A_i's upper triangle in float32 (the memory:
+    (d+1)(d+2)/2 floats, 8.6 KB at d = 64), s_i in float64, and the event clock each was last
+    updated at."""
+    return (np.zeros((0, packed_size(width)), dtype=np.float32), np.zeros((0, width)),
+            np.zeros(0))
 
 
 def _grow(array: np.ndarray, size: int, fill: float) -> np.ndarray:
     """``array`` in a larger one, the new rows ``fill``. A zero fill takes memory the system
-    hands out zeroed, page by page as rows are first written: the statistics pool is (d+1)²
-    floats per item and writing zeros into each new half was a sixteenth of the learner's
+    hands out zeroed, page by page as rows are first written: the statistics pool is
+    (d+1)(d+2)/2 floats per item and writing zeros into each new half was a sixteenth of the learner's
     time while a catalogue filled."""
     shape = (size,) + array.shape[1:]
     grown = np.full(shape, fill, array.dtype) if np.any(fill) else np.zeros(shape, array.dtype)

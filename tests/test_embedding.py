@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from models.embedding import (all_pairs_loss, augment_items, augment_users, gramian_loss,
-                              item_gradient, item_solve, item_solve_cg)
+                              item_gradient, item_solve, item_solve_cg, pack_symmetric,
+                              packed_outer, packed_size, unpack_symmetric)
 
 ALPHA0, LAM = 0.3, 0.05
 
@@ -111,3 +112,16 @@ def test_cg_error_shrinks_with_each_step_and_a_solved_start_stays_put():
     settled = item_solve_cg(gram, target, prior, G_C, *params, start=exact, steps=3)
     assert np.all(np.isfinite(settled))  # a zero residual must not divide by zero
     np.testing.assert_allclose(settled, exact, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [1, 2, 5, 65])
+def test_symmetric_matrices_packed_by_their_upper_triangle_round_trip(width):
+    rng = np.random.default_rng(width)
+    half = rng.normal(size=(3, width, width))
+    full = half + half.transpose(0, 2, 1)
+    packed = pack_symmetric(full)
+    assert packed.shape == (3, packed_size(width)) == (3, width * (width + 1) // 2)
+    np.testing.assert_array_equal(unpack_symmetric(packed, width), full)
+    np.testing.assert_array_equal(pack_symmetric(full[0]), packed[0])  # no leading axis too
+    x = rng.normal(size=(4, width)).astype(np.float32)
+    np.testing.assert_array_equal(packed_outer(x), pack_symmetric(x[:, :, None] * x[:, None, :]))

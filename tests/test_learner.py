@@ -9,7 +9,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from models.embedding import augment_users, item_gradient
+from models.embedding import augment_users, item_gradient, packed_size, unpack_symmetric
 from models.encoders import mean_encoder, mean_encoder_batch, pack_histories
 from models.learner import ItemLearner, ItemReplica, LearnerConfig
 
@@ -281,6 +281,29 @@ def test_save_and_load_resume_the_same_stream(tmp_path):
     assert not ItemLearner(config).load(tmp_path / "missing.npz")
     with pytest.raises(ValueError):
         ItemLearner(LearnerConfig(dim=4)).load(tmp_path / "learner.npz")
+
+
+def test_a_checkpoint_holding_whole_statistics_loads_into_the_packed_pool(tmp_path):
+    """A_i is stored by its upper triangle; checkpoints written before hold it whole
+    (``pos_gram``, (n, d+1, d+1)). They load and resume the stream exactly as the packed one."""
+    users, items, _ = planted_stream(seed=2)
+    config = LearnerConfig(dim=8, positives_half_life=50.0)
+    original = ItemLearner(config)
+    stream_pass(original, users, items)
+    assert original._pos_gram.shape[1:] == (packed_size(9),)  # 45 floats an item, not 81
+    original.save(tmp_path / "packed.npz")
+    with np.load(tmp_path / "packed.npz") as data:
+        arrays = dict(data)
+    arrays["pos_gram"] = unpack_symmetric(arrays.pop("pos_gram_upper"), 9)
+    np.savez(tmp_path / "whole.npz", **arrays)
+    restored = ItemLearner(config)
+    assert restored.load(tmp_path / "whole.npz")
+    np.testing.assert_array_equal(restored._pos_gram[: restored._slots_used],
+                                  original._pos_gram[: original._slots_used])
+    phi = np.random.default_rng(5).normal(size=(6, 8))
+    ids = ["item-1", "item-2", "item-1", "brand-new", "item-399", "item-7"]
+    assert restored.learn(phi, ids, np.ones(6)) == original.learn(phi, ids, np.ones(6))
+    np.testing.assert_array_equal(restored.item_matrix, original.item_matrix)
 
 
 def test_periodic_recompute_reports_a_tiny_drift():
