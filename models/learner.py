@@ -626,8 +626,8 @@ def _no_statistics(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _grow(array: np.ndarray, size: int, fill: float) -> np.ndarray:
     """``array`` in a larger one, the new rows ``fill``. A zero fill takes memory the system
     hands out zeroed, page by page as rows are first written: the statistics pool is
-    (d+1)(d+2)/2 floats per item and writing zeros into each new half was a sixteenth of the learner's
-    time while a catalogue filled."""
+    (d+1)(d+2)/2 floats per item, and writing zeros into each new half (of whole matrices then)
+    was a sixteenth of the learner's time while a catalogue filled."""
     shape = (size,) + array.shape[1:]
     grown = np.full(shape, fill, array.dtype) if np.any(fill) else np.zeros(shape, array.dtype)
     grown[: len(array)] = array
