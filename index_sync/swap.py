@@ -13,6 +13,7 @@ the previous version keeps serving.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -66,11 +67,23 @@ class Snapshot:
 @dataclass(frozen=True)
 class RebuildPolicy:
     """When to rebuild: every ``interval_s``, or sooner once ``changed_items`` item rows have
-    changed since the last build's snapshot; never with fewer than ``min_items`` items."""
+    changed since the last build's snapshot; never with fewer than ``min_items`` items.
+
+    ``build_share`` bounds the share of wall time spent building: a build that took b seconds
+    is followed by at least b·(1/share − 1) seconds without one. A busy stream changes
+    ``changed_items`` rows within seconds, and at a million items a build takes minutes
+    (``benchmarks/index_serving.py``), so without the bound the builds would run back to back
+    and hold a core for good; the items moved since the snapshot are still scored exactly by
+    the serving index (``stale_limit``). It overrides ``interval_s`` when a build is longer."""
 
     interval_s: float = 60.0
     changed_items: int = 10_000
     min_items: int = 1
+    build_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.build_share <= 1.0:
+            raise ValueError(f"build_share must be in (0, 1], not {self.build_share}")
     clusters: int = 0
     keep: int = 2
     grace_s: float = 300.0
@@ -93,6 +106,7 @@ class IndexRebuilder:
         self.failures = 0
         self.last_error: str | None = None
         self.last_build_seconds = 0.0
+        self.resting_until = -math.inf  # no build before (time.time(), see build_share)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-build")
         self._running: Future | None = None
 
@@ -107,7 +121,8 @@ class IndexRebuilder:
 
     def due(self, changed_items: int, n_items: int, now: float | None = None) -> bool:
         now = time.time() if now is None else now
-        if self.building or n_items < self.policy.min_items or changed_items == 0:
+        if (self.building or n_items < self.policy.min_items or changed_items == 0
+                or now < self.resting_until):
             return False
         return (changed_items >= self.policy.changed_items
                 or now - self.last_snapshot_at >= self.policy.interval_s)
@@ -121,6 +136,18 @@ class IndexRebuilder:
         return self._running
 
     def _build_and_swap(self, snapshot: Snapshot) -> ServedIndex | None:
+        started = time.time()
+        try:
+            return self._build_swap_prune(snapshot)
+        finally:  # a failed build cost its time too
+            self._rest_after(started, time.time())
+
+    def _rest_after(self, started: float, ended: float) -> None:
+        """No build before the time spent on this one is ``build_share`` of the time since
+        it began."""
+        self.resting_until = started + (ended - started) / self.policy.build_share
+
+    def _build_swap_prune(self, snapshot: Snapshot) -> ServedIndex | None:
         try:
             index = self.build(snapshot.ids, snapshot.vectors, snapshot.model_version)
             write_version(self.root, index)

@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     index_interval_s: float = Field(60.0, gt=0, description="Rebuild at least this often.")
     index_changed_items: int = Field(
         10_000, ge=1, description="Rebuild sooner once this many item vectors have changed.")
+    index_build_share: float = Field(
+        0.5, gt=0, le=1, description="Most of the wall time index builds may take: a build of "
+        "b seconds is followed by b·(1/share − 1) seconds without one (1: back to back).")
     index_min_items: int = Field(
         1000, ge=1, description="Below this many items, exact search serves (it is as fast).")
     index_clusters: int = Field(0, ge=0, description="k-means clusters (0: one index).")
@@ -276,6 +279,7 @@ class Settings(BaseSettings):
             stale_limit=self.index_stale_limit,
             policy=RebuildPolicy(interval_s=self.index_interval_s,
                                  changed_items=self.index_changed_items,
+                                 build_share=self.index_build_share,
                                  min_items=self.index_min_items, clusters=self.index_clusters,
                                  keep=self.index_keep, grace_s=self.index_grace_s),
             params=HnswParams(M=self.index_m, ef=self.index_ef,

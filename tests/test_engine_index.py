@@ -25,6 +25,7 @@ def engine_with_index(tmp_path, **changes) -> Engine:
 
 def build_now(engine: Engine) -> None:
     engine.index.rebuilder.last_snapshot_at = 0.0  # due by age
+    engine.index.rebuilder.resting_until = 0.0  # and not resting after a previous build
     assert engine.maybe_rebuild_index()
     engine.index.rebuilder._running.result(60)
 

@@ -258,3 +258,39 @@ def test_a_clustered_version_round_trips(tmp_path):
     before, after = index.search(q, 10), loaded.search(q, 10)
     assert [i for i, _ in after] == [i for i, _ in before]
     assert [s for _, s in after] == pytest.approx([s for _, s in before])
+
+
+def test_rebuilder_rests_so_builds_take_at_most_their_share_of_the_time(tmp_path):
+    holder = IndexHolder()
+    rebuilder = IndexRebuilder(tmp_path, holder, RebuildPolicy(interval_s=3600, changed_items=1,
+                                                                build_share=0.25))
+    vectors, ids = model_like(2000), ids_of(2000)
+    assert rebuilder.due(changed_items=1, n_items=2000)
+    began = time.time()
+    rebuilder.submit(Snapshot(ids, vectors, model_version=1)).result(60)
+    ended = time.time()
+    spent = holder.current.manifest.build_seconds
+    assert spent > 0
+    # rests three times the build (share 1/4) counted from the build's start
+    assert began + 4 * spent - 0.05 <= rebuilder.resting_until <= ended + 3 * (ended - began)
+    assert not rebuilder.due(changed_items=10**6, n_items=2000, now=rebuilder.resting_until - 0.01)
+    assert rebuilder.due(changed_items=1, n_items=2000, now=rebuilder.resting_until)
+    broken = Snapshot(ids, vectors[:, :5][:10], model_version=2)  # a failed build rests too
+    failed_at = time.time()
+    assert rebuilder.submit(broken).result(60) is None
+    assert failed_at <= rebuilder.resting_until <= time.time() + 3 * (time.time() - failed_at)
+    rebuilder.close()
+
+
+def test_rebuilder_with_the_whole_share_builds_back_to_back(tmp_path):
+    rebuilder = IndexRebuilder(tmp_path, IndexHolder(), RebuildPolicy(changed_items=1,
+                                                                       build_share=1.0))
+    rebuilder.submit(Snapshot(ids_of(300), model_like(300), model_version=1)).result(60)
+    assert rebuilder.due(changed_items=1, n_items=300)
+    rebuilder.close()
+
+
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
+def test_rebuild_policy_refuses_a_share_outside_zero_to_one(share):
+    with pytest.raises(ValueError, match="build_share"):
+        RebuildPolicy(build_share=share)
