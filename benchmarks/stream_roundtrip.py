@@ -83,13 +83,19 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return of(pid), sum(of(int(child)) for child in children)
 
 
+def broker_cpu(pid: int | None) -> float:
+    return cpu_seconds(pid)[0] if pid is not None else 0.0
+
+
 def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int,
-                  cpu: dict | None = None) -> list[float]:
+                  cpu: dict | None = None, broker_pid: int | None = None) -> list[float]:
     """Events/s of each metric, from the moment the *first* metric passed ``WARMUP``·n to the
     moment this metric reached n; both moments interpolated between scrapes. For the worker:
     events taken in and events learned end to end (learning lags intake, so timing it from
     its own start would flatter it). ``cpu``, when given, receives the CPU microseconds per
-    event that the process and its child processes (the learner) spent over that window."""
+    event that the process and its child processes (the learner) spent over that window, and
+    with ``broker_pid`` what the broker spent (it serves the worker's training messages and
+    changelog besides the events)."""
     last: dict[str, tuple[float, float]] = {}
     cpu_at: list[tuple[float, float]] = []
     crossed: dict[tuple[str, float], float] = {}
@@ -104,7 +110,7 @@ def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int,
             counts = {}
         now = time.perf_counter()
         if not cpu_at and counts.get(metrics[0], 0.0) >= WARMUP * n:
-            cpu_at.append(cpu_seconds(child.pid))
+            cpu_at.append((*cpu_seconds(child.pid), broker_cpu(broker_pid)))
         for metric, level in marks:
             count = counts.get(metric)
             if count is None or (metric, level) in crossed or count < level:
@@ -121,9 +127,13 @@ def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int,
         raise TimeoutError(f"{missing} not reached")
     started = crossed[(metrics[0], WARMUP * n)]
     if cpu is not None:
-        (own0, kids0), (own1, kids1) = cpu_at[0], cpu_seconds(child.pid)
-        cpu.update(process_us_per_event=1e6 * (own1 - own0) / ((1 - WARMUP) * n),
-                   children_us_per_event=1e6 * (kids1 - kids0) / ((1 - WARMUP) * n))
+        (own0, kids0, broker0) = cpu_at[0]
+        own1, kids1, broker1 = *cpu_seconds(child.pid), broker_cpu(broker_pid)
+        per_event = 1e6 / ((1 - WARMUP) * n)
+        cpu.update(process_us_per_event=per_event * (own1 - own0),
+                   children_us_per_event=per_event * (kids1 - kids0))
+        if broker_pid is not None:
+            cpu["broker_us_per_event"] = per_event * (broker1 - broker0)
     return [(1 - WARMUP) * n / max(crossed[(metric, float(n))] - started, 1e-9)
             for metric in metrics]
 
@@ -256,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 results[f"{name}_cpu"] = {}
                 [results[f"{name}_events_per_s"]] = consume_rates(
-                    bare, agent, ["bare_events_total"], args.events, results[f"{name}_cpu"])
+                    bare, agent, ["bare_events_total"], args.events, results[f"{name}_cpu"],
+                    broker.process.pid)
             finally:
                 agent.stop()
         if args.in_loop_too:
@@ -267,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
                 in_loop_cpu: dict = {}
                 taken, learned = consume_rates(in_loop, worker, [
                     "streamrec_events_total", "streamrec_learned_events_total"], args.events,
-                    in_loop_cpu)
+                    in_loop_cpu, broker.process.pid)
             finally:
                 worker.stop()
             bare_rate = results["bare_agent_events_per_s"]
@@ -283,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["worker_events_per_s"], results["worker_learned_events_per_s"] = \
                 consume_rates(served, worker, ["streamrec_events_total",
                                                "streamrec_learned_events_total"], args.events,
-                              results["worker_cpu"])
+                              results["worker_cpu"], broker.process.pid)
             results["worker_to_bare_ratio"] = (results["worker_events_per_s"]
                                                / results["bare_agent_events_per_s"])
             results["learned_to_bare_ratio"] = (results["worker_learned_events_per_s"]

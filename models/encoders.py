@@ -133,16 +133,22 @@ def pack_histories(histories: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.n
 def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,
                        weights: np.ndarray | None = None, ts: np.ndarray | None = None,
                        half_life: float | None = None,
-                       half_life_events: float | None = None) -> np.ndarray:
+                       half_life_events: float | None = None,
+                       columns: int | None = None) -> np.ndarray:
     """:func:`mean_encoder` for B histories at once: one sparse (B × n) · (n × d) product.
 
     History b is ``item_rows[indptr[b]:indptr[b+1]]`` (rows of ``V``), with the matching slices
     of ``weights`` and ``ts``; t_max is taken per history. No Python loop runs per event, so a
     micro-batch of the stream costs one sparse matmul.
 
+    ``columns``: average only the first ``columns`` columns of V (the item vectors of the
+    augmented rows [v_i, b_i], passed whole): scipy multiplies a C-contiguous dense operand as
+    it is but copies any other, so the product runs on the whole contiguous matrix and the
+    result is cut, which costs one extra column instead of a copy or a gather of the rows.
+
     Returns
     -------
-    ndarray (B, d); the row of an empty history is zero.
+    ndarray (B, d) (d = ``columns`` when given); the row of an empty history is zero.
 
     Examples
     --------
@@ -163,13 +169,12 @@ def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,
     if half_life_events is not None:
         w = w * ragged_position_weights(indptr, half_life_events)
     w = w / np.bincount(owner, weights=w, minlength=len(lengths))[owner]
-    # the product runs over the rows the histories use, gathered: scipy multiplies a dense
-    # operand only when it is contiguous and copies it otherwise, and V is usually a column
-    # slice of the augmented item matrix (a copy of every item's row for each batch)
-    used, local_rows = np.unique(np.asarray(item_rows), return_inverse=True)
-    H = scipy.sparse.csr_matrix((w, local_rows.reshape(-1), indptr),
-                                shape=(len(lengths), len(used)))
-    return np.asarray(H @ V[used]).reshape(len(lengths), V.shape[1])
+    item_rows = np.asarray(item_rows).reshape(-1)
+    if not V.flags.c_contiguous:  # multiply the used rows, gathered, not a copy of all of V
+        used, item_rows = np.unique(item_rows, return_inverse=True)
+        V = V[used]
+    H = scipy.sparse.csr_matrix((w, item_rows.reshape(-1), indptr), shape=(len(lengths), len(V)))
+    return np.asarray(H @ V).reshape(len(lengths), V.shape[1])[:, :columns]
 
 
 def ials_fold_in(Psi_hist: np.ndarray, alpha: np.ndarray, G_I: np.ndarray, alpha0: float,

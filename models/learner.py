@@ -28,6 +28,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Literal
 
@@ -209,7 +210,7 @@ class ItemLearner:
 
     def rows_of(self, item_ids: Iterable[str]) -> np.ndarray:
         """Row of each id, −1 for ids never learned."""
-        return np.array([self._index.get(i, -1) for i in item_ids], dtype=np.int64)
+        return np.fromiter(map(self._index.get, item_ids, repeat(-1)), dtype=np.int64)
 
     def count(self, item_id: str) -> float:
         """n_i now (decayed to the current event clock when ``count_half_life`` is set)."""

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,34 +164,42 @@ class Engine:
     def _encode_histories(self, histories: Sequence[History]) -> np.ndarray:
         """:meth:`_encode_history` of many users at once: (B, d)."""
         return self._encode_many([h.items for h in histories],
-                                 [self._kind_weights(h.kinds) for h in histories],
+                                 [self._kind_weight_list(h.kinds) for h in histories],
                                  [h.ts for h in histories])
+
+    @property
+    def uses_event_times(self) -> bool:
+        """Whether user vectors depend on event times (the mean encoder's decay in seconds);
+        training examples carry their history's times only then."""
+        return self.settings.encoder == "mean" and self.settings.encoder_half_life_s is not None
 
     def _encode_many(self, items: Sequence[Sequence[str]], weights: Sequence[Sequence[float]],
                      ts: Sequence[Sequence[float]]) -> np.ndarray:
         """:meth:`encode_weighted` of B histories at once: (B, d). The mean encoder runs as
         one sparse product over the batch (no Python loop per event); ``ials`` solves per
-        user."""
+        user. ``ts`` is read only where :attr:`uses_event_times`."""
         if self.settings.encoder == "ials" or not items:
             return np.array([self.encode_weighted(i, np.asarray(w), t)
                              for i, w, t in zip(items, weights, ts)]).reshape(
                 len(items), self.settings.model_dim)
         lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
         indptr = np.r_[0, np.cumsum(lengths)]
-        rows = self.learner.rows_of([item for history in items for item in history])
-        flat_weights = np.concatenate([np.asarray(w, dtype=np.float64) for w in weights]
-                                      + [np.empty(0)])
-        flat_ts = np.fromiter((t for history in ts for t in history), dtype=np.float64,
-                              count=int(indptr[-1]))
+        events = int(indptr[-1])
+        rows = self.learner.rows_of(chain.from_iterable(items))
+        flat_weights = np.fromiter(chain.from_iterable(weights), dtype=np.float64, count=events)
+        flat_ts = (np.fromiter(chain.from_iterable(ts), dtype=np.float64, count=events)
+                   if self.uses_event_times else None)
         if self.settings.encoder_half_life_events is not None:  # places among all events
             flat_weights = flat_weights * ragged_position_weights(
                 indptr, self.settings.encoder_half_life_events)
         known = rows >= 0
         owner = np.repeat(np.arange(len(items)), lengths)[known]
         known_indptr = np.r_[0, np.cumsum(np.bincount(owner, minlength=len(items)))]
-        return mean_encoder_batch(self.learner.item_matrix[:, :self.settings.model_dim],
-                                  known_indptr, rows[known], flat_weights[known],
-                                  flat_ts[known], self.settings.encoder_half_life_s)
+        return mean_encoder_batch(self.learner.item_matrix, known_indptr, rows[known],
+                                  flat_weights[known],
+                                  None if flat_ts is None else flat_ts[known],
+                                  self.settings.encoder_half_life_s,
+                                  columns=self.settings.model_dim)
 
     # -- events ---------------------------------------------------------------------------
     def ingest_many(self, events: Sequence[Event], histories: Mapping[str, History]
@@ -234,7 +243,8 @@ class Engine:
         # validates the message it reads in any case).
         example = TrainExample.model_construct(
             user_id=event.user_id, item_id=event.item_id, alpha=weight, ts=float(event.ts),
-            history=list(history.items), history_ts=list(history.ts),
+            history=list(history.items),
+            history_ts=list(history.ts) if self.uses_event_times else [],
             weights=self._kind_weight_list(history.kinds))
         return updated, example
 
@@ -256,7 +266,7 @@ class Engine:
         if not examples:
             return 0.0
         phis = self._encode_many([e.history for e in examples], [e.weights for e in examples],
-                                 [e.history_ts for e in examples])
+                                 [e.history_ts or [e.ts] * len(e.history) for e in examples])
         items = [example.item_id for example in examples]
         self._cold_start(items, phis)
         loss = self.learner.learn(phis, items, np.array([e.alpha for e in examples]),

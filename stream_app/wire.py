@@ -118,6 +118,11 @@ class TrainExample(_Wire):
     ingest and learning, and in a burst (a replay, a backlog after a restart) ingest runs far
     ahead: every user of the burst would be encoded against a model that had learned nothing
     yet, and the items would learn their biases only.
+
+    ``history_ts`` is empty when the worker's user encoder does not read event times (the
+    default: its decay counts events, not seconds), which halves the message; a learner whose
+    encoder does read them takes an example without them as if every event were as recent as
+    the example's own ``ts`` (no decay by time for that example).
     """
 
     user_id: str
@@ -138,9 +143,10 @@ class TrainExample(_Wire):
     @classmethod
     def _aligned(cls, history_ts: list[float], info) -> list[float]:
         lengths = {len(info.data.get("history", ())), len(info.data.get("weights", ())),
-                   len(history_ts)}
+                   len(history_ts) or len(info.data.get("history", ()))}
         if len(lengths) != 1:
-            raise ValueError("history, weights and history_ts must have equal lengths")
+            raise ValueError("history and weights must have equal lengths, and history_ts "
+                             "too unless it is empty")
         return history_ts
 
 

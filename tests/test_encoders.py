@@ -60,11 +60,16 @@ def test_batched_mean_encoder_equals_one_call_per_user(decay, half_life_events):
         part = slice(indptr[b], indptr[b + 1])
         single = mean_encoder(V[history], weights[part], ts[part], half_life, half_life_events)
         np.testing.assert_allclose(batched[b], single, atol=1e-12)
-    # as the engine calls it: the vector columns of the augmented item matrix (a strided view)
+    # the vector columns of the augmented item matrix: as a strided view (rows gathered) and
+    # as the engine passes them, the whole contiguous matrix with ``columns``
     augmented = np.c_[V, rng.normal(size=len(V))]
+    assert not augmented[:, :-1].flags.c_contiguous and augmented.flags.c_contiguous
     np.testing.assert_allclose(mean_encoder_batch(augmented[:, :-1], indptr, rows, weights, ts,
                                                   half_life, half_life_events), batched,
                                atol=1e-12)
+    np.testing.assert_allclose(mean_encoder_batch(augmented, indptr, rows, weights, ts,
+                                                  half_life, half_life_events, columns=6),
+                               batched, atol=1e-12)
 
 
 def fold_in_problem(seed: int, n: int = 40, d: int = 5, T: int = 8):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from state.history import History
@@ -79,3 +80,30 @@ def test_checkpoint_round_trip(engine, tmp_path):
     again = Engine(engine.settings)
     assert again.load()
     assert again.popularity.top(2) == engine.popularity.top(2)
+
+
+def test_training_examples_carry_event_times_only_for_an_encoder_that_reads_them(tmp_path):
+    """The default encoder decays by events, so examples leave their history's times out
+    (half the message); the decay in seconds needs them. An example without times, met by an
+    encoder that reads them, is encoded as if all its events were as recent as itself."""
+    events = [ev("u1", "a", ts=10.0), ev("u1", "b", ts=20.0), ev("u1", "c", ts=60.0)]
+    plain = Engine(Settings(data_dir=tmp_path / "plain", popularity_refresh_s=0))
+    timed = Engine(Settings(data_dir=tmp_path / "timed", popularity_refresh_s=0,
+                            encoder_half_life_s=30.0))
+    assert not plain.uses_event_times and timed.uses_event_times
+    for engine in (plain, timed):
+        feed(engine, events[:2])
+    _, example = plain.ingest(events[2], History(items=("a", "b"), kinds=("view",) * 2,
+                                                 ts=(10.0, 20.0)))
+    assert example.history == ["a", "b"] and example.history_ts == []
+    _, with_times = timed.ingest(events[2], History(items=("a", "b"), kinds=("view",) * 2,
+                                                    ts=(10.0, 20.0)))
+    assert with_times.history_ts == [10.0, 20.0]
+    as_recent = timed.encode_weighted(["a", "b"], np.ones(2), [60.0, 60.0])
+    assert not np.allclose(as_recent, timed.encode_weighted(["a", "b"], np.ones(2), [10.0, 20.0]))
+    twin = Engine(timed.settings.replace(data_dir=tmp_path / "twin"))
+    feed(twin, events[:2])
+    np.testing.assert_array_equal(twin.learner.item_matrix, timed.learner.item_matrix)
+    timed.learn([with_times.model_copy(update={"history_ts": []})])
+    twin.learn([with_times.model_copy(update={"history_ts": [60.0, 60.0]})])
+    np.testing.assert_array_equal(twin.learner.item_matrix, timed.learner.item_matrix)

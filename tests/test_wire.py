@@ -132,3 +132,16 @@ def test_a_training_example_writes_the_json_pydantic_writes():
         assert TrainExample.model_validate_json(raw) == TrainExample(**fields)
     batch = TrainBatch.encode_parts([TrainExample(**fields).to_bytes()] * 2)
     assert TrainBatch.examples_of([batch]) == ([TrainExample(**fields)] * 2, 0)
+
+
+def test_a_training_example_may_leave_out_its_history_times_but_not_misalign_them():
+    from stream_app.wire import TrainExample
+
+    fields = dict(user_id="u1", item_id="i2", alpha=1.0, ts=5.0, history=["i1", "i0"],
+                  weights=[1.0, 3.0])
+    assert TrainExample(**fields, history_ts=[]).history_ts == []
+    assert TrainExample(**fields).history_ts == []
+    with pytest.raises(ValueError, match="history_ts"):
+        TrainExample(**fields, history_ts=[1.0])
+    with pytest.raises(ValueError, match="weights"):
+        TrainExample(**{**fields, "weights": [1.0]}, history_ts=[])
