@@ -41,9 +41,10 @@ def examples(args: argparse.Namespace, rng: np.random.Generator) -> list[TrainEx
     def item() -> str:
         return f"i{min(int(rng.zipf(1.2)), args.items) - 1}"
 
+    # as a worker sends them with the default encoder, which decays by events: no event times
     return [TrainExample(user_id=f"u{k}", item_id=item(), alpha=1.0, ts=1.7e9,
                          history=[item() for _ in range(args.history)],
-                         weights=[1.0] * args.history, history_ts=[1.7e9] * args.history)
+                         weights=[1.0] * args.history)
             for k in range(args.batch)]
 
 

@@ -173,7 +173,7 @@ def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,
     if not V.flags.c_contiguous:  # multiply the used rows, gathered, not a copy of all of V
         used, item_rows = np.unique(item_rows, return_inverse=True)
         V = V[used]
-    H = scipy.sparse.csr_matrix((w, item_rows.reshape(-1), indptr), shape=(len(lengths), len(V)))
+    H = scipy.sparse.csr_matrix((w, item_rows, indptr), shape=(len(lengths), len(V)))
     return np.asarray(H @ V).reshape(len(lengths), V.shape[1])[:, :columns]
 
 
