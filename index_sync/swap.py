@@ -80,13 +80,13 @@ class RebuildPolicy:
     changed_items: int = 10_000
     min_items: int = 1
     build_share: float = 0.5
+    clusters: int = 0
+    keep: int = 2
+    grace_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.build_share <= 1.0:
             raise ValueError(f"build_share must be in (0, 1], not {self.build_share}")
-    clusters: int = 0
-    keep: int = 2
-    grace_s: float = 300.0
 
 
 class IndexRebuilder:
