@@ -128,14 +128,9 @@ class Settings(BaseSettings):
     # (1 MiB per partition, no limit per poll) a backlog of events was taken in whole before
     # the learn agent saw its first training example (measured: nothing learned for 13 s of a
     # 20,000-event backlog, then everything). Small fetches and polls interleave the topics,
-    # so learning keeps up within seconds; intake speed did not change. 64 KiB rather than
-    # 16: fewer fetches for the same events (benchmarks/stream_roundtrip.py, 60,000 events,
-    # three rounds alternating: the loop's CPU 159 / 152 / 133 µs per event against
-    # 167 / 157 / 138, the broker's 18 / 18 / 14 against 21 / 20 / 13, learned 5,393 / 4,978 /
-    # 6,195 events/s against 4,810 / 4,693 / 6,162), and a backlog is still learned while it
-    # is taken in (tests/test_broker_integration.py: 23-57 % of it, 29 % with 16 KiB).
+    # so learning keeps up within seconds; intake speed did not change.
     fetch_partition_bytes: int = Field(
-        65536, ge=1024, description="Most bytes fetched per partition at once (the first "
+        16384, ge=1024, description="Most bytes fetched per partition at once (the first "
         "record batch always comes, however large).")
     poll_records: int = Field(500, ge=1, description="Most records one consumer poll returns.")
     model_seed: int = 0

@@ -273,7 +273,7 @@ def test_a_backlog_is_learned_while_it_is_taken_in(settings, start_worker, fetch
         time.sleep(0.2)
     worker.wait_metric("streamrec_learned_events_total", backlog, timeout_s=60)
     if fetch == "small":
-        assert learned_during_backlog > 0  # 23-57 % of the backlog (64 KiB fetches)
+        assert learned_during_backlog > 0  # about 60 % of the backlog on an idle machine
     else:
         # One fetch brings the whole backlog and the train topic waits behind it: nothing is
         # learned on an idle machine; a loaded one has let a message or two through (72 events).
