@@ -266,7 +266,7 @@ class Engine:
         if not examples:
             return 0.0
         phis = self._encode_many([e.history for e in examples], [e.weights for e in examples],
-                                 [e.history_ts or [e.ts] * len(e.history) for e in examples])
+                                 self._history_times(examples))
         items = [example.item_id for example in examples]
         self._cold_start(items, phis)
         loss = self.learner.learn(phis, items, np.array([e.alpha for e in examples]),
@@ -279,6 +279,14 @@ class Engine:
         self.loss.update(loss)
         self.learned += len(examples)
         return loss
+
+    def _history_times(self, examples: Sequence[TrainExample]) -> list[list[float]]:
+        """Each example's history times for :meth:`_encode_many`: where the encoder reads them,
+        an example sent without them has all its events at its own ``ts``; otherwise the lists
+        as they came (unread, usually empty), so no list is built per example for nothing."""
+        if not self.uses_event_times:
+            return [e.history_ts for e in examples]
+        return [e.history_ts or [e.ts] * len(e.history) for e in examples]
 
     def learn_reported(self, examples: Sequence[TrainExample], step: int) -> LearnedReport:
         """:meth:`learn` in micro-batches of ``step``, and the :class:`LearnedReport` that lets
