@@ -88,14 +88,17 @@ def broker_cpu(pid: int | None) -> float:
 
 
 def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int,
-                  cpu: dict | None = None, broker_pid: int | None = None) -> list[float]:
+                  cpu: dict | None = None, broker_pid: int | None = None,
+                  timeline: list | None = None) -> list[float]:
     """Events/s of each metric, from the moment the *first* metric passed ``WARMUP``·n to the
     moment this metric reached n; both moments interpolated between scrapes. For the worker:
     events taken in and events learned end to end (learning lags intake, so timing it from
     its own start would flatter it). ``cpu``, when given, receives the CPU microseconds per
     event that the process and its child processes (the learner) spent over that window, and
     with ``broker_pid`` what the broker spent (it serves the worker's training messages and
-    changelog besides the events)."""
+    changelog besides the events). ``timeline``, when given, receives one row per scrape:
+    seconds, each metric's count, and the CPU seconds of the process, its children and the
+    broker (where a backlog leaves a core idle)."""
     last: dict[str, tuple[float, float]] = {}
     cpu_at: list[tuple[float, float]] = []
     crossed: dict[tuple[str, float], float] = {}
@@ -109,6 +112,9 @@ def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int,
         except OSError:
             counts = {}
         now = time.perf_counter()
+        if timeline is not None:
+            timeline.append([now, *(counts.get(metric, 0.0) for metric in metrics),
+                             *cpu_seconds(child.pid), broker_cpu(broker_pid)])
         if not cpu_at and counts.get(metrics[0], 0.0) >= WARMUP * n:
             cpu_at.append((*cpu_seconds(child.pid), broker_cpu(broker_pid)))
         for metric, level in marks:
@@ -136,6 +142,19 @@ def consume_rates(settings: Settings, child: Child, metrics: list[str], n: int,
             cpu["broker_us_per_event"] = per_event * (broker1 - broker0)
     return [(1 - WARMUP) * n / max(crossed[(metric, float(n))] - started, 1e-9)
             for metric in metrics]
+
+
+def timeline_rows(timeline: list) -> list[dict]:
+    """Per scrape: seconds since the first, counts taken in and learned, and the share of a
+    core each process used since the scrape before."""
+    rows = []
+    for before, now in zip(timeline, timeline[1:]):
+        span = max(now[0] - before[0], 1e-9)
+        rows.append({"t": round(now[0] - timeline[0][0], 2), "taken": now[1], "learned": now[2],
+                     "loop_cores": round((now[3] - before[3]) / span, 2),
+                     "learner_cores": round((now[4] - before[4]) / span, 2),
+                     "broker_cores": round((now[5] - before[5]) / span, 2)})
+    return rows
 
 
 def start(name: str, settings: Settings, argv: list[str], workdir: Path) -> Child:
@@ -245,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--in-loop-too", action="store_true",
                         help="also measure a worker that learns on its event loop")
+    parser.add_argument("--timeline", action="store_true",
+                        help="add the worker's counts and CPU at each scrape to the results")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -290,11 +311,13 @@ def main(argv: list[str] | None = None) -> dict:
         served = base.replace(app_id=f"worker-{tag}", data_dir=workdir / "worker")
         worker = start("worker", served, worker_argv(), workdir)
         try:
-            results["worker_cpu"] = {}
+            results["worker_cpu"], timeline = {}, []
             results["worker_events_per_s"], results["worker_learned_events_per_s"] = \
                 consume_rates(served, worker, ["streamrec_events_total",
                                                "streamrec_learned_events_total"], args.events,
-                              results["worker_cpu"], broker.process.pid)
+                              results["worker_cpu"], broker.process.pid, timeline)
+            if args.timeline:
+                results["worker_timeline"] = timeline_rows(timeline)
             results["worker_to_bare_ratio"] = (results["worker_events_per_s"]
                                                / results["bare_agent_events_per_s"])
             results["learned_to_bare_ratio"] = (results["worker_learned_events_per_s"]
