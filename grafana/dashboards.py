@@ -130,9 +130,12 @@ def overview() -> dict:
               "Serving HNSW version (0: exact search) and its items."),
          stat("Index age and build", [target("streamrec_index_age_seconds", "age s", "A"),
                                       target("streamrec_index_build_seconds", "build s", "B"),
-                                      target("streamrec_index_failures", "failed builds", "C")],
-              "Seconds since the serving index was built, the last build's seconds, failed "
-              "builds (the previous version kept serving).")],
+                                      target("streamrec_index_failures", "failed builds", "C"),
+                                      target("streamrec_index_updates", "updated in place",
+                                             "D")],
+              "Seconds since the serving index was made, the last build's or update's seconds, "
+              "failed builds (the previous version kept serving), versions made by updating the "
+              "previous one in place.")],
         [timeseries("Deep Retrieval paths",
                     [target("streamrec_dr_largest_path", "largest path {{instance}}", "A"),
                      target("streamrec_dr_nonempty_paths", "non-empty paths {{instance}}", "B"),

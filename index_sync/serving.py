@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,10 +120,25 @@ class ServingIndex:
         if not self.config.enabled or not self.rebuilder.due(len(self._changed),
                                                              len(self.learner)):
             return False
-        snapshot = Snapshot(self.learner.item_ids, self.learner.item_matrix, model_version)
+        snapshot = Snapshot(self.learner.item_ids, self.learner.item_matrix, model_version,
+                            *self._update_plan())
         self._changed.clear()
         self.rebuilder.submit(snapshot)
         return True
+
+    def _update_plan(self) -> tuple[np.ndarray | None, int | None]:
+        """The rows in which the learner differs from the serving index (moved since its
+        snapshot, or new) and its version, when the rebuilder may update that index in place:
+        one graph whose labels are this learner's rows. (None, None) otherwise."""
+        index = self.holder.current
+        if not isinstance(index, ItemIndex) or self.config.policy.update_share <= 0:
+            return None, None
+        coverage = self._coverage_of(index)
+        if coverage.label_rows is not None or len(coverage.missing):
+            return None, None
+        moved = np.fromiter(self._moved_after(index.manifest.model_version), dtype=np.int64)
+        new = np.arange(coverage.covered, len(self.learner), dtype=np.int64)
+        return np.union1d(moved, new), index.version
 
     @property
     def version(self) -> int | None:
@@ -200,8 +215,14 @@ class ServingIndex:
             if self._moved[oldest] > model_version:
                 break
             del self._moved[oldest]
-        newest = itertools.islice(reversed(self._moved), self.config.stale_limit)
+        newest = itertools.islice(self._moved_after(model_version), self.config.stale_limit)
         return np.fromiter(newest, dtype=np.int64)
+
+    def _moved_after(self, model_version: int) -> Iterator[int]:
+        """Rows moved after the learner step ``model_version``, newest move first."""
+        moves = itertools.takewhile(lambda move: move[1] > model_version,
+                                    reversed(self._moved.items()))
+        return (row for row, _ in moves)
 
     def _rows_missing_from(self, index: ServedIndex) -> np.ndarray:
         """Learner rows the index lacks. Rows are only ever appended, so once the rows up to
@@ -230,6 +251,7 @@ class ServingIndex:
             "age_seconds": now - index.manifest.created_at if index else 0.0,
             "swaps": float(self.holder.swaps),
             "failures": float(self.rebuilder.failures),
+            "updates": float(self.rebuilder.updates),
         }
 
     def close(self) -> None:

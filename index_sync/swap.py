@@ -1,13 +1,14 @@
 """The serving reference and the rebuild loop that replaces it.
 
 Queries read :attr:`IndexHolder.current` once and use that object to the end: an index is never
-modified after it is built, so a query sees one complete version whatever happens meanwhile.
+modified while it serves, so a query sees one complete version whatever happens meanwhile.
 A swap is one attribute assignment (atomic under the GIL) and only ever moves forward.
 
-:class:`IndexRebuilder` builds in a background thread from a snapshot the caller takes on its
-own thread (a copy of the item rows: the learner keeps changing them), writes the version to
-disk, swaps it in and prunes old versions. One build at a time; a failed build is logged and
-the previous version keeps serving.
+:class:`IndexRebuilder` makes a version in a background thread from a snapshot the caller takes
+on its own thread, writes it to disk, swaps it in and prunes old versions. One build at a time;
+a failed build is logged and the previous version keeps serving. A version is built from
+scratch, or, when the snapshot names few rows to update (``RebuildPolicy.update_share``), it is
+the serving version read back from its folder with those rows updated in place.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from .clusters import ClusteredIndex
-from .hnsw import HnswParams, ItemIndex
-from .versions import ServedIndex, load_newest, next_version, prune, write_version
+from .hnsw import SPHERE_HEADROOM, HnswParams, ItemIndex
+from .versions import (CorruptVersion, ServedIndex, load_newest, load_version, next_version,
+                       prune, write_version)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ class Snapshot:
     ids: list[str]  # a copy
     vectors: np.ndarray  # (n, d+1) augmented rows: the live rows (see ServingIndex.maybe_rebuild)
     model_version: int
+    #: the rows that differ from version ``base_version``: moved since its snapshot, or new
+    #: (None: build from scratch)
+    update_rows: np.ndarray | None = None
+    base_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,12 +80,20 @@ class RebuildPolicy:
     ``changed_items`` rows within seconds, and at a million items a build takes minutes
     (``benchmarks/index_serving.py``), so without the bound the builds would run back to back
     and hold a core for good; the items moved since the snapshot are still scored exactly by
-    the serving index (``stale_limit``). It overrides ``interval_s`` when a build is longer."""
+    the serving index (``stale_limit``). It overrides ``interval_s`` when a build is longer.
+
+    ``update_share``: a version is the serving one with the rows that differ updated in place
+    when they are at most this share of its items, and fewer than it holds have been updated
+    since its last build from scratch (so a graph made mostly by updates, or a sphere sized
+    for old rows, is rebuilt); 0: always build from scratch. An updated row costs about six
+    inserted ones (:meth:`~index_sync.hnsw.ItemIndex.updated`), so at a tenth of the items an
+    update costs about half a build."""
 
     interval_s: float = 60.0
     changed_items: int = 10_000
     min_items: int = 1
     build_share: float = 0.5
+    update_share: float = 0.1
     clusters: int = 0
     keep: int = 2
     grace_s: float = 300.0
@@ -87,6 +101,15 @@ class RebuildPolicy:
     def __post_init__(self) -> None:
         if not 0.0 < self.build_share <= 1.0:
             raise ValueError(f"build_share must be in (0, 1], not {self.build_share}")
+        if not 0.0 <= self.update_share <= 1.0:
+            raise ValueError(f"update_share must be in [0, 1], not {self.update_share}")
+
+    def updates(self, base: ServedIndex | None, rows: int) -> bool:
+        """Whether a version that differs from ``base`` in ``rows`` rows is made by updating
+        it in place (else from scratch)."""
+        return (isinstance(base, ItemIndex) and base.manifest.radius > 0
+                and rows <= self.update_share * len(base)
+                and base.manifest.updated_rows + rows <= len(base))
 
 
 class IndexRebuilder:
@@ -106,6 +129,7 @@ class IndexRebuilder:
         self.failures = 0
         self.last_error: str | None = None
         self.last_build_seconds = 0.0
+        self.updates = 0  # versions made by updating the previous one in place
         self.resting_until = -math.inf  # no build before (time.time(), see build_share)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-build")
         self._running: Future | None = None
@@ -149,14 +173,17 @@ class IndexRebuilder:
 
     def _build_swap_prune(self, snapshot: Snapshot) -> ServedIndex | None:
         try:
-            index = self.build(snapshot.ids, snapshot.vectors, snapshot.model_version)
+            updated = self.update(snapshot)
+            index = updated or self.build(snapshot.ids, snapshot.vectors, snapshot.model_version)
             write_version(self.root, index)
             self.holder.swap(index)
             self.builds += 1
+            self.updates += updated is not None
             self.last_build_seconds = index.manifest.build_seconds
             self.last_error = None
             prune(self.root, self.policy.keep, self.policy.grace_s)
-            log.info("index v%d: %d items built in %.1f s", index.version, len(index),
+            log.info("index v%d: %d items, %s in %.1f s", index.version, len(index),
+                     "built" if updated is None else f"{len(snapshot.update_rows)} rows updated",
                      index.manifest.build_seconds)
             return index
         except Exception as error:  # noqa: BLE001 - the previous version keeps serving
@@ -165,14 +192,41 @@ class IndexRebuilder:
             log.exception("index build failed; version %s keeps serving", self.holder.version)
             return None
 
+    def _next_version(self) -> int:
+        return max(next_version(self.root), (self.holder.version or 0) + 1)
+
     def build(self, ids: Sequence[str], vectors: np.ndarray, model_version: int) -> ServedIndex:
-        version = max(next_version(self.root), (self.holder.version or 0) + 1)
+        """A version built from scratch."""
         if self.policy.clusters > 1:
-            return ClusteredIndex.build(ids, vectors, self.policy.clusters, version=version,
+            return ClusteredIndex.build(ids, vectors, self.policy.clusters,
+                                        version=self._next_version(),
                                         model_version=model_version, params=self.params,
                                         seed=self.seed)
-        return ItemIndex.build(ids, vectors, version=version, model_version=model_version,
-                               params=self.params, seed=self.seed)
+        headroom = SPHERE_HEADROOM if self.policy.update_share > 0 else 1.0
+        return ItemIndex.build(ids, vectors, version=self._next_version(),
+                               model_version=model_version, params=self.params, seed=self.seed,
+                               headroom=headroom)
+
+    def update(self, snapshot: Snapshot) -> ItemIndex | None:
+        """The serving version with the snapshot's ``update_rows`` updated in place, read
+        back from its folder (the serving graph itself must not change); None when the policy
+        says build (or a row outgrew the sphere, or the folder cannot be read)."""
+        base, rows = self.holder.current, snapshot.update_rows
+        if (rows is None or base is None or base.version != snapshot.base_version
+                or not self.policy.updates(base, len(rows))):
+            return None
+        vectors = snapshot.vectors[rows]
+        if not base.fits(vectors):
+            return None
+        try:
+            private = load_version(self.root / f"v{base.version}", self.params,
+                                   capacity=len(snapshot.ids))
+        except (CorruptVersion, OSError, RuntimeError) as error:
+            log.warning("cannot update index v%d in place (%s); building", base.version, error)
+            return None
+        return private.updated(snapshot.ids, rows, vectors, version=self._next_version(),
+                               model_version=snapshot.model_version,
+                               threads=self.params.threads)
 
     def close(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=True)

@@ -110,8 +110,10 @@ def _sha256(path: Path) -> str:
 # -- reading ---------------------------------------------------------------------------------
 
 
-def load_version(folder: Path, params: HnswParams = HnswParams()) -> ServedIndex:
-    """Load one version folder after verifying it; raises :class:`CorruptVersion`."""
+def load_version(folder: Path, params: HnswParams = HnswParams(),
+                 capacity: int = 0) -> ServedIndex:
+    """Load one version folder after verifying it; raises :class:`CorruptVersion`. A single
+    index gets room for ``capacity`` items (an update in place adds the new ones)."""
     manifest = _verified_manifest(folder)
     parts = []
     for k in range(max(manifest.clusters, 1)):
@@ -119,7 +121,8 @@ def load_version(folder: Path, params: HnswParams = HnswParams()) -> ServedIndex
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise CorruptVersion(f"ids-{k}.json is not a list of item ids")
         graph = hnswlib.Index(space=manifest.space, dim=manifest.dim + 1)  # see on_sphere
-        graph.load_index(str(folder / f"index-{k}.bin"), max_elements=max(len(ids), 1))
+        graph.load_index(str(folder / f"index-{k}.bin"),
+                         max_elements=max(len(ids), capacity, 1))
         if graph.get_current_count() != len(ids):
             raise CorruptVersion(f"index-{k}.bin holds {graph.get_current_count()} items, "
                                  f"ids-{k}.json {len(ids)}")

@@ -143,6 +143,10 @@ class Settings(BaseSettings):
     index_build_share: float = Field(
         0.5, gt=0, le=1, description="Most of the wall time index builds may take: a build of "
         "b seconds is followed by b·(1/share − 1) seconds without one (1: back to back).")
+    index_update_share: float = Field(
+        0.1, ge=0, le=1, description="Update the serving index in place when the rows that "
+        "moved or are new are at most this share of it, instead of building from scratch "
+        "(0: always build; index_sync.swap.RebuildPolicy).")
     index_min_items: int = Field(
         1000, ge=1, description="Below this many items, exact search serves (it is as fast).")
     index_clusters: int = Field(0, ge=0, description="k-means clusters (0: one index).")
@@ -280,6 +284,7 @@ class Settings(BaseSettings):
             policy=RebuildPolicy(interval_s=self.index_interval_s,
                                  changed_items=self.index_changed_items,
                                  build_share=self.index_build_share,
+                                 update_share=self.index_update_share,
                                  min_items=self.index_min_items, clusters=self.index_clusters,
                                  keep=self.index_keep, grace_s=self.index_grace_s),
             params=HnswParams(M=self.index_m, ef=self.index_ef,

@@ -44,6 +44,7 @@ def build_metrics(engine: Engine) -> Metrics:
         "age_seconds": "Seconds since the serving index was built.",
         "swaps": "Index versions swapped in since the worker started.",
         "failures": "Index builds that failed (the previous version kept serving).",
+        "updates": "Index versions made by updating the previous one in place.",
     }
     for key, doc in index_gauges.items():
         metrics.gauge(f"streamrec_index_{key}", doc,

@@ -4,6 +4,7 @@ once, the index version reported, rebuilds aside, and the newest version loaded 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -89,6 +90,35 @@ def test_an_item_that_moved_after_the_build_is_retrieved_with_its_new_vector(tmp
     assert engine.index.version == 2 and len(engine.index._rows_moved_since(
         engine.index.current.manifest.model_version)) == 0
     assert answer(engine, "u1", histories["u1"], k=5).items[0].item_id == mover
+
+
+def test_a_version_after_a_few_steps_updates_the_served_one_and_answers_as_exact_search(
+        tmp_path):
+    """After more learning steps the next version is the served one with the rows moved since
+    its snapshot (and the new items) updated in place; it answers as exact search does, and
+    no moved row is left to score beside it."""
+    engine = engine_with_index(tmp_path, index_update_share=1.0)
+    stream = planted_stream()
+    histories = run_stream(engine, stream[:-40])
+    build_now(engine)
+    base_rows = len(engine.index.current)
+    histories = run_stream(engine, stream[-40:], histories=histories)
+    moved = engine.index._moved_after(engine.index.current.manifest.model_version)
+    assert len(list(moved)) > 0
+    build_now(engine)
+    index = engine.index.current
+    assert engine.index.rebuilder.updates == 1 and index.version == 2
+    assert 0 < index.manifest.updated_rows and len(index) == len(engine.learner) >= base_rows
+    assert len(engine.index._rows_moved_since(index.manifest.model_version)) == 0
+    stored = index.graph.get_items(np.arange(len(index)), return_type="numpy")[:, :-1]
+    np.testing.assert_allclose(stored, engine.learner.item_matrix, rtol=1e-5, atol=1e-5)
+    engine.index.config = replace(engine.index.config, enabled=False)
+    exact = {user: answer(engine, user, histories[user]) for user in ("u1", "u2", "u9")}
+    engine.index.config = replace(engine.index.config, enabled=True)
+    for user, before in exact.items():
+        after = answer(engine, user, histories[user])
+        assert after.index_version == 2
+        assert [i.item_id for i in after.items] == [i.item_id for i in before.items]
 
 
 def test_a_build_reads_the_live_rows_and_a_row_moved_meanwhile_is_searched_exactly(tmp_path):

@@ -34,8 +34,9 @@ def planted_stream(seed: int = 0) -> list[Event]:
     return events
 
 
-def run_stream(engine: Engine, events: list[Event], batch: int = 64) -> dict[str, History]:
-    histories: dict[str, History] = {}
+def run_stream(engine: Engine, events: list[Event], batch: int = 64,
+               histories: dict[str, History] | None = None) -> dict[str, History]:
+    histories = {} if histories is None else histories
     pending = []
     for event in events:
         taken = engine.ingest(event, histories.get(event.user_id, History()))
