@@ -6,6 +6,9 @@ Reports per size: index build seconds, index bytes per million items, resident m
 by the index, and p50/p99 latency and queries/s of ``Engine.answer`` for the index and for
 exact search, beside LED's production figures (Table 4: p50 0.5 ms, p99 2 ms, 3,200 q/s per
 instance). Item vectors are synthetic and low-rank like learned ones (d = 64 plus the bias).
+Then 1 % of the rows move (``--moved-share``) and the next version updates the serving one in
+place (``STREAMREC_INDEX_UPDATE_SHARE``): its seconds (read back, update, write, swap) against
+the build's, and recall@10 against exact search on the moved rows.
 
     python benchmarks/index_serving.py --quick            # 100k items, about a minute
     python benchmarks/index_serving.py --sizes 100000,1000000 --out out/index.json
@@ -101,7 +104,33 @@ def recall(engine: Engine, n_items: int, queries: int = 200, seed: int = 2) -> f
     return hits / (10 * queries)
 
 
-def run_size(n: int, dim: int, queries: int, threads: int) -> dict:
+def update_in_place(engine: Engine, moved_share: float, seed: int = 3) -> dict:
+    """Move ``moved_share`` of the rows (within the sphere, as a few learning steps would) and
+    make the next version by updating the serving one; its seconds and recall after."""
+    learner, index = engine.index.learner, engine.index.current
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(learner), int(moved_share * len(learner)), replace=False))
+    moved = learner.item_matrix[rows]
+    moved += 0.05 * rng.normal(size=moved.shape)
+    norms = np.linalg.norm(moved, axis=1, keepdims=True)
+    moved *= np.minimum(1.0, 0.99 * index.manifest.radius / norms)
+    ids = learner.item_ids_at(rows)
+    learner.assign(ids, moved)
+    learner.steps += 1
+    engine.index.learned(ids, rows)
+    rebuilder = engine.index.rebuilder
+    rebuilder.last_snapshot_at = rebuilder.resting_until = 0.0
+    started = time.perf_counter()
+    assert engine.index.maybe_rebuild(learner.steps), "no version was due"
+    rebuilder._running.result()
+    total_s = time.perf_counter() - started
+    updated = engine.index.current
+    assert rebuilder.updates == 1 and updated.manifest.updated_rows == len(rows)
+    return {"moved_rows": len(rows), "update_s": updated.manifest.build_seconds,
+            "version_s": total_s, "recall_at_10_vs_exact": recall(engine, len(learner))}
+
+
+def run_size(n: int, dim: int, queries: int, threads: int, moved_share: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="streamrec-index-bench-") as tmp:
         engine, build_s, memory = engine_for(n, dim, Path(tmp), threads)
         indexed = time_answers(engine, n, queries)
@@ -113,6 +142,8 @@ def run_size(n: int, dim: int, queries: int, threads: int) -> dict:
                   **memory, "index": indexed, "exact": exact,
                   "recall_at_10_vs_exact": recall(engine, n),
                   "speedup_p50": exact["p50_ms"] / indexed["p50_ms"]}
+        update = update_in_place(engine, moved_share)
+        result["update"] = {**update, "version_s_to_build_s": update["version_s"] / build_s}
         engine.index.close()
         return result
 
@@ -125,13 +156,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--queries", type=int, default=5000)
     parser.add_argument("--build-threads", type=int, default=2)
+    parser.add_argument("--moved-share", type=float, default=0.01,
+                        help="share of the rows that move before the update in place")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     sizes = [100_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     queries = 2000 if args.quick else args.queries
     with threadpool_limits(1):  # as in the worker
         results = {"led_table_4": LED_TABLE_4,
-                   "sizes": [run_size(n, args.dim, queries, args.build_threads) for n in sizes]}
+                   "sizes": [run_size(n, args.dim, queries, args.build_threads,
+                                      args.moved_share) for n in sizes]}
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

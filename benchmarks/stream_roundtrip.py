@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
                 build_s = scrape(served).get("streamrec_index_build_seconds", 0.0)
                 results["during_swaps"] = during_swaps(served, args.requests * 2, args.clients,
                                                        users, build_s)
+                results["during_swaps"]["index_updates"] = scrape(served).get(
+                    "streamrec_index_updates", 0.0)  # versions updated in place, not built
             finally:
                 stop.set()
                 feeder.join()
