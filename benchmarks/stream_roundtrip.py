@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         served = base.replace(app_id=f"worker-{tag}", data_dir=workdir / "worker")
         worker = start("worker", served, worker_argv(), workdir)
         try:
-            results["worker_cpu"], timeline = {}, []
+            results["worker_cpu"], timeline = {}, [] if args.timeline else None
             results["worker_events_per_s"], results["worker_learned_events_per_s"] = \
                 consume_rates(served, worker, ["streamrec_events_total",
                                                "streamrec_learned_events_total"], args.events,

@@ -129,9 +129,10 @@ class ServingIndex:
     def _update_plan(self) -> tuple[np.ndarray | None, int | None]:
         """The rows in which the learner differs from the serving index (moved since its
         snapshot, or new) and its version, when the rebuilder may update that index in place:
-        one graph whose labels are this learner's rows. (None, None) otherwise."""
+        one graph whose labels are this learner's rows (whether it does is the policy's
+        call, :meth:`RebuildPolicy.updates`). (None, None) otherwise."""
         index = self.holder.current
-        if not isinstance(index, ItemIndex) or self.config.policy.update_share <= 0:
+        if not isinstance(index, ItemIndex):
             return None, None
         coverage = self._coverage_of(index)
         if coverage.label_rows is not None or len(coverage.missing):

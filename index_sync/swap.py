@@ -107,8 +107,8 @@ class RebuildPolicy:
     def updates(self, base: ServedIndex | None, rows: int) -> bool:
         """Whether a version that differs from ``base`` in ``rows`` rows is made by updating
         it in place (else from scratch)."""
-        return (isinstance(base, ItemIndex) and base.manifest.radius > 0
-                and rows <= self.update_share * len(base)
+        return (self.update_share > 0 and isinstance(base, ItemIndex)
+                and base.manifest.radius > 0 and rows <= self.update_share * len(base)
                 and base.manifest.updated_rows + rows <= len(base))
 
 

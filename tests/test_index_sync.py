@@ -400,5 +400,7 @@ def test_an_update_in_place_refuses_rows_it_cannot_hold():
     with pytest.raises(ValueError, match="rows outside"):
         index.updated(ids, np.array([200]), vectors[[3]], version=2, model_version=1)
     assert index.fits(vectors[[longest]] * SPHERE_HEADROOM * 0.99)
+    assert RebuildPolicy(update_share=0.1).updates(index, 0)
+    assert not RebuildPolicy(update_share=0.0).updates(index, 0)  # 0: never, not even 0 rows
     plain = ItemIndex.build(ids, vectors, version=1, model_version=0)  # no headroom
     assert not plain.fits(vectors[[longest]] * 1.01)
