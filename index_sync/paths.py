@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +21,20 @@ import numpy as np
 
 from models.deep_retrieval import DeepRetrieval, DRConfig, MStepResult
 
+from .background import background_executor
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MStepPolicy:
     """When to run an M-step: every ``interval_s`` once pairs were learned since the last one,
-    or sooner after ``events`` pairs."""
+    or sooner after ``events`` pairs; the M-step thread runs ``niceness`` below the learner's CPU
+    priority (:mod:`index_sync.background`)."""
 
     interval_s: float = 300.0
     events: int = 200_000
+    niceness: int = 10
 
 
 def unit_rows(phis: np.ndarray) -> np.ndarray:
@@ -53,7 +57,7 @@ class PathRetrieval:
         self.last_m_step_at = time.time()
         self.failures = 0
         self.last_error: str | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dr-m-step")
+        self._executor = background_executor("dr-m-step", policy.niceness)
         self._running: Future | None = None
 
     # -- learning (learn thread) -----------------------------------------------------------

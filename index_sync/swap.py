@@ -18,12 +18,13 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .background import background_executor
 from .clusters import ClusteredIndex
 from .hnsw import SPHERE_HEADROOM, HnswParams, ItemIndex
 from .versions import (CorruptVersion, ServedIndex, load_newest, load_version, next_version,
@@ -87,13 +88,17 @@ class RebuildPolicy:
     since its last build from scratch (so a graph made mostly by updates, or a sphere sized
     for old rows, is rebuilt); 0: always build from scratch. An updated row costs about six
     inserted ones (:meth:`~index_sync.hnsw.ItemIndex.updated`), so at a tenth of the items an
-    update costs about half a build."""
+    update costs about half a build.
+
+    ``niceness``: the build thread runs this much below the worker's CPU priority
+    (:mod:`index_sync.background`), so a build takes the cores that intake and learning leave."""
 
     interval_s: float = 60.0
     changed_items: int = 10_000
     min_items: int = 1
     build_share: float = 0.5
     update_share: float = 0.1
+    niceness: int = 10
     clusters: int = 0
     keep: int = 2
     grace_s: float = 300.0
@@ -131,7 +136,7 @@ class IndexRebuilder:
         self.last_build_seconds = 0.0
         self.updates = 0  # versions made by updating the previous one in place
         self.resting_until = -math.inf  # no build before (time.time(), see build_share)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-build")
+        self._executor = background_executor("index-build", policy.niceness)
         self._running: Future | None = None
 
     def load_existing(self) -> bool:

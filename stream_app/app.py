@@ -26,6 +26,7 @@ from state.history import History
 from .changelog import BatchedTable
 from .delivery import install_direct_delivery
 from .engine import Engine, LearnedReport
+from .fair_fetch import install_fair_fetch
 from .kafka import faust_credentials
 from .learner_process import LearnerProcess
 from .metrics import Metrics
@@ -86,6 +87,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     )
     if settings.direct_delivery:
         install_direct_delivery(app)
+    if settings.fair_polls:
+        install_fair_fetch(app)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(settings.topic_events, **raw)
     dead_letters = app.topic(settings.topic_dead_letters, **raw)
@@ -171,7 +174,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         for partition, parts in by_partition.items():
             for chunk in _chunks_by_size(parts, TRAIN_MESSAGE_BYTES):
                 await train.send(key=str(partition).encode(), partition=partition,
-                                 value=TrainBatch.encode_parts(chunk))
+                                 value=TrainBatch.encode_parts(
+                                     chunk, settings.train_compression_level))
 
     @app.agent(events, name="ingest")
     async def ingest(stream):

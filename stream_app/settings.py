@@ -132,6 +132,13 @@ class Settings(BaseSettings):
     fetch_partition_bytes: int = Field(
         16384, ge=1024, description="Most bytes fetched per partition at once (the first "
         "record batch always comes, however large).")
+    fair_polls: bool = Field(
+        True, description="Share each consumer poll equally among the partitions with records "
+        "waiting (false: the client's order, where a backlog of events starves the training "
+        "partitions; stream_app/fair_fetch.py).")
+    train_compression_level: int = Field(
+        1, ge=0, le=9, description="zlib level of the training messages (0: plain JSON); "
+        "smaller messages keep the learner fed during a backlog (docs/throughput.md).")
     poll_records: int = Field(500, ge=1, description="Most records one consumer poll returns.")
     model_seed: int = 0
 
@@ -157,6 +164,9 @@ class Settings(BaseSettings):
     index_m: int = Field(16, ge=2, description="HNSW graph degree.")
     index_build_threads: int = Field(1, ge=1, description="Threads of an index build.")
     index_keep: int = Field(2, ge=1, description="Index versions kept on disk.")
+    background_niceness: int = Field(
+        10, ge=0, le=19, description="How much lower the CPU priority of index builds and "
+        "Deep Retrieval M-steps is than intake's and learning's (Linux; 0: the same).")
     index_grace_s: float = Field(300.0, ge=0, description="Age before an old version is pruned.")
     index_check_s: float = Field(1.0, gt=0, description="How often a rebuild is considered.")
     # 64: on a fresh index, recall@10 against exact search was the same with 50, 64 and 100
@@ -271,7 +281,8 @@ class Settings(BaseSettings):
     def m_step_policy(self):
         from index_sync.paths import MStepPolicy
 
-        return MStepPolicy(interval_s=self.dr_m_step_interval_s, events=self.dr_m_step_events)
+        return MStepPolicy(interval_s=self.dr_m_step_interval_s, events=self.dr_m_step_events,
+                           niceness=self.background_niceness)
 
     def index_config(self):
         from index_sync.hnsw import HnswParams
@@ -285,6 +296,7 @@ class Settings(BaseSettings):
                                  changed_items=self.index_changed_items,
                                  build_share=self.index_build_share,
                                  update_share=self.index_update_share,
+                                 niceness=self.background_niceness,
                                  min_items=self.index_min_items, clusters=self.index_clusters,
                                  keep=self.index_keep, grace_s=self.index_grace_s),
             params=HnswParams(M=self.index_m, ef=self.index_ef,

@@ -285,6 +285,7 @@ def test_batched_ingest_writes_each_history_to_its_users_partition(settings, sta
     partition of that user's events, or a rebalance would hand the history to the wrong
     worker. Also: every event yields exactly one training example, on its item's partition."""
     from stream_app.app import HISTORY_TABLE, item_partition
+    from stream_app.wire import TrainBatch
 
     worker = start_worker(settings)
     many = [(f"u{i % 40}".encode(), event(f"u{i % 40}", f"i{i % 97}", event_id=f"e{i}"))
@@ -305,7 +306,8 @@ def test_batched_ingest_writes_each_history_to_its_users_partition(settings, sta
     messages = read_topic(settings, settings.train_topic, len(many), timeout_s=5.0)
     examples = []
     for record in messages:
-        batch = json.loads(record.value)["examples"]
+        assert record.value[:1] != b"{"  # compressed (STREAMREC_TRAIN_COMPRESSION_LEVEL)
+        batch = json.loads(TrainBatch.plain(record.value))["examples"]
         assert {item_partition(x["item_id"], settings.partitions) for x in batch} \
             == {record.partition}
         examples += batch

@@ -404,3 +404,32 @@ def test_an_update_in_place_refuses_rows_it_cannot_hold():
     assert not RebuildPolicy(update_share=0.0).updates(index, 0)  # 0: never, not even 0 rows
     plain = ItemIndex.build(ids, vectors, version=1, model_version=0)  # no headroom
     assert not plain.fits(vectors[[longest]] * 1.01)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_builds_and_m_steps_run_below_the_callers_cpu_priority(tmp_path):
+    """The index build thread and the M-step thread run ``niceness`` below the process's
+    priority, threads they start inherit it, and the calling thread keeps its own; 0 leaves
+    the priority as it is."""
+    from index_sync.background import background_executor
+    from index_sync.paths import MStepPolicy, PathRetrieval
+    from models.deep_retrieval import DRConfig
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def priority_of_a_thread_it_starts() -> int:
+        seen = []
+        started = threading.Thread(target=lambda: seen.append(priority()))
+        started.start()
+        started.join()
+        return seen[0]
+
+    own = priority()
+    rebuilder = IndexRebuilder(tmp_path, IndexHolder(), RebuildPolicy(niceness=5), HnswParams())
+    assert rebuilder._executor.submit(priority).result() == min(19, own + 5)
+    assert rebuilder._executor.submit(priority_of_a_thread_it_starts).result() == min(19, own + 5)
+    paths = PathRetrieval(DRConfig(input_dim=4, width=3, depth=2), MStepPolicy(niceness=3))
+    assert paths._executor.submit(priority).result() == min(19, own + 3)
+    assert background_executor("equal", 0).submit(priority).result() == own
+    assert priority() == own

@@ -134,6 +134,28 @@ def test_a_training_example_writes_the_json_pydantic_writes():
     assert TrainBatch.examples_of([batch]) == ([TrainExample(**fields)] * 2, 0)
 
 
+def test_training_messages_travel_compressed_and_damage_is_counted_not_raised():
+    """A compressed message decodes to the same examples as the plain one and is several
+    times smaller; a cut, corrupted or oversized (decompression bomb) value counts as one bad
+    message beside the good ones, never an exception."""
+    import zlib
+
+    from stream_app.wire import TrainBatch, TrainExample
+
+    examples = [TrainExample(user_id=f"u{k}", item_id=f"i{k % 7}", alpha=1.0, ts=float(k),
+                             history=[f"i{j}" for j in range(k % 20)],
+                             weights=[1.0] * (k % 20)) for k in range(50)]
+    parts = [example.to_bytes() for example in examples]
+    plain = TrainBatch.encode_parts(parts)
+    packed = TrainBatch.encode_parts(parts, compression_level=1)
+    assert plain[:1] == b"{" and len(packed) * 3 < len(plain)
+    assert TrainBatch.examples_of([packed, plain]) == (examples * 2, 0)
+    bomb = zlib.compress(b"{" + b" " * (TrainBatch.MAX_DECOMPRESSED + 10) + b"}", 9)
+    damaged = [packed[:-5], packed[:10] + b"\x00" * 20 + packed[30:], b"\x78junk", bomb]
+    for value in damaged:
+        assert TrainBatch.examples_of([packed, value]) == (examples, 1)
+
+
 def test_a_training_example_may_leave_out_its_history_times_but_not_misalign_them():
     from stream_app.wire import TrainExample
 

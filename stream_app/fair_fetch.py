@@ -1,0 +1,100 @@
+"""Share each consumer poll among the partitions that have records waiting.
+
+aiokafka's fetcher hands out buffered records partition by partition, in the order their fetch
+responses arrived, until a poll's ``max_records`` are used up; a partition keeps its place in
+that order until it is drained. A fetch always brings a partition's first record batch whole,
+however large (a producer's batch of 256 KiB holds about 2,000 events), so during a backlog the
+event partitions filled every poll of 500 records and the training partitions behind them were
+served only when an event partition happened to run dry. The learn agent then received nothing
+for up to a second at a time while the ingest agent took events in, and the learner process
+idled (traced poll by poll, ``docs/throughput.md``).
+
+:func:`fair_records` first gives every partition with records waiting an equal share of the
+poll (at least one record), then what is left of it in the fetcher's own order. It does so by
+calling aiokafka's own ``fetched_records`` once per partition, so records keep their order
+within a partition, positions move as they always do, and a poll with nothing buffered waits
+for data exactly as before.
+
+An optimization of Faust's aiokafka driver (``AIOKafkaConsumerThread._fetch_records``),
+installed on the consumer of an app by :func:`install_fair_fetch`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import faust
+from aiokafka.consumer.fetcher import FetchResult
+
+log = logging.getLogger(__name__)
+
+
+def install_fair_fetch(app: faust.App) -> None:
+    """Make the consumer this app creates share each poll fairly (:func:`fair_records`)."""
+    new_consumer = app._new_consumer
+
+    def _new_consumer():
+        consumer = new_consumer()
+        thread = consumer._thread
+        stock = thread._fetch_records
+
+        async def _fetch_records(self, kafka_consumer, active_partitions, timeout=None,
+                                 max_records=None):
+            fetcher = kafka_consumer._fetcher
+            if (not self.consumer.flow_active or max_records is None or kafka_consumer._closed
+                    or fetcher._closed):
+                return await stock(kafka_consumer, active_partitions, timeout=timeout,
+                                   max_records=max_records)
+            with fetcher._subscriptions.fetch_context():
+                records = await fair_records(fetcher, active_partitions, max_records)
+            if records:
+                return records
+            return await stock(kafka_consumer, active_partitions, timeout=timeout,
+                               max_records=max_records)
+
+        thread._fetch_records = types.MethodType(_fetch_records, thread)
+        log.info("fair polls across partitions installed")
+        return consumer
+
+    app._new_consumer = _new_consumer
+
+
+async def fair_records(fetcher: Any, partitions: set | None, max_records: int) -> dict:
+    """Up to ``max_records`` buffered records of ``partitions`` without waiting: an equal share
+    for each partition that has some, then the rest of the budget in the fetcher's order.
+    ``fetcher`` is aiokafka's ``Fetcher`` (its ``_records``: partition → buffered result).
+
+    A partition whose buffered result is a fetch error is left to aiokafka's own call (made
+    when this returns nothing), which raises it: raising here would drop the records already
+    taken from other partitions, whose positions have moved."""
+    waiting = _with_records(fetcher, partitions)
+    if not waiting:
+        return {}
+    share = max(1, max_records // len(waiting))
+    records: dict = {}
+    left = max_records
+    for tp in waiting:
+        if left <= 0:
+            break
+        left -= _take(records, await fetcher.fetched_records({tp}, 0, min(share, left)))
+    for tp in _with_records(fetcher, partitions):
+        if left <= 0:
+            break
+        left -= _take(records, await fetcher.fetched_records({tp}, 0, left))
+    return records
+
+
+def _with_records(fetcher: Any, partitions: set | None) -> list:
+    return [tp for tp, result in fetcher._records.items()
+            if type(result) is FetchResult and (not partitions or tp in partitions)]
+
+
+def _take(records: dict, fetched: dict) -> int:
+    """Add ``fetched`` to ``records`` (extending a partition's list); how many were added."""
+    added = 0
+    for tp, batch in fetched.items():
+        records.setdefault(tp, []).extend(batch)
+        added += len(batch)
+    return added

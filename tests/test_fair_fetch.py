@@ -1,0 +1,156 @@
+"""Polls shared among partitions (``stream_app/fair_fetch.py``), run against aiokafka's own
+``Fetcher.fetched_records`` and ``FetchResult`` over partitions held in memory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+import faust
+import pytest
+from aiokafka.consumer.fetcher import FetchError, Fetcher, FetchResult
+from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
+
+from stream_app.fair_fetch import fair_records, install_fair_fetch
+
+EVENTS_0, EVENTS_1 = TopicPartition("events", 0), TopicPartition("events", 1)
+TRAIN = TopicPartition("train", 0)
+
+
+class Records:
+    """What aiokafka's partition records are to a FetchResult: an iterator with a position."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self._offsets = iter(range(first, first + count))
+        self.next_fetch_offset = first
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        offset = next(self._offsets)
+        self.next_fetch_offset = offset + 1
+        return offset
+
+
+class State:
+    paused = False
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+    def consumed_to(self, offset: int) -> None:
+        self.position = offset
+
+
+class Assignment:
+    active = True
+
+    def __init__(self) -> None:
+        self.states: dict = {}
+
+    def state_value(self, tp):
+        return self.states[tp]
+
+
+class Subscriptions:
+    reassignment_in_progress = False
+
+    @staticmethod
+    def is_assigned(tp) -> bool:
+        return True
+
+
+class BufferedFetcher:
+    """aiokafka's fetcher methods over buffered results (no network)."""
+
+    fetched_records = Fetcher.fetched_records
+    _notify = Fetcher._notify
+
+    def __init__(self, buffered: dict[TopicPartition, int]) -> None:
+        self._subscriptions = Subscriptions()
+        self._wait_consume_future = None
+        self._records: OrderedDict = OrderedDict()
+        assignment = Assignment()
+        for tp, count in buffered.items():
+            assignment.states[tp] = State(0)
+            self._records[tp] = FetchResult(tp, assignment=assignment,
+                                            partition_records=Records(0, count), backoff=0)
+
+
+def poll(fetcher, max_records=500, partitions=None) -> dict:
+    return asyncio.run(fair_records(fetcher, partitions, max_records))
+
+
+def test_a_partition_with_a_few_records_is_not_starved_by_large_ones():
+    """The event partitions come first and hold thousands each: aiokafka's own poll is all
+    events, the fair one takes the training records at once and fills the rest with events,
+    in order, without losing or repeating a record."""
+    buffered = {EVENTS_0: 3000, TRAIN: 5, EVENTS_1: 3000}
+    stock = asyncio.run(BufferedFetcher(buffered).fetched_records(None, 0, 500))
+    assert {tp: len(records) for tp, records in stock.items()} == {EVENTS_0: 500}
+
+    fetcher = BufferedFetcher(buffered)
+    first = poll(fetcher)
+    share = 500 // 3
+    assert first[TRAIN] == [0, 1, 2, 3, 4]
+    assert first[EVENTS_1] == list(range(share))
+    assert first[EVENTS_0] == list(range(500 - 5 - share))  # its share, then what was left
+    seen = {tp: list(records) for tp, records in first.items()}
+    while fetcher._records:
+        for tp, records in poll(fetcher).items():
+            assert 0 < len(records) <= 500
+            seen[tp].extend(records)
+    assert seen == {tp: list(range(count)) for tp, count in buffered.items()}
+
+
+def test_each_partition_gets_a_share_when_there_are_more_than_the_poll_holds():
+    buffered = {TopicPartition("t", n): 10 for n in range(8)}
+    records = poll(BufferedFetcher(buffered), max_records=4)
+    assert sum(map(len, records.values())) == 4
+    assert all(len(part) == 1 for part in records.values())
+
+
+def test_only_the_asked_partitions_are_taken_and_errors_are_left_to_aiokafka():
+    """A buffered fetch error is not raised here (the records already taken from the other
+    partitions would be lost); aiokafka's own poll raises it when nothing else is left."""
+    fetcher = BufferedFetcher({EVENTS_0: 10, EVENTS_1: 10})
+    fetcher._records[TRAIN] = FetchError(error=KafkaError("broken"), backoff=0)
+    assert set(poll(fetcher, partitions={EVENTS_1})) == {EVENTS_1}
+    assert poll(fetcher) == {EVENTS_0: list(range(10))}
+    assert poll(fetcher) == {}
+    with pytest.raises(KafkaError):
+        asyncio.run(fetcher.fetched_records(None, 0, 500))
+
+
+def test_the_app_consumer_polls_fairly_when_installed():
+    """Installed on the app's consumer only: its thread's poll goes through the fair share
+    while the flow runs, and another app's consumer keeps Faust's own."""
+    app = faust.App("fair-test", broker="kafka://127.0.0.1:1", web_enabled=False,
+                    autodiscover=False)
+    other = faust.App("stock-test", broker="kafka://127.0.0.1:1", web_enabled=False,
+                      autodiscover=False)
+    install_fair_fetch(app)
+    thread = app.consumer._thread
+    assert thread._fetch_records.__func__ is not type(thread)._fetch_records
+    assert other.consumer._thread._fetch_records.__func__ is type(thread)._fetch_records
+
+    class KafkaConsumer:
+        _closed = False
+        _fetcher = BufferedFetcher({EVENTS_0: 3000, TRAIN: 5})
+        _fetcher._closed = False
+        _fetcher._subscriptions.fetch_context = _no_context
+
+    thread.consumer.resume_flow()
+    got = asyncio.run(thread._fetch_records(KafkaConsumer(), {EVENTS_0, TRAIN}, timeout=1.0,
+                                            max_records=100))
+    assert len(got[TRAIN]) == 5 and len(got[EVENTS_0]) == 95
+
+
+class _no_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
