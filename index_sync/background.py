@@ -1,11 +1,13 @@
 """Threads for work that may wait: index builds and Deep Retrieval M-steps.
 
 They run beside the work that must not wait (taking events in, learning, answering), on the
-same cores. A build at a lower CPU priority uses what those leave: during a backlog the
-learner process got about half a core while a build thread took a sixth of the worker's CPU
-(docs/throughput.md); the build then finishes later, and the items that moved meanwhile are
-scored exactly by the serving index until it does. hnswlib releases the interpreter lock while
-it builds, so a build waiting for a core does not hold up the event loop.
+same cores: the index build thread was about a sixth of a worker's CPU samples in a profile of
+``benchmarks/stream_roundtrip.py``, and at a million items a build holds a core for minutes. A
+build at a lower CPU priority uses what the others leave; it then finishes later, and the items
+that moved meanwhile are scored exactly by the serving index until it does. hnswlib releases
+the interpreter lock while it builds, so a build waiting for a core does not hold up the event
+loop. (At the benchmark's scale the priority made no measurable difference,
+``docs/throughput.md``.)
 """
 
 from __future__ import annotations

@@ -158,11 +158,9 @@ class TrainBatch(_Wire):
     cost per message (consume, decode, dispatch) is paid once for tens of examples.
 
     The JSON travels zlib-compressed (level ``Settings.train_compression_level``, 1 by
-    default): the worker's consumer fetches at most ``fetch_partition_bytes`` per partition at
-    a time, the same for the event and the training partitions, so during a backlog the learn
-    agent received one training message (about 50 examples) for every ~125 events taken in
-    and the learner idled. Level 1 makes a message 4–5 times smaller for about 2 µs an example
-    here (``docs/throughput.md``). Plain JSON (a value that starts with ``{``) is read too.
+    default): a message 4–5 times smaller for about 2 µs an example, so fewer bytes for the
+    producer, the broker and the worker's fetches (the broker's CPU per event fell by a
+    fifth, ``docs/throughput.md``). Plain JSON (a value that starts with ``{``) is read too.
     """
 
     examples: list[TrainExample]
