@@ -16,7 +16,9 @@ within a partition, positions move as they always do, and a poll with nothing bu
 for data exactly as before.
 
 An optimization of Faust's aiokafka driver (``AIOKafkaConsumerThread._fetch_records``),
-installed on the consumer of an app by :func:`install_fair_fetch`, nowhere else.
+installed on the consumer of an app by :func:`install_fair_fetch`, nowhere else. It reads the
+fetcher's buffer (``Fetcher._records``, aiokafka 0.10–0.14); a fetcher without one gets
+aiokafka's own poll.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def install_fair_fetch(app: faust.App) -> None:
         async def _fetch_records(self, kafka_consumer, active_partitions, timeout=None,
                                  max_records=None):
             fetcher = kafka_consumer._fetcher
+            buffered = getattr(fetcher, "_records", None)
             if (not self.consumer.flow_active or max_records is None or kafka_consumer._closed
-                    or fetcher._closed):
+                    or fetcher._closed or not isinstance(buffered, dict)):
                 return await stock(kafka_consumer, active_partitions, timeout=timeout,
                                    max_records=max_records)
             with fetcher._subscriptions.fetch_context():

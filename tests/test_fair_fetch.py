@@ -147,6 +147,18 @@ def test_the_app_consumer_polls_fairly_when_installed():
                                             max_records=100))
     assert len(got[TRAIN]) == 5 and len(got[EVENTS_0]) == 95
 
+    class OtherFetcher:  # a client whose fetcher keeps no ``_records``: aiokafka's own poll
+        _closed = False
+
+        async def fetched_records(self, partitions, timeout=0, max_records=None):
+            return {"stock": max_records}
+
+    OtherFetcher._subscriptions = KafkaConsumer._fetcher._subscriptions
+    KafkaConsumer._fetcher = OtherFetcher()
+    got = asyncio.run(thread._fetch_records(KafkaConsumer(), {EVENTS_0}, timeout=1.0,
+                                            max_records=7))
+    assert got == {"stock": 7}
+
 
 class _no_context:
     def __enter__(self):
