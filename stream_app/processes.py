@@ -6,6 +6,7 @@ them down; a normal stop sends SIGTERM, waits, then SIGKILLs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -95,15 +96,51 @@ class Child:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
-                self.process.kill()
-                self.process.wait()
+                self.kill()
             except KeyboardInterrupt:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
                 raise
         if self._output is not None:
             self._output.close()
         return self.process.returncode
+
+    def kill(self, timeout_s: float = 10.0) -> None:
+        """SIGKILL the child's whole process group (its session) and wait until it is empty.
+
+        A worker has children of its own (the learner process, multiprocessing's resource
+        tracker). Killed alone, it would leave the learner writing a checkpoint for seconds
+        after the supervisor returned: a second Ctrl-C means nothing keeps running."""
+        group = self.process.pid  # start_new_session: the group's id is the child's pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+        self.process.kill()  # where killpg is refused, the child itself at least
+        self.process.wait()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and group_alive(group):
+            time.sleep(0.02)
+
+
+def group_alive(group: int) -> bool:
+    """Whether a live process is still in process group ``group``.
+
+    Read from /proc on Linux, where a killed orphan stays a zombie until its new parent reaps
+    it (which a container's first process may never do); ``killpg(group, 0)`` elsewhere."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+            if int(pgrp) == group and state != "Z":
+                return True
+    return False
 
 
 class EmbeddedBroker(Child):

@@ -142,6 +142,46 @@ def test_ctrl_c_in_a_terminal_stops_everything(embedded_env, presses):
     assert not [pid for pid in children if alive(pid)], "processes left behind"
 
 
+STUBBORN_PARENT = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_killed_child_takes_its_own_children_with_it(tmp_path, interrupted):
+    """A worker's learner process outlives a worker killed alone; a kill (stop's deadline, or
+    a second Ctrl-C while stopping) takes the child's whole group, and returns once it is
+    empty."""
+    from stream_app.processes import Child
+
+    log_path = tmp_path / "stubborn.log"
+    child = Child("stubborn", [sys.executable, "-c", STUBBORN_PARENT], log_path=log_path).start()
+    deadline = time.monotonic() + 30
+    while not log_path.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int(log_path.read_text().split()[0])
+    assert alive(grandchild)
+    if interrupted:  # KeyboardInterrupt while waiting, as a second Ctrl-C raises it
+        def interrupt(*_):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                child.stop(30)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+    else:
+        assert child.stop(0.3) == -signal.SIGKILL
+    assert not alive(child.pid) and not alive(grandchild)
+
+
 def test_a_worker_whose_broker_is_gone_still_stops(tmp_path):
     """Faust's graceful stop retries a dead broker forever; the worker exits at its deadline."""
     from stream_app.settings import Settings
