@@ -108,6 +108,11 @@ def overview() -> dict:
                      target(rate("streamrec_events_total", "outcome"), "{{outcome}}/s", "B")],
                     "ops", "Training examples applied per second against events taken in: "
                            "a growing gap is learning lag."),
+         timeseries("Intake lag",
+                    [target("streamrec_ingest_lag_events", "behind {{instance}}")], "none",
+                    "Events each worker has yet to take in (its partitions' high watermarks "
+                    "minus the offsets taken). While it is above STREAMREC_INDEX_BACKLOG_EVENTS "
+                    "a due index build waits."),
          timeseries("Training loss and Gramian drift",
                     [target("streamrec_train_loss", "loss {{instance}}", "A"),
                      target("streamrec_gramian_drift", "drift {{instance}}", "B")], "none",
@@ -132,10 +137,12 @@ def overview() -> dict:
                                       target("streamrec_index_build_seconds", "build s", "B"),
                                       target("streamrec_index_failures", "failed builds", "C"),
                                       target("streamrec_index_updates", "updated in place",
-                                             "D")],
+                                             "D"),
+                                      target("streamrec_index_waiting_seconds",
+                                             "waiting for a backlog s", "E")],
               "Seconds since the serving index was made, the last build's or update's seconds, "
               "failed builds (the previous version kept serving), versions made by updating the "
-              "previous one in place.")],
+              "previous one in place, seconds a due build has waited for a backlog.")],
         [timeseries("Deep Retrieval paths",
                     [target("streamrec_dr_largest_path", "largest path {{instance}}", "A"),
                      target("streamrec_dr_nonempty_paths", "non-empty paths {{instance}}", "B"),

@@ -107,7 +107,7 @@ class ServingIndex:
     def load_existing(self) -> bool:
         return self.config.enabled and self.rebuilder.load_existing()
 
-    def maybe_rebuild(self, model_version: int) -> bool:
+    def maybe_rebuild(self, model_version: int, behind: int = 0) -> bool:
         """Start a build aside when the policy says so; call it on the thread that moves the
         learner's rows.
 
@@ -116,9 +116,10 @@ class ServingIndex:
         the build reads it goes in as old, new or in between, which costs nothing: it moved
         after ``model_version``, so it is searched exactly beside this build until a later
         one holds it. A view stays valid when the learner reallocates its rows (it keeps the
-        old buffer), and ids are copied here, so the build never sees a row without its id."""
-        if not self.config.enabled or not self.rebuilder.due(len(self._changed),
-                                                             len(self.learner)):
+        old buffer), and ids are copied here, so the build never sees a row without its id.
+        ``behind``: events the worker has yet to take in (``RebuildPolicy.backlog_events``)."""
+        if not self.config.enabled or not self.rebuilder.due(
+                len(self._changed), len(self.learner), behind=behind):
             return False
         snapshot = Snapshot(self.learner.item_ids, self.learner.item_matrix, model_version,
                             *self._update_plan())
@@ -253,6 +254,7 @@ class ServingIndex:
             "swaps": float(self.holder.swaps),
             "failures": float(self.rebuilder.failures),
             "updates": float(self.rebuilder.updates),
+            "waiting_seconds": self.rebuilder.waiting_seconds(now),
         }
 
     def close(self) -> None:

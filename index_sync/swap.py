@@ -91,7 +91,15 @@ class RebuildPolicy:
     update costs about half a build.
 
     ``niceness``: the build thread runs this much below the worker's CPU priority
-    (:mod:`index_sync.background`), so a build takes the cores that intake and learning leave."""
+    (:mod:`index_sync.background`), so a build takes the cores that intake and learning leave.
+
+    ``backlog_events`` and ``backlog_wait_s``: a build that falls due while the worker is more
+    than ``backlog_events`` events behind its input (a replay, a burst, a restart) waits until
+    intake has caught up, at most ``backlog_wait_s``. During a backlog the rows move fastest,
+    so a build is stale soonest, and it takes the CPU that intake and learning need: measured,
+    the build thread took a sixth of the worker's busy samples while a backlog was being taken
+    in, every 2 s (docs/throughput.md). Answers lose little meanwhile: the serving index
+    scores the rows moved since its snapshot exactly (``stale_limit``). 0 events: never wait."""
 
     interval_s: float = 60.0
     changed_items: int = 10_000
@@ -99,6 +107,8 @@ class RebuildPolicy:
     build_share: float = 0.5
     update_share: float = 0.1
     niceness: int = 10
+    backlog_events: int = 2_000
+    backlog_wait_s: float = 60.0
     clusters: int = 0
     keep: int = 2
     grace_s: float = 300.0
@@ -136,6 +146,7 @@ class IndexRebuilder:
         self.last_build_seconds = 0.0
         self.updates = 0  # versions made by updating the previous one in place
         self.resting_until = -math.inf  # no build before (time.time(), see build_share)
+        self.waiting_since: float | None = None  # a due build waits for a backlog since then
         self._executor = background_executor("index-build", policy.niceness)
         self._running: Future | None = None
 
@@ -148,19 +159,37 @@ class IndexRebuilder:
     def building(self) -> bool:
         return self._running is not None and not self._running.done()
 
-    def due(self, changed_items: int, n_items: int, now: float | None = None) -> bool:
+    def due(self, changed_items: int, n_items: int, now: float | None = None,
+            behind: int = 0) -> bool:
+        """Whether to build now; ``behind``: events the worker has yet to take in (see
+        ``RebuildPolicy.backlog_events``)."""
         now = time.time() if now is None else now
         if (self.building or n_items < self.policy.min_items or changed_items == 0
                 or now < self.resting_until):
             return False
-        return (changed_items >= self.policy.changed_items
-                or now - self.last_snapshot_at >= self.policy.interval_s)
+        if (changed_items < self.policy.changed_items
+                and now - self.last_snapshot_at < self.policy.interval_s):
+            return False
+        return not self._waits_for_backlog(behind, now)
+
+    def _waits_for_backlog(self, behind: int, now: float) -> bool:
+        if not 0 < self.policy.backlog_events < behind:
+            self.waiting_since = None
+            return False
+        if self.waiting_since is None:
+            self.waiting_since = now
+        return now - self.waiting_since < self.policy.backlog_wait_s
+
+    def waiting_seconds(self, now: float) -> float:
+        """How long a due build has been waiting for a backlog (0: none is)."""
+        return 0.0 if self.waiting_since is None else now - self.waiting_since
 
     def submit(self, snapshot: Snapshot) -> Future:
         """Start a build of ``snapshot`` in the background (the caller checked :meth:`due`)."""
         if self.building:
             raise RuntimeError("a build is already running")
         self.last_snapshot_at = time.time()
+        self.waiting_since = None
         self._running = self._executor.submit(self._build_and_swap, snapshot)
         return self._running
 

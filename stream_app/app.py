@@ -27,6 +27,7 @@ from .changelog import BatchedTable
 from .delivery import install_direct_delivery
 from .engine import Engine, LearnedReport
 from .fair_fetch import install_fair_fetch
+from .intake import IntakeLag
 from .kafka import faust_credentials
 from .learner_process import LearnerProcess
 from .metrics import Metrics
@@ -98,6 +99,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
     history_table = BatchedTable(histories)
     reply_topics: dict[str, faust.TopicT] = {}
+    intake_lag = IntakeLag(lambda partition: app.consumer.highwater(partition))
 
     async def dead_letter(error: InvalidMessage, message) -> None:
         letter = DeadLetter.of(error, message.value or b"", message.key, topic=message.topic,
@@ -186,6 +188,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         offsets: at least once holds."""
         async for batch in stream.take_events(settings.ingest_batch,
                                               within=settings.ingest_batch_wait_s):
+            intake_lag.observe((item.message.tp, item.message.offset) for item in batch)
+            engine.behind = intake_lag.events()
             examples = await take_batch(batch)
             written = history_table.pending
             try:
@@ -321,6 +325,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     async def rebuild_index() -> None:
         """Snapshot the item vectors (and the path scores) here, on the loop that learns;
         build the index (and run the M-step) in a thread."""
+        engine.behind = intake_lag.events()  # partitions no longer taken from drop out
         try:
             engine.maybe_rebuild_index()
         except Exception:  # noqa: BLE001 - serving goes on with the current version

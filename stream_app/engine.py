@@ -111,6 +111,7 @@ class Engine:
         self._followed_during_read: list[tuple] | None = None
         self._weight_of_kind = _WeightOfKind(settings.kind_weights)
         self.users = 0  # users whose history this worker holds
+        self.behind = 0  # events the worker has yet to take in (stream_app.intake.IntakeLag)
         self.learned = 0  # training examples applied
         self.checkpointed_at = time.time()
 
@@ -501,8 +502,9 @@ class Engine:
             self.metrics.candidates.labels(source).inc(count)
 
     def maybe_rebuild_index(self) -> bool:
-        """Start an index build aside if one is due (call on the learning thread)."""
-        return self.index.maybe_rebuild(self.model_version)
+        """Start an index build aside if one is due (call on the learning thread); a due
+        build waits while the worker is :attr:`behind` (``RebuildPolicy.backlog_events``)."""
+        return self.index.maybe_rebuild(self.model_version, self.behind)
 
     def maybe_m_step(self) -> bool:
         """Install a finished Deep Retrieval M-step, start one aside if due (learning thread)."""

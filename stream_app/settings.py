@@ -154,6 +154,12 @@ class Settings(BaseSettings):
         0.1, ge=0, le=1, description="Update the serving index in place when the rows that "
         "moved or are new are at most this share of it, instead of building from scratch "
         "(0: always build; index_sync.swap.RebuildPolicy).")
+    index_backlog_events: int = Field(
+        2_000, ge=0, description="A due index build waits while the worker is more than this "
+        "many events behind its input (a replay, a burst), so intake and learning keep the CPU; "
+        "0: never wait.")
+    index_backlog_wait_s: float = Field(
+        60.0, ge=0, description="Longest a due index build waits for a backlog.")
     index_min_items: int = Field(
         1000, ge=1, description="Below this many items, exact search serves (it is as fast).")
     index_clusters: int = Field(0, ge=0, description="k-means clusters (0: one index).")
@@ -297,6 +303,8 @@ class Settings(BaseSettings):
                                  build_share=self.index_build_share,
                                  update_share=self.index_update_share,
                                  niceness=self.background_niceness,
+                                 backlog_events=self.index_backlog_events,
+                                 backlog_wait_s=self.index_backlog_wait_s,
                                  min_items=self.index_min_items, clusters=self.index_clusters,
                                  keep=self.index_keep, grace_s=self.index_grace_s),
             params=HnswParams(M=self.index_m, ef=self.index_ef,

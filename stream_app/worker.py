@@ -26,6 +26,9 @@ def build_metrics(engine: Engine) -> Metrics:
                   lambda: engine.users)
     metrics.gauge("streamrec_items", "Distinct items this worker has seen.",
                   lambda: len(engine.popularity))
+    metrics.gauge("streamrec_ingest_lag_events",
+                  "Events this worker has yet to take in (high watermarks of its partitions "
+                  "minus the last offsets taken).", lambda: engine.behind)
     metrics.gauge("streamrec_model_version", "Version of the model serving requests.",
                   lambda: engine.model_version)
     metrics.gauge("streamrec_model_items", "Items with a learned vector.",
@@ -45,6 +48,7 @@ def build_metrics(engine: Engine) -> Metrics:
         "swaps": "Index versions swapped in since the worker started.",
         "failures": "Index builds that failed (the previous version kept serving).",
         "updates": "Index versions made by updating the previous one in place.",
+        "waiting_seconds": "Seconds a due index build has waited for a backlog (0: none).",
     }
     for key, doc in index_gauges.items():
         metrics.gauge(f"streamrec_index_{key}", doc,

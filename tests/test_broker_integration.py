@@ -280,6 +280,39 @@ def test_a_backlog_is_learned_while_it_is_taken_in(settings, start_worker, fetch
         assert learned_during_backlog < backlog / 10
 
 
+def test_index_builds_wait_while_a_backlog_is_taken_in(settings, start_worker):
+    """The worker knows how far behind its input it is (``streamrec_ingest_lag_events``); a
+    build that falls due meanwhile waits, and runs once the backlog is in."""
+    backlog = 20_000
+    settings = settings.replace(index_interval_s=0.5, index_check_s=0.2, index_min_items=100,
+                                index_backlog_events=500, index_backlog_wait_s=600)
+    ensure_topics(settings)
+    produce(settings, [(f"u{n % 400}".encode(),
+                        event(f"u{n % 400}", f"i{(n * 7919) % 500}", event_id=f"b{n}"))
+                       for n in range(backlog)])
+    worker = start_worker(settings)
+    most_behind = waited = 0.0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = worker.metrics()
+        if metrics.get("streamrec_events_total", 0.0) >= backlog:
+            break
+        most_behind = max(most_behind, metrics["streamrec_ingest_lag_events"])
+        if metrics["streamrec_index_waiting_seconds"] > 0:
+            waited = max(waited, metrics["streamrec_index_waiting_seconds"])
+            assert metrics["streamrec_index_swaps"] == 0  # no build yet: it waits
+        time.sleep(0.1)
+    assert most_behind > 1000 and waited > 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        metrics = worker.metrics()
+        if metrics["streamrec_index_swaps"] >= 1 and metrics["streamrec_ingest_lag_events"] == 0:
+            break
+        time.sleep(0.2)
+    assert metrics["streamrec_ingest_lag_events"] == 0
+    assert metrics["streamrec_index_swaps"] >= 1 and metrics["streamrec_index_waiting_seconds"] == 0
+
+
 def test_batched_ingest_writes_each_history_to_its_users_partition(settings, start_worker):
     """Events are taken in batches; each user's table change must still go to the changelog
     partition of that user's events, or a rebalance would hand the history to the wrong

@@ -283,6 +283,32 @@ def test_rebuilder_rests_so_builds_take_at_most_their_share_of_the_time(tmp_path
     rebuilder.close()
 
 
+def test_a_due_build_waits_for_a_backlog_at_most_its_wait(tmp_path):
+    rebuilder = IndexRebuilder(tmp_path, IndexHolder(), RebuildPolicy(
+        interval_s=3600, changed_items=10, backlog_events=1000, backlog_wait_s=30))
+    t0 = 1_000_000.0
+    assert not rebuilder.due(changed_items=10, n_items=300, now=t0, behind=1001)
+    assert rebuilder.waiting_seconds(t0 + 5) == 5
+    assert not rebuilder.due(changed_items=10**6, n_items=300, now=t0 + 29.9, behind=10**6)
+    assert rebuilder.due(changed_items=10, n_items=300, now=t0 + 30, behind=10**6)  # waited
+    assert not rebuilder.due(changed_items=9, n_items=300, now=t0 + 31, behind=10**6)  # not due
+    assert rebuilder.waiting_seconds(t0 + 31) == 31  # the wait goes on until a build starts
+    rebuilder.submit(Snapshot(ids_of(300), model_like(300), model_version=1)).result(60)
+    assert rebuilder.waiting_seconds(time.time()) == 0
+    later = rebuilder.resting_until + 1
+    assert not rebuilder.due(changed_items=10, n_items=300, now=later, behind=5000)  # a new wait
+    assert rebuilder.due(changed_items=10, n_items=300, now=later + 1, behind=1000)  # caught up
+    assert rebuilder.waiting_seconds(later + 1) == 0
+    rebuilder.close()
+
+
+def test_a_build_never_waits_without_a_backlog_threshold(tmp_path):
+    rebuilder = IndexRebuilder(tmp_path, IndexHolder(), RebuildPolicy(
+        interval_s=3600, changed_items=10, backlog_events=0))
+    assert rebuilder.due(changed_items=10, n_items=300, behind=10**9)
+    rebuilder.close()
+
+
 def test_rebuilder_with_the_whole_share_builds_back_to_back(tmp_path):
     rebuilder = IndexRebuilder(tmp_path, IndexHolder(), RebuildPolicy(changed_items=1,
                                                                        build_share=1.0))
