@@ -282,8 +282,17 @@ def packed_outer(x: np.ndarray) -> np.ndarray:
     """``pack_symmetric`` of each row's outer product x xᵀ, without forming it: (…, w) →
     (…, w(w+1)/2).
 
+    Row r of the triangle is x_r · x[r:], written in place: one product per row, no gather
+    (two gathers of the triangle's indices took 3.3 ms for 256 rows at w = 65, the row
+    products 1.0 ms).
+
     >>> packed_outer(np.array([1.0, 2.0])).tolist()
     [1.0, 2.0, 4.0]
     """
-    upper_rows, upper_cols, _ = _triangle(x.shape[-1])
-    return np.take(x, upper_rows, axis=-1) * np.take(x, upper_cols, axis=-1)
+    width = x.shape[-1]
+    out = np.empty((*x.shape[:-1], packed_size(width)), dtype=x.dtype)
+    start = 0
+    for r in range(width):
+        np.multiply(x[..., r:r + 1], x[..., r:], out=out[..., start:start + width - r])
+        start += width - r
+    return out
