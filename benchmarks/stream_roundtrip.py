@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"events": args.events}
     with EmbeddedBroker("127.0.0.1", free_port(), log_path=workdir / "broker.log") as broker:
         tag = uuid.uuid4().hex[:6]
-        # Rebuilds every 2 s (when items changed), so the request phases see swaps.
+        # Rebuilds every 2 s (when items changed), so the request phases see swaps; while a
+        # backlog is taken in, a due build waits (STREAMREC_INDEX_BACKLOG_EVENTS).
         base = Settings(broker=broker.bootstrap, embedded_compat=True, data_dir=workdir,
                         topic_events=f"bench-events-{tag}", metrics_port=free_port(),
                         session_timeout_s=6.0, log_level="warning", index_interval_s=2.0)
