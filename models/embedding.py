@@ -283,8 +283,8 @@ def packed_outer(x: np.ndarray) -> np.ndarray:
     (…, w(w+1)/2).
 
     Row r of the triangle is x_r · x[r:], written in place: one product per row, no gather
-    (two gathers of the triangle's indices took 3.3 ms for 256 rows at w = 65, the row
-    products 1.0 ms).
+    (two gathers of the triangle's indices took 2.5 ms for 256 float32 rows at w = 65, the
+    row products 0.9 ms).
 
     >>> packed_outer(np.array([1.0, 2.0])).tolist()
     [1.0, 2.0, 4.0]
