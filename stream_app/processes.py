@@ -91,8 +91,8 @@ class Child:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
             try:
+                self.process.send_signal(signal.SIGTERM)
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
