@@ -283,7 +283,7 @@ def test_a_backlog_is_learned_while_it_is_taken_in(settings, start_worker, fetch
 def test_index_builds_wait_while_a_backlog_is_taken_in(settings, start_worker):
     """The worker knows how far behind its input it is (``streamrec_ingest_lag_events``); a
     build that falls due meanwhile waits, and runs once the backlog is in."""
-    backlog = 20_000
+    backlog = 40_000  # seconds of intake even on a machine twice as fast as this one
     settings = settings.replace(index_interval_s=0.5, index_check_s=0.2, index_min_items=100,
                                 index_backlog_events=500, index_backlog_wait_s=600)
     ensure_topics(settings)
