@@ -189,7 +189,6 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         async for batch in stream.take_events(settings.ingest_batch,
                                               within=settings.ingest_batch_wait_s):
             intake_lag.observe((item.message.tp, item.message.offset) for item in batch)
-            engine.behind = intake_lag.events()
             examples = await take_batch(batch)
             written = history_table.pending
             try:
@@ -325,7 +324,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     async def rebuild_index() -> None:
         """Snapshot the item vectors (and the path scores) here, on the loop that learns;
         build the index (and run the M-step) in a thread."""
-        engine.behind = intake_lag.events()  # partitions no longer taken from drop out
+        # summed once per check, not per batch: the index reads it now, the gauge at scrapes
+        engine.behind = intake_lag.events()
         try:
             engine.maybe_rebuild_index()
         except Exception:  # noqa: BLE001 - serving goes on with the current version
