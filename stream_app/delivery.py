@@ -31,6 +31,7 @@ import asyncio
 import functools
 import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -45,11 +46,17 @@ _FLOW_WAITS = frozenset({asyncio.Event.wait.__code__, ModeEvent.wait.__code__})
 
 def install_direct_delivery(app: faust.App) -> None:
     """Make the consumer this app creates deliver messages with :func:`deliver_directly`."""
+    patch_consumer(app, deliver_directly)
+
+
+def patch_consumer(app: faust.App, patch: Callable[[Any], None]) -> None:
+    """Apply ``patch`` to the consumer this app creates, when it creates it: a change to one
+    app's consumer instance, never to Faust's classes."""
     new_consumer = app._new_consumer
 
     def _new_consumer():
         consumer = new_consumer()
-        deliver_directly(consumer)
+        patch(consumer)
         return consumer
 
     app._new_consumer = _new_consumer

@@ -30,38 +30,40 @@ from typing import Any
 import faust
 from aiokafka.consumer.fetcher import FetchResult
 
+from .delivery import patch_consumer
+
 log = logging.getLogger(__name__)
 
 
 def install_fair_fetch(app: faust.App) -> None:
-    """Make the consumer this app creates share each poll fairly (:func:`fair_records`)."""
-    new_consumer = app._new_consumer
+    """Make the consumer this app creates share each poll fairly (:func:`share_polls`)."""
+    patch_consumer(app, share_polls)
 
-    def _new_consumer():
-        consumer = new_consumer()
-        thread = consumer._thread
-        stock = thread._fetch_records
 
-        async def _fetch_records(self, kafka_consumer, active_partitions, timeout=None,
-                                 max_records=None):
-            fetcher = kafka_consumer._fetcher
-            buffered = getattr(fetcher, "_records", None)
-            if (not self.consumer.flow_active or max_records is None or kafka_consumer._closed
-                    or fetcher._closed or not isinstance(buffered, dict)):
-                return await stock(kafka_consumer, active_partitions, timeout=timeout,
-                                   max_records=max_records)
-            with fetcher._subscriptions.fetch_context():
-                records = await fair_records(fetcher, active_partitions, max_records)
-            if records:
-                return records
+def share_polls(consumer: Any) -> None:
+    """Replace the poll of the consumer's driver thread by one through :func:`fair_records`;
+    Faust's own poll where the flow is suspended, the client is closing, no record limit is
+    set or the fetcher keeps no buffer to read, and when nothing is buffered."""
+    thread = consumer._thread
+    stock = thread._fetch_records
+
+    async def _fetch_records(self, kafka_consumer, active_partitions, timeout=None,
+                             max_records=None):
+        fetcher = kafka_consumer._fetcher
+        buffered = getattr(fetcher, "_records", None)
+        if (not self.consumer.flow_active or max_records is None or kafka_consumer._closed
+                or fetcher._closed or not isinstance(buffered, dict)):
             return await stock(kafka_consumer, active_partitions, timeout=timeout,
                                max_records=max_records)
+        with fetcher._subscriptions.fetch_context():
+            records = await fair_records(fetcher, active_partitions, max_records)
+        if records:
+            return records
+        return await stock(kafka_consumer, active_partitions, timeout=timeout,
+                           max_records=max_records)
 
-        thread._fetch_records = types.MethodType(_fetch_records, thread)
-        log.info("fair polls across partitions installed")
-        return consumer
-
-    app._new_consumer = _new_consumer
+    thread._fetch_records = types.MethodType(_fetch_records, thread)
+    log.info("fair polls across partitions installed")
 
 
 async def fair_records(fetcher: Any, partitions: set | None, max_records: int) -> dict:
