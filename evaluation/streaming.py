@@ -135,8 +135,16 @@ class OnlineEmbedding:
                                               self.settings.history_length)
             cols, weights = history.indices[span][newest], history.data[span][newest]
             phis[row] = self.engine.encode_weighted([self._keys[c] for c in cols],
-                                                    np.asarray(weights), ts)
+                                                    np.asarray(weights), ts, serving=True)
         return phis
+
+    def serve_with(self, **serving) -> None:
+        """Answer with other serving settings (``serve_half_life_events``,
+        ``serve_bias_weight``): they change how a history is read and how much the bias
+        counts, not what was learned, so candidates are compared on validation after one
+        pass, as the batch baselines' parameters are."""
+        self.settings = self.settings.replace(**serving)
+        self.engine.settings = self.engine.settings.replace(**serving)
 
     def score(self, history: sp.csr_matrix, times: sp.csr_matrix | None = None) -> np.ndarray:
         """ŷ for every (history row, item); items never learned score −inf."""
@@ -148,7 +156,7 @@ class OnlineEmbedding:
         known = rows >= 0
         psi = learner.item_matrix[rows[known]]
         scores = np.full((len(phis), self.n_items), -np.inf)
-        scores[:, known] = np.hstack([phis, np.ones((len(phis), 1))]) @ psi.T
+        scores[:, known] = self.engine.serving_query(phis) @ psi.T
         return scores
 
     def recommend(self, history: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = None,
@@ -241,7 +249,8 @@ class OnlineDeepRetrieval(OnlineEmbedding):
             self._seconds.append(time.perf_counter() - started)
             found = [i for i in found if i not in banned]
             self._scored.append(len(found))
-            scores = self.engine.learner.scores_of(phi, [self._keys[i] for i in found])
+            scores = self.engine.learner.scores_of(phi, [self._keys[i] for i in found],
+                                                   self.settings.serve_bias_weight)
             order = np.argsort(-scores, kind="stable")
             top = [found[i] for i in order if np.isfinite(scores[i])]
             ranked[row, :min(len(top), ranked.shape[1])] = top[:ranked.shape[1]]

@@ -36,8 +36,12 @@ def augment_items(V: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.hstack([V, np.asarray(b, dtype=np.float64).reshape(len(V), 1)])
 
 
-def augment_users(Phi: np.ndarray) -> np.ndarray:
-    """User rows φ̃(u) = [φ(u), 1], so ⟨φ̃(u), ψ̃(i)⟩ = ⟨φ(u), v_i⟩ + b_i.
+def augment_users(Phi: np.ndarray, bias_weight: float = 1.0) -> np.ndarray:
+    """User rows φ̃(u) = [φ(u), β], so ⟨φ̃(u), ψ̃(i)⟩ = ⟨φ(u), v_i⟩ + β·b_i.
+
+    β = 1 (the default) is the model's own score, the one learning fits. Serving may weigh the
+    bias (the item's popularity) less: the query stays one inner product, so an index built on
+    the augmented item rows answers it unchanged.
 
     Accepts one vector (d,) or a batch (m, d) and keeps that shape (plus one column).
 
@@ -47,10 +51,12 @@ def augment_users(Phi: np.ndarray) -> np.ndarray:
     [[1.0, 2.0, 1.0]]
     >>> augment_users(np.zeros(2)).tolist()
     [0.0, 0.0, 1.0]
+    >>> augment_users(np.array([1.0, 2.0]), bias_weight=0.5).tolist()
+    [1.0, 2.0, 0.5]
     """
     Phi = np.asarray(Phi, dtype=np.float64)
-    ones = np.ones(Phi.shape[:-1] + (1,))
-    return np.concatenate([Phi, ones], axis=-1)
+    bias = np.full(Phi.shape[:-1] + (1,), float(bias_weight))
+    return np.concatenate([Phi, bias], axis=-1)
 
 
 def all_pairs_loss(Phi_aug, Psi_aug, pos_users, pos_items, alpha, alpha0: float, lam: float):

@@ -207,12 +207,14 @@ class ItemLearner:
         """The ids of the given rows."""
         return [self._ids[row] for row in rows]
 
-    def scores_of(self, phi: np.ndarray, item_ids: Sequence[str]) -> np.ndarray:
-        """ŷ(u, i) for the given items (−inf for ids never learned), in the given order."""
+    def scores_of(self, phi: np.ndarray, item_ids: Sequence[str],
+                  bias_weight: float = 1.0) -> np.ndarray:
+        """ŷ(u, i) for the given items (−inf for ids never learned), in the given order;
+        ``bias_weight`` as in :func:`~models.embedding.augment_users`."""
         rows = self.rows_of(item_ids)
         scores = np.full(len(rows), -np.inf)
         known = rows >= 0
-        scores[known] = self.scores_at(augment_users(phi), rows[known])
+        scores[known] = self.scores_at(augment_users(phi, bias_weight), rows[known])
         return scores
 
     def rows_of(self, item_ids: Iterable[str]) -> np.ndarray:
@@ -226,13 +228,14 @@ class ItemLearner:
             return 0.0
         return float(self._decayed_counts(np.array([row]))[0])
 
-    def scores(self, phi: np.ndarray) -> np.ndarray:
-        """ŷ(u, i) = ⟨φ, v_i⟩ + b_i for every item in row order: exact MIPS by brute force."""
-        return self._psi[: len(self._ids)] @ augment_users(phi)
+    def scores(self, phi: np.ndarray, bias_weight: float = 1.0) -> np.ndarray:
+        """ŷ(u, i) = ⟨φ, v_i⟩ + β·b_i for every item in row order: exact MIPS by brute force
+        (β = ``bias_weight``, 1 for the model's own score)."""
+        return self._psi[: len(self._ids)] @ augment_users(phi, bias_weight)
 
     def scores_at(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """ŷ(u, i) for the items at ``rows`` (valid rows only), in the given order; ``query``
-        is the augmented user row [φ(u), 1]."""
+        is the augmented user row [φ(u), β] (:func:`~models.embedding.augment_users`)."""
         return self._psi[rows] @ query
 
     def top_k(self, phi: np.ndarray, k: int,
@@ -242,10 +245,10 @@ class ItemLearner:
         return [(self._ids[row], score) for row, score in zip(rows.tolist(), scores.tolist())]
 
     def top_rows(self, phi: np.ndarray, k: int, exclude_rows: np.ndarray | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 bias_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the ``k`` best items for φ, best first, none of
         ``exclude_rows`` (−1 entries, unknown items, are ignored)."""
-        scores = self.scores(phi)
+        scores = self.scores(phi, bias_weight)
         excluded = np.empty(0, dtype=np.int64) if exclude_rows is None else exclude_rows
         excluded = np.unique(excluded[excluded >= 0])
         scores[excluded] = -np.inf

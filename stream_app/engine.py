@@ -136,21 +136,23 @@ class Engine:
         return list(map(self._weight_of_kind.__getitem__, kinds))
 
     def encode_weighted(self, items: Sequence[str], weights: np.ndarray,
-                        ts: Sequence[float]) -> np.ndarray:
-        """:meth:`encode` with the confidence weight of each event given directly."""
-        return self._encode_rows(self.learner.rows_of(items), weights, ts)
+                        ts: Sequence[float], *, serving: bool = False) -> np.ndarray:
+        """:meth:`encode` with the confidence weight of each event given directly; with
+        ``serving``, the vector that answers requests (``serve_half_life_events``)."""
+        return self._encode_rows(self.learner.rows_of(items), weights, ts, serving=serving)
 
     def _encode_rows(self, rows: np.ndarray, weights: np.ndarray,
-                     ts: Sequence[float]) -> np.ndarray:
+                     ts: Sequence[float], *, serving: bool = False) -> np.ndarray:
         """:meth:`encode_weighted` from the learner rows of the items (−1: unknown)."""
         known = rows >= 0
         if not known.any():
             return np.zeros(self.settings.model_dim)
         psi = self.learner.item_matrix[rows[known]]
         weights = np.asarray(weights, dtype=np.float64)
-        if self.settings.encoder_half_life_events is not None:  # places among all events
-            weights = weights * position_weights(len(weights),
-                                                 self.settings.encoder_half_life_events)
+        half_life = (self.settings.serve_half_life_events if serving
+                     else self.settings.encoder_half_life_events)
+        if half_life is not None:  # places among all events
+            weights = weights * position_weights(len(weights), half_life)
         weights = weights[known]
         if self.settings.encoder == "ials":
             return ials_fold_in(psi, weights, self.learner.item_gramian.matrix,
@@ -390,8 +392,9 @@ class Engine:
             raise InvalidMessage("schema", f"reply_to must start with {prefix!r}")
 
     def user_vector(self, request: RecRequest, history: History) -> np.ndarray | None:
-        """φ(u) from the stored history plus the request's, with the *current* item vectors;
-        None when no item of it is known yet.
+        """φ(u) from the stored history plus the request's, with the *current* item vectors
+        and the serving recency (``serve_half_life_events``); None when no item of it is known
+        yet.
 
         The vector stored with the history was computed at the user's last event, with the item
         vectors of that moment; when learning lags ingest (a replay, a burst) it is stale. The
@@ -408,8 +411,13 @@ class Engine:
         now = history.ts[-1] if history.ts else 0.0
         rows = self.learner.rows_of(list(history.items) + extra)
         weights = self._kind_weights(list(history.kinds) + ["view"] * len(extra))
-        phi = self._encode_rows(rows, weights, list(history.ts) + [now] * len(extra))
+        phi = self._encode_rows(rows, weights, list(history.ts) + [now] * len(extra),
+                                serving=True)
         return (phi if phi.any() else None), rows
+
+    def serving_query(self, phi: np.ndarray) -> np.ndarray:
+        """The augmented row that answers for φ: [φ, serve_bias_weight]."""
+        return augment_users(phi, self.settings.serve_bias_weight)
 
     def answer(self, request: RecRequest, history: History, started: float) -> RecResponse:
         """Top-k for the user: model candidates (the serving index, or exact search) scored
@@ -426,7 +434,7 @@ class Engine:
         phi, history_rows = self._user_vector_and_rows(request, history)
         clock = self._stage("embed", clock)
         if phi is not None and len(self.learner):
-            query = augment_users(phi)
+            query = self.serving_query(phi)
             found: list[tuple[np.ndarray, str]] = []  # candidate rows, the source that found them
             if "ann" in sources:
                 rows, index_version = self.index.retrieve(

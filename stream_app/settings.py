@@ -95,6 +95,16 @@ class Settings(BaseSettings):
     encoder_half_life_events: float | None = Field(
         3.0, gt=0, description="Recency decay of the user encoder in the user's own events: "
         "the event j places before the newest weighs 2^(-j/h); 'none' = no decay.")
+    # Serving reads the same history with its own recency and bias weight: the item vectors
+    # learn best from a smooth context (3 events above), while the next event follows the last
+    # one or two most closely. Validation NDCG@10 (d = 64, one pass, docs/results.md "Serving
+    # encoder"): Beauty 0.0430 -> 0.0458 at 1 event (0.0462 at 0.75), Toys 0.0379 -> 0.0402.
+    serve_half_life_events: float | None = Field(
+        1.0, gt=0, description="Recency decay of the user vector that answers requests, in the "
+        "user's own events; 'none' = no decay. Learning uses encoder_half_life_events.")
+    serve_bias_weight: float = Field(
+        1.0, ge=0, description="Weight of the item bias (popularity) in the score that answers "
+        "requests: <phi, v_i> + w * b_i; 1 = the learned score, lower = more personal.")
     # 0.1 -> 0.05 with the recency decay above: validation NDCG@10 Beauty 0.0420 -> 0.0431,
     # Toys 0.0374 -> 0.0385 (0.0387 at 0.025).
     alpha0: float = Field(0.05, ge=0, description="Weight of the all-pairs (implicit zero) term.")
@@ -222,7 +232,8 @@ class Settings(BaseSettings):
             raise ValueError("at least one default source is required")
         return list(dict.fromkeys(sources))
 
-    @field_validator("positives_half_life", "encoder_half_life_events", mode="before")
+    @field_validator("positives_half_life", "encoder_half_life_events",
+                     "serve_half_life_events", mode="before")
     @classmethod
     def _none_word(cls, value):
         """``none`` (or an empty value) in the environment turns a decay with a default off."""

@@ -109,7 +109,8 @@ def test_the_user_vector_weighs_the_newest_events_most(tmp_path, half_life_event
     the whole history (an item the model does not know still takes its place); the items of
     a request's ``history`` are the newest events, oldest first."""
     engine = Engine(Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
-                             encoder_half_life_events=half_life_events))
+                             encoder_half_life_events=half_life_events,
+                             serve_half_life_events=half_life_events))
     run_stream(engine, planted_stream())
     items, kinds = ["c0-i1", "c3-i2", "never-seen", "c1-i4"], ["sale", "view", "view", "click"]
     weights = np.array([10.0, 1.0, 1.0, 4.0])
@@ -127,6 +128,36 @@ def test_the_user_vector_weighs_the_newest_events_most(tmp_path, half_life_event
     phi, _ = engine._user_vector_and_rows(request, stored)
     extra_kinds = kinds[:2] + ["view", "view"]
     np.testing.assert_allclose(phi, engine.encode(items, extra_kinds, [0.0] * 4))
+
+
+def test_requests_are_answered_with_the_serving_recency_and_bias_weight(tmp_path):
+    """Learning reads a history with ``encoder_half_life_events``, answers with
+    ``serve_half_life_events``, and scores with ``serve_bias_weight`` on the bias: φ from
+    2^(−j/h_serve) weights, and every answered score ⟨φ, v_i⟩ + w·b_i."""
+    settings = Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
+                        encoder_half_life_events=3.0, serve_half_life_events=1.0,
+                        serve_bias_weight=0.25, index_enabled=False)
+    engine = Engine(settings)
+    run_stream(engine, planted_stream())
+    items = ["c0-i1", "c3-i2", "c1-i4"]
+    stored = History()
+    for n, item in enumerate(items):
+        stored = stored.appended(item, "view", float(n), f"e{n}", 50)
+    phi = engine.user_vector(RecRequest(request_id="r", user_id="u", k=5), stored)
+    V = engine.learner.item_matrix[engine.learner.rows_of(items)]
+    weights = 2.0 ** -np.array([2.0, 1.0, 0.0])
+    np.testing.assert_allclose(phi, weights @ V[:, :-1] / weights.sum())
+    assert not np.allclose(phi, engine.encode(items, ["view"] * 3, [0.0, 1.0, 2.0]))
+    answer = engine.answer(RecRequest(request_id="r", user_id="u", k=5), stored,
+                           time.perf_counter()).items
+    rows = engine.learner.rows_of([item.item_id for item in answer])
+    psi = engine.learner.item_matrix[rows]
+    np.testing.assert_allclose([item.score for item in answer],
+                               psi[:, :-1] @ phi + 0.25 * psi[:, -1], rtol=1e-6)
+    everything = engine.learner.item_matrix[:len(engine.learner)]
+    unseen = np.setdiff1d(np.arange(len(engine.learner)), engine.learner.rows_of(items))
+    best = np.sort(everything[unseen, :-1] @ phi + 0.25 * everything[unseen, -1])[::-1]
+    np.testing.assert_allclose([item.score for item in answer], best[:5], rtol=1e-6)
 
 
 @pytest.mark.parametrize("encoder", ["mean", "ials"])

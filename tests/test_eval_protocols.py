@@ -159,8 +159,8 @@ def test_a_model_that_reads_times_gets_each_folds_history_times():
 
 
 def test_the_streaming_model_reads_a_history_in_time_order(tmp_path):
-    """The newest ``history_length`` items, oldest first, with their times: what a worker
-    keeps; without times the row would be read in column order, which is not the same."""
+    """The newest ``history_length`` items, oldest first, with their times, read as a worker
+    answers requests (the serving encoder); without times the row would be read in column order, which is not the same."""
     from stream_app.settings import Settings
 
     dataset = small_log()
@@ -173,7 +173,8 @@ def test_the_streaming_model_reads_a_history_in_time_order(tmp_path):
         span = slice(fold.times.indptr[r], fold.times.indptr[r + 1])
         order = np.argsort(fold.times.data[span], kind="stable")[-4:]
         cols, ts = fold.times.indices[span][order], fold.times.data[span][order]
-        expected = model.engine.encode_weighted([str(c) for c in cols], np.ones(len(cols)), ts)
+        expected = model.engine.encode_weighted([str(c) for c in cols], np.ones(len(cols)), ts,
+                                                serving=True)
         np.testing.assert_allclose(phis[r], expected)
     assert not np.allclose(phis, model.user_vectors(fold.history))
 
@@ -185,3 +186,32 @@ def test_prequential_hands_times_to_a_model_that_reads_them():
                     learn_batch=1)
     assert sum(times.shape[0] for times in recorder.seen_times) == len(stream.scored)
     assert sum(times.nnz for times in recorder.seen_times) > 0
+
+
+def test_the_streaming_rows_serving_settings_are_chosen_on_validation(tmp_path):
+    """Each serving candidate is scored on validation after the one pass; the best one serves
+    the test fold and is recorded with the model's parameters."""
+    from evaluation.protocols import run_offline
+    from stream_app.settings import Settings
+
+    split = leave_one_out(small_log())
+    settings = Settings(data_dir=tmp_path, model_dim=8, popularity_refresh_s=0)
+    grid = ({"serve_half_life_events": 3.0, "serve_bias_weight": 1.0},
+            {"serve_half_life_events": 1.0, "serve_bias_weight": 0.0})
+    spec = ModelSpec("streaming", lambda: OnlineEmbedding(split.n_items, settings),
+                     streaming=True, serving_grid=grid)
+    [record] = run_offline(split, [spec], CONFIG)
+    assert [tried["params"] for tried in record["selection"]] == list(grid)
+
+    model = OnlineEmbedding(split.n_items, settings)
+    model.learn(split.train_events)
+    on_validation, on_test = [], []
+    for serving in grid:
+        model.serve_with(**serving)
+        on_validation.append(evaluate_fold(model, split.validation, CONFIG).means["NDCG@3"])
+        on_test.append(evaluate_fold(model, split.test, CONFIG).means["NDCG@3"])
+    assert on_validation[0] != on_validation[1]
+    best = int(np.argmax(on_validation))
+    assert [tried["NDCG@3"] for tried in record["selection"]] == pytest.approx(on_validation)
+    assert {key: record["params"][key] for key in grid[0]} == grid[best]
+    assert record["metrics"]["NDCG@3"] == pytest.approx(on_test[best])
