@@ -42,10 +42,6 @@ QUICK_GRIDS = {
     "ials": ({"factors": 32, "regularization": 0.05, "alpha": 10.0, "iterations": 8},),
     "bpr": ({"factors": 32, "learning_rate": 0.05, "regularization": 0.01, "iterations": 50},),
 }
-#: full runs: the streaming row's serving settings tried on validation after its one pass
-#: (stream_app/settings.py): the serving recency in events and the weight of the item bias.
-SERVING_HALF_LIVES = (1.0, 3.0)
-SERVING_BIAS_WEIGHTS = (1.0, 0.5, 0.25)
 #: --quick user samples per protocol (None: all users)
 QUICK_USERS = {"loo": 3000, "heldout": None, "prequential": 2000}
 
@@ -190,16 +186,6 @@ def same_width_grid(grid: tuple[dict, ...], dim: int) -> tuple[dict, ...]:
     return tuple(unique.values())
 
 
-def serving_grid(settings) -> tuple[dict, ...]:
-    """The workers' serving settings first, then every other pair of
-    ``SERVING_HALF_LIVES`` × ``SERVING_BIAS_WEIGHTS``."""
-    own = {"serve_half_life_events": settings.serve_half_life_events,
-           "serve_bias_weight": settings.serve_bias_weight}
-    others = ({"serve_half_life_events": half_life, "serve_bias_weight": weight}
-              for half_life in SERVING_HALF_LIVES for weight in SERVING_BIAS_WEIGHTS)
-    return (own, *(candidate for candidate in others if candidate != own))
-
-
 def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: bool):
     """The requested models, in the requested order, each with its candidate grid."""
     from .baselines import BPR, EASE, IALS, Popularity
@@ -214,8 +200,7 @@ def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: 
         "streaming": ModelSpec("streaming",
                                partial(OnlineEmbedding, n_items,
                                        settings.replace(dr_enabled=False)),
-                               streaming=True,
-                               serving_grid=() if quick else serving_grid(settings)),
+                               streaming=True),
         "streaming-dr": ModelSpec("streaming-dr", partial(OnlineDeepRetrieval, n_items, settings),
                                   streaming=True),
         "stream-popularity": ModelSpec("stream-popularity",

@@ -36,9 +36,6 @@ class ModelSpec:
     build: Callable[..., object]
     grid: tuple[dict, ...] = ({},)
     streaming: bool = False
-    # A streaming model's serving settings, tried on validation after its one pass (the
-    # model's ``serve_with``); the first is the workers' own. Empty: the workers' settings.
-    serving_grid: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,9 +178,12 @@ def _run_streaming(split: Split, spec: ModelSpec, config: RunConfig) -> dict:
     model = spec.build(**params)
     try:
         learn_s = _learn_all(model, split.train_events, config)
-        serving, validation, tried = _choose_serving(model, split.validation, spec, config)
+        validation = evaluate_fold(model, split.validation, config,
+                                   desc=f"{spec.name} validation").means
         test = evaluate_fold(model, split.test, config, desc=f"{spec.name} test")
-        record = _record(spec.name, {**params, **serving}, test, validation, tried, learn_s,
+        if hasattr(model, "chosen_params"):  # what the model chose on the stream itself
+            params = {**params, **model.chosen_params()}
+        record = _record(spec.name, params, test, validation, [], learn_s,
                          len(split.train_events), time.perf_counter() - started, len(split.test))
         if hasattr(model, "retrieval_stats"):
             record["retrieval"] = model.retrieval_stats()
@@ -191,26 +191,6 @@ def _run_streaming(split: Split, spec: ModelSpec, config: RunConfig) -> dict:
         if hasattr(model, "close"):  # a model with processes behind it (--through-kafka)
             model.close()
     return record
-
-
-def _choose_serving(model, fold: Fold, spec: ModelSpec, config: RunConfig
-                    ) -> tuple[dict, dict, list[dict]]:
-    """The serving candidate of ``spec`` best on ``fold`` (the model is left serving with
-    it), its validation metrics and every candidate's score; without candidates, the
-    model's own settings."""
-    if not spec.serving_grid:
-        return {}, evaluate_fold(model, fold, config, desc=f"{spec.name} validation").means, []
-    best, best_value, tried = None, -np.inf, []
-    for serving in spec.serving_grid:
-        model.serve_with(**serving)
-        validation = evaluate_fold(model, fold, config,
-                                   desc=f"{spec.name} {serving} validation").means
-        value = validation[config.select_metric]
-        tried.append({"params": serving, config.select_metric: value})
-        if value > best_value:
-            best, best_value = (serving, validation), value
-    model.serve_with(**best[0])
-    return best[0], best[1], tried
 
 
 def _learn_all(model, events: Events, config: RunConfig, chunk: int = 4096) -> float:

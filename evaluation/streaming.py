@@ -138,13 +138,16 @@ class OnlineEmbedding:
                                                     np.asarray(weights), ts, serving=True)
         return phis
 
-    def serve_with(self, **serving) -> None:
-        """Answer with other serving settings (``serve_half_life_events``,
-        ``serve_bias_weight``): they change how a history is read and how much the bias
-        counts, not what was learned, so candidates are compared on validation after one
-        pass, as the batch baselines' parameters are."""
-        self.settings = self.settings.replace(**serving)
-        self.engine.settings = self.engine.settings.replace(**serving)
+    def chosen_params(self) -> dict:
+        """How the model answers after its pass: the serving pair it picked on the stream
+        (``Engine.serving``) and the weighted NDCG@10 each candidate had there."""
+        choice = self.engine.serving_choice
+        return {"serve_half_life_events": self.engine.serving.half_life_events,
+                "serve_bias_weight": self.engine.serving.bias_weight,
+                "serving_samples": choice.samples,
+                "serving_ndcg": [{"half_life_events": c.half_life_events,
+                                  "bias_weight": c.bias_weight, "ndcg": float(m)}
+                                 for c, m in zip(choice.candidates, choice.means)]}
 
     def score(self, history: sp.csr_matrix, times: sp.csr_matrix | None = None) -> np.ndarray:
         """ŷ for every (history row, item); items never learned score −inf."""
@@ -250,7 +253,7 @@ class OnlineDeepRetrieval(OnlineEmbedding):
             found = [i for i in found if i not in banned]
             self._scored.append(len(found))
             scores = self.engine.learner.scores_of(phi, [self._keys[i] for i in found],
-                                                   self.settings.serve_bias_weight)
+                                                   self.engine.serving.bias_weight)
             order = np.argsort(-scores, kind="stable")
             top = [found[i] for i in order if np.isfinite(scores[i])]
             ranked[row, :min(len(top), ranked.shape[1])] = top[:ranked.shape[1]]

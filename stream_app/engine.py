@@ -25,6 +25,8 @@ from models.embedding import augment_users
 from models.encoders import (ials_fold_in, mean_encoder, mean_encoder_batch, position_weights,
                              ragged_position_weights)
 from models.learner import ItemLearner, ItemReplica, RowDelta
+from models.serving_choice import ServingCandidate, ndcg_of_ranks, target_ranks
+from state.gramian import save_npz
 from state.history import History
 from state.popularity import DecayedPopularity
 
@@ -61,6 +63,7 @@ class LearnedReport:
     dr_weights: dict | None  # the structure model, at most every dr_follow_model_s
     examples: int
     failed: int  # examples of steps that raised (logged where they ran)
+    serving: dict  # the serving choice's state (ServingChoice.state)
 
 
 def _take_dr(model: DeepRetrieval, items: list[str], paths: np.ndarray | None,
@@ -114,6 +117,11 @@ class Engine:
         self.behind = 0  # events the worker has yet to take in (stream_app.intake.IntakeLag)
         self.learned = 0  # training examples applied
         self.checkpointed_at = time.time()
+        # How requests are answered: the settings' pair, then the best measured on the
+        # stream (models/serving_choice.py); a replica takes the learner's from its reports.
+        self.serving_choice = settings.serving_choice()
+        self.serving: ServingCandidate = self.serving_choice.best
+        self._tuning_rng = np.random.default_rng(settings.model_seed)
 
     @property
     def model_version(self) -> int:
@@ -138,19 +146,22 @@ class Engine:
     def encode_weighted(self, items: Sequence[str], weights: np.ndarray,
                         ts: Sequence[float], *, serving: bool = False) -> np.ndarray:
         """:meth:`encode` with the confidence weight of each event given directly; with
-        ``serving``, the vector that answers requests (``serve_half_life_events``)."""
-        return self._encode_rows(self.learner.rows_of(items), weights, ts, serving=serving)
+        ``serving``, the vector that answers requests (the recency of :attr:`serving`)."""
+        half_life = (self.serving.half_life_events if serving
+                     else self.settings.encoder_half_life_events)
+        return self._encode_rows(self.learner.rows_of(items), weights, ts, half_life)
 
-    def _encode_rows(self, rows: np.ndarray, weights: np.ndarray,
-                     ts: Sequence[float], *, serving: bool = False) -> np.ndarray:
-        """:meth:`encode_weighted` from the learner rows of the items (−1: unknown)."""
+    def _encode_rows(self, rows: np.ndarray, weights: np.ndarray, ts: Sequence[float],
+                     half_life: float | None | str = "learning") -> np.ndarray:
+        """:meth:`encode_weighted` from the learner rows of the items (−1: unknown), with the
+        recency ``half_life`` in events (None: none; by default the learning encoder's)."""
         known = rows >= 0
         if not known.any():
             return np.zeros(self.settings.model_dim)
         psi = self.learner.item_matrix[rows[known]]
         weights = np.asarray(weights, dtype=np.float64)
-        half_life = (self.settings.serve_half_life_events if serving
-                     else self.settings.encoder_half_life_events)
+        if half_life == "learning":
+            half_life = self.settings.encoder_half_life_events
         if half_life is not None:  # places among all events
             weights = weights * position_weights(len(weights), half_life)
         weights = weights[known]
@@ -271,6 +282,7 @@ class Engine:
         phis = self._encode_many([e.history for e in examples], [e.weights for e in examples],
                                  self._history_times(examples))
         items = [example.item_id for example in examples]
+        self._rank_before_learning(examples)
         self._cold_start(items, phis)
         loss = self.learner.learn(phis, items, np.array([e.alpha for e in examples]),
                                   n_users=max(self.users, 1))
@@ -282,6 +294,56 @@ class Engine:
         self.loss.update(loss)
         self.learned += len(examples)
         return loss
+
+    def serving_ndcg(self) -> float:
+        """The weighted NDCG@k of the candidate answering now (0 before any sample)."""
+        choice = self.serving_choice
+        return float(choice.means[choice.candidates.index(self.serving)])
+
+    def _rank_before_learning(self, examples: Sequence[TrainExample]) -> None:
+        """Every ``serve_tuning_every``-th example (counted over all learned) ranked under each
+        serving candidate before it is learned; answers then follow the best."""
+        every = self.settings.serve_tuning_every
+        if not every:
+            return
+        picked = range((-self.learned) % every, len(examples), every)
+        gains = [gain for gain in map(self._candidate_gains, (examples[i] for i in picked))
+                 if gain is not None]
+        if gains:
+            self.serving_choice.observe(np.array(gains))
+            self.serving = self.serving_choice.best
+
+    def _candidate_gains(self, example: TrainExample) -> np.ndarray | None:
+        """NDCG@k of the example's item under each candidate, its history excluded as answers
+        exclude it; None when the item or every history item is new (nothing to rank)."""
+        target = int(self.learner.rows_of([example.item_id])[0])
+        rows = self.learner.rows_of(example.history)
+        if target < 0 or not (rows >= 0).any():
+            return None
+        times = example.history_ts or [example.ts] * len(example.history)
+        phis = {half_life: self._encode_rows(rows, example.weights, times, half_life)
+                for half_life, _ in self.serving_choice.candidates}
+        queries = np.array([augment_users(phis[half_life], weight)
+                            for half_life, weight in self.serving_choice.candidates])
+        items, target, excluded, scale = self._ranking_pool(target, rows[rows >= 0])
+        ranks = target_ranks(queries, items, target, excluded) * scale
+        return ndcg_of_ranks(ranks, self.serving_choice.k)
+
+    def _ranking_pool(self, target: int, history_rows: np.ndarray
+                      ) -> tuple[np.ndarray, int, np.ndarray, float]:
+        """The item rows a sampled example is ranked among: all of them, or beyond
+        ``serve_tuning_pool`` a uniform sample plus the target, with the factor that scales a
+        rank among the sample to one among the whole catalog."""
+        matrix = self.learner.item_matrix
+        n, pool = len(matrix), self.settings.serve_tuning_pool
+        if n <= pool:
+            return matrix, target, history_rows, 1.0
+        sample = self._tuning_rng.choice(n, pool, replace=False)
+        sample = sample[~np.isin(sample, history_rows) & (sample != target)]
+        rows = np.append(sample, target)
+        others = n - 1 - len(np.unique(history_rows))
+        return matrix[rows], len(rows) - 1, np.empty(0, dtype=np.int64), \
+            others / max(len(sample), 1)
 
     def _history_times(self, examples: Sequence[TrainExample]) -> list[list[float]]:
         """Each example's history times for :meth:`_encode_many`: where the encoder reads them,
@@ -321,7 +383,8 @@ class Engine:
             step_seconds=seconds, losses=losses, dr_losses=dr_losses,
             dr_stats=self.paths.stats() if self.paths is not None else None,
             dr_new_items=new_items, dr_new_paths=new_paths, dr_weights=self._weights_due(),
-            examples=len(examples) - failed, failed=failed)
+            examples=len(examples) - failed, failed=failed,
+            serving=self.serving_choice.state())
 
     def _weights_due(self) -> dict | None:
         """The structure model for a follower, when ``dr_follow_model_s`` has passed."""
@@ -358,6 +421,8 @@ class Engine:
             self.dr_loss.update(loss)
         self.reported_dr_stats = report.dr_stats
         self.learned += report.examples
+        if self.serving_choice.restore(report.serving):
+            self.serving = self.serving_choice.best
 
     def dr_stats(self) -> dict:
         """Deep Retrieval figures for the metrics: the followed learner's where there is one."""
@@ -412,12 +477,12 @@ class Engine:
         rows = self.learner.rows_of(list(history.items) + extra)
         weights = self._kind_weights(list(history.kinds) + ["view"] * len(extra))
         phi = self._encode_rows(rows, weights, list(history.ts) + [now] * len(extra),
-                                serving=True)
+                                self.serving.half_life_events)
         return (phi if phi.any() else None), rows
 
     def serving_query(self, phi: np.ndarray) -> np.ndarray:
-        """The augmented row that answers for φ: [φ, serve_bias_weight]."""
-        return augment_users(phi, self.settings.serve_bias_weight)
+        """The augmented row that answers for φ: [φ, the bias weight of :attr:`serving`]."""
+        return augment_users(phi, self.serving.bias_weight)
 
     def answer(self, request: RecRequest, history: History, started: float) -> RecResponse:
         """Top-k for the user: model candidates (the serving index, or exact search) scored
@@ -530,9 +595,19 @@ class Engine:
         self.popularity.save(self.checkpoint_dir / "popularity.npz")
         if model:
             self.learner.save(self.checkpoint_dir / "model.npz")
+            save_npz(self.checkpoint_dir / "serving.npz", self.serving_choice.state())
             if self.paths is not None:
                 self.paths.save(self.checkpoint_dir / "dr")
             self.checkpointed_at = time.time()
+
+    def _load_serving(self, path: Path) -> None:
+        """The serving choice's measurements from ``path``, where they exist and were made
+        for the candidates configured now."""
+        if not path.exists():
+            return
+        with np.load(path, allow_pickle=False) as saved:
+            if self.serving_choice.restore(dict(saved)):
+                self.serving = self.serving_choice.best
 
     def reload_paths(self, reported_stats: dict) -> bool:
         """:meth:`read_paths` and :meth:`install_paths` in one call (tools and tests; a worker
@@ -572,6 +647,7 @@ class Engine:
         replica takes the item rows only)."""
         found = self.popularity.load(self.checkpoint_dir / "popularity.npz")
         found = self.learner.load(self.checkpoint_dir / "model.npz") or found
+        self._load_serving(self.checkpoint_dir / "serving.npz")
         if self.paths is not None:
             found = self.paths.load(self.checkpoint_dir / "dr") or found
         if self.index.load_existing():

@@ -105,6 +105,25 @@ class Settings(BaseSettings):
     serve_bias_weight: float = Field(
         1.0, ge=0, description="Weight of the item bias (popularity) in the score that answers "
         "requests: <phi, v_i> + w * b_i; 1 = the learned score, lower = more personal.")
+    # Every serve_tuning_every-th training example is ranked, before it is learned, under
+    # each pair of serve_tuning_half_lives x serve_tuning_bias_weights (and the two settings
+    # above, which answer until serve_tuning_min_samples are in); answers then use the pair
+    # with the best weighted NDCG@10 (models/serving_choice.py).
+    serve_tuning_every: int = Field(
+        100, ge=0, description="Rank every n-th training example under each serving candidate "
+        "and answer with the best; 0: always answer with the two settings above.")
+    serve_tuning_half_lives: list[float | None] = Field(
+        [1.0, 3.0], description="Serving half-lives (events) tried; null: no decay.")
+    serve_tuning_bias_weights: list[float] = Field(
+        [1.0, 0.5, 0.25, 0.0], description="Serving bias weights tried.")
+    serve_tuning_half_life_samples: float = Field(
+        1000.0, gt=0, description="Half-life, in ranked examples, of each candidate's NDCG.")
+    serve_tuning_min_samples: int = Field(
+        200, ge=1, description="Ranked examples before a candidate other than the settings "
+        "above may answer.")
+    serve_tuning_pool: int = Field(
+        5_000, ge=100, description="Most items a sampled example is ranked among (a larger "
+        "catalog: a uniform sample of this many, the rank scaled up).")
     # 0.1 -> 0.05 with the recency decay above: validation NDCG@10 Beauty 0.0420 -> 0.0431,
     # Toys 0.0374 -> 0.0385 (0.0387 at 0.025).
     alpha0: float = Field(0.05, ge=0, description="Weight of the all-pairs (implicit zero) term.")
@@ -300,6 +319,16 @@ class Settings(BaseSettings):
 
         return MStepPolicy(interval_s=self.dr_m_step_interval_s, events=self.dr_m_step_events,
                            niceness=self.background_niceness)
+
+    def serving_choice(self):
+        """The serving candidates (these settings' own pair first) and their tracker."""
+        from models.serving_choice import ServingCandidate, ServingChoice, candidate_grid
+
+        own = ServingCandidate(self.serve_half_life_events, self.serve_bias_weight)
+        candidates = candidate_grid(own, self.serve_tuning_half_lives,
+                                    self.serve_tuning_bias_weights)
+        return ServingChoice(candidates, half_life_samples=self.serve_tuning_half_life_samples,
+                             min_samples=self.serve_tuning_min_samples)
 
     def index_config(self):
         from index_sync.hnsw import HnswParams

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -40,6 +41,21 @@ def build_metrics(engine: Engine) -> Metrics:
                   lambda: engine.learner.last_drift)
     metrics.gauge("streamrec_checkpoint_age_seconds", "Seconds since the last checkpoint.",
                   lambda: time.time() - engine.checkpointed_at)
+    serving_gauges = {
+        "ndcg": ("Weighted NDCG@10 of the serving pick on training examples ranked before "
+                 "they were learned (prequential).", lambda: engine.serving_ndcg()),
+        "ndcg_configured": ("The same for the configured serving settings.",
+                            lambda: engine.serving_choice.means[0]),
+        "half_life_events": ("Recency half-life (events) of the user vector that answers; "
+                             "+Inf: no decay.", lambda: engine.serving.half_life_events
+                             if engine.serving.half_life_events is not None else math.inf),
+        "bias_weight": ("Weight of the item bias (popularity) in the answering score.",
+                        lambda: engine.serving.bias_weight),
+        "samples": ("Training examples ranked to choose the serving settings.",
+                    lambda: engine.serving_choice.samples),
+    }
+    for key, (doc, read) in serving_gauges.items():
+        metrics.gauge(f"streamrec_serving_{key}", doc, read)
     index_gauges = {
         "version": "Version of the serving item index (0: exact search).",
         "items": "Items in the serving item index.",

@@ -96,6 +96,9 @@ def test_checkpoint_restores_identical_scores(engine):
     engine.save()
     restored = Engine(engine.settings)
     assert restored.load()
+    assert engine.serving_choice.samples > 0  # and the serving pick with its measurements
+    np.testing.assert_array_equal(restored.serving_choice.means, engine.serving_choice.means)
+    assert restored.serving == engine.serving
     for user in ("u1", "u2", "u77"):
         request = RecRequest(request_id="r", user_id=user, k=20)
         before = engine.answer(request, histories[user], time.perf_counter()).items
@@ -136,7 +139,7 @@ def test_requests_are_answered_with_the_serving_recency_and_bias_weight(tmp_path
     2^(−j/h_serve) weights, and every answered score ⟨φ, v_i⟩ + w·b_i."""
     settings = Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
                         encoder_half_life_events=3.0, serve_half_life_events=1.0,
-                        serve_bias_weight=0.25, index_enabled=False)
+                        serve_bias_weight=0.25, index_enabled=False, serve_tuning_every=0)
     engine = Engine(settings)
     run_stream(engine, planted_stream())
     items = ["c0-i1", "c3-i2", "c1-i4"]
@@ -215,3 +218,80 @@ def test_the_learn_step_encodes_a_batch_as_one_history_at_a_time(tmp_path, encod
     for row, (i, w, t) in enumerate(zip(items, weights, ts)):
         np.testing.assert_allclose(batched[row], engine.encode_weighted(i, np.asarray(w), t),
                                    atol=1e-12)
+
+
+def _manual_gains(engine: Engine, example) -> np.ndarray | None:
+    """NDCG@10 of the example's item under each serving candidate, written out: the weighted
+    mean of the history's known item vectors with 2^(−j/h) recency, the query [φ, w], every
+    item scored, the history left out and ties put before the target."""
+    learner = engine.learner
+    if example.item_id not in learner:
+        return None
+    rows = learner.rows_of(example.history)
+    if not (rows >= 0).any():
+        return None
+    V = learner.item_matrix
+    d = engine.settings.model_dim
+    gains = []
+    for half_life, bias_weight in engine.serving_choice.candidates:
+        w = np.asarray(example.weights, dtype=float)
+        if half_life is not None:
+            w = w * 2.0 ** (-np.arange(len(w) - 1, -1, -1) / half_life)
+        w, known = w[rows >= 0], rows[rows >= 0]
+        phi = w @ V[known, :d] / w.sum()
+        scores = V[:, :d] @ phi + bias_weight * V[:, d]
+        target = int(learner.rows_of([example.item_id])[0])
+        others = np.setdiff1d(np.arange(len(V)), np.append(known, target))
+        rank = int((scores[others] >= scores[target]).sum())
+        gains.append(1 / np.log2(rank + 2) if rank < 10 else 0.0)
+    return np.array(gains)
+
+
+def test_the_serving_pick_is_measured_on_examples_before_they_are_learned(tmp_path):
+    """Oracle: the engine's weighted NDCG of each candidate equals the one computed by hand
+    from the examples it sampled (every 7th learned, counted across batches), each ranked
+    with the model as it was before that example's batch; answers use the best candidate."""
+    settings = Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
+                        serve_tuning_every=7, serve_tuning_min_samples=30,
+                        serve_tuning_half_life_samples=40.0, index_enabled=False)
+    engine = Engine(settings)
+    histories: dict[str, History] = {}
+    expected, learned = [], 0
+    batch: list = []
+    for event in planted_stream():
+        histories[event.user_id], example = engine.ingest(
+            event, histories.get(event.user_id, History()))
+        batch.append(example)
+        if len(batch) == 50:
+            for offset, sampled in enumerate(batch):
+                if (learned + offset) % 7 == 0:
+                    gains = _manual_gains(engine, sampled)
+                    if gains is not None:
+                        expected.append(gains)
+            engine.learn(batch)
+            learned += len(batch)
+            batch = []
+    choice = engine.serving_choice
+    assert choice.samples == len(expected) > 30
+    weights = 2.0 ** (-np.arange(len(expected) - 1, -1, -1) / 40.0)
+    np.testing.assert_allclose(choice.means, weights @ np.array(expected) / weights.sum())
+    assert engine.serving == choice.candidates[int(np.argmax(choice.means))]
+
+
+def test_a_large_catalog_is_ranked_among_a_sample_with_the_rank_scaled(tmp_path):
+    """Beyond ``serve_tuning_pool`` items a sampled example is ranked among a uniform sample
+    without its history, plus the target (last), and the rank is scaled to the catalog."""
+    engine = Engine(Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
+                             serve_tuning_pool=100, index_enabled=False))
+    run_stream(engine, planted_stream())
+    n = len(engine.learner)
+    assert n > 100
+    history = engine.learner.rows_of(["c0-i1", "c0-i2", "c1-i3"])
+    target = int(engine.learner.rows_of(["c2-i4"])[0])
+    items, at, excluded, scale = engine._ranking_pool(target, history)
+    matrix = engine.learner.item_matrix
+    assert len(items) <= 101 and at == len(items) - 1 and len(excluded) == 0
+    np.testing.assert_array_equal(items[at], matrix[target])
+    for row in np.append(history, target):
+        assert not (items[:-1] == matrix[row]).all(axis=1).any()
+    assert scale == pytest.approx((n - 1 - 3) / (len(items) - 1))

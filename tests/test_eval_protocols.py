@@ -187,31 +187,3 @@ def test_prequential_hands_times_to_a_model_that_reads_them():
     assert sum(times.shape[0] for times in recorder.seen_times) == len(stream.scored)
     assert sum(times.nnz for times in recorder.seen_times) > 0
 
-
-def test_the_streaming_rows_serving_settings_are_chosen_on_validation(tmp_path):
-    """Each serving candidate is scored on validation after the one pass; the best one serves
-    the test fold and is recorded with the model's parameters."""
-    from evaluation.protocols import run_offline
-    from stream_app.settings import Settings
-
-    split = leave_one_out(small_log())
-    settings = Settings(data_dir=tmp_path, model_dim=8, popularity_refresh_s=0)
-    grid = ({"serve_half_life_events": 3.0, "serve_bias_weight": 1.0},
-            {"serve_half_life_events": 1.0, "serve_bias_weight": 0.0})
-    spec = ModelSpec("streaming", lambda: OnlineEmbedding(split.n_items, settings),
-                     streaming=True, serving_grid=grid)
-    [record] = run_offline(split, [spec], CONFIG)
-    assert [tried["params"] for tried in record["selection"]] == list(grid)
-
-    model = OnlineEmbedding(split.n_items, settings)
-    model.learn(split.train_events)
-    on_validation, on_test = [], []
-    for serving in grid:
-        model.serve_with(**serving)
-        on_validation.append(evaluate_fold(model, split.validation, CONFIG).means["NDCG@3"])
-        on_test.append(evaluate_fold(model, split.test, CONFIG).means["NDCG@3"])
-    assert on_validation[0] != on_validation[1]
-    best = int(np.argmax(on_validation))
-    assert [tried["NDCG@3"] for tried in record["selection"]] == pytest.approx(on_validation)
-    assert {key: record["params"][key] for key in grid[0]} == grid[best]
-    assert record["metrics"]["NDCG@3"] == pytest.approx(on_test[best])

@@ -52,7 +52,8 @@ def answers(engine: Engine, histories: dict[str, History], sources=SOURCES, user
 
 def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp_path):
     examples, histories = examples_and_histories()
-    settings = settings_for(tmp_path / "learner", dr_follow_model_s=0)  # weights every batch
+    settings = settings_for(tmp_path / "learner", dr_follow_model_s=0,  # weights every batch
+                            serve_tuning_every=3, serve_tuning_min_samples=20)
     learning = Engine(settings)
     following = Engine(settings, replica=True)  # same checkpoint dir: DR hand-over
     assert following.load() is False  # nothing saved yet: both start empty
@@ -66,6 +67,9 @@ def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp
     assert following.model_version == learning.model_version
     assert following.loss.get() == learning.loss.get()
     assert following.dr_loss.get() == learning.dr_loss.get()
+    assert learning.serving_choice.samples > 20  # answers follow the learner's serving pick
+    np.testing.assert_array_equal(following.serving_choice.means, learning.serving_choice.means)
+    assert following.serving == learning.serving
     # before any M-step: every item on the paths it was given when the learner met it, and
     # the beam searched with the learner's structure model as of its last step
     assert len(following.paths.model) == len(learning.paths.model) > 0
