@@ -152,16 +152,14 @@ class Engine:
         return self._encode_rows(self.learner.rows_of(items), weights, ts, half_life)
 
     def _encode_rows(self, rows: np.ndarray, weights: np.ndarray, ts: Sequence[float],
-                     half_life: float | None | str = "learning") -> np.ndarray:
+                     half_life: float | None) -> np.ndarray:
         """:meth:`encode_weighted` from the learner rows of the items (−1: unknown), with the
-        recency ``half_life`` in events (None: none; by default the learning encoder's)."""
+        recency ``half_life`` in events (None: none)."""
         known = rows >= 0
         if not known.any():
             return np.zeros(self.settings.model_dim)
         psi = self.learner.item_matrix[rows[known]]
         weights = np.asarray(weights, dtype=np.float64)
-        if half_life == "learning":
-            half_life = self.settings.encoder_half_life_events
         if half_life is not None:  # places among all events
             weights = weights * position_weights(len(weights), half_life)
         weights = weights[known]
@@ -321,8 +319,9 @@ class Engine:
         if target < 0 or not (rows >= 0).any():
             return None
         times = example.history_ts or [example.ts] * len(example.history)
+        half_lives = dict.fromkeys(half_life for half_life, _ in self.serving_choice.candidates)
         phis = {half_life: self._encode_rows(rows, example.weights, times, half_life)
-                for half_life, _ in self.serving_choice.candidates}
+                for half_life in half_lives}
         queries = np.array([augment_users(phis[half_life], weight)
                             for half_life, weight in self.serving_choice.candidates])
         items, target, excluded, scale = self._ranking_pool(target, rows[rows >= 0])
@@ -332,13 +331,14 @@ class Engine:
     def _ranking_pool(self, target: int, history_rows: np.ndarray
                       ) -> tuple[np.ndarray, int, np.ndarray, float]:
         """The item rows a sampled example is ranked among: all of them, or beyond
-        ``serve_tuning_pool`` a uniform sample plus the target, with the factor that scales a
-        rank among the sample to one among the whole catalog."""
+        ``serve_tuning_pool`` a uniform sample (with replacement: a permutation of a large
+        catalog per sample would cost more than the ranking) plus the target, with the factor
+        that scales a rank among the sample to one among the whole catalog."""
         matrix = self.learner.item_matrix
         n, pool = len(matrix), self.settings.serve_tuning_pool
         if n <= pool:
             return matrix, target, history_rows, 1.0
-        sample = self._tuning_rng.choice(n, pool, replace=False)
+        sample = self._tuning_rng.integers(0, n, pool)
         sample = sample[~np.isin(sample, history_rows) & (sample != target)]
         rows = np.append(sample, target)
         others = n - 1 - len(np.unique(history_rows))
@@ -458,8 +458,8 @@ class Engine:
 
     def user_vector(self, request: RecRequest, history: History) -> np.ndarray | None:
         """φ(u) from the stored history plus the request's, with the *current* item vectors
-        and the serving recency (``serve_half_life_events``); None when no item of it is known
-        yet.
+        and the recency of the serving pick (:attr:`serving`); None when no item of it is
+        known yet.
 
         The vector stored with the history was computed at the user's last event, with the item
         vectors of that moment; when learning lags ingest (a replay, a burst) it is stale. The
@@ -605,9 +605,14 @@ class Engine:
         for the candidates configured now."""
         if not path.exists():
             return
-        with np.load(path, allow_pickle=False) as saved:
-            if self.serving_choice.restore(dict(saved)):
-                self.serving = self.serving_choice.best
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                restored = self.serving_choice.restore(dict(saved))
+        except (OSError, ValueError, KeyError) as error:  # measured again from the stream
+            log.warning("serving choice not restored from %s: %s", path, error)
+            return
+        if restored:
+            self.serving = self.serving_choice.best
 
     def reload_paths(self, reported_stats: dict) -> bool:
         """:meth:`read_paths` and :meth:`install_paths` in one call (tools and tests; a worker

@@ -295,3 +295,16 @@ def test_a_large_catalog_is_ranked_among_a_sample_with_the_rank_scaled(tmp_path)
     for row in np.append(history, target):
         assert not (items[:-1] == matrix[row]).all(axis=1).any()
     assert scale == pytest.approx((n - 1 - 3) / (len(items) - 1))
+
+
+def test_an_unreadable_serving_checkpoint_is_measured_again(tmp_path):
+    """A damaged serving.npz costs only the serving measurements: the model loads and the
+    configured pair answers until the stream has been measured again."""
+    engine = Engine(Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16))
+    run_stream(engine, planted_stream())
+    engine.save()
+    (engine.checkpoint_dir / "serving.npz").write_bytes(b"not an npz")
+    restored = Engine(engine.settings)
+    assert restored.load()
+    assert restored.serving_choice.samples == 0
+    assert restored.serving == restored.serving_choice.candidates[0]
