@@ -97,8 +97,9 @@ class Settings(BaseSettings):
         "the event j places before the newest weighs 2^(-j/h); 'none' = no decay.")
     # Serving reads the same history with its own recency and bias weight: the item vectors
     # learn best from a smooth context (3 events above), while the next event follows the last
-    # one or two most closely. Validation NDCG@10 (d = 64, one pass, docs/results.md "Serving
-    # encoder"): Beauty 0.0430 -> 0.0458 at 1 event (0.0462 at 0.75), Toys 0.0379 -> 0.0402.
+    # one or two most closely. Validation NDCG@10 (d = 64, one pass, bias weight 1): Beauty
+    # 0.0430 -> 0.0458 at 1 event (0.0462 at 0.75), Toys 0.0379 -> 0.0401; the pair that
+    # answers is measured on the stream (below; docs/results.md "This round: serving ...").
     serve_half_life_events: float | None = Field(
         1.0, gt=0, description="Recency decay of the user vector that answers requests, in the "
         "user's own events; 'none' = no decay. Learning uses encoder_half_life_events.")
@@ -259,6 +260,19 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() in ("", "none"):
             return None
         return value
+
+    @field_validator("serve_tuning_half_lives", "serve_tuning_bias_weights")
+    @classmethod
+    def _serving_grid(cls, values: list, info):
+        """A grid needs values, and each must mean something: half-lives above 0 (or none),
+        bias weights of 0 or more."""
+        if not values:
+            raise ValueError("at least one value is required")
+        floor_ok = (lambda v: v is None or v > 0) if info.field_name.endswith("half_lives") \
+            else (lambda v: v >= 0)
+        if not all(map(floor_ok, values)):
+            raise ValueError(f"{info.field_name}: half-lives must be > 0, bias weights >= 0")
+        return values
 
     @field_validator("kind_weights")
     @classmethod

@@ -61,6 +61,28 @@ def test_bad_settings_are_refused(monkeypatch):
     assert main(["recommend", "--user", "u"]) == 2  # invalid configuration, exit code 2
 
 
+@pytest.mark.parametrize("name, value", [
+    ("STREAMREC_SERVE_TUNING_HALF_LIVES", "[]"),
+    ("STREAMREC_SERVE_TUNING_HALF_LIVES", "[1, 0]"),
+    ("STREAMREC_SERVE_TUNING_BIAS_WEIGHTS", "[1, -0.5]"),
+    ("STREAMREC_SERVE_BIAS_WEIGHT", "-1"),
+    ("STREAMREC_SERVE_HALF_LIFE_EVENTS", "0"),
+])
+def test_bad_serving_grids_are_refused(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_a_serving_grid_reads_from_the_environment(monkeypatch):
+    monkeypatch.setenv("STREAMREC_SERVE_TUNING_HALF_LIVES", "[2, null]")
+    monkeypatch.setenv("STREAMREC_SERVE_HALF_LIFE_EVENTS", "none")
+    settings = Settings()
+    assert settings.serve_tuning_half_lives == [2.0, None]
+    assert settings.serve_half_life_events is None
+    assert settings.serving_choice().candidates[0].half_life_events is None
+
+
 @pytest.mark.parametrize("argv", [
     [],
     ["launch"],
