@@ -165,7 +165,8 @@ class ServingIndex:
         """
         index = self.current
         if index is None:
-            return self.learner.top_rows(query[:-1], n, exclude_rows, bias_weight=query[-1])[0], None
+            rows, _ = self.learner.top_rows(query[:-1], n, exclude_rows, bias_weight=query[-1])
+            return rows, None
         excluded = set(exclude_rows.tolist())
         excluded.discard(-1)
         if isinstance(index, ClusteredIndex):
