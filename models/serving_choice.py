@@ -96,6 +96,7 @@ class ServingChoice:
         self.sums = np.zeros(len(self.candidates))
         self.weight = 0.0
         self.samples = 0
+        self._pick = 0  # index of the answering candidate; moves only with the means
 
     def observe(self, gains: np.ndarray) -> None:
         """Take in the NDCG of each candidate (columns) for a batch of sampled events (rows,
@@ -106,6 +107,7 @@ class ServingChoice:
         self.sums = self.sums * self.decay ** n + ages @ gains
         self.weight = self.weight * self.decay ** n + ages.sum()
         self.samples += n
+        self._choose()
 
     @property
     def means(self) -> np.ndarray:
@@ -114,9 +116,16 @@ class ServingChoice:
 
     @property
     def best(self) -> ServingCandidate:
-        if self.samples < self.min_samples:
-            return self.candidates[0]
-        return self.candidates[int(np.argmax(self.means))]
+        """The candidate that answers: read on every request, so kept, not recomputed."""
+        return self.candidates[self._pick]
+
+    @property
+    def best_mean(self) -> float:
+        """The weighted NDCG@k of :attr:`best` (0 before any sample)."""
+        return float(self.means[self._pick])
+
+    def _choose(self) -> None:
+        self._pick = 0 if self.samples < self.min_samples else int(np.argmax(self.means))
 
     # -- checkpoints (plain arrays: no pickle) -------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
@@ -134,7 +143,7 @@ class ServingChoice:
                  for h, w in zip(state["half_lives"], state["bias_weights"])]
         if saved != self.candidates:
             return False
-        self.sums = np.array(state["sums"], dtype=np.float64)
-        self.weight = float(state["weight"])
-        self.samples = int(state["samples"])
+        sums, weight = np.array(state["sums"], dtype=np.float64), float(state["weight"])
+        self.sums, self.weight, self.samples = sums, weight, int(state["samples"])
+        self._choose()
         return True

@@ -120,8 +120,12 @@ class Engine:
         # How requests are answered: the settings' pair, then the best measured on the
         # stream (models/serving_choice.py); a replica takes the learner's from its reports.
         self.serving_choice = settings.serving_choice()
-        self.serving: ServingCandidate = self.serving_choice.best
         self._tuning_rng = np.random.default_rng(settings.model_seed)
+
+    @property
+    def serving(self) -> ServingCandidate:
+        """The serving pair that answers now: the choice's pick (models/serving_choice.py)."""
+        return self.serving_choice.best
 
     @property
     def model_version(self) -> int:
@@ -293,11 +297,6 @@ class Engine:
         self.learned += len(examples)
         return loss
 
-    def serving_ndcg(self) -> float:
-        """The weighted NDCG@k of the candidate answering now (0 before any sample)."""
-        choice = self.serving_choice
-        return float(choice.means[choice.candidates.index(self.serving)])
-
     def _rank_before_learning(self, examples: Sequence[TrainExample]) -> None:
         """Every ``serve_tuning_every``-th example (counted over all learned) ranked under each
         serving candidate before it is learned; answers then follow the best."""
@@ -309,7 +308,6 @@ class Engine:
                  if gain is not None]
         if gains:
             self.serving_choice.observe(np.array(gains))
-            self.serving = self.serving_choice.best
 
     def _candidate_gains(self, example: TrainExample) -> np.ndarray | None:
         """NDCG@k of the example's item under each candidate, its history excluded as answers
@@ -318,7 +316,7 @@ class Engine:
         rows = self.learner.rows_of(example.history)
         if target < 0 or not (rows >= 0).any():
             return None
-        times = example.history_ts or [example.ts] * len(example.history)
+        times = self._example_times(example)
         half_lives = dict.fromkeys(half_life for half_life, _ in self.serving_choice.candidates)
         phis = {half_life: self._encode_rows(rows, example.weights, times, half_life)
                 for half_life in half_lives}
@@ -351,7 +349,12 @@ class Engine:
         as they came (unread, usually empty), so no list is built per example for nothing."""
         if not self.uses_event_times:
             return [e.history_ts for e in examples]
-        return [e.history_ts or [e.ts] * len(e.history) for e in examples]
+        return list(map(self._example_times, examples))
+
+    @staticmethod
+    def _example_times(example: TrainExample) -> list[float]:
+        """An example's history times; one sent without them has its events at its ``ts``."""
+        return example.history_ts or [example.ts] * len(example.history)
 
     def learn_reported(self, examples: Sequence[TrainExample], step: int) -> LearnedReport:
         """:meth:`learn` in micro-batches of ``step``, and the :class:`LearnedReport` that lets
@@ -421,8 +424,7 @@ class Engine:
             self.dr_loss.update(loss)
         self.reported_dr_stats = report.dr_stats
         self.learned += report.examples
-        if self.serving_choice.restore(report.serving):
-            self.serving = self.serving_choice.best
+        self.serving_choice.restore(report.serving)
 
     def dr_stats(self) -> dict:
         """Deep Retrieval figures for the metrics: the followed learner's where there is one."""
@@ -607,12 +609,9 @@ class Engine:
             return
         try:
             with np.load(path, allow_pickle=False) as saved:
-                restored = self.serving_choice.restore(dict(saved))
+                self.serving_choice.restore(dict(saved))
         except (OSError, ValueError, KeyError) as error:  # measured again from the stream
             log.warning("serving choice not restored from %s: %s", path, error)
-            return
-        if restored:
-            self.serving = self.serving_choice.best
 
     def reload_paths(self, reported_stats: dict) -> bool:
         """:meth:`read_paths` and :meth:`install_paths` in one call (tools and tests; a worker

@@ -43,7 +43,7 @@ def build_metrics(engine: Engine) -> Metrics:
                   lambda: time.time() - engine.checkpointed_at)
     serving_gauges = {
         "ndcg": ("Weighted NDCG@10 of the serving pick on training examples ranked before "
-                 "they were learned (prequential).", lambda: engine.serving_ndcg()),
+                 "they were learned (prequential).", lambda: engine.serving_choice.best_mean),
         "ndcg_configured": ("The same for the configured serving settings.",
                             lambda: engine.serving_choice.means[0]),
         "half_life_events": ("Recency half-life (events) of the user vector that answers; "
