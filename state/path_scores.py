@@ -184,6 +184,8 @@ class PathScoreTracker:
         same as the pairs one by one because a round never holds a row twice. Lists with a
         repeated code (never from a beam search) take the one-by-one path."""
         rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
         codes = np.asarray(codes, dtype=np.int64).reshape(len(rows), -1)
         scores = np.asarray(scores, dtype=np.float64).reshape(len(rows), -1)
         if len(rows) and (rows.min() < 0 or rows.max() >= self._n):

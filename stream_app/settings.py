@@ -221,6 +221,9 @@ class Settings(BaseSettings):
     dr_beam: int = Field(25, ge=1, le=10_000, description="Beam of a request's path search (B).")
     dr_top_s: int = Field(16, ge=1, le=1000, description="Paths tracked per item (S).")
     dr_decay: float = Field(0.999, gt=0, le=1, description="Decay of tracked path scores (η).")
+    dr_track_every: int = Field(
+        4, ge=1, le=1000, description="Track path scores from every n-th learned pair (their "
+        "beam search is most of an E-step; the structure model still learns from every pair).")
     dr_penalty: float = Field(1e-6, ge=0, description="Path size penalty α of f(|c|)=|c|^4/4.")
     dr_learning_rate: float = Field(0.03, gt=0, description="Adam step of the structure model.")
     dr_hidden: int = Field(0, ge=0, le=4096,
@@ -326,7 +329,8 @@ class Settings(BaseSettings):
         return DRConfig(input_dim=self.model_dim, width=self.dr_width, depth=self.dr_depth,
                         paths_per_item=self.dr_paths_per_item, beam=self.dr_beam,
                         top_s=self.dr_top_s, decay=self.dr_decay, penalty=self.dr_penalty,
-                        hidden=self.dr_hidden, lr=self.dr_learning_rate, seed=self.model_seed)
+                        hidden=self.dr_hidden, lr=self.dr_learning_rate,
+                        track_every=self.dr_track_every, seed=self.model_seed)
 
     def m_step_policy(self):
         from index_sync.paths import MStepPolicy

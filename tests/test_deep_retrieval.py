@@ -299,9 +299,9 @@ class Planted:
         return losses
 
 
-def run_em(seed: int, penalty: float) -> tuple[Planted, DeepRetrieval, list[float]]:
+def run_em(seed: int, penalty: float, **config) -> tuple[Planted, DeepRetrieval, list[float]]:
     data = Planted(seed)
-    dr = DeepRetrieval(dataclasses.replace(PLANTED, seed=seed, penalty=penalty))
+    dr = DeepRetrieval(dataclasses.replace(PLANTED, seed=seed, penalty=penalty, **config))
     losses = []
     for _ in range(EM_ROUNDS):
         losses += data.stream(dr, steps=STEPS_PER_ROUND)
@@ -325,8 +325,7 @@ def test_learn_streams_and_m_step_counts(planted):
     assert np.all(dr.tracker.codes[:, 0] >= 0)  # every item has scored paths
 
 
-def test_m_step_groups_items_by_cluster(planted):
-    data, dr, _ = planted
+def assert_paths_group_clusters(data: Planted, dr: DeepRetrieval) -> None:
     assignment = dr.assignment[dr.rows_of(data.ids)]
     paths = [set(row) for row in assignment.tolist()]
     same, other, other_best = [], [], []
@@ -340,6 +339,49 @@ def test_m_step_groups_items_by_cluster(planted):
     assert np.mean(same) >= 0.9
     assert np.mean(other) <= 0.05  # only second paths, which carry ~0.5 % of p(c|x), may meet
     assert not any(other_best)  # the first pick (best path) is never another cluster's
+
+
+def test_m_step_groups_items_by_cluster(planted):
+    assert_paths_group_clusters(*planted[:2])
+
+
+def test_path_scores_from_every_fourth_pair_still_group_clusters():
+    """The worker's default samples the pairs it tracks; the EM loop still finds the clusters
+    (each item has ~96 pairs over the run, so ~24 are scored)."""
+    data, dr, _ = run_em(seed=0, penalty=PLANTED.penalty, track_every=4)
+    assert dr.counts.sum() == EM_ROUNDS * STEPS_PER_ROUND * 64  # N_v counts every pair
+    assert_paths_group_clusters(data, dr)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_tracked_pairs_are_every_nth_of_the_stream(every, tmp_path):
+    """Oracle: the tracker holds the beam scores of exactly the pairs at stream positions
+    0, n, 2n, … (across batches of any size and a checkpoint restart), merged with decay η^n,
+    while the structure model learns from every pair (same loss as with n = 1)."""
+    data = Planted(5)
+    config = dataclasses.replace(PLANTED, track_every=every, decay=0.9)
+    dr, twin = DeepRetrieval(config), DeepRetrieval(dataclasses.replace(config, track_every=1))
+    oracle = PathScoreTracker(config.top_s, 0.9 ** every)
+    position = 0
+    for k, size in enumerate([5, 7, 1, 2, 9, 4, 6]):
+        if k == 3:  # a restart from a checkpoint continues the stream position
+            dr.save(tmp_path)
+            dr = DeepRetrieval(config)
+            assert dr.load(tmp_path)
+        items = data.rng.integers(0, len(data.ids), size)
+        x, ids = data.users(data.cluster[items]), [data.ids[i] for i in items]
+        loss = dr.learn(x, ids)
+        assert loss == pytest.approx(twin.learn(x, ids), rel=1e-6) or k >= 3  # Adam restarts
+        rows = dr.rows_of(ids)
+        oracle.grow(len(dr))
+        sampled = [j for j in range(size) if (position + j) % every == 0]
+        codes, logp = beam_search(dr.model, x[sampled].astype(np.float32), config.top_s)
+        oracle.update_many(rows[sampled], codes, np.exp(logp))
+        position += size
+    assert len(dr) == oracle.n
+    np.testing.assert_array_equal(dr.tracker.codes, oracle.codes)
+    np.testing.assert_allclose(dr.tracker.scores, oracle.scores, rtol=1e-12)
+    assert dr.counts.sum() == position
 
 
 def test_larger_penalty_gives_smaller_largest_path(planted):
