@@ -18,9 +18,12 @@ longer (a few MovieLens users), the rest is still excluded from the answer, on t
 
 from __future__ import annotations
 
+import logging
+import shutil
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,8 @@ from stream_app.wire import RecRequest
 
 from .data import Dataset, Events
 from .streaming import newest_in_time_order
+
+log = logging.getLogger(__name__)
 
 
 def isolated_settings(settings: Settings, data_dir: Path) -> Settings:
@@ -76,6 +81,7 @@ class KafkaStreaming:
         self.settings = isolated_settings(settings, Path(self._data_dir.name))
         self._kinds = kind_of_weight(self.settings.kind_weights)
         self.system = System(self.settings)
+        self._kept_logs: Path | None = None
         try:
             self.system.start()
             self._client = RecClient(self.settings)
@@ -84,14 +90,28 @@ class KafkaStreaming:
             raise
         self.produced = 0
 
+    @contextmanager
+    def _logs_kept_on_failure(self):
+        """A failed step keeps the broker's and the worker's logs past :meth:`close` (which
+        otherwise deletes the run's data dir with them) and names the folder on the error."""
+        try:
+            yield
+        except Exception as error:
+            if self._kept_logs is None:
+                self._kept_logs = Path(tempfile.mkdtemp(prefix="streamrec-eval-logs-"))
+                error.add_note(f"the broker's and the worker's logs are kept in "
+                               f"{self._kept_logs} (copied there when the run stops)")
+            raise
+
     # -- learning -------------------------------------------------------------------------
     def learn(self, events: Events) -> None:
-        self.produced += replay(self.settings, (
-            {"v": 1, "user_id": self.user_ids[user], "item_id": self.item_ids[item],
-             "kind": self._kinds[weight], "ts": ts}
-            for user, item, weight, ts in zip(events.users.tolist(), events.items.tolist(),
-                                              events.weights.tolist(), events.ts.tolist())))
-        self._wait_learned(self.produced)
+        with self._logs_kept_on_failure():
+            self.produced += replay(self.settings, (
+                {"v": 1, "user_id": self.user_ids[user], "item_id": self.item_ids[item],
+                 "kind": self._kinds[weight], "ts": ts}
+                for user, item, weight, ts in zip(events.users.tolist(), events.items.tolist(),
+                                                  events.weights.tolist(), events.ts.tolist())))
+            self._wait_learned(self.produced)
 
     def _wait_learned(self, count: int) -> None:
         """Until the worker's ``streamrec_learned_events_total`` reaches ``count``; a stalled
@@ -114,6 +134,11 @@ class KafkaStreaming:
     def recommend(self, history: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = None,
                   times: sp.csr_matrix | None = None) -> np.ndarray:
         """Top-``k`` item indices per history row from the worker's answers, ``-1`` padded."""
+        with self._logs_kept_on_failure():
+            return self._recommend(history, k, exclude, times)
+
+    def _recommend(self, history: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None,
+                   times: sp.csr_matrix | None) -> np.ndarray:
         exclude = history if exclude is None else exclude
         limit = self.settings.max_request_history
         requests = []
@@ -143,4 +168,7 @@ class KafkaStreaming:
         if hasattr(self, "_client"):
             self._client.close()
         self.system.stop()
+        if self._kept_logs is not None and self.system.logs.exists():
+            shutil.copytree(self.system.logs, self._kept_logs, dirs_exist_ok=True)
+            log.error("the broker's and the worker's logs are in %s", self._kept_logs)
         self._data_dir.cleanup()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +191,31 @@ def test_streaming_dr_ranks_from_its_paths_and_reports_the_retrieval(tmp_path, m
     assert dr > popular
     assert "streaming-dr:" in (out / "results.md").read_text()
     capsys.readouterr()
+
+
+@pytest.mark.integration
+def test_a_failed_run_through_kafka_keeps_the_worker_log(tmp_path):
+    """The run's data dir (logs included) goes when it closes; after a failure the logs are
+    copied to a folder named on the error, so the cause can still be read."""
+    from evaluation.data import load_dataset
+    from evaluation.through_kafka import KafkaStreaming
+    from stream_app.settings import Settings
+
+    settings = Settings()
+    dataset = load_dataset(str(planted_pairs(tmp_path / "planted.txt")), "pairs",
+                           settings.kind_weights)
+    model = KafkaStreaming(dataset, settings, timeout_s=5.0)
+    data_dir = model.settings.data_dir
+    try:
+        model.system.worker.kill()
+        with pytest.raises(RuntimeError, match="the worker exited") as failure:
+            model.learn(dataset.events.take(np.arange(10)))
+    finally:
+        model.close()
+    notes = " ".join(getattr(failure.value, "__notes__", []))
+    kept = Path(notes.split("kept in ")[1].split()[0])
+    assert not data_dir.exists()
+    try:
+        assert (kept / "worker.log").read_text()  # what the worker wrote before it was killed
+    finally:
+        shutil.rmtree(kept)
