@@ -63,13 +63,14 @@ class DRConfig:
       untrained every x gives the same beam: on a planted stream all items landed on the same
       two paths and no M-step moved them (each item's tracked scores favour those paths too).
     - ``track_every``: the path scores s[v, c] are tracked from every n-th learned pair of the
-      stream (the E-step's gradient and N_v still take every pair). Scoring a pair needs a beam
-      search of S paths, about two thirds of an E-step, so n = 4 halves DR's learning cost.
-      s[v, c] then sums over a uniform sample of v's pairs; the M-step reads it only through
-      ratios (log(Σ_prev + s) − log Σ_prev) next to the full N_v, so the sample changes its
-      noise, not its aim. The tracker decays by η^n per tracked pair, so the decay's horizon in
-      pairs stays what η says. An item whose pairs all fall between the samples keeps its paths
-      (as any unscored item does) until a sampled pair scores it.
+      stream, and from every pair of an item that has no tracked score yet (the E-step's
+      gradient and N_v still take every pair). Scoring a pair needs a beam search of S paths,
+      about two thirds of an E-step. s[v, c] then sums over a sample of v's pairs; the M-step
+      reads it only through ratios (log(Σ_prev + s) − log Σ_prev) next to the full N_v, so the
+      sample changes its noise, not its aim. The tracker decays by η^n per tracked pair, so the
+      decay's horizon in pairs stays what η says. Without the rule for unscored items, an item
+      whose few pairs all fell between the samples kept its random first paths through every
+      M-step, out of reach of its users' beams (Toys: 8,600 non-empty paths against 290).
     """
 
     input_dim: int = 64
@@ -536,7 +537,7 @@ class DeepRetrieval:
         loss = multi_path_loss(self.model, torch.from_numpy(x), paths)
         loss.backward()
         self.optimizer.step()
-        tracked = self._tracked_pairs(len(rows))
+        tracked = self._tracked_pairs(rows)
         if len(tracked):
             codes, logp = beam_search(self.model, x[tracked], cfg.top_s)
             self.tracker.update_many(rows[tracked], codes, np.exp(logp))
@@ -545,12 +546,17 @@ class DeepRetrieval:
         self._last_loss = float(loss.detach())
         return self._last_loss
 
-    def _tracked_pairs(self, n: int) -> np.ndarray:
-        """Positions in a batch of n pairs whose stream position is a multiple of
-        ``track_every``; the position advances by n."""
+    def _tracked_pairs(self, rows: np.ndarray) -> np.ndarray:
+        """Positions in a batch of pairs (their items' ``rows``) to track: those whose stream
+        position is a multiple of ``track_every``, and those whose item had no tracked score
+        before the batch. The stream position advances by the batch."""
         every, first = self.config.track_every, self._pairs_learned
-        self._pairs_learned += n
-        return np.arange((-first) % every, n, every)
+        self._pairs_learned += len(rows)
+        if every == 1:
+            return np.arange(len(rows))
+        sampled = (first + np.arange(len(rows))) % every == 0
+        unscored = self.tracker.codes[rows, 0] == EMPTY
+        return np.flatnonzero(sampled | unscored)
 
     def assign_new(self, item_ids: Sequence[str], x: np.ndarray | None = None,
                    near: NearFn | None = None) -> np.ndarray:

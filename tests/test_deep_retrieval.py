@@ -356,14 +356,15 @@ def test_path_scores_from_every_fourth_pair_still_group_clusters():
 @pytest.mark.parametrize("every", [1, 3])
 def test_tracked_pairs_are_every_nth_of_the_stream(every, tmp_path):
     """Oracle: the tracker holds the beam scores of exactly the pairs at stream positions
-    0, n, 2n, … (across batches of any size and a checkpoint restart), merged with decay η^n,
-    while the structure model learns from every pair (same loss as with n = 1)."""
+    0, n, 2n, … (across batches of any size and a checkpoint restart) and of the pairs whose
+    item had no tracked score before their batch, merged with decay η^n, while the structure
+    model learns from every pair (same loss as with n = 1)."""
     data = Planted(5)
     config = dataclasses.replace(PLANTED, track_every=every, decay=0.9)
     dr, twin = DeepRetrieval(config), DeepRetrieval(dataclasses.replace(config, track_every=1))
     oracle = PathScoreTracker(config.top_s, 0.9 ** every)
-    position = 0
-    for k, size in enumerate([5, 7, 1, 2, 9, 4, 6]):
+    position, scored, unscored_tracked, tracked = 0, set(), 0, 0
+    for k, size in enumerate([5, 7, 1, 2, 9, 4, 6, 30, 30, 30]):
         if k == 3:  # a restart from a checkpoint continues the stream position
             dr.save(tmp_path)
             dr = DeepRetrieval(config)
@@ -374,10 +375,14 @@ def test_tracked_pairs_are_every_nth_of_the_stream(every, tmp_path):
         assert loss == pytest.approx(twin.learn(x, ids), rel=1e-6) or k >= 3  # Adam restarts
         rows = dr.rows_of(ids)
         oracle.grow(len(dr))
-        sampled = [j for j in range(size) if (position + j) % every == 0]
+        sampled = [j for j in range(size) if (position + j) % every == 0 or ids[j] not in scored]
+        unscored_tracked += sum((position + j) % every != 0 for j in sampled)
         codes, logp = beam_search(dr.model, x[sampled].astype(np.float32), config.top_s)
         oracle.update_many(rows[sampled], codes, np.exp(logp))
-        position += size
+        scored |= {ids[j] for j in sampled}
+        position, tracked = position + size, tracked + len(sampled)
+    if every > 1:  # both rules picked pairs, and pairs were left out
+        assert unscored_tracked > 0 and tracked < position
     assert len(dr) == oracle.n
     np.testing.assert_array_equal(dr.tracker.codes, oracle.codes)
     np.testing.assert_allclose(dr.tracker.scores, oracle.scores, rtol=1e-12)
