@@ -119,7 +119,10 @@ def overview() -> dict:
                     "EW mean of the batch loss; relative error of the incremental item Gramian "
                     "found at its last exact recompute."),
          stat("Checkpoint age", [target("streamrec_checkpoint_age_seconds", "{{instance}}")],
-              "Seconds since model state was last written to the data dir.")],
+              "Seconds since model state was last written to the data dir."),
+         stat("All-pairs weight α0", [target("streamrec_alpha0", "{{instance}}")],
+              "Weight of each (user, item) pair in the all-pairs term now; with "
+              "STREAMREC_ALPHA0_RELATIVE it follows the density of the positives.")],
         [timeseries("Answer stages (p99)",
                     [target(f"histogram_quantile(0.99, sum by (le, stage) "
                             f"(rate(streamrec_stage_seconds_bucket[{RATE_WINDOW}])))",

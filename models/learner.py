@@ -50,7 +50,7 @@ class RowDelta:
     ``rows`` (sorted) are every row that moved or was created since the replica last followed;
     ``values`` their augmented rows now. Rows from ``first_row`` on are new, their ids in
     ``new_ids`` (in row order). ``steps`` and ``drift`` are the learner's clock and its last
-    Gramian drift.
+    Gramian drift; ``alpha0`` its all-pairs weight now (which the ``ials`` encoder reads).
     """
 
     first_row: int
@@ -59,6 +59,7 @@ class RowDelta:
     values: np.ndarray
     steps: int
     drift: float
+    alpha0: float
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,22 @@ class LearnerConfig:
     for the item vectors to grow out of the noise (the model stays a popularity ranker). These
     are a starting point, not a universal choice:
 
-    - ``alpha0``: weight of every (user, item) pair with label 0. What matters is the implicit
+    - ``alpha0``: weight of every (user, item) pair with label 0 (or relative to the density
+      of the positives, ``alpha0_relative``, the workers' default). What matters is the implicit
       negative mass α0·|C| against the positives' α, with |C| passed to :meth:`ItemLearner.learn`
       as the number of active users. 0.1 was best on the validation folds of Beauty and Toys
       (``streamrec eval --quick``, 0.02 to 0.2 tried with ``solve``); the planted stream works
       with 0.01 to 0.2.
     - ``lam``: L2 penalty on item rows (spread over an item's positives, like α0).
+    - ``alpha0_relative``: read ``alpha0`` as a multiple of the positives' density instead of
+      a weight per pair: the weight per pair is then α0 · M / (I · |C|), with M the positives'
+      Σ α discounted like A_i (``positives_half_life``), I the items with positives (every
+      known item with ``adagrad``, which keeps no statistics) and |C| the active users, so the all-pairs mass on an item, α0_pair · |C|, is α0 times the mean
+      item's positive mass M / I. A fixed weight per pair makes that mass grow with |C|: on
+      MovieLens (610 users, 1.7 % of the user-item pairs consumed) 0.05 was best, on the
+      Amazon sets (about 20,000 users, 0.07 %) 0.002–0.0125, and a long stream that keeps
+      meeting new users drowns its windowed positives. The relative weight follows the
+      product's density as the stream runs (docs/results.md for the sweep).
     - ``lr``: Adagrad step size; Adagrad divides by the root of the summed squared gradients, so
       this is roughly the first step's size per coordinate.
     - ``adagrad_init``: starting accumulator (TensorFlow's ``initial_accumulator_value``); it keeps
@@ -145,6 +156,7 @@ class LearnerConfig:
     positives_half_life: float | None = 30_000.0
     sweep_per_step: int = 64
     cg_steps: int = 3
+    alpha0_relative: bool = False
     seed: int = 0
 
 
@@ -183,6 +195,7 @@ class ItemLearner:
         self.item_gramian = ExactGramian(width)
         self.user_gramian = DecayedGramian(width, config.user_gramian_beta)
         self.events = 0
+        self.positive_mass = 0.0  # Σ α of the positives, discounted like A_i
         self.steps = 0
         self.changed_rows = np.empty(0, dtype=np.int64)  # rows the last learn() call moved
         self.last_drift = 0.0
@@ -267,7 +280,7 @@ class ItemLearner:
                           np.arange(first_row, len(self._ids), dtype=np.int64))
         return RowDelta(first_row=first_row, new_ids=self._ids[first_row:], rows=rows,
                         values=self._psi[rows], steps=self.steps,
-                        drift=self.last_drift)
+                        drift=self.last_drift, alpha0=self.alpha0)
 
     # -- learning ------------------------------------------------------------------------
     def learn(self, phi_batch: np.ndarray, item_ids: Sequence[str], alphas: np.ndarray, *,
@@ -300,6 +313,7 @@ class ItemLearner:
         self.user_gramian.update(phi_aug, n_users, user_weights)
         G_C = self.user_gramian.value()
         uniq, inverse = np.unique(rows, return_inverse=True)
+        self._add_positive_mass(alphas)
         self.events += len(rows)
         n_i = self._add_counts(uniq, np.bincount(inverse))[inverse]
         before = self._psi[uniq]
@@ -308,7 +322,7 @@ class ItemLearner:
         if self.config.solver == "solve":
             self._solve(uniq, inverse, phi_aug, alphas, G_C)
         else:
-            grads = item_gradient(phi_aug, psi, alphas, G_C, n_i, self.config.alpha0,
+            grads = item_gradient(phi_aug, psi, alphas, G_C, n_i, self.alpha0,
                                   self.config.lam)
             summed = np.zeros_like(before)
             np.add.at(summed, inverse, grads)  # duplicates of an item in the batch add up
@@ -319,9 +333,23 @@ class ItemLearner:
         self._tick()
         return loss
 
+    def _add_positive_mass(self, alphas: np.ndarray) -> None:
+        half_life = self.config.positives_half_life
+        keep = 1.0 if half_life is None else 0.5 ** (len(alphas) / half_life)
+        self.positive_mass = self.positive_mass * keep + float(alphas.sum())
+
+    @property
+    def alpha0(self) -> float:
+        """α0 of the loss as of now: ``config.alpha0`` itself or, relative, times the
+        positives' density mass / (items × |C|)."""
+        if not self.config.alpha0_relative:
+            return self.config.alpha0
+        items = max(self._slots_used or len(self._ids), 1)
+        return self.config.alpha0 * self.positive_mass / (items * self.user_gramian.n_active)
+
     def _loss(self, phi_aug, psi, alphas, G_C, n_i) -> float:
         y_hat = np.einsum("bk,bk->b", phi_aug, psi)
-        penalty = np.einsum("bk,bk->b", psi @ (self.config.alpha0 * G_C), psi)
+        penalty = np.einsum("bk,bk->b", psi @ (self.alpha0 * G_C), psi)
         penalty += self.config.lam * np.einsum("bk,bk->b", psi, psi)
         return float(np.mean(alphas * (y_hat - 1.0) ** 2 + penalty / n_i))
 
@@ -364,10 +392,10 @@ class ItemLearner:
         config = self.config
         gram = unpack_symmetric(gram, config.dim + 1)
         if config.cg_steps:
-            return item_solve_cg(gram, target, self._prior[rows], G_C, config.alpha0,
+            return item_solve_cg(gram, target, self._prior[rows], G_C, self.alpha0,
                                  config.lam, config.prior_weight, start=self._psi[rows],
                                  steps=config.cg_steps)
-        return item_solve(gram, target, self._prior[rows], G_C, config.alpha0, config.lam,
+        return item_solve(gram, target, self._prior[rows], G_C, self.alpha0, config.lam,
                           config.prior_weight)
 
     def resolve(self, rows: np.ndarray, G_C: np.ndarray | None = None) -> None:
@@ -519,6 +547,7 @@ class ItemLearner:
             "pos_target": self._pos_target[: self._slots_used].copy(),
             "pos_at": self._pos_at[: self._slots_used].copy(),
             "clock": np.array([self.events, self.steps, self._sweep_at], dtype=np.int64),
+            "positive_mass": np.array([self.positive_mass]), "alpha0": np.array([self.alpha0]),
             "config": np.array(json.dumps(asdict(self.config))),
         }
         arrays.update(self.item_gramian.to_arrays("item_"))
@@ -577,6 +606,16 @@ class ItemLearner:
             self._slot = np.full(len(self._psi), -1, dtype=np.int64)
             self._pos_gram, self._pos_target, self._pos_at = _no_statistics(self.config.dim + 1)
         self._slots_used = len(self._pos_gram)
+        self.positive_mass = (float(data["positive_mass"][0]) if "positive_mass" in data
+                              else self._positive_mass_now())  # older checkpoints
+
+    def _positive_mass_now(self) -> float:
+        """Σ α of the positives as of now, read from the statistics: the last coordinate of φ̃
+        is 1, so A_i's corner entry is item i's discounted Σ α."""
+        if not self._slots_used:
+            return 0.0
+        gram, _ = self._statistics_now(np.arange(self._slots_used))
+        return float(gram[:, -1].sum(dtype=np.float64))
 
 
 class ItemReplica(ItemLearner):
@@ -594,6 +633,12 @@ class ItemReplica(ItemLearner):
             self._psi = _grow(self._psi, max(size, 2 * len(self._psi)), 0.0)
 
     _append = ItemLearner._append_rows  # no priors
+    _followed_alpha0: float | None = None
+
+    @property
+    def alpha0(self) -> float:
+        """The learner's α0 as of the last delta or checkpoint followed."""
+        return self.config.alpha0 if self._followed_alpha0 is None else self._followed_alpha0
 
     def follow(self, delta: RowDelta) -> None:
         """Apply a :class:`RowDelta` of the learner this one replicates: afterwards its ids,
@@ -610,6 +655,7 @@ class ItemReplica(ItemLearner):
         self.item_gramian.update(self._psi[moved], delta.values[~fresh])
         self._psi[moved] = delta.values[~fresh]
         self.steps, self.last_drift = delta.steps, delta.drift
+        self._followed_alpha0 = delta.alpha0
 
     def load(self, path: Path) -> bool:
         """The rows of the learner's checkpoint at ``path`` (False if there is none)."""
@@ -618,6 +664,8 @@ class ItemReplica(ItemLearner):
             return False
         self._load_rows(data)
         self._reserve(max(len(self._ids), 1024))
+        if "alpha0" in data:
+            self._followed_alpha0 = float(data["alpha0"][0])
         return True
 
     def _learning(self, *args, **kwargs):

@@ -169,7 +169,7 @@ class Engine:
         weights = weights[known]
         if self.settings.encoder == "ials":
             return ials_fold_in(psi, weights, self.learner.item_gramian.matrix,
-                                self.settings.alpha0, self.settings.l2)
+                                self.learner.alpha0, self.settings.l2)
         return mean_encoder(psi[:, :self.settings.model_dim], weights,
                             np.asarray(ts, dtype=np.float64)[known],
                             self.settings.encoder_half_life_s)

@@ -39,6 +39,9 @@ def build_metrics(engine: Engine) -> Metrics:
     metrics.gauge("streamrec_gramian_drift",
                   "Relative distance of the incremental item Gramian from its last recompute.",
                   lambda: engine.learner.last_drift)
+    metrics.gauge("streamrec_alpha0",
+                  "All-pairs weight per (user, item) pair now (relative: it follows the "
+                  "density of the positives).", lambda: engine.learner.alpha0)
     metrics.gauge("streamrec_checkpoint_age_seconds", "Seconds since the last checkpoint.",
                   lambda: time.time() - engine.checkpointed_at)
     serving_gauges = {

@@ -123,9 +123,11 @@ def test_learn_steps_are_adagrad_steps_of_the_summed_item_gradients():
     assert learner.count("b") == 6.0 and learner.count("c") == 0.0
 
 
-def solve_stream(sweep: int, half_life: float | None = None, cg_steps: int = 0):
+def solve_stream(sweep: int, half_life: float | None = None, cg_steps: int = 0,
+                 relative: bool = False):
     config = LearnerConfig(dim=3, alpha0=0.3, lam=0.05, prior_weight=0.7, sweep_per_step=sweep,
-                           positives_half_life=half_life, cg_steps=cg_steps)
+                           positives_half_life=half_life, cg_steps=cg_steps,
+                           alpha0_relative=relative)
     rng = np.random.default_rng(5)
     start = {i: rng.normal(size=4) for i in "abcdef"}
     learner = ItemLearner(config, init_vector=start.get)
@@ -139,13 +141,20 @@ def solve_stream(sweep: int, half_life: float | None = None, cg_steps: int = 0):
     return learner, config, start, seen, set(ids)
 
 
-def least_squares_row(config, G_C, prior, positives, now: int) -> np.ndarray:
-    """argmin Σ w α (⟨φ̃, ψ̃⟩ − 1)² + α0 ψ̃ᵀ G_C ψ̃ + λ‖ψ̃‖² + μ‖ψ̃ − ψ̃₀‖² as one stacked
-    least-squares problem, w = 0.5^(age / half-life) of each positive (1 without one)."""
+def discounted_alphas(config, positives, now: int) -> list[float]:
+    """α of each positive times 0.5^(age / half-life) (1 without a half-life)."""
     half_life = config.positives_half_life
-    weights = [a * (0.5 ** ((now - t) / half_life) if half_life else 1.0)
-               for _, a, t in positives]
-    chol = np.linalg.cholesky(config.alpha0 * G_C + config.lam * np.eye(4))
+    return [a * (0.5 ** ((now - t) / half_life) if half_life else 1.0) for _, a, t in positives]
+
+
+def least_squares_row(config, G_C, prior, positives, now: int,
+                      alpha0: float | None = None) -> np.ndarray:
+    """argmin Σ w α (⟨φ̃, ψ̃⟩ − 1)² + α0 ψ̃ᵀ G_C ψ̃ + λ‖ψ̃‖² + μ‖ψ̃ − ψ̃₀‖² as one stacked
+    least-squares problem, w = 0.5^(age / half-life) of each positive (1 without one); α0 is
+    ``config.alpha0`` unless given."""
+    weights = discounted_alphas(config, positives, now)
+    alpha0 = config.alpha0 if alpha0 is None else alpha0
+    chol = np.linalg.cholesky(alpha0 * G_C + config.lam * np.eye(4))
     design = np.vstack([np.sqrt(w) * p for (p, _, _), w in zip(positives, weights)]
                        + [chol.T, np.sqrt(config.prior_weight) * np.eye(4)])
     target = np.r_[np.sqrt(weights), np.zeros(4), np.sqrt(config.prior_weight) * prior]
@@ -181,6 +190,25 @@ def test_solved_rows_are_least_squares_solutions_of_each_items_whole_loss(sweep,
             least_squares_row(undiscounted, G_C, start[item], seen[item], now), atol=1e-4)
     Psi = learner.item_matrix
     np.testing.assert_allclose(learner.item_gramian.matrix, Psi.T @ Psi, atol=1e-9)
+
+
+@pytest.mark.parametrize("half_life", [None, 10.0])
+def test_a_relative_alpha0_scales_with_the_density_of_the_positives(half_life):
+    """Oracle: the positives' mass kept by the learner equals the sum over every positive so
+    far of its discounted α; α0 relative is config.alpha0 × mass / (items × |C|); and every
+    touched item sits at the minimizer of its whole loss with that α0."""
+    learner, config, start, seen, last_batch = solve_stream(6, half_life, relative=True)
+    now = learner.events
+    mass = sum(sum(discounted_alphas(config, positives, now)) for positives in seen.values())
+    assert learner.positive_mass == pytest.approx(mass, rel=1e-12)
+    items = sum(1 for positives in seen.values() if positives)
+    assert learner.alpha0 == pytest.approx(config.alpha0 * mass / (items * 20), rel=1e-12)
+    assert learner.alpha0 != pytest.approx(config.alpha0)
+    G_C = learner.user_gramian.value()
+    for item in seen:
+        expected = least_squares_row(config, G_C, start[item], seen[item], now, learner.alpha0)
+        np.testing.assert_allclose(learner.item_matrix[learner.rows_of([item])[0]], expected,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_assign_moves_the_prior_of_a_solved_item_and_keeps_its_positives():
@@ -261,10 +289,12 @@ def test_counts_decay_with_the_half_life_in_events():
     assert learner.count("b") == pytest.approx(5.0)
 
 
-def test_save_and_load_resume_the_same_stream(tmp_path):
+@pytest.mark.parametrize("relative", [False, True])
+def test_save_and_load_resume_the_same_stream(tmp_path, relative):
     users, items, _ = planted_stream(seed=1)
     half = len(users) // 2
-    config = LearnerConfig(dim=8, recompute_every=7, positives_half_life=50.0)
+    config = LearnerConfig(dim=8, recompute_every=7, positives_half_life=50.0,
+                           alpha0_relative=relative)
     original = ItemLearner(config)
     stream_pass(original, users[:half], items[:half])
     original.save(tmp_path / "learner.npz")
@@ -278,6 +308,7 @@ def test_save_and_load_resume_the_same_stream(tmp_path):
     np.testing.assert_array_equal(restored.item_gramian.matrix, original.item_gramian.matrix)
     np.testing.assert_array_equal(restored.user_gramian.value(), original.user_gramian.value())
     assert restored.item_ids == original.item_ids and restored.events == original.events
+    assert restored.positive_mass == original.positive_mass
     assert not ItemLearner(config).load(tmp_path / "missing.npz")
     with pytest.raises(ValueError):
         ItemLearner(LearnerConfig(dim=4)).load(tmp_path / "learner.npz")
@@ -304,6 +335,24 @@ def test_a_checkpoint_holding_whole_statistics_loads_into_the_packed_pool(tmp_pa
     ids = ["item-1", "item-2", "item-1", "brand-new", "item-399", "item-7"]
     assert restored.learn(phi, ids, np.ones(6)) == original.learn(phi, ids, np.ones(6))
     np.testing.assert_array_equal(restored.item_matrix, original.item_matrix)
+
+
+def test_a_checkpoint_without_the_positives_mass_reads_it_from_the_statistics(tmp_path):
+    """Checkpoints written before the relative α0 hold no ``positive_mass``: it is read from
+    the corner entries of the A_i (Σ of discounted α), the value the running sum has."""
+    users, items, _ = planted_stream(seed=3)
+    config = LearnerConfig(dim=8, positives_half_life=40.0, alpha0_relative=True)
+    original = ItemLearner(config)
+    stream_pass(original, users, items)
+    original.save(tmp_path / "new.npz")
+    with np.load(tmp_path / "new.npz") as data:
+        arrays = {k: v for k, v in data.items() if k not in ("positive_mass", "alpha0")}
+    np.savez(tmp_path / "old.npz", **arrays)
+    restored = ItemLearner(config)
+    assert restored.load(tmp_path / "old.npz")
+    assert original.positive_mass > 0
+    assert restored.positive_mass == pytest.approx(original.positive_mass, rel=1e-5)  # float32
+    assert restored.alpha0 == pytest.approx(original.alpha0, rel=1e-5)
 
 
 def test_periodic_recompute_reports_a_tiny_drift():
@@ -337,14 +386,15 @@ def test_biases_follow_the_evidence_not_the_first_step():
 def test_a_replica_that_follows_the_deltas_equals_the_learner(tmp_path):
     """Oracle for the worker's replica: after any sequence of learning steps (new items, cold
     starts by assign, sweeps, Gramian recomputes), following each step's delta gives the
-    learner's ids, rows, step count and item Gramian."""
+    learner's ids, rows, step count, item Gramian and α0 (relative here, so it moves)."""
     users, items, _ = planted_stream(seed=2)
-    config = LearnerConfig(dim=8, recompute_every=3, sweep_per_step=16)
+    config = LearnerConfig(dim=8, recompute_every=3, sweep_per_step=16, alpha0_relative=True)
     learner = ItemLearner(config)
     stream_pass(learner, users[:200], items[:200])
     learner.save(tmp_path / "start.npz")
     replica = ItemReplica(config)
     assert replica.load(tmp_path / "start.npz")
+    assert replica.alpha0 == learner.alpha0 != config.alpha0
     assert replica._slots_used == 0 and len(replica._pos_gram) == 0  # no (d+1)² per item
     rng = np.random.default_rng(4)
     for step in range(12):
@@ -360,6 +410,7 @@ def test_a_replica_that_follows_the_deltas_equals_the_learner(tmp_path):
         assert replica.item_ids == learner.item_ids
         np.testing.assert_array_equal(replica.item_matrix, learner.item_matrix)
         assert replica.steps == learner.steps and replica.last_drift == learner.last_drift
+        assert replica.alpha0 == learner.alpha0
         np.testing.assert_allclose(replica.item_gramian.matrix, learner.item_gramian.matrix,
                                    rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="cannot follow"):
