@@ -197,7 +197,7 @@ def test_a_relative_alpha0_scales_with_the_density_of_the_positives(half_life):
     """Oracle: the positives' mass kept by the learner equals the sum over every positive so
     far of its discounted α; α0 relative is config.alpha0 × mass / (items × |C|); and every
     touched item sits at the minimizer of its whole loss with that α0."""
-    learner, config, start, seen, last_batch = solve_stream(6, half_life, relative=True)
+    learner, config, start, seen, _ = solve_stream(6, half_life, relative=True)
     now = learner.events
     mass = sum(sum(discounted_alphas(config, positives, now)) for positives in seen.values())
     assert learner.positive_mass == pytest.approx(mass, rel=1e-12)
