@@ -188,7 +188,7 @@ class PathScoreTracker:
             return
         codes = np.asarray(codes, dtype=np.int64).reshape(len(rows), -1)
         scores = np.asarray(scores, dtype=np.float64).reshape(len(rows), -1)
-        if len(rows) and (rows.min() < 0 or rows.max() >= self._n):
+        if rows.min() < 0 or rows.max() >= self._n:
             raise IndexError(f"rows outside 0..{self._n - 1}")
         ordered = np.sort(codes, axis=1)
         if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
