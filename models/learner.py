@@ -378,12 +378,19 @@ class ItemLearner:
         if not self.config.cg_steps:
             gram = gram.astype(np.float64)  # factorized in float64
         target = self._pos_target[slots].copy()
-        half_life = self.config.positives_half_life
-        if half_life is not None:
-            factor = 0.5 ** ((self.events - self._pos_at[slots]) / half_life)
+        if self.config.positives_half_life is not None:
+            factor = self._discount_since_update(slots)
             gram *= factor[:, None]
             target *= factor[:, None]
         return gram, target
+
+    def _discount_since_update(self, slots: np.ndarray) -> np.ndarray:
+        """0.5 per ``positives_half_life`` events since each slot's last update (1 without a
+        half-life)."""
+        half_life = self.config.positives_half_life
+        if half_life is None:
+            return np.ones(len(slots))
+        return 0.5 ** ((self.events - self._pos_at[slots]) / half_life)
 
     def _solved(self, rows: np.ndarray, gram: np.ndarray, target: np.ndarray,
                 G_C: np.ndarray) -> np.ndarray:
@@ -611,11 +618,11 @@ class ItemLearner:
 
     def _positive_mass_now(self) -> float:
         """Σ α of the positives as of now, read from the statistics: the last coordinate of φ̃
-        is 1, so A_i's corner entry is item i's discounted Σ α."""
-        if not self._slots_used:
-            return 0.0
-        gram, _ = self._statistics_now(np.arange(self._slots_used))
-        return float(gram[:, -1].sum(dtype=np.float64))
+        is 1, so A_i's corner entry is item i's Σ α (as of its last update, discounted since).
+        Reads that one column, not a copy of the whole pool."""
+        slots = np.arange(self._slots_used)
+        corners = self._pos_gram[slots, -1].astype(np.float64)
+        return float(corners @ self._discount_since_update(slots))
 
 
 class ItemReplica(ItemLearner):
