@@ -83,8 +83,9 @@ class LearnerConfig:
     - ``alpha0_relative``: read ``alpha0`` as a multiple of the positives' density instead of
       a weight per pair: the weight per pair is then α0 · M / (I · |C|), with M the positives'
       Σ α discounted like A_i (``positives_half_life``), I the items with positives (every
-      known item with ``adagrad``, which keeps no statistics) and |C| the active users, so the all-pairs mass on an item, α0_pair · |C|, is α0 times the mean
-      item's positive mass M / I. A fixed weight per pair makes that mass grow with |C|: on
+      known item with ``adagrad``, which keeps no statistics) and |C| the active users, so the
+      all-pairs mass on an item, α0_pair · |C|, is α0 times the mean item's positive mass
+      M / I. A fixed weight per pair makes that mass grow with |C|: on
       MovieLens (610 users, 1.7 % of the user-item pairs consumed) 0.05 was best, on the
       Amazon sets (about 20,000 users, 0.07 %) 0.002–0.0125, and a long stream that keeps
       meeting new users drowns its windowed positives. The relative weight follows the
@@ -644,8 +645,9 @@ class ItemReplica(ItemLearner):
 
     @property
     def alpha0(self) -> float:
-        """The learner's α0 as of the last delta or checkpoint followed."""
-        return self.config.alpha0 if self._followed_alpha0 is None else self._followed_alpha0
+        """The learner's α0 as of the last delta or checkpoint followed; before either, what
+        a learner with nothing learned has (relative: 0, not the setting itself)."""
+        return super().alpha0 if self._followed_alpha0 is None else self._followed_alpha0
 
     def follow(self, delta: RowDelta) -> None:
         """Apply a :class:`RowDelta` of the learner this one replicates: afterwards its ids,

@@ -390,6 +390,7 @@ def test_a_replica_that_follows_the_deltas_equals_the_learner(tmp_path):
     users, items, _ = planted_stream(seed=2)
     config = LearnerConfig(dim=8, recompute_every=3, sweep_per_step=16, alpha0_relative=True)
     learner = ItemLearner(config)
+    assert ItemReplica(config).alpha0 == learner.alpha0 == 0.0  # nothing learned or followed
     stream_pass(learner, users[:200], items[:200])
     learner.save(tmp_path / "start.npz")
     replica = ItemReplica(config)
