@@ -521,12 +521,12 @@ class DeepRetrieval:
         New items get paths first (:meth:`assign_new`), one Adam step lowers
         −log Σ_j p(π_j(v) | x) on the items' current paths, then each pair's top-S beam paths
         with probabilities p(c | x) (not logs: s[v, c] is a sum of probabilities) are merged into
-        the item's tracked scores (every ``track_every``-th pair of the stream, counted across
-        batches), and N_v grows by the pair's weight (default 1).
+        the item's tracked scores (the pairs :meth:`_tracked_pairs` picks: all of them with
+        ``track_every`` 1), and N_v grows by the pair's weight (default 1).
 
-        N_v is a lifetime count while s[v, c] decays by η per pair of the item; the M-step gain
-        only uses ratios of scores, so the decay does not bias it, but an item's old pairs keep
-        weighing its likelihood term against the penalty.
+        N_v is a lifetime count while s[v, c] decays by η^track_every per tracked pair of the
+        item; the M-step gain only uses ratios of scores, so the decay does not bias it, but an
+        item's old pairs keep weighing its likelihood term against the penalty.
         """
         self._tracking()
         x = np.asarray(x, dtype=np.float32).reshape(len(item_ids), self.config.input_dim)
