@@ -151,6 +151,51 @@ def item_gradient(phi_aug: np.ndarray, psi_aug: np.ndarray, alpha: np.ndarray, G
     return (alpha * (y_hat - 1.0))[:, None] * phi_aug + shrink
 
 
+def user_gradient(phi: np.ndarray, psi_aug: np.ndarray, alpha: np.ndarray, G_I: np.ndarray,
+                  alpha0: float, n_events: np.ndarray) -> np.ndarray:
+    """Per-positive gradient of L with respect to the user vector φ(u), halved: the user side
+    of Rendle's per-example loss (eq. 33), items held fixed.
+
+    For the positive (u, i), with n_u the events the user's vector is made of,
+
+        g = α (ŷ − 1) v_i + (α0 / n_u) [G_I φ̃(u)]_{1..d}.
+
+    Summed over the user's n_u positives this is ½ ∂L/∂φ(u): the user's all-pairs term
+    α0 Σ_i ŷ(u, i)² = α0 φ̃ᵀ G_I φ̃ is spread evenly over its positives, as
+    :func:`item_gradient` spreads an item's. Nothing is learned per user; the gradient flows on
+    to the item *inputs* the encoder averages (:func:`models.encoders.history_gradient`).
+
+    Parameters
+    ----------
+    phi : (B, d)
+        The user vector of each positive.
+    psi_aug : (B, d+1)
+        The positive item's row [v_i, b_i].
+    alpha : (B,)
+        Confidence weights.
+    G_I : (d+1, d+1)
+        Item Gramian.
+    n_events : (B,)
+        n_u of each positive's user (≥ 1).
+
+    Returns
+    -------
+    ndarray (B, d)
+
+    Examples
+    --------
+    >>> user_gradient(np.array([[1.0]]), np.array([[0.5, 0.0]]), np.array([1.0]),
+    ...               np.eye(2), 0.1, np.array([1.0])).round(3).tolist()
+    [[-0.15]]
+    """
+    phi = np.asarray(phi, dtype=np.float64)
+    d = phi.shape[1]
+    phi_aug = augment_users(phi)
+    y_hat = np.einsum("bk,bk->b", phi_aug, psi_aug)
+    all_pairs = alpha0 * (phi_aug @ G_I[:, :d]) / np.asarray(n_events, dtype=np.float64)[:, None]
+    return (alpha * (y_hat - 1.0))[:, None] * psi_aug[:, :d] + all_pairs
+
+
 def item_solve(pos_gram: np.ndarray, pos_target: np.ndarray, prior: np.ndarray,
                G_C: np.ndarray, alpha0: float, lam: float, prior_weight: float) -> np.ndarray:
     """Rows ψ̃(i) minimizing each item's whole loss in closed form (one-sided iALS, Rendle §5.1.2).

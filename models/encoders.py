@@ -6,7 +6,8 @@ encodes to φ = 0: the scores are then the item biases alone, i.e. the popularit
 LED §7.2 falls back to.
 
 - :func:`mean_encoder` / :func:`mean_encoder_batch`: LED's average of item vectors, optionally
-  weighted (event kind) and decayed by recency.
+  weighted (event kind) and decayed by recency; :func:`history_gradient` is its adjoint, which
+  carries a gradient from the user vectors back to the item inputs they average.
 - :func:`ials_fold_in`: the least-squares user vector of the all-pairs loss with items fixed
   (Rendle §5.1.2 applied to one user, §6.3), using the item Gramian so it costs O(T·d² + d³).
 """
@@ -130,33 +131,20 @@ def pack_histories(histories: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.n
     return indptr, rows
 
 
-def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,
-                       weights: np.ndarray | None = None, ts: np.ndarray | None = None,
-                       half_life: float | None = None,
-                       half_life_events: float | None = None,
-                       columns: int | None = None) -> np.ndarray:
-    """:func:`mean_encoder` for B histories at once: one sparse (B × n) · (n × d) product.
+def history_weights(indptr: np.ndarray, weights: np.ndarray | None = None,
+                    ts: np.ndarray | None = None, half_life: float | None = None,
+                    half_life_events: float | None = None) -> np.ndarray:
+    """The weight h_bt of each event of B consecutive histories in its user's vector, flat:
+    confidence × recency, normalized to sum to 1 per history (:func:`mean_encoder`'s weights).
 
-    History b is ``item_rows[indptr[b]:indptr[b+1]]`` (rows of ``V``), with the matching slices
-    of ``weights`` and ``ts``; t_max is taken per history. No Python loop runs per event, so a
-    micro-batch of the stream costs one sparse matmul.
-
-    ``columns``: average only the first ``columns`` columns of V (the item vectors of the
-    augmented rows [v_i, b_i], passed whole): scipy multiplies a C-contiguous dense operand as
-    it is but copies any other, so the product runs on the whole contiguous matrix and the
-    result is cut, which costs one extra column instead of a copy or a gather of the rows.
-
-    Returns
-    -------
-    ndarray (B, d) (d = ``columns`` when given); the row of an empty history is zero.
+    History b is ``[indptr[b], indptr[b+1])``; ``ts`` and ``half_life`` decay by time (t_max
+    taken per history), ``half_life_events`` by the place before the history's newest event.
 
     Examples
     --------
-    >>> V = np.array([[1.0, 0.0], [0.0, 1.0]])
-    >>> mean_encoder_batch(V, np.array([0, 2, 2]), np.array([0, 1])).tolist()
-    [[0.5, 0.5], [0.0, 0.0]]
+    >>> history_weights(np.array([0, 2, 3]), np.array([1.0, 3.0, 2.0])).tolist()
+    [0.25, 0.75, 1.0]
     """
-    V = np.asarray(V, dtype=np.float64)
     indptr = np.asarray(indptr, dtype=np.int64)
     lengths = np.diff(indptr)
     owner = np.repeat(np.arange(len(lengths)), lengths)
@@ -168,13 +156,79 @@ def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,
         w = w * recency_weights(ts, half_life, t_max[owner])
     if half_life_events is not None:
         w = w * ragged_position_weights(indptr, half_life_events)
-    w = w / np.bincount(owner, weights=w, minlength=len(lengths))[owner]
+    return w / np.bincount(owner, weights=w, minlength=len(lengths))[owner]
+
+
+def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,
+                       weights: np.ndarray | None = None, ts: np.ndarray | None = None,
+                       half_life: float | None = None,
+                       half_life_events: float | None = None,
+                       columns: int | None = None,
+                       offsets: np.ndarray | None = None) -> np.ndarray:
+    """:func:`mean_encoder` for B histories at once: one sparse (B × n) · (n × d) product.
+
+    History b is ``item_rows[indptr[b]:indptr[b+1]]`` (rows of ``V``), with the matching slices
+    of ``weights`` and ``ts``; t_max is taken per history. No Python loop runs per event, so a
+    micro-batch of the stream costs one sparse matmul.
+
+    ``columns``: average only the first ``columns`` columns of V (the item vectors of the
+    augmented rows [v_i, b_i], passed whole): scipy multiplies a C-contiguous dense operand as
+    it is but copies any other, so the product runs on the whole contiguous matrix and the
+    result is cut, which costs one extra column instead of a copy or a gather of the rows.
+
+    ``offsets`` (n, d): added to the rows averaged, so the encoder averages the item *inputs*
+    q_j = v_j + δ_j (:class:`models.learner.ItemLearner`'s input offsets); one more product
+    of the same sparse matrix.
+
+    Returns
+    -------
+    ndarray (B, d) (d = ``columns`` when given); the row of an empty history is zero.
+
+    Examples
+    --------
+    >>> V = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> mean_encoder_batch(V, np.array([0, 2, 2]), np.array([0, 1])).tolist()
+    [[0.5, 0.5], [0.0, 0.0]]
+    >>> mean_encoder_batch(V, np.array([0, 1]), np.array([0]), offsets=V[::-1]).tolist()
+    [[1.0, 1.0]]
+    """
+    V = np.asarray(V, dtype=np.float64)
+    indptr = np.asarray(indptr, dtype=np.int64)
+    w = history_weights(indptr, weights, ts, half_life, half_life_events)
     item_rows = np.asarray(item_rows).reshape(-1)
-    if not V.flags.c_contiguous:  # multiply the used rows, gathered, not a copy of all of V
+    if offsets is None and not V.flags.c_contiguous:  # multiply the used rows, not a copy of V
         used, item_rows = np.unique(item_rows, return_inverse=True)
         V = V[used]
-    H = scipy.sparse.csr_matrix((w, item_rows, indptr), shape=(len(lengths), len(V)))
-    return np.asarray(H @ V).reshape(len(lengths), V.shape[1])[:, :columns]
+    H = scipy.sparse.csr_matrix((w, item_rows, indptr), shape=(len(indptr) - 1, len(V)))
+    phi = np.asarray(H @ V).reshape(len(indptr) - 1, V.shape[1])[:, :columns]
+    if offsets is not None:
+        phi = phi + H @ np.asarray(offsets, dtype=np.float64)
+    return phi
+
+
+def history_gradient(indptr: np.ndarray, item_rows: np.ndarray, h: np.ndarray,
+                     g_phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The gradient reaching each item input q_j through the mean encoder: φ_b = Σ_t h_bt
+    q_{r_bt} is linear, so ∂/∂q_j Σ_b ⟨g_b, φ_b⟩ = Σ_{b,t: r_bt = j} h_bt g_b (the adjoint of
+    :func:`mean_encoder_batch`), summed per distinct row with one sparse product.
+
+    Returns
+    -------
+    (rows, grads): the distinct item rows of the histories, sorted, and (len(rows), d).
+
+    Examples
+    --------
+    >>> rows, grads = history_gradient(np.array([0, 2, 3]), np.array([4, 7, 4]),
+    ...                                np.array([0.5, 0.5, 1.0]), np.array([[2.0], [1.0]]))
+    >>> rows.tolist(), grads.tolist()
+    ([4, 7], [[2.0], [1.0]])
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    owner = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    rows, local = np.unique(np.asarray(item_rows, dtype=np.int64), return_inverse=True)
+    adjoint = scipy.sparse.csr_matrix((np.asarray(h, dtype=np.float64), (local, owner)),
+                                      shape=(len(rows), len(indptr) - 1))
+    return rows, np.asarray(adjoint @ np.asarray(g_phi, dtype=np.float64))
 
 
 def ials_fold_in(Psi_hist: np.ndarray, alpha: np.ndarray, G_I: np.ndarray, alpha0: float,

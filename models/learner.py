@@ -19,6 +19,10 @@ State is owned here and nowhere else: the augmented item matrix Ψ̃ (rows grow 
 arrive), the item-id ↔ row map, per-item (optionally decayed) counts n_i, Adagrad accumulators,
 the exact item Gramian G_I (kept by rank-k corrections, recomputed periodically) and the decayed
 estimate of the user Gramian G_C. Reads (``scores``, ``top_k``, ``rows_of``) never create state.
+
+Items also have an *input* side, q_i = v_i + δ_i, which user vectors average
+(:meth:`ItemLearner.input_rows`); the offsets δ are learned by :meth:`ItemLearner.learn_inputs`
+from the user side of the same loss (``LearnerConfig.input_lr``; see there for why).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from pathlib import Path
 from typing import Literal
@@ -51,6 +55,8 @@ class RowDelta:
     ``values`` their augmented rows now. Rows from ``first_row`` on are new, their ids in
     ``new_ids`` (in row order). ``steps`` and ``drift`` are the learner's clock and its last
     Gramian drift; ``alpha0`` its all-pairs weight now (which the ``ials`` encoder reads).
+    ``input_rows`` (sorted) are the rows whose input offset δ moved, ``input_values`` their
+    offsets now (a new row's offset is zero until it moves).
     """
 
     first_row: int
@@ -60,6 +66,8 @@ class RowDelta:
     steps: int
     drift: float
     alpha0: float
+    input_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    input_values: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,16 @@ class LearnerConfig:
       0.1100/0.0994 against 0.1112/0.1034; 5 steps 0.1122/0.1022) and the learning step ran
       1.6× as fast at d = 64 and 2.0× at d = 256 (``benchmarks/learner_step.py``); 1 step
       was far too few (Toys 0.0137).
+    - ``input_lr``: Adagrad step size of the items' *input offsets* (0: none, the tied model).
+      The mean encoder averages q_j = v_j + δ_j, not v_j, so the score of item i after item j,
+      ⟨q_j, v_i⟩, need not equal that of j after i (a console is followed by its games more
+      often than the reverse); with δ = 0 the model is the tied one, whose item-to-item
+      scores are symmetric. δ follows the gradient of the same all-pairs loss with respect to
+      the user vectors (:func:`models.embedding.user_gradient`), carried back through the
+      encoder to the inputs it averaged (:func:`models.encoders.history_gradient`):
+      :meth:`learn_inputs`. It costs dim floats per item for δ and as many for its
+      accumulators, and one more sparse product per batch of user vectors.
+      ``input_adagrad_init`` is its accumulators' start.
     """
 
     dim: int = 64
@@ -158,6 +176,8 @@ class LearnerConfig:
     sweep_per_step: int = 64
     cg_steps: int = 3
     alpha0_relative: bool = False
+    input_lr: float = 0.0
+    input_adagrad_init: float = 0.01
     seed: int = 0
 
 
@@ -190,6 +210,9 @@ class ItemLearner:
         self._count_at = np.zeros(1024)
         self._prior = np.zeros((1024, width))  # ψ̃₀: the row each item started from
         self._slot = np.full(1024, -1, dtype=np.int64)  # row → its statistics (solve only)
+        self._offset = np.zeros((1024, config.dim))  # δ: item input q = v + δ (input_lr > 0)
+        self._offset_accum = np.full((1024, config.dim), config.input_adagrad_init)
+        self._offsets_learned = False
         self._pos_gram, self._pos_target, self._pos_at = _no_statistics(width)
         self._slots_used = 0
         self._sweep_at = 0  # next row the background re-solve visits
@@ -199,6 +222,7 @@ class ItemLearner:
         self.positive_mass = 0.0  # Σ α of the positives, discounted like A_i
         self.steps = 0
         self.changed_rows = np.empty(0, dtype=np.int64)  # rows the last learn() call moved
+        self.changed_input_rows = np.empty(0, dtype=np.int64)  # offsets the last call moved
         self.last_drift = 0.0
 
     # -- reads (never create state) -------------------------------------------------------
@@ -216,6 +240,20 @@ class ItemLearner:
     def item_matrix(self) -> np.ndarray:
         """Ψ̃ (n, dim + 1): rows [v_i, b_i] in row order (a read-only view)."""
         return read_only_view(self._psi[: len(self._ids)])
+
+    @property
+    def offsets(self) -> np.ndarray | None:
+        """Δ (n, dim): the input offsets δ_i, in row order (a read-only view); None while
+        every offset is zero (nothing learned them), so encoders skip the product."""
+        if not self._offsets_learned:
+            return None
+        return read_only_view(self._offset[: len(self._ids)])
+
+    def input_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The inputs q_i = v_i + δ_i of the given rows, (len(rows), dim): what the mean
+        encoder averages into a user vector (v_i alone while no offset was learned)."""
+        inputs = self._psi[rows, : self.config.dim]
+        return inputs + self._offset[rows] if self._offsets_learned else inputs
 
     def item_ids_at(self, rows: Iterable[int]) -> list[str]:
         """The ids of the given rows."""
@@ -274,14 +312,19 @@ class ItemLearner:
         return top, scores[top]
 
     # -- replicas (ItemReplica) ------------------------------------------------------------
-    def delta(self, first_row: int, moved_rows: np.ndarray) -> RowDelta:
+    def delta(self, first_row: int, moved_rows: np.ndarray,
+              moved_inputs: np.ndarray | None = None) -> RowDelta:
         """The :class:`RowDelta` of ``moved_rows`` and of every row created from ``first_row``
-        on (the replica's length when it last followed)."""
+        on (the replica's length when it last followed), and of the offsets of
+        ``moved_inputs``."""
         rows = np.union1d(np.asarray(moved_rows, dtype=np.int64),
                           np.arange(first_row, len(self._ids), dtype=np.int64))
+        inputs = np.unique(np.asarray([] if moved_inputs is None else moved_inputs,
+                                      dtype=np.int64))
         return RowDelta(first_row=first_row, new_ids=self._ids[first_row:], rows=rows,
                         values=self._psi[rows], steps=self.steps,
-                        drift=self.last_drift, alpha0=self.alpha0)
+                        drift=self.last_drift, alpha0=self.alpha0, input_rows=inputs,
+                        input_values=self._offset[inputs])
 
     # -- learning ------------------------------------------------------------------------
     def learn(self, phi_batch: np.ndarray, item_ids: Sequence[str], alphas: np.ndarray, *,
@@ -306,6 +349,7 @@ class ItemLearner:
         The loss is the item side of Rendle's per-example loss (eq. 33), averaged over the batch:
         α(ŷ − 1)² + ψ̃ᵀ(α0 Ĝ_C + λI)ψ̃ / n_i, whose gradient is :func:`item_gradient` (× 2).
         """
+        self.changed_input_rows = np.empty(0, dtype=np.int64)
         if len(item_ids) == 0:
             return 0.0
         phi_aug = augment_users(np.asarray(phi_batch, dtype=np.float64).reshape(len(item_ids), -1))
@@ -333,6 +377,21 @@ class ItemLearner:
         self.changed_rows = np.union1d(uniq, swept)
         self._tick()
         return loss
+
+    def learn_inputs(self, rows: np.ndarray, grads: np.ndarray) -> None:
+        """One Adagrad step (``input_lr``) on the input offsets of ``rows`` (distinct), along
+        ``grads`` (len(rows), dim): the gradient of the loss with respect to the inputs q_i,
+        which reaches δ_i unchanged (q_i = v_i + δ_i); see
+        :func:`models.encoders.history_gradient`. The rows' item vectors do not move."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0 or self.config.input_lr == 0:
+            return
+        grads = np.asarray(grads, dtype=np.float64)
+        accum = self._offset_accum[rows] + grads ** 2
+        self._offset_accum[rows] = accum
+        self._offset[rows] -= self.config.input_lr * grads / np.sqrt(accum)
+        self._offsets_learned = True
+        self.changed_input_rows = np.union1d(self.changed_input_rows, rows)
 
     def _add_positive_mass(self, alphas: np.ndarray) -> None:
         half_life = self.config.positives_half_life
@@ -541,6 +600,8 @@ class ItemLearner:
         self._count_at = _grow(self._count_at, grown, 0.0)
         self._prior = _grow(self._prior, grown, 0.0)
         self._slot = _grow(self._slot, grown, -1)
+        self._offset = _grow(self._offset, grown, 0.0)
+        self._offset_accum = _grow(self._offset_accum, grown, self.config.input_adagrad_init)
 
     # -- persistence (npz, no pickle) -----------------------------------------------------
     def save(self, path: Path) -> None:
@@ -556,6 +617,7 @@ class ItemLearner:
             "pos_at": self._pos_at[: self._slots_used].copy(),
             "clock": np.array([self.events, self.steps, self._sweep_at], dtype=np.int64),
             "positive_mass": np.array([self.positive_mass]), "alpha0": np.array([self.alpha0]),
+            "offset": self._offset[:n].copy(), "offset_accum": self._offset_accum[:n].copy(),
             "config": np.array(json.dumps(asdict(self.config))),
         }
         arrays.update(self.item_gramian.to_arrays("item_"))
@@ -573,6 +635,9 @@ class ItemLearner:
             return False
         self._load_rows(data)
         self._accum = data["accum"]
+        self._offset_accum = (data["offset_accum"] if "offset_accum" in data  # older: none
+                              else np.full((len(self._ids), self.config.dim),
+                                           self.config.input_adagrad_init))
         self._count, self._count_at = data["count"], data["count_at"]
         self._load_statistics(data)
         self._reserve(max(len(self._ids), 1024))
@@ -593,6 +658,9 @@ class ItemLearner:
         self._ids = [str(i) for i in data["ids"]]
         self._index = {item_id: row for row, item_id in enumerate(self._ids)}
         self._psi = data["psi"]
+        self._offset = (data["offset"] if "offset" in data  # older checkpoints: no offsets
+                        else np.zeros((len(self._ids), self.config.dim)))
+        self._offsets_learned = bool(np.any(self._offset))
         clock = [int(x) for x in data["clock"]] + [0]  # older checkpoints: no sweep position
         self.events, self.steps, self._sweep_at = clock[:3]
         self.item_gramian.set_arrays(data, "item_")
@@ -638,7 +706,9 @@ class ItemReplica(ItemLearner):
 
     def _reserve(self, size: int) -> None:
         if size > len(self._psi):
-            self._psi = _grow(self._psi, max(size, 2 * len(self._psi)), 0.0)
+            grown = max(size, 2 * len(self._psi))
+            self._psi = _grow(self._psi, grown, 0.0)
+            self._offset = _grow(self._offset, grown, 0.0)
 
     _append = ItemLearner._append_rows  # no priors
     _followed_alpha0: float | None = None
@@ -663,6 +733,9 @@ class ItemReplica(ItemLearner):
         moved = delta.rows[~fresh]
         self.item_gramian.update(self._psi[moved], delta.values[~fresh])
         self._psi[moved] = delta.values[~fresh]
+        if len(delta.input_rows):
+            self._offset[delta.input_rows] = delta.input_values
+            self._offsets_learned = True
         self.steps, self.last_drift = delta.steps, delta.drift
         self._followed_alpha0 = delta.alpha0
 
@@ -680,7 +753,7 @@ class ItemReplica(ItemLearner):
     def _learning(self, *args, **kwargs):
         raise TypeError("an ItemReplica only follows the learner it replicates")
 
-    learn = assign = resolve = save = delta = count = _learning
+    learn = learn_inputs = assign = resolve = save = delta = count = _learning
 
 
 def _no_statistics(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -21,9 +21,9 @@ from river import stats
 from index_sync.paths import PathRetrieval
 from index_sync.serving import ServingIndex
 from models.deep_retrieval import DeepRetrieval
-from models.embedding import augment_users
-from models.encoders import (ials_fold_in, mean_encoder, mean_encoder_batch, position_weights,
-                             ragged_position_weights)
+from models.embedding import augment_users, user_gradient
+from models.encoders import (history_gradient, history_weights, ials_fold_in, mean_encoder,
+                             mean_encoder_batch, position_weights, ragged_position_weights)
 from models.learner import ItemLearner, ItemReplica, RowDelta
 from models.serving_choice import ServingCandidate, ndcg_of_ranks, target_ranks
 from state.gramian import save_npz
@@ -45,6 +45,20 @@ def decode_phi(text: str) -> np.ndarray | None:
     if not text:
         return None
     return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float64)
+
+
+@dataclass(frozen=True)
+class _Histories:
+    """B histories' events of known items, flat (CSR): history b is ``[indptr[b],
+    indptr[b+1])`` of ``rows`` (learner rows), ``weights`` (confidence × recency in events)
+    and ``ts`` (None unless the encoder decays by time); ``lengths`` counts every event of each
+    history, known item or not."""
+
+    indptr: np.ndarray
+    rows: np.ndarray
+    weights: np.ndarray
+    ts: np.ndarray | None
+    lengths: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -162,15 +176,15 @@ class Engine:
         known = rows >= 0
         if not known.any():
             return np.zeros(self.settings.model_dim)
-        psi = self.learner.item_matrix[rows[known]]
         weights = np.asarray(weights, dtype=np.float64)
         if half_life is not None:  # places among all events
             weights = weights * position_weights(len(weights), half_life)
         weights = weights[known]
         if self.settings.encoder == "ials":
-            return ials_fold_in(psi, weights, self.learner.item_gramian.matrix,
-                                self.learner.alpha0, self.settings.l2)
-        return mean_encoder(psi[:, :self.settings.model_dim], weights,
+            return ials_fold_in(self.learner.item_matrix[rows[known]], weights,
+                                self.learner.item_gramian.matrix, self.learner.alpha0,
+                                self.settings.l2)
+        return mean_encoder(self.learner.input_rows(rows[known]), weights,
                             np.asarray(ts, dtype=np.float64)[known],
                             self.settings.encoder_half_life_s)
 
@@ -198,6 +212,13 @@ class Engine:
             return np.array([self.encode_weighted(i, np.asarray(w), t)
                              for i, w, t in zip(items, weights, ts)]).reshape(
                 len(items), self.settings.model_dim)
+        return self._mean_encode(self._known_histories(items, weights, ts))
+
+    def _known_histories(self, items: Sequence[Sequence[str]],
+                         weights: Sequence[Sequence[float]],
+                         ts: Sequence[Sequence[float]]) -> _Histories:
+        """B histories flattened for the mean encoder: the events of known items, each with its
+        learner row and its confidence times recency among all the history's events."""
         lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
         indptr = np.r_[0, np.cumsum(lengths)]
         events = int(indptr[-1])
@@ -211,11 +232,15 @@ class Engine:
         known = rows >= 0
         owner = np.repeat(np.arange(len(items)), lengths)[known]
         known_indptr = np.r_[0, np.cumsum(np.bincount(owner, minlength=len(items)))]
-        return mean_encoder_batch(self.learner.item_matrix, known_indptr, rows[known],
-                                  flat_weights[known],
-                                  None if flat_ts is None else flat_ts[known],
+        return _Histories(known_indptr, rows[known], flat_weights[known],
+                          None if flat_ts is None else flat_ts[known], lengths)
+
+    def _mean_encode(self, histories: _Histories) -> np.ndarray:
+        return mean_encoder_batch(self.learner.item_matrix, histories.indptr, histories.rows,
+                                  histories.weights, histories.ts,
                                   self.settings.encoder_half_life_s,
-                                  columns=self.settings.model_dim)
+                                  columns=self.settings.model_dim,
+                                  offsets=self.learner.offsets)
 
     # -- events ---------------------------------------------------------------------------
     def ingest_many(self, events: Sequence[Event], histories: Mapping[str, History]
@@ -286,8 +311,10 @@ class Engine:
         items = [example.item_id for example in examples]
         self._rank_before_learning(examples)
         self._cold_start(items, phis)
-        loss = self.learner.learn(phis, items, np.array([e.alpha for e in examples]),
-                                  n_users=max(self.users, 1))
+        alphas = np.array([e.alpha for e in examples])
+        loss = self.learner.learn(phis, items, alphas, n_users=max(self.users, 1))
+        if self.learner.config.input_lr > 0:
+            self._learn_inputs(examples, items, alphas)
         self.index.learned(items, self.learner.changed_rows)
         if self.paths is not None:
             dr_loss = self.last_dr_loss = self.paths.learn(phis, items)
@@ -296,6 +323,26 @@ class Engine:
         self.loss.update(loss)
         self.learned += len(examples)
         return loss
+
+    def _learn_inputs(self, examples: Sequence[TrainExample], items: list[str],
+                      alphas: np.ndarray) -> None:
+        """The input offsets' step (``LearnerConfig.input_lr``): each example's user vector
+        is encoded again with the items as they are after the batch's item step, the user
+        side of its loss differentiated (:func:`models.embedding.user_gradient`, the user's
+        all-pairs term spread over the events its vector is made of) and carried back to the
+        inputs of its history (:func:`models.encoders.history_gradient`)."""
+        histories = self._known_histories([e.history for e in examples],
+                                          [e.weights for e in examples],
+                                          self._history_times(examples))
+        if len(histories.rows) == 0:
+            return
+        phis = self._mean_encode(histories)
+        g_phi = user_gradient(phis, self.learner.item_matrix[self.learner.rows_of(items)],
+                              alphas, self.learner.item_gramian.matrix, self.learner.alpha0,
+                              np.maximum(histories.lengths, 1))
+        h = history_weights(histories.indptr, histories.weights, histories.ts,
+                            self.settings.encoder_half_life_s)
+        self.learner.learn_inputs(*history_gradient(histories.indptr, histories.rows, h, g_phi))
 
     def _rank_before_learning(self, examples: Sequence[TrainExample]) -> None:
         """Every ``serve_tuning_every``-th example (counted over all learned) ranked under each
@@ -360,7 +407,7 @@ class Engine:
         """:meth:`learn` in micro-batches of ``step``, and the :class:`LearnedReport` that lets
         another engine follow. A step that raises is logged and skipped (learning goes on);
         its rows may have moved part way, so the report then carries every row."""
-        first_row, moved, failed = len(self.learner), [], 0
+        first_row, moved, moved_inputs, failed = len(self.learner), [], [], 0
         first_dr_row = len(self.paths.model) if self.paths is not None else 0
         seconds, losses, dr_losses = [], [], []
         for start in range(0, len(examples), step):
@@ -372,16 +419,19 @@ class Engine:
                 log.exception("learning step failed on %d examples", len(chunk))
                 failed += len(chunk)
                 moved.append(np.arange(len(self.learner)))
+                moved_inputs.append(np.arange(len(self.learner)))
                 continue
             seconds.append(time.perf_counter() - started)
             moved.append(self.learner.changed_rows)
+            moved_inputs.append(self.learner.changed_input_rows)
             if self.paths is not None and np.isfinite(self.last_dr_loss):
                 dr_losses.append(self.last_dr_loss)
         rows = np.concatenate(moved) if moved else np.empty(0, dtype=np.int64)
         new_items, new_paths = (self.paths.model.items_since(first_dr_row)
                                 if self.paths is not None else ([], None))
         return LearnedReport(
-            delta=self.learner.delta(first_row, rows),
+            delta=self.learner.delta(first_row, rows, np.concatenate(moved_inputs)
+                                     if moved_inputs else None),
             items=list(dict.fromkeys(example.item_id for example in examples)),
             step_seconds=seconds, losses=losses, dr_losses=dr_losses,
             dr_stats=self.paths.stats() if self.paths is not None else None,

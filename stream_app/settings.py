@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     positives_half_life: float | None = Field(
         30_000.0, gt=0, description="Half-life, in events this worker learns, of an item's "
         "accumulated positives (solve); unset: they count forever.")
+    # docs/results.md "This round": input offsets (q = v + delta) learned from the user side of
+    # the loss; 0 is the tied model of earlier rounds.
+    input_lr: float = Field(0.05, ge=0, description="Adagrad step size of the items' input "
+                            "offsets (the vectors user encodings average are v + delta); 0: "
+                            "inputs tied to the item vectors. The mean encoder only.")
     ingest_batch: int = Field(256, ge=1, description="Events the ingest agent takes at once.")
     ingest_batch_wait_s: float = Field(
         0.01, gt=0, description="Longest wait to fill an ingest batch (adds to event latency).")
@@ -327,7 +332,9 @@ class Settings(BaseSettings):
                              alpha0_relative=self.alpha0_relative,
                              lr=self.learning_rate, solver=self.item_solver,
                              prior_weight=self.prior_weight, cg_steps=self.item_cg_steps,
-                             positives_half_life=self.positives_half_life, seed=self.model_seed)
+                             positives_half_life=self.positives_half_life,
+                             input_lr=self.input_lr if self.encoder == "mean" else 0.0,
+                             seed=self.model_seed)
 
     def dr_config(self):
         from models.deep_retrieval import DRConfig

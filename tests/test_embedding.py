@@ -8,7 +8,7 @@ import torch
 
 from models.embedding import (all_pairs_loss, augment_items, augment_users, gramian_loss,
                               item_gradient, item_solve, item_solve_cg, pack_symmetric,
-                              packed_outer, packed_size, unpack_symmetric)
+                              packed_outer, packed_size, unpack_symmetric, user_gradient)
 
 ALPHA0, LAM = 0.3, 0.05
 
@@ -125,3 +125,24 @@ def test_symmetric_matrices_packed_by_their_upper_triangle_round_trip(width):
     np.testing.assert_array_equal(pack_symmetric(full[0]), packed[0])  # no leading axis too
     x = rng.normal(size=(4, width)).astype(np.float32)
     np.testing.assert_array_equal(packed_outer(x), pack_symmetric(x[:, :, None] * x[:, None, :]))
+
+
+def test_user_gradient_is_half_the_autograd_gradient_of_the_user_side_loss():
+    """Oracle: Σ over positives of α(ŷ − 1)² + (α0 / n_u) φ̃ᵀ G_I φ̃, differentiated by autograd
+    with respect to each positive's user vector, is twice :func:`user_gradient`."""
+    rng = np.random.default_rng(3)
+    B, d = 9, 5
+    Psi = augment_items(rng.normal(size=(12, d)), rng.normal(size=12))
+    G_I = Psi.T @ Psi
+    items, alpha = rng.integers(0, 12, B), rng.uniform(0.5, 3.0, B)
+    n_events = rng.integers(1, 8, B).astype(float)
+    phi = torch.tensor(rng.normal(size=(B, d)), requires_grad=True)
+    phi_aug = torch.cat([phi, torch.ones(B, 1, dtype=phi.dtype)], dim=1)
+    psi = torch.tensor(Psi[items])
+    y_hat = (phi_aug * psi).sum(dim=1)
+    all_pairs = ((phi_aug @ torch.tensor(G_I)) * phi_aug).sum(dim=1)
+    loss = (torch.tensor(alpha) * (y_hat - 1) ** 2 + ALPHA0 * all_pairs
+            / torch.tensor(n_events)).sum()
+    loss.backward()
+    ours = user_gradient(phi.detach().numpy(), Psi[items], alpha, G_I, ALPHA0, n_events)
+    np.testing.assert_allclose(2 * ours, phi.grad.numpy(), rtol=1e-10, atol=1e-12)

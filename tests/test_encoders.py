@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from models.embedding import augment_items, augment_users, all_pairs_loss
-from models.encoders import (ials_fold_in, mean_encoder, mean_encoder_batch, pack_histories,
-                             position_weights, recency_weights)
+from models.encoders import (history_gradient, history_weights, ials_fold_in, mean_encoder,
+                             mean_encoder_batch, pack_histories, position_weights,
+                             recency_weights)
 
 
 def test_mean_encoder_is_the_weighted_mean_with_recency_decay():
@@ -70,6 +71,53 @@ def test_batched_mean_encoder_equals_one_call_per_user(decay, half_life_events):
     np.testing.assert_allclose(mean_encoder_batch(augmented, indptr, rows, weights, ts,
                                                   half_life, half_life_events, columns=6),
                                batched, atol=1e-12)
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_input_offsets_add_to_the_rows_the_encoder_averages(decay):
+    rng = np.random.default_rng(5)
+    V, offsets = rng.normal(size=(30, 6)), rng.normal(size=(30, 6))
+    indptr, rows = pack_histories([rng.integers(0, 30, rng.integers(0, 9)).tolist()
+                                   for _ in range(20)])
+    weights, ts = rng.uniform(1, 10, len(rows)), rng.uniform(0, 100, len(rows))
+    half_life = 25.0 if decay else None
+    augmented = np.c_[V, rng.normal(size=len(V))]
+    np.testing.assert_allclose(
+        mean_encoder_batch(augmented, indptr, rows, weights, ts, half_life, 2.0, columns=6,
+                           offsets=offsets),
+        mean_encoder_batch(V + offsets, indptr, rows, weights, ts, half_life, 2.0), atol=1e-12)
+
+
+@pytest.mark.parametrize("decay,half_life_events", [(False, None), (True, 2.0)])
+def test_history_gradient_is_the_autograd_gradient_through_the_mean_encoder(decay,
+                                                                            half_life_events):
+    """Oracle: for any loss of the user vectors, Σ_b ⟨g_b, φ_b⟩ with g_b = ∂loss/∂φ_b, the
+    gradient with respect to the averaged rows is :func:`history_gradient` on the rows the
+    histories hold (repeats included) and zero elsewhere."""
+    rng = np.random.default_rng(6)
+    n, d = 25, 4
+    histories = [rng.integers(0, n, rng.integers(0, 7)).tolist() for _ in range(15)]
+    indptr, rows = pack_histories(histories)
+    weights, ts = rng.uniform(1, 5, len(rows)), rng.uniform(0, 50, len(rows))
+    half_life = 10.0 if decay else None
+    h = history_weights(indptr, weights, ts, half_life, half_life_events)
+    Q = torch.tensor(rng.normal(size=(n, d)), requires_grad=True)
+    owner = np.repeat(np.arange(len(histories)), np.diff(indptr))
+    H = torch.zeros(len(histories), n, dtype=Q.dtype)
+    H.index_put_((torch.tensor(owner), torch.tensor(rows)), torch.tensor(h), accumulate=True)
+    phi = H @ Q
+    np.testing.assert_allclose(phi.detach().numpy(), mean_encoder_batch(
+        Q.detach().numpy(), indptr, rows, weights, ts, half_life, half_life_events), atol=1e-12)
+    target = torch.tensor(rng.normal(size=(len(histories), d)))
+    loss = ((phi - target) ** 4).sum()  # any loss of the user vectors
+    loss.backward()
+    g_phi = (4 * (phi - target) ** 3).detach().numpy()
+    touched, grads = history_gradient(indptr, rows, h, g_phi)
+    assert touched.tolist() == sorted(set(rows.tolist()))
+    expected = Q.grad.numpy()
+    np.testing.assert_allclose(grads, expected[touched], rtol=1e-10, atol=1e-12)
+    untouched = np.setdiff1d(np.arange(n), touched)
+    assert len(untouched) and not expected[untouched].any()
 
 
 def fold_in_problem(seed: int, n: int = 40, d: int = 5, T: int = 8):

@@ -120,7 +120,7 @@ def test_the_user_vector_weighs_the_newest_events_most(tmp_path, half_life_event
     if half_life_events is not None:
         weights = weights * 2.0 ** (-np.array([3, 2, 1, 0]) / half_life_events)
     known = [0, 1, 3]
-    V = engine.learner.item_matrix[engine.learner.rows_of([items[t] for t in known]), :-1]
+    V = engine.learner.input_rows(engine.learner.rows_of([items[t] for t in known]))
     expected = (weights[known] @ V) / weights[known].sum()
     np.testing.assert_allclose(engine.encode(items, kinds, [0.0] * 4), expected)
     if half_life_events is not None:  # order matters, and a request's items come last
@@ -147,9 +147,9 @@ def test_requests_are_answered_with_the_serving_recency_and_bias_weight(tmp_path
     for n, item in enumerate(items):
         stored = stored.appended(item, "view", float(n), f"e{n}", 50)
     phi = engine.user_vector(RecRequest(request_id="r", user_id="u", k=5), stored)
-    V = engine.learner.item_matrix[engine.learner.rows_of(items)]
+    inputs = engine.learner.input_rows(engine.learner.rows_of(items))
     weights = 2.0 ** -np.array([2.0, 1.0, 0.0])
-    np.testing.assert_allclose(phi, weights @ V[:, :-1] / weights.sum())
+    np.testing.assert_allclose(phi, weights @ inputs / weights.sum())
     assert not np.allclose(phi, engine.encode(items, ["view"] * 3, [0.0, 1.0, 2.0]))
     answer = engine.answer(RecRequest(request_id="r", user_id="u", k=5), stored,
                            time.perf_counter()).items
@@ -238,7 +238,7 @@ def _manual_gains(engine: Engine, example) -> np.ndarray | None:
         if half_life is not None:
             w = w * 2.0 ** (-np.arange(len(w) - 1, -1, -1) / half_life)
         w, known = w[rows >= 0], rows[rows >= 0]
-        phi = w @ V[known, :d] / w.sum()
+        phi = w @ learner.input_rows(known) / w.sum()
         scores = V[:, :d] @ phi + bias_weight * V[:, d]
         target = int(learner.rows_of([example.item_id])[0])
         others = np.setdiff1d(np.arange(len(V)), np.append(known, target))

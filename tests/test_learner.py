@@ -294,9 +294,11 @@ def test_save_and_load_resume_the_same_stream(tmp_path, relative):
     users, items, _ = planted_stream(seed=1)
     half = len(users) // 2
     config = LearnerConfig(dim=8, recompute_every=7, positives_half_life=50.0,
-                           alpha0_relative=relative)
+                           alpha0_relative=relative, input_lr=0.1)
     original = ItemLearner(config)
     stream_pass(original, users[:half], items[:half])
+    offset_rows = np.array([0, 3, 5])
+    original.learn_inputs(offset_rows, np.ones((3, 8)))
     original.save(tmp_path / "learner.npz")
     restored = ItemLearner(config)
     assert restored.load(tmp_path / "learner.npz")
@@ -304,6 +306,9 @@ def test_save_and_load_resume_the_same_stream(tmp_path, relative):
     phi = np.random.default_rng(0).normal(size=(6, 8))
     ids = ["item-1", "item-2", "item-1", "brand-new", "item-399", "item-7"]
     assert restored.learn(phi, ids, np.ones(6)) == original.learn(phi, ids, np.ones(6))
+    for learner in (restored, original):  # the offsets' accumulators came back too
+        learner.learn_inputs(offset_rows, np.full((3, 8), -2.0))
+    np.testing.assert_array_equal(restored.offsets, original.offsets)
     np.testing.assert_array_equal(restored.item_matrix, original.item_matrix)
     np.testing.assert_array_equal(restored.item_gramian.matrix, original.item_gramian.matrix)
     np.testing.assert_array_equal(restored.user_gramian.value(), original.user_gramian.value())
@@ -383,12 +388,62 @@ def test_biases_follow_the_evidence_not_the_first_step():
     assert bias["hit"] > 5 * bias["once"] > 0
 
 
+def test_input_offsets_take_adagrad_steps_and_add_to_the_inputs():
+    """q_i = v_i + δ_i; each :meth:`learn_inputs` call is a per-coordinate Adagrad step
+    (accumulators from ``input_adagrad_init``), moves no item row, and names its rows."""
+    config = LearnerConfig(dim=3, input_lr=0.5, input_adagrad_init=0.25)
+    learner = ItemLearner(config)
+    learner.learn(np.ones((4, 3)), ["a", "b", "c", "d"], np.ones(4), n_users=4)
+    rows = learner.rows_of(["b", "d"])
+    assert learner.offsets is None  # nothing learned: encoders skip the offsets
+    np.testing.assert_array_equal(learner.input_rows(rows), learner.item_matrix[rows, :3])
+    psi = learner.item_matrix.copy()
+    g1, g2 = np.array([[1.0, -2.0, 0.0], [0.5, 0.0, 3.0]]), np.array([[2.0, 1.0, 1.0],
+                                                                      [0.0, 0.0, -1.0]])
+    learner.learn_inputs(rows, g1)
+    learner.learn_inputs(rows, g2)
+    accum = 0.25 + g1 ** 2
+    expected = -0.5 * g1 / np.sqrt(accum)
+    expected -= 0.5 * g2 / np.sqrt(accum + g2 ** 2)
+    np.testing.assert_allclose(learner.offsets[rows], expected)
+    assert not np.delete(learner.offsets, rows, axis=0).any()
+    np.testing.assert_array_equal(learner.item_matrix, psi)
+    np.testing.assert_allclose(learner.input_rows(rows), psi[rows, :3] + expected)
+    assert learner.changed_input_rows.tolist() == sorted(rows.tolist())
+    learner.learn(np.ones((1, 3)), ["a"], np.ones(1))
+    assert len(learner.changed_input_rows) == 0  # per call, as changed_rows
+    tied = ItemLearner(LearnerConfig(dim=3))  # input_lr 0: the tied model
+    tied.learn(np.ones((1, 3)), ["a"], np.ones(1))
+    tied.learn_inputs(np.array([0]), np.ones((1, 3)))
+    assert tied.offsets is None
+
+
+def test_a_checkpoint_without_offsets_loads_the_tied_model(tmp_path):
+    config = LearnerConfig(dim=4, input_lr=0.1)
+    learner = ItemLearner(config)
+    learner.learn(np.ones((3, 4)), ["a", "b", "c"], np.ones(3), n_users=3)
+    learner.save(tmp_path / "model.npz")
+    with np.load(tmp_path / "model.npz") as data:  # as written before offsets existed
+        older = {key: data[key] for key in data.files if not key.startswith("offset")}
+    np.savez(tmp_path / "older.npz", **older)
+    for restored in (ItemLearner(config), ItemReplica(config)):
+        assert restored.load(tmp_path / "older.npz")
+        assert restored.offsets is None
+        np.testing.assert_array_equal(restored.input_rows(np.arange(3)),
+                                      learner.item_matrix[:, :4])
+    restored = ItemLearner(config)
+    restored.load(tmp_path / "older.npz")
+    restored.learn_inputs(np.array([1]), np.ones((1, 4)))  # from init accumulators
+    np.testing.assert_allclose(restored.offsets[1], -0.1 / np.sqrt(0.01 + 1.0))
+
+
 def test_a_replica_that_follows_the_deltas_equals_the_learner(tmp_path):
     """Oracle for the worker's replica: after any sequence of learning steps (new items, cold
     starts by assign, sweeps, Gramian recomputes), following each step's delta gives the
     learner's ids, rows, step count, item Gramian and α0 (relative here, so it moves)."""
     users, items, _ = planted_stream(seed=2)
-    config = LearnerConfig(dim=8, recompute_every=3, sweep_per_step=16, alpha0_relative=True)
+    config = LearnerConfig(dim=8, recompute_every=3, sweep_per_step=16, alpha0_relative=True,
+                           input_lr=0.1)
     learner = ItemLearner(config)
     assert ItemReplica(config).alpha0 == learner.alpha0 == 0.0  # nothing learned or followed
     stream_pass(learner, users[:200], items[:200])
@@ -399,17 +454,23 @@ def test_a_replica_that_follows_the_deltas_equals_the_learner(tmp_path):
     assert replica._slots_used == 0 and len(replica._pos_gram) == 0  # no (d+1)² per item
     rng = np.random.default_rng(4)
     for step in range(12):
-        first_row, moved = len(learner), []
+        first_row, moved, moved_inputs = len(learner), [], []
         if step % 4 == 3:  # cold starts: assign new rows between learning steps
             learner.assign([f"cold-{step}-{k}" for k in range(400)], rng.normal(size=(400, 9)))
         for _ in range(step % 3):  # zero to two learning calls per delta
             ids = [item_id(i) for i in rng.integers(0, 500, 24)]  # some unseen ids
             learner.learn(rng.normal(size=(24, 8)), ids, np.ones(24), n_users=100)
             moved.append(learner.changed_rows)
-        delta = learner.delta(first_row, np.concatenate(moved) if moved else [])
+            inputs = np.unique(rng.integers(0, len(learner), 10))  # new rows' too
+            learner.learn_inputs(inputs, rng.normal(size=(len(inputs), 8)))
+            moved_inputs.append(learner.changed_input_rows)
+        delta = learner.delta(first_row, np.concatenate(moved) if moved else [],
+                              np.concatenate(moved_inputs) if moved_inputs else None)
         replica.follow(delta)
         assert replica.item_ids == learner.item_ids
         np.testing.assert_array_equal(replica.item_matrix, learner.item_matrix)
+        if learner.offsets is not None:
+            np.testing.assert_array_equal(replica.offsets, learner.offsets)
         assert replica.steps == learner.steps and replica.last_drift == learner.last_drift
         assert replica.alpha0 == learner.alpha0
         np.testing.assert_allclose(replica.item_gramian.matrix, learner.item_gramian.matrix,
@@ -419,5 +480,8 @@ def test_a_replica_that_follows_the_deltas_equals_the_learner(tmp_path):
     # only the rows: no Adagrad state, priors or counts grew with the catalogue
     assert len(replica._psi) >= len(replica) > 1024
     assert max(len(replica._accum), len(replica._prior), len(replica._count)) == 1024
+    assert replica.offsets is not None
     with pytest.raises(TypeError, match="only follows"):
         replica.learn(np.zeros((1, 8)), ["x"], np.ones(1))
+    with pytest.raises(TypeError, match="only follows"):
+        replica.learn_inputs(np.array([0]), np.zeros((1, 8)))

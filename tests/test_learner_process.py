@@ -80,6 +80,8 @@ def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp
     assert following.reload_paths(learning.paths.stats())
     assert following.dr_stats()["m_steps"] == 1  # an M-step after the last report counts
     np.testing.assert_array_equal(following.learner.item_matrix, learning.learner.item_matrix)
+    assert learning.learner.offsets is not None  # the inputs user vectors average, too
+    np.testing.assert_array_equal(following.learner.offsets, learning.learner.offsets)
     assert answers(following, histories) == answers(learning, histories)
     from_paths = answers(following, histories, sources=["dr"])
     assert from_paths == answers(learning, histories, sources=["dr"])
@@ -187,9 +189,13 @@ def test_the_learner_process_learns_what_the_worker_hands_it(tmp_path):
     assert follower.learner.item_ids == oracle.learner.item_ids
     np.testing.assert_allclose(follower.learner.item_matrix, oracle.learner.item_matrix,
                                rtol=1e-6, atol=1e-9)
+    assert oracle.learner.offsets is not None  # the inputs learned too, and were followed
+    np.testing.assert_allclose(follower.learner.offsets, oracle.learner.offsets,
+                               rtol=1e-6, atol=1e-9)
     saved = ItemLearner(settings.learner_config())  # the child's checkpoint, written on stop
     assert saved.load(settings.data_dir / "checkpoints" / "model.npz")
     np.testing.assert_array_equal(saved.item_matrix, follower.learner.item_matrix)
+    np.testing.assert_array_equal(saved.offsets, follower.learner.offsets)
     assert saved.steps == follower.model_version == oracle.model_version
 
 
