@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import tempfile
 import time
 
@@ -60,15 +61,18 @@ def measure(args: argparse.Namespace, dr: bool) -> dict:
         batches = [examples(args, rng) for _ in range(args.batches + 3)]
         for batch in batches[:3]:  # warm-up
             engine.learn_reported(batch, args.batch)
-        seconds = []
+        seconds, sizes = [], []
         for batch in batches[3:]:
             started = time.perf_counter()
-            engine.learn_reported(batch, args.batch)
+            report = engine.learn_reported(batch, args.batch)
             seconds.append(time.perf_counter() - started)
+            sizes.append(len(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL)))
     per_batch = float(np.median(seconds))
     return {"batch_ms_p50": round(1e3 * per_batch, 2),
             "us_per_example": round(1e6 * per_batch / args.batch, 1),
-            "examples_per_s": round(args.batch / per_batch)}
+            "examples_per_s": round(args.batch / per_batch),
+            # what the learner process sends its worker per batch (pickled by the pipe)
+            "report_kb_p50": round(float(np.median(sizes)) / 1024, 1)}
 
 
 def main() -> None:

@@ -155,8 +155,9 @@ class LearnerConfig:
       scores are symmetric. δ follows the gradient of the same all-pairs loss with respect to
       the user vectors (:func:`models.embedding.user_gradient`), carried back through the
       encoder to the inputs it averaged (:func:`models.encoders.history_gradient`):
-      :meth:`learn_inputs`. It costs dim floats per item for δ and as many for its
-      accumulators, and one more sparse product per batch of user vectors.
+      :meth:`learn_inputs`. It costs dim floats per item for δ (the worker's replica too) and
+      as many for its accumulators, and one more sparse product per batch of user vectors;
+      with 0 those pages are never written.
       ``input_adagrad_init`` is its accumulators' start.
     """
 
@@ -210,8 +211,10 @@ class ItemLearner:
         self._count_at = np.zeros(1024)
         self._prior = np.zeros((1024, width))  # ψ̃₀: the row each item started from
         self._slot = np.full(1024, -1, dtype=np.int64)  # row → its statistics (solve only)
-        self._offset = np.zeros((1024, config.dim))  # δ: item input q = v + δ (input_lr > 0)
-        self._offset_accum = np.full((1024, config.dim), config.input_adagrad_init)
+        # δ, the input offsets (q = v + δ), and their Adagrad accumulators less their start:
+        # both zero until learned, so a tied model (input_lr 0) never writes their pages
+        self._offset = np.zeros((1024, config.dim))
+        self._offset_squares = np.zeros((1024, config.dim))
         self._offsets_learned = False
         self._pos_gram, self._pos_target, self._pos_at = _no_statistics(width)
         self._slots_used = 0
@@ -387,9 +390,10 @@ class ItemLearner:
         if len(rows) == 0 or self.config.input_lr == 0:
             return
         grads = np.asarray(grads, dtype=np.float64)
-        accum = self._offset_accum[rows] + grads ** 2
-        self._offset_accum[rows] = accum
-        self._offset[rows] -= self.config.input_lr * grads / np.sqrt(accum)
+        squares = self._offset_squares[rows] + grads ** 2
+        self._offset_squares[rows] = squares
+        self._offset[rows] -= (self.config.input_lr * grads
+                               / np.sqrt(self.config.input_adagrad_init + squares))
         self._offsets_learned = True
         self.changed_input_rows = np.union1d(self.changed_input_rows, rows)
 
@@ -601,7 +605,7 @@ class ItemLearner:
         self._prior = _grow(self._prior, grown, 0.0)
         self._slot = _grow(self._slot, grown, -1)
         self._offset = _grow(self._offset, grown, 0.0)
-        self._offset_accum = _grow(self._offset_accum, grown, self.config.input_adagrad_init)
+        self._offset_squares = _grow(self._offset_squares, grown, 0.0)
 
     # -- persistence (npz, no pickle) -----------------------------------------------------
     def save(self, path: Path) -> None:
@@ -617,7 +621,7 @@ class ItemLearner:
             "pos_at": self._pos_at[: self._slots_used].copy(),
             "clock": np.array([self.events, self.steps, self._sweep_at], dtype=np.int64),
             "positive_mass": np.array([self.positive_mass]), "alpha0": np.array([self.alpha0]),
-            "offset": self._offset[:n].copy(), "offset_accum": self._offset_accum[:n].copy(),
+            "offset": self._offset[:n].copy(), "offset_squares": self._offset_squares[:n].copy(),
             "config": np.array(json.dumps(asdict(self.config))),
         }
         arrays.update(self.item_gramian.to_arrays("item_"))
@@ -635,9 +639,8 @@ class ItemLearner:
             return False
         self._load_rows(data)
         self._accum = data["accum"]
-        self._offset_accum = (data["offset_accum"] if "offset_accum" in data  # older: none
-                              else np.full((len(self._ids), self.config.dim),
-                                           self.config.input_adagrad_init))
+        self._offset_squares = (data["offset_squares"] if "offset_squares" in data  # older
+                                else np.zeros((len(self._ids), self.config.dim)))
         self._count, self._count_at = data["count"], data["count_at"]
         self._load_statistics(data)
         self._reserve(max(len(self._ids), 1024))

@@ -49,16 +49,28 @@ def decode_phi(text: str) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class _Histories:
-    """B histories' events of known items, flat (CSR): history b is ``[indptr[b],
-    indptr[b+1])`` of ``rows`` (learner rows), ``weights`` (confidence × recency in events)
-    and ``ts`` (None unless the encoder decays by time); ``lengths`` counts every event of each
-    history, known item or not."""
+    """B histories' events, flat (CSR): history b is ``[indptr[b], indptr[b+1])`` of ``rows``
+    (learner rows, −1 for items not known), ``weights`` (confidence × recency in events) and
+    ``ts`` (None unless the encoder decays by time); ``ids`` the events' item ids (the rows of
+    items met since can be looked up again). :meth:`known` keeps the events of known items."""
 
     indptr: np.ndarray
     rows: np.ndarray
     weights: np.ndarray
     ts: np.ndarray | None
-    lengths: np.ndarray
+    ids: list[str]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Every event of each history, known item or not."""
+        return np.diff(self.indptr)
+
+    def known(self) -> _Histories:
+        known = self.rows >= 0
+        owner = np.repeat(np.arange(len(self.indptr) - 1), self.lengths)[known]
+        indptr = np.r_[0, np.cumsum(np.bincount(owner, minlength=len(self.indptr) - 1))]
+        return _Histories(indptr, self.rows[known], self.weights[known],
+                          None if self.ts is None else self.ts[known], [])
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,8 @@ class Engine:
         self.loss = stats.EWMean(fading_factor=0.05)
         self.reported_dr_stats: dict | None = None  # a followed learner's, see follow()
         self._weights_sent_at = -math.inf  # when a report last carried the DR structure model
+        self._inputs_sent_at = -math.inf  # when a report last carried the moved input offsets
+        self._inputs_moved: list[np.ndarray] = []  # input rows moved since
         # (items, paths, weights) of reports followed while saved paths are read aside
         self._followed_during_read: list[tuple] | None = None
         self._weight_of_kind = _WeightOfKind(settings.kind_weights)
@@ -212,30 +226,27 @@ class Engine:
             return np.array([self.encode_weighted(i, np.asarray(w), t)
                              for i, w, t in zip(items, weights, ts)]).reshape(
                 len(items), self.settings.model_dim)
-        return self._mean_encode(self._known_histories(items, weights, ts))
+        return self._mean_encode(self._flat_histories(items, weights, ts).known())
 
-    def _known_histories(self, items: Sequence[Sequence[str]],
-                         weights: Sequence[Sequence[float]],
-                         ts: Sequence[Sequence[float]]) -> _Histories:
-        """B histories flattened for the mean encoder: the events of known items, each with its
-        learner row and its confidence times recency among all the history's events."""
+    def _flat_histories(self, items: Sequence[Sequence[str]],
+                        weights: Sequence[Sequence[float]],
+                        ts: Sequence[Sequence[float]]) -> _Histories:
+        """B histories flattened for the mean encoder: each event with its learner row and
+        its confidence times recency among all the history's events."""
         lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
         indptr = np.r_[0, np.cumsum(lengths)]
         events = int(indptr[-1])
-        rows = self.learner.rows_of(chain.from_iterable(items))
+        ids = list(chain.from_iterable(items))
         flat_weights = np.fromiter(chain.from_iterable(weights), dtype=np.float64, count=events)
         flat_ts = (np.fromiter(chain.from_iterable(ts), dtype=np.float64, count=events)
                    if self.uses_event_times else None)
         if self.settings.encoder_half_life_events is not None:  # places among all events
             flat_weights = flat_weights * ragged_position_weights(
                 indptr, self.settings.encoder_half_life_events)
-        known = rows >= 0
-        owner = np.repeat(np.arange(len(items)), lengths)[known]
-        known_indptr = np.r_[0, np.cumsum(np.bincount(owner, minlength=len(items)))]
-        return _Histories(known_indptr, rows[known], flat_weights[known],
-                          None if flat_ts is None else flat_ts[known], lengths)
+        return _Histories(indptr, self.learner.rows_of(ids), flat_weights, flat_ts, ids)
 
     def _mean_encode(self, histories: _Histories) -> np.ndarray:
+        """φ of histories of known items (:meth:`_Histories.known`)."""
         return mean_encoder_batch(self.learner.item_matrix, histories.indptr, histories.rows,
                                   histories.weights, histories.ts,
                                   self.settings.encoder_half_life_s,
@@ -306,15 +317,22 @@ class Engine:
         vectors as they are now (see :class:`~stream_app.wire.TrainExample` for why)."""
         if not examples:
             return 0.0
-        phis = self._encode_many([e.history for e in examples], [e.weights for e in examples],
-                                 self._history_times(examples))
+        histories = None  # kept for the inputs' step (the mean encoder's)
+        if self.settings.encoder == "mean":
+            histories = self._flat_histories([e.history for e in examples],
+                                             [e.weights for e in examples],
+                                             self._history_times(examples))
+            phis = self._mean_encode(histories.known())
+        else:
+            phis = self._encode_many([e.history for e in examples],
+                                     [e.weights for e in examples], self._history_times(examples))
         items = [example.item_id for example in examples]
         self._rank_before_learning(examples)
         self._cold_start(items, phis)
         alphas = np.array([e.alpha for e in examples])
         loss = self.learner.learn(phis, items, alphas, n_users=max(self.users, 1))
-        if self.learner.config.input_lr > 0:
-            self._learn_inputs(examples, items, alphas)
+        if histories is not None and self.learner.config.input_lr > 0:
+            self._learn_inputs(histories, items, alphas)
         self.index.learned(items, self.learner.changed_rows)
         if self.paths is not None:
             dr_loss = self.last_dr_loss = self.paths.learn(phis, items)
@@ -324,25 +342,27 @@ class Engine:
         self.learned += len(examples)
         return loss
 
-    def _learn_inputs(self, examples: Sequence[TrainExample], items: list[str],
+    def _learn_inputs(self, histories: _Histories, items: list[str],
                       alphas: np.ndarray) -> None:
         """The input offsets' step (``LearnerConfig.input_lr``): each example's user vector
-        is encoded again with the items as they are after the batch's item step, the user
-        side of its loss differentiated (:func:`models.embedding.user_gradient`, the user's
-        all-pairs term spread over the events its vector is made of) and carried back to the
-        inputs of its history (:func:`models.encoders.history_gradient`)."""
-        histories = self._known_histories([e.history for e in examples],
-                                          [e.weights for e in examples],
-                                          self._history_times(examples))
-        if len(histories.rows) == 0:
+        is encoded again with the items as they are after the batch's item step (items the
+        step created included), the user side of its loss differentiated
+        (:func:`models.embedding.user_gradient`, the user's all-pairs term spread over the
+        events its vector is made of) and carried back to the inputs of its history
+        (:func:`models.encoders.history_gradient`)."""
+        unknown = np.flatnonzero(histories.rows < 0)
+        if len(unknown):  # in place: the vectors of the learning step were encoded already
+            histories.rows[unknown] = self.learner.rows_of(histories.ids[k] for k in unknown)
+        known = histories.known()
+        if len(known.rows) == 0:
             return
-        phis = self._mean_encode(histories)
-        g_phi = user_gradient(phis, self.learner.item_matrix[self.learner.rows_of(items)],
+        g_phi = user_gradient(self._mean_encode(known),
+                              self.learner.item_matrix[self.learner.rows_of(items)],
                               alphas, self.learner.item_gramian.matrix, self.learner.alpha0,
                               np.maximum(histories.lengths, 1))
-        h = history_weights(histories.indptr, histories.weights, histories.ts,
+        h = history_weights(known.indptr, known.weights, known.ts,
                             self.settings.encoder_half_life_s)
-        self.learner.learn_inputs(*history_gradient(histories.indptr, histories.rows, h, g_phi))
+        self.learner.learn_inputs(*history_gradient(known.indptr, known.rows, h, g_phi))
 
     def _rank_before_learning(self, examples: Sequence[TrainExample]) -> None:
         """Every ``serve_tuning_every``-th example (counted over all learned) ranked under each
@@ -403,10 +423,13 @@ class Engine:
         """An example's history times; one sent without them has its events at its ``ts``."""
         return example.history_ts or [example.ts] * len(example.history)
 
-    def learn_reported(self, examples: Sequence[TrainExample], step: int) -> LearnedReport:
+    def learn_reported(self, examples: Sequence[TrainExample], step: int, *,
+                       caught_up: bool = True) -> LearnedReport:
         """:meth:`learn` in micro-batches of ``step``, and the :class:`LearnedReport` that lets
         another engine follow. A step that raises is logged and skipped (learning goes on);
-        its rows may have moved part way, so the report then carries every row."""
+        its rows may have moved part way, so the report then carries every row.
+        ``caught_up``: nothing else waits to be learned, so the input offsets moved so far go
+        with this report (:meth:`_inputs_due`)."""
         first_row, moved, moved_inputs, failed = len(self.learner), [], [], 0
         first_dr_row = len(self.paths.model) if self.paths is not None else 0
         seconds, losses, dr_losses = [], [], []
@@ -430,14 +453,32 @@ class Engine:
         new_items, new_paths = (self.paths.model.items_since(first_dr_row)
                                 if self.paths is not None else ([], None))
         return LearnedReport(
-            delta=self.learner.delta(first_row, rows, np.concatenate(moved_inputs)
-                                     if moved_inputs else None),
+            delta=self.learner.delta(first_row, rows, self._inputs_due(moved_inputs,
+                                                                       caught_up)),
             items=list(dict.fromkeys(example.item_id for example in examples)),
             step_seconds=seconds, losses=losses, dr_losses=dr_losses,
             dr_stats=self.paths.stats() if self.paths is not None else None,
             dr_new_items=new_items, dr_new_paths=new_paths, dr_weights=self._weights_due(),
             examples=len(examples) - failed, failed=failed,
             serving=self.serving_choice.state())
+
+    @property
+    def inputs_waiting(self) -> bool:
+        """Input offsets moved since the last report that carried them."""
+        return bool(self._inputs_moved)
+
+    def _inputs_due(self, moved: list[np.ndarray], caught_up: bool) -> np.ndarray | None:
+        """The input rows moved since the last report that carried them, when the learner
+        has caught up with its input or ``input_follow_s`` has passed; None before (the rows
+        wait for a later report while more batches queue behind this one)."""
+        self._inputs_moved.extend(rows for rows in moved if len(rows))
+        now = time.monotonic()
+        if not self._inputs_moved or not (
+                caught_up or now - self._inputs_sent_at >= self.settings.input_follow_s):
+            return None
+        self._inputs_sent_at = now
+        rows, self._inputs_moved = np.concatenate(self._inputs_moved), []
+        return rows
 
     def _weights_due(self) -> dict | None:
         """The structure model for a follower, when ``dr_follow_model_s`` has passed."""
@@ -447,13 +488,14 @@ class Engine:
         self._weights_sent_at = now
         return self.paths.model.structure_weights()
 
-    def learn_messages(self, values: Sequence[bytes], step: int) -> LearnedReport:
+    def learn_messages(self, values: Sequence[bytes], step: int, *,
+                       caught_up: bool = True) -> LearnedReport:
         """:meth:`learn_reported` of the examples in training messages; a message that does
         not decode is skipped (logged)."""
         examples, bad = TrainBatch.examples_of(values)
         if bad:
             log.warning("skipped %d undecodable training messages", bad)
-        return self.learn_reported(examples, step)
+        return self.learn_reported(examples, step, caught_up=caught_up)
 
     def follow(self, report: LearnedReport) -> None:
         """Take in what a learner elsewhere learned (this engine's learner is its replica):

@@ -153,8 +153,9 @@ class LearnerProcess:
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]
-        if kind == "learned":
-            self._slots.release()
+        if kind in ("learned", "inputs"):  # inputs: offsets alone, no batch behind them
+            if kind == "learned":
+                self._slots.release()
             try:
                 self._on_report(message[1])
             except Exception:  # noqa: BLE001 - a replica out of step is fatal below
@@ -251,26 +252,39 @@ class LearnerLoop:
         try:
             while True:
                 if inbox.poll(max(0.0, next_check - time.monotonic())):
-                    self.handle(*read_frame(inbox.fileno()))
+                    frame_read = read_frame(inbox.fileno())
+                    self.handle(*frame_read, caught_up=not inbox.poll(0))
                 if time.monotonic() >= next_check:
                     self.m_step()
+                    self.send_inputs()
                     next_check = time.monotonic() + self.settings.index_check_s
         except (EOFError, OSError, struct.error):  # BrokenPipeError: the worker is gone
             self.engine.save()
             log.info("learner stopped; checkpoint written")
 
-    def handle(self, kind: bytes, body: memoryview) -> None:
+    def handle(self, kind: bytes, body: memoryview, *, caught_up: bool = True) -> None:
         if kind == LEARN:
-            self.outbox.send(("learned", self.learn(*parse_learn(body))))
+            self.outbox.send(("learned", self.learn(*parse_learn(body), caught_up=caught_up)))
         elif kind == SAVE:
             self.engine.save()
             self.outbox.send(("saved",))
         else:
             raise EOFError(f"unknown frame {kind!r}")  # a damaged pipe: stop, checkpointed
 
-    def learn(self, values: list[bytes], users: int) -> LearnedReport:
+    def learn(self, values: list[bytes], users: int, *, caught_up: bool = True) -> LearnedReport:
+        """``caught_up``: no other frame waits behind this one (the moved input offsets then
+        go with its report, see :meth:`Engine.learn_reported`)."""
         self.engine.users = users
-        return self.engine.learn_messages(values, self.settings.learn_batch)
+        return self.engine.learn_messages(values, self.settings.learn_batch,
+                                          caught_up=caught_up)
+
+    def send_inputs(self) -> None:
+        """Input offsets moved by batches whose reports left them waiting (more batches were
+        queued then), in a report of their own: a stream that stops while batches queue (or
+        a checkpoint request behind the last one) must not leave the worker's user vectors
+        with older offsets."""
+        if self.engine.inputs_waiting:
+            self.outbox.send(("inputs", self.engine.learn_reported([], self.settings.learn_batch)))
 
     def m_step(self) -> None:
         """Install a finished M-step (and start a due one); hand installed paths over."""

@@ -308,3 +308,104 @@ def test_an_unreadable_serving_checkpoint_is_measured_again(tmp_path):
     assert restored.load()
     assert restored.serving_choice.samples == 0
     assert restored.serving == restored.serving_choice.candidates[0]
+
+
+def cycle_stream(triples: int, users: int, seed: int = 0) -> list[Event]:
+    """Three items per triple, a → b → c → a: some users take a then b, others b then c, others
+    c then a; nobody takes a pair the other way round. First events of all users, then
+    second ones, in a random order."""
+    rng = np.random.default_rng(seed)
+    pairs = [(f"t{t}-{first}", f"t{t}-{second}")
+             for t in range(triples) for first, second in (("a", "b"), ("b", "c"), ("c", "a"))]
+    users_of = [(f"{first}>{second}-{u}", (first, second)) for first, second in pairs
+                for u in range(users)]
+    events = []
+    for step in range(2):
+        for k in rng.permutation(len(users_of)):
+            user, items = users_of[k]
+            events.append(Event(user_id=user, item_id=items[step], kind="view",
+                                ts=float(len(events)), event_id=f"e{len(events)}"))
+    return events
+
+
+def successors_ranked_first(engine: Engine, triples: int) -> float:
+    """Share of (triple, item) where the item's successor in the cycle outscores the item's
+    predecessor for a user whose history is that item alone."""
+    right = []
+    for t in range(triples):
+        for item, successor, predecessor in (("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")):
+            history = History().appended(f"t{t}-{item}", "view", 0.0, "q", 50)
+            phi = engine.user_vector(RecRequest(request_id="r", user_id="q", k=5), history)
+            scores = engine.learner.scores_of(phi, [f"t{t}-{successor}", f"t{t}-{predecessor}"],
+                                              engine.serving.bias_weight)
+            right.append(scores[0] > scores[1])
+    return float(np.mean(right))
+
+
+def test_learned_inputs_rank_what_follows_an_item_not_what_precedes_it(tmp_path):
+    """A cycle a → b → c → a is out of reach of a symmetric score: ranking each item's
+    successor above its predecessor needs s(a,b) > s(a,c), s(b,c) > s(b,a) and s(c,a) >
+    s(c,b), which with s(i,j) = ⟨v_i, v_j⟩ + b_j add up to 0 > 0. So the tied model gets at
+    most 2 of each triple's 3 right; with learned inputs (⟨q_i, v_j⟩) one pass gets most."""
+    triples = 20
+    events = cycle_stream(triples, users=20)
+    shares = {}
+    for input_lr in (0.0, 0.15):
+        engine = Engine(Settings(data_dir=tmp_path / str(input_lr), popularity_refresh_s=0,
+                                 model_dim=16, input_lr=input_lr, index_enabled=False,
+                                 serve_tuning_every=0))
+        run_stream(engine, events)
+        shares[input_lr] = successors_ranked_first(engine, triples)
+    assert shares[0.0] <= 2 / 3
+    assert shares[0.15] >= 0.8
+
+
+def test_the_inputs_step_is_adagrad_on_the_autograd_gradient_of_the_examples_loss(tmp_path):
+    """Oracle for the wiring of Engine.learn's inputs step: the offsets move by one Adagrad step
+    along the autograd gradient, with respect to the history items' inputs, of
+    ½ Σ_b [α_b (ŷ_b − 1)² + (α0 / T_b) φ̃_bᵀ G_I φ̃_b] (φ_b the recency-weighted mean of the
+    inputs, the item rows as after the batch's item step); the inputs of items in no history
+    stay where they were."""
+    import torch
+
+    from stream_app.wire import TrainExample
+
+    engine = Engine(Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=8,
+                             input_lr=0.1, index_enabled=False, serve_tuning_every=0,
+                             dr_enabled=False))
+    run_stream(engine, planted_stream())
+    learner, d = engine.learner, 8
+    known = learner.item_ids
+    rng = np.random.default_rng(3)
+    examples = [TrainExample(user_id=f"x{b}", item_id=known[int(rng.integers(len(known)))],
+                             alpha=float(rng.uniform(1, 3)), ts=0.0,
+                             history=[known[int(k)] for k in rng.choice(len(known), length,
+                                                                          replace=False)],
+                             weights=rng.uniform(1, 4, length).tolist())
+                for b, length in enumerate([40, 3, 1, 12])]
+    offsets_before = learner.offsets.copy()
+    accum_before = learner.config.input_adagrad_init + learner._offset_squares[:len(learner)]
+    engine.learn(examples)
+    inputs = torch.tensor(learner.item_matrix[:, :d] + offsets_before, requires_grad=True)
+    G_I = torch.tensor(learner.item_gramian.matrix)
+    loss, used = 0.0, set()
+    for example in examples:
+        rows = learner.rows_of(example.history)
+        w = np.asarray(example.weights) * 2.0 ** (-np.arange(len(rows) - 1, -1, -1) / 3.0)
+        h = torch.tensor(w / w.sum())
+        phi = torch.cat([(h[:, None] * inputs[rows]).sum(dim=0),
+                         torch.ones(1, dtype=inputs.dtype)])
+        psi = torch.tensor(learner.item_matrix[learner.rows_of([example.item_id])[0]])
+        loss = loss + 0.5 * (example.alpha * (phi @ psi - 1) ** 2
+                             + learner.alpha0 / len(rows) * (phi @ G_I @ phi))
+        used |= set(rows.tolist())
+    loss.backward()
+    moved = np.array(sorted(used))
+    assert learner.changed_input_rows.tolist() == moved.tolist()
+    grad = inputs.grad.numpy()[moved]
+    accum = accum_before[moved] + grad ** 2
+    np.testing.assert_allclose(learner.offsets[moved],
+                               offsets_before[moved] - 0.1 * grad / np.sqrt(accum),
+                               rtol=1e-6, atol=1e-10)
+    others = np.setdiff1d(np.arange(len(learner)), moved)
+    np.testing.assert_array_equal(learner.offsets[others], offsets_before[others])

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ SOURCES = ("ann", "dr", "popular")
 
 def settings_for(tmp_path, **changes) -> Settings:
     return Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16, model_seed=1,
-                    learn_batch=32, **{**DR, **changes})
+                    learn_batch=32, **{**DR, "input_follow_s": 0.0, **changes})
 
 
 def examples_and_histories(count: int | None = None):
@@ -225,3 +226,65 @@ def test_frames_carry_the_values_unchanged_and_a_cut_frame_reads_as_the_end():
     with pytest.raises(EOFError):
         read_frame(read)
     os.close(read)
+
+
+def test_input_offsets_reach_a_follower_at_most_input_follow_s_late(tmp_path, monkeypatch):
+    """While batches queue behind one another, the moved inputs travel in the first report and
+    then in the first report after each ``input_follow_s``, all rows moved since in one go:
+    reports in between carry none and the follower's user vectors read offsets at most that
+    old. A report of a learner that has caught up carries them at once, so a stream that goes
+    quiet leaves the follower equal to the learner."""
+    import stream_app.engine as engine_module
+
+    examples, _ = examples_and_histories()
+    settings = settings_for(tmp_path, input_follow_s=5.0, dr_enabled=False)
+    learning, following = Engine(settings), Engine(settings, replica=True)
+    learning.users = following.users = 240
+    clock = [1000.0]
+    monkeypatch.setattr(engine_module.time, "monotonic", lambda: clock[0])
+    carried = []
+    for start in range(0, 320, 32):
+        report = learning.learn_reported(examples[start:start + 32], step=32, caught_up=False)
+        following.follow(report)
+        carried.append(len(report.delta.input_rows))
+        clock[0] += 1.0
+    assert carried[0] > 0 and carried[5] > 0  # the first, then 5 s later
+    assert not any(carried[1:5]) and not any(carried[6:])
+    assert not np.array_equal(following.learner.offsets, learning.learner.offsets)
+    report = learning.learn_reported(examples[320:352], step=32, caught_up=True)
+    following.follow(report)
+    assert len(report.delta.input_rows) > max(carried)  # everything moved since, in one go
+    np.testing.assert_array_equal(following.learner.offsets, learning.learner.offsets)
+    np.testing.assert_array_equal(following.learner.item_matrix, learning.learner.item_matrix)
+    clock[0] += 0.5
+    report = learning.learn_reported(examples[352:384], step=32, caught_up=False)
+    assert len(report.delta.input_rows) == 0  # within 5 s of the last: the rows wait
+
+
+
+def test_offsets_left_waiting_go_in_a_report_of_their_own(tmp_path):
+    """The learner loop's periodic check sends the offsets that batches left waiting (their
+    reports had more queued behind them) as an ``inputs`` report, which the worker applies
+    without counting a batch as learned; nothing is sent when nothing waits."""
+    from stream_app.learner_process import LearnerLoop
+
+    examples, _ = examples_and_histories()
+    settings = settings_for(tmp_path, input_follow_s=3600.0, dr_enabled=False)
+    learning, following = Engine(settings), Engine(settings, replica=True)
+    learning.users = 240
+    sent = []
+    loop = LearnerLoop(learning, settings, SimpleNamespace(send=sent.append))
+    loop.send_inputs()
+    assert sent == []  # nothing moved yet
+    for start in range(0, 96, 32):
+        following.follow(learning.learn_reported(examples[start:start + 32], step=32,
+                                                 caught_up=False))
+    assert learning.inputs_waiting
+    loop.send_inputs()
+    [(kind, report)] = sent
+    assert kind == "inputs" and report.examples == 0 and len(report.delta.input_rows) > 0
+    following.follow(report)
+    np.testing.assert_array_equal(following.learner.offsets, learning.learner.offsets)
+    assert not learning.inputs_waiting
+    loop.send_inputs()
+    assert len(sent) == 1

@@ -15,8 +15,11 @@ def test_settings_come_from_prefixed_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("STREAMREC_PARTITIONS", "8")
     monkeypatch.setenv("STREAMREC_SASL_PASSWORD", "hunter2")
     monkeypatch.setenv("STREAMREC_DR_TRACK_EVERY", "7")
+    monkeypatch.setenv("STREAMREC_INPUT_LR", "0.25")
     settings = Settings()
     assert settings.dr_config().track_every == 7
+    assert settings.learner_config().input_lr == 0.25
+    assert settings.replace(encoder="ials").learner_config().input_lr == 0  # mean only
     assert settings.bootstrap_servers == ["a:9092", "b:9093"]
     assert settings.faust_broker_url == "kafka://a:9092;kafka://b:9093"
     assert settings.event_kinds == {"view", "buy"} and settings.partitions == 8
@@ -70,6 +73,7 @@ def test_bad_settings_are_refused(monkeypatch):
     ("STREAMREC_SERVE_BIAS_WEIGHT", "-1"),
     ("STREAMREC_SERVE_HALF_LIFE_EVENTS", "0"),
     ("STREAMREC_DR_TRACK_EVERY", "0"),
+    ("STREAMREC_INPUT_LR", "-0.1"),
 ])
 def test_out_of_range_settings_are_refused(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
