@@ -154,8 +154,9 @@ class Settings(BaseSettings):
                             "offsets (the vectors user encodings average are v + delta); 0: "
                             "inputs tied to the item vectors. The mean encoder only.")
     input_follow_s: float = Field(
-        1.0, ge=0, description="How often the learner process hands the input offsets it "
-        "moved to the worker's loop (seconds; 0: after every batch). A batch moves the inputs "
+        1.0, ge=0, description="While batches queue in the learner process, how often it "
+        "hands the input offsets it moved to the worker's loop (seconds; 0: after every "
+        "batch; a learner that has caught up sends them at once). A batch moves the inputs "
         "of every item in its histories, so sent with every batch they were most of a "
         "report's bytes; user vectors read them at most this late.")
     ingest_batch: int = Field(256, ge=1, description="Events the ingest agent takes at once.")
