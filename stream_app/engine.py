@@ -430,7 +430,7 @@ class Engine:
         its rows may have moved part way, so the report then carries every row.
         ``caught_up``: nothing else waits to be learned, so the input offsets moved so far go
         with this report (:meth:`_inputs_due`)."""
-        first_row, moved, moved_inputs, failed = len(self.learner), [], [], 0
+        first_row, moved, failed = len(self.learner), [], 0
         first_dr_row = len(self.paths.model) if self.paths is not None else 0
         seconds, losses, dr_losses = [], [], []
         for start in range(0, len(examples), step):
@@ -442,19 +442,19 @@ class Engine:
                 log.exception("learning step failed on %d examples", len(chunk))
                 failed += len(chunk)
                 moved.append(np.arange(len(self.learner)))
-                moved_inputs.append(np.arange(len(self.learner)))
+                self._inputs_moved.append(np.arange(len(self.learner)))
                 continue
             seconds.append(time.perf_counter() - started)
             moved.append(self.learner.changed_rows)
-            moved_inputs.append(self.learner.changed_input_rows)
+            if len(self.learner.changed_input_rows):
+                self._inputs_moved.append(self.learner.changed_input_rows)
             if self.paths is not None and np.isfinite(self.last_dr_loss):
                 dr_losses.append(self.last_dr_loss)
         rows = np.concatenate(moved) if moved else np.empty(0, dtype=np.int64)
         new_items, new_paths = (self.paths.model.items_since(first_dr_row)
                                 if self.paths is not None else ([], None))
         return LearnedReport(
-            delta=self.learner.delta(first_row, rows, self._inputs_due(moved_inputs,
-                                                                       caught_up)),
+            delta=self.learner.delta(first_row, rows, self._inputs_due(caught_up)),
             items=list(dict.fromkeys(example.item_id for example in examples)),
             step_seconds=seconds, losses=losses, dr_losses=dr_losses,
             dr_stats=self.paths.stats() if self.paths is not None else None,
@@ -467,11 +467,10 @@ class Engine:
         """Input offsets moved since the last report that carried them."""
         return bool(self._inputs_moved)
 
-    def _inputs_due(self, moved: list[np.ndarray], caught_up: bool) -> np.ndarray | None:
+    def _inputs_due(self, caught_up: bool) -> np.ndarray | None:
         """The input rows moved since the last report that carried them, when the learner
         has caught up with its input or ``input_follow_s`` has passed; None before (the rows
         wait for a later report while more batches queue behind this one)."""
-        self._inputs_moved.extend(rows for rows in moved if len(rows))
         now = time.monotonic()
         if not self._inputs_moved or not (
                 caught_up or now - self._inputs_sent_at >= self.settings.input_follow_s):
