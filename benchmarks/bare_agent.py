@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         async for _ in stream:
             consumed.inc()
 
-    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+    worker = faust.Worker(app, loglevel="warning", quiet=True)
+    worker.spinner = None  # as the streamrec worker: no root logger at DEBUG for a spinner
+    worker.execute_from_commandline()
 
 
 if __name__ == "__main__":

@@ -99,11 +99,17 @@ class Worker(faust.Worker):
     orphan holding the data dir's locks. After ``shutdown_timeout_s`` the process exits anyway;
     the model checkpoint of the last ``checkpoint_interval_s`` stands and events after the last
     commit are delivered again (at least once).
+
+    No terminal spinner: Faust's sets the root logger to DEBUG whenever the configured level is
+    WARNING or above (to spin on every record), so every debug call of every library built a
+    record that was then dropped: a send of a training message built one with the message's
+    bytes in it. A worker runs as a service; the level configured is the level logged.
     """
 
     def __init__(self, *args, shutdown_timeout_s: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.spinner = None
 
     def _schedule_shutdown(self, signal) -> None:
         if not self._signal_stop_time:

@@ -136,3 +136,26 @@ def test_the_train_topic_belongs_to_the_app_unless_named(monkeypatch):
     assert Settings().replace(app_id="shop-b").train_topic == "shop-b-train-examples"
     monkeypatch.setenv("STREAMREC_TOPIC_TRAIN", "learn")
     assert Settings(app_id="shop-a").replace(app_id="shop-c").train_topic == "learn"
+
+
+@pytest.mark.parametrize("level", ["warning", "error", "info"])
+def test_worker_logs_at_the_configured_level_only(level):
+    """Faust's worker, left alone, sets the root logger to DEBUG at WARNING and above for its
+    terminal spinner: every library's debug call would build a record and drop it."""
+    import logging
+
+    import faust
+
+    from stream_app.worker import Worker
+
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        worker = Worker(faust.App("logging-level-test", broker="memory://"), loglevel=level,
+                        quiet=True, redirect_stdouts=False, shutdown_timeout_s=1.0)
+        worker._setup_logging()
+        assert root.level == getattr(logging, level.upper())
+        assert not logging.getLogger("faust.topics").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
