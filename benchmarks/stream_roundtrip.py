@@ -15,6 +15,8 @@
    were seen, at most 30 s).
 
     python benchmarks/stream_roundtrip.py --quick          # about a minute
+    python benchmarks/stream_roundtrip.py --quick --rounds 3   # bare agent and worker
+                                                           # alternating: the median ratio
     python benchmarks/stream_roundtrip.py --events 200000 --requests 2000 --clients 8
 """
 
@@ -255,6 +257,38 @@ def trickle(settings: Settings, stop: threading.Event, rate: float = 200.0) -> N
     sink.close()
 
 
+def bare_rate(base: Settings, name: str, flags: list[str], round_: int, tag: str,
+              workdir: Path, events: int, cpu: dict, broker_pid: int) -> float:
+    """Events/s of the bare agent (``bare_agent.py``) in a consumer group of its own."""
+    bare = base.replace(app_id=f"{name}-{tag}-{round_}", data_dir=workdir / f"{name}-{round_}")
+    agent = start(name, bare, [sys.executable, str(Path(__file__).with_name("bare_agent.py")),
+                               *flags], workdir)
+    try:
+        [rate] = consume_rates(bare, agent, ["bare_events_total"], events, cpu, broker_pid)
+    finally:
+        agent.stop()
+    return rate
+
+
+def worker_rates(settings: Settings, name: str, workdir: Path, events: int, broker_pid: int,
+                 cpu: dict | None = None) -> tuple[float, float]:
+    """Events/s taken in and learned by a worker started for this and stopped after."""
+    worker = start(name, settings, worker_argv(), workdir)
+    try:
+        taken, learned = consume_rates(settings, worker, [
+            "streamrec_events_total", "streamrec_learned_events_total"], events, cpu,
+            broker_pid)
+    finally:
+        worker.stop()
+    return taken, learned
+
+
+def round_summary(bare: float, taken: float, learned: float) -> dict:
+    return {"bare_agent_events_per_s": bare, "worker_events_per_s": taken,
+            "worker_learned_events_per_s": learned, "worker_to_bare_ratio": taken / bare,
+            "learned_to_bare_ratio": learned / bare}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,6 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--in-loop-too", action="store_true",
                         help="also measure a worker that learns on its event loop")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="bare agent then worker this many times, alternating, each on "
+                        "the whole topic; the ratio of each round and their median (the "
+                        "bare agent's own speed drifts within the hour)")
     parser.add_argument("--timeline", action="store_true",
                         help="add the worker's counts and CPU at each scrape to the results")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -281,34 +319,29 @@ def main(argv: list[str] | None = None) -> dict:
                         session_timeout_s=6.0, log_level="warning", index_interval_s=2.0)
         ensure_topics(base)
         results["produce_events_per_s"] = fill(base, args.events)
-        for name, flags in (("bare_agent", []), ("bare_direct_agent", ["--direct-delivery"])):
-            bare = base.replace(app_id=f"{name}-{tag}", data_dir=workdir / name)
-            agent = start(name, bare, [sys.executable,
-                          str(Path(__file__).with_name("bare_agent.py")), *flags], workdir)
-            try:
-                results[f"{name}_cpu"] = {}
-                [results[f"{name}_events_per_s"]] = consume_rates(
-                    bare, agent, ["bare_events_total"], args.events, results[f"{name}_cpu"],
-                    broker.process.pid)
-            finally:
-                agent.stop()
-        if args.in_loop_too:
-            in_loop = base.replace(app_id=f"in-loop-{tag}", data_dir=workdir / "in-loop",
-                                   learner_process=False)
-            worker = start("in-loop-worker", in_loop, worker_argv(), workdir)
-            try:
-                in_loop_cpu: dict = {}
-                taken, learned = consume_rates(in_loop, worker, [
-                    "streamrec_events_total", "streamrec_learned_events_total"], args.events,
-                    in_loop_cpu, broker.process.pid)
-            finally:
-                worker.stop()
-            bare_rate = results["bare_agent_events_per_s"]
-            results["in_loop"] = {"worker_events_per_s": taken,
-                                  "worker_learned_events_per_s": learned,
-                                  "worker_to_bare_ratio": taken / bare_rate,
-                                  "learned_to_bare_ratio": learned / bare_rate,
-                                  "cpu": in_loop_cpu}
+        bare_rates = []
+        for round_ in range(args.rounds):
+            names = [("bare_agent", [])] + ([("bare_direct_agent", ["--direct-delivery"])]
+                                            if round_ == 0 else [])
+            for name, flags in names:
+                cpu: dict = {}
+                rate = bare_rate(base, name, flags, round_, tag, workdir, args.events, cpu,
+                                 broker.process.pid)
+                if round_ == 0:
+                    results[f"{name}_events_per_s"], results[f"{name}_cpu"] = rate, cpu
+            bare_rates.append(rate)
+            if args.in_loop_too and round_ == 0:  # STREAMREC_LEARNER_PROCESS=false
+                in_loop, cpu = base.replace(app_id=f"in-loop-{tag}", data_dir=workdir / "in-loop",
+                                            learner_process=False), {}
+                taken, learned = worker_rates(in_loop, "in-loop-worker", workdir, args.events,
+                                              broker.process.pid, cpu)
+                results["in_loop"] = {**round_summary(rate, taken, learned), "cpu": cpu}
+            if round_ < args.rounds - 1:  # the last round's worker also answers requests
+                rounds = results.setdefault("rounds", [])
+                rounds.append(round_summary(rate, *worker_rates(
+                    base.replace(app_id=f"worker-{tag}-{round_}",
+                                 data_dir=workdir / f"worker-{round_}"),
+                    "worker", workdir, args.events, broker.process.pid)))
         served = base.replace(app_id=f"worker-{tag}", data_dir=workdir / "worker")
         worker = start("worker", served, worker_argv(), workdir)
         try:
@@ -319,12 +352,17 @@ def main(argv: list[str] | None = None) -> dict:
                               results["worker_cpu"], broker.process.pid, timeline)
             if args.timeline:
                 results["worker_timeline"] = timeline_rows(timeline)
-            results["worker_to_bare_ratio"] = (results["worker_events_per_s"]
-                                               / results["bare_agent_events_per_s"])
+            results["worker_to_bare_ratio"] = results["worker_events_per_s"] / bare_rates[-1]
             results["learned_to_bare_ratio"] = (results["worker_learned_events_per_s"]
-                                                / results["bare_agent_events_per_s"])
+                                                / bare_rates[-1])
             results["worker_to_bare_direct_ratio"] = (results["worker_events_per_s"]
                                                       / results["bare_direct_agent_events_per_s"])
+            if args.rounds > 1:
+                results.setdefault("rounds", []).append(round_summary(
+                    bare_rates[-1], results["worker_events_per_s"],
+                    results["worker_learned_events_per_s"]))
+                results["learned_to_bare_ratio_median"] = float(np.median(
+                    [r["learned_to_bare_ratio"] for r in results["rounds"]]))
             users = max(1000, args.events // 20)
             results["sequential"] = round_trips(served, args.requests // 4, 1, users)
             results["concurrent"] = round_trips(served, args.requests, args.clients, users)

@@ -168,7 +168,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     async def send_training(examples: list[TrainExample]) -> None:
         """One message per item partition (and per ``TRAIN_MESSAGE_BYTES``), partition chosen
-        by a stable hash of the item id, so each item is always learned by the same owner."""
+        by a stable hash of the item id, so each item is always learned by the same owner;
+        each says how many users this worker holds now, as of its examples."""
         by_partition: dict[int, list[bytes]] = {}
         for example in examples:
             partition = item_partition(example.item_id, settings.partitions)
@@ -177,7 +178,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             for chunk in _chunks_by_size(parts, TRAIN_MESSAGE_BYTES):
                 await train.send(key=str(partition).encode(), partition=partition,
                                  value=TrainBatch.encode_parts(
-                                     chunk, settings.train_compression_level))
+                                     chunk, settings.train_compression_level, engine.users))
 
     @app.agent(events, name="ingest")
     async def ingest(stream):

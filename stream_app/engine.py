@@ -92,6 +92,13 @@ class LearnedReport:
     serving: dict  # the serving choice's state (ServingChoice.state)
 
 
+def _users_of(users: Sequence[int | None] | None, start: int, step: int) -> int | None:
+    """The active users a micro-batch is learned with: the most its examples' messages said
+    (the latest of them), None where none said."""
+    said = [count for count in (users or ())[start:start + step] if count is not None]
+    return max(said) if said else None
+
+
 def _take_dr(model: DeepRetrieval, items: list[str], paths: np.ndarray | None,
              weights: dict | None) -> None:
     """What a report brings a following Deep Retrieval: new items with their paths, and the
@@ -310,8 +317,10 @@ class Engine:
         updated, example = step
         return updated.with_phi(encode_phi(self._encode_history(updated))), example
 
-    def learn(self, examples: Sequence[TrainExample]) -> float:
-        """One micro-batch step of the item learner; returns the batch loss.
+    def learn(self, examples: Sequence[TrainExample], users: int | None = None) -> float:
+        """One micro-batch step of the item learner; returns the batch loss. ``users``: the
+        active users as of these examples (|C|; their training messages carry it), else
+        :attr:`users`, this worker's count now.
 
         Each example's user vector is encoded here, from the history it carries and the item
         vectors as they are now (see :class:`~stream_app.wire.TrainExample` for why)."""
@@ -330,7 +339,8 @@ class Engine:
         self._rank_before_learning(examples)
         self._cold_start(items, phis)
         alphas = np.array([e.alpha for e in examples])
-        loss = self.learner.learn(phis, items, alphas, n_users=max(self.users, 1))
+        loss = self.learner.learn(phis, items, alphas,
+                                  n_users=max(self.users if users is None else users, 1))
         if histories is not None and self.learner.config.input_lr > 0:
             self._learn_inputs(histories, items, alphas)
         self.index.learned(items, self.learner.changed_rows)
@@ -424,12 +434,14 @@ class Engine:
         return example.history_ts or [example.ts] * len(example.history)
 
     def learn_reported(self, examples: Sequence[TrainExample], step: int, *,
-                       caught_up: bool = True) -> LearnedReport:
+                       caught_up: bool = True,
+                       users: Sequence[int | None] | None = None) -> LearnedReport:
         """:meth:`learn` in micro-batches of ``step``, and the :class:`LearnedReport` that lets
         another engine follow. A step that raises is logged and skipped (learning goes on);
         its rows may have moved part way, so the report then carries every row.
         ``caught_up``: nothing else waits to be learned, so the input offsets moved so far go
-        with this report (:meth:`_inputs_due`)."""
+        with this report (:meth:`_inputs_due`). ``users``: each example's active users as
+        its message said (None: not said), a micro-batch learned with the largest."""
         first_row, moved, failed = len(self.learner), [], 0
         first_dr_row = len(self.paths.model) if self.paths is not None else 0
         seconds, losses, dr_losses = [], [], []
@@ -437,7 +449,7 @@ class Engine:
             chunk = examples[start:start + step]
             started = time.perf_counter()
             try:
-                losses.append(self.learn(chunk))
+                losses.append(self.learn(chunk, _users_of(users, start, step)))
             except Exception:  # noqa: BLE001 - a bad batch must not stop learning
                 log.exception("learning step failed on %d examples", len(chunk))
                 failed += len(chunk)
@@ -491,10 +503,10 @@ class Engine:
                        caught_up: bool = True) -> LearnedReport:
         """:meth:`learn_reported` of the examples in training messages; a message that does
         not decode is skipped (logged)."""
-        examples, bad = TrainBatch.examples_of(values)
+        examples, users, bad = TrainBatch.decode_many(values)
         if bad:
             log.warning("skipped %d undecodable training messages", bad)
-        return self.learn_reported(examples, step, caught_up=caught_up)
+        return self.learn_reported(examples, step, caught_up=caught_up, users=users)
 
     def follow(self, report: LearnedReport) -> None:
         """Take in what a learner elsewhere learned (this engine's learner is its replica):

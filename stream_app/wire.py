@@ -161,9 +161,16 @@ class TrainBatch(_Wire):
     default): a message 4–5 times smaller for about 2 µs an example, so fewer bytes for the
     producer, the broker and the worker's fetches (the broker's CPU per event fell by a
     fifth, ``docs/throughput.md``). Plain JSON (a value that starts with ``{``) is read too.
+
+    ``users``: how many users the ingesting worker held when it wrote the message (|C| of the
+    user Gramian, and the all-pairs weight relative to it, as of these examples). A learner
+    runs behind ingest, by minutes in a backlog; told the count of the moment it learns, it
+    weighed every example of the backlog against the users of its end (a tenth of NDCG@10 on
+    Toys, docs/results.md). None in older messages: the learner's count stands.
     """
 
     examples: list[TrainExample]
+    users: int | None = Field(None, ge=0)
 
     #: largest decompressed message accepted (a worker writes at most 512 KiB of examples)
     MAX_DECOMPRESSED: ClassVar[int] = 8 * 1024 * 1024
@@ -172,14 +179,24 @@ class TrainBatch(_Wire):
     def examples_of(cls, values) -> tuple[list[TrainExample], int]:
         """The examples of several messages, and how many messages did not decode (skipped:
         only this worker's own ingest writes them, so one that fails is damage, not data)."""
+        examples, _, bad = cls.decode_many(values)
+        return examples, bad
+
+    @classmethod
+    def decode_many(cls, values) -> tuple[list[TrainExample], list[int | None], int]:
+        """:meth:`examples_of`, with each example's message's ``users``."""
         examples: list[TrainExample] = []
+        users: list[int | None] = []
         bad = 0
         for value in values:
             try:
-                examples.extend(cls.model_validate_json(cls.plain(value)).examples)
+                batch = cls.model_validate_json(cls.plain(value))
             except ValueError:
                 bad += 1
-        return examples, bad
+                continue
+            examples.extend(batch.examples)
+            users.extend([batch.users] * len(batch.examples))
+        return examples, users, bad
 
     @classmethod
     def plain(cls, value: bytes) -> bytes:
@@ -197,10 +214,12 @@ class TrainBatch(_Wire):
         return data
 
     @staticmethod
-    def encode_parts(parts: list[bytes], compression_level: int = 0) -> bytes:
+    def encode_parts(parts: list[bytes], compression_level: int = 0,
+                     users: int | None = None) -> bytes:
         """The message for already serialized examples (each serialized once, when it is
         measured for the size limit), zlib-compressed at ``compression_level`` (0: plain)."""
-        data = b'{"v":1,"examples":[' + b",".join(parts) + b"]}"
+        head = b'{"v":1,' + (b'"users":%d,' % users if users is not None else b"")
+        data = head + b'"examples":[' + b",".join(parts) + b"]}"
         return zlib.compress(data, compression_level) if compression_level else data
 
 

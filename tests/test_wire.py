@@ -156,6 +156,24 @@ def test_training_messages_travel_compressed_and_damage_is_counted_not_raised():
         assert TrainBatch.examples_of([packed, value]) == (examples, 1)
 
 
+def test_a_training_message_says_its_users_and_an_older_one_says_none():
+    """The count of users travels with a message, plain or compressed, for each of its
+    examples; a message written without it (older workers) decodes with None."""
+    from stream_app.wire import TrainBatch, TrainExample
+
+    examples = [TrainExample(user_id=f"u{k}", item_id="i", alpha=1.0, ts=float(k), history=[],
+                             weights=[]) for k in range(3)]
+    parts = [example.to_bytes() for example in examples]
+    values = [TrainBatch.encode_parts(parts[:2], 1, users=41),
+              TrainBatch.encode_parts(parts[2:], 0, users=0), TrainBatch.encode_parts(parts),
+              b"damaged"]
+    assert TrainBatch.decode_many(values) == (examples + examples, [41, 41, 0, None, None, None],
+                                              1)
+    assert TrainBatch.model_validate_json(TrainBatch.plain(values[0])).users == 41
+    with pytest.raises(ValueError):
+        TrainBatch.model_validate_json(b'{"v":1,"users":-1,"examples":[]}')
+
+
 def test_a_training_example_may_leave_out_its_history_times_but_not_misalign_them():
     from stream_app.wire import TrainExample
 
