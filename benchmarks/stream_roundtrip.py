@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  broker.process.pid)
                 if round_ == 0:
                     results[f"{name}_events_per_s"], results[f"{name}_cpu"] = rate, cpu
-            bare_rates.append(rate)
+                if name == "bare_agent":
+                    bare_rates.append(rate)
+            rate = bare_rates[-1]
             if args.in_loop_too and round_ == 0:  # STREAMREC_LEARNER_PROCESS=false
                 in_loop, cpu = base.replace(app_id=f"in-loop-{tag}", data_dir=workdir / "in-loop",
                                             learner_process=False), {}
