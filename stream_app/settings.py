@@ -99,7 +99,8 @@ class Settings(BaseSettings):
     # learn best from a smooth context (3 events above), while the next event follows the last
     # one or two most closely. Validation NDCG@10 (d = 64, one pass, bias weight 1): Beauty
     # 0.0430 -> 0.0458 at 1 event (0.0462 at 0.75), Toys 0.0379 -> 0.0401; the pair that
-    # answers is measured on the stream (below; docs/results.md "This round: serving ...").
+    # answers is measured on the stream (below; docs/results.md "serving settings chosen on
+    # the stream").
     serve_half_life_events: float | None = Field(
         1.0, gt=0, description="Recency decay of the user vector that answers requests, in the "
         "user's own events; 'none' = no decay. Learning uses encoder_half_life_events.")
@@ -145,11 +146,12 @@ class Settings(BaseSettings):
     positives_half_life: float | None = Field(
         30_000.0, gt=0, description="Half-life, in events this worker learns, of an item's "
         "accumulated positives (solve); unset: they count forever.")
-    # docs/results.md "This round": input offsets (q = v + delta) learned from the user side of
-    # the loss; 0 is the tied model of earlier rounds. 0.03 of 0.01-0.3: the Amazon sets'
-    # validation NDCG@10 rises with it up to 0.05-0.15 (+12 % / +13 % at 0.03), MovieLens's
-    # held-out users (the later 20 % of their ratings, not the next one) fall beyond 0.02
-    # (-12 % at 0.03, about one standard error; -23 % at 0.05).
+    # docs/results.md "items get an input side": input offsets (q = v + delta) learned from
+    # the user side of the loss; 0 is the tied model of earlier rounds. 0.03 of 0.01-0.3: the
+    # Amazon sets' validation NDCG@10 rises with it up to 0.05-0.15 (+12 % / +13 % at 0.03);
+    # MovieLens's held-out users (the later 20 % of their ratings, not the next one) keep
+    # their number at 0.03 when answers read 3 events (0.1317 against 0.1300 tied) and lose
+    # 18 % when they read 1 (the stream cannot tell the two apart), and fall from 0.05 on.
     input_lr: float = Field(0.03, ge=0, description="Adagrad step size of the items' input "
                             "offsets (the vectors user encodings average are v + delta); 0: "
                             "inputs tied to the item vectors. The mean encoder only.")
