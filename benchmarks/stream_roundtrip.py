@@ -321,26 +321,25 @@ def main(argv: list[str] | None = None) -> dict:
         results["produce_events_per_s"] = fill(base, args.events)
         bare_rates = []
         for round_ in range(args.rounds):
-            names = [("bare_agent", [])] + ([("bare_direct_agent", ["--direct-delivery"])]
-                                            if round_ == 0 else [])
-            for name, flags in names:
-                cpu: dict = {}
-                rate = bare_rate(base, name, flags, round_, tag, workdir, args.events, cpu,
-                                 broker.process.pid)
-                if round_ == 0:
-                    results[f"{name}_events_per_s"], results[f"{name}_cpu"] = rate, cpu
-                if name == "bare_agent":
-                    bare_rates.append(rate)
-            rate = bare_rates[-1]
+            cpu: dict = {}
+            rate = bare_rate(base, "bare_agent", [], round_, tag, workdir, args.events, cpu,
+                             broker.process.pid)
+            bare_rates.append(rate)
+            if round_ == 0:
+                results["bare_agent_events_per_s"], results["bare_agent_cpu"] = rate, cpu
+                results["bare_direct_agent_cpu"] = {}
+                results["bare_direct_agent_events_per_s"] = bare_rate(
+                    base, "bare_direct_agent", ["--direct-delivery"], round_, tag, workdir,
+                    args.events, results["bare_direct_agent_cpu"], broker.process.pid)
             if args.in_loop_too and round_ == 0:  # STREAMREC_LEARNER_PROCESS=false
-                in_loop, cpu = base.replace(app_id=f"in-loop-{tag}", data_dir=workdir / "in-loop",
-                                            learner_process=False), {}
+                in_loop = base.replace(app_id=f"in-loop-{tag}", data_dir=workdir / "in-loop",
+                                       learner_process=False)
+                in_loop_cpu: dict = {}
                 taken, learned = worker_rates(in_loop, "in-loop-worker", workdir, args.events,
-                                              broker.process.pid, cpu)
-                results["in_loop"] = {**round_summary(rate, taken, learned), "cpu": cpu}
+                                              broker.process.pid, in_loop_cpu)
+                results["in_loop"] = {**round_summary(rate, taken, learned), "cpu": in_loop_cpu}
             if round_ < args.rounds - 1:  # the last round's worker also answers requests
-                rounds = results.setdefault("rounds", [])
-                rounds.append(round_summary(rate, *worker_rates(
+                results.setdefault("rounds", []).append(round_summary(rate, *worker_rates(
                     base.replace(app_id=f"worker-{tag}-{round_}",
                                  data_dir=workdir / f"worker-{round_}"),
                     "worker", workdir, args.events, broker.process.pid)))
