@@ -24,7 +24,8 @@ import faust
 from state.history import History
 
 from .changelog import BatchedTable
-from .delivery import install_direct_delivery
+from .compat import guard_fetch_wait
+from .delivery import install_direct_delivery, patch_consumer
 from .engine import Engine, LearnedReport
 from .fair_fetch import install_fair_fetch
 from .intake import IntakeLag
@@ -90,6 +91,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         install_direct_delivery(app)
     if settings.fair_polls:
         install_fair_fetch(app)
+    if settings.compat_fixes:
+        patch_consumer(app, guard_fetch_wait)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(settings.topic_events, **raw)
     dead_letters = app.topic(settings.topic_dead_letters, **raw)

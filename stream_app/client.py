@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterable
 
+from .compat import FetchWaitGuard
 from .kafka import client_config, ensure_topics
 from .settings import Settings
 from .wire import RecRequest, RecResponse
@@ -56,9 +57,16 @@ class RecClient:
 
     The consumer is positioned at the end of the response topic before the first request is
     sent, and answers are matched by ``request_id``; other clients' answers are skipped.
+
+    The fetch wait is short (``fetch_wait_ms``): the embedded broker parks a fetch that finds
+    nothing for the whole wait, and every answer is one fetch away. On the embedded broker a
+    :class:`~stream_app.compat.FetchWaitGuard` raises it while the consumer stands still below
+    the high watermark (a fetch that outlasts its wait comes back empty there, and a reply topic
+    grows by a batch per answer).
     """
 
-    def __init__(self, settings: Settings, reply_to: str | None = None) -> None:
+    def __init__(self, settings: Settings, reply_to: str | None = None, *,
+                 fetch_wait_ms: int = 5) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
         self.settings = settings
@@ -66,7 +74,8 @@ class RecClient:
         self._producer = producer(settings, linger_ms=0)
         self._consumer = KafkaConsumer(
             client_id=f"{settings.app_id}-client", enable_auto_commit=False,
-            fetch_max_wait_ms=5, **client_config(settings))
+            fetch_max_wait_ms=fetch_wait_ms, **client_config(settings))
+        self._guard = FetchWaitGuard(fetch_wait_ms) if settings.compat_fixes else None
         if self.reply_to != settings.topic_responses:
             ensure_topics(settings, [self.reply_to])
         partitions = self._wait_for_partitions(self.reply_to)
@@ -101,7 +110,22 @@ class RecClient:
             for records in batches.values():
                 for record in records:
                     self._take(record.value)
+            if self._guard is not None:
+                self._guard_fetch_wait()
         return self._pending.pop(request_id)
+
+    @property
+    def fetch_wait_ms(self) -> int:
+        """The consumer's fetch wait now (raised by the guard on the embedded broker)."""
+        return self._consumer._fetcher.config["fetch_max_wait_ms"]
+
+    def _guard_fetch_wait(self) -> None:
+        assigned = self._consumer.assignment()
+        raised = self._guard.check({tp: self._consumer.position(tp) for tp in assigned},
+                                   {tp: self._consumer.highwater(tp) for tp in assigned},
+                                   time.monotonic())
+        if raised is not None:
+            self._consumer._fetcher.config["fetch_max_wait_ms"] = raised  # read per fetch
 
     def _take(self, raw: bytes) -> None:
         try:
