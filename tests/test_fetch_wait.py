@@ -151,3 +151,58 @@ def test_the_guard_comes_with_the_embedded_broker_only(settings, compat):
     ensure_topics(settings, [settings.topic_responses])
     with RecClient(settings.replace(embedded_compat=compat)) as client:
         assert (client._guard is not None) is compat
+
+
+def test_the_worker_consumer_raises_its_fetcher_wait_after_standing_still(tmp_path):
+    """``guard_fetch_wait`` on a Faust consumer: after each poll (here every one), the guard
+    reads the aiokafka consumer's partitions and raises its fetcher's wait in place."""
+    import faust
+
+    from stream_app.compat import guard_fetch_wait
+
+    app = faust.App(f"guard-{uuid.uuid4().hex[:6]}", broker="kafka://127.0.0.1:1",
+                    datadir=str(tmp_path), web_enabled=False, autodiscover=False)
+    consumer = app.consumer
+    polls = []
+
+    async def poll(kafka_consumer, active_partitions, timeout=None, max_records=None):
+        polls.append(max_records)
+        return {}
+
+    consumer._thread._fetch_records = poll  # the stock poll, standing in for Faust's
+    guard_fetch_wait(consumer, check_every_s=0.0)
+
+    class Assignment:
+        states = {TP: _State(5, 9)}
+        tps = set(states)
+
+        def state_value(self, tp):
+            return self.states[tp]
+
+    class Fetcher:
+        _fetch_max_wait_ms = 10
+        _records: dict = {}
+
+    class KafkaConsumer:
+        _fetcher = Fetcher()
+
+        class _subscription:
+            class subscription:
+                assignment = Assignment()
+
+    kafka_consumer = KafkaConsumer()
+
+    async def polls_over(seconds: float, count: int) -> None:
+        for _ in range(count):
+            assert await consumer._thread._fetch_records(kafka_consumer, set(),
+                                                        max_records=7) == {}
+            await asyncio.sleep(seconds / count)
+
+    asyncio.run(polls_over(0.5, 3))
+    assert kafka_consumer._fetcher._fetch_max_wait_ms == 10  # standing still for less than a second
+    asyncio.run(polls_over(1.2, 3))
+    assert kafka_consumer._fetcher._fetch_max_wait_ms == 20
+    Assignment.states[TP].position = 9  # caught up: nothing to raise for
+    asyncio.run(polls_over(2.0, 5))
+    assert kafka_consumer._fetcher._fetch_max_wait_ms == 20
+    assert polls == [7] * 11
