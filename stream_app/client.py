@@ -56,7 +56,9 @@ class RecClient:
     """Sends requests to ``rec-requests`` and waits for the answer on a response topic.
 
     The consumer is positioned at the end of the response topic before the first request is
-    sent, and answers are matched by ``request_id``; other clients' answers are skipped.
+    sent, and answers are matched by ``request_id``; answers to requests this client did not
+    send (or is not waiting for) are skipped, so a long-lived client on a shared response topic
+    keeps only its own.
 
     The fetch wait is short (``fetch_wait_ms``): the embedded broker parks a fetch that finds
     nothing for the whole wait, and every answer is one fetch away. On the embedded broker a
@@ -83,6 +85,7 @@ class RecClient:
         self._consumer.seek_to_end()
         for tp in self._consumer.assignment():
             self._consumer.position(tp)  # resolve now, before any request is sent
+        self._awaited: set[str] = set()  # sent or waited for, not yet answered
         self._pending: dict[str, RecResponse] = {}
 
     def _wait_for_partitions(self, topic: str, timeout_s: float = 10.0) -> set[int]:
@@ -95,6 +98,7 @@ class RecClient:
         raise ResponseTimeout(f"topic {topic!r} does not exist on {self.settings.broker or 'the embedded broker'}")
 
     def send(self, request: RecRequest, flush: bool = True) -> None:
+        self._awaited.add(request.request_id)
         key = (request.user_id or request.request_id).encode()
         self._producer.send(self.settings.topic_requests, key=key, value=request.to_bytes())
         if flush:
@@ -102,6 +106,7 @@ class RecClient:
 
     def wait(self, request_id: str, timeout_s: float) -> RecResponse:
         deadline = time.monotonic() + timeout_s
+        self._awaited.add(request_id)
         while request_id not in self._pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -112,6 +117,7 @@ class RecClient:
                     self._take(record.value)
             if self._guard is not None:
                 self._guard_fetch_wait()
+        self._awaited.discard(request_id)
         return self._pending.pop(request_id)
 
     @property
@@ -132,7 +138,7 @@ class RecClient:
             response = RecResponse.model_validate_json(raw)
         except ValueError:
             return
-        if response.request_id is not None:
+        if response.request_id in self._awaited:
             self._pending[response.request_id] = response
 
     def ask_many(self, requests: Iterable[RecRequest], timeout_s: float = 30.0,
