@@ -106,3 +106,18 @@ def event(user: str, item: str, kind: str = "view", ts: float = 1_700_000_000.0,
     if event_id:
         body["event_id"] = event_id
     return json.dumps(body).encode()
+
+
+def answer(settings: Settings, *request_ids: str) -> None:
+    """Empty answers to ``request_ids`` on the response topic, as a worker would send them."""
+    from stream_app.client import producer
+    from stream_app.wire import RecResponse
+
+    sink = producer(settings)
+    try:
+        for request_id in request_ids:
+            sink.send(settings.topic_responses, key=request_id.encode(),
+                      value=RecResponse(request_id=request_id).to_bytes())
+        sink.flush()
+    finally:
+        sink.close()

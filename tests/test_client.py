@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from stream_app.client import RecClient, producer
+from stream_app.client import RecClient
 from stream_app.kafka import ensure_topics
-from stream_app.wire import RecResponse
 
-
-def _answer(settings, *request_ids: str) -> None:
-    sink = producer(settings)
-    try:
-        for request_id in request_ids:
-            sink.send(settings.topic_responses, key=request_id.encode(),
-                      value=RecResponse(request_id=request_id).to_bytes())
-        sink.flush()
-    finally:
-        sink.close()
+from .conftest import answer
 
 
 def test_a_client_keeps_only_answers_it_waits_for(settings):
@@ -26,9 +16,9 @@ def test_a_client_keeps_only_answers_it_waits_for(settings):
     ensure_topics(settings, [settings.topic_responses])
     with RecClient(settings) as client:
         mine, theirs = uuid.uuid4().hex, uuid.uuid4().hex
-        _answer(settings, theirs, mine)
+        answer(settings, theirs, mine)
         assert client.wait(mine, timeout_s=20.0).request_id == mine
         later = uuid.uuid4().hex
-        _answer(settings, mine, theirs, later)  # a duplicate of mine, theirs again, then later
+        answer(settings, mine, theirs, later)  # a duplicate of mine, theirs again, then later
         assert client.wait(later, timeout_s=20.0).request_id == later
         assert client._pending == {} and client._awaited == set()

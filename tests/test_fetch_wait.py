@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
 import uuid
 
 import pytest
@@ -13,7 +14,8 @@ from aiokafka.structs import TopicPartition
 from stream_app.client import RecClient, ResponseTimeout
 from stream_app.compat import FetchWaitGuard, _fetch_states
 from stream_app.kafka import ensure_topics
-from stream_app.wire import RecResponse
+
+from .conftest import answer
 
 TP = TopicPartition("responses", 0)
 OTHER = TopicPartition("responses", 1)
@@ -65,27 +67,24 @@ class _State:
         self.has_valid_position = valid
 
 
+def _kafka_consumer(states: dict, *, buffered: dict | None = None, wait_ms: int = 10):
+    """What the guard reads of an aiokafka consumer: its assignment's partition states and its
+    fetcher (wait, buffered records)."""
+    assignment = types.SimpleNamespace(tps=set(states), state_value=states.__getitem__)
+    return types.SimpleNamespace(
+        _fetcher=types.SimpleNamespace(_fetch_max_wait_ms=wait_ms, _records=buffered or {}),
+        _subscription=types.SimpleNamespace(
+            subscription=types.SimpleNamespace(assignment=assignment)))
+
+
 def test_the_worker_guard_reads_only_partitions_that_fetch_now():
     """Paused partitions, partitions without a position and partitions with records buffered
     stand still on purpose and are left out of the guard's view."""
-
-    class Assignment:
-        states = {TopicPartition("a", 0): _State(5, 9), TopicPartition("a", 1): _State(5, 9, paused=True),
-                  TopicPartition("a", 2): _State(5, 9, valid=False), TopicPartition("a", 3): _State(5, 9)}
-        tps = set(states)
-
-        def state_value(self, tp):
-            return self.states[tp]
-
-    class Consumer:
-        class _subscription:
-            class subscription:
-                assignment = Assignment()
-
-    class Fetcher:
-        _records = {TopicPartition("a", 3): object()}
-
-    positions, highwaters = _fetch_states(Consumer(), Fetcher())
+    kafka_consumer = _kafka_consumer(
+        {TopicPartition("a", 0): _State(5, 9), TopicPartition("a", 1): _State(5, 9, paused=True),
+         TopicPartition("a", 2): _State(5, 9, valid=False), TopicPartition("a", 3): _State(5, 9)},
+        buffered={TopicPartition("a", 3): object()})
+    positions, highwaters = _fetch_states(kafka_consumer, kafka_consumer._fetcher)
     assert positions == {TopicPartition("a", 0): 5}
     assert highwaters == {TopicPartition("a", 0): 9}
 
@@ -105,18 +104,6 @@ async def _fill(bootstrap: list[str], topic: str, records: int) -> None:
         await sink.stop()
 
 
-def _answer(settings, request_id: str) -> None:
-    from stream_app.client import producer
-
-    sink = producer(settings)
-    try:
-        sink.send(settings.topic_responses, key=request_id.encode(),
-                  value=RecResponse(request_id=request_id).to_bytes())
-        sink.flush()
-    finally:
-        sink.close()
-
-
 def test_a_reply_client_on_a_long_reply_topic_gets_its_answer(settings):
     """The reply topic is filled until a client with a 1 ms fetch wait and no guard stands
     still: its fetches come back empty while the high watermark is above its position. The
@@ -130,7 +117,7 @@ def test_a_reply_client_on_a_long_reply_topic_gets_its_answer(settings):
         filled += 6_000
         with RecClient(unguarded, fetch_wait_ms=1) as plain:
             request_id = uuid.uuid4().hex
-            _answer(settings, request_id)
+            answer(settings, request_id)
             try:
                 plain.wait(request_id, timeout_s=3.0)
             except ResponseTimeout:
@@ -139,7 +126,7 @@ def test_a_reply_client_on_a_long_reply_topic_gets_its_answer(settings):
     with RecClient(settings, fetch_wait_ms=1) as guarded:
         request_id = uuid.uuid4().hex
         started = time.monotonic()
-        _answer(settings, request_id)
+        answer(settings, request_id)
         assert guarded.wait(request_id, timeout_s=30.0).request_id == request_id
         assert guarded.fetch_wait_ms > 1
         print(f"stalled after {filled} records; answer after {time.monotonic() - started:.1f} s "
@@ -172,25 +159,8 @@ def test_the_worker_consumer_raises_its_fetcher_wait_after_standing_still(tmp_pa
     consumer._thread._fetch_records = poll  # the stock poll, standing in for Faust's
     guard_fetch_wait(consumer, check_every_s=0.0)
 
-    class Assignment:
-        states = {TP: _State(5, 9)}
-        tps = set(states)
-
-        def state_value(self, tp):
-            return self.states[tp]
-
-    class Fetcher:
-        _fetch_max_wait_ms = 10
-        _records: dict = {}
-
-    class KafkaConsumer:
-        _fetcher = Fetcher()
-
-        class _subscription:
-            class subscription:
-                assignment = Assignment()
-
-    kafka_consumer = KafkaConsumer()
+    states = {TP: _State(5, 9)}
+    kafka_consumer = _kafka_consumer(states, wait_ms=10)
 
     async def polls_over(seconds: float, count: int) -> None:
         for _ in range(count):
@@ -202,7 +172,7 @@ def test_the_worker_consumer_raises_its_fetcher_wait_after_standing_still(tmp_pa
     assert kafka_consumer._fetcher._fetch_max_wait_ms == 10  # standing still for less than a second
     asyncio.run(polls_over(1.2, 3))
     assert kafka_consumer._fetcher._fetch_max_wait_ms == 20
-    Assignment.states[TP].position = 9  # caught up: nothing to raise for
+    states[TP].position = 9  # caught up: nothing to raise for
     asyncio.run(polls_over(2.0, 5))
     assert kafka_consumer._fetcher._fetch_max_wait_ms == 20
     assert polls == [7] * 11
