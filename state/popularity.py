@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +81,26 @@ class DecayedPopularity:
         else:
             self._log_mass[row] = np.logaddexp(self._log_mass[row], term)
         self.now = max(self.now, ts)
+        self._dirty = True
+
+    def add_many(self, item_ids: Sequence[str], ts: Sequence[float],
+                 weights: Sequence[float]) -> None:
+        """:meth:`add` of each event in order, in one vectorized step: the same floats as the
+        loop (``logaddexp.at`` applies the terms row by row in the order given). The ingest
+        agent counts a batch of events at once; one call per event was a tenth of its work."""
+        if not item_ids:
+            return
+        rows = np.empty(len(item_ids), dtype=np.int64)
+        for position, item_id in enumerate(item_ids):
+            row = self._index.get(item_id)
+            if row is None:
+                row = self._append(item_id)
+                self._log_mass[row] = -np.inf  # logaddexp(−inf, term) is term, exactly
+            rows[position] = row
+        times = np.asarray(ts, dtype=np.float64)
+        terms = np.log(np.asarray(weights, dtype=np.float64)) + self.rate * times
+        np.logaddexp.at(self._log_mass, rows, terms)
+        self.now = max(self.now, float(times.max()))
         self._dirty = True
 
     def _append(self, item_id: str) -> int:

@@ -212,12 +212,6 @@ class Engine:
     def _encode_history(self, history: History) -> np.ndarray:
         return self.encode(history.items, history.kinds, history.ts)
 
-    def _encode_histories(self, histories: Sequence[History]) -> np.ndarray:
-        """:meth:`_encode_history` of many users at once: (B, d)."""
-        return self._encode_many([h.items for h in histories],
-                                 [self._kind_weight_list(h.kinds) for h in histories],
-                                 [h.ts for h in histories])
-
     @property
     def uses_event_times(self) -> bool:
         """Whether user vectors depend on event times (the mean encoder's decay in seconds);
@@ -269,52 +263,61 @@ class Engine:
 
         Equal to calling :meth:`ingest` event by event (tested), but each user's vector is
         encoded once, after the user's last event of the batch, and all of them in one
-        product: the stored vector is only ever read after the batch."""
-        current: dict[str, History] = {}
+        product: the stored vector is only ever read after the batch. Each user's confidence
+        weights are looked up once and then follow the history event by event, and the
+        batch's events are counted in the popularity at once."""
+        current: dict[str, tuple[History, list[float]]] = {}
         examples: list[TrainExample | None] = []
         for event in events:
-            history = current.get(event.user_id)
-            if history is None:
+            taken = current.get(event.user_id)
+            if taken is None:
                 history = histories.get(event.user_id) or History()
-            step = self._append(event, history)
+                taken = (history, self._kind_weight_list(history.kinds))
+            step = self._append(event, *taken)
             if step is None:
                 examples.append(None)
                 continue
-            current[event.user_id], example = step
+            history, weights, example = step
+            current[event.user_id] = (history, weights)
             examples.append(example)
-        phis = self._encode_histories(list(current.values()))
+        counted = [example for example in examples if example is not None]
+        self.popularity.add_many([example.item_id for example in counted],
+                                 [example.ts for example in counted],
+                                 [example.alpha for example in counted])
+        phis = self._encode_many([history.items for history, _ in current.values()],
+                                 [weights for _, weights in current.values()],
+                                 [history.ts for history, _ in current.values()])
         updated = {user: history.with_phi(encode_phi(phi))
-                   for (user, history), phi in zip(current.items(), phis)}
+                   for (user, (history, _)), phi in zip(current.items(), phis)}
         return updated, examples
 
-    def _append(self, event: Event, history: History) -> tuple[History, TrainExample] | None:
-        """:meth:`ingest` without refreshing the stored user vector."""
+    def _append(self, event: Event, history: History, weights: list[float]
+                ) -> tuple[History, list[float], TrainExample] | None:
+        """The event appended to a history whose events weigh ``weights``: the new history
+        (its stored user vector not refreshed), its weights and the training example; None
+        for a redelivery. The caller counts the event in the popularity."""
         if history.has_event(event.event_id):
             return None
         if not history:
             self.users += 1
-        weight = self.settings.kind_weights[event.kind]
-        self.popularity.add(event.item_id, event.ts, weight)
-        updated = history.appended(event.item_id, event.kind, event.ts, event.event_id,
-                                   self.settings.history_length)
-        # model_construct: every field comes from a validated event or from the stored
-        # history, and validation was a quarter of the cost of this method (the learn agent
-        # validates the message it reads in any case).
-        example = TrainExample.model_construct(
+        weight = self._weight_of_kind[event.kind]
+        limit = self.settings.history_length
+        updated = history.appended(event.item_id, event.kind, event.ts, event.event_id, limit)
+        example = TrainExample.trusted(
             user_id=event.user_id, item_id=event.item_id, alpha=weight, ts=float(event.ts),
-            history=list(history.items),
-            history_ts=list(history.ts) if self.uses_event_times else [],
-            weights=self._kind_weight_list(history.kinds))
-        return updated, example
+            history=list(history.items), weights=weights,
+            history_ts=list(history.ts) if self.uses_event_times else [])
+        return updated, (weights + [weight])[-limit:], example
 
     def ingest(self, event: Event, history: History) -> tuple[History, TrainExample] | None:
         """Take one valid event: the new history (with the refreshed user vector) and the
         training example for the learn agent; None for a redelivery (same ``event_id``
         already in the user's window), which changes nothing."""
-        step = self._append(event, history)
+        step = self._append(event, history, self._kind_weight_list(history.kinds))
         if step is None:
             return None
-        updated, example = step
+        updated, _, example = step
+        self.popularity.add(event.item_id, event.ts, example.alpha)
         return updated.with_phi(encode_phi(self._encode_history(updated))), example
 
     def learn(self, examples: Sequence[TrainExample], users: int | None = None) -> float:

@@ -166,12 +166,13 @@ def test_requests_are_answered_with_the_serving_recency_and_bias_weight(tmp_path
 @pytest.mark.parametrize("encoder", ["mean", "ials"])
 def test_a_batch_of_events_is_taken_as_one_event_at_a_time(tmp_path, encoder):
     """ingest_many = ingest event by event: the same training examples (None for a
-    redelivery), the same final histories and, within float32, the same stored vectors."""
+    redelivery; their weights follow histories longer than the window), the same final
+    histories, the same popularity and, within float32, the same stored vectors."""
     from stream_app.engine import decode_phi
 
     def engine_after_warmup(path):
         engine = Engine(Settings(data_dir=path, encoder=encoder, popularity_refresh_s=0,
-                                 model_dim=16))
+                                 model_dim=16, history_length=8))
         run_stream(engine, planted_stream()[:1500])
         return engine
 
@@ -198,6 +199,12 @@ def test_a_batch_of_events_is_taken_as_one_event_at_a_time(tmp_path, encoder):
         np.testing.assert_allclose(decode_phi(history.phi_b64),
                                    decode_phi(histories[user].phi_b64), atol=1e-6)
     assert batched.users == one_by_one.users
+    assert batched.popularity.now == one_by_one.popularity.now
+    assert [id_ for id_, _ in batched.popularity.top(20)] == [
+        id_ for id_, _ in one_by_one.popularity.top(20)]
+    for item in ("c1-i3", "c2-i7", "new-item", "c4-i0", "c0-i0"):
+        assert batched.popularity.count(item) == pytest.approx(
+            one_by_one.popularity.count(item), rel=1e-12)
     assert batched.popularity.count("c2-i7") == one_by_one.popularity.count("c2-i7")
 
 

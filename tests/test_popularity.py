@@ -40,6 +40,24 @@ def test_decayed_counts_equal_the_direct_sum(events):
     assert all(a >= b * (1 - 1e-9) for a, b in zip(counts, counts[1:]))
 
 
+@settings(max_examples=60, deadline=None)
+@given(events_strategy, st.integers(1, 60))
+def test_a_batch_adds_as_its_events_one_by_one(events, cut):
+    """add_many of consecutive slices = add of every event: the same items in the same rows,
+    the same counts and the same event-time clock."""
+    one_by_one = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    for item, ts, weight in events:
+        one_by_one.add(item, ts, weight)
+    batched = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    for start in range(0, len(events), cut):
+        items, times, weights = zip(*events[start:start + cut])
+        batched.add_many(items, times, weights)
+    assert batched._ids == one_by_one._ids and batched.now == one_by_one.now
+    for item in "abcdefg":
+        assert batched.count(item) == pytest.approx(one_by_one.count(item), rel=1e-12,
+                                                    abs=1e-300)
+
+
 def test_top_excludes_and_reads_create_nothing():
     popularity = DecayedPopularity(HALF_LIFE, refresh_s=0)
     for item, weight in [("a", 1.0), ("b", 4.0), ("c", 10.0), ("a", 1.0)]:

@@ -120,13 +120,20 @@ def test_dead_letters_keep_the_original_bytes():
 
 def test_a_training_example_writes_the_json_pydantic_writes():
     """TrainExample.to_bytes (orjson over the fields) = pydantic's own dump, for a validated
-    example and for one built as the ingest agent builds it (model_construct), and both
-    decode back to the example; a batch of them decodes too."""
+    example, one built by model_construct and one built as the ingest agent builds it
+    (``trusted``, the same object as model_construct's), and all decode back to the example;
+    a batch of them decodes too."""
     from stream_app.wire import TrainBatch, TrainExample
 
     fields = dict(user_id="u1", item_id="i\u00e9\"2", alpha=2.5, ts=1.7e9 + 0.25,
                   history=["i1", "i0"], weights=[1.0, 3.0], history_ts=[1.0, 2.5])
-    for example in (TrainExample(**fields), TrainExample.model_construct(**fields)):
+    trusted = TrainExample.trusted(**fields)
+    constructed = TrainExample.model_construct(**fields)
+    assert trusted == constructed and trusted.__dict__ == constructed.__dict__
+    assert trusted.model_fields_set == constructed.model_fields_set
+    assert (trusted.__pydantic_extra__, trusted.__pydantic_private__) == (
+        constructed.__pydantic_extra__, constructed.__pydantic_private__)
+    for example in (TrainExample(**fields), constructed, trusted):
         raw = example.to_bytes()
         assert json.loads(raw) == json.loads(example.model_dump_json(exclude_none=True))
         assert TrainExample.model_validate_json(raw) == TrainExample(**fields)
