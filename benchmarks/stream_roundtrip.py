@@ -339,10 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
                                               broker.process.pid, in_loop_cpu)
                 results["in_loop"] = {**round_summary(rate, taken, learned), "cpu": in_loop_cpu}
             if round_ < args.rounds - 1:  # the last round's worker also answers requests
-                results.setdefault("rounds", []).append(round_summary(rate, *worker_rates(
+                worker_cpu: dict = {}
+                results.setdefault("rounds", []).append({**round_summary(rate, *worker_rates(
                     base.replace(app_id=f"worker-{tag}-{round_}",
                                  data_dir=workdir / f"worker-{round_}"),
-                    "worker", workdir, args.events, broker.process.pid)))
+                    "worker", workdir, args.events, broker.process.pid, worker_cpu)),
+                    "bare_agent_cpu": cpu, "worker_cpu": worker_cpu})
         served = base.replace(app_id=f"worker-{tag}", data_dir=workdir / "worker")
         worker = start("worker", served, worker_argv(), workdir)
         try:
@@ -359,9 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
             results["worker_to_bare_direct_ratio"] = (results["worker_events_per_s"]
                                                       / results["bare_direct_agent_events_per_s"])
             if args.rounds > 1:
-                results.setdefault("rounds", []).append(round_summary(
+                results.setdefault("rounds", []).append({**round_summary(
                     bare_rates[-1], results["worker_events_per_s"],
-                    results["worker_learned_events_per_s"]))
+                    results["worker_learned_events_per_s"]),
+                    "bare_agent_cpu": cpu, "worker_cpu": results["worker_cpu"]})
                 results["learned_to_bare_ratio_median"] = float(np.median(
                     [r["learned_to_bare_ratio"] for r in results["rounds"]]))
             users = max(1000, args.events // 20)

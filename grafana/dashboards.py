@@ -113,6 +113,14 @@ def overview() -> dict:
                     "Events each worker has yet to take in (its partitions' high watermarks "
                     "minus the offsets taken). While it is above STREAMREC_INDEX_BACKLOG_EVENTS "
                     "a due index build waits."),
+         timeseries("Ingest batch size",
+                    [target(f"histogram_quantile(0.5, sum by (le, instance) "
+                            f"(rate(streamrec_ingest_batch_events_bucket[{RATE_WINDOW}])))",
+                            "p50 {{instance}}")], "none",
+                    "Events per ingest batch (median). In a backlog batches fill up to "
+                    "STREAMREC_INGEST_BATCH; smaller batches there mean the batch wait "
+                    "(STREAMREC_INGEST_BATCH_WAIT_S) runs out first, and every batch's fixed "
+                    "costs (a changelog write, a training message per partition) weigh more."),
          timeseries("Training loss and Gramian drift",
                     [target("streamrec_train_loss", "loss {{instance}}", "A"),
                      target("streamrec_gramian_drift", "drift {{instance}}", "B")], "none",

@@ -193,6 +193,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         async for batch in stream.take_events(settings.ingest_batch,
                                               within=settings.ingest_batch_wait_s):
             intake_lag.observe((item.message.tp, item.message.offset) for item in batch)
+            metrics.ingest_batch.observe(len(batch))
             examples = await take_batch(batch)
             written = history_table.pending
             try:

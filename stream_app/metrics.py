@@ -45,6 +45,12 @@ class Metrics:
         self.request_latency = Histogram("streamrec_request_latency_seconds",
                                          "Time from taking a request to sending its response.",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.ingest_batch = Histogram("streamrec_ingest_batch_events",
+                                      "Events the ingest agent took in one batch: full batches "
+                                      "(STREAMREC_INGEST_BATCH) in a backlog, fewer when the "
+                                      "batch wait ran out first.",
+                                      buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 4096),
+                                      registry=r)
         self.learned = Counter("streamrec_learned_events_total",
                                "Training examples applied to the item model.", registry=r)
         self.learn_seconds = Histogram("streamrec_learn_step_seconds",
