@@ -13,6 +13,7 @@
 5. The same clients while a trickle of events keeps the index rebuilding (every 2 s): the
    worst latency near a swap against the p99 away from swaps (requests go on until three swaps
    were seen, at most 30 s).
+6. The same clients while the worker takes in a backlog of N new events (``during_backlog``).
 
     python benchmarks/stream_roundtrip.py --quick          # about a minute
     python benchmarks/stream_roundtrip.py --quick --rounds 3   # bare agent and worker
@@ -51,10 +52,11 @@ def synthetic_events(n: int, users: int, items: int, seed: int = 0, id_prefix: s
              "item_id": f"i{item_ids[i]}", "kind": str(kinds[i]), "ts": 1.7e9 + i}).encode())
 
 
-def fill(settings: Settings, n: int) -> float:
+def fill(settings: Settings, n: int, seed: int = 0, id_prefix: str = "e") -> float:
     sink = producer(settings, linger_ms=20, batch_size=256 * 1024)
     started = time.perf_counter()
-    for user, value in synthetic_events(n, users=max(1000, n // 20), items=50_000):
+    for user, value in synthetic_events(n, users=max(1000, n // 20), items=50_000, seed=seed,
+                                        id_prefix=id_prefix):
         sink.send(settings.topic_events, key=user.encode(), value=value)
     sink.flush()
     sink.close()
@@ -257,6 +259,19 @@ def trickle(settings: Settings, stop: threading.Event, rate: float = 200.0) -> N
     sink.close()
 
 
+def during_backlog(settings: Settings, events: int, requests: int, clients: int,
+                   users: int) -> dict:
+    """Latency while the worker is behind its input: ``events`` new events are produced at once
+    (faster than a worker takes them in), then the clients' requests run. A request then waits
+    behind whatever ingest batch holds the loop. The worker's ingest lag is read as the
+    requests start and end: above zero at the end, every request met the backlog."""
+    fill(settings, events, seed=7, id_prefix="k")
+    behind = scrape(settings).get("streamrec_ingest_lag_events", 0.0)
+    result = round_trips(settings, requests, clients, users)
+    return {**result, "lag_at_start": behind,
+            "lag_at_end": scrape(settings).get("streamrec_ingest_lag_events", 0.0)}
+
+
 def bare_rate(base: Settings, name: str, flags: list[str], round_: int, tag: str,
               workdir: Path, events: int, cpu: dict, broker_pid: int) -> float:
     """Events/s of the bare agent (``bare_agent.py``) in a consumer group of its own."""
@@ -382,6 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 stop.set()
                 feeder.join()
+            results["during_backlog"] = during_backlog(served, args.events, args.requests,
+                                                       args.clients, users)
         finally:
             worker.stop()
     print(json.dumps(results, indent=2))
