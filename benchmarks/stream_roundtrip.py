@@ -262,9 +262,9 @@ def trickle(settings: Settings, stop: threading.Event, rate: float = 200.0) -> N
 def during_backlog(settings: Settings, events: int, requests: int, clients: int,
                    users: int) -> dict:
     """Latency while the worker is behind its input: ``events`` new events are produced at once
-    (faster than a worker takes them in), then the clients' requests run. A request then waits
-    behind whatever ingest batch holds the loop. The worker's ingest lag is read as the
-    requests start and end: above zero at the end, every request met the backlog."""
+    (faster than a worker takes them in), then the clients' requests run. The worker's ingest
+    lag is read as the requests start and end: above zero at the end, every request met the
+    backlog."""
     fill(settings, events, seed=7, id_prefix="k")
     behind = scrape(settings).get("streamrec_ingest_lag_events", 0.0)
     result = round_trips(settings, requests, clients, users)
