@@ -68,12 +68,14 @@ class Scraped:
     log: Path
 
     def traffic(self) -> None:
-        """One answered request: keeps rate() over the latency buckets above zero."""
+        """One answered request and one ingest batch: keeps rate() over the histograms'
+        buckets above zero."""
         self.metrics.requests.labels("ok").inc()
         self.metrics.request_latency.observe(LATENCY_S)
         self.metrics.stage_latency.labels("ann").observe(LATENCY_S / 10)
         self.metrics.candidates.labels("ann").inc(10)
         self.metrics.dr_retrieved.observe(120)  # a dr request's items
+        self.metrics.ingest_batch.observe(64)  # events of one ingest batch
 
     def log_tail(self) -> str:
         return self.log.read_text()[-3000:] if self.log.exists() else "(no log)"
