@@ -20,16 +20,15 @@ import argparse
 import json
 import tempfile
 import time
-from collections import defaultdict
 
 import numpy as np
 import orjson
 
 from state.history import History
-from stream_app.app import item_partition
+from stream_app.app import training_messages
 from stream_app.engine import Engine
 from stream_app.settings import Settings
-from stream_app.wire import TrainBatch, decode_event
+from stream_app.wire import decode_event
 from stream_roundtrip import synthetic_events  # this folder's script
 
 STAGES = ("decode", "read", "ingest", "write", "train")
@@ -67,13 +66,8 @@ def ingest_batch(engine: Engine, settings: Settings, raw: list[bytes],
     for user, history in updated.items():
         stored[user] = orjson.dumps(history.to_json())
     lap("write")
-    by_partition: dict[int, list[bytes]] = defaultdict(list)
-    for example in examples:
-        if example is not None:
-            by_partition[item_partition(example.item_id, settings.partitions)].append(
-                example.to_bytes())
-    for parts in by_partition.values():
-        TrainBatch.encode_parts(parts, settings.train_compression_level, engine.users)
+    list(training_messages([example for example in examples if example is not None],
+                           settings.partitions, settings.train_compression_level, engine.users))
     lap("train")
 
 

@@ -18,6 +18,7 @@ import signal
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 
 import faust
 
@@ -61,6 +62,21 @@ def _chunks_by_size(parts: list[bytes], limit: int):
         size += len(part) + 1
     if chunk:
         yield chunk
+
+
+def training_messages(examples: list[TrainExample], partitions: int, compression_level: int,
+                      users: int | None) -> Iterator[tuple[int, bytes]]:
+    """(train-topic partition, message value) for a batch's examples: one message per item
+    partition (and per ``TRAIN_MESSAGE_BYTES``), the partition chosen by a stable hash of the
+    item id so each item is always learned by the same owner; each message says how many
+    users the ingesting worker holds (``users``), as of its examples."""
+    by_partition: dict[int, list[bytes]] = {}
+    for example in examples:
+        partition = item_partition(example.item_id, partitions)
+        by_partition.setdefault(partition, []).append(example.to_bytes())
+    for partition, parts in by_partition.items():
+        for chunk in _chunks_by_size(parts, TRAIN_MESSAGE_BYTES):
+            yield partition, TrainBatch.encode_parts(chunk, compression_level, users)
 
 
 def create_app(settings: Settings, engine: Engine, metrics: Metrics,
@@ -170,18 +186,11 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         return examples
 
     async def send_training(examples: list[TrainExample]) -> None:
-        """One message per item partition (and per ``TRAIN_MESSAGE_BYTES``), partition chosen
-        by a stable hash of the item id, so each item is always learned by the same owner;
-        each says how many users this worker holds now, as of its examples."""
-        by_partition: dict[int, list[bytes]] = {}
-        for example in examples:
-            partition = item_partition(example.item_id, settings.partitions)
-            by_partition.setdefault(partition, []).append(example.to_bytes())
-        for partition, parts in by_partition.items():
-            for chunk in _chunks_by_size(parts, TRAIN_MESSAGE_BYTES):
-                await train.send(key=str(partition).encode(), partition=partition,
-                                 value=TrainBatch.encode_parts(
-                                     chunk, settings.train_compression_level, engine.users))
+        """The batch's :func:`training_messages`, each to its item partition."""
+        for partition, value in training_messages(examples, settings.partitions,
+                                                  settings.train_compression_level,
+                                                  engine.users):
+            await train.send(key=str(partition).encode(), partition=partition, value=value)
 
     @app.agent(events, name="ingest")
     async def ingest(stream):

@@ -178,8 +178,8 @@ class Engine:
         return np.array(self._kind_weight_list(kinds))
 
     def _kind_weight_list(self, kinds: Sequence[str]) -> list[float]:
-        """Confidence of each event kind (1 for a kind no longer configured); runs once or
-        twice per event over the whole history, so it maps instead of looping."""
+        """Confidence of each event kind (1 for a kind no longer configured); runs over a
+        whole history (once per user of an ingest batch), so it maps instead of looping."""
         return list(map(self._weight_of_kind.__getitem__, kinds))
 
     def encode_weighted(self, items: Sequence[str], weights: np.ndarray,
