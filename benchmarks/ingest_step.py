@@ -4,8 +4,8 @@ loop that is streamrec's own (the rest is Faust's consumer and producer).
 Per batch of ``--batch`` events, as ``stream_app/app.py`` runs it: decode and validate each
 event, read the batch's users' stored histories (JSON bytes, as the rocksdb table holds them),
 ``Engine.ingest_many`` (histories, popularity, user vectors, training examples), write the
-histories back as JSON bytes, and encode the training messages (one per item partition,
-compressed as sent). Each stage's median over the timed batches, in µs per event. The engine's
+histories back as JSON bytes, and encode the training messages (the worker's own
+``training_messages``: one per item partition, compressed as sent). Each stage's median over the timed batches, in µs per event. The engine's
 catalogue is filled first (``--items`` rows), as a worker's replica of its learner is; events
 are drawn as ``benchmarks/stream_roundtrip.py`` draws them (Zipf items, uniform users), and the
 first batches are a warm-up that fills the users' histories.
