@@ -264,12 +264,23 @@ def during_backlog(settings: Settings, events: int, requests: int, clients: int,
     """Latency while the worker is behind its input: ``events`` new events are produced at once
     (faster than a worker takes them in), then the clients' requests run. The worker's ingest
     lag is read as the requests start and end: above zero at the end, every request met the
-    backlog."""
+    backlog. From the worker's histograms over the phase: the mean wait of a request (from its
+    timestamp to the worker taking it) and the mean time to answer it once taken."""
     fill(settings, events, seed=7, id_prefix="k")
-    behind = scrape(settings).get("streamrec_ingest_lag_events", 0.0)
+    before = scrape(settings)
     result = round_trips(settings, requests, clients, users)
-    return {**result, "lag_at_start": behind,
-            "lag_at_end": scrape(settings).get("streamrec_ingest_lag_events", 0.0)}
+    after = scrape(settings)
+    return {**result, "lag_at_start": before.get("streamrec_ingest_lag_events", 0.0),
+            "lag_at_end": after.get("streamrec_ingest_lag_events", 0.0),
+            "worker_wait_mean_ms": mean_ms(before, after, "streamrec_request_wait_seconds"),
+            "worker_answer_mean_ms": mean_ms(before, after, "streamrec_request_latency_seconds")}
+
+
+def mean_ms(before: dict, after: dict, histogram: str) -> float | None:
+    """Mean of a worker histogram's observations between two scrapes, in ms."""
+    count = after.get(f"{histogram}_count", 0.0) - before.get(f"{histogram}_count", 0.0)
+    total = after.get(f"{histogram}_sum", 0.0) - before.get(f"{histogram}_sum", 0.0)
+    return 1000.0 * total / count if count else None
 
 
 def bare_rate(base: Settings, name: str, flags: list[str], round_: int, tag: str,

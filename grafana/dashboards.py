@@ -73,9 +73,9 @@ def rate(metric: str, by: str) -> str:
     return f"sum by ({by}) (rate({metric}[{RATE_WINDOW}]))"
 
 
-def latency_quantile(q: float) -> str:
+def latency_quantile(q: float, histogram: str = "streamrec_request_latency_seconds") -> str:
     return (f"histogram_quantile({q}, sum by (le) "
-            f"(rate(streamrec_request_latency_seconds_bucket[{RATE_WINDOW}])))")
+            f"(rate({histogram}_bucket[{RATE_WINDOW}])))")
 
 
 # -- the dashboard ---------------------------------------------------------------------------
@@ -94,8 +94,12 @@ def overview() -> dict:
                     "Recommendation requests answered per second."),
          timeseries("Request latency",
                     [target(latency_quantile(0.5), "p50", "A"),
-                     target(latency_quantile(0.99), "p99", "B")], "s",
-                    "From taking a request to sending its response, all workers.")],
+                     target(latency_quantile(0.99), "p99", "B"),
+                     target(latency_quantile(0.99, "streamrec_request_wait_seconds"),
+                            "wait p99", "C")], "s",
+                    "p50 and p99: from taking a request to sending its response, all workers. "
+                    "Wait: from the request's timestamp to taking it (time in Kafka; compares "
+                    "the client's clock with the worker's).")],
         [stat("Users", [target("sum(streamrec_users)", "users")],
               "Users with history; each user lives on one worker, so the sum is the total."),
          stat("Items", [target("streamrec_items", "{{instance}}")],

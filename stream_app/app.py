@@ -6,7 +6,8 @@ Built by :func:`create_app` from a settings object, an :class:`~stream_app.engin
 Partitioning: ``timeline-events`` and ``rec-requests`` are keyed by ``user_id`` and have the same
 number of partitions, so a request lands on the partition (and the worker) that holds the user's
 history. A message whose key is not its ``user_id`` is re-sent once with the right key instead
-of being processed on the wrong partition.
+of being processed on the wrong partition. Requests are read by a consumer of their own that
+follows the event partitions Faust assigns (:mod:`stream_app.request_reader`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .intake import IntakeLag
 from .kafka import faust_credentials
 from .learner_process import LearnerProcess
 from .metrics import Metrics
+from .request_reader import RequestReader
 from .settings import Settings
 from .wire import (DeadLetter, Event, InvalidMessage, RecResponse, TrainBatch, TrainExample,
                    decode_event, decode_request, salvage_request)
@@ -306,22 +308,43 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                                took_ms=(time.perf_counter() - started) * 1000.0)
         await respond(response, reply_to, started)
 
-    @app.agent(requests, name="respond")
-    async def respond_agent(stream):
-        """Answer every request on its reply topic keyed by request_id; errors are answers too."""
-        async for item in stream.events():
-            started = time.perf_counter()
-            message = item.message
+    async def answer_request(message) -> None:
+        """Answer a request on its reply topic keyed by request_id; errors are answers too."""
+        started = time.perf_counter()
+        if message.timestamp is not None:  # set by the client's producer, or by the broker
+            metrics.request_wait.observe(max(0.0, time.time() - message.timestamp / 1000.0))
+        try:
+            await answer(message, started)
+        except Exception as error:  # noqa: BLE001 - the responder never goes silent
+            if not isinstance(error, InvalidMessage):
+                log.exception("request at %s/%d/%d failed", message.topic,
+                              message.partition, message.offset)
             try:
-                await answer(message, started)
-            except Exception as error:  # noqa: BLE001 - the responder never goes silent
-                if not isinstance(error, InvalidMessage):
-                    log.exception("request at %s/%d/%d failed", message.topic,
-                                  message.partition, message.offset)
-                try:
-                    await answer_error(error, message, started)
-                except Exception:  # noqa: BLE001
-                    log.exception("could not send the error response")
+                await answer_error(error, message, started)
+            except Exception:  # noqa: BLE001
+                log.exception("could not send the error response")
+
+    reader = RequestReader(settings, answer_request)
+    metrics.gauge("streamrec_request_partitions",
+                  "Request partitions this worker reads (those of its event partitions).",
+                  lambda: len(reader.partitions))
+
+    @app.task
+    async def read_requests() -> None:
+        """Requests come through a consumer of their own (:mod:`stream_app.request_reader`),
+        not Faust's, so an answer does not wait for the events polled before it."""
+        await reader.run()
+
+    @app.on_partitions_revoked.connect
+    async def stop_reading_requests(app: faust.App, revoked, **kwargs) -> None:
+        await reader.follow(())
+
+    @app.on_rebalance_complete.connect
+    async def read_requests_of_held_partitions(app: faust.App, **kwargs) -> None:
+        """The request partitions numbered as the event partitions this worker holds: their
+        users' histories are here, recovered."""
+        await reader.follow(tp.partition for tp in app.consumer.assignment()
+                            if tp.topic == settings.topic_events)
 
     @histories.on_recover
     async def count_users() -> None:
@@ -352,4 +375,5 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             log.exception("could not start a Deep Retrieval M-step")
 
     app.streamrec_histories = histories  # for tests and tools that inspect the table
+    app.streamrec_request_reader = reader
     return app

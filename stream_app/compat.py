@@ -170,7 +170,7 @@ def guard_fetch_wait(consumer: Any, *, check_every_s: float = 0.5) -> None:
             checked = now
             if guard is None:
                 guard = FetchWaitGuard(fetcher._fetch_max_wait_ms)
-            raised = guard.check(*_fetch_states(kafka_consumer, fetcher), now)
+            raised = guard.check(*fetch_states(kafka_consumer, fetcher), now)
             if raised is not None:
                 fetcher._fetch_max_wait_ms = raised  # read for every fetch request it builds
         return records
@@ -179,7 +179,7 @@ def guard_fetch_wait(consumer: Any, *, check_every_s: float = 0.5) -> None:
     log.info("fetch-wait guard installed")
 
 
-def _fetch_states(kafka_consumer: Any, fetcher: Any) -> tuple[dict, dict]:
+def fetch_states(kafka_consumer: Any, fetcher: Any) -> tuple[dict, dict]:
     """Positions and high watermarks of the assigned partitions that fetch now."""
     assignment = kafka_consumer._subscription.subscription
     assignment = assignment.assignment if assignment is not None else None

@@ -28,6 +28,17 @@ def client_config(settings: Settings) -> dict:
     return config
 
 
+def aiokafka_config(settings: Settings) -> dict:
+    """The same settings as :func:`client_config`, spelled for aiokafka clients (TLS as an
+    ``ssl_context``)."""
+    config = {key: value for key, value in client_config(settings).items()
+              if not key.startswith("ssl_")}
+    context = ssl_context(settings)
+    if context is not None:
+        config["ssl_context"] = context
+    return config
+
+
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if not settings.security_protocol.endswith("SSL"):
         return None

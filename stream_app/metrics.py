@@ -45,6 +45,10 @@ class Metrics:
         self.request_latency = Histogram("streamrec_request_latency_seconds",
                                          "Time from taking a request to sending its response.",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.request_wait = Histogram("streamrec_request_wait_seconds",
+                                      "Time from a request's timestamp (its producer's clock, or "
+                                      "the broker's) to taking it: time in Kafka and in reaching "
+                                      "the worker.", buckets=LATENCY_BUCKETS, registry=r)
         self.ingest_batch = Histogram("streamrec_ingest_batch_events",
                                       "Events the ingest agent took in one batch: full batches "
                                       "(STREAMREC_INGEST_BATCH) in a backlog, fewer when the "

@@ -190,6 +190,68 @@ def test_restarted_worker_keeps_histories(settings, start_worker):
         assert ids(client.recommend("nobody", k=4, **POPULAR)) == ["c", "b", "a", "d"]  # counts too
 
 
+# Users named by the partition (of 2) their key hashes to; per partition, popularity with
+# distinct scores: partition 0 sees x = 10 (a sale), y = 2 (two views), z = 1; partition 1
+# sees z = 10, y = 4 (a click), w = 1.
+BY_PARTITION = {
+    0: [("user1", "x", "sale"), ("user5", "y", "view"), ("user5", "y", "view"),
+        ("user5", "z", "view")],
+    1: [("user0", "z", "sale"), ("user2", "y", "click"), ("user3", "w", "view")],
+}
+POPULAR_ON = {0: ["x", "y", "z"], 1: ["z", "y", "w"]}
+
+
+def test_each_worker_answers_the_users_whose_histories_it_holds(settings, start_worker):
+    """Two workers split the partitions; a request is answered where its user's history is
+    (the user's seen items are left out of the popular ones that worker counted), and after
+    one worker stops, the other answers its users from the recovered histories."""
+    from stream_app.processes import free_port
+
+    first = start_worker(settings)
+    second = start_worker(settings.replace(data_dir=settings.data_dir.parent / "second",
+                                           metrics_port=free_port()))
+    workers = (first, second)
+    # the second start returns once any worker answers: the first one may, before the second
+    # serves its metrics
+    wait_until(lambda: [metric(w, "streamrec_request_partitions") for w in workers] == [1, 1])
+    produce(settings, [(user.encode(), event(user, item, kind, event_id=f"{user}-{i}"))
+                       for events in BY_PARTITION.values()
+                       for i, (user, item, kind) in enumerate(events)])
+    wait_until(lambda: sum(metric(w, "streamrec_events_total") for w in workers) == 7)
+
+    def answers(popular: dict[int, list[str]]) -> dict[str, list[str]]:
+        with RecClient(settings) as client:
+            return {user: ids(client.recommend(user, k=5, **POPULAR))
+                    for user in ("user5", "user1", "user2", "user3")}
+
+    assert answers(POPULAR_ON) == {"user5": ["x"], "user1": ["y", "z"],
+                                   "user2": ["z", "w"], "user3": ["z", "y"]}
+    second_held = 0 if second.metrics()["streamrec_events_total"] == 4 else 1
+    time.sleep(1.5)  # the changelog flushed
+    assert second.stop() == 0
+    wait_until(lambda: first.metrics().get("streamrec_request_partitions") == 2.0, 60.0)
+    seen = {"user5": {"y", "z"}, "user1": {"x"}, "user2": {"y"}, "user3": {"w"}}
+    popular = POPULAR_ON[1 - second_held]  # the first worker's own counts
+    assert answers(popular) == {user: [item for item in popular if item not in seen[user]]
+                                for user in seen}
+
+
+def metric(worker, name: str) -> float:
+    """A worker's metric; 0 when it has not counted any yet or does not serve metrics yet."""
+    try:
+        return worker.metrics().get(name, 0.0)
+    except OSError:
+        return 0.0
+
+
+def wait_until(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.2)
+
+
 def test_fresh_worker_recovers_histories_from_the_changelog(settings, start_worker):
     worker = start_worker(settings)
     many = [(f"u{i % 50}".encode(), event(f"u{i % 50}", f"i{i}", event_id=f"e{i}"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import faust
 
-from stream_app.kafka import client_config, faust_credentials
+from stream_app.kafka import aiokafka_config, client_config, faust_credentials
 from stream_app.settings import Settings
 
 
@@ -36,3 +36,24 @@ def test_ssl_files_pass_through(tmp_path):
     config = client_config(settings)
     assert config["ssl_cafile"].endswith("ca.pem") and config["ssl_keyfile"].endswith("k.pem")
     assert "sasl_mechanism" not in config
+
+
+def test_aiokafka_clients_get_the_same_settings(tmp_path):
+    """The request reader's consumer (aiokafka): SASL as given, TLS as a context."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer
+
+    settings = Settings(broker="k:9093", security_protocol="SASL_SSL", sasl_mechanism="PLAIN",
+                        sasl_username="svc", sasl_password="s3cret")
+    config = aiokafka_config(settings)
+    assert config["ssl_context"] is not None and not any(k.startswith("ssl_") and k !=
+                                                         "ssl_context" for k in config)
+    assert (config["security_protocol"], config["sasl_mechanism"], config["sasl_plain_username"],
+            config["sasl_plain_password"]) == ("SASL_SSL", "PLAIN", "svc", "s3cret")
+
+    async def build() -> None:  # every key is one aiokafka takes
+        AIOKafkaConsumer(**config)
+
+    asyncio.run(build())
+    assert "ssl_context" not in aiokafka_config(Settings(broker="k:9092"))

@@ -72,6 +72,7 @@ class Scraped:
         buckets above zero."""
         self.metrics.requests.labels("ok").inc()
         self.metrics.request_latency.observe(LATENCY_S)
+        self.metrics.request_wait.observe(LATENCY_S)  # its time in Kafka
         self.metrics.stage_latency.labels("ann").observe(LATENCY_S / 10)
         self.metrics.candidates.labels("ann").inc(10)
         self.metrics.dr_retrieved.observe(120)  # a dr request's items

@@ -1,0 +1,192 @@
+"""Read the request topic with a consumer of its own, so answers do not queue behind events.
+
+Faust's consumer reads every topic of an app in one loop: it hands a poll of up to 500 records
+to the streams message by message and polls again only when the last one is delivered. While a
+worker takes in a backlog, every poll is full of events and lasts as long as the ingest agent
+takes to process them (~140 ms at 3,500 events/s), so a request read through it waited one or
+two such polls before anything looked at it: p50 271 / p99 640 ms for 4 clients, while
+answering took 3-11 ms (traced in ``docs/throughput.md``).
+
+:class:`RequestReader` is an aiokafka consumer on the worker's event loop that reads only the
+request topic and hands each request to the worker's answer as soon as a fetch brings it. It
+joins no group: it is assigned by hand the request partitions whose numbers are the event
+partitions the worker's Faust consumer holds. Requests are keyed by user like events, so
+request partition p meets partition p of the history table, which lives where event
+partition p is taken in (the request topic must have the events topic's partition count, as
+:func:`~stream_app.kafka.ensure_topics` creates it). The reader follows Faust's rebalances: it
+stops reading when partitions are revoked and reads the new set when the rebalance completes,
+that is once the tables are recovered, as Faust resumed its own agents.
+
+Offsets are committed under the group ``<app_id>-requests`` at most every ``commit_every_s``,
+and whenever the assignment changes or the reader stops: at least once, so after a crash a
+request may be answered twice (clients keep the first answer to an id). A partition this group
+never committed is read from where the app's own consumer group left it (the Faust agent that
+read requests before this reader did), else from its oldest request, as Faust's consumer read
+it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from .compat import FetchWaitGuard, fetch_states
+from .kafka import aiokafka_config
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: most requests handed over from one fetch; a rebalance waits for the batch in hand
+MAX_BATCH = 100
+
+
+class RequestReader:
+    """Feeds every request of the partitions it is told to follow to ``answer`` (an async
+    callable taking the consumer record: ``key``, ``value``, ``topic``, ``partition``,
+    ``offset``, ``timestamp`` in ms), one at a time, in offset order within a partition.
+
+    ``answer`` must not raise (the worker's answers errors with an error response); if it does,
+    the error is logged and the request counts as handled."""
+
+    def __init__(self, settings: Settings, answer: Callable[[Any], Awaitable[None]], *,
+                 commit_every_s: float = 1.0) -> None:
+        self.settings = settings
+        self.topic = settings.topic_requests
+        self.group_id = f"{settings.app_id}-requests"
+        self._answer = answer
+        self._commit_every_s = commit_every_s
+        self._consumer: Any = None
+        self._partitions: frozenset[int] = frozenset()
+        self._generation = 0  # bumped by every change of the partitions read
+        self._next: dict[Any, int] = {}  # partition -> offset after the last request handled
+        self._committed_at = 0.0
+        self._lock = asyncio.Lock()  # a batch in hand, or a change of partitions
+        self._guard = FetchWaitGuard(settings.worker_fetch_max_wait_ms) \
+            if settings.compat_fixes else None
+
+    @property
+    def partitions(self) -> frozenset[int]:
+        return self._partitions
+
+    async def run(self) -> None:
+        """Read and answer requests until cancelled; commits what was answered on the way out."""
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            group_id=self.group_id, client_id=self.group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", fetch_max_wait_ms=self.settings.worker_fetch_max_wait_ms,
+            **aiokafka_config(self.settings))
+        await consumer.start()
+        try:
+            async with self._lock:
+                self._consumer = consumer
+                await self._assign()
+            while True:
+                batches = await consumer.getmany(timeout_ms=1000, max_records=MAX_BATCH)
+                fetched_in = self._generation  # read as getmany returns, before any wait
+                async with self._lock:
+                    # a batch fetched before the partitions changed is read again from the
+                    # commits made by that change; one fetched after it is the new set's
+                    if fetched_in == self._generation:
+                        await self._handle(batches)
+                    await self._commit(due_only=True)
+                self._guard_fetch_wait()
+        finally:
+            try:
+                async with self._lock:
+                    await self._commit()
+            finally:
+                self._consumer = None
+                await consumer.stop()
+
+    async def follow(self, partitions: Iterable[int]) -> None:
+        """Read exactly these request partitions from now on (commits first what was answered,
+        so a partition that moves to another worker is read there from the next request). Once
+        it returns, no request of a partition left out is handed to ``answer``."""
+        wanted = frozenset(partitions)
+        async with self._lock:
+            if wanted == self._partitions:
+                return
+            await self._commit()
+            self._partitions = wanted
+            self._generation += 1
+            self._next = {tp: offset for tp, offset in self._next.items()
+                          if tp.partition in wanted}
+            if self._consumer is not None:
+                await self._assign()
+        log.info("reading requests of partitions %s", sorted(wanted))
+
+    async def _assign(self) -> None:
+        from aiokafka import TopicPartition
+
+        partitions = [TopicPartition(self.topic, p) for p in sorted(self._partitions)]
+        self._consumer.assign(partitions)
+        await self._start_where_the_app_left_off(partitions)
+
+    async def _start_where_the_app_left_off(self, partitions: list) -> None:
+        """A partition this reader's group never committed starts where the app's own group
+        committed it, if it did: a Faust agent of the app read requests until this reader
+        replaced it, and an upgraded worker goes on from there instead of answering every
+        retained request again. Otherwise (a new app, or that lookup failing) it starts at the
+        oldest request."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        fresh = [tp for tp in partitions if await self._consumer.committed(tp) is None]
+        if not fresh:
+            return
+        admin = AIOKafkaAdminClient(client_id=self.group_id, **aiokafka_config(self.settings))
+        try:
+            await admin.start()
+            offsets = await admin.list_consumer_group_offsets(self.settings.app_id,
+                                                              partitions=fresh)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.warning("could not read the app's request offsets; reading %s from the oldest",
+                        fresh, exc_info=True)
+            return
+        finally:
+            await admin.close()
+        for tp in fresh:
+            if tp in offsets and offsets[tp].offset >= 0:
+                self._consumer.seek(tp, offsets[tp].offset)
+                log.info("reading %s from offset %d, where the app's group left it", tp,
+                         offsets[tp].offset)
+
+    async def _handle(self, batches: dict) -> None:
+        for tp, records in batches.items():
+            if tp.partition not in self._partitions:
+                continue
+            for record in records:
+                try:
+                    await self._answer(record)
+                except Exception:  # noqa: BLE001 - the reader never stops for one request
+                    log.exception("request at %s/%d/%d failed", record.topic, record.partition,
+                                  record.offset)
+                self._next[tp] = record.offset + 1
+
+    async def _commit(self, due_only: bool = False) -> None:
+        """Commit the offsets after the requests answered (all, or only when the last commit
+        is ``commit_every_s`` old). A failed commit is logged: its requests may be answered
+        again after a move or a crash, nothing is lost."""
+        now = time.monotonic()
+        if not self._next or self._consumer is None or (
+                due_only and now - self._committed_at < self._commit_every_s):
+            return
+        offsets, self._next = self._next, {}
+        self._committed_at = now
+        try:
+            await self._consumer.commit(offsets)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.warning("could not commit request offsets %s", offsets, exc_info=True)
+
+    def _guard_fetch_wait(self) -> None:
+        """Fix 3 of :mod:`stream_app.compat` (embedded broker only): raise the fetch wait while
+        a partition stands still below its high watermark."""
+        if self._guard is None or self._consumer is None:
+            return
+        fetcher = self._consumer._fetcher
+        raised = self._guard.check(*fetch_states(self._consumer, fetcher), time.monotonic())
+        if raised is not None:
+            fetcher._fetch_max_wait_ms = raised
