@@ -48,8 +48,12 @@ class RequestReader:
     callable taking the consumer record: ``key``, ``value``, ``topic``, ``partition``,
     ``offset``, ``timestamp`` in ms), one at a time, in offset order within a partition.
 
-    ``answer`` must not raise (the worker's answers errors with an error response); if it does,
-    the error is logged and the request counts as handled."""
+    ``answer`` should not raise (the worker's turns errors into error responses); if it does,
+    the error is logged and the request counts as handled.
+
+    One request at a time: answering them concurrently (``asyncio.gather`` over a fetched
+    batch) left the wait of requests during a backlog as it was (mean 40 against 35 ms, one
+    run), since an answer's time is its CPU work on the loop."""
 
     def __init__(self, settings: Settings, answer: Callable[[Any], Awaitable[None]], *,
                  commit_every_s: float = 1.0) -> None:
@@ -71,16 +75,30 @@ class RequestReader:
     def partitions(self) -> frozenset[int]:
         return self._partitions
 
-    async def run(self) -> None:
-        """Read and answer requests until cancelled; commits what was answered on the way out."""
+    async def run(self, retry_after_s: float = 1.0) -> None:
+        """Read and answer requests until cancelled. When the consumer fails (the broker out of
+        reach, an error of the client) the failure is logged and a new consumer starts after
+        ``retry_after_s``, from the last commit: a worker whose reader had died would go on
+        taking events in and answer nothing."""
+        while True:
+            try:
+                await self._read()
+            except Exception:  # noqa: BLE001 - see the docstring
+                log.exception("the request reader failed; starting again in %g s",
+                              retry_after_s)
+            await asyncio.sleep(retry_after_s)
+
+    async def _read(self) -> None:
+        """One consumer's life: answer requests until cancelled or failed; commit what was
+        answered on the way out."""
         from aiokafka import AIOKafkaConsumer
 
         consumer = AIOKafkaConsumer(
             group_id=self.group_id, client_id=self.group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=self.settings.worker_fetch_max_wait_ms,
             **aiokafka_config(self.settings))
-        await consumer.start()
         try:
+            await consumer.start()
             async with self._lock:
                 self._consumer = consumer
                 await self._assign()
@@ -100,7 +118,7 @@ class RequestReader:
                     await self._commit()
             finally:
                 self._consumer = None
-                await consumer.stop()
+                await consumer.stop()  # also after a failed start: it closes what it opened
 
     async def follow(self, partitions: Iterable[int]) -> None:
         """Read exactly these request partitions from now on (commits first what was answered,

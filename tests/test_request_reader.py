@@ -151,3 +151,26 @@ def test_a_partition_never_committed_starts_where_the_apps_group_left_it(request
         return running.values()
 
     assert sorted(asyncio.run(scenario())) == ["new", "p1"]
+
+
+def test_a_reader_whose_broker_is_not_there_yet_keeps_trying(settings, tmp_path):
+    """A failed consumer does not end the reader (a worker would go on taking events in and
+    answer nothing): once a broker listens, the same reader answers."""
+    from stream_app.processes import EmbeddedBroker, free_port
+
+    port = free_port()
+    later = settings.replace(broker=f"127.0.0.1:{port}")
+
+    async def scenario() -> list[str]:
+        running = Running(later)
+        await running.reader.follow([0])
+        await asyncio.sleep(1.5)  # its consumer fails to start, again and again
+        assert not running.task.done()
+        with EmbeddedBroker("127.0.0.1", port, log_path=tmp_path / "broker.log"):
+            ensure_topics(later, [later.topic_requests])
+            send(later, 0, "after")
+            await running.until(1, timeout_s=30)
+            await running.stop()
+        return running.values()
+
+    assert asyncio.run(scenario()) == ["after"]
