@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -227,8 +228,22 @@ def child_main(settings: Settings, inbox: Connection, outbox: Connection) -> Non
     limit_threads()
     engine = Engine(settings.replace(index_enabled=False))  # the index lives with the answers
     engine.load()
+    freeze_startup_objects()
     outbox.send(("ready", len(engine.learner), engine.learner.steps))
     LearnerLoop(engine, settings, outbox).run(inbox)
+
+
+def freeze_startup_objects() -> int:
+    """Keep every object made so far out of the garbage collector's passes; returns how many.
+
+    A process that has imported torch, Faust and the rest holds ~280,000 objects the collector
+    tracks, nearly all of them modules, classes and functions that live as long as the process.
+    Each full collection walked them all: 240–280 ms with the event loop stopped, every answer
+    and event behind it (traced in a worker taking in a backlog, ``docs/throughput.md``). Frozen,
+    they are never walked again; objects made later are collected as before."""
+    gc.collect()  # what is garbage already goes now, not frozen with the rest
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def limit_threads() -> None:

@@ -14,7 +14,7 @@ from .app import create_app
 from .compat import install_embedded_broker_fixes
 from .engine import Engine
 from .kafka import ensure_topics
-from .learner_process import LearnerProcess, limit_threads
+from .learner_process import LearnerProcess, freeze_startup_objects, limit_threads
 from .metrics import Metrics
 from .settings import Settings
 
@@ -151,6 +151,8 @@ def run_worker(settings: Settings) -> int:
     app = create_app(settings, engine, metrics, learner)
     worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
                     shutdown_timeout_s=settings.shutdown_timeout_s)
+    log.info("%d objects made at start kept out of garbage collection",
+             freeze_startup_objects())
     code = 0
     try:
         worker.execute_from_commandline()

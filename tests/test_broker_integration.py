@@ -76,6 +76,7 @@ def test_events_reach_the_worker_and_requests_get_popularity_minus_seen(settings
     metrics = worker.metrics()
     assert metrics["streamrec_users"] == 4
     assert metrics["streamrec_items"] == 4
+    assert "objects made at start kept out of garbage collection" in worker.log_path.read_text()
     assert metrics["streamrec_requests_total"] >= 5
     assert metrics["streamrec_request_latency_seconds_count"] >= 5
 
