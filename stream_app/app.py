@@ -375,5 +375,4 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             log.exception("could not start a Deep Retrieval M-step")
 
     app.streamrec_histories = histories  # for tests and tools that inspect the table
-    app.streamrec_request_reader = reader
     return app

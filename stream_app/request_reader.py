@@ -99,6 +99,7 @@ class RequestReader:
             **aiokafka_config(self.settings))
         try:
             await consumer.start()
+            await self._check_partition_count(consumer)
             async with self._lock:
                 self._consumer = consumer
                 await self._assign()
@@ -119,6 +120,17 @@ class RequestReader:
             finally:
                 self._consumer = None
                 await consumer.stop()  # also after a failed start: it closes what it opened
+
+    async def _check_partition_count(self, consumer: Any) -> None:
+        """Log an error when the request topic's partition count is not the events topic's
+        (``settings.partitions``): requests on a partition numbered past the events' would
+        never be read, and the others would not meet their users' histories."""
+        await consumer.topics()  # the cluster's metadata, partitions included
+        count = len(consumer.partitions_for_topic(self.topic) or ())
+        if count != self.settings.partitions:
+            log.error("the request topic %s has %d partitions and the events topic %d: they "
+                      "must be equal (requests are read where their user's events are)",
+                      self.topic, count, self.settings.partitions)
 
     async def follow(self, partitions: Iterable[int]) -> None:
         """Read exactly these request partitions from now on (commits first what was answered,

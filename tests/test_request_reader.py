@@ -108,7 +108,7 @@ def test_commits_what_it_answered_and_a_moved_partition_loses_nothing(request_se
     assert again == ["p1-3"]
 
 
-def test_following_the_same_partitions_again_changes_nothing(request_settings):
+def test_following_the_same_partitions_again_changes_nothing(request_settings, caplog):
     async def scenario() -> list[str]:
         running = Running(request_settings)
         await running.reader.follow([0, 1])
@@ -121,7 +121,9 @@ def test_following_the_same_partitions_again_changes_nothing(request_settings):
         await running.stop()
         return running.values()
 
-    assert asyncio.run(scenario()) == ["x", "y"]
+    with caplog.at_level("ERROR", logger="stream_app.request_reader"):
+        assert asyncio.run(scenario()) == ["x", "y"]
+    assert "partitions and the events topic" not in caplog.text  # equal counts: no error
 
 
 def test_a_partition_never_committed_starts_where_the_apps_group_left_it(request_settings):
@@ -174,3 +176,20 @@ def test_a_reader_whose_broker_is_not_there_yet_keeps_trying(settings, tmp_path)
         return running.values()
 
     assert asyncio.run(scenario()) == ["after"]
+
+
+def test_a_request_topic_with_other_partitions_than_the_events_is_an_error(settings, caplog):
+    """Partitions numbered past the events' would never be read: the reader says so."""
+    mismatched = settings.replace(topic_requests=settings.topic_requests + "-three")
+    ensure_topics(mismatched.replace(partitions=3), [mismatched.topic_requests])
+
+    async def scenario() -> None:
+        running = Running(mismatched)
+        await running.reader.follow([0])
+        send(mismatched, 0, "x")
+        await running.until(1)
+        await running.stop()
+
+    with caplog.at_level("ERROR", logger="stream_app.request_reader"):
+        asyncio.run(scenario())
+    assert "has 3 partitions and the events topic 2" in caplog.text
