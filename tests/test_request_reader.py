@@ -54,6 +54,17 @@ class Running:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
+async def read_exactly(settings, partitions: list[int], count: int) -> list[str]:
+    """What a new reader of ``partitions`` is handed: ``count`` requests, then nothing more
+    for half a second."""
+    running = Running(settings)
+    await running.reader.follow(partitions)
+    await running.until(count)
+    await asyncio.sleep(0.5)
+    await running.stop()
+    return running.values()
+
+
 @pytest.fixture
 def request_settings(settings):
     ensure_topics(settings, [settings.topic_requests])
@@ -95,12 +106,8 @@ def test_commits_what_it_answered_and_a_moved_partition_loses_nothing(request_se
         await first.stop()
         await second.stop()
         send(request_settings, 1, "p1-3")
-        again = Running(request_settings)
-        await again.reader.follow([0, 1])
-        await again.until(1)
-        await asyncio.sleep(0.5)
-        await again.stop()
-        return first.values(), second.values(), again.values()
+        again = await read_exactly(request_settings, [0, 1], 1)
+        return first.values(), second.values(), again
 
     first, second, again = asyncio.run(scenario())
     assert sorted(first) == ["p0-1", "p1-1", "p1-2"]
@@ -143,16 +150,8 @@ def test_a_partition_never_committed_starts_where_the_apps_group_left_it(request
                    OffsetAndMetadata(2, "", -1)})
     legacy.close()
 
-    async def scenario() -> list[str]:
-        send(request_settings, 0, "new")
-        running = Running(request_settings)
-        await running.reader.follow([0, 1])
-        await running.until(2)
-        await asyncio.sleep(0.5)
-        await running.stop()
-        return running.values()
-
-    assert sorted(asyncio.run(scenario())) == ["new", "p1"]
+    send(request_settings, 0, "new")
+    assert sorted(asyncio.run(read_exactly(request_settings, [0, 1], 2))) == ["new", "p1"]
 
 
 def test_a_reader_whose_broker_is_not_there_yet_keeps_trying(settings, tmp_path):
