@@ -170,16 +170,23 @@ def guard_fetch_wait(consumer: Any, *, check_every_s: float = 0.5) -> None:
             checked = now
             if guard is None:
                 guard = FetchWaitGuard(fetcher._fetch_max_wait_ms)
-            raised = guard.check(*fetch_states(kafka_consumer, fetcher), now)
-            if raised is not None:
-                fetcher._fetch_max_wait_ms = raised  # read for every fetch request it builds
+            check_aiokafka(guard, kafka_consumer, now)
         return records
 
     thread._fetch_records = types.MethodType(_fetch_records, thread)
     log.info("fetch-wait guard installed")
 
 
-def fetch_states(kafka_consumer: Any, fetcher: Any) -> tuple[dict, dict]:
+def check_aiokafka(guard: FetchWaitGuard, kafka_consumer: Any, now: float) -> None:
+    """Check ``guard`` with what an aiokafka consumer knows and give its fetcher the raised
+    wait, if any (the worker's consumer and the request reader)."""
+    fetcher = kafka_consumer._fetcher
+    raised = guard.check(*_fetch_states(kafka_consumer, fetcher), now)
+    if raised is not None:
+        fetcher._fetch_max_wait_ms = raised  # read for every fetch request it builds
+
+
+def _fetch_states(kafka_consumer: Any, fetcher: Any) -> tuple[dict, dict]:
     """Positions and high watermarks of the assigned partitions that fetch now."""
     assignment = kafka_consumer._subscription.subscription
     assignment = assignment.assignment if assignment is not None else None

@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from .compat import FetchWaitGuard, fetch_states
+from .compat import FetchWaitGuard, check_aiokafka
 from .kafka import aiokafka_config
 from .settings import Settings
 
@@ -143,8 +143,6 @@ class RequestReader:
             await self._commit()
             self._partitions = wanted
             self._generation += 1
-            self._next = {tp: offset for tp, offset in self._next.items()
-                          if tp.partition in wanted}
             if self._consumer is not None:
                 await self._assign()
         log.info("reading requests of partitions %s", sorted(wanted))
@@ -214,9 +212,5 @@ class RequestReader:
     def _guard_fetch_wait(self) -> None:
         """Fix 3 of :mod:`stream_app.compat` (embedded broker only): raise the fetch wait while
         a partition stands still below its high watermark."""
-        if self._guard is None or self._consumer is None:
-            return
-        fetcher = self._consumer._fetcher
-        raised = self._guard.check(*fetch_states(self._consumer, fetcher), time.monotonic())
-        if raised is not None:
-            fetcher._fetch_max_wait_ms = raised
+        if self._guard is not None and self._consumer is not None:
+            check_aiokafka(self._guard, self._consumer, time.monotonic())

@@ -12,7 +12,7 @@ import pytest
 from aiokafka.structs import TopicPartition
 
 from stream_app.client import RecClient, ResponseTimeout
-from stream_app.compat import FetchWaitGuard, fetch_states
+from stream_app.compat import FetchWaitGuard, _fetch_states
 from stream_app.kafka import ensure_topics
 
 from .conftest import answer
@@ -84,7 +84,7 @@ def test_the_worker_guard_reads_only_partitions_that_fetch_now():
         {TopicPartition("a", 0): _State(5, 9), TopicPartition("a", 1): _State(5, 9, paused=True),
          TopicPartition("a", 2): _State(5, 9, valid=False), TopicPartition("a", 3): _State(5, 9)},
         buffered={TopicPartition("a", 3): object()})
-    positions, highwaters = fetch_states(kafka_consumer, kafka_consumer._fetcher)
+    positions, highwaters = _fetch_states(kafka_consumer, kafka_consumer._fetcher)
     assert positions == {TopicPartition("a", 0): 5}
     assert highwaters == {TopicPartition("a", 0): 9}
 
