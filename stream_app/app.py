@@ -22,9 +22,11 @@ from collections import Counter
 from collections.abc import Iterator
 
 import faust
+from faust.types import Message
 
 from state.history import History
 
+from .batch_intake import BatchIntake
 from .changelog import BatchedTable
 from .compat import guard_fetch_wait
 from .delivery import install_direct_delivery, patch_consumer
@@ -147,11 +149,13 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             await dead_letter(InvalidMessage("internal_error", repr(error)), message)
         return None
 
-    def apply(taken: list[tuple[faust.EventT, Event]]) -> list[TrainExample]:
+    def apply(taken: list[tuple[Message, Event]]) -> list[TrainExample]:
         """Valid events into the users' histories (one table read and one write per user of
         the batch, on the partition of that user's events, in one store batch per partition,
         the write's changelog record queued for the batch's flush) and training examples."""
-        last = {event.user_id: item for item, event in taken}
+        last = {event.user_id: message for message, event in taken}
+        last = {user: faust.Event(app, message.key, message.value, message.headers, message)
+                for user, message in last.items()}  # what the table's write path reads
         stored = {user: History.from_json(value)
                   for user, value in history_table.get_many(last).items()}
         updated, examples = engine.ingest_many([event for _, event in taken], stored)
@@ -163,25 +167,25 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             metrics.events.labels(kind, outcome).inc(count)
         return [example for example in examples if example is not None]
 
-    async def take_batch(batch: list[faust.EventT]) -> list[TrainExample]:
-        """:func:`apply` to the batch's valid events; if that fails, event by event, so a
-        poison event goes to the DLQ alone (events before it in the failed attempt may then
-        count twice in popularity: a bounded error, where skipping them would lose them)."""
+    async def take_batch(batch: list[Message]) -> list[TrainExample]:
+        """:func:`apply` to the valid events of a batch of messages; if that fails, event by
+        event, so a poison event goes to the DLQ alone (events before it in the failed
+        attempt may then count twice in popularity: a bounded error, where skipping them
+        would lose them)."""
         taken = []
-        for item in batch:
-            event = await decode_guarded(item.message)
+        for message in batch:
+            event = await decode_guarded(message)
             if event is not None:
-                taken.append((item, event))
+                taken.append((message, event))
         try:
             return apply(taken)
         except Exception:  # noqa: BLE001 - an agent must survive anything
             log.exception("a batch of %d events failed; taking them one at a time", len(taken))
         examples = []
-        for item, event in taken:
+        for message, event in taken:
             try:
-                examples.extend(apply([(item, event)]))
+                examples.extend(apply([(message, event)]))
             except Exception as error:  # noqa: BLE001
-                message = item.message
                 log.exception("event at %s/%d/%d failed", message.topic, message.partition,
                               message.offset)
                 await dead_letter(InvalidMessage("internal_error", repr(error)), message)
@@ -194,28 +198,49 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                                                   engine.users):
             await train.send(key=str(partition).encode(), partition=partition, value=value)
 
-    @app.agent(events, name="ingest")
-    async def ingest(stream):
-        """Validate events in batches; invalid ones go to the DLQ with a reason, never crash.
+    async def ingest_batch(batch: list[Message]) -> None:
+        """Validate a batch of event messages; invalid ones go to the DLQ with a reason,
+        nothing raises. Returns once the histories' changelog records and the training
+        messages are handed to the producer: the batch may then be acknowledged (Faust
+        flushes the producer before it commits offsets, so at least once holds)."""
+        intake_lag.observe((message.tp, message.offset) for message in batch)
+        metrics.ingest_batch.observe(len(batch))
+        examples = await take_batch(batch)
+        written = history_table.pending
+        try:
+            await history_table.flush()
+        except Exception:  # noqa: BLE001 - stored locally; lost only if the worker dies
+            log.exception("could not write the changelog of (some of) %d histories", written)
+        try:
+            await send_training(examples)
+        except Exception:  # noqa: BLE001 - histories are stored; only learning is lost
+            log.exception("could not send %d training examples", len(examples))
 
-        A batch is acknowledged only after its histories' changelog records and its training
-        messages are handed to the producer, and Faust flushes the producer before it commits
-        offsets: at least once holds."""
-        async for batch in stream.take_events(settings.ingest_batch,
-                                              within=settings.ingest_batch_wait_s):
-            intake_lag.observe((item.message.tp, item.message.offset) for item in batch)
-            metrics.ingest_batch.observe(len(batch))
-            examples = await take_batch(batch)
-            written = history_table.pending
-            try:
-                await history_table.flush()
-            except Exception:  # noqa: BLE001 - stored locally; lost only if the worker dies
-                log.exception("could not write the changelog of (some of) %d histories",
-                              written)
-            try:
-                await send_training(examples)
-            except Exception:  # noqa: BLE001 - histories are stored; only learning is lost
-                log.exception("could not send %d training examples", len(examples))
+    if settings.batch_intake:
+        intake = BatchIntake(app, events, settings.ingest_batch, settings.ingest_batch_wait_s)
+        intake.install()
+
+        @app.task
+        async def ingest() -> None:
+            """Batches of events from :class:`BatchIntake`, each acknowledged once taken in."""
+            while True:
+                batch = await intake.take()
+                try:
+                    await ingest_batch(batch)
+                except Exception as error:  # noqa: BLE001 - the task must survive anything
+                    log.exception("a batch of %d events failed", len(batch))
+                    for message in batch:
+                        await dead_letter(InvalidMessage("internal_error", repr(error)),
+                                          message)
+                intake.ack(batch)
+    else:
+        @app.agent(events, name="ingest")
+        async def ingest(stream):
+            """The same batches through Faust's stream, which acknowledges a batch when the
+            agent asks for the next."""
+            async for batch in stream.take_events(settings.ingest_batch,
+                                                  within=settings.ingest_batch_wait_s):
+                await ingest_batch([item.message for item in batch])
 
     @app.agent(train, name="learn")
     async def learn(stream):

@@ -177,6 +177,10 @@ class Settings(BaseSettings):
         True, description="Hand each consumed message to its streams in place, without the "
         "four asyncio tasks Faust makes per message (stream_app/delivery.py); false: Faust's "
         "own path.")
+    batch_intake: bool = Field(
+        True, description="Hand the events topic's messages to the ingest task in batches, "
+        "without Faust's per-message event, stream and take_events layers "
+        "(stream_app/batch_intake.py); false: an ingest agent on Faust's stream.")
     # The worker's one consumer reads events, training examples and requests. Faust hands an
     # agent every record of a poll before it polls again, and aiokafka returns a partition's
     # buffered records before those of partitions fetched later; with the client defaults

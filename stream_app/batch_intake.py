@@ -1,0 +1,130 @@
+"""A topic's messages from Faust's consumer to one task, in batches, without a Faust stream.
+
+An agent over ``stream.take_events`` receives each message through four layers that the
+ingest step never uses one by one: the conductor decodes it into an ``Event`` and puts it on
+the topic's queue, the stream takes it off, calls the sensors, sets the current event and
+acks the previous one, and ``take_events`` collects it into a batch. On this machine that was
+the larger part of a worker's event loop: a bare agent that only counts the events of a topic
+spent 266-303 µs of CPU per event with Faust's delivery and 105-139 µs with the worker's
+direct delivery (``delivery.py``), and 22-39 µs when the messages went straight into batches
+(``benchmarks/stream_roundtrip.py``'s bare agents, docs/throughput.md).
+
+:class:`BatchIntake` puts its own handler where the conductor would put the compiled one for
+each partition of the topic. The handler keeps what Faust's does for flow and durability:
+it waits while the flow is suspended (a rebalance) and while the producer's buffer is over
+its limit, and when more than ``capacity`` messages wait it stops the consumer fetching that
+partition until half are taken (Faust's ``on_buffer_full``/``on_buffer_drop``). Offsets are
+committed by Faust as always, from acks: :meth:`BatchIntake.take` hands out a batch and marks
+its messages in flight (the consumer waits for them at shutdown), :meth:`BatchIntake.ack`
+acks them once the task has made their effects durable (handed them to the producer, which
+Faust flushes before it commits). A message fetched before a rebalance (another generation)
+is dropped unacknowledged, as a Faust stream drops it: the partition's new owner, or this
+worker after the seek to the committed offsets that follows every assignment, reads it again.
+
+Faust's sensors (its ``Monitor``) do not see these messages; the worker's own metrics count
+them. Installed on one app's conductor instance by :meth:`BatchIntake.install`, never on
+Faust's classes; ``STREAMREC_BATCH_INTAKE=false`` keeps the ingest agent on Faust's stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+import faust
+
+log = logging.getLogger(__name__)
+
+
+class BatchIntake:
+    """Messages of ``topic`` in batches of at most ``batch_size``, each handed out as soon
+    as it is full or ``wait_s`` after the first of its messages waited."""
+
+    def __init__(self, app: faust.App, topic: faust.TopicT, batch_size: int, wait_s: float,
+                 capacity: int | None = None) -> None:
+        self.app = app
+        self.topic = topic
+        self.batch_size = batch_size
+        self.wait_s = wait_s
+        self.capacity = capacity or 4 * batch_size
+        self._waiting: collections.deque = collections.deque()
+        self._arrived = asyncio.Event()
+        self._filled = asyncio.Event()
+        self._held_back: set = set()  # partitions whose fetching this intake stopped
+
+    def install(self) -> None:
+        """Subscribe the app to the topic and deliver its partitions' messages here."""
+        conductor = self.app.topics
+        stock = conductor._build_handler
+        names = set(self.topic.topics)
+
+        def build_handler(tp, channels):
+            return self._deliver if tp.topic in names else stock(tp, channels)
+
+        conductor._build_handler = build_handler
+        conductor.add(self.topic)
+
+    async def _deliver(self, message: Any) -> None:
+        """What the conductor's handler would do before the stream, minus the stream."""
+        app = self.app
+        await app.flow_control.acquire()
+        await app.producer.buffer.wait_until_ebb()
+        waiting = self._waiting
+        waiting.append(message)
+        if len(waiting) == 1:
+            self._arrived.set()
+        if len(waiting) >= self.batch_size:
+            self._filled.set()
+        if len(waiting) >= self.capacity and message.tp not in self._held_back:
+            self._held_back.add(message.tp)
+            app.consumer.on_buffer_full(message.tp)
+
+    async def take(self) -> list:
+        """The next batch of current messages (never empty); they count as in flight until
+        :meth:`ack`."""
+        while True:
+            if not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if len(self._waiting) < self.batch_size:
+                self._filled.clear()
+                try:
+                    await asyncio.wait_for(self._filled.wait(), self.wait_s)
+                except asyncio.TimeoutError:
+                    pass
+            await self.app.flow_control.acquire()  # not during a rebalance
+            batch = self._current(self._pop())
+            if batch:
+                return batch
+
+    def _pop(self) -> list:
+        waiting = self._waiting
+        batch = [waiting.popleft() for _ in range(min(self.batch_size, len(waiting)))]
+        if self._held_back and len(waiting) <= self.capacity // 2:
+            for tp in self._held_back:
+                self.app.consumer.on_buffer_drop(tp)
+            self._held_back.clear()
+        return batch
+
+    def _current(self, batch: list) -> list:
+        """The messages of this consumer generation, marked in flight; the rest dropped."""
+        generation = self.app.consumer_generation_id
+        current = [message for message in batch if message.generation_id == generation]
+        if len(current) < len(batch):
+            log.info("dropped %d messages fetched before a rebalance (read again from the "
+                     "committed offsets)", len(batch) - len(current))
+        self.app.consumer.unacked.update(current)
+        return current
+
+    def ack(self, batch: list) -> None:
+        """Let Faust commit past these messages; those of an older generation (a rebalance
+        while the batch was processed) only leave the in-flight set."""
+        consumer = self.app.consumer
+        generation = self.app.consumer_generation_id
+        for message in batch:
+            if message.generation_id == generation:
+                consumer.ack(message)
+            else:
+                consumer.unacked.discard(message)
