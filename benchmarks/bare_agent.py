@@ -4,7 +4,10 @@ Run as ``python benchmarks/bare_agent.py`` with the same ``STREAMREC_*`` setting
 it exports ``bare_events_total`` on the metrics port. Same broker, same consumer settings, same
 embedded-broker fixes as a streamrec worker, so the ratio between the two isolates streamrec's
 own cost per event. Faust's own message delivery by default; ``--direct-delivery`` takes the
-worker's (``stream_app/delivery.py``), for the ratio with that cost removed from both.
+worker's (``stream_app/delivery.py``), for the ratio with that cost removed from both;
+``--batch-intake`` also takes the worker's batches (``stream_app/batch_intake.py``): a task
+that acknowledges each batch as it gets it, the floor of what a worker that takes its events
+this way can cost.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import faust
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from stream_app.batch_intake import BatchIntake
 from stream_app.compat import install_embedded_broker_fixes
 from stream_app.delivery import install_direct_delivery
 from stream_app.kafka import faust_credentials
@@ -24,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--direct-delivery", action="store_true",
                         help="deliver messages as a streamrec worker does")
+    parser.add_argument("--batch-intake", action="store_true",
+                        help="take the events in batches as a streamrec worker does "
+                        "(with --direct-delivery)")
     args = parser.parse_args(argv)
     settings = Settings()
     if settings.compat_fixes:
@@ -39,14 +46,24 @@ def main(argv: list[str] | None = None) -> None:
                     autodiscover=False, datadir=str(settings.data_dir / "faust"),
                     consumer_max_fetch_size=settings.fetch_partition_bytes,
                     broker_max_poll_records=settings.poll_records)
-    if args.direct_delivery:
+    if args.direct_delivery or args.batch_intake:
         install_direct_delivery(app)
     topic = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw")
+    if args.batch_intake:
+        intake = BatchIntake(app, topic, settings.ingest_batch, settings.ingest_batch_wait_s)
+        intake.install()
 
-    @app.agent(topic)
-    async def count(stream):
-        async for _ in stream:
-            consumed.inc()
+        @app.task
+        async def count_batches() -> None:
+            while True:
+                batch = await intake.take()
+                intake.ack(batch)
+                consumed.inc(len(batch))
+    else:
+        @app.agent(topic)
+        async def count(stream):
+            async for _ in stream:
+                consumed.inc()
 
     worker = faust.Worker(app, loglevel="warning", quiet=True)
     worker.spinner = None  # as the streamrec worker: no root logger at DEBUG for a spinner

@@ -3,7 +3,8 @@
 1. Fill the events topic with N synthetic events (Zipf items, uniform users).
 2. A bare Faust agent that only counts consumes them: its events/s is the yardstick. Then the
    same agent with the worker's direct delivery (``stream_app/delivery.py``): the ratio with
-   Faust's per-message tasks removed from both sides.
+   Faust's per-message tasks removed from both sides; and a task that counts the batches of
+   the worker's batch intake (``stream_app/batch_intake.py``): the floor of a worker's cost.
 3. A streamrec worker consumes the same topic (own consumer group): events/s taken in and
    events/s learned (the training examples applied to the model), each with its ratio. With
    ``--in-loop-too``, first a worker that learns on its event loop
@@ -357,6 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
                 results["bare_direct_agent_events_per_s"] = bare_rate(
                     base, "bare_direct_agent", ["--direct-delivery"], round_, tag, workdir,
                     args.events, results["bare_direct_agent_cpu"], broker.process.pid)
+                results["bare_batch_agent_cpu"] = {}
+                results["bare_batch_agent_events_per_s"] = bare_rate(
+                    base, "bare_batch_agent", ["--batch-intake"], round_, tag, workdir,
+                    args.events, results["bare_batch_agent_cpu"], broker.process.pid)
             if args.in_loop_too and round_ == 0:  # STREAMREC_LEARNER_PROCESS=false
                 in_loop = base.replace(app_id=f"in-loop-{tag}", data_dir=workdir / "in-loop",
                                        learner_process=False)
