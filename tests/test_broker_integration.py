@@ -131,6 +131,39 @@ def test_malformed_events_go_to_the_dead_letter_topic(settings, start_worker):
         assert ids(client.recommend("other", k=1, **POPULAR)) == ["good"]
 
 
+def test_an_event_whose_ingest_fails_goes_to_the_dead_letter_topic_alone(settings,
+                                                                         start_worker):
+    """A batch whose ingest raises is taken again event by event: the event that fails goes
+    to the dead-letter topic as ``internal_error``, the others of its batch are taken in.
+    The failure is real: a stored history the worker cannot read (written to the table's
+    changelog before the worker starts, so it recovers it)."""
+    from stream_app.app import HISTORY_TABLE
+
+    changelog = f"{settings.app_id}-{HISTORY_TABLE}-changelog"
+    ensure_topics(settings, [changelog])
+    producer = KafkaProducer(**client_config(settings), acks=1, enable_idempotence=False)
+    producer.send(changelog, key=json.dumps("user1").encode(), value=b'{"not": "a history"}',
+                  partition=0)  # user1's events are on partition 0 (BY_PARTITION)
+    producer.flush()
+    producer.close()
+    worker = start_worker(settings)
+    produce(settings, [(b"user5", event("user5", "y", "view", event_id="before")),
+                       (b"user1", event("user1", "x", "sale", event_id="poison")),
+                       (b"user5", event("user5", "z", "view", event_id="after")),
+                       (b"user0", event("user0", "w", "click", event_id="other"))])
+    [letter] = [DeadLetter.model_validate_json(record.value)
+                for record in read_topic(settings, settings.topic_dead_letters, 1)]
+    assert letter.reason == "internal_error"
+    assert json.loads(letter.payload())["event_id"] == "poison"
+    worker.wait_metric("streamrec_events_total", 4)
+    time.sleep(0.5)
+    metrics = worker.metrics()
+    assert metrics["streamrec_events_total"] == 4  # three taken in once each, one dead letter
+    assert metrics["streamrec_dead_letters_total"] == 1
+    with RecClient(settings) as client:  # user5's history holds both of its events
+        assert ids(client.recommend("user5", k=3, **POPULAR)) == ["w"]
+
+
 BAD_REQUESTS = {
     b"not json at all": "bad_json",
     json.dumps({"v": 1, "user_id": "u1", "k": 5}).encode(): "request_id",
