@@ -216,7 +216,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         except Exception:  # noqa: BLE001 - histories are stored; only learning is lost
             log.exception("could not send %d training examples", len(examples))
 
-    if settings.batch_intake:
+    missing = BatchIntake.missing(app) if settings.batch_intake else []
+    if missing:
+        log.warning("this Faust lacks %s: events are taken through Faust's stream", missing)
+    if settings.batch_intake and not missing:
         intake = BatchIntake(app, events, settings.ingest_batch, settings.ingest_batch_wait_s)
         intake.install()
 

@@ -23,7 +23,9 @@ worker after the seek to the committed offsets that follows every assignment, re
 
 Faust's sensors (its ``Monitor``) do not see these messages; the worker's own metrics count
 them. Installed on one app's conductor instance by :meth:`BatchIntake.install`, never on
-Faust's classes; ``STREAMREC_BATCH_INTAKE=false`` keeps the ingest agent on Faust's stream.
+Faust's classes; ``STREAMREC_BATCH_INTAKE=false`` keeps the ingest agent on Faust's stream,
+and so does a Faust that lacks one of the internals used here (:meth:`BatchIntake.missing`,
+logged as a warning).
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ class BatchIntake:
         self._arrived = asyncio.Event()
         self._filled = asyncio.Event()
         self._held_back: set = set()  # partitions whose fetching this intake stopped
+
+    @staticmethod
+    def missing(app: faust.App) -> list[str]:
+        """The Faust internals this intake needs that ``app`` lacks (none on the Faust this
+        project pins; the worker takes Faust's stream when any is missing)."""
+        from faust.transport.consumer import Consumer
+
+        needs = {"conductor": (app.topics, ["_build_handler", "add"]),
+                 "app": (app, ["flow_control", "consumer_generation_id"]),
+                 "Consumer": (Consumer, ["on_buffer_full", "on_buffer_drop", "ack", "unacked"])}
+        return [f"{owner}.{name}" for owner, (holder, names) in needs.items()
+                for name in names if not hasattr(holder, name)]
 
     def install(self) -> None:
         """Subscribe the app to the topic and deliver its partitions' messages here."""

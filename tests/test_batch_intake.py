@@ -79,6 +79,15 @@ def test_the_topic_is_subscribed_and_only_its_partitions_come_here():
     assert app.topics.topics == [intake.topic]
 
 
+def test_a_faust_app_has_what_the_intake_needs_and_a_lack_is_named():
+    import faust
+
+    assert BatchIntake.missing(faust.App("intake-check", autodiscover=False)) == []
+    app = fake_app()
+    del app.flow_control
+    assert BatchIntake.missing(app) == ["app.flow_control"]
+
+
 def test_full_batches_come_at_once_in_order_and_the_rest_after_the_wait():
     async def scenario():
         app, intake, deliver = installed(batch_size=4, wait_s=0.05)
