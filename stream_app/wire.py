@@ -240,24 +240,36 @@ class TrainBatch(_Wire):
         return zlib.compress(data, compression_level) if compression_level else data
 
 
+#: most original bytes a dead letter carries: base64 makes them 4/3 as many, and a letter
+#: must stay under the producer's request limit (1 MiB by default)
+DEAD_LETTER_PAYLOAD_BYTES = 512 * 1024
+
+
 class DeadLetter(_Wire):
-    """What the DLQ holds: the original bytes (base64), where they came from, and why."""
+    """What the DLQ holds: the original bytes (base64), where they came from, and why. A
+    message larger than :data:`DEAD_LETTER_PAYLOAD_BYTES` keeps its first bytes, with
+    ``truncated`` and its size: the whole of it stays at its topic, partition and offset."""
 
     reason: str
     detail: str
     topic: str
     partition: int
     offset: int
-    key_b64: str | None
+    key_b64: str | None = None  # None: the message had no key (left out of the JSON)
     payload_b64: str
+    truncated: bool = False
+    size: int | None = None
 
     @classmethod
     def of(cls, error: InvalidMessage, raw: bytes, key: bytes | None, *, topic: str,
-           partition: int, offset: int) -> DeadLetter:
+           partition: int, offset: int,
+           max_payload_bytes: int = DEAD_LETTER_PAYLOAD_BYTES) -> DeadLetter:
+        truncated = len(raw) > max_payload_bytes
         return cls(
             reason=error.reason, detail=error.detail[:2000], topic=topic, partition=partition,
             offset=offset, key_b64=None if key is None else base64.b64encode(key).decode(),
-            payload_b64=base64.b64encode(raw).decode(),
+            payload_b64=base64.b64encode(raw[:max_payload_bytes]).decode(),
+            truncated=truncated, size=len(raw) if truncated else None,
         )
 
     def payload(self) -> bytes:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stream_app.wire import (DeadLetter, InvalidMessage, RecRequest, RecResponse, decode_event,
+from stream_app.wire import (DEAD_LETTER_PAYLOAD_BYTES, DeadLetter, InvalidMessage, RecRequest, RecResponse, decode_event,
                              decode_request, salvage_request)
 
 KINDS = frozenset({"view", "click", "sale"})
@@ -116,6 +116,21 @@ def test_dead_letters_keep_the_original_bytes():
                            partition=1, offset=42)
     again = DeadLetter.model_validate_json(letter.to_bytes())
     assert again.payload() == raw and again.offset == 42 and again.reason == "bad_json"
+
+
+def test_a_dead_letter_of_a_huge_message_keeps_its_start_and_says_so():
+    """A letter must fit the producer's request limit (1 MiB), or it could not be sent."""
+    raw = bytes(range(256)) * 6000  # 1.5 MB
+    letter = DeadLetter.of(InvalidMessage("oversized", "big"), raw, None, topic="t",
+                           partition=0, offset=7)
+    encoded = letter.to_bytes()
+    assert len(encoded) < 1024 * 1024
+    again = DeadLetter.model_validate_json(encoded)
+    assert again.truncated and again.size == len(raw)
+    assert again.payload() == raw[:DEAD_LETTER_PAYLOAD_BYTES]
+    small = DeadLetter.model_validate_json(DeadLetter.of(
+        InvalidMessage("bad_json", "x"), b"{", None, topic="t", partition=0, offset=1).to_bytes())
+    assert not small.truncated and small.size is None
 
 
 def test_a_training_example_writes_the_json_pydantic_writes():
