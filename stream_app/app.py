@@ -125,9 +125,17 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     intake_lag = IntakeLag(lambda partition: app.consumer.highwater(partition))
 
     async def dead_letter(error: InvalidMessage, message) -> None:
+        """The message to the DLQ with its reason. Never raises: a letter the producer
+        refuses is logged with the message's topic, partition and offset (where the event
+        still is), so one bad message cannot stop the ingest."""
         letter = DeadLetter.of(error, message.value or b"", message.key, topic=message.topic,
                                partition=message.partition, offset=message.offset)
-        await dead_letters.send(key=message.key, value=letter.to_bytes())
+        try:
+            await dead_letters.send(key=message.key, value=letter.to_bytes())
+        except Exception:  # noqa: BLE001
+            log.exception("could not send the dead letter (%s) of %s/%d/%d", error.reason,
+                          message.topic, message.partition, message.offset)
+            return
         metrics.dead_letters.labels(error.reason).inc()
         metrics.events.labels("invalid", "dead_letter").inc()
 
@@ -205,12 +213,15 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         flushes the producer before it commits offsets, so at least once holds)."""
         intake_lag.observe((message.tp, message.offset) for message in batch)
         metrics.ingest_batch.observe(len(batch))
-        examples = await take_batch(batch)
-        written = history_table.pending
         try:
-            await history_table.flush()
-        except Exception:  # noqa: BLE001 - stored locally; lost only if the worker dies
-            log.exception("could not write the changelog of (some of) %d histories", written)
+            examples = await take_batch(batch)
+        finally:  # what was stored goes to the changelog before anything is acknowledged
+            written = history_table.pending
+            try:
+                await history_table.flush()
+            except Exception:  # noqa: BLE001 - stored locally; lost only if the worker dies
+                log.exception("could not write the changelog of (some of) %d histories",
+                              written)
         try:
             await send_training(examples)
         except Exception:  # noqa: BLE001 - histories are stored; only learning is lost
@@ -230,12 +241,21 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                 batch = await intake.take()
                 try:
                     await ingest_batch(batch)
-                except Exception as error:  # noqa: BLE001 - the task must survive anything
-                    log.exception("a batch of %d events failed", len(batch))
-                    for message in batch:
-                        await dead_letter(InvalidMessage("internal_error", repr(error)),
-                                          message)
+                except Exception:  # noqa: BLE001 - the task must survive anything
+                    log.exception("a batch of %d events failed; taking them one at a time",
+                                  len(batch))
+                    await ingest_one_by_one(batch)
                 intake.ack(batch)
+
+        async def ingest_one_by_one(batch: list[Message]) -> None:
+            """Each message as a batch of its own; one that still fails goes to the DLQ."""
+            for message in batch:
+                try:
+                    await ingest_batch([message])
+                except Exception as error:  # noqa: BLE001
+                    log.exception("event at %s/%d/%d failed", message.topic,
+                                  message.partition, message.offset)
+                    await dead_letter(InvalidMessage("internal_error", repr(error)), message)
     else:
         @app.agent(events, name="ingest")
         async def ingest(stream):

@@ -13,16 +13,20 @@ direct delivery (``delivery.py``), and 22-39 µs when the messages went straight
 each partition of the topic. The handler keeps what Faust's does for flow and durability:
 it waits while the flow is suspended (a rebalance) and while the producer's buffer is over
 its limit, and when more than ``capacity`` messages wait it stops the consumer fetching that
-partition until half are taken (Faust's ``on_buffer_full``/``on_buffer_drop``). Offsets are
+partition until half are taken (Faust's ``on_buffer_full``/``on_buffer_drop``); should the
+consumer go on delivering (it ignores that call during a table recovery), a delivery waits
+once twice ``capacity`` messages wait, a wait that a rebalance interrupts as Faust's own. Offsets are
 committed by Faust as always, from acks: :meth:`BatchIntake.take` hands out a batch and marks
-its messages in flight (the consumer waits for them at shutdown), :meth:`BatchIntake.ack`
+its messages in flight (what Faust's ``wait_empty`` waits for), :meth:`BatchIntake.ack`
 acks them once the task has made their effects durable (handed them to the producer, which
 Faust flushes before it commits). A message fetched before a rebalance (another generation)
 is dropped unacknowledged, as a Faust stream drops it: the partition's new owner, or this
 worker after the seek to the committed offsets that follows every assignment, reads it again.
 
 Faust's sensors (its ``Monitor``) do not see these messages; the worker's own metrics count
-them. Installed on one app's conductor instance by :meth:`BatchIntake.install`, never on
+them. The one figure of the monitor that Faust's consumer reads, the last time a partition's
+stream took an event (its slow-processing check logs an error for a partition without one),
+is kept for the batches. Installed on one app's conductor instance by :meth:`BatchIntake.install`, never on
 Faust's classes; ``STREAMREC_BATCH_INTAKE=false`` keeps the ingest agent on Faust's stream,
 and so does a Faust that lacks one of the internals used here (:meth:`BatchIntake.missing`,
 logged as a warning).
@@ -33,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import Any
 
 import faust
@@ -42,7 +47,7 @@ log = logging.getLogger(__name__)
 
 class BatchIntake:
     """Messages of ``topic`` in batches of at most ``batch_size``, each handed out as soon
-    as it is full or ``wait_s`` after the first of its messages waited."""
+    as it is full or ``wait_s`` after the take began to wait for it to fill."""
 
     def __init__(self, app: faust.App, topic: faust.TopicT, batch_size: int, wait_s: float,
                  capacity: int | None = None) -> None:
@@ -54,7 +59,10 @@ class BatchIntake:
         self._waiting: collections.deque = collections.deque()
         self._arrived = asyncio.Event()
         self._filled = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self._held_back: set = set()  # partitions whose fetching this intake stopped
+        self._generation: int | None = None  # of the last message delivered
 
     @staticmethod
     def missing(app: faust.App) -> list[str]:
@@ -85,15 +93,22 @@ class BatchIntake:
         app = self.app
         await app.flow_control.acquire()
         await app.producer.buffer.wait_until_ebb()
+        if message.generation_id != self._generation:  # a rebalance resumed every partition
+            self._generation = message.generation_id
+            self._held_back.clear()
         waiting = self._waiting
         waiting.append(message)
         if len(waiting) == 1:
             self._arrived.set()
         if len(waiting) >= self.batch_size:
             self._filled.set()
-        if len(waiting) >= self.capacity and message.tp not in self._held_back:
-            self._held_back.add(message.tp)
-            app.consumer.on_buffer_full(message.tp)
+        if len(waiting) >= self.capacity:
+            if message.tp not in self._held_back:
+                self._held_back.add(message.tp)
+                app.consumer.on_buffer_full(message.tp)
+            if len(waiting) >= 2 * self.capacity:
+                self._room.clear()
+                await self._room.wait()
 
     async def take(self) -> list:
         """The next batch of current messages (never empty); they count as in flight until
@@ -116,6 +131,8 @@ class BatchIntake:
     def _pop(self) -> list:
         waiting = self._waiting
         batch = [waiting.popleft() for _ in range(min(self.batch_size, len(waiting)))]
+        if len(waiting) < 2 * self.capacity:
+            self._room.set()
         if self._held_back and len(waiting) <= self.capacity // 2:
             for tp in self._held_back:
                 self.app.consumer.on_buffer_drop(tp)
@@ -130,7 +147,16 @@ class BatchIntake:
             log.info("dropped %d messages fetched before a rebalance (read again from the "
                      "committed offsets)", len(batch) - len(current))
         self.app.consumer.unacked.update(current)
+        self._taken_from({message.tp for message in current})
         return current
+
+    def _taken_from(self, partitions: set) -> None:
+        """Tell Faust's slow-processing check that these partitions' events are taken."""
+        inbound = getattr(getattr(self.app, "monitor", None), "stream_inbound_time", None)
+        if inbound is not None:
+            now = time.monotonic()
+            for tp in partitions:
+                inbound[tp] = now
 
     def ack(self, batch: list) -> None:
         """Let Faust commit past these messages; those of an older generation (a rebalance

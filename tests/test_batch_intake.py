@@ -57,7 +57,8 @@ def fake_app():
     flow = FlowControlEvent(initially_suspended=False)
     return SimpleNamespace(topics=Conductor(), flow_control=flow, consumer=Consumer(),
                            producer=SimpleNamespace(buffer=SimpleNamespace(wait_until_ebb=_ebb)),
-                           consumer_generation_id=1)
+                           consumer_generation_id=1,
+                           monitor=SimpleNamespace(stream_inbound_time={}))
 
 
 def message(offset: int, partition: int = 0, generation: int = 1) -> ConsumerMessage:
@@ -150,6 +151,52 @@ def test_a_partition_over_capacity_stops_fetching_until_half_is_taken():
     assert held == [TP(TOPIC, 0)]  # once, however many more came
     assert resumed_early == []
     assert resumed == [TP(TOPIC, 0)]
+
+
+def test_after_a_rebalance_a_partition_over_capacity_is_held_back_again():
+    """A new assignment makes every partition fetch again (Faust resets them), so the
+    intake must not think one is still held back."""
+    async def scenario():
+        app, intake, deliver = installed(batch_size=2, capacity=3)
+        for offset in range(3):
+            await deliver(message(offset, generation=1))
+        app.consumer_generation_id = 2
+        for offset in range(2):  # 5 waiting: over capacity, under twice it
+            await deliver(message(offset, generation=2))
+        return app.consumer.held
+
+    assert asyncio.run(scenario()) == [TP(TOPIC, 0), TP(TOPIC, 0)]
+
+
+def test_a_delivery_waits_when_twice_the_capacity_waits_until_a_take():
+    """The consumer ignores ``on_buffer_full`` during a table recovery; the intake still
+    holds at most twice its capacity."""
+    async def scenario():
+        app, intake, deliver = installed(batch_size=2, capacity=3)
+        for offset in range(5):
+            await deliver(message(offset))
+        sixth = asyncio.ensure_future(deliver(message(5)))
+        await asyncio.sleep(0.05)
+        waited = not sixth.done()
+        await intake.take()
+        await asyncio.wait_for(sixth, 1.0)
+        return waited, len(intake._waiting)
+
+    assert asyncio.run(scenario()) == (True, 4)
+
+
+def test_taking_a_batch_marks_its_partitions_as_processed_for_faust():
+    """Faust's consumer logs a slow-processing error for a partition whose stream never
+    took an event; the intake's batches count as taking them."""
+    async def scenario():
+        app, intake, deliver = installed(batch_size=2)
+        await deliver(message(0, partition=0))
+        await deliver(message(0, partition=1))
+        assert app.monitor.stream_inbound_time == {}
+        await intake.take()
+        return app.monitor.stream_inbound_time
+
+    assert set(asyncio.run(scenario())) == {TP(TOPIC, 0), TP(TOPIC, 1)}
 
 
 def test_messages_of_an_older_generation_are_dropped_unacked():
