@@ -161,9 +161,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         """Valid events into the users' histories (one table read and one write per user of
         the batch, on the partition of that user's events, in one store batch per partition,
         the write's changelog record queued for the batch's flush) and training examples."""
-        last = {event.user_id: message for message, event in taken}
+        last_message = {event.user_id: message for message, event in taken}
         last = {user: faust.Event(app, message.key, message.value, message.headers, message)
-                for user, message in last.items()}  # what the table's write path reads
+                for user, message in last_message.items()}  # what the table's writes read
         stored = {user: History.from_json(value)
                   for user, value in history_table.get_many(last).items()}
         updated, examples = engine.ingest_many([event for _, event in taken], stored)
