@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
         @app.task
         async def count_batches() -> None:
-            while True:
-                batch = await intake.take()
-                intake.ack(batch)
+            async for batch in intake.batches():
                 consumed.inc(len(batch))
     else:
         @app.agent(topic)
