@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
 
         @app.task
         async def count_batches() -> None:
-            async for batch in intake.batches():
+            while True:
+                batch = await intake.take()
+                intake.ack(batch)
                 consumed.inc(len(batch))
     else:
         @app.agent(topic)

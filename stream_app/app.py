@@ -237,13 +237,15 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         @app.task
         async def ingest() -> None:
             """Batches of events from :class:`BatchIntake`, each acknowledged once taken in."""
-            async for batch in intake.batches():
+            while True:
+                batch = await intake.take()
                 try:
                     await ingest_batch(batch)
                 except Exception:  # noqa: BLE001 - the task must survive anything
                     log.exception("a batch of %d events failed; taking them one at a time",
                                   len(batch))
                     await ingest_one_by_one(batch)
+                intake.ack(batch)
 
         async def ingest_one_by_one(batch: list[Message]) -> None:
             """Each message as a batch of its own; one that still fails goes to the DLQ."""

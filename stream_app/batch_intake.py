@@ -15,19 +15,19 @@ it waits while the flow is suspended (a rebalance) and while the producer's buff
 its limit, and when more than ``capacity`` messages wait it stops the consumer fetching that
 partition until half are taken (Faust's ``on_buffer_full``/``on_buffer_drop``); should the
 consumer go on delivering (it ignores that call during a table recovery), a delivery waits
-once twice ``capacity`` messages wait, a wait that a rebalance interrupts as Faust's own.
-Offsets are committed by Faust as always, from acks: :meth:`BatchIntake.batches` hands out a
-batch, its messages in flight (what Faust's ``wait_empty`` waits for), and acks it when the
-task asks for the next, once the task has made its effects durable (handed them to the
-producer, which Faust flushes before it commits), as a Faust stream acks an event. A message fetched before a rebalance (another generation)
+once twice ``capacity`` messages wait, a wait that a rebalance interrupts as Faust's own. Offsets are
+committed by Faust as always, from acks: :meth:`BatchIntake.take` hands out a batch and marks
+its messages in flight (what Faust's ``wait_empty`` waits for), :meth:`BatchIntake.ack`
+acks them once the task has made their effects durable (handed them to the producer, which
+Faust flushes before it commits). A message fetched before a rebalance (another generation)
 is dropped unacknowledged, as a Faust stream drops it: the partition's new owner, or this
 worker after the seek to the committed offsets that follows every assignment, reads it again.
 
 Faust's sensors (its ``Monitor``) do not see these messages; the worker's own metrics count
 them. The one figure of the monitor that Faust's consumer reads, the last time a partition's
 stream took an event (its slow-processing check logs an error for a partition without one),
-is kept for the batches. Installed on one app's conductor instance by
-:meth:`BatchIntake.install`, never on Faust's classes; ``STREAMREC_BATCH_INTAKE=false`` keeps the ingest agent on Faust's stream,
+is kept for the batches. Installed on one app's conductor instance by :meth:`BatchIntake.install`, never on
+Faust's classes; ``STREAMREC_BATCH_INTAKE=false`` keeps the ingest agent on Faust's stream,
 and so does a Faust that lacks one of the internals used here (:meth:`BatchIntake.missing`,
 logged as a warning).
 """
@@ -38,7 +38,6 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import faust
@@ -110,14 +109,6 @@ class BatchIntake:
             if len(waiting) >= 2 * self.capacity:
                 self._room.clear()
                 await self._room.wait()
-
-    async def batches(self) -> AsyncIterator[list]:
-        """:meth:`take` after :meth:`take`, each batch acked when the next is asked for (a
-        batch whose processing raised out of the loop is not acked)."""
-        while True:
-            batch = await self.take()
-            yield batch
-            self.ack(batch)
 
     async def take(self) -> list:
         """The next batch of current messages (never empty); they count as in flight until

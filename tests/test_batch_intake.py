@@ -135,23 +135,6 @@ def test_taken_messages_are_in_flight_until_acked_and_then_acked_in_order():
     assert consumer.unacked == set()
 
 
-def test_batches_acks_each_batch_when_the_next_is_asked_for():
-    async def scenario():
-        app, intake, deliver = installed(batch_size=2)
-        for offset in range(4):
-            await deliver(message(offset))
-        batches = intake.batches()
-        first = await batches.__anext__()
-        acked_while_first_was_processed = list(app.consumer.acked)
-        await batches.__anext__()
-        return [m.offset for m in first], acked_while_first_was_processed, app.consumer.acked
-
-    first, acked_early, acked = asyncio.run(scenario())
-    assert first == [0, 1]
-    assert acked_early == []
-    assert acked == [0, 1]
-
-
 def test_a_partition_over_capacity_stops_fetching_until_half_is_taken():
     async def scenario():
         app, intake, deliver = installed(batch_size=2, capacity=6)
