@@ -8,7 +8,9 @@ exact search, beside LED's production figures (Table 4: p50 0.5 ms, p99 2 ms, 3,
 instance). Item vectors are synthetic and low-rank like learned ones (d = 64 plus the bias).
 Then 1 % of the rows move (``--moved-share``) and the next version updates the serving one in
 place (``STREAMREC_INDEX_UPDATE_SHARE``): its seconds (read back, update, write, swap) against
-the build's, and recall@10 against exact search on the moved rows.
+the build's, and recall@10 against exact search on the moved rows. Last, answers as a worker
+that learns gives them (``stale``): ``STREAMREC_INDEX_STALE_LIMIT`` rows moved since the
+serving version and 1 % new items, all scored exactly beside the graph search.
 
     python benchmarks/index_serving.py --quick            # 100k items, about a minute
     python benchmarks/index_serving.py --sizes 100000,1000000 --out out/index.json
@@ -130,6 +132,22 @@ def update_in_place(engine: Engine, moved_share: float, seed: int = 3) -> dict:
             "version_s": total_s, "recall_at_10_vs_exact": recall(engine, len(learner))}
 
 
+def answers_while_stale(engine: Engine, n_items: int, queries: int, seed: int = 4) -> dict:
+    """Answers of a worker that learns: ``stale_limit`` rows moved since the serving version
+    and 1 % new items (scored exactly beside the graph search until the next version)."""
+    learner, limit = engine.index.learner, engine.index.config.stale_limit
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(learner), min(limit, len(learner)), replace=False))
+    moved = learner.item_matrix[rows] + 0.01 * rng.normal(size=(len(rows), learner.item_matrix.shape[1]))
+    learner.assign(learner.item_ids_at(rows), moved)
+    new = max(n_items // 100, 1)
+    learner.assign([f"new{i}" for i in range(new)],
+                   learner.item_matrix[rng.integers(0, n_items, new)])
+    learner.steps += 1
+    engine.index.learned(learner.item_ids_at(rows), rows)
+    return {"moved_rows": len(rows), "new_items": new, **time_answers(engine, n_items, queries)}
+
+
 def run_size(n: int, dim: int, queries: int, threads: int, moved_share: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="streamrec-index-bench-") as tmp:
         engine, build_s, memory = engine_for(n, dim, Path(tmp), threads)
@@ -144,6 +162,7 @@ def run_size(n: int, dim: int, queries: int, threads: int, moved_share: float) -
                   "speedup_p50": exact["p50_ms"] / indexed["p50_ms"]}
         update = update_in_place(engine, moved_share)
         result["update"] = {**update, "version_s_to_build_s": update["version_s"] / build_s}
+        result["stale"] = answers_while_stale(engine, n, queries)
         engine.index.close()
         return result
 

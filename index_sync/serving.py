@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from models.learner import ItemLearner
+from models.metrics import top_k
 
 from .clusters import ClusteredIndex
 from .hnsw import HnswParams, ItemIndex
@@ -72,7 +73,8 @@ class IndexConfig:
     enabled: bool = True
     seed: int = 0
     #: most moved items scored exactly beside the graph search (the most recently moved);
-    #: 4,096 rows cost about 0.3 ms per answer (gather and product; 1,000 rows 0.04 ms)
+    #: their rows are gathered once per learner step, and the product with the query costs
+    #: an answer about 0.1 ms at 4,096 (``stale`` in ``benchmarks/index_serving.py``)
     stale_limit: int = 4096
 
 
@@ -90,7 +92,7 @@ class ServingIndex:
         # row -> learner step of its last move, oldest move first (a row that moves again
         # goes to the end), so the rows moved since a snapshot are a suffix
         self._moved: dict[int, int] = {}
-        self._exact_rows: tuple[tuple, np.ndarray] | None = None
+        self._exact_rows: tuple[tuple, np.ndarray, np.ndarray] | None = None
 
     # -- keeping it fresh ------------------------------------------------------------------
     def learned(self, item_ids: Sequence[str], moved_rows: Sequence[int] = ()) -> None:
@@ -193,22 +195,29 @@ class ServingIndex:
                excluded: set[int]) -> np.ndarray:
         """The best ``n``, exactly, of the learner's rows that ``index`` does not hold or
         holds with a vector that has moved since."""
-        rows = self._rows_scored_exactly(index)
+        rows, vectors = self._scored_exactly(index)
         if len(rows) == 0:
             return rows
-        scores = self.learner.item_matrix[rows] @ query
-        order = rows[np.argsort(-scores, kind="stable")]
-        return _first_not_in(order[: n + len(excluded)], excluded, n)
+        best = top_k((vectors @ query)[None, :], n + len(excluded))[0]
+        return _first_not_in(rows[best], excluded, n)
 
-    def _rows_scored_exactly(self, index: ServedIndex) -> np.ndarray:
-        """Rows missing from ``index`` and rows moved since its snapshot, once per (index
-        version, learner step, learner size)."""
+    def _scored_exactly(self, index: ServedIndex) -> tuple[np.ndarray, np.ndarray]:
+        """Rows missing from ``index`` and rows moved since its snapshot, with their vectors
+        gathered into one block, once per (index version, learner step, learner size).
+
+        Gathering up to ``stale_limit`` scattered rows was most of an answer's time in a
+        worker that learns (1.4 ms p50 at the limit against 0.35 on a fresh index, 100k
+        items); kept, an answer only multiplies the block. A row changed between learner
+        steps (not a learning step: the bootstrap, a cold start) would pick candidates by its
+        previous vector until the next step, as the graph picks them by the snapshot's; the
+        answer's scores are the current vectors' either way (the rerank)."""
         key = (index.version, self.learner.steps, len(self.learner))
         if self._exact_rows is None or self._exact_rows[0] != key:
-            rows = np.concatenate([self._rows_missing_from(index),
-                                   self._rows_moved_since(index.manifest.model_version)])
-            self._exact_rows = (key, np.unique(rows))
-        return self._exact_rows[1]
+            rows = np.unique(np.concatenate([
+                self._rows_missing_from(index),
+                self._rows_moved_since(index.manifest.model_version)]))
+            self._exact_rows = (key, rows, self.learner.item_matrix[rows])
+        return self._exact_rows[1], self._exact_rows[2]
 
     def _rows_moved_since(self, model_version: int) -> np.ndarray:
         """The rows moved after the learner step ``model_version`` (the index's snapshot),

@@ -92,6 +92,32 @@ def test_an_item_that_moved_after_the_build_is_retrieved_with_its_new_vector(tmp
     assert answer(engine, "u1", histories["u1"], k=5).items[0].item_id == mover
 
 
+def test_the_rows_scored_beside_the_graph_are_ranked_by_their_vectors_after_each_step(
+        tmp_path):
+    """Oracle for the block of moved and new rows that answers score exactly (gathered once
+    per learner step): after every further step, the exact part of a retrieval is the brute
+    force top n of those rows by their current vectors, ties to the lower row, excluded rows
+    left out."""
+    engine = engine_with_index(tmp_path)
+    stream = planted_stream()
+    histories = run_stream(engine, stream[:-60])
+    build_now(engine)
+    index = engine.index.current
+    query = np.append(engine.user_vector(RecRequest(request_id="r", user_id="u1"),
+                                         histories["u1"]), 1.0)
+    for start in range(-60, 0, 20):
+        histories = run_stream(engine, stream[start:start + 20 or None], histories=histories)
+        stale = np.union1d(
+            np.fromiter(engine.index._moved_after(index.manifest.model_version), dtype=np.int64),
+            np.arange(len(index), len(engine.learner)))
+        assert len(stale) > 12
+        excluded = set(stale[:3].tolist())
+        scores = engine.learner.item_matrix[stale] @ query
+        order = stale[np.lexsort((stale, -scores))]
+        expected = [row for row in order.tolist() if row not in excluded][:5]
+        assert engine.index._fresh(index, query, 5, excluded).tolist() == expected
+
+
 def test_a_version_after_a_few_steps_updates_the_served_one_and_answers_as_exact_search(
         tmp_path):
     """After more learning steps the next version is the served one with the rows moved since
