@@ -122,15 +122,18 @@ class RequestReader:
                 await consumer.stop()  # also after a failed start: it closes what it opened
 
     async def _check_partition_count(self, consumer: Any) -> None:
-        """Log an error when the request topic's partition count is not the events topic's
-        (``settings.partitions``): requests on a partition numbered past the events' would
-        never be read, and the others would not meet their users' histories."""
+        """Log an error when the request topic's partition count is not the events topic's as
+        the cluster reports it (``settings.partitions``, what the worker creates it with,
+        while the cluster does not know it yet): requests on a partition numbered past the
+        events' would never be read, and the others would not meet their users' histories."""
         await consumer.topics()  # the cluster's metadata, partitions included
         count = len(consumer.partitions_for_topic(self.topic) or ())
-        if count != self.settings.partitions:
-            log.error("the request topic %s has %d partitions and the events topic %d: they "
-                      "must be equal (requests are read where their user's events are)",
-                      self.topic, count, self.settings.partitions)
+        events = len(consumer.partitions_for_topic(self.settings.topic_events) or ()) \
+            or self.settings.partitions
+        if count != events:
+            log.error("the request topic %s has %d partitions and the events topic %s %d: "
+                      "they must be equal (requests are read where their user's events are)",
+                      self.topic, count, self.settings.topic_events, events)
 
     async def follow(self, partitions: Iterable[int]) -> None:
         """Read exactly these request partitions from now on (commits first what was answered,

@@ -194,4 +194,24 @@ def test_a_request_topic_with_other_partitions_than_the_events_is_an_error(setti
 
     with caplog.at_level("ERROR", logger="stream_app.request_reader"):
         asyncio.run(scenario())
-    assert "has 3 partitions and the events topic 2" in caplog.text
+    assert f"has 3 partitions and the events topic {settings.topic_events} 2" in caplog.text
+
+
+def test_an_events_topic_made_with_other_partitions_than_the_requests_is_an_error(settings,
+                                                                                  caplog):
+    """The events topic as the cluster has it counts, not the configured partition count: a
+    hand-made events topic of 3 partitions beside a request topic of 2 is an error too."""
+    mismatched = settings.replace(topic_events=settings.topic_events + "-three")
+    ensure_topics(mismatched.replace(partitions=3), [mismatched.topic_events])
+    ensure_topics(mismatched, [mismatched.topic_requests])
+
+    async def scenario() -> None:
+        running = Running(mismatched)
+        await running.reader.follow([0])
+        send(mismatched, 0, "x")
+        await running.until(1)
+        await running.stop()
+
+    with caplog.at_level("ERROR", logger="stream_app.request_reader"):
+        asyncio.run(scenario())
+    assert f"has 2 partitions and the events topic {mismatched.topic_events} 3" in caplog.text
