@@ -146,8 +146,12 @@ def overview() -> dict:
                     [target(rate("streamrec_candidates_total", "source"), "{{source}}")], "ops",
                     "Candidates retrieved per second by each source, before the rerank."),
          stat("Index version", [target("streamrec_index_version", "v {{instance}}", "A"),
-                                target("streamrec_index_items", "items {{instance}}", "B")],
-              "Serving HNSW version (0: exact search) and its items."),
+                                target("streamrec_index_items", "items {{instance}}", "B"),
+                                target("streamrec_index_exact_rows",
+                                       "scored exactly {{instance}}", "C")],
+              "Serving HNSW version (0: exact search), its items, and the items each answer "
+              "scores exactly beside it (moved since its snapshot, or new; at most "
+              "STREAMREC_INDEX_STALE_LIMIT moved ones)."),
          stat("Index age and build", [target("streamrec_index_age_seconds", "age s", "A"),
                                       target("streamrec_index_build_seconds", "build s", "B"),
                                       target("streamrec_index_failures", "failed builds", "C"),

@@ -265,6 +265,8 @@ class ServingIndex:
             "failures": float(self.rebuilder.failures),
             "updates": float(self.rebuilder.updates),
             "waiting_seconds": self.rebuilder.waiting_seconds(now),
+            # as of the last answer; read, not worked out, since scrapes come from a thread
+            "exact_rows": float(len(self._exact_rows[1])) if self._exact_rows else 0.0,
         }
 
     def close(self) -> None:

@@ -68,6 +68,9 @@ def build_metrics(engine: Engine) -> Metrics:
         "failures": "Index builds that failed (the previous version kept serving).",
         "updates": "Index versions made by updating the previous one in place.",
         "waiting_seconds": "Seconds a due index build has waited for a backlog (0: none).",
+        "exact_rows": "Items scored exactly beside the serving index (moved since its "
+                      "snapshot, or new), as of the last answer: what an answer adds to the "
+                      "graph search.",
     }
     for key, doc in index_gauges.items():
         metrics.gauge(f"streamrec_index_{key}", doc,

@@ -97,7 +97,7 @@ def test_the_rows_scored_beside_the_graph_are_ranked_by_their_vectors_after_each
     """Oracle for the block of moved and new rows that answers score exactly (gathered once
     per learner step): after every further step, the exact part of a retrieval is the brute
     force top n of those rows by their current vectors, ties to the lower row, excluded rows
-    left out."""
+    left out; their count is the ``streamrec_index_exact_rows`` gauge."""
     engine = engine_with_index(tmp_path)
     stream = planted_stream()
     histories = run_stream(engine, stream[:-60])
@@ -116,6 +116,7 @@ def test_the_rows_scored_beside_the_graph_are_ranked_by_their_vectors_after_each
         order = stale[np.lexsort((stale, -scores))]
         expected = [row for row in order.tolist() if row not in excluded][:5]
         assert engine.index._fresh(index, query, 5, excluded).tolist() == expected
+        assert engine.index.stats(time.time())["exact_rows"] == len(stale)  # the gauge
 
 
 def test_a_version_after_a_few_steps_updates_the_served_one_and_answers_as_exact_search(
