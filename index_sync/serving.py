@@ -205,9 +205,10 @@ class ServingIndex:
         """Rows missing from ``index`` and rows moved since its snapshot, with their vectors
         gathered into one block, once per (index version, learner step, learner size).
 
-        Gathering up to ``stale_limit`` scattered rows was most of an answer's time in a
-        worker that learns (1.4 ms p50 at the limit against 0.35 on a fresh index, 100k
-        items); kept, an answer only multiplies the block. A row changed between learner
+        Gathering up to ``stale_limit`` scattered rows at every answer, then sorting all their
+        scores, tripled an answer's time in a worker that learns (p50 1.5–1.8 ms at the limit
+        against 0.5 on a fresh version, 100k items, ``benchmarks/index_serving.py``); kept,
+        an answer multiplies the block and sorts only its best (0.95–1.04 ms). A row changed between learner
         steps (not a learning step: the bootstrap, a cold start) would pick candidates by its
         previous vector until the next step, as the graph picks them by the snapshot's; the
         answer's scores are the current vectors' either way (the rerank)."""
