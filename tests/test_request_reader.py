@@ -180,21 +180,26 @@ def test_a_reader_whose_broker_is_not_there_yet_keeps_trying(settings, tmp_path)
     assert asyncio.run(scenario()) == ["after"]
 
 
-def test_a_request_topic_with_other_partitions_than_the_events_is_an_error(settings, caplog):
-    """Partitions numbered past the events' would never be read: the reader says so."""
-    mismatched = settings.replace(topic_requests=settings.topic_requests + "-three")
-    ensure_topics(mismatched.replace(partitions=3), [mismatched.topic_requests])
-
+def errors_of_a_reader(settings, caplog) -> str:
+    """The errors a reader of partition 0 logs while it answers one request."""
     async def scenario() -> None:
-        running = Running(mismatched)
+        running = Running(settings)
         await running.reader.follow([0])
-        send(mismatched, 0, "x")
+        send(settings, 0, "x")
         await running.until(1)
         await running.stop()
 
     with caplog.at_level("ERROR", logger="stream_app.request_reader"):
         asyncio.run(scenario())
-    assert f"has 3 partitions and the events topic {settings.topic_events} 2" in caplog.text
+    return caplog.text
+
+
+def test_a_request_topic_with_other_partitions_than_the_events_is_an_error(settings, caplog):
+    """Partitions numbered past the events' would never be read: the reader says so."""
+    mismatched = settings.replace(topic_requests=settings.topic_requests + "-three")
+    ensure_topics(mismatched.replace(partitions=3), [mismatched.topic_requests])
+    assert f"has 3 partitions and the events topic {settings.topic_events} 2" in \
+        errors_of_a_reader(mismatched, caplog)
 
 
 def test_an_events_topic_made_with_other_partitions_than_the_requests_is_an_error(settings,
@@ -204,14 +209,5 @@ def test_an_events_topic_made_with_other_partitions_than_the_requests_is_an_erro
     mismatched = settings.replace(topic_events=settings.topic_events + "-three")
     ensure_topics(mismatched.replace(partitions=3), [mismatched.topic_events])
     ensure_topics(mismatched, [mismatched.topic_requests])
-
-    async def scenario() -> None:
-        running = Running(mismatched)
-        await running.reader.follow([0])
-        send(mismatched, 0, "x")
-        await running.until(1)
-        await running.stop()
-
-    with caplog.at_level("ERROR", logger="stream_app.request_reader"):
-        asyncio.run(scenario())
-    assert f"has 2 partitions and the events topic {mismatched.topic_events} 3" in caplog.text
+    assert f"has 2 partitions and the events topic {mismatched.topic_events} 3" in \
+        errors_of_a_reader(mismatched, caplog)
