@@ -106,6 +106,15 @@ def recall(engine: Engine, n_items: int, queries: int = 200, seed: int = 2) -> f
     return hits / (10 * queries)
 
 
+def move_in_one_step(engine: Engine, rows: np.ndarray, vectors: np.ndarray) -> None:
+    """Give learner ``rows`` new vectors as one learning step would, and tell the index."""
+    learner = engine.index.learner
+    ids = learner.item_ids_at(rows)
+    learner.assign(ids, vectors)
+    learner.steps += 1
+    engine.index.learned(ids, rows)
+
+
 def update_in_place(engine: Engine, moved_share: float, seed: int = 3) -> dict:
     """Move ``moved_share`` of the rows (within the sphere, as a few learning steps would) and
     make the next version by updating the serving one; its seconds and recall after."""
@@ -116,10 +125,7 @@ def update_in_place(engine: Engine, moved_share: float, seed: int = 3) -> dict:
     moved += 0.05 * rng.normal(size=moved.shape)
     norms = np.linalg.norm(moved, axis=1, keepdims=True)
     moved *= np.minimum(1.0, 0.99 * index.manifest.radius / norms)
-    ids = learner.item_ids_at(rows)
-    learner.assign(ids, moved)
-    learner.steps += 1
-    engine.index.learned(ids, rows)
+    move_in_one_step(engine, rows, moved)
     rebuilder = engine.index.rebuilder
     rebuilder.last_snapshot_at = rebuilder.resting_until = 0.0
     started = time.perf_counter()
@@ -138,13 +144,12 @@ def answers_while_stale(engine: Engine, n_items: int, queries: int, seed: int = 
     learner, limit = engine.index.learner, engine.index.config.stale_limit
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(learner), min(limit, len(learner)), replace=False))
-    moved = learner.item_matrix[rows] + 0.01 * rng.normal(size=(len(rows), learner.item_matrix.shape[1]))
-    learner.assign(learner.item_ids_at(rows), moved)
+    moved = learner.item_matrix[rows]
+    moved += 0.01 * rng.normal(size=moved.shape)
     new = max(n_items // 100, 1)
     learner.assign([f"new{i}" for i in range(new)],
                    learner.item_matrix[rng.integers(0, n_items, new)])
-    learner.steps += 1
-    engine.index.learned(learner.item_ids_at(rows), rows)
+    move_in_one_step(engine, rows, moved)
     return {"moved_rows": len(rows), "new_items": new, **time_answers(engine, n_items, queries)}
 
 

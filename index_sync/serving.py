@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,6 +60,15 @@ class _Coverage:
         return cls(label_rows, missing, len(ids))
 
 
+class _ExactBlock(NamedTuple):
+    """The rows an index lacks or holds with moved vectors, and those vectors, as of ``key``
+    (index version, learner step, learner size)."""
+
+    key: tuple
+    rows: np.ndarray
+    vectors: np.ndarray
+
+
 def _first_not_in(rows: np.ndarray, excluded: set[int], n: int) -> np.ndarray:
     """The first ``n`` of ``rows`` that are neither in ``excluded`` nor −1, in order."""
     kept = [row for row in rows.tolist() if row not in excluded and row >= 0]
@@ -92,7 +102,7 @@ class ServingIndex:
         # row -> learner step of its last move, oldest move first (a row that moves again
         # goes to the end), so the rows moved since a snapshot are a suffix
         self._moved: dict[int, int] = {}
-        self._exact_rows: tuple[tuple, np.ndarray, np.ndarray] | None = None
+        self._exact: _ExactBlock | None = None
 
     # -- keeping it fresh ------------------------------------------------------------------
     def learned(self, item_ids: Sequence[str], moved_rows: Sequence[int] = ()) -> None:
@@ -208,17 +218,17 @@ class ServingIndex:
         Gathering up to ``stale_limit`` scattered rows at every answer, then sorting all their
         scores, tripled an answer's time in a worker that learns (p50 1.5–1.8 ms at the limit
         against 0.5 on a fresh version, 100k items, ``benchmarks/index_serving.py``); kept,
-        an answer multiplies the block and sorts only its best (0.95–1.04 ms). A row changed between learner
-        steps (not a learning step: the bootstrap, a cold start) would pick candidates by its
-        previous vector until the next step, as the graph picks them by the snapshot's; the
-        answer's scores are the current vectors' either way (the rerank)."""
+        an answer multiplies the block and sorts only its best (0.95–1.04 ms). A row changed
+        between learner steps (not a learning step: the bootstrap, a cold start) would pick
+        candidates by its previous vector until the next step, as the graph picks them by the
+        snapshot's; the answer's scores are the current vectors' either way (the rerank)."""
         key = (index.version, self.learner.steps, len(self.learner))
-        if self._exact_rows is None or self._exact_rows[0] != key:
+        if self._exact is None or self._exact.key != key:
             rows = np.unique(np.concatenate([
                 self._rows_missing_from(index),
                 self._rows_moved_since(index.manifest.model_version)]))
-            self._exact_rows = (key, rows, self.learner.item_matrix[rows])
-        return self._exact_rows[1], self._exact_rows[2]
+            self._exact = _ExactBlock(key, rows, self.learner.item_matrix[rows])
+        return self._exact.rows, self._exact.vectors
 
     def _rows_moved_since(self, model_version: int) -> np.ndarray:
         """The rows moved after the learner step ``model_version`` (the index's snapshot),
@@ -267,7 +277,7 @@ class ServingIndex:
             "updates": float(self.rebuilder.updates),
             "waiting_seconds": self.rebuilder.waiting_seconds(now),
             # as of the last answer; read, not worked out, since scrapes come from a thread
-            "exact_rows": float(len(self._exact_rows[1])) if self._exact_rows else 0.0,
+            "exact_rows": float(len(self._exact.rows)) if self._exact else 0.0,
         }
 
     def close(self) -> None:
