@@ -131,13 +131,25 @@ class ServingIndex:
         old buffer), and ids are copied here, so the build never sees a row without its id.
         ``behind``: events the worker has yet to take in (``RebuildPolicy.backlog_events``)."""
         if not self.config.enabled or not self.rebuilder.due(
-                len(self._changed), len(self.learner), behind=behind):
+                len(self._changed), len(self.learner), behind=behind,
+                overflowing=self._overflowing()):
             return False
         snapshot = Snapshot(self.learner.item_ids, self.learner.item_matrix, model_version,
                             *self._update_plan())
         self._changed.clear()
         self.rebuilder.submit(snapshot)
         return True
+
+    def _overflowing(self) -> bool:
+        """More rows moved since the serving version's snapshot than answers score exactly
+        beside it (``stale_limit``): the rest are found only by their snapshot vectors. Counts
+        at most ``stale_limit`` + 1 moves, so a check costs the same at any catalog size."""
+        index = self.holder.current
+        if index is None:
+            return False
+        limit = self.config.stale_limit
+        moved = itertools.islice(self._moved_after(index.manifest.model_version), limit + 1)
+        return sum(1 for _ in moved) > limit
 
     def _update_plan(self) -> tuple[np.ndarray | None, int | None]:
         """The rows in which the learner differs from the serving index (moved since its

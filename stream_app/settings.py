@@ -205,7 +205,8 @@ class Settings(BaseSettings):
     index_enabled: bool = Field(True, description="Serve from HNSW indices rebuilt aside.")
     index_interval_s: float = Field(60.0, gt=0, description="Rebuild at least this often.")
     index_changed_items: int = Field(
-        10_000, ge=1, description="Rebuild sooner once this many item vectors have changed.")
+        10_000, ge=1, description="Rebuild sooner once this many items have been learned "
+        "(or once more rows moved than index_stale_limit).")
     index_build_share: float = Field(
         0.5, gt=0, le=1, description="Most of the wall time index builds may take: a build of "
         "b seconds is followed by b·(1/share − 1) seconds without one (1: back to back).")
@@ -224,7 +225,8 @@ class Settings(BaseSettings):
     index_clusters: int = Field(0, ge=0, description="k-means clusters (0: one index).")
     index_stale_limit: int = Field(
         4096, ge=0, description="Most items moved since the index's snapshot that an answer "
-        "scores exactly beside the graph search (the most recently moved).")
+        "scores exactly beside the graph search (the most recently moved); more moved than "
+        "this makes a rebuild due (index_sync.swap.RebuildPolicy).")
     index_ef: int = Field(128, ge=1, description="HNSW search breadth (a query uses ef >= k).")
     index_m: int = Field(16, ge=2, description="HNSW graph degree.")
     index_build_threads: int = Field(1, ge=1, description="Threads of an index build.")

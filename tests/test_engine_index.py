@@ -18,9 +18,9 @@ from .test_engine_model import planted_stream, run_stream
 
 
 def engine_with_index(tmp_path, **changes) -> Engine:
-    settings = Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
-                        index_min_items=10, index_changed_items=50, index_interval_s=3600,
-                        **changes)
+    settings = Settings(**{"data_dir": tmp_path, "popularity_refresh_s": 0, "model_dim": 16,
+                           "index_min_items": 10, "index_changed_items": 50,
+                           "index_interval_s": 3600, **changes})
     return Engine(settings)
 
 
@@ -117,6 +117,33 @@ def test_the_rows_scored_beside_the_graph_are_ranked_by_their_vectors_after_each
         expected = [row for row in order.tolist() if row not in excluded][:5]
         assert engine.index._fresh(index, query, 5, excluded).tolist() == expected
         assert engine.index.stats(time.time())["exact_rows"] == len(stale)  # the gauge
+
+
+def test_a_rebuild_falls_due_once_more_rows_moved_than_answers_score_exactly(tmp_path):
+    """Neither the learned items (``index_changed_items``) nor the interval make a build due
+    here; the rows that moved since the serving snapshot do, from the first step after which
+    they outnumber the stale limit (counted by comparing every row with its snapshot), since
+    answers find the rest only by their snapshot vectors."""
+    limit = 100
+    engine = engine_with_index(tmp_path, index_changed_items=10**6, index_stale_limit=limit,
+                               index_build_share=1.0)
+    stream = planted_stream()
+    histories = run_stream(engine, stream[:-60])
+    build_now(engine)
+    snapshot = engine.learner.item_matrix.copy()
+    due = []
+    for start in range(-60, 0, 5):
+        histories = run_stream(engine, stream[start:start + 5 or None], histories=histories)
+        current = engine.learner.item_matrix
+        moved = (np.any(current[:len(snapshot)] != snapshot, axis=1).sum()
+                 + len(current) - len(snapshot))
+        due.append((moved > limit, engine.maybe_rebuild_index()))
+        if due[-1][1]:
+            break
+    assert due[0] == (False, False) and due[-1] == (True, True)
+    assert all(expected == built for expected, built in due)
+    engine.index.rebuilder._running.result(60)
+    assert engine.index.version == 2
 
 
 def test_a_version_after_a_few_steps_updates_the_served_one_and_answers_as_exact_search(

@@ -302,6 +302,23 @@ def test_a_due_build_waits_for_a_backlog_at_most_its_wait(tmp_path):
     rebuilder.close()
 
 
+def test_a_version_that_overflows_its_stale_limit_is_due_before_its_interval(tmp_path):
+    """Overflowing (more rows moved than answers score exactly) makes a build due as enough
+    changed items would; the rest, the backlog wait and the building guard still apply."""
+    rebuilder = IndexRebuilder(tmp_path, IndexHolder(), RebuildPolicy(
+        interval_s=3600, changed_items=10**6, backlog_events=1000, backlog_wait_s=30))
+    rebuilder.submit(Snapshot(ids_of(300), model_like(300), model_version=1)).result(60)
+    now = rebuilder.resting_until + 1
+    assert not rebuilder.due(changed_items=5, n_items=300, now=now)
+    assert rebuilder.due(changed_items=5, n_items=300, now=now, overflowing=True)
+    assert not rebuilder.due(changed_items=5, n_items=300, now=rebuilder.resting_until - 0.01,
+                             overflowing=True)
+    assert not rebuilder.due(changed_items=5, n_items=300, now=now, behind=5000,
+                             overflowing=True)
+    assert not rebuilder.due(changed_items=0, n_items=300, now=now, overflowing=True)
+    rebuilder.close()
+
+
 def test_a_build_never_waits_without_a_backlog_threshold(tmp_path):
     rebuilder = IndexRebuilder(tmp_path, IndexHolder(), RebuildPolicy(
         interval_s=3600, changed_items=10, backlog_events=0))
