@@ -116,15 +116,17 @@ def move_in_one_step(engine: Engine, rows: np.ndarray, vectors: np.ndarray) -> N
 
 
 def update_in_place(engine: Engine, moved_share: float, seed: int = 3) -> dict:
-    """Move ``moved_share`` of the rows (within the sphere, as a few learning steps would) and
-    make the next version by updating the serving one; its seconds and recall after."""
+    """Move ``moved_share`` of the rows a little, as a few learning steps would (within the
+    sphere, for ``STREAMREC_INDEX_SPACE=sphere``), and make the next version by updating the
+    serving one; its seconds and recall after."""
     learner, index = engine.index.learner, engine.index.current
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(learner), int(moved_share * len(learner)), replace=False))
     moved = learner.item_matrix[rows]
     moved += 0.05 * rng.normal(size=moved.shape)
-    norms = np.linalg.norm(moved, axis=1, keepdims=True)
-    moved *= np.minimum(1.0, 0.99 * index.manifest.radius / norms)
+    if index.manifest.space == "sphere":
+        norms = np.linalg.norm(moved, axis=1, keepdims=True)
+        moved *= np.minimum(1.0, 0.99 * index.manifest.radius / norms)
     move_in_one_step(engine, rows, moved)
     rebuilder = engine.index.rebuilder
     rebuilder.last_snapshot_at = rebuilder.resting_until = 0.0

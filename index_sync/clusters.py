@@ -122,7 +122,7 @@ class ClusteredIndex:
         manifest = Manifest(version=version, dim=vectors.shape[1], count=len(ids),
                             model_version=model_version,
                             build_seconds=time.perf_counter() - started,
-                            created_at=time.time(), clusters=n_clusters)
+                            created_at=time.time(), clusters=n_clusters, space=params.space)
         return cls(parts, np.stack(centroids), manifest)
 
     def affinity(self, query: np.ndarray, history: Sequence[str] = ()) -> np.ndarray:

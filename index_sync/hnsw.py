@@ -5,22 +5,36 @@ maximum inner product search in hnswlib's space ``'ip'`` retrieves the model's t
 directly (LED §5.2: the bias as an extra dimension). hnswlib reports ``1 − ⟨q, x⟩`` as the
 distance; :meth:`ItemIndex.search` turns it back into the score.
 
-HNSW graphs are built for metric neighbourhoods; learned item rows have very different norms
-(popular items are long), and an 'ip' graph over them loses recall. So the rows are first put
-on one sphere with the MIPS-to-NN reduction of Bachrach et al. (2014): x ↦ [x, √(R² − ‖x‖²)],
-R the largest norm, and the query q ↦ [q, 0]. Inner products with the query are unchanged,
-and the largest inner product is now also the nearest neighbour. Measured on 5,000 low-rank
-rows with biases (``tests/test_index_sync.py``), recall@10 against exact MIPS, M = 16:
-ef 64: 0.90 plain, 0.93 on the sphere; ef 128: 0.96 and 0.98; ef 256: 0.98 and 1.00, at
-0.13–0.19 ms a query. The default ef is 128.
+The graph holds the rows as they are (``space="ip"``, the default). The other choice,
+``"sphere"``, first puts them on one sphere with the MIPS-to-NN reduction of Bachrach et al.
+(2014), x ↦ [x, √(R² − ‖x‖²)] with R the largest norm and the query q ↦ [q, 0], which turns
+the largest inner product into the nearest neighbour. It was the default, chosen on rows of
+similar norms; learned rows are not like that (Toys after one pass: norms from 0.03 to 1.6,
+median 0.53, popular items long, the many rarely seen ones short, so most rows crowd the pole
+[0, R] of the sphere, far from every query). Recall@10 against exact search of the
+responder's top 10 (64 graph candidates reranked; ef 128, M 16):
+
+=============================================  =====  ======
+rows                                           ip     sphere
+=============================================  =====  ======
+Toys, the model after one pass (11,924)        0.998  0.680
+low-rank, 5,000, lengths spread by e^N(0,1)    0.998  0.890
+low-rank, 100,000 (the serving benchmark's)    1.000  0.972
+=============================================  =====  ======
+
+Toys test NDCG@10 with those candidates: 0.0424 with ``ip``, as exact search, against 0.0390
+on the sphere (0.0410 at ef 512), at 0.18 against 0.14 ms a query; through the responder,
+``Engine.answer`` on a fresh version: 0.0424 against 0.0385 (docs/results.md).
+``tests/test_index_sync.py`` holds the synthetic case.
 
 An :class:`ItemIndex` is never changed while it serves: hnswlib's ``add_items`` must not
 overlap ``knn_query`` on the same index, so new vectors go into a *new* index made aside, and the
 serving reference is swapped (:mod:`index_sync.swap`). The new index is built from scratch, or,
 when few rows moved, is a private copy of the serving one with those rows updated in place
 (:meth:`ItemIndex.updated`): at a million items a build takes minutes, an update of a few
-thousand rows seconds. For that a build puts the rows on a sphere ``SPHERE_HEADROOM`` wider
-than its longest row, so a row may grow a little and still fit; a longer one needs a build.
+thousand rows seconds. Any row can be updated in an ``ip`` graph; on the sphere a build
+puts the rows on a sphere ``SPHERE_HEADROOM`` wider than its longest row, so a row may grow a
+little and still fit, and a longer one needs a build.
 """
 
 from __future__ import annotations
@@ -28,11 +42,13 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
 import hnswlib
 import numpy as np
 
-INDEX_FORMAT = 1
+#: 2: ``Manifest.space`` names the graph's form; every version of format 1 is on the sphere
+INDEX_FORMAT = 2
 #: sphere radius of a build over its longest row: rows that grow by up to this factor can be
 #: updated in place. Recall@10 at ef 128 on 20,000 low-rank rows: 0.895 at 1.0, 0.883 at 1.1;
 #: the responder's at 100,000 items (benchmarks/index_serving.py): 0.954 at 1.0, 0.953 at 1.05.
@@ -44,7 +60,7 @@ class Manifest:
     """What a version folder holds; written as ``manifest.json`` beside the files."""
 
     version: int
-    dim: int  # length of the augmented rows (d + 1); the graph has one more (on_sphere)
+    dim: int  # length of the augmented rows (d + 1); on the sphere the graph has one more
     count: int
     model_version: int
     build_seconds: float
@@ -52,7 +68,7 @@ class Manifest:
     clusters: int = 0  # 0: one index; K: one index per k-means cluster
     radius: float = 0.0  # of the sphere the rows were put on (0: not recorded, no updates)
     updated_rows: int = 0  # rows updated in place since the last build from scratch
-    space: str = "ip"
+    space: Literal["ip", "sphere"] = "ip"  # the rows as they are, or on the sphere
     format: int = INDEX_FORMAT
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
 
@@ -61,7 +77,16 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict) -> Manifest:
+        """The manifest as written; one of format 1 (its space said "ip" for the sphere's
+        graph) is read as the sphere's, so versions written before format 2 still serve."""
+        if data.get("format") == 1:
+            data = {**data, "space": "sphere", "format": INDEX_FORMAT}
         return cls(**data)
+
+    @property
+    def graph_dim(self) -> int:
+        """Length of the graph's rows: the sphere adds a coordinate."""
+        return self.dim + 1 if self.space == "sphere" else self.dim
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,7 @@ class HnswParams:
     ef_construction: int = 200
     ef: int = 128
     threads: int = 1
+    space: Literal["ip", "sphere"] = "ip"  # see the module docstring
 
 
 class ItemIndex:
@@ -101,20 +127,33 @@ class ItemIndex:
     def build(cls, ids: Sequence[str], vectors: np.ndarray, *, version: int,
               model_version: int, params: HnswParams = HnswParams(), seed: int = 0,
               clusters: int = 0, headroom: float = 1.0) -> ItemIndex:
-        """Build from rows ψ̃ (n, d+1); blocks for the whole build (run it aside). The rows go
-        on a sphere ``headroom`` times wider than the longest (see :meth:`updated`)."""
+        """Build from rows ψ̃ (n, d+1); blocks for the whole build (run it aside). On the
+        sphere (``params.space``) the rows go on one ``headroom`` times wider than the longest
+        (see :meth:`updated`)."""
         vectors = _checked_rows(ids, vectors)
         started = time.perf_counter()
-        radius = headroom * float(np.sqrt(squared_norms(vectors).max(initial=0.0)))
+        radius = 0.0
+        if params.space == "sphere":
+            radius = headroom * float(np.sqrt(squared_norms(vectors).max(initial=0.0)))
         graph = new_graph(vectors, params, seed, radius=radius)
         manifest = Manifest(version=version, dim=vectors.shape[1], count=len(ids),
                             model_version=model_version,
                             build_seconds=time.perf_counter() - started,
-                            created_at=time.time(), clusters=clusters, radius=radius)
+                            created_at=time.time(), clusters=clusters, radius=radius,
+                            space=params.space)
         return cls(graph, ids, manifest, params.ef)
 
+    @property
+    def updatable(self) -> bool:
+        """Whether rows can be updated in place at all: an ``ip`` graph, or a sphere whose
+        radius was recorded."""
+        return self.manifest.space == "ip" or self.manifest.radius > 0
+
     def fits(self, vectors: np.ndarray) -> bool:
-        """Whether rows this long can be updated in place: not longer than the sphere."""
+        """Whether rows this long can be updated in place: any in an ``ip`` graph, on the
+        sphere those not longer than its radius."""
+        if self.manifest.space == "ip":
+            return True
         radius = self.manifest.radius
         return radius > 0 and bool((squared_norms(vectors) <= radius * radius).all())
 
@@ -141,9 +180,8 @@ class ItemIndex:
         if len(ids) > self.graph.get_max_elements():
             self.graph.resize_index(len(ids))
         if len(rows):
-            sphere = on_sphere(vectors, radius=self.manifest.radius)
-            self.graph.add_items(np.ascontiguousarray(sphere, dtype=np.float32), rows,
-                                 num_threads=threads)
+            self.graph.add_items(graph_rows(vectors, self.manifest.space, self.manifest.radius),
+                                 rows, num_threads=threads)
         manifest = replace(self.manifest, version=version, count=len(ids),
                            model_version=model_version,
                            build_seconds=time.perf_counter() - started, created_at=time.time(),
@@ -172,8 +210,8 @@ class ItemIndex:
             return np.empty(0, dtype=np.int64), np.empty(0)
         # No set_ef here: hnswlib searches with max(ef, k) by itself, and changing ef would
         # race with queries on other threads.
-        padded = np.zeros(len(query) + 1, dtype=np.float32)  # the sphere's extra coordinate
-        padded[:-1] = query
+        padded = np.zeros(self.manifest.graph_dim, dtype=np.float32)  # the sphere's: 0
+        padded[:len(query)] = query
         labels, distances = self.graph.knn_query(padded, k=k)
         return labels[0].astype(np.int64), 1.0 - distances[0]
 
@@ -211,11 +249,19 @@ def on_sphere(vectors: np.ndarray, radius: float | None = None) -> np.ndarray:
     return np.hstack([vectors, extra[:, None]])
 
 
+def graph_rows(vectors: np.ndarray, space: str, radius: float | None = None) -> np.ndarray:
+    """The rows as the graph holds them (float32): as they are for ``ip``, put
+    :func:`on_sphere` (of ``radius``, by default the longest row's) for ``sphere``."""
+    if space == "sphere":
+        vectors = on_sphere(vectors, radius)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
 def new_graph(vectors: np.ndarray, params: HnswParams, seed: int = 0,
               radius: float | None = None) -> hnswlib.Index:
-    """An hnswlib index (space 'ip') of ``vectors`` put :func:`on_sphere` (of ``radius``, by
-    default the longest row's), labels 0..n-1; its dimension is one more than the rows'."""
-    vectors = np.ascontiguousarray(on_sphere(vectors, radius), dtype=np.float32)
+    """An hnswlib index (its space 'ip') of ``vectors`` in the form ``params.space`` names
+    (:func:`graph_rows`), labels 0..n-1."""
+    vectors = graph_rows(vectors, params.space, radius)
     graph = hnswlib.Index(space="ip", dim=vectors.shape[1])
     graph.init_index(max_elements=max(len(vectors), 1), M=params.M,
                      ef_construction=params.ef_construction, random_seed=seed)

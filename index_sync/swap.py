@@ -133,7 +133,7 @@ class RebuildPolicy:
         """Whether a version that differs from ``base`` in ``rows`` rows is made by updating
         it in place (else from scratch)."""
         return (self.update_share > 0 and isinstance(base, ItemIndex)
-                and base.manifest.radius > 0 and rows <= self.update_share * len(base)
+                and base.updatable and rows <= self.update_share * len(base)
                 and base.manifest.updated_rows + rows <= len(base))
 
 

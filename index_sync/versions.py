@@ -120,7 +120,7 @@ def load_version(folder: Path, params: HnswParams = HnswParams(),
         ids = json.loads((folder / f"ids-{k}.json").read_text())
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise CorruptVersion(f"ids-{k}.json is not a list of item ids")
-        graph = hnswlib.Index(space=manifest.space, dim=manifest.dim + 1)  # see on_sphere
+        graph = hnswlib.Index(space="ip", dim=manifest.graph_dim)
         graph.load_index(str(folder / f"index-{k}.bin"),
                          max_elements=max(len(ids), capacity, 1))
         if graph.get_current_count() != len(ids):

@@ -229,6 +229,10 @@ class Settings(BaseSettings):
         "this makes a rebuild due (index_sync.swap.RebuildPolicy).")
     index_ef: int = Field(128, ge=1, description="HNSW search breadth (a query uses ef >= k).")
     index_m: int = Field(16, ge=2, description="HNSW graph degree.")
+    index_space: Literal["ip", "sphere"] = Field(
+        "ip", description="HNSW over the item rows as they are ('ip'), or put on one sphere "
+        "first ('sphere', the MIPS-to-NN reduction; lost recall on learned rows, "
+        "index_sync/hnsw.py).")
     index_build_threads: int = Field(1, ge=1, description="Threads of an index build.")
     index_keep: int = Field(2, ge=1, description="Index versions kept on disk.")
     background_niceness: int = Field(
@@ -400,7 +404,7 @@ class Settings(BaseSettings):
                                  min_items=self.index_min_items, clusters=self.index_clusters,
                                  keep=self.index_keep, grace_s=self.index_grace_s),
             params=HnswParams(M=self.index_m, ef=self.index_ef,
-                              threads=self.index_build_threads))
+                              threads=self.index_build_threads, space=self.index_space))
 
     @property
     def event_kinds(self) -> frozenset[str]:
