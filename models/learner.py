@@ -128,7 +128,23 @@ class LearnerConfig:
       0.0348 → 0.0391 (test 0.0242 → 0.0303), Toys 0.0315 → 0.0352 (test 0.0235 → 0.0272),
       MovieLens held-out test 0.0595 → 0.0811; on Beauty 5,000 was too short (validation
       0.0265), 15,000 and 50,000 gave 0.0365 and 0.0388. It is counted in the events this
-      learner learns (a worker: the item partitions it owns), so scale it with the stream.
+      learner learns (a worker: the item partitions it owns), so scale it with the stream; with
+      ``positive_lanes`` > 1, on one clock per lane.
+    - ``positive_lanes``: how many clocks the positives' discount runs on, one per item
+      partition of the training topic (the caller passes each example's partition to
+      :meth:`ItemLearner.learn`); each counts its own lane's events against a half-life of
+      ``positives_half_life / positive_lanes``. A learner reads its partitions out of step when
+      it runs behind ingest, and on one clock the items of a partition read late take their
+      positives as the newest. On lane clocks an item's statistics do not depend on how the
+      lanes interleave (tested). Toys with each partition held back 20,000 examples behind the
+      one before (``benchmarks/partition_lag.py``, the serving pair fixed): NDCG@10 0.0424 →
+      0.0378 on one clock, 0.0425 → 0.0393 on four lanes; the rest of the loss is the other
+      order effects (user vectors encoded against items at another stage, the user Gramian).
+      Workers keep one clock unless ``STREAMREC_POSITIVES_BY_PARTITION`` is set: in order the
+      two give the same model (every positive's final weight within 0.02 on Toys), but with
+      lanes the serving pair picked on the stream flipped between near-tied candidates
+      (stream NDCG 0.0472 against 0.0471) that differ by a tenth on Toys' test fold
+      (docs/results.md); that pick has to be steadier first.
     - ``prior_weight``: μ of ``solve``, the pull towards an item's starting row. Without it
       (μ = 0) an item seen once is solved onto its single user and the held-out quality of the
       full Beauty stream fell well below Adagrad's; μ = 3 was too stiff (validation NDCG@10 of
@@ -174,6 +190,7 @@ class LearnerConfig:
     solver: Literal["solve", "adagrad"] = "solve"
     prior_weight: float = 0.5
     positives_half_life: float | None = 30_000.0
+    positive_lanes: int = 1
     sweep_per_step: int = 64
     cg_steps: int = 3
     alpha0_relative: bool = False
@@ -217,6 +234,8 @@ class ItemLearner:
         self._offset_squares = np.zeros((1024, config.dim))
         self._offsets_learned = False
         self._pos_gram, self._pos_target, self._pos_at = _no_statistics(width)
+        self._pos_lane = np.zeros(0, dtype=np.int64)  # slot → the lane whose clock it reads
+        self._lane_clock = np.zeros(max(config.positive_lanes, 1))  # events per lane
         self._slots_used = 0
         self._sweep_at = 0  # next row the background re-solve visits
         self.item_gramian = ExactGramian(width)
@@ -331,7 +350,8 @@ class ItemLearner:
 
     # -- learning ------------------------------------------------------------------------
     def learn(self, phi_batch: np.ndarray, item_ids: Sequence[str], alphas: np.ndarray, *,
-              n_users: float | None = None, user_weights: np.ndarray | None = None) -> float:
+              n_users: float | None = None, user_weights: np.ndarray | None = None,
+              lanes: np.ndarray | None = None) -> float:
         """One Adagrad step on a micro-batch of positives; returns its mean loss before the step.
 
         Parameters
@@ -348,6 +368,9 @@ class ItemLearner:
             at 1, which makes α0 a weight per *average* user rather than per user.
         user_weights : (B,), optional
             Importance weights for the user Gramian, ∝ 1/activity of each event's user.
+        lanes : (B,), optional
+            Each event's lane, 0 ≤ lane < ``positive_lanes`` (its item's partition; an item
+            keeps one lane): the clock its positives are discounted on. None: lane 0.
 
         The loss is the item side of Rendle's per-example loss (eq. 33), averaged over the batch:
         α(ŷ − 1)² + ψ̃ᵀ(α0 Ĝ_C + λI)ψ̃ / n_i, whose gradient is :func:`item_gradient` (× 2).
@@ -363,12 +386,16 @@ class ItemLearner:
         uniq, inverse = np.unique(rows, return_inverse=True)
         self._add_positive_mass(alphas)
         self.events += len(rows)
+        lanes = self._checked_lanes(lanes, len(rows))
+        self._lane_clock += np.bincount(lanes, minlength=len(self._lane_clock))
         n_i = self._add_counts(uniq, np.bincount(inverse))[inverse]
         before = self._psi[uniq]
         psi = before[inverse]
         loss = self._loss(phi_aug, psi, alphas, G_C, n_i)
         if self.config.solver == "solve":
-            self._solve(uniq, inverse, phi_aug, alphas, G_C)
+            item_lanes = np.empty(len(uniq), dtype=np.int64)
+            item_lanes[inverse] = lanes
+            self._solve(uniq, inverse, phi_aug, alphas, G_C, item_lanes)
         else:
             grads = item_gradient(phi_aug, psi, alphas, G_C, n_i, self.alpha0,
                                   self.config.lam)
@@ -397,6 +424,15 @@ class ItemLearner:
         self._offsets_learned = True
         self.changed_input_rows = np.union1d(self.changed_input_rows, rows)
 
+    def _checked_lanes(self, lanes: np.ndarray | None, size: int) -> np.ndarray:
+        if lanes is None:
+            return np.zeros(size, dtype=np.int64)
+        lanes = np.asarray(lanes, dtype=np.int64)
+        if lanes.shape != (size,) or (size and not 0 <= lanes.min() <= lanes.max()
+                                      < len(self._lane_clock)):
+            raise ValueError(f"lanes must be {size} values in 0..{len(self._lane_clock) - 1}")
+        return lanes
+
     def _add_positive_mass(self, alphas: np.ndarray) -> None:
         half_life = self.config.positives_half_life
         keep = 1.0 if half_life is None else 0.5 ** (len(alphas) / half_life)
@@ -418,8 +454,9 @@ class ItemLearner:
         return float(np.mean(alphas * (y_hat - 1.0) ** 2 + penalty / n_i))
 
     def _solve(self, rows: np.ndarray, inverse: np.ndarray, phi_aug: np.ndarray,
-               alphas: np.ndarray, G_C: np.ndarray) -> None:
-        """Add the batch's positives to A_i, s_i of their items, then re-solve those items."""
+               alphas: np.ndarray, G_C: np.ndarray, lanes: np.ndarray) -> None:
+        """Add the batch's positives to A_i, s_i of their items (``lanes``: each item's
+        lane), then re-solve those items."""
         slots = self._slots_for(rows)
         batch = len(phi_aug)
         gram, target = self._statistics_now(slots)
@@ -430,7 +467,8 @@ class ItemLearner:
         gram += by_item @ packed_outer(phi_aug.astype(gram.dtype, copy=False))
         target += by_item @ phi_aug
         self._pos_gram[slots], self._pos_target[slots] = gram, target
-        self._pos_at[slots] = self.events
+        self._pos_lane[slots] = lanes
+        self._pos_at[slots] = self._lane_clock[lanes]
         self._psi[rows] = self._solved(rows, gram, target, G_C)
 
     def _statistics_now(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -449,12 +487,13 @@ class ItemLearner:
         return gram, target
 
     def _discount_since_update(self, slots: np.ndarray) -> np.ndarray:
-        """0.5 per ``positives_half_life`` events since each slot's last update (1 without a
-        half-life)."""
+        """0.5 per ``positives_half_life`` events since each slot's last update, counted on
+        its lane's clock (1 without a half-life)."""
         half_life = self.config.positives_half_life
         if half_life is None:
             return np.ones(len(slots))
-        return 0.5 ** ((self.events - self._pos_at[slots]) / half_life)
+        since = self._lane_clock[self._pos_lane[slots]] - self._pos_at[slots]
+        return 0.5 ** (since / (half_life / len(self._lane_clock)))
 
     def _solved(self, rows: np.ndarray, gram: np.ndarray, target: np.ndarray,
                 G_C: np.ndarray) -> np.ndarray:
@@ -508,6 +547,7 @@ class ItemLearner:
                 self._pos_gram = _grow(self._pos_gram, size, 0.0)
                 self._pos_target = _grow(self._pos_target, size, 0.0)
                 self._pos_at = _grow(self._pos_at, size, 0.0)
+                self._pos_lane = _grow(self._pos_lane, size, 0)
             self._slot[fresh] = np.arange(self._slots_used, needed)
             self._slots_used = needed
         return self._slot[rows]
@@ -619,6 +659,8 @@ class ItemLearner:
             "pos_gram_upper": self._pos_gram[: self._slots_used].copy(),
             "pos_target": self._pos_target[: self._slots_used].copy(),
             "pos_at": self._pos_at[: self._slots_used].copy(),
+            "pos_lane": self._pos_lane[: self._slots_used].copy(),
+            "lane_clock": self._lane_clock.copy(),
             "clock": np.array([self.events, self.steps, self._sweep_at], dtype=np.int64),
             "positive_mass": np.array([self.positive_mass]), "alpha0": np.array([self.alpha0]),
             "offset": self._offset[:n].copy(), "offset_squares": self._offset_squares[:n].copy(),
@@ -685,8 +727,24 @@ class ItemLearner:
             self._slot = np.full(len(self._psi), -1, dtype=np.int64)
             self._pos_gram, self._pos_target, self._pos_at = _no_statistics(self.config.dim + 1)
         self._slots_used = len(self._pos_gram)
+        self._load_lanes(data)
         self.positive_mass = (float(data["positive_mass"][0]) if "positive_mass" in data
                               else self._positive_mass_now())  # older checkpoints
+
+    def _load_lanes(self, data) -> None:
+        """The lane clocks and each slot's lane. A checkpoint with another number of lanes
+        (older ones: one clock, the learned events) is read as lanes that ran evenly: every
+        clock at the saved events per new lane, the update times scaled alike, every slot on
+        lane 0 until its next positive."""
+        lanes = len(self._lane_clock)
+        saved = (np.asarray(data["lane_clock"], dtype=np.float64) if "lane_clock" in data
+                 else np.array([float(self.events)]))
+        if len(saved) == lanes and "pos_lane" in data:
+            self._lane_clock, self._pos_lane = saved, data["pos_lane"].astype(np.int64)
+            return
+        self._lane_clock = np.full(lanes, saved.sum() / lanes)
+        self._pos_at = self._pos_at * (len(saved) / lanes)
+        self._pos_lane = np.zeros(len(self._pos_gram), dtype=np.int64)
 
     def _positive_mass_now(self) -> float:
         """Σ α of the positives as of now, read from the statistics: the last coordinate of φ̃

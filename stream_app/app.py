@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 
@@ -30,7 +29,7 @@ from .batch_intake import BatchIntake
 from .changelog import BatchedTable
 from .compat import guard_fetch_wait
 from .delivery import install_direct_delivery, patch_consumer
-from .engine import Engine, LearnedReport
+from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_fair_fetch
 from .intake import IntakeLag
 from .kafka import faust_credentials
@@ -47,12 +46,6 @@ HISTORY_TABLE = "user-histories"
 TRAIN_MESSAGE_BYTES = 512 * 1024
 #: largest record batch of the producer (Faust's default is 16 KiB, about 4 histories)
 CHANGELOG_BATCH_BYTES = 256 * 1024
-
-
-def item_partition(item_id: str, partitions: int) -> int:
-    """The train-topic partition (and so the learner) that owns an item: a stable hash, the
-    same in every process and every run (Python's own ``hash`` of str is salted)."""
-    return zlib.crc32(item_id.encode()) % partitions
 
 
 def _chunks_by_size(parts: list[bytes], limit: int):

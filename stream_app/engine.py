@@ -10,6 +10,7 @@ import base64
 import logging
 import math
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -35,6 +36,13 @@ from .wire import (SOURCES, Event, InvalidMessage, RecItem, RecRequest, RecRespo
                    TrainExample)
 
 log = logging.getLogger(__name__)
+
+
+def item_partition(item_id: str, partitions: int) -> int:
+    """The train-topic partition (and so the learner) that owns an item: a stable hash, the
+    same in every process and every run (Python's own ``hash`` of str is salted). It is also
+    the item's lane for the positives' discount (``LearnerConfig.positive_lanes``)."""
+    return zlib.crc32(item_id.encode()) % partitions
 
 
 def encode_phi(phi: np.ndarray) -> str:
@@ -342,8 +350,13 @@ class Engine:
         self._rank_before_learning(examples)
         self._cold_start(items, phis)
         alphas = np.array([e.alpha for e in examples])
+        lanes = None  # one clock for the positives' discount, unless a lane per partition
+        if self.learner.config.positive_lanes > 1:
+            lanes = np.fromiter((item_partition(item, self.settings.partitions)
+                                 for item in items), dtype=np.int64, count=len(items))
         loss = self.learner.learn(phis, items, alphas,
-                                  n_users=max(self.users if users is None else users, 1))
+                                  n_users=max(self.users if users is None else users, 1),
+                                  lanes=lanes)
         if histories is not None and self.learner.config.input_lr > 0:
             self._learn_inputs(histories, items, alphas)
         self.index.learned(items, self.learner.changed_rows)

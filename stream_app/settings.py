@@ -144,8 +144,12 @@ class Settings(BaseSettings):
         3, ge=0, le=1024, description="Conjugate-gradient steps of an item's solve, from its "
         "current row; 0: an exact solve.")
     positives_half_life: float | None = Field(
-        30_000.0, gt=0, description="Half-life, in events this worker learns, of an item's "
+        30_000.0, gt=0, description="Half-life, in learned events, of an item's "
         "accumulated positives (solve); unset: they count forever.")
+    positives_by_partition: bool = Field(
+        False, description="Count the positives' discount on one clock per item partition, so "
+        "that a learner that reads its partitions out of step weighs them as in step "
+        "(models/learner.py, LearnerConfig.positive_lanes; off: one clock of learned events).")
     # docs/results.md "items get an input side": input offsets (q = v + delta) learned from
     # the user side of the loss; 0 is the tied model of earlier rounds. 0.03 of 0.01-0.3: the
     # Amazon sets' validation NDCG@10 rises with it up to 0.05-0.15 (+12 % / +13 % at 0.03);
@@ -358,6 +362,8 @@ class Settings(BaseSettings):
                              lr=self.learning_rate, solver=self.item_solver,
                              prior_weight=self.prior_weight, cg_steps=self.item_cg_steps,
                              positives_half_life=self.positives_half_life,
+                             positive_lanes=self.partitions if self.positives_by_partition
+                             else 1,
                              input_lr=self.input_lr if self.encoder == "mean" else 0.0,
                              seed=self.model_seed)
 

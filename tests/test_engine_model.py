@@ -416,3 +416,22 @@ def test_the_inputs_step_is_adagrad_on_the_autograd_gradient_of_the_examples_los
                                rtol=1e-6, atol=1e-10)
     others = np.setdiff1d(np.arange(len(learner)), moved)
     np.testing.assert_array_equal(learner.offsets[others], offsets_before[others])
+
+
+@pytest.mark.parametrize("by_partition", [False, True])
+def test_the_positives_clock_runs_per_item_partition_when_asked(tmp_path, by_partition):
+    """``STREAMREC_POSITIVES_BY_PARTITION``: each learned example advances the clock of its
+    item's partition (the worker's own hash); off, one clock counts every example."""
+    from stream_app.engine import item_partition
+
+    engine = Engine(Settings(data_dir=tmp_path, model_dim=8, partitions=3,
+                             positives_by_partition=by_partition))
+    stream = planted_stream()[:200]
+    run_stream(engine, stream)
+    expected = np.bincount([item_partition(e.item_id, 3) for e in stream], minlength=3)
+    clocks = engine.learner._lane_clock
+    if by_partition:
+        assert engine.learner.config.positive_lanes == 3
+        np.testing.assert_array_equal(clocks, expected)
+    else:
+        np.testing.assert_array_equal(clocks, [len(stream)])

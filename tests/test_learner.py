@@ -4,7 +4,7 @@ planted clusters learned in a single streaming pass by both solvers."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -123,27 +123,40 @@ def test_learn_steps_are_adagrad_steps_of_the_summed_item_gradients():
     assert learner.count("b") == 6.0 and learner.count("c") == 0.0
 
 
+def lane_of(item: str, lanes: int) -> int:
+    """Items a, b on lane 0, c, d on lane 1, … (all on lane 0 with one lane)."""
+    return "abcdef".index(item) // 2 % lanes
+
+
 def solve_stream(sweep: int, half_life: float | None = None, cg_steps: int = 0,
-                 relative: bool = False):
+                 relative: bool = False, lanes: int = 1):
+    """Six batches of random positives of items a–f; ``seen`` holds each item's positives
+    (φ̃, α, its lane's clock after the batch) and ``clock`` every lane's clock at the end."""
     config = LearnerConfig(dim=3, alpha0=0.3, lam=0.05, prior_weight=0.7, sweep_per_step=sweep,
                            positives_half_life=half_life, cg_steps=cg_steps,
-                           alpha0_relative=relative)
+                           alpha0_relative=relative, positive_lanes=lanes)
     rng = np.random.default_rng(5)
     start = {i: rng.normal(size=4) for i in "abcdef"}
     learner = ItemLearner(config, init_vector=start.get)
     seen: dict[str, list[tuple[np.ndarray, float, int]]] = {i: [] for i in "abcdef"}
+    clock = np.zeros(lanes)
     for _ in range(6):
         ids = list(rng.choice(list("abcdef"), 7))
         phi, alphas = rng.normal(size=(7, 3)), rng.uniform(0.5, 4.0, 7)
-        learner.learn(phi, ids, alphas, n_users=20)
+        batch_lanes = np.array([lane_of(i, lanes) for i in ids])
+        learner.learn(phi, ids, alphas, n_users=20, lanes=batch_lanes)
+        clock += np.bincount(batch_lanes, minlength=lanes)
         for item, p, a in zip(ids, augment_users(phi), alphas):
-            seen[item].append((p, a, learner.events))
-    return learner, config, start, seen, set(ids)
+            seen[item].append((p, a, clock[lane_of(item, lanes)]))
+    return learner, config, start, seen, set(ids), clock
 
 
-def discounted_alphas(config, positives, now: int) -> list[float]:
-    """α of each positive times 0.5^(age / half-life) (1 without a half-life)."""
+def discounted_alphas(config, positives, now: float) -> list[float]:
+    """α of each positive times 0.5^(age / half-life) (1 without a half-life); ``now`` and
+    the ages on the positives' lane clock, whose half-life is the lanes' share of it."""
     half_life = config.positives_half_life
+    if half_life:
+        half_life /= config.positive_lanes
     return [a * (0.5 ** ((now - t) / half_life) if half_life else 1.0) for _, a, t in positives]
 
 
@@ -164,27 +177,33 @@ def least_squares_row(config, G_C, prior, positives, now: int,
 @pytest.mark.parametrize("sweep", [0, 6])
 @pytest.mark.parametrize("half_life", [None, 10.0])
 @pytest.mark.parametrize("cg_steps", [0, 4])
+@pytest.mark.parametrize("lanes", [1, 3])
 def test_solved_rows_are_least_squares_solutions_of_each_items_whole_loss(sweep, half_life,
-                                                                          cg_steps):
+                                                                          cg_steps, lanes):
     """Every item touched by the last batch — and with a sweep covering the catalogue, every
     item — sits at the minimizer of its whole loss over all its positives so far, each
-    discounted by its age when a half-life is set, against the current user Gramian. The
-    exact solve and CG with as many steps as the row has coordinates (exact for CG) alike."""
-    learner, config, start, seen, last_batch = solve_stream(sweep, half_life, cg_steps)
-    G_C, now = learner.user_gramian.value(), learner.events
+    discounted by its age on its lane's clock when a half-life is set, against the current
+    user Gramian. The exact solve and CG with as many steps as the row has coordinates (exact
+    for CG) alike."""
+    learner, config, start, seen, last_batch, clock = solve_stream(sweep, half_life, cg_steps,
+                                                                   lanes=lanes)
+    G_C = learner.user_gramian.value()
     checked = set(seen) if sweep else last_batch
     for item in checked:
+        now = clock[lane_of(item, lanes)]
         expected = least_squares_row(config, G_C, start[item], seen[item], now)
         row = learner.rows_of([item])[0]
         np.testing.assert_allclose(learner.item_matrix[row], expected, rtol=1e-5, atol=1e-6)
     stale = set(seen) - last_batch
     if not sweep and stale:  # without the sweep, older items keep their older G_C
         item = sorted(stale)[0]
+        now = clock[lane_of(item, lanes)]
         expected = least_squares_row(config, G_C, start[item], seen[item], now)
         assert not np.allclose(learner.item_matrix[learner.rows_of([item])[0]], expected)
     if half_life:  # the discount matters: undiscounted positives give other rows
         undiscounted = LearnerConfig(**{**asdict(config), "positives_half_life": None})
         item = sorted(checked)[0]
+        now = clock[lane_of(item, lanes)]
         assert not np.allclose(
             learner.item_matrix[learner.rows_of([item])[0]],
             least_squares_row(undiscounted, G_C, start[item], seen[item], now), atol=1e-4)
@@ -192,12 +211,72 @@ def test_solved_rows_are_least_squares_solutions_of_each_items_whole_loss(sweep,
     np.testing.assert_allclose(learner.item_gramian.matrix, Psi.T @ Psi, atol=1e-9)
 
 
+def lane_statistics(order, phi, items, alphas, lanes, positive_lanes: int):
+    """A_i, s_i of every item (by id), discounted to the end, after learning the positives
+    one at a time in ``order``; one clock when ``positive_lanes`` is 1."""
+    learner = ItemLearner(LearnerConfig(dim=3, positives_half_life=30.0,
+                                        positive_lanes=positive_lanes))
+    for k in order:
+        learner.learn(phi[[k]], [items[k]], alphas[[k]], n_users=10,
+                      lanes=lanes[[k]] if positive_lanes > 1 else None)
+    return learner._statistics_now(learner._slot[learner.rows_of(sorted(set(items)))])
+
+
+def test_how_the_lanes_interleave_leaves_every_items_discounted_positives_alone():
+    """Oracle for a learner that takes its item partitions out of step (behind ingest): with
+    a clock per lane, every item's statistics discounted to the end are those of the stream
+    taken in step, when lane 1 runs 200 positives behind lane 0 and lane 2 400 behind (the
+    order inside each lane kept). On one clock the late lanes' positives count as the newest,
+    and the statistics differ."""
+    rng = np.random.default_rng(8)
+    n = 150
+    items = [f"i{k}" for k in rng.integers(0, 12, n)]
+    lanes = np.array([int(item[1:]) % 3 for item in items])
+    phi, alphas = rng.normal(size=(n, 3)), rng.uniform(0.5, 2.0, n)
+    in_step, behind = np.arange(n), np.argsort(np.arange(n) + 200 * lanes, kind="stable")
+    assert not np.array_equal(in_step, behind)
+    for got, expected in zip(lane_statistics(behind, phi, items, alphas, lanes, 3),
+                             lane_statistics(in_step, phi, items, alphas, lanes, 3)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
+    one_clock = [lane_statistics(order, phi, items, alphas, lanes, 1)[1]
+                 for order in (behind, in_step)]
+    assert not np.allclose(*one_clock, rtol=1e-2)
+
+
+def test_lane_clocks_round_trip_and_an_older_checkpoint_reads_as_even_lanes(tmp_path):
+    """Saved and loaded, the lanes go on as they were (the same rows after another batch).
+    A checkpoint of one clock (before lanes) loads into four lanes with every positive
+    discounted as it was at the save."""
+    learner, config, *_ = solve_stream(0, 10.0, lanes=3)
+    learner.save(tmp_path / "lanes.npz")
+    restored = ItemLearner(config)
+    assert restored.load(tmp_path / "lanes.npz")
+    np.testing.assert_array_equal(restored._lane_clock, learner._lane_clock)
+    phi, ids = np.random.default_rng(6).normal(size=(4, 3)), ["a", "c", "e", "f"]
+    lanes = np.array([lane_of(i, 3) for i in ids])
+    for model in (learner, restored):
+        model.learn(phi, ids, np.ones(4), n_users=20, lanes=lanes)
+    np.testing.assert_array_equal(restored.item_matrix, learner.item_matrix)
+
+    one_clock, config, *_ = solve_stream(0, 10.0)
+    one_clock.save(tmp_path / "one.npz")
+    with np.load(tmp_path / "one.npz") as data:
+        arrays = {k: v for k, v in data.items() if k not in ("lane_clock", "pos_lane")}
+    np.savez(tmp_path / "before-lanes.npz", **arrays)
+    four = ItemLearner(replace(config, positive_lanes=4))
+    assert four.load(tmp_path / "before-lanes.npz")
+    slots = np.arange(one_clock._slots_used)
+    np.testing.assert_allclose(four._discount_since_update(slots),
+                               one_clock._discount_since_update(slots), rtol=1e-12)
+    np.testing.assert_allclose(four._lane_clock, np.full(4, one_clock.events / 4))
+
+
 @pytest.mark.parametrize("half_life", [None, 10.0])
 def test_a_relative_alpha0_scales_with_the_density_of_the_positives(half_life):
     """Oracle: the positives' mass kept by the learner equals the sum over every positive so
     far of its discounted α; α0 relative is config.alpha0 × mass / (items × |C|); and every
     touched item sits at the minimizer of its whole loss with that α0."""
-    learner, config, start, seen, _ = solve_stream(6, half_life, relative=True)
+    learner, config, start, seen, _, _ = solve_stream(6, half_life, relative=True)
     now = learner.events
     mass = sum(sum(discounted_alphas(config, positives, now)) for positives in seen.values())
     assert learner.positive_mass == pytest.approx(mass, rel=1e-12)
