@@ -23,7 +23,7 @@ from evaluation.data import load_dataset
 from evaluation.protocols import RunConfig, evaluate_fold
 from evaluation.splits import leave_one_out
 from evaluation.streaming import OnlineEmbedding
-from stream_app.app import item_partition
+from stream_app.engine import item_partition
 from stream_app.settings import Settings
 from stream_app.wire import TrainExample
 

@@ -378,6 +378,7 @@ class ItemLearner:
         self.changed_input_rows = np.empty(0, dtype=np.int64)
         if len(item_ids) == 0:
             return 0.0
+        lanes = self._checked_lanes(lanes, len(item_ids))  # before any state moves
         phi_aug = augment_users(np.asarray(phi_batch, dtype=np.float64).reshape(len(item_ids), -1))
         alphas = np.asarray(alphas, dtype=np.float64)
         rows = self._ensure_rows(item_ids)
@@ -386,7 +387,6 @@ class ItemLearner:
         uniq, inverse = np.unique(rows, return_inverse=True)
         self._add_positive_mass(alphas)
         self.events += len(rows)
-        lanes = self._checked_lanes(lanes, len(rows))
         self._lane_clock += np.bincount(lanes, minlength=len(self._lane_clock))
         n_i = self._add_counts(uniq, np.bincount(inverse))[inverse]
         before = self._psi[uniq]

@@ -564,3 +564,10 @@ def test_a_replica_that_follows_the_deltas_equals_the_learner(tmp_path):
         replica.learn(np.zeros((1, 8)), ["x"], np.ones(1))
     with pytest.raises(TypeError, match="only follows"):
         replica.learn_inputs(np.array([0]), np.zeros((1, 8)))
+
+
+def test_lanes_out_of_range_are_refused_before_anything_is_learned():
+    learner = ItemLearner(LearnerConfig(dim=3, positive_lanes=2))
+    with pytest.raises(ValueError, match="lanes"):
+        learner.learn(np.ones((2, 3)), ["a", "b"], np.ones(2), lanes=np.array([0, 2]))
+    assert len(learner) == 0 and learner.events == 0 and learner.steps == 0
