@@ -22,7 +22,7 @@ import numpy as np
 from evaluation.data import load_dataset
 from evaluation.protocols import RunConfig, evaluate_fold
 from evaluation.splits import leave_one_out
-from evaluation.streaming import OnlineEmbedding
+from evaluation.streaming import OnlineEmbedding, training_examples
 from stream_app.engine import item_partition
 from stream_app.settings import Settings
 from stream_app.wire import TrainExample
@@ -41,20 +41,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def training_examples(events, history_length: int) -> tuple[list[TrainExample], np.ndarray]:
-    """Per event, its example (the user's history before it, as a worker sends it) and how
-    many users had been seen by then (the count its training message would carry)."""
+def examples_of(events, n_items: int, history_length: int
+                ) -> tuple[list[TrainExample], np.ndarray]:
+    """Per event, its example (the harness's :func:`training_examples`, as a worker writes
+    it) and how many users had been seen by then (the count its training message carries)."""
     examples, users_seen, histories = [], [], {}
-    for user, item, weight, ts in zip(events.users.tolist(), events.items.tolist(),
-                                      events.weights.tolist(), events.ts.tolist()):
-        items, weights, times = histories.setdefault(user, ([], [], []))
-        examples.append(TrainExample(user_id=str(user), item_id=str(item), alpha=weight, ts=ts,
-                                     history=list(items), weights=list(weights),
-                                     history_ts=list(times)))
+    keys = [str(item) for item in range(n_items)]
+    for example, _ in training_examples(events, keys, histories, history_length):
+        examples.append(example)
         users_seen.append(len(histories))
-        for values, value in ((items, str(item)), (weights, weight), (times, ts)):
-            values.append(value)
-            del values[:-history_length]
     return examples, np.array(users_seen)
 
 
@@ -82,7 +77,8 @@ def main() -> list[dict]:
     settings = Settings()
     lags = [0, 20_000] if args.quick else [int(lag) for lag in args.lags.split(",")]
     split = leave_one_out(load_dataset(args.dataset, None, settings.kind_weights))
-    examples, users_seen = training_examples(split.train_events, settings.history_length)
+    examples, users_seen = examples_of(split.train_events, split.n_items,
+                                       settings.history_length)
     results = []
     for lag in lags:
         results.append(run(settings, split, examples, users_seen, lag, args.partitions))

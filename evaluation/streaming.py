@@ -9,7 +9,8 @@ the items on its Deep Retrieval paths, measured against brute force as it goes).
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,6 +18,9 @@ import scipy.sparse as sp
 from state.popularity import DecayedPopularity
 
 from .data import Events
+
+if TYPE_CHECKING:
+    from stream_app.wire import TrainExample
 
 
 @runtime_checkable
@@ -103,20 +107,10 @@ class OnlineEmbedding:
         self._pending: list = []
 
     def learn(self, events: Events) -> None:
-        from stream_app.wire import TrainExample
-
-        limit = self.settings.history_length
-        for user, item, weight, ts in zip(events.users.tolist(), events.items.tolist(),
-                                          events.weights.tolist(), events.ts.tolist()):
-            items, weights, times = self._histories.setdefault(user, ([], [], []))
-            if not items:
-                self.engine.users += 1
-            self._pending.append(TrainExample(
-                user_id=str(user), item_id=self._keys[item], alpha=weight, ts=ts,
-                history=list(items), weights=list(weights), history_ts=list(times)))
-            for values, value in ((items, self._keys[item]), (weights, weight), (times, ts)):
-                values.append(value)
-                del values[:-limit]
+        for example, new_user in training_examples(events, self._keys, self._histories,
+                                                   self.settings.history_length):
+            self.engine.users += new_user
+            self._pending.append(example)
             if len(self._pending) == self.settings.learn_batch:
                 self._flush()
         self._flush()
@@ -180,6 +174,25 @@ class OnlineEmbedding:
             valid = np.take_along_axis(scores, top, axis=1) > -np.inf
             ranked[block] = np.where(valid, top, -1)
         return ranked
+
+
+def training_examples(events: Events, keys: Sequence[str],
+                      histories: dict[int, tuple[list[str], list[float], list[float]]],
+                      limit: int) -> Iterator[tuple[TrainExample, bool]]:
+    """Per event in stream order, the training example a worker writes for it (the user's
+    newest ``limit`` events before it, oldest first; ``keys``: item ids by index) and whether
+    the user is new. ``histories`` (user → items, weights, times) goes on across calls."""
+    from stream_app.wire import TrainExample
+
+    for user, item, weight, ts in zip(events.users.tolist(), events.items.tolist(),
+                                      events.weights.tolist(), events.ts.tolist()):
+        items, weights, times = histories.setdefault(user, ([], [], []))
+        yield TrainExample(user_id=str(user), item_id=keys[item], alpha=weight, ts=ts,
+                           history=list(items), weights=list(weights),
+                           history_ts=list(times)), not items
+        for values, value in ((items, keys[item]), (weights, weight), (times, ts)):
+            values.append(value)
+            del values[:-limit]
 
 
 def newest_in_time_order(history: sp.csr_matrix, times: sp.csr_matrix | None, row: int,
