@@ -11,7 +11,8 @@ the item the user then took, learned only after it has been ranked. So a sample 
 examples is ranked under every candidate setting before learning (prequential evaluation), an
 exponentially weighted NDCG@k is kept per candidate, and answers use the best one.
 
-- :func:`target_ranks`: the rank of the taken item under several queries at once.
+- :func:`target_ranks`: the rank of each example's item under its queries, many at once.
+- :func:`pool_positions`: where a sorted item pool holds given rows (to leave them out).
 - :func:`ndcg_of_ranks`: NDCG@k of one relevant item at those ranks.
 - :class:`ServingChoice`: the weighted means and the pick.
 """
@@ -19,6 +20,7 @@ exponentially weighted NDCG@k is kept per candidate, and answers use the best on
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -44,24 +46,51 @@ ServingCandidate(half_life_events=3.0, bias_weight=0.0)]
     return [own, *dict.fromkeys(c for c in others if c != own)]
 
 
-def target_ranks(queries: np.ndarray, items: np.ndarray, target: int,
-                 excluded: np.ndarray) -> np.ndarray:
-    """For each query row, how many items score at least as high as row ``target`` of
-    ``items`` (0: the target is first), not counting the ``excluded`` rows (the user's
-    history, which answers leave out) or the target itself. Ties count against the target,
-    so a query that scores everything alike ranks it last, never first.
+def target_ranks(queries: np.ndarray, items: np.ndarray,
+                 excluded: Sequence[np.ndarray]) -> np.ndarray:
+    """For several examples at once, how many pool items score at least as high as each
+    example's own item under each of its queries (0: the item is first).
+
+    ``queries`` is (m, c, D): example j's c candidate queries. ``items`` is the pool (P rows)
+    followed by the m examples' own items, in example order, so every score comes from one
+    product, the targets' with the pool's. ``excluded[j]`` are the pool positions example j
+    does not count (its history and copies of its own item, which answers leave out). Ties
+    count against the target, so a query that scores everything alike ranks it last.
 
     Examples
     --------
-    >>> items = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
-    >>> target_ranks(np.array([[1.0, 0.0], [0.0, 1.0]]), items, 0, np.array([2])).tolist()
-    [0, 1]
+    >>> pool = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    >>> items = np.vstack([pool, pool[:1]])  # one example, its item pool row 0
+    >>> queries = np.array([[[1.0, 0.0], [0.0, 1.0]]])
+    >>> target_ranks(queries, items, [np.array([0, 2])]).tolist()
+    [[0, 1]]
     """
-    scores = items @ np.asarray(queries).T  # (n, C)
-    target_scores = scores[target].copy()
-    scores[np.asarray(excluded, dtype=np.int64)] = -np.inf
-    scores[target] = -np.inf
-    return (scores >= target_scores).sum(axis=0)
+    m, c, _ = queries.shape
+    pool = len(items) - m
+    scores = items @ queries.reshape(m * c, -1).T  # (P + m, m c)
+    columns = np.arange(m * c)
+    above = scores[:pool] >= scores[pool + columns // c, columns]
+    counts = np.array([len(rows) for rows in excluded], dtype=np.int64)
+    if counts.sum():  # (position, column) of every excluded pool row, for each query
+        rows = np.repeat(np.concatenate(excluded).astype(np.int64), c)
+        owner = np.repeat(np.arange(m), counts * c)
+        above[rows, owner * c + np.tile(np.arange(c), counts.sum())] = False
+    return above.sum(axis=0).reshape(m, c)
+
+
+def pool_positions(pool: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Every position of ``pool`` (sorted, repeats allowed) that holds one of ``rows``
+    (distinct).
+
+    Examples
+    --------
+    >>> pool_positions(np.array([0, 2, 2, 5, 7]), np.array([2, 7, 3])).tolist()
+    [1, 2, 4]
+    """
+    start = np.searchsorted(pool, rows, side="left")
+    counts = np.searchsorted(pool, rows, side="right") - start
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(start, counts) + offsets
 
 
 def ndcg_of_ranks(ranks: np.ndarray, k: int) -> np.ndarray:
@@ -82,19 +111,32 @@ class ServingChoice:
     The weighted mean of candidate c after samples g_1 … g_t is
     Σ_s 2^(−(t−s)/h) g_s[c] / Σ_s 2^(−(t−s)/h), h = ``half_life_samples``: recent events
     count most, so the pick follows a product that changes. Until ``min_samples`` events are
-    in, the first candidate (the configured setting) is the pick; after, the best mean (the
-    first of equals)."""
+    in, the first candidate (the configured setting) is the pick.
+
+    After, the answering candidate changes only for one whose mean beats it by more than
+    ``margin_z`` standard errors of their paired difference (both are measured on the same
+    events, so the difference's spread is far below either's). Why: an NDCG sample is 0 for
+    most events, and near candidates trade places with every few samples; which of them the
+    pick landed on then decided a tenth of the held-out NDCG on Toys (docs/results.md, "the
+    serving pick holds until beaten"). ``margin_z = 0`` follows the best mean at every step.
+    """
 
     def __init__(self, candidates: list[ServingCandidate], *, half_life_samples: float = 1000.0,
-                 min_samples: int = 200, k: int = 10) -> None:
+                 min_samples: int = 200, k: int = 10, margin_z: float = 0.0) -> None:
         if not candidates:
             raise ValueError("at least one serving candidate is needed")
+        if margin_z < 0:
+            raise ValueError(f"margin_z must be >= 0, got {margin_z}")
         self.candidates = list(candidates)
         self.decay = 2.0 ** (-1.0 / half_life_samples)
         self.min_samples = min_samples
         self.k = k
-        self.sums = np.zeros(len(self.candidates))
+        self.margin_z = margin_z
+        size = len(self.candidates)
+        self.sums = np.zeros(size)
+        self.products = np.zeros((size, size))  # Σ w g gᵀ: the paired differences' spread
         self.weight = 0.0
+        self.weight_squares = 0.0  # Σ w²: the weighted mean's effective sample count
         self.samples = 0
         self._pick = 0  # index of the answering candidate; moves only with the means
 
@@ -105,7 +147,9 @@ class ServingChoice:
         n = len(gains)
         ages = self.decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
         self.sums = self.sums * self.decay ** n + ages @ gains
+        self.products = self.products * self.decay ** n + (gains.T * ages) @ gains
         self.weight = self.weight * self.decay ** n + ages.sum()
+        self.weight_squares = self.weight_squares * self.decay ** (2 * n) + ages @ ages
         self.samples += n
         self._choose()
 
@@ -113,6 +157,24 @@ class ServingChoice:
     def means(self) -> np.ndarray:
         """The weighted NDCG@k of each candidate (zeros before any sample)."""
         return self.sums / self.weight if self.weight > 0 else np.zeros(len(self.candidates))
+
+    def margins(self, against: int) -> np.ndarray:
+        """How many standard errors each candidate's mean lies above candidate ``against``'s
+        (0 for itself; +inf for a higher mean measured with no spread at all).
+
+        The paired difference d_s = g_s[c] − g_s[a] has weighted mean m and weighted
+        variance v = Σ w d² / Σ w − m²; the weighted mean's standard error is
+        √(v Σ w² / (Σ w)²)."""
+        if self.weight <= 0:
+            return np.zeros(len(self.candidates))
+        second = self.products / self.weight
+        diff = self.means - self.means[against]
+        spread = (np.diag(second) - 2.0 * second[:, against] + second[against, against]
+                  - diff ** 2)
+        error = np.sqrt(np.maximum(spread, 0.0) * self.weight_squares) / self.weight
+        unbounded = np.where(diff > 0, np.inf, np.where(diff < 0, -np.inf, 0.0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(error > 0, diff / error, unbounded)
 
     @property
     def best(self) -> ServingCandidate:
@@ -124,8 +186,21 @@ class ServingChoice:
         """The weighted NDCG@k of :attr:`best` (0 before any sample)."""
         return float(self.means[self._pick])
 
+    def pin(self, index: int) -> None:
+        """Answer with candidate ``index`` until the next sample (benchmarks score each
+        candidate's answers this way)."""
+        self._pick = int(index)
+
     def _choose(self) -> None:
-        self._pick = 0 if self.samples < self.min_samples else int(np.argmax(self.means))
+        if self.samples < self.min_samples:
+            self._pick = 0
+            return
+        means = self.means
+        beaten_by = means[self._pick] < means
+        if self.margin_z > 0:
+            beaten_by &= self.margins(self._pick) > self.margin_z
+        if beaten_by.any():  # the best of those that beat it, the first of equals
+            self._pick = int(np.argmax(np.where(beaten_by, means, -np.inf)))
 
     # -- checkpoints (plain arrays: no pickle) -------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
@@ -133,17 +208,21 @@ class ServingChoice:
                       for c in self.candidates]
         return {"half_lives": np.array(half_lives), "bias_weights":
                 np.array([c.bias_weight for c in self.candidates]),
-                "sums": self.sums, "weight": np.array(self.weight),
-                "samples": np.array(self.samples)}
+                "sums": self.sums, "products": self.products, "weight": np.array(self.weight),
+                "weight_squares": np.array(self.weight_squares),
+                "samples": np.array(self.samples), "pick": np.array(self._pick)}
 
     def restore(self, state: dict[str, np.ndarray]) -> bool:
-        """Take saved means back when they were measured for the same candidates (a changed
-        grid starts over); returns whether it did."""
+        """Take saved means and pick back when they were measured for the same candidates (a
+        changed grid starts over, and so does a state saved before the pick kept the spread
+        of its samples); returns whether it did."""
         saved = [ServingCandidate(None if np.isnan(h) else float(h), float(w))
                  for h, w in zip(state["half_lives"], state["bias_weights"])]
-        if saved != self.candidates:
+        if saved != self.candidates or "products" not in state:
             return False
-        sums, weight = np.array(state["sums"], dtype=np.float64), float(state["weight"])
-        self.sums, self.weight, self.samples = sums, weight, int(state["samples"])
+        self.sums = np.array(state["sums"], dtype=np.float64)
+        self.products = np.array(state["products"], dtype=np.float64)
+        self.weight, self.weight_squares = float(state["weight"]), float(state["weight_squares"])
+        self.samples, self._pick = int(state["samples"]), int(state["pick"])
         self._choose()
         return True

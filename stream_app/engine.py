@@ -26,7 +26,8 @@ from models.embedding import augment_users, user_gradient
 from models.encoders import (history_gradient, history_weights, ials_fold_in, mean_encoder,
                              mean_encoder_batch, position_weights, ragged_position_weights)
 from models.learner import ItemLearner, ItemReplica, RowDelta
-from models.serving_choice import ServingCandidate, ndcg_of_ranks, target_ranks
+from models.serving_choice import (ServingCandidate, ndcg_of_ranks, pool_positions,
+                                   target_ranks)
 from state.gramian import save_npz
 from state.history import History
 from state.popularity import DecayedPopularity
@@ -396,45 +397,54 @@ class Engine:
         every = self.settings.serve_tuning_every
         if not every:
             return
-        picked = range((-self.learned) % every, len(examples), every)
-        gains = [gain for gain in map(self._candidate_gains, (examples[i] for i in picked))
-                 if gain is not None]
-        if gains:
-            self.serving_choice.observe(np.array(gains))
+        _, ranks = self.candidate_ranks(examples[(-self.learned) % every::every])
+        if len(ranks):
+            self.serving_choice.observe(ndcg_of_ranks(ranks, self.serving_choice.k))
 
-    def _candidate_gains(self, example: TrainExample) -> np.ndarray | None:
-        """NDCG@k of the example's item under each candidate, its history excluded as answers
-        exclude it; None when the item or every history item is new (nothing to rank)."""
-        target = int(self.learner.rows_of([example.item_id])[0])
-        rows = self.learner.rows_of(example.history)
-        if target < 0 or not (rows >= 0).any():
-            return None
+    def candidate_ranks(self, examples: Sequence[TrainExample]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """The rank of each example's item (0: first) under each serving candidate, its
+        history excluded as answers exclude it. Returns the positions of the examples ranked
+        (those whose item and at least one history item are learned: the others have nothing
+        to rank) and their ranks (a row each, a column per candidate). All are ranked in one
+        product against one pool (:meth:`_ranking_pool`)."""
+        targets = self.learner.rows_of([example.item_id for example in examples])
+        kept, queries, excluded = [], [], []
+        for position, (example, target) in enumerate(zip(examples, targets)):
+            rows = self.learner.rows_of(example.history)
+            if target < 0 or not (rows >= 0).any():
+                continue
+            kept.append(position)
+            queries.append(self._candidate_queries(example, rows))
+            excluded.append(np.unique(np.append(rows[rows >= 0], target)))
+        if not kept:
+            return np.empty(0, dtype=np.int64), np.empty((0, len(self.serving_choice.candidates)))
+        pool = self._ranking_pool()
+        positions = [pool_positions(pool, rows) for rows in excluded]
+        items = self.learner.item_matrix[np.append(pool, targets[kept])]
+        ranks = target_ranks(np.stack(queries), items, positions)
+        left = len(pool) - np.array([len(p) for p in positions])  # pool items counted
+        others = len(self.learner.item_matrix) - np.array([len(rows) for rows in excluded])
+        return np.array(kept), ranks * (others / np.maximum(left, 1))[:, None]
+
+    def _candidate_queries(self, example: TrainExample, rows: np.ndarray) -> np.ndarray:
+        """The example's query [φ, w] under each serving candidate (one row each)."""
         times = self._example_times(example)
         half_lives = dict.fromkeys(half_life for half_life, _ in self.serving_choice.candidates)
         phis = {half_life: self._encode_rows(rows, example.weights, times, half_life)
                 for half_life in half_lives}
-        queries = np.array([augment_users(phis[half_life], weight)
-                            for half_life, weight in self.serving_choice.candidates])
-        items, target, excluded, scale = self._ranking_pool(target, rows[rows >= 0])
-        ranks = target_ranks(queries, items, target, excluded) * scale
-        return ndcg_of_ranks(ranks, self.serving_choice.k)
+        return np.array([augment_users(phis[half_life], weight)
+                         for half_life, weight in self.serving_choice.candidates])
 
-    def _ranking_pool(self, target: int, history_rows: np.ndarray
-                      ) -> tuple[np.ndarray, int, np.ndarray, float]:
-        """The item rows a sampled example is ranked among: all of them, or beyond
-        ``serve_tuning_pool`` a uniform sample (with replacement: a permutation of a large
-        catalog per sample would cost more than the ranking) plus the target, with the factor
-        that scales a rank among the sample to one among the whole catalog."""
-        matrix = self.learner.item_matrix
-        n, pool = len(matrix), self.settings.serve_tuning_pool
+    def _ranking_pool(self) -> np.ndarray:
+        """The item rows, sorted, that examples are ranked among: all of them, or beyond
+        ``serve_tuning_pool`` one uniform sample for the whole batch (with replacement: a
+        permutation of a large catalog would cost more than the ranking); a rank among it is
+        scaled to the catalog by the share of the catalog it holds."""
+        n, pool = len(self.learner.item_matrix), self.settings.serve_tuning_pool
         if n <= pool:
-            return matrix, target, history_rows, 1.0
-        sample = self._tuning_rng.integers(0, n, pool)
-        sample = sample[~np.isin(sample, history_rows) & (sample != target)]
-        rows = np.append(sample, target)
-        others = n - 1 - len(np.unique(history_rows))
-        return matrix[rows], len(rows) - 1, np.empty(0, dtype=np.int64), \
-            others / max(len(sample), 1)
+            return np.arange(n)
+        return np.sort(self._tuning_rng.integers(0, n, pool))
 
     def _history_times(self, examples: Sequence[TrainExample]) -> list[list[float]]:
         """Each example's history times for :meth:`_encode_many`: where the encoder reads them,

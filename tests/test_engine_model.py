@@ -227,10 +227,13 @@ def test_the_learn_step_encodes_a_batch_as_one_history_at_a_time(tmp_path, encod
                                    atol=1e-12)
 
 
-def _manual_gains(engine: Engine, example) -> np.ndarray | None:
-    """NDCG@10 of the example's item under each serving candidate, written out: the weighted
-    mean of the history's known item vectors with 2^(−j/h) recency, the query [φ, w], every
-    item scored, the history left out and ties put before the target."""
+def _manual_ranks(engine: Engine, example, pool: np.ndarray | None = None
+                  ) -> np.ndarray | None:
+    """The rank of the example's item under each serving candidate, written out: the
+    weighted mean of the history's known item vectors with 2^(−j/h) recency, the query
+    [φ, w], every item of ``pool`` (default: the catalog; repeats count each time) scored,
+    the history and the item itself left out, ties put before the target, and the count
+    scaled from what the pool kept to the catalog without them."""
     learner = engine.learner
     if example.item_id not in learner:
         return None
@@ -238,8 +241,10 @@ def _manual_gains(engine: Engine, example) -> np.ndarray | None:
     if not (rows >= 0).any():
         return None
     V = learner.item_matrix
+    pool = np.arange(len(V)) if pool is None else pool
     d = engine.settings.model_dim
-    gains = []
+    target = int(learner.rows_of([example.item_id])[0])
+    ranks = []
     for half_life, bias_weight in engine.serving_choice.candidates:
         w = np.asarray(example.weights, dtype=float)
         if half_life is not None:
@@ -247,11 +252,18 @@ def _manual_gains(engine: Engine, example) -> np.ndarray | None:
         w, known = w[rows >= 0], rows[rows >= 0]
         phi = w @ learner.input_rows(known) / w.sum()
         scores = V[:, :d] @ phi + bias_weight * V[:, d]
-        target = int(learner.rows_of([example.item_id])[0])
-        others = np.setdiff1d(np.arange(len(V)), np.append(known, target))
-        rank = int((scores[others] >= scores[target]).sum())
-        gains.append(1 / np.log2(rank + 2) if rank < 10 else 0.0)
-    return np.array(gains)
+        left_out = np.append(known, target)
+        others = pool[~np.isin(pool, left_out)]
+        scale = (len(V) - len(np.unique(left_out))) / len(others)
+        ranks.append((scores[others] >= scores[target]).sum() * scale)
+    return np.array(ranks)
+
+
+def _manual_gains(engine: Engine, example) -> np.ndarray | None:
+    """NDCG@10 of the example's item under each serving candidate, from its rank among the
+    whole catalog."""
+    ranks = _manual_ranks(engine, example)
+    return None if ranks is None else np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)
 
 
 def test_the_serving_pick_is_measured_on_examples_before_they_are_learned(tmp_path):
@@ -259,7 +271,7 @@ def test_the_serving_pick_is_measured_on_examples_before_they_are_learned(tmp_pa
     from the examples it sampled (every 7th learned, counted across batches), each ranked
     with the model as it was before that example's batch; answers use the best candidate."""
     settings = Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
-                        serve_tuning_every=7, serve_tuning_min_samples=30,
+                        serve_tuning_every=7, serve_tuning_min_samples=30, serve_tuning_margin_z=0,
                         serve_tuning_half_life_samples=40.0, index_enabled=False)
     engine = Engine(settings)
     histories: dict[str, History] = {}
@@ -286,22 +298,31 @@ def test_the_serving_pick_is_measured_on_examples_before_they_are_learned(tmp_pa
 
 
 def test_a_large_catalog_is_ranked_among_a_sample_with_the_rank_scaled(tmp_path):
-    """Beyond ``serve_tuning_pool`` items a sampled example is ranked among a uniform sample
-    without its history, plus the target (last), and the rank is scaled to the catalog."""
+    """Beyond ``serve_tuning_pool`` items the examples of a batch are ranked among one
+    uniform sample (with replacement) without each one's history and item, the rank scaled to
+    the catalog; examples with nothing learned to rank are left out."""
     engine = Engine(Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
                              serve_tuning_pool=100, index_enabled=False))
-    run_stream(engine, planted_stream())
+    histories: dict[str, History] = {}
+    examples = []
+    for event in planted_stream():
+        histories[event.user_id], example = engine.ingest(
+            event, histories.get(event.user_id, History()))
+        examples.append(example)
+    for start in range(0, len(examples), 64):
+        engine.learn(examples[start:start + 64])
     n = len(engine.learner)
     assert n > 100
-    history = engine.learner.rows_of(["c0-i1", "c0-i2", "c1-i3"])
-    target = int(engine.learner.rows_of(["c2-i4"])[0])
-    items, at, excluded, scale = engine._ranking_pool(target, history)
-    matrix = engine.learner.item_matrix
-    assert len(items) <= 101 and at == len(items) - 1 and len(excluded) == 0
-    np.testing.assert_array_equal(items[at], matrix[target])
-    for row in np.append(history, target):
-        assert not (items[:-1] == matrix[row]).all(axis=1).any()
-    assert scale == pytest.approx((n - 1 - 3) / (len(items) - 1))
+    batch = examples[-40:] + [examples[0].model_copy(update={"item_id": "never-seen"})]
+    drawn = np.random.Generator(np.random.PCG64())
+    drawn.bit_generator.state = engine._tuning_rng.bit_generator.state
+    kept, ranks = engine.candidate_ranks(batch)
+    pool = drawn.integers(0, n, 100)
+    expected = [_manual_ranks(engine, example, pool) for example in batch]
+    assert kept.tolist() == [i for i, e in enumerate(expected) if e is not None]
+    assert len(kept) >= 30 and 40 not in kept.tolist()
+    np.testing.assert_allclose(ranks, np.array([expected[i] for i in kept]), rtol=1e-12)
+    assert (ranks > 0).any() and not np.allclose(ranks, np.round(ranks))  # scaled counts
 
 
 def test_an_unreadable_serving_checkpoint_is_measured_again(tmp_path):
