@@ -40,11 +40,12 @@ from models.serving_choice import ServingCandidate, ServingChoice, ndcg_of_ranks
 from stream_app.settings import Settings  # noqa: E402
 
 # (every n-th example, half-life in samples, margin in standard errors, NDCG cutoff k of the
-# stream's score); the first is the worker's rule before the margin.
-RULES = [(100, 1000.0, 0.0, 10), (100, 1000.0, 2.0, 10), (25, 4000.0, 0.0, 10),
-         (25, 4000.0, 2.0, 10), (100, 1000.0, 0.0, 100), (100, 1000.0, 2.0, 100),
-         (100, 4000.0, 0.0, 100), (100, 1000.0, 0.0, 1000), (25, 4000.0, 0.0, 100)]
-QUICK_RULES = [(100, 1000.0, 0.0, 10), (100, 1000.0, 2.0, 10), (100, 1000.0, 0.0, 100)]
+# stream's score); the first is the worker's rule before the margin, the second its default.
+RULES = [(100, 1000.0, 0.0, 10), (25, 1000.0, 1.0, 10), (25, 1000.0, 0.0, 10),
+         (25, 400.0, 1.0, 10), (25, 4000.0, 1.0, 10), (100, 1000.0, 1.0, 10),
+         (100, 1000.0, 2.0, 10), (10, 1000.0, 1.0, 10), (100, 1000.0, 0.0, 100),
+         (25, 1000.0, 1.0, 100)]
+QUICK_RULES = [(100, 1000.0, 0.0, 10), (25, 1000.0, 1.0, 10), (25, 1000.0, 0.0, 10)]
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,7 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--phases", type=int, default=100,
                         help="most sampling phases replayed per rule (spread evenly)")
-    parser.add_argument("--quick", action="store_true", help="three rules, 20 phases")
+    parser.add_argument("--quick", action="store_true",
+                        help="three rules, 20 phases, no validation fold")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", help="write the pass (ranks, fold scores) to this .npz")
     parser.add_argument("--replay", help="replay the rules on a recorded pass instead")
@@ -78,13 +80,11 @@ def learn_and_record(settings: Settings, split, lag: int, partitions: int
     for start in range(0, len(order), settings.learn_batch):
         taken = order[start:start + settings.learn_batch]
         batch = [examples[k] for k in taken]
-        for position, example in enumerate(batch, start):
-            rank = engine.candidate_ranks(example)
-            if rank is not None:
-                positions.append(position)
-                ranks.append(rank)
+        kept, batch_ranks = engine.candidate_ranks(batch)
+        positions.append(start + kept)
+        ranks.append(batch_ranks)
         engine.learn(batch, users=int(users_seen[taken].max()))
-    return model, np.array(positions), np.array(ranks)
+    return model, np.concatenate(positions), np.concatenate(ranks)
 
 
 def fold_ndcg(model: OnlineEmbedding, fold) -> list[float]:
@@ -142,7 +142,8 @@ def record_pass(args, settings: Settings) -> dict:
                 "bias_weights": np.array([c.bias_weight for c in candidates]),
                 "positions": positions, "ranks": ranks,
                 "test": np.array(fold_ndcg(model, split.test)),
-                "validation": np.array(fold_ndcg(model, split.validation))}
+                "validation": np.array(fold_ndcg(model, split.validation) if not args.quick
+                                       else [np.nan] * len(candidates))}
     print(json.dumps({"test": recorded["test"].tolist(),
                       "validation": recorded["validation"].tolist(),
                       "ranked": len(positions), "pass_s": round(learned_s, 1)}), flush=True)
