@@ -162,13 +162,14 @@ def overview() -> dict:
               "Seconds since the serving index was made, the last build's or update's seconds, "
               "failed builds (the previous version kept serving), versions made by updating the "
               "previous one in place, seconds a due build has waited for a backlog.")],
-        [timeseries("Online quality (NDCG@10)",
+        [timeseries("Online quality (NDCG@k)",
                     [target("streamrec_serving_ndcg", "answering {{instance}}", "A"),
                      target("streamrec_serving_ndcg_configured", "configured {{instance}}",
                             "B")], "none",
-                    "Weighted NDCG@10 of the next event on a sample of training examples, each "
-                    "ranked before it was learned: with the serving settings that answer now, "
-                    "and with the configured ones (models/serving_choice.py)."),
+                    "Weighted NDCG@k (STREAMREC_SERVE_TUNING_K, 100) of the next event on a "
+                    "sample of training examples, each ranked before it was learned: with the "
+                    "serving settings that answer now, and with the configured ones "
+                    "(models/serving_choice.py)."),
          stat("Serving settings",
               [target("streamrec_serving_half_life_events", "half-life {{instance}}", "A"),
                target("streamrec_serving_bias_weight", "bias weight {{instance}}", "B"),

@@ -111,11 +111,11 @@ class Settings(BaseSettings):
     # each pair of serve_tuning_half_lives x serve_tuning_bias_weights (and the two settings
     # above, which answer until serve_tuning_min_samples are in); answers then use the pair
     # with the best weighted NDCG@10 once it beats the answering pair by
-    # serve_tuning_margin_z standard errors (models/serving_choice.py). Every 25th with a
-    # margin of 1 (was every 100th, no margin): the held-out NDCG@10 of the final pick over
-    # all sampling phases, mean/worst, Toys 0.0410/0.0368 -> 0.0419/0.0410, Beauty
-    # 0.0412/0.0372 -> 0.0417/0.0400, MovieLens 0.1159/0.0940 -> 0.1189/0.0985, the pick
-    # moving 2 times a pass instead of 6 (benchmarks/serving_pick.py; docs/results.md).
+    # serve_tuning_margin_z standard errors (models/serving_choice.py). Every 25th, NDCG@100,
+    # a margin of 1 (was every 100th, NDCG@10, no margin): the held-out NDCG@10 of the final
+    # pick over all sampling phases, mean/worst, Toys 0.0412/0.0341 -> 0.0413/0.0410, Beauty
+    # 0.0416/0.0397 -> 0.0417/0.0400, MovieLens 0.1156/0.0940 -> 0.1269/0.1217, the pick
+    # moving 2 times a pass instead of 5-7 (benchmarks/serving_pick.py; docs/results.md).
     serve_tuning_every: int = Field(
         25, ge=0, description="Rank every n-th training example under each serving candidate "
         "and answer with the best; 0: always answer with the two settings above.")
@@ -128,6 +128,10 @@ class Settings(BaseSettings):
     serve_tuning_margin_z: float = Field(
         1.0, ge=0, description="Standard errors of the paired difference by which another "
         "pair's weighted NDCG must beat the answering pair's before it answers instead.")
+    serve_tuning_k: int = Field(
+        100, ge=1, description="Cutoff k of the NDCG@k each serving pair is measured with on "
+        "the stream. Deeper than the 10 a request asks for: fewer samples are 0, so the pick "
+        "needs fewer of them to tell pairs apart.")
     serve_tuning_min_samples: int = Field(
         200, ge=1, description="Ranked examples before a candidate other than the settings "
         "above may answer.")
@@ -399,7 +403,7 @@ class Settings(BaseSettings):
                                     self.serve_tuning_bias_weights)
         return ServingChoice(candidates, half_life_samples=self.serve_tuning_half_life_samples,
                              min_samples=self.serve_tuning_min_samples,
-                             margin_z=self.serve_tuning_margin_z)
+                             margin_z=self.serve_tuning_margin_z, k=self.serve_tuning_k)
 
     def index_config(self):
         from index_sync.hnsw import HnswParams

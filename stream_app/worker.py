@@ -45,8 +45,9 @@ def build_metrics(engine: Engine) -> Metrics:
     metrics.gauge("streamrec_checkpoint_age_seconds", "Seconds since the last checkpoint.",
                   lambda: time.time() - engine.checkpointed_at)
     serving_gauges = {
-        "ndcg": ("Weighted NDCG@10 of the serving pick on training examples ranked before "
-                 "they were learned (prequential).", lambda: engine.serving_choice.best_mean),
+        "ndcg": ("Weighted NDCG@k (STREAMREC_SERVE_TUNING_K) of the serving pick on training "
+                 "examples ranked before they were learned (prequential).",
+                 lambda: engine.serving_choice.best_mean),
         "ndcg_configured": ("The same for the configured serving settings.",
                             lambda: engine.serving_choice.means[0]),
         "half_life_events": ("Recency half-life (events) of the user vector that answers; "

@@ -260,10 +260,10 @@ def _manual_ranks(engine: Engine, example, pool: np.ndarray | None = None
 
 
 def _manual_gains(engine: Engine, example) -> np.ndarray | None:
-    """NDCG@10 of the example's item under each serving candidate, from its rank among the
+    """NDCG@k of the example's item under each serving candidate, from its rank among the
     whole catalog."""
-    ranks = _manual_ranks(engine, example)
-    return None if ranks is None else np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)
+    ranks, k = _manual_ranks(engine, example), engine.serving_choice.k
+    return None if ranks is None else np.where(ranks < k, 1 / np.log2(ranks + 2), 0.0)
 
 
 def test_the_serving_pick_is_measured_on_examples_before_they_are_learned(tmp_path):

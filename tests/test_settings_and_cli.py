@@ -75,6 +75,7 @@ def test_bad_settings_are_refused(monkeypatch):
     ("STREAMREC_DR_TRACK_EVERY", "0"),
     ("STREAMREC_INPUT_LR", "-0.1"),
     ("STREAMREC_SERVE_TUNING_MARGIN_Z", "-1"),
+    ("STREAMREC_SERVE_TUNING_K", "0"),
 ])
 def test_out_of_range_settings_are_refused(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -90,7 +91,9 @@ def test_a_serving_grid_reads_from_the_environment(monkeypatch):
     assert settings.serve_half_life_events is None
     assert settings.serving_choice().candidates[0].half_life_events is None
     monkeypatch.setenv("STREAMREC_SERVE_TUNING_MARGIN_Z", "1.5")
-    assert Settings().serving_choice().margin_z == 1.5
+    monkeypatch.setenv("STREAMREC_SERVE_TUNING_K", "20")
+    choice = Settings().serving_choice()
+    assert (choice.margin_z, choice.k) == (1.5, 20)
 
 
 @pytest.mark.parametrize("argv", [
