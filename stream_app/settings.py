@@ -159,7 +159,7 @@ class Settings(BaseSettings):
         30_000.0, gt=0, description="Half-life, in learned events, of an item's "
         "accumulated positives (solve); unset: they count forever.")
     positives_by_partition: bool = Field(
-        False, description="Count the positives' discount on one clock per item partition, so "
+        True, description="Count the positives' discount on one clock per item partition, so "
         "that a learner that reads its partitions out of step weighs them as in step "
         "(models/learner.py, LearnerConfig.positive_lanes; off: one clock of learned events).")
     # docs/results.md "items get an input side": input offsets (q = v + delta) learned from
