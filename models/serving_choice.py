@@ -9,7 +9,8 @@ held-out users need the bias at full weight. A worker cannot be handed validatio
 its stream is one: every training example is a user's history *before* an event together with
 the item the user then took, learned only after it has been ranked. So a sample of the
 examples is ranked under every candidate setting before learning (prequential evaluation), an
-exponentially weighted NDCG@k is kept per candidate, and answers use the best one.
+exponentially weighted NDCG@k is kept per candidate, and answers use the best one once it is
+clearly ahead of the one answering.
 
 - :func:`target_ranks`: the rank of each example's item under its queries, many at once.
 - :func:`pool_positions`: where a sorted item pool holds given rows (to leave them out).
