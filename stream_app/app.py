@@ -114,6 +114,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     histories = app.Table(HISTORY_TABLE, partitions=settings.partitions,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
     history_table = BatchedTable(histories)
+    history_reader = BatchedTable(histories)  # the responder's reads: one per task
     reply_topics: dict[str, faust.TopicT] = {}
     intake_lag = IntakeLag(lambda partition: app.consumer.highwater(partition))
 
@@ -334,7 +335,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         if request.user_id is not None and message.key != request.user_id.encode():
             await requests.send(key=request.user_id.encode(), value=message.value)
             return
-        stored = histories.get(request.user_id) if request.user_id is not None else None
+        stored = (history_reader.get_on(request.user_id, message.partition)
+                  if request.user_id is not None else None)
         response = engine.answer(request, History.from_json(stored), started)
         await respond(response, request.reply_to, started)
 

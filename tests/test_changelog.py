@@ -209,6 +209,47 @@ def test_reads_equal_fausts_own_read_for_the_events_partition(tmp_path):
     assert sum(value is not None for value in read.values()) == 20
 
 
+def test_a_read_on_a_partition_equals_fausts_read_outside_an_event(tmp_path):
+    """get_on = Faust's ``table.get`` with no event (a request): the value where it is stored,
+    on the partition asked or, through Faust's own read, on another; None for a key never
+    written; and Faust's own read for a partition this store does not hold."""
+    table = rocksdb_table(tmp_path)
+    batched = BatchedTable(table)
+    for u in range(12):
+        batched.set(f"u{u}", {"items": [f"i{u}"], "ts": [u / 3]}, event_on(u % 3))
+    reader = BatchedTable(table)
+    for u in range(14):
+        for partition in (u % 3, (u + 1) % 3, 7):
+            assert reader.get_on(f"u{u}", partition) == table.get(f"u{u}")
+    assert reader.get_on("u4", 1) == {"items": ["i4"], "ts": [4 / 3]}
+    assert reader.get_on("u13", 1) is None
+    assert 7 not in table.data._dbs  # a read never opens a partition
+
+
+def test_a_read_on_its_partition_takes_one_store_lookup(tmp_path):
+    """The history found on the request's partition costs one ``get`` on that partition's
+    database and nothing on the others (Faust's read checks ``key_may_exist`` first)."""
+    table = rocksdb_table(tmp_path)
+    BatchedTable(table).set("u1", {"items": ["i1"]}, event_on(1))
+    calls = []
+
+    class Counting:
+        def __init__(self, database, partition):
+            self.database, self.partition = database, partition
+
+        def get(self, key):
+            calls.append((self.partition, "get"))
+            return self.database.get(key)
+
+        def key_may_exist(self, key):
+            calls.append((self.partition, "key_may_exist"))
+            return self.database.key_may_exist(key)
+
+    table.data._dbs = {p: Counting(db, p) for p, db in table.data._dbs.items()}
+    assert BatchedTable(table).get_on("u1", 1) == {"items": ["i1"]}
+    assert calls == [(1, "get")]
+
+
 def test_without_a_partitioned_store_reads_are_fausts_own():
     table, _ = make_table(batch_bytes=1 << 20)
     asked = []
@@ -224,6 +265,7 @@ def test_without_a_partitioned_store_reads_are_fausts_own():
     assert BatchedTable(table).get_many(events) == {"u1": {"items": ["u1"]},
                                                     "u2": {"items": ["u2"]}}
     assert asked == ["u1", "u2"]
+    assert BatchedTable(table).get_on("u3", 0) == {"items": ["u3"]} and asked[-1] == "u3"
 
 
 def test_set_many_stores_what_set_stores_in_one_batch_per_partition(tmp_path):
