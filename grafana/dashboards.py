@@ -173,9 +173,13 @@ def overview() -> dict:
          stat("Serving settings",
               [target("streamrec_serving_half_life_events", "half-life {{instance}}", "A"),
                target("streamrec_serving_bias_weight", "bias weight {{instance}}", "B"),
-               target("streamrec_serving_samples", "ranked {{instance}}", "C")],
+               target("streamrec_serving_samples", "ranked {{instance}}", "C"),
+               target("streamrec_serving_moves", "moves {{instance}}", "D"),
+               target("streamrec_serving_lead", "lead of the next (SE) {{instance}}", "E")],
               "The pair that answers: the user vector's recency half-life in events (+Inf: "
-              "none) and the weight of the item bias; and the examples ranked to choose it.")],
+              "none) and the weight of the item bias; the examples ranked to choose it, how "
+              "often the pair changed, and by how many standard errors the best other pair "
+              "leads it (it takes over past STREAMREC_SERVE_TUNING_MARGIN_Z).")],
         [timeseries("Deep Retrieval paths",
                     [target("streamrec_dr_largest_path", "largest path {{instance}}", "A"),
                      target("streamrec_dr_nonempty_paths", "non-empty paths {{instance}}", "B"),

@@ -139,6 +139,7 @@ class ServingChoice:
         self.weight = 0.0
         self.weight_squares = 0.0  # Σ w²: the weighted mean's effective sample count
         self.samples = 0
+        self.moves = 0  # times the answering candidate changed (since this object was made)
         self._pick = 0  # index of the answering candidate; moves only with the means
 
     def observe(self, gains: np.ndarray) -> None:
@@ -170,9 +171,10 @@ class ServingChoice:
             return np.zeros(len(self.candidates))
         second = self.products / self.weight
         diff = self.means - self.means[against]
-        spread = (np.diag(second) - 2.0 * second[:, against] + second[against, against]
-                  - diff ** 2)
-        error = np.sqrt(np.maximum(spread, 0.0) * self.weight_squares) / self.weight
+        scale = np.diag(second) + second[against, against]
+        spread = scale - 2.0 * second[:, against] - diff ** 2
+        spread[spread <= 1e-12 * scale] = 0.0  # rounding of equal samples, not a spread
+        error = np.sqrt(spread * self.weight_squares) / self.weight
         unbounded = np.where(diff > 0, np.inf, np.where(diff < 0, -np.inf, 0.0))
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(error > 0, diff / error, unbounded)
@@ -192,16 +194,32 @@ class ServingChoice:
         candidate's answers this way)."""
         self._pick = int(index)
 
+    @property
+    def lead(self) -> float:
+        """Standard errors by which the best other candidate's mean lies above the answering
+        one's (negative: below); it takes over past ``margin_z``. NaN with one candidate."""
+        if len(self.candidates) < 2:
+            return float("nan")
+        margins = self.margins(self._pick)
+        return float(np.max(np.delete(margins, self._pick)))
+
     def _choose(self) -> None:
+        self._answer_with(self._chosen())
+
+    def _chosen(self) -> int:
         if self.samples < self.min_samples:
-            self._pick = 0
-            return
+            return 0
         means = self.means
         beaten_by = means[self._pick] < means
         if self.margin_z > 0:
             beaten_by &= self.margins(self._pick) > self.margin_z
         if beaten_by.any():  # the best of those that beat it, the first of equals
-            self._pick = int(np.argmax(np.where(beaten_by, means, -np.inf)))
+            return int(np.argmax(np.where(beaten_by, means, -np.inf)))
+        return self._pick
+
+    def _answer_with(self, index: int) -> None:
+        self.moves += index != self._pick
+        self._pick = index
 
     # -- checkpoints (plain arrays: no pickle) -------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
@@ -224,6 +242,7 @@ class ServingChoice:
         self.sums = np.array(state["sums"], dtype=np.float64)
         self.products = np.array(state["products"], dtype=np.float64)
         self.weight, self.weight_squares = float(state["weight"]), float(state["weight_squares"])
-        self.samples, self._pick = int(state["samples"]), int(state["pick"])
+        self.samples = int(state["samples"])
+        self._answer_with(int(state["pick"]))
         self._choose()
         return True

@@ -57,6 +57,11 @@ def build_metrics(engine: Engine) -> Metrics:
                         lambda: engine.serving.bias_weight),
         "samples": ("Training examples ranked to choose the serving settings.",
                     lambda: engine.serving_choice.samples),
+        "moves": ("Times the answering serving settings changed since the worker started.",
+                  lambda: engine.serving_choice.moves),
+        "lead": ("Standard errors by which the best other serving settings lead the answering "
+                 "ones on the stream (they take over past STREAMREC_SERVE_TUNING_MARGIN_Z).",
+                 lambda: engine.serving_choice.lead),
     }
     for key, (doc, read) in serving_gauges.items():
         metrics.gauge(f"streamrec_serving_{key}", doc, read)

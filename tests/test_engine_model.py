@@ -456,3 +456,23 @@ def test_the_positives_clock_runs_per_item_partition_when_asked(tmp_path, by_par
         np.testing.assert_array_equal(clocks, expected)
     else:
         np.testing.assert_array_equal(clocks, [len(stream)])
+
+
+def test_the_worker_exports_how_often_the_serving_pair_moved_and_the_next_ones_lead(tmp_path):
+    """``streamrec_serving_moves`` counts the pick's changes and ``streamrec_serving_lead`` is
+    the best other pair's margin over the answering one, as the choice computes them."""
+    from stream_app.worker import build_metrics
+
+    engine = Engine(Settings(data_dir=tmp_path, popularity_refresh_s=0, model_dim=16,
+                             serve_tuning_min_samples=1, index_enabled=False))
+    registry = build_metrics(engine).registry
+    choice = engine.serving_choice
+    width = len(choice.candidates)
+    gains = np.random.default_rng(0).random((60, width)) * 0.2
+    choice.observe(gains + np.eye(width)[1] * 0.5)  # pair 1 clearly ahead
+    assert registry.get_sample_value("streamrec_serving_moves") == choice.moves == 1
+    lead = registry.get_sample_value("streamrec_serving_lead")
+    assert lead == choice.lead == np.delete(choice.margins(1), 1).max() and lead < -3
+    choice.observe(np.tile(np.eye(width)[2] * 0.5, (400, 1)))
+    assert registry.get_sample_value("streamrec_serving_moves") == 2
+    assert engine.serving == choice.candidates[2]

@@ -145,3 +145,14 @@ def test_the_pick_round_trips_with_the_spread_and_an_older_state_starts_over():
              if key not in ("products", "weight_squares", "pick")}
     fresh = ServingChoice(candidates, min_samples=1)
     assert not fresh.restore(older) and fresh.samples == 0
+
+
+def test_moves_count_every_change_of_the_answering_pair_also_when_taken_from_a_report():
+    candidates = [ServingCandidate(1.0, 1.0), ServingCandidate(3.0, 0.0)]
+    learner = ServingChoice(candidates, min_samples=1)
+    follower = ServingChoice(candidates, min_samples=1)
+    learner.observe(np.array([[0.1, 0.3]]))
+    assert learner.moves == 1 and learner.lead == -np.inf  # no spread: the other is behind
+    assert follower.restore(learner.state()) and follower.moves == 1
+    assert follower.restore(learner.state()) and follower.moves == 1  # same pick: no move
+    assert np.isnan(ServingChoice(candidates[:1]).lead)
