@@ -36,7 +36,7 @@ from evaluation.data import load_dataset  # noqa: E402
 from evaluation.protocols import RunConfig, evaluate_fold  # noqa: E402
 from evaluation.splits import heldout_users, leave_one_out  # noqa: E402
 from evaluation.streaming import OnlineEmbedding  # noqa: E402
-from models.serving_choice import ServingCandidate, ServingChoice, ndcg_of_ranks  # noqa: E402
+from models.serving_choice import ServingChoice, candidates_of, ndcg_of_ranks  # noqa: E402
 from stream_app.settings import Settings  # noqa: E402
 
 # (every n-th example, half-life in samples, margin in standard errors, NDCG cutoff k of the
@@ -106,14 +106,10 @@ def replay(candidates, positions, ranks, rule, phase: int, batch: int, min_sampl
                            margin_z=margin_z, k=k)
     taken = (positions % every) == phase
     sampled, rows = positions[taken], ndcg_of_ranks(ranks[taken], k)
-    switches, pick = 0, 0
     for group in np.split(np.arange(len(sampled)),
                           np.flatnonzero(np.diff(sampled // batch)) + 1):
         choice.observe(rows[group])
-        now = choice.candidates.index(choice.best)
-        switches += now != pick
-        pick = now
-    return pick, switches
+    return choice.candidates.index(choice.best), choice.moves
 
 
 def summarize(rule, picks, switches, test, validation) -> dict:
@@ -135,12 +131,11 @@ def record_pass(args, settings: Settings) -> dict:
     started = time.perf_counter()
     model, positions, ranks = learn_and_record(settings, split, args.lag, args.partitions)
     learned_s = time.perf_counter() - started
-    candidates = model.engine.serving_choice.candidates
-    half_lives = [np.nan if c.half_life_events is None else c.half_life_events
-                  for c in candidates]
-    recorded = {"half_lives": np.array(half_lives),
-                "bias_weights": np.array([c.bias_weight for c in candidates]),
-                "positions": positions, "ranks": ranks,
+    choice = model.engine.serving_choice
+    candidates = choice.candidates
+    grid = {key: value for key, value in choice.state().items()
+            if key in ("half_lives", "bias_weights")}
+    recorded = {**grid, "positions": positions, "ranks": ranks,
                 "test": np.array(fold_ndcg(model, split.test)),
                 "validation": np.array(fold_ndcg(model, split.validation) if not args.quick
                                        else [np.nan] * len(candidates))}
@@ -160,8 +155,7 @@ def main() -> dict:
             recorded = dict(saved)
     else:
         recorded = record_pass(args, settings)
-    candidates = [ServingCandidate(None if np.isnan(h) else float(h), float(w))
-                  for h, w in zip(recorded["half_lives"], recorded["bias_weights"])]
+    candidates = candidates_of(recorded)
     test, validation = recorded["test"].tolist(), recorded["validation"].tolist()
     rules, phases = (QUICK_RULES, 20) if args.quick else (RULES, args.phases)
     results = []

@@ -47,6 +47,12 @@ ServingCandidate(half_life_events=3.0, bias_weight=0.0)]
     return [own, *dict.fromkeys(c for c in others if c != own)]
 
 
+def candidates_of(state: dict[str, np.ndarray]) -> list[ServingCandidate]:
+    """The candidates a saved state (:meth:`ServingChoice.state`) was measured for."""
+    return [ServingCandidate(None if np.isnan(h) else float(h), float(w))
+            for h, w in zip(state["half_lives"], state["bias_weights"])]
+
+
 def target_ranks(queries: np.ndarray, items: np.ndarray,
                  excluded: Sequence[np.ndarray]) -> np.ndarray:
     """For several examples at once, how many pool items score at least as high as each
@@ -235,9 +241,7 @@ class ServingChoice:
         """Take saved means and pick back when they were measured for the same candidates (a
         changed grid starts over, and so does a state saved before the pick kept the spread
         of its samples); returns whether it did."""
-        saved = [ServingCandidate(None if np.isnan(h) else float(h), float(w))
-                 for h, w in zip(state["half_lives"], state["bias_weights"])]
-        if saved != self.candidates or "products" not in state:
+        if candidates_of(state) != self.candidates or "products" not in state:
             return False
         self.sums = np.array(state["sums"], dtype=np.float64)
         self.products = np.array(state["products"], dtype=np.float64)
