@@ -59,13 +59,21 @@ def lagged_order(examples: list[TrainExample], partitions: int, lag: int) -> np.
     return np.argsort(np.arange(len(examples)) + lag * part, kind="stable")
 
 
+def learning_batches(examples: list[TrainExample], users_seen: np.ndarray, order: np.ndarray,
+                     size: int):
+    """The micro-batches a learner takes in ``order``, each with the users seen by its last
+    example (the count its training messages carry)."""
+    for start in range(0, len(order), size):
+        taken = order[start:start + size]
+        yield [examples[k] for k in taken], int(users_seen[taken].max())
+
+
 def run(settings: Settings, split, examples, users_seen, lag: int, partitions: int) -> dict:
     model = OnlineEmbedding(split.n_items, settings)
     started = time.perf_counter()
     order = lagged_order(examples, partitions, lag)
-    for start in range(0, len(order), settings.learn_batch):
-        taken = order[start:start + settings.learn_batch]
-        model.engine.learn([examples[k] for k in taken], users=int(users_seen[taken].max()))
+    for batch, users in learning_batches(examples, users_seen, order, settings.learn_batch):
+        model.engine.learn(batch, users=users)
     learn_s = time.perf_counter() - started
     scores = evaluate_fold(model, split.test, RunConfig(ks=(10,), select_metric="NDCG@10"))
     return {"lag": lag, "ndcg_at_10": scores.means["NDCG@10"],

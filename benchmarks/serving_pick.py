@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from partition_lag import examples_of, lagged_order  # noqa: E402
+from partition_lag import examples_of, lagged_order, learning_batches  # noqa: E402
 
 from evaluation.data import load_dataset  # noqa: E402
 from evaluation.protocols import RunConfig, evaluate_fold  # noqa: E402
@@ -77,13 +77,12 @@ def learn_and_record(settings: Settings, split, lag: int, partitions: int
                                        settings.history_length)
     order = lagged_order(examples, partitions, lag)
     positions, ranks = [], []
-    for start in range(0, len(order), settings.learn_batch):
-        taken = order[start:start + settings.learn_batch]
-        batch = [examples[k] for k in taken]
+    batches = learning_batches(examples, users_seen, order, settings.learn_batch)
+    for start, (batch, users) in zip(range(0, len(order), settings.learn_batch), batches):
         kept, batch_ranks = engine.candidate_ranks(batch)
         positions.append(start + kept)
         ranks.append(batch_ranks)
-        engine.learn(batch, users=int(users_seen[taken].max()))
+        engine.learn(batch, users=users)
     return model, np.concatenate(positions), np.concatenate(ranks)
 
 

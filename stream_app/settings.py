@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     # Every serve_tuning_every-th training example is ranked, before it is learned, under
     # each pair of serve_tuning_half_lives x serve_tuning_bias_weights (and the two settings
     # above, which answer until serve_tuning_min_samples are in); answers then use the pair
-    # with the best weighted NDCG@10 once it beats the answering pair by
+    # with the best weighted NDCG@k (serve_tuning_k) once it beats the answering pair by
     # serve_tuning_margin_z standard errors (models/serving_choice.py). Every 25th, NDCG@100,
     # a margin of 1 (was every 100th, NDCG@10, no margin): the held-out NDCG@10 of the final
     # pick over all sampling phases, mean/worst, Toys 0.0412/0.0341 -> 0.0413/0.0410, Beauty
