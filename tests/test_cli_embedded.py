@@ -71,6 +71,20 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> lis
     raise AssertionError(f"{text!r} not printed; got:\n{''.join(lines)}")
 
 
+def wait_stopped(process: subprocess.Popen, env: dict, timeout_s: float = 60) -> int:
+    """``process.wait``, except that a stop that overruns fails with what the supervisor
+    printed and the ends of the worker's and the broker's logs, which say who held it up."""
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        printed, _ = process.communicate(timeout=10)
+        logs = Path(env["STREAMREC_DATA_DIR"]) / "logs"
+        tails = "".join(f"\n--- {path.name}:\n" + "".join(path.read_text().splitlines(True)[-40:])
+                        for path in sorted(logs.glob("*.log")))
+        raise AssertionError(f"not stopped in {timeout_s:.0f} s; printed:\n{printed}{tails}")
+
+
 def test_up_answers_recommend_and_stops_cleanly(embedded_env):
     up = subprocess.Popen([sys.executable, "-m", "stream_app", "up"], env=embedded_env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -90,7 +104,7 @@ def test_up_answers_recommend_and_stops_cleanly(embedded_env):
         assert table.returncode == 0 and "user alice" in table.stdout
     finally:
         up.send_signal(signal.SIGTERM)
-        code = up.wait(60)
+        code = wait_stopped(up, embedded_env)
     assert code == 0
     time.sleep(0.5)
     assert not [pid for pid in children if alive(pid)], "processes left behind"
@@ -134,7 +148,7 @@ def test_ctrl_c_in_a_terminal_stops_everything(embedded_env, presses):
         for _ in range(presses):
             os.killpg(up.pid, signal.SIGINT)
             time.sleep(1.0)
-        up.wait(60)
+        wait_stopped(up, embedded_env)
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
