@@ -19,6 +19,7 @@ longer (a few MovieLens users), the rest is still excluded from the answer, on t
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -129,6 +130,22 @@ class KafkaStreaming:
                 raise TimeoutError(f"the worker learned {learned:.0f} of {count} events and "
                                    f"made no progress for {self.timeout_s:.0f} s")
             time.sleep(0.05)
+
+    def chosen_params(self) -> dict:
+        """The serving pair the worker answered with, read from its metrics as an operator
+        reads them (``streamrec_serving_*``): the in-process row reports its own pick, and
+        the two rows can differ by the pick alone. Also how many examples it was chosen on,
+        how often it moved and the lead of the best other pair, in standard errors."""
+        metrics = scrape(self.settings)
+
+        def gauge(key: str) -> float:
+            return metrics[f"streamrec_serving_{key}"]
+
+        half_life, lead = gauge("half_life_events"), gauge("lead")
+        return {"serve_half_life_events": None if math.isinf(half_life) else half_life,
+                "serve_bias_weight": gauge("bias_weight"),
+                "serving_samples": int(gauge("samples")), "serving_moves": int(gauge("moves")),
+                "serving_lead": lead if math.isfinite(lead) else None}
 
     # -- ranking --------------------------------------------------------------------------
     def recommend(self, history: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = None,

@@ -147,6 +147,14 @@ def test_through_kafka_replays_into_a_real_worker_and_asks_the_request_topic(tmp
     assert kafka["train_events"] == streaming["train_events"] == payload["split"]["train_events"]
     assert kafka["scored"] == streaming["scored"] >= 30
     assert kafka["fit_s"] > 0 and "--through-kafka" in payload["command"]
+    # the pair the worker answered with, read from its metrics: one of its candidates, chosen
+    # on examples of this stream
+    from stream_app.settings import Settings
+
+    pairs = {(c.half_life_events, c.bias_weight) for c in Settings().serving_choice().candidates}
+    params = kafka["params"]
+    assert (params["serve_half_life_events"], params["serve_bias_weight"]) in pairs
+    assert params["serving_samples"] > 0 and params["serving_moves"] >= 0
     # users only ever consume their own cluster: the worker must have learned that
     metric = "HR@10" if protocol == "loo" else "RecallMin@10"
     assert kafka["metrics"][metric] > max(0.3, 2 * records["popularity"]["metrics"][metric])
