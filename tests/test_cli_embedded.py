@@ -77,7 +77,7 @@ def wait_stopped(process: subprocess.Popen, env: dict, timeout_s: float = 60) ->
     try:
         return process.wait(timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        process.kill()  # its children die with it (they are started with a death signal)
         printed, _ = process.communicate(timeout=10)
         logs = Path(env["STREAMREC_DATA_DIR"]) / "logs"
         tails = "".join(f"\n--- {path.name}:\n" + "".join(path.read_text().splitlines(True)[-40:])
