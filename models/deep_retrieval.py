@@ -461,9 +461,9 @@ class DeepRetrieval:
         self.config = config
         self.model = StructureModel(config.input_dim, config.width, config.depth,
                                     config.node_dim, config.hidden, config.seed)
-        self.optimizer = self._adam()
         self.tracker = (PathScoreTracker(config.top_s, config.decay ** config.track_every)
                         if track_scores else None)
+        self.optimizer = self._adam()
         self._pairs_learned = 0  # the stream position that picks the tracked pairs
         self._row: dict[str, int] = {}
         self._ids: list[str] = []
@@ -777,14 +777,18 @@ class DeepRetrieval:
         if not model_path.exists():
             return False
         self.model.load_state_dict(torch.load(model_path, weights_only=True))
-        self.optimizer = self._adam()
+        self.optimizer = self._adam()  # cold moments (see save)
         self._install(arrays, meta)
         return True
 
-    def _adam(self) -> torch.optim.Adam:
+    def _adam(self) -> torch.optim.Adam | None:
         """Adam over the structure model, fused: one kernel for all parameters (0.24 ms a step
         against 0.85 ms for torch's default per-tensor loop on this model; the same update up to
-        float32 rounding, 2e-7 after 100 steps)."""
+        float32 rounding, 2e-7 after 100 steps). None for an instance that only serves: torch's
+        first optimizer imports its compiler (about 1 s and 70 MB), which a worker's event loop
+        and each path read aside would otherwise pay for an optimizer they never step."""
+        if self.tracker is None:
+            return None
         return torch.optim.Adam(self.model.parameters(), lr=self.config.lr, fused=True)
 
     def _install(self, arrays: dict, meta: dict) -> None:

@@ -92,7 +92,7 @@ class LearnedReport:
     step_seconds: list[float]
     losses: list[float]
     dr_losses: list[float]  # finite E-step losses only
-    dr_stats: dict | None
+    dr_stats: dict | None  # with the structure model only: a pass over the new items' paths
     dr_new_items: list[str]  # items Deep Retrieval met first in this call, with their paths
     dr_new_paths: np.ndarray | None
     dr_weights: dict | None  # the structure model, at most every dr_follow_model_s
@@ -491,12 +491,13 @@ class Engine:
         rows = np.concatenate(moved) if moved else np.empty(0, dtype=np.int64)
         new_items, new_paths = (self.paths.model.items_since(first_dr_row)
                                 if self.paths is not None else ([], None))
+        dr_weights = self._weights_due()
         return LearnedReport(
             delta=self.learner.delta(first_row, rows, self._inputs_due(caught_up)),
             items=list(dict.fromkeys(example.item_id for example in examples)),
             step_seconds=seconds, losses=losses, dr_losses=dr_losses,
-            dr_stats=self.paths.stats() if self.paths is not None else None,
-            dr_new_items=new_items, dr_new_paths=new_paths, dr_weights=self._weights_due(),
+            dr_stats=self.paths.stats() if dr_weights is not None else None,
+            dr_new_items=new_items, dr_new_paths=new_paths, dr_weights=dr_weights,
             examples=len(examples) - failed, failed=failed,
             serving=self.serving_choice.state())
 
@@ -551,7 +552,8 @@ class Engine:
             self.loss.update(loss)
         for loss in report.dr_losses:
             self.dr_loss.update(loss)
-        self.reported_dr_stats = report.dr_stats
+        if report.dr_stats is not None:
+            self.reported_dr_stats = report.dr_stats
         self.learned += report.examples
         self.serving_choice.restore(report.serving)
 

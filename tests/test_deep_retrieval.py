@@ -462,7 +462,7 @@ def test_a_serving_only_instance_retrieves_like_the_learner_without_path_scores(
     data, dr, _ = planted
     dr.save(tmp_path)
     serving = DeepRetrieval(PLANTED, track_scores=False)
-    assert serving.load(tmp_path) and serving.tracker is None
+    assert serving.load(tmp_path) and serving.tracker is None and serving.optimizer is None
     users = data.users(np.arange(N_CLUSTERS))
     assert serving.retrieve_many(users, 3) == dr.retrieve_many(users, 3)
     ids, paths = dr.items_since(0)

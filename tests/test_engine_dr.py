@@ -3,6 +3,8 @@ installed on the learning thread, and the ``dr`` source answering requests."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -116,3 +118,18 @@ def test_a_failed_m_step_keeps_the_paths_in_force(tmp_path, monkeypatch):
     assert stats["m_step_failures"] == 1 and stats["m_steps"] == 0
     np.testing.assert_array_equal(engine.paths.model.assignment, before)
     assert "disk on fire" in engine.paths.last_error
+
+
+def test_an_engine_that_follows_a_learner_never_loads_torchs_compiler(tmp_path):
+    """A replica's Deep Retrieval only serves, so it holds no optimizer: torch's first one
+    imports its compiler (about 1 s and 70 MB), which a worker's event loop would pay for at
+    every start. The learning engine holds one. In a fresh interpreter, where nothing else
+    imported it first."""
+    code = ("import sys; from stream_app.engine import Engine; "
+            "from stream_app.settings import Settings; "
+            f"s = Settings(data_dir={str(tmp_path)!r}, dr_enabled=True); "
+            "Engine(s, replica=True); print('torch._dynamo' in sys.modules); "
+            "Engine(s); print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.split() == ["False", "True"]

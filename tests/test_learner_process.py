@@ -89,6 +89,24 @@ def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp
     assert all(answer for answer in from_paths)
 
 
+def test_reports_carry_dr_figures_with_the_structure_model_only(tmp_path):
+    """The figures are a pass over the paths of every item met since the last M-step, so
+    they go at most every ``dr_follow_model_s``, as the structure model does; a follower
+    shows the last ones it was sent."""
+    examples, _ = examples_and_histories(300)
+    settings = settings_for(tmp_path, dr_follow_model_s=3600)
+    learning = Engine(settings)
+    following = Engine(settings, replica=True)
+    learning.users = 240
+    first = learning.learn_reported(examples[:100], step=32)
+    assert first.dr_weights is not None and first.dr_stats == learning.paths.stats()
+    following.follow(first)
+    second = learning.learn_reported(examples[100:], step=32)
+    assert second.dr_weights is None and second.dr_stats is None
+    following.follow(second)
+    assert following.dr_stats() == first.dr_stats != learning.paths.stats()
+
+
 def test_paths_read_aside_are_served_with_what_reports_brought_meanwhile(tmp_path):
     """The worker reads the learner's saved paths in a thread; reports it follows meanwhile
     (new items, a newer structure model) must not be lost when the read paths take over."""
