@@ -25,6 +25,7 @@ COPY stream_app ./stream_app
 COPY models ./models
 COPY state ./state
 COPY index_sync ./index_sync
+COPY evaluation ./evaluation
 RUN pip install -c constraints.txt \
         --extra-index-url https://download.pytorch.org/whl/cpu .
 

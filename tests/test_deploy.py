@@ -13,6 +13,10 @@ import fnmatch
 import os
 import re
 import shlex
+import subprocess
+import sys
+import sysconfig
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -246,6 +250,33 @@ def test_dockerfile_copies_only_existing_unignored_paths():
         assert (ROOT / source).exists(), source
         assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), source
 
+
+
+def test_dockerfile_copies_every_package_the_project_installs():
+    """pyproject's package list finds what the build context holds: a package left out of
+    the COPY lines installs without error and fails at the first import. So the image gets
+    every package of the list, and the worker command imports with those alone (a fresh
+    interpreter without the editable install, the copied packages and the site-packages on
+    its path)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted(path.name for path in ROOT.iterdir()
+                      if (path / "__init__.py").exists()
+                      and any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns))
+    copies = [args.split() for instruction, args in dockerfile_instructions()
+              if instruction == "COPY" and not args.startswith("--from")]
+    copied = sorted(source for args in copies for source in args[:-1]
+                    if (ROOT / source / "__init__.py").exists())
+    assert copied == packages
+    with tempfile.TemporaryDirectory() as image:
+        for package in copied:
+            (Path(image) / package).symlink_to(ROOT / package)
+        path = os.pathsep.join([image, sysconfig.get_paths()["purelib"]])
+        done = subprocess.run([sys.executable, "-S", "-c", "import stream_app.cli, "
+                               "stream_app.worker, evaluation.cli"],
+                              cwd=image, env={**os.environ, "PYTHONPATH": path},
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 # -- Prometheus -----------------------------------------------------------------------------------
 def test_prometheus_scrapes_every_worker(services, monkeypatch):
