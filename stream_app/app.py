@@ -32,7 +32,7 @@ from .delivery import install_direct_delivery, patch_consumer
 from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_fair_fetch
 from .intake import IntakeLag
-from .kafka import faust_credentials
+from .kafka import faust_credentials, key_partition
 from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .request_reader import RequestReader
@@ -133,16 +133,32 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         metrics.dead_letters.labels(error.reason).inc()
         metrics.events.labels("invalid", "dead_letter").inc()
 
+    def users_partition(message, user_key: bytes) -> int | None:
+        """The partition of the events topic (and of the requests topic, numbered alike)
+        where messages keyed ``user_key`` belong, if ``message`` is elsewhere: its user's
+        history lives on the first (the table is partitioned as the events), so a message
+        keyed otherwise, or hashed by another partitioner than Kafka's default, is moved
+        there. None when it is where it belongs (or while the topic's size is not known)."""
+        partitions = app.consumer.topic_partitions(settings.topic_events)
+        if not partitions:
+            return None if message.key == user_key else key_partition(user_key,
+                                                                       settings.partitions)
+        home = key_partition(user_key, partitions)
+        return None if message.key == user_key and message.partition == home else home
+
     async def decode_guarded(message) -> Event | None:
         """The valid event of a message; None when the message went to the DLQ (with a
-        reason) or was re-sent under its user's key."""
+        reason) or was re-sent to its user's partition, under its user's key."""
         try:
             event = decode_event(message.value, kinds=settings.event_kinds,
                                  max_bytes=settings.max_event_bytes)
-            if message.key == event.user_id.encode():
+            user_key = event.user_id.encode()
+            home = users_partition(message, user_key)
+            if home is None:
                 return event
-            await events.send(key=event.user_id.encode(), value=message.value)
-            metrics.events.labels(event.kind, "rekeyed").inc()
+            await events.send(key=user_key, partition=home, value=message.value)
+            moved = "rekeyed" if message.key != user_key else "rerouted"
+            metrics.events.labels(event.kind, moved).inc()
         except InvalidMessage as error:
             await dead_letter(error, message)
         except Exception as error:  # noqa: BLE001 - an agent must survive anything
@@ -332,9 +348,13 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         request = decode_request(message.value, max_bytes=settings.max_request_bytes,
                                  max_history=settings.max_request_history)
         engine.check_reply_to(request)
-        if request.user_id is not None and message.key != request.user_id.encode():
-            await requests.send(key=request.user_id.encode(), value=message.value)
-            return
+        if request.user_id is not None:
+            user_key = request.user_id.encode()
+            home = users_partition(message, user_key)
+            if home is not None:  # answered where the user's history is
+                await requests.send(key=user_key, partition=home, value=message.value)
+                metrics.requests.labels("rerouted").inc()
+                return
         stored = (history_reader.get_on(request.user_id, message.partition)
                   if request.user_id is not None else None)
         response = engine.answer(request, History.from_json(stored), started)

@@ -6,9 +6,20 @@ import logging
 import ssl
 import time
 
+from aiokafka.partitioner import murmur2
+
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition that Kafka's default partitioner puts a message keyed ``key`` on, among
+    ``partitions``: murmur2 of the key, as the Java client, kafka-python, aiokafka and Faust
+    choose it. librdkafka's clients (confluent-kafka, and many Go, .NET and Node clients) hash
+    with CRC32 unless configured with ``partitioner=murmur2_random``, so the same user could
+    land elsewhere; the worker moves such messages here (``stream_app/app.py``)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def client_config(settings: Settings) -> dict:

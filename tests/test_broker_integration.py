@@ -6,13 +6,15 @@ import base64
 import json
 import shutil
 import time
+import urllib.request
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from stream_app.client import RecClient
-from stream_app.kafka import client_config, ensure_topics
-from stream_app.wire import DeadLetter, RecResponse
+from stream_app.kafka import client_config, ensure_topics, key_partition
+from stream_app.wire import DeadLetter, RecRequest, RecResponse
 
 from .conftest import event
 
@@ -49,6 +51,15 @@ def read_topic(settings, topic: str, count: int, timeout_s: float = 20.0) -> lis
             records.extend(batch)
     consumer.close()
     return records
+
+
+def labelled(settings, name: str, **labels: str) -> float:
+    """The sum of a metric's samples that carry ``labels``, from the worker's /metrics page."""
+    url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as page:
+        families = text_string_to_metric_families(page.read().decode())
+    return sum(sample.value for family in families for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def ids(response: RecResponse) -> list[str]:
@@ -96,6 +107,36 @@ def test_redelivered_and_wrongly_keyed_events(settings, start_worker):
         scores = {item.item_id: item.score for item in client.recommend("new", k=5, **POPULAR).items}
     assert scores == pytest.approx({"x": 10.0, "y": 2.0})
 
+
+
+def test_events_and_requests_on_another_partition_than_their_users_are_moved_there(
+        settings, start_worker):
+    """A client whose partitioner is not Kafka's default (librdkafka's CRC32) puts a user's
+    messages on another partition than the worker's own sends do: the event is moved to its
+    user's partition (one history per user), and so is the request, which is then answered
+    with that history."""
+    worker = start_worker(settings)
+    home = key_partition(b"u1", settings.partitions)
+    elsewhere = (home + 1) % settings.partitions
+    producer = KafkaProducer(**client_config(settings), acks=1, enable_idempotence=False)
+    producer.send(settings.topic_events, key=b"u1", partition=elsewhere,
+                  value=event("u1", "x", "sale", event_id="e1"))
+    producer.send(settings.topic_events, key=b"u1", partition=home,
+                  value=event("u1", "y", "view", event_id="e2"))
+    producer.send(settings.topic_events, key=b"u2", value=event("u2", "z", "view"))
+    producer.flush()
+    producer.close()
+    worker.wait_metric("streamrec_events_total", 4)  # 3 accepted + 1 rerouted
+    assert labelled(settings, "streamrec_events_total", outcome="rerouted") == 1
+    assert worker.metrics()["streamrec_users"] == 2  # u1: one history, not one per partition
+    with RecClient(settings) as client:
+        assert ids(client.recommend("u1", k=5, **POPULAR)) == ["z"]  # x and y seen
+        request = RecRequest(request_id="misrouted", user_id="u1", k=5, **POPULAR)
+        client._producer.send(settings.topic_requests, key=b"u1", partition=elsewhere,
+                              value=request.to_bytes())
+        client._producer.flush()
+        assert ids(client.wait("misrouted", timeout_s=10)) == ["z"]
+    assert labelled(settings, "streamrec_requests_total", status="rerouted") == 1
 
 MALFORMED = {
     "bad_json": b"{not json",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import faust
 
-from stream_app.kafka import aiokafka_config, client_config, faust_credentials
+from kafka.partitioner import DefaultPartitioner
+
+from stream_app.kafka import aiokafka_config, client_config, faust_credentials, key_partition
 from stream_app.settings import Settings
 
 
@@ -57,3 +61,14 @@ def test_aiokafka_clients_get_the_same_settings(tmp_path):
 
     asyncio.run(build())
     assert "ssl_context" not in aiokafka_config(Settings(broker="k:9092"))
+
+
+def test_a_key_goes_to_the_partition_kafkas_default_partitioner_picks():
+    """Oracle: kafka-python's default partitioner (murmur2, as the Java client's)."""
+    keys = [f"u{n}".encode() for n in range(500)] + [b"", "é-ü".encode(), b"\xff" * 9]
+    for partitions in (1, 2, 3, 8, 12):
+        every = set(range(partitions))
+        cluster = SimpleNamespace(topics=lambda: {"t"}, partitions_for_topic=lambda _: every,
+                                  available_partitions_for_topic=lambda _: every)
+        assert [key_partition(key, partitions) for key in keys] == [
+            DefaultPartitioner().partition("t", key, key, None, None, cluster) for key in keys]
