@@ -11,9 +11,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# The CPU build of torch first, so nothing later pulls a multi-GB CUDA build.
+# torch first and pinned, so nothing later pulls another build. PyPI's Linux wheel of torch
+# is the multi-GB CUDA build; TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU
+# build from PyTorch's index instead (left empty by default: a machine whose pip already finds
+# a CPU wheel, or that reaches only PyPI, needs no second index).
+TORCH_INDEX ?=
 $(VENV)/.torch: constraints.txt | $(BIN)/python
-	$(PIP) torch==2.13.0
+	$(PIP) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==2.13.0
 	touch $@
 
 $(VENV)/.app: pyproject.toml $(VENV)/.torch

@@ -152,13 +152,13 @@ def overview() -> dict:
               "Serving HNSW version (0: exact search), its items, and the items each answer "
               "scores exactly beside it (moved since its snapshot, or new; at most "
               "STREAMREC_INDEX_STALE_LIMIT moved ones)."),
-         stat("Index age and build", [target("streamrec_index_age_seconds", "age s", "A"),
-                                      target("streamrec_index_build_seconds", "build s", "B"),
-                                      target("streamrec_index_failures", "failed builds", "C"),
-                                      target("streamrec_index_updates", "updated in place",
-                                             "D"),
-                                      target("streamrec_index_waiting_seconds",
-                                             "waiting for a backlog s", "E")],
+         stat("Index age and build",
+              [target("streamrec_index_age_seconds", "age s {{instance}}", "A"),
+               target("streamrec_index_build_seconds", "build s {{instance}}", "B"),
+               target("streamrec_index_failures", "failed builds {{instance}}", "C"),
+               target("streamrec_index_updates", "updated in place {{instance}}", "D"),
+               target("streamrec_index_waiting_seconds", "waiting for a backlog s {{instance}}",
+                      "E")],
               "Seconds since the serving index was made, the last build's or update's seconds, "
               "failed builds (the previous version kept serving), versions made by updating the "
               "previous one in place, seconds a due build has waited for a backlog.")],

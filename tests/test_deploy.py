@@ -335,6 +335,19 @@ def test_uids_are_unique_and_valid():
 
 
 @pytest.mark.parametrize("build", dashboards.DASHBOARDS.values())
+def test_a_series_per_worker_is_named_by_its_worker(build):
+    """With several workers a query that keeps the instance label draws one series each;
+    a legend without {{instance}} gives them all one name. Queries summed over the workers
+    (sum, or sum by labels other than instance) draw one series and need none."""
+    for panel in build()["panels"]:
+        for target in panel["targets"]:
+            summed = re.search(r"\bsum(?: by \(([^)]*)\))? ?\(", target["expr"])
+            per_worker = summed is None or "instance" in (summed.group(1) or "")
+            if per_worker:
+                assert "{{instance}}" in target["legendFormat"], (panel["title"], target)
+
+
+@pytest.mark.parametrize("build", dashboards.DASHBOARDS.values())
 def test_panels_are_numbered_and_use_the_provisioned_datasource(build):
     panels = build()["panels"]
     assert len({panel["id"] for panel in panels}) == len(panels)
@@ -388,6 +401,25 @@ def test_exposed_names_cover_labelled_metrics_without_samples():
     assert {"streamrec_events_total", "streamrec_dead_letters_total",
             "streamrec_request_latency_seconds_bucket", "streamrec_users"} <= names
     assert "streamrec_events" not in names  # the family name is not a sample name
+
+
+def test_the_readme_documents_every_metric():
+    """Each metric the worker exports has a row of the README's metrics table, by its name
+    (counters with their _total) or as a suffix beside the first name of its row
+    (`streamrec_dr_m_steps`, `_last_m_step_seconds`)."""
+    documented: set[str] = set()
+    for line in (ROOT / "README.md").read_text().splitlines():
+        names = re.findall(r"`(streamrec_[a-z0-9_]+)(?:\{[^}]*\})?`", line)
+        if not line.startswith("| `streamrec_") or not names:
+            continue
+        words = names[0].split("_")
+        documented |= set(names)
+        for suffix in re.findall(r"`(_[a-z0-9_]+)`", line):
+            documented |= {"_".join(words[:i]) + suffix for i in range(1, len(words) + 1)}
+    families = build_metrics(Engine(Settings())).registry.collect()
+    exported = {family.name + ("_total" if family.type == "counter" else "")
+                for family in families}
+    assert exported and exported - documented == set()
 
 
 @pytest.mark.parametrize("name, build", dashboards.DASHBOARDS.items())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -165,3 +168,23 @@ def test_worker_logs_at_the_configured_level_only(level):
     finally:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
+
+
+def test_the_readme_documents_every_setting():
+    """Each Settings field has a row of the README's configuration table, by its full name
+    or as a suffix beside another of its row (`STREAMREC_DR_BEAM` / `_TOP_S` names
+    STREAMREC_DR_TOP_S; the suffix may replace any tail of the first name), and every name
+    the README gives is a setting."""
+    fields = {f"STREAMREC_{name.upper()}" for name in Settings.model_fields}
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert set(re.findall(r"`(STREAMREC_[A-Z0-9_]+)`", readme)) <= fields  # none stale
+    documented: set[str] = set()
+    for line in readme.splitlines():
+        first = re.match(r"\| `(STREAMREC_[A-Z0-9_]+)`", line)
+        if first is None:
+            continue
+        words = first.group(1).split("_")
+        documented |= set(re.findall(r"`(STREAMREC_[A-Z0-9_]+)`", line))
+        for suffix in re.findall(r"`(_[A-Z0-9_]+)`", line):
+            documented |= {"_".join(words[:i]) + suffix for i in range(1, len(words) + 1)}
+    assert fields - documented == set()
