@@ -347,7 +347,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     async def answer(message, started: float) -> None:
         request = decode_request(message.value, max_bytes=settings.max_request_bytes,
                                  max_history=settings.max_request_history)
-        engine.check_reply_to(request)
+        engine.check_request(request)
         if request.user_id is not None:
             user_key = request.user_id.encode()
             home = users_partition(message, user_key)

@@ -582,12 +582,17 @@ class Engine:
             self.learner.assign(ids, np.stack(rows))
 
     # -- requests -------------------------------------------------------------------------
-    def check_reply_to(self, request: RecRequest) -> None:
-        """Only response topics may be written by request: a client must not be able to make
-        the worker produce into ``timeline-events`` or any other topic."""
+    def check_request(self, request: RecRequest) -> None:
+        """What the schema cannot check. Only response topics may be written by request: a
+        client must not be able to make the worker produce into ``timeline-events`` or any
+        other topic. A source this worker does not run (``dr`` with Deep Retrieval off) is an
+        error, not an answer silently without it."""
         prefix = self.settings.topic_responses
         if request.reply_to is not None and not request.reply_to.startswith(prefix):
             raise InvalidMessage("schema", f"reply_to must start with {prefix!r}")
+        if "dr" in (request.sources or ()) and self.paths is None:
+            raise InvalidMessage("schema", "source 'dr' is off on this worker "
+                                 "(STREAMREC_DR_ENABLED=false)")
 
     def user_vector(self, request: RecRequest, history: History) -> np.ndarray | None:
         """φ(u) from the stored history plus the request's, with the *current* item vectors
@@ -618,10 +623,11 @@ class Engine:
         return augment_users(phi, self.serving.bias_weight)
 
     def answer(self, request: RecRequest, history: History, started: float) -> RecResponse:
-        """Top-k for the user: model candidates (the serving index, or exact search) scored
-        once with the current item vectors, then popularity to fill; seen items (stored
-        history plus the request's) are excluded when ``exclude_seen``; an unknown user gets
-        plain popularity."""
+        """Top-k for the user: model candidates (the serving index, or exact search, and Deep
+        Retrieval's paths) scored once with the current item vectors, then, when the sources
+        name ``popular``, popularity to fill; seen items (stored history plus the request's)
+        are excluded when ``exclude_seen``; an unknown user gets plain popularity (or nothing
+        from sources without it)."""
         seen: set[str] = set()
         if request.exclude_seen:
             seen = set(history.items) | set(request.history or ())
@@ -652,7 +658,7 @@ class Engine:
                 rows = self.learner.rows_of(candidates)
                 found.append((rows[rows >= 0], "dr"))
             items = self._rerank(query, found, request.k)
-        if len(items) < request.k:
+        if len(items) < request.k and "popular" in sources:
             taken = seen | {item.item_id for item in items}
             popular = self.popularity.top(request.k - len(items), exclude=taken)
             self._count_candidates("popular", len(popular))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_KIND_WEIGHTS = {"view": 1.0, "click": 4.0, "cart": 6.0, "sale": 10.0}
@@ -305,6 +305,12 @@ class Settings(BaseSettings):
         if not sources:
             raise ValueError("at least one default source is required")
         return list(dict.fromkeys(sources))
+
+    @model_validator(mode="after")
+    def _default_sources_run_here(self) -> Settings:
+        if "dr" in self.default_sources and not self.dr_enabled:
+            raise ValueError("default_sources names dr, but dr_enabled is false")
+        return self
 
     @field_validator("positives_half_life", "encoder_half_life_events",
                      "serve_half_life_events", mode="before")

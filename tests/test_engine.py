@@ -69,9 +69,16 @@ def test_answers_exclude_seen_items_and_fall_back_to_popularity(engine):
 
 
 def test_reply_to_must_be_a_response_topic(engine):
-    engine.check_reply_to(request(reply_to="rec-responses-client-7"))
+    engine.check_request(request(reply_to="rec-responses-client-7"))
     with pytest.raises(InvalidMessage, match="reply_to"):
-        engine.check_reply_to(request(reply_to="timeline-events"))
+        engine.check_request(request(reply_to="timeline-events"))
+
+
+def test_a_source_the_worker_does_not_run_is_an_error(tmp_path):
+    engine = Engine(Settings(data_dir=tmp_path, dr_enabled=False))
+    engine.check_request(request(sources=["ann", "popular"]))
+    with pytest.raises(InvalidMessage, match="'dr' is off"):
+        engine.check_request(request(sources=["ann", "dr"]))
 
 
 def test_checkpoint_round_trip(engine, tmp_path):

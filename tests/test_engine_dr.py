@@ -70,6 +70,21 @@ def test_a_request_without_sources_uses_the_default_sources(learned):
     assert {item.source for item in both.items} <= {"ann", "dr"}
 
 
+def test_popularity_fills_an_answer_only_when_the_request_names_it(learned):
+    """An answer holds what its sources found: ``popular`` fills it up to k (and answers a
+    user without history) only when named."""
+    engine, histories = learned
+    user, history = next(iter(histories.items()))
+    assert ask(engine, "nobody", History(), ["ann", "dr"]).items == []
+    assert {item.source for item in ask(engine, "nobody", History(), ["ann", "popular"]).items
+            } == {"popular"}
+    short = ask(engine, user, history, ["dr"], k=1000)  # fewer on its paths than k
+    assert short.items and {item.source for item in short.items} == {"dr"}
+    filled = ask(engine, user, history, ["dr", "popular"], k=1000)
+    assert filled.items[:len(short.items)] == short.items
+    assert {item.source for item in filled.items[len(short.items):]} == {"popular"}
+
+
 def test_an_m_step_runs_aside_and_items_met_meanwhile_stay_retrievable(tmp_path):
     engine = make_engine(tmp_path, dr_m_step_events=500)
     histories = run_stream(engine, planted_stream())

@@ -67,6 +67,11 @@ def test_bad_settings_are_refused(monkeypatch):
     with pytest.raises(ValidationError):
         Settings()
     assert main(["recommend", "--user", "u"]) == 2  # invalid configuration, exit code 2
+    monkeypatch.setenv("STREAMREC_PARTITIONS", "2")
+    monkeypatch.setenv("STREAMREC_DEFAULT_SOURCES", '["ann", "dr"]')
+    monkeypatch.setenv("STREAMREC_DR_ENABLED", "false")
+    with pytest.raises(ValidationError, match="names dr"):
+        Settings()
 
 
 @pytest.mark.parametrize("name, value", [
