@@ -329,6 +329,15 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             await learner.attach(on_report=follow, on_paths=reload_paths, on_saved=learner_saved,
                                  on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
 
+    def reply_allowed(name: str | None) -> bool:
+        """The responses topic, a reply topic in use, or a new one while fewer than
+        ``max_reply_topics`` others are (a request may name any topic with the responses
+        prefix)."""
+        if name is None or name == settings.topic_responses or name in reply_topics:
+            return True
+        others = sum(topic != settings.topic_responses for topic in reply_topics)
+        return others < settings.max_reply_topics
+
     async def reply_topic(name: str | None) -> faust.TopicT:
         name = name or settings.topic_responses
         if name not in reply_topics:
@@ -348,6 +357,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         request = decode_request(message.value, max_bytes=settings.max_request_bytes,
                                  max_history=settings.max_request_history)
         engine.check_request(request)
+        if not reply_allowed(request.reply_to):
+            raise InvalidMessage("schema", f"reply_to: this worker answers on "
+                                 f"{settings.max_reply_topics} reply topics already "
+                                 "(STREAMREC_MAX_REPLY_TOPICS)")
         if request.user_id is not None:
             user_key = request.user_id.encode()
             home = users_partition(message, user_key)
@@ -363,7 +376,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     async def answer_error(error: Exception, message, started: float) -> None:
         fields = salvage_request(message.value)
         reply_to = fields["reply_to"]
-        if reply_to is not None and not reply_to.startswith(settings.topic_responses):
+        if reply_to is not None and not (reply_to.startswith(settings.topic_responses)
+                                         and reply_allowed(reply_to)):
             reply_to = None
         text = str(error) if isinstance(error, InvalidMessage) else f"internal error: {error!r}"
         response = RecResponse(request_id=fields["request_id"], user_id=fields["user_id"],

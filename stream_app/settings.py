@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(16_384, ge=256, description="Larger events go to the DLQ.")
     max_request_bytes: int = Field(65_536, ge=256, description="Larger requests get an error.")
     max_request_history: int = Field(1000, ge=0, description="Items a request may carry.")
+    max_reply_topics: int = Field(
+        64, ge=1, description="Most reply topics (a request's reply_to other than the "
+        "responses topic) a worker sends to; a request naming one more gets its error on the "
+        "responses topic. Each is a topic the worker may create and keeps open: requests must "
+        "not make it open them without bound.")
     popularity_half_life_s: float = Field(
         7 * 86400.0, gt=0, description="Half-life of item popularity, in event time."
     )

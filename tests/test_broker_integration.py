@@ -245,10 +245,18 @@ def test_bad_requests_get_error_responses(settings, start_worker):
 
 
 def test_reply_to_topic_is_honoured(settings, start_worker):
-    start_worker(settings)
-    with RecClient(settings, reply_to=settings.topic_responses + "-mine") as client:
-        response = client.recommend(None, history=["a"], k=3)
-    assert response.error is None and response.request_id
+    """Up to ``max_reply_topics`` of them; a request naming one more is answered with an
+    error on the responses topic."""
+    start_worker(settings.replace(max_reply_topics=2))
+    for name in ("-mine", "-also-mine"):
+        with RecClient(settings, reply_to=settings.topic_responses + name) as client:
+            response = client.recommend(None, history=["a"], k=3)
+        assert response.error is None and response.request_id
+    with RecClient(settings) as client:
+        client.send(RecRequest(request_id="third", history=["a"], k=3,
+                               reply_to=settings.topic_responses + "-one-more"))
+        refused = client.wait("third", timeout_s=10)
+    assert "STREAMREC_MAX_REPLY_TOPICS" in refused.error and not refused.items
 
 
 def test_restarted_worker_keeps_histories(settings, start_worker):
