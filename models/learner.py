@@ -424,6 +424,17 @@ class ItemLearner:
         self._offsets_learned = True
         self.changed_input_rows = np.union1d(self.changed_input_rows, rows)
 
+    def set_offsets(self, rows: np.ndarray, offsets: np.ndarray) -> None:
+        """Set the input offsets δ of ``rows`` (distinct) to ``offsets`` (len(rows), dim):
+        another learner's, for items it learns (``Engine.install_rows``). Their Adagrad
+        accumulators stay: this learner's own steps on them go on at the same size."""
+        rows = np.asarray(rows, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.float64).reshape(len(rows), self.config.dim)
+        if len(rows) == 0 or (not self._offsets_learned and not offsets.any()):
+            return
+        self._offset[rows] = offsets
+        self._offsets_learned = True
+
     def _checked_lanes(self, lanes: np.ndarray | None, size: int) -> np.ndarray:
         if lanes is None:
             return np.zeros(size, dtype=np.int64)

@@ -33,7 +33,8 @@ from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_fair_fetch
 from .intake import IntakeLag
 from .kafka import faust_credentials, key_partition
-from .learner_process import LearnerProcess
+from .item_sharing import ItemSharing
+from .learner_process import LearnerProcess, install_records
 from .metrics import Metrics
 from .request_reader import RequestReader
 from .settings import Settings
@@ -111,6 +112,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     dead_letters = app.topic(settings.topic_dead_letters, **raw)
     requests = app.topic(settings.topic_requests, **raw)
     train = app.topic(settings.train_topic, **raw)
+    sharing = share_items(app, settings, engine, metrics, learner) if settings.share_items \
+        else None
     histories = app.Table(HISTORY_TABLE, partitions=settings.partitions,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
     history_table = BatchedTable(histories)
@@ -284,7 +287,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             if learner is not None:
                 await learner.learn(list(values), engine.users)
                 continue
-            record_learned(engine.learn_messages(values, settings.learn_batch))
+            report = engine.learn_messages(values, settings.learn_batch)
+            record_learned(report)
+            if sharing is not None:
+                sharing.note(report)
 
     def record_learned(report: LearnedReport) -> None:
         for seconds in report.step_seconds:
@@ -296,6 +302,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     def follow(report: LearnedReport) -> None:
         engine.follow(report)
         record_learned(report)
+        if sharing is not None:
+            sharing.note(report)
 
     paths_read = asyncio.Lock()
     paths_reads: set[asyncio.Task] = set()
@@ -453,3 +461,39 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     app.streamrec_histories = histories  # for tests and tools that inspect the table
     return app
+
+
+def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Metrics,
+                learner: LearnerProcess | None) -> ItemSharing:
+    """The item rows this worker owns published, the other workers' installed
+    (:mod:`stream_app.item_sharing`): a task that reads the item-rows topic and a timer that
+    publishes."""
+    topic = app.topic(settings.items_topic, key_serializer="raw", value_serializer="raw")
+
+    def owned() -> frozenset[int]:
+        """The training partitions this worker holds: the items it learns."""
+        return frozenset(tp.partition for tp in app.consumer.assignment()
+                         if tp.topic == settings.train_topic)
+
+    def install(records: list[tuple[bytes, bytes]]) -> None:
+        if learner is not None:
+            learner.install_rows(records)  # its report brings them to the replica
+        else:
+            install_records(engine, records)  # the engine learns here: it is the model
+
+    sharing = ItemSharing(settings, engine, owned, install)
+    metrics.gauge("streamrec_item_rows_published", "Item rows this worker published (owned).",
+                  lambda: sharing.published)
+    metrics.gauge("streamrec_item_rows_installed",
+                  "Item rows of other workers this worker installed.", lambda: sharing.installed)
+
+    @app.task
+    async def read_item_rows() -> None:
+        await sharing.read()
+
+    @app.timer(settings.share_items_s)
+    async def publish_item_rows() -> None:
+        for key, value in sharing.due():
+            await topic.send(key=key, value=value)
+
+    return sharing

@@ -501,6 +501,32 @@ class Engine:
             examples=len(examples) - failed, failed=failed,
             serving=self.serving_choice.state())
 
+    def install_rows(self, item_ids: list[str], rows: np.ndarray, offsets: np.ndarray
+                     ) -> LearnedReport:
+        """Item rows another worker learns (their training partitions are its): each set
+        here, created where unknown, with its input offset, the item Gramian kept exact; and
+        the report that lets a follower (the worker's replica) take them as a learning step's.
+        They are not learned here: they move when their owner publishes them again, or once a
+        rebalance gives this worker their partition and it learns them itself."""
+        first_row = len(self.learner)
+        self.learner.assign(item_ids, rows)
+        at = self.learner.rows_of(item_ids)
+        self.learner.set_offsets(at, offsets)
+        self.index.learned(item_ids, at)
+        return LearnedReport(
+            delta=self.learner.delta(first_row, at[at < first_row], at), items=list(item_ids),
+            step_seconds=[], losses=[], dr_losses=[], dr_stats=None, dr_new_items=[],
+            dr_new_paths=None, dr_weights=None, examples=0, failed=0,
+            serving=self.serving_choice.state())
+
+    def rows_to_share(self, rows: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The ids, augmented rows and input offsets of learner ``rows``, as they are now."""
+        rows = np.asarray(rows, dtype=np.int64)
+        offsets = self.learner.offsets
+        inputs = (offsets[rows] if offsets is not None
+                  else np.zeros((len(rows), self.settings.model_dim)))
+        return self.learner.item_ids_at(rows.tolist()), self.learner.item_matrix[rows], inputs
+
     @property
     def inputs_waiting(self) -> bool:
         """Input offsets moved since the last report that carried them."""

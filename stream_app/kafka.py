@@ -76,8 +76,9 @@ def faust_credentials(settings: Settings):
 
 
 def service_topics(settings: Settings) -> list[str]:
+    shared = [settings.items_topic] if settings.share_items else []
     return [settings.topic_events, settings.topic_dead_letters, settings.topic_requests,
-            settings.topic_responses, settings.train_topic]
+            settings.topic_responses, settings.train_topic, *shared]
 
 
 def ensure_topics(settings: Settings, names: list[str] | None = None,
@@ -102,9 +103,12 @@ def ensure_topics(settings: Settings, names: list[str] | None = None,
         existing = set(admin.list_topics())
         missing = [name for name in names if name not in existing]
         for name in missing:
+            # the item rows keep each item's last row only (a reader starts from the beginning)
+            configs = {"cleanup.policy": "compact"} if name == settings.items_topic else {}
             try:
                 admin.create_topics([NewTopic(name, settings.partitions,
-                                              settings.replication_factor)])
+                                              settings.replication_factor,
+                                              topic_configs=configs)])
             except TopicAlreadyExistsError:
                 pass
         if missing:

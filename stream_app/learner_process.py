@@ -42,11 +42,13 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
 from .engine import Engine, LearnedReport
 from .settings import Settings
+from .wire import decode_item_row
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,11 @@ class LearnerProcess:
     def request_save(self) -> None:
         self._writer.write(frame(SAVE))
 
+    def install_rows(self, records: list[tuple[bytes, bytes]]) -> None:
+        """Hand other workers' item rows (item-rows topic records: key, value) to the child,
+        which installs them and reports them like a learning step."""
+        self._writer.write(rows_frame(records))
+
     def _receive(self) -> None:
         try:
             while self._from_child.poll():
@@ -169,7 +176,7 @@ class LearnerProcess:
 
 
 # -- frames to the child: a length, a kind, the raw Kafka values (no pickle) ---------------------
-LEARN, SAVE = b"L", b"S"
+LEARN, SAVE, ROWS = b"L", b"S", b"R"
 _LENGTH = struct.Struct("!I")
 _LEARN_HEAD = struct.Struct("!QI")  # users, number of values
 
@@ -183,6 +190,17 @@ def learn_frame(values: list[bytes], users: int) -> bytes:
     for value in values:
         parts += [_LENGTH.pack(len(value)), value]
     return frame(LEARN, b"".join(parts))
+
+
+def rows_frame(records: list[tuple[bytes, bytes]]) -> bytes:
+    """Item-rows records as a learn frame's values would go: key, value, key, value, …"""
+    body = learn_frame([part for record in records for part in record], 0)
+    return frame(ROWS, body[_LENGTH.size + len(LEARN):])
+
+
+def parse_rows(body: memoryview) -> list[tuple[bytes, bytes]]:
+    parts, _ = parse_learn(body)
+    return list(zip(parts[::2], parts[1::2]))
 
 
 def parse_learn(body: memoryview) -> tuple[list[bytes], int]:
@@ -231,6 +249,26 @@ def child_main(settings: Settings, inbox: Connection, outbox: Connection) -> Non
     freeze_startup_objects()
     outbox.send(("ready", len(engine.learner), engine.learner.steps))
     LearnerLoop(engine, settings, outbox).run(inbox)
+
+
+def install_records(engine: Engine, records: list[tuple[bytes, bytes]]
+                    ) -> LearnedReport | None:
+    """:meth:`Engine.install_rows` of item-rows records (the last of an item's, when it comes
+    twice); a record that does not decode is skipped and logged (only workers of this app
+    write the topic, so one is damage or another model dimension). None when none decoded."""
+    latest: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    bad = 0
+    for key, value in records:
+        try:
+            latest[key.decode()] = decode_item_row(value, engine.settings.model_dim)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            bad += 1
+    if bad:
+        log.warning("skipped %d item rows that do not decode", bad)
+    if not latest:
+        return None
+    rows, offsets = zip(*latest.values())
+    return engine.install_rows(list(latest), np.stack(rows), np.stack(offsets))
 
 
 def freeze_startup_objects() -> int:
@@ -283,6 +321,10 @@ class LearnerLoop:
         elif kind == SAVE:
             self.engine.save()
             self.outbox.send(("saved",))
+        elif kind == ROWS:
+            report = install_records(self.engine, parse_rows(body))
+            if report is not None:
+                self.outbox.send(("inputs", report))
         else:
             raise EOFError(f"unknown frame {kind!r}")  # a damaged pipe: stop, checkpointed
 

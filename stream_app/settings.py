@@ -57,6 +57,16 @@ class Settings(BaseSettings):
         "the topic is internal to one app, like its changelogs (two apps on one cluster must not "
         "learn each other's examples).")
     partitions: int = Field(4, ge=1, le=1024, description="Partitions of every topic.")
+    # Several workers of one app: each learns the items of its training partitions; with
+    # share_items each publishes the rows it owns and installs the others' (README, "Several
+    # workers"), so every worker encodes users and answers with the whole catalogue.
+    share_items: bool = Field(
+        False, description="Publish the item rows this worker learns to the item-rows topic and "
+        "take the other workers' from it (for several workers of one app).")
+    share_items_s: float = Field(
+        2.0, gt=0, description="How often a worker publishes the rows it learned since.")
+    topic_items: str | None = Field(
+        None, description="Item rows keyed by item (compacted). Default '<app_id>-item-rows'.")
     replication_factor: int = Field(1, ge=1)
     session_timeout_s: float = Field(
         10.0, gt=0, description="Consumer group session timeout; joins wait about half of it."
@@ -443,6 +453,10 @@ class Settings(BaseSettings):
     @property
     def train_topic(self) -> str:
         return self.topic_train or f"{self.app_id}-train-examples"
+
+    @property
+    def items_topic(self) -> str:
+        return self.topic_items or f"{self.app_id}-item-rows"
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated again)."""

@@ -14,6 +14,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
+import numpy as np
 import orjson
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -333,3 +334,28 @@ def salvage_request(raw: bytes | None) -> dict[str, str | None]:
     if fields["reply_to"] is not None and not TOPIC_NAME.match(fields["reply_to"]):
         fields["reply_to"] = None
     return fields
+
+
+#: first byte of an item row on the item-rows topic (its layout's version)
+ITEM_ROW_VERSION = b"\x01"
+
+
+def encode_item_row(row: np.ndarray, offset: np.ndarray) -> bytes:
+    """An item's augmented row [v, b] (d + 1) and its input offset δ (d) as one value of the
+    item-rows topic: a version byte, then 2d + 1 little-endian float32 (the key is the item
+    id). Raw numbers, never pickle: every worker of the app reads them."""
+    values = np.concatenate([np.asarray(row, dtype="<f4"), np.asarray(offset, dtype="<f4")])
+    return ITEM_ROW_VERSION + values.tobytes()
+
+
+def decode_item_row(raw: bytes | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(row (d + 1,), offset (d,))`` of an item-rows value; ValueError for one of another
+    version or size (another dimension d) or with numbers that are not finite."""
+    size = 1 + 4 * (2 * dim + 1)
+    if raw is None or len(raw) != size or raw[:1] != ITEM_ROW_VERSION:
+        raise ValueError(f"not an item row of d = {dim} ({0 if raw is None else len(raw)} "
+                         f"bytes, {size} expected)")
+    values = np.frombuffer(raw, dtype="<f4", offset=1).astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("an item row with numbers that are not finite")
+    return values[:dim + 1], values[dim + 1:]

@@ -611,3 +611,38 @@ def test_dr_requests_get_deep_retrieval_candidates_after_an_m_step(settings, sta
     assert metrics["streamrec_dr_items"] == CLUSTERS_ITEMS
     assert 0 < metrics["streamrec_dr_largest_path"] < CLUSTERS_ITEMS
     assert metrics["streamrec_dr_m_step_failures"] == 0
+
+
+def test_workers_that_share_items_answer_from_the_whole_catalogue(settings, start_worker):
+    """Two workers split the training partitions, so each learns half of the items. With
+    STREAMREC_SHARE_ITEMS each installs the other's rows from the item-rows topic: both hold
+    every item, and each answers its users with items of both halves."""
+    from stream_app.engine import item_partition
+    from stream_app.processes import free_port
+
+    from .test_engine_model import planted_stream
+
+    shared = settings.replace(share_items=True, share_items_s=0.5, model_dim=16,
+                              dr_enabled=False)
+    first = start_worker(shared)
+    second = start_worker(shared.replace(data_dir=settings.data_dir.parent / "second",
+                                         metrics_port=free_port()))
+    workers = (first, second)
+    wait_until(lambda: [metric(w, "streamrec_request_partitions") for w in workers] == [1, 1])
+    stream = planted_stream()
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    wait_until(lambda: sum(metric(w, "streamrec_learned_events_total") for w in workers)
+               == len(stream), 120)
+    wait_until(lambda: [metric(w, "streamrec_model_items") for w in workers]
+               == [CLUSTERS_ITEMS, CLUSTERS_ITEMS], 60)
+    for worker in workers:  # each learned its half, and took the other's
+        assert 0 < metric(worker, "streamrec_item_rows_published")
+        assert 0 < metric(worker, "streamrec_item_rows_installed")
+    with RecClient(settings) as client:
+        answers = [client.recommend(f"u{user}", k=10, sources=["ann"]) for user in range(24)]
+    halves = {item_partition(item.item_id, settings.partitions)
+              for answer in answers for item in answer.items}
+    assert halves == {0, 1}
+    hits = sum(item.item_id.startswith(f"c{user % 6}-")
+               for user, answer in enumerate(answers) for item in answer.items)
+    assert hits >= 0.7 * sum(len(answer.items) for answer in answers)

@@ -111,13 +111,15 @@ def test_compose_runs_the_whole_stack(services):
 
 
 def test_the_default_stack_runs_one_worker_and_the_scale_out_profile_two(services):
-    """Workers split the catalogue as well as the users (README, "Several workers"), so a
-    plain `docker compose up` runs one; the second is opt-in."""
+    """A plain `docker compose up` runs one worker; the second is opt-in, and both share
+    their item rows (README, "Several workers")."""
     default = [name for name, service in workers(services).items()
                if not service.get("profiles")]
     opt_in = [name for name, service in workers(services).items()
               if service.get("profiles") == ["scale-out"]]
     assert len(default) == 1 and len(opt_in) == 1
+    for service in workers(services).values():
+        assert service["environment"]["STREAMREC_SHARE_ITEMS"] == "true"
 
 
 def test_images_are_pinned_and_builds_exist(services):

@@ -14,11 +14,12 @@ import pytest
 
 from models.learner import ItemLearner
 from state.history import History
-from stream_app.engine import Engine
-from stream_app.learner_process import (LEARN, SAVE, LearnerProcess, frame, learn_frame,
-                                        parse_learn, read_frame)
+from stream_app.engine import Engine, item_partition
+from stream_app.item_sharing import ItemSharing
+from stream_app.learner_process import (LEARN, SAVE, LearnerProcess, frame, install_records,
+                                        learn_frame, parse_learn, read_frame)
 from stream_app.settings import Settings
-from stream_app.wire import RecRequest, TrainBatch
+from stream_app.wire import RecRequest, TrainBatch, encode_item_row
 from tests.test_engine_dr import DR
 from tests.test_engine_model import planted_stream
 
@@ -359,3 +360,70 @@ def test_objects_made_at_start_are_kept_out_of_the_collectors_passes():
     tracked, frozen, walked = map(int, out.split())
     assert tracked > 100_000 and frozen >= 0.9 * tracked
     assert walked < 0.01 * tracked
+
+
+def test_rows_another_worker_learns_are_installed_and_followed(tmp_path):
+    """Two learners each learn part of the stream (as two workers' learner processes learn
+    their training partitions). Installing one's rows in the other (``install_records`` of
+    item-rows records, as the child does) creates the missing items and sets the rest, keeps
+    the item Gramian exact, and reports them so that a replica ends up equal to its learner."""
+    examples, _ = examples_and_histories(300)
+    learning = Engine(settings_for(tmp_path / "mine", dr_follow_model_s=0))
+    following = Engine(settings_for(tmp_path / "mine", dr_follow_model_s=0), replica=True)
+    other = Engine(settings_for(tmp_path / "other"))
+    learning.users = other.users = 240
+    following.follow(learning.learn_reported(examples[:150], step=32))
+    other.learn_reported(examples[150:], step=32)
+    ids, rows, offsets = other.rows_to_share(np.arange(len(other.learner)))
+    records = [(item.encode(), encode_item_row(row, offset))
+               for item, row, offset in zip(ids, rows, offsets)]
+    before = len(learning.learner)
+    report = install_records(learning, records + [(b"broken", b"\x01\x02")])
+    assert report.examples == 0 and set(report.items) == set(ids)
+    assert len(learning.learner) > before and set(ids) <= set(learning.learner.item_ids)
+    at = learning.learner.rows_of(ids)
+    np.testing.assert_allclose(learning.learner.item_matrix[at], rows, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(learning.learner.offsets[at], offsets, rtol=1e-6, atol=1e-7)
+    matrix = learning.learner.item_matrix
+    np.testing.assert_allclose(learning.learner.item_gramian.matrix, matrix.T @ matrix,
+                               atol=1e-9)
+    following.follow(report)
+    np.testing.assert_array_equal(following.learner.item_matrix, learning.learner.item_matrix)
+    np.testing.assert_array_equal(following.learner.offsets, learning.learner.offsets)
+    assert install_records(learning, [(b"broken", b"")]) is None
+
+
+def test_a_worker_publishes_the_rows_it_owns_and_installs_the_others():
+    """:class:`ItemSharing`'s choices, with the partitions a worker holds given: the moved
+    rows of its own items go out once, records of other items come in."""
+    examples, _ = examples_and_histories(200)
+    engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
+    engine.users = 240
+    owned = frozenset({0})
+    sharing = ItemSharing(engine.settings, engine, lambda: owned, lambda records: None)
+    sharing.note(engine.learn_reported(examples, step=32))
+    records = sharing.due()
+    mine = {item for item in engine.learner.item_ids if item_partition(item, 2) == 0}
+    assert mine and {key.decode() for key, _ in records} == mine
+    assert sharing.due() == [] and sharing.published == len(mine)
+    theirs = [item for item in engine.learner.item_ids if item not in mine]
+    incoming = [(item.encode(), b"row") for item in engine.learner.item_ids] + [(None, b"x")]
+    assert sharing.foreign(incoming) == [(item.encode(), b"row") for item in theirs]
+
+
+def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
+    """The worker hands item-rows records to its learner process in a ROWS frame; the child
+    installs them and reports them as ``inputs`` (no batch behind it, so no slot to free)."""
+    from stream_app.learner_process import ROWS, LearnerLoop, parse_rows, rows_frame
+
+    records = [(b"a", encode_item_row(np.full(17, 0.5), np.zeros(16))), (b"b", b"bad")]
+    read, write = os.pipe()
+    os.write(write, rows_frame(records))
+    kind, body = read_frame(read)
+    assert kind == ROWS and parse_rows(body) == records
+    sent: list = []
+    engine = Engine(settings_for(tmp_path))
+    LearnerLoop(engine, engine.settings, SimpleNamespace(send=sent.append)).handle(kind, body)
+    [(message, report)] = sent
+    assert message == "inputs" and report.delta.new_ids == ["a"]
+    np.testing.assert_array_equal(engine.learner.item_matrix, np.full((1, 17), 0.5))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from stream_app.wire import (DEAD_LETTER_PAYLOAD_BYTES, DeadLetter, InvalidMessage, RecRequest, RecResponse, decode_event,
-                             decode_request, salvage_request)
+                             decode_item_row, decode_request, encode_item_row, salvage_request)
 
 KINDS = frozenset({"view", "click", "sale"})
 
@@ -207,3 +208,19 @@ def test_a_training_example_may_leave_out_its_history_times_but_not_misalign_the
         TrainExample(**fields, history_ts=[1.0])
     with pytest.raises(ValueError, match="weights"):
         TrainExample(**{**fields, "weights": [1.0]}, history_ts=[])
+
+
+def test_an_item_row_round_trips_as_float32_and_refuses_other_shapes():
+    rng = np.random.default_rng(0)
+    row, offset = rng.normal(size=5), rng.normal(size=4)
+    raw = encode_item_row(row, offset)
+    assert len(raw) == 1 + 4 * 9 and b"pickle" not in raw
+    got_row, got_offset = decode_item_row(raw, dim=4)
+    np.testing.assert_array_equal(got_row, row.astype(np.float32))
+    np.testing.assert_array_equal(got_offset, offset.astype(np.float32))
+    for bad in (raw[:-4], raw + b"\0" * 4, b"\x02" + raw[1:], None,
+                encode_item_row(np.append(row[:4], np.nan), offset)):
+        with pytest.raises(ValueError):
+            decode_item_row(bad, dim=4)
+    with pytest.raises(ValueError):
+        decode_item_row(raw, dim=5)
