@@ -424,6 +424,13 @@ class ItemLearner:
         self._offsets_learned = True
         self.changed_input_rows = np.union1d(self.changed_input_rows, rows)
 
+    def forget_positives(self, rows: np.ndarray) -> None:
+        """Leave ``rows`` with no positives learned here: another learner owns their items now
+        (``Engine.install_rows``), and re-solving them from this one's old statistics, as the
+        sweep would, would undo the rows it sends. A positive learned later starts them
+        afresh, from the row then as the prior (their old statistics' slot is not reused)."""
+        self._slot[np.asarray(rows, dtype=np.int64)] = -1
+
     def set_offsets(self, rows: np.ndarray, offsets: np.ndarray) -> None:
         """Set the input offsets δ of ``rows`` (distinct) to ``offsets`` (len(rows), dim):
         another learner's, for items it learns (``Engine.install_rows``). Their Adagrad

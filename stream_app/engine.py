@@ -512,6 +512,7 @@ class Engine:
         self.learner.assign(item_ids, rows)
         at = self.learner.rows_of(item_ids)
         self.learner.set_offsets(at, offsets)
+        self.learner.forget_positives(at)
         self.index.learned(item_ids, at)
         return LearnedReport(
             delta=self.learner.delta(first_row, at[at < first_row], at), items=list(item_ids),

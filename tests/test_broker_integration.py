@@ -638,11 +638,27 @@ def test_workers_that_share_items_answer_from_the_whole_catalogue(settings, star
     for worker in workers:  # each learned its half, and took the other's
         assert 0 < metric(worker, "streamrec_item_rows_published")
         assert 0 < metric(worker, "streamrec_item_rows_installed")
-    with RecClient(settings) as client:
-        answers = [client.recommend(f"u{user}", k=10, sources=["ann"]) for user in range(24)]
-    halves = {item_partition(item.item_id, settings.partitions)
-              for answer in answers for item in answer.items}
-    assert halves == {0, 1}
-    hits = sum(item.item_id.startswith(f"c{user % 6}-")
-               for user, answer in enumerate(answers) for item in answer.items)
-    assert hits >= 0.7 * sum(len(answer.items) for answer in answers)
+
+    def check_answers() -> None:
+        with RecClient(settings) as client:
+            answers = [client.recommend(f"u{user}", k=10, sources=["ann"]) for user in range(24)]
+        halves = {item_partition(item.item_id, settings.partitions)
+                  for answer in answers for item in answer.items}
+        assert halves == {0, 1}
+        hits = sum(item.item_id.startswith(f"c{user % 6}-")
+                   for user, answer in enumerate(answers) for item in answer.items)
+        assert hits >= 0.7 * sum(len(answer.items) for answer in answers)
+
+    check_answers()
+    # a hand-over: the first worker takes the second's partitions and learns on the items it
+    # had installed, from their installed rows
+    learned = metric(first, "streamrec_learned_events_total")
+    assert second.stop() == 0
+    wait_until(lambda: metric(first, "streamrec_request_partitions") == 2.0, 60)
+    more = [e.model_copy(update={"event_id": f"again-{n}"})
+            for n, e in enumerate(planted_stream(seed=1)[:300])]
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in more])
+    wait_until(lambda: metric(first, "streamrec_learned_events_total") >= learned + len(more),
+               60)
+    assert metric(first, "streamrec_model_items") == CLUSTERS_ITEMS
+    check_answers()

@@ -373,6 +373,7 @@ def test_rows_another_worker_learns_are_installed_and_followed(tmp_path):
     other = Engine(settings_for(tmp_path / "other"))
     learning.users = other.users = 240
     following.follow(learning.learn_reported(examples[:150], step=32))
+    learned_here = set(learning.learner.item_ids)
     other.learn_reported(examples[150:], step=32)
     ids, rows, offsets = other.rows_to_share(np.arange(len(other.learner)))
     records = [(item.encode(), encode_item_row(row, offset))
@@ -391,6 +392,12 @@ def test_rows_another_worker_learns_are_installed_and_followed(tmp_path):
     np.testing.assert_array_equal(following.learner.item_matrix, learning.learner.item_matrix)
     np.testing.assert_array_equal(following.learner.offsets, learning.learner.offsets)
     assert install_records(learning, [(b"broken", b"")]) is None
+    # items both learned are the sender's now: re-solving (the sweep) leaves its rows be
+    both = learning.learner.rows_of([item for item in ids if item in learned_here])
+    assert len(both)
+    installed = learning.learner.item_matrix[both].copy()
+    learning.learner.resolve(both)
+    np.testing.assert_array_equal(learning.learner.item_matrix[both], installed)
 
 
 def test_a_worker_publishes_the_rows_it_owns_and_installs_the_others():
