@@ -33,8 +33,8 @@ from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_fair_fetch
 from .intake import IntakeLag
 from .kafka import faust_credentials, key_partition
-from .item_sharing import ItemSharing
-from .learner_process import LearnerProcess, install_records
+from .item_sharing import ItemSharing, install_records
+from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .request_reader import RequestReader
 from .settings import Settings

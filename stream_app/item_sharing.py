@@ -20,7 +20,6 @@ pickled.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -31,12 +30,32 @@ import numpy as np
 from .compat import FetchWaitGuard, check_aiokafka
 from .engine import Engine, LearnedReport, item_partition
 from .kafka import aiokafka_config
+from .request_reader import keep_reading
 from .settings import Settings
-from .wire import encode_item_row
+from .wire import decode_item_row, encode_item_row
 
 log = logging.getLogger(__name__)
 
 Records = list[tuple[bytes, bytes]]
+
+
+def install_records(engine: Engine, records: Records) -> LearnedReport | None:
+    """:meth:`Engine.install_rows` of item-rows records (the last of an item's, when it comes
+    twice); a record that does not decode is skipped and logged (only workers of this app
+    write the topic, so one is damage or another model dimension). None when none decoded."""
+    latest: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    bad = 0
+    for key, value in records:
+        try:
+            latest[key.decode()] = decode_item_row(value, engine.settings.model_dim)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            bad += 1
+    if bad:
+        log.warning("skipped %d item rows that do not decode", bad)
+    if not latest:
+        return None
+    rows, offsets = zip(*latest.values())
+    return engine.install_rows(list(latest), np.stack(rows), np.stack(offsets))
 
 
 class ItemSharing:
@@ -87,13 +106,7 @@ class ItemSharing:
         """Install the other workers' rows from the item-rows topic until cancelled; a failed
         consumer is logged and started again (from the beginning: installing a row twice
         changes nothing)."""
-        while True:
-            try:
-                await self._read()
-            except Exception:  # noqa: BLE001 - the worker goes on with the rows it has
-                log.exception("the item-rows reader failed; starting again in %g s",
-                              retry_after_s)
-            await asyncio.sleep(retry_after_s)
+        await keep_reading(self._read, "the item-rows reader", retry_after_s)
 
     async def _read(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition

@@ -42,13 +42,12 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
 from .engine import Engine, LearnedReport
+from .item_sharing import install_records
 from .settings import Settings
-from .wire import decode_item_row
 
 log = logging.getLogger(__name__)
 
@@ -185,17 +184,20 @@ def frame(kind: bytes, body: bytes = b"") -> bytes:
     return _LENGTH.pack(len(kind) + len(body)) + kind + body
 
 
-def learn_frame(values: list[bytes], users: int) -> bytes:
+def _values_body(values: list[bytes], users: int) -> bytes:
     parts = [_LEARN_HEAD.pack(users, len(values))]
     for value in values:
         parts += [_LENGTH.pack(len(value)), value]
-    return frame(LEARN, b"".join(parts))
+    return b"".join(parts)
+
+
+def learn_frame(values: list[bytes], users: int) -> bytes:
+    return frame(LEARN, _values_body(values, users))
 
 
 def rows_frame(records: list[tuple[bytes, bytes]]) -> bytes:
-    """Item-rows records as a learn frame's values would go: key, value, key, value, …"""
-    body = learn_frame([part for record in records for part in record], 0)
-    return frame(ROWS, body[_LENGTH.size + len(LEARN):])
+    """Item-rows records, laid out as a learn frame's values: key, value, key, value, …"""
+    return frame(ROWS, _values_body([part for record in records for part in record], 0))
 
 
 def parse_rows(body: memoryview) -> list[tuple[bytes, bytes]]:
@@ -249,26 +251,6 @@ def child_main(settings: Settings, inbox: Connection, outbox: Connection) -> Non
     freeze_startup_objects()
     outbox.send(("ready", len(engine.learner), engine.learner.steps))
     LearnerLoop(engine, settings, outbox).run(inbox)
-
-
-def install_records(engine: Engine, records: list[tuple[bytes, bytes]]
-                    ) -> LearnedReport | None:
-    """:meth:`Engine.install_rows` of item-rows records (the last of an item's, when it comes
-    twice); a record that does not decode is skipped and logged (only workers of this app
-    write the topic, so one is damage or another model dimension). None when none decoded."""
-    latest: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    bad = 0
-    for key, value in records:
-        try:
-            latest[key.decode()] = decode_item_row(value, engine.settings.model_dim)
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            bad += 1
-    if bad:
-        log.warning("skipped %d item rows that do not decode", bad)
-    if not latest:
-        return None
-    rows, offsets = zip(*latest.values())
-    return engine.install_rows(list(latest), np.stack(rows), np.stack(offsets))
 
 
 def freeze_startup_objects() -> int:

@@ -43,6 +43,18 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 100
 
 
+
+async def keep_reading(read: Callable[[], Awaitable[None]], name: str,
+                       retry_after_s: float) -> None:
+    """``read()`` (one consumer's life) again and again until cancelled: a failure is logged
+    and the next consumer starts after ``retry_after_s``."""
+    while True:
+        try:
+            await read()
+        except Exception:  # noqa: BLE001 - a reader must outlive its consumers
+            log.exception("%s failed; starting again in %g s", name, retry_after_s)
+        await asyncio.sleep(retry_after_s)
+
 class RequestReader:
     """Feeds every request of the partitions it is told to follow to ``answer`` (an async
     callable taking the consumer record: ``key``, ``value``, ``topic``, ``partition``,
@@ -80,13 +92,7 @@ class RequestReader:
         reach, an error of the client) the failure is logged and a new consumer starts after
         ``retry_after_s``, from the last commit: a worker whose reader had died would go on
         taking events in and answer nothing."""
-        while True:
-            try:
-                await self._read()
-            except Exception:  # noqa: BLE001 - see the docstring
-                log.exception("the request reader failed; starting again in %g s",
-                              retry_after_s)
-            await asyncio.sleep(retry_after_s)
+        await keep_reading(self._read, "the request reader", retry_after_s)
 
     async def _read(self) -> None:
         """One consumer's life: answer requests until cancelled or failed; commit what was

@@ -15,9 +15,9 @@ import pytest
 from models.learner import ItemLearner
 from state.history import History
 from stream_app.engine import Engine, item_partition
-from stream_app.item_sharing import ItemSharing
-from stream_app.learner_process import (LEARN, SAVE, LearnerProcess, frame, install_records,
-                                        learn_frame, parse_learn, read_frame)
+from stream_app.item_sharing import ItemSharing, install_records
+from stream_app.learner_process import (LEARN, SAVE, LearnerProcess, frame, learn_frame,
+                                        parse_learn, read_frame)
 from stream_app.settings import Settings
 from stream_app.wire import RecRequest, TrainBatch, encode_item_row
 from tests.test_engine_dr import DR
