@@ -4,6 +4,7 @@ gets its own app id, topic names and data dir, so tests never see each other's m
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -121,3 +122,20 @@ def answer(settings: Settings, *request_ids: str) -> None:
         sink.flush()
     finally:
         sink.close()
+
+
+def readme_table_names(name: str, suffix: str) -> set[str]:
+    """The names the README's table rows document: every name in backticks (regex ``name``,
+    labels in braces allowed) of a row that starts with one, and every ``suffix`` in
+    backticks beside it, read as the row's first name with some tail replaced by it
+    (`STREAMREC_DR_BEAM` / `_TOP_S` names STREAMREC_DR_TOP_S)."""
+    documented: set[str] = set()
+    for line in (Path(__file__).parents[1] / "README.md").read_text().splitlines():
+        names = re.findall(rf"`({name})(?:\{{[^}}]*\}})?`", line)
+        if not re.match(rf"\| `{name}", line) or not names:
+            continue
+        words = names[0].split("_")
+        documented |= set(names)
+        for tail in re.findall(rf"`({suffix})`", line):
+            documented |= {"_".join(words[:i]) + tail for i in range(1, len(words) + 1)}
+    return documented

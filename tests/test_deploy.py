@@ -29,6 +29,8 @@ from stream_app.engine import Engine
 from stream_app.settings import Settings
 from stream_app.worker import build_metrics
 
+from .conftest import readme_table_names
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCALHOST = "127.0.0.1"
 UID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}$")  # what Grafana accepts as a uid
@@ -419,15 +421,7 @@ def test_the_readme_documents_every_metric():
     """Each metric the worker exports has a row of the README's metrics table, by its name
     (counters with their _total) or as a suffix beside the first name of its row
     (`streamrec_dr_m_steps`, `_last_m_step_seconds`)."""
-    documented: set[str] = set()
-    for line in (ROOT / "README.md").read_text().splitlines():
-        names = re.findall(r"`(streamrec_[a-z0-9_]+)(?:\{[^}]*\})?`", line)
-        if not line.startswith("| `streamrec_") or not names:
-            continue
-        words = names[0].split("_")
-        documented |= set(names)
-        for suffix in re.findall(r"`(_[a-z0-9_]+)`", line):
-            documented |= {"_".join(words[:i]) + suffix for i in range(1, len(words) + 1)}
+    documented = readme_table_names(r"streamrec_[a-z0-9_]+", r"_[a-z0-9_]+")
     families = build_metrics(Engine(Settings())).registry.collect()
     exported = {family.name + ("_total" if family.type == "counter" else "")
                 for family in families}

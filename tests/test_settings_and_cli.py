@@ -11,6 +11,8 @@ from pydantic import ValidationError
 from stream_app.cli import build_parser, main
 from stream_app.settings import Settings
 
+from .conftest import readme_table_names
+
 
 def test_settings_come_from_prefixed_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("STREAMREC_BROKER", "kafka://a:9092;b:9093")
@@ -183,13 +185,5 @@ def test_the_readme_documents_every_setting():
     fields = {f"STREAMREC_{name.upper()}" for name in Settings.model_fields}
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert set(re.findall(r"`(STREAMREC_[A-Z0-9_]+)`", readme)) <= fields  # none stale
-    documented: set[str] = set()
-    for line in readme.splitlines():
-        first = re.match(r"\| `(STREAMREC_[A-Z0-9_]+)`", line)
-        if first is None:
-            continue
-        words = first.group(1).split("_")
-        documented |= set(re.findall(r"`(STREAMREC_[A-Z0-9_]+)`", line))
-        for suffix in re.findall(r"`(_[A-Z0-9_]+)`", line):
-            documented |= {"_".join(words[:i]) + suffix for i in range(1, len(words) + 1)}
+    documented = readme_table_names(r"STREAMREC_[A-Z0-9_]+", r"_[A-Z0-9_]+")
     assert fields - documented == set()
