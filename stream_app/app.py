@@ -481,7 +481,8 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
         else:
             install_records(engine, records)  # the engine learns here: it is the model
 
-    sharing = ItemSharing(settings, engine, owned, install)
+    # read before the learner process writes its next checkpoint: the one it started from
+    sharing = ItemSharing(settings, engine, owned, install, engine.model_saved_at())
     metrics.gauge("streamrec_item_rows_published", "Item rows this worker published (owned).",
                   lambda: sharing.published)
     metrics.gauge("streamrec_item_rows_installed",

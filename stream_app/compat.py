@@ -68,6 +68,13 @@ def install_embedded_broker_fixes(fetch_max_wait_ms: int) -> None:
              fetch_max_wait_ms)
 
 
+async def exact_end_offsets(consumer, partitions) -> dict:
+    """An aiokafka consumer's ``end_offsets`` of ``partitions``, corrected as Faust's are
+    (bug 1): a reader that tells old records from new by the end offsets it saw at its start
+    would take the last batch's for new."""
+    return await _true_high_watermarks(consumer, await consumer.end_offsets(partitions))
+
+
 async def _true_high_watermarks(consumer, reported: Mapping) -> dict:
     """Correct the end offsets of non-empty partitions with the watermark of a real fetch."""
     import aiokafka

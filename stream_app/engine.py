@@ -99,6 +99,7 @@ class LearnedReport:
     examples: int
     failed: int  # examples of steps that raised (logged where they ran)
     serving: dict  # the serving choice's state (ServingChoice.state)
+    installed: bool = False  # rows taken from the item-rows topic (install_rows), not learned
 
 
 def _users_of(users: Sequence[int | None] | None, start: int, step: int) -> int | None:
@@ -518,7 +519,7 @@ class Engine:
             delta=self.learner.delta(first_row, at[at < first_row], at), items=list(item_ids),
             step_seconds=[], losses=[], dr_losses=[], dr_stats=None, dr_new_items=[],
             dr_new_paths=None, dr_weights=None, examples=0, failed=0,
-            serving=self.serving_choice.state())
+            serving=self.serving_choice.state(), installed=True)
 
     def rows_to_share(self, rows: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids, augmented rows and input offsets of learner ``rows``, as they are now."""
@@ -765,6 +766,14 @@ class Engine:
             if self.paths is not None:
                 self.paths.save(self.checkpoint_dir / "dr")
             self.checkpointed_at = time.time()
+
+    def model_saved_at(self) -> float:
+        """When the item model's checkpoint in the data dir was written (epoch seconds; 0.0
+        without one)."""
+        try:
+            return (self.checkpoint_dir / "model.npz").stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     def _load_serving(self, path: Path) -> None:
         """The serving choice's measurements from ``path``, where they exist and were made

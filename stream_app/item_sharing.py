@@ -11,7 +11,14 @@ learner's reports as it follows learning, so the index holds the whole catalogue
 
 An item is owned by the worker that holds its training partition *now*: after a rebalance
 its new owner learns it on from the last row the old owner published, and the old owner takes
-the new owner's rows from then on. What is not shared: the items' solve statistics (a new
+the new owner's rows from then on. While a starting worker reads the records the topic held
+when it started (its catch-up), it also installs the rows of items it owns that were
+published after its own checkpoint was written: a worker that joins a running app starts its
+items from the rows their last owner published, whether its partitions are assigned before or
+after the reader gets to those records (at a million items the catch-up outlasts the
+rebalance), and a worker that restarts after a crash gets back the learning its checkpoint
+missed, up to its last publish (record times against the checkpoint file's: the workers'
+clocks are taken to agree to well within a publish interval). What is not shared: the items' solve statistics (a new
 owner starts them afresh, from that row as its prior), the user Gramian (each learner
 estimates it from the users of its own examples, a sample of all users) and Deep Retrieval
 (each worker's paths hold its own items). A row is sent as raw float32 (``wire.py``), never
@@ -21,13 +28,14 @@ pickled.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from .compat import FetchWaitGuard, check_aiokafka
+from .compat import FetchWaitGuard, check_aiokafka, exact_end_offsets
 from .engine import Engine, LearnedReport, item_partition
 from .kafka import aiokafka_config
 from .request_reader import keep_reading
@@ -62,21 +70,27 @@ class ItemSharing:
     """Publishes the owned rows a worker's engine moved and installs the others' rows.
 
     ``owned()`` gives the training partitions this worker holds now; ``install(records)``
-    hands item-rows records (key, value) of items it does not own to its learner."""
+    hands item-rows records (key, value) to its learner; ``own_rows_after`` is when the
+    learner's checkpoint was written (epoch seconds, 0 without one): the catch-up installs
+    the worker's own items' rows published after it."""
 
     def __init__(self, settings: Settings, engine: Engine,
-                 owned: Callable[[], frozenset[int]], install: Callable[[Records], None]
-                 ) -> None:
+                 owned: Callable[[], frozenset[int]], install: Callable[[Records], None],
+                 own_rows_after: float = math.inf) -> None:
         self.settings = settings
         self.engine = engine
         self._owned = owned
         self._install = install
+        self.own_rows_after = own_rows_after  # infinity once a catch-up has ended
         self._moved: set[int] = set()  # learner rows moved since the last publish
         self.published = 0
         self.installed = 0
 
     def note(self, report: LearnedReport) -> None:
-        """The rows a report moved, item rows and input offsets: due at the next publish."""
+        """The rows a report moved, item rows and input offsets: due at the next publish;
+        none of an install's (its rows are on the topic already, a catch-up's own ones too)."""
+        if report.installed:
+            return
         self._moved.update(report.delta.rows.tolist())
         self._moved.update(report.delta.input_rows.tolist())
 
@@ -94,13 +108,18 @@ class ItemSharing:
         self.published += len(records)
         return records
 
-    def foreign(self, records: Records) -> Records:
-        """The records of items this worker does not own."""
+    def wanted(self, records: Records, published_at: Sequence[float] | None = None
+               ) -> Records:
+        """The records to install: those of items this worker does not own and, for records
+        of the catch-up (``published_at``: their times, epoch seconds), those of its own items
+        published after ``own_rows_after``."""
         owned = self._owned()
-        return [(key, value) for key, value in records
+        after = self.own_rows_after if published_at is not None else math.inf
+        times = published_at if published_at is not None else [0.0] * len(records)
+        return [(key, value) for (key, value), at in zip(records, times, strict=True)
                 if key is not None and value is not None
-                and item_partition(key.decode(errors="replace"), self.settings.partitions)
-                not in owned]
+                and (at > after or item_partition(key.decode(errors="replace"),
+                                                  self.settings.partitions) not in owned)]
 
     async def read(self, retry_after_s: float = 1.0) -> None:
         """Install the other workers' rows from the item-rows topic until cancelled; a failed
@@ -122,16 +141,37 @@ class ItemSharing:
             await consumer.start()
             await consumer.topics()
             partitions = consumer.partitions_for_topic(topic) or ()
-            consumer.assign([TopicPartition(topic, partition) for partition in partitions])
+            assigned = [TopicPartition(topic, partition) for partition in partitions]
+            consumer.assign(assigned)
             await consumer.seek_to_beginning()
+            ends = (await exact_end_offsets(consumer, assigned) if self.settings.compat_fixes
+                    else await consumer.end_offsets(assigned))
+            catch_up = {tp: end for tp, end in ends.items() if end > 0}
             while True:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
-                records = self.foreign([(record.key, record.value)
-                                        for batch in batches.values() for record in batch])
+                records = self._to_install(batches, catch_up)
                 if records:
                     self._install(records)
                     self.installed += len(records)
+                for tp, end in list(catch_up.items()):
+                    if await consumer.position(tp) >= end:
+                        del catch_up[tp]
+                if not catch_up and self.own_rows_after < math.inf:
+                    log.info("item rows caught up: %d installed", self.installed)
+                    self.own_rows_after = math.inf
                 if guard is not None:
                     check_aiokafka(guard, consumer, time.monotonic())
         finally:
             await consumer.stop()
+
+    def _to_install(self, batches: dict, catch_up: dict) -> Records:
+        """:meth:`wanted` of fetched ``batches``, the records before ``catch_up``'s end offsets
+        (the topic's ends when this reader started) as the catch-up's."""
+        records: Records = []
+        for tp, batch in batches.items():
+            end = catch_up.get(tp, 0)
+            early = [record for record in batch if record.offset < end]
+            records += self.wanted([(record.key, record.value) for record in early],
+                                   [record.timestamp / 1000 for record in early])
+            records += self.wanted([(record.key, record.value) for record in batch[len(early):]])
+        return records

@@ -613,17 +613,35 @@ def test_dr_requests_get_deep_retrieval_candidates_after_an_m_step(settings, sta
     assert metrics["streamrec_dr_m_step_failures"] == 0
 
 
+def check_shared_answers(settings, users: int = 24) -> None:
+    """The planted users' answers hold items of both item partitions, mostly of their own
+    cluster."""
+    from stream_app.engine import item_partition
+
+    with RecClient(settings) as client:
+        answers = [client.recommend(f"u{user}", k=10, sources=["ann"]) for user in range(users)]
+    halves = {item_partition(item.item_id, settings.partitions)
+              for answer in answers for item in answer.items}
+    assert halves == {0, 1}
+    hits = sum(item.item_id.startswith(f"c{user % 6}-")
+               for user, answer in enumerate(answers) for item in answer.items)
+    assert hits >= 0.7 * sum(len(answer.items) for answer in answers)
+
+
+def sharing_settings(settings, **changes):
+    return settings.replace(share_items=True, share_items_s=0.5, model_dim=16, dr_enabled=False,
+                            **changes)
+
+
 def test_workers_that_share_items_answer_from_the_whole_catalogue(settings, start_worker):
     """Two workers split the training partitions, so each learns half of the items. With
     STREAMREC_SHARE_ITEMS each installs the other's rows from the item-rows topic: both hold
     every item, and each answers its users with items of both halves."""
-    from stream_app.engine import item_partition
     from stream_app.processes import free_port
 
     from .test_engine_model import planted_stream
 
-    shared = settings.replace(share_items=True, share_items_s=0.5, model_dim=16,
-                              dr_enabled=False)
+    shared = sharing_settings(settings)
     first = start_worker(shared)
     second = start_worker(shared.replace(data_dir=settings.data_dir.parent / "second",
                                          metrics_port=free_port()))
@@ -638,18 +656,7 @@ def test_workers_that_share_items_answer_from_the_whole_catalogue(settings, star
     for worker in workers:  # each learned its half, and took the other's
         assert 0 < metric(worker, "streamrec_item_rows_published")
         assert 0 < metric(worker, "streamrec_item_rows_installed")
-
-    def check_answers() -> None:
-        with RecClient(settings) as client:
-            answers = [client.recommend(f"u{user}", k=10, sources=["ann"]) for user in range(24)]
-        halves = {item_partition(item.item_id, settings.partitions)
-                  for answer in answers for item in answer.items}
-        assert halves == {0, 1}
-        hits = sum(item.item_id.startswith(f"c{user % 6}-")
-                   for user, answer in enumerate(answers) for item in answer.items)
-        assert hits >= 0.7 * sum(len(answer.items) for answer in answers)
-
-    check_answers()
+    check_shared_answers(settings)
     # a hand-over: the first worker takes the second's partitions and learns on the items it
     # had installed, from their installed rows
     learned = metric(first, "streamrec_learned_events_total")
@@ -661,4 +668,81 @@ def test_workers_that_share_items_answer_from_the_whole_catalogue(settings, star
     wait_until(lambda: metric(first, "streamrec_learned_events_total") >= learned + len(more),
                60)
     assert metric(first, "streamrec_model_items") == CLUSTERS_ITEMS
-    check_answers()
+    check_shared_answers(settings)
+
+
+def wait_for_publishes(worker, settle_s: float = 2.0) -> None:
+    """Until the worker's count of published rows has not moved for ``settle_s``."""
+    count, settled = -1.0, time.monotonic()
+    while time.monotonic() - settled < settle_s:
+        now = metric(worker, "streamrec_item_rows_published")
+        if now != count:
+            count, settled = now, time.monotonic()
+        time.sleep(0.2)
+
+
+def test_a_worker_that_joins_starts_its_items_from_the_rows_published_before(settings,
+                                                                              start_worker):
+    """A second worker joins one that learned every item: before it learns anything it holds
+    the whole catalogue, its own items' rows taken from the first worker's, and answers the
+    users of its partition from them."""
+    from stream_app.processes import free_port
+
+    from .test_engine_model import planted_stream
+
+    shared = sharing_settings(settings)
+    first = start_worker(shared)
+    stream = planted_stream()
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    wait_until(lambda: metric(first, "streamrec_learned_events_total") == len(stream), 120)
+    wait_for_publishes(first)
+    assert metric(first, "streamrec_item_rows_installed") == 0  # it owned every item
+    second = start_worker(shared.replace(data_dir=settings.data_dir.parent / "second",
+                                         metrics_port=free_port()))
+    wait_until(lambda: [metric(w, "streamrec_request_partitions") for w in (first, second)]
+               == [1, 1], 60)
+    wait_until(lambda: metric(second, "streamrec_model_items") == CLUSTERS_ITEMS, 60)
+    assert metric(second, "streamrec_learned_events_total") == 0
+    assert metric(second, "streamrec_item_rows_installed") >= CLUSTERS_ITEMS
+    assert metric(second, "streamrec_item_rows_published") == 0
+    check_shared_answers(settings)  # half of these users are the second worker's
+
+
+def test_a_crashed_worker_gets_back_the_rows_it_published_after_its_checkpoint(settings,
+                                                                               start_worker):
+    """A worker killed long after its checkpoint restarts with the rows it last published
+    (its answers as before the crash, up to the float32 of the records), not with the
+    checkpoint's, and does not send them back."""
+    from .test_engine_model import planted_stream
+
+    shared = sharing_settings(settings, checkpoint_interval_s=3600.0, serve_tuning_every=0)
+    stream = planted_stream()
+    half = len(stream) // 2
+    worker = start_worker(shared)
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream[:half]])
+    wait_until(lambda: metric(worker, "streamrec_learned_events_total") == half, 120)
+    assert worker.stop() == 0  # the checkpoint
+    worker = start_worker(shared)
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream[half:]])
+    wait_until(lambda: metric(worker, "streamrec_learned_events_total") == len(stream) - half,
+               120)
+    wait_for_publishes(worker)
+
+    def answers() -> list[dict[str, float]]:
+        with RecClient(settings) as client:
+            return [{item.item_id: item.score for item in
+                     client.recommend(f"u{user}", k=10, sources=["ann"]).items}
+                    for user in range(12)]
+
+    before = answers()
+    worker.child.kill()  # no checkpoint since the first stop
+    restarted = start_worker(shared)
+
+    def as_before() -> bool:
+        return all(now.keys() == was.keys()
+                   and [now[item] for item in was] == pytest.approx(list(was.values()), abs=1e-5)
+                   for was, now in zip(before, answers(), strict=True))
+
+    wait_until(as_before, 60)
+    assert metric(restarted, "streamrec_learned_events_total") == 0
+    assert metric(restarted, "streamrec_item_rows_published") == 0  # installs are not sent back

@@ -4,6 +4,7 @@ learning engine does, and the real child process learns what the worker hands it
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import time
@@ -415,7 +416,40 @@ def test_a_worker_publishes_the_rows_it_owns_and_installs_the_others():
     assert sharing.due() == [] and sharing.published == len(mine)
     theirs = [item for item in engine.learner.item_ids if item not in mine]
     incoming = [(item.encode(), b"row") for item in engine.learner.item_ids] + [(None, b"x")]
-    assert sharing.foreign(incoming) == [(item.encode(), b"row") for item in theirs]
+    assert sharing.wanted(incoming) == [(item.encode(), b"row") for item in theirs]
+
+
+def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
+    """While a starting worker reads what the topic held when it started, the rows of its own
+    items published after its checkpoint come in too (a joining worker's items start from
+    their last owner's rows, a crashed one's from its last publish), whenever its partitions
+    are assigned; older ones, and any own row after the catch-up, stay out."""
+    from aiokafka import TopicPartition
+
+    engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
+    items = [f"i{n}" for n in range(40)]
+    mine = [item for item in items if item_partition(item, 2) == 0]
+    sharing = ItemSharing(engine.settings, engine, lambda: frozenset({0}), lambda records: None,
+                          own_rows_after=1_000.0)
+    tp = TopicPartition(engine.settings.items_topic, 0)
+
+    def fetched(first_offset: int, published_at: float) -> dict:
+        return {tp: [SimpleNamespace(offset=first_offset + n, key=item.encode(), value=b"row",
+                                     timestamp=published_at * 1000)
+                     for n, item in enumerate(items)]}
+
+    def keys(records) -> set[str]:
+        return {key.decode() for key, _ in records}
+
+    catch_up = {tp: 2 * len(items)}  # the topic's end when the reader started
+    assert keys(sharing._to_install(fetched(0, 999.0), catch_up)) == set(items) - set(mine)
+    assert keys(sharing._to_install(fetched(len(items), 1_001.0), catch_up)) == set(items)
+    assert keys(sharing._to_install(fetched(2 * len(items), 1_002.0), catch_up)) \
+        == set(items) - set(mine)  # published after the reader started: live records
+    own = [(mine[0].encode(), b"row")]
+    assert sharing.wanted(own, [5_000.0]) == own and sharing.wanted(own) == []
+    sharing.own_rows_after = math.inf  # what the reader sets once the catch-up is over
+    assert keys(sharing._to_install(fetched(0, 1_001.0), catch_up)) == set(items) - set(mine)
 
 
 def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
