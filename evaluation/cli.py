@@ -82,6 +82,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                              "broker (embedded unless STREAMREC_BROKER) and a worker, produce "
                              "the training events to Kafka, ask every ranking on the request "
                              "topic; reported as the row streaming-kafka")
+    parser.add_argument("--kafka-workers", type=positive_int, default=1,
+                        help="with --through-kafka: this many workers of one app, sharing the "
+                             "item model (STREAMREC_SHARE_ITEMS; default 1)")
     parser.add_argument("--learn-batch", type=positive_int, default=1,
                         help="prequential: events the streaming model ranks before learning "
                              "them (default 1: strictly test-then-train per event)")
@@ -159,6 +162,8 @@ def run_protocol(dataset: Dataset, settings, args) -> tuple[list[dict], dict]:
 
     ks = tuple(args.k)
     config = RunConfig(ks=ks, select_metric=main_metric(ks))
+    if args.kafka_workers != 1 and not args.through_kafka:
+        raise ValueError("--kafka-workers sets the workers of --through-kafka; add it")
     if args.protocol == "prequential":
         if args.through_kafka:
             raise ValueError("--through-kafka runs the loo and heldout protocols; prequential "
@@ -170,7 +175,8 @@ def run_protocol(dataset: Dataset, settings, args) -> tuple[list[dict], dict]:
         return records, {**stream.info, "window_edges": stream.bounds.tolist()}
     split = leave_one_out(dataset) if args.protocol == "loo" else heldout_users(dataset, args.seed)
     models = args.models + (["streaming-kafka"] if args.through_kafka else [])
-    specs = build_specs(models, split.dataset, settings, args.seed, args.quick)
+    specs = build_specs(models, split.dataset, settings, args.seed, args.quick,
+                        kafka_workers=args.kafka_workers)
     info = {**split.info, "select_metric": config.select_metric}
     return run_offline(split, specs, config), info
 
@@ -186,7 +192,8 @@ def same_width_grid(grid: tuple[dict, ...], dim: int) -> tuple[dict, ...]:
     return tuple(unique.values())
 
 
-def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: bool):
+def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: bool,
+                kafka_workers: int = 1):
     """The requested models, in the requested order, each with its candidate grid."""
     from .baselines import BPR, EASE, IALS, Popularity
     from .protocols import ModelSpec
@@ -208,7 +215,8 @@ def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: 
                                                settings.popularity_half_life_s),
                                        streaming=True),
         "streaming-kafka": ModelSpec("streaming-kafka",
-                                     partial(KafkaStreaming, dataset, settings), streaming=True),
+                                     partial(KafkaStreaming, dataset, settings,
+                                             workers=kafka_workers), streaming=True),
         "popularity": ModelSpec("popularity", Popularity),
         "ease": ModelSpec("ease", EASE, grids["ease"]),
         "ials": ModelSpec("ials", partial(IALS, seed=seed), grids["ials"]),
@@ -241,6 +249,8 @@ def command_line(args) -> str:
         parts += ["--learn-batch", str(args.learn_batch)]
     if args.through_kafka:
         parts.append("--through-kafka")
+        if args.kafka_workers != 1:
+            parts += ["--kafka-workers", str(args.kafka_workers)]
     if args.quick:
         parts.append("--quick")
     if args.out is not None:

@@ -161,6 +161,32 @@ def test_through_kafka_replays_into_a_real_worker_and_asks_the_request_topic(tmp
     capsys.readouterr()
 
 
+@pytest.mark.integration
+def test_through_kafka_with_two_workers_that_share_the_item_model(tmp_path, capsys,
+                                                                   monkeypatch):
+    """``--kafka-workers 2``: two workers of one app split the partitions, each learns part of
+    the events and ends up holding every item; the answers (from both) find the clusters."""
+    monkeypatch.setenv("STREAMREC_LEARN_BATCH", "16")
+    data = planted_pairs(tmp_path / "planted.txt")
+    out = tmp_path / "out"
+    status = main(["eval", "--dataset", str(data), "--format", "pairs", "--protocol", "loo",
+                   "--models", "popularity", "--k", "5,10", "--through-kafka",
+                   "--kafka-workers", "2", "--out", str(out)])
+    assert status == 0
+    payload = json.loads((out / "results.json").read_text())
+    records = {r["model"]: r for r in payload["records"]}
+    kafka = records["streaming-kafka"]
+    check_metrics(kafka)
+    params = kafka["params"]
+    assert params["workers"] == 2 and "--kafka-workers 2" in payload["command"]
+    assert min(params["learned_per_worker"]) > 0
+    assert sum(params["learned_per_worker"]) == payload["split"]["train_events"]
+    assert len(set(params["items_per_worker"])) == 1
+    assert params["items_per_worker"][0] >= 0.9 * payload["split"]["items"]
+    assert kafka["metrics"]["HR@10"] > max(0.3, 2 * records["popularity"]["metrics"]["HR@10"])
+    capsys.readouterr()
+
+
 def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--dataset", "beauty", "--models", "ease,nope"])
@@ -171,6 +197,8 @@ def test_bad_arguments_are_refused(capsys):
     assert main(["eval", "--dataset", "movielens", "--protocol", "prequential",
                  "--through-kafka"]) == 1
     assert "--through-kafka runs the loo and heldout protocols" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "movielens", "--kafka-workers", "2"]) == 1
+    assert "--kafka-workers sets the workers of --through-kafka" in capsys.readouterr().err
 
 
 def test_streaming_dr_ranks_from_its_paths_and_reports_the_retrieval(tmp_path, monkeypatch,
