@@ -202,6 +202,18 @@ def overview() -> dict:
          stat("M-steps", [target("streamrec_dr_m_steps", "done {{instance}}", "A"),
                           target("streamrec_dr_m_step_failures", "failed {{instance}}", "B")],
               "Deep Retrieval M-steps installed, and failed (the old paths kept serving).")],
+        [timeseries("Item sharing (several workers)",
+                    [target("streamrec_item_rows_published", "rows published {{instance}}",
+                            "A"),
+                     target("streamrec_item_rows_installed", "rows installed {{instance}}",
+                            "B"),
+                     target("streamrec_item_steps_sent", "offset steps sent {{instance}}", "C"),
+                     target("streamrec_item_steps_added", "offset steps added {{instance}}",
+                            "D")], "none",
+                    "With STREAMREC_SHARE_ITEMS, since each worker started: rows of its own "
+                    "items it published and rows of the others' it installed; steps it took on "
+                    "the others' items' input offsets and sent them, and steps of the others it "
+                    "added to its own (README, \"Several workers\"). No data: sharing is off.")],
     ]
     return {
         "uid": "streamrec-overview", "title": "streamrec overview",

@@ -245,6 +245,10 @@ class ItemLearner:
         self.steps = 0
         self.changed_rows = np.empty(0, dtype=np.int64)  # rows the last learn() call moved
         self.changed_input_rows = np.empty(0, dtype=np.int64)  # offsets the last call moved
+        # (rows, steps) of learn_inputs since take_input_steps, kept only when asked for
+        # (several workers share the model: the steps on other workers' items go to them)
+        self.log_input_steps = False
+        self._input_steps: list[tuple[np.ndarray, np.ndarray]] = []
         self.last_drift = 0.0
 
     # -- reads (never create state) -------------------------------------------------------
@@ -419,8 +423,10 @@ class ItemLearner:
         grads = np.asarray(grads, dtype=np.float64)
         squares = self._offset_squares[rows] + grads ** 2
         self._offset_squares[rows] = squares
-        self._offset[rows] -= (self.config.input_lr * grads
-                               / np.sqrt(self.config.input_adagrad_init + squares))
+        steps = -self.config.input_lr * grads / np.sqrt(self.config.input_adagrad_init + squares)
+        self._offset[rows] += steps
+        if self.log_input_steps:
+            self._input_steps.append((rows, steps))
         self._offsets_learned = True
         self.changed_input_rows = np.union1d(self.changed_input_rows, rows)
 
@@ -440,6 +446,31 @@ class ItemLearner:
         if len(rows) == 0 or (not self._offsets_learned and not offsets.any()):
             return
         self._offset[rows] = offsets
+        self._offsets_learned = True
+
+    def take_input_steps(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The steps :meth:`learn_inputs` took since the last call (``log_input_steps``), each
+        row's summed: (rows (sorted), steps (len(rows), dim)); None when there were none."""
+        if not self._input_steps:
+            return None
+        rows = np.concatenate([rows for rows, _ in self._input_steps])
+        steps = np.concatenate([steps for _, steps in self._input_steps])
+        self._input_steps = []
+        distinct, at = np.unique(rows, return_inverse=True)
+        summed = np.zeros((len(distinct), self.config.dim))
+        np.add.at(summed, at, steps)
+        return distinct, summed
+
+    def add_offsets(self, rows: np.ndarray, steps: np.ndarray) -> None:
+        """Add ``steps`` (len(rows), dim) to the input offsets δ of ``rows`` (repeats add up):
+        the steps other learners took on the inputs of items this one learns (an item's
+        offset moves with every example whose history holds it, and those examples are
+        learned where their own items are; ``Engine.add_offset_steps``)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        steps = np.asarray(steps, dtype=np.float64).reshape(len(rows), self.config.dim)
+        if len(rows) == 0:
+            return
+        np.add.at(self._offset, rows, steps)
         self._offsets_learned = True
 
     def _checked_lanes(self, lanes: np.ndarray | None, size: int) -> np.ndarray:

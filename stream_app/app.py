@@ -33,7 +33,7 @@ from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_fair_fetch
 from .intake import IntakeLag
 from .kafka import faust_credentials, key_partition
-from .item_sharing import ItemSharing, install_records
+from .item_sharing import ItemSharing, add_step_records, install_records
 from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .request_reader import RequestReader
@@ -469,6 +469,8 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
     (:mod:`stream_app.item_sharing`): a task that reads the item-rows topic and a timer that
     publishes."""
     topic = app.topic(settings.items_topic, key_serializer="raw", value_serializer="raw")
+    steps_topic = app.topic(settings.item_steps_topic, key_serializer="raw",
+                            value_serializer="raw")
 
     def owned() -> frozenset[int]:
         """The training partitions this worker holds: the items it learns."""
@@ -481,12 +483,17 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
         else:
             install_records(engine, records)  # the engine learns here: it is the model
 
+    def add_steps(records: list[tuple[bytes, bytes]]) -> None:
+        if learner is not None:
+            learner.add_steps(records)
+            return
+        report = add_step_records(engine, records)
+        if report is not None:  # the offsets moved here: out with the next publish
+            sharing.note(report)
+
     # read before the learner process writes its next checkpoint: the one it started from
-    sharing = ItemSharing(settings, engine, owned, install, engine.model_saved_at())
-    metrics.gauge("streamrec_item_rows_published", "Item rows this worker published (owned).",
-                  lambda: sharing.published)
-    metrics.gauge("streamrec_item_rows_installed",
-                  "Item rows of other workers this worker installed.", lambda: sharing.installed)
+    sharing = ItemSharing(settings, engine, owned, install, add_steps, engine.model_saved_at())
+    sharing.export(metrics)
 
     @app.task
     async def read_item_rows() -> None:
@@ -496,5 +503,7 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
     async def publish_item_rows() -> None:
         for key, value in sharing.due():
             await topic.send(key=key, value=value)
+        for key, value in sharing.steps_due():
+            await steps_topic.send(key=key, value=value)
 
     return sharing

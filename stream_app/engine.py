@@ -100,6 +100,8 @@ class LearnedReport:
     failed: int  # examples of steps that raised (logged where they ran)
     serving: dict  # the serving choice's state (ServingChoice.state)
     installed: bool = False  # rows taken from the item-rows topic (install_rows), not learned
+    # (rows, summed steps) the input offsets took here since the last report, with share_items
+    input_steps: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _users_of(users: Sequence[int | None] | None, start: int, step: int) -> int | None:
@@ -143,6 +145,7 @@ class Engine:
         self.popularity = DecayedPopularity(settings.popularity_half_life_s,
                                             refresh_s=settings.popularity_refresh_s)
         self.learner = (ItemReplica if replica else ItemLearner)(settings.learner_config())
+        self.learner.log_input_steps = settings.share_items and not replica
         self.index = ServingIndex(self.learner, settings.index_config())
         self.paths: PathRetrieval | None = None
         if settings.dr_enabled:
@@ -500,7 +503,7 @@ class Engine:
             dr_stats=self.paths.stats() if dr_weights is not None else None,
             dr_new_items=new_items, dr_new_paths=new_paths, dr_weights=dr_weights,
             examples=len(examples) - failed, failed=failed,
-            serving=self.serving_choice.state())
+            serving=self.serving_choice.state(), input_steps=self.learner.take_input_steps())
 
     def install_rows(self, item_ids: list[str], rows: np.ndarray, offsets: np.ndarray
                      ) -> LearnedReport:
@@ -520,6 +523,30 @@ class Engine:
             step_seconds=[], losses=[], dr_losses=[], dr_stats=None, dr_new_items=[],
             dr_new_paths=None, dr_weights=None, examples=0, failed=0,
             serving=self.serving_choice.state(), installed=True)
+
+    def add_offset_steps(self, item_ids: list[str], steps: np.ndarray) -> LearnedReport:
+        """Other workers' steps on the input offsets of items learned here, added (those of
+        items unknown here are dropped), and the report that brings the offsets to a
+        follower; they go out with the rows at the next publish."""
+        known = [k for k, item in enumerate(item_ids) if item in self.learner]
+        rows = self.learner.rows_of([item_ids[k] for k in known])
+        self.learner.add_offsets(rows, np.asarray(steps)[known])
+        rows = np.unique(rows)
+        return LearnedReport(
+            delta=self.learner.delta(len(self.learner), rows[:0], rows), items=[],
+            step_seconds=[], losses=[], dr_losses=[], dr_stats=None, dr_new_items=[],
+            dr_new_paths=None, dr_weights=None, examples=0, failed=0,
+            serving=self.serving_choice.state())
+
+    def input_offsets(self, rows: np.ndarray) -> np.ndarray:
+        """The input offsets δ of learner ``rows`` now, zero for rows not created yet."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.zeros((len(rows), self.settings.model_dim))
+        offsets = self.learner.offsets
+        if offsets is not None:
+            held = rows < len(offsets)
+            out[held] = offsets[rows[held]]
+        return out
 
     def rows_to_share(self, rows: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids, augmented rows and input offsets of learner ``rows``, as they are now."""

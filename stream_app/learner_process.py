@@ -46,7 +46,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from .engine import Engine, LearnedReport
-from .item_sharing import install_records
+from .item_sharing import add_step_records, install_records
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,11 @@ class LearnerProcess:
         which installs them and reports them like a learning step."""
         self._writer.write(rows_frame(records))
 
+    def add_steps(self, records: list[tuple[bytes, bytes]]) -> None:
+        """Hand other workers' steps on this worker's items' input offsets (item-steps topic
+        records: key, value) to the child, which adds them and reports the offsets."""
+        self._writer.write(rows_frame(records, STEPS))
+
     def _receive(self) -> None:
         try:
             while self._from_child.poll():
@@ -175,7 +180,7 @@ class LearnerProcess:
 
 
 # -- frames to the child: a length, a kind, the raw Kafka values (no pickle) ---------------------
-LEARN, SAVE, ROWS = b"L", b"S", b"R"
+LEARN, SAVE, ROWS, STEPS = b"L", b"S", b"R", b"T"
 _LENGTH = struct.Struct("!I")
 _LEARN_HEAD = struct.Struct("!QI")  # users, number of values
 
@@ -195,9 +200,10 @@ def learn_frame(values: list[bytes], users: int) -> bytes:
     return frame(LEARN, _values_body(values, users))
 
 
-def rows_frame(records: list[tuple[bytes, bytes]]) -> bytes:
-    """Item-rows records, laid out as a learn frame's values: key, value, key, value, …"""
-    return frame(ROWS, _values_body([part for record in records for part in record], 0))
+def rows_frame(records: list[tuple[bytes, bytes]], kind: bytes = b"R") -> bytes:
+    """Item-rows (or, ``STEPS``, item-steps) records, laid out as a learn frame's values: key,
+    value, key, value, …"""
+    return frame(kind, _values_body([part for record in records for part in record], 0))
 
 
 def parse_rows(body: memoryview) -> list[tuple[bytes, bytes]]:
@@ -303,8 +309,9 @@ class LearnerLoop:
         elif kind == SAVE:
             self.engine.save()
             self.outbox.send(("saved",))
-        elif kind == ROWS:
-            report = install_records(self.engine, parse_rows(body))
+        elif kind in (ROWS, STEPS):
+            take = install_records if kind == ROWS else add_step_records
+            report = take(self.engine, parse_rows(body))
             if report is not None:
                 self.outbox.send(("inputs", report))
         else:

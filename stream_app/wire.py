@@ -359,3 +359,26 @@ def decode_item_row(raw: bytes | None, dim: int) -> tuple[np.ndarray, np.ndarray
     if not np.isfinite(values).all():
         raise ValueError("an item row with numbers that are not finite")
     return values[:dim + 1], values[dim + 1:]
+
+
+OFFSET_STEP_VERSION = b"\x01"
+
+
+def encode_offset_step(step: np.ndarray) -> bytes:
+    """The steps a worker took on another worker's item's input offset δ (d) since it last
+    sent them, as one value of the item-steps topic: a version byte, then d little-endian
+    float32 (the key is the item id)."""
+    return OFFSET_STEP_VERSION + np.asarray(step, dtype="<f4").tobytes()
+
+
+def decode_offset_step(raw: bytes | None, dim: int) -> np.ndarray:
+    """The step (d,) of an item-steps value; ValueError for one of another version or size
+    or with numbers that are not finite."""
+    size = 1 + 4 * dim
+    if raw is None or len(raw) != size or raw[:1] != OFFSET_STEP_VERSION:
+        raise ValueError(f"not an offset step of d = {dim} ({0 if raw is None else len(raw)} "
+                         f"bytes, {size} expected)")
+    step = np.frombuffer(raw, dtype="<f4", offset=1).astype(np.float64)
+    if not np.isfinite(step).all():
+        raise ValueError("an offset step with numbers that are not finite")
+    return step

@@ -657,6 +657,16 @@ def test_workers_that_share_items_answer_from_the_whole_catalogue(settings, star
         assert 0 < metric(worker, "streamrec_item_rows_published")
         assert 0 < metric(worker, "streamrec_item_rows_installed")
     check_shared_answers(settings)
+    # learned on, with every item known to both: each takes steps on the input offsets of the
+    # other's items (those in its examples' histories) and sends them, and the other adds them
+    learned = sum(metric(w, "streamrec_learned_events_total") for w in workers)
+    again = [e.model_copy(update={"event_id": f"more-{n}"})
+             for n, e in enumerate(planted_stream(seed=2)[:300])]
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in again])
+    wait_until(lambda: sum(metric(w, "streamrec_learned_events_total") for w in workers)
+               == learned + len(again), 60)
+    for name in ("streamrec_item_steps_sent", "streamrec_item_steps_added"):
+        wait_until(lambda: min(metric(w, name) for w in workers) > 0)
     # a hand-over: the first worker takes the second's partitions and learns on the items it
     # had installed, from their installed rows
     learned = metric(first, "streamrec_learned_events_total")

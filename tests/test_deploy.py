@@ -417,12 +417,22 @@ def test_exposed_names_cover_labelled_metrics_without_samples():
     assert "streamrec_events" not in names  # the family name is not a sample name
 
 
+def every_metric():
+    """A worker's metrics bundle, with the gauges STREAMREC_SHARE_ITEMS adds."""
+    from stream_app.item_sharing import ItemSharing
+
+    engine = Engine(Settings())
+    metrics = build_metrics(engine)
+    ItemSharing(engine.settings, engine, frozenset, print, print).export(metrics)
+    return metrics
+
+
 def test_the_readme_documents_every_metric():
     """Each metric the worker exports has a row of the README's metrics table, by its name
     (counters with their _total) or as a suffix beside the first name of its row
     (`streamrec_dr_m_steps`, `_last_m_step_seconds`)."""
     documented = readme_table_names(r"streamrec_[a-z0-9_]+", r"_[a-z0-9_]+")
-    families = build_metrics(Engine(Settings())).registry.collect()
+    families = every_metric().registry.collect()
     exported = {family.name + ("_total" if family.type == "counter" else "")
                 for family in families}
     assert exported and exported - documented == set()
@@ -431,7 +441,7 @@ def test_the_readme_documents_every_metric():
 @pytest.mark.parametrize("name, build", dashboards.DASHBOARDS.items())
 def test_dashboard_metrics_exist_in_the_bundle(name, build):
     """A dashboard query naming a metric the worker does not export shows "No data" forever."""
-    exported = exposed_names(build_metrics(Engine(Settings())).registry)
+    exported = exposed_names(every_metric().registry)
     used = set().union(*(promql_metric_names(e) for e in dashboards.expressions(build())))
     assert used, f"{name}: no metric names found"
     assert used <= exported, f"{name}: not exported: {sorted(used - exported)}"

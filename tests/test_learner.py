@@ -497,6 +497,32 @@ def test_input_offsets_take_adagrad_steps_and_add_to_the_inputs():
     assert tied.offsets is None
 
 
+def test_the_input_steps_taken_add_up_to_the_offsets_moved_and_add_to_another_learner():
+    """With ``log_input_steps``, :meth:`take_input_steps` gives each row's steps since the last
+    call, summed: incremental (the log) equals batch (the offsets' difference). Another
+    learner that adds them (:meth:`add_offsets`, repeats summed) moves its offsets alike."""
+    config = LearnerConfig(dim=3, input_lr=0.5)
+    learner = ItemLearner(config)
+    learner.learn(np.ones((4, 3)), ["a", "b", "c", "d"], np.ones(4), n_users=4)
+    rng = np.random.default_rng(5)
+    learner.learn_inputs(np.array([0, 1]), rng.normal(size=(2, 3)))
+    assert learner.take_input_steps() is None  # not asked for
+    learner.log_input_steps = True
+    before = np.zeros((4, 3)) + learner.offsets
+    for rows in ([1, 3], [3], [0, 1, 3]):
+        learner.learn_inputs(np.array(rows), rng.normal(size=(len(rows), 3)))
+    rows, steps = learner.take_input_steps()
+    assert rows.tolist() == [0, 1, 3] and learner.take_input_steps() is None
+    np.testing.assert_allclose(steps, (learner.offsets - before)[rows])
+    other = ItemLearner(config)
+    other.learn(np.ones((4, 3)), ["a", "b", "c", "d"], np.ones(4), n_users=4)
+    other.add_offsets(np.r_[rows, rows[:1]], np.vstack([steps / 2, steps[:1] / 2]))
+    other.add_offsets(rows[1:], steps[1:] / 2)
+    expected = np.zeros((4, 3))
+    expected[rows] = steps
+    np.testing.assert_allclose(other.offsets, expected)
+
+
 def test_a_checkpoint_without_offsets_loads_the_tied_model(tmp_path):
     config = LearnerConfig(dim=4, input_lr=0.1)
     learner = ItemLearner(config)

@@ -408,7 +408,8 @@ def test_a_worker_publishes_the_rows_it_owns_and_installs_the_others():
     engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
     engine.users = 240
     owned = frozenset({0})
-    sharing = ItemSharing(engine.settings, engine, lambda: owned, lambda records: None)
+    sharing = ItemSharing(engine.settings, engine, lambda: owned, lambda records: None,
+                          lambda records: None)
     sharing.note(engine.learn_reported(examples, step=32))
     records = sharing.due()
     mine = {item for item in engine.learner.item_ids if item_partition(item, 2) == 0}
@@ -417,6 +418,50 @@ def test_a_worker_publishes_the_rows_it_owns_and_installs_the_others():
     theirs = [item for item in engine.learner.item_ids if item not in mine]
     incoming = [(item.encode(), b"row") for item in engine.learner.item_ids] + [(None, b"x")]
     assert sharing.wanted(incoming) == [(item.encode(), b"row") for item in theirs]
+
+
+def test_steps_on_other_workers_items_go_to_their_owner_who_adds_them():
+    """Item sharing's offset steps, from one learning engine to another: the reports carry
+    the steps taken (summed over reports until sent); only those on items the worker does
+    not own are sent; the owner keeps the records of its own items and adds them, and its
+    offsets then equal its own plus the other's steps, and go out with its next publish."""
+    from stream_app.item_sharing import add_step_records
+
+    examples, _ = examples_and_histories(300)
+    settings = Settings(model_dim=16, partitions=2, dr_enabled=False, share_items=True)
+    sender, owner = Engine(settings), Engine(settings)
+    sender.users = owner.users = 240
+    sender.learn_reported(examples[:100], step=32)
+    owner.learn_reported(examples, step=32)  # the owner knows every item
+    start = sender.input_offsets(np.arange(len(owner.learner)))  # zero for rows to come
+    sharing = ItemSharing(settings, sender, lambda: frozenset({0}), lambda records: None,
+                          lambda records: None)
+    for part in (examples[100:200], examples[200:]):
+        sharing.note(sender.learn_reported(part, step=32))
+    records = sharing.steps_due()
+    assert records and sharing.steps_due() == [] and sharing.steps_sent == len(records)
+    assert all(item_partition(key.decode(), 2) == 1 for key, _ in records)
+    start = start[:len(sender.learner)]
+    moved = np.flatnonzero(np.abs(sender.learner.offsets - start).sum(axis=1) > 0)
+    foreign = {item for item in sender.learner.item_ids_at(moved) if item_partition(item, 2)}
+    assert {key.decode() for key, _ in records} == foreign
+
+    owning = ItemSharing(settings, owner, lambda: frozenset({1}), lambda records: None,
+                         lambda records: None)
+    mine = owning.own_steps(records + [(b"x0", b"step"), (None, b"x")])
+    assert mine == records + ([(b"x0", b"step")] if item_partition("x0", 2) == 1 else [])
+    own_before = np.array(owner.learner.offsets)
+    report = add_step_records(owner, records + [(b"never-seen", records[0][1]),
+                                                (records[0][0], b"bad")])
+    at = owner.learner.rows_of([key.decode() for key, _ in records])
+    sent_rows = sender.learner.rows_of([key.decode() for key, _ in records])
+    np.testing.assert_allclose(owner.learner.offsets[at] - own_before[at],
+                               (sender.learner.offsets - start)[sent_rows], atol=1e-6)
+    assert sorted(report.delta.input_rows.tolist()) == sorted(at.tolist())
+    assert "never-seen" not in owner.learner
+    owning.note(report)
+    published = {key.decode() for key, _ in owning.due()}
+    assert published == {key.decode() for key, _ in records}
 
 
 def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
@@ -430,7 +475,7 @@ def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
     items = [f"i{n}" for n in range(40)]
     mine = [item for item in items if item_partition(item, 2) == 0]
     sharing = ItemSharing(engine.settings, engine, lambda: frozenset({0}), lambda records: None,
-                          own_rows_after=1_000.0)
+                          lambda records: None, own_rows_after=1_000.0)
     tp = TopicPartition(engine.settings.items_topic, 0)
 
     def fetched(first_offset: int, published_at: float) -> dict:
@@ -454,8 +499,10 @@ def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
 
 def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
     """The worker hands item-rows records to its learner process in a ROWS frame; the child
-    installs them and reports them as ``inputs`` (no batch behind it, so no slot to free)."""
-    from stream_app.learner_process import ROWS, LearnerLoop, parse_rows, rows_frame
+    installs them and reports them as ``inputs`` (no batch behind it, so no slot to free).
+    Item-steps records come in a STEPS frame: added to the offsets, reported alike."""
+    from stream_app.learner_process import ROWS, STEPS, LearnerLoop, parse_rows, rows_frame
+    from stream_app.wire import encode_offset_step
 
     records = [(b"a", encode_item_row(np.full(17, 0.5), np.zeros(16))), (b"b", b"bad")]
     read, write = os.pipe()
@@ -468,3 +515,11 @@ def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
     [(message, report)] = sent
     assert message == "inputs" and report.delta.new_ids == ["a"]
     np.testing.assert_array_equal(engine.learner.item_matrix, np.full((1, 17), 0.5))
+    os.write(write, rows_frame([(b"a", encode_offset_step(np.full(16, 0.25)))] * 2, STEPS))
+    kind, body = read_frame(read)
+    assert kind == STEPS
+    LearnerLoop(engine, engine.settings, SimpleNamespace(send=sent.append)).handle(kind, body)
+    message, report = sent[-1]
+    assert message == "inputs" and not report.installed
+    assert report.delta.input_rows.tolist() == [0]
+    np.testing.assert_array_equal(engine.learner.offsets, np.full((1, 16), 0.5))

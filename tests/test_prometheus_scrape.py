@@ -26,6 +26,7 @@ import yaml
 
 from grafana import dashboards
 from stream_app.engine import Engine
+from stream_app.item_sharing import ItemSharing
 from stream_app.metrics import Metrics
 from stream_app.processes import free_port
 from stream_app.settings import Settings
@@ -97,6 +98,9 @@ def endpoint():
     for item in ("a", "b"):
         engine.popularity.add(item, 0.0, 1.0)
     metrics = build_metrics(engine)
+    sharing = ItemSharing(engine.settings, engine, frozenset, print, print)
+    sharing.export(metrics)  # the gauges a worker adds with STREAMREC_SHARE_ITEMS
+    sharing.published, sharing.installed, sharing.steps_sent, sharing.steps_added = 4, 3, 2, 1
     record_fixed_counts(metrics)
     port = free_port()
     server, thread = metrics.serve("127.0.0.1", port)

@@ -210,6 +210,19 @@ def test_a_training_example_may_leave_out_its_history_times_but_not_misalign_the
         TrainExample(**{**fields, "weights": [1.0]}, history_ts=[])
 
 
+def test_an_offset_step_round_trips_as_float32_and_refuses_other_shapes():
+    from stream_app.wire import decode_offset_step, encode_offset_step
+
+    step = np.random.default_rng(1).normal(size=4)
+    raw = encode_offset_step(step)
+    assert len(raw) == 1 + 4 * 4
+    np.testing.assert_array_equal(decode_offset_step(raw, dim=4), step.astype(np.float32))
+    for bad in (raw[:-4], raw + b"\0" * 4, b"\x02" + raw[1:], None,
+                encode_offset_step(np.append(step[:3], np.inf))):
+        with pytest.raises(ValueError):
+            decode_offset_step(bad, dim=4)
+
+
 def test_an_item_row_round_trips_as_float32_and_refuses_other_shapes():
     rng = np.random.default_rng(0)
     row, offset = rng.normal(size=5), rng.normal(size=4)
