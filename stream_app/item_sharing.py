@@ -25,12 +25,13 @@ history holds the item, and those examples are learned where *their* items are, 
 worker. So each worker also sends the steps it took on the offsets of items it does not own to
 the item-steps topic, at the same interval, and the owner adds them to its offsets, which go
 out with its next publish. Without them an offset would learn from 1/N of the examples (Toys
-through Kafka, two workers answering with one pinned pair: NDCG@10 0.0396, against 0.0433 for
-one worker and 0.0363 with no offsets at all). What is not shared: the items' solve statistics (a new
-owner starts them afresh, from that row as its prior), the user Gramian (each learner
-estimates it from the users of its own examples, a sample of all users) and Deep Retrieval
-(each worker's paths hold its own items). A row is sent as raw float32 (``wire.py``), never
-pickled.
+through Kafka, two workers answering with one pinned pair: NDCG@10 0.0396, against 0.0407 with
+the steps, 0.0433 for one worker and 0.0363 with no offsets at all; docs/results.md).
+
+What is not shared: the items' solve statistics (a new owner starts them afresh, from that
+row as its prior), the user Gramian (each learner estimates it from the users of its own
+examples, a sample of all users) and Deep Retrieval (each worker's paths hold its own items).
+Rows and steps are sent as raw float32 (``wire.py``), never pickled.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def install_records(engine: Engine, records: Records) -> LearnedReport | None:
 
 
 class ItemSharing:
-    """Publishes the owned rows a worker's engine moved and installs the others' rows.
+    """Publishes the owned rows a worker's engine moved and installs the others' rows; sends
+    the steps it took on the others' items' input offsets and adds theirs on its own items.
 
     ``owned()`` gives the training partitions this worker holds now; ``install(records)``
     hands item-rows records (key, value) to its learner, ``add_steps(records)`` item-steps
@@ -198,9 +200,9 @@ class ItemSharing:
         await keep_reading(self._read, "the item-rows reader", retry_after_s)
 
     async def _read(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import AIOKafkaConsumer
 
-        topic, steps_topic = self.settings.items_topic, self.settings.item_steps_topic
+        topic = self.settings.items_topic
         consumer: Any = AIOKafkaConsumer(
             client_id=f"{self.settings.app_id}-item-rows", enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=self.settings.worker_fetch_max_wait_ms,
@@ -209,17 +211,7 @@ class ItemSharing:
                  if self.settings.compat_fixes else None)
         try:
             await consumer.start()
-            await consumer.topics()
-            assigned = [TopicPartition(name, partition) for name in (topic, steps_topic)
-                        for partition in consumer.partitions_for_topic(name) or ()]
-            consumer.assign(assigned)
-            ends = (await exact_end_offsets(consumer, assigned) if self.settings.compat_fixes
-                    else await consumer.end_offsets(assigned))
-            await consumer.seek_to_beginning(*(tp for tp in assigned if tp.topic == topic))
-            for tp in assigned:  # the steps from now on
-                if tp.topic == steps_topic:
-                    consumer.seek(tp, ends[tp])
-            catch_up = {tp: end for tp, end in ends.items() if end > 0 and tp.topic == topic}
+            catch_up = await self._assign(consumer)
             while True:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
                 steps = self.own_steps([(record.key, record.value)
@@ -243,6 +235,24 @@ class ItemSharing:
                     check_aiokafka(guard, consumer, time.monotonic())
         finally:
             await consumer.stop()
+
+    async def _assign(self, consumer: Any) -> dict:
+        """Assign ``consumer`` every partition of both topics: the rows from the beginning,
+        the steps from their ends now. Returns the rows' end offsets now (the catch-up's)."""
+        from aiokafka import TopicPartition
+
+        topic, steps_topic = self.settings.items_topic, self.settings.item_steps_topic
+        await consumer.topics()
+        assigned = [TopicPartition(name, partition) for name in (topic, steps_topic)
+                    for partition in consumer.partitions_for_topic(name) or ()]
+        consumer.assign(assigned)
+        ends = (await exact_end_offsets(consumer, assigned) if self.settings.compat_fixes
+                else await consumer.end_offsets(assigned))
+        await consumer.seek_to_beginning(*(tp for tp in assigned if tp.topic == topic))
+        for tp in assigned:
+            if tp.topic == steps_topic:
+                consumer.seek(tp, ends[tp])
+        return {tp: end for tp, end in ends.items() if end > 0 and tp.topic == topic}
 
     def _to_install(self, batches: dict, catch_up: dict) -> Records:
         """:meth:`wanted` of fetched ``batches``, the records before ``catch_up``'s end offsets
