@@ -189,17 +189,23 @@ class KafkaStreaming:
             time.sleep(0.05)
 
     def _wait_shared(self) -> None:
-        """Until every worker holds the same items and the counts have stood still for three
-        publish intervals (the last rows published and installed everywhere)."""
+        """Until every worker holds the same items and no count of the sharing has moved for
+        three publish intervals (the last rows published and installed everywhere, the last
+        offset steps added by their owners and published in turn)."""
+        names = ("streamrec_model_items", "streamrec_item_rows_published",
+                 "streamrec_item_rows_installed", "streamrec_item_steps_sent",
+                 "streamrec_item_steps_added")
         settle_s = 3 * self.settings.share_items_s
-        last: list[float] = []
+        last: list[list[float]] = []
         since = time.monotonic()
         deadline = since + self.timeout_s
         while True:
             self._check_alive()
-            held = [self._metric(settings, "streamrec_model_items") for settings in self.workers]
-            if held != last:
-                last, since = held, time.monotonic()
+            counts = [[self._metric(settings, name) for settings in self.workers]
+                      for name in names]
+            held = counts[0]
+            if counts != last:
+                last, since = counts, time.monotonic()
             elif len(set(held)) == 1 and time.monotonic() - since >= settle_s:
                 return
             if time.monotonic() > deadline:
