@@ -538,16 +538,6 @@ class Engine:
             dr_new_paths=None, dr_weights=None, examples=0, failed=0,
             serving=self.serving_choice.state())
 
-    def input_offsets(self, rows: np.ndarray) -> np.ndarray:
-        """The input offsets δ of learner ``rows`` now, zero for rows not created yet."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.zeros((len(rows), self.settings.model_dim))
-        offsets = self.learner.offsets
-        if offsets is not None:
-            held = rows < len(offsets)
-            out[held] = offsets[rows[held]]
-        return out
-
     def rows_to_share(self, rows: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids, augmented rows and input offsets of learner ``rows``, as they are now."""
         rows = np.asarray(rows, dtype=np.int64)

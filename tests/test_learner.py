@@ -271,21 +271,26 @@ def test_lane_clocks_round_trip_and_an_older_checkpoint_reads_as_even_lanes(tmp_
     np.testing.assert_allclose(four._lane_clock, np.full(4, one_clock.events / 4))
 
 
-@pytest.mark.parametrize("half_life", [None, 10.0])
-def test_a_relative_alpha0_scales_with_the_density_of_the_positives(half_life):
+@pytest.mark.parametrize("half_life, lanes", [(None, 1), (10.0, 1), (10.0, 3)])
+def test_a_relative_alpha0_scales_with_the_density_of_the_positives(half_life, lanes):
     """Oracle: the positives' mass kept by the learner equals the sum over every positive so
-    far of its discounted α; α0 relative is config.alpha0 × mass / (items × |C|); and every
-    touched item sits at the minimizer of its whole loss with that α0."""
-    learner, config, start, seen, _, _ = solve_stream(6, half_life, relative=True)
-    now = learner.events
-    mass = sum(sum(discounted_alphas(config, positives, now)) for positives in seen.values())
+    far of its α discounted on its lane's clock (and the mass read back from the statistics);
+    α0 relative is config.alpha0 × mass / (items × |C|); and every touched item sits at the
+    minimizer of its whole loss with that α0."""
+    learner, config, start, seen, _, clock = solve_stream(6, half_life, relative=True,
+                                                          lanes=lanes)
+    now = {item: clock[lane_of(item, lanes)] for item in seen}
+    mass = sum(sum(discounted_alphas(config, positives, now[item]))
+               for item, positives in seen.items())
     assert learner.positive_mass == pytest.approx(mass, rel=1e-12)
+    assert learner._positive_mass_now() == pytest.approx(mass, rel=1e-6)  # float32 stats
     items = sum(1 for positives in seen.values() if positives)
     assert learner.alpha0 == pytest.approx(config.alpha0 * mass / (items * 20), rel=1e-12)
     assert learner.alpha0 != pytest.approx(config.alpha0)
     G_C = learner.user_gramian.value()
     for item in seen:
-        expected = least_squares_row(config, G_C, start[item], seen[item], now, learner.alpha0)
+        expected = least_squares_row(config, G_C, start[item], seen[item], now[item],
+                                     learner.alpha0)
         np.testing.assert_allclose(learner.item_matrix[learner.rows_of([item])[0]], expected,
                                    rtol=1e-5, atol=1e-6)
 

@@ -433,7 +433,8 @@ def test_steps_on_other_workers_items_go_to_their_owner_who_adds_them():
     sender.users = owner.users = 240
     sender.learn_reported(examples[:100], step=32)
     owner.learn_reported(examples, step=32)  # the owner knows every item
-    start = sender.input_offsets(np.arange(len(owner.learner)))  # zero for rows to come
+    start = np.zeros((len(owner.learner), 16))  # zero for rows to come
+    start[:len(sender.learner)] = sender.learner.offsets
     sharing = ItemSharing(settings, sender, lambda: frozenset({0}), lambda records: None,
                           lambda records: None)
     for part in (examples[100:200], examples[200:]):
