@@ -351,14 +351,21 @@ def encode_item_row(row: np.ndarray, offset: np.ndarray) -> bytes:
 def decode_item_row(raw: bytes | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """``(row (d + 1,), offset (d,))`` of an item-rows value; ValueError for one of another
     version or size (another dimension d) or with numbers that are not finite."""
-    size = 1 + 4 * (2 * dim + 1)
-    if raw is None or len(raw) != size or raw[:1] != ITEM_ROW_VERSION:
-        raise ValueError(f"not an item row of d = {dim} ({0 if raw is None else len(raw)} "
-                         f"bytes, {size} expected)")
+    values = _versioned_floats(raw, ITEM_ROW_VERSION, 2 * dim + 1, f"an item row of d = {dim}")
+    return values[:dim + 1], values[dim + 1:]
+
+
+def _versioned_floats(raw: bytes | None, version: bytes, count: int, what: str) -> np.ndarray:
+    """The ``count`` little-endian float32 after a ``version`` byte, as float64; ValueError
+    naming ``what`` for another version or size, or numbers that are not finite."""
+    size = 1 + 4 * count
+    if raw is None or len(raw) != size or raw[:1] != version:
+        raise ValueError(f"not {what} ({0 if raw is None else len(raw)} bytes, {size} "
+                         f"expected)")
     values = np.frombuffer(raw, dtype="<f4", offset=1).astype(np.float64)
     if not np.isfinite(values).all():
-        raise ValueError("an item row with numbers that are not finite")
-    return values[:dim + 1], values[dim + 1:]
+        raise ValueError(f"{what} with numbers that are not finite")
+    return values
 
 
 OFFSET_STEP_VERSION = b"\x01"
@@ -374,11 +381,4 @@ def encode_offset_step(step: np.ndarray) -> bytes:
 def decode_offset_step(raw: bytes | None, dim: int) -> np.ndarray:
     """The step (d,) of an item-steps value; ValueError for one of another version or size
     or with numbers that are not finite."""
-    size = 1 + 4 * dim
-    if raw is None or len(raw) != size or raw[:1] != OFFSET_STEP_VERSION:
-        raise ValueError(f"not an offset step of d = {dim} ({0 if raw is None else len(raw)} "
-                         f"bytes, {size} expected)")
-    step = np.frombuffer(raw, dtype="<f4", offset=1).astype(np.float64)
-    if not np.isfinite(step).all():
-        raise ValueError("an offset step with numbers that are not finite")
-    return step
+    return _versioned_floats(raw, OFFSET_STEP_VERSION, dim, f"an offset step of d = {dim}")
