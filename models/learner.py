@@ -489,7 +489,8 @@ class ItemLearner:
         discount its positives over N times the stream's events, the density its relative α0
         reads would come out about N times too high (its mass as large as one worker's, its
         items 1/N), and its all-pairs weight with it: Toys through Kafka, two workers, pinned
-        serving pair: NDCG@10 0.0407, 0.0427 with α0 halved by hand, one worker 0.0433."""
+        serving pair: NDCG@10 0.0407, 0.0427 with α0 halved by hand, 0.0418 with the mass
+        per lane, one worker 0.0433 (docs/results.md, "Two workers through Kafka")."""
         count = len(self._lane_clock)
         half_life = self.config.positives_half_life
         if half_life is not None:

@@ -200,7 +200,7 @@ def learn_frame(values: list[bytes], users: int) -> bytes:
     return frame(LEARN, _values_body(values, users))
 
 
-def rows_frame(records: list[tuple[bytes, bytes]], kind: bytes = b"R") -> bytes:
+def rows_frame(records: list[tuple[bytes, bytes]], kind: bytes = ROWS) -> bytes:
     """Item-rows (or, ``STEPS``, item-steps) records, laid out as a learn frame's values: key,
     value, key, value, …"""
     return frame(kind, _values_body([part for record in records for part in record], 0))
