@@ -25,6 +25,8 @@ PROMETHEUS_URL = "http://prometheus:9090"  # the compose service name and port
 #: where the compose file mounts ``grafana/dashboards`` inside the Grafana container
 DASHBOARDS_MOUNT = "/etc/grafana/dashboards"
 RATE_WINDOW = "1m"  # >= 4 scrape intervals (5 s in prometheus/prometheus.yml)
+#: the Deep Retrieval panels' note: their gauges are registered only with DR on
+DR_OFF = "No data: Deep Retrieval is off (STREAMREC_DR_ENABLED)."
 
 
 # -- building blocks -------------------------------------------------------------------------
@@ -185,12 +187,12 @@ def overview() -> dict:
                      target("streamrec_dr_nonempty_paths", "non-empty paths {{instance}}", "B"),
                      target("streamrec_dr_items", "items {{instance}}", "C")], "none",
                     "After each M-step: the size of the largest path (the penalty keeps it "
-                    "small), paths holding items, items with paths."),
+                    "small), paths holding items, items with paths. " + DR_OFF),
          timeseries("Deep Retrieval learning",
                     [target("streamrec_dr_estep_loss", "E-step loss {{instance}}", "A"),
                      target("streamrec_dr_last_m_step_seconds", "M-step s {{instance}}", "B")],
                     "none", "EW mean of the E-step's multi-path loss; seconds of the last "
-                            "M-step (it runs aside, off the event loop)."),
+                            "M-step (it runs aside, off the event loop). " + DR_OFF),
          timeseries("Items per DR retrieval",
                     [target(f"histogram_quantile(0.5, sum by (le) "
                             f"(rate(streamrec_dr_retrieved_items_bucket[{RATE_WINDOW}])))",
@@ -198,10 +200,11 @@ def overview() -> dict:
                      target(f"histogram_quantile(0.99, sum by (le) "
                             f"(rate(streamrec_dr_retrieved_items_bucket[{RATE_WINDOW}])))",
                             "p99", "B")], "none",
-                    "Items a dr request hands to the rerank (what it scores)."),
+                    "Items a dr request hands to the rerank (what it scores). " + DR_OFF),
          stat("M-steps", [target("streamrec_dr_m_steps", "done {{instance}}", "A"),
                           target("streamrec_dr_m_step_failures", "failed {{instance}}", "B")],
-              "Deep Retrieval M-steps installed, and failed (the old paths kept serving).")],
+              "Deep Retrieval M-steps installed, and failed (the old paths kept serving). "
+              + DR_OFF)],
         [timeseries("Item sharing (several workers)",
                     [target("streamrec_item_rows_published", "rows published {{instance}}",
                             "A"),
