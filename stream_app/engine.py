@@ -518,11 +518,8 @@ class Engine:
         self.learner.set_offsets(at, offsets)
         self.learner.forget_positives(at)
         self.index.learned(item_ids, at)
-        return LearnedReport(
-            delta=self.learner.delta(first_row, at[at < first_row], at), items=list(item_ids),
-            step_seconds=[], losses=[], dr_losses=[], dr_stats=None, dr_new_items=[],
-            dr_new_paths=None, dr_weights=None, examples=0, failed=0,
-            serving=self.serving_choice.state(), installed=True)
+        return self._rows_report(self.learner.delta(first_row, at[at < first_row], at),
+                                 list(item_ids), installed=True)
 
     def add_offset_steps(self, item_ids: list[str], steps: np.ndarray) -> LearnedReport:
         """Other workers' steps on the input offsets of items learned here, added (those of
@@ -532,11 +529,16 @@ class Engine:
         rows = self.learner.rows_of([item_ids[k] for k in known])
         self.learner.add_offsets(rows, np.asarray(steps)[known])
         rows = np.unique(rows)
+        return self._rows_report(self.learner.delta(len(self.learner), rows[:0], rows), [])
+
+    def _rows_report(self, delta: RowDelta, items: list[str], *, installed: bool = False
+                     ) -> LearnedReport:
+        """The report of rows set from another worker's records, no learning step behind it:
+        what a follower takes in (the rows, the offsets) and nothing a step would bring."""
         return LearnedReport(
-            delta=self.learner.delta(len(self.learner), rows[:0], rows), items=[],
-            step_seconds=[], losses=[], dr_losses=[], dr_stats=None, dr_new_items=[],
-            dr_new_paths=None, dr_weights=None, examples=0, failed=0,
-            serving=self.serving_choice.state())
+            delta=delta, items=items, step_seconds=[], losses=[], dr_losses=[], dr_stats=None,
+            dr_new_items=[], dr_new_paths=None, dr_weights=None, examples=0, failed=0,
+            serving=self.serving_choice.state(), installed=installed)
 
     def rows_to_share(self, rows: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids, augmented rows and input offsets of learner ``rows``, as they are now."""

@@ -56,34 +56,38 @@ log = logging.getLogger(__name__)
 Records = list[tuple[bytes, bytes]]
 
 
-def add_step_records(engine: Engine, records: Records) -> LearnedReport | None:
-    """:meth:`Engine.add_offset_steps` of item-steps records; one that does not decode is
-    skipped and logged. None when none decoded."""
-    items, steps, bad = [], [], 0
+def _decoded(records: Records, decode: Callable[[bytes], Any], what: str
+             ) -> list[tuple[str, Any]]:
+    """(item id, decoded value) of each record; one that does not decode is skipped and
+    logged (only workers of this app write these topics, so one is damage or another model
+    dimension)."""
+    decoded, bad = [], 0
     for key, value in records:
         try:
-            steps.append(decode_offset_step(value, engine.settings.model_dim))
-            items.append(key.decode())
+            decoded.append((key.decode(), decode(value)))
         except (ValueError, UnicodeDecodeError, AttributeError):
             bad += 1
     if bad:
-        log.warning("skipped %d offset steps that do not decode", bad)
-    return engine.add_offset_steps(items, np.stack(steps)) if items else None
+        log.warning("skipped %d %s that do not decode", bad, what)
+    return decoded
+
+
+def add_step_records(engine: Engine, records: Records) -> LearnedReport | None:
+    """:meth:`Engine.add_offset_steps` of item-steps records (those that decode); None when
+    none did."""
+    dim = engine.settings.model_dim
+    decoded = _decoded(records, lambda value: decode_offset_step(value, dim), "offset steps")
+    if not decoded:
+        return None
+    items, steps = zip(*decoded)
+    return engine.add_offset_steps(list(items), np.stack(steps))
 
 
 def install_records(engine: Engine, records: Records) -> LearnedReport | None:
-    """:meth:`Engine.install_rows` of item-rows records (the last of an item's, when it comes
-    twice); a record that does not decode is skipped and logged (only workers of this app
-    write the topic, so one is damage or another model dimension). None when none decoded."""
-    latest: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    bad = 0
-    for key, value in records:
-        try:
-            latest[key.decode()] = decode_item_row(value, engine.settings.model_dim)
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            bad += 1
-    if bad:
-        log.warning("skipped %d item rows that do not decode", bad)
+    """:meth:`Engine.install_rows` of item-rows records that decode (the last of an item's,
+    when it comes twice); None when none did."""
+    dim = engine.settings.model_dim
+    latest = dict(_decoded(records, lambda value: decode_item_row(value, dim), "item rows"))
     if not latest:
         return None
     rows, offsets = zip(*latest.values())
@@ -180,17 +184,18 @@ class ItemSharing:
         after = self.own_rows_after if published_at is not None else math.inf
         times = published_at if published_at is not None else [0.0] * len(records)
         return [(key, value) for (key, value), at in zip(records, times, strict=True)
-                if key is not None and value is not None
-                and (at > after or item_partition(key.decode(errors="replace"),
-                                                  self.settings.partitions) not in owned)]
+                if value is not None and key is not None
+                and (at > after or not self._owns(key, owned))]
 
     def own_steps(self, records: Records) -> Records:
         """The item-steps records of items this worker owns."""
         owned = self._owned()
         return [(key, value) for key, value in records
-                if key is not None and value is not None
-                and item_partition(key.decode(errors="replace"), self.settings.partitions)
-                in owned]
+                if value is not None and key is not None and self._owns(key, owned)]
+
+    def _owns(self, key: bytes, owned: frozenset[int]) -> bool:
+        """Whether the item of a record keyed ``key`` is in the training partitions ``owned``."""
+        return item_partition(key.decode(errors="replace"), self.settings.partitions) in owned
 
     async def read(self, retry_after_s: float = 1.0) -> None:
         """Install the other workers' rows from the item-rows topic, and add the steps they
