@@ -33,7 +33,7 @@ from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_fair_fetch
 from .intake import IntakeLag
 from .kafka import faust_credentials, key_partition
-from .item_sharing import ItemSharing, add_step_records, install_records
+from .item_sharing import PUBLISHER, ItemSharing, Records, add_step_records, install_records
 from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .request_reader import RequestReader
@@ -499,11 +499,40 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
     async def read_item_rows() -> None:
         await sharing.read()
 
+    async def publish(rows: Records, steps: Records) -> None:
+        headers = {PUBLISHER: sharing.instance}  # whose they are: see ItemSharing.wanted
+        for key, value in rows:
+            await topic.send(key=key, value=value, headers=headers)
+        for key, value in steps:
+            await steps_topic.send(key=key, value=value)
+
     @app.timer(settings.share_items_s)
     async def publish_item_rows() -> None:
-        for key, value in sharing.due():
-            await topic.send(key=key, value=value)
-        for key, value in sharing.steps_due():
-            await steps_topic.send(key=key, value=value)
+        await publish(sharing.due(), sharing.steps_due())
+
+    @app.on_partitions_assigned.connect
+    async def hold(app: faust.App, assigned, **kwargs) -> None:
+        sharing.held = frozenset(tp.partition for tp in assigned
+                                 if tp.topic == settings.train_topic)
+
+    async def hand_over() -> None:
+        """The rows learned since the last publish, out before the items move (a
+        revocation) or the worker goes: the batches the learner holds first."""
+        try:
+            if learner is not None and not await learner.settle(settings.hand_over_wait_s):
+                log.warning("the learner's batches in flight were not learned in %.1f s; "
+                            "handing over without them", settings.hand_over_wait_s)
+            await publish(*sharing.handed_over())
+            await app.producer.flush()
+        except Exception:  # noqa: BLE001 - the next owner starts from the last publish
+            log.exception("could not hand the item rows over")
+
+    @app.on_partitions_revoked.connect
+    async def hand_over_revoked(app: faust.App, revoked, **kwargs) -> None:
+        await hand_over()
+
+    @app.on_before_shutdown.connect
+    async def hand_over_at_stop(app: faust.App, **kwargs) -> None:
+        await hand_over()
 
     return sharing

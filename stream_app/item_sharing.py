@@ -11,7 +11,13 @@ learner's reports as it follows learning, so the index holds the whole catalogue
 
 An item is owned by the worker that holds its training partition *now*: after a rebalance
 its new owner learns it on from the last row the old owner published, and the old owner takes
-the new owner's rows from then on. While a starting worker reads the records the topic held
+the new owner's rows from then on. A worker that loses partitions, or stops, first waits for
+its learner's batches in flight and publishes every row moved since its last publish (its
+hand-over), so the next owner starts from all of its learning, not from up to a publish
+interval before. Each record names the worker process that published it (a header), and a
+worker installs a row of an item it owns when another process published it after this reader
+started: only a previous owner does, handing the item over (it may reach the new owner after
+its assignment, and always does when the old owner stops: Faust leaves the group first). While a starting worker reads the records the topic held
 when it started (its catch-up), it also installs the rows of items it owns that were
 published after its own checkpoint was written: a worker that joins a running app starts its
 items from the rows their last owner published, whether its partitions are assigned before or
@@ -39,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,6 +61,9 @@ from .wire import decode_item_row, decode_offset_step, encode_item_row, encode_o
 log = logging.getLogger(__name__)
 
 Records = list[tuple[bytes, bytes]]
+
+#: the record header naming the worker process that published an item row
+PUBLISHER = "streamrec-publisher"
 
 
 def _decoded(records: Records, decode: Callable[[bytes], Any], what: str
@@ -114,6 +124,8 @@ class ItemSharing:
         self._install = install
         self._add_steps = add_steps
         self.own_rows_after = own_rows_after  # infinity once a catch-up has ended
+        self.instance = uuid.uuid4().hex.encode()  # this process, in its records' headers
+        self.held: frozenset[int] = frozenset()  # training partitions as last assigned
         self._moved: set[int] = set()  # learner rows moved since the last publish
         self._steps: dict[int, np.ndarray] = {}  # learner row: offset steps not sent yet
         self.published = 0
@@ -133,13 +145,14 @@ class ItemSharing:
                 held = self._steps.get(row)
                 self._steps[row] = step if held is None else held + step
 
-    def due(self) -> Records:
-        """Records of the rows moved since the last call whose items this worker owns."""
+    def due(self, owned: frozenset[int] | None = None) -> Records:
+        """Records of the rows moved since the last call whose items this worker owns (the
+        items of the training partitions ``owned``, by default those it holds now)."""
         if not self._moved:
             return []
         rows = np.fromiter(self._moved, dtype=np.int64, count=len(self._moved))
         self._moved.clear()
-        owned = self._owned()
+        owned = self._owned() if owned is None else owned
         ids, values, offsets = self.engine.rows_to_share(rows)
         records = [(item.encode(), encode_item_row(row, offset))
                    for item, row, offset in zip(ids, values, offsets)
@@ -147,19 +160,27 @@ class ItemSharing:
         self.published += len(records)
         return records
 
-    def steps_due(self) -> Records:
+    def steps_due(self, owned: frozenset[int] | None = None) -> Records:
         """Records of the offset steps taken since the last call on items this worker does
-        not own (its own items' steps are in the rows it publishes)."""
+        not own (its own items' steps are in the rows it publishes); ``owned`` as in
+        :meth:`due`."""
         if not self._steps:
             return []
         steps, self._steps = self._steps, {}
-        owned = self._owned()
+        owned = self._owned() if owned is None else owned
         ids = self.engine.learner.item_ids_at(steps)
         records = [(item.encode(), encode_offset_step(step))
                    for item, step in zip(ids, steps.values())
                    if item_partition(item, self.settings.partitions) not in owned]
         self.steps_sent += len(records)
         return records
+
+    def handed_over(self) -> tuple[Records, Records]:
+        """:meth:`due` and :meth:`steps_due` as owner of the partitions held before a
+        revocation or a stop (:attr:`held`) and of those held now: the rows the next owners
+        start from."""
+        owned = self._owned() | self.held
+        return self.due(owned), self.steps_due(owned)
 
     def export(self, metrics: Any) -> None:
         """Its counts as gauges of a :class:`stream_app.metrics.Metrics`."""
@@ -175,17 +196,23 @@ class ItemSharing:
                       "Input-offset steps of other workers this worker added to its items.",
                       lambda: self.steps_added)
 
-    def wanted(self, records: Records, published_at: Sequence[float] | None = None
-               ) -> Records:
-        """The records to install: those of items this worker does not own and, for records
-        of the catch-up (``published_at``: their times, epoch seconds), those of its own items
-        published after ``own_rows_after``."""
+    def wanted(self, records: Records, published_at: Sequence[float] | None = None,
+               publishers: Sequence[bytes | None] | None = None) -> Records:
+        """The records to install: those of items this worker does not own; for records of
+        the catch-up (``published_at``: their times, epoch seconds), those of its own items
+        published after ``own_rows_after``; for the others, those of its own items that
+        another worker process published (``publishers``: each record's, None when it names
+        none): a hand-over."""
         owned = self._owned()
-        after = self.own_rows_after if published_at is not None else math.inf
-        times = published_at if published_at is not None else [0.0] * len(records)
-        return [(key, value) for (key, value), at in zip(records, times, strict=True)
+        catch_up = published_at is not None
+        after = self.own_rows_after if catch_up else math.inf
+        times = published_at if catch_up else [0.0] * len(records)
+        by = [None] * len(records) if publishers is None or catch_up else publishers
+        return [(key, value)
+                for (key, value), at, publisher in zip(records, times, by, strict=True)
                 if value is not None and key is not None
-                and (at > after or not self._owns(key, owned))]
+                and (at > after or publisher not in (None, self.instance)
+                     or not self._owns(key, owned))]
 
     def own_steps(self, records: Records) -> Records:
         """The item-steps records of items this worker owns."""
@@ -268,5 +295,15 @@ class ItemSharing:
             early = [record for record in batch if record.offset < end]
             records += self.wanted([(record.key, record.value) for record in early],
                                    [record.timestamp / 1000 for record in early])
-            records += self.wanted([(record.key, record.value) for record in batch[len(early):]])
+            live = batch[len(early):]
+            records += self.wanted([(record.key, record.value) for record in live],
+                                   publishers=[publisher_of(record) for record in live])
         return records
+
+
+def publisher_of(record: Any) -> bytes | None:
+    """The publisher named in an item-rows record's headers; None when it names none."""
+    for name, value in record.headers or ():
+        if name == PUBLISHER:
+            return value
+    return None

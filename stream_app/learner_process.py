@@ -139,6 +139,24 @@ class LearnerProcess:
         await self._slots.acquire()
         self._writer.write(learn_frame(values, users))
 
+    async def settle(self, timeout_s: float) -> bool:
+        """Wait until every batch handed to the child is learned and its report applied
+        (:meth:`learn` waits no more), at most ``timeout_s``; True when none is left. A
+        worker handing its items over publishes what they learned after this."""
+        if self._slots is None:  # not fed yet
+            return True
+        taken = 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                while taken < self.in_flight:
+                    await self._slots.acquire()
+                    taken += 1
+        except TimeoutError:
+            pass
+        for _ in range(taken):
+            self._slots.release()
+        return taken == self.in_flight
+
     def request_save(self) -> None:
         self._writer.write(frame(SAVE))
 

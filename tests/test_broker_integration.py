@@ -636,8 +636,8 @@ def check_shared_answers(settings, users: int = 24) -> None:
 
 
 def sharing_settings(settings, **changes):
-    return settings.replace(share_items=True, share_items_s=0.5, model_dim=16, dr_enabled=False,
-                            **changes)
+    return settings.replace(**{"share_items": True, "share_items_s": 0.5, "model_dim": 16,
+                               "dr_enabled": False, **changes})
 
 
 def test_workers_that_share_items_answer_from_the_whole_catalogue(settings, start_worker):
@@ -723,6 +723,61 @@ def test_a_worker_that_joins_starts_its_items_from_the_rows_published_before(set
     assert metric(second, "streamrec_item_rows_installed") >= CLUSTERS_ITEMS
     assert metric(second, "streamrec_item_rows_published") == 0
     check_shared_answers(settings)  # half of these users are the second worker's
+
+
+def shared_answers(settings, users: int = 24) -> list[dict[str, float]]:
+    with RecClient(settings) as client:
+        return [{item.item_id: item.score for item in
+                 client.recommend(f"u{user}", k=10, sources=["ann"]).items}
+                for user in range(users)]
+
+
+def same_answers(was: list[dict[str, float]], now: list[dict[str, float]]) -> bool:
+    """The same items with the same scores, up to the float32 of item-rows records."""
+    return all(one.keys() == other.keys()
+               and [other[item] for item in one] == pytest.approx(list(one.values()), abs=1e-5)
+               for one, other in zip(was, now, strict=True))
+
+
+@pytest.mark.parametrize("leaving", [False, True], ids=["joins", "stops"])
+def test_a_hand_over_gives_the_next_owner_all_the_learning_of_the_last(settings, start_worker,
+                                                                       leaving):
+    """With a publish interval far longer than the test, a worker publishes its rows only
+    when it hands its items over: to a worker that joins (the rebalance revokes its
+    partitions: the newcomer then answers its users exactly as the old owner did, before it
+    learned anything), or to the one that stays when it stops (which then holds and answers
+    from the items it never learned)."""
+    from stream_app.processes import free_port
+
+    from .test_engine_model import planted_stream
+
+    shared = sharing_settings(settings, share_items_s=3600.0, serve_tuning_every=0)
+    other = shared.replace(data_dir=settings.data_dir.parent / "second", metrics_port=free_port())
+    first = start_worker(shared)
+    workers = (first, start_worker(other)) if leaving else (first,)
+    wait_until(lambda: [metric(w, "streamrec_request_partitions") for w in workers]
+               == [2 / len(workers)] * len(workers), 60)
+    stream = planted_stream()
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    wait_until(lambda: sum(metric(w, "streamrec_learned_events_total") for w in workers)
+               == len(stream), 120)
+    assert sum(metric(w, "streamrec_item_rows_published") for w in workers) == 0
+    if leaving:
+        assert metric(first, "streamrec_model_items") < CLUSTERS_ITEMS  # its own half
+        assert workers[1].stop() == 0
+        wait_until(lambda: metric(first, "streamrec_request_partitions") == 2.0, 60)
+        wait_until(lambda: metric(first, "streamrec_model_items") == CLUSTERS_ITEMS, 30)
+        assert metric(first, "streamrec_learned_events_total") < len(stream)
+    else:
+        before = shared_answers(settings)
+        second = start_worker(other)
+        wait_until(lambda: [metric(w, "streamrec_request_partitions") for w in (first, second)]
+                   == [1, 1], 60)
+        wait_until(lambda: metric(second, "streamrec_model_items") == CLUSTERS_ITEMS, 30)
+        assert metric(first, "streamrec_item_rows_published") >= CLUSTERS_ITEMS
+        wait_until(lambda: same_answers(before, shared_answers(settings)), 30)
+        assert metric(second, "streamrec_learned_events_total") == 0
+    check_shared_answers(settings)
 
 
 def test_a_crashed_worker_gets_back_the_rows_it_published_after_its_checkpoint(settings,

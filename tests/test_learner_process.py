@@ -481,7 +481,7 @@ def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
 
     def fetched(first_offset: int, published_at: float) -> dict:
         return {tp: [SimpleNamespace(offset=first_offset + n, key=item.encode(), value=b"row",
-                                     timestamp=published_at * 1000)
+                                     timestamp=published_at * 1000, headers=())
                      for n, item in enumerate(items)]}
 
     def keys(records) -> set[str]:
@@ -496,6 +496,77 @@ def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
     assert sharing.wanted(own, [5_000.0]) == own and sharing.wanted(own) == []
     sharing.own_rows_after = math.inf  # what the reader sets once the catch-up is over
     assert keys(sharing._to_install(fetched(0, 1_001.0), catch_up)) == set(items) - set(mine)
+
+
+def test_a_hand_over_publishes_the_rows_of_the_partitions_held_and_their_next_owner_installs_them():
+    """A worker losing its partitions (none held by then) publishes the rows it moved since
+    its last publish as owner of those it held; the next owner installs the live records of
+    its own items that another worker process published, not its own nor unnamed ones, and
+    in the catch-up the checkpoint rule alone decides."""
+    from aiokafka import TopicPartition
+
+    from stream_app.item_sharing import PUBLISHER
+
+    examples, _ = examples_and_histories(200)
+    engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
+    engine.users = 240
+    old_owner = ItemSharing(engine.settings, engine, frozenset, lambda records: None,
+                            lambda records: None)
+    old_owner.held = frozenset({0, 1})  # as last assigned; the revocation took them
+    old_owner.note(engine.learn_reported(examples, step=32))
+    rows, steps = old_owner.handed_over()
+    assert {key.decode() for key, _ in rows} == set(engine.learner.item_ids) and steps == []
+    assert old_owner.handed_over() == ([], [])
+
+    new_owner = ItemSharing(engine.settings, engine, lambda: frozenset({0}),
+                            lambda records: None, lambda records: None, own_rows_after=1_000.0)
+    mine = [item for item in engine.learner.item_ids if item_partition(item, 2) == 0]
+    theirs = [item for item in engine.learner.item_ids if item_partition(item, 2) == 1]
+    tp = TopicPartition(engine.settings.items_topic, 0)
+
+    def fetched(first: int, by: bytes | None, at: float = 500.0) -> dict:
+        headers = () if by is None else ((PUBLISHER, by),)
+        return {tp: [SimpleNamespace(offset=first + n, key=item.encode(), value=b"row",
+                                     timestamp=at * 1000, headers=headers)
+                     for n, item in enumerate(mine + theirs)]}
+
+    def keys(records) -> set[str]:
+        return {key.decode() for key, _ in records}
+
+    everything, catch_up = set(mine + theirs), {tp: 1_000}
+    assert keys(new_owner._to_install(fetched(1_000, old_owner.instance), {})) == everything
+    for by in (new_owner.instance, None):
+        assert keys(new_owner._to_install(fetched(1_000, by), {})) == set(theirs)
+    assert keys(new_owner._to_install(fetched(0, old_owner.instance), catch_up)) == set(theirs)
+    assert keys(new_owner._to_install(fetched(0, None, at=2_000.0), catch_up)) == everything
+
+
+def test_settle_waits_for_the_batches_in_flight(tmp_path):
+    """:meth:`LearnerProcess.settle` returns once every batch handed over is learned and its
+    report applied; with no time to wait it says that some are not."""
+    examples, _ = examples_and_histories()
+    settings = settings_for(tmp_path)
+    messages = [TrainBatch(examples=examples[start:start + 50]).to_bytes()
+                for start in range(0, len(examples), 50)]
+    learner = LearnerProcess(settings).start()
+    follower = Engine(settings, replica=True)
+    seen = {}
+
+    async def main() -> None:
+        await learner.attach(on_report=follower.follow, on_paths=lambda stats: None,
+                             on_saved=lambda: None, on_death=lambda: None)
+        assert await learner.settle(0.0)  # nothing handed over yet
+        await learner.learn(messages[:2], 240)
+        await learner.learn(messages[2:], 240)
+        seen["at_once"] = await learner.settle(0.0)
+        seen["settled"] = await learner.settle(60.0)
+        seen["learned"] = follower.learned
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert learner.stop()
+    assert seen == {"at_once": False, "settled": True, "learned": len(examples)}
 
 
 def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
