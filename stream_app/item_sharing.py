@@ -16,15 +16,17 @@ its learner's batches in flight and publishes every row moved since its last pub
 hand-over), so the next owner starts from all of its learning, not from up to a publish
 interval before. Each record names the worker process that published it (a header), and a
 worker installs a row of an item it owns when another process published it after this reader
-started: only a previous owner does, handing the item over (it may reach the new owner after
-its assignment, and always does when the old owner stops: Faust leaves the group first). While a starting worker reads the records the topic held
-when it started (its catch-up), it also installs the rows of items it owns that were
-published after its own checkpoint was written: a worker that joins a running app starts its
-items from the rows their last owner published, whether its partitions are assigned before or
-after the reader gets to those records (at a million items the catch-up outlasts the
-rebalance), and a worker that restarts after a crash gets back the learning its checkpoint
-missed, up to its last publish (record times against the checkpoint file's: the workers'
-clocks are taken to agree to well within a publish interval).
+started: only a previous owner does, handing the item over (its records may come after the
+new owner's assignment: a stopping worker's Faust leaves the group before they are sent).
+
+While a starting worker reads the records the topic held when it started (its catch-up), it
+also installs the rows of items it owns that were published after its own checkpoint was
+written: a worker that joins a running app starts its items from the rows their last owner
+published, whether its partitions are assigned before or after the reader gets to those
+records (at a million items the catch-up outlasts the rebalance), and a worker that restarts
+after a crash gets back the learning its checkpoint missed, up to its last publish (record
+times against the checkpoint file's: the workers' clocks are taken to agree to well within a
+publish interval).
 
 An item's input offset δ is the exception to ownership: it moves with every example whose
 history holds the item, and those examples are learned where *their* items are, on every
