@@ -128,6 +128,9 @@ class ItemSharing:
         self.own_rows_after = own_rows_after  # infinity once a catch-up has ended
         self.instance = uuid.uuid4().hex.encode()  # this process, in its records' headers
         self.held: frozenset[int] = frozenset()  # training partitions as last assigned
+        # item-steps partition: its next offset to read. A restarted reader goes on from there
+        # (the steps are not in any row yet); the first one starts at the ends
+        self._steps_next: dict[int, int] = {}
         self._moved: set[int] = set()  # learner rows moved since the last publish
         self._steps: dict[int, np.ndarray] = {}  # learner row: offset steps not sent yet
         self.published = 0
@@ -230,7 +233,8 @@ class ItemSharing:
         """Install the other workers' rows from the item-rows topic, and add the steps they
         took on this worker's items' offsets from the item-steps topic, until cancelled; a
         failed consumer is logged and started again (the rows from the beginning: installing
-        a row twice changes nothing; the steps from their end, as at the first start)."""
+        a row twice changes nothing; the steps from where the failed one left them, the first
+        one from their ends)."""
         await keep_reading(self._read, "the item-rows reader", retry_after_s)
 
     async def _read(self) -> None:
@@ -248,12 +252,13 @@ class ItemSharing:
             catch_up = await self._assign(consumer)
             while True:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+                fetched = {tp: batch for tp, batch in batches.items() if tp.topic != topic}
                 steps = self.own_steps([(record.key, record.value)
-                                        for tp, batch in batches.items() if tp.topic != topic
-                                        for record in batch])
+                                        for batch in fetched.values() for record in batch])
                 if steps:
                     self._add_steps(steps)
                     self.steps_added += len(steps)
+                self._steps_taken(fetched)
                 records = self._to_install({tp: batch for tp, batch in batches.items()
                                             if tp.topic == topic}, catch_up)
                 if records:
@@ -272,7 +277,8 @@ class ItemSharing:
 
     async def _assign(self, consumer: Any) -> dict:
         """Assign ``consumer`` every partition of both topics: the rows from the beginning,
-        the steps from their ends now. Returns the rows' end offsets now (the catch-up's)."""
+        the steps from where the last reader left them (their ends now at the first start).
+        Returns the rows' end offsets now (the catch-up's)."""
         from aiokafka import TopicPartition
 
         topic, steps_topic = self.settings.items_topic, self.settings.item_steps_topic
@@ -285,8 +291,14 @@ class ItemSharing:
         await consumer.seek_to_beginning(*(tp for tp in assigned if tp.topic == topic))
         for tp in assigned:
             if tp.topic == steps_topic:
-                consumer.seek(tp, ends[tp])
+                consumer.seek(tp, self._steps_next.setdefault(tp.partition, ends[tp]))
         return {tp: end for tp, end in ends.items() if end > 0 and tp.topic == topic}
+
+    def _steps_taken(self, batches: dict) -> None:
+        """Item-steps records fetched and handed on: a restarted reader starts after them."""
+        for tp, batch in batches.items():
+            if batch:
+                self._steps_next[tp.partition] = batch[-1].offset + 1
 
     def _to_install(self, batches: dict, catch_up: dict) -> Records:
         """:meth:`wanted` of fetched ``batches``, the records before ``catch_up``'s end offsets
