@@ -136,6 +136,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         metrics.dead_letters.labels(error.reason).inc()
         metrics.events.labels("invalid", "dead_letter").inc()
 
+    event_kinds = settings.event_kinds  # a set made once, not per event
+
     def users_partition(message, user_key: bytes) -> int | None:
         """The partition of the events topic (and of the requests topic, numbered alike)
         where messages keyed ``user_key`` belong, if ``message`` is elsewhere: its user's
@@ -153,7 +155,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         """The valid event of a message; None when the message went to the DLQ (with a
         reason) or was re-sent to its user's partition, under its user's key."""
         try:
-            event = decode_event(message.value, kinds=settings.event_kinds,
+            event = decode_event(message.value, kinds=event_kinds,
                                  max_bytes=settings.max_event_bytes)
             user_key = event.user_id.encode()
             home = users_partition(message, user_key)

