@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 import faust
+from faust.types import TP
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,11 @@ class BatchIntake:
             self._filled.set()
         if len(waiting) >= self.capacity:
             if message.tp not in self._held_back:
-                self._held_back.add(message.tp)
-                app.consumer.on_buffer_full(message.tp)
+                # Faust's own partition type: a message fetched by the fair poll carries
+                # aiokafka's, and Faust's fetchable set asserts that it holds only its own
+                tp = TP(message.tp.topic, message.tp.partition)
+                self._held_back.add(tp)
+                app.consumer.on_buffer_full(tp)
             if len(waiting) >= 2 * self.capacity:
                 self._room.clear()
                 await self._room.wait()

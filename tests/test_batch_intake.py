@@ -153,6 +153,50 @@ def test_a_partition_over_capacity_stops_fetching_until_half_is_taken():
     assert resumed == [TP(TOPIC, 0)]
 
 
+class FaustBookkeeping(Consumer):
+    """The fake consumer, also keeping Faust's own set of fetchable partitions (its methods,
+    unbound), which asserts that it holds Faust's partition type only."""
+    from faust.transport.consumer import Consumer as _Faust
+
+    _get_active_partitions = _Faust._get_active_partitions
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.app = SimpleNamespace(in_recovery=False)
+        self._active_partitions = {TP(TOPIC, 0)}
+        self._buffered_partitions: set = set()
+
+    def on_buffer_full(self, tp) -> None:
+        super().on_buffer_full(tp)
+        self._Faust.on_buffer_full(self, tp)
+
+    def on_buffer_drop(self, tp) -> None:
+        super().on_buffer_drop(tp)
+        self._Faust.on_buffer_drop(self, tp)
+
+
+def test_a_message_fetched_by_the_fair_poll_is_held_back_and_resumed_as_faust_s_partition():
+    """The fair poll (stream_app/fair_fetch.py) hands out messages whose partition is
+    aiokafka's TopicPartition; resumed as such, it went into Faust's fetchable set, whose next
+    read (every fetch) failed an assertion and crashed the worker during a backlog."""
+    from aiokafka.structs import TopicPartition
+
+    async def scenario():
+        app, intake, deliver = installed(batch_size=2, capacity=6)
+        app.consumer = FaustBookkeeping()
+        for offset in range(8):
+            await deliver(ConsumerMessage(TOPIC, 0, offset, 0.0, 0, [], b"k", b"v", None,
+                                          tp=TopicPartition(TOPIC, 0), generation_id=1))
+        for _ in range(3):
+            await intake.take()
+        return app.consumer
+
+    consumer = asyncio.run(scenario())
+    assert consumer.held == consumer.resumed == [TP(TOPIC, 0)]
+    assert consumer._get_active_partitions() == {TP(TOPIC, 0)}  # Faust's check passes
+    assert all(type(tp) is TP for tp in consumer.held + consumer.resumed)
+
+
 def test_after_a_rebalance_a_partition_over_capacity_is_held_back_again():
     """A new assignment makes every partition fetch again (Faust resets them), so the
     intake must not think one is still held back."""
