@@ -134,6 +134,7 @@ class ItemSharing:
         self._moved: set[int] = set()  # learner rows moved since the last publish
         self._steps: dict[int, np.ndarray] = {}  # learner row: offset steps not sent yet
         self.published = 0
+        self.handed_over_rows = 0  # of the published: at hand-overs
         self.installed = 0
         self.steps_sent = 0
         self.steps_added = 0
@@ -185,12 +186,17 @@ class ItemSharing:
         revocation or a stop (:attr:`held`) and of those held now: the rows the next owners
         start from."""
         owned = self._owned() | self.held
-        return self.due(owned), self.steps_due(owned)
+        rows = self.due(owned)
+        self.handed_over_rows += len(rows)
+        return rows, self.steps_due(owned)
 
     def export(self, metrics: Any) -> None:
         """Its counts as gauges of a :class:`stream_app.metrics.Metrics`."""
         metrics.gauge("streamrec_item_rows_published", "Item rows this worker published (owned).",
                       lambda: self.published)
+        metrics.gauge("streamrec_item_rows_handed_over",
+                      "Of the rows published, those sent as this worker lost partitions or "
+                      "stopped (its hand-overs).", lambda: self.handed_over_rows)
         metrics.gauge("streamrec_item_rows_installed",
                       "Item rows of other workers this worker installed.",
                       lambda: self.installed)

@@ -517,6 +517,7 @@ def test_a_hand_over_publishes_the_rows_of_the_partitions_held_and_their_next_ow
     rows, steps = old_owner.handed_over()
     assert {key.decode() for key, _ in rows} == set(engine.learner.item_ids) and steps == []
     assert old_owner.handed_over() == ([], [])
+    assert old_owner.handed_over_rows == old_owner.published == len(rows)
 
     new_owner = ItemSharing(engine.settings, engine, lambda: frozenset({0}),
                             lambda records: None, lambda records: None, own_rows_after=1_000.0)

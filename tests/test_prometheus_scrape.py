@@ -101,6 +101,7 @@ def endpoint():
     sharing = ItemSharing(engine.settings, engine, frozenset, print, print)
     sharing.export(metrics)  # the gauges a worker adds with STREAMREC_SHARE_ITEMS
     sharing.published, sharing.installed, sharing.steps_sent, sharing.steps_added = 4, 3, 2, 1
+    sharing.handed_over_rows = 5
     record_fixed_counts(metrics)
     port = free_port()
     server, thread = metrics.serve("127.0.0.1", port)
