@@ -241,8 +241,8 @@ class ItemLearner:
         self.item_gramian = ExactGramian(width)
         self.user_gramian = DecayedGramian(width, config.user_gramian_beta)
         self.events = 0
-        self.positive_mass = 0.0  # Σ α of the positives, discounted like A_i
-        self._lane_mass = np.zeros(len(self._lane_clock))  # the same per lane, on its clock
+        # Σ α of the positives, discounted like A_i: per lane, on its clock (positive_mass)
+        self._lane_mass = np.zeros(len(self._lane_clock))
         self.steps = 0
         self.changed_rows = np.empty(0, dtype=np.int64)  # rows the last learn() call moved
         self.changed_input_rows = np.empty(0, dtype=np.int64)  # offsets the last call moved
@@ -497,7 +497,11 @@ class ItemLearner:
             events = np.bincount(lanes, minlength=count)
             self._lane_mass *= 0.5 ** (events / (half_life / count))
         self._lane_mass += np.bincount(lanes, weights=alphas, minlength=count)
-        self.positive_mass = float(self._lane_mass.sum())
+
+    @property
+    def positive_mass(self) -> float:
+        """Σ α of the positives, discounted like A_i (each lane on its own clock)."""
+        return float(self._lane_mass.sum())
 
     @property
     def alpha0(self) -> float:
@@ -790,13 +794,14 @@ class ItemLearner:
             self._pos_gram, self._pos_target, self._pos_at = _no_statistics(self.config.dim + 1)
         self._slots_used = len(self._pos_gram)
         self._load_lanes(data)
-        self.positive_mass = (float(data["positive_mass"][0]) if "positive_mass" in data
-                              else self._positive_mass_now())  # older checkpoints
         lanes = len(self._lane_clock)
         saved = data["lane_mass"] if "lane_mass" in data else np.zeros(0)
-        # older checkpoints or another number of lanes: the mass as lanes that ran evenly
-        self._lane_mass = (np.asarray(saved, dtype=np.float64) if len(saved) == lanes
-                           else np.full(lanes, self.positive_mass / lanes))
+        if len(saved) == lanes:
+            self._lane_mass = np.asarray(saved, dtype=np.float64)
+        else:  # older checkpoints or another number of lanes: the mass as lanes that ran evenly
+            mass = (float(data["positive_mass"][0]) if "positive_mass" in data
+                    else self._positive_mass_now())  # older still
+            self._lane_mass = np.full(lanes, mass / lanes)
 
     def _load_lanes(self, data) -> None:
         """The lane clocks and each slot's lane. A checkpoint with another number of lanes
