@@ -161,8 +161,7 @@ class ItemSharing:
         owned = self._owned() if owned is None else owned
         ids, values, offsets = self.engine.rows_to_share(rows)
         records = [(item.encode(), encode_item_row(row, offset))
-                   for item, row, offset in zip(ids, values, offsets)
-                   if item_partition(item, self.settings.partitions) in owned]
+                   for item, row, offset in zip(ids, values, offsets) if self._owns(item, owned)]
         self.published += len(records)
         return records
 
@@ -176,8 +175,7 @@ class ItemSharing:
         owned = self._owned() if owned is None else owned
         ids = self.engine.learner.item_ids_at(steps)
         records = [(item.encode(), encode_offset_step(step))
-                   for item, step in zip(ids, steps.values())
-                   if item_partition(item, self.settings.partitions) not in owned]
+                   for item, step in zip(ids, steps.values()) if not self._owns(item, owned)]
         self.steps_sent += len(records)
         return records
 
@@ -223,17 +221,19 @@ class ItemSharing:
                 for (key, value), at, publisher in zip(records, times, by, strict=True)
                 if value is not None and key is not None
                 and (at > after or publisher not in (None, self.instance)
-                     or not self._owns(key, owned))]
+                     or not self._owns(key.decode(errors="replace"), owned))]
 
     def own_steps(self, records: Records) -> Records:
         """The item-steps records of items this worker owns."""
         owned = self._owned()
         return [(key, value) for key, value in records
-                if value is not None and key is not None and self._owns(key, owned)]
+                if value is not None and key is not None
+                and self._owns(key.decode(errors="replace"), owned)]
 
-    def _owns(self, key: bytes, owned: frozenset[int]) -> bool:
-        """Whether the item of a record keyed ``key`` is in the training partitions ``owned``."""
-        return item_partition(key.decode(errors="replace"), self.settings.partitions) in owned
+    def _owns(self, item_id: str, owned: frozenset[int]) -> bool:
+        """Whether ``item_id`` is in the training partitions ``owned``: this worker's to learn
+        and publish."""
+        return item_partition(item_id, self.settings.partitions) in owned
 
     async def read(self, retry_after_s: float = 1.0) -> None:
         """Install the other workers' rows from the item-rows topic, and add the steps they
