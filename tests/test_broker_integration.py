@@ -857,22 +857,9 @@ def test_a_crashed_worker_gets_back_the_rows_it_published_after_its_checkpoint(s
     wait_until(lambda: metric(worker, "streamrec_learned_events_total") == len(stream) - half,
                120)
     wait_for_publishes(worker)
-
-    def answers() -> list[dict[str, float]]:
-        with RecClient(settings) as client:
-            return [{item.item_id: item.score for item in
-                     client.recommend(f"u{user}", k=10, sources=["ann"]).items}
-                    for user in range(12)]
-
-    before = answers()
+    before = shared_answers(settings, users=12)
     worker.child.kill()  # no checkpoint since the first stop
     restarted = start_worker(shared)
-
-    def as_before() -> bool:
-        return all(now.keys() == was.keys()
-                   and [now[item] for item in was] == pytest.approx(list(was.values()), abs=1e-5)
-                   for was, now in zip(before, answers(), strict=True))
-
-    wait_until(as_before, 60)
+    wait_until(lambda: same_answers(before, shared_answers(settings, users=12)), 60)
     assert metric(restarted, "streamrec_learned_events_total") == 0
     assert metric(restarted, "streamrec_item_rows_published") == 0  # installs are not sent back
