@@ -465,6 +465,18 @@ def test_steps_on_other_workers_items_go_to_their_owner_who_adds_them():
     assert published == {key.decode() for key, _ in records}
 
 
+def fetched_rows(items: list[str], first_offset: int, published_at: float,
+                 headers: tuple = ()) -> list:
+    """Item-rows records of ``items`` as the reader fetches them, from ``first_offset`` on."""
+    return [SimpleNamespace(offset=first_offset + n, key=item.encode(), value=b"row",
+                            timestamp=published_at * 1000, headers=headers)
+            for n, item in enumerate(items)]
+
+
+def keys(records) -> set[str]:
+    return {key.decode() for key, _ in records}
+
+
 def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
     """While a starting worker reads what the topic held when it started, the rows of its own
     items published after its checkpoint come in too (a joining worker's items start from
@@ -480,12 +492,7 @@ def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
     tp = TopicPartition(engine.settings.items_topic, 0)
 
     def fetched(first_offset: int, published_at: float) -> dict:
-        return {tp: [SimpleNamespace(offset=first_offset + n, key=item.encode(), value=b"row",
-                                     timestamp=published_at * 1000, headers=())
-                     for n, item in enumerate(items)]}
-
-    def keys(records) -> set[str]:
-        return {key.decode() for key, _ in records}
+        return {tp: fetched_rows(items, first_offset, published_at)}
 
     catch_up = {tp: 2 * len(items)}  # the topic's end when the reader started
     assert keys(sharing._to_install(fetched(0, 999.0), catch_up)) == set(items) - set(mine)
@@ -527,12 +534,7 @@ def test_a_hand_over_publishes_the_rows_of_the_partitions_held_and_their_next_ow
 
     def fetched(first: int, by: bytes | None, at: float = 500.0) -> dict:
         headers = () if by is None else ((PUBLISHER, by),)
-        return {tp: [SimpleNamespace(offset=first + n, key=item.encode(), value=b"row",
-                                     timestamp=at * 1000, headers=headers)
-                     for n, item in enumerate(mine + theirs)]}
-
-    def keys(records) -> set[str]:
-        return {key.decode() for key, _ in records}
+        return {tp: fetched_rows(mine + theirs, first, at, headers)}
 
     everything, catch_up = set(mine + theirs), {tp: 1_000}
     assert keys(new_owner._to_install(fetched(1_000, old_owner.instance), {})) == everything
