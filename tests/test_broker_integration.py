@@ -408,10 +408,15 @@ def test_fresh_worker_recovers_histories_from_the_changelog(settings, start_work
 
 def moved_to_cluster(answer: RecResponse, cluster: str) -> bool:
     """The answer's top half and a majority of it come from ``cluster``. A cluster holds 30
-    of the 180 items, so by chance about 1.5 of 10 would. Usually all ten do; one run in many
-    (a full suite on a loaded machine) gave six, its first six, which this still takes."""
+    of the 180 items, so by chance about 1.5 of 10 would; usually all ten do."""
     inside = [item.item_id.startswith(cluster) for item in answer.items]
     return len(inside) == 10 and all(inside[:5]) and sum(inside) >= 6
+
+
+def listing(answer: RecResponse) -> str:
+    """An answer short enough to survive pytest's truncation of failure messages."""
+    items = ", ".join(f"{item.item_id} {item.score:.4f} {item.source}" for item in answer.items)
+    return f"model {answer.model_version} index {answer.index_version}: {items}"
 
 
 def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings, start_worker):
@@ -419,8 +424,17 @@ def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings,
 
     worker = start_worker(settings)
     stream = planted_stream()
-    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
-    worker.wait_metric("streamrec_learned_events_total", len(stream), timeout_s=120)
+    # As a live stream comes: in ten slices, each learned before the next. Produced at once,
+    # the learner may take hundreds of one training partition's examples before the other's
+    # (the fetches decide), and on a stream this small that order can cost the newcomer below
+    # its cluster. The same examples in-process, taken in runs of up to 1,000 from one
+    # partition: two seeds of eight failed the check below (one with 3 of 10 from the
+    # cluster); in ten slices, twelve seeds of twelve gave 10 of 10.
+    tenth = len(stream) // 10
+    for start in range(0, len(stream), tenth):
+        produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream[start:start + tenth]])
+        worker.wait_metric("streamrec_learned_events_total", min(start + tenth, len(stream)),
+                           timeout_s=120)
     assert worker.metrics()["streamrec_model_version"] > 0
     with RecClient(settings) as client:
         before = client.recommend("u3", k=10)  # u3 belongs to cluster 3
@@ -440,7 +454,7 @@ def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings,
         # against the current user Gramian): the answer to compare is the last one.
         last = client.recommend("u3", k=10)
     assert ids(warm) != ids(cold)  # the history changed the answer
-    assert moved_to_cluster(warm, "c5-"), warm  # ... towards the newcomer's cluster
+    assert moved_to_cluster(warm, "c5-"), listing(warm)  # ... towards the newcomer's cluster
     assert worker.stop() == 0  # checkpoints on the way out
 
     again = start_worker(settings)
