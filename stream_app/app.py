@@ -339,6 +339,15 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             await learner.attach(on_report=follow, on_paths=reload_paths, on_saved=learner_saved,
                                  on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
 
+        @app.on_before_shutdown.connect
+        async def learn_what_was_handed_over(app: faust.App, **kwargs) -> None:
+            """The batches handed to the learner process learned before the worker stops:
+            Faust commits their offsets on the way out, while frames still in the pipe's
+            buffer would go with the event loop (the consumer has stopped taking by now)."""
+            if not learner.died and not await learner.settle(settings.hand_over_wait_s):
+                log.warning("the learner's batches in flight were not learned in %.1f s; "
+                            "stopping without them", settings.hand_over_wait_s)
+
     def reply_allowed(name: str | None) -> bool:
         """The responses topic, a reply topic in use, or a new one while fewer than
         ``max_reply_topics`` others are (a request may name any topic with the responses

@@ -25,12 +25,18 @@ its death) tells the child to checkpoint and exit.
 
 If the child dies, the worker stops (and its supervisor or container restarts it from the last
 checkpoint, redelivering what was not committed): a worker that takes events in but cannot
-learn would look healthy while its model froze.
+learn would look healthy while its model froze. What that costs: the training messages whose
+offsets were committed after the child's last checkpoint (``checkpoint_interval_s``) are not
+learned again, because commits follow the hand-over to the child, not its checkpoints. A
+worker that stops on its own waits for the child to learn everything handed over
+(:meth:`LearnerProcess.settle`) before Faust's last commit, and the child checkpoints on the
+way out, so a graceful stop loses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import logging
@@ -72,6 +78,8 @@ class LearnerProcess:
         self._on_paths: Callable[[dict], None] | None = None
         self._on_saved: Callable[[], None] | None = None
         self._on_death: Callable[[], None] | None = None
+        self._settles: collections.deque[asyncio.Future] = collections.deque()  # in frame order
+        self._batches_written = 0  # learn frames
 
     # -- life -------------------------------------------------------------------------------
     def start(self, timeout_s: float = 120.0) -> LearnerProcess:
@@ -137,25 +145,36 @@ class LearnerProcess:
         """Hand raw training messages to the child; waits while ``in_flight`` batches are
         still being learned."""
         await self._slots.acquire()
+        self._batches_written += 1
         self._writer.write(learn_frame(values, users))
 
     async def settle(self, timeout_s: float) -> bool:
-        """Wait until every batch handed to the child is learned and its report applied
-        (:meth:`learn` waits no more), at most ``timeout_s``; True when none is left. A
-        worker handing its items over publishes what they learned after this."""
-        if self._slots is None:  # not fed yet
+        """Wait until the child has learned every frame handed to it and reported all it
+        learned, input offsets a report held back included (:meth:`Engine.learn_reported`
+        holds them while frames queue), and those reports are applied here; at most
+        ``timeout_s``. True when it has. A worker handing its items over publishes what they
+        learned after this, and a stopping worker waits for it before its last commit.
+
+        A SETTLE frame goes behind the others and the child answers it once it has sent
+        everything: the pipe keeps the order both ways, so every report comes before the
+        answer. A batch handed over meanwhile (the learn agent takes the slot a report frees)
+        goes behind it, so the round trip is repeated until none was."""
+        if self._writer is None:  # not attached: nothing handed over
             return True
-        taken = 0
+        if self.died:  # what it had not saved is gone
+            return False
         try:
             async with asyncio.timeout(timeout_s):
-                while taken < self.in_flight:
-                    await self._slots.acquire()
-                    taken += 1
+                while True:
+                    answer = self._loop.create_future()
+                    self._settles.append(answer)
+                    self._writer.write(frame(SETTLE))
+                    written = self._batches_written
+                    await asyncio.shield(answer)  # a later answer still finds it, done or not
+                    if self._batches_written == written:
+                        return True
         except TimeoutError:
-            pass
-        for _ in range(taken):
-            self._slots.release()
-        return taken == self.in_flight
+            return False
 
     def request_save(self) -> None:
         self._writer.write(frame(SAVE))
@@ -195,10 +214,14 @@ class LearnerProcess:
             self._on_paths(message[1])
         elif kind == "saved":
             self._on_saved()
+        elif kind == "settled":
+            answer = self._settles.popleft()
+            if not answer.done():
+                answer.set_result(None)
 
 
 # -- frames to the child: a length, a kind, the raw Kafka values (no pickle) ---------------------
-LEARN, SAVE, ROWS, STEPS = b"L", b"S", b"R", b"T"
+LEARN, SAVE, ROWS, STEPS, SETTLE = b"L", b"S", b"R", b"T", b"W"
 _LENGTH = struct.Struct("!I")
 _LEARN_HEAD = struct.Struct("!QI")  # users, number of values
 
@@ -332,6 +355,9 @@ class LearnerLoop:
             report = take(self.engine, parse_rows(body))
             if report is not None:
                 self.outbox.send(("inputs", report))
+        elif kind == SETTLE:  # everything learned goes out, then the answer
+            self.send_inputs()
+            self.outbox.send(("settled",))
         else:
             raise EOFError(f"unknown frame {kind!r}")  # a damaged pipe: stop, checkpointed
 

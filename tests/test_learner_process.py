@@ -545,10 +545,13 @@ def test_a_hand_over_publishes_the_rows_of_the_partitions_held_and_their_next_ow
 
 
 def test_settle_waits_for_the_batches_in_flight(tmp_path):
-    """:meth:`LearnerProcess.settle` returns once every batch handed over is learned and its
-    report applied; with no time to wait it says that some are not."""
+    """:meth:`LearnerProcess.settle` returns once every batch handed over is learned and all
+    it learned is reported and applied: the input offsets too, which a report holds back
+    while another frame waits behind its batch (here a checkpoint request); with no time to
+    wait it says that it is not."""
     examples, _ = examples_and_histories()
-    settings = settings_for(tmp_path)
+    # offsets held back stay held: no time-based report, no periodic one
+    settings = settings_for(tmp_path, input_follow_s=3600.0, index_check_s=3600.0)
     messages = [TrainBatch(examples=examples[start:start + 50]).to_bytes()
                 for start in range(0, len(examples), 50)]
     learner = LearnerProcess(settings).start()
@@ -558,18 +561,49 @@ def test_settle_waits_for_the_batches_in_flight(tmp_path):
     async def main() -> None:
         await learner.attach(on_report=follower.follow, on_paths=lambda stats: None,
                              on_saved=lambda: None, on_death=lambda: None)
-        assert await learner.settle(0.0)  # nothing handed over yet
+        assert await learner.settle(60.0)  # nothing handed over: answered at once
         await learner.learn(messages[:2], 240)
         await learner.learn(messages[2:], 240)
+        learner.request_save()
         seen["at_once"] = await learner.settle(0.0)
         seen["settled"] = await learner.settle(60.0)
         seen["learned"] = follower.learned
+        seen["offsets"] = follower.learner.offsets
 
     try:
         asyncio.run(main())
     finally:
         assert learner.stop()
+    offsets = seen.pop("offsets")
     assert seen == {"at_once": False, "settled": True, "learned": len(examples)}
+    reference = Engine(settings_for(tmp_path / "reference"))  # the same batches, here
+    reference.users = 240
+    for batch in (messages[:2], messages[2:]):
+        reference.learn_messages(batch, settings.learn_batch)
+    assert offsets is not None and np.abs(reference.learner.offsets).max() > 0
+    np.testing.assert_allclose(offsets, reference.learner.offsets, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("died", [False, True])
+def test_a_stopping_worker_waits_for_its_learner_before_its_last_commit(tmp_path, died):
+    """Faust commits what the learn agent handed over when the worker stops; the app's
+    shutdown signal first settles the learner process (frames left in the pipe's buffer
+    would go with the event loop), unless it died (nothing to wait for)."""
+    from stream_app.app import create_app
+    from stream_app.worker import build_metrics
+
+    settings = Settings(data_dir=tmp_path, metrics_port=0, hand_over_wait_s=7.0)
+    engine = Engine(settings, replica=True)
+    waits: list[float] = []
+
+    async def settle(timeout_s: float) -> bool:
+        waits.append(timeout_s)
+        return True
+
+    learner = SimpleNamespace(died=died, settle=settle)
+    app = create_app(settings, engine, build_metrics(engine), learner)
+    asyncio.run(app.on_before_shutdown.send())
+    assert waits == ([] if died else [7.0])
 
 
 def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
