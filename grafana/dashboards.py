@@ -216,7 +216,7 @@ def overview() -> dict:
                      target("streamrec_item_rows_handed_over",
                             "rows handed over {{instance}}", "E")], "none",
                     "With STREAMREC_SHARE_ITEMS, since each worker started: rows of its own "
-                    "items it published (of them, those sent as it lost partitions or stopped: "
+                    "items it published (of them, those sent at rebalances or as it stopped: "
                     "handed over) and rows of the others' it installed; steps it took on "
                     "the others' items' input offsets and sent them, and steps of the others it "
                     "added to its own (README, \"Several workers\"). No data: sharing is off.")],

@@ -510,16 +510,23 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
     async def read_item_rows() -> None:
         await sharing.read()
 
-    async def publish(rows: Records, steps: Records) -> None:
-        headers = {PUBLISHER: sharing.instance}  # whose they are: see ItemSharing.wanted
-        for key, value in rows:
-            await topic.send(key=key, value=value, headers=headers)
-        for key, value in steps:
-            await steps_topic.send(key=key, value=value)
+    headers = {PUBLISHER: sharing.instance}  # whose they are: see ItemSharing.wanted
+
+    async def send_row(key: bytes, value: bytes) -> None:
+        await topic.send(key=key, value=value, headers=headers)
+
+    async def send_step(key: bytes, value: bytes) -> None:
+        await steps_topic.send(key=key, value=value)
+
+    def due() -> tuple[Records, Records]:
+        return sharing.due(), sharing.steps_due()
 
     @app.timer(settings.share_items_s)
     async def publish_item_rows() -> None:
-        await publish(sharing.due(), sharing.steps_due())
+        try:
+            await sharing.publish(due, send_row, send_step)
+        except Exception:  # noqa: BLE001 - a timer's exception would stop the worker
+            log.exception("could not publish the item rows; they go with the next publish")
 
     @app.on_partitions_assigned.connect
     async def hold(app: faust.App, assigned, **kwargs) -> None:
@@ -533,7 +540,7 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
             if learner is not None and not await learner.settle(settings.hand_over_wait_s):
                 log.warning("the learner's batches in flight were not learned in %.1f s; "
                             "handing over without them", settings.hand_over_wait_s)
-            await publish(*sharing.handed_over())
+            await sharing.publish(sharing.handed_over, send_row, send_step)
             await app.producer.flush()
         except Exception:  # noqa: BLE001 - the next owner starts from the last publish
             log.exception("could not hand the item rows over")

@@ -14,7 +14,10 @@ its new owner learns it on from the last row the old owner published, and the ol
 the new owner's rows from then on. A worker that loses partitions, or stops, first waits for
 its learner's batches in flight and publishes every row moved since its last publish (its
 hand-over), so the next owner starts from all of its learning, not from up to a publish
-interval before. Each record names the worker process that published it (a header), and a
+interval before (Faust revokes every partition at a rebalance, so a worker hands over at each;
+one that keeps its partitions has only published early). One publish goes out at a time: a
+hand-over's newer row of an item never lands before the older one a periodic publish holds.
+Each record names the worker process that published it (a header), and a
 worker installs a row of an item it owns when another process published it after this reader
 started: only a previous owner does, handing the item over (its records may come after the
 new owner's assignment: a stopping worker's Faust leaves the group before they are sent).
@@ -44,11 +47,12 @@ Rows and steps are sent as raw float32 (``wire.py``), never pickled.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -133,6 +137,7 @@ class ItemSharing:
         self._steps_next: dict[int, int] = {}
         self._moved: set[int] = set()  # learner rows moved since the last publish
         self._steps: dict[int, np.ndarray] = {}  # learner row: offset steps not sent yet
+        self._publishing = asyncio.Lock()
         self.published = 0
         self.handed_over_rows = 0  # of the published: at hand-overs
         self.installed = 0
@@ -147,7 +152,12 @@ class ItemSharing:
         self._moved.update(report.delta.rows.tolist())
         self._moved.update(report.delta.input_rows.tolist())
         if report.input_steps is not None:
-            for row, step in zip(report.input_steps[0].tolist(), report.input_steps[1]):
+            self._hold_steps(report.input_steps[0].tolist(), report.input_steps[1])
+
+    def _hold_steps(self, rows: list[int], steps: Sequence[np.ndarray]) -> None:
+        """Offset steps on learner ``rows`` (−1: skipped), summed with those not sent yet."""
+        for row, step in zip(rows, steps):
+            if row >= 0:
                 held = self._steps.get(row)
                 self._steps[row] = step if held is None else held + step
 
@@ -179,6 +189,42 @@ class ItemSharing:
         self.steps_sent += len(records)
         return records
 
+    async def publish(self, take: Callable[[], tuple[Records, Records]],
+                      send_row: Callable[[bytes, bytes], Awaitable[None]],
+                      send_step: Callable[[bytes, bytes], Awaitable[None]]) -> None:
+        """Send the records ``take`` gives (rows, steps: :meth:`due` and :meth:`steps_due`, or
+        :meth:`handed_over`), one publish at a time: ``take`` runs once the one before has
+        sent all of its records, so a hand-over's newer row of an item never goes out before
+        the older row a periodic publish in progress holds (the topic keeps the last). The
+        records not sent when a send fails are due again (:meth:`retake`) and it raises."""
+        async with self._publishing:
+            rows, steps = take()
+            sent_rows = sent_steps = 0
+            try:
+                for key, value in rows:
+                    await send_row(key, value)
+                    sent_rows += 1
+                for key, value in steps:
+                    await send_step(key, value)
+                    sent_steps += 1
+            except BaseException:
+                self.retake(rows[sent_rows:], steps[sent_steps:])
+                raise
+
+    def retake(self, rows: Records, steps: Records) -> None:
+        """Records of :meth:`due` and :meth:`steps_due` that were not sent, due again: the
+        rows' items moved (their values are read again at the next publish), the steps
+        added back to those taken since."""
+        learner = self.engine.learner
+        moved = learner.rows_of([key.decode() for key, _ in rows])
+        self._moved.update(moved[moved >= 0].tolist())
+        self.published -= len(rows)
+        dim = self.engine.settings.model_dim
+        decoded = _decoded(steps, lambda value: decode_offset_step(value, dim), "offset steps")
+        self._hold_steps(learner.rows_of([item for item, _ in decoded]).tolist(),
+                         [step for _, step in decoded])
+        self.steps_sent -= len(steps)
+
     def handed_over(self) -> tuple[Records, Records]:
         """:meth:`due` and :meth:`steps_due` as owner of the partitions held before a
         revocation or a stop (:attr:`held`) and of those held now: the rows the next owners
@@ -193,8 +239,9 @@ class ItemSharing:
         metrics.gauge("streamrec_item_rows_published", "Item rows this worker published (owned).",
                       lambda: self.published)
         metrics.gauge("streamrec_item_rows_handed_over",
-                      "Of the rows published, those sent as this worker lost partitions or "
-                      "stopped (its hand-overs).", lambda: self.handed_over_rows)
+                      "Of the rows published, those sent at rebalances (Faust revokes every "
+                      "partition at each) or as this worker stopped (its hand-overs).",
+                      lambda: self.handed_over_rows)
         metrics.gauge("streamrec_item_rows_installed",
                       "Item rows of other workers this worker installed.",
                       lambda: self.installed)

@@ -20,7 +20,7 @@ from stream_app.item_sharing import ItemSharing, install_records
 from stream_app.learner_process import (LEARN, SAVE, LearnerProcess, frame, learn_frame,
                                         parse_learn, read_frame)
 from stream_app.settings import Settings
-from stream_app.wire import RecRequest, TrainBatch, encode_item_row
+from stream_app.wire import RecRequest, TrainBatch, decode_offset_step, encode_item_row
 from tests.test_engine_dr import DR
 from tests.test_engine_model import planted_stream
 
@@ -463,6 +463,81 @@ def test_steps_on_other_workers_items_go_to_their_owner_who_adds_them():
     owning.note(report)
     published = {key.decode() for key, _ in owning.due()}
     assert published == {key.decode() for key, _ in records}
+
+
+def test_a_publish_that_fails_leaves_what_it_did_not_send_due_for_the_next():
+    """A send that raises (a broker outage) costs nothing: the rows and steps not sent are
+    due at the next publish, the rows as they are then, the steps summed with those taken
+    since; the counts hold what was sent."""
+    examples, _ = examples_and_histories(300)
+    settings = Settings(model_dim=16, partitions=2, dr_enabled=False, share_items=True)
+    engine = Engine(settings)
+    engine.users = 240
+    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records: None,
+                          lambda records: None)
+    sharing.note(engine.learn_reported(examples[:200], step=32))
+    rows_before, steps_before = sharing.due(), sharing.steps_due()
+    sharing.retake(rows_before, steps_before)  # as if none had been sent
+    assert (sharing.published, sharing.steps_sent) == (0, 0)
+    sent: list = []
+
+    async def send(key: bytes, value: bytes) -> None:
+        if len(sent) == 3:
+            raise ConnectionError("broker down")
+        sent.append((key, value))
+
+    async def send_step(key: bytes, value: bytes) -> None:
+        sent.append((key, value))
+
+    def take():
+        return sharing.due(), sharing.steps_due()
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(sharing.publish(take, send, send_step))
+    assert sent == rows_before[:3] and sharing.published == 3
+    report = engine.learn_reported(examples[200:], step=32)
+    sharing.note(report)
+    rows, steps = take()
+    unsent = {key for key, _ in rows_before[3:]}
+    assert unsent <= {key for key, _ in rows}  # due again, with the rows as they are now
+    assert {key for key, _ in sent} & {key for key, _ in rows} <= {
+        item.encode() for item in engine.learner.item_ids_at(report.delta.rows.tolist())}
+    held = dict(steps_before)
+    new = np.zeros((len(engine.learner), 16))  # the steps the later report took
+    for row, step in zip(*report.input_steps):
+        new[row] += step
+    for key, value in steps:  # the unsent steps, summed with the later ones
+        row = engine.learner.rows_of([key.decode()])[0]
+        expected = new[row] + (decode_offset_step(held[key], 16) if key in held else 0.0)
+        np.testing.assert_allclose(decode_offset_step(value, 16), expected, atol=1e-6)
+    assert set(held) <= {key for key, _ in steps}
+
+
+def test_publishes_go_out_one_at_a_time():
+    """A hand-over that starts while a periodic publish is sending takes its rows after the
+    publish has sent all of its records: an item's newer row is sent last."""
+    engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
+    sharing = ItemSharing(engine.settings, engine, lambda: frozenset({0, 1}),
+                          lambda records: None, lambda records: None)
+    order: list[str] = []
+
+    async def send(key: bytes, value: bytes) -> None:
+        await asyncio.sleep(0)  # a send that waits, as a full batch does
+        order.append(f"{key.decode()}={value.decode()}")
+
+    def take(value: str):
+        def taken():
+            order.append(f"take {value}")
+            return [(b"x", value.encode()), (b"y", value.encode())], []
+        return taken
+
+    async def both() -> None:
+        periodic = asyncio.create_task(sharing.publish(take("old"), send, send))
+        await asyncio.sleep(0)  # the periodic publish is sending
+        await asyncio.gather(periodic, sharing.publish(take("new"), send, send))
+
+    asyncio.run(both())
+    assert order == ["take old", "x=old", "y=old", "take new", "x=new", "y=new"]
 
 
 def fetched_rows(items: list[str], first_offset: int, published_at: float,
