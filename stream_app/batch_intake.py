@@ -138,8 +138,11 @@ class BatchIntake:
         if len(waiting) < 2 * self.capacity:
             self._room.set()
         if self._held_back and len(waiting) <= self.capacity // 2:
-            for tp in self._held_back:
-                self.app.consumer.on_buffer_drop(tp)
+            # after a rebalance Faust has set every partition's fetching anew (a recovery may
+            # keep some paused, some may be another worker's now): nothing of ours to resume
+            if self.app.consumer_generation_id == self._generation:
+                for tp in self._held_back:
+                    self.app.consumer.on_buffer_drop(tp)
             self._held_back.clear()
         return batch
 

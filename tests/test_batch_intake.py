@@ -7,6 +7,7 @@ committed offsets are checked there."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 
 from faust.types import TP
@@ -210,6 +211,24 @@ def test_after_a_rebalance_a_partition_over_capacity_is_held_back_again():
         return app.consumer.held
 
     assert asyncio.run(scenario()) == [TP(TOPIC, 0), TP(TOPIC, 0)]
+
+
+def test_a_partition_held_back_before_a_rebalance_is_not_resumed_after_it():
+    """The rebalance set every partition's fetching anew (a table recovery may keep one
+    paused, or it may be another worker's now): draining the messages fetched before it must
+    not resume the partition the intake held back then."""
+    async def scenario():
+        app, intake, deliver = installed(batch_size=2, wait_s=0.01, capacity=4)
+        for offset in range(4):  # at capacity: held back
+            await deliver(message(offset, generation=1))
+        app.consumer_generation_id = 2
+        with contextlib.suppress(asyncio.TimeoutError):  # drops them all, then waits
+            await asyncio.wait_for(intake.take(), 0.2)
+        assert not intake._waiting
+        return app.consumer
+
+    consumer = asyncio.run(scenario())
+    assert consumer.held == [TP(TOPIC, 0)] and consumer.resumed == []
 
 
 def test_a_delivery_waits_when_twice_the_capacity_waits_until_a_take():
