@@ -503,7 +503,8 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
             sharing.note(report)
 
     # read before the learner process writes its next checkpoint: the one it started from
-    sharing = ItemSharing(settings, engine, owned, install, add_steps, engine.model_saved_at())
+    sharing = ItemSharing(settings, engine, owned, install, add_steps, engine.model_saved_at(),
+                          taken=learner.drained if learner is not None else None)
     sharing.export(metrics)
 
     @app.task

@@ -118,17 +118,19 @@ class ItemSharing:
     hands item-rows records (key, value) to its learner, ``add_steps(records)`` item-steps
     records of its own items; ``own_rows_after`` is when the learner's checkpoint was written
     (epoch seconds, 0 without one): the catch-up installs the worker's own items' rows
-    published after it."""
+    published after it. ``taken()``, when given, is awaited after handing records on, until
+    the learner has room for more (:meth:`LearnerProcess.drained`)."""
 
     def __init__(self, settings: Settings, engine: Engine,
                  owned: Callable[[], frozenset[int]], install: Callable[[Records], None],
-                 add_steps: Callable[[Records], None], own_rows_after: float = math.inf
-                 ) -> None:
+                 add_steps: Callable[[Records], None], own_rows_after: float = math.inf,
+                 taken: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self._owned = owned
         self._install = install
         self._add_steps = add_steps
+        self._taken = taken  # waits while what install/add_steps handed on is not taken
         self.own_rows_after = own_rows_after  # infinity once a catch-up has ended
         self.instance = uuid.uuid4().hex.encode()  # this process, in its records' headers
         self.held: frozenset[int] = frozenset()  # training partitions as last assigned
@@ -317,6 +319,8 @@ class ItemSharing:
                 if records:
                     self._install(records)
                     self.installed += len(records)
+                if self._taken is not None and (records or steps):
+                    await self._taken()  # the learner's pace, not the topic's
                 for tp, end in list(catch_up.items()):
                     if await consumer.position(tp) >= end:
                         del catch_up[tp]

@@ -59,19 +59,43 @@ log = logging.getLogger(__name__)
 
 #: training batches handed to the child ahead of its learning
 IN_FLIGHT = 2
+#: bytes of other frames (item rows, steps) the worker holds for the child before their
+#: sender waits (:meth:`LearnerProcess.drained`)
+FRAME_BUFFER = 32 * 1024 * 1024
+
+
+class _PipeToChild(asyncio.Protocol):
+    """The write side's flow control, which a plain protocol ignores: ``room`` is clear
+    while the transport holds more than its high-water mark for the child."""
+
+    def __init__(self) -> None:
+        self.room = asyncio.Event()
+        self.room.set()
+
+    def pause_writing(self) -> None:
+        self.room.clear()
+
+    def resume_writing(self) -> None:
+        self.room.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.room.set()  # nothing will drain now; senders must not wait forever
 
 
 class LearnerProcess:
     """The parent's side: start the child, feed it, apply its reports on the event loop."""
 
-    def __init__(self, settings: Settings, *, in_flight: int = IN_FLIGHT) -> None:
+    def __init__(self, settings: Settings, *, in_flight: int = IN_FLIGHT,
+                 frame_buffer: int = FRAME_BUFFER) -> None:
         self.settings = settings
         self.in_flight = in_flight
+        self.frame_buffer = frame_buffer
         self.died = False
         self._process: multiprocessing.process.BaseProcess | None = None
         self._to_child: Connection | None = None
         self._from_child: Connection | None = None
         self._writer: asyncio.WriteTransport | None = None
+        self._pipe: _PipeToChild | None = None
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_report: Callable[[LearnedReport], None] | None = None
@@ -111,7 +135,9 @@ class LearnerProcess:
         self._slots = asyncio.Semaphore(self.in_flight)
         self._on_report, self._on_paths = on_report, on_paths
         self._on_saved, self._on_death = on_saved, on_death
-        self._writer, _ = await self._loop.connect_write_pipe(asyncio.Protocol, self._to_child)
+        self._writer, self._pipe = await self._loop.connect_write_pipe(_PipeToChild,
+                                                                        self._to_child)
+        self._writer.set_write_buffer_limits(high=self.frame_buffer)
         self._loop.add_reader(self._from_child.fileno(), self._receive)
 
     def stop(self, timeout_s: float = 30.0) -> bool:
@@ -175,6 +201,14 @@ class LearnerProcess:
                         return True
         except TimeoutError:
             return False
+
+    async def drained(self) -> None:
+        """Wait while the frames for the child held here are over ``frame_buffer`` bytes. Learn
+        frames are bounded by their slots; a sender of item rows or steps (a catch-up reads
+        the whole item-rows topic, faster than the child may install it) waits here, so the
+        worker's memory does not grow with the topic."""
+        if self._pipe is not None:
+            await self._pipe.room.wait()
 
     def request_save(self) -> None:
         self._writer.write(frame(SAVE))

@@ -659,6 +659,36 @@ def test_settle_waits_for_the_batches_in_flight(tmp_path):
     np.testing.assert_allclose(offsets, reference.learner.offsets, rtol=1e-6, atol=1e-9)
 
 
+def test_item_rows_for_the_learner_wait_while_its_pipe_holds_too_much(tmp_path):
+    """A catch-up hands the learner process the whole item-rows topic, faster than it may
+    install it; :meth:`LearnerProcess.drained` holds the sender while the frames waiting for
+    the child pass ``frame_buffer``, and lets it go once the child has read them."""
+    settings = settings_for(tmp_path)
+    records = [(f"r{n}".encode(), encode_item_row(np.full(17, n / 1e4), np.zeros(16)))
+               for n in range(30_000)]  # about 4 MB
+    learner = LearnerProcess(settings, frame_buffer=1 << 20).start()
+    follower = Engine(settings, replica=True)
+    seen = {}
+
+    async def main() -> None:
+        await learner.attach(on_report=follower.follow, on_paths=lambda stats: None,
+                             on_saved=lambda: None, on_death=lambda: None)
+        await asyncio.wait_for(learner.drained(), 1.0)  # nothing held
+        learner.install_rows(records)
+        waiting = asyncio.ensure_future(learner.drained())
+        await asyncio.sleep(0)
+        seen["held"] = not waiting.done()
+        await asyncio.wait_for(waiting, 60.0)
+        assert await learner.settle(60.0)
+        seen["items"] = len(follower.learner)
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert learner.stop()
+    assert seen == {"held": True, "items": len(records)}
+
+
 @pytest.mark.parametrize("died", [False, True])
 def test_a_stopping_worker_waits_for_its_learner_before_its_last_commit(tmp_path, died):
     """Faust commits what the learn agent handed over when the worker stops; the app's
