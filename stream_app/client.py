@@ -109,7 +109,8 @@ class RecClient:
         self._awaited.add(request_id)
         while request_id not in self._pending:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0:  # a late answer is not kept: a long-lived client would grow
+                self._awaited.discard(request_id)
                 raise ResponseTimeout(f"no response to {request_id} within {timeout_s:g} s")
             batches = self._consumer.poll(timeout_ms=int(min(left, 0.2) * 1000))
             for records in batches.values():

@@ -22,7 +22,7 @@ from pydantic import field_validator
 
 WIRE_VERSION = 1
 SOURCES = ("ann", "dr", "popular")
-TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # fullmatch: "$" would let a "\n" end it
 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 
@@ -59,9 +59,13 @@ class Event(_Wire):
     def _finite_number(cls, value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("ts must be a number (seconds since the epoch)")
-        if not math.isfinite(value) or value < 0:
+        try:
+            seconds = float(value)  # an integer past float's range overflows
+        except OverflowError:
+            seconds = math.inf
+        if not math.isfinite(seconds) or seconds < 0:
             raise ValueError("ts must be finite and >= 0")
-        return float(value)
+        return seconds
 
 
 class RecRequest(_Wire):
@@ -79,7 +83,7 @@ class RecRequest(_Wire):
     @field_validator("reply_to")
     @classmethod
     def _topic_name(cls, value: str | None) -> str | None:
-        if value is not None and not TOPIC_NAME.match(value):
+        if value is not None and not TOPIC_NAME.fullmatch(value):
             raise ValueError("reply_to must be a Kafka topic name ([A-Za-z0-9._-], 1..249)")
         return value
 
@@ -321,19 +325,29 @@ def decode_request(raw: bytes | None, *, max_bytes: int, max_history: int) -> Re
 
 def salvage_request(raw: bytes | None) -> dict[str, str | None]:
     """Best-effort ``request_id``, ``user_id`` and ``reply_to`` of a request that failed
-    validation, so that its error response can still be matched and routed."""
+    validation, so that its error response can still be matched and routed: only strings an
+    error response can carry (UTF-8: a lone surrogate escape is not)."""
     try:
         value = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
         value = None
     fields: dict[str, str | None] = {"request_id": None, "user_id": None, "reply_to": None}
     if isinstance(value, dict):
         for name in fields:
-            if isinstance(value.get(name), str) and 0 < len(value[name]) <= 256:
+            if isinstance(value.get(name), str) and 0 < len(value[name]) <= 256 \
+                    and _utf8(value[name]):
                 fields[name] = value[name]
-    if fields["reply_to"] is not None and not TOPIC_NAME.match(fields["reply_to"]):
+    if fields["reply_to"] is not None and not TOPIC_NAME.fullmatch(fields["reply_to"]):
         fields["reply_to"] = None
     return fields
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: first byte of an item row on the item-rows topic (its layout's version)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from stream_app.client import RecClient
+import pytest
+
+from stream_app.client import RecClient, ResponseTimeout
 from stream_app.kafka import ensure_topics
 
 from .conftest import answer
@@ -20,5 +22,18 @@ def test_a_client_keeps_only_answers_it_waits_for(settings):
         assert client.wait(mine, timeout_s=20.0).request_id == mine
         later = uuid.uuid4().hex
         answer(settings, mine, theirs, later)  # a duplicate of mine, theirs again, then later
+        assert client.wait(later, timeout_s=20.0).request_id == later
+        assert client._pending == {} and client._awaited == set()
+
+
+def test_an_answer_that_comes_after_its_wait_gave_up_is_not_kept(settings):
+    """A request the client stopped waiting for (ResponseTimeout) is no longer awaited: its
+    late answer is skipped, as another client's is."""
+    ensure_topics(settings, [settings.topic_responses])
+    with RecClient(settings) as client:
+        late, later = uuid.uuid4().hex, uuid.uuid4().hex
+        with pytest.raises(ResponseTimeout):
+            client.wait(late, timeout_s=0.5)
+        answer(settings, late, later)
         assert client.wait(later, timeout_s=20.0).request_id == later
         assert client._pending == {} and client._awaited == set()

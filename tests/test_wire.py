@@ -105,6 +105,28 @@ def test_salvage_finds_what_can_route_an_error():
     assert salvage_request(encode(request_id=5, reply_to="bad topic"))["reply_to"] is None
 
 
+def test_salvage_keeps_only_what_an_error_response_can_carry():
+    """Input that fails validation must still get its error response: a nesting too deep for
+    the json module, a lone surrogate escape (no UTF-8 for it), a topic name with a newline
+    (a regex "$" matches before it)."""
+    deep = b'{"request_id": "r2", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert salvage_request(deep) == {"request_id": None, "user_id": None, "reply_to": None}
+    lone = salvage_request(b'{"request_id": "r1", "user_id": "\\ud800"}')
+    assert lone == {"request_id": "r1", "user_id": None, "reply_to": None}
+    RecResponse(request_id=lone["request_id"], user_id=lone["user_id"], error="e").to_bytes()
+    assert salvage_request(encode(request_id="r3", reply_to="rec-responses\n"))["reply_to"] is None
+
+
+def test_a_reply_topic_ending_in_a_newline_is_refused():
+    with pytest.raises(InvalidMessage, match="reply_to"):
+        decode(encode(request_id="r", reply_to="rec-responses\n"))
+
+
+def test_an_event_time_past_float_s_range_is_a_schema_error():
+    raw = encode(**good_event()).replace(b"1700000000", b"1" + b"0" * 400)
+    assert reason_of_event(raw) == "schema"
+
+
 def test_responses_always_carry_every_key():
     body = json.loads(RecResponse(request_id=None, error="bad").to_bytes())
     assert {"request_id", "user_id", "items", "model_version", "index_version", "took_ms",
