@@ -103,6 +103,9 @@ class ServingIndex:
         # goes to the end), so the rows moved since a snapshot are a suffix
         self._moved: dict[int, int] = {}
         self._exact: _ExactBlock | None = None
+        # a version loaded at start: the moves since its snapshot were not kept, so the next
+        # build is from scratch (not an update of it), and due at the first check
+        self._rebuild_all = False
 
     # -- keeping it fresh ------------------------------------------------------------------
     def learned(self, item_ids: Sequence[str], moved_rows: Sequence[int] = ()) -> None:
@@ -117,7 +120,15 @@ class ServingIndex:
             self._moved[row] = step
 
     def load_existing(self) -> bool:
-        return self.config.enabled and self.rebuilder.load_existing()
+        """Serve the newest version on disk that fits the learner's rows (at start). It was
+        built from a snapshot of another moment than the checkpoint the learner loaded, and
+        which rows moved in between was not kept: it serves until a build from scratch,
+        which is due at once."""
+        if not (self.config.enabled
+                and self.rebuilder.load_existing(self.learner.item_matrix.shape[1])):
+            return False
+        self._rebuild_all = True
+        return True
 
     def maybe_rebuild(self, model_version: int, behind: int = 0) -> bool:
         """Start a build aside when the policy says so; call it on the thread that moves the
@@ -131,12 +142,14 @@ class ServingIndex:
         old buffer), and ids are copied here, so the build never sees a row without its id.
         ``behind``: events the worker has yet to take in (``RebuildPolicy.backlog_events``)."""
         if not self.config.enabled or not self.rebuilder.due(
-                len(self._changed), len(self.learner), behind=behind,
-                overflowing=self._overflowing()):
+                max(len(self._changed), len(self.learner) if self._rebuild_all else 0),
+                len(self.learner), behind=behind, overflowing=self._overflowing()):
             return False
+        plan = (None, None) if self._rebuild_all else self._update_plan()
         snapshot = Snapshot(self.learner.item_ids, self.learner.item_matrix, model_version,
-                            *self._update_plan())
+                            *plan)
         self._changed.clear()
+        self._rebuild_all = False
         self.rebuilder.submit(snapshot)
         return True
 

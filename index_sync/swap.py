@@ -160,9 +160,10 @@ class IndexRebuilder:
         self._executor = background_executor("index-build", policy.niceness)
         self._running: Future | None = None
 
-    def load_existing(self) -> bool:
-        """Serve the newest valid version on disk, if any (at start)."""
-        index = load_newest(self.root, self.params)
+    def load_existing(self, dim: int | None = None) -> bool:
+        """Serve the newest valid version on disk of rows of length ``dim``, if any (at
+        start)."""
+        index = load_newest(self.root, self.params, dim)
         return index is not None and self.holder.swap(index)
 
     @property

@@ -160,13 +160,21 @@ def _verified_manifest(folder: Path) -> Manifest:
     return manifest
 
 
-def load_newest(root: Path, params: HnswParams = HnswParams()) -> ServedIndex | None:
-    """The newest version that verifies; corrupt ones are skipped with the reason logged."""
+def load_newest(root: Path, params: HnswParams = HnswParams(),
+                dim: int | None = None) -> ServedIndex | None:
+    """The newest version that verifies (of rows of length ``dim``, when given: an index of
+    another model dimension cannot answer this one's queries); the others are skipped with
+    the reason logged."""
     for version, folder in version_dirs(root):
         try:
-            return load_version(folder, params)
+            index = load_version(folder, params)
         except (CorruptVersion, OSError, RuntimeError, ValueError) as error:
             log.warning("skipping index version %d at %s: %s", version, folder, error)
+            continue
+        if dim is None or index.manifest.dim == dim:
+            return index
+        log.warning("skipping index version %d at %s: rows of length %d, the model's are %d",
+                    version, folder, index.manifest.dim, dim)
     return None
 
 

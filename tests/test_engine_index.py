@@ -254,6 +254,50 @@ def test_rebuilds_happen_aside_when_enough_items_changed_and_load_after_restart(
     assert [i.item_id for i in after.items] == [i.item_id for i in before.items]
 
 
+def test_after_a_restart_the_first_build_is_from_scratch_and_due_at_once(tmp_path):
+    """The version on disk came from a snapshot of another moment than the checkpoint, and
+    the rows that moved in between were not kept across the restart: updated in place, they
+    would keep their old vectors in the graph. The first build after a restart is due at the
+    first check, whatever changed since, and built from scratch, holding every row as the
+    learner has it."""
+    engine = engine_with_index(tmp_path, index_update_share=1.0)
+    stream = planted_stream()
+    histories = run_stream(engine, stream[:-200])
+    build_now(engine)
+    histories = run_stream(engine, stream[-200:], histories=histories)  # rows move
+    engine.save()
+    engine.index.close()
+
+    restarted = engine_with_index(tmp_path, index_update_share=1.0)
+    assert restarted.load() and restarted.index.version == 1
+    assert restarted.maybe_rebuild_index()  # nothing learned since the restart
+    restarted.index.rebuilder._running.result(60)
+    index = restarted.index.current
+    assert index.version == 2 and restarted.index.rebuilder.updates == 0
+    stored = index.graph.get_items(np.arange(len(index)), return_type="numpy")
+    order = np.argsort(index.ids)
+    rows = restarted.learner.rows_of([index.ids[k] for k in order])
+    np.testing.assert_allclose(stored[order], restarted.learner.item_matrix[rows],
+                               rtol=1e-5, atol=1e-5)
+    assert not restarted.maybe_rebuild_index()  # and then only when the policy says
+
+
+def test_a_version_of_another_model_dimension_is_not_served(tmp_path):
+    """After the model dimension changed (and its checkpoints went), the versions on disk
+    cannot answer the new queries: the worker answers by exact search and builds anew."""
+    engine = engine_with_index(tmp_path)
+    histories = run_stream(engine, planted_stream())
+    build_now(engine)
+    engine.index.close()
+
+    wider = engine_with_index(tmp_path, model_dim=32)
+    assert not wider.index.load_existing() and wider.index.version is None
+    run_stream(wider, planted_stream())
+    assert answer(wider, "u4", histories["u4"]).index_version is None  # exact search
+    build_now(wider)
+    assert wider.index.version == 2 and wider.index.current.manifest.dim == 33
+
+
 def test_clustered_index_with_diversity(tmp_path):
     engine = engine_with_index(tmp_path, index_clusters=6)
     histories = run_stream(engine, planted_stream())
