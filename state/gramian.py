@@ -15,9 +15,14 @@ Both persist to npz without pickle and write atomically (tmp file + ``os.replace
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that exists but does not read (cut short, overwritten)."""
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -27,16 +32,40 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
+        write_through(handle)
     os.replace(tmp, path)
+    sync_folder(path.parent)
+
+
+def write_through(handle) -> None:
+    """The file's bytes on the disk before it is renamed into place: after a power loss a
+    rename can otherwise survive without the data, an empty file where the last good one
+    was."""
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def sync_folder(folder: Path) -> None:
+    """The folder's entries (a rename into it) on the disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray] | None:
-    """All arrays of an npz (never unpickling anything); None if there is no file."""
+    """All arrays of an npz (never unpickling anything); None if there is no file; a file
+    that does not read raises :class:`DamagedCheckpoint`, naming it."""
     path = Path(path)
     if not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise DamagedCheckpoint(f"{path} does not read ({error!r}): restore it, or remove it "
+                                "to start that part of the model empty") from error
 
 
 def read_only_view(array: np.ndarray) -> np.ndarray:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .gramian import load_npz, sync_folder, write_through
+
 #: the fewest items a ranking keeps: a request that needs more (k + its exclusions) ranks again
 RANKED_AT_LEAST = 1024
 
@@ -156,22 +158,24 @@ class DecayedPopularity:
         with open(tmp, "wb") as handle:
             np.savez(handle, ids=np.array(self._ids, dtype=np.str_),
                      log_mass=self._log_mass[: len(self._ids)], rate=self.rate, now=self.now)
+            write_through(handle)
         os.replace(tmp, path)
+        sync_folder(path.parent)
 
     def load(self, path: Path) -> bool:
         """Replace the counts with those saved at ``path``; False if there is no file."""
-        if not path.exists():
+        data = load_npz(path)
+        if data is None:
             return False
-        with np.load(path, allow_pickle=False) as data:
-            if not math.isclose(float(data["rate"]), self.rate):
-                raise ValueError(f"{path} was saved with another half-life")
-            ids = [str(item) for item in data["ids"]]
-            self._index = {item_id: row for row, item_id in enumerate(ids)}
-            self._ids = ids
-            self._log_mass = np.array(data["log_mass"], dtype=np.float64)
-            if len(self._log_mass) == 0:
-                self._log_mass = np.empty(1024, dtype=np.float64)
-            self.now = float(data["now"])
+        if not math.isclose(float(data["rate"]), self.rate):
+            raise ValueError(f"{path} was saved with another half-life")
+        ids = [str(item) for item in data["ids"]]
+        self._index = {item_id: row for row, item_id in enumerate(ids)}
+        self._ids = ids
+        self._log_mass = np.array(data["log_mass"], dtype=np.float64)
+        if len(self._log_mass) == 0:
+            self._log_mass = np.empty(1024, dtype=np.float64)
+        self.now = float(data["now"])
         self._dirty = True
         self._order_at = -math.inf
         return True

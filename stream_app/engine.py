@@ -28,7 +28,7 @@ from models.encoders import (history_gradient, history_weights, ials_fold_in, me
 from models.learner import ItemLearner, ItemReplica, RowDelta
 from models.serving_choice import (ServingCandidate, ndcg_of_ranks, pool_positions,
                                    target_ranks)
-from state.gramian import save_npz
+from state.gramian import load_npz, save_npz
 from state.history import History
 from state.popularity import DecayedPopularity
 
@@ -797,12 +797,11 @@ class Engine:
     def _load_serving(self, path: Path) -> None:
         """The serving choice's measurements from ``path``, where they exist and were made
         for the candidates configured now."""
-        if not path.exists():
-            return
         try:
-            with np.load(path, allow_pickle=False) as saved:
-                self.serving_choice.restore(dict(saved))
-        except (OSError, ValueError, KeyError) as error:  # measured again from the stream
+            saved = load_npz(path)
+            if saved is not None:
+                self.serving_choice.restore(saved)
+        except (ValueError, KeyError) as error:  # measured again from the stream
             log.warning("serving choice not restored from %s: %s", path, error)
 
     def reload_paths(self, reported_stats: dict) -> bool:

@@ -132,3 +132,28 @@ def test_save_and_load_round_trip_without_pickle(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decayed.npz", "exact.npz"]
     with pytest.raises(ValueError):
         ExactGramian(4).load(tmp_path / "exact.npz")
+
+
+@pytest.mark.parametrize("damage", ["cut short", "emptied"])
+def test_a_damaged_checkpoint_file_is_named_not_misread(tmp_path, damage):
+    """A checkpoint cut short (a crash, a full disk) or left empty (a rename that reached the
+    disk before the data) raises DamagedCheckpoint naming the file, not a bare zip error; a
+    good one reads back exactly, and a missing one is None."""
+    from state.gramian import DamagedCheckpoint, load_npz, save_npz
+    from state.popularity import DecayedPopularity
+
+    path = tmp_path / "model.npz"
+    arrays = {"rows": np.arange(12.0).reshape(3, 4), "ids": np.array(["a", "b", "c"])}
+    save_npz(path, arrays)
+    loaded = load_npz(path)
+    assert loaded.keys() == arrays.keys()
+    assert all(np.array_equal(loaded[key], arrays[key]) for key in arrays)
+    assert load_npz(tmp_path / "none.npz") is None
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "cut short" else b"")
+    with pytest.raises(DamagedCheckpoint, match="model.npz"):
+        load_npz(path)
+    popularity = tmp_path / "popularity.npz"
+    popularity.write_bytes(path.read_bytes())
+    with pytest.raises(DamagedCheckpoint, match="popularity.npz"):
+        DecayedPopularity(3600.0).load(popularity)
