@@ -111,6 +111,10 @@ class ClusteredIndex:
         vectors = np.asarray(vectors, dtype=np.float64)
         n_clusters = max(1, min(n_clusters, len(ids)))
         labels = KMeans(n_clusters, n_init=1, random_state=seed).fit_predict(vectors[:, :-1])
+        # fewer distinct rows than clusters leave some empty (a NaN centroid): renumber the
+        # clusters that hold items and keep only those
+        held, labels = np.unique(labels, return_inverse=True)
+        n_clusters = len(held)
         ids = np.asarray(ids, dtype=object)
         parts, centroids = [], []
         for k in range(n_clusters):

@@ -267,6 +267,22 @@ def test_clustered_index_follows_the_users_cluster_with_large_alpha():
     assert len(exact & found) >= 10
 
 
+def test_fewer_distinct_rows_than_clusters_leave_no_empty_cluster():
+    """k-means over fewer distinct rows than clusters leaves some empty; kept, an empty one
+    had a NaN centroid, and the quotas it made gave the worst items."""
+    import warnings
+
+    vectors = np.array([[1.0, 0.0, 0.0]] * 5 + [[0.0, 1.0, 0.0]] * 5)
+    vectors[:5, 2] = 1.0  # the first five score 1 + 1 for the query below, the rest 0
+    ids = [f"i{n}" for n in range(10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn says it found fewer clusters than asked
+        index = ClusteredIndex.build(ids, vectors, 4, version=1, model_version=0)
+    assert index.manifest.clusters == 2 and np.isfinite(index.centroids).all()
+    found = index.search(np.array([1.0, 0.0, 1.0]), 5, diversity=100.0)  # its best cluster
+    assert {item for item, _ in found} == {f"i{n}" for n in range(5)}
+
+
 def test_a_clustered_version_round_trips(tmp_path):
     vectors, ids = model_like(400), ids_of(400)
     index = ClusteredIndex.build(ids, vectors, 3, version=1, model_version=2)
