@@ -73,6 +73,9 @@ class RecClient:
 
         self.settings = settings
         self.reply_to = reply_to or settings.topic_responses
+        if not self.reply_to.startswith(settings.topic_responses):  # workers refuse it
+            raise ValueError(f"reply_to must start with {settings.topic_responses!r}: a worker "
+                             f"answers only there, so {self.reply_to!r} would wait in vain")
         self._producer = producer(settings, linger_ms=0)
         self._consumer = KafkaConsumer(
             client_id=f"{settings.app_id}-client", enable_auto_commit=False,

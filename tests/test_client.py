@@ -37,3 +37,10 @@ def test_an_answer_that_comes_after_its_wait_gave_up_is_not_kept(settings):
         answer(settings, late, later)
         assert client.wait(later, timeout_s=20.0).request_id == later
         assert client._pending == {} and client._awaited == set()
+
+
+def test_a_reply_topic_the_workers_would_refuse_is_refused_at_once(settings):
+    """Workers answer only on topics that start with the responses topic's name; a client
+    listening elsewhere would time out on every request, so it is not made."""
+    with pytest.raises(ValueError, match="reply_to must start with"):
+        RecClient(settings, reply_to="my-answers")
