@@ -27,6 +27,8 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from state.gramian import sync_folder
+
 from .clusters import ClusteredIndex
 from .hnsw import INDEX_FORMAT, HnswParams, ItemIndex, Manifest
 
@@ -75,9 +77,9 @@ def write_version(root: Path, index: ServedIndex) -> Path:
         files = {path.name: _sha256(path) for path in sorted(tmp.iterdir())}
         manifest = {**index.manifest.to_json(), "files": files, "format": INDEX_FORMAT}
         _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
-        _fsync_dir(tmp)
+        sync_folder(tmp)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        sync_folder(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -89,14 +91,6 @@ def _write_text(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
