@@ -17,10 +17,10 @@ hand-over), so the next owner starts from all of its learning, not from up to a 
 interval before (Faust revokes every partition at a rebalance, so a worker hands over at each;
 one that keeps its partitions has only published early). One publish goes out at a time: a
 hand-over's newer row of an item never lands before the older one a periodic publish holds.
-Each record names the worker process that published it (a header), and a
-worker installs a row of an item it owns when another process published it after this reader
-started: only a previous owner does, handing the item over (its records may come after the
-new owner's assignment: a stopping worker's Faust leaves the group before they are sent).
+Each record names the worker process that published it (a header), and a worker installs a
+row of an item it owns when another process published it after this reader started: only a
+previous owner does, handing the item over (its records may come after the new owner's
+assignment: a stopping worker's Faust leaves the group before they are sent).
 
 While a starting worker reads the records the topic held when it started (its catch-up), it
 also installs the rows of items it owns that were published after its own checkpoint was
