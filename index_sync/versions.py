@@ -27,7 +27,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from state.gramian import sync_folder
+from state.gramian import sync_folder, write_through
 
 from .clusters import ClusteredIndex
 from .hnsw import INDEX_FORMAT, HnswParams, ItemIndex, Manifest
@@ -89,8 +89,7 @@ def write_version(root: Path, index: ServedIndex) -> Path:
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w") as handle:
         handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+        write_through(handle)
 
 
 def _sha256(path: Path) -> str:

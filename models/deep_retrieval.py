@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from state.gramian import atomic_write
 from state.path_scores import EMPTY, PathIndex, PathScoreTracker
 
 NearFn = Callable[[str], "str | None"]
@@ -741,7 +741,7 @@ class DeepRetrieval:
         directory.mkdir(parents=True, exist_ok=True)
         generation = f"{time.time_ns():x}"
         model_file = f"dr_model.{generation}.pt"
-        _atomic_write(directory / model_file, lambda f: torch.save(self.model.state_dict(), f))
+        atomic_write(directory / model_file, lambda f: torch.save(self.model.state_dict(), f))
         n = len(self._ids)
         arrays = {
             "ids": np.array(self._ids, dtype=np.str_), "counts": self._counts[:n],
@@ -751,7 +751,7 @@ class DeepRetrieval:
                                          "pairs_learned": self._pairs_learned,
                                          "model_file": model_file}), dtype=np.str_),
         }
-        _atomic_write(directory / self.STATE_FILE, lambda f: np.savez(f, **arrays))
+        atomic_write(directory / self.STATE_FILE, lambda f: np.savez(f, **arrays))
         for old in directory.glob("dr_model.*.pt"):
             if old.name != model_file:
                 old.unlink(missing_ok=True)
@@ -805,13 +805,3 @@ class DeepRetrieval:
         self._m_steps = int(meta["m_steps"])
         self._pairs_learned = int(meta.get("pairs_learned", 0))  # older checkpoints: restart
         self._serving = _Serving(PathIndex.build(self._assign[:n]), {}, self._ids)
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through ``write(fileobj)`` to a temp file, fsync, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -13,14 +13,13 @@ time is ``exp(a_i − λ t)``. Nothing has to be rescanned when time moves, and 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .gramian import load_npz, sync_folder, write_through
+from .gramian import load_npz, save_npz
 
 #: the fewest items a ranking keeps: a request that needs more (k + its exclusions) ranks again
 RANKED_AT_LEAST = 1024
@@ -153,14 +152,9 @@ class DecayedPopularity:
     # -- persistence (npz, no pickle) -----------------------------------------------------
     def save(self, path: Path) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            np.savez(handle, ids=np.array(self._ids, dtype=np.str_),
-                     log_mass=self._log_mass[: len(self._ids)], rate=self.rate, now=self.now)
-            write_through(handle)
-        os.replace(tmp, path)
-        sync_folder(path.parent)
+        save_npz(path, {"ids": np.array(self._ids, dtype=np.str_),
+                        "log_mass": self._log_mass[: len(self._ids)], "rate": self.rate,
+                        "now": self.now})
 
     def load(self, path: Path) -> bool:
         """Replace the counts with those saved at ``path``; False if there is no file."""
