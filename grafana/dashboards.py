@@ -132,8 +132,15 @@ def overview() -> dict:
                      target("streamrec_gramian_drift", "drift {{instance}}", "B")], "none",
                     "EW mean of the batch loss; relative error of the incremental item Gramian "
                     "found at its last exact recompute."),
-         stat("Checkpoint age", [target("streamrec_checkpoint_age_seconds", "{{instance}}")],
-              "Seconds since model state was last written to the data dir."),
+         stat("Checkpoint age", [target("streamrec_checkpoint_age_seconds", "{{instance}}", "A"),
+                                 target("streamrec_train_uncommitted_messages",
+                                        "uncommitted {{instance}}", "B"),
+                                 target("streamrec_train_redelivered_messages",
+                                        "skipped again {{instance}}", "C")],
+              "Seconds since model state was last written to the data dir; training messages "
+              "waiting for a checkpoint (or a publish of their rows) before they are "
+              "committed; messages skipped since the worker started because the model held "
+              "them (delivered again after a crash or a rebalance)."),
          stat("All-pairs weight α0", [target("streamrec_alpha0", "{{instance}}")],
               "Weight of each (user, item) pair in the all-pairs term now; with "
               "STREAMREC_ALPHA0_RELATIVE it follows the density of the positives.")],

@@ -713,8 +713,10 @@ class ItemLearner:
         self._offset_squares = _grow(self._offset_squares, grown, 0.0)
 
     # -- persistence (npz, no pickle) -----------------------------------------------------
-    def save(self, path: Path) -> None:
-        """Write every piece of state to one npz, atomically (tmp file + rename)."""
+    def save(self, path: Path, also: dict[str, np.ndarray] | None = None) -> None:
+        """Write every piece of state to one npz, atomically (tmp file + rename); ``also``:
+        arrays of the caller's that must stand or fall with the model's (the stream positions
+        it learned up to), under names of their own."""
         n = len(self._ids)
         arrays = {
             "ids": np.array(self._ids, dtype=np.str_), "psi": self._psi[:n].copy(),
@@ -734,10 +736,14 @@ class ItemLearner:
         }
         arrays.update(self.item_gramian.to_arrays("item_"))
         arrays.update(self.user_gramian.to_arrays("user_"))
-        save_npz(path, arrays)
+        clash = set(arrays) & set(also or {})
+        if clash:
+            raise ValueError(f"arrays {sorted(clash)} would overwrite the model's")
+        save_npz(path, {**arrays, **(also or {})})
 
-    def load(self, path: Path) -> bool:
+    def load(self, path: Path, restore: Callable[[dict], None] | None = None) -> bool:
         """Replace all state with the one saved at ``path``; False if there is no file.
+        ``restore`` is handed the file's arrays, for those a caller saved ``also``.
 
         Hyperparameters other than ``dim`` may differ from the saved run's (they shape future
         steps only); a different ``dim`` raises ValueError.
@@ -745,6 +751,8 @@ class ItemLearner:
         data = self._checkpoint(path)
         if data is None:
             return False
+        if restore is not None:
+            restore(data)
         self._load_rows(data)
         self._accum = data["accum"]
         self._offset_squares = (data["offset_squares"] if "offset_squares" in data  # older
@@ -872,11 +880,14 @@ class ItemReplica(ItemLearner):
         self.steps, self.last_drift = delta.steps, delta.drift
         self._followed_alpha0 = delta.alpha0
 
-    def load(self, path: Path) -> bool:
-        """The rows of the learner's checkpoint at ``path`` (False if there is none)."""
+    def load(self, path: Path, restore: Callable[[dict], None] | None = None) -> bool:
+        """The rows of the learner's checkpoint at ``path`` (False if there is none);
+        ``restore`` as :meth:`ItemLearner.load`'s."""
         data = self._checkpoint(path)
         if data is None:
             return False
+        if restore is not None:
+            restore(data)
         self._load_rows(data)
         self._reserve(max(len(self._ids), 1024))
         if "alpha0" in data:

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import faust
 from faust.types import Message
@@ -27,6 +27,7 @@ from state.history import History
 
 from .batch_intake import BatchIntake
 from .changelog import BatchedTable
+from .checkpoint_acks import AcksAfterCheckpoint
 from .compat import guard_fetch_wait
 from .delivery import install_direct_delivery, patch_consumer
 from .engine import Engine, LearnedReport, item_partition
@@ -112,8 +113,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     dead_letters = app.topic(settings.topic_dead_letters, **raw)
     requests = app.topic(settings.topic_requests, **raw)
     train = app.topic(settings.train_topic, **raw)
-    sharing = share_items(app, settings, engine, metrics, learner) if settings.share_items \
-        else None
+    sharing = share_items(app, settings, engine, metrics, learner,
+                          followed=lambda: batches_followed(),
+                          published=lambda through: rows_published(through)) \
+        if settings.share_items else None
     histories = app.Table(HISTORY_TABLE, partitions=settings.partitions,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
     history_table = BatchedTable(histories)
@@ -280,19 +283,68 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                                                   within=settings.ingest_batch_wait_s):
                 await ingest_batch([item.message for item in batch])
 
-    @app.agent(train, name="learn")
-    async def learn(stream):
-        """Micro-batches of training examples (partitioned by item) into the item learner:
-        the learner process's, or the engine's here."""
-        async for values in stream.take(settings.learn_batch,
-                                        within=settings.learn_batch_wait_s):
-            if learner is not None:
-                await learner.learn(list(values), engine.users)
-                continue
-            report = engine.learn_messages(values, settings.learn_batch)
+    learned_here = 0  # batches learned on this loop (no learner process), numbered
+
+    async def learn_batch(values: list[bytes], positions: list[tuple[int, int]] | None) -> int:
+        """A micro-batch of training messages into the item learner (the learner process's,
+        or the engine's here); the batch's number (a checkpoint after it holds it)."""
+        nonlocal learned_here
+        if learner is not None:
+            return await learner.learn(values, engine.users, positions)
+        try:
+            report = engine.learn_messages(values, settings.learn_batch, positions=positions)
+        except Exception:  # noqa: BLE001 - one batch lost, not the agent
+            log.exception("could not learn a batch of %d training messages", len(values))
+        else:
             record_learned(report)
             if sharing is not None:
                 sharing.note(report)
+        learned_here += 1
+        return learned_here
+
+    train_acks: AcksAfterCheckpoint | None = None
+    if settings.batch_intake and not missing:
+        train_intake = BatchIntake(app, train, settings.learn_batch, settings.learn_batch_wait_s)
+        train_intake.install()
+        train_acks = AcksAfterCheckpoint(train_intake)
+        train_acks.export(metrics)
+
+        @app.task
+        async def learn() -> None:
+            """Training messages in micro-batches, acknowledged once a checkpoint holds what
+            they taught (:mod:`stream_app.checkpoint_acks`)."""
+            while True:
+                batch = await train_intake.take()
+                number = await learn_batch([message.value for message in batch],
+                                           [(message.partition, message.offset)
+                                            for message in batch])
+                train_acks.handed(number, batch)
+    else:
+        @app.agent(train, name="learn")
+        async def learn(stream):
+            """The same through Faust's stream, which acknowledges a batch when the agent asks
+            for the next: a crash loses what was learned since the last checkpoint."""
+            async for values in stream.take(settings.learn_batch,
+                                            within=settings.learn_batch_wait_s):
+                await learn_batch(list(values), None)
+
+    def checkpointed(through: int) -> None:
+        engine.checkpointed_at = time.time()
+        if train_acks is not None:
+            train_acks.checkpointed(through)
+
+    def batches_followed() -> int:
+        """The number of the last batch whose learning this loop's engine holds whole."""
+        return learner.batches_followed if learner is not None else learned_here
+
+    async def rows_published(through: int) -> None:
+        """A publish of the item rows (sharing) holds the learning of the batches up to
+        ``through``: a crashed worker gets those rows back from the topic, so their training
+        messages are committed now, as after a checkpoint (the producer is flushed first)."""
+        if train_acks is not None:
+            train_acks.checkpointed(through)
+            await app.producer.flush()  # the rows on the broker before the commit
+            await app.consumer.commit()
 
     def record_learned(report: LearnedReport) -> None:
         for seconds in report.step_seconds:
@@ -329,24 +381,31 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         paths_reads.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(paths_reads.discard)
 
-    def learner_saved() -> None:
-        engine.checkpointed_at = time.time()
-
     if learner is not None:
         @app.task
         async def follow_learner() -> None:
             """Apply the learner process's reports on this loop; stop the worker if it dies."""
-            await learner.attach(on_report=follow, on_paths=reload_paths, on_saved=learner_saved,
+            await learner.attach(on_report=follow, on_paths=reload_paths, on_saved=checkpointed,
                                  on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
 
-        @app.on_before_shutdown.connect
-        async def learn_what_was_handed_over(app: faust.App, **kwargs) -> None:
-            """The batches handed to the learner process learned before the worker stops:
-            Faust commits their offsets on the way out, while frames still in the pipe's
-            buffer would go with the event loop (the consumer has stopped taking by now)."""
-            if not learner.died and not await learner.settle(settings.hand_over_wait_s):
-                log.warning("the learner's batches in flight were not learned in %.1f s; "
-                            "stopping without them", settings.hand_over_wait_s)
+    @app.on_before_shutdown.connect
+    async def checkpoint_what_was_handed_over(app: faust.App, **kwargs) -> None:
+        """Everything handed to the learner learned and checkpointed before the worker stops,
+        so that Faust's last commit takes the training messages too (frames still in the
+        pipe's buffer would go with the event loop; the consumer has stopped taking by now).
+        """
+        if learner is None:
+            if train_acks is not None:
+                engine.save()
+                checkpointed(learned_here)
+            return
+        if learner.died:  # what it had not saved is delivered again
+            return
+        wait_s = settings.hand_over_wait_s
+        if not await learner.settle(wait_s) or not await learner.checkpoint(wait_s):
+            log.warning("the learner did not learn and checkpoint what it was handed in "
+                        "%.1f s: the training messages since its last checkpoint will be "
+                        "delivered again", wait_s)
 
     def reply_allowed(name: str | None) -> bool:
         """The responses topic, a reply topic in use, or a new one while fewer than
@@ -451,7 +510,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     async def checkpoint() -> None:
         engine.save(model=learner is None)
         if learner is not None:
-            learner.request_save()  # the learner process owns the model
+            learner.request_save()  # the learner process owns the model; it says when saved
+        else:
+            checkpointed(learned_here)
 
     @app.timer(settings.index_check_s)
     async def rebuild_index() -> None:
@@ -475,10 +536,13 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
 
 def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Metrics,
-                learner: LearnerProcess | None) -> ItemSharing:
+                learner: LearnerProcess | None, followed: Callable[[], int],
+                published: Callable[[int], Awaitable[None]]) -> ItemSharing:
     """The item rows this worker owns published, the other workers' installed
     (:mod:`stream_app.item_sharing`): a task that reads the item-rows topic and a timer that
-    publishes."""
+    publishes. ``published(through)`` follows each publish sent: it holds the learning of the
+    batches up to ``through``, what ``followed()`` said before the publish took its rows (it
+    may hold more, never less)."""
     topic = app.topic(settings.items_topic, key_serializer="raw", value_serializer="raw")
     steps_topic = app.topic(settings.item_steps_topic, key_serializer="raw",
                             value_serializer="raw")
@@ -525,7 +589,9 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
     @app.timer(settings.share_items_s)
     async def publish_item_rows() -> None:
         try:
+            through = followed()
             await sharing.publish(due, send_row, send_step)
+            await published(through)
         except Exception:  # noqa: BLE001 - a timer's exception would stop the worker
             log.exception("could not publish the item rows; they go with the next publish")
 
@@ -541,8 +607,10 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
             if learner is not None and not await learner.settle(settings.hand_over_wait_s):
                 log.warning("the learner's batches in flight were not learned in %.1f s; "
                             "handing over without them", settings.hand_over_wait_s)
+            through = followed()
             await sharing.publish(sharing.handed_over, send_row, send_step)
             await app.producer.flush()
+            await published(through)
         except Exception:  # noqa: BLE001 - the next owner starts from the last publish
             log.exception("could not hand the item rows over")
 

@@ -12,7 +12,7 @@ import math
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from models.serving_choice import (ServingCandidate, ndcg_of_ranks, pool_positio
 from state.gramian import load_npz, save_npz
 from state.history import History
 from state.popularity import DecayedPopularity
+from state.stream_positions import StreamPositions
 
 from .settings import Settings
 from .wire import (SOURCES, Event, InvalidMessage, RecItem, RecRequest, RecResponse, TrainBatch,
@@ -102,6 +103,10 @@ class LearnedReport:
     installed: bool = False  # rows taken from the item-rows topic (install_rows), not learned
     # (rows, summed steps) the input offsets took here since the last report, with share_items
     input_steps: tuple[np.ndarray, np.ndarray] | None = None
+    redelivered: int = 0  # training messages skipped: the model held them already
+    # every input offset moved so far is in this report or an earlier one: a follower then
+    # holds all the learning of the batches reported (what a publish of its rows may commit)
+    complete: bool = False
 
 
 def _users_of(users: Sequence[int | None] | None, start: int, step: int) -> int | None:
@@ -164,6 +169,9 @@ class Engine:
         self.users = 0  # users whose history this worker holds
         self.behind = 0  # events the worker has yet to take in (stream_app.intake.IntakeLag)
         self.learned = 0  # training examples applied
+        # the training topic's offsets the model holds, saved with it (a replica's stay empty)
+        self.positions = StreamPositions(settings.train_topic)
+        self.redelivered = 0  # training messages skipped: the model held them already
         self.checkpointed_at = time.time()
         # How requests are answered: the settings' pair, then the best measured on the
         # stream (models/serving_choice.py); a replica takes the learner's from its reports.
@@ -496,8 +504,9 @@ class Engine:
         new_items, new_paths = (self.paths.model.items_since(first_dr_row)
                                 if self.paths is not None else ([], None))
         dr_weights = self._weights_due()
+        delta = self.learner.delta(first_row, rows, self._inputs_due(caught_up))
         return LearnedReport(
-            delta=self.learner.delta(first_row, rows, self._inputs_due(caught_up)),
+            delta=delta, complete=not self._inputs_moved,
             items=list(dict.fromkeys(example.item_id for example in examples)),
             step_seconds=seconds, losses=losses, dr_losses=dr_losses,
             dr_stats=self.paths.stats() if dr_weights is not None else None,
@@ -573,14 +582,25 @@ class Engine:
         self._weights_sent_at = now
         return self.paths.model.structure_weights()
 
-    def learn_messages(self, values: Sequence[bytes], step: int, *,
-                       caught_up: bool = True) -> LearnedReport:
+    def learn_messages(self, values: Sequence[bytes], step: int, *, caught_up: bool = True,
+                       positions: Sequence[tuple[int, int]] | None = None) -> LearnedReport:
         """:meth:`learn_reported` of the examples in training messages; a message that does
-        not decode is skipped (logged)."""
+        not decode is skipped (logged). ``positions``: each message's (partition, offset) in
+        the training topic; a message the model already holds (a redelivery, see
+        :mod:`state.stream_positions`) is skipped and counted in ``redelivered``."""
+        skipped = 0
+        if positions:
+            fresh = self.positions.admit(*zip(*positions))
+            skipped = len(fresh) - sum(fresh)
+            if skipped:
+                log.info("skipped %d training messages the model already holds", skipped)
+                values = [value for value, new in zip(values, fresh) if new]
         examples, users, bad = TrainBatch.decode_many(values)
         if bad:
             log.warning("skipped %d undecodable training messages", bad)
-        return self.learn_reported(examples, step, caught_up=caught_up, users=users)
+        report = self.learn_reported(examples, step, caught_up=caught_up, users=users)
+        self.redelivered += skipped
+        return replace(report, redelivered=skipped) if skipped else report
 
     def follow(self, report: LearnedReport) -> None:
         """Take in what a learner elsewhere learned (this engine's learner is its replica):
@@ -602,6 +622,7 @@ class Engine:
         if report.dr_stats is not None:
             self.reported_dr_stats = report.dr_stats
         self.learned += report.examples
+        self.redelivered += report.redelivered
         self.serving_choice.restore(report.serving)
 
     def dr_stats(self) -> dict:
@@ -780,7 +801,8 @@ class Engine:
         state to save)."""
         self.popularity.save(self.checkpoint_dir / "popularity.npz")
         if model:
-            self.learner.save(self.checkpoint_dir / "model.npz")
+            self.learner.save(self.checkpoint_dir / "model.npz",
+                              also=self.positions.to_arrays())
             save_npz(self.checkpoint_dir / "serving.npz", self.serving_choice.state())
             if self.paths is not None:
                 self.paths.save(self.checkpoint_dir / "dr")
@@ -841,7 +863,8 @@ class Engine:
         """The last checkpoint and the newest valid index version, where they exist (a
         replica takes the item rows only)."""
         found = self.popularity.load(self.checkpoint_dir / "popularity.npz")
-        found = self.learner.load(self.checkpoint_dir / "model.npz") or found
+        found = self.learner.load(self.checkpoint_dir / "model.npz",
+                                  restore=self.positions.set_arrays) or found
         self._load_serving(self.checkpoint_dir / "serving.npz")
         if self.paths is not None:
             found = self.paths.load(self.checkpoint_dir / "dr") or found

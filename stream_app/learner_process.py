@@ -24,13 +24,15 @@ module, and nothing from Kafka or disk is unpickled. The worker closing the pipe
 its death) tells the child to checkpoint and exit.
 
 If the child dies, the worker stops (and its supervisor or container restarts it from the last
-checkpoint, redelivering what was not committed): a worker that takes events in but cannot
-learn would look healthy while its model froze. What that costs: the training messages whose
-offsets were committed after the child's last checkpoint (``checkpoint_interval_s``) are not
-learned again, because commits follow the hand-over to the child, not its checkpoints. A
-worker that stops on its own waits for the child to learn everything handed over
-(:meth:`LearnerProcess.settle`) before Faust's last commit, and the child checkpoints on the
-way out, so a graceful stop loses nothing.
+checkpoint): a worker that takes events in but cannot learn would look healthy while its model
+froze. Nothing learned is lost: the worker acknowledges a training message only once a
+checkpoint holds it (:mod:`stream_app.checkpoint_acks`; the child says which batches a
+checkpoint holds), so Kafka delivers again what the dead child had not saved, and each learn
+frame carries its messages' training-topic positions, which the child saves with the model
+and which let it skip what it holds (:mod:`state.stream_positions`). A worker that stops on
+its own waits for the child to learn everything handed over (:meth:`LearnerProcess.settle`)
+and to checkpoint it (:meth:`LearnerProcess.checkpoint`) before Faust's last commit; a worker
+that dies alone closes the pipe, and the child checkpoints what it was handed.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
@@ -100,10 +103,15 @@ class LearnerProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_report: Callable[[LearnedReport], None] | None = None
         self._on_paths: Callable[[dict], None] | None = None
-        self._on_saved: Callable[[], None] | None = None
+        self._on_saved: Callable[[int], None] | None = None
         self._on_death: Callable[[], None] | None = None
         self._settles: collections.deque[asyncio.Future] = collections.deque()  # in frame order
+        # per SAVE frame, in frame order: the last batch it holds, and who waits for it
+        self._saves: collections.deque[tuple[int, asyncio.Future | None]] = collections.deque()
         self._batches_written = 0  # learn frames
+        self._batches_learned = 0  # their reports, in order
+        #: the batches whose learning the follower holds whole (input offsets included)
+        self.batches_followed = 0
 
     # -- life -------------------------------------------------------------------------------
     def start(self, timeout_s: float = 120.0) -> LearnerProcess:
@@ -124,7 +132,7 @@ class LearnerProcess:
         return self
 
     async def attach(self, *, on_report: Callable[[LearnedReport], None],
-                     on_paths: Callable[[dict], None], on_saved: Callable[[], None],
+                     on_paths: Callable[[dict], None], on_saved: Callable[[int], None],
                      on_death: Callable[[], None]) -> None:
         """Feed the child and apply its messages on the running loop from now on.
 
@@ -167,12 +175,15 @@ class LearnerProcess:
         return self._process.pid if self._process is not None else None
 
     # -- feeding ----------------------------------------------------------------------------
-    async def learn(self, values: list[bytes], users: int) -> None:
-        """Hand raw training messages to the child; waits while ``in_flight`` batches are
-        still being learned."""
+    async def learn(self, values: list[bytes], users: int,
+                    positions: list[tuple[int, int]] | None = None) -> int:
+        """Hand raw training messages (with their training-topic positions, when known) to
+        the child; waits while ``in_flight`` batches are still being learned. Returns the
+        batch's number: a checkpoint requested after it holds it."""
         await self._slots.acquire()
         self._batches_written += 1
-        self._writer.write(learn_frame(values, users))
+        self._writer.write(learn_frame(values, users, positions))
+        return self._batches_written
 
     async def settle(self, timeout_s: float) -> bool:
         """Wait until the child has learned every frame handed to it and reported all it
@@ -210,8 +221,25 @@ class LearnerProcess:
         if self._pipe is not None:
             await self._pipe.room.wait()
 
-    def request_save(self) -> None:
+    def request_save(self) -> int:
+        """Ask the child for a checkpoint; it holds every batch handed over so far, whose
+        last number this returns and ``on_saved`` receives once it is written."""
         self._writer.write(frame(SAVE))
+        self._saves.append((self._batches_written, None))
+        return self._batches_written
+
+    async def checkpoint(self, timeout_s: float) -> bool:
+        """A checkpoint of everything handed over so far, written; at most ``timeout_s``.
+        False when it was not (a dead learner has none to write)."""
+        if self._writer is None or self.died:
+            return False
+        written = self._loop.create_future()
+        self._writer.write(frame(SAVE))
+        self._saves.append((self._batches_written, written))
+        try:
+            return await asyncio.wait_for(asyncio.shield(written), timeout_s)
+        except TimeoutError:
+            return False
 
     def install_rows(self, records: list[tuple[bytes, bytes]]) -> None:
         """Hand other workers' item rows (item-rows topic records: key, value) to the child,
@@ -239,15 +267,22 @@ class LearnerProcess:
         if kind in ("learned", "inputs"):  # inputs: offsets alone, no batch behind them
             if kind == "learned":
                 self._slots.release()
+                self._batches_learned += 1
             try:
                 self._on_report(message[1])
+                if message[1].complete:
+                    self.batches_followed = self._batches_learned
             except Exception:  # noqa: BLE001 - a replica out of step is fatal below
                 log.exception("could not apply the learner's report")
                 raise EOFError("replica out of step") from None
         elif kind == "paths":
             self._on_paths(message[1])
         elif kind == "saved":
-            self._on_saved()
+            through, waiting = self._saves.popleft()
+            if message[1]:
+                self._on_saved(through)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message[1])
         elif kind == "settled":
             answer = self._settles.popleft()
             if not answer.done():
@@ -258,6 +293,7 @@ class LearnerProcess:
 LEARN, SAVE, ROWS, STEPS, SETTLE = b"L", b"S", b"R", b"T", b"W"
 _LENGTH = struct.Struct("!I")
 _LEARN_HEAD = struct.Struct("!QI")  # users, number of values
+_COUNT = struct.Struct("!i")  # positions in a learn frame; -1: none
 
 
 def frame(kind: bytes, body: bytes = b"") -> bytes:
@@ -271,8 +307,15 @@ def _values_body(values: list[bytes], users: int) -> bytes:
     return b"".join(parts)
 
 
-def learn_frame(values: list[bytes], users: int) -> bytes:
-    return frame(LEARN, _values_body(values, users))
+def learn_frame(values: list[bytes], users: int,
+                positions: list[tuple[int, int]] | None = None) -> bytes:
+    """Training messages, with their (partition, offset) in the training topic when known:
+    the learner skips those its model already holds (:mod:`state.stream_positions`)."""
+    if positions is None:
+        head = _COUNT.pack(-1)
+    else:
+        head = _COUNT.pack(len(positions)) + np.asarray(positions, dtype=">i8").tobytes()
+    return frame(LEARN, head + _values_body(values, users))
 
 
 def rows_frame(records: list[tuple[bytes, bytes]], kind: bytes = ROWS) -> bytes:
@@ -282,11 +325,25 @@ def rows_frame(records: list[tuple[bytes, bytes]], kind: bytes = ROWS) -> bytes:
 
 
 def parse_rows(body: memoryview) -> list[tuple[bytes, bytes]]:
-    parts, _ = parse_learn(body)
+    parts, _ = _parse_values(body)
     return list(zip(parts[::2], parts[1::2]))
 
 
-def parse_learn(body: memoryview) -> tuple[list[bytes], int]:
+def parse_learn(body: memoryview) -> tuple[list[bytes], int, list[tuple[int, int]] | None]:
+    """A learn frame's values, users and positions (None where the worker had none)."""
+    (count,) = _COUNT.unpack_from(body)
+    at, positions = _COUNT.size, None
+    if count >= 0:
+        pairs = np.frombuffer(body, dtype=">i8", count=2 * count, offset=at).reshape(count, 2)
+        positions = [(int(p), int(o)) for p, o in pairs.tolist()]
+        at += pairs.nbytes
+    values, users = _parse_values(body[at:])
+    if len(values) != len(positions if positions is not None else values):
+        raise EOFError("a learn frame whose positions do not match its values")
+    return values, users, positions
+
+
+def _parse_values(body: memoryview) -> tuple[list[bytes], int]:
     users, count = _LEARN_HEAD.unpack_from(body)
     at, values = _LEARN_HEAD.size, []
     for _ in range(count):
@@ -381,9 +438,14 @@ class LearnerLoop:
     def handle(self, kind: bytes, body: memoryview, *, caught_up: bool = True) -> None:
         if kind == LEARN:
             self.outbox.send(("learned", self.learn(*parse_learn(body), caught_up=caught_up)))
-        elif kind == SAVE:
-            self.engine.save()
-            self.outbox.send(("saved",))
+        elif kind == SAVE:  # the worker commits what it holds only once it is written
+            try:
+                self.engine.save()
+            except Exception:  # noqa: BLE001 - a full disk: learning goes on, commits wait
+                log.exception("could not write the checkpoint")
+                self.outbox.send(("saved", False))
+            else:
+                self.outbox.send(("saved", True))
         elif kind in (ROWS, STEPS):
             take = install_records if kind == ROWS else add_step_records
             report = take(self.engine, parse_rows(body))
@@ -395,12 +457,14 @@ class LearnerLoop:
         else:
             raise EOFError(f"unknown frame {kind!r}")  # a damaged pipe: stop, checkpointed
 
-    def learn(self, values: list[bytes], users: int, *, caught_up: bool = True) -> LearnedReport:
+    def learn(self, values: list[bytes], users: int,
+              positions: list[tuple[int, int]] | None = None, *,
+              caught_up: bool = True) -> LearnedReport:
         """``caught_up``: no other frame waits behind this one (the moved input offsets then
         go with its report, see :meth:`Engine.learn_reported`)."""
         self.engine.users = users
         return self.engine.learn_messages(values, self.settings.learn_batch,
-                                          caught_up=caught_up)
+                                          caught_up=caught_up, positions=positions)
 
     def send_inputs(self) -> None:
         """Input offsets moved by batches whose reports left them waiting (more batches were

@@ -44,6 +44,10 @@ def build_metrics(engine: Engine) -> Metrics:
                   "density of the positives).", lambda: engine.learner.alpha0)
     metrics.gauge("streamrec_checkpoint_age_seconds", "Seconds since the last checkpoint.",
                   lambda: time.time() - engine.checkpointed_at)
+    metrics.gauge("streamrec_train_redelivered_messages",
+                  "Training messages skipped since the worker started: the model held them "
+                  "already (delivered again after a crash or a rebalance).",
+                  lambda: engine.redelivered)
     serving_gauges = {
         "ndcg": ("Weighted NDCG@k (STREAMREC_SERVE_TUNING_K) of the serving pick on training "
                  "examples ranked before they were learned (prequential).",

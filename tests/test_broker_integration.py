@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import shutil
+import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,13 +278,14 @@ def test_restarted_worker_keeps_histories(settings, start_worker):
         assert ids(client.recommend("nobody", k=4, **POPULAR)) == ["c", "b", "a", "d"]  # counts too
 
 
-def committed_event_offsets(settings) -> dict[int, int]:
-    """The app group's committed offset of each events partition (0 where none)."""
+def committed_event_offsets(settings, topic: str | None = None) -> dict[int, int]:
+    """The app group's committed offset of each events (or ``topic``) partition (0 where
+    none)."""
     from kafka import KafkaAdminClient, TopicPartition
 
     admin = KafkaAdminClient(**client_config(settings))
     try:
-        wanted = [TopicPartition(settings.topic_events, partition)
+        wanted = [TopicPartition(topic or settings.topic_events, partition)
                   for partition in range(settings.partitions)]
         offsets = admin.list_group_offsets({settings.app_id: wanted})[settings.app_id]
     finally:
@@ -289,11 +293,13 @@ def committed_event_offsets(settings) -> dict[int, int]:
     return {tp.partition: max(offsets[tp].offset, 0) if tp in offsets else 0 for tp in wanted}
 
 
-def end_offsets(settings, count: int) -> dict[int, int]:
-    """Each events partition's offset after its last record, read from the records (the
-    embedded broker's ListOffsets can report less, README, "The embedded broker is for development")."""
+def end_offsets(settings, count: int, topic: str | None = None,
+                timeout_s: float = 20.0) -> dict[int, int]:
+    """Each events (or ``topic``) partition's offset after its last record, read from the
+    records (the embedded broker's ListOffsets can report less, README, "The embedded broker
+    is for development")."""
     ends = dict.fromkeys(range(settings.partitions), 0)
-    for record in read_topic(settings, settings.topic_events, count):
+    for record in read_topic(settings, topic or settings.topic_events, count, timeout_s):
         ends[record.partition] = max(ends[record.partition], record.offset + 1)
     return ends
 
@@ -877,3 +883,69 @@ def test_a_crashed_worker_gets_back_the_rows_it_published_after_its_checkpoint(s
     wait_until(lambda: same_answers(before, shared_answers(settings, users=12)), 60)
     assert metric(restarted, "streamrec_learned_events_total") == 0
     assert metric(restarted, "streamrec_item_rows_published") == 0  # installs are not sent back
+
+
+def learner_pid(worker) -> int:
+    """The pid of the worker's learner process: its child that multiprocessing spawned."""
+    parent = worker.child.process.pid
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"spawn_main" in command:
+            return int(entry.name)
+    raise AssertionError("the worker has no learner process")
+
+
+@pytest.mark.parametrize("killed", ["learner", "worker"])
+def test_a_crash_loses_no_training_message_and_learns_none_twice(settings, start_worker,
+                                                                 killed):
+    """Training messages are committed once a checkpoint holds them, and the checkpoint says
+    which it holds. With no periodic checkpoint, after everything is learned (and Faust's
+    commits of acknowledged offsets, every 2.8 s, have had their time):
+
+    - ``learner``: the learner process is killed; the worker stops (its supervisor restarts
+      it), and the restarted one learns every message again, from the empty model it starts
+      with. Committed at the hand-over to the learner, they were lost;
+    - ``worker``: the worker is killed alone; its learner checkpoints what it was handed when
+      the pipe closes, and the restarted worker skips every message delivered again.
+
+    Either way the model has learned each example once, and a graceful stop commits the
+    training topic to its end."""
+    from models.learner import ItemLearner
+    from stream_app.processes import group_alive
+    from stream_app.worker import EXIT_LEARNER_DIED
+
+    from .test_engine_model import planted_stream
+
+    crashy = settings.replace(checkpoint_interval_s=3600.0)
+    stream = planted_stream()
+    worker = start_worker(crashy)
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    wait_until(lambda: metric(worker, "streamrec_learned_events_total") == len(stream), 120)
+    time.sleep(4.0)
+    if killed == "learner":
+        os.kill(learner_pid(worker), signal.SIGKILL)
+        assert worker.child.process.wait(60) == EXIT_LEARNER_DIED
+    else:
+        os.kill(worker.child.process.pid, signal.SIGKILL)
+        worker.child.process.wait(10)
+        wait_until(lambda: not group_alive(worker.child.process.pid), 60)
+    trained = end_offsets(settings, 10**9, settings.train_topic, timeout_s=5.0)
+    again = start_worker(crashy)
+    if killed == "learner":
+        wait_until(lambda: metric(again, "streamrec_learned_events_total") == len(stream), 120)
+    else:
+        wait_until(lambda: metric(again, "streamrec_train_redelivered_messages")
+                   == sum(trained.values()), 120)
+    time.sleep(1.0)  # anything learned twice would have come by now
+    assert metric(again, "streamrec_learned_events_total") == (
+        len(stream) if killed == "learner" else 0)
+    assert again.stop() == 0
+    saved = ItemLearner(crashy.learner_config())
+    assert saved.load(crashy.data_dir / "checkpoints" / "model.npz")
+    assert saved.events == len(stream)
+    assert committed_event_offsets(settings, settings.train_topic) == trained

@@ -168,7 +168,7 @@ def run_with_learner(learner: LearnerProcess, engine: Engine, batches: list[list
             engine.follow(report)
             seen["reports"].append(report)
 
-        def on_saved():
+        def on_saved(through):
             seen["saved"] += 1
             done.set()
 
@@ -272,9 +272,12 @@ def test_training_messages_that_do_not_decode_are_counted(values, bad):
 def test_frames_carry_the_values_unchanged_and_a_cut_frame_reads_as_the_end():
     read, write = os.pipe()
     values = [b"", b"x" * 30_000, b'{"v":1}']  # all of it fits in the pipe
-    os.write(write, learn_frame(values, 12) + frame(SAVE))
+    positions = [(0, 7), (1, 2**40), (0, 8)]
+    os.write(write, learn_frame(values, 12) + learn_frame(values, 5, positions) + frame(SAVE))
     kind, body = read_frame(read)
-    assert kind == LEARN and parse_learn(body) == (values, 12)
+    assert kind == LEARN and parse_learn(body) == (values, 12, None)
+    kind, body = read_frame(read)
+    assert kind == LEARN and parse_learn(body) == (values, 5, positions)
     assert read_frame(read)[0] == SAVE
     os.write(write, learn_frame(values, 3)[:-5])  # the worker died mid-frame
     os.close(write)
@@ -635,7 +638,7 @@ def test_settle_waits_for_the_batches_in_flight(tmp_path):
 
     async def main() -> None:
         await learner.attach(on_report=follower.follow, on_paths=lambda stats: None,
-                             on_saved=lambda: None, on_death=lambda: None)
+                             on_saved=lambda through: None, on_death=lambda: None)
         assert await learner.settle(60.0)  # nothing handed over: answered at once
         await learner.learn(messages[:2], 240)
         await learner.learn(messages[2:], 240)
@@ -672,7 +675,7 @@ def test_item_rows_for_the_learner_wait_while_its_pipe_holds_too_much(tmp_path):
 
     async def main() -> None:
         await learner.attach(on_report=follower.follow, on_paths=lambda stats: None,
-                             on_saved=lambda: None, on_death=lambda: None)
+                             on_saved=lambda through: None, on_death=lambda: None)
         await asyncio.wait_for(learner.drained(), 1.0)  # nothing held
         learner.install_rows(records)
         waiting = asyncio.ensure_future(learner.drained())
@@ -691,24 +694,29 @@ def test_item_rows_for_the_learner_wait_while_its_pipe_holds_too_much(tmp_path):
 
 @pytest.mark.parametrize("died", [False, True])
 def test_a_stopping_worker_waits_for_its_learner_before_its_last_commit(tmp_path, died):
-    """Faust commits what the learn agent handed over when the worker stops; the app's
-    shutdown signal first settles the learner process (frames left in the pipe's buffer
-    would go with the event loop), unless it died (nothing to wait for)."""
+    """Faust commits the training messages a checkpoint holds when the worker stops; the
+    app's shutdown signal first settles the learner process (frames left in the pipe's buffer
+    would go with the event loop) and has it checkpoint, unless it died (nothing to wait
+    for)."""
     from stream_app.app import create_app
     from stream_app.worker import build_metrics
 
     settings = Settings(data_dir=tmp_path, metrics_port=0, hand_over_wait_s=7.0)
     engine = Engine(settings, replica=True)
-    waits: list[float] = []
+    waits: list[tuple[str, float]] = []
 
     async def settle(timeout_s: float) -> bool:
-        waits.append(timeout_s)
+        waits.append(("settle", timeout_s))
         return True
 
-    learner = SimpleNamespace(died=died, settle=settle)
+    async def checkpoint(timeout_s: float) -> bool:
+        waits.append(("checkpoint", timeout_s))
+        return True
+
+    learner = SimpleNamespace(died=died, settle=settle, checkpoint=checkpoint)
     app = create_app(settings, engine, build_metrics(engine), learner)
     asyncio.run(app.on_before_shutdown.send())
-    assert waits == ([] if died else [7.0])
+    assert waits == ([] if died else [("settle", 7.0), ("checkpoint", 7.0)])
 
 
 def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
@@ -737,3 +745,43 @@ def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
     assert message == "inputs" and not report.installed
     assert report.delta.input_rows.tolist() == [0]
     np.testing.assert_array_equal(engine.learner.offsets, np.full((1, 16), 0.5))
+
+
+def test_the_learner_process_skips_what_its_model_holds_and_says_what_a_checkpoint_holds(
+        tmp_path):
+    """Frames carry their messages' training-topic positions: messages delivered again (all
+    of them, after a crash before any commit) are skipped by the child and counted in its
+    reports. A checkpoint request returns the number of the last batch it holds, which
+    ``on_saved`` receives once it is written; :meth:`LearnerProcess.checkpoint` waits for
+    one."""
+    examples, _ = examples_and_histories()
+    settings = settings_for(tmp_path)
+    messages = [TrainBatch(examples=examples[start:start + 50]).to_bytes()
+                for start in range(0, len(examples), 50)]
+    positions = [(n % 2, n // 2) for n in range(len(messages))]
+    learner = LearnerProcess(settings).start()
+    follower = Engine(settings, replica=True)
+    seen = {"saved": []}
+
+    async def main() -> None:
+        await learner.attach(on_report=follower.follow, on_paths=lambda stats: None,
+                             on_saved=seen["saved"].append, on_death=lambda: None)
+        await learner.learn(messages[:3], 240, positions[:3])
+        seen["requested"] = learner.request_save()
+        await learner.learn(messages[3:], 240, positions[3:])
+        seen["checkpoint"] = await learner.checkpoint(60.0)
+        await learner.learn(messages, 240, positions)  # delivered again
+        assert await learner.settle(60.0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert learner.stop()
+    assert seen == {"saved": [1, 2], "requested": 1, "checkpoint": True}
+    assert follower.learned == len(examples) and follower.redelivered == len(messages)
+    oracle = Engine(settings_for(tmp_path / "oracle"))  # each message once, here
+    oracle.users = 240
+    for start, end in ((0, 3), (3, len(messages))):
+        oracle.learn_messages(messages[start:end], settings.learn_batch)
+    np.testing.assert_allclose(follower.learner.item_matrix, oracle.learner.item_matrix,
+                               rtol=1e-6, atol=1e-9)
