@@ -97,6 +97,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         web_enabled=False,
         autodiscover=False,
         stream_wait_empty=False,
+        # training offsets are committed once per checkpoint (stream_app/checkpoint_acks.py)
+        broker_commit_livelock_soft_timeout=max(300.0, 3 * settings.checkpoint_interval_s),
         consumer_max_fetch_size=settings.fetch_partition_bytes,
         broker_max_poll_records=settings.poll_records,
         # a changelog batch of BatchedTable holds ~60 histories of 50 events
@@ -306,14 +308,16 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     if settings.batch_intake and not missing:
         train_intake = BatchIntake(app, train, settings.learn_batch, settings.learn_batch_wait_s)
         train_intake.install()
-        train_acks = AcksAfterCheckpoint(train_intake)
+        train_acks = AcksAfterCheckpoint(train_intake, ask_checkpoint=lambda: save_early())
         train_acks.export(metrics)
 
         @app.task
         async def learn() -> None:
             """Training messages in micro-batches, acknowledged once a checkpoint holds what
             they taught (:mod:`stream_app.checkpoint_acks`)."""
+            await item_rows_restored()
             while True:
+                await train_acks.room.wait()
                 batch = await train_intake.take()
                 number = await learn_batch([message.value for message in batch],
                                            [(message.partition, message.offset)
@@ -324,9 +328,18 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         async def learn(stream):
             """The same through Faust's stream, which acknowledges a batch when the agent asks
             for the next: a crash loses what was learned since the last checkpoint."""
+            await item_rows_restored()
             async for values in stream.take(settings.learn_batch,
                                             within=settings.learn_batch_wait_s):
                 await learn_batch(list(values), None)
+
+    async def item_rows_restored() -> None:
+        """With sharing, learning starts once the item-rows catch-up has handed its rows to
+        the learner: rows this worker published after its checkpoint, installed after
+        learning began, would overwrite what it learned since (and commit it lost)."""
+        if sharing is not None and not sharing.caught_up.is_set():
+            log.info("learning waits for the item rows published before this start")
+            await sharing.caught_up.wait()
 
     def checkpointed(through: int) -> None:
         engine.checkpointed_at = time.time()
@@ -344,6 +357,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         if train_acks is not None:
             train_acks.checkpointed(through)
             await app.producer.flush()  # the rows on the broker before the commit
+            # a commit in progress makes commit() return without committing these acks
+            while await app.consumer.maybe_wait_for_commit_to_finish():
+                pass
             await app.consumer.commit()
 
     def record_learned(report: LearnedReport) -> None:
@@ -396,8 +412,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         """
         if learner is None:
             if train_acks is not None:
-                engine.save()
-                checkpointed(learned_here)
+                save_here()
             return
         if learner.died:  # what it had not saved is delivered again
             return
@@ -508,11 +523,27 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     @app.timer(settings.checkpoint_interval_s)
     async def checkpoint() -> None:
-        engine.save(model=learner is None)
-        if learner is not None:
-            learner.request_save()  # the learner process owns the model; it says when saved
+        if learner is None:
+            save_here()
+            return
+        engine.save(model=False)
+        learner.request_save()  # the learner process owns the model; it says when saved
+
+    def save_early() -> None:
+        if learner is None:
+            save_here()
         else:
-            checkpointed(learned_here)
+            learner.request_save()
+
+    def save_here() -> None:
+        """Checkpoint the model this loop learns; what it holds may then be committed."""
+        through = learned_here
+        try:
+            engine.save()
+        except Exception:  # noqa: BLE001 - a full disk: learning goes on, commits wait
+            log.exception("could not write the checkpoint")
+        else:
+            checkpointed(through)
 
     @app.timer(settings.index_check_s)
     async def rebuild_index() -> None:

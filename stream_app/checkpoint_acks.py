@@ -14,25 +14,38 @@ acknowledged once it is flushed.
 The cost: offsets of the training topic are committed once per checkpoint
 (``STREAMREC_CHECKPOINT_INTERVAL_S``) instead of every few seconds, so a restart reads up to
 that much of the topic again (and skips it, cheaply, where the model holds it), and the
-messages of that interval stay referenced here until then: their values, a few hundred bytes
-per example, are dropped once learned.
+messages of that interval stay referenced here until then (their values are dropped once
+handed to the learner; at most ``UNCOMMITTED_LIMIT`` of them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+from collections.abc import Callable
 
 from .batch_intake import BatchIntake
+
+#: messages held unacknowledged before the learn task asks for an early checkpoint and waits
+#: for it (a few hundred bytes each: their values are dropped). A checkpoint interval holds far
+#: fewer (one training message per item partition and ingest batch); saves that keep failing
+#: (a full disk) stop the intake here instead of filling the memory.
+UNCOMMITTED_LIMIT = 100_000
 
 
 class AcksAfterCheckpoint:
     """Batches of one intake, numbered as they are handed to the learner, acknowledged when a
     checkpoint (or a publish of item rows) holding them is written."""
 
-    def __init__(self, intake: BatchIntake) -> None:
+    def __init__(self, intake: BatchIntake, ask_checkpoint: Callable[[], None] = lambda: None,
+                 limit: int = UNCOMMITTED_LIMIT) -> None:
         self.intake = intake
+        self.ask_checkpoint = ask_checkpoint
+        self.limit = limit
         self._pending: collections.deque[tuple[int, list]] = collections.deque()
         self.waiting = 0  # messages learned or being learned, not yet acknowledged
+        self.room = asyncio.Event()  # clear while ``limit`` messages wait: take no more
+        self.room.set()
 
     def handed(self, number: int, batch: list) -> None:
         """Batch ``number`` (increasing) is with the learner; its values are no longer
@@ -41,6 +54,9 @@ class AcksAfterCheckpoint:
             message.value = None
         self._pending.append((number, batch))
         self.waiting += len(batch)
+        if self.waiting >= self.limit and self.room.is_set():
+            self.room.clear()
+            self.ask_checkpoint()
 
     def checkpointed(self, through: int) -> None:
         """A checkpoint (or a publish) holding every batch up to number ``through`` is
@@ -50,6 +66,8 @@ class AcksAfterCheckpoint:
             _, batch = pending.popleft()
             self.waiting -= len(batch)
             self.intake.ack(batch)
+        if self.waiting < self.limit:
+            self.room.set()
 
     def export(self, metrics) -> None:
         """Its gauge on the worker's metrics page."""

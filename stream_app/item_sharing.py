@@ -132,6 +132,9 @@ class ItemSharing:
         self._add_steps = add_steps
         self._taken = taken  # waits while what install/add_steps handed on is not taken
         self.own_rows_after = own_rows_after  # infinity once a catch-up has ended
+        # set once the first catch-up has handed its rows on: the learner learns after it,
+        # or a row of its own items published before a crash would overwrite newer learning
+        self.caught_up = asyncio.Event()
         self.instance = uuid.uuid4().hex.encode()  # this process, in its records' headers
         self.held: frozenset[int] = frozenset()  # training partitions as last assigned
         # item-steps partition: its next offset to read. A restarted reader goes on from there
@@ -327,6 +330,8 @@ class ItemSharing:
                 if not catch_up and self.own_rows_after < math.inf:
                     log.info("item rows caught up: %d installed", self.installed)
                     self.own_rows_after = math.inf
+                if not catch_up:
+                    self.caught_up.set()
                 if guard is not None:
                     check_aiokafka(guard, consumer, time.monotonic())
         finally:

@@ -25,14 +25,15 @@ its death) tells the child to checkpoint and exit.
 
 If the child dies, the worker stops (and its supervisor or container restarts it from the last
 checkpoint): a worker that takes events in but cannot learn would look healthy while its model
-froze. Nothing learned is lost: the worker acknowledges a training message only once a
-checkpoint holds it (:mod:`stream_app.checkpoint_acks`; the child says which batches a
-checkpoint holds), so Kafka delivers again what the dead child had not saved, and each learn
-frame carries its messages' training-topic positions, which the child saves with the model
-and which let it skip what it holds (:mod:`state.stream_positions`). A worker that stops on
-its own waits for the child to learn everything handed over (:meth:`LearnerProcess.settle`)
-and to checkpoint it (:meth:`LearnerProcess.checkpoint`) before Faust's last commit; a worker
-that dies alone closes the pipe, and the child checkpoints what it was handed.
+froze. Nothing learned is lost (with the batch intake, the default): the worker acknowledges a
+training message only once a checkpoint holds it (:mod:`stream_app.checkpoint_acks`; the child
+says which batches a checkpoint holds), so Kafka delivers again what the dead child had not
+saved, and each learn frame carries its messages' training-topic positions, which the child
+saves with the model and which let it skip what it holds (:mod:`state.stream_positions`). A
+worker that stops on its own waits for the child to learn everything handed over
+(:meth:`LearnerProcess.settle`) and to checkpoint it (:meth:`LearnerProcess.checkpoint`) before
+Faust's last commit; a worker that dies alone closes the pipe, and the child checkpoints what
+it was handed.
 """
 
 from __future__ import annotations
@@ -208,6 +209,8 @@ class LearnerProcess:
                     self._writer.write(frame(SETTLE))
                     written = self._batches_written
                     await asyncio.shield(answer)  # a later answer still finds it, done or not
+                    if self.died:
+                        return False
                     if self._batches_written == written:
                         return True
         except TimeoutError:
@@ -258,9 +261,22 @@ class LearnerProcess:
         except (EOFError, OSError):
             self._loop.remove_reader(self._from_child.fileno())
             self.died = True
+            self._answer_waiting()
             log.critical("the learner process %s exited (code %s); stopping the worker",
                          self.pid, self._process.exitcode if self._process else None)
             self._on_death()
+
+    def _answer_waiting(self) -> None:
+        """A dead child answers nothing: whoever waits for a settle or a checkpoint is told
+        now, not at its timeout."""
+        for answer in self._settles:
+            if not answer.done():
+                answer.set_result(None)
+        for _, waiting in self._saves:
+            if waiting is not None and not waiting.done():
+                waiting.set_result(False)
+        self._settles.clear()
+        self._saves.clear()
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]

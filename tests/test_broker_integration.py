@@ -900,7 +900,7 @@ def learner_pid(worker) -> int:
     raise AssertionError("the worker has no learner process")
 
 
-@pytest.mark.parametrize("killed", ["learner", "worker"])
+@pytest.mark.parametrize("killed", ["learner", "worker", "worker learning on its loop"])
 def test_a_crash_loses_no_training_message_and_learns_none_twice(settings, start_worker,
                                                                  killed):
     """Training messages are committed once a checkpoint holds them, and the checkpoint says
@@ -911,7 +911,9 @@ def test_a_crash_loses_no_training_message_and_learns_none_twice(settings, start
       it), and the restarted one learns every message again, from the empty model it starts
       with. Committed at the hand-over to the learner, they were lost;
     - ``worker``: the worker is killed alone; its learner checkpoints what it was handed when
-      the pipe closes, and the restarted worker skips every message delivered again.
+      the pipe closes, and the restarted worker skips every message delivered again;
+    - ``worker learning on its loop`` (no learner process): the worker is killed, and the
+      restarted one learns every message again.
 
     Either way the model has learned each example once, and a graceful stop commits the
     training topic to its end."""
@@ -921,7 +923,9 @@ def test_a_crash_loses_no_training_message_and_learns_none_twice(settings, start
 
     from .test_engine_model import planted_stream
 
-    crashy = settings.replace(checkpoint_interval_s=3600.0)
+    crashy = settings.replace(checkpoint_interval_s=3600.0,
+                              learner_process=killed != "worker learning on its loop")
+    relearns = killed != "worker"
     stream = planted_stream()
     worker = start_worker(crashy)
     produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
@@ -930,20 +934,21 @@ def test_a_crash_loses_no_training_message_and_learns_none_twice(settings, start
     if killed == "learner":
         os.kill(learner_pid(worker), signal.SIGKILL)
         assert worker.child.process.wait(60) == EXIT_LEARNER_DIED
-    else:
+    elif killed == "worker":
         os.kill(worker.child.process.pid, signal.SIGKILL)
         worker.child.process.wait(10)
         wait_until(lambda: not group_alive(worker.child.process.pid), 60)
+    else:
+        worker.child.kill()
     trained = end_offsets(settings, 10**9, settings.train_topic, timeout_s=5.0)
     again = start_worker(crashy)
-    if killed == "learner":
+    if relearns:
         wait_until(lambda: metric(again, "streamrec_learned_events_total") == len(stream), 120)
     else:
         wait_until(lambda: metric(again, "streamrec_train_redelivered_messages")
                    == sum(trained.values()), 120)
     time.sleep(1.0)  # anything learned twice would have come by now
-    assert metric(again, "streamrec_learned_events_total") == (
-        len(stream) if killed == "learner" else 0)
+    assert metric(again, "streamrec_learned_events_total") == (len(stream) if relearns else 0)
     assert again.stop() == 0
     saved = ItemLearner(crashy.learner_config())
     assert saved.load(crashy.data_dir / "checkpoints" / "model.npz")

@@ -750,10 +750,11 @@ def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
 def test_the_learner_process_skips_what_its_model_holds_and_says_what_a_checkpoint_holds(
         tmp_path):
     """Frames carry their messages' training-topic positions: messages delivered again (all
-    of them, after a crash before any commit) are skipped by the child and counted in its
-    reports. A checkpoint request returns the number of the last batch it holds, which
-    ``on_saved`` receives once it is written; :meth:`LearnerProcess.checkpoint` waits for
-    one."""
+    of them, as after a rebalance before any commit) are skipped by the child and counted in
+    its reports (a child restarted from a checkpoint: tests/test_stream_positions.py and the
+    broker test of crashes). A checkpoint request returns the number of the last batch it
+    holds, which ``on_saved`` receives once it is written; :meth:`LearnerProcess.checkpoint`
+    waits for one."""
     examples, _ = examples_and_histories()
     settings = settings_for(tmp_path)
     messages = [TrainBatch(examples=examples[start:start + 50]).to_bytes()
@@ -785,3 +786,23 @@ def test_the_learner_process_skips_what_its_model_holds_and_says_what_a_checkpoi
         oracle.learn_messages(messages[start:end], settings.learn_batch)
     np.testing.assert_allclose(follower.learner.item_matrix, oracle.learner.item_matrix,
                                rtol=1e-6, atol=1e-9)
+
+
+def test_a_learner_that_dies_answers_those_waiting_for_it(tmp_path):
+    """A checkpoint or a settle waiting for a child that dies is told at once (False), not
+    at its timeout: a stopping worker must not wait out its deadline for a dead learner."""
+    learner = LearnerProcess(settings_for(tmp_path)).start()
+    seen = {}
+
+    async def main() -> None:
+        await learner.attach(on_report=lambda report: None, on_paths=lambda stats: None,
+                             on_saved=lambda through: None, on_death=lambda: None)
+        await learner.learn([b"not a training message"], 1)
+        os.kill(learner.pid, signal.SIGKILL)
+        waits = [learner.checkpoint(600.0), learner.settle(600.0)]
+        seen["answers"] = await asyncio.wait_for(asyncio.gather(*waits), 60.0)
+        seen["died"] = learner.died
+
+    asyncio.run(main())
+    learner.stop(5)
+    assert seen == {"answers": [False, False], "died": True}

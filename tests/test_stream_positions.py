@@ -137,3 +137,21 @@ def test_batches_are_acknowledged_when_a_checkpoint_holds_them():
     acks.checkpointed(2)  # nothing twice
     acks.checkpointed(4)
     assert intake.acked == list(range(12)) and acks.waiting == 0
+
+
+def test_past_the_limit_the_intake_waits_for_an_early_checkpoint():
+    """Saves that fail (a full disk) must not let unacknowledged messages fill the memory:
+    past ``limit`` the learn task's room closes and one early checkpoint is asked for; the
+    room opens again once a checkpoint has let the messages go."""
+    asked = []
+    acks = AcksAfterCheckpoint(Intake(), ask_checkpoint=lambda: asked.append(1), limit=5)
+    batch = [SimpleNamespace(offset=n, value=b"x") for n in range(3)]
+    acks.handed(1, batch)
+    assert acks.room.is_set() and asked == []
+    acks.handed(2, [SimpleNamespace(offset=n, value=b"x") for n in range(3, 6)])
+    acks.handed(3, [SimpleNamespace(offset=6, value=b"x")])
+    assert not acks.room.is_set() and asked == [1]  # asked once
+    acks.checkpointed(0)  # a checkpoint asked for before them
+    assert not acks.room.is_set()
+    acks.checkpointed(1)
+    assert acks.room.is_set() and acks.waiting == 4
