@@ -333,6 +333,12 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                                             within=settings.learn_batch_wait_s):
                 await learn_batch(list(values), None)
 
+    def restoring() -> bool:
+        """Sharing, and the rows published before this start are not all installed yet: the
+        model must not be checkpointed now (its file's time says which of its own rows the
+        next start installs) and nothing is learned."""
+        return sharing is not None and not sharing.caught_up.is_set()
+
     async def item_rows_restored() -> None:
         """With sharing, learning starts once the item-rows catch-up has handed its rows to
         the learner: rows this worker published after its checkpoint, installed after
@@ -410,6 +416,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         so that Faust's last commit takes the training messages too (frames still in the
         pipe's buffer would go with the event loop; the consumer has stopped taking by now).
         """
+        if restoring():  # nothing learned yet; the next start installs the rows again
+            return
         if learner is None:
             if train_acks is not None:
                 save_here()
@@ -523,6 +531,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     @app.timer(settings.checkpoint_interval_s)
     async def checkpoint() -> None:
+        if restoring():
+            engine.save(model=False)
+            return
         if learner is None:
             save_here()
             return
@@ -563,6 +574,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             log.exception("could not start a Deep Retrieval M-step")
 
     app.streamrec_histories = histories  # for tests and tools that inspect the table
+    app.streamrec_sharing = sharing
     return app
 
 
@@ -619,6 +631,8 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
 
     @app.timer(settings.share_items_s)
     async def publish_item_rows() -> None:
+        if not sharing.caught_up.is_set():  # own rows still hold the checkpoint's values
+            return
         try:
             through = followed()
             await sharing.publish(due, send_row, send_step)
@@ -633,7 +647,11 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
 
     async def hand_over() -> None:
         """The rows learned since the last publish, out before the items move (a
-        revocation) or the worker goes: the batches the learner holds first."""
+        revocation) or the worker goes: the batches the learner holds first. Not before the
+        catch-up has installed the rows published before this start: nothing was learned, and
+        the checkpoint's rows would replace newer ones on the topic."""
+        if not sharing.caught_up.is_set():
+            return
         try:
             if learner is not None and not await learner.settle(settings.hand_over_wait_s):
                 log.warning("the learner's batches in flight were not learned in %.1f s; "

@@ -3,9 +3,10 @@
 Faust commits a message's offset once it is acknowledged. Acknowledged as it is handed to the
 learner, a batch would be lost by a learner that died (or a worker killed with it) before its
 next checkpoint: Kafka would have it as done, the model would not. Here a batch stays
-unacknowledged until a checkpoint written after it is on the disk: a crash then delivers again everything the checkpoint lacks, and the positions saved with
-the model (:mod:`state.stream_positions`) skip what it holds. Each training message is learned
-once across crashes, restarts and rebalances of one worker.
+unacknowledged until a checkpoint written after it is on the disk: a crash then delivers again
+everything the checkpoint lacks, and the positions saved with the model
+(:mod:`state.stream_positions`) skip what it holds. Each training message is learned once
+across crashes, restarts and rebalances of one worker.
 
 With ``STREAMREC_SHARE_ITEMS`` a publish of the item rows is durable too (a crashed worker
 gets them back from the topic): the batches whose learning the published rows hold are

@@ -29,7 +29,12 @@ published, whether its partitions are assigned before or after the reader gets t
 records (at a million items the catch-up outlasts the rebalance), and a worker that restarts
 after a crash gets back the learning its checkpoint missed, up to its last publish (record
 times against the checkpoint file's: the workers' clocks are taken to agree to well within a
-publish interval).
+publish interval). Until that first catch-up ends (``caught_up``), the worker learns nothing,
+publishes nothing and writes no model checkpoint: a row installed after learning began would
+overwrite what was learned, the worker's own rows still hold the checkpoint's values (a publish
+would put them over newer ones on the topic), and a checkpoint would move the file time that
+says which of its own rows a next start installs. Steps other workers send meanwhile are
+added once the catch-up has installed the rows they apply to.
 
 An item's input offset δ is the exception to ownership: it moves with every example whose
 history holds the item, and those examples are learned where *their* items are, on every
@@ -135,6 +140,7 @@ class ItemSharing:
         # set once the first catch-up has handed its rows on: the learner learns after it,
         # or a row of its own items published before a crash would overwrite newer learning
         self.caught_up = asyncio.Event()
+        self._catch_up_started = False
         self.instance = uuid.uuid4().hex.encode()  # this process, in its records' headers
         self.held: frozenset[int] = frozenset()  # training partitions as last assigned
         # item-steps partition: its next offset to read. A restarted reader goes on from there
@@ -256,6 +262,10 @@ class ItemSharing:
         metrics.gauge("streamrec_item_steps_added",
                       "Input-offset steps of other workers this worker added to its items.",
                       lambda: self.steps_added)
+        metrics.gauge("streamrec_item_rows_caught_up",
+                      "1 once this worker has installed the item rows published before it "
+                      "started; until then it neither learns, publishes nor checkpoints.",
+                      lambda: float(self.caught_up.is_set()))
 
     def wanted(self, records: Records, published_at: Sequence[float] | None = None,
                publishers: Sequence[bytes | None] | None = None) -> Records:
@@ -305,18 +315,27 @@ class ItemSharing:
             **aiokafka_config(self.settings))
         guard = (FetchWaitGuard(self.settings.worker_fetch_max_wait_ms)
                  if self.settings.compat_fixes else None)
+        if not self.caught_up.is_set() and self._catch_up_started:
+            log.warning("the item-rows catch-up starts again: learning waits for it")
+        self._catch_up_started = True
+        held: list[dict] = []  # item-steps fetched during the catch-up, taken after it
         try:
             await consumer.start()
             catch_up = await self._assign(consumer)
             while True:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
                 fetched = {tp: batch for tp, batch in batches.items() if tp.topic != topic}
-                steps = self.own_steps([(record.key, record.value)
-                                        for batch in fetched.values() for record in batch])
+                if catch_up:  # a row published before, installed later, would overwrite them
+                    held, taking = held + [fetched], []
+                else:
+                    held, taking = [], held + [fetched]
+                steps = self.own_steps([(record.key, record.value) for steps_batches in taking
+                                        for batch in steps_batches.values() for record in batch])
                 if steps:
                     self._add_steps(steps)
                     self.steps_added += len(steps)
-                self._steps_taken(fetched)
+                for steps_batches in taking:
+                    self._steps_taken(steps_batches)
                 records = self._to_install({tp: batch for tp, batch in batches.items()
                                             if tp.topic == topic}, catch_up)
                 if records:

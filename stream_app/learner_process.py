@@ -21,7 +21,7 @@ The worker sends the child frames of its own (a length, a kind, the raw Kafka va
 the child validates as it decodes them. The child's reports come back pickled by a
 :mod:`multiprocessing` connection: both ends are this program, the child spawned from this
 module, and nothing from Kafka or disk is unpickled. The worker closing the pipe (its stop, or
-its death) tells the child to checkpoint and exit.
+its death) tells the child to checkpoint (when it learned since its last) and exit.
 
 If the child dies, the worker stops (and its supervisor or container restarts it from the last
 checkpoint): a worker that takes events in but cannot learn would look healthy while its model
@@ -434,9 +434,13 @@ class LearnerLoop:
         self.engine = engine
         self.settings = settings
         self.outbox = outbox
+        self.learned_since_save = False
 
     def run(self, inbox: Connection) -> None:
-        """Until the worker closes the pipe (its stop, or its death): then checkpoint."""
+        """Until the worker closes the pipe (its stop, or its death): then checkpoint, when it
+        learned since the last checkpoint (rows installed from the item-rows topic are
+        installed again at the next start; with sharing, a start that stops before it has
+        installed them all must leave the checkpoint's time as it was)."""
         next_check = time.monotonic() + self.settings.index_check_s
         try:
             while True:
@@ -448,11 +452,13 @@ class LearnerLoop:
                     self.send_inputs()
                     next_check = time.monotonic() + self.settings.index_check_s
         except (EOFError, OSError, struct.error):  # BrokenPipeError: the worker is gone
-            self.engine.save()
-            log.info("learner stopped; checkpoint written")
+            if self.learned_since_save:  # else the checkpoint there holds it all
+                self.engine.save()
+                log.info("learner stopped; checkpoint written")
 
     def handle(self, kind: bytes, body: memoryview, *, caught_up: bool = True) -> None:
         if kind == LEARN:
+            self.learned_since_save = True
             self.outbox.send(("learned", self.learn(*parse_learn(body), caught_up=caught_up)))
         elif kind == SAVE:  # the worker commits what it holds only once it is written
             try:
@@ -461,6 +467,7 @@ class LearnerLoop:
                 log.exception("could not write the checkpoint")
                 self.outbox.send(("saved", False))
             else:
+                self.learned_since_save = False
                 self.outbox.send(("saved", True))
         elif kind in (ROWS, STEPS):
             take = install_records if kind == ROWS else add_step_records

@@ -806,3 +806,63 @@ def test_a_learner_that_dies_answers_those_waiting_for_it(tmp_path):
     asyncio.run(main())
     learner.stop(5)
     assert seen == {"answers": [False, False], "died": True}
+
+
+def test_a_learner_that_learned_nothing_leaves_the_checkpoint_as_it_was(tmp_path):
+    """The child checkpoints as the pipe closes only when it learned since its last
+    checkpoint: with sharing, the checkpoint file's time says which of its own rows the next
+    start installs, and rows a start installed from the topic (here: all it did) would
+    otherwise move it past rows it never installed."""
+    settings = settings_for(tmp_path)
+    records = [(f"r{n}".encode(), encode_item_row(np.full(17, n / 1e3), np.zeros(16)))
+               for n in range(50)]
+    model = settings.data_dir / "checkpoints" / "model.npz"
+
+    async def hand(values: list[bytes] | None) -> None:
+        await learner.attach(on_report=lambda report: None, on_paths=lambda stats: None,
+                             on_saved=lambda through: None, on_death=lambda: None)
+        learner.install_rows(records)
+        if values:
+            await learner.learn(values, 240)
+        assert await learner.settle(60.0)
+
+    learner = LearnerProcess(settings).start()
+    asyncio.run(hand(None))
+    assert learner.stop()
+    assert not model.exists()
+    examples, _ = examples_and_histories(100)
+    learner = LearnerProcess(settings).start()
+    asyncio.run(hand([TrainBatch(examples=examples).to_bytes()]))
+    assert learner.stop()
+    saved = ItemLearner(settings.learner_config())
+    assert saved.load(model) and saved.events == len(examples)
+
+
+@pytest.mark.parametrize("caught_up", [False, True])
+def test_before_the_item_rows_catch_up_a_worker_hands_nothing_over(tmp_path, caught_up):
+    """With sharing, a worker whose start has not yet installed the rows published before it
+    neither hands rows over (they hold the checkpoint's values, older than the topic's) nor
+    checkpoints as it stops; once caught up, it does both."""
+    from stream_app.app import create_app
+    from stream_app.worker import build_metrics
+
+    settings = Settings(data_dir=tmp_path, metrics_port=0, share_items=True)
+    engine = Engine(settings, replica=True)
+    calls: list[str] = []
+
+    async def settle(timeout_s: float) -> bool:
+        calls.append("settle")
+        return True
+
+    async def checkpoint(timeout_s: float) -> bool:
+        calls.append("checkpoint")
+        return True
+
+    learner = SimpleNamespace(died=False, settle=settle, checkpoint=checkpoint,
+                              batches_followed=0, drained=None)
+    app = create_app(settings, engine, build_metrics(engine), learner)
+    if caught_up:
+        app.streamrec_sharing.caught_up.set()
+    asyncio.run(app.on_before_shutdown.send())
+    # caught up: the hand-over settles, and the stop settles and checkpoints
+    assert sorted(calls) == (["checkpoint", "settle", "settle"] if caught_up else [])

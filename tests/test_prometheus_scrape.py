@@ -29,6 +29,7 @@ from stream_app.engine import Engine
 from stream_app.item_sharing import ItemSharing
 from stream_app.metrics import Metrics
 from stream_app.processes import free_port
+from stream_app.checkpoint_acks import AcksAfterCheckpoint
 from stream_app.settings import Settings
 from stream_app.worker import build_metrics
 
@@ -102,6 +103,7 @@ def endpoint():
     sharing.export(metrics)  # the gauges a worker adds with STREAMREC_SHARE_ITEMS
     sharing.published, sharing.installed, sharing.steps_sent, sharing.steps_added = 4, 3, 2, 1
     sharing.handed_over_rows = 5
+    AcksAfterCheckpoint(None).export(metrics)  # the training topic's batch intake adds it
     record_fixed_counts(metrics)
     port = free_port()
     server, thread = metrics.serve("127.0.0.1", port)
