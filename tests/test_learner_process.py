@@ -866,3 +866,83 @@ def test_before_the_item_rows_catch_up_a_worker_hands_nothing_over(tmp_path, cau
     asyncio.run(app.on_before_shutdown.send())
     # caught up: the hand-over settles, and the stop settles and checkpoints
     assert sorted(calls) == (["checkpoint", "settle", "settle"] if caught_up else [])
+
+
+class ScriptedConsumer:
+    """The parts of aiokafka's consumer the item-rows reader uses, fetching scripted batches
+    (then nothing) from one partition of the rows topic and one of the steps topic."""
+
+    script: list[dict] = []
+
+    def __init__(self, **config) -> None:
+        self.fetched: dict = {}
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def topics(self) -> set:
+        return set()
+
+    def partitions_for_topic(self, name: str) -> set:
+        return {0}
+
+    def assign(self, partitions: list) -> None:
+        self.assigned = partitions
+
+    async def end_offsets(self, partitions: list) -> dict:
+        return {tp: (2 if tp.topic.endswith("rows") else 0) for tp in partitions}
+
+    async def seek_to_beginning(self, *partitions) -> None: ...
+
+    def seek(self, tp, offset: int) -> None: ...
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict:
+        if not self.script:
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+        batches = self.script.pop(0)
+        for tp, records in batches.items():
+            self.fetched[tp] = records[-1].offset + 1
+        return batches
+
+    async def position(self, tp) -> int:
+        return self.fetched.get(tp, 0)
+
+
+def test_steps_that_come_during_the_item_rows_catch_up_are_added_after_it(tmp_path,
+                                                                         monkeypatch):
+    """Another worker's step on an item of this one, fetched while the catch-up still
+    installs rows published before this start, is added once those rows are installed (the
+    install would overwrite the offsets it moved), and ``caught_up`` is set only then."""
+    import aiokafka
+    from aiokafka.structs import TopicPartition
+
+    settings = Settings(data_dir=tmp_path, model_dim=16, partitions=2, share_items=True,
+                        embedded_compat=False, topic_items="rows", topic_item_steps="steps")
+    rows, steps = TopicPartition("rows", 0), TopicPartition("steps", 0)
+
+    def record(key: str, offset: int):
+        return SimpleNamespace(key=key.encode(), value=b"v", offset=offset,
+                               timestamp=2_000_000_000_000, headers=())
+
+    ScriptedConsumer.script = [{rows: [record("r0", 0)], steps: [record("s1", 0)]},
+                               {rows: [record("r1", 1)]}, {}]
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", ScriptedConsumer)
+    calls: list = []
+    sharing = ItemSharing(settings, Engine(settings), lambda: frozenset({0, 1}),
+                          lambda records: calls.append(("install", keys(records))),
+                          lambda records: calls.append(("steps", keys(records),
+                                                        sharing.caught_up.is_set())),
+                          own_rows_after=0.0)
+
+    async def main() -> None:
+        reading = asyncio.ensure_future(sharing._read())
+        await asyncio.wait_for(sharing.caught_up.wait(), 10)
+        await asyncio.sleep(0.1)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+
+    asyncio.run(main())
+    assert calls == [("install", {"r0"}), ("install", {"r1"}), ("steps", {"s1"}, True)]
