@@ -308,7 +308,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     if settings.batch_intake and not missing:
         train_intake = BatchIntake(app, train, settings.learn_batch, settings.learn_batch_wait_s)
         train_intake.install()
-        train_acks = AcksAfterCheckpoint(train_intake, ask_checkpoint=lambda: save_early())
+        train_acks = AcksAfterCheckpoint(train_intake, ask_checkpoint=lambda: save_model())
         train_acks.export(metrics)
 
         @app.task
@@ -343,7 +343,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         """With sharing, learning starts once the item-rows catch-up has handed its rows to
         the learner: rows this worker published after its checkpoint, installed after
         learning began, would overwrite what it learned since (and commit it lost)."""
-        if sharing is not None and not sharing.caught_up.is_set():
+        if restoring():
             log.info("learning waits for the item rows published before this start")
             await sharing.caught_up.wait()
 
@@ -531,16 +531,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     @app.timer(settings.checkpoint_interval_s)
     async def checkpoint() -> None:
-        if restoring():
-            engine.save(model=False)
-            return
-        if learner is None:
-            save_here()
-            return
-        engine.save(model=False)
-        learner.request_save()  # the learner process owns the model; it says when saved
+        if learner is not None or restoring():
+            engine.save(model=False)  # popularity: the model is the learner's, or must wait
+        if not restoring():
+            save_model()
 
-    def save_early() -> None:
+    def save_model() -> None:
+        """A checkpoint of the model: here, or by the learner process, which says when it is
+        written."""
         if learner is None:
             save_here()
         else:

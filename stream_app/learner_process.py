@@ -227,8 +227,11 @@ class LearnerProcess:
     def request_save(self) -> int:
         """Ask the child for a checkpoint; it holds every batch handed over so far, whose
         last number this returns and ``on_saved`` receives once it is written."""
+        return self._request_save(None)
+
+    def _request_save(self, waiting: asyncio.Future | None) -> int:
         self._writer.write(frame(SAVE))
-        self._saves.append((self._batches_written, None))
+        self._saves.append((self._batches_written, waiting))
         return self._batches_written
 
     async def checkpoint(self, timeout_s: float) -> bool:
@@ -237,8 +240,7 @@ class LearnerProcess:
         if self._writer is None or self.died:
             return False
         written = self._loop.create_future()
-        self._writer.write(frame(SAVE))
-        self._saves.append((self._batches_written, written))
+        self._request_save(written)
         try:
             return await asyncio.wait_for(asyncio.shield(written), timeout_s)
         except TimeoutError:
