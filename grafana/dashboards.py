@@ -89,8 +89,12 @@ def overview() -> dict:
                             "{{kind}} {{outcome}}")], "ops",
                     "Timeline events per second, summed over workers."),
          timeseries("Dead letters by reason",
-                    [target(rate("streamrec_dead_letters_total", "reason"), "{{reason}}")],
-                    "ops", "Events sent to the dead-letter topic per second.")],
+                    [target(rate("streamrec_dead_letters_total", "reason"), "{{reason}}", "A"),
+                     target(rate("streamrec_record_resends_total", "record, outcome"),
+                            "resent {{record}} {{outcome}}", "B")],
+                    "ops", "Events sent to the dead-letter topic per second; records of event "
+                           "batches (changelog, training messages, dead letters) whose delivery "
+                           "failed, sent again (retried) or given up (their partition moved).")],
         [timeseries("Requests by status",
                     [target(rate("streamrec_requests_total", "status"), "{{status}}")], "reqps",
                     "Recommendation requests answered per second."),
@@ -115,10 +119,14 @@ def overview() -> dict:
                     "ops", "Training examples applied per second against events taken in: "
                            "a growing gap is learning lag."),
          timeseries("Intake lag",
-                    [target("streamrec_ingest_lag_events", "behind {{instance}}")], "none",
+                    [target("streamrec_ingest_lag_events", "behind {{instance}}", "A"),
+                     target("streamrec_ingest_unconfirmed_batches",
+                            "unconfirmed batches {{instance}}", "B")], "none",
                     "Events each worker has yet to take in (its partitions' high watermarks "
                     "minus the offsets taken). While it is above STREAMREC_INDEX_BACKLOG_EVENTS "
-                    "a due index build waits."),
+                    "a due index build waits. Unconfirmed batches: event batches taken in whose "
+                    "records the broker has not confirmed (their offsets wait to be committed; "
+                    "past 1,000 the worker stops taking events)."),
          timeseries("Ingest batch size",
                     [target(f"histogram_quantile(0.5, sum by (le, instance) "
                             f"(rate(streamrec_ingest_batch_events_bucket[{RATE_WINDOW}])))",

@@ -13,6 +13,7 @@ follows the event partitions Faust assigns (:mod:`stream_app.request_reader`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from .batch_intake import BatchIntake
 from .changelog import BatchedTable
 from .checkpoint_acks import AcksAfterCheckpoint
 from .compat import guard_fetch_wait
+from .confirmed_acks import AcksAfterDelivery, Sent, sent
 from .delivery import install_direct_delivery, patch_consumer
 from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_fair_fetch
@@ -126,20 +128,18 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     reply_topics: dict[str, faust.TopicT] = {}
     intake_lag = IntakeLag(lambda partition: app.consumer.highwater(partition))
 
-    async def dead_letter(error: InvalidMessage, message) -> None:
-        """The message to the DLQ with its reason. Never raises: a letter the producer
-        refuses is logged with the message's topic, partition and offset (where the event
-        still is), so one bad message cannot stop the ingest."""
+    async def dead_letter(error: InvalidMessage, message) -> Sent:
+        """The message to the DLQ with its reason. Never raises: a letter whose send fails
+        is sent again until the broker has it, and its batch is acknowledged only then
+        (:class:`AcksAfterDelivery`), so one bad message can neither stop the ingest nor be
+        lost."""
         letter = DeadLetter.of(error, message.value or b"", message.key, topic=message.topic,
-                               partition=message.partition, offset=message.offset)
-        try:
-            await dead_letters.send(key=message.key, value=letter.to_bytes())
-        except Exception:  # noqa: BLE001
-            log.exception("could not send the dead letter (%s) of %s/%d/%d", error.reason,
-                          message.topic, message.partition, message.offset)
-            return
+                               partition=message.partition, offset=message.offset).to_bytes()
+        record = await sent("dead_letter",
+                            lambda: dead_letters.send(key=message.key, value=letter))
         metrics.dead_letters.labels(error.reason).inc()
         metrics.events.labels("invalid", "dead_letter").inc()
+        return record
 
     event_kinds = settings.event_kinds  # a set made once, not per event
 
@@ -156,9 +156,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         home = key_partition(user_key, partitions)
         return None if message.key == user_key and message.partition == home else home
 
-    async def decode_guarded(message) -> Event | None:
+    async def decode_guarded(message, records: list[Sent]) -> Event | None:
         """The valid event of a message; None when the message went to the DLQ (with a
-        reason) or was re-sent to its user's partition, under its user's key."""
+        reason) or was re-sent to its user's partition, under its user's key (either send
+        added to ``records``)."""
         try:
             event = decode_event(message.value, kinds=event_kinds,
                                  max_bytes=settings.max_event_bytes)
@@ -166,15 +167,18 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             home = users_partition(message, user_key)
             if home is None:
                 return event
-            await events.send(key=user_key, partition=home, value=message.value)
+            value = message.value
+            records.append(await sent("reroute", lambda: events.send(
+                key=user_key, partition=home, value=value)))
             moved = "rekeyed" if message.key != user_key else "rerouted"
             metrics.events.labels(event.kind, moved).inc()
         except InvalidMessage as error:
-            await dead_letter(error, message)
+            records.append(await dead_letter(error, message))
         except Exception as error:  # noqa: BLE001 - an agent must survive anything
             log.exception("event at %s/%d/%d failed", message.topic, message.partition,
                           message.offset)
-            await dead_letter(InvalidMessage("internal_error", repr(error)), message)
+            records.append(await dead_letter(InvalidMessage("internal_error", repr(error)),
+                                             message))
         return None
 
     def apply(taken: list[tuple[Message, Event]]) -> list[TrainExample]:
@@ -195,14 +199,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             metrics.events.labels(kind, outcome).inc(count)
         return [example for example in examples if example is not None]
 
-    async def take_batch(batch: list[Message]) -> list[TrainExample]:
+    async def take_batch(batch: list[Message], records: list[Sent]) -> list[TrainExample]:
         """:func:`apply` to the valid events of a batch of messages; if that fails, event by
         event, so a poison event goes to the DLQ alone (events before it in the failed
         attempt may then count twice in popularity: a bounded error, where skipping them
-        would lose them)."""
+        would lose them). What it sends is added to ``records``."""
         taken = []
         for message in batch:
-            event = await decode_guarded(message)
+            event = await decode_guarded(message, records)
             if event is not None:
                 taken.append((message, event))
         try:
@@ -216,36 +220,37 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             except Exception as error:  # noqa: BLE001
                 log.exception("event at %s/%d/%d failed", message.topic, message.partition,
                               message.offset)
-                await dead_letter(InvalidMessage("internal_error", repr(error)), message)
+                records.append(await dead_letter(
+                    InvalidMessage("internal_error", repr(error)), message))
         return examples
 
-    async def send_training(examples: list[TrainExample]) -> None:
-        """The batch's :func:`training_messages`, each to its item partition."""
+    async def send_training(examples: list[TrainExample], records: list[Sent]) -> None:
+        """The batch's :func:`training_messages`, each to its item partition (added to
+        ``records``)."""
         for partition, value in training_messages(examples, settings.partitions,
                                                   settings.train_compression_level,
                                                   engine.users):
-            await train.send(key=str(partition).encode(), partition=partition, value=value)
+            records.append(await sent("train", functools.partial(
+                train.send, key=str(partition).encode(), partition=partition, value=value)))
 
-    async def ingest_batch(batch: list[Message]) -> None:
+    async def ingest_batch(batch: list[Message]) -> list[Sent]:
         """Validate a batch of event messages; invalid ones go to the DLQ with a reason,
-        nothing raises. Returns once the histories' changelog records and the training
-        messages are handed to the producer: the batch may then be acknowledged (Faust
-        flushes the producer before it commits offsets, so at least once holds)."""
+        nothing raises. Returns what it handed to the producer (the histories' changelog
+        records, the training messages, dead letters and re-routed events): the batch may
+        be acknowledged once the broker has all of it (:class:`AcksAfterDelivery`)."""
         intake_lag.observe((message.tp, message.offset) for message in batch)
         metrics.ingest_batch.observe(len(batch))
+        records: list[Sent] = []
         try:
-            examples = await take_batch(batch)
+            examples = await take_batch(batch, records)
         finally:  # what was stored goes to the changelog before anything is acknowledged
-            written = history_table.pending
-            try:
-                await history_table.flush()
-            except Exception:  # noqa: BLE001 - stored locally; lost only if the worker dies
-                log.exception("could not write the changelog of (some of) %d histories",
-                              written)
+            records.extend(await history_table.flush())
         try:
-            await send_training(examples)
-        except Exception:  # noqa: BLE001 - histories are stored; only learning is lost
-            log.exception("could not send %d training examples", len(examples))
+            await send_training(examples, records)
+        except Exception:  # noqa: BLE001 - a message that would not encode; histories stored
+            log.exception("could not make the training messages of %d examples",
+                          len(examples))
+        return records
 
     missing = BatchIntake.missing(app) if settings.batch_intake else []
     if missing:
@@ -253,29 +258,46 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     if settings.batch_intake and not missing:
         intake = BatchIntake(app, events, settings.ingest_batch, settings.ingest_batch_wait_s)
         intake.install()
+        delivered = AcksAfterDelivery(intake.ack, metrics)
+        delivered.export(metrics)
 
         @app.task
         async def ingest() -> None:
-            """Batches of events from :class:`BatchIntake`, each acknowledged once taken in."""
+            """Batches of events from :class:`BatchIntake`, each acknowledged once taken in
+            and the broker has what it wrote."""
             while True:
+                await delivered.room.wait()  # a broker that refuses what batches write
                 batch = await intake.take()
                 try:
-                    await ingest_batch(batch)
+                    records = await ingest_batch(batch)
                 except Exception:  # noqa: BLE001 - the task must survive anything
                     log.exception("a batch of %d events failed; taking them one at a time",
                                   len(batch))
-                    await ingest_one_by_one(batch)
-                intake.ack(batch)
+                    records = await ingest_one_by_one(batch)
+                delivered.hold(batch, records)
 
-        async def ingest_one_by_one(batch: list[Message]) -> None:
+        @app.on_before_shutdown.connect
+        async def acknowledge_what_was_delivered(app: faust.App, **kwargs) -> None:
+            """Batches whose records are still on their way, acknowledged before Faust's last
+            commit if the broker confirms them in time (read again at the next start if
+            not)."""
+            if not await delivered.settled(settings.hand_over_wait_s):
+                log.warning("%d event batches were not confirmed by the broker in %.1f s: "
+                            "they are read again at the next start", delivered.waiting,
+                            settings.hand_over_wait_s)
+
+        async def ingest_one_by_one(batch: list[Message]) -> list[Sent]:
             """Each message as a batch of its own; one that still fails goes to the DLQ."""
+            records = []
             for message in batch:
                 try:
-                    await ingest_batch([message])
+                    records.extend(await ingest_batch([message]))
                 except Exception as error:  # noqa: BLE001
                     log.exception("event at %s/%d/%d failed", message.topic,
                                   message.partition, message.offset)
-                    await dead_letter(InvalidMessage("internal_error", repr(error)), message)
+                    records.append(await dead_letter(
+                        InvalidMessage("internal_error", repr(error)), message))
+            return records
     else:
         @app.agent(events, name="ingest")
         async def ingest(stream):
@@ -283,7 +305,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             agent asks for the next."""
             async for batch in stream.take_events(settings.ingest_batch,
                                                   within=settings.ingest_batch_wait_s):
-                await ingest_batch([item.message for item in batch])
+                await ingest_batch([item.message for item in batch])  # Faust acknowledges
 
     learned_here = 0  # batches learned on this loop (no learner process), numbered
 

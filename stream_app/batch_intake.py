@@ -18,8 +18,9 @@ consumer go on delivering (it ignores that call during a table recovery), a deli
 once twice ``capacity`` messages wait, a wait that a rebalance interrupts as Faust's own. Offsets are
 committed by Faust as always, from acks: :meth:`BatchIntake.take` hands out a batch and marks
 its messages in flight (what Faust's ``wait_empty`` waits for), :meth:`BatchIntake.ack`
-acks them once the task has made their effects durable (handed them to the producer, which
-Faust flushes before it commits). A message fetched before a rebalance (another generation)
+acks them once the task has made their effects durable (the broker has confirmed the records
+they wrote: :mod:`stream_app.confirmed_acks`; training messages, once a checkpoint holds what
+they taught: :mod:`stream_app.checkpoint_acks`). A message fetched before a rebalance (another generation)
 is dropped unacknowledged, as a Faust stream drops it: the partition's new owner, or this
 worker after the seek to the committed offsets that follows every assignment, reads it again.
 

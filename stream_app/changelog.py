@@ -21,17 +21,21 @@ event's partition) and ``_db_for_partition`` (the partition's rocksdict), and th
 producer behind Faust's (``_ensure_producer``). Where a Faust version lacks one, reads and
 writes take Faust's own path, one lookup or one changelog send per key: slower, never wrong.
 
-Durability is unchanged: the batches go into the producer Faust owns, and Faust flushes that
-producer before it commits consumer offsets, so an event's offset is committed only after the
-history it changed has been written to the changelog. Recovery reads these records like any
-other changelog record. After a batch is delivered, its base offset becomes the partition's
+Durability: the batches go into the producer Faust owns, and :meth:`BatchedTable.flush`
+returns each one's delivery; the ingest acknowledges its events once they are all delivered
+(:mod:`stream_app.confirmed_acks`), so an event's offset is committed only after the history
+it changed is on the broker. A batch whose delivery failed is sent again with its keys' values
+as stored then (:meth:`BatchedTable.resend`). Recovery reads these records like any other
+changelog record. After a batch is delivered, its base offset becomes the partition's
 persisted offset (what a restart with local state resumes recovery from): replaying the rest
 of that batch again is harmless, a key's last record wins.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import weakref
 from collections.abc import Iterable
@@ -43,6 +47,8 @@ from faust.streams import _current_event  # see acting_for()
 from faust.types import TP
 from faust.utils import json as faust_json
 from mode.utils.compat import want_bytes
+
+from .confirmed_acks import Sent, failed
 
 log = logging.getLogger(__name__)
 #: the key by which Faust's JSON marks a serialized model (``faust.models.base``)
@@ -183,35 +189,70 @@ class BatchedTable:
     def pending(self) -> int:
         return sum(map(len, self._pending.values()))
 
-    async def flush(self) -> int:
+    async def flush(self) -> list[Sent]:
         """Hand every queued record to the producer, one record batch per partition (more
-        when a batch fills up); returns how many were queued."""
+        when a batch fills up); returns each batch's :class:`Sent`, whose resend sends its
+        keys' histories as stored then (:mod:`stream_app.confirmed_acks`). Empty where this
+        Faust has no batching producer: the records then take Faust's own path, one send
+        each, whose deliveries Faust follows."""
         pending, self._pending = self._pending, {}
         client = self._client()
-        topic = self.table.changelog_topic.get_topic_name()
-        sent = 0
-        for partition, records in pending.items():
-            if client is None:
+        if client is None:
+            for partition, records in pending.items():
                 for key, value in records:
                     self.table.send_changelog(partition, key, value, key_serializer="raw",
                                               value_serializer="raw")
-                sent += len(records)
-                continue
-            batch = client.create_batch()
-            for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                    await self._send(client, batch, topic, partition)
-                    batch = client.create_batch()  # an empty batch takes any one record
-                    batch.append(key=key, value=value, timestamp=None)
-                sent += 1
-            if batch.record_count():
-                await self._send(client, batch, topic, partition)
+            return []
+        sent = []
+        for partition, records in pending.items():
+            try:
+                sent.extend(await self._send_records(client, partition, records))
+            except Exception as error:  # noqa: BLE001 - held and sent again by its Sent
+                keys = [key for key, _ in records]
+                sent.append(Sent("changelog", failed(error),
+                                 functools.partial(self.resend, partition, keys)))
         return sent
 
-    async def _send(self, client, batch, topic: str, partition: int) -> None:
+    async def _send_records(self, client, partition: int,
+                            records: list[tuple[bytes, bytes]]) -> list[Sent]:
+        topic = self.table.changelog_topic.get_topic_name()
+        sent, keys = [], []
+        batch = client.create_batch()
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                sent.append(await self._send(client, batch, topic, partition, keys))
+                batch, keys = client.create_batch(), []  # an empty batch takes any one record
+                batch.append(key=key, value=value, timestamp=None)
+            keys.append(key)
+        if batch.record_count():
+            sent.append(await self._send(client, batch, topic, partition, keys))
+        return sent
+
+    async def _send(self, client, batch, topic: str, partition: int,
+                    keys: list[bytes]) -> Sent:
         batch.close()
-        delivery = await client.send_batch(batch, topic, partition=partition)
+
+        resend = functools.partial(self.resend, partition, keys)
+        try:
+            delivery = await client.send_batch(batch, topic, partition=partition)
+        except Exception as error:  # noqa: BLE001 - held and sent again by its Sent
+            return Sent("changelog", failed(error), resend)
         delivery.add_done_callback(lambda done: self._persisted(done, topic, partition))
+        return Sent("changelog", delivery, resend)
+
+    async def resend(self, partition: int, keys: list[bytes]) -> asyncio.Future | None:
+        """The changelog records of ``keys`` again, with their values as stored now (a
+        resend that lands after a newer record of the same key then still leaves the newest
+        value last); one delivery for them all. None when the store no longer holds the
+        partition (another worker owns it now) or this Faust has no batching producer."""
+        client = self._client()
+        database = getattr(self.table.data, "_dbs", {}).get(partition)
+        if client is None or database is None:
+            return None
+        records = [(key, value) for key, value in zip(keys, database.get(keys))
+                   if value is not None]
+        sent = await self._send_records(client, partition, records)
+        return asyncio.gather(*(each.delivery for each in sent))
 
     def _persisted(self, done, topic: str, partition: int) -> None:
         if done.cancelled() or done.exception() is not None:

@@ -40,6 +40,11 @@ class Metrics:
         self.dead_letters = Counter("streamrec_dead_letters_total",
                                     "Events sent to the dead-letter topic, by reason.",
                                     ["reason"], registry=r)
+        self.resends = Counter("streamrec_record_resends_total",
+                               "Records an event batch wrote (changelog, train, dead_letter, "
+                               "reroute) whose delivery failed: sent again (retried), or not "
+                               "(given_up: their partition moved to another worker).",
+                               ["record", "outcome"], registry=r)
         self.requests = Counter("streamrec_requests_total", "Recommendation requests by status.",
                                 ["status"], registry=r)
         self.request_latency = Histogram("streamrec_request_latency_seconds",

@@ -50,10 +50,12 @@ def settings(broker, tmp_path) -> Settings:
 class WorkerProcess:
     """One ``streamrec worker`` subprocess, started and waited for like `streamrec up` does."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, argv: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.log_path = settings.data_dir / "logs" / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self.child = Child("worker", worker_argv(), env=settings_env(settings),
+        self.child = Child("worker", argv or worker_argv(),
+                           env={**settings_env(settings), **(env or {})},
                            log_path=self.log_path)
 
     def start(self, timeout_s: float = 60.0) -> WorkerProcess:
@@ -91,8 +93,9 @@ class WorkerProcess:
 def start_worker():
     workers: list[WorkerProcess] = []
 
-    def start(settings: Settings) -> WorkerProcess:
-        worker = WorkerProcess(settings)
+    def start(settings: Settings, argv: list[str] | None = None,
+              env: dict[str, str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess(settings, argv, env)
         workers.append(worker)
         return worker.start()
 

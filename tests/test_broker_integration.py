@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -410,6 +411,38 @@ def test_fresh_worker_recovers_histories_from_the_changelog(settings, start_work
         for user in (7, 48, 49):  # u49's last event is the changelog's very last record
             seen = {f"i{i}" for i in range(user, 500, 50)}
             assert set(ids(client.recommend(f"u{user}", k=1000, **POPULAR))) == everything - seen
+
+
+def test_records_the_broker_refused_are_sent_again_before_their_events_commit(
+        settings, start_worker):
+    """A worker whose producer has the first delivery of a changelog batch, of a training
+    message and of a dead letter refused: each is sent again, so a fresh worker restores every
+    user's only history from the changelog, every example is learned, the malformed event is
+    in the dead-letter topic, and the events are committed to the end once delivered."""
+    refusing = [sys.executable, str(Path(__file__).parent / "refusing_worker.py")]
+    worker = start_worker(settings, refusing,
+                          {"REFUSE_DELIVERIES": "-changelog:1,train-:1,dlq-:1"})
+    users = [f"u{i}" for i in range(40)]
+    stream = [(user.encode(), event(user, f"i{n}", event_id=f"e{n}"))
+              for n, user in enumerate(users)]
+    produce(settings, [*stream, (b"u0", b"{not json")])
+    worker.wait_metric("streamrec_events_total", len(stream) + 1)
+    worker.wait_metric("streamrec_record_resends_total", 3)
+    worker.wait_metric("streamrec_learned_events_total", len(stream))
+    [letter] = read_topic(settings, settings.topic_dead_letters, 1)
+    assert DeadLetter.model_validate_json(letter.value).reason == "bad_json"
+    time.sleep(1.0)
+    assert worker.metrics()["streamrec_learned_events_total"] == len(stream)  # none twice
+    assert worker.metrics()["streamrec_ingest_unconfirmed_batches"] == 0
+    assert worker.stop() == 0
+    assert committed_event_offsets(settings) == end_offsets(settings, len(stream) + 1)
+
+    fresh = settings.replace(data_dir=settings.data_dir.parent / "fresh")
+    again = start_worker(fresh)  # no local table state: histories come from the changelog
+    assert again.metrics()["streamrec_users"] == len(users)
+    with RecClient(fresh) as client:
+        for n, user in enumerate(users):
+            assert f"i{n}" not in ids(client.recommend(user, k=100, **POPULAR))
 
 
 def moved_to_cluster(answer: RecResponse, cluster: str) -> bool:

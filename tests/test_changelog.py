@@ -83,10 +83,11 @@ def event_on(partition: int) -> FakeEvent:
 
 def write_all(table, values: dict[str, tuple[dict, int]], queued: int | None = None) -> int:
     """Set every value, check that ``queued`` records (default: all) wait for the flush, flush;
-    returns what the flush reported."""
+    returns how many records the flush handed to the producer (one :class:`Sent`, delivered,
+    for each record batch) or, without a batching producer, to the table's own path."""
     writer = BatchedTable(table)
 
-    async def run() -> int:
+    async def run() -> list:
         for key, (value, partition) in values.items():
             writer.set(key, value, event_on(partition))
         assert writer.pending == (len(values) if queued is None else queued)
@@ -94,7 +95,11 @@ def write_all(table, values: dict[str, tuple[dict, int]], queued: int | None = N
 
     sent = asyncio.run(run())
     assert writer.pending == 0
-    return sent
+    ensure = getattr(table.app.producer, "_ensure_producer", None)
+    batches = ensure().sent if ensure is not None else []
+    assert len(sent) == len(batches)
+    assert all(record.record == "changelog" and record.delivery.result() for record in sent)
+    return sum(len(records) for _, _, records in batches) + len(table.sent_alone)
 
 
 def histories(n_users: int, partitions: int) -> dict[str, tuple[dict, int]]:
@@ -328,3 +333,87 @@ def test_codecs_called_directly_give_what_fausts_registry_gives(tmp_path):
                                                                  serializer="json")
     point = batched._value_of(batched._value_bytes(Point(x=1, y=2.5).to_representation()))
     assert point == Point(x=1, y=2.5)
+
+
+class RefusingProducer(RecordingProducer):
+    """Refuses the deliveries (or, ``raising``, the sends) of the batches it is told to."""
+
+    def __init__(self, refuse: set[int], raising: bool = False) -> None:
+        super().__init__(1 << 20)
+        self.refuse, self.raising, self.calls = refuse, raising, 0
+
+    async def send_batch(self, batch, topic, *, partition):
+        self.calls += 1
+        if self.calls not in self.refuse:
+            return await super().send_batch(batch, topic, partition=partition)
+        if self.raising:
+            raise BufferError("the producer's buffer is full")
+        delivery = asyncio.get_running_loop().create_future()
+        delivery.set_exception(TimeoutError("expired"))
+        return delivery
+
+
+def batched_on_rocksdb(tmp_path, producer) -> BatchedTable:
+    batched = BatchedTable(rocksdb_table(tmp_path))
+    batched._client = lambda: producer
+    return batched
+
+
+def test_a_refused_batch_is_sent_again_with_the_histories_as_stored_now(tmp_path):
+    """The resend of a refused changelog batch carries each key's value as stored when it is
+    sent again: a user written since then gets the newer history, so the changelog's last
+    record of every key is the stored value, whichever record the broker took first."""
+    producer = RefusingProducer(refuse={1})
+    batched = batched_on_rocksdb(tmp_path, producer)
+
+    async def run():
+        for u in range(4):
+            batched.set(f"u{u}", {"items": [f"i{u}"]}, event_on(0))
+        [refused] = await batched.flush()
+        assert isinstance(refused.delivery.exception(), TimeoutError)
+        batched.set("u1", {"items": ["i1", "newer"]}, event_on(0))
+        [newer] = await batched.flush()
+        assert newer.delivery.result().offset == 0
+        again = await refused.resend()
+        await again
+        return again
+
+    again = asyncio.run(run())
+    assert again.done() and not again.exception()
+    stored = dict(batched.table.data._db_for_partition(0).items())
+    # the resend's batch (at offset 1, after the newer record) is the persisted offset
+    assert stored.pop(b"__faust\x00offset__") == b"1"
+    last = {}
+    for _, _, records in producer.sent:
+        last.update(records)
+    assert last == stored and len(stored) == 4
+    assert json.loads(last[b'"u1"']) == {"items": ["i1", "newer"]}
+    assert [len(records) for _, _, records in producer.sent] == [1, 4]
+
+
+def test_a_send_that_raises_gives_a_failed_delivery_and_nothing_escapes(tmp_path):
+    producer = RefusingProducer(refuse={1}, raising=True)
+    batched = batched_on_rocksdb(tmp_path, producer)
+
+    async def run():
+        batched.set("u1", {"items": ["i1"]}, event_on(2))
+        [refused] = await batched.flush()
+        assert isinstance(refused.delivery.exception(), BufferError)
+        await (await refused.resend())
+
+    asyncio.run(run())
+    assert producer.sent == [(producer.sent[0][0], 2, [(b'"u1"', b'{"items":["i1"]}')])]
+
+
+def test_no_resend_for_a_partition_this_worker_no_longer_holds(tmp_path):
+    producer = RefusingProducer(refuse={1})
+    batched = batched_on_rocksdb(tmp_path, producer)
+
+    async def run():
+        batched.set("u1", {"items": ["i1"]}, event_on(3))
+        [refused] = await batched.flush()
+        batched.table.data._dbs.pop(3)  # revoked: its next owner restores it
+        return await refused.resend()
+
+    assert asyncio.run(run()) is None
+    assert producer.sent == []

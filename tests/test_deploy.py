@@ -418,15 +418,17 @@ def test_exposed_names_cover_labelled_metrics_without_samples():
 
 
 def every_metric():
-    """A worker's metrics bundle, with the gauges STREAMREC_SHARE_ITEMS and the training
-    topic's batch intake add."""
+    """A worker's metrics bundle, with the gauges STREAMREC_SHARE_ITEMS and the batch
+    intakes of events and training messages add."""
     from stream_app.checkpoint_acks import AcksAfterCheckpoint
+    from stream_app.confirmed_acks import AcksAfterDelivery
     from stream_app.item_sharing import ItemSharing
 
     engine = Engine(Settings())
     metrics = build_metrics(engine)
     ItemSharing(engine.settings, engine, frozenset, print, print).export(metrics)
     AcksAfterCheckpoint(None).export(metrics)
+    AcksAfterDelivery(print).export(metrics)
     return metrics
 
 

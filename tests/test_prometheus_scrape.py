@@ -30,6 +30,7 @@ from stream_app.item_sharing import ItemSharing
 from stream_app.metrics import Metrics
 from stream_app.processes import free_port
 from stream_app.checkpoint_acks import AcksAfterCheckpoint
+from stream_app.confirmed_acks import AcksAfterDelivery
 from stream_app.settings import Settings
 from stream_app.worker import build_metrics
 
@@ -89,6 +90,7 @@ def record_fixed_counts(metrics: Metrics) -> None:
     for (kind, outcome), count in EVENTS.items():
         metrics.events.labels(kind, outcome).inc(count)
     metrics.dead_letters.labels("schema").inc()
+    metrics.resends.labels("train", "retried").inc()
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,7 @@ def endpoint():
     sharing.published, sharing.installed, sharing.steps_sent, sharing.steps_added = 4, 3, 2, 1
     sharing.handed_over_rows = 5
     AcksAfterCheckpoint(None).export(metrics)  # the training topic's batch intake adds it
+    AcksAfterDelivery(print).export(metrics)  # the events' batch intake adds it
     record_fixed_counts(metrics)
     port = free_port()
     server, thread = metrics.serve("127.0.0.1", port)

@@ -1,0 +1,59 @@
+"""A streamrec worker whose producer has its first deliveries to some topics refused, as by a
+broker that refuses a record: the records are not sent and their deliveries fail. For the
+broker tests of ``stream_app/confirmed_acks.py``; nothing else in the worker changes.
+
+    REFUSE_DELIVERIES="-changelog:1,train-:1" python tests/refusing_worker.py
+
+Each entry of the comma-separated list: a part of a topic's name and how many deliveries to
+such a topic fail, in the order they are sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import runpy
+import sys
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
+
+
+def refuse(spec: str) -> None:
+    """Patch this process's aiokafka producer to refuse the deliveries ``spec`` names."""
+    left = {}
+    for entry in filter(None, spec.split(",")):
+        part, count = entry.rsplit(":", 1)
+        left[part] = int(count)
+
+    def refused(topic: str) -> bool:
+        for part, count in left.items():
+            if part in topic and count > 0:
+                left[part] = count - 1
+                print(f"refusing a delivery to {topic}", file=sys.stderr, flush=True)
+                return True
+        return False
+
+    def failed() -> asyncio.Future:
+        delivery = asyncio.get_running_loop().create_future()
+        delivery.set_exception(KafkaTimeoutError("refused by the test"))
+        return delivery
+
+    send, send_batch = AIOKafkaProducer.send, AIOKafkaProducer.send_batch
+
+    async def send_refusing(self, topic, *args, **kwargs):
+        return failed() if refused(topic) else await send(self, topic, *args, **kwargs)
+
+    async def send_batch_refusing(self, batch, topic, *, partition):
+        if refused(topic):
+            return failed()
+        return await send_batch(self, batch, topic, partition=partition)
+
+    AIOKafkaProducer.send = send_refusing
+    AIOKafkaProducer.send_batch = send_batch_refusing
+
+
+if __name__ == "__main__":  # not in the learner process, which imports this file to start
+    refuse(os.environ["REFUSE_DELIVERIES"])
+    sys.argv = ["stream_app", "worker"]
+    runpy.run_module("stream_app", run_name="__main__")
