@@ -30,7 +30,7 @@ from .batch_intake import BatchIntake
 from .changelog import BatchedTable
 from .checkpoint_acks import AcksAfterCheckpoint
 from .compat import guard_fetch_wait
-from .confirmed_acks import AcksAfterDelivery, Sent, sent
+from .confirmed_acks import AcksAfterDelivery, Sent, sent, until_delivered
 from .delivery import install_direct_delivery, patch_consumer
 from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_fair_fetch
@@ -50,6 +50,9 @@ HISTORY_TABLE = "user-histories"
 TRAIN_MESSAGE_BYTES = 512 * 1024
 #: largest record batch of the producer (Faust's default is 16 KiB, about 4 histories)
 CHANGELOG_BATCH_BYTES = 256 * 1024
+#: longest a stopping worker waits for the broker to confirm its last event batches' records
+#: (the stop's other waits share STREAMREC_SHUTDOWN_TIMEOUT_S with it)
+STOP_DELIVERY_WAIT_S = 2.0
 
 
 def _chunks_by_size(parts: list[bytes], limit: int):
@@ -233,14 +236,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             records.append(await sent("train", functools.partial(
                 train.send, key=str(partition).encode(), partition=partition, value=value)))
 
-    async def ingest_batch(batch: list[Message]) -> list[Sent]:
+    async def ingest_batch(batch: list[Message], records: list[Sent]) -> None:
         """Validate a batch of event messages; invalid ones go to the DLQ with a reason,
-        nothing raises. Returns what it handed to the producer (the histories' changelog
-        records, the training messages, dead letters and re-routed events): the batch may
-        be acknowledged once the broker has all of it (:class:`AcksAfterDelivery`)."""
+        nothing raises. Adds what it hands to the producer (the histories' changelog
+        records, the training messages, dead letters and re-routed events) to ``records``,
+        also when it raises: the batch may be acknowledged once the broker has all of it
+        (:class:`AcksAfterDelivery`)."""
         intake_lag.observe((message.tp, message.offset) for message in batch)
         metrics.ingest_batch.observe(len(batch))
-        records: list[Sent] = []
         try:
             examples = await take_batch(batch, records)
         finally:  # what was stored goes to the changelog before anything is acknowledged
@@ -250,7 +253,6 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         except Exception:  # noqa: BLE001 - a message that would not encode; histories stored
             log.exception("could not make the training messages of %d examples",
                           len(examples))
-        return records
 
     missing = BatchIntake.missing(app) if settings.batch_intake else []
     if missing:
@@ -268,12 +270,13 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             while True:
                 await delivered.room.wait()  # a broker that refuses what batches write
                 batch = await intake.take()
+                records: list[Sent] = []
                 try:
-                    records = await ingest_batch(batch)
+                    await ingest_batch(batch, records)
                 except Exception:  # noqa: BLE001 - the task must survive anything
                     log.exception("a batch of %d events failed; taking them one at a time",
                                   len(batch))
-                    records = await ingest_one_by_one(batch)
+                    await ingest_one_by_one(batch, records)
                 delivered.hold(batch, records)
 
         @app.on_before_shutdown.connect
@@ -281,23 +284,23 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             """Batches whose records are still on their way, acknowledged before Faust's last
             commit if the broker confirms them in time (read again at the next start if
             not)."""
-            if not await delivered.settled(settings.hand_over_wait_s):
+            wait_s = min(STOP_DELIVERY_WAIT_S, settings.hand_over_wait_s)
+            if not await delivered.settled(wait_s):
                 log.warning("%d event batches were not confirmed by the broker in %.1f s: "
                             "they are read again at the next start", delivered.waiting,
-                            settings.hand_over_wait_s)
+                            wait_s)
+            delivered.close()
 
-        async def ingest_one_by_one(batch: list[Message]) -> list[Sent]:
+        async def ingest_one_by_one(batch: list[Message], records: list[Sent]) -> None:
             """Each message as a batch of its own; one that still fails goes to the DLQ."""
-            records = []
             for message in batch:
                 try:
-                    records.extend(await ingest_batch([message]))
+                    await ingest_batch([message], records)
                 except Exception as error:  # noqa: BLE001
                     log.exception("event at %s/%d/%d failed", message.topic,
                                   message.partition, message.offset)
                     records.append(await dead_letter(
                         InvalidMessage("internal_error", repr(error)), message))
-            return records
     else:
         @app.agent(events, name="ingest")
         async def ingest(stream):
@@ -305,7 +308,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             agent asks for the next."""
             async for batch in stream.take_events(settings.ingest_batch,
                                                   within=settings.ingest_batch_wait_s):
-                await ingest_batch([item.message for item in batch])  # Faust acknowledges
+                records: list[Sent] = []
+                await ingest_batch([item.message for item in batch], records)
+                await until_delivered(records, metrics)  # Faust acknowledges as it goes on
 
     learned_here = 0  # batches learned on this loop (no learner process), numbered
 

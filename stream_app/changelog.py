@@ -38,7 +38,7 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import faust
@@ -83,6 +83,7 @@ class BatchedTable:
     def __init__(self, table: faust.Table) -> None:
         self.table = table
         self._pending: dict[int, list[tuple[bytes, bytes]]] = {}
+        self._sending = asyncio.Lock()  # a flush's sends, or a resend's read and sends
         # Faust's JSON codec called directly for what a history table has (untyped JSON keys
         # and values): the serializer registry around it was a tenth of the ingest agent's
         # time. Same bytes and values (tested); other schemas take the registry.
@@ -192,11 +193,11 @@ class BatchedTable:
     async def flush(self) -> list[Sent]:
         """Hand every queued record to the producer, one record batch per partition (more
         when a batch fills up); returns each batch's :class:`Sent`, whose resend sends its
-        keys' histories as stored then (:mod:`stream_app.confirmed_acks`). Empty where this
-        Faust has no batching producer: the records then take Faust's own path, one send
-        each, whose deliveries Faust follows."""
+        keys' histories as stored then (:meth:`resend`). Empty where this Faust has no
+        batching producer: the records then take Faust's own path, one send each, whose
+        deliveries Faust follows."""
+        client = self._client()  # before the records leave the queue: it raises when stopped
         pending, self._pending = self._pending, {}
-        client = self._client()
         if client is None:
             for partition, records in pending.items():
                 for key, value in records:
@@ -204,54 +205,73 @@ class BatchedTable:
                                               value_serializer="raw")
             return []
         sent = []
-        for partition, records in pending.items():
-            try:
-                sent.extend(await self._send_records(client, partition, records))
-            except Exception as error:  # noqa: BLE001 - held and sent again by its Sent
-                keys = [key for key, _ in records]
-                sent.append(Sent("changelog", failed(error),
-                                 functools.partial(self.resend, partition, keys)))
+        async with self._sending:
+            for partition, records in pending.items():
+                resend = self._resend_of(partition)
+                try:
+                    sent.extend(await self._send_records(client, partition, records, resend))
+                except Exception as error:  # noqa: BLE001 - held and sent again by its Sent
+                    sent.append(Sent("changelog", failed(error),
+                                     functools.partial(resend, [key for key, _ in records])))
         return sent
 
-    async def _send_records(self, client, partition: int,
-                            records: list[tuple[bytes, bytes]]) -> list[Sent]:
+    def _resend_of(self, partition: int) -> Callable[[list[bytes]], Awaitable]:
+        """:meth:`resend` bound to the partition's store as it is now and the consumer
+        generation that holds it."""
+        database = getattr(self.table.data, "_dbs", {}).get(partition)
+        generation = getattr(self.table.app, "consumer_generation_id", None)
+        return functools.partial(self.resend, partition, database, generation)
+
+    async def _send_records(self, client, partition: int, records: list[tuple[bytes, bytes]],
+                            resend: Callable[[list[bytes]], Awaitable]) -> list[Sent]:
         topic = self.table.changelog_topic.get_topic_name()
         sent, keys = [], []
         batch = client.create_batch()
         for key, value in records:
             if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                sent.append(await self._send(client, batch, topic, partition, keys))
+                sent.append(await self._send(client, batch, topic, partition, keys, resend))
                 batch, keys = client.create_batch(), []  # an empty batch takes any one record
                 batch.append(key=key, value=value, timestamp=None)
             keys.append(key)
         if batch.record_count():
-            sent.append(await self._send(client, batch, topic, partition, keys))
+            sent.append(await self._send(client, batch, topic, partition, keys, resend))
         return sent
 
-    async def _send(self, client, batch, topic: str, partition: int,
-                    keys: list[bytes]) -> Sent:
+    async def _send(self, client, batch, topic: str, partition: int, keys: list[bytes],
+                    resend: Callable[[list[bytes]], Awaitable]) -> Sent:
         batch.close()
-
-        resend = functools.partial(self.resend, partition, keys)
+        again = functools.partial(resend, keys)
         try:
             delivery = await client.send_batch(batch, topic, partition=partition)
         except Exception as error:  # noqa: BLE001 - held and sent again by its Sent
-            return Sent("changelog", failed(error), resend)
+            return Sent("changelog", failed(error), again)
         delivery.add_done_callback(lambda done: self._persisted(done, topic, partition))
-        return Sent("changelog", delivery, resend)
+        return Sent("changelog", delivery, again)
 
-    async def resend(self, partition: int, keys: list[bytes]) -> asyncio.Future | None:
-        """The changelog records of ``keys`` again, with their values as stored now (a
-        resend that lands after a newer record of the same key then still leaves the newest
-        value last); one delivery for them all. None when the store no longer holds the
-        partition (another worker owns it now) or this Faust has no batching producer."""
-        client = self._client()
-        database = getattr(self.table.data, "_dbs", {}).get(partition)
-        if client is None or database is None:
+    async def resend(self, partition: int, database, generation: int | None,
+                     keys: list[bytes]) -> asyncio.Future | None:
+        """The changelog records of ``keys`` again, with their values as stored now in the
+        partition's store (``database``, the one it had when they were first sent: Faust
+        drops its handles when it stops); one delivery for them all.
+
+        Sent while no flush is: a flush of a newer value then comes after it, and one of an
+        older value before it or with a value no newer than this one. None, nothing sent,
+        once the consumer generation that held the partition has passed (a rebalance; the
+        partition's next owner, maybe this worker again, restores it from the changelog and
+        reads the uncommitted events again; the batch's acknowledgement no longer counts
+        either), or where the store has no partition handles or Faust no batching
+        producer."""
+        if database is None or generation != getattr(self.table.app, "consumer_generation_id",
+                                                     None):
             return None
-        records = [(key, value) for key, value in zip(keys, database.get(keys))
-                   if value is not None]
-        sent = await self._send_records(client, partition, records)
+        client = self._client()
+        if client is None:
+            return None
+        async with self._sending:
+            records = [(key, value) for key, value in zip(keys, database.get(keys))
+                       if value is not None]
+            sent = await self._send_records(client, partition, records,
+                                            self._resend_of(partition))
         return asyncio.gather(*(each.delivery for each in sent))
 
     def _persisted(self, done, topic: str, partition: int) -> None:
@@ -259,4 +279,7 @@ class BatchedTable:
             log.error("changelog batch to %s[%d] failed: %r", topic, partition,
                       None if done.cancelled() else done.exception())
         elif done.result() is not None:  # None: acks=0, no offset known
+            held = getattr(self.table.data, "_dbs", None)
+            if held is not None and partition not in held:
+                return  # revoked: setting it would open the partition's store again
             self.table.data.set_persisted_offset(TP(topic, partition), done.result().offset)

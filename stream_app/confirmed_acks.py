@@ -53,6 +53,14 @@ class Sent:
     resend: Callable[[], Awaitable[asyncio.Future | None]]
 
 
+async def until_delivered(records: list[Sent], metrics=None) -> None:
+    """Wait until every one of ``records`` is delivered, sending again what fails: for a
+    caller that acknowledges by returning (Faust's stream)."""
+    confirmed = AcksAfterDelivery(lambda batch: None, metrics)
+    confirmed.hold([], records)
+    await confirmed.settled(None)
+
+
 async def sent(record: str, send: Callable[[], Awaitable[asyncio.Future]]) -> Sent:
     """``send()`` as a :class:`Sent`; a send that raises is a failed delivery, sent again
     later like any other."""
@@ -132,7 +140,7 @@ class AcksAfterDelivery:
         if len(held) < self.limit:
             self.room.set()
 
-    async def settled(self, timeout_s: float) -> bool:
+    async def settled(self, timeout_s: float | None) -> bool:
         """Wait until no batch is held (every one acknowledged), at most ``timeout_s``: a
         worker that stops lets its last commit take them. False if some still are."""
         try:
@@ -148,8 +156,12 @@ class AcksAfterDelivery:
                 delivered()
                 return
             error = "cancelled" if finished.cancelled() else repr(finished.exception())
-            log.warning("a %s delivery failed (%s); sending it again in %.1f s", record.record,
-                        error, pause_s)
+            # at the first failure and once the pause is at its longest, not at every retry
+            # of every record (a refusing broker fails them all; the metric counts each)
+            level = logging.WARNING if pause_s in (self.first_pause_s, self.max_pause_s) \
+                else logging.DEBUG
+            log.log(level, "a %s delivery failed (%s); sending it again in %.1f s",
+                    record.record, error, pause_s)
             self._count("retried", record)
             task = asyncio.ensure_future(self._again(record, delivered, pause_s))
             self._retrying.add(task)
@@ -164,12 +176,18 @@ class AcksAfterDelivery:
         except Exception as error:  # noqa: BLE001 - sent again after the next pause
             delivery = failed(error)
         if delivery is None:
-            log.error("a %s record was not sent again (its partition moved to another "
-                      "worker, which reads its events again)", record.record)
+            log.warning("a %s record was not sent again: a rebalance has passed, and its "
+                        "partition's owner reads the uncommitted events again", record.record)
             self._count("given_up", record)
             delivered()  # nothing more to wait for: the batch may be acknowledged
             return
         self._follow(record, delivery, delivered, min(2 * pause_s, self.max_pause_s))
+
+    def close(self) -> None:
+        """Stop sending anything again (the worker stops: what is still held is read again
+        at its next start)."""
+        for task in list(self._retrying):
+            task.cancel()
 
     def _count(self, outcome: str, record: Sent) -> None:
         if self.metrics is not None:

@@ -2,10 +2,11 @@
 broker that refuses a record: the records are not sent and their deliveries fail. For the
 broker tests of ``stream_app/confirmed_acks.py``; nothing else in the worker changes.
 
-    REFUSE_DELIVERIES="-changelog:1,train-:1" python tests/refusing_worker.py
+    REFUSE_DELIVERIES="-changelog:1,train-:6s" python tests/refusing_worker.py
 
 Each entry of the comma-separated list: a part of a topic's name and how many deliveries to
-such a topic fail, in the order they are sent.
+such a topic fail, in the order they are sent, or (``6s``) for how many seconds from the first
+delivery to it every delivery to it fails.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import os
 import runpy
 import sys
+import time
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
@@ -21,12 +23,20 @@ from aiokafka.errors import KafkaTimeoutError
 
 def refuse(spec: str) -> None:
     """Patch this process's aiokafka producer to refuse the deliveries ``spec`` names."""
-    left = {}
+    left, lasting, until = {}, {}, {}
     for entry in filter(None, spec.split(",")):
-        part, count = entry.rsplit(":", 1)
-        left[part] = int(count)
+        part, amount = entry.rsplit(":", 1)
+        if amount.endswith("s"):
+            lasting[part] = float(amount[:-1])
+        else:
+            left[part] = int(amount)
 
     def refused(topic: str) -> bool:
+        for part, seconds in lasting.items():
+            if part in topic:
+                if until.setdefault(part, time.monotonic() + seconds) > time.monotonic():
+                    print(f"refusing a delivery to {topic}", file=sys.stderr, flush=True)
+                    return True
         for part, count in left.items():
             if part in topic and count > 0:
                 left[part] = count - 1

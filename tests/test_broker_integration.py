@@ -415,19 +415,27 @@ def test_fresh_worker_recovers_histories_from_the_changelog(settings, start_work
 
 def test_records_the_broker_refused_are_sent_again_before_their_events_commit(
         settings, start_worker):
-    """A worker whose producer has the first delivery of a changelog batch, of a training
-    message and of a dead letter refused: each is sent again, so a fresh worker restores every
-    user's only history from the changelog, every example is learned, the malformed event is
-    in the dead-letter topic, and the events are committed to the end once delivered."""
+    """A worker whose producer has the first delivery of a changelog batch and of a dead
+    letter refused, and every delivery of training messages for 6 s from the first: each is
+    sent again, and the events are not committed while a record of theirs is unconfirmed
+    (longer than Faust's commit interval, 2.8 s). Once all
+    are delivered, a fresh worker restores every user's only history from the changelog,
+    every example is learned, the malformed event is in the dead-letter topic, and the events
+    are committed to the end."""
     refusing = [sys.executable, str(Path(__file__).parent / "refusing_worker.py")]
     worker = start_worker(settings, refusing,
-                          {"REFUSE_DELIVERIES": "-changelog:1,train-:1,dlq-:1"})
+                          {"REFUSE_DELIVERIES": "-changelog:1,train-:6s,dlq-:1"})
     users = [f"u{i}" for i in range(40)]
     stream = [(user.encode(), event(user, f"i{n}", event_id=f"e{n}"))
               for n, user in enumerate(users)]
     produce(settings, [*stream, (b"u0", b"{not json")])
     worker.wait_metric("streamrec_events_total", len(stream) + 1)
-    worker.wait_metric("streamrec_record_resends_total", 3)
+    ends = end_offsets(settings, len(stream) + 1)
+    time.sleep(3.5)  # a commit would have come by now
+    assert worker.metrics()["streamrec_ingest_unconfirmed_batches"] > 0
+    held = committed_event_offsets(settings)
+    assert sum(held.values()) < sum(ends.values()), (held, ends)
+    worker.wait_metric("streamrec_record_resends_total", 5)  # 3 of a training message
     worker.wait_metric("streamrec_learned_events_total", len(stream))
     [letter] = read_topic(settings, settings.topic_dead_letters, 1)
     assert DeadLetter.model_validate_json(letter.value).reason == "bad_json"
@@ -435,7 +443,7 @@ def test_records_the_broker_refused_are_sent_again_before_their_events_commit(
     assert worker.metrics()["streamrec_learned_events_total"] == len(stream)  # none twice
     assert worker.metrics()["streamrec_ingest_unconfirmed_batches"] == 0
     assert worker.stop() == 0
-    assert committed_event_offsets(settings) == end_offsets(settings, len(stream) + 1)
+    assert committed_event_offsets(settings) == ends
 
     fresh = settings.replace(data_dir=settings.data_dir.parent / "fresh")
     again = start_worker(fresh)  # no local table state: histories come from the changelog

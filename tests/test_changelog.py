@@ -405,15 +405,67 @@ def test_a_send_that_raises_gives_a_failed_delivery_and_nothing_escapes(tmp_path
     assert producer.sent == [(producer.sent[0][0], 2, [(b'"u1"', b'{"items":["i1"]}')])]
 
 
-def test_no_resend_for_a_partition_this_worker_no_longer_holds(tmp_path):
+def test_no_resend_once_the_generation_that_held_the_partition_has_passed(tmp_path):
+    """After a rebalance the partition's next owner (maybe this worker again) restores it
+    from the changelog and reads the uncommitted events again: a resend of this worker's
+    values could land after that owner's newer ones."""
     producer = RefusingProducer(refuse={1})
     batched = batched_on_rocksdb(tmp_path, producer)
 
     async def run():
         batched.set("u1", {"items": ["i1"]}, event_on(3))
         [refused] = await batched.flush()
-        batched.table.data._dbs.pop(3)  # revoked: its next owner restores it
+        batched.table.app.consumer_generation_id += 1  # a rebalance
         return await refused.resend()
 
     assert asyncio.run(run()) is None
     assert producer.sent == []
+
+
+def test_a_resend_while_the_worker_stops_reads_the_store_it_was_written_to(tmp_path):
+    """Faust drops its store handles when it stops, before the last commit: a resend then
+    still reads the partition's values (the same generation still holds it)."""
+    producer = RefusingProducer(refuse={1})
+    batched = batched_on_rocksdb(tmp_path, producer)
+
+    async def run():
+        batched.set("u1", {"items": ["i1"]}, event_on(3))
+        [refused] = await batched.flush()
+        batched.table.data._dbs.clear()  # as the rocksdb store's stop does
+        await (await refused.resend())
+
+    asyncio.run(run())
+    assert producer.sent == [(producer.sent[0][0], 3, [(b'"u1"', b'{"items":["i1"]}')])]
+
+
+class SlowProducer(RefusingProducer):
+    """Its second send (the resend) yields to the loop before the batch joins the queue, as
+    aiokafka's ``send_batch`` does while an earlier batch of the partition is queued."""
+
+    entered = 0
+
+    async def send_batch(self, batch, topic, *, partition):
+        self.entered += 1
+        if self.entered == 2:  # the resend
+            await asyncio.sleep(0.01)
+        return await super().send_batch(batch, topic, partition=partition)
+
+
+def test_a_flush_during_a_resend_lands_after_it(tmp_path):
+    """A newer value flushed while a resend of the key is on its way to the queue comes
+    after the resend's (older) value: the changelog's last record is the newest."""
+    producer = SlowProducer(refuse={1})
+    batched = batched_on_rocksdb(tmp_path, producer)
+
+    async def run():
+        batched.set("u1", {"items": ["old"]}, event_on(0))
+        [refused] = await batched.flush()
+        resending = asyncio.ensure_future(refused.resend())
+        await asyncio.sleep(0)  # the resend has read the store and waits to be queued
+        batched.set("u1", {"items": ["new"]}, event_on(0))
+        await batched.flush()
+        await (await resending)
+
+    asyncio.run(run())
+    assert [json.loads(value) for _, _, records in producer.sent for _, value in records] == [
+        {"items": ["old"]}, {"items": ["new"]}]

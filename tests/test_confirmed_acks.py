@@ -10,7 +10,7 @@ import asyncio
 
 from prometheus_client import CollectorRegistry
 
-from stream_app.confirmed_acks import AcksAfterDelivery, Sent, failed, sent
+from stream_app.confirmed_acks import AcksAfterDelivery, Sent, failed, sent, until_delivered
 from stream_app.metrics import Metrics
 
 
@@ -116,8 +116,10 @@ def test_the_pause_between_resends_doubles_up_to_its_limit():
         confirmed.hold(["a"], [await sent("train", refused)])
         await asyncio.sleep(0.25)
         gaps = [later - earlier for earlier, later in zip(times, times[1:])]
-        assert len(gaps) >= 4 and acked == []
-        assert 0.008 <= gaps[0] < gaps[1] and all(0.025 <= gap < 0.06 for gap in gaps[2:])
+        assert len(gaps) >= 3 and acked == []
+        # lower bounds only: a loaded machine stretches every pause
+        assert gaps[0] >= 0.009 and gaps[1] >= 0.019 and all(gap >= 0.029 for gap in gaps[2:])
+        assert len(gaps) < 12  # 0.25 s holds at most ~8 pauses of at least 0.03 s
 
     asyncio.run(run())
 
@@ -192,5 +194,36 @@ def test_past_its_limit_of_held_batches_there_is_no_room_until_one_is_delivered(
         deliveries.futures[0].set_result("ok")
         await settle()
         assert confirmed.room.is_set() and acked == [["a"], ["b"]]
+
+    asyncio.run(run())
+
+
+def test_until_delivered_returns_once_every_record_is_delivered_sending_again():
+    """What Faust's stream path awaits before it takes the next batch (and so acknowledges
+    this one)."""
+    async def run():
+        deliveries = Deliveries()
+        records = [await sent("train", deliveries.send), await sent("changelog", deliveries.send)]
+        waiting = asyncio.ensure_future(until_delivered(records))
+        deliveries.futures[0].set_exception(TimeoutError("refused"))
+        deliveries.futures[1].set_result("ok")
+        await asyncio.sleep(0.7)  # the first pause is 0.5 s
+        assert not waiting.done() and len(deliveries.futures) == 3
+        deliveries.futures[2].set_result("ok")
+        await asyncio.wait_for(waiting, 1.0)
+
+    asyncio.run(run())
+
+
+def test_closing_stops_the_resends():
+    async def run():
+        confirmed, acked, _ = acks(first_pause_s=0.01)
+        deliveries = Deliveries()
+        confirmed.hold(["a"], [await sent("train", deliveries.send)])
+        deliveries.futures[0].set_exception(TimeoutError("refused"))
+        await settle()
+        confirmed.close()
+        await asyncio.sleep(0.05)
+        assert len(deliveries.futures) == 1 and acked == [] and confirmed.waiting == 1
 
     asyncio.run(run())
