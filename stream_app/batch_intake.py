@@ -20,9 +20,10 @@ committed by Faust as always, from acks: :meth:`BatchIntake.take` hands out a ba
 its messages in flight (what Faust's ``wait_empty`` waits for), :meth:`BatchIntake.ack`
 acks them once the task has made their effects durable (the broker has confirmed the records
 they wrote: :mod:`stream_app.confirmed_acks`; training messages, once a checkpoint holds what
-they taught: :mod:`stream_app.checkpoint_acks`). A message fetched before a rebalance (another generation)
-is dropped unacknowledged, as a Faust stream drops it: the partition's new owner, or this
-worker after the seek to the committed offsets that follows every assignment, reads it again.
+they taught: :mod:`stream_app.checkpoint_acks`). A message fetched before a rebalance
+(another generation) is dropped unacknowledged, as a Faust stream drops it: the partition's
+new owner, or this worker after the seek to the committed offsets that follows every
+assignment, reads it again.
 
 Faust's sensors (its ``Monitor``) do not see these messages; the worker's own metrics count
 them. The one figure of the monitor that Faust's consumer reads, the last time a partition's
