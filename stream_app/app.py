@@ -83,6 +83,19 @@ def training_messages(examples: list[TrainExample], partitions: int, compression
             yield partition, TrainBatch.encode_parts(chunk, compression_level, users)
 
 
+def histories_to_write(events: list[Event], examples: list[TrainExample | None],
+                       updated: dict[str, History],
+                       stored: dict[str, History]) -> dict[str, History]:
+    """The histories a batch writes: those its events changed, and the stored history of a
+    user whose events were all found there already (redelivered). Written again, that
+    history's changelog record is sent again: its first one may not have reached the broker
+    before the events were read again (a crash, or a rebalance that gave up its resend,
+    ``stream_app/confirmed_acks.py``), and no later event of the user may come to write it."""
+    again = {event.user_id for event, example in zip(events, examples) if example is None}
+    return {**{user: stored[user] for user in again - updated.keys() if user in stored},
+            **updated}
+
+
 def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                learner: LearnerProcess | None = None) -> faust.App:
     """The app. With a ``learner`` process, the learn agent hands training messages to it and
@@ -194,8 +207,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         stored = {user: History.from_json(value)
                   for user, value in history_table.get_many(last).items()}
         updated, examples = engine.ingest_many([event for _, event in taken], stored)
+        written = histories_to_write([event for _, event in taken], examples, updated, stored)
         history_table.set_many((user, history.to_json(), last[user])
-                               for user, history in updated.items())
+                               for user, history in written.items())
         outcomes = Counter((event.kind, "duplicate" if example is None else "accepted")
                            for (_, event), example in zip(taken, examples))
         for (kind, outcome), count in outcomes.items():

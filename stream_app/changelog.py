@@ -34,6 +34,7 @@ of that batch again is harmless, a key's last record wins.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -83,7 +84,9 @@ class BatchedTable:
     def __init__(self, table: faust.Table) -> None:
         self.table = table
         self._pending: dict[int, list[tuple[bytes, bytes]]] = {}
-        self._sending = asyncio.Lock()  # a flush's sends, or a resend's read and sends
+        # per partition: a flush's sends, or a resend's read and sends
+        self._sending: collections.defaultdict[int, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock)
         # Faust's JSON codec called directly for what a history table has (untyped JSON keys
         # and values): the serializer registry around it was a tenth of the ingest agent's
         # time. Same bytes and values (tested); other schemas take the registry.
@@ -205,9 +208,9 @@ class BatchedTable:
                                               value_serializer="raw")
             return []
         sent = []
-        async with self._sending:
-            for partition, records in pending.items():
-                resend = self._resend_of(partition)
+        for partition, records in pending.items():
+            resend = self._resend_of(partition)
+            async with self._sending[partition]:
                 try:
                     sent.extend(await self._send_records(client, partition, records, resend))
                 except Exception as error:  # noqa: BLE001 - held and sent again by its Sent
@@ -216,11 +219,13 @@ class BatchedTable:
         return sent
 
     def _resend_of(self, partition: int) -> Callable[[list[bytes]], Awaitable]:
-        """:meth:`resend` bound to the partition's store as it is now and the consumer
-        generation that holds it."""
-        database = getattr(self.table.data, "_dbs", {}).get(partition)
-        generation = getattr(self.table.app, "consumer_generation_id", None)
-        return functools.partial(self.resend, partition, database, generation)
+        """:meth:`resend` bound to the partition and the consumer generation that holds it
+        now (not to the partition's store handle: a handle kept alive keeps rocksdb's lock
+        on the partition's files, and this worker could not open them again)."""
+        return functools.partial(self.resend, partition, self._generation())
+
+    def _generation(self) -> int | None:
+        return getattr(self.table.app, "consumer_generation_id", None)
 
     async def _send_records(self, client, partition: int, records: list[tuple[bytes, bytes]],
                             resend: Callable[[list[bytes]], Awaitable]) -> list[Sent]:
@@ -248,26 +253,26 @@ class BatchedTable:
         delivery.add_done_callback(lambda done: self._persisted(done, topic, partition))
         return Sent("changelog", delivery, again)
 
-    async def resend(self, partition: int, database, generation: int | None,
+    async def resend(self, partition: int, generation: int | None,
                      keys: list[bytes]) -> asyncio.Future | None:
         """The changelog records of ``keys`` again, with their values as stored now in the
-        partition's store (``database``, the one it had when they were first sent: Faust
-        drops its handles when it stops); one delivery for them all.
+        partition's store; one delivery for them all. Sent while no flush of the partition
+        is: a flush of a newer value then comes after it, and one of an older value before
+        it or with a value no newer than this one.
 
-        Sent while no flush is: a flush of a newer value then comes after it, and one of an
-        older value before it or with a value no newer than this one. None, nothing sent,
-        once the consumer generation that held the partition has passed (a rebalance; the
-        partition's next owner, maybe this worker again, restores it from the changelog and
-        reads the uncommitted events again; the batch's acknowledgement no longer counts
-        either), or where the store has no partition handles or Faust no batching
-        producer."""
-        if database is None or generation != getattr(self.table.app, "consumer_generation_id",
-                                                     None):
-            return None
-        client = self._client()
-        if client is None:
-            return None
-        async with self._sending:
+        None, nothing sent, once the consumer generation that held the partition has passed:
+        the batch's acknowledgement no longer counts, and the partition's owner (maybe this
+        worker again) reads the uncommitted events again, writing their histories anew
+        (:func:`stream_app.app.histories_to_write`). Raises, to be tried again later, while
+        the store does not have the partition open (a stop, or a revocation before the
+        next generation), or where this Faust has no batching producer."""
+        async with self._sending[partition]:
+            if generation != self._generation():
+                return None
+            database = getattr(self.table.data, "_dbs", {}).get(partition)
+            client = self._client()
+            if database is None or client is None:
+                raise LookupError(f"the store of changelog partition {partition} is not open")
             records = [(key, value) for key, value in zip(keys, database.get(keys))
                        if value is not None]
             sent = await self._send_records(client, partition, records,

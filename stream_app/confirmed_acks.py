@@ -14,9 +14,10 @@ failed (or whose send raised) is sent again, with a growing pause, until it is d
 batch stays unacknowledged meanwhile, so Faust's commit stops before it and a worker that dies
 reads it again. A changelog record is sent again with the history as stored now, not as it
 was: a resend landing after a newer record of the same user would otherwise leave the older
-history last in the changelog. One that cannot be sent again (the partition went to another
-worker at a rebalance, which restores it and reads the uncommitted events again) is given up
-and counted.
+history last in the changelog. Once a rebalance has passed, a changelog record is given up
+and counted: the batch's acknowledgement no longer counts, and the partition's owner, maybe
+this worker again, reads its events again and writes their histories anew (also a history
+whose events it finds there already: ``stream_app.app.histories_to_write``).
 
 A record that the broker keeps refusing (an ACL that denies the topic) holds its batch until
 it is delivered, which can be long: Faust keeps the acknowledgements after the gap, and this
@@ -58,7 +59,10 @@ async def until_delivered(records: list[Sent], metrics=None) -> None:
     caller that acknowledges by returning (Faust's stream)."""
     confirmed = AcksAfterDelivery(lambda batch: None, metrics)
     confirmed.hold([], records)
-    await confirmed.settled(None)
+    try:
+        await confirmed.settled(None)
+    finally:  # also when the agent is cancelled at a stop
+        confirmed.close()
 
 
 async def sent(record: str, send: Callable[[], Awaitable[asyncio.Future]]) -> Sent:
@@ -102,6 +106,7 @@ class AcksAfterDelivery:
         self.room = asyncio.Event()  # clear while ``limit`` batches are held: take no more
         self.room.set()
         self._retrying: set[asyncio.Task] = set()
+        self._closed = False
 
     @property
     def waiting(self) -> int:
@@ -155,6 +160,8 @@ class AcksAfterDelivery:
             if _ok(finished):
                 delivered()
                 return
+            if self._closed:
+                return
             error = "cancelled" if finished.cancelled() else repr(finished.exception())
             # at the first failure and once the pause is at its longest, not at every retry
             # of every record (a refusing broker fails them all; the metric counts each)
@@ -171,12 +178,14 @@ class AcksAfterDelivery:
 
     async def _again(self, record: Sent, delivered: Callable[[], None], pause_s: float) -> None:
         await asyncio.sleep(pause_s)
+        if self._closed:
+            return
         try:
             delivery = await record.resend()
         except Exception as error:  # noqa: BLE001 - sent again after the next pause
             delivery = failed(error)
         if delivery is None:
-            log.warning("a %s record was not sent again: a rebalance has passed, and its "
+            log.warning("a %s record was not sent again: a rebalance has passed, and the "
                         "partition's owner reads the uncommitted events again", record.record)
             self._count("given_up", record)
             delivered()  # nothing more to wait for: the batch may be acknowledged
@@ -186,6 +195,7 @@ class AcksAfterDelivery:
     def close(self) -> None:
         """Stop sending anything again (the worker stops: what is still held is read again
         at its next start)."""
+        self._closed = True
         for task in list(self._retrying):
             task.cancel()
 

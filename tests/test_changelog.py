@@ -422,16 +422,27 @@ def test_no_resend_once_the_generation_that_held_the_partition_has_passed(tmp_pa
     assert producer.sent == []
 
 
-def test_a_resend_while_the_worker_stops_reads_the_store_it_was_written_to(tmp_path):
-    """Faust drops its store handles when it stops, before the last commit: a resend then
-    still reads the partition's values (the same generation still holds it)."""
+def test_a_resend_while_the_store_is_closed_raises_to_be_tried_again(tmp_path):
+    """Faust closes the partitions' stores when it stops (and when it revokes them, before
+    the next generation): a resend then raises, so the batch stays unacknowledged (Faust's
+    last commit stops before it; the next start reads its events again), and it goes out
+    once the partition is open again in the same generation. The resend keeps no handle of
+    its own: one kept alive would hold rocksdb's lock on the partition's files."""
     producer = RefusingProducer(refuse={1})
     batched = batched_on_rocksdb(tmp_path, producer)
 
     async def run():
         batched.set("u1", {"items": ["i1"]}, event_on(3))
         [refused] = await batched.flush()
-        batched.table.data._dbs.clear()  # as the rocksdb store's stop does
+        store = batched.table.data
+        opened = store._dbs.pop(3)  # as the rocksdb store's revoke or stop does
+        try:
+            await refused.resend()
+        except LookupError:
+            pass
+        else:
+            raise AssertionError("a resend without the partition's store went out")
+        store._dbs[3] = opened
         await (await refused.resend())
 
     asyncio.run(run())

@@ -223,7 +223,9 @@ def test_closing_stops_the_resends():
         deliveries.futures[0].set_exception(TimeoutError("refused"))
         await settle()
         confirmed.close()
+        confirmed.hold(["b"], [await sent("train", deliveries.send)])
+        deliveries.futures[1].set_exception(TimeoutError("refused after the close"))
         await asyncio.sleep(0.05)
-        assert len(deliveries.futures) == 1 and acked == [] and confirmed.waiting == 1
+        assert len(deliveries.futures) == 2 and acked == [] and confirmed.waiting == 2
 
     asyncio.run(run())

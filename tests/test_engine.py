@@ -114,3 +114,23 @@ def test_training_examples_carry_event_times_only_for_an_encoder_that_reads_them
     timed.learn([with_times.model_copy(update={"history_ts": []})])
     twin.learn([with_times.model_copy(update={"history_ts": [60.0, 60.0]})])
     np.testing.assert_array_equal(twin.learner.item_matrix, timed.learner.item_matrix)
+
+
+def test_a_batch_writes_again_the_history_of_a_user_whose_events_were_all_there(engine):
+    """Redelivered events add nothing, but their user's stored history is written again (its
+    changelog record with it), unless another event of the batch changed it; a user with
+    new events gets the changed history."""
+    from stream_app.app import histories_to_write
+
+    first = [Event(user_id=u, item_id=i, kind="view", ts=1.0, event_id=f"{u}-{i}")
+             for u, i in [("a", "x"), ("b", "y"), ("c", "z")]]
+    stored, _ = engine.ingest_many(first, {})
+    again = [first[0], first[1], Event(user_id="b", item_id="w", kind="view", ts=2.0,
+                                       event_id="b-w")]
+    updated, examples = engine.ingest_many(again, stored)
+    assert examples[0] is None and examples[1] is None and examples[2] is not None
+    written = histories_to_write(again, examples, updated, stored)
+    assert set(written) == {"a", "b"}
+    assert written["a"] == stored["a"]  # written again as it was
+    assert written["b"] == updated["b"] and written["b"].items == ("y", "w")
+    assert histories_to_write(first[2:], [None], {}, stored) == {"c": stored["c"]}
