@@ -15,6 +15,24 @@ from stream_app.processes import Child, EmbeddedBroker, free_port, worker_argv
 from stream_app.settings import Settings
 from stream_app.supervisor import scrape, settings_env
 
+#: lines of each worker's log shown with a failed test's report
+FAILED_LOG_LINES = 60
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report shows the end of the logs of the workers it started (they still
+    run then): a CI run keeps nothing else of a worker's side of a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for path in getattr(item, "worker_logs", []):
+            report.sections.append((f"end of {path.name}", log_tail(path)))
+
+
+def log_tail(path: Path, lines: int = FAILED_LOG_LINES) -> str:
+    text = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return "\n".join(line[:300] for line in text[-lines:])
 
 
 @pytest.fixture(scope="session")
@@ -90,13 +108,16 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def start_worker():
+def start_worker(request):
+    """Start workers, stopped after the test; their logs go with a failed test's report."""
     workers: list[WorkerProcess] = []
+    request.node.worker_logs = []
 
     def start(settings: Settings, argv: list[str] | None = None,
               env: dict[str, str] | None = None) -> WorkerProcess:
         worker = WorkerProcess(settings, argv, env)
         workers.append(worker)
+        request.node.worker_logs.append(worker.log_path)
         return worker.start()
 
     yield start

@@ -12,7 +12,7 @@ from aiokafka.consumer.fetcher import FetchError, Fetcher, FetchResult
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
-from stream_app.fair_fetch import fair_records, install_fair_fetch
+from stream_app.fair_fetch import fair_records, install_active_only_polls, install_fair_fetch
 
 EVENTS_0, EVENTS_1 = TopicPartition("events", 0), TopicPartition("events", 1)
 TRAIN = TopicPartition("train", 0)
@@ -158,6 +158,62 @@ def test_the_app_consumer_polls_fairly_when_installed():
     got = asyncio.run(thread._fetch_records(KafkaConsumer(), {EVENTS_0}, timeout=1.0,
                                             max_records=7))
     assert got == {"stock": 7}
+
+
+def consumer_over(fetcher):
+    """An aiokafka consumer as the consumer thread's poll sees it, over ``fetcher``."""
+    fetcher._closed = False
+    fetcher._subscriptions.fetch_context = _no_context
+
+    class KafkaConsumer:
+        _closed = False
+        _fetcher = fetcher
+
+    return KafkaConsumer()
+
+
+def app_polling(name: str, *, fair: bool) -> faust.App:
+    app = faust.App(name, broker="kafka://127.0.0.1:1", web_enabled=False, autodiscover=False)
+    if fair:
+        install_fair_fetch(app)
+    install_active_only_polls(app)
+    app.consumer._thread.consumer.resume_flow()
+    return app
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_a_poll_made_while_no_partition_is_active_takes_nothing(fair):
+    """Faust pauses the changelog partitions at the end of a recovery before it resumes the
+    others: a poll made then saw an empty set of active partitions, and aiokafka (the fair
+    poll too) took every partition's records for it, which Faust then dropped with their
+    positions moved past them. Now nothing is taken and nothing moves."""
+    fetcher = BufferedFetcher({TRAIN: 12, EVENTS_0: 5})
+    thread = app_polling(f"idle-{fair}", fair=fair).consumer._thread
+    got = asyncio.run(thread._fetch_records(consumer_over(fetcher), set(), timeout=0.0,
+                                            max_records=500))
+    assert got == {}
+    assert set(fetcher._records) == {TRAIN, EVENTS_0}
+    assert all(result._partition_records.next_fetch_offset == 0
+               for result in fetcher._records.values())
+
+
+def test_a_poll_takes_the_partitions_active_when_it_was_made():
+    """aiokafka's own poll waits for records with the set it was given; the event loop's
+    thread went on changing Faust's live set meanwhile (here: emptied it while the poll
+    waited), and the poll then took every partition. It holds a copy now."""
+    live = {EVENTS_0}
+
+    class ChangingFetcher(BufferedFetcher):
+        async def fetched_records(self, partitions, timeout=0, max_records=None):
+            live.clear()  # paused on the event loop while this poll waited
+            return await Fetcher.fetched_records(self, partitions, timeout, max_records)
+
+    fetcher = ChangingFetcher({TRAIN: 12, EVENTS_0: 5})
+    thread = app_polling("changing", fair=False).consumer._thread
+    got = asyncio.run(thread._fetch_records(consumer_over(fetcher), live, timeout=0.0,
+                                            max_records=500))
+    assert got == {EVENTS_0: list(range(5))}
+    assert TRAIN in fetcher._records
 
 
 class _no_context:
