@@ -197,23 +197,52 @@ def test_a_poll_made_while_no_partition_is_active_takes_nothing(fair):
                for result in fetcher._records.values())
 
 
-def test_a_poll_takes_the_partitions_active_when_it_was_made():
-    """aiokafka's own poll waits for records with the set it was given; the event loop's
-    thread went on changing Faust's live set meanwhile (here: emptied it while the poll
-    waited), and the poll then took every partition. It holds a copy now."""
-    live = {EVENTS_0}
+def test_a_partition_paused_while_a_poll_waits_is_not_taken():
+    """aiokafka's own poll waits for records with the set it was given and reads it again at
+    each wake-up; the event loop's thread changes Faust's live set meanwhile. A partition
+    paused then (Faust drops its records) is not taken, one still active is, and the live set
+    emptied is not read as every partition."""
+    live = {EVENTS_0, TRAIN}
 
-    class ChangingFetcher(BufferedFetcher):
+    class PausingFetcher(BufferedFetcher):
         async def fetched_records(self, partitions, timeout=0, max_records=None):
-            live.clear()  # paused on the event loop while this poll waited
+            live.discard(TRAIN)  # paused on the event loop while this poll waited
             return await Fetcher.fetched_records(self, partitions, timeout, max_records)
 
-    fetcher = ChangingFetcher({TRAIN: 12, EVENTS_0: 5})
-    thread = app_polling("changing", fair=False).consumer._thread
+    fetcher = PausingFetcher({TRAIN: 12, EVENTS_0: 5})
+    thread = app_polling("pausing", fair=False).consumer._thread
     got = asyncio.run(thread._fetch_records(consumer_over(fetcher), live, timeout=0.0,
                                             max_records=500))
     assert got == {EVENTS_0: list(range(5))}
     assert TRAIN in fetcher._records
+
+    live.clear()
+    live.add(TRAIN)  # the only partition active as the poll starts, paused once it waits
+    emptied = PausingFetcher({TRAIN: 12, EVENTS_1: 3})
+    got = asyncio.run(thread._fetch_records(consumer_over(emptied), live, timeout=0.0,
+                                            max_records=500))
+    assert got == {}
+    assert set(emptied._records) == {TRAIN, EVENTS_1}
+
+
+def test_the_worker_app_polls_only_active_partitions(tmp_path):
+    """``create_app`` installs the fix around the fair poll and the fetch-wait guard: its
+    consumer's poll takes nothing for an empty set of active partitions."""
+    from stream_app.app import create_app
+    from stream_app.engine import Engine
+    from stream_app.settings import Settings
+    from stream_app.worker import build_metrics
+
+    settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", embedded_compat=True)
+    engine = Engine(settings)
+    app = create_app(settings, engine, build_metrics(engine))
+    thread = app.consumer._thread
+    thread.consumer.resume_flow()
+    fetcher = BufferedFetcher({TRAIN: 12, EVENTS_0: 5})
+    got = asyncio.run(thread._fetch_records(consumer_over(fetcher), set(), timeout=0.0,
+                                            max_records=500))
+    assert got == {}
+    assert set(fetcher._records) == {TRAIN, EVENTS_0}
 
 
 class _no_context:
