@@ -32,7 +32,7 @@ follows puts a position back only where an offset was committed. A worker restar
 training messages not yet committed lost the first fetch of each training partition that way,
 without a word (seen in a worker's log: a poll with no partition active returned 12 and 7
 training records; the crash test of ``tests/test_broker_integration.py`` failed now and then).
-Left as it is: Faust drops too the records of a poll that returns while a rebalance has
+Left as it is: Faust also drops the records of a poll that returns while a rebalance has
 stopped the flow (one that waited across it, taking the new assignment's partitions before
 the recovery paused them), and a partition without a committed offset then starts past them;
 putting those positions back would take a rewrite of Faust's ``getmany``.
@@ -93,12 +93,12 @@ def poll_active_only(consumer: Any) -> None:
 
     async def _fetch_records(self, kafka_consumer, active_partitions, timeout=None,
                              max_records=None):
-        if active_partitions is None:
-            return await inner(kafka_consumer, None, timeout=timeout, max_records=max_records)
-        if not active_partitions:
-            return {}
-        return await inner(kafka_consumer, ActivePartitions(active_partitions),
-                           timeout=timeout, max_records=max_records)
+        if active_partitions is not None:
+            if not active_partitions:
+                return {}
+            active_partitions = ActivePartitions(active_partitions)
+        return await inner(kafka_consumer, active_partitions, timeout=timeout,
+                           max_records=max_records)
 
     thread._fetch_records = types.MethodType(_fetch_records, thread)
 

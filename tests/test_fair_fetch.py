@@ -136,14 +136,9 @@ def test_the_app_consumer_polls_fairly_when_installed():
     assert thread._fetch_records.__func__ is not type(thread)._fetch_records
     assert other.consumer._thread._fetch_records.__func__ is type(thread)._fetch_records
 
-    class KafkaConsumer:
-        _closed = False
-        _fetcher = BufferedFetcher({EVENTS_0: 3000, TRAIN: 5})
-        _fetcher._closed = False
-        _fetcher._subscriptions.fetch_context = _no_context
-
+    consumer = consumer_over(BufferedFetcher({EVENTS_0: 3000, TRAIN: 5}))
     thread.consumer.resume_flow()
-    got = asyncio.run(thread._fetch_records(KafkaConsumer(), {EVENTS_0, TRAIN}, timeout=1.0,
+    got = asyncio.run(thread._fetch_records(consumer, {EVENTS_0, TRAIN}, timeout=1.0,
                                             max_records=100))
     assert len(got[TRAIN]) == 5 and len(got[EVENTS_0]) == 95
 
@@ -153,9 +148,9 @@ def test_the_app_consumer_polls_fairly_when_installed():
         async def fetched_records(self, partitions, timeout=0, max_records=None):
             return {"stock": max_records}
 
-    OtherFetcher._subscriptions = KafkaConsumer._fetcher._subscriptions
-    KafkaConsumer._fetcher = OtherFetcher()
-    got = asyncio.run(thread._fetch_records(KafkaConsumer(), {EVENTS_0}, timeout=1.0,
+    OtherFetcher._subscriptions = consumer._fetcher._subscriptions
+    consumer._fetcher = OtherFetcher()
+    got = asyncio.run(thread._fetch_records(consumer, {EVENTS_0}, timeout=1.0,
                                             max_records=7))
     assert got == {"stock": 7}
 
