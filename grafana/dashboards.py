@@ -144,11 +144,14 @@ def overview() -> dict:
                                  target("streamrec_train_uncommitted_messages",
                                         "uncommitted {{instance}}", "B"),
                                  target("streamrec_train_redelivered_messages",
-                                        "skipped again {{instance}}", "C")],
+                                        "skipped again {{instance}}", "C"),
+                                 target("streamrec_train_repeated_examples",
+                                        "examples made again {{instance}}", "D")],
               "Seconds since model state was last written to the data dir; training messages "
               "waiting for a checkpoint (or a publish of their rows) before they are "
               "committed; messages skipped since the worker started because the model held "
-              "them (delivered again after a crash or a rebalance)."),
+              "them (delivered again after a crash or a rebalance); examples skipped because "
+              "the model had learned their events (made again for events read again)."),
          stat("All-pairs weight α0", [target("streamrec_alpha0", "{{instance}}")],
               "Weight of each (user, item) pair in the all-pairs term now; with "
               "STREAMREC_ALPHA0_RELATIVE it follows the density of the positives.")],

@@ -16,6 +16,9 @@ class History:
     ts: tuple[float, ...] = ()
     event_ids: tuple[str, ...] = field(default=())  # "" where the event had no id
     phi_b64: str = ""  # the user's vector after the last event (float32, base64); "" = none
+    # (partition, offset) in the events topic of the last event taken in, where known: a
+    # message of the user at or below it was taken in already (read again after a crash)
+    at: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -27,9 +30,16 @@ class History:
         """True if an event with this id is already in the window (a redelivery)."""
         return bool(event_id) and event_id in self.event_ids
 
+    def read_before(self, at: tuple[int, int] | None) -> bool:
+        """True if the message at ``at`` (partition, offset) was taken into this history
+        already: a user's messages are taken in the order of its partition."""
+        return at is not None and self.at is not None and at[0] == self.at[0] \
+            and at[1] <= self.at[1]
+
     def appended(self, item_id: str, kind: str, ts: float, event_id: str | None,
-                 limit: int) -> History:
-        """A new history with the event added and only the last ``limit`` events kept.
+                 limit: int, at: tuple[int, int] | None = None) -> History:
+        """A new history with the event (from ``at`` in the events topic, where known)
+        added and only the last ``limit`` events kept.
 
         Events are kept in arrival order; out-of-order timestamps are kept as they came,
         because arrival order is what the stream learns from.
@@ -41,21 +51,26 @@ class History:
             ts=(self.ts + (float(ts),))[keep],
             event_ids=(self.event_ids + (event_id or "",))[keep],
             phi_b64=self.phi_b64,
+            at=self.at if at is None else at,
         )
 
     def with_phi(self, phi_b64: str) -> History:
         # the constructor, not dataclasses.replace, which took twice as long: the ingest agent
         # calls this for every user of every batch
-        return History(self.items, self.kinds, self.ts, self.event_ids, phi_b64)
+        return History(self.items, self.kinds, self.ts, self.event_ids, phi_b64, self.at)
 
     def to_json(self) -> dict:
-        return {"items": list(self.items), "kinds": list(self.kinds), "ts": list(self.ts),
-                "ids": list(self.event_ids), "phi": self.phi_b64}
+        stored = {"items": list(self.items), "kinds": list(self.kinds), "ts": list(self.ts),
+                  "ids": list(self.event_ids), "phi": self.phi_b64}
+        if self.at is not None:
+            stored["at"] = list(self.at)
+        return stored
 
     @classmethod
     def from_json(cls, value: dict | None) -> History:
         if not value:
             return cls()
+        at = value.get("at")
         return cls(items=tuple(value["items"]), kinds=tuple(value["kinds"]),
                    ts=tuple(value["ts"]), event_ids=tuple(value.get("ids", ())),
-                   phi_b64=value.get("phi", ""))
+                   phi_b64=value.get("phi", ""), at=None if at is None else tuple(at))

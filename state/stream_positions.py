@@ -14,6 +14,10 @@ Positions belong to one topic: a checkpoint made on another training topic name 
 none. A training topic deleted and made again restarts its offsets at 0, below every saved
 position: its messages are then skipped (and counted) until they pass them; remove the
 checkpoint's model file, or keep the topic, when that happens.
+
+:class:`EventPositions` does the same one step earlier, for the events behind the training
+examples: an example made again for an event read again after a crash is learned only if the
+model does not hold it (the same caveats hold for the events topic).
 """
 
 from __future__ import annotations
@@ -62,3 +66,69 @@ class StreamPositions:
             return
         self._next = {int(p): int(n) for p, n in zip(data[f"{PREFIX}partitions"],
                                                      data[f"{PREFIX}next"])}
+
+
+EVENTS_PREFIX = "events_"
+
+
+class EventPositions:
+    """Next event offset to learn, per training partition and partition of the events
+    ``topic``: each training example carries where its event is in the events topic, and the
+    learner takes it once.
+
+    Why: the ingest stores a user's history before the batch's training messages reach the
+    broker. A worker that dies between the two reads the events again at its restart and finds
+    them in the history (by their ``event_id``): their examples must be made again, from the
+    history, or they are never learned; but those whose messages did reach the broker are
+    learned already. Made again for every event read again, the examples are told apart here.
+
+    Why per training partition: one worker ingests an events partition at a time, in order, and
+    its producer delivers the messages of one training partition in the order sent, so in each
+    (training partition, events partition) stream the offsets rise, and an example at an offset
+    below its stream's position is one learned already (also after a rebalance: the next owner
+    of an events partition sends again from the committed offset what the last owner may have
+    sent). Across training partitions the offsets interleave in any order. An example without
+    a place (a resend of a failed message, whose later ones may have been delivered first; an
+    older message) is always learned.
+    """
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self._next: dict[tuple[int, int], int] = {}
+
+    def admit(self, partitions: Sequence[int | None],
+              sources: Sequence[tuple[int, int] | None]) -> list[bool]:
+        """For each example (in the order taken): whether it is new. ``partitions``: the
+        training partition of each example's message; ``sources``: the (partition, offset) of
+        its event; an example lacking either is new."""
+        fresh = []
+        for partition, source in zip(partitions, sources):
+            if partition is None or source is None:
+                fresh.append(True)
+                continue
+            stream, offset = (partition, source[0]), source[1]
+            new = offset >= self._next.get(stream, 0)
+            if new:
+                self._next[stream] = offset + 1
+            fresh.append(new)
+        return fresh
+
+    def next_offsets(self) -> dict[tuple[int, int], int]:
+        return dict(self._next)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        streams = sorted(self._next)
+        return {f"{EVENTS_PREFIX}topic": np.array(self.topic),
+                f"{EVENTS_PREFIX}streams": np.array(streams, dtype=np.int64).reshape(-1, 2),
+                f"{EVENTS_PREFIX}next": np.array([self._next[s] for s in streams],
+                                                 dtype=np.int64)}
+
+    def set_arrays(self, data: dict[str, np.ndarray]) -> None:
+        """The positions saved in ``data``; none where it has none or where they were taken
+        on another events topic."""
+        self._next = {}
+        if f"{EVENTS_PREFIX}topic" not in data or str(data[f"{EVENTS_PREFIX}topic"]) != self.topic:
+            return
+        self._next = {(int(t), int(e)): int(n) for (t, e), n in
+                      zip(data[f"{EVENTS_PREFIX}streams"].tolist(),
+                          data[f"{EVENTS_PREFIX}next"].tolist())}

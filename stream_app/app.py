@@ -73,25 +73,27 @@ def training_messages(examples: list[TrainExample], partitions: int, compression
     """(train-topic partition, message value) for a batch's examples: one message per item
     partition (and per ``TRAIN_MESSAGE_BYTES``), the partition chosen by a stable hash of the
     item id so each item is always learned by the same owner; each message says how many
-    users the ingesting worker holds (``users``), as of its examples."""
+    users the ingesting worker holds (``users``), as of its examples, and which partition it
+    is for. The examples keep their order, which their events' offsets follow."""
     by_partition: dict[int, list[bytes]] = {}
     for example in examples:
         partition = item_partition(example.item_id, partitions)
         by_partition.setdefault(partition, []).append(example.to_bytes())
     for partition, parts in by_partition.items():
         for chunk in _chunks_by_size(parts, TRAIN_MESSAGE_BYTES):
-            yield partition, TrainBatch.encode_parts(chunk, compression_level, users)
+            yield partition, TrainBatch.encode_parts(chunk, compression_level, users, partition)
 
 
-def histories_to_write(events: list[Event], examples: list[TrainExample | None],
+def histories_to_write(events: list[Event], repeated: list[bool],
                        updated: dict[str, History],
                        stored: dict[str, History]) -> dict[str, History]:
     """The histories a batch writes: those its events changed, and the stored history of a
-    user whose events were all found there already (redelivered). Written again, that
-    history's changelog record is sent again: its first one may not have reached the broker
-    before the events were read again (a crash, or a rebalance that gave up its resend,
-    ``stream_app/confirmed_acks.py``), and no later event of the user may come to write it."""
-    again = {event.user_id for event, example in zip(events, examples) if example is None}
+    user whose events were all found there already (``repeated``: redelivered). Written
+    again, that history's changelog record is sent again: its first one may not have reached
+    the broker before the events were read again (a crash, or a rebalance that gave up its
+    resend, ``stream_app/confirmed_acks.py``), and no later event of the user may come to
+    write it."""
+    again = {event.user_id for event, seen in zip(events, repeated) if seen}
     return {**{user: stored[user] for user in again - updated.keys() if user in stored},
             **updated}
 
@@ -207,12 +209,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                 for user, message in last_message.items()}  # what the table's writes read
         stored = {user: History.from_json(value)
                   for user, value in history_table.get_many(last).items()}
-        updated, examples = engine.ingest_many([event for _, event in taken], stored)
-        written = histories_to_write([event for _, event in taken], examples, updated, stored)
+        events = [event for _, event in taken]
+        updated, examples, repeated = engine.ingest_many(
+            events, stored, [(message.partition, message.offset) for message, _ in taken])
+        written = histories_to_write(events, repeated, updated, stored)
         history_table.set_many((user, history.to_json(), last[user])
                                for user, history in written.items())
-        outcomes = Counter((event.kind, "duplicate" if example is None else "accepted")
-                           for (_, event), example in zip(taken, examples))
+        outcomes = Counter((event.kind, "duplicate" if seen else "accepted")
+                           for event, seen in zip(events, repeated))
         for (kind, outcome), count in outcomes.items():
             metrics.events.labels(kind, outcome).inc(count)
         return [example for example in examples if example is not None]
@@ -244,12 +248,22 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     async def send_training(examples: list[TrainExample], records: list[Sent]) -> None:
         """The batch's :func:`training_messages`, each to its item partition (added to
-        ``records``)."""
+        ``records``). A resend (its delivery failed) goes without the examples' event
+        offsets: later messages of the partition may have been delivered before it, and the
+        learner would take its examples for ones it has learned
+        (``state.stream_positions.EventPositions``)."""
         for partition, value in training_messages(examples, settings.partitions,
                                                   settings.train_compression_level,
                                                   engine.users):
-            records.append(await sent("train", functools.partial(
-                train.send, key=str(partition).encode(), partition=partition, value=value)))
+            send = functools.partial(train.send, key=str(partition).encode(),
+                                     partition=partition)
+            record = await sent("train", functools.partial(send, value=value))
+            record.resend = functools.partial(resend_training, send, value)
+            records.append(record)
+
+    async def resend_training(send, value: bytes) -> asyncio.Future:
+        return await send(value=TrainBatch.without_sources(
+            value, settings.train_compression_level))
 
     async def ingest_batch(batch: list[Message], records: list[Sent]) -> None:
         """Validate a batch of event messages; invalid ones go to the DLQ with a reason,

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from river import stats
@@ -31,11 +32,11 @@ from models.serving_choice import (ServingCandidate, ndcg_of_ranks, pool_positio
 from state.gramian import load_npz, save_npz
 from state.history import History
 from state.popularity import DecayedPopularity
-from state.stream_positions import StreamPositions
+from state.stream_positions import EventPositions, StreamPositions
 
 from .settings import Settings
-from .wire import (SOURCES, Event, InvalidMessage, RecItem, RecRequest, RecResponse, TrainBatch,
-                   TrainExample)
+from .wire import (SOURCES, DecodedTraining, Event, InvalidMessage, RecItem, RecRequest,
+                   RecResponse, TrainBatch, TrainExample)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,16 @@ class _Histories:
                           None if self.ts is None else self.ts[known], [])
 
 
+class Ingested(NamedTuple):
+    """What :meth:`Engine.ingest_many` made of a batch of events."""
+
+    updated: dict[str, History]  # the new history of every user whose history changed
+    # one training example per event; for an event its history holds already, the example
+    # made again where the history took in its message before (a redelivery), else None
+    examples: list[TrainExample | None]
+    repeated: list[bool]  # per event: its history holds it already (nothing changes there)
+
+
 @dataclass(frozen=True)
 class LearnedReport:
     """What one learning call changed, for an engine that follows a learner elsewhere
@@ -104,6 +115,7 @@ class LearnedReport:
     # (rows, summed steps) the input offsets took here since the last report, with share_items
     input_steps: tuple[np.ndarray, np.ndarray] | None = None
     redelivered: int = 0  # training messages skipped: the model held them already
+    repeated_examples: int = 0  # examples skipped: made again for events the model learned
     # every input offset moved so far is in this report or an earlier one: a follower then
     # holds all the learning of the batches reported (what a publish of its rows may commit)
     complete: bool = False
@@ -172,6 +184,9 @@ class Engine:
         # the training topic's offsets the model holds, saved with it (a replica's stay empty)
         self.positions = StreamPositions(settings.train_topic)
         self.redelivered = 0  # training messages skipped: the model held them already
+        # the events topic's offsets whose examples the model holds, saved with it
+        self.event_positions = EventPositions(settings.topic_events)
+        self.repeated_examples = 0  # examples skipped: made again for events it learned
         self.checkpointed_at = time.time()
         # How requests are answered: the settings' pair, then the best measured on the
         # stream (models/serving_choice.py); a replica takes the learner's from its reports.
@@ -276,11 +291,18 @@ class Engine:
                                   offsets=self.learner.offsets)
 
     # -- events ---------------------------------------------------------------------------
-    def ingest_many(self, events: Sequence[Event], histories: Mapping[str, History]
-                    ) -> tuple[dict[str, History], list[TrainExample | None]]:
+    def ingest_many(self, events: Sequence[Event], histories: Mapping[str, History],
+                    sources: Sequence[tuple[int, int]] | None = None) -> Ingested:
         """:meth:`ingest` of a batch of valid events in stream order, against the users' stored
-        histories (a user missing from ``histories`` has none): the new history of every user
-        whose history changed, and one training example per event (None for a redelivery).
+        histories (a user missing from ``histories`` has none).
+
+        ``sources``: each event's (partition, offset) in the events topic, carried by its
+        training example and kept by the history as where it stands. With them, an event that
+        its history holds already (its ``event_id``) and whose message the history has taken
+        in (a redelivery, not a client's duplicate) gets its example made again, from the
+        history as it stood before the event: the worker that read it first may have died
+        before its training message reached the broker, and the learner takes an example at
+        most once by its source (``state.stream_positions.EventPositions``).
 
         Equal to calling :meth:`ingest` event by event (tested), but each user's vector is
         encoded once, after the user's last event of the batch, and all of them in one
@@ -289,19 +311,23 @@ class Engine:
         batch's events are counted in the popularity at once."""
         current: dict[str, tuple[History, list[float]]] = {}
         examples: list[TrainExample | None] = []
-        for event in events:
+        repeated: list[bool] = []
+        for n, event in enumerate(events):
             taken = current.get(event.user_id)
             if taken is None:
                 history = histories.get(event.user_id) or History()
                 taken = (history, self._kind_weight_list(history.kinds))
-            step = self._append(event, *taken)
+            source = None if sources is None else sources[n]
+            step = self._append(event, *taken, source)
+            repeated.append(step is None)
             if step is None:
-                examples.append(None)
+                read_before = taken[0].read_before(source)  # not a client's duplicate
+                examples.append(self._remade(event, *taken, source) if read_before else None)
                 continue
             history, weights, example = step
             current[event.user_id] = (history, weights)
             examples.append(example)
-        counted = [example for example in examples if example is not None]
+        counted = [example for example, again in zip(examples, repeated) if not again]
         self.popularity.add_many([example.item_id for example in counted],
                                  [example.ts for example in counted],
                                  [example.alpha for example in counted])
@@ -310,9 +336,10 @@ class Engine:
                                  [history.ts for history, _ in current.values()])
         updated = {user: history.with_phi(encode_phi(phi))
                    for (user, (history, _)), phi in zip(current.items(), phis)}
-        return updated, examples
+        return Ingested(updated, examples, repeated)
 
-    def _append(self, event: Event, history: History, weights: list[float]
+    def _append(self, event: Event, history: History, weights: list[float],
+                source: tuple[int, int] | None = None
                 ) -> tuple[History, list[float], TrainExample] | None:
         """The event appended to a history whose events weigh ``weights``: the new history
         (its stored user vector not refreshed), its weights and the training example; None
@@ -323,12 +350,28 @@ class Engine:
             self.users += 1
         weight = self._weight_of_kind[event.kind]
         limit = self.settings.history_length
-        updated = history.appended(event.item_id, event.kind, event.ts, event.event_id, limit)
-        example = TrainExample.trusted(
-            user_id=event.user_id, item_id=event.item_id, alpha=weight, ts=float(event.ts),
-            history=list(history.items), weights=weights,
-            history_ts=list(history.ts) if self.uses_event_times else [])
+        updated = history.appended(event.item_id, event.kind, event.ts, event.event_id, limit,
+                                   source)
+        example = self._example(event, weight, history.items, weights, history.ts, source)
         return updated, (weights + [weight])[-limit:], example
+
+    def _example(self, event: Event, weight: float, items: Sequence[str], weights: list[float],
+                 ts: Sequence[float], source: tuple[int, int] | None) -> TrainExample:
+        """The training example of ``event`` (of confidence ``weight``) after a history of
+        ``items`` (weighing ``weights``, at times ``ts``)."""
+        return TrainExample.trusted(
+            user_id=event.user_id, item_id=event.item_id, alpha=weight, ts=float(event.ts),
+            history=list(items), weights=weights,
+            history_ts=list(ts) if self.uses_event_times else [], source=source)
+
+    def _remade(self, event: Event, history: History, weights: list[float],
+                source: tuple[int, int]) -> TrainExample:
+        """The example of an event that ``history`` holds already, made again from the
+        events before its last occurrence there: the example it had, unless events have left
+        the window since (then its history is shorter)."""
+        place = len(history.event_ids) - 1 - history.event_ids[::-1].index(event.event_id)
+        return self._example(event, self._weight_of_kind[event.kind], history.items[:place],
+                             weights[:place], history.ts[:place], source)
 
     def ingest(self, event: Event, history: History) -> tuple[History, TrainExample] | None:
         """Take one valid event: the new history (with the refreshed user vector) and the
@@ -595,12 +638,29 @@ class Engine:
             if skipped:
                 log.info("skipped %d training messages the model already holds", skipped)
                 values = [value for value, new in zip(values, fresh) if new]
-        examples, users, bad = TrainBatch.decode_many(values)
-        if bad:
-            log.warning("skipped %d undecodable training messages", bad)
+        decoded = TrainBatch.decode_many(values)
+        if decoded.bad:
+            log.warning("skipped %d undecodable training messages", decoded.bad)
+        examples, users, repeated = self._new_examples(decoded)
         report = self.learn_reported(examples, step, caught_up=caught_up, users=users)
         self.redelivered += skipped
-        return replace(report, redelivered=skipped) if skipped else report
+        self.repeated_examples += repeated
+        return replace(report, redelivered=skipped, repeated_examples=repeated) \
+            if skipped or repeated else report
+
+    def _new_examples(self, decoded: DecodedTraining
+                      ) -> tuple[list[TrainExample], list[int | None], int]:
+        """The examples (and their messages' user counts) whose events the model has not
+        learned, and how many it has (examples made again after a crash)."""
+        fresh = self.event_positions.admit(decoded.partitions,
+                                           [example.source for example in decoded.examples])
+        repeated = len(fresh) - sum(fresh)
+        if not repeated:
+            return decoded.examples, decoded.users, 0
+        log.info("skipped %d training examples of events the model has learned", repeated)
+        kept = [n for n, new in enumerate(fresh) if new]
+        return ([decoded.examples[n] for n in kept], [decoded.users[n] for n in kept],
+                repeated)
 
     def follow(self, report: LearnedReport) -> None:
         """Take in what a learner elsewhere learned (this engine's learner is its replica):
@@ -623,6 +683,7 @@ class Engine:
             self.reported_dr_stats = report.dr_stats
         self.learned += report.examples
         self.redelivered += report.redelivered
+        self.repeated_examples += report.repeated_examples
         self.serving_choice.restore(report.serving)
 
     def dr_stats(self) -> dict:
@@ -802,11 +863,16 @@ class Engine:
         self.popularity.save(self.checkpoint_dir / "popularity.npz")
         if model:
             self.learner.save(self.checkpoint_dir / "model.npz",
-                              also=self.positions.to_arrays())
+                              also={**self.positions.to_arrays(),
+                                    **self.event_positions.to_arrays()})
             save_npz(self.checkpoint_dir / "serving.npz", self.serving_choice.state())
             if self.paths is not None:
                 self.paths.save(self.checkpoint_dir / "dr")
             self.checkpointed_at = time.time()
+
+    def _restore_positions(self, data: dict[str, np.ndarray]) -> None:
+        self.positions.set_arrays(data)
+        self.event_positions.set_arrays(data)
 
     def model_saved_at(self) -> float:
         """When the item model's checkpoint in the data dir was written (epoch seconds; 0.0
@@ -864,7 +930,7 @@ class Engine:
         replica takes the item rows only)."""
         found = self.popularity.load(self.checkpoint_dir / "popularity.npz")
         found = self.learner.load(self.checkpoint_dir / "model.npz",
-                                  restore=self.positions.set_arrays) or found
+                                  restore=self._restore_positions) or found
         self._load_serving(self.checkpoint_dir / "serving.npz")
         if self.paths is not None:
             found = self.paths.load(self.checkpoint_dir / "dr") or found

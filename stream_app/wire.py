@@ -129,6 +129,10 @@ class TrainExample(_Wire):
     default: its decay counts events, not seconds), which halves the message; a learner whose
     encoder does read them takes an example without them as if every event were as recent as
     the example's own ``ts`` (no decay by time for that example).
+
+    ``source``: the event's (partition, offset) in the events topic, by which the learner
+    learns an example made again (after a crash) only once (``state.stream_positions``); None
+    for an example with no such place, learned whenever it comes.
     """
 
     user_id: str
@@ -138,6 +142,8 @@ class TrainExample(_Wire):
     history: list[str] = Field(default_factory=list)
     weights: list[float] = Field(default_factory=list)
     history_ts: list[float] = Field(default_factory=list)
+    source: tuple[Annotated[StrictInt, Field(ge=0)], Annotated[StrictInt, Field(ge=0)]] | None \
+        = None
 
     def to_bytes(self) -> bytes:
         """The same JSON as the pydantic dump (no field is optional), written by orjson from
@@ -147,13 +153,15 @@ class TrainExample(_Wire):
 
     @classmethod
     def trusted(cls, user_id: str, item_id: str, alpha: float, ts: float, history: list[str],
-                weights: list[float], history_ts: list[float]) -> TrainExample:
+                weights: list[float], history_ts: list[float],
+                source: tuple[int, int] | None = None) -> TrainExample:
         """An example of fields that are valid already (a validated event, a stored history),
         built without validation: what ``model_construct`` builds (tested), in a third of its
         time, which spent most of it looking for defaults of fields that are all given. The
         ingest agent builds one per event; the learn agent validates what it reads anyway."""
         fields = {"user_id": user_id, "item_id": item_id, "alpha": alpha, "ts": ts,
-                  "history": history, "weights": weights, "history_ts": history_ts}
+                  "history": history, "weights": weights, "history_ts": history_ts,
+                  "source": source}
         example = cls.__new__(cls)
         set_attribute = object.__setattr__  # the model is frozen
         set_attribute(example, "__dict__", {"v": WIRE_VERSION, **fields})
@@ -189,10 +197,14 @@ class TrainBatch(_Wire):
     runs behind ingest, by minutes in a backlog; told the count of the moment it learns, it
     weighed every example of the backlog against the users of its end (a tenth of NDCG@10 on
     Toys, docs/results.md). None in older messages: the learner's count stands.
+
+    ``partition``: the training partition the ingest sent it to, where the examples' event
+    offsets rise (``state.stream_positions.EventPositions``); None in older messages.
     """
 
     examples: list[TrainExample]
     users: int | None = Field(None, ge=0)
+    partition: int | None = Field(None, ge=0)
 
     #: largest decompressed message accepted (a worker writes at most 512 KiB of examples)
     MAX_DECOMPRESSED: ClassVar[int] = 8 * 1024 * 1024
@@ -201,24 +213,23 @@ class TrainBatch(_Wire):
     def examples_of(cls, values) -> tuple[list[TrainExample], int]:
         """The examples of several messages, and how many messages did not decode (skipped:
         only this worker's own ingest writes them, so one that fails is damage, not data)."""
-        examples, _, bad = cls.decode_many(values)
-        return examples, bad
+        decoded = cls.decode_many(values)
+        return decoded.examples, decoded.bad
 
     @classmethod
-    def decode_many(cls, values) -> tuple[list[TrainExample], list[int | None], int]:
-        """:meth:`examples_of`, with each example's message's ``users``."""
-        examples: list[TrainExample] = []
-        users: list[int | None] = []
-        bad = 0
+    def decode_many(cls, values) -> DecodedTraining:
+        """:meth:`examples_of`, with each example's message's ``users`` and ``partition``."""
+        decoded = DecodedTraining([], [], [], 0)
         for value in values:
             try:
                 batch = cls.model_validate_json(cls.plain(value))
             except ValueError:
-                bad += 1
+                decoded.bad += 1
                 continue
-            examples.extend(batch.examples)
-            users.extend([batch.users] * len(batch.examples))
-        return examples, users, bad
+            decoded.examples.extend(batch.examples)
+            decoded.users.extend([batch.users] * len(batch.examples))
+            decoded.partitions.extend([batch.partition] * len(batch.examples))
+        return decoded
 
     @classmethod
     def plain(cls, value: bytes) -> bytes:
@@ -237,12 +248,34 @@ class TrainBatch(_Wire):
 
     @staticmethod
     def encode_parts(parts: list[bytes], compression_level: int = 0,
-                     users: int | None = None) -> bytes:
+                     users: int | None = None, partition: int | None = None) -> bytes:
         """The message for already serialized examples (each serialized once, when it is
         measured for the size limit), zlib-compressed at ``compression_level`` (0: plain)."""
-        head = b'{"v":1,' + (b'"users":%d,' % users if users is not None else b"")
+        head = b'{"v":1,' + (b'"users":%d,' % users if users is not None else b"") \
+            + (b'"partition":%d,' % partition if partition is not None else b"")
         data = head + b'"examples":[' + b",".join(parts) + b"]}"
         return zlib.compress(data, compression_level) if compression_level else data
+
+    @classmethod
+    def without_sources(cls, value: bytes, compression_level: int = 0) -> bytes:
+        """The message again with its examples' ``source`` taken out, so that the learner
+        learns them whenever they come: for a resend of a message whose delivery failed, which
+        can land after later messages of its partition (``state.stream_positions``)."""
+        batch = cls.model_validate_json(cls.plain(value))
+        parts = [orjson.dumps({**example.__dict__, "source": None})
+                 for example in batch.examples]
+        return cls.encode_parts(parts, compression_level, batch.users, batch.partition)
+
+
+@dataclass
+class DecodedTraining:
+    """Training messages decoded (:meth:`TrainBatch.decode_many`): their examples, for each
+    example its message's ``users`` and ``partition``, and how many messages did not decode."""
+
+    examples: list[TrainExample]
+    users: list[int | None]
+    partitions: list[int | None]
+    bad: int
 
 
 #: most original bytes a dead letter carries: base64 makes them 4/3 as many, and a letter

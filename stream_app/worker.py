@@ -48,6 +48,10 @@ def build_metrics(engine: Engine) -> Metrics:
                   "Training messages skipped since the worker started: the model held them "
                   "already (delivered again after a crash or a rebalance).",
                   lambda: engine.redelivered)
+    metrics.gauge("streamrec_train_repeated_examples",
+                  "Training examples skipped since the worker started: made again for events "
+                  "read again after a crash, whose examples the model had learned.",
+                  lambda: engine.repeated_examples)
     serving_gauges = {
         "ndcg": ("Weighted NDCG@k (STREAMREC_SERVE_TUNING_K) of the serving pick on training "
                  "examples ranked before they were learned (prequential).",

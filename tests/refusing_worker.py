@@ -1,12 +1,15 @@
 """A streamrec worker whose producer has its first deliveries to some topics refused, as by a
-broker that refuses a record: the records are not sent and their deliveries fail. For the
-broker tests of ``stream_app/confirmed_acks.py``; nothing else in the worker changes.
+broker that refuses a record: the records are not sent and their deliveries fail; or one that
+dies, as if killed, when it is about to send a record. For the broker tests of
+``stream_app/confirmed_acks.py`` and of what a crash loses; nothing else in the worker changes.
 
     REFUSE_DELIVERIES="-changelog:1,train-:6s" python tests/refusing_worker.py
+    DIE_AT_SEND="train-:3" python tests/refusing_worker.py
 
-Each entry of the comma-separated list: a part of a topic's name and how many deliveries to
-such a topic fail, in the order they are sent, or (``6s``) for how many seconds from the first
-delivery to it every delivery to it fails.
+Each entry of the comma-separated list of ``REFUSE_DELIVERIES``: a part of a topic's name and
+how many deliveries to such a topic fail, in the order they are sent, or (``6s``) for how many
+seconds from the first delivery to it every delivery to it fails. ``DIE_AT_SEND``: a part of
+a topic's name and which send to such a topic the process exits at (status 9), before it.
 """
 
 from __future__ import annotations
@@ -63,7 +66,37 @@ def refuse(spec: str) -> None:
     AIOKafkaProducer.send_batch = send_batch_refusing
 
 
+def die_at(spec: str) -> None:
+    """Patch this process's aiokafka producer to exit at once at the send ``spec`` names:
+    nothing is flushed, as when the process is killed."""
+    part, count = spec.rsplit(":", 1)
+    left = int(count)
+
+    def dying(topic: str) -> None:
+        nonlocal left
+        if part in topic:
+            left -= 1
+            if left == 0:
+                print(f"dying at a send to {topic}", file=sys.stderr, flush=True)
+                os._exit(9)
+
+    send, send_batch = AIOKafkaProducer.send, AIOKafkaProducer.send_batch
+
+    async def send_or_die(self, topic, *args, **kwargs):
+        dying(topic)
+        return await send(self, topic, *args, **kwargs)
+
+    async def send_batch_or_die(self, batch, topic, *, partition):
+        dying(topic)
+        return await send_batch(self, batch, topic, partition=partition)
+
+    AIOKafkaProducer.send = send_or_die
+    AIOKafkaProducer.send_batch = send_batch_or_die
+
+
 if __name__ == "__main__":  # not in the learner process, which imports this file to start
-    refuse(os.environ["REFUSE_DELIVERIES"])
+    refuse(os.environ.get("REFUSE_DELIVERIES", ""))
+    if "DIE_AT_SEND" in os.environ:
+        die_at(os.environ["DIE_AT_SEND"])
     sys.argv = ["stream_app", "worker"]
     runpy.run_module("stream_app", run_name="__main__")

@@ -466,6 +466,40 @@ def listing(answer: RecResponse) -> str:
     return f"model {answer.model_version} index {answer.index_version}: {items}"
 
 
+def test_a_worker_that_dies_before_its_training_messages_loses_no_event(settings,
+                                                                        start_worker):
+    """A worker dies (as if killed) at its third training message: its second batch's
+    histories are stored, on disk and maybe on the changelog, and its training messages are
+    not sent. The restarted worker reads the uncommitted events again, finds them in the
+    histories, and makes their examples again; the model learns every event once. Before the
+    examples were made again from the histories, the second batch's events were never
+    learned."""
+    from models.learner import ItemLearner
+    from stream_app.processes import group_alive
+
+    from .test_engine_model import planted_stream
+
+    crashy = settings.replace(checkpoint_interval_s=3600.0)
+    stream = planted_stream()
+    dying = [sys.executable, str(Path(__file__).parent / "refusing_worker.py")]
+    worker = start_worker(crashy, dying, {"DIE_AT_SEND": "train-:3"})
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    assert worker.child.process.wait(60) == 9
+    wait_until(lambda: not group_alive(worker.child.process.pid), 60)  # its learner saved
+    model = crashy.data_dir / "checkpoints" / "model.npz"
+    before = ItemLearner(crashy.learner_config())
+    learned_before = before.events if before.load(model) else 0
+    again = start_worker(crashy)
+    wait_until(lambda: metric(again, "streamrec_learned_events_total")
+               == len(stream) - learned_before, 120)
+    time.sleep(1.0)  # anything learned twice would have come by now
+    assert metric(again, "streamrec_learned_events_total") == len(stream) - learned_before
+    assert again.stop() == 0
+    saved = ItemLearner(crashy.learner_config())
+    assert saved.load(model)
+    assert saved.events == len(stream)
+
+
 def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings, start_worker):
     from .test_engine_model import planted_stream
 

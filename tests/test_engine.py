@@ -124,13 +124,36 @@ def test_a_batch_writes_again_the_history_of_a_user_whose_events_were_all_there(
 
     first = [Event(user_id=u, item_id=i, kind="view", ts=1.0, event_id=f"{u}-{i}")
              for u, i in [("a", "x"), ("b", "y"), ("c", "z")]]
-    stored, _ = engine.ingest_many(first, {})
+    stored = engine.ingest_many(first, {}).updated
     again = [first[0], first[1], Event(user_id="b", item_id="w", kind="view", ts=2.0,
                                        event_id="b-w")]
-    updated, examples = engine.ingest_many(again, stored)
+    updated, examples, repeated = engine.ingest_many(again, stored)
+    assert repeated == [True, True, False]
     assert examples[0] is None and examples[1] is None and examples[2] is not None
-    written = histories_to_write(again, examples, updated, stored)
+    written = histories_to_write(again, repeated, updated, stored)
     assert set(written) == {"a", "b"}
     assert written["a"] == stored["a"]  # written again as it was
     assert written["b"] == updated["b"] and written["b"].items == ("y", "w")
-    assert histories_to_write(first[2:], [None], {}, stored) == {"c": stored["c"]}
+    assert histories_to_write(first[2:], [True], {}, stored) == {"c": stored["c"]}
+
+
+def test_an_event_read_again_gets_its_example_again_and_a_clients_duplicate_none(engine):
+    """With the events' offsets, an event its history holds whose message the history took in
+    already (read again after a crash) gets the example it had, its place and all; the same
+    event sent again by a client (a later offset), or held by a history stored without
+    offsets, gets none. The history keeps where it stands through its JSON."""
+    first = [Event(user_id="a", item_id=i, kind=k, ts=float(n), event_id=f"a{n}")
+             for n, (i, k) in enumerate([("x", "view"), ("y", "sale"), ("z", "view")])]
+    stored, examples, _ = engine.ingest_many(first, {}, [(1, 10), (1, 11), (1, 12)])
+    assert [example.source for example in examples] == [(1, 10), (1, 11), (1, 12)]
+    assert History.from_json(stored["a"].to_json()) == stored["a"]
+    assert stored["a"].at == (1, 12)
+
+    _, again, repeated = engine.ingest_many(first[1:], stored, [(1, 11), (1, 12)])
+    assert repeated == [True, True] and again == examples[1:]
+    _, duplicate, repeated = engine.ingest_many(first[1:2], stored, [(1, 13)])
+    assert repeated == [True] and duplicate == [None]
+    older = {"a": History.from_json({**stored["a"].to_json(), "at": None})}
+    assert engine.ingest_many(first[1:2], older, [(1, 11)]).examples == [None]
+    elsewhere = engine.ingest_many(first[1:2], stored, [(0, 11)])  # another partition
+    assert elsewhere.examples == [None]

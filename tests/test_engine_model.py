@@ -184,7 +184,7 @@ def test_a_batch_of_events_is_taken_as_one_event_at_a_time(tmp_path, encoder):
               for n in range(40)]
     events.insert(10, events[3])  # a redelivery inside the batch
     stored = {"u1": History().appended("c0-i0", "click", 1.0, "old", 50)}
-    updated, examples = batched.ingest_many(events, stored)
+    updated, examples, repeated = batched.ingest_many(events, stored)
     histories = dict(stored)
     expected = []
     for event in events:
@@ -193,6 +193,7 @@ def test_a_batch_of_events_is_taken_as_one_event_at_a_time(tmp_path, encoder):
         if taken is not None:
             histories[event.user_id] = taken[0]
     assert examples == expected and examples[10] is None
+    assert repeated == [example is None for example in expected]
     assert set(updated) == {event.user_id for event in events}
     for user, history in updated.items():
         assert history.items == histories[user].items and history.ts == histories[user].ts

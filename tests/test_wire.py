@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import orjson
 import pytest
 
 from stream_app.wire import (DEAD_LETTER_PAYLOAD_BYTES, DeadLetter, InvalidMessage, RecRequest, RecResponse, decode_event,
@@ -164,7 +165,8 @@ def test_a_training_example_writes_the_json_pydantic_writes():
     from stream_app.wire import TrainBatch, TrainExample
 
     fields = dict(user_id="u1", item_id="i\u00e9\"2", alpha=2.5, ts=1.7e9 + 0.25,
-                  history=["i1", "i0"], weights=[1.0, 3.0], history_ts=[1.0, 2.5])
+                  history=["i1", "i0"], weights=[1.0, 3.0], history_ts=[1.0, 2.5],
+                  source=(3, 2**40))
     trusted = TrainExample.trusted(**fields)
     constructed = TrainExample.model_construct(**fields)
     assert trusted == constructed and trusted.__dict__ == constructed.__dict__
@@ -177,6 +179,28 @@ def test_a_training_example_writes_the_json_pydantic_writes():
         assert TrainExample.model_validate_json(raw) == TrainExample(**fields)
     batch = TrainBatch.encode_parts([TrainExample(**fields).to_bytes()] * 2)
     assert TrainBatch.examples_of([batch]) == ([TrainExample(**fields)] * 2, 0)
+    placeless = TrainExample.trusted(**{**fields, "source": None})
+    assert TrainExample.model_validate_json(placeless.to_bytes()).source is None
+    for bad in ([-1, 4], [1, 2, 3], [1.5, 2], "x"):
+        with pytest.raises(ValueError):
+            TrainExample.model_validate_json(orjson.dumps({**fields, "source": bad}))
+
+
+def test_a_resent_training_message_keeps_everything_but_the_event_offsets():
+    """A resend goes without the examples' sources (learned whenever it comes), with the
+    same examples otherwise, the same users count and partition, compressed alike."""
+    from stream_app.wire import TrainBatch, TrainExample
+
+    examples = [TrainExample(user_id=f"u{k}", item_id="i", alpha=1.0, ts=float(k),
+                             history=["a"] * k, weights=[1.0] * k, source=(1, 10 + k))
+                for k in range(3)]
+    value = TrainBatch.encode_parts([e.to_bytes() for e in examples], 1, users=7, partition=4)
+    resent = TrainBatch.without_sources(value, 1)
+    assert resent[:1] != b"{"  # compressed
+    batch = TrainBatch.model_validate_json(TrainBatch.plain(resent))
+    assert (batch.users, batch.partition) == (7, 4)
+    assert batch.examples == [e.model_copy(update={"source": None}) for e in examples]
+    assert TrainBatch.decode_many([value]).partitions == [4] * 3
 
 
 def test_training_messages_travel_compressed_and_damage_is_counted_not_raised():
@@ -212,8 +236,10 @@ def test_a_training_message_says_its_users_and_an_older_one_says_none():
     values = [TrainBatch.encode_parts(parts[:2], 1, users=41),
               TrainBatch.encode_parts(parts[2:], 0, users=0), TrainBatch.encode_parts(parts),
               b"damaged"]
-    assert TrainBatch.decode_many(values) == (examples + examples, [41, 41, 0, None, None, None],
-                                              1)
+    decoded = TrainBatch.decode_many(values)
+    assert decoded.examples == examples + examples
+    assert decoded.users == [41, 41, 0, None, None, None]
+    assert decoded.bad == 1
     assert TrainBatch.model_validate_json(TrainBatch.plain(values[0])).users == 41
     with pytest.raises(ValueError):
         TrainBatch.model_validate_json(b'{"v":1,"users":-1,"examples":[]}')
