@@ -51,8 +51,15 @@ class History:
             ts=(self.ts + (float(ts),))[keep],
             event_ids=(self.event_ids + (event_id or "",))[keep],
             phi_b64=self.phi_b64,
-            at=self.at if at is None else at,
+            at=self._last_taken(at),
         )
+
+    def _last_taken(self, at: tuple[int, int] | None) -> tuple[int, int] | None:
+        """Where the history stands once the message at ``at`` is taken in: never back (an
+        event added again while its partition is read again, one without an id, is below)."""
+        if at is None or (self.at is not None and self.at[0] == at[0] and self.at[1] > at[1]):
+            return self.at
+        return at
 
     def with_phi(self, phi_b64: str) -> History:
         # the constructor, not dataclasses.replace, which took twice as long: the ingest agent

@@ -302,13 +302,16 @@ class Engine:
         in (a redelivery, not a client's duplicate) gets its example made again, from the
         history as it stood before the event: the worker that read it first may have died
         before its training message reached the broker, and the learner takes an example at
-        most once by its source (``state.stream_positions.EventPositions``).
+        most once by its source (``state.stream_positions.EventPositions``). The history
+        keeps its last offset, not one per event: a client's duplicate read again with the
+        rest after a crash passes for a redelivery too, and its example is learned if no
+        later example of its training partition was.
 
-        Equal to calling :meth:`ingest` event by event (tested), but each user's vector is
-        encoded once, after the user's last event of the batch, and all of them in one
-        product: the stored vector is only ever read after the batch. Each user's confidence
-        weights are looked up once and then follow the history event by event, and the
-        batch's events are counted in the popularity at once."""
+        Without ``sources``, equal to calling :meth:`ingest` event by event (tested), but each
+        user's vector is encoded once, after the user's last event of the batch, and all of
+        them in one product: the stored vector is only ever read after the batch. Each user's
+        confidence weights are looked up once and then follow the history event by event,
+        and the batch's events are counted in the popularity at once."""
         current: dict[str, tuple[History, list[float]]] = {}
         examples: list[TrainExample | None] = []
         repeated: list[bool] = []

@@ -157,3 +157,22 @@ def test_an_event_read_again_gets_its_example_again_and_a_clients_duplicate_none
     assert engine.ingest_many(first[1:2], older, [(1, 11)]).examples == [None]
     elsewhere = engine.ingest_many(first[1:2], stored, [(0, 11)])  # another partition
     assert elsewhere.examples == [None]
+
+
+def test_a_history_read_again_keeps_where_it_stands(tmp_path):
+    """An event without an id is added again when its partition is read again; the history
+    stays at the last offset it took in, so a later event with an id read again still gets
+    its example made again (with the offset moved back, it passed for a client's duplicate
+    and its example was lost)."""
+    engine = Engine(Settings(data_dir=tmp_path, history_length=10, popularity_refresh_s=0))
+    first = [Event(user_id="a", item_id="x", kind="view", ts=1.0, event_id="a1"),
+             Event(user_id="a", item_id="y", kind="view", ts=2.0),
+             Event(user_id="a", item_id="z", kind="view", ts=3.0, event_id="a3")]
+    stored, examples, _ = engine.ingest_many(first, {}, [(0, 10), (0, 15), (0, 20)])
+    updated, again, repeated = engine.ingest_many(first, stored, [(0, 10), (0, 15), (0, 20)])
+    assert repeated == [True, False, True]
+    assert again[0] == examples[0] and again[2] == examples[2]
+    assert updated["a"].at == (0, 20)
+    moved = History().appended("x", "view", 1.0, None, 5, (1, 30)).appended(
+        "y", "view", 2.0, None, 5, (0, 3))  # the topic's partitions changed
+    assert moved.at == (0, 3)
