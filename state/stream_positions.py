@@ -23,8 +23,11 @@ model does not hold it (the same caveats hold for the events topic).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+
+from .gramian import load_npz, save_npz
 
 PREFIX = "stream_"
 
@@ -132,3 +135,18 @@ class EventPositions:
         self._next = {(int(t), int(e)): int(n) for (t, e), n in
                       zip(data[f"{EVENTS_PREFIX}streams"].tolist(),
                           data[f"{EVENTS_PREFIX}next"].tolist())}
+
+
+def forget_positions(model_path: Path) -> bool:
+    """Take the training and events topics' positions out of the model checkpoint at
+    ``model_path``, the model kept: for topics made anew, whose offsets start again below
+    them (their messages would be skipped until they pass them). True if it held any."""
+    arrays = load_npz(model_path)
+    if arrays is None:
+        return False
+    kept = {name: array for name, array in arrays.items()
+            if not name.startswith((PREFIX, EVENTS_PREFIX))}
+    if len(kept) == len(arrays):
+        return False
+    save_npz(model_path, kept)
+    return True

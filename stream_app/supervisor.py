@@ -4,6 +4,7 @@ unit that starts together and stops together on Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from state.stream_positions import forget_positions
 
 from .client import RecClient, ResponseTimeout
 from .kafka import ensure_topics
@@ -47,10 +50,12 @@ class System:
         self.logs = settings.data_dir / "logs"
         self.broker: EmbeddedBroker | None = None
         self.worker: Child | None = None
+        self.forgotten: list[str] = []  # what an earlier run left that an empty broker voids
 
     def start(self, ready_timeout_s: float = 120.0) -> System:
         s = self.settings
         if s.embedded:
+            self.forgotten = forget_broker_state(s)
             self.broker = EmbeddedBroker(s.embedded_host, s.embedded_port,
                                          log_path=self.logs / "broker.log").start()
         ensure_topics(s)
@@ -105,7 +110,28 @@ class System:
             f"  metrics    {metrics}",
             f"  state      {s.data_dir.resolve()}",
             f"  logs       {self.logs.resolve()}",
+            *([f"  dropped    {'; '.join(self.forgotten)} (of an earlier run: the embedded "
+               "broker starts empty)"] if self.forgotten else []),
         ])
+
+
+def forget_broker_state(settings: Settings) -> list[str]:
+    """What the data dir holds of an earlier run's topics, dropped before an embedded broker
+    starts: it keeps nothing, so every topic starts anew. Faust's local table state (the
+    users' histories) would be ahead of its empty changelog, and Faust stops the worker on
+    that; the model checkpoint's positions in the training and events topics would skip the
+    new topics' first messages. The model itself (items, popularity, index) is kept: what it
+    learned stays true. Returns what was dropped, in words."""
+    dropped = []
+    tables = settings.data_dir / "faust"
+    if tables.exists() and any(tables.iterdir()):
+        shutil.rmtree(tables)
+        dropped.append("users' histories")
+    if forget_positions(settings.data_dir / "checkpoints" / "model.npz"):
+        dropped.append("the model's places in the topics")
+    for what in dropped:
+        log.info("dropped %s of an earlier run: the embedded broker starts empty", what)
+    return dropped
 
 
 def wait_for_signal(system: System, on_tick: Callable[[], None] | None = None) -> None:

@@ -218,3 +218,33 @@ def test_a_worker_whose_broker_is_gone_still_stops(tmp_path):
         system.stop()
     assert code in (0, EXIT_DEADLINE)
     assert took < settings.shutdown_timeout_s + 5.0
+
+
+def test_up_again_on_an_earlier_runs_state_learns_what_it_is_sent(tmp_path):
+    """The embedded broker keeps no topics, and a second `up` on the same data dir finds the
+    state of the first: Faust's tables ahead of their empty changelog (Faust stopped the
+    worker on that) and the model's places in topics that start again below them (their
+    first messages would be skipped). Both are dropped, the model kept: the second run
+    starts, learns every event it is sent, and the checkpoint counts both runs' events."""
+    from models.learner import ItemLearner
+    from stream_app.client import replay
+    from stream_app.settings import Settings
+    from stream_app.supervisor import System, scrape
+
+    settings = Settings(data_dir=tmp_path / "state", embedded_port=free_port(),
+                        metrics_port=free_port(), session_timeout_s=6.0)
+    count = 3000
+    for run in range(2):
+        with System(settings) as system:
+            assert system.forgotten == ([] if run == 0 else
+                                        ["users' histories", "the model's places in the topics"])
+            replay(settings, ({"user_id": f"r{run}u{n % 200}", "item_id": f"i{n % 300}",
+                               "kind": "view", "ts": 1.7e9 + n, "event_id": f"r{run}e{n}"}
+                              for n in range(count)))
+            deadline = time.monotonic() + 90
+            while scrape(settings).get("streamrec_learned_events_total", 0) < count:
+                assert time.monotonic() < deadline, scrape(settings)
+                time.sleep(0.5)
+    saved = ItemLearner(settings.learner_config())
+    assert saved.load(settings.data_dir / "checkpoints" / "model.npz")
+    assert saved.events == 2 * count

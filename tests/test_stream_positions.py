@@ -272,3 +272,24 @@ def test_a_worker_that_dies_before_its_training_messages_loses_no_event(tmp_path
             assert learner.repeated_examples == 160 - 80 + 40 - len(lost)
     assert learned[False] == len(events)
     assert learned[True] < len(events)
+
+
+def test_forgetting_the_positions_keeps_the_model(tmp_path):
+    from state.stream_positions import forget_positions
+
+    values, positions = messages_at()
+    engine = Engine(settings_for(tmp_path))
+    engine.users = 240
+    engine.learn_messages(values, 32, positions=positions)
+    engine.event_positions.admit([0], [(1, 5)])
+    assert engine.positions.next_offsets() and engine.event_positions.next_offsets()
+    engine.save()
+    model = tmp_path / "checkpoints" / "model.npz"
+    assert forget_positions(model)
+    again = Engine(settings_for(tmp_path))
+    assert again.load()
+    assert again.positions.next_offsets() == {} and again.event_positions.next_offsets() == {}
+    assert again.learner.events == engine.learner.events
+    np.testing.assert_array_equal(again.learner.item_matrix, engine.learner.item_matrix)
+    assert not forget_positions(model)  # none left
+    assert not forget_positions(tmp_path / "none.npz")
