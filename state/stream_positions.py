@@ -12,8 +12,9 @@ is learned once.
 
 Positions belong to one topic: a checkpoint made on another training topic name starts with
 none. A training topic deleted and made again restarts its offsets at 0, below every saved
-position: its messages are then skipped (and counted) until they pass them; remove the
-checkpoint's model file, or keep the topic, when that happens.
+position: its messages are then skipped (and counted) until they pass them; keep the topic,
+or void the positions (:func:`mark_topics_renewed`; an embedded broker's start does) when
+that happens.
 
 :class:`EventPositions` does the same one step earlier, for the events behind the training
 examples: an example made again for an event read again after a crash is learned only if the
@@ -26,8 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from .gramian import load_npz, save_npz
 
 PREFIX = "stream_"
 
@@ -137,16 +136,25 @@ class EventPositions:
                           data[f"{EVENTS_PREFIX}next"].tolist())}
 
 
-def forget_positions(model_path: Path) -> bool:
-    """Take the training and events topics' positions out of the model checkpoint at
-    ``model_path``, the model kept: for topics made anew, whose offsets start again below
-    them (their messages would be skipped until they pass them). True if it held any."""
-    arrays = load_npz(model_path)
-    if arrays is None:
+
+#: beside the model checkpoint: its topics started anew at this file's time (an embedded
+#: broker, which keeps nothing, started again), so positions saved before it are void
+RENEWED = "topics-renewed"
+
+
+def mark_topics_renewed(checkpoint_dir: Path) -> None:
+    """Make the positions of the checkpoints written so far void (not the model): for topics
+    made anew, whose offsets start again below them (their messages would be skipped until
+    they pass them). A mark, not a rewrite of the model file, which can be gigabytes."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir / RENEWED).touch()
+
+
+def positions_void(model_path: Path) -> bool:
+    """Whether the positions in the checkpoint at ``model_path`` predate the last renewal of
+    the topics (:func:`mark_topics_renewed`): a checkpoint written since holds new ones."""
+    try:
+        return (model_path.with_name(RENEWED).stat().st_mtime
+                >= model_path.stat().st_mtime)
+    except FileNotFoundError:
         return False
-    kept = {name: array for name, array in arrays.items()
-            if not name.startswith((PREFIX, EVENTS_PREFIX))}
-    if len(kept) == len(arrays):
-        return False
-    save_npz(model_path, kept)
-    return True

@@ -32,7 +32,7 @@ from models.serving_choice import (ServingCandidate, ndcg_of_ranks, pool_positio
 from state.gramian import load_npz, save_npz
 from state.history import History
 from state.popularity import DecayedPopularity
-from state.stream_positions import EventPositions, StreamPositions
+from state.stream_positions import EventPositions, StreamPositions, positions_void
 
 from .settings import Settings
 from .wire import (SOURCES, DecodedTraining, Event, InvalidMessage, RecItem, RecRequest,
@@ -874,6 +874,9 @@ class Engine:
             self.checkpointed_at = time.time()
 
     def _restore_positions(self, data: dict[str, np.ndarray]) -> None:
+        if positions_void(self.checkpoint_dir / "model.npz"):
+            log.info("the topics started anew since the checkpoint: its positions are void")
+            return
         self.positions.set_arrays(data)
         self.event_positions.set_arrays(data)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -179,6 +180,30 @@ class EmbeddedBroker(Child):
 
     def __exit__(self, *exc) -> None:
         self.stop(5.0)
+
+
+class DataDirInUse(RuntimeError):
+    """Another streamrec worker holds the data dir."""
+
+
+#: the file in a data dir whose lock a worker holds while it runs
+DATA_DIR_LOCK = "worker.lock"
+
+
+def lock_data_dir(data_dir: Path):
+    """An exclusive lock on ``data_dir``, held while the returned file stays open (the system
+    lets it go when the process ends, however it ends). Two workers on one data dir would
+    share its tables and checkpoints, each overwriting the other's; the second one is refused
+    with :class:`DataDirInUse`, which names the folder."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / DATA_DIR_LOCK, "ab")  # noqa: SIM115 - held open on purpose
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DataDirInUse(f"{data_dir} is in use by another streamrec worker; stop it, or set "
+                           "STREAMREC_DATA_DIR to another folder") from None
+    return handle
 
 
 def broker_binary() -> str:

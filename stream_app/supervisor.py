@@ -14,14 +14,16 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from state.stream_positions import forget_positions
+from state.stream_positions import mark_topics_renewed
 
 from .client import RecClient, ResponseTimeout
 from .kafka import ensure_topics
-from .processes import Child, EmbeddedBroker, worker_argv
+from .processes import Child, EmbeddedBroker, lock_data_dir, worker_argv
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+#: in a data dir whose state an embedded broker's worker made
+EMBEDDED_MARK = "embedded-broker"
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -55,9 +57,9 @@ class System:
     def start(self, ready_timeout_s: float = 120.0) -> System:
         s = self.settings
         if s.embedded:
-            self.forgotten = forget_broker_state(s)
             self.broker = EmbeddedBroker(s.embedded_host, s.embedded_port,
                                          log_path=self.logs / "broker.log").start()
+            self.forgotten = forget_broker_state(s)  # the broker is ours: its port was free
         ensure_topics(s)
         self.worker = Child("worker", worker_argv(), env=settings_env(s),
                             log_path=self.logs / "worker.log").start()
@@ -116,23 +118,40 @@ class System:
 
 
 def forget_broker_state(settings: Settings) -> list[str]:
-    """What the data dir holds of an earlier run's topics, dropped before an embedded broker
-    starts: it keeps nothing, so every topic starts anew. Faust's local table state (the
+    """What the data dir holds of an earlier run's topics, dropped once an embedded broker has
+    started: it keeps nothing, so every topic starts anew. Faust's local table state (the
     users' histories) would be ahead of its empty changelog, and Faust stops the worker on
     that; the model checkpoint's positions in the training and events topics would skip the
-    new topics' first messages. The model itself (items, popularity, index) is kept: what it
-    learned stays true. Returns what was dropped, in words."""
-    dropped = []
-    tables = settings.data_dir / "faust"
-    if tables.exists() and any(tables.iterdir()):
-        shutil.rmtree(tables)
-        dropped.append("users' histories")
-    if forget_positions(settings.data_dir / "checkpoints" / "model.npz"):
-        dropped.append("the model's places in the topics")
+    new topics' first messages (they are voided, :func:`mark_topics_renewed`). The model
+    itself (items, popularity, index) is kept. Returns what was dropped, in words.
+
+    Only in a data dir that an embedded run made (:data:`EMBEDDED_MARK`): one that holds the
+    state of another broker's worker is refused, not voided (``STREAMREC_BROKER`` was left
+    unset by mistake); and only while no worker holds it."""
+    data = settings.data_dir
+    tables, checkpoints = data / "faust", data / "checkpoints"
+    held = (tables.is_dir() and any(tables.iterdir())) or (checkpoints / "model.npz").exists()
+    if held and not (data / EMBEDDED_MARK).exists():
+        raise RuntimeError(f"{data} holds the state of a worker of another broker (or of a "
+                           "streamrec from before embedded runs were marked), which an embedded "
+                           "broker, empty at every start, would void: set STREAMREC_BROKER to "
+                           "that broker, or STREAMREC_DATA_DIR to another folder, or remove "
+                           "the folder (`make clean`) to start afresh")
+    if tables.is_symlink():
+        raise RuntimeError(f"{tables} is a link: an embedded run would remove what it points "
+                           "to; remove that yourself")
+    with lock_data_dir(data):
+        (data / EMBEDDED_MARK).touch()
+        dropped = []
+        if tables.is_dir() and any(tables.iterdir()):
+            shutil.rmtree(tables)
+            dropped.append("users' histories")
+        if (checkpoints / "model.npz").exists():
+            mark_topics_renewed(checkpoints)
+            dropped.append("the model's places in the topics")
     for what in dropped:
         log.info("dropped %s of an earlier run: the embedded broker starts empty", what)
     return dropped
-
 
 def wait_for_signal(system: System, on_tick: Callable[[], None] | None = None) -> None:
     """Block until SIGINT/SIGTERM or until the worker dies."""

@@ -16,6 +16,7 @@ from .engine import Engine
 from .kafka import ensure_topics
 from .learner_process import LearnerProcess, freeze_startup_objects, limit_threads
 from .metrics import Metrics
+from .processes import lock_data_dir
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ EXIT_LEARNER_DIED = 76
 
 def run_worker(settings: Settings) -> int:
     """Block until SIGTERM/SIGINT; checkpoint the model state on the way out."""
+    held = lock_data_dir(settings.data_dir)  # for the life of the process
     if settings.compat_fixes:
         install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
     limit_threads()  # here too: user vectors, answers, and learning when it runs on the loop
@@ -185,4 +187,5 @@ def run_worker(settings: Settings) -> int:
         log.info("checkpoint written to %s", engine.checkpoint_dir)
         if server is not None:
             server.shutdown()
+        held.close()  # the data dir is free for the next worker
     return EXIT_LEARNER_DIED if learner is not None and learner.died else code

@@ -248,3 +248,41 @@ def test_up_again_on_an_earlier_runs_state_learns_what_it_is_sent(tmp_path):
     saved = ItemLearner(settings.learner_config())
     assert saved.load(settings.data_dir / "checkpoints" / "model.npz")
     assert saved.events == 2 * count
+
+
+def test_a_data_dir_holds_one_worker_at_a_time(tmp_path):
+    from stream_app.processes import DataDirInUse, lock_data_dir
+
+    held = lock_data_dir(tmp_path / "state")
+    with pytest.raises(DataDirInUse, match="in use by another streamrec worker"):
+        lock_data_dir(tmp_path / "state")
+    held.close()
+    lock_data_dir(tmp_path / "state").close()
+
+
+@pytest.mark.parametrize("case", ["another broker's", "in use"])
+def test_up_leaves_alone_a_data_dir_it_must_not_void(tmp_path, case):
+    """An embedded `up` drops an earlier run's state only in a data dir an embedded run made,
+    and only while no worker holds it: a data dir with state and no mark (STREAMREC_BROKER
+    left unset by mistake) or one a worker holds is refused, its state untouched."""
+    from stream_app.processes import lock_data_dir
+    from stream_app.settings import Settings
+    from stream_app.supervisor import EMBEDDED_MARK, System
+
+    data = tmp_path / "state"
+    history = data / "faust" / "tables" / "000001.sst"
+    history.parent.mkdir(parents=True)
+    history.write_bytes(b"a history")
+    held = None
+    if case == "in use":
+        (data / EMBEDDED_MARK).touch()
+        held = lock_data_dir(data)
+    system = System(Settings(data_dir=data, embedded_port=free_port(), metrics_port=free_port()))
+    try:
+        with pytest.raises(RuntimeError, match="another broker" if held is None else "in use"):
+            system.start()
+    finally:
+        system.stop()
+        if held is not None:
+            held.close()
+    assert history.read_bytes() == b"a history" and system.worker is None

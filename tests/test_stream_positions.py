@@ -4,6 +4,8 @@ checkpoint holds it."""
 
 from __future__ import annotations
 
+import os
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -274,22 +276,32 @@ def test_a_worker_that_dies_before_its_training_messages_loses_no_event(tmp_path
     assert learned[True] < len(events)
 
 
-def test_forgetting_the_positions_keeps_the_model(tmp_path):
-    from state.stream_positions import forget_positions
+def test_positions_saved_before_the_topics_were_renewed_are_void(tmp_path):
+    """After the mark, a checkpoint loads with no positions and its model whole; one written
+    since holds its positions again."""
+    from state.stream_positions import mark_topics_renewed
 
     values, positions = messages_at()
     engine = Engine(settings_for(tmp_path))
     engine.users = 240
-    engine.learn_messages(values, 32, positions=positions)
+    engine.learn_messages(values[:6], 32, positions=positions[:6])
     engine.event_positions.admit([0], [(1, 5)])
     assert engine.positions.next_offsets() and engine.event_positions.next_offsets()
     engine.save()
-    model = tmp_path / "checkpoints" / "model.npz"
-    assert forget_positions(model)
+    mark_topics_renewed(tmp_path / "checkpoints")
+    now = time.time()  # apart by seconds, as a run's start and its checkpoints are
+    os.utime(tmp_path / "checkpoints" / "model.npz", (now - 20, now - 20))
+    os.utime(tmp_path / "checkpoints" / "topics-renewed", (now - 10, now - 10))
     again = Engine(settings_for(tmp_path))
     assert again.load()
     assert again.positions.next_offsets() == {} and again.event_positions.next_offsets() == {}
     assert again.learner.events == engine.learner.events
     np.testing.assert_array_equal(again.learner.item_matrix, engine.learner.item_matrix)
-    assert not forget_positions(model)  # none left
-    assert not forget_positions(tmp_path / "none.npz")
+    again.users = 240
+    again.learn_messages(values[6:], 32, positions=[(0, 0), (1, 0), (0, 1), (1, 1), (0, 2),
+                                                   (1, 2)])  # the new topic's offsets
+    assert again.learner.events == len(examples_and_histories()[0])
+    again.save()
+    third = Engine(settings_for(tmp_path))
+    assert third.load()
+    assert third.positions.next_offsets() == {0: 3, 1: 3}
