@@ -136,7 +136,6 @@ class EventPositions:
                           data[f"{EVENTS_PREFIX}next"].tolist())}
 
 
-
 #: beside the model checkpoint: its topics started anew at this file's time (an embedded
 #: broker, which keeps nothing, started again), so positions saved before it are void
 RENEWED = "topics-renewed"

@@ -129,9 +129,9 @@ def forget_broker_state(settings: Settings) -> list[str]:
     state of another broker's worker is refused, not voided (``STREAMREC_BROKER`` was left
     unset by mistake); and only while no worker holds it."""
     data = settings.data_dir
-    tables, checkpoints = data / "faust", data / "checkpoints"
-    held = (tables.is_dir() and any(tables.iterdir())) or (checkpoints / "model.npz").exists()
-    if held and not (data / EMBEDDED_MARK).exists():
+    tables, model = data / "faust", data / "checkpoints" / "model.npz"
+    has_tables = tables.is_dir() and any(tables.iterdir())
+    if (has_tables or model.exists()) and not (data / EMBEDDED_MARK).exists():
         raise RuntimeError(f"{data} holds the state of a worker of another broker (or of a "
                            "streamrec from before embedded runs were marked), which an embedded "
                            "broker, empty at every start, would void: set STREAMREC_BROKER to "
@@ -143,15 +143,16 @@ def forget_broker_state(settings: Settings) -> list[str]:
     with lock_data_dir(data):
         (data / EMBEDDED_MARK).touch()
         dropped = []
-        if tables.is_dir() and any(tables.iterdir()):
+        if has_tables:
             shutil.rmtree(tables)
             dropped.append("users' histories")
-        if (checkpoints / "model.npz").exists():
-            mark_topics_renewed(checkpoints)
+        if model.exists():
+            mark_topics_renewed(model.parent)
             dropped.append("the model's places in the topics")
     for what in dropped:
         log.info("dropped %s of an earlier run: the embedded broker starts empty", what)
     return dropped
+
 
 def wait_for_signal(system: System, on_tick: Callable[[], None] | None = None) -> None:
     """Block until SIGINT/SIGTERM or until the worker dies."""
