@@ -57,10 +57,13 @@ from threadpoolctl import threadpool_limits
 
 from .engine import Engine, LearnedReport
 from .item_sharing import add_step_records, install_records
+from .processes import LEARNER_LOCK, lock_data_dir
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: longest a learner waits for the one a killed worker left to write its checkpoint and end
+LEARNER_LOCK_WAIT_S = 60.0
 #: training batches handed to the child ahead of its learning
 IN_FLIGHT = 2
 #: bytes of other frames (item rows, steps) the worker holds for the child before their
@@ -402,11 +405,14 @@ def child_main(settings: Settings, inbox: Connection, outbox: Connection) -> Non
                         format="[%(asctime)s] [learner %(process)d] %(levelname)s %(name)s: "
                                "%(message)s")
     limit_threads()
+    # held until this process ends: a learner left by a killed worker checkpoints first
+    held = lock_data_dir(settings.data_dir, LEARNER_LOCK, wait_s=LEARNER_LOCK_WAIT_S)
     engine = Engine(settings.replace(index_enabled=False))  # the index lives with the answers
     engine.load()
     freeze_startup_objects()
     outbox.send(("ready", len(engine.learner), engine.learner.steps))
-    LearnerLoop(engine, settings, outbox).run(inbox)
+    LearnerLoop(engine, settings, outbox).run(inbox)  # checkpoints on the way out
+    held.close()
 
 
 def freeze_startup_objects() -> int:

@@ -183,27 +183,40 @@ class EmbeddedBroker(Child):
 
 
 class DataDirInUse(RuntimeError):
-    """Another streamrec worker holds the data dir."""
+    """Another streamrec worker (or its learner process) holds the data dir."""
 
 
 #: the file in a data dir whose lock a worker holds while it runs
 DATA_DIR_LOCK = "worker.lock"
+#: the same for its learner process, which can outlive a killed worker while it checkpoints
+LEARNER_LOCK = "learner.lock"
+#: in a data dir whose state an embedded broker's worker made (``stream_app/supervisor.py``)
+EMBEDDED_MARK = "embedded-broker"
 
 
-def lock_data_dir(data_dir: Path):
-    """An exclusive lock on ``data_dir``, held while the returned file stays open (the system
-    lets it go when the process ends, however it ends). Two workers on one data dir would
-    share its tables and checkpoints, each overwriting the other's; the second one is refused
-    with :class:`DataDirInUse`, which names the folder."""
+def lock_data_dir(data_dir: Path, name: str = DATA_DIR_LOCK, wait_s: float = 0.0):
+    """An exclusive lock on ``data_dir`` (its file ``name``), held while the returned file
+    stays open (the system lets it go when the process ends, however it ends); waits up to
+    ``wait_s`` for it. Two workers on one data dir would share its tables and checkpoints,
+    each overwriting the other's; the second one is refused with :class:`DataDirInUse`,
+    which names the folder."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / DATA_DIR_LOCK, "ab")  # noqa: SIM115 - held open on purpose
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise DataDirInUse(f"{data_dir} is in use by another streamrec worker; stop it, or set "
-                           "STREAMREC_DATA_DIR to another folder") from None
-    return handle
+    handle = open(data_dir / name, "ab")  # noqa: SIM115 - held open on purpose
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            handle.close()
+            raise DataDirInUse(f"{data_dir} is in use by another streamrec worker ({name}); "
+                               "stop it, or set STREAMREC_DATA_DIR to another folder") from None
+        except OSError as error:  # a file system without locks
+            handle.close()
+            raise RuntimeError(f"could not lock {data_dir / name}: {error}") from None
 
 
 def broker_binary() -> str:

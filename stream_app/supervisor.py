@@ -18,12 +18,13 @@ from state.stream_positions import mark_topics_renewed
 
 from .client import RecClient, ResponseTimeout
 from .kafka import ensure_topics
-from .processes import Child, EmbeddedBroker, lock_data_dir, worker_argv
+from .processes import (EMBEDDED_MARK, LEARNER_LOCK, Child, EmbeddedBroker,
+                        lock_data_dir, worker_argv)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-#: in a data dir whose state an embedded broker's worker made
-EMBEDDED_MARK = "embedded-broker"
+#: longest a start waits for a learner process left by a killed worker to write its checkpoint
+LEARNER_EXIT_WAIT_S = 60.0
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -127,7 +128,7 @@ def forget_broker_state(settings: Settings) -> list[str]:
 
     Only in a data dir that an embedded run made (:data:`EMBEDDED_MARK`): one that holds the
     state of another broker's worker is refused, not voided (``STREAMREC_BROKER`` was left
-    unset by mistake); and only while no worker holds it."""
+    unset by mistake); and only while no worker, nor its learner process, holds it."""
     data = settings.data_dir
     tables, model = data / "faust", data / "checkpoints" / "model.npz"
     has_tables = tables.is_dir() and any(tables.iterdir())
@@ -135,12 +136,14 @@ def forget_broker_state(settings: Settings) -> list[str]:
         raise RuntimeError(f"{data} holds the state of a worker of another broker (or of a "
                            "streamrec from before embedded runs were marked), which an embedded "
                            "broker, empty at every start, would void: set STREAMREC_BROKER to "
-                           "that broker, or STREAMREC_DATA_DIR to another folder, or remove "
-                           "the folder (`make clean`) to start afresh")
+                           "that broker, or STREAMREC_DATA_DIR to another folder; or create "
+                           f"{data / EMBEDDED_MARK} if an embedded run made it (its model is "
+                           "kept), or remove the folder (`make clean`) to start afresh")
     if tables.is_symlink():
         raise RuntimeError(f"{tables} is a link: an embedded run would remove what it points "
                            "to; remove that yourself")
-    with lock_data_dir(data):
+    # a learner process that outlived its killed worker may still write its checkpoint
+    with lock_data_dir(data), lock_data_dir(data, LEARNER_LOCK, wait_s=LEARNER_EXIT_WAIT_S):
         (data / EMBEDDED_MARK).touch()
         dropped = []
         if has_tables:

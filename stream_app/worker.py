@@ -16,7 +16,7 @@ from .engine import Engine
 from .kafka import ensure_topics
 from .learner_process import LearnerProcess, freeze_startup_objects, limit_threads
 from .metrics import Metrics
-from .processes import lock_data_dir
+from .processes import EMBEDDED_MARK, lock_data_dir
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,8 @@ EXIT_LEARNER_DIED = 76
 def run_worker(settings: Settings) -> int:
     """Block until SIGTERM/SIGINT; checkpoint the model state on the way out."""
     held = lock_data_dir(settings.data_dir)  # for the life of the process
+    if not settings.embedded:  # its state is another broker's now: an embedded run keeps off
+        (settings.data_dir / EMBEDDED_MARK).unlink(missing_ok=True)
     if settings.compat_fixes:
         install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
     limit_threads()  # here too: user vectors, answers, and learning when it runs on the loop

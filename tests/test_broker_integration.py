@@ -266,7 +266,15 @@ def test_reply_to_topic_is_honoured(settings, start_worker):
 
 
 def test_restarted_worker_keeps_histories(settings, start_worker):
+    from stream_app.processes import EMBEDDED_MARK, LEARNER_LOCK, DataDirInUse, lock_data_dir
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / EMBEDDED_MARK).touch()  # an embedded run's data dir, now on a broker
     worker = start_worker(settings)
+    assert not (settings.data_dir / EMBEDDED_MARK).exists()
+    for lock in ("worker.lock", LEARNER_LOCK):  # the worker and its learner hold the data dir
+        with pytest.raises(DataDirInUse):
+            lock_data_dir(settings.data_dir, lock)
     produce_stream(settings)
     worker.wait_metric("streamrec_events_total", len(STREAM))
     time.sleep(1.5)  # let a checkpoint and the changelog flush happen

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -258,6 +259,14 @@ def test_a_data_dir_holds_one_worker_at_a_time(tmp_path):
         lock_data_dir(tmp_path / "state")
     held.close()
     lock_data_dir(tmp_path / "state").close()
+
+    learner = lock_data_dir(tmp_path / "state", "learner.lock")  # a learner left behind
+    started = time.monotonic()
+    with pytest.raises(DataDirInUse):
+        lock_data_dir(tmp_path / "state", "learner.lock", wait_s=0.3)
+    assert time.monotonic() - started >= 0.3  # waited for it
+    threading.Timer(0.3, learner.close).start()  # it ends once its checkpoint is written
+    lock_data_dir(tmp_path / "state", "learner.lock", wait_s=10.0).close()
 
 
 @pytest.mark.parametrize("case", ["another broker's", "in use"])
