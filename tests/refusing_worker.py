@@ -52,18 +52,7 @@ def refuse(spec: str) -> None:
         delivery.set_exception(KafkaTimeoutError("refused by the test"))
         return delivery
 
-    send, send_batch = AIOKafkaProducer.send, AIOKafkaProducer.send_batch
-
-    async def send_refusing(self, topic, *args, **kwargs):
-        return failed() if refused(topic) else await send(self, topic, *args, **kwargs)
-
-    async def send_batch_refusing(self, batch, topic, *, partition):
-        if refused(topic):
-            return failed()
-        return await send_batch(self, batch, topic, partition=partition)
-
-    AIOKafkaProducer.send = send_refusing
-    AIOKafkaProducer.send_batch = send_batch_refusing
+    intercept_sends(lambda topic: failed() if refused(topic) else None)
 
 
 def die_at(spec: str) -> None:
@@ -80,18 +69,25 @@ def die_at(spec: str) -> None:
                 print(f"dying at a send to {topic}", file=sys.stderr, flush=True)
                 os._exit(9)
 
+    intercept_sends(dying)
+
+
+def intercept_sends(intercept) -> None:
+    """Patch this process's aiokafka producer: ``intercept(topic)`` runs before each send (a
+    record or a record batch); a delivery it returns stands for the send's, unsent."""
     send, send_batch = AIOKafkaProducer.send, AIOKafkaProducer.send_batch
 
-    async def send_or_die(self, topic, *args, **kwargs):
-        dying(topic)
-        return await send(self, topic, *args, **kwargs)
+    async def send_intercepted(self, topic, *args, **kwargs):
+        delivery = intercept(topic)
+        return delivery if delivery is not None else await send(self, topic, *args, **kwargs)
 
-    async def send_batch_or_die(self, batch, topic, *, partition):
-        dying(topic)
-        return await send_batch(self, batch, topic, partition=partition)
+    async def send_batch_intercepted(self, batch, topic, *, partition):
+        delivery = intercept(topic)
+        return delivery if delivery is not None else await send_batch(
+            self, batch, topic, partition=partition)
 
-    AIOKafkaProducer.send = send_or_die
-    AIOKafkaProducer.send_batch = send_batch_or_die
+    AIOKafkaProducer.send = send_intercepted
+    AIOKafkaProducer.send_batch = send_batch_intercepted
 
 
 if __name__ == "__main__":  # not in the learner process, which imports this file to start
