@@ -57,9 +57,7 @@ class History:
     def _last_taken(self, at: tuple[int, int] | None) -> tuple[int, int] | None:
         """Where the history stands once the message at ``at`` is taken in: never back (an
         event added again while its partition is read again, one without an id, is below)."""
-        if at is None or (self.at is not None and self.at[0] == at[0] and self.at[1] > at[1]):
-            return self.at
-        return at
+        return self.at if at is None or self.read_before(at) else at
 
     def with_phi(self, phi_b64: str) -> History:
         # the constructor, not dataclasses.replace, which took twice as long: the ingest agent

@@ -64,10 +64,15 @@ class StreamPositions:
         """The positions saved in ``data``; none where it has none (a checkpoint from before
         they were saved) or where they were taken on another topic."""
         self._next = {}
-        if f"{PREFIX}topic" not in data or str(data[f"{PREFIX}topic"]) != self.topic:
+        if not _saved_for(data, PREFIX, self.topic):
             return
         self._next = {int(p): int(n) for p, n in zip(data[f"{PREFIX}partitions"],
                                                      data[f"{PREFIX}next"])}
+
+
+def _saved_for(data: dict[str, np.ndarray], prefix: str, topic: str) -> bool:
+    """Whether ``data`` holds positions under ``prefix`` taken on ``topic``."""
+    return f"{prefix}topic" in data and str(data[f"{prefix}topic"]) == topic
 
 
 EVENTS_PREFIX = "events_"
@@ -129,7 +134,7 @@ class EventPositions:
         """The positions saved in ``data``; none where it has none or where they were taken
         on another events topic."""
         self._next = {}
-        if f"{EVENTS_PREFIX}topic" not in data or str(data[f"{EVENTS_PREFIX}topic"]) != self.topic:
+        if not _saved_for(data, EVENTS_PREFIX, self.topic):
             return
         self._next = {(int(t), int(e)): int(n) for (t, e), n in
                       zip(data[f"{EVENTS_PREFIX}streams"].tolist(),

@@ -257,9 +257,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                                                   engine.users):
             send = functools.partial(train.send, key=str(partition).encode(),
                                      partition=partition)
-            record = await sent("train", functools.partial(send, value=value))
-            record.resend = functools.partial(resend_training, send, value)
-            records.append(record)
+            records.append(await sent("train", functools.partial(send, value=value),
+                                      functools.partial(resend_training, send, value)))
 
     async def resend_training(send, value: bytes) -> asyncio.Future:
         return await send(value=TrainBatch.without_sources(

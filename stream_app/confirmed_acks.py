@@ -65,14 +65,15 @@ async def until_delivered(records: list[Sent], metrics=None) -> None:
         confirmed.close()
 
 
-async def sent(record: str, send: Callable[[], Awaitable[asyncio.Future]]) -> Sent:
+async def sent(record: str, send: Callable[[], Awaitable[asyncio.Future]],
+               resend: Callable[[], Awaitable[asyncio.Future]] | None = None) -> Sent:
     """``send()`` as a :class:`Sent`; a send that raises is a failed delivery, sent again
-    later like any other."""
+    later like any other, by ``resend`` (``send`` again where None)."""
     try:
         delivery = await send()
     except Exception as error:  # noqa: BLE001 - held, and sent again
         delivery = failed(error)
-    return Sent(record, delivery, send)
+    return Sent(record, delivery, resend or send)
 
 
 def failed(error: BaseException) -> asyncio.Future:

@@ -262,7 +262,7 @@ class TrainBatch(_Wire):
         learns them whenever they come: for a resend of a message whose delivery failed, which
         can land after later messages of its partition (``state.stream_positions``)."""
         batch = cls.model_validate_json(cls.plain(value))
-        parts = [orjson.dumps({**example.__dict__, "source": None})
+        parts = [example.model_copy(update={"source": None}).to_bytes()
                  for example in batch.examples]
         return cls.encode_parts(parts, compression_level, batch.users, batch.partition)
 

@@ -13,7 +13,7 @@ import pytest
 
 from stream_app.processes import Child, EmbeddedBroker, free_port, worker_argv
 from stream_app.settings import Settings
-from stream_app.supervisor import scrape, settings_env
+from stream_app.supervisor import scrape, settings_env, tail as file_tail
 
 #: lines of each worker's log shown with a failed test's report
 FAILED_LOG_LINES = 60
@@ -31,8 +31,7 @@ def pytest_runtest_makereport(item, call):
 
 
 def log_tail(path: Path, lines: int = FAILED_LOG_LINES) -> str:
-    text = path.read_text(errors="replace").splitlines() if path.exists() else []
-    return "\n".join(line[:300] for line in text[-lines:])
+    return "\n".join(line[:300] for line in file_tail(path, lines).splitlines())
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +82,7 @@ class WorkerProcess:
         system = System(self.settings)
         system.worker = self.child
         system.logs = self.log_path.parent
-        try:
-            system.wait_ready(timeout_s)
-        except Exception:
-            print(self.log_path.read_text(errors="replace")[-5000:])
-            raise
+        system.wait_ready(timeout_s)  # a failure shows the log's end (pytest_runtest_makereport)
         return self
 
     def stop(self) -> int | None:
