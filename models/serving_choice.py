@@ -53,36 +53,45 @@ def candidates_of(state: dict[str, np.ndarray]) -> list[ServingCandidate]:
             for h, w in zip(state["half_lives"], state["bias_weights"])]
 
 
-def target_ranks(queries: np.ndarray, items: np.ndarray,
+def target_ranks(phis: np.ndarray, pairs: Sequence[tuple[int, float]], items: np.ndarray,
                  excluded: Sequence[np.ndarray]) -> np.ndarray:
     """For several examples at once, how many pool items score at least as high as each
     example's own item under each of its queries (0: the item is first).
 
-    ``queries`` is (m, c, D): example j's c candidate queries. ``items`` is the pool (P rows)
-    followed by the m examples' own items, in example order, so every score comes from one
-    product, the targets' with the pool's. ``excluded[j]`` are the pool positions example j
-    does not count (its history and copies of its own item, which answers leave out). Ties
+    A query is a user vector and a bias weight, [φ, w] against the item rows [v, b]:
+    ``phis`` is (m, h, d), example j's user vector under each of h encodings, and ``pairs``
+    the c queries as (encoding, bias weight). ``items`` is the pool (P rows) followed by the
+    m examples' own items, in example order. Each user vector meets the items in one product
+    and each weight only adds its share of the bias: the candidates share h vectors (two
+    recency half-lives for eight queries at the defaults), and a product per query was most
+    of this function's time. ``excluded[j]`` are the pool positions that example j does not
+    count (its history and copies of its own item, which answers leave out). Ties
     count against the target, so a query that scores everything alike ranks it last.
 
     Examples
     --------
-    >>> pool = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    >>> pool = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
     >>> items = np.vstack([pool, pool[:1]])  # one example, its item pool row 0
-    >>> queries = np.array([[[1.0, 0.0], [0.0, 1.0]]])
-    >>> target_ranks(queries, items, [np.array([0, 2])]).tolist()
+    >>> phis = np.array([[[1.0, 0.0], [0.0, 1.0]]])  # its two user vectors
+    >>> target_ranks(phis, [(0, 1.0), (1, 1.0)], items, [np.array([0, 2])]).tolist()
     [[0, 1]]
     """
-    m, c, _ = queries.shape
+    m, h, d = phis.shape
     pool = len(items) - m
-    scores = items @ queries.reshape(m * c, -1).T  # (P + m, m c)
-    columns = np.arange(m * c)
-    above = scores[:pool] >= scores[pool + columns // c, columns]
-    counts = np.array([len(rows) for rows in excluded], dtype=np.int64)
-    if counts.sum():  # (position, column) of every excluded pool row, for each query
-        rows = np.repeat(np.concatenate(excluded).astype(np.int64), c)
-        owner = np.repeat(np.arange(m), counts * c)
-        above[rows, owner * c + np.tile(np.arange(c), counts.sum())] = False
-    return above.sum(axis=0).reshape(m, c)
+    scores = phis.reshape(m * h, d) @ items[:, :d].T  # (m h, P + m): row j h + a
+    bias = items[:, d]
+    examples = np.arange(m)
+    owner = np.repeat(examples, [len(rows) for rows in excluded])
+    positions = np.concatenate(excluded).astype(np.int64) if len(owner) else owner
+    ranks = np.empty((m, len(pairs)), dtype=np.int64)
+    for column, (encoding, weight) in enumerate(pairs):
+        rows = scores[examples * h + encoding]  # (m, P + m)
+        pooled = rows[:, :pool] + weight * bias[:pool] if weight else rows[:, :pool]
+        own = rows[examples, pool + examples] + weight * bias[pool:]
+        above = pooled >= own[:, None]
+        above[owner, positions] = False
+        ranks[:, column] = np.count_nonzero(above, axis=1)
+    return ranks
 
 
 def pool_positions(pool: np.ndarray, rows: np.ndarray) -> np.ndarray:

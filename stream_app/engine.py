@@ -467,32 +467,34 @@ class Engine:
         to rank) and their ranks (a row each, a column per candidate). All are ranked in one
         product against one pool (:meth:`_ranking_pool`)."""
         targets = self.learner.rows_of([example.item_id for example in examples])
-        kept, queries, excluded = [], [], []
+        half_lives = list(dict.fromkeys(half_life for half_life, _ in
+                                        self.serving_choice.candidates))
+        kept, phis, excluded = [], [], []
         for position, (example, target) in enumerate(zip(examples, targets)):
             rows = self.learner.rows_of(example.history)
             if target < 0 or not (rows >= 0).any():
                 continue
             kept.append(position)
-            queries.append(self._candidate_queries(example, rows))
+            phis.append(self._candidate_phis(example, rows, half_lives))
             excluded.append(np.unique(np.append(rows[rows >= 0], target)))
         if not kept:
             return np.empty(0, dtype=np.int64), np.empty((0, len(self.serving_choice.candidates)))
         pool = self._ranking_pool()
         positions = [pool_positions(pool, rows) for rows in excluded]
         items = self.learner.item_matrix[np.append(pool, targets[kept])]
-        ranks = target_ranks(np.stack(queries), items, positions)
+        pairs = [(half_lives.index(half_life), weight)
+                 for half_life, weight in self.serving_choice.candidates]
+        ranks = target_ranks(np.stack(phis), pairs, items, positions)
         left = len(pool) - np.array([len(p) for p in positions])  # pool items counted
         others = len(self.learner.item_matrix) - np.array([len(rows) for rows in excluded])
         return np.array(kept), ranks * (others / np.maximum(left, 1))[:, None]
 
-    def _candidate_queries(self, example: TrainExample, rows: np.ndarray) -> np.ndarray:
-        """The example's query [φ, w] under each serving candidate (one row each)."""
+    def _candidate_phis(self, example: TrainExample, rows: np.ndarray,
+                        half_lives: Sequence[float | None]) -> np.ndarray:
+        """The example's user vector under each serving half-life (one row each)."""
         times = self._example_times(example)
-        half_lives = dict.fromkeys(half_life for half_life, _ in self.serving_choice.candidates)
-        phis = {half_life: self._encode_rows(rows, example.weights, times, half_life)
-                for half_life in half_lives}
-        return np.array([augment_users(phis[half_life], weight)
-                         for half_life, weight in self.serving_choice.candidates])
+        return np.array([self._encode_rows(rows, example.weights, times, half_life)
+                         for half_life in half_lives])
 
     def _ranking_pool(self) -> np.ndarray:
         """The item rows, sorted, that examples are ranked among: all of them, or beyond

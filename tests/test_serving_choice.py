@@ -12,17 +12,20 @@ from models.serving_choice import (ServingCandidate, ServingChoice, candidate_gr
 @pytest.mark.parametrize("seed", range(5))
 def test_target_ranks_equal_a_full_sort(seed):
     """Each example's rank is its item's place in a stable descending sort of the pool rows
-    it counts (its excluded positions left out) when ties are put before the item."""
+    it counts (its excluded positions left out) when ties are put before the item, under the
+    query [φ, w] of each pair (encoding, weight)."""
     rng = np.random.default_rng(seed)
     pool = rng.integers(-2, 3, size=(60, 4)).astype(float)  # integer scores: many ties
-    queries = rng.integers(-2, 3, size=(3, 5, 4)).astype(float)
+    phis = rng.integers(-2, 3, size=(3, 2, 3)).astype(float)
+    pairs = [(0, 1.0), (1, 0.5), (0, 0.0), (1, 1.0), (1, 0.25)]
     own = rng.integers(60, size=3)  # each example's item is a pool row, as it is unsampled
     excluded = [np.append(rng.choice(60, 7, replace=False), target) for target in own]
-    ranks = target_ranks(queries, np.vstack([pool, pool[own]]), excluded)
+    ranks = target_ranks(phis, pairs, np.vstack([pool, pool[own]]), excluded)
     assert ranks.shape == (3, 5)
     for j in range(3):
         kept = np.setdiff1d(np.arange(60), excluded[j])
-        for query, rank in zip(queries[j], ranks[j]):
+        for (encoding, weight), rank in zip(pairs, ranks[j]):
+            query = np.append(phis[j, encoding], weight)
             order = sorted([(row, False) for row in kept] + [(own[j], True)],
                            key=lambda entry: (-(pool[entry[0]] @ query), entry[1]))
             assert rank == order.index((own[j], True))
@@ -30,7 +33,8 @@ def test_target_ranks_equal_a_full_sort(seed):
 
 def test_a_query_that_scores_everything_alike_ranks_the_target_last():
     items = np.ones((11, 3))  # ten pool rows, then the example's item
-    assert target_ranks(np.zeros((1, 1, 3)), items, [np.array([0, 1, 4])])[0, 0] == 7
+    ranks = target_ranks(np.zeros((1, 1, 2)), [(0, 0.0)], items, [np.array([0, 1, 4])])
+    assert ranks[0, 0] == 7
 
 
 @pytest.mark.parametrize("seed", range(3))
