@@ -33,7 +33,7 @@ from .compat import guard_fetch_wait
 from .confirmed_acks import AcksAfterDelivery, Sent, sent, until_delivered
 from .delivery import install_direct_delivery, patch_consumer
 from .engine import Engine, LearnedReport, item_partition
-from .fair_fetch import install_active_only_polls, install_fair_fetch
+from .fair_fetch import install_active_only_polls, install_fair_fetch, install_full_seeks
 from .intake import IntakeLag
 from .kafka import faust_credentials, key_partition
 from .item_sharing import PUBLISHER, ItemSharing, Records, add_step_records, install_records
@@ -131,6 +131,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     if settings.compat_fixes:
         patch_consumer(app, guard_fetch_wait)
     install_active_only_polls(app)  # last: around the patches above
+    install_full_seeks(app)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(settings.topic_events, **raw)
     dead_letters = app.topic(settings.topic_dead_letters, **raw)

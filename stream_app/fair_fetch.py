@@ -32,10 +32,15 @@ follows puts a position back only where an offset was committed. A worker restar
 training messages not yet committed lost the first fetch of each training partition that way,
 without a word (seen in a worker's log: a poll with no partition active returned 12 and 7
 training records; the crash test of ``tests/test_broker_integration.py`` failed now and then).
-Left as it is: Faust also drops the records of a poll that returns while a rebalance has
-stopped the flow (one that waited across it, taking the new assignment's partitions before
-the recovery paused them), and a partition without a committed offset then starts past them;
-putting those positions back would take a rewrite of Faust's ``getmany``.
+Faust also drops the records of a poll that returns while a rebalance has stopped the flow
+(one that waited across it, taking the new assignment's partitions before the recovery paused
+them), and seeks back to the committed offsets, at once and again at the end of the recovery.
+aiokafka's seek to the committed offsets leaves a partition without one where it is, past the
+dropped records: a deployment's first events, or its training messages before the first
+checkpoint, were lost that way when a second worker joined. :func:`install_full_seeks` makes
+that seek put such a partition back where the assignment started it (the group's reset
+policy, "earliest": its first offset), which is where aiokafka starts every partition without
+a committed offset at each rebalance anyway.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from collections.abc import Container
 from typing import Any
 
 import faust
-from aiokafka.consumer.fetcher import FetchResult
+from aiokafka.consumer.fetcher import FetchResult, OffsetResetStrategy
+from aiokafka.errors import IllegalStateError
 
 from .delivery import patch_consumer
 
@@ -63,6 +69,55 @@ def install_active_only_polls(app: faust.App) -> None:
     taken (:func:`poll_active_only`). Install it last: it wraps the patches of the poll
     installed before it."""
     patch_consumer(app, poll_active_only)
+
+
+def install_full_seeks(app: faust.App) -> None:
+    """Make the consumer this app creates seek a partition without a committed offset back to
+    where its assignment started it, when Faust seeks to the committed offsets
+    (:func:`seek_uncommitted_too`)."""
+    patch_consumer(app, seek_uncommitted_too)
+
+
+def seek_uncommitted_too(consumer: Any) -> None:
+    """The consumer thread's seek to the committed offsets, followed in the same thread call
+    by :func:`rewind_uncommitted` of the partitions it found none for, but for the tables'
+    changelogs: the group never commits them (a table's store keeps how far it has read its
+    changelog, and the recovery seeks there), and a standby replica would read its whole
+    changelog again from the start."""
+    thread = consumer._thread
+
+    async def seek_to_committed(self):
+        kafka_consumer = self._ensure_consumer()
+        changelogs = set(consumer.app.tables.changelog_topics)
+
+        async def seek():
+            committed = await kafka_consumer.seek_to_committed()
+            await rewind_uncommitted(kafka_consumer, {
+                tp: offset for tp, offset in committed.items() if tp.topic not in changelogs})
+            return committed
+
+        return await self.call_thread(seek)
+
+    thread.seek_to_committed = types.MethodType(seek_to_committed, thread)
+
+
+async def rewind_uncommitted(kafka_consumer: Any, committed: dict) -> list:
+    """Seek the partitions of ``committed`` (aiokafka's answer to a seek to the committed
+    offsets: partition → offset) that have no committed offset to their first offset, where
+    a group whose reset policy is "earliest" starts them; returns those partitions. Nothing
+    for another policy. aiokafka's seek leaves such a partition (and one committed at 0)
+    where its last poll left it. A partition no longer assigned is left alone: its next
+    assignment starts it from the reset policy."""
+    if kafka_consumer._fetcher._default_reset_strategy != OffsetResetStrategy.EARLIEST:
+        return []
+    uncommitted = [tp for tp, offset in committed.items() if not offset or offset < 0]
+    if uncommitted:
+        try:
+            await kafka_consumer.seek_to_beginning(*uncommitted)
+        except IllegalStateError:
+            log.info("a rebalance took partitions of %s first", uncommitted)
+            return []
+    return uncommitted
 
 
 class ActivePartitions:

@@ -1,0 +1,121 @@
+"""A seek to the committed offsets puts a partition without one back at its start
+(``stream_app/fair_fetch.py``, :func:`rewind_uncommitted`): on a real broker, where aiokafka's
+own seek leaves it past records a dropped poll took, and through ``create_app``'s consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.consumer.fetcher import OffsetResetStrategy
+from aiokafka.errors import IllegalStateError
+from aiokafka.structs import TopicPartition
+from kafka import KafkaProducer
+
+from stream_app.fair_fetch import rewind_uncommitted
+from stream_app.kafka import aiokafka_config, client_config, ensure_topics
+
+
+def test_a_partition_never_committed_goes_back_to_its_first_record(settings):
+    """Five records on each of two partitions, all taken by a poll (as Faust's dropped poll
+    takes them); partition 0 committed at 2, partition 1 never. aiokafka's seek to the
+    committed offsets moves partition 0 back and leaves partition 1 past its records; the
+    rewind puts partition 1 back at 0, and the same records are read again."""
+    topic = f"seeks-{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings, [topic])
+    producer = KafkaProducer(**client_config(settings))
+    for partition in (0, 1):
+        for n in range(5):
+            producer.send(topic, value=b"%d" % n, partition=partition)
+    producer.flush()
+    producer.close()
+    first, second = TopicPartition(topic, 0), TopicPartition(topic, 1)
+
+    async def run() -> tuple[dict, dict, list, dict, list]:
+        consumer = AIOKafkaConsumer(group_id=f"g-{topic}", enable_auto_commit=False,
+                                    auto_offset_reset="earliest", **aiokafka_config(settings))
+        await consumer.start()
+        try:
+            consumer.assign([first, second])
+            taken = 0
+            for _ in range(50):
+                batches = await consumer.getmany(timeout_ms=500)
+                taken += sum(map(len, batches.values()))
+                if taken == 10:
+                    break
+            await consumer.commit({first: 2})
+            committed = await consumer.seek_to_committed()
+            after_seek = {tp: await consumer.position(tp) for tp in (first, second)}
+            rewound = await rewind_uncommitted(consumer, committed)
+            after_rewind = {tp: await consumer.position(tp) for tp in (first, second)}
+            again = await consumer.getmany(second, timeout_ms=2000)
+            return committed, after_seek, rewound, after_rewind, [r.value for r in again[second]]
+        finally:
+            await consumer.stop()
+
+    committed, after_seek, rewound, after_rewind, again = asyncio.run(run())
+    assert committed == {first: 2, second: None}
+    assert after_seek == {first: 2, second: 5}  # aiokafka's own seek: the gap this closes
+    assert rewound == [second]
+    assert after_rewind == {first: 2, second: 0}
+    assert again == [b"0", b"1", b"2", b"3", b"4"]
+
+
+class Recorded:
+    """An aiokafka consumer as :func:`rewind_uncommitted` sees it: its reset policy, and the
+    partitions it was asked to seek to their start."""
+
+    def __init__(self, policy: int = OffsetResetStrategy.EARLIEST, refuse: bool = False):
+        self._fetcher = type("Fetcher", (), {"_default_reset_strategy": policy})()
+        self.refuse = refuse
+        self.sought: list = []
+
+    committed = {TopicPartition("t", 0): None, TopicPartition("t", 1): 7,
+                 TopicPartition("t", 2): 0}
+
+    async def seek_to_committed(self) -> dict:
+        return dict(self.committed)
+
+    async def seek_to_beginning(self, *partitions) -> None:
+        if self.refuse:
+            raise IllegalStateError("not assigned")
+        self.sought.extend(partitions)
+
+
+def test_only_the_earliest_policy_rewinds_and_a_lost_partition_is_left_alone():
+    committed = {TopicPartition("t", 0): None, TopicPartition("t", 1): 3}
+    latest = Recorded(OffsetResetStrategy.LATEST)
+    assert asyncio.run(rewind_uncommitted(latest, committed)) == [] and latest.sought == []
+    refused = Recorded(refuse=True)
+    assert asyncio.run(rewind_uncommitted(refused, committed)) == []
+
+
+def test_the_worker_apps_seek_to_committed_rewinds_the_uncommitted(tmp_path):
+    """``create_app`` installs it: its consumer thread's seek to the committed offsets seeks
+    the partitions without a committed offset (none, or 0) to their start, in the same
+    thread call, and answers the committed offsets as before. A table's changelog, which the
+    group never commits, is left where the recovery put it."""
+    from stream_app.app import create_app
+    from stream_app.engine import Engine
+    from stream_app.settings import Settings
+    from stream_app.worker import build_metrics
+
+    settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", embedded_compat=True)
+    engine = Engine(settings)
+    app = create_app(settings, engine, build_metrics(engine))
+    thread = app.consumer._thread
+    kafka_consumer = Recorded()
+    changelog = TopicPartition(next(iter(app.tables.changelog_topics)), 0)
+    kafka_consumer.committed = {**Recorded.committed, changelog: None}
+    thread._ensure_consumer = lambda: kafka_consumer
+    calls = []
+
+    async def call_thread(fun, *args, **kwargs):
+        calls.append(fun)
+        return await fun(*args, **kwargs)
+
+    thread.call_thread = call_thread
+    assert asyncio.run(thread.seek_to_committed()) == kafka_consumer.committed
+    assert kafka_consumer.sought == [TopicPartition("t", 0), TopicPartition("t", 2)]
+    assert len(calls) == 1
