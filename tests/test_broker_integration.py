@@ -461,6 +461,26 @@ def test_records_the_broker_refused_are_sent_again_before_their_events_commit(
             assert f"i{n}" not in ids(client.recommend(user, k=100, **POPULAR))
 
 
+def test_records_a_dropped_poll_took_from_a_partition_never_committed_are_read_again(
+        settings, start_worker):
+    """A worker whose consumer has passed over the first 20 records of each events partition
+    unseen when Faust first seeks to the committed offsets (as a poll that returned while a
+    rebalance had stopped the flow leaves them: taken, dropped, never committed) still takes
+    in and learns every event: that seek puts a partition without a committed offset back at
+    its first record. Without it the records passed over were never taken in (the worker
+    took in 40 of the 120 events, the topic holding four partitions)."""
+    users = [f"u{i}" for i in range(40)]
+    stream = [(user.encode(), event(user, f"i{n}", event_id=f"e{n}"))
+              for n, user in enumerate(users * 3)]
+    produce(settings, stream)
+    dropping = [sys.executable, str(Path(__file__).parent / "refusing_worker.py")]
+    worker = start_worker(settings, dropping, {"DROP_BEFORE_SEEK": "events-:20"})
+    worker.wait_metric("streamrec_learned_events_total", len(stream))
+    assert "dropped 20 records" in worker.log_path.read_text()
+    time.sleep(1.0)
+    assert worker.metrics()["streamrec_events_total"] == len(stream)  # none twice
+
+
 def moved_to_cluster(answer: RecResponse, cluster: str) -> bool:
     """The answer's top half and a majority of it come from ``cluster``. A cluster holds 30
     of the 180 items, so by chance about 1.5 of 10 would; usually all ten do."""
