@@ -107,7 +107,9 @@ async def rewind_uncommitted(kafka_consumer: Any, committed: dict) -> list:
     a group whose reset policy is "earliest" starts them; returns those partitions. Nothing
     for another policy. aiokafka's seek leaves such a partition (and one committed at 0)
     where its last poll left it. A partition no longer assigned is left alone: its next
-    assignment starts it from the reset policy."""
+    assignment starts it from the reset policy. Never raises: a seek that fails leaves the
+    positions as aiokafka's own seek did (logged), and the seek to the committed offsets
+    goes on, where an error would stop a table recovery."""
     if kafka_consumer._fetcher._default_reset_strategy != OffsetResetStrategy.EARLIEST:
         return []
     uncommitted = [tp for tp, offset in committed.items() if not offset or offset < 0]
@@ -116,6 +118,9 @@ async def rewind_uncommitted(kafka_consumer: Any, committed: dict) -> list:
             await kafka_consumer.seek_to_beginning(*uncommitted)
         except IllegalStateError:
             log.info("a rebalance took partitions of %s first", uncommitted)
+            return []
+        except Exception:  # noqa: BLE001 - the stock seek's result stands
+            log.warning("could not seek %s to their first offsets", uncommitted, exc_info=True)
             return []
     return uncommitted
 

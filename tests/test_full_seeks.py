@@ -9,7 +9,7 @@ import uuid
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import OffsetResetStrategy
-from aiokafka.errors import IllegalStateError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import TopicPartition
 from kafka import KafkaProducer
 
@@ -67,7 +67,8 @@ class Recorded:
     """An aiokafka consumer as :func:`rewind_uncommitted` sees it: its reset policy, and the
     partitions it was asked to seek to their start."""
 
-    def __init__(self, policy: int = OffsetResetStrategy.EARLIEST, refuse: bool = False):
+    def __init__(self, policy: int = OffsetResetStrategy.EARLIEST,
+                 refuse: Exception | None = None):
         self._fetcher = type("Fetcher", (), {"_default_reset_strategy": policy})()
         self.refuse = refuse
         self.sought: list = []
@@ -79,17 +80,19 @@ class Recorded:
         return dict(self.committed)
 
     async def seek_to_beginning(self, *partitions) -> None:
-        if self.refuse:
-            raise IllegalStateError("not assigned")
+        if self.refuse is not None:
+            raise self.refuse
         self.sought.extend(partitions)
 
 
-def test_only_the_earliest_policy_rewinds_and_a_lost_partition_is_left_alone():
+def test_only_the_earliest_policy_rewinds_and_a_failed_seek_is_left_as_it_was():
+    """Another reset policy is not rewound; a partition lost to a rebalance meanwhile, or any
+    error of the seek, leaves the positions as aiokafka's seek left them, without raising."""
     committed = {TopicPartition("t", 0): None, TopicPartition("t", 1): 3}
     latest = Recorded(OffsetResetStrategy.LATEST)
     assert asyncio.run(rewind_uncommitted(latest, committed)) == [] and latest.sought == []
-    refused = Recorded(refuse=True)
-    assert asyncio.run(rewind_uncommitted(refused, committed)) == []
+    for error in (IllegalStateError("not assigned"), KafkaError("coordinator moved")):
+        assert asyncio.run(rewind_uncommitted(Recorded(refuse=error), committed)) == []
 
 
 def test_the_worker_apps_seek_to_committed_rewinds_the_uncommitted(tmp_path):
