@@ -1,4 +1,5 @@
-"""Share each consumer poll among the partitions that have records waiting.
+"""Share each consumer poll among the partitions that have records waiting; and two fixes of
+the positions a poll or a seek leaves behind.
 
 aiokafka's fetcher hands out buffered records partition by partition, in the order their fetch
 responses arrived, until a poll's ``max_records`` are used up; a partition keeps its place in
@@ -37,7 +38,7 @@ Faust also drops the records of a poll that returns while a rebalance has stoppe
 them), and seeks back to the committed offsets, at once and again at the end of the recovery.
 aiokafka's seek to the committed offsets leaves a partition without one where it is, past the
 dropped records: a deployment's first events, or its training messages before the first
-checkpoint, were lost that way when a second worker joined. :func:`install_full_seeks` makes
+checkpoint, could be lost that way when a second worker joined. :func:`install_full_seeks` makes
 that seek put such a partition back where the assignment started it (the group's reset
 policy, "earliest": its first offset), which is where aiokafka starts every partition without
 a committed offset at each rebalance anyway.
