@@ -52,7 +52,7 @@ from collections.abc import Container
 from typing import Any
 
 import faust
-from aiokafka.consumer.fetcher import FetchResult, OffsetResetStrategy
+from aiokafka.consumer.fetcher import FetchError, FetchResult, OffsetResetStrategy
 from aiokafka.errors import IllegalStateError
 
 from .delivery import patch_consumer
@@ -196,9 +196,13 @@ async def fair_records(fetcher: Any, partitions: Container | None,
     for each partition that has some, then the rest of the budget in the fetcher's order.
     ``fetcher`` is aiokafka's ``Fetcher`` (its ``_records``: partition → buffered result).
 
-    A partition whose buffered result is a fetch error is left to aiokafka's own call (made
-    when this returns nothing), which raises it: raising here would drop the records already
-    taken from other partitions, whose positions have moved."""
+    While an asked partition's buffered result is a fetch error, nothing is taken: aiokafka's
+    own call (made when this returns nothing) raises it, in that poll or the next. Raising
+    here would drop the records taken from other partitions, whose positions have moved; and
+    taking them while the error waited put it off for as long as they had records, the
+    partition stalled without a word."""
+    if _holds_error(fetcher, partitions):
+        return {}
     waiting = _with_records(fetcher, partitions)
     if not waiting:
         return {}
@@ -214,6 +218,11 @@ async def fair_records(fetcher: Any, partitions: Container | None,
             break
         left -= _take(records, await fetcher.fetched_records({tp}, 0, left))
     return records
+
+
+def _holds_error(fetcher: Any, partitions: Container | None) -> bool:
+    return any(type(result) is FetchError and (not partitions or tp in partitions)
+               for tp, result in fetcher._records.items())
 
 
 def _with_records(fetcher: Any, partitions: Container | None) -> list:

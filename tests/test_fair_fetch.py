@@ -112,14 +112,18 @@ def test_each_partition_gets_a_share_when_there_are_more_than_the_poll_holds():
     assert all(len(part) == 1 for part in records.values())
 
 
-def test_only_the_asked_partitions_are_taken_and_errors_are_left_to_aiokafka():
-    """A buffered fetch error is not raised here (the records already taken from the other
-    partitions would be lost); aiokafka's own poll raises it when nothing else is left."""
+def test_only_the_asked_partitions_are_taken_and_errors_are_left_to_aiokafka_at_once():
+    """A buffered fetch error of an asked partition is not raised here (the records taken
+    from the other partitions would be lost), and nothing is taken while it waits: aiokafka's
+    own poll then raises it, after the records buffered before it, where the fair poll went
+    on taking the other partitions' records for as long as they came. An error of a
+    partition not asked for holds nothing back."""
     fetcher = BufferedFetcher({EVENTS_0: 10, EVENTS_1: 10})
     fetcher._records[TRAIN] = FetchError(error=KafkaError("broken"), backoff=0)
     assert set(poll(fetcher, partitions={EVENTS_1})) == {EVENTS_1}
-    assert poll(fetcher) == {EVENTS_0: list(range(10))}
     assert poll(fetcher) == {}
+    assert poll(fetcher, partitions={TRAIN, EVENTS_0}) == {}
+    assert asyncio.run(fetcher.fetched_records(None, 0, 500)) == {EVENTS_0: list(range(10))}
     with pytest.raises(KafkaError):
         asyncio.run(fetcher.fetched_records(None, 0, 500))
 
