@@ -197,10 +197,11 @@ async def fair_records(fetcher: Any, partitions: Container | None,
     ``fetcher`` is aiokafka's ``Fetcher`` (its ``_records``: partition → buffered result).
 
     While an asked partition's buffered result is a fetch error, nothing is taken: aiokafka's
-    own call (made when this returns nothing) raises it, in that poll or the next. Raising
-    here would drop the records taken from other partitions, whose positions have moved; and
-    taking them while the error waited put it off for as long as they had records, the
-    partition stalled without a word."""
+    own call (made when this returns nothing) hands out the results buffered before the error
+    and then raises it, as it does without fair polls; a partition's next result queues
+    behind the error. Raising here would drop the records taken from other partitions, whose
+    positions have moved; and taking them while the error waited put it off for as long as
+    they had records, the partition stalled without a word."""
     if _holds_error(fetcher, partitions):
         return {}
     waiting = _with_records(fetcher, partitions)

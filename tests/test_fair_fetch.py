@@ -112,7 +112,7 @@ def test_each_partition_gets_a_share_when_there_are_more_than_the_poll_holds():
     assert all(len(part) == 1 for part in records.values())
 
 
-def test_only_the_asked_partitions_are_taken_and_errors_are_left_to_aiokafka_at_once():
+def test_only_the_asked_partitions_are_taken_and_an_error_is_left_to_aiokafka_first():
     """A buffered fetch error of an asked partition is not raised here (the records taken
     from the other partitions would be lost), and nothing is taken while it waits: aiokafka's
     own poll then raises it, after the records buffered before it, where the fair poll went
