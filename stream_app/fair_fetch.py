@@ -222,13 +222,18 @@ async def fair_records(fetcher: Any, partitions: Container | None,
 
 
 def _holds_error(fetcher: Any, partitions: Container | None) -> bool:
-    return any(type(result) is FetchError and (not partitions or tp in partitions)
-               for tp, result in fetcher._records.items())
+    return any(type(result) is FetchError for _, result in _buffered(fetcher, partitions))
 
 
 def _with_records(fetcher: Any, partitions: Container | None) -> list:
-    return [tp for tp, result in fetcher._records.items()
-            if type(result) is FetchResult and (not partitions or tp in partitions)]
+    return [tp for tp, result in _buffered(fetcher, partitions) if type(result) is FetchResult]
+
+
+def _buffered(fetcher: Any, partitions: Container | None) -> list:
+    """(partition, buffered result) of the asked ``partitions`` (every one where None or
+    empty, as aiokafka reads them), in the fetcher's order."""
+    return [(tp, result) for tp, result in fetcher._records.items()
+            if not partitions or tp in partitions]
 
 
 def _take(records: dict, fetched: dict) -> int:

@@ -57,13 +57,11 @@ from threadpoolctl import threadpool_limits
 
 from .engine import Engine, LearnedReport
 from .item_sharing import add_step_records, install_records
-from .processes import LEARNER_LOCK, lock_data_dir
+from .processes import LEARNER_LOCK, LEARNER_LOCK_WAIT_S, lock_data_dir
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: longest a learner waits for the one a killed worker left to write its checkpoint and end
-LEARNER_LOCK_WAIT_S = 60.0
 #: training batches handed to the child ahead of its learning
 IN_FLIGHT = 2
 #: bytes of other frames (item rows, steps) the worker holds for the child before their

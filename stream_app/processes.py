@@ -190,6 +190,9 @@ class DataDirInUse(RuntimeError):
 DATA_DIR_LOCK = "worker.lock"
 #: the same for its learner process, which can outlive a killed worker while it checkpoints
 LEARNER_LOCK = "learner.lock"
+#: longest a learner process's start, or an embedded run's, waits for the learner process a
+#: killed worker left to write its checkpoint and end
+LEARNER_LOCK_WAIT_S = 60.0
 #: in a data dir whose state an embedded broker's worker made (``stream_app/supervisor.py``)
 EMBEDDED_MARK = "embedded-broker"
 

@@ -18,13 +18,11 @@ from state.stream_positions import mark_topics_renewed
 
 from .client import RecClient, ResponseTimeout
 from .kafka import ensure_topics
-from .processes import (EMBEDDED_MARK, LEARNER_LOCK, Child, EmbeddedBroker,
-                        lock_data_dir, worker_argv)
+from .processes import (EMBEDDED_MARK, LEARNER_LOCK, LEARNER_LOCK_WAIT_S, Child,
+                        EmbeddedBroker, lock_data_dir, worker_argv)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-#: longest a start waits for a learner process left by a killed worker to write its checkpoint
-LEARNER_EXIT_WAIT_S = 60.0
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -143,7 +141,7 @@ def forget_broker_state(settings: Settings) -> list[str]:
         raise RuntimeError(f"{tables} is a link: an embedded run would remove what it points "
                            "to; remove that yourself")
     # a learner process that outlived its killed worker may still write its checkpoint
-    with lock_data_dir(data), lock_data_dir(data, LEARNER_LOCK, wait_s=LEARNER_EXIT_WAIT_S):
+    with lock_data_dir(data), lock_data_dir(data, LEARNER_LOCK, wait_s=LEARNER_LOCK_WAIT_S):
         (data / EMBEDDED_MARK).touch()
         dropped = []
         if has_tables:
