@@ -39,16 +39,17 @@ them), and seeks back to the committed offsets, at once and again at the end of 
 aiokafka's seek to the committed offsets leaves a partition without one where it is, past the
 dropped records: a deployment's first events, or its training messages before the first
 checkpoint, could be lost that way when a second worker joined. :func:`install_full_seeks` makes
-that seek put such a partition back where the assignment started it (the group's reset
-policy, "earliest": its first offset), which is where aiokafka starts every partition without
-a committed offset at each rebalance anyway.
+that seek put such a partition back after the last record Faust gave its streams since the
+assignment, or where the assignment started it when none (the group's reset policy,
+"earliest": its first offset, where aiokafka starts every partition without a committed
+offset at each rebalance anyway).
 """
 
 from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from typing import Any
 
 import faust
@@ -74,7 +75,7 @@ def install_active_only_polls(app: faust.App) -> None:
 
 def install_full_seeks(app: faust.App) -> None:
     """Make the consumer this app creates seek a partition without a committed offset back to
-    where its assignment started it, when Faust seeks to the committed offsets
+    the first record its streams were not given, when Faust seeks to the committed offsets
     (:func:`seek_uncommitted_too`)."""
     patch_consumer(app, seek_uncommitted_too)
 
@@ -94,7 +95,8 @@ def seek_uncommitted_too(consumer: Any) -> None:
         async def seek():
             committed = await kafka_consumer.seek_to_committed()
             await rewind_uncommitted(kafka_consumer, {
-                tp: offset for tp, offset in committed.items() if tp.topic not in changelogs})
+                tp: offset for tp, offset in committed.items() if tp.topic not in changelogs},
+                delivered=consumer._read_offset)
             return committed
 
         return await self.call_thread(seek)
@@ -102,27 +104,36 @@ def seek_uncommitted_too(consumer: Any) -> None:
     thread.seek_to_committed = types.MethodType(seek_to_committed, thread)
 
 
-async def rewind_uncommitted(kafka_consumer: Any, committed: dict) -> list:
+async def rewind_uncommitted(kafka_consumer: Any, committed: dict,
+                             delivered: Mapping | None = None) -> list:
     """Seek the partitions of ``committed`` (aiokafka's answer to a seek to the committed
-    offsets: partition → offset) that have no committed offset to their first offset, where
-    a group whose reset policy is "earliest" starts them; returns those partitions. Nothing
-    for another policy. aiokafka's seek leaves such a partition (and one committed at 0)
-    where its last poll left it. A partition no longer assigned is left alone: its next
+    offsets: partition → offset) that have no committed offset back to the first record not
+    delivered: past the last offset ``delivered`` names for it (Faust's offsets read since the
+    partition was assigned), else to its first offset, where a group whose reset policy is
+    "earliest" starts it; returns those partitions. Nothing for another policy. aiokafka's
+    seek leaves such a partition (and one committed at 0) where its last poll left it, and a
+    seek to its start would deliver again what the streams took between the recovery's resume
+    of the flow and its seek. A partition no longer assigned is left alone: its next
     assignment starts it from the reset policy. Never raises: a seek that fails leaves the
     positions as aiokafka's own seek did (logged), and the seek to the committed offsets
     goes on, where an error would stop a table recovery."""
     if kafka_consumer._fetcher._default_reset_strategy != OffsetResetStrategy.EARLIEST:
         return []
     uncommitted = [tp for tp, offset in committed.items() if not offset or offset < 0]
-    if uncommitted:
-        try:
-            await kafka_consumer.seek_to_beginning(*uncommitted)
-        except IllegalStateError:
-            log.info("a rebalance took partitions of %s first", uncommitted)
-            return []
-        except Exception:  # noqa: BLE001 - the stock seek's result stands
-            log.warning("could not seek %s to their first offsets", uncommitted, exc_info=True)
-            return []
+    last = {tp: (delivered or {}).get(tp) for tp in uncommitted}
+    try:
+        for tp, offset in last.items():
+            if offset is not None:
+                kafka_consumer.seek(tp, offset + 1)
+        unread = [tp for tp, offset in last.items() if offset is None]
+        if unread:
+            await kafka_consumer.seek_to_beginning(*unread)
+    except IllegalStateError:
+        log.info("a rebalance took partitions of %s first", uncommitted)
+        return []
+    except Exception:  # noqa: BLE001 - the stock seek's result stands
+        log.warning("could not seek %s back", uncommitted, exc_info=True)
+        return []
     return uncommitted
 
 

@@ -21,7 +21,8 @@ def test_a_partition_never_committed_goes_back_to_its_first_record(settings):
     """Five records on each of two partitions, all taken by a poll (as Faust's dropped poll
     takes them); partition 0 committed at 2, partition 1 never. aiokafka's seek to the
     committed offsets moves partition 0 back and leaves partition 1 past its records; the
-    rewind puts partition 1 back at 0, and the same records are read again."""
+    rewind puts partition 1 back at 0, and the same records are read again. Where the
+    streams were given some of them, only the rest is read again."""
     topic = f"seeks-{uuid.uuid4().hex[:8]}"
     ensure_topics(settings, [topic])
     producer = KafkaProducer(**client_config(settings))
@@ -32,7 +33,7 @@ def test_a_partition_never_committed_goes_back_to_its_first_record(settings):
     producer.close()
     first, second = TopicPartition(topic, 0), TopicPartition(topic, 1)
 
-    async def run() -> tuple[dict, dict, list, dict, list]:
+    async def run() -> tuple[dict, dict, list, dict, list, list]:
         consumer = AIOKafkaConsumer(group_id=f"g-{topic}", enable_auto_commit=False,
                                     auto_offset_reset="earliest", **aiokafka_config(settings))
         await consumer.start()
@@ -51,16 +52,21 @@ def test_a_partition_never_committed_goes_back_to_its_first_record(settings):
             rewound = await rewind_uncommitted(consumer, committed)
             after_rewind = {tp: await consumer.position(tp) for tp in (first, second)}
             again = await consumer.getmany(second, timeout_ms=2000)
-            return committed, after_seek, rewound, after_rewind, [r.value for r in again[second]]
+            # the streams were given offsets 0-2 of the five: the rest is read again, not all
+            await rewind_uncommitted(consumer, {second: None}, delivered={second: 2})
+            rest = await consumer.getmany(second, timeout_ms=2000)
+            return (committed, after_seek, rewound, after_rewind, [r.value for r in again[second]],
+                    [r.value for r in rest[second]])
         finally:
             await consumer.stop()
 
-    committed, after_seek, rewound, after_rewind, again = asyncio.run(run())
+    committed, after_seek, rewound, after_rewind, again, rest = asyncio.run(run())
     assert committed == {first: 2, second: None}
     assert after_seek == {first: 2, second: 5}  # aiokafka's own seek: the gap this closes
     assert rewound == [second]
     assert after_rewind == {first: 2, second: 0}
     assert again == [b"0", b"1", b"2", b"3", b"4"]
+    assert rest == [b"3", b"4"]
 
 
 class Recorded:
@@ -72,12 +78,16 @@ class Recorded:
         self._fetcher = type("Fetcher", (), {"_default_reset_strategy": policy})()
         self.refuse = refuse
         self.sought: list = []
+        self.placed: dict = {}
 
     committed = {TopicPartition("t", 0): None, TopicPartition("t", 1): 7,
                  TopicPartition("t", 2): 0}
 
     async def seek_to_committed(self) -> dict:
         return dict(self.committed)
+
+    def seek(self, partition, offset: int) -> None:
+        self.placed[partition] = offset
 
     async def seek_to_beginning(self, *partitions) -> None:
         if self.refuse is not None:
@@ -98,8 +108,9 @@ def test_only_the_earliest_policy_rewinds_and_a_failed_seek_is_left_as_it_was():
 def test_the_worker_apps_seek_to_committed_rewinds_the_uncommitted(tmp_path):
     """``create_app`` installs it: its consumer thread's seek to the committed offsets seeks
     the partitions without a committed offset (none, or 0) to their start, in the same
-    thread call, and answers the committed offsets as before. A table's changelog, which the
-    group never commits, is left where the recovery put it."""
+    thread call, and answers the committed offsets as before; one whose records Faust gave
+    its streams up to an offset, past that offset. A table's changelog, which the group never
+    commits, is left where the recovery put it."""
     from stream_app.app import create_app
     from stream_app.engine import Engine
     from stream_app.settings import Settings
@@ -111,7 +122,9 @@ def test_the_worker_apps_seek_to_committed_rewinds_the_uncommitted(tmp_path):
     thread = app.consumer._thread
     kafka_consumer = Recorded()
     changelog = TopicPartition(next(iter(app.tables.changelog_topics)), 0)
-    kafka_consumer.committed = {**Recorded.committed, changelog: None}
+    read = TopicPartition("t", 3)
+    kafka_consumer.committed = {**Recorded.committed, changelog: None, read: None}
+    app.consumer._read_offset[read] = 4  # Faust's last offset given to the streams
     thread._ensure_consumer = lambda: kafka_consumer
     calls = []
 
@@ -122,4 +135,5 @@ def test_the_worker_apps_seek_to_committed_rewinds_the_uncommitted(tmp_path):
     thread.call_thread = call_thread
     assert asyncio.run(thread.seek_to_committed()) == kafka_consumer.committed
     assert kafka_consumer.sought == [TopicPartition("t", 0), TopicPartition("t", 2)]
+    assert kafka_consumer.placed == {read: 5}
     assert len(calls) == 1
