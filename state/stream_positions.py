@@ -29,56 +29,66 @@ from pathlib import Path
 import numpy as np
 
 PREFIX = "stream_"
+EVENTS_PREFIX = "events_"
 
 
-class StreamPositions:
-    """Next offset to learn per partition of ``topic``; each message is let in once."""
+class _Positions:
+    """Next offset to learn per stream (a key) of one topic, saved in the checkpoint under
+    ``prefix``; each subclass says what a stream is and how its keys are stored."""
+
+    prefix = ""
+    keys_name = ""  # the array of the streams' keys in a checkpoint
+    key_shape: tuple[int, ...] = ()  # of one key in that array
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self._next: dict[int, int] = {}
+        self._next: dict = {}
 
-    def admit(self, partitions: Sequence[int], offsets: Sequence[int]) -> list[bool]:
-        """For each message (in the order taken), whether it is new: its offset is at or past
-        its partition's position, which then moves past it."""
-        fresh = []
-        for partition, offset in zip(partitions, offsets):
-            partition, offset = int(partition), int(offset)
-            new = offset >= self._next.get(partition, 0)
-            if new:
-                self._next[partition] = offset + 1
-            fresh.append(new)
-        return fresh
+    def _admit(self, stream, offset: int) -> bool:
+        """Whether the message at ``offset`` of ``stream`` is new; if so, the position moves
+        past it."""
+        new = offset >= self._next.get(stream, 0)
+        if new:
+            self._next[stream] = offset + 1
+        return new
 
-    def next_offsets(self) -> dict[int, int]:
+    def next_offsets(self) -> dict:
         return dict(self._next)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        partitions = np.array(sorted(self._next), dtype=np.int64)
-        return {f"{PREFIX}topic": np.array(self.topic),
-                f"{PREFIX}partitions": partitions,
-                f"{PREFIX}next": np.array([self._next[p] for p in partitions.tolist()],
-                                          dtype=np.int64)}
+        streams = sorted(self._next)
+        return {f"{self.prefix}topic": np.array(self.topic),
+                f"{self.prefix}{self.keys_name}":
+                    np.array(streams, dtype=np.int64).reshape(-1, *self.key_shape),
+                f"{self.prefix}next": np.array([self._next[s] for s in streams],
+                                               dtype=np.int64)}
 
     def set_arrays(self, data: dict[str, np.ndarray]) -> None:
         """The positions saved in ``data``; none where it has none (a checkpoint from before
         they were saved) or where they were taken on another topic."""
         self._next = {}
-        if not _saved_for(data, PREFIX, self.topic):
+        prefix = self.prefix
+        if f"{prefix}topic" not in data or str(data[f"{prefix}topic"]) != self.topic:
             return
-        self._next = {int(p): int(n) for p, n in zip(data[f"{PREFIX}partitions"],
-                                                     data[f"{PREFIX}next"])}
+        keys = data[f"{prefix}{self.keys_name}"].tolist()  # ints, or lists of ints
+        self._next = {tuple(k) if isinstance(k, list) else k: int(n)
+                      for k, n in zip(keys, data[f"{prefix}next"].tolist())}
 
 
-def _saved_for(data: dict[str, np.ndarray], prefix: str, topic: str) -> bool:
-    """Whether ``data`` holds positions under ``prefix`` taken on ``topic``."""
-    return f"{prefix}topic" in data and str(data[f"{prefix}topic"]) == topic
+class StreamPositions(_Positions):
+    """Next offset to learn per partition of ``topic``; each message is let in once."""
+
+    prefix = PREFIX
+    keys_name = "partitions"
+
+    def admit(self, partitions: Sequence[int], offsets: Sequence[int]) -> list[bool]:
+        """For each message (in the order taken), whether it is new: its offset is at or past
+        its partition's position, which then moves past it."""
+        return [self._admit(int(partition), int(offset))
+                for partition, offset in zip(partitions, offsets)]
 
 
-EVENTS_PREFIX = "events_"
-
-
-class EventPositions:
+class EventPositions(_Positions):
     """Next event offset to learn, per training partition and partition of the events
     ``topic``: each training example carries where its event is in the events topic, and the
     learner takes it once.
@@ -99,46 +109,18 @@ class EventPositions:
     older message) is always learned.
     """
 
-    def __init__(self, topic: str) -> None:
-        self.topic = topic
-        self._next: dict[tuple[int, int], int] = {}
+    prefix = EVENTS_PREFIX
+    keys_name = "streams"
+    key_shape = (2,)
 
     def admit(self, partitions: Sequence[int | None],
               sources: Sequence[tuple[int, int] | None]) -> list[bool]:
         """For each example (in the order taken): whether it is new. ``partitions``: the
         training partition of each example's message; ``sources``: the (partition, offset) of
         its event; an example lacking either is new."""
-        fresh = []
-        for partition, source in zip(partitions, sources):
-            if partition is None or source is None:
-                fresh.append(True)
-                continue
-            stream, offset = (partition, source[0]), source[1]
-            new = offset >= self._next.get(stream, 0)
-            if new:
-                self._next[stream] = offset + 1
-            fresh.append(new)
-        return fresh
-
-    def next_offsets(self) -> dict[tuple[int, int], int]:
-        return dict(self._next)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        streams = sorted(self._next)
-        return {f"{EVENTS_PREFIX}topic": np.array(self.topic),
-                f"{EVENTS_PREFIX}streams": np.array(streams, dtype=np.int64).reshape(-1, 2),
-                f"{EVENTS_PREFIX}next": np.array([self._next[s] for s in streams],
-                                                 dtype=np.int64)}
-
-    def set_arrays(self, data: dict[str, np.ndarray]) -> None:
-        """The positions saved in ``data``; none where it has none or where they were taken
-        on another events topic."""
-        self._next = {}
-        if not _saved_for(data, EVENTS_PREFIX, self.topic):
-            return
-        self._next = {(int(t), int(e)): int(n) for (t, e), n in
-                      zip(data[f"{EVENTS_PREFIX}streams"].tolist(),
-                          data[f"{EVENTS_PREFIX}next"].tolist())}
+        return [partition is None or source is None
+                or self._admit((partition, source[0]), source[1])
+                for partition, source in zip(partitions, sources)]
 
 
 #: beside the model checkpoint: its topics started anew at this file's time (an embedded
