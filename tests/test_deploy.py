@@ -294,15 +294,44 @@ def test_dockerfile_copies_every_package_the_project_installs():
 
 # -- Prometheus -----------------------------------------------------------------------------------
 def test_prometheus_scrapes_every_worker(services, monkeypatch):
-    """The scrape targets are exactly the worker services on their metrics port."""
+    """The scrape targets are exactly the worker services on their metrics port, found by
+    their names (a worker of an unused profile adds no target, so no scrape is always down)."""
     config = load_yaml("prometheus/prometheus.yml")
-    targets = {target for job in config["scrape_configs"]
-               for group in job["static_configs"] for target in group["targets"]}
+    (job,) = config["scrape_configs"]
+    assert "static_configs" not in job
+    targets = {f"{name}:{lookup['port']}" for lookup in job["dns_sd_configs"]
+               for name in lookup["names"]}
+    assert all(lookup["type"] == "A" for lookup in job["dns_sd_configs"])
     expected = set()
     for name, service in workers(services).items():
         settings = settings_from(streamrec_vars(environment(service)), monkeypatch)
         expected.add(f"{name}:{settings.metrics_port}")
     assert targets == expected
+
+
+def relabelled(rules: list[dict], labels: dict[str, str]) -> dict[str, str]:
+    """Prometheus's `replace` relabelling (its default action): the source labels joined by
+    ``;``, matched by the whole regex, set ``target_label`` to the expanded replacement."""
+    labels = dict(labels)
+    for rule in rules:
+        assert rule.get("action", "replace") == "replace"
+        joined = rule.get("separator", ";").join(labels.get(name, "")
+                                                  for name in rule["source_labels"])
+        match = re.fullmatch(rule.get("regex", "(.*)"), joined)
+        if match:
+            replacement = re.sub(r"\$\{(\d+)\}", r"\\\1", rule.get("replacement", "$1"))
+            labels[rule["target_label"]] = match.expand(replacement)
+    return labels
+
+
+def test_a_discovered_worker_is_named_by_its_service_not_its_address():
+    """Dashboards label series by `instance`: a container's address changes when compose
+    makes it again, its service name does not."""
+    (job,) = load_yaml("prometheus/prometheus.yml")["scrape_configs"]
+    discovered = {"__meta_dns_name": "worker-2", "__address__": "172.18.0.7:9464"}
+    assert relabelled(job["relabel_configs"], discovered)["instance"] == "worker-2:9464"
+    fixed = {"__address__": "127.0.0.1:9464"}  # no name: a target not found by DNS
+    assert "instance" not in relabelled(job["relabel_configs"], fixed)
 
 
 def test_prometheus_loads_the_mounted_config(services):
