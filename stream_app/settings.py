@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         20.0, gt=0, description="Longest graceful stop of a worker before it exits anyway.")
 
-    # -- model (DESIGN.md "Models") -----------------------------------------------------------
+    # -- model (README "Status"; docs/results.md) ----------------------------------------------
     model_dim: int = Field(64, ge=2, le=1024, description="Embedding dimension d.")
     encoder: Literal["mean", "ials"] = Field("mean", description="User encoder.")
     encoder_half_life_s: float | None = Field(
@@ -240,7 +240,7 @@ class Settings(BaseSettings):
     poll_records: int = Field(500, ge=1, description="Most records one consumer poll returns.")
     model_seed: int = 0
 
-    # -- serving index (DESIGN.md "Serving and index_sync") ------------------------------------
+    # -- serving index (README "Ask for recommendations") -------------------------------------
     index_enabled: bool = Field(True, description="Serve from HNSW indices rebuilt aside.")
     index_interval_s: float = Field(60.0, gt=0, description="Rebuild at least this often.")
     index_changed_items: int = Field(
@@ -286,7 +286,7 @@ class Settings(BaseSettings):
     rerank_candidates: int = Field(
         64, ge=1, description="Candidates a model source retrieves before the one rerank.")
 
-    # -- Deep Retrieval (DESIGN.md "Deep Retrieval") ------------------------------------------
+    # -- Deep Retrieval (README "Ask for recommendations", source dr) -------------------------
     dr_enabled: bool = Field(
         True, description="Learn Deep Retrieval paths on the stream (E-step, M-step, source dr).")
     dr_width: int = Field(100, ge=2, le=100_000, description="Nodes per layer (K).")
@@ -336,7 +336,7 @@ class Settings(BaseSettings):
         return self
 
     @field_validator("positives_half_life", "encoder_half_life_events",
-                     "serve_half_life_events", mode="before")
+                     "encoder_half_life_s", "serve_half_life_events", mode="before")
     @classmethod
     def _none_word(cls, value):
         """``none`` (or an empty value) in the environment turns a decay with a default off."""

@@ -106,6 +106,17 @@ def test_a_serving_grid_reads_from_the_environment(monkeypatch):
     assert (choice.margin_z, choice.k) == (1.5, 20)
 
 
+@pytest.mark.parametrize("name", ["STREAMREC_POSITIVES_HALF_LIFE",
+                                  "STREAMREC_ENCODER_HALF_LIFE_EVENTS",
+                                  "STREAMREC_ENCODER_HALF_LIFE_S",
+                                  "STREAMREC_SERVE_HALF_LIFE_EVENTS"])
+def test_every_optional_half_life_is_turned_off_by_the_word_none(monkeypatch, name):
+    monkeypatch.setenv(name, "none")
+    assert getattr(Settings(), name.removeprefix("STREAMREC_").lower()) is None
+    monkeypatch.setenv(name, "30")
+    assert getattr(Settings(), name.removeprefix("STREAMREC_").lower()) == 30.0
+
+
 @pytest.mark.parametrize("argv", [
     [],
     ["launch"],
