@@ -43,7 +43,7 @@ up: $(VENV)/.app
 test: $(VENV)/.test system-deps
 	$(BIN)/python -m pytest
 
-test-unit: $(VENV)/.test
+test-unit: $(VENV)/.test system-deps
 	$(BIN)/python -m pytest -m "not integration"
 
 clean:
