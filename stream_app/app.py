@@ -40,9 +40,9 @@ from .item_sharing import PUBLISHER, ItemSharing, Records, add_step_records, ins
 from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .request_reader import RequestReader
+from .responder import Responder
 from .settings import Settings
-from .wire import (DeadLetter, Event, InvalidMessage, RecResponse, TrainBatch, TrainExample,
-                   decode_event, decode_request, salvage_request)
+from .wire import DeadLetter, Event, InvalidMessage, TrainBatch, TrainExample, decode_event
 
 log = logging.getLogger(__name__)
 HISTORY_TABLE = "user-histories"
@@ -145,7 +145,6 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
     history_table = BatchedTable(histories)
     history_reader = BatchedTable(histories)  # the responder's reads: one per task
-    reply_topics: dict[str, faust.TopicT] = {}
     intake_lag = IntakeLag(lambda partition: app.consumer.highwater(partition))
 
     async def dead_letter(error: InvalidMessage, message) -> Sent:
@@ -486,79 +485,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                         "%.1f s: the training messages since its last checkpoint will be "
                         "delivered again", wait_s)
 
-    def reply_allowed(name: str | None) -> bool:
-        """The responses topic, a reply topic in use, or a new one while fewer than
-        ``max_reply_topics`` others are (a request may name any topic with the responses
-        prefix)."""
-        if name is None or name == settings.topic_responses or name in reply_topics:
-            return True
-        others = sum(topic != settings.topic_responses for topic in reply_topics)
-        return others < settings.max_reply_topics
-
-    async def reply_topic(name: str | None) -> faust.TopicT:
-        name = name or settings.topic_responses
-        if name not in reply_topics:
-            topic = app.topic(name, **raw)
-            await topic.maybe_declare()
-            reply_topics[name] = topic
-        return reply_topics[name]
-
-    async def respond(response: RecResponse, reply_to: str | None, started: float) -> None:
-        topic = await reply_topic(reply_to)
-        key = response.request_id.encode() if response.request_id else None
-        await topic.send(key=key, value=response.to_bytes())
-        metrics.requests.labels("error" if response.error else "ok").inc()
-        metrics.request_latency.observe(time.perf_counter() - started)
-
-    async def answer(message, started: float) -> None:
-        request = decode_request(message.value, max_bytes=settings.max_request_bytes,
-                                 max_history=settings.max_request_history)
-        engine.check_request(request)
-        if not reply_allowed(request.reply_to):
-            raise InvalidMessage("schema", f"reply_to: this worker answers on "
-                                 f"{settings.max_reply_topics} reply topics already "
-                                 "(STREAMREC_MAX_REPLY_TOPICS)")
-        if request.user_id is not None:
-            user_key = request.user_id.encode()
-            home = users_partition(message, user_key)
-            if home is not None:  # answered where the user's history is
-                await requests.send(key=user_key, partition=home, value=message.value)
-                metrics.requests.labels("rerouted").inc()
-                return
-        stored = (history_reader.get_on(request.user_id, message.partition)
-                  if request.user_id is not None else None)
-        response = engine.answer(request, History.from_json(stored), started)
-        await respond(response, request.reply_to, started)
-
-    async def answer_error(error: Exception, message, started: float) -> None:
-        fields = salvage_request(message.value)
-        reply_to = fields["reply_to"]
-        if reply_to is not None and not (reply_to.startswith(settings.topic_responses)
-                                         and reply_allowed(reply_to)):
-            reply_to = None
-        text = str(error) if isinstance(error, InvalidMessage) else f"internal error: {error!r}"
-        response = RecResponse(request_id=fields["request_id"], user_id=fields["user_id"],
-                               error=text, model_version=engine.model_version,
-                               took_ms=(time.perf_counter() - started) * 1000.0)
-        await respond(response, reply_to, started)
-
-    async def answer_request(message) -> None:
-        """Answer a request on its reply topic keyed by request_id; errors are answers too."""
-        started = time.perf_counter()
-        if message.timestamp is not None:  # set by the client's producer, or by the broker
-            metrics.request_wait.observe(max(0.0, time.time() - message.timestamp / 1000.0))
-        try:
-            await answer(message, started)
-        except Exception as error:  # noqa: BLE001 - the responder never goes silent
-            if not isinstance(error, InvalidMessage):
-                log.exception("request at %s/%d/%d failed", message.topic,
-                              message.partition, message.offset)
-            try:
-                await answer_error(error, message, started)
-            except Exception:  # noqa: BLE001
-                log.exception("could not send the error response")
-
-    reader = RequestReader(settings, answer_request)
+    responder = Responder(settings, engine, metrics, lambda name: app.topic(name, **raw),
+                          requests, users_partition, history_reader.get_on)
+    reader = RequestReader(settings, responder.answer)
     metrics.gauge("streamrec_request_partitions",
                   "Request partitions this worker reads (those of its event partitions).",
                   lambda: len(reader.partitions))
@@ -573,10 +502,20 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     async def stop_reading_requests(app: faust.App, revoked, **kwargs) -> None:
         await reader.follow(())
 
+    assigned_in = [0]  # the rebalance (Faust's count) that last assigned partitions
+
+    @app.on_partitions_assigned.connect
+    async def note_the_assignment(app: faust.App, assigned, **kwargs) -> None:
+        assigned_in[0] = app.rebalancing_count
+
     @app.on_rebalance_complete.connect
     async def read_requests_of_held_partitions(app: faust.App, **kwargs) -> None:
         """The request partitions numbered as the event partitions this worker holds: their
-        users' histories are here, recovered."""
+        users' histories are here, recovered. Not when another rebalance has begun since the
+        assignment whose recovery this completes (Faust says so before it checks): its
+        revocation stopped the reading, and the partitions may be another worker's now."""
+        if app.rebalancing_count != assigned_in[0]:
+            return
         await reader.follow(tp.partition for tp in app.consumer.assignment()
                             if tp.topic == settings.topic_events)
 

@@ -18,8 +18,10 @@ stops reading when partitions are revoked and reads the new set when the rebalan
 that is once the tables are recovered, as Faust resumed its own agents.
 
 Offsets are committed under the group ``<app_id>-requests`` at most every ``commit_every_s``,
-and whenever the assignment changes or the reader stops: at least once, so after a crash a
-request may be answered twice (clients keep the first answer to an id). A partition this group
+and whenever the assignment changes or the reader stops, each partition up to its first
+request whose answer is not settled yet (the broker has neither taken it nor refused it):
+at least once, so after a crash a request may be answered twice (clients keep the first
+answer to an id), and never committed with its answer still in the producer's buffer. A partition this group
 never committed is read from where the app's own consumer group left it (the Faust agent that
 read requests before this reader did), else from its oldest request, as Faust's consumer read
 it.
@@ -28,6 +30,7 @@ it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -41,6 +44,9 @@ log = logging.getLogger(__name__)
 
 #: most requests handed over from one fetch; a rebalance waits for the batch in hand
 MAX_BATCH = 100
+#: longest a change of partitions, or a stop, waits for the answers in flight before it
+#: commits (those not settled by then are answered again by the partition's next reader)
+SETTLE_WAIT_S = 5.0
 
 
 
@@ -60,8 +66,11 @@ class RequestReader:
     callable taking the consumer record: ``key``, ``value``, ``topic``, ``partition``,
     ``offset``, ``timestamp`` in ms), one at a time, in offset order within a partition.
 
-    ``answer`` should not raise (the worker's turns errors into error responses); if it does,
-    the error is logged and the request counts as handled.
+    ``answer`` may return an awaitable that settles once the answer is delivered (or its
+    failure dealt with): the request is committed only after it, and after every request of
+    its partition before it. ``answer`` should not raise (the worker's turns errors into
+    error responses); if it, or what it returned, does, the error is logged and the request
+    counts as handled.
 
     One request at a time: answering them concurrently (``asyncio.gather`` over a fetched
     batch) left the wait of requests during a backlog as it was (mean 40 against 35 ms, one
@@ -78,7 +87,11 @@ class RequestReader:
         self._partitions: frozenset[int] = frozenset()
         self._generation = 0  # bumped by every change of the partitions read
         self._next: dict[Any, int] = {}  # partition -> offset after the last request handled
+        # partition -> (offset after a request, its answer's delivery), oldest first: answers
+        # not known to be settled, and the requests after them
+        self._unsettled: dict[Any, collections.deque[tuple[int, asyncio.Future | None]]] = {}
         self._committed_at = 0.0
+        self._consumer_failed = False  # its partitions could not be assigned: start anew
         self._lock = asyncio.Lock()  # a batch in hand, or a change of partitions
         self._guard = FetchWaitGuard(settings.worker_fetch_max_wait_ms) \
             if settings.compat_fixes else None
@@ -103,6 +116,7 @@ class RequestReader:
             group_id=self.group_id, client_id=self.group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=self.settings.worker_fetch_max_wait_ms,
             **aiokafka_config(self.settings))
+        self._consumer_failed = False
         try:
             await consumer.start()
             await self._check_partition_count(consumer)
@@ -111,6 +125,8 @@ class RequestReader:
                 await self._assign()
             while True:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=MAX_BATCH)
+                if self._consumer_failed:
+                    raise RuntimeError("the request partitions were not assigned")
                 fetched_in = self._generation  # read as getmany returns, before any wait
                 async with self._lock:
                     # a batch fetched before the partitions changed is read again from the
@@ -150,10 +166,17 @@ class RequestReader:
             if wanted == self._partitions:
                 return
             await self._commit()
+            for tp in [tp for tp in self._unsettled if tp.partition not in wanted]:
+                del self._unsettled[tp]  # answers not settled in time: the next reader's
             self._partitions = wanted
             self._generation += 1
             if self._consumer is not None:
-                await self._assign()
+                try:
+                    await self._assign()
+                except Exception:  # noqa: BLE001 - raised here, it would stop the rebalance
+                    log.exception("could not assign the request partitions %s; the reader "
+                                  "starts a new consumer", sorted(wanted))
+                    self._consumer_failed = True
         log.info("reading requests of partitions %s", sorted(wanted))
 
     async def _assign(self) -> None:
@@ -196,20 +219,57 @@ class RequestReader:
             if tp.partition not in self._partitions:
                 continue
             for record in records:
+                settles = None
                 try:
-                    await self._answer(record)
+                    settles = await self._answer(record)
                 except Exception:  # noqa: BLE001 - the reader never stops for one request
                     log.exception("request at %s/%d/%d failed", record.topic, record.partition,
                                   record.offset)
-                self._next[tp] = record.offset + 1
+                self._handled(tp, record.offset + 1, settles)
+
+    def _handled(self, tp: Any, next_offset: int, settles: Awaitable | None) -> None:
+        """The request before ``next_offset`` is answered; committed once ``settles`` has,
+        and the requests before it."""
+        line = self._unsettled.get(tp)
+        if settles is None and not line:
+            self._next[tp] = next_offset
+            return
+        future = None if settles is None else asyncio.ensure_future(settles)
+        self._unsettled.setdefault(tp, collections.deque()).append((next_offset, future))
+
+    def _advance(self) -> None:
+        """Move each partition's commit past its requests whose answers have settled, in
+        order, up to the first that has not."""
+        for tp, line in list(self._unsettled.items()):
+            while line and (line[0][1] is None or line[0][1].done()):
+                next_offset, future = line.popleft()
+                if future is not None and not future.cancelled() and future.exception():
+                    log.error("the answer before offset %d of %s failed: %r", next_offset, tp,
+                              future.exception())
+                self._next[tp] = next_offset
+            if not line:
+                del self._unsettled[tp]
+
+    async def _settle(self, timeout_s: float) -> None:
+        """Wait at most ``timeout_s`` for the answers in flight to settle."""
+        futures = [future for line in self._unsettled.values() for _, future in line
+                   if future is not None]
+        if futures:
+            await asyncio.wait(futures, timeout=timeout_s)
 
     async def _commit(self, due_only: bool = False) -> None:
-        """Commit the offsets after the requests answered (all, or only when the last commit
-        is ``commit_every_s`` old). A failed commit is logged: its requests may be answered
-        again after a move or a crash, nothing is lost."""
+        """Commit the offsets after the requests answered and settled (all, after a wait of
+        at most ``SETTLE_WAIT_S`` for the answers in flight; or only when the last commit is
+        ``commit_every_s`` old, with no wait). A failed commit is logged: its requests may be
+        answered again after a move or a crash, nothing is lost."""
         now = time.monotonic()
-        if not self._next or self._consumer is None or (
+        if self._consumer is None or (
                 due_only and now - self._committed_at < self._commit_every_s):
+            return
+        if not due_only:
+            await self._settle(SETTLE_WAIT_S)
+        self._advance()
+        if not self._next:
             return
         offsets, self._next = self._next, {}
         self._committed_at = now

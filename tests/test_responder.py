@@ -1,0 +1,199 @@
+"""The responder without a broker: every request gets an answer somewhere, also when its
+reply topic cannot be made, the broker refuses the answer, or moving the request fails; and
+what it returns settles only once the answer's fate is known (the reader commits after it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from stream_app import responder as responder_module
+from stream_app.engine import Engine
+from stream_app.metrics import Metrics
+from stream_app.responder import Responder
+from stream_app.settings import Settings
+
+
+class FakeTopic:
+    """A topic whose declaration may fail and whose deliveries settle when the test says."""
+
+    def __init__(self, name: str, broker: FakeBroker) -> None:
+        self.name = name
+        self.broker = broker
+
+    async def maybe_declare(self) -> None:
+        self.broker.declared.append(self.name)
+        if self.name in self.broker.undeclarable:
+            raise RuntimeError(f"cannot create {self.name}")
+
+    async def send(self, key=None, value=None, partition=None, **kwargs) -> asyncio.Future:
+        delivery = asyncio.get_running_loop().create_future()
+        self.broker.sent.append((self.name, key, value, partition, delivery))
+        return delivery
+
+
+class FakeBroker:
+    def __init__(self) -> None:
+        self.declared: list[str] = []
+        self.undeclarable: set[str] = set()
+        self.sent: list = []
+
+    def topic(self, name: str) -> FakeTopic:
+        return FakeTopic(name, self)
+
+    def answers(self, topic: str) -> list[dict]:
+        return [json.loads(value) for name, _, value, _, _ in self.sent if name == topic]
+
+    def settle(self, index: int, error: Exception | None = None) -> None:
+        delivery = self.sent[index][4]
+        if error is None:
+            delivery.set_result(None)
+        else:
+            delivery.set_exception(error)
+
+
+@pytest.fixture
+def world(tmp_path):
+    settings = Settings(data_dir=tmp_path, dr_enabled=False, index_enabled=False)
+    broker = FakeBroker()
+    metrics = Metrics()
+    home = {"partition": None}  # where users_partition sends a request; None: here
+    responder = Responder(settings, Engine(settings), metrics, broker.topic,
+                          broker.topic(settings.topic_requests),
+                          lambda message, key: home["partition"], lambda user, partition: None)
+    return SimpleNamespace(settings=settings, broker=broker, metrics=metrics, home=home,
+                           responder=responder)
+
+
+def request(**fields) -> SimpleNamespace:
+    value = json.dumps({"v": 1, "request_id": "r-1", "user_id": "u1", "k": 3, **fields})
+    return SimpleNamespace(value=value.encode(), key=b"u1", topic="rec-requests", partition=0,
+                           offset=7, timestamp=None)
+
+
+def requests_counted(metrics: Metrics, status: str) -> float:
+    return metrics.registry.get_sample_value("streamrec_requests_total", {"status": status}) \
+        or 0.0
+
+
+def test_an_answer_settles_only_once_the_broker_has_it(world):
+    async def scenario():
+        settles = await world.responder.answer(request())
+        await asyncio.sleep(0.01)
+        waiting = not settles.done()
+        world.broker.settle(0)
+        await asyncio.wait_for(settles, 1)
+        return waiting
+
+    assert asyncio.run(scenario())
+    (answer,) = world.broker.answers(world.settings.topic_responses)
+    assert answer["request_id"] == "r-1" and answer["error"] is None
+
+
+def test_an_answer_the_broker_refuses_is_followed_by_an_error_on_the_responses_topic(world):
+    reply_to = world.settings.topic_responses + ".mine"
+
+    async def scenario():
+        settles = await world.responder.answer(request(reply_to=reply_to))
+        world.broker.settle(0, RuntimeError("not leader"))
+        await asyncio.sleep(0.01)
+        waiting = not settles.done()  # until the error response is delivered
+        world.broker.settle(1)
+        await asyncio.wait_for(settles, 1)
+        return waiting
+
+    assert asyncio.run(scenario())
+    assert [name for name, *_ in world.broker.sent] == [reply_to, world.settings.topic_responses]
+    (error,) = world.broker.answers(world.settings.topic_responses)
+    assert error["request_id"] == "r-1" and "not leader" in error["error"]
+    assert requests_counted(world.metrics, "undelivered") == 1.0
+
+
+def test_a_reply_topic_that_cannot_be_made_answers_on_the_responses_topic_and_is_not_retried(
+        world):
+    reply_to = world.settings.topic_responses + ".refused"
+    world.broker.undeclarable.add(reply_to)
+
+    async def scenario():
+        for request_id in ("r-1", "r-2"):
+            settles = await world.responder.answer(request(request_id=request_id,
+                                                           reply_to=reply_to))
+            world.broker.sent[-1][4].set_result(None)
+            await asyncio.wait_for(settles, 1)
+
+    asyncio.run(scenario())
+    errors = world.broker.answers(world.settings.topic_responses)
+    assert [error["request_id"] for error in errors] == ["r-1", "r-2"]
+    assert f"cannot create {reply_to}" in errors[0]["error"]
+    assert "could not be made" in errors[1]["error"]
+    assert world.broker.declared.count(reply_to) == 1  # the second request did not wait for it
+    assert not world.broker.answers(reply_to)
+
+
+def test_a_reply_topic_that_failed_is_tried_again_later(world, monkeypatch):
+    reply_to = world.settings.topic_responses + ".later"
+    world.broker.undeclarable.add(reply_to)
+    clock = [100.0]
+    monkeypatch.setattr(responder_module.time, "monotonic", lambda: clock[0])
+
+    async def scenario():
+        await world.responder.answer(request(reply_to=reply_to))
+        world.broker.undeclarable.clear()
+        clock[0] += responder_module.REPLY_TOPIC_RETRY_S + 1
+        await world.responder.answer(request(request_id="r-2", reply_to=reply_to))
+
+    asyncio.run(scenario())
+    assert [answer["request_id"] for answer in world.broker.answers(reply_to)] == ["r-2"]
+
+
+def test_a_request_that_could_not_be_moved_gets_an_error_on_its_reply_topic(world):
+    world.home["partition"] = 1
+
+    async def scenario():
+        settles = await world.responder.answer(request())
+        world.broker.settle(0, RuntimeError("partition gone"))
+        await asyncio.sleep(0.01)
+        world.broker.settle(1)
+        await asyncio.wait_for(settles, 1)
+
+    asyncio.run(scenario())
+    moved, error = world.broker.sent
+    assert (moved[0], moved[3]) == (world.settings.topic_requests, 1)
+    assert error[0] == world.settings.topic_responses
+    assert "move the request" in json.loads(error[2])["error"]
+    assert requests_counted(world.metrics, "undelivered") == 0.0
+
+
+def test_an_answer_that_takes_too_long_is_given_up_with_an_error(world, monkeypatch):
+    monkeypatch.setattr(responder_module, "ANSWER_TIMEOUT_S", 0.05)
+    reply_to = world.settings.topic_responses + ".slow"
+    stuck = asyncio.Event()
+
+    async def never_declared(self) -> None:
+        if self.name == reply_to:
+            await stuck.wait()
+
+    monkeypatch.setattr(FakeTopic, "maybe_declare", never_declared)
+
+    async def scenario():
+        settles = await asyncio.wait_for(world.responder.answer(request(reply_to=reply_to)), 2)
+        world.broker.settle(0)
+        await asyncio.wait_for(settles, 1)
+
+    asyncio.run(scenario())
+    (error,) = world.broker.answers(world.settings.topic_responses)
+    assert "TimeoutError" in error["error"]
+
+
+def test_an_invalid_request_is_answered_with_its_error(world):
+    async def scenario():
+        settles = await world.responder.answer(request(k=0))
+        world.broker.settle(0)
+        await asyncio.wait_for(settles, 1)
+
+    asyncio.run(scenario())
+    (error,) = world.broker.answers(world.settings.topic_responses)
+    assert error["request_id"] == "r-1" and "k" in error["error"]
