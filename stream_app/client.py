@@ -100,15 +100,46 @@ class RecClient:
             time.sleep(0.1)
         raise ResponseTimeout(f"topic {topic!r} does not exist on {self.settings.broker or 'the embedded broker'}")
 
-    def send(self, request: RecRequest, flush: bool = True) -> None:
+    def send(self, request: RecRequest, flush: bool = True, timeout_s: float = 10.0):
+        """Send ``request``; with ``flush``, wait (at most ``timeout_s``) until the broker has
+        it, and raise the producer's error when it refused it: no answer can come then, and
+        the caller learns it at once rather than after its wait. Returns the send's future."""
         self._awaited.add(request.request_id)
         key = (request.user_id or request.request_id).encode()
-        self._producer.send(self.settings.topic_requests, key=key, value=request.to_bytes())
+        sending = self._producer.send(self.settings.topic_requests, key=key,
+                                      value=request.to_bytes())
         if flush:
-            self._producer.flush()
+            self._check_sent({request.request_id: sending}, time.monotonic() + timeout_s)
+        return sending
+
+    def _check_sent(self, sending: dict, deadline: float) -> None:
+        """Wait until the broker has each request of ``sending`` (request id: future), at
+        most until ``deadline``; on a refusal or a timeout forget them all, then raise (a
+        :class:`ResponseTimeout` for the timeout: a broker not there yet, as at a start)."""
+        from kafka.errors import KafkaTimeoutError
+
+        try:
+            for request_id, future in sending.items():
+                try:
+                    future.get(timeout=max(0.0, deadline - time.monotonic()))
+                except KafkaTimeoutError as error:
+                    raise ResponseTimeout(f"request {request_id} was not sent in time: "
+                                          f"{error}") from error
+        except Exception:
+            self._forget(sending)
+            raise
+
+    def _forget(self, request_ids: Iterable[str]) -> None:
+        """No longer wait for these requests, nor keep their answers (a long-lived client
+        would grow with every answer that comes after its wait gave up)."""
+        for request_id in request_ids:
+            self._awaited.discard(request_id)
+            self._pending.pop(request_id, None)
 
     def wait(self, request_id: str, timeout_s: float) -> RecResponse:
-        deadline = time.monotonic() + timeout_s
+        return self._wait_until(request_id, time.monotonic() + timeout_s, timeout_s)
+
+    def _wait_until(self, request_id: str, deadline: float, timeout_s: float) -> RecResponse:
         self._awaited.add(request_id)
         while request_id not in self._pending:
             left = deadline - time.monotonic()
@@ -149,30 +180,37 @@ class RecClient:
                  in_flight: int = 256) -> dict[str, RecResponse]:
         """Answers to many requests, keeping up to ``in_flight`` of them outstanding at once
         (a pipelined client: round trips overlap instead of adding up). ``timeout_s`` bounds
-        the wait for each window of answers."""
+        each window of requests, from sending them to their last answer; when it runs out
+        (or the broker refuses one) the window's requests are forgotten and it raises."""
         answers: dict[str, RecResponse] = {}
-        window: list[str] = []
+        window: dict = {}
         for request in requests:
-            self.send(request, flush=False)
-            window.append(request.request_id)
+            window[request.request_id] = self.send(request, flush=False)
             if len(window) >= in_flight:
                 self._collect(window, answers, timeout_s)
-                window = []
+                window = {}
         self._collect(window, answers, timeout_s)
         return answers
 
-    def _collect(self, request_ids: list[str], answers: dict, timeout_s: float) -> None:
-        self._producer.flush()
-        for request_id in request_ids:
-            answers[request_id] = self.wait(request_id, timeout_s)
+    def _collect(self, window: dict, answers: dict, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        self._check_sent(window, deadline)
+        try:
+            for request_id in window:
+                answers[request_id] = self._wait_until(request_id, deadline, timeout_s)
+        except Exception:
+            self._forget(window)
+            raise
 
     def recommend(self, user_id: str | None = None, *, history: list[str] | None = None,
                   k: int = 10, timeout_s: float = 10.0, **fields) -> RecResponse:
+        """The answer to one request; ``timeout_s`` bounds sending it and its answer."""
+        deadline = time.monotonic() + timeout_s
         request = RecRequest(request_id=uuid.uuid4().hex, user_id=user_id, history=history, k=k,
                              reply_to=None if self.reply_to == self.settings.topic_responses
                              else self.reply_to, **fields)
-        self.send(request)
-        return self.wait(request.request_id, timeout_s)
+        self.send(request, timeout_s=timeout_s)
+        return self._wait_until(request.request_id, deadline, timeout_s)
 
     def close(self) -> None:
         self._producer.close()

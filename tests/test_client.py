@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from types import SimpleNamespace
 
 import pytest
+from kafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 
+from stream_app import client as client_module
 from stream_app.client import RecClient, ResponseTimeout
 from stream_app.kafka import ensure_topics
+from stream_app.settings import Settings
+from stream_app.wire import RecRequest
 
 from .conftest import answer
 
@@ -44,3 +49,74 @@ def test_a_reply_topic_the_workers_would_refuse_is_refused_at_once(settings):
     listening elsewhere would time out on every request, so it is not made."""
     with pytest.raises(ValueError, match="reply_to must start with"):
         RecClient(settings, reply_to="my-answers")
+
+
+def test_requests_of_a_window_that_timed_out_are_forgotten_with_their_late_answers(settings):
+    """``ask_many`` gives up a whole window when its time runs out: none of its requests is
+    awaited any longer, so their late answers are skipped rather than kept for ever."""
+    ensure_topics(settings, [settings.topic_responses, settings.topic_requests])
+    with RecClient(settings) as client:
+        window = [RecRequest(request_id=uuid.uuid4().hex, history=["a"]) for _ in range(3)]
+        with pytest.raises(ResponseTimeout):
+            client.ask_many(window, timeout_s=0.5)
+        later = uuid.uuid4().hex
+        answer(settings, *(request.request_id for request in window), later)
+        assert client.wait(later, timeout_s=20.0).request_id == later
+        assert client._pending == {} and client._awaited == set()
+
+
+class Sending:
+    """A send's future as kafka-python's: ``get`` waits (here: moves the clock) or raises."""
+
+    def __init__(self, clock: list[float], error: Exception | None = None) -> None:
+        self.clock, self.error = clock, error
+
+    def get(self, timeout: float):
+        if self.error is not None:
+            raise self.error
+        return None
+
+
+def offline_client(clock: list[float], error: Exception | None = None) -> RecClient:
+    """A client whose producer and consumer need no broker: its sends succeed (or fail with
+    ``error``) and no answer ever comes; each poll takes its whole timeout on ``clock``."""
+    client = object.__new__(RecClient)
+    client.settings = Settings()
+    client.reply_to = client.settings.topic_responses
+    client._guard = None
+    client._awaited, client._pending = set(), {}
+    client._producer = SimpleNamespace(send=lambda *args, **kwargs: Sending(clock, error))
+
+    def poll(timeout_ms: int) -> dict:
+        clock[0] += max(timeout_ms, 1) / 1000  # a poll of 0 ms takes some time too
+        return {}
+
+    client._consumer = SimpleNamespace(poll=poll)
+    return client
+
+
+def test_a_window_of_requests_is_bounded_by_one_timeout_not_one_per_request(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
+    client = offline_client(clock)
+    window = [RecRequest(request_id=f"r{n}", history=["a"]) for n in range(5)]
+    with pytest.raises(ResponseTimeout):
+        client.ask_many(window, timeout_s=1.0)
+    assert clock[0] == pytest.approx(1.0, abs=0.21)  # not five seconds
+    assert client._awaited == set()
+
+
+@pytest.mark.parametrize("error, raised", [
+    (TopicAuthorizationFailedError(), TopicAuthorizationFailedError),
+    (KafkaTimeoutError(), ResponseTimeout),  # not sent in time: a broker not there yet
+])
+def test_a_request_that_was_not_sent_raises_at_once(monkeypatch, error, raised):
+    """No answer can come to a request the broker refused: the caller hears why, now."""
+    clock = [0.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
+    client = offline_client(clock, error)
+    with pytest.raises(raised):
+        client.recommend("u1", timeout_s=5.0)
+    with pytest.raises(raised):
+        client.ask_many([RecRequest(request_id="r", history=["a"])], timeout_s=5.0)
+    assert clock[0] == 0.0 and client._awaited == set()
