@@ -50,14 +50,18 @@ class _Coverage:
 
     @classmethod
     def of(cls, index: ServedIndex, learner: ItemLearner) -> _Coverage:
-        ids, count = learner.item_ids, len(index)
-        if ids[:count] == index.ids:  # built from a snapshot of this learner
-            return cls(None, np.empty(0, dtype=np.int64), count)
-        # loaded from disk, or clustered (ids in cluster order)
-        label_rows = learner.rows_of(index.ids) if isinstance(index, ItemIndex) else None
-        missing = np.array([row for row, item in enumerate(ids) if item not in index],
-                           dtype=np.int64)
-        return cls(label_rows, missing, len(ids))
+        ids = learner.item_ids
+        single = isinstance(index, ItemIndex)
+        source = index.ids if single else index.source_ids
+        if source is not None and ids[:len(source)] == source:
+            # built from a snapshot of this learner (a clustered one holds every id of it;
+            # its answers come as ids, so it needs no label rows)
+            return cls(None, np.empty(0, dtype=np.int64), len(source))
+        # loaded from disk, or another learner's: one lookup per id (once per version)
+        held = learner.rows_of(index.ids)
+        present = np.zeros(len(ids), dtype=bool)
+        present[held[held >= 0]] = True
+        return cls(held if single else None, np.flatnonzero(~present), len(ids))
 
 
 class _ExactBlock(NamedTuple):
