@@ -140,12 +140,19 @@ class ItemSharing:
         # set once the first catch-up has handed its rows on: the learner learns after it,
         # or a row of its own items published before a crash would overwrite newer learning
         self.caught_up = asyncio.Event()
-        self._catch_up_started = False
         self.instance = uuid.uuid4().hex.encode()  # this process, in its records' headers
         self.held: frozenset[int] = frozenset()  # training partitions as last assigned
         # item-steps partition: its next offset to read. A restarted reader goes on from there
         # (the steps are not in any row yet); the first one starts at the ends
         self._steps_next: dict[int, int] = {}
+        # item-rows partition: its next offset to read, past the records handed on. A
+        # restarted reader goes on from there, as one that never failed: read again from the
+        # beginning, its hand-overs (records of this worker's items another process
+        # published) would pass for the catch-up's, which installs only rows published after
+        # the checkpoint, and older rows would be installed over newer ones meanwhile
+        self._rows_next: dict[int, int] = {}
+        # the first reader's catch-up: rows partition -> its end offset then, while unread
+        self._catch_up: dict | None = None
         self._moved: set[int] = set()  # learner rows moved since the last publish
         self._steps: dict[int, np.ndarray] = {}  # learner row: offset steps not sent yet
         self._publishing = asyncio.Lock()
@@ -300,9 +307,9 @@ class ItemSharing:
     async def read(self, retry_after_s: float = 1.0) -> None:
         """Install the other workers' rows from the item-rows topic, and add the steps they
         took on this worker's items' offsets from the item-steps topic, until cancelled; a
-        failed consumer is logged and started again (the rows from the beginning: installing
-        a row twice changes nothing; the steps from where the failed one left them, the first
-        one from their ends)."""
+        failed consumer is logged and started again, from where the failed one left both
+        topics (the first one reads the rows from their beginning, the steps from their
+        ends), its catch-up from where that one's stopped."""
         await keep_reading(self._read, "the item-rows reader", retry_after_s)
 
     async def _read(self) -> None:
@@ -315,9 +322,9 @@ class ItemSharing:
             **aiokafka_config(self.settings))
         guard = (FetchWaitGuard(self.settings.worker_fetch_max_wait_ms)
                  if self.settings.compat_fixes else None)
-        if not self.caught_up.is_set() and self._catch_up_started:
-            log.warning("the item-rows catch-up starts again: learning waits for it")
-        self._catch_up_started = True
+        if not self.caught_up.is_set() and self._catch_up is not None:
+            log.warning("the item-rows catch-up goes on with a new consumer: learning waits "
+                        "for it")
         held: list[dict] = []  # item-steps fetched during the catch-up, taken after it
         try:
             await consumer.start()
@@ -341,6 +348,7 @@ class ItemSharing:
                 if records:
                     self._install(records)
                     self.installed += len(records)
+                self._rows_taken(batches, topic)
                 if self._taken is not None and (records or steps):
                     await self._taken()  # the learner's pace, not the topic's
                 for tp, end in list(catch_up.items()):
@@ -357,9 +365,10 @@ class ItemSharing:
             await consumer.stop()
 
     async def _assign(self, consumer: Any) -> dict:
-        """Assign ``consumer`` every partition of both topics: the rows from the beginning,
-        the steps from where the last reader left them (their ends now at the first start).
-        Returns the rows' end offsets now (the catch-up's)."""
+        """Assign ``consumer`` every partition of both topics, each from where the last reader
+        left it: at the first start, the rows from their beginning and the steps from their
+        ends now. Returns the catch-up's rows partitions still unread and their end offsets
+        (at the first start, the ends now)."""
         from aiokafka import TopicPartition
 
         topic, steps_topic = self.settings.items_topic, self.settings.item_steps_topic
@@ -369,11 +378,23 @@ class ItemSharing:
         consumer.assign(assigned)
         ends = (await exact_end_offsets(consumer, assigned) if self.settings.compat_fixes
                 else await consumer.end_offsets(assigned))
-        await consumer.seek_to_beginning(*(tp for tp in assigned if tp.topic == topic))
         for tp in assigned:
             if tp.topic == steps_topic:
                 consumer.seek(tp, self._steps_next.setdefault(tp.partition, ends[tp]))
-        return {tp: end for tp, end in ends.items() if end > 0 and tp.topic == topic}
+            elif tp.partition in self._rows_next:
+                consumer.seek(tp, self._rows_next[tp.partition])
+            else:
+                await consumer.seek_to_beginning(tp)
+        if self._catch_up is None:
+            self._catch_up = {tp: end for tp, end in ends.items()
+                              if end > 0 and tp.topic == topic}
+        return self._catch_up
+
+    def _rows_taken(self, batches: dict, topic: str) -> None:
+        """Item-rows records fetched and handed on: a restarted reader starts after them."""
+        for tp, batch in batches.items():
+            if batch and tp.topic == topic:
+                self._rows_next[tp.partition] = batch[-1].offset + 1
 
     def _steps_taken(self, batches: dict) -> None:
         """Item-steps records fetched and handed on: a restarted reader starts after them."""

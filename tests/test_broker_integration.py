@@ -869,6 +869,63 @@ def test_a_restarted_item_rows_reader_adds_the_steps_sent_while_it_was_down(sett
     assert sorted(added) == ["a", "b", "while-down-1", "while-down-2"]
 
 
+def test_a_restarted_item_rows_reader_installs_the_hand_overs_published_while_it_was_down(
+        settings):
+    """A reader whose consumer failed goes on from where it stopped: a hand-over of one of
+    this worker's items (another process published it) that came while it was down is
+    installed, its own process's row is not, and the rows it installed before are not
+    installed again (read again from the beginning, the hand-over passed for a record of the
+    catch-up, which installs no row of its own items once it has ended)."""
+    import asyncio
+
+    from stream_app.engine import Engine, item_partition
+    from stream_app.item_sharing import PUBLISHER, ItemSharing
+    from stream_app.kafka import ensure_topics
+    from stream_app.wire import encode_item_row
+
+    shared = sharing_settings(settings)
+    ensure_topics(shared)
+    producer = KafkaProducer(**client_config(shared), acks=1, enable_idempotence=False)
+    names = [f"item-{n}" for n in range(1000)]
+    mine = [name for name in names if item_partition(name, shared.partitions) == 0][:3]
+    theirs = [name for name in names if item_partition(name, shared.partitions) == 1][:1]
+    installed: list[str] = []
+    sharing = ItemSharing(shared, Engine(shared), lambda: frozenset({0}),
+                          lambda records: installed.extend(key.decode() for key, _ in records),
+                          lambda records: None)
+
+    def publish(name: str, publisher: bytes) -> None:
+        row = encode_item_row(np.ones(shared.model_dim + 1), np.zeros(shared.model_dim))
+        producer.send(shared.items_topic, key=name.encode(), value=row,
+                      headers=[(PUBLISHER, publisher)])
+        producer.flush()
+
+    async def reader_until(done) -> None:
+        task = asyncio.ensure_future(sharing._read())
+        deadline = time.monotonic() + 30
+        while not done() and time.monotonic() < deadline and not task.done():
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # nothing more comes
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    publish(theirs[0], b"other")  # before the start: the catch-up installs it
+    publish(mine[0], b"other")  # one of its own, from before its checkpoint: not installed
+
+    async def main() -> None:
+        await reader_until(sharing.caught_up.is_set)
+        publish(mine[1], b"other")  # a hand-over, while the reader is down
+        publish(mine[2], sharing.instance)  # its own row
+        await reader_until(lambda: len(installed) >= 2)
+
+    try:
+        asyncio.run(main())
+    finally:
+        producer.close()
+    assert installed == [theirs[0], mine[1]]
+
+
 def wait_for_publishes(worker, settle_s: float = 2.0) -> None:
     """Until the worker's count of published rows has not moved for ``settle_s``."""
     count, settled = -1.0, time.monotonic()
