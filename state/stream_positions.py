@@ -128,12 +128,19 @@ class EventPositions(_Positions):
 RENEWED = "topics-renewed"
 
 
+#: beside the model checkpoint: the item-rows topic holds every row of this worker's items
+#: (``stream_app.item_sharing``); gone when the topics start anew
+ROWS_SHARED = "rows-shared"
+
+
 def mark_topics_renewed(checkpoint_dir: Path) -> None:
     """Make the positions of the checkpoints written so far void (not the model): for topics
     made anew, whose offsets start again below them (their messages would be skipped until
-    they pass them). A mark, not a rewrite of the model file, which can be gigabytes."""
+    they pass them). A mark, not a rewrite of the model file, which can be gigabytes. The
+    item-rows topic, new too, no longer holds the rows this worker published."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     (checkpoint_dir / RENEWED).touch()
+    (checkpoint_dir / ROWS_SHARED).unlink(missing_ok=True)
 
 
 def positions_void(model_path: Path) -> bool:

@@ -36,7 +36,8 @@ from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_active_only_polls, install_fair_fetch, install_full_seeks
 from .intake import IntakeLag
 from .kafka import faust_credentials, key_partition
-from .item_sharing import PUBLISHER, ItemSharing, Records, add_step_records, install_records
+from .item_sharing import (PUBLISHER, ItemSharing, Records, add_step_records, forget_rows_shared,
+                           install_records)
 from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .request_reader import RequestReader
@@ -137,10 +138,13 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     dead_letters = app.topic(settings.topic_dead_letters, **raw)
     requests = app.topic(settings.topic_requests, **raw)
     train = app.topic(settings.train_topic, **raw)
-    sharing = share_items(app, settings, engine, metrics, learner,
-                          followed=lambda: batches_followed(),
-                          published=lambda through: rows_published(through)) \
-        if settings.share_items else None
+    sharing = None
+    if settings.share_items:
+        sharing = share_items(app, settings, engine, metrics, learner,
+                              followed=lambda: batches_followed(),
+                              published=lambda through: rows_published(through))
+    else:
+        forget_rows_shared(settings)  # what it learns now is not on the item-rows topic
     histories = app.Table(HISTORY_TABLE, partitions=settings.partitions,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
     history_table = BatchedTable(histories)
@@ -627,9 +631,12 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
         if not sharing.caught_up.is_set():  # own rows still hold the checkpoint's values
             return
         try:
+            every_row = sharing.owe_every_row()
             through = followed()
             await sharing.publish(due, send_row, send_step)
             await published(through)
+            if every_row:
+                sharing.every_row_published()
         except Exception:  # noqa: BLE001 - a timer's exception would stop the worker
             log.exception("could not publish the item rows; they go with the next publish")
 

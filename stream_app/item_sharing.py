@@ -58,9 +58,12 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from state.stream_positions import ROWS_SHARED
 
 from .compat import FetchWaitGuard, check_aiokafka, exact_end_offsets
 from .engine import Engine, LearnedReport, item_partition
@@ -75,6 +78,20 @@ Records = list[tuple[bytes, bytes]]
 
 #: the record header naming the worker process that published an item row
 PUBLISHER = "streamrec-publisher"
+
+
+def rows_shared_mark(settings: Settings) -> Path:
+    """A file that says the item-rows topic holds every row this worker owned, as of a
+    publish of all of them. Without it (a model learned unshared, or topics made anew) the
+    first publish sends every owned row, not only those that moved: a worker that joins
+    later would otherwise lack the items that never moved again."""
+    return settings.data_dir / "checkpoints" / ROWS_SHARED
+
+
+def forget_rows_shared(settings: Settings) -> None:
+    """The rows this worker learns from now on are not published (it runs without sharing):
+    its next start with sharing publishes all of them once."""
+    rows_shared_mark(settings).unlink(missing_ok=True)
 
 
 def _decoded(records: Records, decode: Callable[[bytes], Any], what: str
@@ -178,6 +195,22 @@ class ItemSharing:
             if row >= 0:
                 held = self._steps.get(row)
                 self._steps[row] = step if held is None else held + step
+
+    def owe_every_row(self) -> bool:
+        """When the topic may lack rows of this worker's items (:data:`ROWS_SHARED`), make
+        every row due, for a publish by the owner of the training partitions held now; True
+        if it did (see :meth:`every_row_published`). Not before some are held: :meth:`due`
+        drops the rows of items it does not own."""
+        if rows_shared_mark(self.settings).exists() or not self._owned():
+            return False
+        self._moved.update(range(len(self.engine.learner)))
+        return True
+
+    def every_row_published(self) -> None:
+        """The publish that :meth:`owe_every_row` began is on the broker."""
+        mark = rows_shared_mark(self.settings)
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
 
     def due(self, owned: frozenset[int] | None = None) -> Records:
         """Records of the rows moved since the last call whose items this worker owns (the

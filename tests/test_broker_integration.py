@@ -963,6 +963,35 @@ def test_a_worker_that_joins_starts_its_items_from_the_rows_published_before(set
     check_shared_answers(settings)  # half of these users are the second worker's
 
 
+def test_a_model_learned_unshared_is_published_whole_when_sharing_is_turned_on(settings,
+                                                                              start_worker):
+    """A worker that learned without sharing, started again with it, publishes every row
+    of its items once, not only those that move from then on: a worker that joins then
+    holds the whole catalogue although nothing was learned since. Started once more, it
+    does not publish them all again."""
+    from stream_app.processes import free_port
+
+    from .test_engine_model import planted_stream
+
+    shared = sharing_settings(settings)
+    alone = start_worker(shared.replace(share_items=False))
+    stream = planted_stream()
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    wait_until(lambda: metric(alone, "streamrec_learned_events_total") == len(stream), 120)
+    assert alone.stop() == 0
+    first = start_worker(shared)
+    wait_until(lambda: metric(first, "streamrec_item_rows_published") == CLUSTERS_ITEMS, 60)
+    second = start_worker(shared.replace(data_dir=settings.data_dir.parent / "second",
+                                         metrics_port=free_port()))
+    wait_until(lambda: metric(second, "streamrec_model_items") == CLUSTERS_ITEMS, 60)
+    assert metric(second, "streamrec_learned_events_total") == 0
+    assert second.stop() == 0 and first.stop() == 0
+    again = start_worker(shared)
+    wait_until(lambda: metric(again, "streamrec_item_rows_caught_up") == 1.0, 60)
+    time.sleep(3 * shared.share_items_s)
+    assert metric(again, "streamrec_item_rows_published") == 0
+
+
 def shared_answers(settings, users: int = 24) -> list[dict[str, float]]:
     with RecClient(settings) as client:
         return [{item.item_id: item.score for item in

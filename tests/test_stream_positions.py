@@ -305,3 +305,26 @@ def test_positions_saved_before_the_topics_were_renewed_are_void(tmp_path):
     third = Engine(settings_for(tmp_path))
     assert third.load()
     assert third.positions.next_offsets() == {0: 3, 1: 3}
+
+
+def test_topics_renewed_and_a_worker_without_sharing_owe_the_item_rows_topic_every_row(tmp_path):
+    """The mark that the item-rows topic holds every row of the worker's items goes when the
+    topics start anew, and when a worker runs without sharing (what it learns is not
+    published): the next start with sharing publishes them all."""
+    from state.stream_positions import ROWS_SHARED, mark_topics_renewed
+    from stream_app.app import create_app
+    from stream_app.settings import Settings
+    from stream_app.worker import build_metrics
+
+    mark = tmp_path / "checkpoints" / ROWS_SHARED
+    mark.parent.mkdir(parents=True)
+    mark.touch()
+    mark_topics_renewed(mark.parent)
+    assert not mark.exists()
+    mark.touch()
+    settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", metrics_port=0)
+    engine = Engine(settings)
+    create_app(settings.replace(share_items=True), engine, build_metrics(engine))
+    assert mark.exists()
+    create_app(settings, engine, build_metrics(engine))
+    assert not mark.exists()
