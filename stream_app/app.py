@@ -37,7 +37,7 @@ from .fair_fetch import install_active_only_polls, install_fair_fetch, install_f
 from .intake import IntakeLag
 from .kafka import faust_credentials, key_partition
 from .item_sharing import (PUBLISHER, ItemSharing, Records, add_step_records, forget_rows_shared,
-                           install_records)
+                           install_records, rows_shared_mark)
 from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .request_reader import RequestReader
@@ -608,7 +608,8 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
 
     # read before the learner process writes its next checkpoint: the one it started from
     sharing = ItemSharing(settings, engine, owned, install, add_steps, engine.model_saved_at(),
-                          taken=learner.drained if learner is not None else None)
+                          taken=learner.drained if learner is not None else None,
+                          owes_every_row=not rows_shared_mark(settings).exists())
     sharing.export(metrics)
 
     @app.task
@@ -617,8 +618,8 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
 
     headers = {PUBLISHER: sharing.instance}  # whose they are: see ItemSharing.wanted
 
-    async def send_row(key: bytes, value: bytes) -> None:
-        await topic.send(key=key, value=value, headers=headers)
+    async def send_row(key: bytes, value: bytes) -> asyncio.Future:
+        return await topic.send(key=key, value=value, headers=headers)  # its delivery
 
     async def send_step(key: bytes, value: bytes) -> None:
         await steps_topic.send(key=key, value=value)
@@ -631,12 +632,9 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
         if not sharing.caught_up.is_set():  # own rows still hold the checkpoint's values
             return
         try:
-            every_row = sharing.owe_every_row()
             through = followed()
             await sharing.publish(due, send_row, send_step)
             await published(through)
-            if every_row:
-                sharing.every_row_published()
         except Exception:  # noqa: BLE001 - a timer's exception would stop the worker
             log.exception("could not publish the item rows; they go with the next publish")
 

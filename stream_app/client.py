@@ -104,10 +104,19 @@ class RecClient:
         """Send ``request``; with ``flush``, wait (at most ``timeout_s``) until the broker has
         it, and raise the producer's error when it refused it: no answer can come then, and
         the caller learns it at once rather than after its wait. Returns the send's future."""
+        from kafka.errors import KafkaTimeoutError
+
         self._awaited.add(request.request_id)
         key = (request.user_id or request.request_id).encode()
-        sending = self._producer.send(self.settings.topic_requests, key=key,
-                                      value=request.to_bytes())
+        try:  # kafka-python waits up to max_block_ms here for metadata or buffer room
+            sending = self._producer.send(self.settings.topic_requests, key=key,
+                                          value=request.to_bytes())
+        except Exception as error:
+            self._forget([request.request_id])
+            if isinstance(error, KafkaTimeoutError):
+                raise ResponseTimeout(f"request {request.request_id} was not sent: "
+                                      f"{error}") from error
+            raise
         if flush:
             self._check_sent({request.request_id: sending}, time.monotonic() + timeout_s)
         return sending
@@ -185,7 +194,11 @@ class RecClient:
         answers: dict[str, RecResponse] = {}
         window: dict = {}
         for request in requests:
-            window[request.request_id] = self.send(request, flush=False)
+            try:
+                window[request.request_id] = self.send(request, flush=False)
+            except Exception:
+                self._forget(window)
+                raise
             if len(window) >= in_flight:
                 self._collect(window, answers, timeout_s)
                 window = {}

@@ -141,12 +141,15 @@ class ItemSharing:
     records of its own items; ``own_rows_after`` is when the learner's checkpoint was written
     (epoch seconds, 0 without one): the catch-up installs the worker's own items' rows
     published after it. ``taken()``, when given, is awaited after handing records on, until
-    the learner has room for more (:meth:`LearnerProcess.drained`)."""
+    the learner has room for more (:meth:`LearnerProcess.drained`). ``owes_every_row``: the
+    topic may lack rows of its items (no :func:`rows_shared_mark`), so its first publish
+    that owns some sends them all."""
 
     def __init__(self, settings: Settings, engine: Engine,
                  owned: Callable[[], frozenset[int]], install: Callable[[Records], None],
                  add_steps: Callable[[Records], None], own_rows_after: float = math.inf,
-                 taken: Callable[[], Awaitable[None]] | None = None) -> None:
+                 taken: Callable[[], Awaitable[None]] | None = None,
+                 owes_every_row: bool = False) -> None:
         self.settings = settings
         self.engine = engine
         self._owned = owned
@@ -171,6 +174,9 @@ class ItemSharing:
         # the first reader's catch-up: rows partition -> its end offset then, while unread
         self._catch_up: dict | None = None
         self._moved: set[int] = set()  # learner rows moved since the last publish
+        # the topic may lack rows of this worker's items: the next publish sends them all
+        self._owes_every_row = owes_every_row
+        self._took_every_row = False  # the publish under way takes them all
         self._steps: dict[int, np.ndarray] = {}  # learner row: offset steps not sent yet
         self._publishing = asyncio.Lock()
         self.published = 0
@@ -196,30 +202,19 @@ class ItemSharing:
                 held = self._steps.get(row)
                 self._steps[row] = step if held is None else held + step
 
-    def owe_every_row(self) -> bool:
-        """When the topic may lack rows of this worker's items (:data:`ROWS_SHARED`), make
-        every row due, for a publish by the owner of the training partitions held now; True
-        if it did (see :meth:`every_row_published`). Not before some are held: :meth:`due`
-        drops the rows of items it does not own."""
-        if rows_shared_mark(self.settings).exists() or not self._owned():
-            return False
-        self._moved.update(range(len(self.engine.learner)))
-        return True
-
-    def every_row_published(self) -> None:
-        """The publish that :meth:`owe_every_row` began is on the broker."""
-        mark = rows_shared_mark(self.settings)
-        mark.parent.mkdir(parents=True, exist_ok=True)
-        mark.touch()
-
     def due(self, owned: frozenset[int] | None = None) -> Records:
         """Records of the rows moved since the last call whose items this worker owns (the
-        items of the training partitions ``owned``, by default those it holds now)."""
+        items of the training partitions ``owned``, by default those it holds now). While
+        the topic may lack some of its rows (:func:`rows_shared_mark`), every row it owns,
+        once it owns some."""
+        owned = self._owned() if owned is None else owned
+        if self._owes_every_row and owned:
+            self._moved.update(range(len(self.engine.learner)))
+            self._took_every_row = True
         if not self._moved:
             return []
         rows = np.fromiter(self._moved, dtype=np.int64, count=len(self._moved))
         self._moved.clear()
-        owned = self._owned() if owned is None else owned
         ids, values, offsets = self.engine.rows_to_share(rows)
         records = [(item.encode(), encode_item_row(row, offset))
                    for item, row, offset in zip(ids, values, offsets) if self._owns(item, owned)]
@@ -241,19 +236,27 @@ class ItemSharing:
         return records
 
     async def publish(self, take: Callable[[], tuple[Records, Records]],
-                      send_row: Callable[[bytes, bytes], Awaitable[None]],
-                      send_step: Callable[[bytes, bytes], Awaitable[None]]) -> None:
+                      send_row: Callable[[bytes, bytes], Awaitable[Any]],
+                      send_step: Callable[[bytes, bytes], Awaitable[Any]]) -> None:
         """Send the records ``take`` gives (rows, steps: :meth:`due` and :meth:`steps_due`, or
         :meth:`handed_over`), one publish at a time: ``take`` runs once the one before has
         sent all of its records, so a hand-over's newer row of an item never goes out before
         the older row a periodic publish in progress holds (the topic keeps the last). The
-        records not sent when a send fails are due again (:meth:`retake`) and it raises."""
+        records not sent when a send fails are due again (:meth:`retake`) and it raises.
+        ``send_row`` may return its record's delivery: a publish of every owned row waits
+        for them, and marks the topic as holding them (:func:`rows_shared_mark`) only once
+        the broker took them all."""
         async with self._publishing:
+            self._took_every_row = False
             rows, steps = take()
+            every_row, self._took_every_row = self._took_every_row, False
             sent_rows = sent_steps = 0
+            deliveries = []
             try:
                 for key, value in rows:
-                    await send_row(key, value)
+                    delivery = await send_row(key, value)
+                    if every_row and delivery is not None:
+                        deliveries.append(delivery)
                     sent_rows += 1
                 for key, value in steps:
                     await send_step(key, value)
@@ -261,6 +264,12 @@ class ItemSharing:
             except BaseException:
                 self.retake(rows[sent_rows:], steps[sent_steps:])
                 raise
+            if every_row:  # a refusal raises here: every row is owed again
+                await asyncio.gather(*deliveries)
+                self._owes_every_row = False
+                mark = rows_shared_mark(self.settings)
+                mark.parent.mkdir(parents=True, exist_ok=True)
+                mark.touch()
 
     def retake(self, rows: Records, steps: Records) -> None:
         """Records of :meth:`due` and :meth:`steps_due` that were not sent, due again: the

@@ -17,7 +17,12 @@ What can go wrong after validation, and what the client then gets:
 - moving a request to its user's partition fails: an error response on its reply topic;
 - an answer that takes longer than ``ANSWER_TIMEOUT_S`` (a producer waiting for metadata of
   a topic that is gone) is given up with an error response, so that one request cannot hold
-  the reader, and a rebalance waiting for it, for the producer's minutes.
+  the reader, and a rebalance waiting for it, for the producer's minutes; one the broker has
+  not taken after ``DELIVERY_TIMEOUT_S`` too.
+
+An error response the broker does not take is sent again to the responses topic (never
+remembered as failing: every error goes there) until it does, so its request is committed
+only then.
 
 A client that reads its own ``reply_to`` does not see an error sent to the responses topic;
 it times out, and the worker's log and metrics say why.
@@ -46,6 +51,11 @@ ANSWER_TIMEOUT_S = 10.0
 REPLY_TOPIC_RETRY_S = 60.0
 #: reply topic names that failed, remembered at most (the oldest is forgotten first)
 FAILED_REPLY_TOPICS_KEPT = 1_000
+#: longest wait for the broker to take an answer before an error response goes instead
+#: (the producer's own limit is Faust's, 20 minutes: the reader commits nothing past it)
+DELIVERY_TIMEOUT_S = 30.0
+#: pauses between sends of an error response the broker did not take
+FIRST_RETRY_PAUSE_S, MAX_RETRY_PAUSE_S = 0.5, 30.0
 
 
 class Responder:
@@ -71,10 +81,10 @@ class Responder:
         self._failed_topics: dict[str, float] = {}  # name -> when making it failed
         self._deliveries: set[asyncio.Task] = set()
 
-    async def answer(self, message: Any) -> Awaitable[None] | None:
+    async def answer(self, message: Any) -> Awaitable[None]:
         """Answer ``message``; errors are answers too. Returns what settles once the broker
-        has the answer (or its error response, when it refused the answer): it never raises.
-        None when nothing was sent (an error response that could not be sent either)."""
+        has the answer, or an error response in its place (sent again until the broker takes
+        it); it never raises."""
         started = time.perf_counter()
         if message.timestamp is not None:  # set by the client's producer, or by the broker
             self.metrics.request_wait.observe(max(0.0, time.time() - message.timestamp / 1e3))
@@ -85,8 +95,9 @@ class Responder:
             if not isinstance(error, InvalidMessage):
                 log.exception("request at %s/%d/%d failed", message.topic, message.partition,
                               message.offset)
-            return await self._send_error(error, message, started)
-        return self._settled(delivery, message, started, rerouted)
+            sent = await self._send_error(error, message, started)
+            return self._track(self._error_delivered(sent, error, message, started))
+        return self._track(self._follow(delivery, message, started, rerouted))
 
     async def _answer(self, message: Any, started: float) -> tuple[Awaitable, bool]:
         """The answer's delivery, and whether the request was moved rather than answered."""
@@ -126,7 +137,7 @@ class Responder:
         topic = self.reply_topics.get(name)
         if topic is not None:
             return topic
-        failed_at = self._failed_topics.get(name)
+        failed_at = self._failed_topics.get(name)  # never the responses topic's
         if failed_at is not None and time.monotonic() - failed_at < REPLY_TOPIC_RETRY_S:
             raise InvalidMessage("reply_to", f"the topic {name} could not be made (it is "
                                  f"tried again {REPLY_TOPIC_RETRY_S:g} s after it failed)")
@@ -134,7 +145,8 @@ class Responder:
         try:
             await topic.maybe_declare()
         except BaseException:  # a refusal, or a create that outlasted the answer's time
-            self._remember_failure(name)
+            if name != self.settings.topic_responses:  # where every error goes: tried always
+                self._remember_failure(name)
             raise
         self._failed_topics.pop(name, None)
         self.reply_topics[name] = topic
@@ -183,20 +195,21 @@ class Responder:
                             failure)
         return None
 
-    def _settled(self, delivery: Awaitable, message: Any, started: float,
-                 rerouted: bool) -> Awaitable[None]:
-        """What settles once ``delivery`` did: when it failed, an error response is sent
-        (on the responses topic for a refused answer, whose reply topic may be what failed;
-        on the reply topic for a request that could not be moved) and waited for."""
-        task = asyncio.ensure_future(self._follow(delivery, message, started, rerouted))
+    def _track(self, settles) -> asyncio.Task:
+        task = asyncio.ensure_future(settles)
         self._deliveries.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._deliveries.discard)
         return task
 
     async def _follow(self, delivery: Awaitable, message: Any, started: float,
                       rerouted: bool) -> None:
+        """Settles once ``delivery`` did. One that fails, or is not done in
+        ``DELIVERY_TIMEOUT_S``, is answered with an error response (on the responses topic
+        for a refused answer, whose reply topic may be what failed; on the reply topic for a
+        request that could not be moved)."""
         try:
-            await delivery
+            async with asyncio.timeout(DELIVERY_TIMEOUT_S):
+                await delivery
             return
         except Exception as error:  # noqa: BLE001 - answered below
             failure = error
@@ -206,11 +219,25 @@ class Responder:
         if not rerouted:
             self.metrics.requests.labels("undelivered").inc()
         error = InvalidMessage("undelivered", f"the worker could not {what}: {failure!r}")
-        fallback = await self._send_error(error, message, started, to_default=not rerouted)
-        if fallback is not None:
-            try:
-                await fallback
-            except Exception as failed:  # noqa: BLE001 - nothing is left to say it with
-                log.error("the error response of request at %s/%d/%d was not delivered "
-                          "either: %r", message.topic, message.partition, message.offset,
-                          failed)
+        sent = await self._send_error(error, message, started, to_default=not rerouted)
+        await self._error_delivered(sent, error, message, started)
+
+    async def _error_delivered(self, sent: Awaitable | None, error: Exception, message: Any,
+                               started: float) -> None:
+        """Settles once the error response ``sent`` is on the broker: one not sent, refused
+        or not done in ``DELIVERY_TIMEOUT_S`` is sent again to the responses topic, after a
+        pause that doubles up to ``MAX_RETRY_PAUSE_S``, until the broker takes it."""
+        pause = FIRST_RETRY_PAUSE_S
+        while True:
+            if sent is not None:
+                try:
+                    async with asyncio.timeout(DELIVERY_TIMEOUT_S):
+                        await sent
+                    return
+                except Exception as failure:  # noqa: BLE001 - sent again below
+                    log.warning("the error response of request at %s/%d/%d was not "
+                                "delivered (%r); sending it again in %g s", message.topic,
+                                message.partition, message.offset, failure, pause)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, MAX_RETRY_PAUSE_S)
+            sent = await self._send_error(error, message, started, to_default=True)

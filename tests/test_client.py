@@ -120,3 +120,28 @@ def test_a_request_that_was_not_sent_raises_at_once(monkeypatch, error, raised):
     with pytest.raises(raised):
         client.ask_many([RecRequest(request_id="r", history=["a"])], timeout_s=5.0)
     assert clock[0] == 0.0 and client._awaited == set()
+
+
+def test_a_request_the_producer_could_not_take_is_not_awaited(monkeypatch):
+    """kafka-python's send raises itself when it waited too long for metadata or room in
+    its buffer: a ResponseTimeout, and neither that request nor the window's earlier ones
+    stay awaited."""
+    clock = [0.0]
+    client = offline_client(clock)
+    sends = []
+
+    def send(*args, **kwargs):
+        sends.append(args)
+        if len(sends) % 2 == 0:
+            raise KafkaTimeoutError("metadata not updated after 60000 ms")
+        return Sending(clock)
+
+    client._producer = SimpleNamespace(send=send)
+    with pytest.raises(ResponseTimeout):
+        client.ask_many([RecRequest(request_id=f"r{n}", history=["a"]) for n in range(3)])
+    assert client._awaited == set()
+    sends.clear()
+    sends.append(None)  # the next send raises
+    with pytest.raises(ResponseTimeout):
+        client.recommend("u1")
+    assert client._awaited == set()

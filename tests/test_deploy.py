@@ -294,19 +294,20 @@ def test_dockerfile_copies_every_package_the_project_installs():
 
 # -- Prometheus -----------------------------------------------------------------------------------
 def test_prometheus_scrapes_every_worker(services, monkeypatch):
-    """The scrape targets are exactly the worker services on their metrics port, found by
-    their names (a worker of an unused profile adds no target, so no scrape is always down)."""
+    """The scrape targets are exactly the worker services on their metrics port: the default
+    stack's as fixed targets (one that is down shows), those of a profile found by their
+    names (a worker of an unused profile adds no target, so no scrape is always down)."""
     config = load_yaml("prometheus/prometheus.yml")
     (job,) = config["scrape_configs"]
-    assert "static_configs" not in job
-    targets = {f"{name}:{lookup['port']}" for lookup in job["dns_sd_configs"]
-               for name in lookup["names"]}
+    fixed = {target for group in job["static_configs"] for target in group["targets"]}
+    found = {f"{name}:{lookup['port']}" for lookup in job["dns_sd_configs"]
+             for name in lookup["names"]}
     assert all(lookup["type"] == "A" for lookup in job["dns_sd_configs"])
-    expected = set()
+    expected: dict[bool, set[str]] = {True: set(), False: set()}
     for name, service in workers(services).items():
         settings = settings_from(streamrec_vars(environment(service)), monkeypatch)
-        expected.add(f"{name}:{settings.metrics_port}")
-    assert targets == expected
+        expected[bool(service.get("profiles"))].add(f"{name}:{settings.metrics_port}")
+    assert (fixed, found) == (expected[False], expected[True])
 
 
 def relabelled(rules: list[dict], labels: dict[str, str]) -> dict[str, str]:

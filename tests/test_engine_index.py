@@ -326,6 +326,8 @@ def test_a_clustered_version_built_here_is_placed_among_the_rows_without_a_looku
     engine.learner.assign(["learned-since"], np.ones((1, learner.item_matrix.shape[1])))
     with monkeypatch.context() as patched:
         patched.setattr(learner, "rows_of", lambda ids: pytest.fail("looked up every id"))
+        patched.setattr(ClusteredIndex, "__contains__",
+                        lambda self, item: pytest.fail("looked up every row"))
         coverage = _Coverage.of(index, learner)
     assert coverage.covered == len(index) == len(learner) - 1 and len(coverage.missing) == 0
 

@@ -123,7 +123,7 @@ def scrape_config(target: str) -> dict:
     config = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
     (job,) = config["scrape_configs"]
-    del job["dns_sd_configs"]  # the workers' names resolve in the compose network only
+    del job["dns_sd_configs"]  # the names resolve in the compose network only
     job["static_configs"] = [{"targets": [target]}]
     return config
 

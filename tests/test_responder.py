@@ -197,3 +197,31 @@ def test_an_invalid_request_is_answered_with_its_error(world):
     asyncio.run(scenario())
     (error,) = world.broker.answers(world.settings.topic_responses)
     assert error["request_id"] == "r-1" and "k" in error["error"]
+
+
+def test_a_responses_topic_that_fails_once_is_not_given_up(world, monkeypatch):
+    """Every error goes to the responses topic, so a failure to make it is never remembered:
+    the error response is sent again until the broker takes it (its request is committed
+    only then), and the next request is answered as usual."""
+    monkeypatch.setattr(responder_module, "FIRST_RETRY_PAUSE_S", 0.01)
+    default = world.settings.topic_responses
+    world.broker.undeclarable.add(default)
+
+    async def scenario():
+        settles = await world.responder.answer(request())
+        await asyncio.sleep(0.1)
+        waiting = not settles.done() and not world.broker.sent
+        world.broker.undeclarable.clear()
+        while not world.broker.sent:
+            await asyncio.sleep(0.01)
+        world.broker.settle(0)
+        await asyncio.wait_for(settles, 1)
+        following = await world.responder.answer(request(request_id="r-2"))
+        world.broker.settle(1)
+        await asyncio.wait_for(following, 1)
+        return waiting
+
+    assert asyncio.run(scenario())
+    first, second = world.broker.answers(world.settings.topic_responses)
+    assert first["request_id"] == "r-1" and f"cannot create {default}" in first["error"]
+    assert second["request_id"] == "r-2" and second["error"] is None
