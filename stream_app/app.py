@@ -36,7 +36,7 @@ from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_active_only_polls, install_fair_fetch, install_full_seeks
 from .intake import IntakeLag
 from .kafka import faust_credentials, key_partition
-from .item_sharing import (PUBLISHER, ItemSharing, Records, add_step_records, forget_rows_shared,
+from .item_sharing import (PUBLISHER, ItemSharing, Records, StepMessages, forget_rows_shared,
                            install_records, rows_shared_mark)
 from .learner_process import LearnerProcess
 from .metrics import Metrics
@@ -584,8 +584,7 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
     batches up to ``through``, what ``followed()`` said before the publish took its rows (it
     may hold more, never less)."""
     topic = app.topic(settings.items_topic, key_serializer="raw", value_serializer="raw")
-    steps_topic = app.topic(settings.item_steps_topic, key_serializer="raw",
-                            value_serializer="raw")
+    train = app.topic(settings.train_topic, key_serializer="raw", value_serializer="raw")
 
     def owned() -> frozenset[int]:
         """The training partitions this worker holds: the items it learns."""
@@ -598,16 +597,8 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
         else:
             install_records(engine, records)  # the engine learns here: it is the model
 
-    def add_steps(records: list[tuple[bytes, bytes]]) -> None:
-        if learner is not None:
-            learner.add_steps(records)
-            return
-        report = add_step_records(engine, records)
-        if report is not None:  # the offsets moved here: out with the next publish
-            sharing.note(report)
-
     # read before the learner process writes its next checkpoint: the one it started from
-    sharing = ItemSharing(settings, engine, owned, install, add_steps, engine.model_saved_at(),
+    sharing = ItemSharing(settings, engine, owned, install, engine.model_saved_at(),
                           taken=learner.drained if learner is not None else None,
                           owes_every_row=not rows_shared_mark(settings).exists())
     sharing.export(metrics)
@@ -621,10 +612,10 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
     async def send_row(key: bytes, value: bytes) -> asyncio.Future:
         return await topic.send(key=key, value=value, headers=headers)  # its delivery
 
-    async def send_step(key: bytes, value: bytes) -> None:
-        await steps_topic.send(key=key, value=value)
+    async def send_steps(partition: int, value: bytes) -> None:
+        await train.send(value=value, partition=partition)  # learned by the items' owner
 
-    def due() -> tuple[Records, Records]:
+    def due() -> tuple[Records, StepMessages]:
         return sharing.due(), sharing.steps_due()
 
     @app.timer(settings.share_items_s)
@@ -633,7 +624,7 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
             return
         try:
             through = followed()
-            await sharing.publish(due, send_row, send_step)
+            await sharing.publish(due, send_row, send_steps)
             await published(through)
         except Exception:  # noqa: BLE001 - a timer's exception would stop the worker
             log.exception("could not publish the item rows; they go with the next publish")
@@ -655,7 +646,7 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
                 log.warning("the learner's batches in flight were not learned in %.1f s; "
                             "handing over without them", settings.hand_over_wait_s)
             through = followed()
-            await sharing.publish(sharing.handed_over, send_row, send_step)
+            await sharing.publish(sharing.handed_over, send_row, send_steps)
             await app.producer.flush()
             await published(through)
         except Exception:  # noqa: BLE001 - the next owner starts from the last publish

@@ -36,7 +36,7 @@ from state.stream_positions import EventPositions, StreamPositions, positions_vo
 
 from .settings import Settings
 from .wire import (SOURCES, DecodedTraining, Event, InvalidMessage, RecItem, RecRequest,
-                   RecResponse, TrainBatch, TrainExample)
+                   RecResponse, TrainBatch, TrainExample, decode_offset_steps, is_offset_steps)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class LearnedReport:
     # (rows, summed steps) the input offsets took here since the last report, with share_items
     input_steps: tuple[np.ndarray, np.ndarray] | None = None
     redelivered: int = 0  # training messages skipped: the model held them already
+    steps_added: int = 0  # other workers' offset steps added (sharing): on its items' offsets
     repeated_examples: int = 0  # examples skipped: made again for events the model learned
     # every input offset moved so far is in this report or an earlier one: a follower then
     # holds all the learning of the batches reported (what a publish of its rows may commit)
@@ -578,16 +579,6 @@ class Engine:
         return self._rows_report(self.learner.delta(first_row, at[at < first_row], at),
                                  list(item_ids), installed=True)
 
-    def add_offset_steps(self, item_ids: list[str], steps: np.ndarray) -> LearnedReport:
-        """Other workers' steps on the input offsets of items learned here, added (those of
-        items unknown here are dropped), and the report that brings the offsets to a
-        follower; they go out with the rows at the next publish."""
-        known = [k for k, item in enumerate(item_ids) if item in self.learner]
-        rows = self.learner.rows_of([item_ids[k] for k in known])
-        self.learner.add_offsets(rows, np.asarray(steps)[known])
-        rows = np.unique(rows)
-        return self._rows_report(self.learner.delta(len(self.learner), rows[:0], rows), [])
-
     def _rows_report(self, delta: RowDelta, items: list[str], *, installed: bool = False
                      ) -> LearnedReport:
         """The report of rows set from another worker's records, no learning step behind it:
@@ -643,6 +634,7 @@ class Engine:
             if skipped:
                 log.info("skipped %d training messages the model already holds", skipped)
                 values = [value for value, new in zip(values, fresh) if new]
+        values, steps_added = self._add_offset_steps(values)
         decoded = TrainBatch.decode_many(values)
         if decoded.bad:
             log.warning("skipped %d undecodable training messages", decoded.bad)
@@ -650,8 +642,32 @@ class Engine:
         report = self.learn_reported(examples, step, caught_up=caught_up, users=users)
         self.redelivered += skipped
         self.repeated_examples += repeated
-        return replace(report, redelivered=skipped, repeated_examples=repeated) \
-            if skipped or repeated else report
+        return replace(report, redelivered=skipped, repeated_examples=repeated,
+                       steps_added=steps_added) if skipped or repeated or steps_added else report
+
+    def _add_offset_steps(self, values: Sequence[bytes]) -> tuple[Sequence[bytes], int]:
+        """Add the offset steps of the messages among ``values`` that carry other workers'
+        steps on the input offsets of items learned here (``wire.encode_offset_steps``;
+        those of items unknown here are dropped); they go to a follower with the next report
+        that carries the moved offsets, and out with the rows at the next publish. Returns
+        the other messages and how many steps were added."""
+        if not any(is_offset_steps(value) for value in values):
+            return values, 0
+        added = 0
+        for value in values:
+            if not is_offset_steps(value):
+                continue
+            try:
+                item_ids, steps = decode_offset_steps(value, self.settings.model_dim)
+            except ValueError as error:
+                log.warning("skipped a message of offset steps: %s", error)
+                continue
+            known = [k for k, item in enumerate(item_ids) if item in self.learner]
+            rows = self.learner.rows_of([item_ids[k] for k in known])
+            self.learner.add_offsets(rows, steps[known])
+            self._inputs_moved.append(np.unique(rows))
+            added += len(known)
+        return [value for value in values if not is_offset_steps(value)], added
 
     def _new_examples(self, decoded: DecodedTraining
                       ) -> tuple[list[TrainExample], list[int | None], int]:

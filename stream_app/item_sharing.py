@@ -34,13 +34,17 @@ publishes nothing and writes no model checkpoint: a row installed after learning
 overwrite what was learned, the worker's own rows still hold the checkpoint's values (a publish
 would put them over newer ones on the topic), and a checkpoint would move the file time that
 says which of its own rows a next start installs. Steps other workers send meanwhile are
-added once the catch-up has installed the rows they apply to.
+added once the catch-up has installed the rows they apply to (they are training messages).
 
 An item's input offset δ is the exception to ownership: it moves with every example whose
 history holds the item, and those examples are learned where *their* items are, on every
-worker. So each worker also sends the steps it took on the offsets of items it does not own to
-the item-steps topic, at the same interval, and the owner adds them to its offsets, which go
-out with its next publish. Without them an offset would learn from 1/N of the examples (Toys
+worker. So each worker also sends the steps it took on the offsets of items it does not own,
+at the same interval, as messages of the training topic on those items' partitions: whichever
+worker holds a partition when a message is read adds them to its offsets (which go out with
+its next publish), and commits the message as it commits training messages, so a step moves
+with its item through rebalances and crashes as an example does (read from a topic of its
+own by every worker, kept by the one that owned the item when it read it, a step was lost
+when the item changed owners meanwhile). Without them an offset would learn from 1/N of the examples (Toys
 through Kafka, two workers answering with one pinned pair: NDCG@10 0.0396, against 0.0407 with
 the steps, 0.0433 for one worker and 0.0363 with no offsets at all; docs/results.md).
 
@@ -70,11 +74,14 @@ from .engine import Engine, LearnedReport, item_partition
 from .kafka import aiokafka_config
 from .request_reader import keep_reading
 from .settings import Settings
-from .wire import decode_item_row, decode_offset_step, encode_item_row, encode_offset_step
+from .wire import decode_item_row, decode_offset_steps, encode_item_row, encode_offset_steps
 
 log = logging.getLogger(__name__)
 
 Records = list[tuple[bytes, bytes]]
+StepMessages = list[tuple[int, bytes]]  # (training partition, message of offset steps)
+#: most bytes of one message of offset steps (Kafka's default message limit is 1 MiB)
+STEPS_MESSAGE_BYTES = 512 * 1024
 
 #: the record header naming the worker process that published an item row
 PUBLISHER = "streamrec-publisher"
@@ -110,17 +117,6 @@ def _decoded(records: Records, decode: Callable[[bytes], Any], what: str
     return decoded
 
 
-def add_step_records(engine: Engine, records: Records) -> LearnedReport | None:
-    """:meth:`Engine.add_offset_steps` of item-steps records (those that decode); None when
-    none did."""
-    dim = engine.settings.model_dim
-    decoded = _decoded(records, lambda value: decode_offset_step(value, dim), "offset steps")
-    if not decoded:
-        return None
-    items, steps = zip(*decoded)
-    return engine.add_offset_steps(list(items), np.stack(steps))
-
-
 def install_records(engine: Engine, records: Records) -> LearnedReport | None:
     """:meth:`Engine.install_rows` of item-rows records that decode (the last of an item's,
     when it comes twice); None when none did."""
@@ -134,11 +130,12 @@ def install_records(engine: Engine, records: Records) -> LearnedReport | None:
 
 class ItemSharing:
     """Publishes the owned rows a worker's engine moved and installs the others' rows; sends
-    the steps it took on the others' items' input offsets and adds theirs on its own items.
+    the steps it took on the others' items' input offsets to the training topic (their
+    owners learn them as training messages: :meth:`Engine.learn_messages`).
 
     ``owned()`` gives the training partitions this worker holds now; ``install(records)``
-    hands item-rows records (key, value) to its learner, ``add_steps(records)`` item-steps
-    records of its own items; ``own_rows_after`` is when the learner's checkpoint was written
+    hands item-rows records (key, value) to its learner; ``own_rows_after`` is when the
+    learner's checkpoint was written
     (epoch seconds, 0 without one): the catch-up installs the worker's own items' rows
     published after it. ``taken()``, when given, is awaited after handing records on, until
     the learner has room for more (:meth:`LearnerProcess.drained`). ``owes_every_row``: the
@@ -147,24 +144,20 @@ class ItemSharing:
 
     def __init__(self, settings: Settings, engine: Engine,
                  owned: Callable[[], frozenset[int]], install: Callable[[Records], None],
-                 add_steps: Callable[[Records], None], own_rows_after: float = math.inf,
+                 own_rows_after: float = math.inf,
                  taken: Callable[[], Awaitable[None]] | None = None,
                  owes_every_row: bool = False) -> None:
         self.settings = settings
         self.engine = engine
         self._owned = owned
         self._install = install
-        self._add_steps = add_steps
-        self._taken = taken  # waits while what install/add_steps handed on is not taken
+        self._taken = taken  # waits while what install handed on is not taken
         self.own_rows_after = own_rows_after  # infinity once a catch-up has ended
         # set once the first catch-up has handed its rows on: the learner learns after it,
         # or a row of its own items published before a crash would overwrite newer learning
         self.caught_up = asyncio.Event()
         self.instance = uuid.uuid4().hex.encode()  # this process, in its records' headers
         self.held: frozenset[int] = frozenset()  # training partitions as last assigned
-        # item-steps partition: its next offset to read. A restarted reader goes on from there
-        # (the steps are not in any row yet); the first one starts at the ends
-        self._steps_next: dict[int, int] = {}
         # item-rows partition: its next offset to read, past the records handed on. A
         # restarted reader goes on from there, as one that never failed: read again from the
         # beginning, its hand-overs (records of this worker's items another process
@@ -188,6 +181,7 @@ class ItemSharing:
     def note(self, report: LearnedReport) -> None:
         """The rows a report moved, item rows and input offsets: due at the next publish;
         none of an install's (its rows are on the topic already, a catch-up's own ones too)."""
+        self.steps_added += report.steps_added
         if report.installed:
             return
         self._moved.update(report.delta.rows.tolist())
@@ -221,28 +215,37 @@ class ItemSharing:
         self.published += len(records)
         return records
 
-    def steps_due(self, owned: frozenset[int] | None = None) -> Records:
-        """Records of the offset steps taken since the last call on items this worker does
-        not own (its own items' steps are in the rows it publishes); ``owned`` as in
-        :meth:`due`."""
+    def steps_due(self, owned: frozenset[int] | None = None) -> StepMessages:
+        """Training messages (partition, value) of the offset steps taken since the last call
+        on items this worker does not own (its own items' steps are in the rows it
+        publishes), for their items' training partitions; ``owned`` as in :meth:`due`."""
         if not self._steps:
             return []
         steps, self._steps = self._steps, {}
         owned = self._owned() if owned is None else owned
-        ids = self.engine.learner.item_ids_at(steps)
-        records = [(item.encode(), encode_offset_step(step))
-                   for item, step in zip(ids, steps.values()) if not self._owns(item, owned)]
-        self.steps_sent += len(records)
-        return records
+        by_partition: dict[int, list[tuple[str, np.ndarray]]] = {}
+        for item, step in zip(self.engine.learner.item_ids_at(steps), steps.values()):
+            partition = item_partition(item, self.settings.partitions)
+            if partition not in owned:
+                by_partition.setdefault(partition, []).append((item, step))
+        per_message = max(1, STEPS_MESSAGE_BYTES // (4 * self.settings.model_dim + 64))
+        messages = []
+        for partition, taken in sorted(by_partition.items()):
+            for start in range(0, len(taken), per_message):
+                items, values = zip(*taken[start:start + per_message])
+                messages.append((partition, encode_offset_steps(items, np.stack(values))))
+            self.steps_sent += len(taken)
+        return messages
 
-    async def publish(self, take: Callable[[], tuple[Records, Records]],
+    async def publish(self, take: Callable[[], tuple[Records, StepMessages]],
                       send_row: Callable[[bytes, bytes], Awaitable[Any]],
-                      send_step: Callable[[bytes, bytes], Awaitable[Any]]) -> None:
+                      send_steps: Callable[[int, bytes], Awaitable[Any]]) -> None:
         """Send the records ``take`` gives (rows, steps: :meth:`due` and :meth:`steps_due`, or
         :meth:`handed_over`), one publish at a time: ``take`` runs once the one before has
         sent all of its records, so a hand-over's newer row of an item never goes out before
         the older row a periodic publish in progress holds (the topic keeps the last). The
         records not sent when a send fails are due again (:meth:`retake`) and it raises.
+        ``send_steps(partition, value)`` sends a message of steps to the training topic.
         ``send_row`` may return its record's delivery: a publish of every owned row waits
         for them, and marks the topic as holding them (:func:`rows_shared_mark`) only once
         the broker took them all."""
@@ -258,8 +261,8 @@ class ItemSharing:
                     if every_row and delivery is not None:
                         deliveries.append(delivery)
                     sent_rows += 1
-                for key, value in steps:
-                    await send_step(key, value)
+                for partition, value in steps:
+                    await send_steps(partition, value)
                     sent_steps += 1
             except BaseException:
                 self.retake(rows[sent_rows:], steps[sent_steps:])
@@ -271,21 +274,20 @@ class ItemSharing:
                 mark.parent.mkdir(parents=True, exist_ok=True)
                 mark.touch()
 
-    def retake(self, rows: Records, steps: Records) -> None:
-        """Records of :meth:`due` and :meth:`steps_due` that were not sent, due again: the
-        rows' items moved (their values are read again at the next publish), the steps
-        added back to those taken since."""
+    def retake(self, rows: Records, steps: StepMessages) -> None:
+        """Records of :meth:`due` and messages of :meth:`steps_due` that were not sent, due
+        again: the rows' items moved (their values are read again at the next publish), the
+        steps added back to those taken since."""
         learner = self.engine.learner
         moved = learner.rows_of([key.decode() for key, _ in rows])
         self._moved.update(moved[moved >= 0].tolist())
         self.published -= len(rows)
-        dim = self.engine.settings.model_dim
-        decoded = _decoded(steps, lambda value: decode_offset_step(value, dim), "offset steps")
-        self._hold_steps(learner.rows_of([item for item, _ in decoded]).tolist(),
-                         [step for _, step in decoded])
-        self.steps_sent -= len(steps)
+        for _, value in steps:
+            item_ids, values = decode_offset_steps(value, self.settings.model_dim)
+            self._hold_steps(learner.rows_of(item_ids).tolist(), list(values))
+            self.steps_sent -= len(item_ids)
 
-    def handed_over(self) -> tuple[Records, Records]:
+    def handed_over(self) -> tuple[Records, StepMessages]:
         """:meth:`due` and :meth:`steps_due` as owner of the partitions held before a
         revocation or a stop (:attr:`held`) and of those held now: the rows the next owners
         start from."""
@@ -334,30 +336,21 @@ class ItemSharing:
                 and (at > after or publisher not in (None, self.instance)
                      or not self._owns(key.decode(errors="replace"), owned))]
 
-    def own_steps(self, records: Records) -> Records:
-        """The item-steps records of items this worker owns."""
-        owned = self._owned()
-        return [(key, value) for key, value in records
-                if value is not None and key is not None
-                and self._owns(key.decode(errors="replace"), owned)]
-
     def _owns(self, item_id: str, owned: frozenset[int]) -> bool:
         """Whether ``item_id`` is in the training partitions ``owned``: this worker's to learn
         and publish."""
         return item_partition(item_id, self.settings.partitions) in owned
 
     async def read(self, retry_after_s: float = 1.0) -> None:
-        """Install the other workers' rows from the item-rows topic, and add the steps they
-        took on this worker's items' offsets from the item-steps topic, until cancelled; a
-        failed consumer is logged and started again, from where the failed one left both
-        topics (the first one reads the rows from their beginning, the steps from their
-        ends), its catch-up from where that one's stopped."""
+        """Install the other workers' rows from the item-rows topic until cancelled; a failed
+        consumer is logged and started again, from where the failed one left the topic (the
+        first one reads it from its beginning), its catch-up from where that one's
+        stopped."""
         await keep_reading(self._read, "the item-rows reader", retry_after_s)
 
     async def _read(self) -> None:
         from aiokafka import AIOKafkaConsumer
 
-        topic = self.settings.items_topic
         consumer: Any = AIOKafkaConsumer(
             client_id=f"{self.settings.app_id}-item-rows", enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=self.settings.worker_fetch_max_wait_ms,
@@ -367,31 +360,17 @@ class ItemSharing:
         if not self.caught_up.is_set() and self._catch_up is not None:
             log.warning("the item-rows catch-up goes on with a new consumer: learning waits "
                         "for it")
-        held: list[dict] = []  # item-steps fetched during the catch-up, taken after it
         try:
             await consumer.start()
             catch_up = await self._assign(consumer)
             while True:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
-                fetched = {tp: batch for tp, batch in batches.items() if tp.topic != topic}
-                if catch_up:  # a row published before, installed later, would overwrite them
-                    held, taking = held + [fetched], []
-                else:
-                    held, taking = [], held + [fetched]
-                steps = self.own_steps([(record.key, record.value) for steps_batches in taking
-                                        for batch in steps_batches.values() for record in batch])
-                if steps:
-                    self._add_steps(steps)
-                    self.steps_added += len(steps)
-                for steps_batches in taking:
-                    self._steps_taken(steps_batches)
-                records = self._to_install({tp: batch for tp, batch in batches.items()
-                                            if tp.topic == topic}, catch_up)
+                records = self._to_install(batches, catch_up)
                 if records:
                     self._install(records)
                     self.installed += len(records)
-                self._rows_taken(batches, topic)
-                if self._taken is not None and (records or steps):
+                self._rows_taken(batches)
+                if self._taken is not None and records:
                     await self._taken()  # the learner's pace, not the topic's
                 for tp, end in list(catch_up.items()):
                     if await consumer.position(tp) >= end:
@@ -407,42 +386,32 @@ class ItemSharing:
             await consumer.stop()
 
     async def _assign(self, consumer: Any) -> dict:
-        """Assign ``consumer`` every partition of both topics, each from where the last reader
-        left it: at the first start, the rows from their beginning and the steps from their
-        ends now. Returns the catch-up's rows partitions still unread and their end offsets
-        (at the first start, the ends now)."""
+        """Assign ``consumer`` every partition of the item-rows topic, each from where the
+        last reader left it (at the first start, from its beginning). Returns the catch-up's
+        partitions still unread and their end offsets (at the first start, the ends now)."""
         from aiokafka import TopicPartition
 
-        topic, steps_topic = self.settings.items_topic, self.settings.item_steps_topic
+        topic = self.settings.items_topic
         await consumer.topics()
-        assigned = [TopicPartition(name, partition) for name in (topic, steps_topic)
-                    for partition in consumer.partitions_for_topic(name) or ()]
+        assigned = [TopicPartition(topic, partition)
+                    for partition in consumer.partitions_for_topic(topic) or ()]
         consumer.assign(assigned)
         ends = (await exact_end_offsets(consumer, assigned) if self.settings.compat_fixes
                 else await consumer.end_offsets(assigned))
         for tp in assigned:
-            if tp.topic == steps_topic:
-                consumer.seek(tp, self._steps_next.setdefault(tp.partition, ends[tp]))
-            elif tp.partition in self._rows_next:
+            if tp.partition in self._rows_next:
                 consumer.seek(tp, self._rows_next[tp.partition])
             else:
                 await consumer.seek_to_beginning(tp)
         if self._catch_up is None:
-            self._catch_up = {tp: end for tp, end in ends.items()
-                              if end > 0 and tp.topic == topic}
+            self._catch_up = {tp: end for tp, end in ends.items() if end > 0}
         return self._catch_up
 
-    def _rows_taken(self, batches: dict, topic: str) -> None:
+    def _rows_taken(self, batches: dict) -> None:
         """Item-rows records fetched and handed on: a restarted reader starts after them."""
         for tp, batch in batches.items():
-            if batch and tp.topic == topic:
-                self._rows_next[tp.partition] = batch[-1].offset + 1
-
-    def _steps_taken(self, batches: dict) -> None:
-        """Item-steps records fetched and handed on: a restarted reader starts after them."""
-        for tp, batch in batches.items():
             if batch:
-                self._steps_next[tp.partition] = batch[-1].offset + 1
+                self._rows_next[tp.partition] = batch[-1].offset + 1
 
     def _to_install(self, batches: dict, catch_up: dict) -> Records:
         """:meth:`wanted` of fetched ``batches``, the records before ``catch_up``'s end offsets

@@ -84,7 +84,7 @@ def faust_credentials(settings: Settings):
 
 
 def service_topics(settings: Settings) -> list[str]:
-    shared = [settings.items_topic, settings.item_steps_topic] if settings.share_items else []
+    shared = [settings.items_topic] if settings.share_items else []
     return [settings.topic_events, settings.topic_dead_letters, settings.topic_requests,
             settings.topic_responses, settings.train_topic, *shared]
 
@@ -112,10 +112,8 @@ def ensure_topics(settings: Settings, names: list[str] | None = None,
         missing = [name for name in names if name not in existing]
         for name in missing:
             # the item rows keep each item's last row only (a reader starts from the
-            # beginning); offset steps are read as they come, and an hour of them is plenty
-            configs = ({"cleanup.policy": "compact"} if name == settings.items_topic
-                       else {"retention.ms": "3600000"} if name == settings.item_steps_topic
-                       else {})
+            # beginning)
+            configs = {"cleanup.policy": "compact"} if name == settings.items_topic else {}
             try:
                 admin.create_topics([NewTopic(name, settings.partitions,
                                               settings.replication_factor,

@@ -56,7 +56,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from .engine import Engine, LearnedReport
-from .item_sharing import add_step_records, install_records
+from .item_sharing import install_records
 from .processes import LEARNER_LOCK, LEARNER_LOCK_WAIT_S, lock_data_dir
 from .settings import Settings
 
@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 #: training batches handed to the child ahead of its learning
 IN_FLIGHT = 2
-#: bytes of other frames (item rows, steps) the worker holds for the child before their
+#: bytes of other frames (item rows) the worker holds for the child before their
 #: sender waits (:meth:`LearnerProcess.drained`)
 FRAME_BUFFER = 32 * 1024 * 1024
 
@@ -219,7 +219,7 @@ class LearnerProcess:
 
     async def drained(self) -> None:
         """Wait while the frames for the child held here are over ``frame_buffer`` bytes. Learn
-        frames are bounded by their slots; a sender of item rows or steps (a catch-up reads
+        frames are bounded by their slots; a sender of item rows (a catch-up reads
         the whole item-rows topic, faster than the child may install it) waits here, so the
         worker's memory does not grow with the topic."""
         if self._pipe is not None:
@@ -251,11 +251,6 @@ class LearnerProcess:
         """Hand other workers' item rows (item-rows topic records: key, value) to the child,
         which installs them and reports them like a learning step."""
         self._writer.write(rows_frame(records))
-
-    def add_steps(self, records: list[tuple[bytes, bytes]]) -> None:
-        """Hand other workers' steps on this worker's items' input offsets (item-steps topic
-        records: key, value) to the child, which adds them and reports the offsets."""
-        self._writer.write(rows_frame(records, STEPS))
 
     def _receive(self) -> None:
         try:
@@ -309,7 +304,7 @@ class LearnerProcess:
 
 
 # -- frames to the child: a length, a kind, the raw Kafka values (no pickle) ---------------------
-LEARN, SAVE, ROWS, STEPS, SETTLE = b"L", b"S", b"R", b"T", b"W"
+LEARN, SAVE, ROWS, SETTLE = b"L", b"S", b"R", b"W"
 _LENGTH = struct.Struct("!I")
 _LEARN_HEAD = struct.Struct("!QI")  # users, number of values
 _COUNT = struct.Struct("!i")  # positions in a learn frame; -1: none
@@ -337,10 +332,9 @@ def learn_frame(values: list[bytes], users: int,
     return frame(LEARN, head + _values_body(values, users))
 
 
-def rows_frame(records: list[tuple[bytes, bytes]], kind: bytes = ROWS) -> bytes:
-    """Item-rows (or, ``STEPS``, item-steps) records, laid out as a learn frame's values: key,
-    value, key, value, …"""
-    return frame(kind, _values_body([part for record in records for part in record], 0))
+def rows_frame(records: list[tuple[bytes, bytes]]) -> bytes:
+    """Item-rows records, laid out as a learn frame's values: key, value, key, value, …"""
+    return frame(ROWS, _values_body([part for record in records for part in record], 0))
 
 
 def parse_rows(body: memoryview) -> list[tuple[bytes, bytes]]:
@@ -475,9 +469,8 @@ class LearnerLoop:
             else:
                 self.learned_since_save = False
                 self.outbox.send(("saved", True))
-        elif kind in (ROWS, STEPS):
-            take = install_records if kind == ROWS else add_step_records
-            report = take(self.engine, parse_rows(body))
+        elif kind == ROWS:
+            report = install_records(self.engine, parse_rows(body))
             if report is not None:
                 self.outbox.send(("inputs", report))
         elif kind == SETTLE:  # everything learned goes out, then the answer

@@ -71,9 +71,6 @@ class Settings(BaseSettings):
         "before its last commit (stopping).")
     topic_items: str | None = Field(
         None, description="Item rows keyed by item (compacted). Default '<app_id>-item-rows'.")
-    topic_item_steps: str | None = Field(
-        None, description="Steps workers took on other workers' items' input offsets, keyed by "
-        "item. Default '<app_id>-item-steps'.")
     replication_factor: int = Field(1, ge=1)
     session_timeout_s: float = Field(
         10.0, gt=0, description="Consumer group session timeout; joins wait about half of it."
@@ -465,10 +462,6 @@ class Settings(BaseSettings):
     @property
     def items_topic(self) -> str:
         return self.topic_items or f"{self.app_id}-item-rows"
-
-    @property
-    def item_steps_topic(self) -> str:
-        return self.topic_item_steps or f"{self.app_id}-item-steps"
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated again)."""

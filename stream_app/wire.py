@@ -11,6 +11,7 @@ import json
 import math
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
@@ -415,17 +416,44 @@ def _versioned_floats(raw: bytes | None, version: bytes, count: int, what: str) 
     return values
 
 
-OFFSET_STEP_VERSION = b"\x01"
+#: first byte of a message of input-offset steps on the training topic: no training message
+#: starts so (JSON starts with "{", zlib's streams with 0x78)
+OFFSET_STEPS_MESSAGE = b"\x02"
 
 
-def encode_offset_step(step: np.ndarray) -> bytes:
-    """The steps a worker took on another worker's item's input offset δ (d) since it last
-    sent them, as one value of the item-steps topic: a version byte, then d little-endian
-    float32 (the key is the item id)."""
-    return OFFSET_STEP_VERSION + np.asarray(step, dtype="<f4").tobytes()
+def encode_offset_steps(item_ids: Sequence[str], steps: np.ndarray) -> bytes:
+    """The steps a worker took on the input offsets δ of items another worker owns, since it
+    last sent them, as one message of the training topic for the items' partition: their
+    owner learns it, and commits it, as it does the training messages (so a step is added
+    once, by whichever worker holds the partition when it is read). The marker byte, the
+    byte length of the JSON list of the item ids (4 bytes, little-endian), that list, then
+    the steps (n, d) as little-endian float32. Raw numbers, never pickle."""
+    ids = json.dumps(list(item_ids), separators=(",", ":")).encode()
+    return (OFFSET_STEPS_MESSAGE + len(ids).to_bytes(4, "little") + ids
+            + np.asarray(steps, dtype="<f4").tobytes())
 
 
-def decode_offset_step(raw: bytes | None, dim: int) -> np.ndarray:
-    """The step (d,) of an item-steps value; ValueError for one of another version or size
-    or with numbers that are not finite."""
-    return _versioned_floats(raw, OFFSET_STEP_VERSION, dim, f"an offset step of d = {dim}")
+def is_offset_steps(value: bytes) -> bool:
+    return value[:1] == OFFSET_STEPS_MESSAGE
+
+
+def decode_offset_steps(raw: bytes, dim: int) -> tuple[list[str], np.ndarray]:
+    """The item ids and steps (n, d) of an offset-steps message; ValueError for one that is
+    cut short, of another dimension d, or with numbers that are not finite."""
+    if not is_offset_steps(raw) or len(raw) < 5:
+        raise ValueError("not an offset-steps message")
+    size = int.from_bytes(raw[1:5], "little")
+    try:
+        ids = json.loads(raw[5:5 + size])
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"an offset-steps message with damaged item ids: {error}") from None
+    if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids):
+        raise ValueError("an offset-steps message whose item ids are not a list of strings")
+    floats = raw[5 + size:]
+    if len(floats) != 4 * dim * len(ids):
+        raise ValueError(f"an offset-steps message of {len(floats)} bytes of steps, "
+                         f"{4 * dim * len(ids)} expected for {len(ids)} items of d = {dim}")
+    steps = np.frombuffer(floats, dtype="<f4").astype(np.float64).reshape(len(ids), dim)
+    if not np.isfinite(steps).all():
+        raise ValueError("an offset-steps message with numbers that are not finite")
+    return ids, steps

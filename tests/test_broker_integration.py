@@ -816,59 +816,6 @@ def test_workers_that_share_items_answer_from_the_whole_catalogue(settings, star
     check_shared_answers(settings)
 
 
-def test_a_restarted_item_rows_reader_adds_the_steps_sent_while_it_was_down(settings):
-    """The steps on a worker's items that arrive while its item-rows reader is down (its
-    consumer failed and is started again) are added when it is back, and none twice; the
-    first reader starts at the steps' ends (older steps are in the rows already)."""
-    import asyncio
-
-    from stream_app.engine import Engine
-    from stream_app.item_sharing import ItemSharing
-    from stream_app.kafka import ensure_topics
-    from stream_app.wire import encode_offset_step
-
-    shared = sharing_settings(settings)
-    ensure_topics(shared)
-    producer = KafkaProducer(**client_config(shared), acks=1, enable_idempotence=False)
-
-    def send_steps(names: list[str]) -> None:
-        for name in names:
-            producer.send(shared.item_steps_topic, key=name.encode(),
-                          value=encode_offset_step(np.ones(shared.model_dim)))
-        producer.flush()
-
-    added: list[str] = []
-    sharing = ItemSharing(shared, Engine(shared), lambda: frozenset({0, 1}),
-                          lambda records: None,
-                          lambda records: added.extend(key.decode() for key, _ in records))
-
-    async def reader_until(count: int) -> None:
-        task = asyncio.ensure_future(sharing._read())
-        deadline = time.monotonic() + 30
-        while len(added) < count and time.monotonic() < deadline and not task.done():
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)  # nothing more comes
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    send_steps(["before"])  # older than the first reader: in the owner's rows already
-
-    async def main() -> None:
-        reading = asyncio.ensure_future(reader_until(2))
-        await asyncio.sleep(3.0)  # assigned at the ends
-        await asyncio.get_running_loop().run_in_executor(None, send_steps, ["a", "b"])
-        await reading
-        send_steps(["while-down-1", "while-down-2"])
-        await reader_until(4)
-
-    try:
-        asyncio.run(main())
-    finally:
-        producer.close()
-    assert sorted(added) == ["a", "b", "while-down-1", "while-down-2"]
-
-
 def test_a_restarted_item_rows_reader_installs_the_hand_overs_published_while_it_was_down(
         settings):
     """A reader whose consumer failed goes on from where it stopped: a hand-over of one of
@@ -891,8 +838,7 @@ def test_a_restarted_item_rows_reader_installs_the_hand_overs_published_while_it
     theirs = [name for name in names if item_partition(name, shared.partitions) == 1][:1]
     installed: list[str] = []
     sharing = ItemSharing(shared, Engine(shared), lambda: frozenset({0}),
-                          lambda records: installed.extend(key.decode() for key, _ in records),
-                          lambda records: None)
+                          lambda records: installed.extend(key.decode() for key, _ in records))
 
     def publish(name: str, publisher: bytes) -> None:
         row = encode_item_row(np.ones(shared.model_dim + 1), np.zeros(shared.model_dim))

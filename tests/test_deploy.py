@@ -456,7 +456,7 @@ def every_metric():
 
     engine = Engine(Settings())
     metrics = build_metrics(engine)
-    ItemSharing(engine.settings, engine, frozenset, print, print).export(metrics)
+    ItemSharing(engine.settings, engine, frozenset, print).export(metrics)
     AcksAfterCheckpoint(None).export(metrics)
     AcksAfterDelivery(print).export(metrics)
     return metrics

@@ -33,17 +33,16 @@ def test_a_worker_whose_rows_the_topic_may_lack_publishes_every_row_it_owns_once
             delivery.set_result(None)
         return delivery
 
-    async def send_step(key: bytes, value: bytes) -> None:
+    async def send_steps(partition: int, value: bytes) -> None:
         pass
 
     def sharing_of() -> ItemSharing:
         return ItemSharing(settings, engine, lambda: frozenset(held), lambda records: None,
-                           lambda records: None,
                            owes_every_row=not rows_shared_mark(settings).exists())
 
     def publish(sharing: ItemSharing) -> None:
         asyncio.run(sharing.publish(lambda: (sharing.due(), sharing.steps_due()), send_row,
-                                    send_step))
+                                    send_steps))
 
     sharing = sharing_of()
     publish(sharing)  # nothing held yet: nothing owed can be sent

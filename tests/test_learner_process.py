@@ -20,7 +20,7 @@ from stream_app.item_sharing import ItemSharing, install_records
 from stream_app.learner_process import (LEARN, SAVE, LearnerProcess, frame, learn_frame,
                                         parse_learn, read_frame)
 from stream_app.settings import Settings
-from stream_app.wire import RecRequest, TrainBatch, decode_offset_step, encode_item_row
+from stream_app.wire import RecRequest, TrainBatch, decode_offset_steps, encode_item_row
 from tests.test_engine_dr import DR
 from tests.test_engine_model import planted_stream
 
@@ -411,8 +411,7 @@ def test_a_worker_publishes_the_rows_it_owns_and_installs_the_others():
     engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
     engine.users = 240
     owned = frozenset({0})
-    sharing = ItemSharing(engine.settings, engine, lambda: owned, lambda records: None,
-                          lambda records: None)
+    sharing = ItemSharing(engine.settings, engine, lambda: owned, lambda records: None)
     sharing.note(engine.learn_reported(examples, step=32))
     records = sharing.due()
     mine = {item for item in engine.learner.item_ids if item_partition(item, 2) == 0}
@@ -426,9 +425,11 @@ def test_a_worker_publishes_the_rows_it_owns_and_installs_the_others():
 def test_steps_on_other_workers_items_go_to_their_owner_who_adds_them():
     """Item sharing's offset steps, from one learning engine to another: the reports carry
     the steps taken (summed over reports until sent); only those on items the worker does
-    not own are sent; the owner keeps the records of its own items and adds them, and its
-    offsets then equal its own plus the other's steps, and go out with its next publish."""
-    from stream_app.item_sharing import add_step_records
+    not own are sent, as training messages of their items' partition; the owner learns them
+    with its training messages: its offsets then equal its own plus the other's steps (those
+    of an item it does not know, and a damaged message, are skipped), they go out with its
+    next publish, and the messages delivered again are skipped."""
+    from stream_app.wire import encode_offset_steps
 
     examples, _ = examples_and_histories(300)
     settings = Settings(model_dim=16, partitions=2, dr_enabled=False, share_items=True)
@@ -438,34 +439,39 @@ def test_steps_on_other_workers_items_go_to_their_owner_who_adds_them():
     owner.learn_reported(examples, step=32)  # the owner knows every item
     start = np.zeros((len(owner.learner), 16))  # zero for rows to come
     start[:len(sender.learner)] = sender.learner.offsets
-    sharing = ItemSharing(settings, sender, lambda: frozenset({0}), lambda records: None,
-                          lambda records: None)
+    sharing = ItemSharing(settings, sender, lambda: frozenset({0}), lambda records: None)
     for part in (examples[100:200], examples[200:]):
         sharing.note(sender.learn_reported(part, step=32))
-    records = sharing.steps_due()
-    assert records and sharing.steps_due() == [] and sharing.steps_sent == len(records)
-    assert all(item_partition(key.decode(), 2) == 1 for key, _ in records)
+    messages = sharing.steps_due()
+    assert messages and sharing.steps_due() == []
+    assert {partition for partition, _ in messages} == {1}
+    items = [item for _, value in messages for item in decode_offset_steps(value, 16)[0]]
+    assert sharing.steps_sent == len(items) == len(set(items))
     start = start[:len(sender.learner)]
     moved = np.flatnonzero(np.abs(sender.learner.offsets - start).sum(axis=1) > 0)
     foreign = {item for item in sender.learner.item_ids_at(moved) if item_partition(item, 2)}
-    assert {key.decode() for key, _ in records} == foreign
+    assert set(items) == foreign
 
-    owning = ItemSharing(settings, owner, lambda: frozenset({1}), lambda records: None,
-                         lambda records: None)
-    mine = owning.own_steps(records + [(b"x0", b"step"), (None, b"x")])
-    assert mine == records + ([(b"x0", b"step")] if item_partition("x0", 2) == 1 else [])
     own_before = np.array(owner.learner.offsets)
-    report = add_step_records(owner, records + [(b"never-seen", records[0][1]),
-                                                (records[0][0], b"bad")])
-    at = owner.learner.rows_of([key.decode() for key, _ in records])
-    sent_rows = sender.learner.rows_of([key.decode() for key, _ in records])
+    values = [value for _, value in messages] + [
+        encode_offset_steps(["never-seen"], np.ones((1, 16))), b"\x02damaged"]
+    positions = [(1, offset) for offset in range(len(values))]
+    report = owner.learn_messages(values, 32, positions=positions)
+    at = owner.learner.rows_of(items)
+    sent_rows = sender.learner.rows_of(items)
     np.testing.assert_allclose(owner.learner.offsets[at] - own_before[at],
                                (sender.learner.offsets - start)[sent_rows], atol=1e-6)
+    assert report.steps_added == len(items) and report.examples == 0
     assert sorted(report.delta.input_rows.tolist()) == sorted(at.tolist())
     assert "never-seen" not in owner.learner
+    owning = ItemSharing(settings, owner, lambda: frozenset({1}), lambda records: None)
     owning.note(report)
-    published = {key.decode() for key, _ in owning.due()}
-    assert published == {key.decode() for key, _ in records}
+    assert owning.steps_added == len(items)
+    assert {key.decode() for key, _ in owning.due()} == set(items)
+    added = np.array(owner.learner.offsets)
+    again = owner.learn_messages(values, 32, positions=positions)  # delivered again
+    assert again.steps_added == 0 and again.redelivered == len(values)
+    np.testing.assert_array_equal(owner.learner.offsets, added)
 
 
 def test_a_publish_that_fails_leaves_what_it_did_not_send_due_for_the_next():
@@ -476,8 +482,7 @@ def test_a_publish_that_fails_leaves_what_it_did_not_send_due_for_the_next():
     settings = Settings(model_dim=16, partitions=2, dr_enabled=False, share_items=True)
     engine = Engine(settings)
     engine.users = 240
-    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records: None,
-                          lambda records: None)
+    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records: None)
     sharing.note(engine.learn_reported(examples[:200], step=32))
     rows_before, steps_before = sharing.due(), sharing.steps_due()
     sharing.retake(rows_before, steps_before)  # as if none had been sent
@@ -489,14 +494,14 @@ def test_a_publish_that_fails_leaves_what_it_did_not_send_due_for_the_next():
             raise ConnectionError("broker down")
         sent.append((key, value))
 
-    async def send_step(key: bytes, value: bytes) -> None:
-        sent.append((key, value))
+    async def send_steps(partition: int, value: bytes) -> None:
+        sent.append((partition, value))
 
     def take():
         return sharing.due(), sharing.steps_due()
 
     with pytest.raises(ConnectionError):
-        asyncio.run(sharing.publish(take, send, send_step))
+        asyncio.run(sharing.publish(take, send, send_steps))
     assert sent == rows_before[:3] and sharing.published == 3
     report = engine.learn_reported(examples[200:], step=32)
     sharing.note(report)
@@ -505,15 +510,21 @@ def test_a_publish_that_fails_leaves_what_it_did_not_send_due_for_the_next():
     assert unsent <= {key for key, _ in rows}  # due again, with the rows as they are now
     assert {key for key, _ in sent} & {key for key, _ in rows} <= {
         item.encode() for item in engine.learner.item_ids_at(report.delta.rows.tolist())}
-    held = dict(steps_before)
+    held = steps_of(steps_before)
     new = np.zeros((len(engine.learner), 16))  # the steps the later report took
     for row, step in zip(*report.input_steps):
         new[row] += step
-    for key, value in steps:  # the unsent steps, summed with the later ones
-        row = engine.learner.rows_of([key.decode()])[0]
-        expected = new[row] + (decode_offset_step(held[key], 16) if key in held else 0.0)
-        np.testing.assert_allclose(decode_offset_step(value, 16), expected, atol=1e-6)
-    assert set(held) <= {key for key, _ in steps}
+    for item, step in steps_of(steps).items():  # the unsent steps, summed with the later ones
+        row = engine.learner.rows_of([item])[0]
+        expected = new[row] + held.get(item, 0.0)
+        np.testing.assert_allclose(step, expected, atol=1e-6)
+    assert set(held) <= set(steps_of(steps))
+
+
+def steps_of(messages: list[tuple[int, bytes]]) -> dict[str, np.ndarray]:
+    """Item id: its step, of messages of offset steps."""
+    return {item: step for _, value in messages
+            for item, step in zip(*decode_offset_steps(value, 16))}
 
 
 def test_publishes_go_out_one_at_a_time():
@@ -521,7 +532,7 @@ def test_publishes_go_out_one_at_a_time():
     publish has sent all of its records: an item's newer row is sent last."""
     engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
     sharing = ItemSharing(engine.settings, engine, lambda: frozenset({0, 1}),
-                          lambda records: None, lambda records: None)
+                          lambda records: None)
     order: list[str] = []
 
     async def send(key: bytes, value: bytes) -> None:
@@ -566,7 +577,7 @@ def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
     items = [f"i{n}" for n in range(40)]
     mine = [item for item in items if item_partition(item, 2) == 0]
     sharing = ItemSharing(engine.settings, engine, lambda: frozenset({0}), lambda records: None,
-                          lambda records: None, own_rows_after=1_000.0)
+                          own_rows_after=1_000.0)
     tp = TopicPartition(engine.settings.items_topic, 0)
 
     def fetched(first_offset: int, published_at: float) -> dict:
@@ -595,8 +606,7 @@ def test_a_hand_over_publishes_the_rows_of_the_partitions_held_and_their_next_ow
     examples, _ = examples_and_histories(200)
     engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
     engine.users = 240
-    old_owner = ItemSharing(engine.settings, engine, frozenset, lambda records: None,
-                            lambda records: None)
+    old_owner = ItemSharing(engine.settings, engine, frozenset, lambda records: None)
     old_owner.held = frozenset({0, 1})  # as last assigned; the revocation took them
     old_owner.note(engine.learn_reported(examples, step=32))
     rows, steps = old_owner.handed_over()
@@ -605,7 +615,7 @@ def test_a_hand_over_publishes_the_rows_of_the_partitions_held_and_their_next_ow
     assert old_owner.handed_over_rows == old_owner.published == len(rows)
 
     new_owner = ItemSharing(engine.settings, engine, lambda: frozenset({0}),
-                            lambda records: None, lambda records: None, own_rows_after=1_000.0)
+                            lambda records: None, own_rows_after=1_000.0)
     mine = [item for item in engine.learner.item_ids if item_partition(item, 2) == 0]
     theirs = [item for item in engine.learner.item_ids if item_partition(item, 2) == 1]
     tp = TopicPartition(engine.settings.items_topic, 0)
@@ -721,10 +731,8 @@ def test_a_stopping_worker_waits_for_its_learner_before_its_last_commit(tmp_path
 
 def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
     """The worker hands item-rows records to its learner process in a ROWS frame; the child
-    installs them and reports them as ``inputs`` (no batch behind it, so no slot to free).
-    Item-steps records come in a STEPS frame: added to the offsets, reported alike."""
-    from stream_app.learner_process import ROWS, STEPS, LearnerLoop, parse_rows, rows_frame
-    from stream_app.wire import encode_offset_step
+    installs them and reports them as ``inputs`` (no batch behind it, so no slot to free)."""
+    from stream_app.learner_process import ROWS, LearnerLoop, parse_rows, rows_frame
 
     records = [(b"a", encode_item_row(np.full(17, 0.5), np.zeros(16))), (b"b", b"bad")]
     read, write = os.pipe()
@@ -737,14 +745,6 @@ def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
     [(message, report)] = sent
     assert message == "inputs" and report.delta.new_ids == ["a"]
     np.testing.assert_array_equal(engine.learner.item_matrix, np.full((1, 17), 0.5))
-    os.write(write, rows_frame([(b"a", encode_offset_step(np.full(16, 0.25)))] * 2, STEPS))
-    kind, body = read_frame(read)
-    assert kind == STEPS
-    LearnerLoop(engine, engine.settings, SimpleNamespace(send=sent.append)).handle(kind, body)
-    message, report = sent[-1]
-    assert message == "inputs" and not report.installed
-    assert report.delta.input_rows.tolist() == [0]
-    np.testing.assert_array_equal(engine.learner.offsets, np.full((1, 16), 0.5))
 
 
 def test_the_learner_process_skips_what_its_model_holds_and_says_what_a_checkpoint_holds(
@@ -867,82 +867,3 @@ def test_before_the_item_rows_catch_up_a_worker_hands_nothing_over(tmp_path, cau
     # caught up: the hand-over settles, and the stop settles and checkpoints
     assert sorted(calls) == (["checkpoint", "settle", "settle"] if caught_up else [])
 
-
-class ScriptedConsumer:
-    """The parts of aiokafka's consumer the item-rows reader uses, fetching scripted batches
-    (then nothing) from one partition of the rows topic and one of the steps topic."""
-
-    script: list[dict] = []
-
-    def __init__(self, **config) -> None:
-        self.fetched: dict = {}
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def topics(self) -> set:
-        return set()
-
-    def partitions_for_topic(self, name: str) -> set:
-        return {0}
-
-    def assign(self, partitions: list) -> None:
-        self.assigned = partitions
-
-    async def end_offsets(self, partitions: list) -> dict:
-        return {tp: (2 if tp.topic.endswith("rows") else 0) for tp in partitions}
-
-    async def seek_to_beginning(self, *partitions) -> None: ...
-
-    def seek(self, tp, offset: int) -> None: ...
-
-    async def getmany(self, timeout_ms: int, max_records: int) -> dict:
-        if not self.script:
-            await asyncio.sleep(timeout_ms / 1000)
-            return {}
-        batches = self.script.pop(0)
-        for tp, records in batches.items():
-            self.fetched[tp] = records[-1].offset + 1
-        return batches
-
-    async def position(self, tp) -> int:
-        return self.fetched.get(tp, 0)
-
-
-def test_steps_that_come_during_the_item_rows_catch_up_are_added_after_it(tmp_path,
-                                                                         monkeypatch):
-    """Another worker's step on an item of this one, fetched while the catch-up still
-    installs rows published before this start, is added once those rows are installed (the
-    install would overwrite the offsets it moved), and ``caught_up`` is set only then."""
-    import aiokafka
-    from aiokafka.structs import TopicPartition
-
-    settings = Settings(data_dir=tmp_path, model_dim=16, partitions=2, share_items=True,
-                        embedded_compat=False, topic_items="rows", topic_item_steps="steps")
-    rows, steps = TopicPartition("rows", 0), TopicPartition("steps", 0)
-
-    def record(key: str, offset: int):
-        return SimpleNamespace(key=key.encode(), value=b"v", offset=offset,
-                               timestamp=2_000_000_000_000, headers=())
-
-    ScriptedConsumer.script = [{rows: [record("r0", 0)], steps: [record("s1", 0)]},
-                               {rows: [record("r1", 1)]}, {}]
-    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", ScriptedConsumer)
-    calls: list = []
-    sharing = ItemSharing(settings, Engine(settings), lambda: frozenset({0, 1}),
-                          lambda records: calls.append(("install", keys(records))),
-                          lambda records: calls.append(("steps", keys(records),
-                                                        sharing.caught_up.is_set())),
-                          own_rows_after=0.0)
-
-    async def main() -> None:
-        reading = asyncio.ensure_future(sharing._read())
-        await asyncio.wait_for(sharing.caught_up.wait(), 10)
-        await asyncio.sleep(0.1)
-        reading.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await reading
-
-    asyncio.run(main())
-    assert calls == [("install", {"r0"}), ("install", {"r1"}), ("steps", {"s1"}, True)]

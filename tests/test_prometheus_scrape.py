@@ -101,7 +101,7 @@ def endpoint():
     for item in ("a", "b"):
         engine.popularity.add(item, 0.0, 1.0)
     metrics = build_metrics(engine)
-    sharing = ItemSharing(engine.settings, engine, frozenset, print, print)
+    sharing = ItemSharing(engine.settings, engine, frozenset, print)
     sharing.export(metrics)  # the gauges a worker adds with STREAMREC_SHARE_ITEMS
     sharing.published, sharing.installed, sharing.steps_sent, sharing.steps_added = 4, 3, 2, 1
     sharing.handed_over_rows = 5

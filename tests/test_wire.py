@@ -258,17 +258,24 @@ def test_a_training_example_may_leave_out_its_history_times_but_not_misalign_the
         TrainExample(**{**fields, "weights": [1.0]}, history_ts=[])
 
 
-def test_an_offset_step_round_trips_as_float32_and_refuses_other_shapes():
-    from stream_app.wire import decode_offset_step, encode_offset_step
+def test_offset_steps_round_trip_as_float32_and_refuse_other_shapes():
+    """A message of offset steps on the training topic: told from training messages by its
+    first byte, item ids and float32 steps back as sent; damage is a ValueError."""
+    from stream_app.wire import TrainBatch, decode_offset_steps, encode_offset_steps, is_offset_steps
 
-    step = np.random.default_rng(1).normal(size=4)
-    raw = encode_offset_step(step)
-    assert len(raw) == 1 + 4 * 4
-    np.testing.assert_array_equal(decode_offset_step(raw, dim=4), step.astype(np.float32))
-    for bad in (raw[:-4], raw + b"\0" * 4, b"\x02" + raw[1:], None,
-                encode_offset_step(np.append(step[:3], np.inf))):
+    steps = np.random.default_rng(1).normal(size=(3, 4))
+    raw = encode_offset_steps(["a", "bé", "c"], steps)
+    assert is_offset_steps(raw)
+    assert not is_offset_steps(TrainBatch.encode_parts([b"{}"]))
+    assert not is_offset_steps(TrainBatch.encode_parts([b"{}"], compression_level=1))
+    ids, back = decode_offset_steps(raw, dim=4)
+    assert ids == ["a", "bé", "c"]
+    np.testing.assert_array_equal(back, steps.astype(np.float32))
+    infinite = encode_offset_steps(["a"], np.array([[1.0, np.inf, 0.0, 0.0]]))
+    for bad in (raw[:-4], raw + b"\0" * 4, raw[:3], b"\x02" + b"\xff" * 8, infinite,
+                encode_offset_steps(["a", "b", "c"], steps[:, :3])):
         with pytest.raises(ValueError):
-            decode_offset_step(bad, dim=4)
+            decode_offset_steps(bad, dim=4)
 
 
 def test_an_item_row_round_trips_as_float32_and_refuses_other_shapes():
