@@ -44,9 +44,10 @@ worker holds a partition when a message is read adds them to its offsets (which 
 its next publish), and commits the message as it commits training messages, so a step moves
 with its item through rebalances and crashes as an example does (read from a topic of its
 own by every worker, kept by the one that owned the item when it read it, a step was lost
-when the item changed owners meanwhile). Without them an offset would learn from 1/N of the examples (Toys
-through Kafka, two workers answering with one pinned pair: NDCG@10 0.0396, against 0.0407 with
-the steps, 0.0433 for one worker and 0.0363 with no offsets at all; docs/results.md).
+when the item changed owners meanwhile). Without them an offset would learn from 1/N of the
+examples (Toys through Kafka, two workers answering with one pinned pair: NDCG@10 0.0396,
+against 0.0407 with the steps, 0.0433 for one worker and 0.0363 with no offsets at all;
+docs/results.md).
 
 What is not shared: the items' solve statistics (a new owner starts them afresh, from that
 row as its prior), the user Gramian (each learner estimates it from the users of its own

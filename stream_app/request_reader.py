@@ -21,10 +21,10 @@ Offsets are committed under the group ``<app_id>-requests`` at most every ``comm
 and whenever the assignment changes or the reader stops, each partition up to its first
 request whose answer is not settled yet (the broker has neither taken it nor refused it):
 at least once, so after a crash a request may be answered twice (clients keep the first
-answer to an id), and never committed with its answer still in the producer's buffer. A partition this group
-never committed is read from where the app's own consumer group left it (the Faust agent that
-read requests before this reader did), else from its oldest request, as Faust's consumer read
-it.
+answer to an id), and never committed with its answer still in the producer's buffer. A
+partition this group never committed is read from where the app's own consumer group left it
+(the Faust agent that read requests before this reader did), else from its oldest request, as
+Faust's consumer read it.
 """
 
 from __future__ import annotations

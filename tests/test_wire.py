@@ -261,7 +261,8 @@ def test_a_training_example_may_leave_out_its_history_times_but_not_misalign_the
 def test_offset_steps_round_trip_as_float32_and_refuse_other_shapes():
     """A message of offset steps on the training topic: told from training messages by its
     first byte, item ids and float32 steps back as sent; damage is a ValueError."""
-    from stream_app.wire import TrainBatch, decode_offset_steps, encode_offset_steps, is_offset_steps
+    from stream_app.wire import (TrainBatch, decode_offset_steps, encode_offset_steps,
+                                 is_offset_steps)
 
     steps = np.random.default_rng(1).normal(size=(3, 4))
     raw = encode_offset_steps(["a", "bé", "c"], steps)
