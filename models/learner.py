@@ -466,7 +466,7 @@ class ItemLearner:
         """Add ``steps`` (len(rows), dim) to the input offsets δ of ``rows`` (repeats add up):
         the steps other learners took on the inputs of items this one learns (an item's
         offset moves with every example whose history holds it, and those examples are
-        learned where their own items are; ``Engine.add_offset_steps``)."""
+        learned where their own items are; ``Engine.learn_messages``)."""
         rows = np.asarray(rows, dtype=np.int64)
         steps = np.asarray(steps, dtype=np.float64).reshape(len(rows), self.config.dim)
         if len(rows) == 0:

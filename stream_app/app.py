@@ -43,7 +43,8 @@ from .metrics import Metrics
 from .request_reader import RequestReader
 from .responder import Responder
 from .settings import Settings
-from .wire import DeadLetter, Event, InvalidMessage, TrainBatch, TrainExample, decode_event
+from .wire import (DeadLetter, Event, InvalidMessage, TrainBatch, TrainExample, chunks_by_size,
+                   decode_event)
 
 log = logging.getLogger(__name__)
 HISTORY_TABLE = "user-histories"
@@ -54,19 +55,6 @@ CHANGELOG_BATCH_BYTES = 256 * 1024
 #: longest a stopping worker waits for the broker to confirm its last event batches' records
 #: (the stop's other waits share STREAMREC_SHUTDOWN_TIMEOUT_S with it)
 STOP_DELIVERY_WAIT_S = 2.0
-
-
-def _chunks_by_size(parts: list[bytes], limit: int):
-    chunk: list[bytes] = []
-    size = 0
-    for part in parts:
-        if chunk and size + len(part) > limit:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(part)
-        size += len(part) + 1
-    if chunk:
-        yield chunk
 
 
 def training_messages(examples: list[TrainExample], partitions: int, compression_level: int,
@@ -81,7 +69,7 @@ def training_messages(examples: list[TrainExample], partitions: int, compression
         partition = item_partition(example.item_id, partitions)
         by_partition.setdefault(partition, []).append(example.to_bytes())
     for partition, parts in by_partition.items():
-        for chunk in _chunks_by_size(parts, TRAIN_MESSAGE_BYTES):
+        for chunk in chunks_by_size(parts, TRAIN_MESSAGE_BYTES):
             yield partition, TrainBatch.encode_parts(chunk, compression_level, users, partition)
 
 

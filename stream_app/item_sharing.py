@@ -75,7 +75,8 @@ from .engine import Engine, LearnedReport, item_partition
 from .kafka import aiokafka_config
 from .request_reader import keep_reading
 from .settings import Settings
-from .wire import decode_item_row, decode_offset_steps, encode_item_row, encode_offset_steps
+from .wire import (chunks_by_size, decode_item_row, decode_offset_steps, encode_item_row,
+                   encode_offset_steps, offset_steps_size)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ Records = list[tuple[bytes, bytes]]
 StepMessages = list[tuple[int, bytes]]  # (training partition, message of offset steps)
 #: most bytes of one message of offset steps (Kafka's default message limit is 1 MiB)
 STEPS_MESSAGE_BYTES = 512 * 1024
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 #: the record header naming the worker process that published an item row
 PUBLISHER = "streamrec-publisher"
@@ -225,15 +227,23 @@ class ItemSharing:
         steps, self._steps = self._steps, {}
         owned = self._owned() if owned is None else owned
         by_partition: dict[int, list[tuple[str, np.ndarray]]] = {}
+        infinite = 0
         for item, step in zip(self.engine.learner.item_ids_at(steps), steps.values()):
             partition = item_partition(item, self.settings.partitions)
-            if partition not in owned:
-                by_partition.setdefault(partition, []).append((item, step))
-        per_message = max(1, STEPS_MESSAGE_BYTES // (4 * self.settings.model_dim + 64))
+            if partition in owned:
+                continue
+            if not (np.abs(step) <= FLOAT32_MAX).all():  # finite as the message carries it
+                infinite += 1
+                continue
+            by_partition.setdefault(partition, []).append((item, step))
+        if infinite:
+            log.warning("dropped the offset steps of %d items: not finite", infinite)
+        dim = self.settings.model_dim
         messages = []
         for partition, taken in sorted(by_partition.items()):
-            for start in range(0, len(taken), per_message):
-                items, values = zip(*taken[start:start + per_message])
+            for chunk in chunks_by_size(taken, STEPS_MESSAGE_BYTES,
+                                        lambda pair: offset_steps_size(pair[0], dim)):
+                items, values = zip(*chunk)
                 messages.append((partition, encode_offset_steps(items, np.stack(values))))
             self.steps_sent += len(taken)
         return messages

@@ -11,9 +11,9 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 import numpy as np
 import orjson
@@ -26,6 +26,9 @@ SOURCES = ("ann", "dr", "popular")
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # fullmatch: "$" would let a "\n" end it
 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+
+
+T = TypeVar("T")
 
 
 class InvalidMessage(ValueError):
@@ -416,9 +419,32 @@ def _versioned_floats(raw: bytes | None, version: bytes, count: int, what: str) 
     return values
 
 
+def chunks_by_size(parts: Sequence[T], limit: int,
+                   size: Callable[[T], int] = len) -> Iterator[list[T]]:
+    """``parts`` in order, in runs whose sizes (``size`` of each part, plus a byte between
+    parts) stay within ``limit`` bytes; a part larger than ``limit`` makes a run alone."""
+    chunk: list[T] = []
+    total = 0
+    for part in parts:
+        cost = size(part)
+        if chunk and total + cost > limit:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(part)
+        total += cost + 1
+    if chunk:
+        yield chunk
+
+
 #: first byte of a message of input-offset steps on the training topic: no training message
 #: starts so (JSON starts with "{", zlib's streams with 0x78)
 OFFSET_STEPS_MESSAGE = b"\x02"
+
+
+def offset_steps_size(item_id: str, dim: int) -> int:
+    """The bytes one item's step takes in a message of offset steps (about: the list's
+    brackets and the 5 bytes before it aside)."""
+    return len(json.dumps(item_id)) + 1 + 4 * dim
 
 
 def encode_offset_steps(item_ids: Sequence[str], steps: np.ndarray) -> bytes:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from stream_app.engine import Engine, item_partition
+from stream_app import item_sharing
 from stream_app.item_sharing import ItemSharing, rows_shared_mark
 from stream_app.settings import Settings
 
@@ -60,3 +62,33 @@ def test_a_worker_whose_rows_the_topic_may_lack_publishes_every_row_it_owns_once
     publish(sharing)
     publish(sharing_of())  # a later start: the topic holds them
     assert sent == []
+
+
+def test_steps_go_out_in_messages_within_the_size_limit_and_only_finite_ones(tmp_path,
+                                                                           monkeypatch):
+    """Messages of offset steps are cut by their measured size (JSON escapes a non-ASCII id
+    to several bytes a character), each to its items' partition; a step that is not finite
+    as float32 is dropped rather than sent to stop its whole message at the owner."""
+    from stream_app.wire import decode_offset_steps
+
+    monkeypatch.setattr(item_sharing, "STEPS_MESSAGE_BYTES", 4_000)
+    settings = Settings(data_dir=tmp_path, model_dim=4, partitions=2, share_items=True)
+    engine = Engine(settings)
+    ids = [f"{'é' * 200}-{n}" for n in range(12)] + ["huge"]
+    engine.learner.assign(ids, np.ones((len(ids), 5)))
+    steps = np.arange(4.0 * len(ids)).reshape(len(ids), 4)
+    steps[-1, 0] = 1e39  # finite in float64, not in float32
+    sharing = ItemSharing(settings, engine, frozenset, lambda records: None)
+    empty = np.empty(0, dtype=np.int64)
+    sharing.note(SimpleNamespace(steps_added=0, installed=False,
+                                 delta=SimpleNamespace(rows=empty, input_rows=empty),
+                                 input_steps=(np.arange(len(ids)), steps)))
+    messages = sharing.steps_due()
+    assert len(messages) > 2 and all(len(value) <= 4_000 + 16 for _, value in messages)
+    got = {}
+    for partition, value in messages:
+        items, values = decode_offset_steps(value, 4)
+        assert {item_partition(item, 2) for item in items} == {partition}
+        got.update(zip(items, values.tolist()))
+    assert got == {item: steps[n].tolist() for n, item in enumerate(ids[:-1])}
+    assert sharing.steps_sent == len(ids) - 1
