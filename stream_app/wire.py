@@ -80,7 +80,9 @@ class RecRequest(_Wire):
     history: list[Id] | None = None  # items just seen, oldest first: the newest events
     k: StrictInt = Field(10, ge=1, le=1000)
     exclude_seen: StrictBool = True
-    sources: list[Literal["ann", "dr", "popular"]] | None = None
+    # at least one: an empty list would ask for nothing (None, or leaving it out, asks for
+    # the worker's default sources)
+    sources: list[Literal["ann", "dr", "popular"]] | None = Field(None, min_length=1)
     diversity: float | None = Field(None, ge=0, le=100)
     reply_to: StrictStr | None = None
 

@@ -89,6 +89,7 @@ def test_a_good_request_and_its_defaults():
     ({"request_id": "r", "k": 1001}, "k"),
     ({"request_id": "r", "k": "10"}, "k"),
     ({"request_id": "r", "sources": ["magic"]}, "sources"),
+    ({"request_id": "r", "sources": []}, "sources"),
     ({"request_id": "r", "reply_to": "no spaces allowed"}, "reply_to"),
     ({"request_id": "r", "history": ["a", "b", "c", "d"]}, "history"),
     ({"request_id": "r", "exclude_seen": "yes"}, "exclude_seen"),
