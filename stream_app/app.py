@@ -128,7 +128,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     train = app.topic(settings.train_topic, **raw)
     sharing = None
     if settings.share_items:
-        sharing = share_items(app, settings, engine, metrics, learner,
+        sharing = share_items(app, settings, engine, metrics, learner, train,
                               followed=lambda: batches_followed(),
                               published=lambda through: rows_published(through))
     else:
@@ -564,15 +564,15 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
 
 def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Metrics,
-                learner: LearnerProcess | None, followed: Callable[[], int],
+                learner: LearnerProcess | None, train: faust.TopicT,
+                followed: Callable[[], int],
                 published: Callable[[int], Awaitable[None]]) -> ItemSharing:
     """The item rows this worker owns published, the other workers' installed
     (:mod:`stream_app.item_sharing`): a task that reads the item-rows topic and a timer that
-    publishes. ``published(through)`` follows each publish sent: it holds the learning of the
+    publishes; offset steps go to the training topic ``train``. ``published(through)`` follows each publish sent: it holds the learning of the
     batches up to ``through``, what ``followed()`` said before the publish took its rows (it
     may hold more, never less)."""
     topic = app.topic(settings.items_topic, key_serializer="raw", value_serializer="raw")
-    train = app.topic(settings.train_topic, key_serializer="raw", value_serializer="raw")
 
     def owned() -> frozenset[int]:
         """The training partitions this worker holds: the items it learns."""
