@@ -1079,9 +1079,9 @@ def test_a_crash_loses_no_training_message_and_learns_none_twice(settings, start
     again = start_worker(crashy)
     if relearns:
         wait_until(lambda: metric(again, "streamrec_learned_events_total") == len(stream), 120)
-    else:
+    else:  # at least: records a poll took as recovery sought back come twice (skipped twice)
         wait_until(lambda: metric(again, "streamrec_train_redelivered_messages")
-                   == sum(trained.values()), 120)
+                   >= sum(trained.values()), 120)
     time.sleep(1.0)  # anything learned twice would have come by now
     assert metric(again, "streamrec_learned_events_total") == (len(stream) if relearns else 0)
     assert again.stop() == 0
