@@ -13,8 +13,10 @@ is learned once.
 Positions belong to one topic: a checkpoint made on another training topic name starts with
 none. A training topic deleted and made again restarts its offsets at 0, below every saved
 position: its messages are then skipped (and counted) until they pass them; keep the topic,
-or void the positions (:func:`mark_topics_renewed`; an embedded broker's start does) when
-that happens.
+or void the positions (:func:`mark_topics_renewed`) when that happens. A worker does it itself at
+its start, where it finds a topic made again: an embedded broker's start, or a topic whose id
+(Kafka 2.8 and later name each topic by an id made at its creation) is not the one it noted at
+its last start (:func:`note_topic_ids`).
 
 :class:`EventPositions` does the same one step earlier, for the events behind the training
 examples: an example made again for an event read again after a crash is learned only if the
@@ -23,7 +25,9 @@ model does not hold it (the same caveats hold for the events topic).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +155,54 @@ def positions_void(model_path: Path) -> bool:
                 >= model_path.stat().st_mtime)
     except FileNotFoundError:
         return False
+
+
+#: beside the model checkpoint: the id the broker gave each topic at the worker's last start
+#: (JSON, topic → id)
+TOPIC_IDS = "topic-ids.json"
+
+
+def note_topic_ids(checkpoint_dir: Path, ids: Mapping[str, str],
+                   created: Iterable[str] = ()) -> list[str]:
+    """Note the ids the broker gives the topics now (``ids``: topic → id) and return the
+    topics made again since the last note: those whose id changed, and those of ``created``
+    (made by this start, as they were missing) noted before. Where there are any, the
+    checkpoint's positions are void (:func:`mark_topics_renewed`): a topic deleted and made
+    again restarts its offsets at 0, and its messages would be skipped as held until they
+    passed the old positions. A topic never noted (a first start, a start from before the
+    notes were kept) is taken as it is; so is one the broker gives no id (before Kafka 2.8).
+    Why ids and not offsets: a topic made again may hold more messages than the old one did by
+    the time the worker starts, so no offset tells the two apart."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / TOPIC_IDS
+    noted = _read_topic_ids(path)
+    renewed = sorted({topic for topic, topic_id in ids.items()
+                      if noted.get(topic, topic_id) != topic_id}
+                     | {topic for topic in created if topic in noted})
+    if renewed:
+        mark_topics_renewed(checkpoint_dir)
+    current = {**noted, **ids}
+    for topic in created:
+        if topic not in ids:  # made now, its id not known yet: noted at the next start
+            current.pop(topic, None)
+    _write_json(path, current)
+    return renewed
+
+
+def _read_topic_ids(path: Path) -> dict[str, str]:
+    """The ids noted at ``path``; none where there is no note, or one that is not a JSON
+    object of strings (a note this module did not write is not trusted)."""
+    try:
+        noted = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(noted, dict):
+        return {}
+    return {topic: topic_id for topic, topic_id in noted.items() if isinstance(topic_id, str)}
+
+
+def _write_json(path: Path, value: object) -> None:
+    """Write ``value`` to ``path`` whole or not at all (a crash leaves the old file)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, sort_keys=True), encoding="utf-8")
+    os.replace(partial, path)

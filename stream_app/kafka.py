@@ -6,6 +6,7 @@ import functools
 import logging
 import ssl
 import time
+from typing import NamedTuple
 
 from aiokafka.partitioner import murmur2
 
@@ -89,10 +90,22 @@ def service_topics(settings: Settings) -> list[str]:
             settings.topic_responses, settings.train_topic, *shared]
 
 
+class Topics(NamedTuple):
+    """What :func:`ensure_topics` found: the broker's id of each topic where it gives one
+    (Kafka 2.8 and later make one at each topic's creation), and the topics it made."""
+
+    ids: dict[str, str]
+    created: list[str]
+
+
+#: the id a broker gives where it has none
+_NO_ID = "00000000-0000-0000-0000-000000000000"
+
+
 def ensure_topics(settings: Settings, names: list[str] | None = None,
-                  timeout_s: float = 30.0) -> None:
+                  timeout_s: float = 30.0) -> Topics:
     """Create the topics (all with ``settings.partitions``) unless they exist; retries until
-    the broker answers or ``timeout_s`` passes."""
+    the broker answers or ``timeout_s`` passes. Returns their ids and those it created."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -122,5 +135,21 @@ def ensure_topics(settings: Settings, names: list[str] | None = None,
                 pass
         if missing:
             log.info("created topics %s with %d partitions", missing, settings.partitions)
+        return Topics(_topic_ids(admin, names), missing)
     finally:
         admin.close()
+
+
+def _topic_ids(admin, names: list[str]) -> dict[str, str]:
+    """The broker's id of each topic of ``names`` it describes with one; none where it cannot
+    say (logged: a start goes on without them)."""
+    from kafka.errors import KafkaError
+
+    try:
+        described = admin.describe_topics(names)
+    except KafkaError as error:
+        log.warning("could not read the ids of topics %s: %s", names, error)
+        return {}
+    ids = {topic["name"]: str(topic.get("topic_id") or _NO_ID) for topic in described
+           if topic.get("error_code") == 0}
+    return {name: topic_id for name, topic_id in ids.items() if topic_id != _NO_ID}

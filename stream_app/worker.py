@@ -10,13 +10,15 @@ import time
 
 import faust
 
+from state.stream_positions import note_topic_ids
+
 from .app import create_app
 from .compat import install_embedded_broker_fixes
 from .engine import Engine
-from .kafka import ensure_topics
+from .kafka import Topics, ensure_topics
 from .learner_process import LearnerProcess, freeze_startup_objects, limit_threads
 from .metrics import Metrics
-from .processes import EMBEDDED_MARK, lock_data_dir
+from .processes import EMBEDDED_MARK, LEARNER_LOCK, LEARNER_LOCK_WAIT_S, lock_data_dir
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,24 @@ EXIT_DEADLINE = 75
 EXIT_LEARNER_DIED = 76
 
 
+def note_topics(settings: Settings, topics: Topics) -> list[str]:
+    """Void the checkpoint's places in the topics that were made again since the last start
+    (:func:`~state.stream_positions.note_topic_ids`; the model is kept), and return those
+    topics. Only the topics whose offsets the checkpoint holds, or whose rows it marks as
+    published: another topic made again changes nothing here. Under the learner's lock: a
+    learner process that outlived its killed worker may still write a checkpoint, whose
+    places would be taken for new ones if it came after the mark."""
+    kept = {settings.topic_events, settings.train_topic, settings.items_topic}
+    ids = {topic: topic_id for topic, topic_id in topics.ids.items() if topic in kept}
+    with lock_data_dir(settings.data_dir, LEARNER_LOCK, wait_s=LEARNER_LOCK_WAIT_S):
+        renewed = note_topic_ids(settings.data_dir / "checkpoints", ids,
+                                 [topic for topic in topics.created if topic in kept])
+    if renewed:
+        log.warning("topics %s were made again since the last start: the checkpoint's places "
+                    "in them are void, the model is kept", renewed)
+    return renewed
+
+
 def run_worker(settings: Settings) -> int:
     """Block until SIGTERM/SIGINT; checkpoint the model state on the way out."""
     held = lock_data_dir(settings.data_dir)  # for the life of the process
@@ -158,7 +178,7 @@ def run_worker(settings: Settings) -> int:
     if settings.compat_fixes:
         install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
     limit_threads()  # here too: user vectors, answers, and learning when it runs on the loop
-    ensure_topics(settings)
+    note_topics(settings, ensure_topics(settings))
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes one level only
     engine = Engine(settings, replica=settings.learner_process)
     learner = LearnerProcess(settings).start() if settings.learner_process else None

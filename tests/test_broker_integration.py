@@ -576,6 +576,36 @@ def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings,
     assert again.metrics()["streamrec_model_items"] == CLUSTERS_ITEMS
 
 
+def test_topics_made_again_are_learned_from_their_first_message(settings, start_worker):
+    """The events and training topics are deleted while the worker is stopped, and made again
+    by its next start: their offsets restart at 0, below the places the checkpoint holds. The
+    worker finds them made again by their new ids and voids those places (the model is kept),
+    so it learns the new topics' events at once; it skipped them as learned before."""
+    from kafka.admin import KafkaAdminClient
+
+    from .test_engine_model import planted_stream
+
+    stream = planted_stream()
+    worker = start_worker(settings)
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    wait_until(lambda: metric(worker, "streamrec_learned_events_total") == len(stream), 120)
+    assert worker.stop() == 0
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        admin.delete_topics([settings.topic_events, settings.train_topic])
+        wait_until(lambda: not {settings.topic_events, settings.train_topic}
+                   & set(admin.list_topics()), 30)
+    finally:
+        admin.close()
+    again = start_worker(settings)
+    fresh = [e.model_copy(update={"user_id": f"new-{e.user_id}", "event_id": f"new-{e.event_id}"})
+             for e in stream[:200]]
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in fresh])
+    wait_until(lambda: metric(again, "streamrec_learned_events_total") == len(fresh), 60)
+    assert metric(again, "streamrec_train_redelivered_messages") == 0
+    assert "made again since the last start" in again.log_path.read_text()
+
+
 @pytest.mark.parametrize("fetch", ["small", "client defaults"])
 def test_a_backlog_is_learned_while_it_is_taken_in(settings, start_worker, fetch):
     """Training examples must not queue behind a backlog of events: the model learns while

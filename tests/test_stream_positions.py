@@ -4,6 +4,7 @@ checkpoint holds it."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from types import SimpleNamespace
@@ -328,3 +329,37 @@ def test_topics_renewed_and_a_worker_without_sharing_owe_the_item_rows_topic_eve
     assert mark.exists()
     create_app(settings, engine, build_metrics(engine))
     assert not mark.exists()
+
+
+def test_a_topic_made_again_voids_the_positions_and_others_do_not(tmp_path):
+    """The ids noted at one start against those of the next: the same ids, or a topic never
+    noted, keep the positions; a changed id, or a topic made by this start that was noted
+    before, voids them. A note that is not a JSON object of ids is not trusted."""
+    from state.stream_positions import RENEWED, TOPIC_IDS, note_topic_ids, positions_void
+
+    checkpoints = tmp_path / "checkpoints"
+    model = checkpoints / "model.npz"
+
+    def start(ids, created=()):
+        checkpoints.mkdir(exist_ok=True)
+        (checkpoints / RENEWED).unlink(missing_ok=True)  # a mark of this start's only
+        model.write_bytes(b"a checkpoint")
+        past = time.time() - 20
+        os.utime(model, (past, past))
+        return note_topic_ids(checkpoints, ids, created), positions_void(model)
+
+    assert start({"events": "a", "train": "b"}) == ([], False)  # the first start notes them
+    assert start({"events": "a", "train": "b", "rows": "c"}) == ([], False)
+    assert start({"events": "a"}) == ([], False)  # one not described keeps its note
+    assert start({"events": "a", "train": "b2"}) == (["train"], True)
+    assert json.loads((checkpoints / TOPIC_IDS).read_text()) == {
+        "events": "a", "train": "b2", "rows": "c"}
+    assert start({"events": "a", "train": "b2"}) == ([], False)
+    assert start({"train": "b2"}, created=["events"]) == (["events"], True)  # its id unknown
+    assert start({"events": "a3"}, created=["events"]) == ([], False)  # noted since: no id
+    assert start({"events": "a4"}) == (["events"], True)
+    (checkpoints / TOPIC_IDS).write_text('["events", "a5"]')
+    assert start({"events": "a5"}) == ([], False)
+    (checkpoints / TOPIC_IDS).write_bytes(b"\xff")
+    assert start({"events": "a6"}) == ([], False)
+    assert start({"events": "a6"}) == ([], False)
