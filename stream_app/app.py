@@ -147,7 +147,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         letter = DeadLetter.of(error, message.value or b"", message.key, topic=message.topic,
                                partition=message.partition, offset=message.offset).to_bytes()
         record = await sent("dead_letter",
-                            lambda: dead_letters.send(key=message.key, value=letter))
+                            lambda: dead_letters.send(key=DeadLetter.key_kept(message.key),
+                                                      value=letter))
         metrics.dead_letters.labels(error.reason).inc()
         metrics.events.labels("invalid", "dead_letter").inc()
         return record

@@ -284,15 +284,19 @@ class DecodedTraining:
     bad: int
 
 
-#: most original bytes a dead letter carries: base64 makes them 4/3 as many, and a letter
-#: must stay under the producer's request limit (1 MiB by default)
+#: most original bytes a dead letter carries of the message's value, and of its key (sent
+#: twice: as the letter's key and in it): base64 makes them 4/3 as many, and a letter must stay
+#: under the producer's request limit (Faust's ``producer_max_request_size``, 1,000,000 bytes),
+#: or it could never be sent, and the events behind it would never be committed
 DEAD_LETTER_PAYLOAD_BYTES = 512 * 1024
+DEAD_LETTER_KEY_BYTES = 16 * 1024
 
 
 class DeadLetter(_Wire):
     """What the DLQ holds: the original bytes (base64), where they came from, and why. A
     message larger than :data:`DEAD_LETTER_PAYLOAD_BYTES` keeps its first bytes, with
-    ``truncated`` and its size: the whole of it stays at its topic, partition and offset."""
+    ``truncated`` and its size, and a key longer than :data:`DEAD_LETTER_KEY_BYTES` its first
+    bytes, with ``key_size``: the whole of it stays at its topic, partition and offset."""
 
     reason: str
     detail: str
@@ -303,6 +307,7 @@ class DeadLetter(_Wire):
     payload_b64: str
     truncated: bool = False
     size: int | None = None
+    key_size: int | None = None  # the key's size where the letter keeps its first bytes only
 
     @classmethod
     def of(cls, error: InvalidMessage, raw: bytes, key: bytes | None, *, topic: str,
@@ -311,10 +316,17 @@ class DeadLetter(_Wire):
         truncated = len(raw) > max_payload_bytes
         return cls(
             reason=error.reason, detail=error.detail[:2000], topic=topic, partition=partition,
-            offset=offset, key_b64=None if key is None else base64.b64encode(key).decode(),
+            offset=offset,
+            key_b64=None if key is None else base64.b64encode(cls.key_kept(key)).decode(),
             payload_b64=base64.b64encode(raw[:max_payload_bytes]).decode(),
             truncated=truncated, size=len(raw) if truncated else None,
+            key_size=len(key) if key is not None and len(key) > DEAD_LETTER_KEY_BYTES else None,
         )
+
+    @staticmethod
+    def key_kept(key: bytes | None) -> bytes | None:
+        """What a letter keeps of a message's key, in it and as its own key."""
+        return None if key is None else key[:DEAD_LETTER_KEY_BYTES]
 
     def payload(self) -> bytes:
         return base64.b64decode(self.payload_b64)

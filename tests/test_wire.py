@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -144,15 +145,20 @@ def test_dead_letters_keep_the_original_bytes():
 
 
 def test_a_dead_letter_of_a_huge_message_keeps_its_start_and_says_so():
-    """A letter must fit the producer's request limit (1 MiB), or it could not be sent."""
+    """A letter must fit the producer's request limit (Faust's 1,000,000 bytes), or it could
+    not be sent: its value and key together, the key sent twice (the letter's and in it)."""
     raw = bytes(range(256)) * 6000  # 1.5 MB
-    letter = DeadLetter.of(InvalidMessage("oversized", "big"), raw, None, topic="t",
+    key = b"k" * 300_000
+    letter = DeadLetter.of(InvalidMessage("oversized", "big"), raw, key, topic="t",
                            partition=0, offset=7)
     encoded = letter.to_bytes()
-    assert len(encoded) < 1024 * 1024
+    assert len(encoded) + len(DeadLetter.key_kept(key)) < 1_000_000 - 1024
     again = DeadLetter.model_validate_json(encoded)
     assert again.truncated and again.size == len(raw)
     assert again.payload() == raw[:DEAD_LETTER_PAYLOAD_BYTES]
+    assert again.key_size == len(key) and base64.b64decode(again.key_b64) == key[:16 * 1024]
+    assert DeadLetter.of(InvalidMessage("x", "y"), b"{", b"u1", topic="t", partition=0,
+                         offset=1).key_size is None
     small = DeadLetter.model_validate_json(DeadLetter.of(
         InvalidMessage("bad_json", "x"), b"{", None, topic="t", partition=0, offset=1).to_bytes())
     assert not small.truncated and small.size is None
