@@ -25,7 +25,9 @@ WIRE_VERSION = 1
 SOURCES = ("ann", "dr", "popular")
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # fullmatch: "$" would let a "\n" end it
 
-Id = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+#: no NUL: numpy's string arrays, in which checkpoints keep the ids, drop trailing NULs, so
+#: "sku\0" would come back from a restart as "sku", another item's name
+Id = Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]
 
 
 T = TypeVar("T")

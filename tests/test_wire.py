@@ -53,6 +53,8 @@ def test_a_missing_version_means_the_current_one():
     (encode(**good_event(ts=True)), "schema"),
     (encode(**good_event(ts=-1)), "schema"),
     (encode(**good_event(user_id="")), "schema"),
+    (encode(**good_event(item_id="sku\u0000")), "schema"),  # a restart would read "sku"
+    (encode(**good_event(event_id="e\u00001")), "schema"),
     (encode(**good_event(kind="teleport")), "unknown_kind"),
     (json.dumps({"v": 2, **good_event()}).encode(), "bad_version"),
 ])
