@@ -212,8 +212,29 @@ class ItemIndex:
         # race with queries on other threads.
         padded = np.zeros(self.manifest.graph_dim, dtype=np.float32)  # the sphere's: 0
         padded[:len(query)] = query
-        labels, distances = self.graph.knn_query(padded, k=k)
-        return labels[0].astype(np.int64), 1.0 - distances[0]
+        while True:
+            try:
+                labels, distances = self.graph.knn_query(padded, k=k)
+                return labels[0].astype(np.int64), 1.0 - distances[0]
+            except RuntimeError:  # the search reached fewer than k items
+                if len(self.ids) <= EXACT_FALLBACK_ROWS:
+                    return self._exact_labels(padded, k)
+                k //= 2  # a graph too large to score whole: the best it can reach
+                if k == 0:
+                    return np.empty(0, dtype=np.int64), np.empty(0)
+
+    def _exact_labels(self, padded: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search_labels` by scoring every row the graph holds. hnswlib raises where
+        its search reaches fewer than ``k`` items, which a request for most of a small graph
+        meets (a cluster of a clustered index, a first index): in the ``ip`` space, rows of
+        very different norms leave some items out of every search."""
+        rows = self.graph.get_items(np.arange(len(self.ids)), return_type="numpy")
+        top = exact_top_k(rows, padded, k)
+        return top.astype(np.int64), rows[top].astype(np.float64) @ padded.astype(np.float64)
+
+
+#: the largest graph that a search reaching too few items scores whole (a few MB of rows)
+EXACT_FALLBACK_ROWS = 50_000
 
 
 def _checked_rows(labels: Sequence, vectors: np.ndarray) -> np.ndarray:

@@ -559,3 +559,27 @@ def test_builds_and_m_steps_run_below_the_callers_cpu_priority(tmp_path):
     assert paths._executor.submit(priority).result() == min(19, own + 3)
     assert background_executor("equal", 0).submit(priority).result() == own
     assert priority() == own
+
+
+def test_a_search_for_most_of_a_graph_answers_where_hnswlib_reaches_too_few(monkeypatch):
+    """Rows of very different norms in the ip space leave items out of every search, and
+    hnswlib raises when asked for more than it reaches: the index then scores every row (the
+    exact top k, best first), or, for a graph too large for that, answers with fewer."""
+    import index_sync.hnsw as hnsw
+
+    rng = np.random.default_rng(0)
+    n, dim = 1200, 17
+    rows = (rng.normal(size=(n, 4)) @ rng.normal(size=(4, dim))
+            * np.exp(rng.normal(size=(n, 1))))
+    index = ItemIndex.build(ids_of(n), rows, version=1, model_version=1, params=HnswParams(),
+                            seed=0)
+    query = rng.normal(size=dim)
+    with pytest.raises(RuntimeError):
+        index.graph.knn_query(query.astype(np.float32), k=1150)
+    labels, scores = index.search_labels(query, 1150)
+    np.testing.assert_array_equal(labels, exact_top_k(rows, query, 1150))
+    np.testing.assert_allclose(scores, rows[labels] @ query, rtol=1e-4, atol=1e-3)
+    assert len(index.search(query, 1100, exclude={"i0", "i1"})) == 1100
+    monkeypatch.setattr(hnsw, "EXACT_FALLBACK_ROWS", 1000)
+    labels, _ = index.search_labels(query, 1150)
+    assert 0 < len(labels) < 1150 and len(set(labels.tolist())) == len(labels)
