@@ -79,14 +79,37 @@ class Manifest:
     def from_json(cls, data: dict) -> Manifest:
         """The manifest as written; one of format 1 (its space said "ip" for the sphere's
         graph) is read as the sphere's, so versions written before format 2 still serve."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a manifest is a JSON object, not {type(data).__name__}")
         if data.get("format") == 1:
             data = {**data, "space": "sphere", "format": INDEX_FORMAT}
-        return cls(**data)
+        manifest = cls(**data)
+        _check_manifest_types(manifest)
+        return manifest
 
     @property
     def graph_dim(self) -> int:
         """Length of the graph's rows: the sphere adds a coordinate."""
         return self.dim + 1 if self.space == "sphere" else self.dim
+
+
+def _check_manifest_types(manifest: Manifest) -> None:
+    """Raise ValueError where a field of a manifest read from disk has the wrong type (a
+    damaged file: a count of null would fail far from its cause)."""
+    for name in ("version", "dim", "count", "model_version", "clusters", "updated_rows",
+                 "format"):
+        value = getattr(manifest, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"manifest field {name} is {value!r}, not an integer")
+    for name in ("build_seconds", "created_at", "radius"):
+        value = getattr(manifest, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"manifest field {name} is {value!r}, not a number")
+    if manifest.space not in ("ip", "sphere"):
+        raise ValueError(f"manifest space {manifest.space!r} is not ip or sphere")
+    if not isinstance(manifest.files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in manifest.files.items()):
+        raise ValueError("manifest files is not an object of checksums")
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,8 @@ def test_versions_round_trip_and_the_newest_valid_one_loads(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated index", "changed checksum", "missing ids",
-                                    "bad manifest", "temp folder only"])
+                                    "bad manifest", "manifest not an object",
+                                    "clusters null", "files a list", "temp folder only"])
 def test_a_damaged_or_partial_version_is_never_loaded(tmp_path, damage, caplog):
     vectors, ids = model_like(200), ids_of(200)
     write_version(tmp_path, ItemIndex.build(ids, vectors, version=1, model_version=1))
@@ -115,6 +116,13 @@ def test_a_damaged_or_partial_version_is_never_loaded(tmp_path, damage, caplog):
         (newer / "ids-0.json").unlink()
     elif damage == "bad manifest":
         (newer / "manifest.json").write_text("{not json")
+    elif damage == "manifest not an object":
+        (newer / "manifest.json").write_text("[2]")
+    elif damage in ("clusters null", "files a list"):
+        manifest = json.loads((newer / "manifest.json").read_text())
+        manifest["clusters" if damage == "clusters null" else "files"] = (
+            None if damage == "clusters null" else list(manifest["files"]))
+        (newer / "manifest.json").write_text(json.dumps(manifest))
     else:  # a build that died before its rename: only the temp folder exists
         newer.rename(tmp_path / ".tmp-v2-deadbeef")
     loaded = load_newest(tmp_path)
