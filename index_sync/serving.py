@@ -110,15 +110,23 @@ class ServingIndex:
         # a version loaded at start: the moves since its snapshot were not kept, so the next
         # build is from scratch (not an update of it), and due at the first check
         self._rebuild_all = False
+        # (version, learner step) of the version loaded at start (:meth:`_snapshot_step`)
+        self._loaded: tuple[int, int] | None = None
+        self._moves = 0  # calls of learned(): the exactly scored block is made again after
 
     # -- keeping it fresh ------------------------------------------------------------------
-    def learned(self, item_ids: Sequence[str], moved_rows: Sequence[int] = ()) -> None:
+    def learned(self, item_ids: Sequence[str], moved_rows: Sequence[int] = (), *,
+                between_steps: bool = False) -> None:
         """Note a learning step: the items of its batch (for the rebuild policy) and every
-        learner row whose vector it moved (scored exactly until an index holds them)."""
+        learner row whose vector it moved (scored exactly until an index holds them).
+        ``between_steps``: rows set without a learning step (another worker's, installed):
+        they count as moved after the current step, whose snapshot may predate them, so they
+        are scored exactly until a build of a later step holds them."""
         if not self.config.enabled:
             return
         self._changed.update(item_ids)
-        step = self.learner.steps
+        self._moves += 1
+        step = self.learner.steps + (1 if between_steps else 0)
         for row in np.asarray(moved_rows, dtype=np.int64).tolist():
             self._moved.pop(row, None)
             self._moved[row] = step
@@ -132,7 +140,18 @@ class ServingIndex:
                 and self.rebuilder.load_existing(self.learner.item_matrix.shape[1])):
             return False
         self._rebuild_all = True
+        self._loaded = (self.holder.version, self.learner.steps)
         return True
+
+    def _snapshot_step(self, index: ServedIndex) -> int:
+        """The learner step of ``index``'s snapshot, counted in this learner's steps. A version
+        loaded at start can be newer than the checkpoint the learner started from (versions
+        and checkpoints are written apart, and a crash loses the steps since the last
+        checkpoint): its step is then one the learner reaches again with other rows, so
+        every row moved since the start counts as moved since its snapshot."""
+        if self._loaded is not None and index.version == self._loaded[0]:
+            return min(index.manifest.model_version, self._loaded[1])
+        return index.manifest.model_version
 
     def maybe_rebuild(self, model_version: int, behind: int = 0) -> bool:
         """Start a build aside when the policy says so; call it on the thread that moves the
@@ -165,7 +184,7 @@ class ServingIndex:
         if index is None:
             return False
         limit = self.config.stale_limit
-        moved = itertools.islice(self._moved_after(index.manifest.model_version), limit + 1)
+        moved = itertools.islice(self._moved_after(self._snapshot_step(index)), limit + 1)
         return sum(1 for _ in moved) > limit
 
     def _update_plan(self) -> tuple[np.ndarray | None, int | None]:
@@ -179,7 +198,7 @@ class ServingIndex:
         coverage = self._coverage_of(index)
         if coverage.label_rows is not None or len(coverage.missing):
             return None, None
-        moved = np.fromiter(self._moved_after(index.manifest.model_version), dtype=np.int64)
+        moved = np.fromiter(self._moved_after(self._snapshot_step(index)), dtype=np.int64)
         new = np.arange(coverage.covered, len(self.learner), dtype=np.int64)
         return np.union1d(moved, new), index.version
 
@@ -242,20 +261,20 @@ class ServingIndex:
 
     def _scored_exactly(self, index: ServedIndex) -> tuple[np.ndarray, np.ndarray]:
         """Rows missing from ``index`` and rows moved since its snapshot, with their vectors
-        gathered into one block, once per (index version, learner step, learner size).
+        gathered into one block, once per (index version, note of moved rows, learner size).
 
         Gathering up to ``stale_limit`` scattered rows at every answer, then sorting all their
         scores, tripled an answer's time in a worker that learns (p50 1.5–1.8 ms at the limit
         against 0.5 on a fresh version, 100k items, ``benchmarks/index_serving.py``); kept,
         an answer multiplies the block and sorts only its best (0.95–1.04 ms). A row changed
-        between learner steps (not a learning step: the bootstrap, a cold start) would pick
-        candidates by its previous vector until the next step, as the graph picks them by the
-        snapshot's; the answer's scores are the current vectors' either way (the rerank)."""
-        key = (index.version, self.learner.steps, len(self.learner))
+        without a note (:meth:`learned`; the bootstrap, a cold start) would pick candidates
+        by its previous vector until the next note, as the graph picks them by the snapshot's;
+        the answer's scores are the current vectors' either way (the rerank)."""
+        key = (index.version, self._moves, len(self.learner))
         if self._exact is None or self._exact.key != key:
             rows = np.unique(np.concatenate([
                 self._rows_missing_from(index),
-                self._rows_moved_since(index.manifest.model_version)]))
+                self._rows_moved_since(self._snapshot_step(index))]))
             self._exact = _ExactBlock(key, rows, self.learner.item_matrix[rows])
         return self._exact.rows, self._exact.vectors
 

@@ -92,6 +92,61 @@ def test_an_item_that_moved_after_the_build_is_retrieved_with_its_new_vector(tmp
     assert answer(engine, "u1", histories["u1"], k=5).items[0].item_id == mover
 
 
+def worst_item_of(engine: Engine, history) -> tuple[int, np.ndarray]:
+    """The row of u1's worst item (far outside what the graph returns for u1) and u1's φ."""
+    phi = engine.user_vector(RecRequest(request_id="r", user_id="u1"), history)
+    scores = engine.learner.scores(phi)
+    scores[engine.learner.rows_of(history.items)] = np.inf
+    return int(np.argmin(scores)), phi
+
+
+def test_a_row_installed_after_the_build_at_the_same_step_is_retrieved_with_its_new_vector(
+        tmp_path):
+    """Another worker's row (item sharing) is installed without a learning step, so at the
+    step of the serving version's snapshot: it still counts as moved since, is scored exactly
+    beside the graph, stays so through the next step, and an update in place takes it."""
+    engine = engine_with_index(tmp_path, index_update_share=1.0)
+    stream = planted_stream()
+    histories = run_stream(engine, stream[:-40])
+    build_now(engine)
+    assert engine.index.current.manifest.model_version == engine.learner.steps
+    row, phi = worst_item_of(engine, histories["u1"])
+    mover = engine.learner.item_ids_at([row])[0]
+    assert mover not in [item.item_id for item in answer(engine, "u1", histories["u1"]).items]
+    engine.install_rows([mover], np.append(3 * phi / np.linalg.norm(phi), 2.0)[None, :],
+                        np.zeros((1, engine.settings.model_dim)))
+    assert answer(engine, "u1", histories["u1"], k=5).items[0].item_id == mover
+    histories = run_stream(engine, stream[-40:], histories=histories)  # a step, other rows
+    assert mover in [item.item_id for item in answer(engine, "u1", histories["u1"]).items]
+    build_now(engine)
+    index = engine.index.current
+    assert index.version == 2 and engine.index.rebuilder.updates == 1
+    np.testing.assert_allclose(index.graph.get_items([row], return_type="numpy")[0],
+                               engine.learner.item_matrix[row], rtol=1e-5, atol=1e-5)
+
+
+def test_a_version_newer_than_the_checkpoint_scores_the_rows_moved_since_the_restart(tmp_path):
+    """A crash after a version was written but before the checkpoint caught up: the learner
+    restarts at an older step than the version's snapshot. A row its first step moves is
+    scored exactly beside the graph, though that step is below the version's."""
+    engine = engine_with_index(tmp_path)
+    stream = planted_stream()
+    histories = run_stream(engine, stream[:-600])
+    engine.save()
+    histories = run_stream(engine, stream[-600:], histories=histories)
+    build_now(engine)
+    engine.index.close()
+    restarted = engine_with_index(tmp_path)
+    assert restarted.load() and restarted.index.version == 1
+    assert restarted.learner.steps < restarted.index.current.manifest.model_version
+    row, phi = worst_item_of(restarted, histories["u1"])
+    mover = restarted.learner.item_ids_at([row])[0]
+    restarted.learner._psi[row] = np.append(3 * phi / np.linalg.norm(phi), 2.0)
+    restarted.learner.steps += 1  # a learning step moved it, and Engine.learn reports:
+    restarted.index.learned([mover], [row])
+    assert answer(restarted, "u1", histories["u1"], k=5).items[0].item_id == mover
+
+
 def test_the_rows_scored_beside_the_graph_are_ranked_by_their_vectors_after_each_step(
         tmp_path):
     """Oracle for the block of moved and new rows that answers score exactly (gathered once
