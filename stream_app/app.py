@@ -154,6 +154,11 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         return record
 
     event_kinds = settings.event_kinds  # a set made once, not per event
+    ahead_s = settings.max_event_ahead_s
+
+    def latest_event_ts() -> float | None:
+        """The latest event time the ingest accepts now (None: any)."""
+        return None if ahead_s is None else time.time() + ahead_s
 
     def users_partition(message, user_key: bytes) -> int | None:
         """The partition of the events topic (and of the requests topic, numbered alike)
@@ -174,7 +179,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         added to ``records``)."""
         try:
             event = decode_event(message.value, kinds=event_kinds,
-                                 max_bytes=settings.max_event_bytes)
+                                 max_bytes=settings.max_event_bytes,
+                                 latest_ts=latest_event_ts())
             user_key = event.user_id.encode()
             home = users_partition(message, user_key)
             if home is None:

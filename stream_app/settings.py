@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     )
     history_length: int = Field(50, ge=1, le=10_000, description="Events kept per user (T).")
     max_event_bytes: int = Field(16_384, ge=256, description="Larger events go to the DLQ.")
+    max_event_ahead_s: float | None = Field(
+        86_400.0, gt=0, description="Events whose ts is further ahead of the worker's clock go "
+        "to the DLQ (ts_future): one event from the far future (a ts in milliseconds) would "
+        "lead the event-time clocks of popularity and decay, and every other item would read "
+        "as forgotten. 'none' = no limit.")
     max_request_bytes: int = Field(65_536, ge=256, description="Larger requests get an error.")
     max_request_history: int = Field(1000, ge=0, description="Items a request may carry.")
     max_reply_topics: int = Field(
@@ -333,7 +338,8 @@ class Settings(BaseSettings):
         return self
 
     @field_validator("positives_half_life", "encoder_half_life_events",
-                     "encoder_half_life_s", "serve_half_life_events", mode="before")
+                     "encoder_half_life_s", "serve_half_life_events", "max_event_ahead_s",
+                     mode="before")
     @classmethod
     def _none_word(cls, value):
         """``none`` (or an empty value) in the environment turns a decay with a default off."""

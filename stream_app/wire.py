@@ -359,12 +359,18 @@ def _decode(raw: bytes | None, model: type[_Wire], max_bytes: int) -> _Wire:
         raise InvalidMessage("schema", _describe(error)) from None
 
 
-def decode_event(raw: bytes | None, *, kinds: frozenset[str], max_bytes: int) -> Event:
-    """Parse and validate one event; unknown kinds are rejected (their weight is undefined)."""
+def decode_event(raw: bytes | None, *, kinds: frozenset[str], max_bytes: int,
+                 latest_ts: float | None = None) -> Event:
+    """Parse and validate one event; unknown kinds are rejected (their weight is undefined),
+    and so is a ``ts`` past ``latest_ts`` (a time in the future, or in milliseconds)."""
     event = _decode(raw, Event, max_bytes)
     assert isinstance(event, Event)
     if event.kind not in kinds:
         raise InvalidMessage("unknown_kind", f"kind {event.kind!r} is not one of {sorted(kinds)}")
+    if latest_ts is not None and event.ts > latest_ts:
+        raise InvalidMessage("ts_future", f"ts {event.ts!r} is {event.ts - latest_ts:.0f} s past "
+                             f"the latest time accepted now ({latest_ts:.0f}); ts is in "
+                             "seconds since the epoch (one in milliseconds is 1000 times it)")
     return event
 
 

@@ -152,9 +152,11 @@ MALFORMED = {
     "unknown_kind": event("u1", "i", kind="teleport"),
     "oversized": json.dumps({"v": 1, "user_id": "u1", "item_id": "i", "kind": "view", "ts": 1.0,
                              "pad": "x" * 20_000}).encode(),
+    "in_milliseconds": event("u1", "i", ts=1.7e12),
 }
 EXPECTED_REASON = {"bad_json": "bad_json", "schema": "schema", "wrong_type": "schema",
-                   "unknown_kind": "unknown_kind", "oversized": "oversized"}
+                   "unknown_kind": "unknown_kind", "oversized": "oversized",
+                   "in_milliseconds": "ts_future"}
 
 
 def test_malformed_events_go_to_the_dead_letter_topic(settings, start_worker):

@@ -62,6 +62,16 @@ def test_bad_events_are_rejected_with_a_reason(raw, reason):
     assert reason_of_event(raw) == reason
 
 
+def test_an_event_past_the_latest_time_accepted_is_rejected_and_one_at_it_is_not():
+    """A ts in milliseconds (or from the far future) would lead every event-time clock."""
+    raw = encode(**good_event(ts=1.7e12))
+    with pytest.raises(InvalidMessage) as caught:
+        decode_event(raw, kinds=KINDS, max_bytes=4096, latest_ts=1.8e9)
+    assert caught.value.reason == "ts_future" and "milliseconds" in caught.value.detail
+    assert decode_event(raw, kinds=KINDS, max_bytes=4096, latest_ts=1.7e12).ts == 1.7e12
+    assert decode_event(raw, kinds=KINDS, max_bytes=4096).ts == 1.7e12  # no limit
+
+
 def test_oversized_events_are_rejected_before_parsing():
     assert reason_of_event(encode(**good_event(pad="x" * 5000)), max_bytes=4096) == "oversized"
     with pytest.raises(InvalidMessage, match="empty"):
