@@ -73,6 +73,15 @@ def training_messages(examples: list[TrainExample], partitions: int, compression
             yield partition, TrainBatch.encode_parts(chunk, compression_level, users, partition)
 
 
+def moved_event_id(message) -> str:
+    """The ``event_id`` of an event without one, re-sent from ``message`` to its user's
+    partition: the message's partition, offset and time. Read again after a crash (before its
+    commit), the message is re-sent again, to another offset of that partition; the history
+    knows the second copy by this id, where two copies without one were two events, each
+    learned."""
+    return f"moved:{message.partition}:{message.offset}:{message.timestamp!r}"
+
+
 def histories_to_write(events: list[Event], repeated: list[bool],
                        updated: dict[str, History],
                        stored: dict[str, History]) -> dict[str, History]:
@@ -176,7 +185,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     async def decode_guarded(message, records: list[Sent]) -> Event | None:
         """The valid event of a message; None when the message went to the DLQ (with a
         reason) or was re-sent to its user's partition, under its user's key (either send
-        added to ``records``)."""
+        added to ``records``), with an ``event_id`` that names where it came from when it had
+        none (:func:`moved_event_id`)."""
         try:
             event = decode_event(message.value, kinds=event_kinds,
                                  max_bytes=settings.max_event_bytes,
@@ -185,7 +195,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             home = users_partition(message, user_key)
             if home is None:
                 return event
-            value = message.value
+            value = message.value if event.event_id is not None else event.model_copy(
+                update={"event_id": moved_event_id(message)}).to_bytes()
             records.append(await sent("reroute", lambda: events.send(
                 key=user_key, partition=home, value=value)))
             moved = "rekeyed" if message.key != user_key else "rerouted"

@@ -144,6 +144,39 @@ def test_events_and_requests_on_another_partition_than_their_users_are_moved_the
         assert ids(client.wait("misrouted", timeout_s=10)) == ["z"]
     assert labelled(settings, "streamrec_requests_total", status="rerouted") == 1
 
+def test_a_moved_event_without_an_id_is_named_by_its_origin_so_a_second_move_is_a_duplicate(
+        settings, start_worker):
+    """An event without an ``event_id`` on another partition than its user's is re-sent there
+    with an id naming its partition, offset and time. Read again after a crash (before its
+    commit), the same message is re-sent again, as the same bytes at a later offset: the
+    history knows that copy by its id, where it took in two events and learned both."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    worker = start_worker(settings)
+    home = key_partition(b"u1", settings.partitions)
+    elsewhere = (home + 1) % settings.partitions
+    producer = KafkaProducer(**client_config(settings), acks=1, enable_idempotence=False)
+    sent = producer.send(settings.topic_events, key=b"u1", partition=elsewhere,
+                         value=event("u1", "x", "sale")).get(10)
+    producer.flush()
+    worker.wait_metric("streamrec_learned_events_total", 1)
+    consumer = KafkaConsumer(**client_config(settings), auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=5000)
+    consumer.assign([TopicPartition(settings.topic_events, home)])
+    moved = [record for record in consumer if record.value is not None]
+    consumer.close()
+    assert len(moved) == 1
+    copy = json.loads(moved[0].value)
+    assert copy["event_id"] == f"moved:{elsewhere}:{sent.offset}:{sent.timestamp / 1000.0!r}"
+    producer.send(settings.topic_events, key=b"u1", partition=home, value=moved[0].value)
+    producer.flush()
+    producer.close()
+    worker.wait_metric("streamrec_events_total", 3)  # rerouted, accepted, duplicate
+    assert labelled(settings, "streamrec_events_total", outcome="duplicate") == 1
+    time.sleep(1.0)
+    assert worker.metrics()["streamrec_learned_events_total"] == 1
+
+
 MALFORMED = {
     "bad_json": b"{not json",
     "schema": json.dumps({"v": 1, "user_id": "u1", "kind": "view", "ts": 1.0}).encode(),
