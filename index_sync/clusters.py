@@ -11,7 +11,7 @@ is, not what it is about), recomputed at every rebuild.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -109,7 +109,7 @@ class ClusteredIndex:
     @classmethod
     def build(cls, ids: Sequence[str], vectors: np.ndarray, n_clusters: int, *, version: int,
               model_version: int, params: HnswParams = HnswParams(),
-              seed: int = 0) -> ClusteredIndex:
+              seed: int = 0, stop: Callable[[], bool] | None = None) -> ClusteredIndex:
         import time
 
         started = time.perf_counter()
@@ -127,7 +127,7 @@ class ClusteredIndex:
             members = np.flatnonzero(labels == k)
             parts.append(ItemIndex.build(ids[members].tolist(), vectors[members],
                                          version=version, model_version=model_version,
-                                         params=params, seed=seed))
+                                         params=params, seed=seed, stop=stop))
             centroids.append(vectors[members].mean(axis=0))
         manifest = Manifest(version=version, dim=vectors.shape[1], count=len(ids),
                             model_version=model_version,

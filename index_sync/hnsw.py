@@ -40,7 +40,7 @@ little and still fit, and a longer one needs a build.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -149,16 +149,17 @@ class ItemIndex:
     @classmethod
     def build(cls, ids: Sequence[str], vectors: np.ndarray, *, version: int,
               model_version: int, params: HnswParams = HnswParams(), seed: int = 0,
-              clusters: int = 0, headroom: float = 1.0) -> ItemIndex:
+              clusters: int = 0, headroom: float = 1.0,
+              stop: Callable[[], bool] | None = None) -> ItemIndex:
         """Build from rows ψ̃ (n, d+1); blocks for the whole build (run it aside). On the
         sphere (``params.space``) the rows go on one ``headroom`` times wider than the longest
-        (see :meth:`updated`)."""
+        (see :meth:`updated`). ``stop``: asked between blocks of rows (:func:`add_rows`)."""
         vectors = _checked_rows(ids, vectors)
         started = time.perf_counter()
         radius = 0.0
         if params.space == "sphere":
             radius = headroom * float(np.sqrt(squared_norms(vectors).max(initial=0.0)))
-        graph = new_graph(vectors, params, seed, radius=radius)
+        graph = new_graph(vectors, params, seed, radius=radius, stop=stop)
         manifest = Manifest(version=version, dim=vectors.shape[1], count=len(ids),
                             model_version=model_version,
                             build_seconds=time.perf_counter() - started,
@@ -181,7 +182,8 @@ class ItemIndex:
         return radius > 0 and bool((squared_norms(vectors) <= radius * radius).all())
 
     def updated(self, ids: Sequence[str], rows: np.ndarray, vectors: np.ndarray, *,
-                version: int, model_version: int, threads: int = 1) -> ItemIndex:
+                version: int, model_version: int, threads: int = 1,
+                stop: Callable[[], bool] | None = None) -> ItemIndex:
         """The index of ``ids`` whose labels ``rows`` now hold ``vectors``; rows from this
         index's count on are new labels and must all be among ``rows``.
 
@@ -202,9 +204,8 @@ class ItemIndex:
         started = time.perf_counter()
         if len(ids) > self.graph.get_max_elements():
             self.graph.resize_index(len(ids))
-        if len(rows):
-            self.graph.add_items(graph_rows(vectors, self.manifest.space, self.manifest.radius),
-                                 rows, num_threads=threads)
+        add_rows(self.graph, graph_rows(vectors, self.manifest.space, self.manifest.radius),
+                 rows, threads, stop)
         manifest = replace(self.manifest, version=version, count=len(ids),
                            model_version=model_version,
                            build_seconds=time.perf_counter() - started, created_at=time.time(),
@@ -302,16 +303,37 @@ def graph_rows(vectors: np.ndarray, space: str, radius: float | None = None) -> 
 
 
 def new_graph(vectors: np.ndarray, params: HnswParams, seed: int = 0,
-              radius: float | None = None) -> hnswlib.Index:
+              radius: float | None = None,
+              stop: Callable[[], bool] | None = None) -> hnswlib.Index:
     """An hnswlib index (its space 'ip') of ``vectors`` in the form ``params.space`` names
     (:func:`graph_rows`), labels 0..n-1."""
     vectors = graph_rows(vectors, params.space, radius)
     graph = hnswlib.Index(space="ip", dim=vectors.shape[1])
     graph.init_index(max_elements=max(len(vectors), 1), M=params.M,
                      ef_construction=params.ef_construction, random_seed=seed)
-    if len(vectors):
-        graph.add_items(vectors, np.arange(len(vectors)), num_threads=params.threads)
+    add_rows(graph, vectors, np.arange(len(vectors)), params.threads, stop)
     return graph
+
+
+class BuildStopped(Exception):
+    """A build given up between two blocks of rows, as its worker stops."""
+
+
+#: rows added to a graph per hnswlib call: a stop waits for one block at most (a few seconds
+#: at a million items), and a single call is no faster
+ADD_BLOCK_ROWS = 20_000
+
+
+def add_rows(graph: hnswlib.Index, rows: np.ndarray, labels: np.ndarray, threads: int,
+             stop: Callable[[], bool] | None = None) -> None:
+    """``graph.add_items`` in blocks of :data:`ADD_BLOCK_ROWS`, asking ``stop`` before each:
+    raises :class:`BuildStopped` when it says so. hnswlib cannot be interrupted inside a
+    call, and a worker that stops would otherwise wait minutes for a large build to end."""
+    for start in range(0, len(rows), ADD_BLOCK_ROWS):
+        if stop is not None and stop():
+            raise BuildStopped(f"stopped after {start} of {len(rows)} rows")
+        graph.add_items(rows[start:start + ADD_BLOCK_ROWS], labels[start:start + ADD_BLOCK_ROWS],
+                        num_threads=threads)
 
 
 def exact_top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:

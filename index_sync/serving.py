@@ -329,4 +329,5 @@ class ServingIndex:
         }
 
     def close(self) -> None:
-        self.rebuilder.close(wait=False)
+        """Stop building, and wait for a build under way to give up (a block of rows)."""
+        self.rebuilder.close(wait=True)

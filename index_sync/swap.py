@@ -26,7 +26,7 @@ import numpy as np
 
 from .background import background_executor
 from .clusters import ClusteredIndex
-from .hnsw import SPHERE_HEADROOM, HnswParams, ItemIndex
+from .hnsw import SPHERE_HEADROOM, BuildStopped, HnswParams, ItemIndex
 from .versions import (CorruptVersion, ServedIndex, load_newest, load_version, next_version,
                        prune, write_version)
 
@@ -159,6 +159,7 @@ class IndexRebuilder:
         self.waiting_since: float | None = None  # a due build waits for a backlog since then
         self._executor = background_executor("index-build", policy.niceness)
         self._running: Future | None = None
+        self._stopping = threading.Event()  # a build running gives up (close)
 
     def load_existing(self, dim: int | None = None) -> bool:
         """Serve the newest valid version on disk of rows of length ``dim``, if any (at
@@ -233,6 +234,9 @@ class IndexRebuilder:
                      "built" if updated is None else f"{len(snapshot.update_rows)} rows updated",
                      index.manifest.build_seconds)
             return index
+        except BuildStopped as stopped:
+            log.info("index build given up as the worker stops: %s", stopped)
+            return None
         except Exception as error:  # noqa: BLE001 - the previous version keeps serving
             self.failures += 1
             self.last_error = repr(error)
@@ -248,11 +252,11 @@ class IndexRebuilder:
             return ClusteredIndex.build(ids, vectors, self.policy.clusters,
                                         version=self._next_version(),
                                         model_version=model_version, params=self.params,
-                                        seed=self.seed)
+                                        seed=self.seed, stop=self._stopping.is_set)
         headroom = SPHERE_HEADROOM if self.policy.update_share > 0 else 1.0
         return ItemIndex.build(ids, vectors, version=self._next_version(),
                                model_version=model_version, params=self.params, seed=self.seed,
-                               headroom=headroom)
+                               headroom=headroom, stop=self._stopping.is_set)
 
     def update(self, snapshot: Snapshot) -> ItemIndex | None:
         """The serving version with the snapshot's ``update_rows`` updated in place, read
@@ -273,7 +277,12 @@ class IndexRebuilder:
             return None
         return private.updated(snapshot.ids, rows, vectors, version=self._next_version(),
                                model_version=snapshot.model_version,
-                               threads=self.params.threads)
+                               threads=self.params.threads, stop=self._stopping.is_set)
 
     def close(self, wait: bool = True) -> None:
+        """Stop building: a build that has not started never does, and one running gives up
+        at its next block of rows (:func:`~index_sync.hnsw.add_rows`; a k-means or a write
+        under way ends first). ``wait``: until the build thread has ended, so that nothing
+        writes the index folder once this returns (a worker lets its data dir go next)."""
+        self._stopping.set()
         self._executor.shutdown(wait=wait, cancel_futures=True)

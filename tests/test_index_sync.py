@@ -591,3 +591,31 @@ def test_a_search_for_most_of_a_graph_answers_where_hnswlib_reaches_too_few(monk
     monkeypatch.setattr(hnsw, "EXACT_FALLBACK_ROWS", 1000)
     labels, _ = index.search_labels(query, 1150)
     assert 0 < len(labels) < 1150 and len(set(labels.tolist())) == len(labels)
+
+
+def test_closing_the_rebuilder_stops_a_build_under_way_between_blocks_of_rows(tmp_path,
+                                                                            monkeypatch,
+                                                                            caplog):
+    """hnswlib cannot be interrupted inside a call, so a build adds its rows in blocks and
+    asks before each whether to go on: closing gives a build under way up at its next block,
+    and waits for it, so that nothing writes the index folder once the worker lets its data
+    dir go. No version is written, and giving up is not a failure."""
+    import logging
+
+    import index_sync.hnsw as hnsw
+
+    monkeypatch.setattr(hnsw, "ADD_BLOCK_ROWS", 100)
+    n = 40_000
+    holder = IndexHolder()
+    rebuilder = IndexRebuilder(tmp_path, holder, RebuildPolicy(interval_s=3600))
+    caplog.set_level(logging.INFO, logger="index_sync.swap")
+    running = rebuilder.submit(Snapshot(ids_of(n), model_like(n), model_version=1))
+    time.sleep(0.5)
+    assert rebuilder.building
+    rebuilder.close()
+    assert running.done() and running.result() is None
+    assert holder.version is None and version_dirs(tmp_path) == []
+    assert rebuilder.failures == 0
+    stopped = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
+    done, total = map(int, stopped[0].split("stopped after ")[1].split(" rows")[0].split(" of "))
+    assert 0 < done < total == n
