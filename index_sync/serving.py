@@ -41,12 +41,14 @@ class _Coverage:
     ``label_rows`` maps a label to its learner row (−1: an item the learner lacks), or is
     None when label = row: the index was built from a snapshot of this learner, whose rows
     are only ever appended. ``missing`` are learner rows below ``covered`` the index lacks;
-    every row from ``covered`` on is missing too.
+    every row from ``covered`` on is missing too. ``unknown``: labels of items the learner
+    lacks (a search asks for that many more, as it drops them).
     """
 
     label_rows: np.ndarray | None
     missing: np.ndarray
     covered: int
+    unknown: int = 0
 
     @classmethod
     def of(cls, index: ServedIndex, learner: ItemLearner) -> _Coverage:
@@ -61,7 +63,8 @@ class _Coverage:
         held = learner.rows_of(index.ids)
         present = np.zeros(len(ids), dtype=bool)
         present[held[held >= 0]] = True
-        return cls(held if single else None, np.flatnonzero(~present), len(ids))
+        return cls(held if single else None, np.flatnonzero(~present), len(ids),
+                   int((held < 0).sum()) if single else 0)
 
 
 class _ExactBlock(NamedTuple):
@@ -242,10 +245,11 @@ class ServingIndex:
 
     def _search_rows(self, index: ItemIndex, query: np.ndarray, n: int,
                      excluded: set[int]) -> np.ndarray:
-        """The graph's best ``n`` as learner rows; asks for ``n`` plus the excluded count, so
-        exclusion never shortens the answer."""
-        labels, _ = index.search_labels(query, n + len(excluded))
-        label_rows = self._coverage_of(index).label_rows
+        """The graph's best ``n`` as learner rows; asks for ``n`` plus the excluded count and
+        the labels of items the learner lacks, so neither shortens the answer."""
+        coverage = self._coverage_of(index)
+        labels, _ = index.search_labels(query, n + len(excluded) + coverage.unknown)
+        label_rows = coverage.label_rows
         rows = labels if label_rows is None else label_rows[labels]
         return _first_not_in(rows, excluded, n)
 
