@@ -64,7 +64,7 @@ class _Coverage:
         present = np.zeros(len(ids), dtype=bool)
         present[held[held >= 0]] = True
         return cls(held if single else None, np.flatnonzero(~present), len(ids),
-                   int((held < 0).sum()) if single else 0)
+                   int((held < 0).sum()))
 
 
 class _ExactBlock(NamedTuple):
@@ -233,10 +233,11 @@ class ServingIndex:
         excluded = set(exclude_rows.tolist())
         excluded.discard(-1)
         if isinstance(index, ClusteredIndex):
-            found = index.search(query, n, set(self.learner.item_ids_at(excluded)),
+            unknown = self._coverage_of(index).unknown  # dropped below: asked for on top
+            found = index.search(query, n + unknown, set(self.learner.item_ids_at(excluded)),
                                  diversity=diversity, history=history)
             rows = self.learner.rows_of(item for item, _ in found)
-            rows = rows[rows >= 0]
+            rows = rows[rows >= 0][:n]
         else:
             rows = self._search_rows(index, query, n, excluded)
         rows = np.concatenate([rows, self._fresh(index, query, n, excluded)])
