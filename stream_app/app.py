@@ -315,7 +315,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                     log.exception("a batch of %d events failed; taking them one at a time",
                                   len(batch))
                     await ingest_one_by_one(batch, records)
-                delivered.hold(batch, records)
+                delivered.hold(batch, records, size=sum(
+                    len(message.value or b"") for message in batch))
 
         @app.on_before_shutdown.connect
         async def acknowledge_what_was_delivered(app: faust.App, **kwargs) -> None:

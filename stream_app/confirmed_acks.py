@@ -21,9 +21,10 @@ whose events it finds there already: ``stream_app.app.histories_to_write``).
 
 A record that the broker keeps refusing (an ACL that denies the topic) holds its batch until
 it is delivered, which can be long: Faust keeps the acknowledgements after the gap, and this
-keeps the batches. Past ``HELD_LIMIT`` batches held the ingest stops taking more (the lag and
-``streamrec_ingest_unconfirmed_batches`` show it) rather than fill the memory, and goes on
-where it stopped once the broker takes the records.
+keeps the batches. Past ``HELD_LIMIT`` batches held, or ``HELD_BYTES_LIMIT`` bytes of their
+messages, the ingest stops taking more (the lag and ``streamrec_ingest_unconfirmed_batches``
+show it) rather than fill the memory, and goes on where it stopped once the broker takes the
+records.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ FIRST_PAUSE_S = 0.5
 MAX_PAUSE_S = 30.0
 #: batches held before the ingest waits: far above the few in flight on a healthy broker
 HELD_LIMIT = 1_000
+#: bytes of the held batches' messages before the ingest waits: 1,000 batches of 256 events
+#: of the largest size accepted (16 KiB) would be 4 GiB
+HELD_BYTES_LIMIT = 256 * 1024 * 1024
 
 
 @dataclass
@@ -95,16 +99,20 @@ class AcksAfterDelivery:
 
     def __init__(self, ack: Callable[[list], None], metrics=None,
                  first_pause_s: float = FIRST_PAUSE_S, max_pause_s: float = MAX_PAUSE_S,
-                 limit: int = HELD_LIMIT) -> None:
+                 limit: int = HELD_LIMIT, limit_bytes: int = HELD_BYTES_LIMIT) -> None:
         self.ack = ack
         self.metrics = metrics
         self.first_pause_s = first_pause_s
         self.max_pause_s = max_pause_s
         self.limit = limit
-        self._held: collections.deque[list] = collections.deque()  # [batch, records left]
+        self.limit_bytes = limit_bytes
+        # [batch, records left, bytes]
+        self._held: collections.deque[list] = collections.deque()
+        self.held_bytes = 0
         self._none_waiting = asyncio.Event()
         self._none_waiting.set()
-        self.room = asyncio.Event()  # clear while ``limit`` batches are held: take no more
+        # clear while ``limit`` batches, or ``limit_bytes`` of them, are held: take no more
+        self.room = asyncio.Event()
         self.room.set()
         self._retrying: set[asyncio.Task] = set()
         self._closed = False
@@ -114,18 +122,20 @@ class AcksAfterDelivery:
         """Batches held: taken in, not yet acknowledged."""
         return len(self._held)
 
-    def hold(self, batch: list, records: list[Sent]) -> None:
+    def hold(self, batch: list, records: list[Sent], size: int = 0) -> None:
         """Acknowledge ``batch`` once every one of ``records`` is delivered and every batch
         held before it is acknowledged: at once when that is so now, from a delivery's
-        callback otherwise (no task per batch)."""
+        callback otherwise (no task per batch). ``size``: the batch's bytes, for
+        ``limit_bytes``."""
         undelivered = [r for r in records if not (r.delivery.done() and _ok(r.delivery))]
         if not undelivered and not self._held:
             self.ack(batch)
             return
-        entry = [batch, len(undelivered)]
+        entry = [batch, len(undelivered), size]
         self._held.append(entry)
+        self.held_bytes += size
         self._none_waiting.clear()
-        if self.waiting >= self.limit:
+        if self.waiting >= self.limit or self.held_bytes >= self.limit_bytes:
             self.room.clear()
 
         def one_delivered() -> None:
@@ -140,10 +150,12 @@ class AcksAfterDelivery:
         """The delivered batches at the head of the line, in order."""
         held = self._held
         while held and held[0][1] == 0:
-            self.ack(held.popleft()[0])
+            batch, _, size = held.popleft()
+            self.held_bytes -= size
+            self.ack(batch)
         if not held:
             self._none_waiting.set()
-        if len(held) < self.limit:
+        if len(held) < self.limit and self.held_bytes < self.limit_bytes:
             self.room.set()
 
     async def settled(self, timeout_s: float | None) -> bool:

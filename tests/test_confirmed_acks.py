@@ -180,6 +180,25 @@ def test_the_gauge_counts_the_batches_held():
     asyncio.run(run())
 
 
+def test_past_its_limit_of_held_bytes_there_is_no_room_until_they_are_delivered():
+    """Few batches of large events fill the memory as many small ones do."""
+    async def run():
+        confirmed, acked, _ = acks(limit=1000, limit_bytes=100)
+        deliveries = Deliveries()
+        confirmed.hold(["a"], [await sent("train", deliveries.send)], size=60)
+        assert confirmed.room.is_set() and confirmed.held_bytes == 60
+        confirmed.hold(["b"], [await sent("train", deliveries.send)], size=40)
+        assert not confirmed.room.is_set()
+        deliveries.futures[0].set_result("ok")
+        await settle()
+        assert confirmed.room.is_set() and acked == [["a"]] and confirmed.held_bytes == 40
+        deliveries.futures[1].set_result("ok")
+        await settle()
+        assert acked == [["a"], ["b"]] and confirmed.held_bytes == 0
+
+    asyncio.run(run())
+
+
 def test_past_its_limit_of_held_batches_there_is_no_room_until_one_is_delivered():
     async def run():
         confirmed, acked, _ = acks(limit=2)
