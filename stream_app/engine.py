@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -522,13 +522,16 @@ class Engine:
 
     def learn_reported(self, examples: Sequence[TrainExample], step: int, *,
                        caught_up: bool = True,
-                       users: Sequence[int | None] | None = None) -> LearnedReport:
+                       users: Sequence[int | None] | None = None,
+                       after_learning: Callable[[], None] | None = None) -> LearnedReport:
         """:meth:`learn` in micro-batches of ``step``, and the :class:`LearnedReport` that lets
         another engine follow. A step that raises is logged and skipped (learning goes on);
         its rows may have moved part way, so the report then carries every row.
         ``caught_up``: nothing else waits to be learned, so the input offsets moved so far go
         with this report (:meth:`_inputs_due`). ``users``: each example's active users as
-        its message said (None: not said), a micro-batch learned with the largest."""
+        its message said (None: not said), a micro-batch learned with the largest.
+        ``after_learning``: called once the examples are learned, before the report is made
+        (what it moves goes with it)."""
         first_row, moved, failed = len(self.learner), [], 0
         first_dr_row = len(self.paths.model) if self.paths is not None else 0
         seconds, losses, dr_losses = [], [], []
@@ -549,6 +552,8 @@ class Engine:
                 self._inputs_moved.append(self.learner.changed_input_rows)
             if self.paths is not None and np.isfinite(self.last_dr_loss):
                 dr_losses.append(self.last_dr_loss)
+        if after_learning is not None:
+            after_learning()
         rows = np.concatenate(moved) if moved else np.empty(0, dtype=np.int64)
         new_items, new_paths = (self.paths.model.items_since(first_dr_row)
                                 if self.paths is not None else ([], None))
@@ -634,29 +639,34 @@ class Engine:
             if skipped:
                 log.info("skipped %d training messages the model already holds", skipped)
                 values = [value for value, new in zip(values, fresh) if new]
-        values, steps_added = self._add_offset_steps(values)
+        steps = [value for value in values if is_offset_steps(value)]
+        if steps:
+            values = [value for value in values if not is_offset_steps(value)]
         decoded = TrainBatch.decode_many(values)
         if decoded.bad:
             log.warning("skipped %d undecodable training messages", decoded.bad)
         examples, users, repeated = self._new_examples(decoded)
-        report = self.learn_reported(examples, step, caught_up=caught_up, users=users)
+        added: list[int] = []
+
+        def add_steps() -> None:  # after the examples, which may create their items
+            added.append(self._add_offset_steps(steps))
+
+        report = self.learn_reported(examples, step, caught_up=caught_up, users=users,
+                                     after_learning=add_steps if steps else None)
+        steps_added = sum(added)
         self.redelivered += skipped
         self.repeated_examples += repeated
         return replace(report, redelivered=skipped, repeated_examples=repeated,
                        steps_added=steps_added) if skipped or repeated or steps_added else report
 
-    def _add_offset_steps(self, values: Sequence[bytes]) -> tuple[Sequence[bytes], int]:
-        """Add the offset steps of the messages among ``values`` that carry other workers'
-        steps on the input offsets of items learned here (``wire.encode_offset_steps``;
-        those of items unknown here are dropped); they go to a follower with the next report
-        that carries the moved offsets, and out with the rows at the next publish. Returns
-        the other messages and how many steps were added."""
-        if not any(is_offset_steps(value) for value in values):
-            return values, 0
+    def _add_offset_steps(self, values: Sequence[bytes]) -> int:
+        """Add the offset steps of ``values``, messages that carry other workers' steps on
+        the input offsets of items learned here (``wire.encode_offset_steps``; those of items
+        unknown here are dropped); they go to a follower with the next report that carries
+        the moved offsets, and out with the rows at the next publish. Returns how many steps
+        were added."""
         added = 0
         for value in values:
-            if not is_offset_steps(value):
-                continue
             try:
                 item_ids, steps = decode_offset_steps(value, self.settings.model_dim)
             except ValueError as error:
@@ -667,7 +677,7 @@ class Engine:
             self.learner.add_offsets(rows, steps[known])
             self._inputs_moved.append(np.unique(rows))
             added += len(known)
-        return [value for value in values if not is_offset_steps(value)], added
+        return added
 
     def _new_examples(self, decoded: DecodedTraining
                       ) -> tuple[list[TrainExample], list[int | None], int]:

@@ -474,6 +474,31 @@ def test_steps_on_other_workers_items_go_to_their_owner_who_adds_them():
     np.testing.assert_array_equal(owner.learner.offsets, added)
 
 
+def test_steps_on_an_item_that_an_earlier_message_of_the_same_batch_creates_are_added():
+    """A new item's first example and another worker's steps on its offsets often come in
+    one batch of the owner's (the steps follow the example, which made the item known to
+    the other worker's histories): the steps are added after the batch's examples, so the
+    item exists; the owner's offsets are then a twin's that learned the examples alone, plus
+    the steps."""
+    from stream_app.wire import encode_offset_steps
+
+    examples, _ = examples_and_histories(120)
+    new_item = examples[-1].item_id  # the owner starts empty: the batch creates every item
+    settings = Settings(model_dim=16, partitions=2, dr_enabled=False, share_items=True)
+    owner, twin = Engine(settings), Engine(settings)
+    owner.users = twin.users = 240
+    step = np.linspace(-1.0, 1.0, 16)
+    values = [TrainBatch(examples=examples).to_bytes(),
+              encode_offset_steps([new_item], step[None, :])]
+    report = owner.learn_messages(values, 32, positions=[(0, 0), (0, 1)])
+    twin.learn_messages(values[:1], 32, positions=[(0, 0)])
+    assert report.steps_added == 1
+    row = owner.learner.rows_of([new_item])[0]
+    assert row in report.delta.input_rows.tolist()
+    np.testing.assert_allclose(owner.learner.offsets[row] - twin.learner.offsets[row], step,
+                               atol=1e-6)
+
+
 def test_a_publish_that_fails_leaves_what_it_did_not_send_due_for_the_next():
     """A send that raises (a broker outage) costs nothing: the rows and steps not sent are
     due at the next publish, the rows as they are then, the steps summed with those taken
