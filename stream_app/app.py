@@ -450,22 +450,23 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     paths_read = asyncio.Lock()
     paths_reads: set[asyncio.Task] = set()
 
-    async def reload_paths_aside(stats: dict) -> None:
+    async def reload_paths_aside(stats: dict, followed: list) -> None:
         """Read the paths the learner saved in a thread (seconds at a million items), then
-        serve them; one read at a time."""
+        serve them with what reports brought since (``followed``); one read at a time."""
         async with paths_read:
-            engine.begin_paths_read()
             try:
                 fresh = await asyncio.get_running_loop().run_in_executor(None,
                                                                          engine.read_paths)
-                if not engine.install_paths(fresh, stats):
+                if not engine.install_paths(fresh, stats, followed):
                     log.warning("the learner's Deep Retrieval paths were not there to load")
             except Exception:  # noqa: BLE001 - the paths in force keep serving
-                engine.install_paths(None, stats)
+                engine.install_paths(None, stats, followed)
                 log.exception("could not load the learner's Deep Retrieval paths")
 
     def reload_paths(stats: dict) -> None:
-        task = asyncio.ensure_future(reload_paths_aside(stats))
+        """As the learner's message that it saved new paths arrives: the reports after it
+        in the pipe, followed before the read's task runs, are kept for its install."""
+        task = asyncio.ensure_future(reload_paths_aside(stats, engine.begin_paths_read()))
         paths_reads.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(paths_reads.discard)
 

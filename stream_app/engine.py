@@ -177,7 +177,8 @@ class Engine:
         self._inputs_sent_at = -math.inf  # when a report last carried the moved input offsets
         self._inputs_moved: list[np.ndarray] = []  # input rows moved since
         # (items, paths, weights) of reports followed while saved paths are read aside
-        self._followed_during_read: list[tuple] | None = None
+        # what reports brought Deep Retrieval since each read of the paths under way began
+        self._followed_during_reads: list[list[tuple]] = []
         self._weight_of_kind = _WeightOfKind(settings.kind_weights)
         self.users = 0  # users whose history this worker holds
         self.behind = 0  # events the worker has yet to take in (stream_app.intake.IntakeLag)
@@ -704,8 +705,8 @@ class Engine:
         if self.paths is not None:
             taken = (report.dr_new_items, report.dr_new_paths, report.dr_weights)
             _take_dr(self.paths.model, *taken)
-            if self._followed_during_read is not None:  # for the paths being read aside
-                self._followed_during_read.append(taken)
+            for followed in self._followed_during_reads:  # for the paths being read aside
+                followed.append(taken)
         for loss in report.losses:
             self.loss.update(loss)
         for loss in report.dr_losses:
@@ -929,12 +930,17 @@ class Engine:
     def reload_paths(self, reported_stats: dict) -> bool:
         """:meth:`read_paths` and :meth:`install_paths` in one call (tools and tests; a worker
         reads aside)."""
-        self.begin_paths_read()
-        return self.install_paths(self.read_paths(), reported_stats)
+        followed = self.begin_paths_read()
+        return self.install_paths(self.read_paths(), reported_stats, followed)
 
-    def begin_paths_read(self) -> None:
-        """From now on, keep what reports bring Deep Retrieval for :meth:`install_paths`."""
-        self._followed_during_read = []
+    def begin_paths_read(self) -> list[tuple]:
+        """From now on, keep what reports bring Deep Retrieval, for the :meth:`install_paths`
+        of paths the learner saved before (call it as its message arrives: what came before
+        is in the file, what is followed after is not); returns what that install takes.
+        Each read keeps its own: a second may begin before the first is installed."""
+        followed: list[tuple] = []
+        self._followed_during_reads.append(followed)
+        return followed
 
     def read_paths(self) -> DeepRetrieval | None:
         """The Deep Retrieval state a learner process saved after its M-step, read into a new
@@ -946,12 +952,15 @@ class Engine:
                               track_scores=self.paths.model.tracker is not None)
         return fresh if fresh.load(self.checkpoint_dir / "dr") else None
 
-    def install_paths(self, fresh: DeepRetrieval | None, reported_stats: dict) -> bool:
+    def install_paths(self, fresh: DeepRetrieval | None, reported_stats: dict,
+                      followed: list[tuple]) -> bool:
         """Serve ``fresh`` (from :meth:`read_paths`), with the new items and the newest
-        structure model that reports brought while it was read, and take the learner's
-        figures as of its M-step (one may finish after the last batch it reports on)."""
+        structure model that reports brought since its read began (``followed``, from
+        :meth:`begin_paths_read`), and take the learner's figures as of its M-step (one may
+        finish after the last batch it reports on)."""
         self.reported_dr_stats = reported_stats
-        followed, self._followed_during_read = self._followed_during_read or [], None
+        self._followed_during_reads = [kept for kept in self._followed_during_reads
+                                       if kept is not followed]
         if self.paths is None or fresh is None:
             return False
         for taken in followed:

@@ -121,17 +121,62 @@ def test_paths_read_aside_are_served_with_what_reports_brought_meanwhile(tmp_pat
     assert learning.paths.run_m_step_now(timeout=60) is not None
     learning.paths.save(learning.checkpoint_dir / "dr")
     saved_items = len(learning.paths.model)
-    following.begin_paths_read()
+    followed = following.begin_paths_read()
     fresh = following.read_paths()  # as in the worker's thread
     for start in range(150, len(examples), 100):  # reports followed while it reads
         following.follow(learning.learn_reported(examples[start:start + 100], step=32))
     assert len(learning.paths.model) > saved_items == len(fresh)  # items the file lacks
-    assert following.install_paths(fresh, learning.paths.stats())
+    assert following.install_paths(fresh, learning.paths.stats(), followed)
     assert following.paths.model is fresh and len(fresh) == len(learning.paths.model)
     assert fresh.tracker is None  # a follower reads no path scores
-    assert following.install_paths(None, {}) is False  # nothing read: the paths stay
+    assert following.install_paths(None, {}, []) is False  # nothing read: the paths stay
     assert answers(following, histories, sources=["dr"]) == answers(learning, histories,
                                                                      sources=["dr"])
+
+
+def test_reports_in_the_pipe_behind_the_learners_new_paths_are_kept_for_their_install(
+        tmp_path):
+    """The learner saves new paths, says so, and goes on learning: its reports stand in the
+    pipe behind that message and are followed at once, before the worker's read of the paths
+    begins. The read starts keeping them as the message arrives, so the items they bring
+    stay retrievable once the paths read take over; a second read that begins before the
+    first is installed keeps its own."""
+    from stream_app.app import create_app
+    from stream_app.worker import build_metrics
+
+    examples, _ = examples_and_histories()
+    settings = settings_for(tmp_path / "learner", dr_follow_model_s=0)
+    learning, following = Engine(settings), Engine(settings, replica=True)
+    learning.users = 240
+    following.follow(learning.learn_reported(examples[:150], step=32))
+    assert learning.paths.run_m_step_now(timeout=60) is not None
+    learning.paths.save(learning.checkpoint_dir / "dr")
+    pipe = SimpleNamespace()
+
+    async def attach(on_report, on_paths, on_saved, on_death) -> None:
+        pipe.report, pipe.paths = on_report, on_paths
+
+    app = create_app(settings.replace(broker="127.0.0.1:1", metrics_port=0), following,
+                     build_metrics(following), SimpleNamespace(attach=attach))
+    follow_learner = next(task for task in app._app_tasks
+                          if task.__name__ == "follow_learner")
+
+    async def scenario() -> None:
+        await follow_learner()
+        pipe.paths(learning.paths.stats())  # as the pipe's messages are dispatched, in order
+        pipe.report(learning.learn_reported(examples[150:250], step=32))
+        learning.paths.save(learning.checkpoint_dir / "dr")  # the next M-step's, say
+        pipe.paths(learning.paths.stats())  # a second read, begun before the first is in
+        pipe.report(learning.learn_reported(examples[250:], step=32))
+        await asyncio.sleep(0.5)  # the reads: in threads, milliseconds at this size
+        for _ in range(100):
+            if len(following.paths.model) == len(learning.paths.model):
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert len(following.paths.model) == len(learning.paths.model)
+    assert (following.paths.model.rows_of(learning.paths.model._ids) >= 0).all()
 
 
 def test_a_failed_step_is_skipped_and_its_report_carries_every_row(tmp_path, monkeypatch):
