@@ -888,11 +888,13 @@ class Engine:
     def checkpoint_dir(self) -> Path:
         return self.settings.data_dir / "checkpoints"
 
-    def save(self, *, model: bool = True) -> None:
-        """Checkpoint popularity and (``model``) the item model and Deep Retrieval; an engine
-        that follows a learner process leaves the model to it (its replica has no learning
-        state to save)."""
-        self.popularity.save(self.checkpoint_dir / "popularity.npz")
+    def save(self, *, model: bool = True, popularity: bool = True) -> None:
+        """Checkpoint ``popularity`` and (``model``) the item model and Deep Retrieval; an
+        engine that follows a learner process leaves the model to it (its replica has no
+        learning state to save), and the learner process leaves popularity to the worker,
+        which counts the events (the learner's is the one it loaded at its start)."""
+        if popularity:
+            self.popularity.save(self.checkpoint_dir / "popularity.npz")
         if model:
             self.learner.save(self.checkpoint_dir / "model.npz",
                               also={**self.positions.to_arrays(),

@@ -453,7 +453,7 @@ class LearnerLoop:
                     next_check = time.monotonic() + self.settings.index_check_s
         except (EOFError, OSError, struct.error):  # BrokenPipeError: the worker is gone
             if self.learned_since_save:  # else the checkpoint there holds it all
-                self.engine.save()
+                self.engine.save(popularity=False)  # the worker's to save
                 log.info("learner stopped; checkpoint written")
 
     def handle(self, kind: bytes, body: memoryview, *, caught_up: bool = True) -> None:
@@ -462,7 +462,7 @@ class LearnerLoop:
             self.outbox.send(("learned", self.learn(*parse_learn(body), caught_up=caught_up)))
         elif kind == SAVE:  # the worker commits what it holds only once it is written
             try:
-                self.engine.save()
+                self.engine.save(popularity=False)  # the worker's to save
             except Exception:  # noqa: BLE001 - a full disk: learning goes on, commits wait
                 log.exception("could not write the checkpoint")
                 self.outbox.send(("saved", False))

@@ -179,6 +179,26 @@ def test_reports_in_the_pipe_behind_the_learners_new_paths_are_kept_for_their_in
     assert (following.paths.model.rows_of(learning.paths.model._ids) >= 0).all()
 
 
+def test_the_learners_checkpoints_leave_popularity_to_the_worker_that_counts_it(tmp_path):
+    """The learner process loads popularity at its start and counts nothing after: its saves
+    (at the worker's request, and as the pipe closes) write the model, never popularity,
+    which the worker saves from what it counted."""
+    from stream_app.learner_process import LearnerLoop
+
+    settings = settings_for(tmp_path, dr_enabled=False)
+    worker, learning = Engine(settings, replica=True), Engine(settings)
+    for n, item in enumerate(["a", "b", "c"]):
+        worker.popularity.add(item, 1.7e9 + n)
+    worker.save(model=False)
+    loop = LearnerLoop(learning, settings, SimpleNamespace(send=lambda message: None))
+    loop.handle(SAVE, memoryview(b""))
+    loop.learned_since_save = True
+    loop.run(SimpleNamespace(poll=lambda timeout: (_ for _ in ()).throw(EOFError)))
+    again = Engine(settings, replica=True)
+    again.load()
+    assert len(again.popularity) == 3 and (tmp_path / "checkpoints" / "model.npz").exists()
+
+
 def test_a_failed_step_is_skipped_and_its_report_carries_every_row(tmp_path, monkeypatch):
     examples, _ = examples_and_histories(300)
     learning = Engine(settings_for(tmp_path))
