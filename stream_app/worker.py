@@ -170,18 +170,9 @@ def note_topics(settings: Settings, topics: Topics) -> list[str]:
     return renewed
 
 
-def run_worker(settings: Settings) -> int:
-    """Block until SIGTERM/SIGINT; checkpoint the model state on the way out."""
-    held = lock_data_dir(settings.data_dir)  # for the life of the process
-    if not settings.embedded:  # its state is another broker's now: an embedded run keeps off
-        (settings.data_dir / EMBEDDED_MARK).unlink(missing_ok=True)
-    if settings.compat_fixes:
-        install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
-    limit_threads()  # here too: user vectors, answers, and learning when it runs on the loop
-    note_topics(settings, ensure_topics(settings))
-    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes one level only
-    engine = Engine(settings, replica=settings.learner_process)
-    learner = LearnerProcess(settings).start() if settings.learner_process else None
+def _start_serving(settings: Settings, engine: Engine, learner: LearnerProcess | None):
+    """The checkpoint loaded, the metrics served, the Faust app and its worker made: the
+    metrics server (None when off) and the worker."""
     if engine.load():
         log.info("loaded checkpoint: %d items", len(engine.popularity))
     metrics = build_metrics(engine)
@@ -194,6 +185,28 @@ def run_worker(settings: Settings) -> int:
                     shutdown_timeout_s=settings.shutdown_timeout_s)
     log.info("%d objects made at start kept out of garbage collection",
              freeze_startup_objects())
+    return server, worker
+
+
+def run_worker(settings: Settings) -> int:
+    """Block until SIGTERM/SIGINT; checkpoint the model state on the way out."""
+    held = lock_data_dir(settings.data_dir)  # for the life of the process
+    if not settings.embedded:  # its state is another broker's now: an embedded run keeps off
+        (settings.data_dir / EMBEDDED_MARK).unlink(missing_ok=True)
+    if settings.compat_fixes:
+        install_embedded_broker_fixes(settings.worker_fetch_max_wait_ms)
+    limit_threads()  # here too: user vectors, answers, and learning when it runs on the loop
+    note_topics(settings, ensure_topics(settings))
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes one level only
+    engine = Engine(settings, replica=settings.learner_process)
+    learner = LearnerProcess(settings).start() if settings.learner_process else None
+    try:
+        server, worker = _start_serving(settings, engine, learner)
+    except BaseException:  # a busy metrics port: the learner must not outlive the start
+        if learner is not None:  # (multiprocessing's exit would wait for it forever)
+            learner.stop(settings.shutdown_timeout_s)
+        engine.index.close()
+        raise
     code = 0
     try:
         worker.execute_from_commandline()

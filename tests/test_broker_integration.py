@@ -611,6 +611,25 @@ def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings,
     assert again.metrics()["streamrec_model_items"] == CLUSTERS_ITEMS
 
 
+def test_a_worker_whose_start_fails_after_its_learner_started_exits(settings):
+    """The metrics port taken (two workers on one host with one setting): the start fails
+    after the learner process has started, and the worker stops it and exits with the error,
+    where it waited for it forever (the learner ignores the signals, its pipe still open)."""
+    import socket
+    import subprocess
+
+    from stream_app.processes import worker_argv
+    from stream_app.supervisor import settings_env
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", settings.metrics_port))
+        taken.listen()
+        started = subprocess.run(worker_argv(), env=settings_env(settings), timeout=120,
+                                 capture_output=True, text=True)
+    assert started.returncode != 0
+    assert "Address already in use" in started.stderr, started.stderr[-2000:]
+
+
 def test_topics_made_again_are_learned_from_their_first_message(settings, start_worker):
     """The events and training topics are deleted while the worker is stopped, and made again
     by its next start: their offsets restart at 0, below the places the checkpoint holds. The
