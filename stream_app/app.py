@@ -355,8 +355,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     async def learn_batch(values: list[bytes], positions: list[tuple[int, int]] | None) -> int:
         """A micro-batch of training messages into the item learner (the learner process's,
-        or the engine's here); the batch's number (a checkpoint after it holds it)."""
+        or the engine's here); the batch's number (a checkpoint after it holds it). A record
+        without a value (a tombstone someone wrote) is a message that does not decode."""
         nonlocal learned_here
+        values = [value or b"" for value in values]
         if learner is not None:
             return await learner.learn(values, engine.users, positions)
         try:

@@ -611,6 +611,26 @@ def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings,
     assert again.metrics()["streamrec_model_items"] == CLUSTERS_ITEMS
 
 
+def test_a_training_record_without_a_value_is_skipped_and_the_rest_learned(settings,
+                                                                           start_worker):
+    """A tombstone on the training topic (a record whose value is null) is a message that
+    does not decode: counted and skipped. It crashed the worker at every start (and, learning
+    on the loop, it lost the batch it came in)."""
+    from .test_engine_model import planted_stream
+
+    ensure_topics(settings)
+    produce_to = KafkaProducer(**client_config(settings), acks=1, enable_idempotence=False)
+    for partition in range(settings.partitions):
+        produce_to.send(settings.train_topic, key=b"x", value=None, partition=partition)
+    produce_to.flush()
+    produce_to.close()
+    worker = start_worker(settings)
+    stream = planted_stream()[:300]
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    wait_until(lambda: metric(worker, "streamrec_learned_events_total") == len(stream), 120)
+    assert worker.child.process.poll() is None
+
+
 def test_a_worker_whose_start_fails_after_its_learner_started_exits(settings):
     """The metrics port taken (two workers on one host with one setting): the start fails
     after the learner process has started, and the worker stops it and exits with the error,
