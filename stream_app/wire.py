@@ -150,8 +150,9 @@ class TrainExample(_Wire):
     history: list[str] = Field(default_factory=list)
     weights: list[float] = Field(default_factory=list)
     history_ts: list[float] = Field(default_factory=list)
-    source: tuple[Annotated[StrictInt, Field(ge=0)], Annotated[StrictInt, Field(ge=0)]] | None \
-        = None
+    # bounded as Kafka's are: a place past int64 would stop every checkpoint that saves it
+    source: tuple[Annotated[StrictInt, Field(ge=0, le=2**31 - 1)],
+                  Annotated[StrictInt, Field(ge=0, le=2**62)]] | None = None
 
     def to_bytes(self) -> bytes:
         """The same JSON as the pydantic dump (no field is optional), written by orjson from

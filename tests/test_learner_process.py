@@ -334,6 +334,20 @@ def test_training_messages_that_do_not_decode_are_counted(values, bad):
     assert examples == [] and failed == bad
 
 
+def test_an_event_place_past_kafkas_range_does_not_decode_and_a_checkpoint_goes_on(tmp_path):
+    """An example whose event offset passes int64 would be held as a position no checkpoint
+    can save: every save failed, and no training message was committed again."""
+    examples, _ = examples_and_histories(40)
+    far = [example.model_copy(update={"source": (0, 2**63 - 1)}) for example in examples[:20]]
+    values = [TrainBatch(examples=far).to_bytes(), TrainBatch(examples=examples[20:]).to_bytes()]
+    engine = Engine(settings_for(tmp_path, dr_enabled=False))
+    engine.users = 240
+    report = engine.learn_messages(values, 32, positions=[(0, 0), (0, 1)])
+    assert report.examples == 20
+    engine.save()  # raised OverflowError
+    assert (tmp_path / "checkpoints" / "model.npz").exists()
+
+
 def test_frames_carry_the_values_unchanged_and_a_cut_frame_reads_as_the_end():
     read, write = os.pipe()
     values = [b"", b"x" * 30_000, b'{"v":1}']  # all of it fits in the pipe
