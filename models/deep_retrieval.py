@@ -98,6 +98,10 @@ class DRConfig:
             raise ValueError("paths_per_item, beam, top_s, input_dim and track_every must be >= 1")
         if not 0.0 < self.decay <= 1.0 or self.penalty < 0.0:
             raise ValueError("decay must be in (0, 1] and penalty >= 0")
+        if self.top_s < self.paths_per_item:
+            raise ValueError(f"top_s ({self.top_s}) must be >= paths_per_item "
+                             f"({self.paths_per_item}): an M-step picks each item's paths among "
+                             "its tracked ones, and fewer would repeat paths")
 
 
 def encode_paths(paths: np.ndarray, width: int) -> np.ndarray:

@@ -332,6 +332,14 @@ class Settings(BaseSettings):
         return list(dict.fromkeys(sources))
 
     @model_validator(mode="after")
+    def _top_s_holds_the_paths(self) -> Settings:
+        if self.dr_top_s < self.dr_paths_per_item:
+            raise ValueError(f"dr_top_s ({self.dr_top_s}) must be >= dr_paths_per_item "
+                             f"({self.dr_paths_per_item}): an M-step picks each item's paths "
+                             "among those it tracks")
+        return self
+
+    @model_validator(mode="after")
     def _default_sources_run_here(self) -> Settings:
         if "dr" in self.default_sources and not self.dr_enabled:
             raise ValueError("default_sources names dr, but dr_enabled is false")

@@ -101,6 +101,13 @@ def test_tracker_full_list_credits_min_score_to_new_paths():
     assert tracker.codes[0].tolist() == [3, 1] and tracker.scores[0].tolist() == [2.5, 2.0]
 
 
+def test_a_config_tracking_fewer_paths_than_an_item_holds_is_refused():
+    """An M-step picks an item's J paths among its S tracked ones: S < J repeated paths."""
+    with pytest.raises(ValueError, match="top_s"):
+        DRConfig(paths_per_item=3, top_s=2)
+    assert DRConfig(paths_per_item=3, top_s=3).top_s == 3
+
+
 def test_path_index_inverts_the_assignment():
     assignment = np.array([[5, 9], [9, 9], [2, -1], [5, 2]])
     index = PathIndex.build(assignment)

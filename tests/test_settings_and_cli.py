@@ -74,6 +74,11 @@ def test_bad_settings_are_refused(monkeypatch):
     monkeypatch.setenv("STREAMREC_DR_ENABLED", "false")
     with pytest.raises(ValidationError, match="names dr"):
         Settings()
+    monkeypatch.delenv("STREAMREC_DEFAULT_SOURCES")
+    monkeypatch.delenv("STREAMREC_DR_ENABLED")
+    monkeypatch.setenv("STREAMREC_DR_TOP_S", "2")  # fewer tracked paths than an item's 3
+    with pytest.raises(ValidationError, match="dr_top_s"):
+        Settings()
 
 
 @pytest.mark.parametrize("name, value", [
