@@ -104,6 +104,14 @@ class DRConfig:
                              "its tracked ones, and fewer would repeat paths")
 
 
+def _generation(model_file: Path) -> int:
+    """The generation a model file's name holds (``dr_model.<hex time>.pt``; -1 if none)."""
+    try:
+        return int(model_file.name.split(".")[1], 16)
+    except (IndexError, ValueError):
+        return -1
+
+
 def encode_paths(paths: np.ndarray, width: int) -> np.ndarray:
     """Path node indices (..., D) → int64 codes (...); a row with any negative node gives -1.
 
@@ -756,7 +764,11 @@ class DeepRetrieval:
                                          "model_file": model_file}), dtype=np.str_),
         }
         atomic_write(directory / self.STATE_FILE, lambda f: np.savez(f, **arrays))
-        for old in directory.glob("dr_model.*.pt"):
+        # the newest but one stays: a reader in another process (a worker reading the paths
+        # its learner saved, for seconds at a million items) may have read the npz before
+        # this one, which names it
+        models = sorted(directory.glob("dr_model.*.pt"), key=_generation)
+        for old in models[:-2]:
             if old.name != model_file:
                 old.unlink(missing_ok=True)
 

@@ -440,10 +440,18 @@ def test_save_load_round_trip(planted, tmp_path):
     fresh = DeepRetrieval(PLANTED)
     assert fresh.load(tmp_path) is False
     dr.save(tmp_path)
-    dr.save(tmp_path)  # a second save replaces the first and leaves one weights file
-    assert len(list(tmp_path.glob("dr_model.*.pt"))) == 1
+    first_state = (tmp_path / DeepRetrieval.STATE_FILE).read_bytes()  # as a reader took it
+    dr.save(tmp_path)
+    dr.save(tmp_path)  # later saves keep the newest weights file and the one before it
+    assert len(list(tmp_path.glob("dr_model.*.pt"))) == 2
     assert not list(tmp_path.glob("*.tmp"))
-    assert fresh.load(tmp_path) is True
+    second_state = (tmp_path / DeepRetrieval.STATE_FILE).read_bytes()
+    (tmp_path / DeepRetrieval.STATE_FILE).write_bytes(first_state)
+    assert fresh.load(tmp_path) is False  # two saves since: its weights are gone
+    dr.save(tmp_path)
+    (tmp_path / DeepRetrieval.STATE_FILE).write_bytes(second_state)  # read before the save
+    assert fresh.load(tmp_path) is True  # its weights are still there
+    dr.save(tmp_path)
     users = data.users(np.arange(N_CLUSTERS))
     for beam in (2, 5):
         assert fresh.retrieve_many(users, beam) == dr.retrieve_many(users, beam)
