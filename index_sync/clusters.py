@@ -91,6 +91,7 @@ class ClusteredIndex:
         #: version read from disk. The server compares them with its learner's rows, cheaply,
         #: instead of looking up every id (a second at a million items, on the event loop)
         self.source_ids = source_ids
+        self.snapshot_mark: int | None = None  # as ItemIndex.snapshot_mark
 
     @property
     def version(self) -> int:

@@ -135,6 +135,9 @@ class ItemIndex:
         self.ef = ef
         self._position = {item: label for label, item in enumerate(self.ids)}
         graph.set_ef(ef)
+        #: the server's note of moved rows at the snapshot it was built from (set by the
+        #: build, ``swap.Snapshot.mark``); None for a version read from disk
+        self.snapshot_mark: int | None = None
 
     @property
     def version(self) -> int:

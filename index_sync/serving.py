@@ -106,55 +106,56 @@ class ServingIndex:
                                         config.seed)
         self._changed: set[str] = set()
         self._coverage: dict[int, _Coverage] = {}
-        # row -> learner step of its last move, oldest move first (a row that moves again
-        # goes to the end), so the rows moved since a snapshot are a suffix
+        # row -> the note (:meth:`learned`) of its last move, oldest first (a row that moves
+        # again goes to the end), so the rows moved since a snapshot are a suffix
         self._moved: dict[int, int] = {}
+        self._moves = 0  # notes so far: the stamp of the last
+        self._marks: dict[int, int] = {}  # index version -> the last note its snapshot holds
         self._exact: _ExactBlock | None = None
         # a version loaded at start: the moves since its snapshot were not kept, so the next
         # build is from scratch (not an update of it), and due at the first check
         self._rebuild_all = False
-        # (version, learner step) of the version loaded at start (:meth:`_snapshot_step`)
-        self._loaded: tuple[int, int] | None = None
-        self._moves = 0  # calls of learned(): the exactly scored block is made again after
 
     # -- keeping it fresh ------------------------------------------------------------------
-    def learned(self, item_ids: Sequence[str], moved_rows: Sequence[int] = (), *,
-                between_steps: bool = False) -> None:
-        """Note a learning step: the items of its batch (for the rebuild policy) and every
-        learner row whose vector it moved (scored exactly until an index holds them).
-        ``between_steps``: rows set without a learning step (another worker's, installed):
-        they count as moved after the current step, whose snapshot may predate them, so they
-        are scored exactly until a build of a later step holds them."""
+    def learned(self, item_ids: Sequence[str], moved_rows: Sequence[int] = ()) -> None:
+        """Note a learning step, or rows set without one (another worker's, installed): the
+        items (for the rebuild policy) and every learner row whose vector moved, scored
+        exactly until an index holds them. Moves are stamped with their note's number, not
+        the learner's step: installs leave the step as it is, and a version loaded at start
+        may come from steps a crash lost (written after the checkpoint the learner restarted
+        from), which the learner reaches again with other rows."""
         if not self.config.enabled:
             return
         self._changed.update(item_ids)
         self._moves += 1
-        step = self.learner.steps + (1 if between_steps else 0)
         for row in np.asarray(moved_rows, dtype=np.int64).tolist():
             self._moved.pop(row, None)
-            self._moved[row] = step
+            self._moved[row] = self._moves
 
     def load_existing(self) -> bool:
         """Serve the newest version on disk that fits the learner's rows (at start). It was
         built from a snapshot of another moment than the checkpoint the learner loaded, and
         which rows moved in between was not kept: it serves until a build from scratch,
-        which is due at once."""
+        which is due at once; every row moved since the load is scored exactly beside it."""
         if not (self.config.enabled
                 and self.rebuilder.load_existing(self.learner.item_matrix.shape[1])):
             return False
         self._rebuild_all = True
-        self._loaded = (self.holder.version, self.learner.steps)
+        self._marks[self.holder.version] = self._moves  # every move from now on is newer
         return True
 
-    def _snapshot_step(self, index: ServedIndex) -> int:
-        """The learner step of ``index``'s snapshot, counted in this learner's steps. A version
-        loaded at start can be newer than the checkpoint the learner started from (versions
-        and checkpoints are written apart, and a crash loses the steps since the last
-        checkpoint): its step is then one the learner reaches again with other rows, so
-        every row moved since the start counts as moved since its snapshot."""
-        if self._loaded is not None and index.version == self._loaded[0]:
-            return min(index.manifest.model_version, self._loaded[1])
-        return index.manifest.model_version
+    def _snapshot_mark(self, index: ServedIndex) -> int:
+        """The last note of moved rows that ``index``'s snapshot holds: the one a build of
+        this engine's took its snapshot at (``Snapshot.mark``), the last before the load of a
+        version read at start, else (one set in place by hand) the last before it was first
+        asked for here."""
+        mark = self._marks.get(index.version)
+        if mark is None:
+            mark = index.snapshot_mark if index.snapshot_mark is not None else self._moves
+            self._marks[index.version] = mark
+            for old in [v for v in self._marks if v < index.version]:
+                del self._marks[old]
+        return mark
 
     def maybe_rebuild(self, model_version: int, behind: int = 0) -> bool:
         """Start a build aside when the policy says so; call it on the thread that moves the
@@ -163,8 +164,8 @@ class ServingIndex:
         The build reads the live rows (a read-only view, not a copy): a copy ran on the event
         loop and stalled it for a second at a million items (0.5 GB). A row that moves while
         the build reads it goes in as old, new or in between, which costs nothing: it moved
-        after ``model_version``, so it is searched exactly beside this build until a later
-        one holds it. A view stays valid when the learner reallocates its rows (it keeps the
+        after the snapshot's mark (:meth:`_snapshot_mark`), so it is searched exactly beside
+        this build until a later one holds it. A view stays valid when the learner reallocates its rows (it keeps the
         old buffer), and ids are copied here, so the build never sees a row without its id.
         ``behind``: events the worker has yet to take in (``RebuildPolicy.backlog_events``)."""
         if not self.config.enabled or not self.rebuilder.due(
@@ -173,7 +174,7 @@ class ServingIndex:
             return False
         plan = (None, None) if self._rebuild_all else self._update_plan()
         snapshot = Snapshot(self.learner.item_ids, self.learner.item_matrix, model_version,
-                            *plan)
+                            *plan, mark=self._moves)
         self._changed.clear()
         self._rebuild_all = False
         self.rebuilder.submit(snapshot)
@@ -187,7 +188,7 @@ class ServingIndex:
         if index is None:
             return False
         limit = self.config.stale_limit
-        moved = itertools.islice(self._moved_after(self._snapshot_step(index)), limit + 1)
+        moved = itertools.islice(self._moved_after(self._snapshot_mark(index)), limit + 1)
         return sum(1 for _ in moved) > limit
 
     def _update_plan(self) -> tuple[np.ndarray | None, int | None]:
@@ -201,7 +202,7 @@ class ServingIndex:
         coverage = self._coverage_of(index)
         if coverage.label_rows is not None or len(coverage.missing):
             return None, None
-        moved = np.fromiter(self._moved_after(self._snapshot_step(index)), dtype=np.int64)
+        moved = np.fromiter(self._moved_after(self._snapshot_mark(index)), dtype=np.int64)
         new = np.arange(coverage.covered, len(self.learner), dtype=np.int64)
         return np.union1d(moved, new), index.version
 
@@ -279,25 +280,24 @@ class ServingIndex:
         if self._exact is None or self._exact.key != key:
             rows = np.unique(np.concatenate([
                 self._rows_missing_from(index),
-                self._rows_moved_since(self._snapshot_step(index))]))
+                self._rows_moved_since(self._snapshot_mark(index))]))
             self._exact = _ExactBlock(key, rows, self.learner.item_matrix[rows])
         return self._exact.rows, self._exact.vectors
 
-    def _rows_moved_since(self, model_version: int) -> np.ndarray:
-        """The rows moved after the learner step ``model_version`` (the index's snapshot),
-        newest moves first, at most ``stale_limit``; older moves are forgotten."""
+    def _rows_moved_since(self, mark: int) -> np.ndarray:
+        """The rows moved after the note ``mark`` (the index's snapshot's), newest moves
+        first, at most ``stale_limit``; older moves are forgotten."""
         while self._moved:
             oldest = next(iter(self._moved))
-            if self._moved[oldest] > model_version:
+            if self._moved[oldest] > mark:
                 break
             del self._moved[oldest]
-        newest = itertools.islice(self._moved_after(model_version), self.config.stale_limit)
+        newest = itertools.islice(self._moved_after(mark), self.config.stale_limit)
         return np.fromiter(newest, dtype=np.int64)
 
-    def _moved_after(self, model_version: int) -> Iterator[int]:
-        """Rows moved after the learner step ``model_version``, newest move first."""
-        moves = itertools.takewhile(lambda move: move[1] > model_version,
-                                    reversed(self._moved.items()))
+    def _moved_after(self, mark: int) -> Iterator[int]:
+        """Rows moved after the note ``mark``, newest move first."""
+        moves = itertools.takewhile(lambda move: move[1] > mark, reversed(self._moved.items()))
         return (row for row, _ in moves)
 
     def _rows_missing_from(self, index: ServedIndex) -> np.ndarray:

@@ -69,6 +69,9 @@ class Snapshot:
     #: (None: build from scratch)
     update_rows: np.ndarray | None = None
     base_version: int | None = None
+    #: the owner's count of moved-row notes at the snapshot (``ServingIndex._snapshot_mark``),
+    #: kept on the index built from it as ``snapshot_mark``
+    mark: int | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,8 @@ class IndexRebuilder:
             updated = self.update(snapshot)
             index = updated or self.build(snapshot.ids, snapshot.vectors, snapshot.model_version)
             write_version(self.root, index)
+            if snapshot.mark is not None:
+                index.snapshot_mark = snapshot.mark
             self.holder.swap(index)
             self.builds += 1
             self.updates += updated is not None

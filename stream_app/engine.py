@@ -581,7 +581,7 @@ class Engine:
         at = self.learner.rows_of(item_ids)
         self.learner.set_offsets(at, offsets)
         self.learner.forget_positives(at)
-        self.index.learned(item_ids, at, between_steps=True)
+        self.index.learned(item_ids, at)
         return self._rows_report(self.learner.delta(first_row, at[at < first_row], at),
                                  list(item_ids), installed=True)
 
@@ -701,7 +701,7 @@ class Engine:
         the report carries it (the paths of known items change at the learner's M-steps,
         :meth:`reload_paths`), losses and counts."""
         self.learner.follow(report.delta)
-        self.index.learned(report.items, report.delta.rows, between_steps=report.installed)
+        self.index.learned(report.items, report.delta.rows)
         if self.paths is not None:
             taken = (report.dr_new_items, report.dr_new_paths, report.dr_weights)
             _take_dr(self.paths.model, *taken)

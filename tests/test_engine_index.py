@@ -88,7 +88,7 @@ def test_an_item_that_moved_after_the_build_is_retrieved_with_its_new_vector(tmp
     assert len(rows) == len(set(rows.tolist())) >= 64  # found by the graph and exactly: once
     build_now(engine)
     assert engine.index.version == 2 and len(engine.index._rows_moved_since(
-        engine.index.current.manifest.model_version)) == 0
+        engine.index._snapshot_mark(engine.index.current))) == 0
     assert answer(engine, "u1", histories["u1"], k=5).items[0].item_id == mover
 
 
@@ -123,6 +123,24 @@ def test_a_row_installed_after_the_build_at_the_same_step_is_retrieved_with_its_
     assert index.version == 2 and engine.index.rebuilder.updates == 1
     np.testing.assert_allclose(index.graph.get_items([row], return_type="numpy")[0],
                                engine.learner.item_matrix[row], rtol=1e-5, atol=1e-5)
+
+
+def test_a_build_after_rows_were_installed_holds_them_though_no_step_came_between(tmp_path):
+    """Installs alone (a start's catch-up of other workers' rows, or partitions that learn
+    nothing): the next build holds the installed rows, so they stop being scored beside it
+    and no longer make builds due again and again."""
+    engine = engine_with_index(tmp_path, index_stale_limit=20)
+    run_stream(engine, planted_stream())
+    build_now(engine)
+    ids = engine.learner.item_ids[:30]
+    rows = engine.learner.item_matrix[engine.learner.rows_of(ids)]
+    engine.install_rows(list(ids), rows + 0.01, np.zeros((30, engine.settings.model_dim)))
+    assert engine.index._overflowing()  # 30 moved rows, 20 scored exactly
+    build_now(engine)
+    index = engine.index.current
+    assert index.version == 2 and index.manifest.model_version == engine.learner.steps
+    assert not engine.index._overflowing()
+    assert len(engine.index._scored_exactly(index)[0]) == 0
 
 
 def test_a_version_newer_than_the_checkpoint_scores_the_rows_moved_since_the_restart(tmp_path):
@@ -163,7 +181,7 @@ def test_the_rows_scored_beside_the_graph_are_ranked_by_their_vectors_after_each
     for start in range(-60, 0, 20):
         histories = run_stream(engine, stream[start:start + 20 or None], histories=histories)
         stale = np.union1d(
-            np.fromiter(engine.index._moved_after(index.manifest.model_version), dtype=np.int64),
+            np.fromiter(engine.index._moved_after(engine.index._snapshot_mark(index)), dtype=np.int64),
             np.arange(len(index), len(engine.learner)))
         assert len(stale) > 12
         excluded = set(stale[:3].tolist())
@@ -212,13 +230,13 @@ def test_a_version_after_a_few_steps_updates_the_served_one_and_answers_as_exact
     build_now(engine)
     base_rows = len(engine.index.current)
     histories = run_stream(engine, stream[-40:], histories=histories)
-    moved = engine.index._moved_after(engine.index.current.manifest.model_version)
+    moved = engine.index._moved_after(engine.index._snapshot_mark(engine.index.current))
     assert len(list(moved)) > 0
     build_now(engine)
     index = engine.index.current
     assert engine.index.rebuilder.updates == 1 and index.version == 2
     assert 0 < index.manifest.updated_rows and len(index) == len(engine.learner) >= base_rows
-    assert len(engine.index._rows_moved_since(index.manifest.model_version)) == 0
+    assert len(engine.index._rows_moved_since(engine.index._snapshot_mark(index))) == 0
     stored = index.graph.get_items(np.arange(len(index)), return_type="numpy")  # as they are
     np.testing.assert_allclose(stored, engine.learner.item_matrix, rtol=1e-5, atol=1e-5)
     engine.index.config = replace(engine.index.config, enabled=False)
@@ -254,7 +272,8 @@ def test_a_build_reads_the_live_rows_and_a_row_moved_meanwhile_is_searched_exact
     del engine.index.rebuilder.submit  # the real one again
     engine.index.rebuilder.submit(snapshot).result(60)
     assert engine.index.version == 1
-    assert row in engine.index._rows_moved_since(engine.index.current.manifest.model_version)
+    assert row in engine.index._rows_moved_since(
+        engine.index._snapshot_mark(engine.index.current))
     assert answer(engine, "u1", histories["u1"], k=5).items[0].item_id == mover
 
 
