@@ -213,7 +213,7 @@ class TrainBatch(_Wire):
 
     examples: list[TrainExample]
     users: int | None = Field(None, ge=0)
-    partition: int | None = Field(None, ge=0)
+    partition: int | None = Field(None, ge=0, le=2**31 - 1)  # a Kafka partition number
 
     #: largest decompressed message accepted (a worker writes at most 512 KiB of examples)
     MAX_DECOMPRESSED: ClassVar[int] = 8 * 1024 * 1024

@@ -335,15 +335,18 @@ def test_training_messages_that_do_not_decode_are_counted(values, bad):
 
 
 def test_an_event_place_past_kafkas_range_does_not_decode_and_a_checkpoint_goes_on(tmp_path):
-    """An example whose event offset passes int64 would be held as a position no checkpoint
-    can save: every save failed, and no training message was committed again."""
+    """An example whose event offset passes int64, or a message whose training partition
+    does, would be held as a position no checkpoint can save: every save failed, and no
+    training message was committed again."""
     examples, _ = examples_and_histories(40)
     far = [example.model_copy(update={"source": (0, 2**63 - 1)}) for example in examples[:20]]
-    values = [TrainBatch(examples=far).to_bytes(), TrainBatch(examples=examples[20:]).to_bytes()]
+    partition = TrainBatch(examples=examples[20:30]).model_copy(update={"partition": 2**63})
+    values = [TrainBatch(examples=far).to_bytes(), partition.to_bytes(),
+              TrainBatch(examples=examples[30:]).to_bytes()]
     engine = Engine(settings_for(tmp_path, dr_enabled=False))
     engine.users = 240
-    report = engine.learn_messages(values, 32, positions=[(0, 0), (0, 1)])
-    assert report.examples == 20
+    report = engine.learn_messages(values, 32, positions=[(0, 0), (0, 1), (0, 2)])
+    assert report.examples == 10
     engine.save()  # raised OverflowError
     assert (tmp_path / "checkpoints" / "model.npz").exists()
 
