@@ -243,7 +243,9 @@ class ItemIndex:
             try:
                 labels, distances = self.graph.knn_query(padded, k=k)
                 return labels[0].astype(np.int64), 1.0 - distances[0]
-            except RuntimeError:  # the search reached fewer than k items
+            except RuntimeError as error:  # the search reached fewer than k items
+                if "contiguous" not in str(error):  # hnswlib's words for that, and no other
+                    raise
                 if len(self.ids) <= EXACT_FALLBACK_ROWS:
                     return self._exact_labels(padded, k)
                 k //= 2  # a graph too large to score whole: the best it can reach

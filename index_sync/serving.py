@@ -234,7 +234,7 @@ class ServingIndex:
         excluded = set(exclude_rows.tolist())
         excluded.discard(-1)
         if isinstance(index, ClusteredIndex):
-            unknown = self._coverage_of(index).unknown  # dropped below: asked for on top
+            unknown = self._extra_for_unknown(index, n)  # dropped below: asked for on top
             found = index.search(query, n + unknown, set(self.learner.item_ids_at(excluded)),
                                  diversity=diversity, history=history)
             rows = self.learner.rows_of(item for item, _ in found)
@@ -249,11 +249,18 @@ class ServingIndex:
                      excluded: set[int]) -> np.ndarray:
         """The graph's best ``n`` as learner rows; asks for ``n`` plus the excluded count and
         the labels of items the learner lacks, so neither shortens the answer."""
-        coverage = self._coverage_of(index)
-        labels, _ = index.search_labels(query, n + len(excluded) + coverage.unknown)
-        label_rows = coverage.label_rows
+        labels, _ = index.search_labels(
+            query, n + len(excluded) + self._extra_for_unknown(index, n))
+        label_rows = self._coverage_of(index).label_rows
         rows = labels if label_rows is None else label_rows[labels]
         return _first_not_in(rows, excluded, n)
+
+    def _extra_for_unknown(self, index: ServedIndex, n: int) -> int:
+        """How many more to ask a search for, as it drops the items the learner lacks: as
+        many as the index holds, up to ``n`` (a search's cost grows with what it is asked
+        for, and an index of mostly unknown items, a learner that lost its checkpoint, is
+        rebuilt at once anyway)."""
+        return min(self._coverage_of(index).unknown, n)
 
     def _fresh(self, index: ServedIndex, query: np.ndarray, n: int,
                excluded: set[int]) -> np.ndarray:

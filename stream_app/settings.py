@@ -333,7 +333,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _top_s_holds_the_paths(self) -> Settings:
-        if self.dr_top_s < self.dr_paths_per_item:
+        if self.dr_enabled and self.dr_top_s < self.dr_paths_per_item:
             raise ValueError(f"dr_top_s ({self.dr_top_s}) must be >= dr_paths_per_item "
                              f"({self.dr_paths_per_item}): an M-step picks each item's paths "
                              "among those it tracks")

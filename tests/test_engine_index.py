@@ -313,15 +313,16 @@ def test_an_index_in_another_order_than_the_learner_answers_the_same(tmp_path):
 def test_items_of_the_index_the_learner_lacks_do_not_shorten_what_the_graph_gives(tmp_path,
                                                                                 clusters):
     """A version read from disk may hold items the learner does not (learned after its
-    checkpoint, before a crash): the search asks for as many more as it drops."""
+    checkpoint, before a crash): the search asks for as many more as it drops (up to as
+    many as the request's)."""
     engine = engine_with_index(tmp_path, index_clusters=clusters)
     histories = run_stream(engine, planted_stream())
     ids, rows = engine.learner.item_ids, engine.learner.item_matrix
     phi = engine.user_vector(RecRequest(request_id="r", user_id="u1"), histories["u1"])
     query = np.append(phi, 1.0)
-    unknown = np.tile(np.append(5 * phi / np.linalg.norm(phi), 3.0), (20, 1))  # the best
+    unknown = np.tile(np.append(5 * phi / np.linalg.norm(phi), 3.0), (8, 1))  # the best
     engine.index.holder.swap(engine.index.rebuilder.build(
-        ids + [f"gone-{k}" for k in range(20)], np.vstack([rows, unknown]),
+        ids + [f"gone-{k}" for k in range(8)], np.vstack([rows, unknown]),
         model_version=engine.learner.steps))  # nothing moved since: the graph alone answers
     found, version = engine.index.retrieve(query, 10, np.empty(0, dtype=np.int64))
     assert version == engine.index.version and len(found) == 10

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -591,6 +592,13 @@ def test_a_search_for_most_of_a_graph_answers_where_hnswlib_reaches_too_few(monk
     monkeypatch.setattr(hnsw, "EXACT_FALLBACK_ROWS", 1000)
     labels, _ = index.search_labels(query, 1150)
     assert 0 < len(labels) < 1150 and len(set(labels.tolist())) == len(labels)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("another error")
+
+    monkeypatch.setattr(index, "graph", SimpleNamespace(knn_query=fails))
+    with pytest.raises(RuntimeError, match="another"):  # not taken for too few reached
+        index.search_labels(query, 10)
 
 
 def test_closing_the_rebuilder_stops_a_build_under_way_between_blocks_of_rows(tmp_path,

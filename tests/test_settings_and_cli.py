@@ -79,6 +79,9 @@ def test_bad_settings_are_refused(monkeypatch):
     monkeypatch.setenv("STREAMREC_DR_TOP_S", "2")  # fewer tracked paths than an item's 3
     with pytest.raises(ValidationError, match="dr_top_s"):
         Settings()
+    monkeypatch.setenv("STREAMREC_DR_ENABLED", "false")
+    monkeypatch.setenv("STREAMREC_DEFAULT_SOURCES", '["ann", "popular"]')
+    assert Settings().dr_top_s == 2  # no Deep Retrieval: nothing to check
 
 
 @pytest.mark.parametrize("name, value", [
