@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 
 import faust
+import orjson
 from faust.types import Message
 
 from state.history import History
@@ -80,6 +81,17 @@ def moved_event_id(message) -> str:
     knows the second copy by this id, where two copies without one were two events, each
     learned."""
     return f"moved:{message.partition}:{message.offset}:{message.timestamp!r}"
+
+
+def with_moved_id(message, max_bytes: int) -> bytes:
+    """The value of ``message``, an event without an ``event_id`` (valid JSON), with the one
+    :func:`moved_event_id` gives it; its other fields as they were. The value unchanged
+    where the id would make it larger than ``max_bytes`` (its user's partition would refuse
+    it): such an event, read again after a crash, is taken in twice, as before."""
+    body = orjson.loads(message.value)
+    body["event_id"] = moved_event_id(message)
+    value = orjson.dumps(body)
+    return value if len(value) <= max_bytes else message.value
 
 
 def histories_to_write(events: list[Event], repeated: list[bool],
@@ -195,8 +207,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             home = users_partition(message, user_key)
             if home is None:
                 return event
-            value = message.value if event.event_id is not None else event.model_copy(
-                update={"event_id": moved_event_id(message)}).to_bytes()
+            value = (message.value if event.event_id is not None
+                     else with_moved_id(message, settings.max_event_bytes))
             records.append(await sent("reroute", lambda: events.send(
                 key=user_key, partition=home, value=value)))
             moved = "rekeyed" if message.key != user_key else "rerouted"

@@ -156,8 +156,9 @@ def test_a_moved_event_without_an_id_is_named_by_its_origin_so_a_second_move_is_
     home = key_partition(b"u1", settings.partitions)
     elsewhere = (home + 1) % settings.partitions
     producer = KafkaProducer(**client_config(settings), acks=1, enable_idempotence=False)
+    original = json.loads(event("u1", "x", "sale"))
     sent = producer.send(settings.topic_events, key=b"u1", partition=elsewhere,
-                         value=event("u1", "x", "sale")).get(10)
+                         value=json.dumps({**original, "campaign": "c-7"}).encode()).get(10)
     producer.flush()
     worker.wait_metric("streamrec_learned_events_total", 1)
     consumer = KafkaConsumer(**client_config(settings), auto_offset_reset="earliest",
@@ -167,7 +168,8 @@ def test_a_moved_event_without_an_id_is_named_by_its_origin_so_a_second_move_is_
     consumer.close()
     assert len(moved) == 1
     copy = json.loads(moved[0].value)
-    assert copy["event_id"] == f"moved:{elsewhere}:{sent.offset}:{sent.timestamp / 1000.0!r}"
+    assert copy.pop("event_id") == f"moved:{elsewhere}:{sent.offset}:{sent.timestamp / 1000.0!r}"
+    assert copy == {**original, "campaign": "c-7"}  # a field the worker does not read, kept
     producer.send(settings.topic_events, key=b"u1", partition=home, value=moved[0].value)
     producer.flush()
     producer.close()

@@ -312,3 +312,17 @@ def test_an_item_row_round_trips_as_float32_and_refuses_other_shapes():
             decode_item_row(bad, dim=4)
     with pytest.raises(ValueError):
         decode_item_row(raw, dim=5)
+
+
+def test_a_moved_event_gets_an_id_naming_its_origin_unless_that_makes_it_too_large():
+    """Fields the worker does not read stay; an id that would take the event past the size
+    limit is left out (the event moves as it came)."""
+    from types import SimpleNamespace
+
+    from stream_app.app import with_moved_id
+
+    value = encode(**good_event(extra="kept"))
+    message = SimpleNamespace(value=value, partition=3, offset=41, timestamp=1.7e9)
+    moved = json.loads(with_moved_id(message, 4096))
+    assert moved == {**json.loads(value), "event_id": "moved:3:41:1700000000.0"}
+    assert with_moved_id(message, len(value) + 10) == value
