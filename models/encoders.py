@@ -95,7 +95,7 @@ def mean_encoder(V_hist: np.ndarray, weights: np.ndarray | None = None,
 
     Returns
     -------
-    ndarray (d,); zeros for an empty history.
+    ndarray (d,); zeros for an empty history, or one whose weights all underflow.
 
     Examples
     --------
@@ -113,7 +113,10 @@ def mean_encoder(V_hist: np.ndarray, weights: np.ndarray | None = None,
         w = w * recency_weights(ts, half_life)
     if half_life_events is not None:
         w = w * position_weights(T, half_life_events)
-    return (w @ V_hist) / w.sum()
+    total = w.sum()
+    if not total > 0:  # every weight underflowed (events far older than the half-life)
+        return np.zeros(V_hist.shape[1])
+    return (w @ V_hist) / total
 
 
 def pack_histories(histories: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +159,10 @@ def history_weights(indptr: np.ndarray, weights: np.ndarray | None = None,
         w = w * recency_weights(ts, half_life, t_max[owner])
     if half_life_events is not None:
         w = w * ragged_position_weights(indptr, half_life_events)
-    return w / np.bincount(owner, weights=w, minlength=len(lengths))[owner]
+    totals = np.bincount(owner, weights=w, minlength=len(lengths))
+    # a history whose weights all underflowed (its events far older than the half-life)
+    # weighs nothing, as an empty one: 0/0 would put NaN in every Gramian and solve after
+    return w / np.where(totals > 0, totals, 1.0)[owner]
 
 
 def mean_encoder_batch(V: np.ndarray, indptr: np.ndarray, item_rows: np.ndarray,

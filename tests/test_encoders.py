@@ -42,6 +42,21 @@ def test_empty_history_encodes_to_zero():
     assert ials_fold_in(np.empty((0, 5)), np.empty(0), np.eye(5), 0.1, 0.1).tolist() == [0.0] * 4
 
 
+def test_a_history_whose_weights_all_underflow_encodes_to_zero_not_nan():
+    """The known events of a history can all weigh 0 in floats: 2^(-j/h) underflows for
+    events far before the newest (the newest being an item not learned yet). Such a history
+    weighs nothing, as an empty one; 0/0 gave NaN, which one step spreads to the whole
+    model."""
+    V = np.eye(3)
+    assert 2.0 ** (-2 / 0.001) == 0.0
+    weights = history_weights(np.array([0, 2, 3]), np.array([0.0, 0.0, 1.0]))
+    assert np.isfinite(weights).all() and weights.tolist() == [0.0, 0.0, 1.0]
+    assert mean_encoder(V, np.array([0.0, 0.0, 0.0])).tolist() == [0.0, 0.0, 0.0]
+    phi = mean_encoder_batch(V, np.array([0, 2, 3]), np.array([0, 1, 2]),
+                             weights=np.array([0.0, 0.0, 1.0]))
+    assert phi.tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+
+
 def test_recency_weight_halves_per_half_life():
     np.testing.assert_allclose(recency_weights(np.array([0.0, 5.0, 10.0]), 5.0), [0.25, 0.5, 1])
 
