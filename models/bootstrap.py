@@ -135,3 +135,20 @@ def cold_start_vector(neighbor_vectors: np.ndarray, weights: np.ndarray) -> np.n
     if len(weights) == 0 or total <= 0:
         return np.zeros(neighbor_vectors.shape[-1])
     return (weights @ neighbor_vectors) / total
+
+
+def pmi_item_vectors(user_ids: np.ndarray, item_ids: np.ndarray, dim: int, *,
+                     window: int | None = None, context_power: float = 0.75,
+                     seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """Item ids and their vectors (n, ``dim``) from an event log in time order (parallel
+    arrays of user and item ids): :func:`cooccurrence` → :func:`pmi` →
+    :func:`rsvd_item_vectors`, the whole of LED §5.1's pre-training. Items are in the order
+    they first appear."""
+    item_ids = np.asarray(item_ids)
+    ids, first, rows = np.unique(item_ids, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # first appearance
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    cooc = cooccurrence(np.asarray(user_ids), rank[rows.ravel()], len(ids), window=window)
+    vectors = rsvd_item_vectors(pmi(cooc, context_power), dim, seed=seed)
+    return [str(item) for item in ids[order]], vectors

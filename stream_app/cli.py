@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--seed", type=int, default=0,
                          help="seed of the user interleaving for files without timestamps")
 
+    bootstrap = commands.add_parser(
+        "bootstrap", help="start the model from an event log: item vectors from the RSVD of "
+                          "its PMI matrix (LED), popularity from its counts")
+    bootstrap.add_argument("path", type=Path, help="dataset file or folder")
+    bootstrap.add_argument("--format", choices=FORMATS, help="file format (default: guessed)")
+    bootstrap.add_argument("--window", type=positive_int, default=None,
+                           help="co-occurrence within N events of a user's timeline "
+                                "(default: anywhere in it)")
+    bootstrap.add_argument("--force", action="store_true",
+                           help="replace the model checkpoint in STREAMREC_DATA_DIR")
+    bootstrap.add_argument("--seed", type=int, default=0,
+                           help="seed of the user interleaving for files without timestamps")
+
     recommend = commands.add_parser("recommend", help="ask for recommendations and print them")
     recommend.add_argument("--user", help="user id (its stored history is used)")
     recommend.add_argument("--history", type=item_list, default=None,
@@ -111,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "worker":
         logging.getLogger("stream_app").setLevel(max(logging.WARNING, logging.root.level))
     handler = {"up": cmd_up, "worker": cmd_worker, "demo": cmd_demo, "produce": cmd_produce,
-               "recommend": cmd_recommend, "eval": cmd_eval}[args.command]
+               "bootstrap": cmd_bootstrap, "recommend": cmd_recommend,
+               "eval": cmd_eval}[args.command]
     try:
         return handler(settings, args)
-    except (FileNotFoundError, ValueError, TimeoutError, RuntimeError) as error:
+    except (OSError, ValueError, TimeoutError, RuntimeError) as error:
         print(f"streamrec {args.command}: {error}", file=sys.stderr)
         return 1
 
@@ -151,6 +165,17 @@ def cmd_produce(settings: Settings, args) -> int:
         sent = replay(settings, itertools.islice(log.events(), total), rate=args.rate,
                       progress=bar)
     print(f"sent {sent} events to {settings.topic_events}")
+    return 0
+
+
+def cmd_bootstrap(settings: Settings, args) -> int:
+    from .bootstrap import write_bootstrap
+    from .datasets import load
+
+    events = load(args.path, args.format, seed=args.seed)
+    model = write_bootstrap(settings, events, window=args.window, force=args.force)
+    print(f"{len(set(events.items.tolist()))} items from {len(events)} events: model "
+          f"checkpoint written to {model}; start the worker on this data dir")
     return 0
 
 

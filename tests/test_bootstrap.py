@@ -100,3 +100,49 @@ def test_cold_start_vector_is_the_weighted_neighbour_mean():
 def test_rsvd_rejects_a_dim_above_the_rank_bound():
     with pytest.raises(ValueError):
         rsvd_item_vectors(scipy.sparse.csr_matrix(np.eye(3)), 4)
+
+
+def test_streamrec_bootstrap_starts_a_model_whose_items_and_answers_follow_the_log(
+        tmp_path, monkeypatch, capsys):
+    """`streamrec bootstrap LOG`: a checkpoint whose item vectors come from the log's PMI
+    (items used by the same users lie together), with the log's popularity; a worker's engine
+    loads it and answers a user it never saw from the items of the user's cluster. It refuses
+    to replace a model (unless --force) and a data dir a worker holds."""
+    import json
+
+    from state.history import History
+    from stream_app.cli import main
+    from stream_app.engine import Engine
+    from stream_app.processes import lock_data_dir
+    from stream_app.settings import Settings
+    from stream_app.wire import RecRequest
+
+    from .test_engine_model import planted_stream
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(json.loads(e.to_bytes())) + "\n"
+                           for e in planted_stream()))
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("STREAMREC_MODEL_DIM", "16")
+    assert main(["bootstrap", str(log)]) == 0
+    engine = Engine(Settings(index_enabled=False))
+    assert engine.load()
+    ids = engine.learner.item_ids
+    assert len(ids) == len(engine.popularity) == 180 and engine.learner.events == 0
+    vectors = engine.learner.item_matrix[:, :-1]
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    similar = unit @ unit.T
+    np.fill_diagonal(similar, -np.inf)
+    cluster = np.array([item.split("-")[0] for item in ids])
+    nearest = np.argsort(-similar, axis=1)[:, :5]
+    assert (cluster[nearest] == cluster[:, None]).mean() > 0.95
+    seen = [item for item in ids if item.startswith("c3-")][:3]
+    answer = engine.answer(RecRequest(request_id="r", user_id="someone", k=10, history=seen,
+                                      sources=["ann"]), History(), 0.0)
+    assert sum(item.item_id.startswith("c3-") for item in answer.items) >= 8
+
+    assert main(["bootstrap", str(log)]) == 1  # a model is there
+    assert "--force" in capsys.readouterr().err
+    with lock_data_dir(tmp_path / "data"):
+        assert main(["bootstrap", str(log), "--force"]) == 1  # a worker holds the data dir
+    assert main(["bootstrap", str(log), "--force"]) == 0
