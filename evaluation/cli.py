@@ -21,8 +21,8 @@ from stream_app.datasets import FORMATS
 from .data import NAMED_DATASETS, Dataset, data_root, load_dataset, sample_users
 
 PROTOCOLS = ("loo", "heldout", "prequential")
-MODELS = ("streaming", "streaming-dr", "stream-popularity", "popularity", "ease", "ials",
-          "ials-same-width", "bpr")
+MODELS = ("streaming", "streaming-bootstrap", "streaming-dr", "stream-popularity",
+          "popularity", "ease", "ials", "ials-same-width", "bpr")
 DEFAULT_MODELS = ("streaming", "popularity", "ease", "ials", "bpr")
 
 #: full runs: candidate parameters per model, the first is the default (no validation data).
@@ -197,7 +197,8 @@ def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: 
     """The requested models, in the requested order, each with its candidate grid."""
     from .baselines import BPR, EASE, IALS, Popularity
     from .protocols import ModelSpec
-    from .streaming import OnlineDeepRetrieval, OnlineEmbedding, OnlinePopularity
+    from .streaming import (BootstrappedEmbedding, OnlineDeepRetrieval, OnlineEmbedding,
+                            OnlinePopularity)
     from .through_kafka import KafkaStreaming
 
     grids = QUICK_GRIDS if quick else FULL_GRIDS
@@ -208,6 +209,10 @@ def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: 
                                partial(OnlineEmbedding, n_items,
                                        settings.replace(dr_enabled=False)),
                                streaming=True),
+        "streaming-bootstrap": ModelSpec("streaming-bootstrap",
+                                         partial(BootstrappedEmbedding, n_items,
+                                                 settings.replace(dr_enabled=False)),
+                                         streaming=True),
         "streaming-dr": ModelSpec("streaming-dr", partial(OnlineDeepRetrieval, n_items, settings),
                                   streaming=True),
         "stream-popularity": ModelSpec("stream-popularity",

@@ -214,6 +214,28 @@ def newest_in_time_order(history: sp.csr_matrix, times: sp.csr_matrix | None, ro
     return newest, ts[newest]
 
 
+class BootstrappedEmbedding(OnlineEmbedding):
+    """The online model started as ``streamrec bootstrap`` starts a deployment: before its
+    first events, every item they hold gets a vector from the randomized SVD of their
+    co-occurrence PMI (LED §5.1), as its prior; then the stream is learned as by
+    :class:`OnlineEmbedding`. In a harness run the bootstrap reads the training events the
+    stream then replays (a deployment reads its past log, then its new events), so it shows
+    what the prior adds to one streaming pass, with one more pass over the log to build it."""
+
+    name = "streaming-bootstrap"
+
+    def learn(self, events: Events) -> None:
+        if len(self.engine.learner) == 0 and len(events):
+            from models.bootstrap import pmi_item_vectors
+
+            ids, vectors = pmi_item_vectors(events.users, events.items,
+                                            self.settings.model_dim,
+                                            seed=self.settings.model_seed)
+            keys = [self._keys[int(item)] for item in ids]
+            self.engine.learner.assign(keys, np.hstack([vectors, np.zeros((len(ids), 1))]))
+        super().learn(events)
+
+
 class OnlineDeepRetrieval(OnlineEmbedding):
     """The same online model with Deep Retrieval learned beside it (as a worker with
     ``dr_enabled`` does), ranking only the items on the paths a beam search finds for the user

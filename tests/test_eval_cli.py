@@ -124,6 +124,33 @@ def test_ials_at_the_streaming_width_is_a_row_of_its_own(tmp_path, monkeypatch, 
     capsys.readouterr()
 
 
+def test_the_bootstrapped_row_starts_from_the_logs_pmi_and_then_learns_the_stream(tmp_path,
+                                                                                  monkeypatch,
+                                                                                  capsys):
+    """streaming-bootstrap: every item of the training events gets its RSVD-PMI vector before
+    the stream is learned (as `streamrec bootstrap` starts a deployment), then one pass."""
+    from evaluation.data import Events
+    from evaluation.streaming import BootstrappedEmbedding
+    from stream_app.settings import Settings
+
+    monkeypatch.setenv("STREAMREC_MODEL_DIM", "16")
+    data = planted_pairs(tmp_path / "planted.txt")
+    out = tmp_path / "bootstrap"
+    assert main(["eval", "--dataset", str(data), "--format", "pairs", "--protocol", "heldout",
+                 "--models", "streaming-bootstrap,popularity", "--k", "5,10",
+                 "--out", str(out)]) == 0
+    records = {r["model"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    assert (records["streaming-bootstrap"]["metrics"]["RecallMin@10"]
+            > records["popularity"]["metrics"]["RecallMin@10"])
+    capsys.readouterr()
+    events = Events(np.repeat(np.arange(4), 3), np.array([0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]),
+                    np.ones(12), np.arange(12.0), np.tile(np.arange(3), 4))
+    model = BootstrappedEmbedding(6, Settings(model_dim=2, dr_enabled=False))
+    model.learn(events)
+    assert len(model.engine.learner) == 6 and model.engine.learner.events == 12
+    assert np.abs(model.engine.learner._prior[:, :2]).sum() > 0  # the PMI vectors, as priors
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("protocol", ["loo", "heldout"])
 def test_through_kafka_replays_into_a_real_worker_and_asks_the_request_topic(tmp_path, protocol,
