@@ -194,8 +194,9 @@ def _run_streaming(split: Split, spec: ModelSpec, config: RunConfig) -> dict:
 
 
 def _learn_all(model, events: Events, config: RunConfig, chunk: int = 4096) -> float:
-    """Feed ``events`` to ``model.learn`` in stream order; returns the seconds spent learning."""
-    spent = 0.0
+    """Feed ``events`` to ``model.learn`` in stream order, after ``model.start_from`` (the
+    whole of them) for a model that starts from a log; returns the seconds spent learning."""
+    spent = _timed(lambda: model.start_from(events)) if hasattr(model, "start_from") else 0.0
     with _bar(config, total=len(events), desc=f"{model.name} learning", unit="ev") as bar:
         for start in range(0, len(events), chunk):
             part = events.take(slice(start, start + chunk))

@@ -224,16 +224,16 @@ class BootstrappedEmbedding(OnlineEmbedding):
 
     name = "streaming-bootstrap"
 
-    def learn(self, events: Events) -> None:
-        if len(self.engine.learner) == 0 and len(events):
-            from models.bootstrap import pmi_item_vectors
+    def start_from(self, events: Events) -> None:
+        """The bootstrap, from the whole of the training events (the harness calls it before
+        it feeds them to :meth:`learn` in chunks). The prequential protocol has no log before
+        its stream and does not call it: there the row is ``streaming``."""
+        from models.bootstrap import pmi_item_vectors
 
-            ids, vectors = pmi_item_vectors(events.users, events.items,
-                                            self.settings.model_dim,
-                                            seed=self.settings.model_seed)
-            keys = [self._keys[int(item)] for item in ids]
-            self.engine.learner.assign(keys, np.hstack([vectors, np.zeros((len(ids), 1))]))
-        super().learn(events)
+        ids, vectors = pmi_item_vectors(events.users, events.items, self.settings.model_dim,
+                                        seed=self.settings.model_seed)
+        keys = [self._keys[int(item)] for item in ids]
+        self.engine.learner.assign(keys, np.hstack([vectors, np.zeros((len(ids), 1))]))
 
 
 class OnlineDeepRetrieval(OnlineEmbedding):

@@ -9,12 +9,16 @@ checkpoint holds no place in any topic: the worker learns every training message
 topics.
 
 Only into a data dir without a model checkpoint (``force`` replaces one, and with it what
-that model learned), and never while a worker holds it.
+that model learned), and never while a worker holds it. The log's events are read as a worker
+would take them: those of a kind not configured, or timed further ahead than
+``max_event_ahead_s``, are left out. Popularity decays by event time, so a log whose times are
+synthetic (a file without them) counts for little once live events come.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,8 @@ from models.bootstrap import pmi_item_vectors
 
 from .datasets import InteractionLog
 from .engine import Engine
-from .processes import LEARNER_LOCK, lock_data_dir
+from .item_sharing import forget_rows_shared
+from .processes import EMBEDDED_MARK, LEARNER_LOCK, lock_data_dir
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,13 +45,27 @@ def write_bootstrap(settings: Settings, events: InteractionLog, *, window: int |
         if model.exists() and not force:
             raise FileExistsError(f"{model} exists (a model learned, or bootstrapped, before):"
                                   " --force replaces it and what it learned")
-        ids, vectors = pmi_item_vectors(events.users, events.items, settings.model_dim,
-                                        window=window, seed=settings.model_seed)
+        taken = _as_a_worker_takes(settings, events)
+        ids, vectors = pmi_item_vectors(events.users[taken], events.items[taken],
+                                        settings.model_dim, window=window,
+                                        seed=settings.model_seed)
         engine = Engine(settings.replace(index_enabled=False))
         engine.learner.assign(ids, np.hstack([vectors, np.zeros((len(ids), 1))]))
         weights = settings.kind_weights
-        engine.popularity.add_many(events.items.tolist(), events.ts.tolist(),
-                                   [weights.get(str(kind), 1.0) for kind in events.kinds])
+        engine.popularity.add_many(events.items[taken].tolist(), events.ts[taken].tolist(),
+                                   [weights[str(kind)] for kind in events.kinds[taken]])
         engine.save()
-    log.info("bootstrapped %d items from %d events into %s", len(ids), len(events), model)
+        forget_rows_shared(settings)  # none of these rows is on the item-rows topic
+        if settings.embedded:  # an embedded run may take this data dir (nothing to drop)
+            (settings.data_dir / EMBEDDED_MARK).touch()
+    log.info("bootstrapped %d items from %d events into %s", len(ids), int(taken.sum()), model)
     return model
+
+
+def _as_a_worker_takes(settings: Settings, events: InteractionLog) -> np.ndarray:
+    """Which events a worker would take in (a mask): a configured kind, a time not further
+    ahead of now than ``max_event_ahead_s``."""
+    taken = np.isin(events.kinds.astype(str), list(settings.kind_weights))
+    if settings.max_event_ahead_s is not None:
+        taken &= events.ts <= time.time() + settings.max_event_ahead_s
+    return taken

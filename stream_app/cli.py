@@ -174,8 +174,8 @@ def cmd_bootstrap(settings: Settings, args) -> int:
 
     events = load(args.path, args.format, seed=args.seed)
     model = write_bootstrap(settings, events, window=args.window, force=args.force)
-    print(f"{len(set(events.items.tolist()))} items from {len(events)} events: model "
-          f"checkpoint written to {model}; start the worker on this data dir")
+    print(f"model checkpoint of {len(set(events.items.tolist()))} items from {len(events)} "
+          f"events written to {model}; start the worker on this data dir")
     return 0
 
 

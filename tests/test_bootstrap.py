@@ -120,15 +120,21 @@ def test_streamrec_bootstrap_starts_a_model_whose_items_and_answers_follow_the_l
     from .test_engine_model import planted_stream
 
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps(json.loads(e.to_bytes())) + "\n"
-                           for e in planted_stream()))
+    refused = [{"v": 1, "user_id": "u0", "item_id": "teleported", "kind": "teleport",
+                "ts": 1e9}, {"v": 1, "user_id": "u0", "item_id": "future", "kind": "view",
+                             "ts": 1.7e12}]  # a kind not configured, a time in milliseconds
+    log.write_text("".join(json.dumps(event) + "\n" for event in [
+        *(json.loads(e.to_bytes()) for e in planted_stream()), *refused]))
     monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("STREAMREC_MODEL_DIM", "16")
+    monkeypatch.delenv("STREAMREC_BROKER", raising=False)
     assert main(["bootstrap", str(log)]) == 0
+    assert (tmp_path / "data" / "embedded-broker").exists()  # `streamrec up` takes it
     engine = Engine(Settings(index_enabled=False))
     assert engine.load()
     ids = engine.learner.item_ids
     assert len(ids) == len(engine.popularity) == 180 and engine.learner.events == 0
+    assert engine.popularity.now < 2e9
     vectors = engine.learner.item_matrix[:, :-1]
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     similar = unit @ unit.T
@@ -145,4 +151,7 @@ def test_streamrec_bootstrap_starts_a_model_whose_items_and_answers_follow_the_l
     assert "--force" in capsys.readouterr().err
     with lock_data_dir(tmp_path / "data"):
         assert main(["bootstrap", str(log), "--force"]) == 1  # a worker holds the data dir
+    shared = tmp_path / "data" / "checkpoints" / "rows-shared"
+    shared.touch()  # the replaced model's rows were on the item-rows topic; these are not
     assert main(["bootstrap", str(log), "--force"]) == 0
+    assert not shared.exists()

@@ -145,8 +145,14 @@ def test_the_bootstrapped_row_starts_from_the_logs_pmi_and_then_learns_the_strea
     capsys.readouterr()
     events = Events(np.repeat(np.arange(4), 3), np.array([0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]),
                     np.ones(12), np.arange(12.0), np.tile(np.arange(3), 4))
+    from evaluation.protocols import RunConfig, _learn_all
+
+    calls = []
     model = BootstrappedEmbedding(6, Settings(model_dim=2, dr_enabled=False))
-    model.learn(events)
+    start_from = model.start_from
+    model.start_from = lambda given: (calls.append(len(given)), start_from(given))
+    _learn_all(model, events, RunConfig(progress=False), chunk=5)  # learned in three chunks
+    assert calls == [12]  # the bootstrap read all of them, once, first
     assert len(model.engine.learner) == 6 and model.engine.learner.events == 12
     assert np.abs(model.engine.learner._prior[:, :2]).sum() > 0  # the PMI vectors, as priors
 

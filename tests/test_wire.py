@@ -321,8 +321,14 @@ def test_a_moved_event_gets_an_id_naming_its_origin_unless_that_makes_it_too_lar
 
     from stream_app.app import with_moved_id
 
-    value = encode(**good_event(extra="kept"))
+    value = encode(**good_event(extra="kept", big=2**70, odd=float("nan")))
     message = SimpleNamespace(value=value, partition=3, offset=41, timestamp=1.7e9)
-    moved = json.loads(with_moved_id(message, 4096))
-    assert moved == {**json.loads(value), "event_id": "moved:3:41:1700000000.0"}
+    moved = with_moved_id(message, 4096)
+    assert b'"big":1180591620717411303424' in moved and b'"odd":NaN' in moved
+    assert json.loads(moved)["event_id"] == "moved:3:41:1700000000.0"
+    assert json.loads(moved)["extra"] == "kept"
+    assert decode_event(moved, kinds=KINDS, max_bytes=4096).event_id == "moved:3:41:1700000000.0"
     assert with_moved_id(message, len(value) + 10) == value
+    surrogate = value[:-1] + b', "x": "\\ud800"}'
+    assert with_moved_id(SimpleNamespace(value=surrogate, partition=3, offset=41,
+                                         timestamp=1.7e9), 4096) == surrogate
