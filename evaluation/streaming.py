@@ -228,12 +228,13 @@ class BootstrappedEmbedding(OnlineEmbedding):
         """The bootstrap, from the whole of the training events (the harness calls it before
         it feeds them to :meth:`learn` in chunks). The prequential protocol has no log before
         its stream and does not call it: there the row is ``streaming``."""
-        from models.bootstrap import pmi_item_vectors
+        from models.bootstrap import as_prior_rows, pmi_item_vectors
 
         ids, vectors = pmi_item_vectors(events.users, events.items, self.settings.model_dim,
                                         seed=self.settings.model_seed)
         keys = [self._keys[int(item)] for item in ids]
-        self.engine.learner.assign(keys, np.hstack([vectors, np.zeros((len(ids), 1))]))
+        learner = self.engine.learner
+        learner.assign(keys, as_prior_rows(vectors, learner.config.init_scale))
 
 
 class OnlineDeepRetrieval(OnlineEmbedding):

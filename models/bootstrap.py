@@ -152,3 +152,20 @@ def pmi_item_vectors(user_ids: np.ndarray, item_ids: np.ndarray, dim: int, *,
     cooc = cooccurrence(np.asarray(user_ids), rank[rows.ravel()], len(ids), window=window)
     vectors = rsvd_item_vectors(pmi(cooc, context_power), dim, seed=seed)
     return [str(item) for item in ids[order]], vectors
+
+
+def as_prior_rows(vectors: np.ndarray, norm: float) -> np.ndarray:
+    """Augmented rows [v, b = 0] for a learner's priors: the vectors scaled to a mean row norm
+    of ``norm`` (the learner's ``init_scale``, the norm of the random row a new item would get
+    instead). PMI vectors come at the scale of the PMI values, tens of times longer than the
+    rows the stream learns, and a prior that long outweighs an item's first events.
+
+    Examples
+    --------
+    >>> as_prior_rows(np.array([[3.0, 4.0], [0.0, 5.0]]), 1.0).round(6).tolist()
+    [[0.6, 0.8, 0.0], [0.0, 1.0, 0.0]]
+    """
+    vectors = np.asarray(vectors, dtype=np.float64)
+    mean_norm = float(np.linalg.norm(vectors, axis=1).mean()) if len(vectors) else 0.0
+    scaled = vectors * (norm / mean_norm) if mean_norm > 0 else vectors
+    return np.hstack([scaled, np.zeros((len(vectors), 1))])

@@ -1,8 +1,9 @@
 """Start a deployment's model from an event log instead of from nothing (LED §5.1).
 
 ``streamrec bootstrap LOG`` writes the checkpoint a worker loads at its start: every item of
-the log with a vector from the randomized SVD of its PMI matrix (``models/bootstrap.py``), and
-popularity counted from the log. The vectors become the items' priors (``ItemLearner.assign``):
+the log with a vector from the randomized SVD of its PMI matrix (``models/bootstrap.py``),
+scaled to the norm of the random vector a new item gets otherwise, and popularity counted from
+the log. The vectors become the items' priors (``ItemLearner.assign``):
 the stream's learning moves each item from there as its events come, and users' vectors
 average them from their first event, where a model started empty knows no item. The
 checkpoint holds no place in any topic: the worker learns every training message of its
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bootstrap import pmi_item_vectors
+from models.bootstrap import as_prior_rows, pmi_item_vectors
 
 from .datasets import InteractionLog
 from .engine import Engine
@@ -50,7 +51,7 @@ def write_bootstrap(settings: Settings, events: InteractionLog, *, window: int |
                                         settings.model_dim, window=window,
                                         seed=settings.model_seed)
         engine = Engine(settings.replace(index_enabled=False))
-        engine.learner.assign(ids, np.hstack([vectors, np.zeros((len(ids), 1))]))
+        engine.learner.assign(ids, as_prior_rows(vectors, engine.learner.config.init_scale))
         weights = settings.kind_weights
         engine.popularity.add_many(events.items[taken].tolist(), events.ts[taken].tolist(),
                                    [weights[str(kind)] for kind in events.kinds[taken]])

@@ -155,3 +155,14 @@ def test_streamrec_bootstrap_starts_a_model_whose_items_and_answers_follow_the_l
     shared.touch()  # the replaced model's rows were on the item-rows topic; these are not
     assert main(["bootstrap", str(log), "--force"]) == 0
     assert not shared.exists()
+
+
+def test_prior_rows_keep_the_directions_at_the_norm_of_a_new_items_random_row():
+    from models.bootstrap import as_prior_rows
+
+    vectors = np.random.default_rng(0).normal(0.0, 7.0, (50, 8))
+    rows = as_prior_rows(vectors, 0.1)
+    assert rows.shape == (50, 9) and (rows[:, -1] == 0).all()
+    assert np.linalg.norm(rows[:, :-1], axis=1).mean() == pytest.approx(0.1)
+    np.testing.assert_allclose(rows[:, :-1] / np.linalg.norm(rows[:, :-1], axis=1)[:, None],
+                               vectors / np.linalg.norm(vectors, axis=1)[:, None])
