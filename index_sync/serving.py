@@ -165,8 +165,9 @@ class ServingIndex:
         loop and stalled it for a second at a million items (0.5 GB). A row that moves while
         the build reads it goes in as old, new or in between, which costs nothing: it moved
         after the snapshot's mark (:meth:`_snapshot_mark`), so it is searched exactly beside
-        this build until a later one holds it. A view stays valid when the learner reallocates its rows (it keeps the
-        old buffer), and ids are copied here, so the build never sees a row without its id.
+        this build until a later one holds it. A view stays valid when the learner reallocates
+        its rows (it keeps the old buffer), and ids are copied here, so the build never sees a
+        row without its id.
         ``behind``: events the worker has yet to take in (``RebuildPolicy.backlog_events``)."""
         if not self.config.enabled or not self.rebuilder.due(
                 max(len(self._changed), len(self.learner) if self._rebuild_all else 0),

@@ -180,9 +180,9 @@ def test_the_rows_scored_beside_the_graph_are_ranked_by_their_vectors_after_each
                                          histories["u1"]), 1.0)
     for start in range(-60, 0, 20):
         histories = run_stream(engine, stream[start:start + 20 or None], histories=histories)
-        stale = np.union1d(
-            np.fromiter(engine.index._moved_after(engine.index._snapshot_mark(index)), dtype=np.int64),
-            np.arange(len(index), len(engine.learner)))
+        moved = engine.index._moved_after(engine.index._snapshot_mark(index))
+        stale = np.union1d(np.fromiter(moved, dtype=np.int64),
+                           np.arange(len(index), len(engine.learner)))
         assert len(stale) > 12
         excluded = set(stale[:3].tolist())
         scores = engine.learner.item_matrix[stale] @ query
