@@ -26,11 +26,12 @@ model does not hold it (the same caveats hold for the events topic).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .gramian import atomic_write
 
 PREFIX = "stream_"
 EVENTS_PREFIX = "events_"
@@ -185,7 +186,8 @@ def note_topic_ids(checkpoint_dir: Path, ids: Mapping[str, str],
     for topic in created:
         if topic not in ids:  # made now, its id not known yet: noted at the next start
             current.pop(topic, None)
-    _write_json(path, current)
+    text = json.dumps(current, sort_keys=True).encode()
+    atomic_write(path, lambda handle: handle.write(text))
     return renewed
 
 
@@ -199,10 +201,3 @@ def _read_topic_ids(path: Path) -> dict[str, str]:
     if not isinstance(noted, dict):
         return {}
     return {topic: topic_id for topic, topic_id in noted.items() if isinstance(topic_id, str)}
-
-
-def _write_json(path: Path, value: object) -> None:
-    """Write ``value`` to ``path`` whole or not at all (a crash leaves the old file)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, sort_keys=True), encoding="utf-8")
-    os.replace(partial, path)
