@@ -228,13 +228,11 @@ class BootstrappedEmbedding(OnlineEmbedding):
         """The bootstrap, from the whole of the training events (the harness calls it before
         it feeds them to :meth:`learn` in chunks). The prequential protocol has no log before
         its stream and does not call it: there the row is ``streaming``."""
-        from models.bootstrap import as_prior_rows, pmi_item_vectors
+        from models.bootstrap import assign_log_priors
 
-        ids, vectors = pmi_item_vectors(events.users, events.items, self.settings.model_dim,
-                                        seed=self.settings.model_seed)
-        keys = [self._keys[int(item)] for item in ids]
-        learner = self.engine.learner
-        learner.assign(keys, as_prior_rows(vectors, learner.config.init_scale))
+        # the learner's keys are the items' indices as strings, as the ids it is given here
+        assign_log_priors(self.engine.learner, events.users, events.items,
+                          seed=self.settings.model_seed)
 
 
 class OnlineDeepRetrieval(OnlineEmbedding):

@@ -169,3 +169,14 @@ def as_prior_rows(vectors: np.ndarray, norm: float) -> np.ndarray:
     mean_norm = float(np.linalg.norm(vectors, axis=1).mean()) if len(vectors) else 0.0
     scaled = vectors * (norm / mean_norm) if mean_norm > 0 else vectors
     return np.hstack([scaled, np.zeros((len(vectors), 1))])
+
+
+def assign_log_priors(learner, user_ids: np.ndarray, item_ids: np.ndarray, *,
+                      window: int | None = None, seed: int = 0) -> list[str]:
+    """Give the items of an event log their :func:`pmi_item_vectors`, scaled by
+    :func:`as_prior_rows` to ``learner``'s ``init_scale``, as the priors of ``learner`` (a
+    :class:`~models.learner.ItemLearner`, ``assign``); returns the items' ids."""
+    ids, vectors = pmi_item_vectors(user_ids, item_ids, learner.config.dim, window=window,
+                                    seed=seed)
+    learner.assign(ids, as_prior_rows(vectors, learner.config.init_scale))
+    return ids

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bootstrap import as_prior_rows, pmi_item_vectors
+from models.bootstrap import assign_log_priors
 
 from .datasets import InteractionLog
 from .engine import Engine
@@ -47,11 +47,9 @@ def write_bootstrap(settings: Settings, events: InteractionLog, *, window: int |
             raise FileExistsError(f"{model} exists (a model learned, or bootstrapped, before):"
                                   " --force replaces it and what it learned")
         taken = _as_a_worker_takes(settings, events)
-        ids, vectors = pmi_item_vectors(events.users[taken], events.items[taken],
-                                        settings.model_dim, window=window,
-                                        seed=settings.model_seed)
         engine = Engine(settings.replace(index_enabled=False))
-        engine.learner.assign(ids, as_prior_rows(vectors, engine.learner.config.init_scale))
+        ids = assign_log_priors(engine.learner, events.users[taken], events.items[taken],
+                                window=window, seed=settings.model_seed)
         weights = settings.kind_weights
         engine.popularity.add_many(events.items[taken].tolist(), events.ts[taken].tolist(),
                                    [weights[str(kind)] for kind in events.kinds[taken]])
