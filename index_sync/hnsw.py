@@ -136,7 +136,8 @@ class ItemIndex:
         self._position = {item: label for label, item in enumerate(self.ids)}
         graph.set_ef(ef)
         #: the server's note of moved rows at the snapshot it was built from (set by the
-        #: build, ``swap.Snapshot.mark``); None for a version read from disk
+        #: build, ``swap.Snapshot.mark``, or by the server, ``ServingIndex._snapshot_mark``);
+        #: None until then
         self.snapshot_mark: int | None = None
 
     @property

@@ -110,7 +110,6 @@ class ServingIndex:
         # again goes to the end), so the rows moved since a snapshot are a suffix
         self._moved: dict[int, int] = {}
         self._moves = 0  # notes so far: the stamp of the last
-        self._marks: dict[int, int] = {}  # index version -> the last note its snapshot holds
         self._exact: _ExactBlock | None = None
         # a version loaded at start: the moves since its snapshot were not kept, so the next
         # build is from scratch (not an update of it), and due at the first check
@@ -141,7 +140,7 @@ class ServingIndex:
                 and self.rebuilder.load_existing(self.learner.item_matrix.shape[1])):
             return False
         self._rebuild_all = True
-        self._marks[self.holder.version] = self._moves  # every move from now on is newer
+        self.holder.current.snapshot_mark = self._moves  # every move from now on is newer
         return True
 
     def _snapshot_mark(self, index: ServedIndex) -> int:
@@ -149,13 +148,9 @@ class ServingIndex:
         this engine's took its snapshot at (``Snapshot.mark``), the last before the load of a
         version read at start, else (one set in place by hand) the last before it was first
         asked for here."""
-        mark = self._marks.get(index.version)
-        if mark is None:
-            mark = index.snapshot_mark if index.snapshot_mark is not None else self._moves
-            self._marks[index.version] = mark
-            for old in [v for v in self._marks if v < index.version]:
-                del self._marks[old]
-        return mark
+        if index.snapshot_mark is None:
+            index.snapshot_mark = self._moves
+        return index.snapshot_mark
 
     def maybe_rebuild(self, model_version: int, behind: int = 0) -> bool:
         """Start a build aside when the policy says so; call it on the thread that moves the

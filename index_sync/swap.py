@@ -227,8 +227,7 @@ class IndexRebuilder:
             updated = self.update(snapshot)
             index = updated or self.build(snapshot.ids, snapshot.vectors, snapshot.model_version)
             write_version(self.root, index)
-            if snapshot.mark is not None:
-                index.snapshot_mark = snapshot.mark
+            index.snapshot_mark = snapshot.mark
             self.holder.swap(index)
             self.builds += 1
             self.updates += updated is not None
