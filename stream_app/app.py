@@ -606,9 +606,9 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
                 published: Callable[[int], Awaitable[None]]) -> ItemSharing:
     """The item rows this worker owns published, the other workers' installed
     (:mod:`stream_app.item_sharing`): a task that reads the item-rows topic and a timer that
-    publishes; offset steps go to the training topic ``train``. ``published(through)`` follows each publish sent: it holds the learning of the
-    batches up to ``through``, what ``followed()`` said before the publish took its rows (it
-    may hold more, never less)."""
+    publishes; offset steps go to the training topic ``train``. ``published(through)``
+    follows each publish sent: it holds the learning of the batches up to ``through``, what
+    ``followed()`` said before the publish took its rows (it may hold more, never less)."""
     topic = app.topic(settings.items_topic, key_serializer="raw", value_serializer="raw")
 
     def owned() -> frozenset[int]:
