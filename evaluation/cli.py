@@ -203,6 +203,9 @@ def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: 
 
     grids = QUICK_GRIDS if quick else FULL_GRIDS
     n_items = dataset.n_items
+    # the streaming rows' random item vectors and Deep Retrieval's start follow --seed too
+    # (the settings' own model seed is the default --seed, 0)
+    settings = settings.replace(model_seed=seed)
     builders = {
         # Deep Retrieval learns only where it is measured: it does not change the item model.
         "streaming": ModelSpec("streaming",

@@ -107,6 +107,31 @@ def test_same_width_grid_holds_every_candidate_to_the_dimension():
     assert grid[0]["factors"] == 256  # the shared grid is left as it was
 
 
+def test_seed_seeds_the_streaming_rows_too(tmp_path):
+    """--seed reaches the streaming model: its new items' random vectors follow it (a run with
+    another seed is another draw of the model, not only of the splits and baselines)."""
+    from evaluation.cli import build_specs
+    from evaluation.data import Events
+    from stream_app.settings import Settings
+
+    events = Events(np.repeat(np.arange(4), 3), np.array([0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]),
+                    np.ones(12), np.arange(12.0), np.tile(np.arange(3), 4))
+    dataset = type("Catalog", (), {"n_items": 6})()
+    settings = Settings(data_dir=tmp_path, model_dim=4, dr_enabled=False,
+                        popularity_refresh_s=0)
+
+    def learned(seed: int, name: str) -> np.ndarray:
+        (spec,) = build_specs([name], dataset, settings, seed, quick=True)
+        model = spec.build()
+        assert model.settings.model_seed == seed
+        model.learn(events)
+        return model.engine.learner.item_matrix.copy()
+
+    for name in ("streaming", "streaming-dr"):
+        np.testing.assert_array_equal(learned(3, name), learned(3, name))
+        assert not np.allclose(learned(3, name), learned(4, name))
+
+
 def test_ials_at_the_streaming_width_is_a_row_of_its_own(tmp_path, monkeypatch, capsys):
     """``ials-same-width`` picks its rate and weight on validation like ``ials``, with the
     streaming model's d as its factors."""
