@@ -45,7 +45,7 @@ from .request_reader import RequestReader
 from .responder import Responder
 from .settings import Settings
 from .wire import (DeadLetter, Event, InvalidMessage, TrainBatch, TrainExample, chunks_by_size,
-                   decode_event)
+                   decode_event, headers_kept)
 
 log = logging.getLogger(__name__)
 HISTORY_TABLE = "user-histories"
@@ -169,10 +169,12 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         (:class:`AcksAfterDelivery`), so one bad message can neither stop the ingest nor be
         lost."""
         letter = DeadLetter.of(error, message.value or b"", message.key, topic=message.topic,
-                               partition=message.partition, offset=message.offset).to_bytes()
+                               partition=message.partition, offset=message.offset,
+                               headers=message.headers).to_bytes()
         record = await sent("dead_letter",
                             lambda: dead_letters.send(key=DeadLetter.key_kept(message.key),
-                                                      value=letter))
+                                                      value=letter,
+                                                      headers=headers_kept(message.headers)[0]))
         metrics.dead_letters.labels(error.reason).inc()
         metrics.events.labels("invalid", "dead_letter").inc()
         return record
@@ -199,8 +201,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     async def decode_guarded(message, records: list[Sent]) -> Event | None:
         """The valid event of a message; None when the message went to the DLQ (with a
-        reason) or was re-sent to its user's partition, under its user's key (either send
-        added to ``records``), with an ``event_id`` that names where it came from when it had
+        reason) or was re-sent to its user's partition, under its user's key, with its headers
+        (either send added to ``records``), with an ``event_id`` that names where it came from when it had
         none (:func:`moved_event_id`)."""
         try:
             event = decode_event(message.value, kinds=event_kinds,
@@ -213,7 +215,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             value = (message.value if event.event_id is not None
                      else with_moved_id(message, settings.max_event_bytes))
             records.append(await sent("reroute", lambda: events.send(
-                key=user_key, partition=home, value=value)))
+                key=user_key, partition=home, value=value,
+                headers=headers_kept(message.headers)[0])))
             moved = "rekeyed" if message.key != user_key else "rerouted"
             metrics.events.labels(event.kind, moved).inc()
         except InvalidMessage as error:

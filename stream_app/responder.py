@@ -41,7 +41,7 @@ from state.history import History
 from .engine import Engine
 from .metrics import Metrics
 from .settings import Settings
-from .wire import InvalidMessage, RecResponse, decode_request, salvage_request
+from .wire import InvalidMessage, RecResponse, decode_request, headers_kept, salvage_request
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,14 @@ class Responder:
             home = self._users_partition(message, user_key)
             if home is not None:  # answered where the user's history is
                 delivery = await self._requests.send(key=user_key, partition=home,
-                                                     value=message.value)
+                                                     value=message.value,
+                                                     headers=headers_kept(message.headers)[0])
                 self.metrics.requests.labels("rerouted").inc()
                 return delivery, True
         stored = (self._stored_history(request.user_id, message.partition)
                   if request.user_id is not None else None)
         response = self.engine.answer(request, History.from_json(stored), started)
-        return await self._respond(response, request.reply_to, started), False
+        return await self._respond(response, request.reply_to, started, message.headers), False
 
     def reply_allowed(self, name: str | None) -> bool:
         """The responses topic, a reply topic in use, or a new one while fewer than
@@ -159,11 +160,14 @@ class Responder:
         while len(failed) > FAILED_REPLY_TOPICS_KEPT:
             del failed[next(iter(failed))]
 
-    async def _respond(self, response: RecResponse, reply_to: str | None,
-                       started: float) -> Awaitable:
+    async def _respond(self, response: RecResponse, reply_to: str | None, started: float,
+                       headers) -> Awaitable:
+        """Send ``response``, keyed by its request id, with the request's ``headers`` (a
+        trace id set on a request comes back on its answer; :func:`headers_kept`)."""
         topic = await self._reply_topic(reply_to)
         key = response.request_id.encode() if response.request_id else None
-        delivery = await topic.send(key=key, value=response.to_bytes())
+        delivery = await topic.send(key=key, value=response.to_bytes(),
+                                    headers=headers_kept(headers)[0])
         self.metrics.requests.labels("error" if response.error else "ok").inc()
         self.metrics.request_latency.observe(time.perf_counter() - started)
         return delivery
@@ -186,7 +190,7 @@ class Responder:
         for topic in dict.fromkeys((reply_to, None)):
             try:
                 async with asyncio.timeout(ANSWER_TIMEOUT_S):
-                    return await self._respond(response, topic, started)
+                    return await self._respond(response, topic, started, message.headers)
             except InvalidMessage:  # a reply topic known to fail: said when it did
                 continue
             except Exception as failure:  # noqa: BLE001 - try the responses topic next

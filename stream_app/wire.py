@@ -293,13 +293,34 @@ class DecodedTraining:
 #: or it could never be sent, and the events behind it would never be committed
 DEAD_LETTER_PAYLOAD_BYTES = 512 * 1024
 DEAD_LETTER_KEY_BYTES = 16 * 1024
+#: most bytes (names and values) of a message's headers that its dead letter, or its copy
+#: moved to its user's partition, carries: the first headers that fit, in their order
+KEPT_HEADER_BYTES = 16 * 1024
+
+
+def headers_kept(headers) -> tuple[list[tuple[str, bytes | None]], int]:
+    """The first of a message's ``headers`` (pairs, or a mapping, or None) that fit in
+    :data:`KEPT_HEADER_BYTES`, and how many were left out. Headers a client set (a trace id,
+    a tenant) travel with its event when the worker sends it on; a bound keeps a message with
+    headers near the broker's limit from making a record that can never be sent, as the
+    payload's and the key's bounds do."""
+    pairs = list(headers.items() if hasattr(headers, "items") else headers or ())
+    kept, size = [], 0
+    for name, value in pairs:
+        size += len(name.encode("utf-8", "replace")) + len(value or b"")
+        if size > KEPT_HEADER_BYTES:
+            break
+        kept.append((name, value))
+    return kept, len(pairs) - len(kept)
 
 
 class DeadLetter(_Wire):
     """What the DLQ holds: the original bytes (base64), where they came from, and why. A
     message larger than :data:`DEAD_LETTER_PAYLOAD_BYTES` keeps its first bytes, with
     ``truncated`` and its size, and a key longer than :data:`DEAD_LETTER_KEY_BYTES` its first
-    bytes, with ``key_size``: the whole of it stays at its topic, partition and offset."""
+    bytes, with ``key_size``: the whole of it stays at its topic, partition and offset. The
+    message's headers are the letter's headers (:func:`headers_kept`), with the number left
+    out in ``headers_left_out``."""
 
     reason: str
     detail: str
@@ -311,12 +332,14 @@ class DeadLetter(_Wire):
     truncated: bool = False
     size: int | None = None
     key_size: int | None = None  # the key's size where the letter keeps its first bytes only
+    headers_left_out: int | None = None  # headers the letter's own headers lack
 
     @classmethod
     def of(cls, error: InvalidMessage, raw: bytes, key: bytes | None, *, topic: str,
-           partition: int, offset: int,
+           partition: int, offset: int, headers=None,
            max_payload_bytes: int = DEAD_LETTER_PAYLOAD_BYTES) -> DeadLetter:
         truncated = len(raw) > max_payload_bytes
+        left_out = headers_kept(headers)[1]
         return cls(
             reason=error.reason, detail=error.detail[:2000], topic=topic, partition=partition,
             offset=offset,
@@ -324,6 +347,7 @@ class DeadLetter(_Wire):
             payload_b64=base64.b64encode(raw[:max_payload_bytes]).decode(),
             truncated=truncated, size=len(raw) if truncated else None,
             key_size=len(key) if key is not None and len(key) > DEAD_LETTER_KEY_BYTES else None,
+            headers_left_out=left_out or None,
         )
 
     @staticmethod

@@ -34,10 +34,10 @@ STREAM = [
 ]
 
 
-def produce(settings, messages: list[tuple[bytes | None, bytes]]) -> None:
+def produce(settings, messages: list[tuple[bytes | None, bytes]], headers=None) -> None:
     producer = KafkaProducer(**client_config(settings), acks=1, enable_idempotence=False)
     for key, value in messages:
-        producer.send(settings.topic_events, key=key, value=value)
+        producer.send(settings.topic_events, key=key, value=value, headers=headers)
     producer.flush()
     producer.close()
 
@@ -158,7 +158,8 @@ def test_a_moved_event_without_an_id_is_named_by_its_origin_so_a_second_move_is_
     producer = KafkaProducer(**client_config(settings), acks=1, enable_idempotence=False)
     original = json.loads(event("u1", "x", "sale"))
     sent = producer.send(settings.topic_events, key=b"u1", partition=elsewhere,
-                         value=json.dumps({**original, "campaign": "c-7"}).encode()).get(10)
+                         value=json.dumps({**original, "campaign": "c-7"}).encode(),
+                         headers=[("trace", b"t-7")]).get(10)
     producer.flush()
     worker.wait_metric("streamrec_learned_events_total", 1)
     consumer = KafkaConsumer(**client_config(settings), auto_offset_reset="earliest",
@@ -170,6 +171,7 @@ def test_a_moved_event_without_an_id_is_named_by_its_origin_so_a_second_move_is_
     copy = json.loads(moved[0].value)
     assert copy.pop("event_id") == f"moved:{elsewhere}:{sent.offset}:{sent.timestamp / 1000.0!r}"
     assert copy == {**original, "campaign": "c-7"}  # a field the worker does not read, kept
+    assert moved[0].headers == [("trace", b"t-7")]  # and the client's headers
     producer.send(settings.topic_events, key=b"u1", partition=home, value=moved[0].value)
     producer.flush()
     producer.close()
@@ -197,9 +199,10 @@ EXPECTED_REASON = {"bad_json": "bad_json", "schema": "schema", "wrong_type": "sc
 def test_malformed_events_go_to_the_dead_letter_topic(settings, start_worker):
     worker = start_worker(settings)
     produce(settings, [(b"u1", payload) for payload in MALFORMED.values()]
-            + [(b"u1", event("u1", "good"))])
-    letters = [DeadLetter.model_validate_json(record.value)
-               for record in read_topic(settings, settings.topic_dead_letters, len(MALFORMED))]
+            + [(b"u1", event("u1", "good"))], headers=[("trace", b"t-1"), ("empty", b"")])
+    records = read_topic(settings, settings.topic_dead_letters, len(MALFORMED))
+    assert all(record.headers == [("trace", b"t-1"), ("empty", b"")] for record in records)
+    letters = [DeadLetter.model_validate_json(record.value) for record in records]
     by_payload = {letter.payload(): letter for letter in letters}
     assert len(letters) == len(MALFORMED)
     for name, payload in MALFORMED.items():

@@ -32,6 +32,7 @@ class FakeTopic:
     async def send(self, key=None, value=None, partition=None, **kwargs) -> asyncio.Future:
         delivery = asyncio.get_running_loop().create_future()
         self.broker.sent.append((self.name, key, value, partition, delivery))
+        self.broker.headers.append(kwargs.get("headers"))
         return delivery
 
 
@@ -40,6 +41,7 @@ class FakeBroker:
         self.declared: list[str] = []
         self.undeclarable: set[str] = set()
         self.sent: list = []
+        self.headers: list = []  # of each record sent, in the same order
 
     def topic(self, name: str) -> FakeTopic:
         return FakeTopic(name, self)
@@ -68,10 +70,10 @@ def world(tmp_path):
                            responder=responder)
 
 
-def request(**fields) -> SimpleNamespace:
+def request(headers=(), **fields) -> SimpleNamespace:
     value = json.dumps({"v": 1, "request_id": "r-1", "user_id": "u1", "k": 3, **fields})
     return SimpleNamespace(value=value.encode(), key=b"u1", topic="rec-requests", partition=0,
-                           offset=7, timestamp=None)
+                           offset=7, timestamp=None, headers=headers)
 
 
 def requests_counted(metrics: Metrics, status: str) -> float:
@@ -225,3 +227,25 @@ def test_a_responses_topic_that_fails_once_is_not_given_up(world, monkeypatch):
     first, second = world.broker.answers(world.settings.topic_responses)
     assert first["request_id"] == "r-1" and f"cannot create {default}" in first["error"]
     assert second["request_id"] == "r-2" and second["error"] is None
+
+
+def test_answers_errors_and_moved_requests_carry_the_requests_headers(world):
+    """A trace id a client sets on its request comes back on the answer, on an error
+    response, and travels with the request when it is moved to its user's partition."""
+    trace = [("trace", b"t-42"), ("tenant", b"acme")]
+
+    async def scenario():
+        for made in (request(headers=trace), request(headers=trace, k=0)):
+            settles = await world.responder.answer(made)
+            world.broker.settle(len(world.broker.sent) - 1)
+            await asyncio.wait_for(settles, 1)
+        world.home["partition"] = 1
+        settles = await world.responder.answer(request(headers=trace))
+        world.broker.settle(len(world.broker.sent) - 1)
+        await asyncio.wait_for(settles, 1)
+
+    asyncio.run(scenario())
+    answered, refused, moved = world.broker.sent
+    assert answered[0] == refused[0] == world.settings.topic_responses
+    assert json.loads(refused[2])["error"] and moved[0] == world.settings.topic_requests
+    assert world.broker.headers == [trace, trace, trace]

@@ -9,8 +9,10 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_app.wire import (DEAD_LETTER_PAYLOAD_BYTES, DeadLetter, InvalidMessage, RecRequest, RecResponse, decode_event,
-                             decode_item_row, decode_request, encode_item_row, salvage_request)
+from stream_app.wire import (DEAD_LETTER_PAYLOAD_BYTES, KEPT_HEADER_BYTES, DeadLetter,
+                             InvalidMessage, RecRequest, RecResponse, decode_event,
+                             decode_item_row, decode_request, encode_item_row, headers_kept,
+                             salvage_request)
 
 KINDS = frozenset({"view", "click", "sale"})
 
@@ -174,6 +176,24 @@ def test_a_dead_letter_of_a_huge_message_keeps_its_start_and_says_so():
     small = DeadLetter.model_validate_json(DeadLetter.of(
         InvalidMessage("bad_json", "x"), b"{", None, topic="t", partition=0, offset=1).to_bytes())
     assert not small.truncated and small.size is None
+
+
+def test_headers_are_kept_up_to_a_bound_in_their_order_and_a_letter_says_how_many_were_not():
+    """A message's headers travel with its dead letter and its moved copy; headers near the
+    broker's limit must not make a record that can never be sent."""
+    small = [("trace", b"t-1"), ("tenant", b"acme"), ("empty", None)]
+    assert headers_kept(small) == (small, 0)
+    assert headers_kept(None) == ([], 0) and headers_kept(()) == ([], 0)
+    assert headers_kept({"trace": b"t-1"}) == ([("trace", b"t-1")], 0)
+    big = [("a", b"x" * (KEPT_HEADER_BYTES - 10)), ("b", b"y" * 20), ("c", b"z")]
+    kept, left_out = headers_kept(big)
+    assert kept == big[:1] and left_out == 2  # the first that fit; none after one that did not
+    letter = DeadLetter.model_validate_json(DeadLetter.of(
+        InvalidMessage("bad_json", "x"), b"{", b"u1", topic="t", partition=0, offset=1,
+        headers=big).to_bytes())
+    assert letter.headers_left_out == 2
+    assert DeadLetter.of(InvalidMessage("bad_json", "x"), b"{", b"u1", topic="t", partition=0,
+                         offset=1, headers=small).headers_left_out is None
 
 
 def test_a_training_example_writes_the_json_pydantic_writes():
