@@ -72,7 +72,7 @@ from state.stream_positions import ROWS_SHARED
 
 from .compat import FetchWaitGuard, check_aiokafka, exact_end_offsets
 from .engine import Engine, LearnedReport, item_partition
-from .kafka import aiokafka_config
+from .kafka import aiokafka_config, topic_partitions
 from .request_reader import keep_reading
 from .settings import Settings
 from .wire import (chunks_by_size, decode_item_row, decode_offset_steps, encode_item_row,
@@ -399,13 +399,15 @@ class ItemSharing:
     async def _assign(self, consumer: Any) -> dict:
         """Assign ``consumer`` every partition of the item-rows topic, each from where the
         last reader left it (at the first start, from its beginning). Returns the catch-up's
-        partitions still unread and their end offsets (at the first start, the ends now)."""
+        partitions still unread and their end offsets (at the first start, the ends now).
+        Raises while the cluster reports no partition of the topic."""
         from aiokafka import TopicPartition
 
         topic = self.settings.items_topic
-        await consumer.topics()
-        assigned = [TopicPartition(topic, partition)
-                    for partition in consumer.partitions_for_topic(topic) or ()]
+        partitions = await topic_partitions(consumer, topic)
+        if not partitions:  # started again (keep_reading), not caught up on nothing
+            raise LookupError(f"the item-rows topic {topic} has no partitions on the cluster")
+        assigned = [TopicPartition(topic, partition) for partition in sorted(partitions)]
         consumer.assign(assigned)
         ends = (await exact_end_offsets(consumer, assigned) if self.settings.compat_fixes
                 else await consumer.end_offsets(assigned))

@@ -31,6 +31,21 @@ def _positive_murmur2(key: bytes) -> int:
     return murmur2(key) & 0x7FFFFFFF
 
 
+async def topic_partitions(consumer, topic: str) -> frozenset[int]:
+    """The partitions of ``topic`` as the cluster reports them now (none: no such topic), on
+    an aiokafka consumer.
+
+    Not ``await consumer.topics()``, then ``consumer.partitions_for_topic``: ``topics()``
+    fills a metadata copy of its own, and the consumer's metadata holds what its bootstrap
+    asked for, an empty list of topics, which Apache Kafka answers with no topics (Metadata
+    v1 and later; the embedded broker answers with all of them), so on Kafka the partitions
+    came back as None. Nor asking for the topic by name: a broker that creates topics on
+    demand would create a missing one with its default partitions. This asks for every topic
+    (a null list), as ``topics()`` does, and reads that answer."""
+    cluster = await consumer._client.fetch_all_metadata()
+    return frozenset(cluster.partitions_for_topic(topic) or ())
+
+
 def client_config(settings: Settings) -> dict:
     """Keyword arguments shared by kafka-python producers, consumers and admin clients."""
     config: dict = {

@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .compat import FetchWaitGuard, check_aiokafka
-from .kafka import aiokafka_config
+from .kafka import aiokafka_config, topic_partitions
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -148,10 +148,9 @@ class RequestReader:
         the cluster reports it (``settings.partitions``, what the worker creates it with,
         while the cluster does not know it yet): requests on a partition numbered past the
         events' would never be read, and the others would not meet their users' histories."""
-        await consumer.topics()  # the cluster's metadata, partitions included
-        count = len(consumer.partitions_for_topic(self.topic) or ())
-        events = len(consumer.partitions_for_topic(self.settings.topic_events) or ()) \
-            or self.settings.partitions
+        count = len(await topic_partitions(consumer, self.topic))
+        events = (len(await topic_partitions(consumer, self.settings.topic_events))
+                  or self.settings.partitions)
         if count != events:
             log.error("the request topic %s has %d partitions and the events topic %s %d: "
                       "they must be equal (requests are read where their user's events are)",
