@@ -417,7 +417,7 @@ class Engine:
                                  for item in items), dtype=np.int64, count=len(items))
         loss = self.learner.learn(phis, items, alphas,
                                   n_users=max(self.users if users is None else users, 1),
-                                  lanes=lanes)
+                                  user_weights=self._user_weights(examples), lanes=lanes)
         if histories is not None and self.learner.config.input_lr > 0:
             self._learn_inputs(histories, items, alphas)
         self.index.learned(items, self.learner.changed_rows)
@@ -428,6 +428,17 @@ class Engine:
         self.loss.update(loss)
         self.learned += len(examples)
         return loss
+
+    def _user_weights(self, examples: Sequence[TrainExample]) -> np.ndarray | None:
+        """The user Gramian's weight of each example's user vector: None (each once), or
+        1/(the user's events so far) with ``user_gramian_weighting = users``: Rendle's
+        1/|I_c| (eq. 41), with |I_c| as a stream knows it at the event. Unweighted, a user of
+        n events weighs n; so weighted, 1 + 1/2 + … + 1/n ≈ ln n + 0.6 (and n/T past the
+        ``history_length`` T a history holds)."""
+        if self.settings.user_gramian_weighting == "events":
+            return None
+        return 1.0 / np.fromiter((len(e.history) + 1 for e in examples), dtype=np.float64,
+                                 count=len(examples))
 
     def _learn_inputs(self, histories: _Histories, items: list[str],
                       alphas: np.ndarray) -> None:

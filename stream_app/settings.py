@@ -170,6 +170,12 @@ class Settings(BaseSettings):
                           "item's positives; otherwise the weight of each (user, item) pair.")
     alpha0_relative: bool = Field(True, description="Read alpha0 relative to the positives' "
                                   "density (one value fits sparse and dense products).")
+    user_gramian_weighting: Literal["events", "users"] = Field(
+        "events", description="How the user Gramian G_C weighs the stream's user vectors: "
+        "'events', each event once (a user of n events weighs n); 'users', each event by "
+        "1/(its user's events so far, as its history holds them), Rendle's 1/|I_c| (eq. 41) "
+        "as a stream knows it (a user weighs about ln n + 0.6; docs/results.md, 'The user "
+        "Gramian by users').")
     l2: float = Field(0.01, ge=0, description="L2 regularization λ.")
     learning_rate: float = Field(0.2, gt=0, description="Adagrad learning rate of item vectors.")
     item_solver: Literal["solve", "adagrad"] = Field(

@@ -477,3 +477,45 @@ def test_the_worker_exports_how_often_the_serving_pair_moved_and_the_next_ones_l
     choice.observe(np.tile(np.eye(width)[2] * 0.5, (400, 1)))
     assert registry.get_sample_value("streamrec_serving_moves") == 2
     assert engine.serving == choice.candidates[2]
+
+
+@pytest.mark.parametrize("weighting", ["events", "users"])
+def test_the_user_gramian_weighs_each_event_by_its_users_events_so_far_when_asked(tmp_path,
+                                                                                  weighting):
+    """``STREAMREC_USER_GRAMIAN_WEIGHTING=users``: an event's user vector enters G_C with
+    weight 1/(the user's events so far), Rendle's 1/|I_c| (eq. 41); ``events``: each once.
+    Oracle: the weighted mean of the batch's augmented user rows, times |C|."""
+    engine = Engine(Settings(data_dir=tmp_path, model_dim=8, popularity_refresh_s=0,
+                             user_gramian_weighting=weighting))
+    stream = planted_stream()
+    histories: dict[str, History] = {}
+    examples = []
+    for event in stream[:600]:
+        histories[event.user_id], example = engine.ingest(
+            event, histories.get(event.user_id, History()))
+        examples.append(example)
+    engine.learn(examples[:500])  # items known, histories of many lengths
+    seen = {}
+    update = engine.learner.user_gramian.update
+
+    def recorded(rows, n_active=None, weights=None):
+        seen.update(rows=np.array(rows), weights=weights)
+        update(rows, n_active, weights)
+
+    engine.learner.user_gramian = type(engine.learner.user_gramian)(
+        engine.learner.user_gramian.dim, beta=1.0)  # holds the last batch alone
+    update = engine.learner.user_gramian.update
+    engine.learner.user_gramian.update = recorded
+    batch = examples[500:]
+    engine.learn(batch, users=37)
+    lengths = np.array([len(example.history) for example in batch])
+    assert len(set(lengths)) > 3
+    if weighting == "events":
+        assert seen["weights"] is None
+        w = np.ones(len(batch))
+    else:
+        w = 1.0 / (lengths + 1)
+        np.testing.assert_allclose(seen["weights"], w)
+    rows = seen["rows"]
+    expected = 37 * (rows.T * w) @ rows / w.sum()
+    np.testing.assert_allclose(engine.learner.user_gramian.value(), expected, rtol=1e-10)
