@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from state.gramian import atomic_write
+from state.gramian import atomic_write, ids_from_arrays, ids_to_arrays
 from state.path_scores import EMPTY, PathIndex, PathScoreTracker
 
 NearFn = Callable[[str], "str | None"]
@@ -756,7 +756,7 @@ class DeepRetrieval:
         atomic_write(directory / model_file, lambda f: torch.save(self.model.state_dict(), f))
         n = len(self._ids)
         arrays = {
-            "ids": np.array(self._ids, dtype=np.str_), "counts": self._counts[:n],
+            **ids_to_arrays(self._ids), "counts": self._counts[:n],
             "assignment": self._assign[:n], "codes": self.tracker.codes,
             "scores": self.tracker.scores,
             "meta": np.array(json.dumps({"config": asdict(self.config), "m_steps": self._m_steps,
@@ -808,7 +808,7 @@ class DeepRetrieval:
         return torch.optim.Adam(self.model.parameters(), lr=self.config.lr, fused=True)
 
     def _install(self, arrays: dict, meta: dict) -> None:
-        ids = [str(i) for i in arrays["ids"]]
+        ids = ids_from_arrays(arrays)
         n = len(ids)
         self._assign = np.full((max(n, 1024), self.config.paths_per_item), EMPTY, np.int64)
         self._assign[:n] = arrays["assignment"]

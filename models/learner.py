@@ -42,7 +42,8 @@ import scipy.sparse as sp
 
 from models.embedding import (augment_users, item_gradient, item_solve, item_solve_cg,
                               pack_symmetric, packed_outer, packed_size, unpack_symmetric)
-from state.gramian import DecayedGramian, ExactGramian, load_npz, read_only_view, save_npz
+from state.gramian import (DecayedGramian, ExactGramian, ids_from_arrays, ids_to_arrays, load_npz,
+                          read_only_view, save_npz)
 
 InitVector = Callable[[str], "np.ndarray | None"]
 
@@ -719,7 +720,7 @@ class ItemLearner:
         it learned up to), under names of their own."""
         n = len(self._ids)
         arrays = {
-            "ids": np.array(self._ids, dtype=np.str_), "psi": self._psi[:n].copy(),
+            **ids_to_arrays(self._ids), "psi": self._psi[:n].copy(),
             "accum": self._accum[:n].copy(), "count": self._count[:n].copy(),
             "count_at": self._count_at[:n].copy(), "prior": self._prior[:n].copy(),
             "slot": self._slot[:n].copy(),
@@ -774,7 +775,7 @@ class ItemLearner:
 
     def _load_rows(self, data) -> None:
         """What a replica has too: ids, rows, the clock and the item Gramian."""
-        self._ids = [str(i) for i in data["ids"]]
+        self._ids = ids_from_arrays(data)
         self._index = {item_id: row for row, item_id in enumerate(self._ids)}
         self._psi = data["psi"]
         self._offset = (data["offset"] if "offset" in data  # older checkpoints: no offsets

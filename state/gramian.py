@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -74,6 +74,34 @@ def load_npz(path: Path) -> dict[str, np.ndarray] | None:
     except (ValueError, EOFError, OSError, zipfile.BadZipFile) as error:
         raise DamagedCheckpoint(f"{path} does not read ({error!r}): restore it, or remove it "
                                 "to start that part of the model empty") from error
+
+
+def ids_to_arrays(ids: Sequence[str], name: str = "ids") -> dict[str, np.ndarray]:
+    """Ids for an npz, as two arrays: their UTF-8 bytes end to end (``NAME_utf8``) and where
+    each ends (``NAME_ends``). Not one numpy string array: that gives every id the width of
+    the longest, at 4 bytes a character, so one id of 227 characters among a million of 10
+    made a checkpoint of 916 MB instead of 48 MB, written on the event loop every 30 s."""
+    blob = "".join(ids).encode("utf-8", "surrogatepass")
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    if len(blob) != lengths.sum():  # not all ASCII: a character may take 2 to 4 bytes
+        lengths = np.fromiter((len(item.encode("utf-8", "surrogatepass")) for item in ids),
+                              dtype=np.int64, count=len(ids))
+    return {f"{name}_utf8": np.frombuffer(blob, dtype=np.uint8),
+            f"{name}_ends": np.cumsum(lengths, dtype=np.int64)}
+
+
+def ids_from_arrays(data: Mapping[str, np.ndarray], name: str = "ids") -> list[str]:
+    """The ids :func:`ids_to_arrays` wrote, or those of a checkpoint written before it (one
+    string array under ``name``)."""
+    if f"{name}_utf8" not in data:
+        return [str(item) for item in data[name]]
+    raw = data[f"{name}_utf8"].tobytes()
+    ends = data[f"{name}_ends"].tolist()
+    if ends and (ends[-1] != len(raw) or min(np.diff(ends, prepend=0)) < 0):
+        raise DamagedCheckpoint(f"its ids do not read: {len(ends)} ids end at {ends[-1]} "
+                                f"of {len(raw)} bytes")
+    return [raw[start:end].decode("utf-8", "surrogatepass")
+            for start, end in zip([0, *ends[:-1]], ends)]
 
 
 def read_only_view(array: np.ndarray) -> np.ndarray:

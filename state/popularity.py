@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gramian import load_npz, save_npz
+from .gramian import ids_from_arrays, ids_to_arrays, load_npz, save_npz
 
 #: the fewest items a ranking keeps: a request that needs more (k + its exclusions) ranks again
 RANKED_AT_LEAST = 1024
@@ -152,7 +152,7 @@ class DecayedPopularity:
     # -- persistence (npz, no pickle) -----------------------------------------------------
     def save(self, path: Path) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one."""
-        save_npz(path, {"ids": np.array(self._ids, dtype=np.str_),
+        save_npz(path, {**ids_to_arrays(self._ids),
                         "log_mass": self._log_mass[: len(self._ids)], "rate": self.rate,
                         "now": self.now})
 
@@ -163,7 +163,7 @@ class DecayedPopularity:
             return False
         if not math.isclose(float(data["rate"]), self.rate):
             raise ValueError(f"{path} was saved with another half-life")
-        ids = [str(item) for item in data["ids"]]
+        ids = ids_from_arrays(data)
         self._index = {item_id: row for row, item_id in enumerate(ids)}
         self._ids = ids
         self._log_mass = np.array(data["log_mass"], dtype=np.float64)

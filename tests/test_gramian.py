@@ -157,3 +157,28 @@ def test_a_damaged_checkpoint_file_is_named_not_misread(tmp_path, damage):
     popularity.write_bytes(path.read_bytes())
     with pytest.raises(DamagedCheckpoint, match="popularity.npz"):
         DecayedPopularity(3600.0).load(popularity)
+
+
+def test_ids_round_trip_through_an_npz_at_the_size_of_their_bytes(tmp_path):
+    """Ids are saved as their UTF-8 bytes and where each ends: one long id among many short
+    ones does not widen every other (a numpy string array gives each the longest's width)."""
+    from state.gramian import (DamagedCheckpoint, ids_from_arrays, ids_to_arrays, load_npz,
+                               save_npz)
+
+    odd = ["", "a", "é-ü", "日本", "x\U0001F600y", "\ud800 lone", " pad ", "tab\tnew\nline"]
+    for ids in ([], odd):
+        save_npz(tmp_path / "ids.npz", ids_to_arrays(ids, "item"))
+        assert ids_from_arrays(load_npz(tmp_path / "ids.npz"), "item") == ids
+    short = [f"sku-{n:06d}" for n in range(20_000)]
+    sizes = {}
+    for label, ids in (("short", short), ("one long", short + ["u" * 250])):
+        save_npz(tmp_path / f"{label}.npz", ids_to_arrays(ids))
+        sizes[label] = (tmp_path / f"{label}.npz").stat().st_size
+        assert ids_from_arrays(load_npz(tmp_path / f"{label}.npz")) == ids
+    assert sizes["one long"] < sizes["short"] + 1024
+    old = {"ids": np.array(odd[1:], dtype=np.str_)}  # a checkpoint from before
+    assert ids_from_arrays(old) == odd[1:]
+    cut = ids_to_arrays(odd)
+    cut["ids_utf8"] = cut["ids_utf8"][:-3]
+    with pytest.raises(DamagedCheckpoint):
+        ids_from_arrays(cut)

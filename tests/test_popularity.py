@@ -137,3 +137,28 @@ def test_a_top_beyond_the_cached_ranking_ranks_deeper():
     assert [i for i, _ in popularity.top(5, exclude=excluded)] == [
         f"i{row}" for row in range(RANKED_AT_LEAST, RANKED_AT_LEAST + 5)]
     assert len(popularity.top(n)) == n
+
+
+def test_the_checkpoints_that_hold_ids_do_not_widen_them_to_the_longest(tmp_path):
+    """Popularity's and the learner's files hold ids at their own size: one id of 250
+    characters among 20,000 short ones adds about its own bytes, not 250 × 4 bytes to each."""
+    from models.learner import ItemLearner, LearnerConfig
+
+    short = [f"sku-{n:06d}" for n in range(20_000)]
+    sizes = {}
+    for label, ids in (("short", short), ("one long", short + ["u" * 250])):
+        popularity = DecayedPopularity(HALF_LIFE, refresh_s=0)
+        popularity.add_many(ids, np.full(len(ids), 1e5), np.ones(len(ids)))
+        popularity.save(tmp_path / f"popularity {label}.npz")
+        learner = ItemLearner(LearnerConfig(dim=1))
+        learner.assign(ids, np.zeros((len(ids), 2)))
+        learner.save(tmp_path / f"model {label}.npz")
+        sizes[label] = [(tmp_path / f"{kind} {label}.npz").stat().st_size
+                        for kind in ("popularity", "model")]
+        again = DecayedPopularity(HALF_LIFE, refresh_s=0)
+        assert again.load(tmp_path / f"popularity {label}.npz")
+        assert again._ids == ids
+        learned = ItemLearner(LearnerConfig(dim=1))
+        assert learned.load(tmp_path / f"model {label}.npz") and learned.item_ids == ids
+    for short_size, long_size in zip(sizes["short"], sizes["one long"]):
+        assert long_size < short_size + 2048, sizes
