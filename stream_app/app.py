@@ -559,7 +559,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     @app.timer(settings.checkpoint_interval_s)
     async def checkpoint() -> None:
         if learner is not None or restoring():
-            engine.save(model=False)  # popularity: the model is the learner's, or must wait
+            try:  # popularity: the model is the learner's, or must wait
+                engine.save(model=False)
+            except Exception:  # noqa: BLE001 - a full disk must not stop the worker
+                log.exception("could not write the popularity checkpoint")
         if not restoring():
             save_model()
 

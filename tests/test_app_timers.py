@@ -1,0 +1,39 @@
+"""The worker's timers without a broker: what one tick does when the disk fails."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from types import SimpleNamespace
+
+from stream_app.app import create_app
+from stream_app.engine import Engine
+from stream_app.settings import Settings
+from stream_app.worker import build_metrics
+
+
+def timer(app, name: str):
+    """The function behind one of the app's timers (Faust wraps it twice)."""
+    return next(inspect.unwrap(task) for task in app._app_tasks
+                if inspect.unwrap(task).__name__ == name)
+
+
+def test_a_popularity_checkpoint_the_disk_refuses_does_not_stop_the_worker(tmp_path, caplog):
+    """With a learner process, the checkpoint timer writes popularity here and asks the
+    learner for the model's checkpoint: a full disk is logged, the learner is still asked
+    (learning and commits go on as the model's checkpoints allow), and the timer's task does
+    not raise (Faust would crash the worker)."""
+    settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", metrics_port=0)
+    engine = Engine(settings)
+    saves = []
+    learner = SimpleNamespace(request_save=lambda: saves.append(1))
+    app = create_app(settings, engine, build_metrics(engine), learner)
+
+    def full_disk(**kwargs):
+        raise OSError(28, "No space left on device")
+
+    engine.save = full_disk
+    with caplog.at_level("ERROR"):
+        asyncio.run(timer(app, "checkpoint")())
+    assert saves == [1]
+    assert "could not write the popularity checkpoint" in caplog.text
