@@ -146,11 +146,12 @@ def cmd_up(settings: Settings, args) -> int:
     try:
         system.start()
         print(system.describe(), "\nCtrl-C stops everything.", flush=True)
-        wait_for_signal(system)
+        status = wait_for_signal(system)
     finally:
         system.stop()
-    print("streamrec stopped", flush=True)
-    return 0
+    print("streamrec stopped" if status == 0 else "streamrec stopped: the worker exited; its "
+          f"log is in {system.logs}", flush=True)
+    return status
 
 
 def cmd_produce(settings: Settings, args) -> int:
@@ -229,7 +230,7 @@ def cmd_demo(settings: Settings, args) -> int:
         if not args.exit:
             print("\nstreamrec is up; try `streamrec recommend --user "
                   f"{log.users[0]}`. Ctrl-C stops everything.", flush=True)
-            wait_for_signal(system)
+            return wait_for_signal(system)
     finally:
         system.stop()
     return 0

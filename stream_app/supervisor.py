@@ -155,17 +155,23 @@ def forget_broker_state(settings: Settings) -> list[str]:
     return dropped
 
 
-def wait_for_signal(system: System, on_tick: Callable[[], None] | None = None) -> None:
-    """Block until SIGINT/SIGTERM or until the worker dies."""
+def wait_for_signal(system: System, on_tick: Callable[[], None] | None = None) -> int:
+    """Block until SIGINT/SIGTERM or until the worker dies. Returns 0 after a signal, and
+    after the worker's death the status to exit with: the worker's own (76: its learner
+    process died; 75: it did not stop in time), or 1 where it exited 0 unasked, so that a
+    service manager or a script sees a system that stopped by itself as failed."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stop.is_set():
             if system.worker is not None and not system.worker.alive():
-                log.error("the worker exited:\n%s", tail(system.logs / "worker.log"))
-                break
+                status = system.worker.process.poll()
+                log.error("the worker exited (status %s):\n%s", status,
+                          tail(system.logs / "worker.log"))
+                return status or 1
             stop.wait(0.5)
+        return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

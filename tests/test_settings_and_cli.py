@@ -206,3 +206,37 @@ def test_the_readme_documents_every_setting():
     assert set(re.findall(r"`(STREAMREC_[A-Z0-9_]+)`", readme)) <= fields  # none stale
     documented = readme_table_names(r"STREAMREC_[A-Z0-9_]+", r"_[A-Z0-9_]+")
     assert fields - documented == set()
+
+
+@pytest.mark.parametrize("worker_status, expected", [(76, 76), (0, 1)])
+def test_up_exits_with_the_workers_status_when_the_worker_dies(tmp_path, monkeypatch, capsys,
+                                                                worker_status, expected):
+    """`streamrec up` stops when its worker dies, and says so in its exit status (the
+    worker's own; 1 for a worker that exited 0 unasked), so that a service manager restarts
+    it and a script sees the failure."""
+    import sys
+
+    from stream_app import supervisor
+    from stream_app.processes import Child
+
+    class DyingSystem:
+        def __init__(self, settings) -> None:
+            self.logs = tmp_path / "logs"
+            self.worker = None
+            self.stopped = False
+
+        def start(self) -> None:
+            self.worker = Child("worker", [sys.executable, "-c",
+                                           f"import sys; sys.exit({worker_status})"],
+                                log_path=self.logs / "worker.log").start()
+
+        def describe(self) -> str:
+            return "a worker about to die"
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    monkeypatch.setattr(supervisor, "System", DyingSystem)
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
+    assert main(["up"]) == expected
+    assert "streamrec stopped: the worker exited" in capsys.readouterr().out
