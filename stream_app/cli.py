@@ -126,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"up": cmd_up, "worker": cmd_worker, "demo": cmd_demo, "produce": cmd_produce,
                "bootstrap": cmd_bootstrap, "recommend": cmd_recommend,
                "eval": cmd_eval}[args.command]
+    from kafka.errors import KafkaError  # not a RuntimeError in kafka-python 3
+
     try:
         return handler(settings, args)
-    except (OSError, ValueError, TimeoutError, RuntimeError) as error:
+    except (OSError, ValueError, TimeoutError, RuntimeError, KafkaError) as error:
         print(f"streamrec {args.command}: {error}", file=sys.stderr)
         return 1
 

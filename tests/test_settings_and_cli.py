@@ -240,3 +240,20 @@ def test_up_exits_with_the_workers_status_when_the_worker_dies(tmp_path, monkeyp
     monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
     assert main(["up"]) == expected
     assert "streamrec stopped: the worker exited" in capsys.readouterr().out
+
+
+def test_a_broker_error_is_a_message_and_status_1_not_a_traceback(monkeypatch, capsys,
+                                                                   tmp_path):
+    """kafka-python 3's errors are not RuntimeErrors: a broker that cannot be reached must
+    still end a command with its one-line error."""
+    from kafka.errors import KafkaTimeoutError
+
+    from stream_app import cli
+
+    def unreachable(settings, args):
+        raise KafkaTimeoutError("Unable to bootstrap from ['127.0.0.1:1']")
+
+    monkeypatch.setattr(cli, "cmd_recommend", unreachable)
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
+    assert main(["recommend", "--user", "u1"]) == 1
+    assert "streamrec recommend: " in capsys.readouterr().err
