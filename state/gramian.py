@@ -69,7 +69,10 @@ def load_npz(path: Path) -> dict[str, np.ndarray] | None:
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # one array (.npy), not an npz
+            raise ValueError(f"one array of shape {np.shape(data)}, not an npz archive")
+        with data:
             return {key: data[key] for key in data.files}
     except (ValueError, EOFError, OSError, zipfile.BadZipFile) as error:
         raise DamagedCheckpoint(f"{path} does not read ({error!r}): restore it, or remove it "

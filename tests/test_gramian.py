@@ -134,7 +134,7 @@ def test_save_and_load_round_trip_without_pickle(tmp_path):
         ExactGramian(4).load(tmp_path / "exact.npz")
 
 
-@pytest.mark.parametrize("damage", ["cut short", "emptied"])
+@pytest.mark.parametrize("damage", ["cut short", "emptied", "one array"])
 def test_a_damaged_checkpoint_file_is_named_not_misread(tmp_path, damage):
     """A checkpoint cut short (a crash, a full disk) or left empty (a rename that reached the
     disk before the data) raises DamagedCheckpoint naming the file, not a bare zip error; a
@@ -150,7 +150,11 @@ def test_a_damaged_checkpoint_file_is_named_not_misread(tmp_path, damage):
     assert all(np.array_equal(loaded[key], arrays[key]) for key in arrays)
     assert load_npz(tmp_path / "none.npz") is None
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "cut short" else b"")
+    if damage == "one array":  # another file put in its place: np.save writes no archive
+        with open(path, "wb") as handle:
+            np.save(handle, arrays["rows"])
+    else:
+        path.write_bytes(data[: len(data) // 2] if damage == "cut short" else b"")
     with pytest.raises(DamagedCheckpoint, match="model.npz"):
         load_npz(path)
     popularity = tmp_path / "popularity.npz"
