@@ -161,8 +161,6 @@ class DecayedPopularity:
         data = load_npz(path)
         if data is None:
             return False
-        if not math.isclose(float(data["rate"]), self.rate):
-            raise ValueError(f"{path} was saved with another half-life")
         ids = ids_from_arrays(data)
         self._index = {item_id: row for row, item_id in enumerate(ids)}
         self._ids = ids
@@ -170,6 +168,11 @@ class DecayedPopularity:
         if len(self._log_mass) == 0:
             self._log_mass = np.empty(1024, dtype=np.float64)
         self.now = float(data["now"])
+        saved_rate = float(data["rate"])
+        if not math.isclose(saved_rate, self.rate):
+            # saved with another half-life: the counts as they stand now, decaying from now
+            # at this one (a_i = log c_i(now) + λ now)
+            self._log_mass[: len(ids)] += (self.rate - saved_rate) * self.now
         self._dirty = True
         self._order_at = -math.inf
         return True

@@ -100,8 +100,13 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.top(50) == popularity.top(50) and loaded.now == popularity.now
     loaded.add("brand-new", loaded.now, 1.0)
     assert loaded.count("brand-new") == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="half-life"):
-        DecayedPopularity(2 * HALF_LIFE).load(path)
+    slower = DecayedPopularity(2 * HALF_LIFE, refresh_s=0)  # a half-life changed in between
+    assert slower.load(path) and slower.top(50) == popularity.top(50)
+    for item in popularity.top(50):
+        assert slower.count(item) == pytest.approx(popularity.count(item), rel=1e-9)
+        later = slower.now + 2 * HALF_LIFE  # one new half-life on: half the count
+        assert slower.count(item, at=later) == pytest.approx(popularity.count(item) / 2,
+                                                             rel=1e-9)
     assert not DecayedPopularity(HALF_LIFE).load(tmp_path / "missing.npz")
 
 
