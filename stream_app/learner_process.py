@@ -129,7 +129,13 @@ class LearnerProcess:
         if not self._from_child.poll(timeout_s):
             self._process.kill()
             raise RuntimeError(f"the learner process did not start within {timeout_s:.0f} s")
-        kind, items, steps = self._from_child.recv()
+        try:
+            kind, items, steps = self._from_child.recv()
+        except EOFError:
+            kind, items = "failed", "it exited before it said why (see its log above)"
+        if kind == "failed":
+            self._process.join(5.0)
+            raise RuntimeError(f"the learner process could not load the checkpoint: {items}")
         log.info("learner process %d ready: %d items, %d steps", self._process.pid, items, steps)
         return self
 
@@ -400,7 +406,11 @@ def child_main(settings: Settings, inbox: Connection, outbox: Connection) -> Non
     # held until this process ends: a learner left by a killed worker checkpoints first
     held = lock_data_dir(settings.data_dir, LEARNER_LOCK, wait_s=LEARNER_LOCK_WAIT_S)
     engine = Engine(settings.replace(index_enabled=False))  # the index lives with the answers
-    engine.load()
+    try:
+        engine.load()
+    except Exception as error:  # the worker says why it cannot start, not "pipe closed"
+        outbox.send(("failed", f"{type(error).__name__}: {error}", 0))
+        raise
     freeze_startup_objects()
     outbox.send(("ready", len(engine.learner), engine.learner.steps))
     LearnerLoop(engine, settings, outbox).run(inbox)  # checkpoints on the way out

@@ -320,6 +320,17 @@ def test_a_learner_behind_ingest_learns_with_the_users_its_messages_say(tmp_path
     assert not np.allclose(unsaid.learner.offsets, in_step.learner.offsets, atol=1e-6)
 
 
+def test_a_learner_that_cannot_load_its_checkpoint_says_why_at_the_workers_start(tmp_path):
+    """The worker's start fails with the learner's own error (a damaged file, named), not with
+    the pipe's EOFError."""
+    settings = settings_for(tmp_path)
+    damaged = settings.data_dir / "checkpoints" / "popularity.npz"
+    damaged.parent.mkdir(parents=True, exist_ok=True)
+    damaged.write_bytes(b"not an npz")
+    with pytest.raises(RuntimeError, match="DamagedCheckpoint: .*popularity.npz"):
+        LearnerProcess(settings).start()
+
+
 def test_the_worker_hears_when_its_learner_process_dies(tmp_path):
     learner = LearnerProcess(settings_for(tmp_path)).start()
     os.kill(learner.pid, signal.SIGKILL)
