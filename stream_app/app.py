@@ -643,8 +643,8 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
     async def send_row(key: bytes, value: bytes) -> asyncio.Future:
         return await topic.send(key=key, value=value, headers=headers)  # its delivery
 
-    async def send_steps(partition: int, value: bytes) -> None:
-        await train.send(value=value, partition=partition)  # learned by the items' owner
+    async def send_steps(partition: int, value: bytes) -> asyncio.Future:
+        return await train.send(value=value, partition=partition)  # learned by their owner
 
     def due() -> tuple[Records, StepMessages]:
         return sharing.due(), sharing.steps_due()

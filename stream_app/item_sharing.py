@@ -90,6 +90,16 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 PUBLISHER = "streamrec-publisher"
 
 
+async def _refused(sent: list[tuple[Any, Any]]) -> list[tuple[Any, BaseException]]:
+    """The records of ``sent`` (delivery or None, record) whose delivery failed, with the
+    error, once every delivery is settled."""
+    outcomes = await asyncio.gather(*(delivery for delivery, _ in sent if delivery is not None),
+                                    return_exceptions=True)
+    records = [record for delivery, record in sent if delivery is not None]
+    return [(record, outcome) for record, outcome in zip(records, outcomes)
+            if isinstance(outcome, BaseException)]
+
+
 def rows_shared_mark(settings: Settings) -> Path:
     """A file that says the item-rows topic holds every row this worker owned, as of a
     publish of all of them. Without it (a model learned unshared, or topics made anew) the
@@ -254,32 +264,41 @@ class ItemSharing:
         """Send the records ``take`` gives (rows, steps: :meth:`due` and :meth:`steps_due`, or
         :meth:`handed_over`), one publish at a time: ``take`` runs once the one before has
         sent all of its records, so a hand-over's newer row of an item never goes out before
-        the older row a periodic publish in progress holds (the topic keeps the last). The
-        records not sent when a send fails are due again (:meth:`retake`) and it raises.
+        the older row a periodic publish in progress holds (the topic keeps the last).
         ``send_steps(partition, value)`` sends a message of steps to the training topic.
-        ``send_row`` may return its record's delivery: a publish of every owned row waits
-        for them, and marks the topic as holding them (:func:`rows_shared_mark`) only once
-        the broker took them all."""
+        Either send may return its record's delivery, and the publish returns once every
+        delivery did: the caller commits the training messages whose learning the rows hold
+        after it. The records not sent when a send fails, and those whose delivery the broker
+        refused, are due again (:meth:`retake`) and it raises. A publish of every owned row
+        marks the topic as holding them (:func:`rows_shared_mark`) only once the broker took
+        them all."""
         async with self._publishing:
             self._took_every_row = False
             rows, steps = take()
             every_row, self._took_every_row = self._took_every_row, False
-            sent_rows = sent_steps = 0
-            deliveries = []
+            sent_rows, sent_steps = [], []  # (delivery, record) of each record sent
             try:
                 for key, value in rows:
-                    delivery = await send_row(key, value)
-                    if every_row and delivery is not None:
-                        deliveries.append(delivery)
-                    sent_rows += 1
+                    sent_rows.append((await send_row(key, value), (key, value)))
                 for partition, value in steps:
-                    await send_steps(partition, value)
-                    sent_steps += 1
+                    sent_steps.append((await send_steps(partition, value), (partition, value)))
             except BaseException:
-                self.retake(rows[sent_rows:], steps[sent_steps:])
+                self.retake(rows[len(sent_rows):], steps[len(sent_steps):])
                 raise
-            if every_row:  # a refusal raises here: every row is owed again
-                await asyncio.gather(*deliveries)
+            try:
+                refused_rows = await _refused(sent_rows)
+                refused_steps = await _refused(sent_steps)
+            except BaseException:  # a stop while waiting: the rows again (a row is a value,
+                self.retake([record for _, record in sent_rows], [])  # steps add up: not)
+                raise
+            if refused_rows or refused_steps:  # an every-row publish stays owed
+                self.retake([record for record, _ in refused_rows],
+                            [record for record, _ in refused_steps])
+                error = (refused_rows or refused_steps)[0][1]
+                raise RuntimeError(f"the broker refused {len(refused_rows)} item rows and "
+                                   f"{len(refused_steps)} messages of offset steps ({error!r}); "
+                                   "they are due again") from error
+            if every_row:
                 self._owes_every_row = False
                 mark = rows_shared_mark(self.settings)
                 mark.parent.mkdir(parents=True, exist_ok=True)

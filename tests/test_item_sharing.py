@@ -92,3 +92,61 @@ def test_steps_go_out_in_messages_within_the_size_limit_and_only_finite_ones(tmp
         got.update(zip(items, values.tolist()))
     assert got == {item: steps[n].tolist() for n, item in enumerate(ids[:-1])}
     assert sharing.steps_sent == len(ids) - 1
+
+
+def test_rows_and_steps_whose_delivery_the_broker_refuses_are_due_again(tmp_path):
+    """A publish returns once every record it sent is delivered (the worker commits the
+    training messages its rows hold after it): a refused row is due again, with its value
+    read again, and refused steps are held again, added to those taken since; the publish
+    raises, so nothing is committed on its word."""
+    from stream_app.wire import decode_offset_steps
+
+    settings = Settings(data_dir=tmp_path, model_dim=4, partitions=1, share_items=True)
+    engine = Engine(settings)
+    ids = ["a", "b", "c"]
+    engine.learner.assign(ids, np.ones((3, 5)))
+    rows_shared_mark(settings).parent.mkdir(parents=True, exist_ok=True)
+    rows_shared_mark(settings).touch()
+    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records: None)
+    empty = np.empty(0, dtype=np.int64)
+
+    def learned(rows, steps=None) -> None:
+        sharing.note(SimpleNamespace(
+            steps_added=0, installed=False,
+            delta=SimpleNamespace(rows=np.array(rows), input_rows=empty),
+            input_steps=None if steps is None else (np.array([2]), np.array([steps]))))
+
+    refuse = {b"b"}
+    sent_rows, sent_steps = [], []
+
+    async def send_row(key: bytes, value: bytes) -> asyncio.Future:
+        sent_rows.append(key)
+        delivery = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if key in refuse:
+            loop.call_later(0.01, delivery.set_exception, RuntimeError("not leader"))
+        else:
+            loop.call_later(0.01, delivery.set_result, None)
+        return delivery
+
+    async def send_steps(partition: int, value: bytes) -> asyncio.Future:
+        sent_steps.append(decode_offset_steps(value, 4)[1].sum(axis=0).tolist())
+        delivery = asyncio.get_running_loop().create_future()
+        delivery.set_exception(RuntimeError("too large")) if len(sent_steps) == 1 \
+            else delivery.set_result(None)
+        return delivery
+
+    def publish() -> None:
+        asyncio.run(sharing.publish(lambda: (sharing.due(), sharing.steps_due(frozenset())),
+                                    send_row, send_steps))
+
+    learned([0, 1], steps=[1.0, 0, 0, 0])
+    with pytest.raises(RuntimeError, match="refused 1 item rows and 1 messages"):
+        publish()
+    assert sorted(sent_rows) == [b"a", b"b"]
+    learned([], steps=[2.0, 0, 0, 0])
+    refuse.clear()
+    sent_rows.clear()
+    publish()
+    assert sent_rows == [b"b"]  # a is on the topic; b again
+    assert sent_steps == [[1.0, 0, 0, 0], [3.0, 0, 0, 0]]  # the refused step, added to
