@@ -664,6 +664,7 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
     async def hold(app: faust.App, assigned, **kwargs) -> None:
         sharing.held = frozenset(tp.partition for tp in assigned
                                  if tp.topic == settings.train_topic)
+        sharing.assigned.set()
 
     async def hand_over() -> None:
         """The rows learned since the last publish, out before the items move (a

@@ -171,6 +171,10 @@ class ItemSharing:
         self.caught_up = asyncio.Event()
         self.instance = uuid.uuid4().hex.encode()  # this process, in its records' headers
         self.held: frozenset[int] = frozenset()  # training partitions as last assigned
+        # set at the worker's first assignment: the catch-up waits for it, since before it
+        # no item is this worker's and every row of its own items would be installed, those
+        # published before its checkpoint over the newer learning the checkpoint holds
+        self.assigned = asyncio.Event()
         # item-rows partition: its next offset to read, past the records handed on. A
         # restarted reader goes on from there, as one that never failed: read again from the
         # beginning, its hand-overs (records of this worker's items another process
@@ -391,6 +395,8 @@ class ItemSharing:
             log.warning("the item-rows catch-up goes on with a new consumer: learning waits "
                         "for it")
         try:
+            if not self.caught_up.is_set():
+                await self.assigned.wait()  # which items are this worker's
             await consumer.start()
             catch_up = await self._assign(consumer)
             while True:

@@ -931,7 +931,9 @@ def test_a_restarted_item_rows_reader_installs_the_hand_overs_published_while_it
     this worker's items (another process published it) that came while it was down is
     installed, its own process's row is not, and the rows it installed before are not
     installed again (read again from the beginning, the hand-over passed for a record of the
-    catch-up, which installs no row of its own items once it has ended)."""
+    catch-up, which installs no row of its own items once it has ended). The catch-up waits
+    for the worker's first assignment: before it, no item is its own, and its own rows from
+    before its checkpoint would be installed over what the checkpoint learned since."""
     import asyncio
 
     from stream_app.engine import Engine, item_partition
@@ -946,7 +948,8 @@ def test_a_restarted_item_rows_reader_installs_the_hand_overs_published_while_it
     mine = [name for name in names if item_partition(name, shared.partitions) == 0][:3]
     theirs = [name for name in names if item_partition(name, shared.partitions) == 1][:1]
     installed: list[str] = []
-    sharing = ItemSharing(shared, Engine(shared), lambda: frozenset({0}),
+    held: set[int] = set()  # no partition before the worker's first assignment
+    sharing = ItemSharing(shared, Engine(shared), lambda: frozenset(held),
                           lambda records: installed.extend(key.decode() for key, _ in records))
 
     def publish(name: str, publisher: bytes) -> None:
@@ -955,9 +958,9 @@ def test_a_restarted_item_rows_reader_installs_the_hand_overs_published_while_it
                       headers=[(PUBLISHER, publisher)])
         producer.flush()
 
-    async def reader_until(done) -> None:
+    async def reader_until(done, timeout_s: float = 30.0) -> None:
         task = asyncio.ensure_future(sharing._read())
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout_s
         while not done() and time.monotonic() < deadline and not task.done():
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)  # nothing more comes
@@ -969,6 +972,10 @@ def test_a_restarted_item_rows_reader_installs_the_hand_overs_published_while_it
     publish(mine[0], b"other")  # one of its own, from before its checkpoint: not installed
 
     async def main() -> None:
+        await reader_until(lambda: False, 3.0)  # the catch-up waits for the first assignment
+        assert not sharing.caught_up.is_set() and installed == []
+        held.add(0)
+        sharing.assigned.set()
         await reader_until(sharing.caught_up.is_set)
         publish(mine[1], b"other")  # a hand-over, while the reader is down
         publish(mine[2], sharing.instance)  # its own row
