@@ -179,6 +179,38 @@ def test_reports_in_the_pipe_behind_the_learners_new_paths_are_kept_for_their_in
     assert (following.paths.model.rows_of(learning.paths.model._ids) >= 0).all()
 
 
+def test_a_learner_with_nothing_new_answers_a_checkpoint_request_without_writing_one(tmp_path):
+    """A SAVE after nothing was learned or installed writes nothing (the checkpoint there
+    holds it all) and still says saved; learning, or rows installed, make the next one
+    write."""
+    from stream_app.learner_process import LearnerLoop, rows_frame
+
+    settings = settings_for(tmp_path, dr_enabled=False)
+    said = []
+    loop = LearnerLoop(Engine(settings), settings, SimpleNamespace(send=said.append))
+    model = tmp_path / "checkpoints" / "model.npz"
+
+    def written() -> int:
+        return model.stat().st_mtime_ns if model.exists() else 0
+
+    def handle(frame_bytes: bytes) -> None:
+        loop.handle(frame_bytes[4:5], memoryview(frame_bytes)[5:])
+
+    examples, _ = examples_and_histories(40)
+    handle(learn_frame([TrainBatch.encode_parts([e.to_bytes() for e in examples])], 10))
+    handle(frame(SAVE))
+    first = written()
+    assert first
+    time.sleep(0.01)
+    handle(frame(SAVE))
+    assert written() == first  # nothing new: not written again
+    row = encode_item_row(np.ones(settings.model_dim + 1), np.zeros(settings.model_dim))
+    handle(rows_frame([(b"installed-item", row)]))
+    handle(frame(SAVE))
+    assert written() > first
+    assert [message for message in said if message[0] == "saved"] == [("saved", True)] * 3
+
+
 def test_the_learners_checkpoints_leave_popularity_to_the_worker_that_counts_it(tmp_path):
     """The learner process loads popularity at its start and counts nothing after: its saves
     (at the worker's request, and as the pipe closes) write the model, never popularity,
@@ -191,8 +223,9 @@ def test_the_learners_checkpoints_leave_popularity_to_the_worker_that_counts_it(
         worker.popularity.add(item, 1.7e9 + n)
     worker.save(model=False)
     loop = LearnerLoop(learning, settings, SimpleNamespace(send=lambda message: None))
+    loop.changed_since_save = True
     loop.handle(SAVE, memoryview(b""))
-    loop.learned_since_save = True
+    loop.changed_since_save = True
     loop.run(SimpleNamespace(poll=lambda timeout: (_ for _ in ()).throw(EOFError)))
     again = Engine(settings, replica=True)
     again.load()
