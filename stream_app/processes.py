@@ -172,7 +172,11 @@ class EmbeddedBroker(Child):
         except OSError:
             pass
         super().start()
-        wait_for_port(self.host, self.port, timeout_s, self.process)
+        try:
+            wait_for_port(self.host, self.port, timeout_s, self.process)
+        except BaseException:  # not left running with no one to stop it
+            self.stop(5.0)
+            raise
         return self
 
     def __enter__(self) -> EmbeddedBroker:

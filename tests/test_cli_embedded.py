@@ -295,3 +295,14 @@ def test_up_leaves_alone_a_data_dir_it_must_not_void(tmp_path, case):
         if held is not None:
             held.close()
     assert history.read_bytes() == b"a history" and system.worker is None
+
+
+def test_an_embedded_broker_that_does_not_listen_in_time_is_stopped_not_left_running(tmp_path):
+    """A start that times out stops the broker's process: the caller gets the error and no
+    process it holds no handle on keeps the port."""
+    from stream_app.processes import EmbeddedBroker, free_port
+
+    broker = EmbeddedBroker("127.0.0.1", free_port(), log_path=tmp_path / "broker.log")
+    with pytest.raises(TimeoutError):
+        broker.start(timeout_s=0.0)
+    assert broker.process.poll() is not None
