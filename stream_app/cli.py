@@ -217,6 +217,9 @@ def cmd_demo(settings: Settings, args) -> int:
     from .datasets import load
     from .supervisor import System, wait_for_signal, wait_ingested
 
+    if settings.metrics_port == 0:  # said now, not after the whole replay
+        raise ValueError("the demo follows the ingest on the worker's metrics, which "
+                         "STREAMREC_METRICS_PORT=0 turns off; set a port")
     path = args.path or settings.datasets_dir / DEMO_DATASET
     log = load(path, args.format)
     total = min(len(log), args.limit or len(log))

@@ -257,3 +257,16 @@ def test_a_broker_error_is_a_message_and_status_1_not_a_traceback(monkeypatch, c
     monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
     assert main(["recommend", "--user", "u1"]) == 1
     assert "streamrec recommend: " in capsys.readouterr().err
+
+
+def test_the_demo_refuses_metrics_turned_off_before_it_starts_anything(monkeypatch, capsys,
+                                                                       tmp_path):
+    """The demo follows the ingest on the worker's metrics: with them off it would replay
+    the whole dataset, then fail; it says so at once, having started nothing."""
+    from stream_app import supervisor
+
+    monkeypatch.setattr(supervisor, "System", None)  # anything started would fail here
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("STREAMREC_METRICS_PORT", "0")
+    assert main(["demo", "--exit"]) == 1
+    assert "STREAMREC_METRICS_PORT=0" in capsys.readouterr().err
