@@ -202,8 +202,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     async def decode_guarded(message, records: list[Sent]) -> Event | None:
         """The valid event of a message; None when the message went to the DLQ (with a
         reason) or was re-sent to its user's partition, under its user's key, with its headers
-        (either send added to ``records``), with an ``event_id`` that names where it came from when it had
-        none (:func:`moved_event_id`)."""
+        and with an ``event_id`` that names where it came from when it had none
+        (:func:`moved_event_id`); either send is added to ``records``."""
         try:
             event = decode_event(message.value, kinds=event_kinds,
                                  max_bytes=settings.max_event_bytes,
