@@ -47,12 +47,15 @@ def timeseries(title: str, targets: list[dict], unit: str, description: str = ""
     }
 
 
-def stat(title: str, targets: list[dict], description: str = "") -> dict:
-    """A single-number panel (one number per series)."""
+def stat(title: str, targets: list[dict], description: str = "", *,
+         whole: bool = True) -> dict:
+    """A single-number panel (one number per series); ``whole``: counts, shown without
+    decimals; else Grafana's own (α0 is about 0.01, a bias weight 0.25, a build 0.4 s)."""
+    defaults = {"unit": "none", "decimals": 0} if whole else {"unit": "none"}
     return {
         "type": "stat", "title": title, "description": description,
         "datasource": DATASOURCE, "targets": targets,
-        "fieldConfig": {"defaults": {"unit": "none", "decimals": 0}, "overrides": []},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
         "options": {"colorMode": "value", "graphMode": "area", "textMode": "value_and_name",
                     "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}},
     }
@@ -154,7 +157,8 @@ def overview() -> dict:
               "the model had learned their events (made again for events read again)."),
          stat("All-pairs weight α0", [target("streamrec_alpha0", "{{instance}}")],
               "Weight of each (user, item) pair in the all-pairs term now; with "
-              "STREAMREC_ALPHA0_RELATIVE it follows the density of the positives.")],
+              "STREAMREC_ALPHA0_RELATIVE it follows the density of the positives.",
+              whole=False)],
         [timeseries("Answer stages (p99)",
                     [target(f"histogram_quantile(0.99, sum by (le, stage) "
                             f"(rate(streamrec_stage_seconds_bucket[{RATE_WINDOW}])))",
@@ -181,7 +185,8 @@ def overview() -> dict:
                       "E")],
               "Seconds since the serving index was made, the last build's or update's seconds, "
               "failed builds (the previous version kept serving), versions made by updating the "
-              "previous one in place, seconds a due build has waited for a backlog.")],
+              "previous one in place, seconds a due build has waited for a backlog.",
+              whole=False)],
         [timeseries("Online quality (NDCG@k)",
                     [target("streamrec_serving_ndcg", "answering {{instance}}", "A"),
                      target("streamrec_serving_ndcg_configured", "configured {{instance}}",
@@ -199,7 +204,7 @@ def overview() -> dict:
               "The pair that answers: the user vector's recency half-life in events (+Inf: "
               "none) and the weight of the item bias; the examples ranked to choose it, how "
               "often the pair changed, and by how many standard errors the best other pair "
-              "leads it (it takes over past STREAMREC_SERVE_TUNING_MARGIN_Z).")],
+              "leads it (it takes over past STREAMREC_SERVE_TUNING_MARGIN_Z).", whole=False)],
         [timeseries("Deep Retrieval paths",
                     [target("streamrec_dr_largest_path", "largest path {{instance}}", "A"),
                      target("streamrec_dr_nonempty_paths", "non-empty paths {{instance}}", "B"),

@@ -480,3 +480,18 @@ def test_dashboard_metrics_exist_in_the_bundle(name, build):
     used = set().union(*(promql_metric_names(e) for e in dashboards.expressions(build())))
     assert used, f"{name}: no metric names found"
     assert used <= exported, f"{name}: not exported: {sorted(used - exported)}"
+
+
+def test_stat_panels_of_fractions_are_not_rounded_to_whole_numbers():
+    """α0 is about 0.01, a bias weight 0.25, a lead 0.7 standard errors, a build 0.4 s: a
+    stat panel fixed to 0 decimals showed them as 0 or 1."""
+    fractions = {"streamrec_alpha0", "streamrec_serving_bias_weight", "streamrec_serving_lead",
+                 "streamrec_index_build_seconds"}
+    panels = [panel for build in dashboards.DASHBOARDS.values()
+              for panel in build()["panels"] if panel["type"] == "stat"]
+    showing = [panel for panel in panels
+               if any(name in target["expr"] for target in panel["targets"]
+                      for name in fractions)]
+    assert len(showing) == 3
+    assert all(panel["fieldConfig"]["defaults"].get("decimals") != 0 for panel in showing)
+    assert any(panel["fieldConfig"]["defaults"].get("decimals") == 0 for panel in panels)
