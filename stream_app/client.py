@@ -20,6 +20,10 @@ class ResponseTimeout(TimeoutError):
     pass
 
 
+#: longest a client's close waits for what its producer still holds
+CLOSE_TIMEOUT_S = 10.0
+
+
 def producer(settings: Settings, **overrides):
     from kafka import KafkaProducer
 
@@ -34,11 +38,13 @@ def replay(settings: Settings, events: Iterable[dict], *, rate: float | None = N
     Returns how many were sent after all are acknowledged."""
     sink = producer(settings)
     sent = 0
+    refused: list[BaseException] = []  # deliveries that failed (flush() does not raise them)
     started = time.monotonic()
     try:
         for event in events:
             sink.send(settings.topic_events, key=event["user_id"].encode(),
-                      value=json.dumps(event, separators=(",", ":")).encode())
+                      value=json.dumps(event, separators=(",", ":")).encode()
+                      ).add_errback(refused.append)
             sent += 1
             if progress is not None:
                 progress.update(1)
@@ -48,7 +54,10 @@ def replay(settings: Settings, events: Iterable[dict], *, rate: float | None = N
                     time.sleep(ahead)
         sink.flush()
     finally:
-        sink.close()
+        sink.close(timeout=CLOSE_TIMEOUT_S)
+    if refused:
+        raise RuntimeError(f"the broker did not take {len(refused)} of the {sent} events "
+                           f"sent (the first: {refused[0]!r})")
     return sent
 
 
@@ -69,7 +78,7 @@ class RecClient:
 
     def __init__(self, settings: Settings, reply_to: str | None = None, *,
                  fetch_wait_ms: int = 5) -> None:
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import KafkaConsumer
 
         self.settings = settings
         self.reply_to = reply_to or settings.topic_responses
@@ -77,19 +86,34 @@ class RecClient:
             raise ValueError(f"reply_to must start with {settings.topic_responses!r}: a worker "
                              f"answers only there, so {self.reply_to!r} would wait in vain")
         self._producer = producer(settings, linger_ms=0)
-        self._consumer = KafkaConsumer(
-            client_id=f"{settings.app_id}-client", enable_auto_commit=False,
-            fetch_max_wait_ms=fetch_wait_ms, **client_config(settings))
+        try:
+            self._consumer = KafkaConsumer(
+                client_id=f"{settings.app_id}-client", enable_auto_commit=False,
+                fetch_max_wait_ms=fetch_wait_ms, **client_config(settings))
+        except BaseException:
+            self._producer.close(timeout=CLOSE_TIMEOUT_S)
+            raise
         self._guard = FetchWaitGuard(fetch_wait_ms) if settings.compat_fixes else None
-        if self.reply_to != settings.topic_responses:
-            ensure_topics(settings, [self.reply_to])
+        try:
+            self._read_replies()
+        except BaseException:  # no client to close: its sockets and threads go now
+            self.close()
+            raise
+        self._awaited: set[str] = set()  # sent or waited for, not yet answered
+        self._pending: dict[str, RecResponse] = {}
+
+    def _read_replies(self) -> None:
+        """Read the reply topic from its end (made first where it is not the responses
+        topic)."""
+        from kafka import TopicPartition
+
+        if self.reply_to != self.settings.topic_responses:
+            ensure_topics(self.settings, [self.reply_to])
         partitions = self._wait_for_partitions(self.reply_to)
         self._consumer.assign([TopicPartition(self.reply_to, p) for p in partitions])
         self._consumer.seek_to_end()
         for tp in self._consumer.assignment():
             self._consumer.position(tp)  # resolve now, before any request is sent
-        self._awaited: set[str] = set()  # sent or waited for, not yet answered
-        self._pending: dict[str, RecResponse] = {}
 
     def _wait_for_partitions(self, topic: str, timeout_s: float = 10.0) -> set[int]:
         deadline = time.monotonic() + timeout_s
@@ -106,6 +130,7 @@ class RecClient:
         the caller learns it at once rather than after its wait. Returns the send's future."""
         from kafka.errors import KafkaTimeoutError
 
+        request = self._replied_here(request)
         self._awaited.add(request.request_id)
         key = (request.user_id or request.request_id).encode()
         try:  # kafka-python waits up to max_block_ms here for metadata or buffer room
@@ -120,6 +145,17 @@ class RecClient:
         if flush:
             self._check_sent({request.request_id: sending}, time.monotonic() + timeout_s)
         return sending
+
+    def _replied_here(self, request: RecRequest) -> RecRequest:
+        """``request`` answered on the topic this client reads: its ``reply_to`` set to it
+        when it names none; one that names another topic is refused, as its answer would
+        never reach this client."""
+        mine = None if self.reply_to == self.settings.topic_responses else self.reply_to
+        if request.reply_to is None or request.reply_to == self.reply_to:
+            return request if request.reply_to == mine else request.model_copy(
+                update={"reply_to": mine})
+        raise ValueError(f"request {request.request_id} asks to be answered on "
+                         f"{request.reply_to!r}; this client reads {self.reply_to!r}")
 
     def _check_sent(self, sending: dict, deadline: float) -> None:
         """Wait until the broker has each request of ``sending`` (request id: future), at
@@ -219,15 +255,18 @@ class RecClient:
                   k: int = 10, timeout_s: float = 10.0, **fields) -> RecResponse:
         """The answer to one request; ``timeout_s`` bounds sending it and its answer."""
         deadline = time.monotonic() + timeout_s
-        request = RecRequest(request_id=uuid.uuid4().hex, user_id=user_id, history=history, k=k,
-                             reply_to=None if self.reply_to == self.settings.topic_responses
-                             else self.reply_to, **fields)
+        request = RecRequest(**{"request_id": uuid.uuid4().hex, **fields}, user_id=user_id,
+                             history=history, k=k)
         self.send(request, timeout_s=timeout_s)
         return self._wait_until(request.request_id, deadline, timeout_s)
 
     def close(self) -> None:
-        self._producer.close()
-        self._consumer.close()
+        """Close the producer (waiting at most ``CLOSE_TIMEOUT_S`` for what it holds: a
+        request that timed out may still be buffered) and the consumer."""
+        try:
+            self._producer.close(timeout=CLOSE_TIMEOUT_S)
+        finally:
+            self._consumer.close()
 
     def __enter__(self) -> RecClient:
         return self

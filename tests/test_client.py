@@ -145,3 +145,54 @@ def test_a_request_the_producer_could_not_take_is_not_awaited(monkeypatch):
     with pytest.raises(ResponseTimeout):
         client.recommend("u1")
     assert client._awaited == set()
+
+
+def test_requests_are_answered_on_the_topic_the_client_reads():
+    """A client on its own reply topic sets it on every request it sends (``send`` and
+    ``ask_many`` too, not only ``recommend``); a request naming another topic is refused,
+    as its answer would never reach the client."""
+    import json
+
+    clock = [0.0]
+    client = offline_client(clock)
+    client.reply_to = client.settings.topic_responses + ".checkout"
+    sent = []
+    client._producer = SimpleNamespace(
+        send=lambda topic, key, value: sent.append(json.loads(value)) or Sending(clock))
+    client.send(RecRequest(request_id="a", user_id="u1"))
+    with pytest.raises(ResponseTimeout):
+        client.ask_many([RecRequest(request_id="b", user_id="u1")], timeout_s=0.5)
+    with pytest.raises(ResponseTimeout):
+        client.recommend("u1", timeout_s=0.5, request_id="mine")
+    assert [(request["request_id"], request["reply_to"]) for request in sent] == [
+        ("a", client.reply_to), ("b", client.reply_to), ("mine", client.reply_to)]
+    with pytest.raises(ValueError, match="this client reads"):
+        client.send(RecRequest(request_id="c", user_id="u1",
+                               reply_to=client.settings.topic_responses))
+    assert "c" not in client._awaited
+
+
+def test_a_replay_whose_events_the_broker_refused_raises_not_reports_them_sent(monkeypatch):
+    """kafka-python's flush does not raise a failed delivery: the replay follows each one,
+    and says how many the broker did not take."""
+    from kafka.errors import MessageSizeTooLargeError
+
+    class Delivery:
+        def __init__(self, error) -> None:
+            self.error = error
+
+        def add_errback(self, errback) -> None:
+            if self.error is not None:
+                errback(self.error)
+
+    sends = []
+    sink = SimpleNamespace(
+        send=lambda topic, key, value: sends.append(key) or Delivery(
+            MessageSizeTooLargeError() if len(sends) == 2 else None),
+        flush=lambda: None, close=lambda timeout=None: None)
+    monkeypatch.setattr(client_module, "producer", lambda settings: sink)
+    events = [{"v": 1, "user_id": f"u{n}", "item_id": "i", "kind": "view", "ts": 1.0}
+              for n in range(3)]
+    with pytest.raises(RuntimeError, match="did not take 1 of the 3 events"):
+        client_module.replay(Settings(), events)
+    assert len(sends) == 3
