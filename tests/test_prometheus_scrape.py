@@ -218,3 +218,15 @@ def test_every_dashboard_query_returns_numbers(scraped, expr):
     result = query(scraped.url, expr)
     assert result, f"no series for {expr}"
     assert all(math.isfinite(v) for v in values(result)), (expr, result)
+
+
+def test_a_slow_answer_lands_in_a_bucket_of_its_own_size_not_the_last():
+    """An answer may take up to 10 s and a request wait longer through a rebalance: the
+    dashboard's p99 reads the buckets, and one past the last finite bucket reads as it."""
+    metrics = Metrics()
+    metrics.request_latency.observe(7.0)
+    metrics.request_wait.observe(20.0)
+    sample = metrics.registry.get_sample_value
+    assert sample("streamrec_request_latency_seconds_bucket", {"le": "5.0"}) == 0.0
+    assert sample("streamrec_request_latency_seconds_bucket", {"le": "10.0"}) == 1.0
+    assert sample("streamrec_request_wait_seconds_bucket", {"le": "30.0"}) == 1.0
