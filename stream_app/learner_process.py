@@ -444,10 +444,12 @@ class LearnerLoop:
         self.engine = engine
         self.settings = settings
         self.outbox = outbox
-        # learned or installed since the last checkpoint written: else a SAVE writes nothing
-        # (the checkpoint there holds it all; at a million items a model of gigabytes was
-        # written again every 30 s by a learner with nothing to learn)
-        self.changed_since_save = False
+        # learned, or rows installed, since the last checkpoint written: else a SAVE writes
+        # nothing (the checkpoint there holds it all; at a million items a model of gigabytes
+        # was written again every 30 s by a learner with nothing to learn). Installs alone do
+        # not make the checkpoint at the pipe's end (see run)
+        self.learned_since_save = False
+        self.installed_since_save = False
 
     def run(self, inbox: Connection) -> None:
         """Until the worker closes the pipe (its stop, or its death): then checkpoint, when it
@@ -465,26 +467,26 @@ class LearnerLoop:
                     self.send_inputs()
                     next_check = time.monotonic() + self.settings.index_check_s
         except (EOFError, OSError, struct.error):  # BrokenPipeError: the worker is gone
-            if self.changed_since_save:  # else the checkpoint there holds it all
+            if self.learned_since_save:  # else the checkpoint there holds it all
                 self.engine.save(popularity=False)  # the worker's to save
                 log.info("learner stopped; checkpoint written")
 
     def handle(self, kind: bytes, body: memoryview, *, caught_up: bool = True) -> None:
         if kind == LEARN:
-            self.changed_since_save = True
+            self.learned_since_save = True
             self.outbox.send(("learned", self.learn(*parse_learn(body), caught_up=caught_up)))
         elif kind == SAVE:  # the worker commits what it holds only once it is written
             try:
-                if self.changed_since_save:
+                if self.learned_since_save or self.installed_since_save:
                     self.engine.save(popularity=False)  # the worker's to save
             except Exception:  # noqa: BLE001 - a full disk: learning goes on, commits wait
                 log.exception("could not write the checkpoint")
                 self.outbox.send(("saved", False))
             else:
-                self.changed_since_save = False
+                self.learned_since_save = self.installed_since_save = False
                 self.outbox.send(("saved", True))
         elif kind == ROWS:
-            self.changed_since_save = True
+            self.installed_since_save = True
             report = install_records(self.engine, parse_rows(body))
             if report is not None:
                 self.outbox.send(("inputs", report))

@@ -182,7 +182,9 @@ def test_reports_in_the_pipe_behind_the_learners_new_paths_are_kept_for_their_in
 def test_a_learner_with_nothing_new_answers_a_checkpoint_request_without_writing_one(tmp_path):
     """A SAVE after nothing was learned or installed writes nothing (the checkpoint there
     holds it all) and still says saved; learning, or rows installed, make the next one
-    write."""
+    write. Rows installed alone do not make the checkpoint at the pipe's end: a start that
+    stops during its item-rows catch-up leaves the checkpoint's time as it was (the next
+    catch-up installs the worker's own rows published after it)."""
     from stream_app.learner_process import LearnerLoop, rows_frame
 
     settings = settings_for(tmp_path, dr_enabled=False)
@@ -207,8 +209,13 @@ def test_a_learner_with_nothing_new_answers_a_checkpoint_request_without_writing
     row = encode_item_row(np.ones(settings.model_dim + 1), np.zeros(settings.model_dim))
     handle(rows_frame([(b"installed-item", row)]))
     handle(frame(SAVE))
-    assert written() > first
+    second = written()
+    assert second > first
     assert [message for message in said if message[0] == "saved"] == [("saved", True)] * 3
+    time.sleep(0.01)
+    handle(rows_frame([(b"installed-later", row)]))
+    loop.run(SimpleNamespace(poll=lambda timeout: (_ for _ in ()).throw(EOFError)))
+    assert written() == second  # the pipe's end after installs alone: not written
 
 
 def test_the_learners_checkpoints_leave_popularity_to_the_worker_that_counts_it(tmp_path):
@@ -223,9 +230,9 @@ def test_the_learners_checkpoints_leave_popularity_to_the_worker_that_counts_it(
         worker.popularity.add(item, 1.7e9 + n)
     worker.save(model=False)
     loop = LearnerLoop(learning, settings, SimpleNamespace(send=lambda message: None))
-    loop.changed_since_save = True
+    loop.learned_since_save = True
     loop.handle(SAVE, memoryview(b""))
-    loop.changed_since_save = True
+    loop.learned_since_save = True
     loop.run(SimpleNamespace(poll=lambda timeout: (_ for _ in ()).throw(EOFError)))
     again = Engine(settings, replica=True)
     again.load()
