@@ -62,7 +62,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,13 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 #: the record header naming the worker process that published an item row
 PUBLISHER = "streamrec-publisher"
+
+
+def _drop_outcomes(deliveries: Iterable[Any]) -> None:
+    """Deliveries no one will await: their errors read, not logged as never retrieved."""
+    for delivery in deliveries:
+        if delivery is not None:
+            delivery.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 async def _refused(sent: list[tuple[Any, Any]]) -> list[tuple[Any, BaseException]]:
@@ -272,8 +279,9 @@ class ItemSharing:
         ``send_steps(partition, value)`` sends a message of steps to the training topic.
         Either send may return its record's delivery, and the publish returns once every
         delivery did: the caller commits the training messages whose learning the rows hold
-        after it. The records not sent when a send fails, and those whose delivery the broker
-        refused, are due again (:meth:`retake`) and it raises. A publish of every owned row
+        after it. When a send fails, every row and the steps not sent are due again
+        (:meth:`retake`), and so are the records whose delivery the broker refused; then it
+        raises. A publish of every owned row
         marks the topic as holding them (:func:`rows_shared_mark`) only once the broker took
         them all."""
         async with self._publishing:
@@ -286,8 +294,9 @@ class ItemSharing:
                     sent_rows.append((await send_row(key, value), (key, value)))
                 for partition, value in steps:
                     sent_steps.append((await send_steps(partition, value), (partition, value)))
-            except BaseException:
-                self.retake(rows[len(sent_rows):], steps[len(sent_steps):])
+            except BaseException:  # the rows sent too: their deliveries are not followed
+                self.retake(rows, steps[len(sent_steps):])  # (a row again is its value again)
+                _drop_outcomes(delivery for delivery, _ in sent_rows + sent_steps)
                 raise
             try:
                 refused_rows = await _refused(sent_rows)

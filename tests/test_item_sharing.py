@@ -150,3 +150,45 @@ def test_rows_and_steps_whose_delivery_the_broker_refuses_are_due_again(tmp_path
     publish()
     assert sent_rows == [b"b"]  # a is on the topic; b again
     assert sent_steps == [[1.0, 0, 0, 0], [3.0, 0, 0, 0]]  # the refused step, added to
+
+
+def test_a_publish_whose_send_fails_owes_every_row_again_those_sent_before_it_too(tmp_path):
+    """A send that raises mid-publish (a metadata timeout while the broker moves) leaves the
+    deliveries of the rows sent before it unfollowed: every row of the publish is due again,
+    so the next publish, after which the worker commits, sends them."""
+    settings = Settings(data_dir=tmp_path, model_dim=4, partitions=1, share_items=True)
+    engine = Engine(settings)
+    engine.learner.assign(["a", "b"], np.ones((2, 5)))
+    rows_shared_mark(settings).parent.mkdir(parents=True, exist_ok=True)
+    rows_shared_mark(settings).touch()
+    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records: None)
+    empty = np.empty(0, dtype=np.int64)
+    sharing.note(SimpleNamespace(steps_added=0, installed=False, input_steps=None,
+                                 delta=SimpleNamespace(rows=np.array([0, 1]), input_rows=empty)))
+    sent: list[bytes] = []
+    failing = [True]
+
+    async def send_row(key: bytes, value: bytes) -> asyncio.Future:
+        if failing[0] and sent:
+            raise RuntimeError("metadata not updated")
+        sent.append(key)
+        delivery = asyncio.get_running_loop().create_future()
+        if failing[0]:
+            delivery.set_exception(RuntimeError("not leader"))
+        else:
+            delivery.set_result(None)
+        return delivery
+
+    async def send_steps(partition: int, value: bytes) -> None:
+        return None
+
+    def publish() -> None:
+        asyncio.run(sharing.publish(lambda: (sharing.due(), []), send_row, send_steps))
+
+    with pytest.raises(RuntimeError, match="metadata"):
+        publish()
+    assert len(sent) == 1
+    failing[0] = False
+    sent.clear()
+    publish()
+    assert sorted(sent) == [b"a", b"b"]
