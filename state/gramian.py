@@ -183,15 +183,17 @@ class ExactGramian:
 class DecayedGramian:
     """Estimate of G_C = Σ_u φ̃(u)φ̃(u)ᵀ from a stream of user vectors (Rendle eq. 41).
 
-    Per micro-batch of B rows, with weights w_b (default 1) and κ = (1 − β)^B,
+    Per micro-batch of B rows, with weights w_b (default 1), W = Σ_b w_b and κ = (1 − β)^W,
 
-        M̂ ← κ M̂ + (1 − κ) · Σ_b w_b φ̃_b φ̃_bᵀ / Σ_b w_b,      Ĝ_C = |C| · M̂ / (1 − (1 − β)^t),
+        M̂ ← κ M̂ + (1 − κ) · Σ_b w_b φ̃_b φ̃_bᵀ / W,      Ĝ_C = |C| · M̂ / (1 − (1 − β)^t),
 
-    t the rows seen so far. With a constant |C| and B = 1 this is eq. 41: Ĝ ← (1 − β)Ĝ +
-    β·|C|·φ̃φ̃ᵀ. β is a rate *per row*, so the memory is about 1/β user vectors however the
-    stream is cut into micro-batches: a live worker's batches are as small as the traffic of
-    the last few milliseconds, and a rate per batch would let a batch of three events from one
-    user weigh as much as a batch of 256 from everyone. Two more deliberate differences:
+    t the weight seen so far. With a constant |C| and B = 1 this is eq. 41: Ĝ ← (1 − βw)Ĝ +
+    βw·|C|·φ̃φ̃ᵀ to first order, w = 1/|I_c|. β is a rate *per unit of weight* (per row,
+    unweighted), so the memory is about 1/β user vectors however the stream is cut into
+    micro-batches: a live worker's batches are as small as the traffic of the last few
+    milliseconds, and a rate per batch would let a batch of three events from one user weigh
+    as much as a batch of 256 from everyone (and a batch's weights, normalized within it only,
+    would do nothing in a batch of one). Two more deliberate differences:
 
     - |C|, the number of active users, is passed in by the caller (``n_active``) and multiplies
       the average on read. The learner is partitioned by item and sees no user ids; the ingest
@@ -221,7 +223,7 @@ class DecayedGramian:
         self.beta = beta
         self.n_active = float(n_active)
         self._moment = np.zeros((dim, dim))
-        self._mass = 0.0  # 1 − (1 − β)^t: the weight the moving average has accumulated
+        self._mass = 0.0  # 1 − (1 − β)^t: what the moving average has accumulated
 
     def update(self, rows: np.ndarray, n_active: float | None = None,
                weights: np.ndarray | None = None) -> None:
@@ -232,8 +234,9 @@ class DecayedGramian:
         if len(rows) == 0:
             return
         w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=np.float64)
-        batch = (rows.T * w) @ rows / w.sum()
-        keep = (1.0 - self.beta) ** len(rows)
+        total = w.sum()
+        batch = (rows.T * w) @ rows / total
+        keep = (1.0 - self.beta) ** total
         self._moment = keep * self._moment + (1.0 - keep) * batch
         self._mass = keep * self._mass + (1.0 - keep)
 

@@ -61,9 +61,9 @@ def user_rows(m: int, seed: int) -> np.ndarray:
     return np.hstack([rng.normal(size=(m, DIM - 1)) + 0.5, np.ones((m, 1))])  # [φ, 1]
 
 
-def stream(Phi, gramian, n_batches, rng, p=None, weights_of=None):
+def stream(Phi, gramian, n_batches, rng, p=None, weights_of=None, batch=64):
     for _ in range(n_batches):
-        users = rng.choice(len(Phi), 64, p=p)
+        users = rng.choice(len(Phi), batch, p=p)
         w = None if weights_of is None else weights_of[users]
         gramian.update(Phi[users], n_active=len(Phi), weights=w)
 
@@ -106,6 +106,20 @@ def test_importance_weights_undo_activity_bias():
     stream(Phi, weighted, 1500, np.random.default_rng(5), p=p, weights_of=1.0 / activity)
     assert weighted.distance_to(Phi.T @ Phi) < 0.08
     assert plain.distance_to(Phi.T @ Phi) > 0.5
+
+
+def test_importance_weights_work_in_batches_of_one_row():
+    """A live worker's batches can hold one event: its weight must then set how far the
+    estimate moves (Rendle eq. 41: a step of β/|I_c|), as normalizing within the batch
+    alone cannot."""
+    Phi = user_rows(200, 3)
+    Phi[:20, :-1] += 3.0
+    activity = np.where(np.arange(200) < 20, 20.0, 1.0)
+    p = activity / activity.sum()
+    weighted = DecayedGramian(DIM, 0.02 / 64)
+    stream(Phi, weighted, 40_000, np.random.default_rng(5), p=p, weights_of=1.0 / activity,
+           batch=1)
+    assert weighted.distance_to(Phi.T @ Phi) < 0.1
 
 
 def test_value_scales_with_the_active_user_count_at_once():
