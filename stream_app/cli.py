@@ -215,7 +215,7 @@ def cmd_demo(settings: Settings, args) -> int:
 
     from .client import RecClient, replay
     from .datasets import load
-    from .supervisor import System, wait_for_signal, wait_ingested
+    from .supervisor import System, wait_for_signal, wait_ingested, wait_learned
 
     if settings.metrics_port == 0:  # said now, not after the whole replay
         raise ValueError("the demo follows the ingest on the worker's metrics, which "
@@ -231,6 +231,7 @@ def cmd_demo(settings: Settings, args) -> int:
             replay(settings, itertools.islice(log.events(), total), progress=bar)
         with tqdm(total=total, unit="ev", desc="ingested ", file=sys.stderr) as bar:
             wait_ingested(settings, total, progress=bar)
+        wait_learned(settings)
         show_users(settings, log, total, args.users, titles_near(path), RecClient)
         if not args.exit:
             print("\nstreamrec is up; try `streamrec recommend --user "

@@ -205,6 +205,23 @@ def wait_ingested(settings: Settings, count: int, timeout_s: float = 300.0,
     raise TimeoutError(f"the worker took {taken:.0f} of {count} events in {timeout_s:.0f} s")
 
 
+def wait_learned(settings: Settings, settle_s: float = 1.0, timeout_s: float = 120.0) -> float:
+    """Wait until the worker's count of learned events has stood still for ``settle_s`` (its
+    learner has caught up with what was taken in; at most ``timeout_s``); returns it. The
+    events are taken in before they are learned: answered at once, a busy machine's first
+    answers came from popularity alone."""
+    deadline = time.monotonic() + timeout_s
+    learned, since = -1.0, time.monotonic()
+    while time.monotonic() < deadline:
+        now = scrape(settings).get("streamrec_learned_events_total", 0.0)
+        if now != learned or now == 0.0:
+            learned, since = now, time.monotonic()
+        elif time.monotonic() - since >= settle_s:
+            break
+        time.sleep(0.1)
+    return learned
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -270,3 +270,14 @@ def test_the_demo_refuses_metrics_turned_off_before_it_starts_anything(monkeypat
     monkeypatch.setenv("STREAMREC_METRICS_PORT", "0")
     assert main(["demo", "--exit"]) == 1
     assert "STREAMREC_METRICS_PORT=0" in capsys.readouterr().err
+
+
+def test_the_demo_waits_for_the_learner_to_catch_up_before_it_answers(monkeypatch):
+    """Events are taken in before they are learned: the demo waits until the learned count
+    stands still (and is not 0), so its answers come from the model, not popularity alone."""
+    from stream_app import supervisor
+
+    counts = iter([0.0, 0.0, 120.0, 480.0, 900.0])
+    monkeypatch.setattr(supervisor, "scrape", lambda settings: {
+        "streamrec_learned_events_total": next(counts, 900.0)})
+    assert supervisor.wait_learned(Settings(), settle_s=0.3, timeout_s=10.0) == 900.0
