@@ -93,18 +93,24 @@ def ids_to_arrays(ids: Sequence[str], name: str = "ids") -> dict[str, np.ndarray
             f"{name}_ends": np.cumsum(lengths, dtype=np.int64)}
 
 
-def ids_from_arrays(data: Mapping[str, np.ndarray], name: str = "ids") -> list[str]:
+def ids_from_arrays(data: Mapping[str, np.ndarray], name: str = "ids",
+                    where: object = "a checkpoint") -> list[str]:
     """The ids :func:`ids_to_arrays` wrote, or those of a checkpoint written before it (one
-    string array under ``name``)."""
-    if f"{name}_utf8" not in data:
-        return [str(item) for item in data[name]]
-    raw = data[f"{name}_utf8"].tobytes()
-    ends = data[f"{name}_ends"].tolist()
-    if ends and (ends[-1] != len(raw) or min(np.diff(ends, prepend=0)) < 0):
-        raise DamagedCheckpoint(f"its ids do not read: {len(ends)} ids end at {ends[-1]} "
-                                f"of {len(raw)} bytes")
-    return [raw[start:end].decode("utf-8", "surrogatepass")
-            for start, end in zip([0, *ends[:-1]], ends)]
+    string array under ``name``); ``where`` names the file in the error of ones that do not
+    read."""
+    try:
+        if f"{name}_utf8" not in data:
+            return [str(item) for item in data[name]]
+        raw = data[f"{name}_utf8"].tobytes()
+        ends = data[f"{name}_ends"].tolist()
+        if ends and (ends[-1] != len(raw) or min(np.diff(ends, prepend=0)) < 0):
+            raise ValueError(f"{len(ends)} ids end at {ends[-1]} of {len(raw)} bytes")
+        return [raw[start:end].decode("utf-8", "surrogatepass")
+                for start, end in zip([0, *ends[:-1]], ends)]
+    except (KeyError, ValueError) as error:  # UnicodeDecodeError too
+        raise DamagedCheckpoint(f"the ids ({name}) of {where} do not read ({error!r}): "
+                                "restore it, or remove it to start that part of the model "
+                                "empty") from error
 
 
 def read_only_view(array: np.ndarray) -> np.ndarray:

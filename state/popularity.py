@@ -161,7 +161,7 @@ class DecayedPopularity:
         data = load_npz(path)
         if data is None:
             return False
-        ids = ids_from_arrays(data)
+        ids = ids_from_arrays(data, where=path)
         self._index = {item_id: row for row, item_id in enumerate(ids)}
         self._ids = ids
         self._log_mass = np.array(data["log_mass"], dtype=np.float64)

@@ -198,5 +198,8 @@ def test_ids_round_trip_through_an_npz_at_the_size_of_their_bytes(tmp_path):
     assert ids_from_arrays(old) == odd[1:]
     cut = ids_to_arrays(odd)
     cut["ids_utf8"] = cut["ids_utf8"][:-3]
-    with pytest.raises(DamagedCheckpoint):
-        ids_from_arrays(cut)
+    flipped = ids_to_arrays(["é"])
+    flipped["ids_utf8"] = flipped["ids_utf8"][::-1].copy()  # a continuation byte first
+    for damaged in (cut, flipped, {"ids_utf8": cut["ids_utf8"]}):
+        with pytest.raises(DamagedCheckpoint):
+            ids_from_arrays(damaged)
