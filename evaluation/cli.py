@@ -68,7 +68,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="seeded user sample and small models: minutes become seconds")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the stream interleaving, samples, splits and models")
+                        help="seeds the stream interleaving, samples, splits and models, the "
+                             "streaming rows too (in place of STREAMREC_MODEL_SEED)")
     parser.add_argument("--out", type=Path, help="output folder (default out/eval/DATASET-PROTOCOL)")
     parser.add_argument("--data-root", type=Path,
                         help="folder holding the named datasets (default: the "
@@ -203,8 +204,8 @@ def build_specs(names: list[str], dataset: Dataset, settings, seed: int, quick: 
 
     grids = QUICK_GRIDS if quick else FULL_GRIDS
     n_items = dataset.n_items
-    # the streaming rows' random item vectors and Deep Retrieval's start follow --seed too
-    # (the settings' own model seed is the default --seed, 0)
+    # the streaming rows' random item vectors and Deep Retrieval's start follow --seed too,
+    # in place of STREAMREC_MODEL_SEED (one seed for the whole run; --seed defaults to 0)
     settings = settings.replace(model_seed=seed)
     builders = {
         # Deep Retrieval learns only where it is measured: it does not change the item model.

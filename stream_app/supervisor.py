@@ -158,8 +158,9 @@ def forget_broker_state(settings: Settings) -> list[str]:
 def wait_for_signal(system: System, on_tick: Callable[[], None] | None = None) -> int:
     """Block until SIGINT/SIGTERM or until the worker dies. Returns 0 after a signal, and
     after the worker's death the status to exit with: the worker's own (76: its learner
-    process died; 75: it did not stop in time), or 1 where it exited 0 unasked, so that a
-    service manager or a script sees a system that stopped by itself as failed."""
+    process died; 75: it did not stop in time; 128 + N, as a shell says it, when signal N
+    killed it), or 1 where it exited 0 unasked, so that a service manager or a script sees a
+    system that stopped by itself as failed."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -169,7 +170,7 @@ def wait_for_signal(system: System, on_tick: Callable[[], None] | None = None) -
                 status = system.worker.process.poll()
                 log.error("the worker exited (status %s):\n%s", status,
                           tail(system.logs / "worker.log"))
-                return status or 1
+                return 128 - status if status < 0 else status or 1  # killed by a signal: 128+N
             stop.wait(0.5)
         return 0
     finally:

@@ -208,7 +208,7 @@ def test_the_readme_documents_every_setting():
     assert fields - documented == set()
 
 
-@pytest.mark.parametrize("worker_status, expected", [(76, 76), (0, 1)])
+@pytest.mark.parametrize("worker_status, expected", [(76, 76), (0, 1), ("kill", 137)])
 def test_up_exits_with_the_workers_status_when_the_worker_dies(tmp_path, monkeypatch, capsys,
                                                                 worker_status, expected):
     """`streamrec up` stops when its worker dies, and says so in its exit status (the
@@ -226,8 +226,9 @@ def test_up_exits_with_the_workers_status_when_the_worker_dies(tmp_path, monkeyp
             self.stopped = False
 
         def start(self) -> None:
-            self.worker = Child("worker", [sys.executable, "-c",
-                                           f"import sys; sys.exit({worker_status})"],
+            code = ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+                    if worker_status == "kill" else f"import sys; sys.exit({worker_status})")
+            self.worker = Child("worker", [sys.executable, "-c", code],
                                 log_path=self.logs / "worker.log").start()
 
         def describe(self) -> str:
