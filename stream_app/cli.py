@@ -188,7 +188,7 @@ def cmd_recommend(settings: Settings, args) -> int:
     if args.user is None and args.history is None:
         print("streamrec recommend: give --user and/or --history", file=sys.stderr)
         return 2
-    with RecClient(settings) as client:
+    with RecClient(settings, connect_timeout_s=args.timeout) as client:
         response = client.recommend(args.user, history=args.history, k=args.k,
                                     exclude_seen=not args.include_seen, timeout_s=args.timeout)
     if args.json:

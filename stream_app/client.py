@@ -24,6 +24,17 @@ class ResponseTimeout(TimeoutError):
 CLOSE_TIMEOUT_S = 10.0
 
 
+def bootstrap_within(timeout_s: float | None) -> dict:
+    """Options that bound a kafka-python client's first connection to ``timeout_s`` (its
+    own default is 30 s, which a short request timeout should not wait behind); none where
+    this kafka-python has no such option (before 3.0) or no bound is asked."""
+    from kafka import KafkaConsumer
+
+    if timeout_s is None or "bootstrap_timeout_ms" not in KafkaConsumer.DEFAULT_CONFIG:
+        return {}
+    return {"bootstrap_timeout_ms": max(1, int(timeout_s * 1000))}
+
+
 def producer(settings: Settings, **overrides):
     from kafka import KafkaProducer
 
@@ -77,7 +88,7 @@ class RecClient:
     """
 
     def __init__(self, settings: Settings, reply_to: str | None = None, *,
-                 fetch_wait_ms: int = 5) -> None:
+                 fetch_wait_ms: int = 5, connect_timeout_s: float | None = None) -> None:
         from kafka import KafkaConsumer
 
         self.settings = settings
@@ -85,11 +96,12 @@ class RecClient:
         if not self.reply_to.startswith(settings.topic_responses):  # workers refuse it
             raise ValueError(f"reply_to must start with {settings.topic_responses!r}: a worker "
                              f"answers only there, so {self.reply_to!r} would wait in vain")
-        self._producer = producer(settings, linger_ms=0)
+        bounded = bootstrap_within(connect_timeout_s)  # None: kafka-python's 30 s
+        self._producer = producer(settings, linger_ms=0, **bounded)
         try:
             self._consumer = KafkaConsumer(
                 client_id=f"{settings.app_id}-client", enable_auto_commit=False,
-                fetch_max_wait_ms=fetch_wait_ms, **client_config(settings))
+                fetch_max_wait_ms=fetch_wait_ms, **client_config(settings), **bounded)
         except BaseException:
             self._producer.close(timeout=CLOSE_TIMEOUT_S)
             raise

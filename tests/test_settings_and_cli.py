@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -282,3 +283,21 @@ def test_the_demo_waits_for_the_learner_to_catch_up_before_it_answers(monkeypatc
     monkeypatch.setattr(supervisor, "scrape", lambda settings: {
         "streamrec_learned_events_total": next(counts, 900.0)})
     assert supervisor.wait_learned(Settings(), settle_s=0.3, timeout_s=10.0) == 900.0
+
+
+def test_recommend_without_a_broker_fails_within_its_timeout(tmp_path):
+    """`--timeout` bounds the client's first connection too (kafka-python waits 30 s by
+    itself): a broker that is not there is an error in seconds, with status 1."""
+    import subprocess
+    import sys
+    import time
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STREAMREC_")}
+    env.update(STREAMREC_BROKER="127.0.0.1:1", STREAMREC_DATA_DIR=str(tmp_path))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "stream_app", "recommend", "--user", "u1",
+                             "--timeout", "1"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "streamrec recommend: " in result.stderr
+    assert time.monotonic() - started < 15
