@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from evaluation.cli import add_eval_parser, cmd_eval
 
 from .datasets import FORMATS
-from .settings import Settings
+from .settings import Settings, unknown_settings
 
 DEMO_DATASET = "ml-latest-small"
 EPILOG = """\
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(f"streamrec: invalid configuration:\n{error}", file=sys.stderr)
         return 2
+    for name in unknown_settings(os.environ):
+        print(f"streamrec: {name} is not a setting; it is ignored (see the README's settings "
+              "table)", file=sys.stderr)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "aiokafka"):  # client chatter, not ours

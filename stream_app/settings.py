@@ -6,6 +6,7 @@ values taken from it) from the factory that builds them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_KIND_WEIGHTS = {"view": 1.0, "click": 4.0, "cart": 6.0, "sale": 10.0}
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """The ``STREAMREC_*`` names of ``environ`` that name no setting: a typo there (or a
+    setting a newer version has) would otherwise be ignored without a word."""
+    known = {f"STREAMREC_{name}".upper() for name in Settings.model_fields}
+    return sorted(name for name in environ
+                  if name.upper().startswith("STREAMREC_") and name.upper() not in known)
 
 
 class Settings(BaseSettings):

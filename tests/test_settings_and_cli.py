@@ -301,3 +301,18 @@ def test_recommend_without_a_broker_fails_within_its_timeout(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "streamrec recommend: " in result.stderr
     assert time.monotonic() - started < 15
+
+
+def test_a_streamrec_variable_that_names_no_setting_is_reported(monkeypatch, capsys, tmp_path):
+    """A typo (STREAMREC_FETCH_POLL_RECORDS for STREAMREC_POLL_RECORDS) would otherwise be
+    ignored without a word: the command says which names it ignores, and runs on."""
+    from stream_app.settings import unknown_settings
+
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("STREAMREC_FETCH_POLL_RECORDS", "5")
+    assert unknown_settings({"STREAMREC_POLL_RECORDS": "5", "streamrec_k": "1",
+                             "OTHER": "x"}) == ["streamrec_k"]
+    main(["eval", "--dataset", "nowhere", "--k", "10"])  # any command reads the settings
+    err = capsys.readouterr().err
+    assert "STREAMREC_FETCH_POLL_RECORDS is not a setting" in err
+    assert "STREAMREC_DATA_DIR" not in err
