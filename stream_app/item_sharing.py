@@ -90,6 +90,11 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 PUBLISHER = "streamrec-publisher"
 
 
+def _delivered(delivery: Any) -> bool:
+    """Whether a send's delivery has come back from the broker as taken."""
+    return delivery.done() and not delivery.cancelled() and delivery.exception() is None
+
+
 def _drop_outcomes(deliveries: Iterable[Any]) -> None:
     """Deliveries no one will await: their errors read, not logged as never retrieved."""
     for delivery in deliveries:
@@ -279,9 +284,9 @@ class ItemSharing:
         ``send_steps(partition, value)`` sends a message of steps to the training topic.
         Either send may return its record's delivery, and the publish returns once every
         delivery did: the caller commits the training messages whose learning the rows hold
-        after it. When a send fails, every row and the steps not sent are due again
-        (:meth:`retake`), and so are the records whose delivery the broker refused; then it
-        raises. A publish of every owned row
+        after it. The records the broker refused are due again (:meth:`retake`), and when
+        a send fails those not sent too, once the deliveries of those sent are settled; then
+        it raises. A publish of every owned row
         marks the topic as holding them (:func:`rows_shared_mark`) only once the broker took
         them all."""
         async with self._publishing:
@@ -289,33 +294,53 @@ class ItemSharing:
             rows, steps = take()
             every_row, self._took_every_row = self._took_every_row, False
             sent_rows, sent_steps = [], []  # (delivery, record) of each record sent
+            failure = None
             try:
                 for key, value in rows:
                     sent_rows.append((await send_row(key, value), (key, value)))
                 for partition, value in steps:
                     sent_steps.append((await send_steps(partition, value), (partition, value)))
-            except BaseException:  # the rows sent too: their deliveries are not followed
-                self.retake(rows, steps[len(sent_steps):])  # (a row again is its value again)
+            except Exception as error:  # what was sent is followed below all the same
+                failure = error
+            except BaseException:  # a stop: the rows sent not known delivered again (a row
+                unsure = [record for delivery, record in sent_rows  # is a value; steps add
+                          if delivery is not None and not _delivered(delivery)]  # up: not)
+                self.retake(unsure + rows[len(sent_rows):], steps[len(sent_steps):])
                 _drop_outcomes(delivery for delivery, _ in sent_rows + sent_steps)
                 raise
-            try:
-                refused_rows = await _refused(sent_rows)
-                refused_steps = await _refused(sent_steps)
-            except BaseException:  # a stop while waiting: the rows again (a row is a value,
-                self.retake([record for _, record in sent_rows], [])  # steps add up: not)
-                raise
-            if refused_rows or refused_steps:  # an every-row publish stays owed
-                self.retake([record for record, _ in refused_rows],
-                            [record for record, _ in refused_steps])
-                error = (refused_rows or refused_steps)[0][1]
-                raise RuntimeError(f"the broker refused {len(refused_rows)} item rows and "
-                                   f"{len(refused_steps)} messages of offset steps ({error!r}); "
-                                   "they are due again") from error
+            refused = await self._settle(sent_rows, sent_steps, rows[len(sent_rows):],
+                                         steps[len(sent_steps):])
+            if failure is not None:
+                raise failure
+            if refused:  # an every-row publish stays owed
+                raise RuntimeError(f"the broker refused {refused[0]} item rows and "
+                                   f"{refused[1]} messages of offset steps ({refused[2]!r}); "
+                                   "they are due again") from refused[2]
             if every_row:
                 self._owes_every_row = False
                 mark = rows_shared_mark(self.settings)
                 mark.parent.mkdir(parents=True, exist_ok=True)
                 mark.touch()
+
+    async def _settle(self, sent_rows: list, sent_steps: list, rows_left: Records,
+                      steps_left: StepMessages) -> tuple[int, int, BaseException] | None:
+        """Once every delivery of ``sent_rows`` and ``sent_steps`` ((delivery or None,
+        record) pairs) is settled, the records the broker refused are due again, with those
+        left unsent; returns how many rows and step messages it refused and the first
+        error, None when it took them all. A stop while waiting makes every row sent due
+        again (a row is a value) but no step sent (steps add up)."""
+        try:
+            refused_rows = await _refused(sent_rows)
+            refused_steps = await _refused(sent_steps)
+        except BaseException:
+            self.retake([record for _, record in sent_rows] + rows_left, steps_left)
+            _drop_outcomes(delivery for delivery, _ in sent_rows + sent_steps)
+            raise
+        self.retake([record for record, _ in refused_rows] + rows_left,
+                    [record for record, _ in refused_steps] + steps_left)
+        if not refused_rows and not refused_steps:
+            return None
+        return len(refused_rows), len(refused_steps), (refused_rows or refused_steps)[0][1]
 
     def retake(self, rows: Records, steps: StepMessages) -> None:
         """Records of :meth:`due` and messages of :meth:`steps_due` that were not sent, due

@@ -152,10 +152,10 @@ def test_rows_and_steps_whose_delivery_the_broker_refuses_are_due_again(tmp_path
     assert sent_steps == [[1.0, 0, 0, 0], [3.0, 0, 0, 0]]  # the refused step, added to
 
 
-def test_a_publish_whose_send_fails_owes_every_row_again_those_sent_before_it_too(tmp_path):
-    """A send that raises mid-publish (a metadata timeout while the broker moves) leaves the
-    deliveries of the rows sent before it unfollowed: every row of the publish is due again,
-    so the next publish, after which the worker commits, sends them."""
+def test_a_publish_whose_send_fails_follows_what_it_sent_before_it(tmp_path):
+    """A send that raises mid-publish (a metadata timeout while the broker moves): the rows
+    sent before it whose delivery the broker refused are due again with those not sent, so
+    the next publish, after which the worker commits, sends them."""
     settings = Settings(data_dir=tmp_path, model_dim=4, partitions=1, share_items=True)
     engine = Engine(settings)
     engine.learner.assign(["a", "b"], np.ones((2, 5)))
@@ -192,3 +192,37 @@ def test_a_publish_whose_send_fails_owes_every_row_again_those_sent_before_it_to
     sent.clear()
     publish()
     assert sorted(sent) == [b"a", b"b"]
+
+
+def test_steps_sent_before_a_failed_send_and_refused_are_held_again(tmp_path):
+    """Steps add up, so a step message is sent again only when the broker refused it: one
+    refused before a later send raised is held again (with the unsent), one taken is not."""
+    from stream_app.wire import encode_offset_steps
+
+    settings = Settings(data_dir=tmp_path, model_dim=2, partitions=2, share_items=True)
+    engine = Engine(settings)
+    engine.learner.assign(["x", "y", "z"], np.ones((3, 3)))
+    sharing = ItemSharing(settings, engine, frozenset, lambda records: None)
+    messages = [(0, encode_offset_steps(["x"], np.array([[1.0, 0.0]]))),
+                (1, encode_offset_steps(["y"], np.array([[2.0, 0.0]]))),
+                (0, encode_offset_steps(["z"], np.array([[3.0, 0.0]])))]
+    outcomes = iter(["taken", "refused", "raise"])
+
+    async def send_steps(partition: int, value: bytes) -> asyncio.Future:
+        outcome = next(outcomes)
+        if outcome == "raise":
+            raise RuntimeError("metadata not updated")
+        delivery = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(
+            0.01, *((delivery.set_result, None) if outcome == "taken"
+                    else (delivery.set_exception, RuntimeError("not leader"))))
+        return delivery
+
+    async def send_row(key: bytes, value: bytes) -> None:
+        return None
+
+    with pytest.raises(RuntimeError, match="metadata"):
+        asyncio.run(sharing.publish(lambda: ([], list(messages)), send_row, send_steps))
+    held = {engine.learner.item_ids_at([row])[0]: step.tolist()
+            for row, step in sharing._steps.items()}
+    assert held == {"y": [2.0, 0.0], "z": [3.0, 0.0]}
