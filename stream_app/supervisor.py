@@ -178,15 +178,20 @@ def wait_for_signal(system: System, on_tick: Callable[[], None] | None = None) -
             signal.signal(sig, handler)
 
 
-def scrape(settings: Settings) -> dict[str, float]:
-    """Sum of each metric's samples on the worker's /metrics page (by sample name)."""
+def scrape_samples(settings: Settings) -> list:
+    """Every sample (name, labels, value) on the worker's /metrics page."""
     url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as page:
         text = page.read().decode()
+    return [sample for family in text_string_to_metric_families(text)
+            for sample in family.samples]
+
+
+def scrape(settings: Settings) -> dict[str, float]:
+    """Sum of each metric's samples on the worker's /metrics page (by sample name)."""
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    for sample in scrape_samples(settings):
+        totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
 
 
@@ -206,21 +211,27 @@ def wait_ingested(settings: Settings, count: int, timeout_s: float = 300.0,
     raise TimeoutError(f"the worker took {taken:.0f} of {count} events in {timeout_s:.0f} s")
 
 
-def wait_learned(settings: Settings, settle_s: float = 1.0, timeout_s: float = 120.0) -> float:
-    """Wait until the worker's count of learned events has stood still for ``settle_s`` (its
-    learner has caught up with what was taken in; at most ``timeout_s``); returns it. The
-    events are taken in before they are learned: answered at once, a busy machine's first
-    answers came from popularity alone."""
+def wait_learned(settings: Settings, timeout_s: float = 120.0) -> float:
+    """Wait until the worker has learned as many examples as it accepted events (each makes
+    one; at most ``timeout_s``, then a warning); returns the count learned. The events are
+    taken in before they are learned: answered at once, a busy machine's first answers came
+    from popularity alone."""
     deadline = time.monotonic() + timeout_s
-    learned, since = -1.0, time.monotonic()
-    while time.monotonic() < deadline:
-        now = scrape(settings).get("streamrec_learned_events_total", 0.0)
-        if now != learned or now == 0.0:
-            learned, since = now, time.monotonic()
-        elif time.monotonic() - since >= settle_s:
-            break
+    learned = 0.0
+    while True:
+        samples = scrape_samples(settings)
+        learned = sum(sample.value for sample in samples
+                      if sample.name == "streamrec_learned_events_total")
+        accepted = sum(sample.value for sample in samples
+                       if sample.name == "streamrec_events_total"
+                       and sample.labels.get("outcome") == "accepted")
+        if learned >= accepted:
+            return learned
+        if time.monotonic() >= deadline:
+            log.warning("the worker learned %d of %d events in %.0f s; answering as it is",
+                        learned, accepted, timeout_s)
+            return learned
         time.sleep(0.1)
-    return learned
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -274,15 +274,30 @@ def test_the_demo_refuses_metrics_turned_off_before_it_starts_anything(monkeypat
     assert "STREAMREC_METRICS_PORT=0" in capsys.readouterr().err
 
 
-def test_the_demo_waits_for_the_learner_to_catch_up_before_it_answers(monkeypatch):
-    """Events are taken in before they are learned: the demo waits until the learned count
-    stands still (and is not 0), so its answers come from the model, not popularity alone."""
+def test_the_demo_waits_for_the_learner_to_catch_up_before_it_answers(monkeypatch, caplog):
+    """Events are taken in before they are learned: the demo waits until the worker has
+    learned an example for every event it accepted, so its answers come from the model, not
+    popularity alone; a learner that does not catch up in time is said, not waited on."""
+    from types import SimpleNamespace
+
     from stream_app import supervisor
 
-    counts = iter([0.0, 0.0, 120.0, 480.0, 900.0])
-    monkeypatch.setattr(supervisor, "scrape", lambda settings: {
-        "streamrec_learned_events_total": next(counts, 900.0)})
-    assert supervisor.wait_learned(Settings(), settle_s=0.3, timeout_s=10.0) == 900.0
+    def page(learned: float, accepted: float = 900.0) -> list:
+        return [SimpleNamespace(name="streamrec_learned_events_total", labels={},
+                                value=learned),
+                SimpleNamespace(name="streamrec_events_total", labels={"outcome": "accepted"},
+                                value=accepted),
+                SimpleNamespace(name="streamrec_events_total", labels={"outcome": "duplicate"},
+                                value=50.0)]
+
+    pages = iter([page(0.0), page(120.0), page(120.0), page(120.0), page(899.0)])
+    monkeypatch.setattr(supervisor, "scrape_samples",
+                        lambda settings: next(pages, page(900.0)))
+    assert supervisor.wait_learned(Settings(), timeout_s=10.0) == 900.0
+    monkeypatch.setattr(supervisor, "scrape_samples", lambda settings: page(10.0))
+    with caplog.at_level("WARNING"):
+        assert supervisor.wait_learned(Settings(), timeout_s=0.3) == 10.0
+    assert "learned 10 of 900 events" in caplog.text
 
 
 def test_recommend_without_a_broker_fails_within_its_timeout(tmp_path):
