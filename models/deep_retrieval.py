@@ -808,7 +808,7 @@ class DeepRetrieval:
         return torch.optim.Adam(self.model.parameters(), lr=self.config.lr, fused=True)
 
     def _install(self, arrays: dict, meta: dict) -> None:
-        ids = ids_from_arrays(arrays)
+        ids = ids_from_arrays(arrays, where=f"Deep Retrieval's {self.STATE_FILE}")
         n = len(ids)
         self._assign = np.full((max(n, 1024), self.config.paths_per_item), EMPTY, np.int64)
         self._assign[:n] = arrays["assignment"]

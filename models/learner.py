@@ -114,8 +114,9 @@ class LearnerConfig:
     - ``count_half_life``: half-life of n_i in learned events; None counts forever.
     - ``init_scale``: expected norm of a new item's random vector; small so a new item starts
       near the origin (score ≈ its bias) without being exactly symmetric with the others.
-    - ``user_gramian_beta``: β of the decayed user Gramian, per event (memory ≈ 1/β events,
-      whatever the micro-batch sizes).
+    - ``user_gramian_beta``: β of the decayed user Gramian, per event of weight 1 (memory ≈
+      1/β events unweighted, whatever the micro-batch sizes; weighted by users, ≈ 1/β in
+      weight, more events).
     - ``recompute_every``: learn calls between exact recomputations of G_I (bounds float drift).
     - ``solver``: ``solve`` (closed form per item, the default) or ``adagrad`` (see the module
       docstring). ``lr`` and the Adagrad settings only shape ``adagrad`` steps.
@@ -775,7 +776,7 @@ class ItemLearner:
 
     def _load_rows(self, data) -> None:
         """What a replica has too: ids, rows, the clock and the item Gramian."""
-        self._ids = ids_from_arrays(data)
+        self._ids = ids_from_arrays(data, where="the model's checkpoint (model.npz)")
         self._index = {item_id: row for row, item_id in enumerate(self._ids)}
         self._psi = data["psi"]
         self._offset = (data["offset"] if "offset" in data  # older checkpoints: no offsets
