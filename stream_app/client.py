@@ -159,15 +159,12 @@ class RecClient:
         return sending
 
     def _replied_here(self, request: RecRequest) -> RecRequest:
-        """``request`` answered on the topic this client reads: its ``reply_to`` set to it
-        when it names none; one that names another topic is refused, as its answer would
-        never reach this client."""
-        mine = None if self.reply_to == self.settings.topic_responses else self.reply_to
-        if request.reply_to is None or request.reply_to == self.reply_to:
-            return request if request.reply_to == mine else request.model_copy(
-                update={"reply_to": mine})
-        raise ValueError(f"request {request.request_id} asks to be answered on "
-                         f"{request.reply_to!r}; this client reads {self.reply_to!r}")
+        """``request`` answered on the topic this client reads when it names none (a request
+        that names another is sent as it is: its answer goes there, and only an error the
+        worker sends to the responses topic comes back to a client reading that)."""
+        if request.reply_to is not None or self.reply_to == self.settings.topic_responses:
+            return request
+        return request.model_copy(update={"reply_to": self.reply_to})
 
     def _check_sent(self, sending: dict, deadline: float) -> None:
         """Wait until the broker has each request of ``sending`` (request id: future), at
