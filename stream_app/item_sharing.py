@@ -286,9 +286,8 @@ class ItemSharing:
         delivery did: the caller commits the training messages whose learning the rows hold
         after it. The records the broker refused are due again (:meth:`retake`), and when
         a send fails those not sent too, once the deliveries of those sent are settled; then
-        it raises. A publish of every owned row
-        marks the topic as holding them (:func:`rows_shared_mark`) only once the broker took
-        them all."""
+        it raises. A publish of every owned row marks the topic as holding them
+        (:func:`rows_shared_mark`) only once the broker took them all."""
         async with self._publishing:
             self._took_every_row = False
             rows, steps = take()
