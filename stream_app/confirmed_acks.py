@@ -86,8 +86,9 @@ def failed(error: BaseException) -> asyncio.Future:
     return delivery
 
 
-def _ok(delivery: asyncio.Future) -> bool:
-    return not delivery.cancelled() and delivery.exception() is None
+def taken_by_broker(delivery: asyncio.Future) -> bool:
+    """Whether a send's delivery has come back as taken (done, not cancelled, no error)."""
+    return delivery.done() and not delivery.cancelled() and delivery.exception() is None
 
 
 class AcksAfterDelivery:
@@ -127,7 +128,7 @@ class AcksAfterDelivery:
         held before it is acknowledged: at once when that is so now, from a delivery's
         callback otherwise (no task per batch). ``size``: the batch's bytes, for
         ``limit_bytes``."""
-        undelivered = [r for r in records if not (r.delivery.done() and _ok(r.delivery))]
+        undelivered = [r for r in records if not taken_by_broker(r.delivery)]
         if not undelivered and not self._held:
             self.ack(batch)
             return
@@ -170,7 +171,7 @@ class AcksAfterDelivery:
     def _follow(self, record: Sent, delivery: asyncio.Future, delivered: Callable[[], None],
                 pause_s: float) -> None:
         def done(finished: asyncio.Future) -> None:
-            if _ok(finished):
+            if taken_by_broker(finished):
                 delivered()
                 return
             if self._closed:

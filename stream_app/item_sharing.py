@@ -71,6 +71,7 @@ import numpy as np
 from state.stream_positions import ROWS_SHARED
 
 from .compat import FetchWaitGuard, check_aiokafka, exact_end_offsets
+from .confirmed_acks import taken_by_broker
 from .engine import Engine, LearnedReport, item_partition
 from .kafka import aiokafka_config, topic_partitions
 from .request_reader import keep_reading
@@ -88,11 +89,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 #: the record header naming the worker process that published an item row
 PUBLISHER = "streamrec-publisher"
-
-
-def _delivered(delivery: Any) -> bool:
-    """Whether a send's delivery has come back from the broker as taken."""
-    return delivery.done() and not delivery.cancelled() and delivery.exception() is None
 
 
 def _drop_outcomes(deliveries: Iterable[Any]) -> None:
@@ -303,7 +299,7 @@ class ItemSharing:
                 failure = error
             except BaseException:  # a stop: the rows sent not known delivered again (a row
                 unsure = [record for delivery, record in sent_rows  # is a value; steps add
-                          if delivery is not None and not _delivered(delivery)]  # up: not)
+                          if delivery is not None and not taken_by_broker(delivery)]  # up: not)
                 self.retake(unsure + rows[len(sent_rows):], steps[len(sent_steps):])
                 _drop_outcomes(delivery for delivery, _ in sent_rows + sent_steps)
                 raise
