@@ -14,6 +14,18 @@ from stream_app.item_sharing import ItemSharing, rows_shared_mark
 from stream_app.settings import Settings
 
 
+def delivery(error: Exception | None = None, after_s: float | None = None) -> asyncio.Future:
+    """A send's delivery, as Faust's ``send`` returns it: taken (``error`` None) or refused
+    with ``error``, at once or ``after_s`` later."""
+    future = asyncio.get_running_loop().create_future()
+    settle = ((future.set_result, None) if error is None else (future.set_exception, error))
+    if after_s is None:
+        settle[0](settle[1])
+    else:
+        asyncio.get_running_loop().call_later(after_s, *settle)
+    return future
+
+
 def test_a_worker_whose_rows_the_topic_may_lack_publishes_every_row_it_owns_once(tmp_path):
     """Without the mark the first publish sends every owned row (not only those that
     moved), once partitions are held: rows of items it does not own are never published.
@@ -28,12 +40,7 @@ def test_a_worker_whose_rows_the_topic_may_lack_publishes_every_row_it_owns_once
 
     async def send_row(key: bytes, value: bytes) -> asyncio.Future:
         sent.append(key.decode())
-        delivery = asyncio.get_running_loop().create_future()
-        if refuse[0]:
-            delivery.set_exception(RuntimeError("refused"))
-        else:
-            delivery.set_result(None)
-        return delivery
+        return delivery(RuntimeError("refused") if refuse[0] else None)
 
     async def send_steps(partition: int, value: bytes) -> None:
         pass
@@ -121,20 +128,11 @@ def test_rows_and_steps_whose_delivery_the_broker_refuses_are_due_again(tmp_path
 
     async def send_row(key: bytes, value: bytes) -> asyncio.Future:
         sent_rows.append(key)
-        delivery = asyncio.get_running_loop().create_future()
-        loop = asyncio.get_running_loop()
-        if key in refuse:
-            loop.call_later(0.01, delivery.set_exception, RuntimeError("not leader"))
-        else:
-            loop.call_later(0.01, delivery.set_result, None)
-        return delivery
+        return delivery(RuntimeError("not leader") if key in refuse else None, after_s=0.01)
 
     async def send_steps(partition: int, value: bytes) -> asyncio.Future:
         sent_steps.append(decode_offset_steps(value, 4)[1].sum(axis=0).tolist())
-        delivery = asyncio.get_running_loop().create_future()
-        delivery.set_exception(RuntimeError("too large")) if len(sent_steps) == 1 \
-            else delivery.set_result(None)
-        return delivery
+        return delivery(RuntimeError("too large") if len(sent_steps) == 1 else None)
 
     def publish() -> None:
         asyncio.run(sharing.publish(lambda: (sharing.due(), sharing.steps_due(frozenset())),
@@ -172,12 +170,7 @@ def test_a_publish_whose_send_fails_follows_what_it_sent_before_it(tmp_path):
         if failing[0] and sent:
             raise RuntimeError("metadata not updated")
         sent.append(key)
-        delivery = asyncio.get_running_loop().create_future()
-        if failing[0]:
-            delivery.set_exception(RuntimeError("not leader"))
-        else:
-            delivery.set_result(None)
-        return delivery
+        return delivery(RuntimeError("not leader") if failing[0] else None)
 
     async def send_steps(partition: int, value: bytes) -> None:
         return None
@@ -212,11 +205,7 @@ def test_steps_sent_before_a_failed_send_and_refused_are_held_again(tmp_path):
         outcome = next(outcomes)
         if outcome == "raise":
             raise RuntimeError("metadata not updated")
-        delivery = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_later(
-            0.01, *((delivery.set_result, None) if outcome == "taken"
-                    else (delivery.set_exception, RuntimeError("not leader"))))
-        return delivery
+        return delivery(None if outcome == "taken" else RuntimeError("not leader"), after_s=0.01)
 
     async def send_row(key: bytes, value: bytes) -> None:
         return None
