@@ -217,7 +217,6 @@ def wait_learned(settings: Settings, timeout_s: float = 120.0) -> float:
     taken in before they are learned: answered at once, a busy machine's first answers came
     from popularity alone."""
     deadline = time.monotonic() + timeout_s
-    learned = 0.0
     while True:
         samples = scrape_samples(settings)
         learned = sum(sample.value for sample in samples
