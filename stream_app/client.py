@@ -22,6 +22,9 @@ class ResponseTimeout(TimeoutError):
 
 #: longest a client's close waits for what its producer still holds
 CLOSE_TIMEOUT_S = 10.0
+#: longest a client waits for its reply topic to show, unless its connection has a timeout
+#: (``connect_timeout_s``), which bounds this wait too
+TOPIC_WAIT_S = 10.0
 
 
 def bootstrap_within(timeout_s: float | None) -> dict:
@@ -97,6 +100,7 @@ class RecClient:
             raise ValueError(f"reply_to must start with {settings.topic_responses!r}: a worker "
                              f"answers only there, so {self.reply_to!r} would wait in vain")
         bounded = bootstrap_within(connect_timeout_s)  # None: kafka-python's 30 s
+        self._topic_wait_s = TOPIC_WAIT_S if connect_timeout_s is None else connect_timeout_s
         self._producer = producer(settings, linger_ms=0, **bounded)
         try:
             self._consumer = KafkaConsumer(
@@ -121,20 +125,25 @@ class RecClient:
 
         if self.reply_to != self.settings.topic_responses:
             ensure_topics(self.settings, [self.reply_to])
-        partitions = self._wait_for_partitions(self.reply_to)
+        partitions = self._wait_for_partitions(self.reply_to, self._topic_wait_s)
         self._consumer.assign([TopicPartition(self.reply_to, p) for p in partitions])
         self._consumer.seek_to_end()
         for tp in self._consumer.assignment():
             self._consumer.position(tp)  # resolve now, before any request is sent
 
-    def _wait_for_partitions(self, topic: str, timeout_s: float = 10.0) -> set[int]:
+    def _wait_for_partitions(self, topic: str, timeout_s: float) -> set[int]:
+        """The topic's partitions, asked again until ``timeout_s`` (a topic just made can take
+        a moment to show in the broker's metadata)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             partitions = self._consumer.partitions_for_topic(topic)
-            if partitions:
-                return partitions
+            if partitions or time.monotonic() >= deadline:
+                break
             time.sleep(0.1)
-        raise ResponseTimeout(f"topic {topic!r} does not exist on {self.settings.broker or 'the embedded broker'}")
+        if not partitions:
+            where = self.settings.broker or "the embedded broker"
+            raise ResponseTimeout(f"topic {topic!r} does not exist on {where}")
+        return partitions
 
     def send(self, request: RecRequest, flush: bool = True, timeout_s: float = 10.0):
         """Send ``request``; with ``flush``, wait (at most ``timeout_s``) until the broker has

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from types import SimpleNamespace
 
@@ -49,6 +50,15 @@ def test_a_reply_topic_the_workers_would_refuse_is_refused_at_once(settings):
     listening elsewhere would time out on every request, so it is not made."""
     with pytest.raises(ValueError, match="reply_to must start with"):
         RecClient(settings, reply_to="my-answers")
+
+
+def test_a_missing_reply_topic_is_waited_for_no_longer_than_the_connect_timeout(settings):
+    """``streamrec recommend --timeout 1`` against a broker without the responses topic (no
+    worker ever started) ends after about its second, not after a fixed wait of ten."""
+    started = time.monotonic()
+    with pytest.raises(ResponseTimeout, match="does not exist"):
+        RecClient(settings, connect_timeout_s=1.0)
+    assert time.monotonic() - started < client_module.TOPIC_WAIT_S / 2
 
 
 def test_requests_of_a_window_that_timed_out_are_forgotten_with_their_late_answers(settings):
