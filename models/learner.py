@@ -238,7 +238,8 @@ class ItemLearner:
         self._pos_gram, self._pos_target, self._pos_at = _no_statistics(width)
         self._pos_lane = np.zeros(0, dtype=np.int64)  # slot → the lane whose clock it reads
         self._lane_clock = np.zeros(max(config.positive_lanes, 1))  # events per lane
-        self._slots_used = 0
+        self._slots_used = 0  # slots of the pool ever handed out
+        self._free_slots: list[int] = []  # handed out, then forgotten: given out again first
         self._sweep_at = 0  # next row the background re-solve visits
         self.item_gramian = ExactGramian(width)
         self.user_gramian = DecayedGramian(width, config.user_gramian_beta)
@@ -437,8 +438,29 @@ class ItemLearner:
         """Leave ``rows`` with no positives learned here: another learner owns their items now
         (``Engine.install_rows``), and re-solving them from this one's old statistics, as the
         sweep would, would undo the rows it sends. A positive learned later starts them
-        afresh, from the row then as the prior (their old statistics' slot is not reused)."""
-        self._slot[np.asarray(rows, dtype=np.int64)] = -1
+        afresh, from the row then as the prior.
+
+        Their mass leaves :attr:`positive_mass` and they leave the items the relative α0
+        divides it by, and their statistics' slots are given to the next items met: kept, each
+        rebalance that moved items away and back would have lowered α0 (stale items counted,
+        and counted again when learned anew) and grown the pool by (d+1)(d+2)/2 floats an
+        item."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        rows = rows[self._slot[rows] >= 0]
+        if not len(rows):
+            return
+        slots = self._slot[rows]
+        mass = self._pos_gram[slots, -1].astype(np.float64) * self._discount_since_update(slots)
+        self._lane_mass -= np.bincount(self._pos_lane[slots], weights=mass,
+                                       minlength=len(self._lane_mass))
+        np.maximum(self._lane_mass, 0.0, out=self._lane_mass)  # rounding, not positives
+        self._slot[rows] = -1
+        self._free_slots.extend(slots.tolist())
+
+    @property
+    def items_with_positives(self) -> int:
+        """How many items hold positives learned here (a statistics slot each)."""
+        return self._slots_used - len(self._free_slots)
 
     def set_offsets(self, rows: np.ndarray, offsets: np.ndarray) -> None:
         """Set the input offsets δ of ``rows`` (distinct) to ``offsets`` (len(rows), dim):
@@ -511,7 +533,7 @@ class ItemLearner:
         positives' density mass / (items × |C|)."""
         if not self.config.alpha0_relative:
             return self.config.alpha0
-        items = max(self._slots_used or len(self._ids), 1)
+        items = max(self.items_with_positives or len(self._ids), 1)
         return self.config.alpha0 * self.positive_mass / (items * self.user_gramian.n_active)
 
     def _loss(self, phi_aug, psi, alphas, G_C, n_i) -> float:
@@ -608,16 +630,25 @@ class ItemLearner:
         assigned, e.g. by a bootstrap, cost nothing)."""
         fresh = rows[self._slot[rows] < 0]
         if len(fresh):
-            needed = self._slots_used + len(fresh)
-            if needed > len(self._pos_gram):
-                size = max(needed, 2 * len(self._pos_gram), 256)
-                self._pos_gram = _grow(self._pos_gram, size, 0.0)
-                self._pos_target = _grow(self._pos_target, size, 0.0)
-                self._pos_at = _grow(self._pos_at, size, 0.0)
-                self._pos_lane = _grow(self._pos_lane, size, 0)
-            self._slot[fresh] = np.arange(self._slots_used, needed)
-            self._slots_used = needed
+            self._slot[fresh] = self._new_slots(len(fresh))
         return self._slot[rows]
+
+    def _new_slots(self, count: int) -> np.ndarray:
+        """``count`` empty statistics slots: forgotten ones first (emptied), then new ones."""
+        reused = np.array(self._free_slots[:count], dtype=np.int64)
+        del self._free_slots[:count]
+        self._pos_gram[reused], self._pos_target[reused] = 0.0, 0.0
+        self._pos_at[reused], self._pos_lane[reused] = 0.0, 0
+        needed = self._slots_used + count - len(reused)
+        if needed > len(self._pos_gram):
+            size = max(needed, 2 * len(self._pos_gram), 256)
+            self._pos_gram = _grow(self._pos_gram, size, 0.0)
+            self._pos_target = _grow(self._pos_target, size, 0.0)
+            self._pos_at = _grow(self._pos_at, size, 0.0)
+            self._pos_lane = _grow(self._pos_lane, size, 0)
+        new = np.arange(self._slots_used, needed)
+        self._slots_used = needed
+        return np.concatenate([reused, new])
 
     def _adagrad(self, rows: np.ndarray, grad: np.ndarray) -> None:
         accum = self._accum[rows] + grad ** 2
@@ -803,6 +834,9 @@ class ItemLearner:
             self._slot = np.full(len(self._psi), -1, dtype=np.int64)
             self._pos_gram, self._pos_target, self._pos_at = _no_statistics(self.config.dim + 1)
         self._slots_used = len(self._pos_gram)
+        held = np.zeros(self._slots_used, dtype=bool)
+        held[self._slot[: len(self._ids)][self._slot[: len(self._ids)] >= 0]] = True
+        self._free_slots = np.flatnonzero(~held).tolist()  # forgotten before the save
         self._load_lanes(data)
         lanes = len(self._lane_clock)
         saved = data["lane_mass"] if "lane_mass" in data else np.zeros(0)
@@ -832,7 +866,8 @@ class ItemLearner:
         """Σ α of the positives as of now, read from the statistics: the last coordinate of φ̃
         is 1, so A_i's corner entry is item i's Σ α (as of its last update, discounted since).
         Reads that one column, not a copy of the whole pool."""
-        slots = np.arange(self._slots_used)
+        slots = self._slot[: len(self._ids)]
+        slots = slots[slots >= 0]
         corners = self._pos_gram[slots, -1].astype(np.float64)
         return float(corners @ self._discount_since_update(slots))
 

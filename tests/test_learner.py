@@ -403,6 +403,39 @@ def test_save_and_load_resume_the_same_stream(tmp_path, relative):
         ItemLearner(LearnerConfig(dim=4)).load(tmp_path / "learner.npz")
 
 
+@pytest.mark.parametrize("half_life, lanes", [(None, 1), (10.0, 3)])
+def test_forgotten_positives_leave_the_mass_and_the_items_of_the_relative_alpha0(
+        half_life, lanes, tmp_path):
+    """Oracle: after items move to another learner (``forget_positives``), the mass and the
+    item count of the relative α0 are those of the positives of the items kept, as a
+    recomputation over them gives; learned again, an item counts once and takes a freed slot
+    (the pool does not grow), also after a checkpoint round trip."""
+    learner, config, _, seen, _, clock = solve_stream(0, half_life, relative=True,
+                                                      lanes=lanes)
+    gone = ["a", "d"]
+    learner.forget_positives(learner.rows_of(gone + ["a"]))  # a repeat changes nothing more
+    kept = [item for item, positives in seen.items() if positives and item not in gone]
+    mass = sum(sum(discounted_alphas(config, seen[item], clock[lane_of(item, lanes)]))
+               for item in kept)
+    # the forgotten mass is read from the float32 statistics
+    assert learner.positive_mass == pytest.approx(mass, rel=1e-6)
+    assert learner._positive_mass_now() == pytest.approx(mass, rel=1e-6)
+    assert learner.items_with_positives == len(kept)
+    assert learner.alpha0 == pytest.approx(config.alpha0 * mass / (len(kept) * 20), rel=1e-6)
+
+    learner.save(tmp_path / "learner.npz")
+    restored = ItemLearner(config)
+    assert restored.load(tmp_path / "learner.npz")
+    for model in (learner, restored):
+        pool = model._slots_used
+        model.learn(np.ones((2, 3)), gone, np.ones(2), n_users=20,
+                    lanes=np.array([lane_of(item, lanes) for item in gone]))
+        assert model.items_with_positives == len(kept) + 2 and model._slots_used == pool
+    statistics = restored._statistics_now(restored._slot[restored.rows_of(gone)])
+    np.testing.assert_allclose(statistics[1], augment_users(np.ones((2, 3))))  # afresh
+    np.testing.assert_array_equal(restored.item_matrix, learner.item_matrix)
+
+
 def test_a_checkpoint_holding_whole_statistics_loads_into_the_packed_pool(tmp_path):
     """A_i is stored by its upper triangle; checkpoints written before hold it whole
     (``pos_gram``, (n, d+1, d+1)). They load and resume the stream exactly as the packed one."""
