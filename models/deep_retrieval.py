@@ -27,13 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from state.gramian import atomic_write, ids_from_arrays, ids_to_arrays
+from state.gramian import DamagedCheckpoint, atomic_write, ids_from_arrays, ids_to_arrays
 from state.path_scores import EMPTY, PathIndex, PathScoreTracker
 
 NearFn = Callable[[str], "str | None"]
 
 #: Floor of the partial score sum Σ_prev before an item's first pick (see :func:`m_step`).
 FIRST_PICK_EPS = 1e-12
+#: prefix of the structure model's weights among a checkpoint's arrays
+WEIGHTS_PREFIX = "weights."
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,6 @@ class DRConfig:
             raise ValueError(f"top_s ({self.top_s}) must be >= paths_per_item "
                              f"({self.paths_per_item}): an M-step picks each item's paths among "
                              "its tracked ones, and fewer would repeat paths")
-
-
-def _generation(model_file: Path) -> int:
-    """The generation a model file's name holds (``dr_model.<hex time>.pt``; -1 if none)."""
-    try:
-        return int(model_file.name.split(".")[1], 16)
-    except (IndexError, ValueError):
-        return -1
 
 
 def encode_paths(paths: np.ndarray, width: int) -> np.ndarray:
@@ -741,36 +735,33 @@ class DeepRetrieval:
 
     # ---- checkpoints --------------------------------------------------------------------
     def save(self, directory: Path) -> None:
-        """Write model weights, then arrays, each to a temp file renamed into place.
+        """Write the structure model's weights and the arrays into one npz, written to a temp
+        file renamed into place: a reader (a worker reading the paths its learner saved, for
+        seconds at a million items) has the weights of the arrays it read, however many saves
+        came meanwhile. The Adam moments are not saved: after a reload the optimizer restarts
+        cold, which only changes the size of the first steps.
 
-        The weights go to a file named by a fresh generation and the npz (written last) names
-        it, so a crash between the two leaves the previous complete checkpoint in force. The
-        Adam moments are not saved: after a reload the optimizer restarts cold, which only
-        changes the size of the first steps.
+        Checkpoints written before kept the weights in a file of their own that the npz named
+        (``dr_model.<generation>.pt``); a save removes those, and :meth:`load` still reads
+        them.
         """
         self._tracking()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        generation = f"{time.time_ns():x}"
-        model_file = f"dr_model.{generation}.pt"
-        atomic_write(directory / model_file, lambda f: torch.save(self.model.state_dict(), f))
         n = len(self._ids)
         arrays = {
             **ids_to_arrays(self._ids), "counts": self._counts[:n],
             "assignment": self._assign[:n], "codes": self.tracker.codes,
             "scores": self.tracker.scores,
+            **{WEIGHTS_PREFIX + name: value
+               for name, value in self.structure_weights().items()},
             "meta": np.array(json.dumps({"config": asdict(self.config), "m_steps": self._m_steps,
-                                         "pairs_learned": self._pairs_learned,
-                                         "model_file": model_file}), dtype=np.str_),
+                                         "pairs_learned": self._pairs_learned}),
+                             dtype=np.str_),
         }
         atomic_write(directory / self.STATE_FILE, lambda f: np.savez(f, **arrays))
-        # the newest but one stays: a reader in another process (a worker reading the paths
-        # its learner saved, for seconds at a million items) may have read the npz before
-        # this one, which names it
-        models = sorted(directory.glob("dr_model.*.pt"), key=_generation)
-        for old in models[:-2]:
-            if old.name != model_file:
-                old.unlink(missing_ok=True)
+        for old in directory.glob("dr_model.*.pt*"):  # older checkpoints' weights
+            old.unlink(missing_ok=True)
 
     def load(self, directory: Path) -> bool:
         """Restore a checkpoint written by :meth:`save`; False when there is none.
@@ -789,13 +780,31 @@ class DeepRetrieval:
         mine = asdict(self.config)
         if any(meta["config"][k] != mine[k] for k in shape_keys):
             raise ValueError(f"checkpoint config {meta['config']} does not fit {mine}")
-        model_path = Path(directory) / meta["model_file"]
-        if not model_path.exists():
+        weights = self._saved_weights(Path(directory), arrays, meta)
+        if weights is None:
             return False
-        self.model.load_state_dict(torch.load(model_path, weights_only=True))
+        ids = ids_from_arrays(arrays, where=f"Deep Retrieval's {self.STATE_FILE}")
+        expected = {name: tuple(value.shape) for name, value in self.model.state_dict().items()}
+        if {name: tuple(value.shape) for name, value in weights.items()} != expected:
+            raise DamagedCheckpoint(f"Deep Retrieval's {state_path} does not hold this "
+                                    f"structure model's weights")  # checked before any change
+        self.model.load_state_dict(weights)
         self.optimizer = self._adam()  # cold moments (see save)
-        self._install(arrays, meta)
+        self._install(ids, arrays, meta)
         return True
+
+    @staticmethod
+    def _saved_weights(directory: Path, arrays: dict, meta: dict) -> dict | None:
+        """The structure model's weights a checkpoint holds, or those of the file an older
+        checkpoint names (None where that file is gone: saves since removed it)."""
+        weights = {key[len(WEIGHTS_PREFIX):]: torch.from_numpy(value)
+                   for key, value in arrays.items() if key.startswith(WEIGHTS_PREFIX)}
+        if weights or "model_file" not in meta:
+            return weights
+        try:
+            return torch.load(directory / meta["model_file"], weights_only=True)
+        except FileNotFoundError:
+            return None
 
     def _adam(self) -> torch.optim.Adam | None:
         """Adam over the structure model, fused: one kernel for all parameters (0.24 ms a step
@@ -807,8 +816,7 @@ class DeepRetrieval:
             return None
         return torch.optim.Adam(self.model.parameters(), lr=self.config.lr, fused=True)
 
-    def _install(self, arrays: dict, meta: dict) -> None:
-        ids = ids_from_arrays(arrays, where=f"Deep Retrieval's {self.STATE_FILE}")
+    def _install(self, ids: list[str], arrays: dict, meta: dict) -> None:
         n = len(ids)
         self._assign = np.full((max(n, 1024), self.config.paths_per_item), EMPTY, np.int64)
         self._assign[:n] = arrays["assignment"]

@@ -10,6 +10,7 @@ clusters' items do not, and a user's beam finds its cluster's items.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from models.deep_retrieval import (DeepRetrieval, DRConfig, StructureModel, beam_search,
                                    decode_paths, encode_paths, m_step, multi_path_loss)
+from state.gramian import DamagedCheckpoint
 from state.path_scores import PathIndex, PathScoreTracker
 
 
@@ -435,23 +437,60 @@ def test_retrieval_recalls_brute_force_top_k(planted):
     assert all(set(a) <= set(b) for a, b in zip(retrieved, wider))
 
 
+def test_a_checkpoint_with_its_weights_in_a_file_of_their_own_loads(planted, tmp_path):
+    """Checkpoints written before the weights moved into the npz name a file that holds them:
+    they load, a missing file reads as no checkpoint, and the next save removes the file."""
+    _, dr, _ = planted
+    dr.save(tmp_path)
+    with np.load(tmp_path / DeepRetrieval.STATE_FILE) as data:
+        arrays = {k: v for k, v in data.items() if not k.startswith("weights.")}
+    meta = json.loads(str(arrays["meta"]))
+    arrays["meta"] = np.array(json.dumps({**meta, "model_file": "dr_model.17.pt"}))
+    np.savez(tmp_path / DeepRetrieval.STATE_FILE, **arrays)
+    assert DeepRetrieval(PLANTED).load(tmp_path) is False  # the weights' file is not there
+    torch.save(dr.model.state_dict(), tmp_path / "dr_model.17.pt")
+    older = DeepRetrieval(PLANTED)
+    assert older.load(tmp_path) is True
+    for name, value in older.structure_weights().items():
+        np.testing.assert_array_equal(value, dr.structure_weights()[name])
+    older.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [DeepRetrieval.STATE_FILE]
+
+
+def test_weights_that_are_not_the_models_read_as_a_damaged_checkpoint(planted, tmp_path):
+    _, dr, _ = planted
+    dr.save(tmp_path)
+    with np.load(tmp_path / DeepRetrieval.STATE_FILE) as data:
+        arrays = dict(data)
+    arrays["weights.layers.0.weight"] = arrays["weights.layers.0.weight"][:, :1]
+    np.savez(tmp_path / DeepRetrieval.STATE_FILE, **arrays)
+    fresh = DeepRetrieval(PLANTED)
+    before = fresh.structure_weights()
+    with pytest.raises(DamagedCheckpoint, match="structure model's weights"):
+        fresh.load(tmp_path)
+    assert len(fresh) == 0  # nothing of the checkpoint taken
+    for name, value in fresh.structure_weights().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
 def test_save_load_round_trip(planted, tmp_path):
     data, dr, _ = planted
     fresh = DeepRetrieval(PLANTED)
     assert fresh.load(tmp_path) is False
     dr.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [DeepRetrieval.STATE_FILE]  # one file
     first_state = (tmp_path / DeepRetrieval.STATE_FILE).read_bytes()  # as a reader took it
+    first_weights = dr.structure_weights()
+    dr.model.layers[0].weight.data += 1.0  # the learner moves on and saves twice meanwhile
     dr.save(tmp_path)
-    dr.save(tmp_path)  # later saves keep the newest weights file and the one before it
-    assert len(list(tmp_path.glob("dr_model.*.pt"))) == 2
-    assert not list(tmp_path.glob("*.tmp"))
-    second_state = (tmp_path / DeepRetrieval.STATE_FILE).read_bytes()
+    dr.save(tmp_path)
     (tmp_path / DeepRetrieval.STATE_FILE).write_bytes(first_state)
-    assert fresh.load(tmp_path) is False  # two saves since: its weights are gone
+    assert fresh.load(tmp_path) is True  # the weights it read are those of its arrays
+    for name, value in fresh.structure_weights().items():
+        np.testing.assert_array_equal(value, first_weights[name])
+    dr.model.layers[0].weight.data -= 1.0
     dr.save(tmp_path)
-    (tmp_path / DeepRetrieval.STATE_FILE).write_bytes(second_state)  # read before the save
-    assert fresh.load(tmp_path) is True  # its weights are still there
-    dr.save(tmp_path)
+    assert fresh.load(tmp_path) is True
     users = data.users(np.arange(N_CLUSTERS))
     for beam in (2, 5):
         assert fresh.retrieve_many(users, beam) == dr.retrieve_many(users, beam)
