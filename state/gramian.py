@@ -38,10 +38,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """``write(file)`` into a temp file beside ``path``, on the disk, then renamed over
     ``path`` (and the rename on the disk): a reader sees the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        write_through(handle)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            write_through(handle)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: its part is not left to fill it further
+        tmp.unlink(missing_ok=True)
+        raise
     sync_folder(path.parent)
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from state.gramian import DecayedGramian, ExactGramian
+from state.gramian import DecayedGramian, ExactGramian, atomic_write
 
 DIM = 4
 values = st.floats(-100, 100, allow_nan=False, allow_infinity=False)
@@ -203,3 +203,20 @@ def test_ids_round_trip_through_an_npz_at_the_size_of_their_bytes(tmp_path):
     for damaged in (cut, flipped, {"ids_utf8": cut["ids_utf8"]}):
         with pytest.raises(DamagedCheckpoint):
             ids_from_arrays(damaged)
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_part_of_the_new_one(tmp_path):
+    """A full disk or a failing writer: the file keeps its last complete content, and the temp
+    file beside it goes (each attempt would otherwise leave one, and a checkpoint's can be
+    gigabytes)."""
+    target = tmp_path / "state.bin"
+    atomic_write(target, lambda handle: handle.write(b"complete"))
+
+    def fails(handle):
+        handle.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, fails)
+    assert target.read_bytes() == b"complete"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.bin"]
