@@ -56,6 +56,9 @@ FAILED_REPLY_TOPICS_KEPT = 1_000
 DELIVERY_TIMEOUT_S = 30.0
 #: pauses between sends of an error response the broker did not take
 FIRST_RETRY_PAUSE_S, MAX_RETRY_PAUSE_S = 0.5, 30.0
+#: longest error text an error response carries (one over the producer's request size would
+#: be refused, sent again, refused, and hold its partition's commits for ever)
+MAX_ERROR_CHARS = 2_000
 
 
 class Responder:
@@ -184,6 +187,8 @@ class Responder:
                 and self.reply_allowed(reply_to)):
             reply_to = None
         text = str(error) if isinstance(error, InvalidMessage) else f"internal error: {error!r}"
+        if len(text) > MAX_ERROR_CHARS:  # an answer the producer refuses would be sent forever
+            text = text[:MAX_ERROR_CHARS] + f"… ({len(text) - MAX_ERROR_CHARS} more characters)"
         response = RecResponse(request_id=fields["request_id"], user_id=fields["user_id"],
                                error=text, model_version=self.engine.model_version,
                                took_ms=(time.perf_counter() - started) * 1000.0)
@@ -213,7 +218,7 @@ class Responder:
         request that could not be moved)."""
         try:
             async with asyncio.timeout(DELIVERY_TIMEOUT_S):
-                await delivery
+                await asyncio.shield(delivery)  # the producer settles it, not this wait
             return
         except Exception as error:  # noqa: BLE001 - answered below
             failure = error

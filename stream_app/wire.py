@@ -359,11 +359,19 @@ class DeadLetter(_Wire):
         return base64.b64decode(self.payload_b64)
 
 
+#: most validation problems a description names: pydantic reports one per bad element of a
+#: list, and a request's error response must stay far below the producer's request size
+MAX_PROBLEMS_NAMED = 10
+
+
 def _describe(error: ValidationError) -> str:
+    problems = error.errors(include_url=False)
     parts = []
-    for problem in error.errors(include_url=False):
+    for problem in problems[:MAX_PROBLEMS_NAMED]:
         where = ".".join(str(p) for p in problem["loc"]) or "message"
         parts.append(f"{where}: {problem['msg']}")
+    if len(problems) > MAX_PROBLEMS_NAMED:
+        parts.append(f"and {len(problems) - MAX_PROBLEMS_NAMED} more")
     return "; ".join(parts)
 
 

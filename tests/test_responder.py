@@ -249,3 +249,59 @@ def test_answers_errors_and_moved_requests_carry_the_requests_headers(world):
     assert answered[0] == refused[0] == world.settings.topic_responses
     assert json.loads(refused[2])["error"] and moved[0] == world.settings.topic_requests
     assert world.broker.headers == [trace, trace, trace]
+
+
+def test_a_request_with_thousands_of_errors_gets_a_short_error_response(world):
+    """pydantic reports one problem per bad element of a list: a 64 KiB request of bad
+    history entries made a 1.5 MB error response, which the producer refuses (1 MB), so it
+    was sent again for ever and its partition's commits stopped. The response names the first
+    problems and counts the rest."""
+    bad_history = [0] * 20_000
+    assert len(json.dumps({"history": bad_history})) < world.settings.max_request_bytes
+
+    async def scenario():
+        settles = await world.responder.answer(request(history=bad_history))
+        world.broker.settle(0)
+        await asyncio.wait_for(settles, 1)
+
+    asyncio.run(scenario())
+    (error,) = world.broker.answers(world.settings.topic_responses)
+    assert error["request_id"] == "r-1" and "history.0: " in error["error"]
+    assert f"and {20_000 - 10} more" in error["error"]
+    assert len(error["error"]) <= responder_module.MAX_ERROR_CHARS + 50
+
+
+def test_an_error_text_of_any_length_is_cut_to_the_limit(world, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("x" * 100_000)
+
+    monkeypatch.setattr(world.responder.engine, "check_request", fails)
+
+    async def scenario():
+        settles = await world.responder.answer(request())
+        world.broker.settle(0)
+        await asyncio.wait_for(settles, 1)
+
+    asyncio.run(scenario())
+    (error,) = world.broker.answers(world.settings.topic_responses)
+    assert error["error"].startswith("internal error: RuntimeError('xxx")
+    assert error["error"].endswith(" more characters)")
+    assert len(error["error"]) <= responder_module.MAX_ERROR_CHARS + 50
+
+
+def test_a_delivery_given_up_on_is_left_for_the_producer_to_settle(world, monkeypatch):
+    """The wait for an answer's delivery times out without cancelling the delivery itself:
+    the producer settles it later (Faust's callbacks then raised InvalidStateError)."""
+    monkeypatch.setattr(responder_module, "DELIVERY_TIMEOUT_S", 0.05)
+
+    async def scenario():
+        settles = await world.responder.answer(request())
+        while len(world.broker.sent) < 2:  # the answer, then the error that replaces it
+            await asyncio.sleep(0.01)
+        first = world.broker.sent[0][4]
+        world.broker.settle(1)
+        await asyncio.wait_for(settles, 1)
+        return first
+
+    first = asyncio.run(scenario())
+    assert not first.cancelled()
