@@ -111,9 +111,10 @@ class ServingIndex:
         self._moved: dict[int, int] = {}
         self._moves = 0  # notes so far: the stamp of the last
         self._exact: _ExactBlock | None = None
-        # a version loaded at start: the moves since its snapshot were not kept, so the next
-        # build is from scratch (not an update of it), and due at the first check
-        self._rebuild_all = False
+        # a version loaded at start: the moves since its snapshot were not kept, so builds
+        # are from scratch (not updates of it), and due at the first check, until one of them
+        # replaces it (one that fails leaves it serving)
+        self._loaded_at_start: ServedIndex | None = None
 
     # -- keeping it fresh ------------------------------------------------------------------
     def learned(self, item_ids: Sequence[str], moved_rows: Sequence[int] = ()) -> None:
@@ -139,9 +140,14 @@ class ServingIndex:
         if not (self.config.enabled
                 and self.rebuilder.load_existing(self.learner.item_matrix.shape[1])):
             return False
-        self._rebuild_all = True
+        self._loaded_at_start = self.holder.current
         self.holder.current.snapshot_mark = self._moves  # every move from now on is newer
         return True
+
+    @property
+    def _rebuild_all(self) -> bool:
+        """Whether the index serving is the version read at start (:meth:`load_existing`)."""
+        return self._loaded_at_start is not None and self.holder.current is self._loaded_at_start
 
     def _snapshot_mark(self, index: ServedIndex) -> int:
         """The last note of moved rows that ``index``'s snapshot holds: the one a build of
@@ -172,7 +178,6 @@ class ServingIndex:
         snapshot = Snapshot(self.learner.item_ids, self.learner.item_matrix, model_version,
                             *plan, mark=self._moves)
         self._changed.clear()
-        self._rebuild_all = False
         self.rebuilder.submit(snapshot)
         return True
 

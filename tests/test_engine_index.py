@@ -378,6 +378,40 @@ def test_after_a_restart_the_first_build_is_from_scratch_and_due_at_once(tmp_pat
     assert not restarted.maybe_rebuild_index()  # and then only when the policy says
 
 
+def test_after_a_restart_builds_stay_from_scratch_until_one_replaces_the_loaded_version(
+        tmp_path, monkeypatch):
+    """A first build that fails (a full disk) leaves the version read at start serving: the
+    next build is from scratch too, not an update that would keep that version's old rows."""
+    from index_sync import swap
+
+    engine = engine_with_index(tmp_path, index_update_share=1.0)
+    stream = planted_stream()
+    histories = run_stream(engine, stream[:-200])
+    build_now(engine)
+    run_stream(engine, stream[-200:], histories=histories)  # rows move
+    engine.save()
+    engine.index.close()
+
+    restarted = engine_with_index(tmp_path, index_update_share=1.0)
+    assert restarted.load() and restarted.index.version == 1
+    write_version = swap.write_version
+
+    def full_disk(*args, **kwargs):
+        monkeypatch.setattr(swap, "write_version", write_version)  # this once
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(swap, "write_version", full_disk)
+    build_now(restarted)
+    assert restarted.index.rebuilder.failures == 1 and restarted.index.version == 1
+    build_now(restarted)
+    index = restarted.index.current
+    assert index.version > 1 and restarted.index.rebuilder.updates == 0
+    stored = index.graph.get_items(np.arange(len(index)), return_type="numpy")
+    rows = restarted.learner.rows_of(index.ids)
+    np.testing.assert_allclose(stored, restarted.learner.item_matrix[rows], rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_a_version_of_another_model_dimension_is_not_served(tmp_path):
     """After the model dimension changed (and its checkpoints went), the versions on disk
     cannot answer the new queries: the worker answers by exact search and builds anew."""
