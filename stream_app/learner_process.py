@@ -450,6 +450,8 @@ class LearnerLoop:
         # not make the checkpoint at the pipe's end (see run)
         self.learned_since_save = False
         self.installed_since_save = False
+        # Deep Retrieval's M-steps whose paths were saved and handed to the worker
+        self.m_steps_handed = engine.paths.stats()["m_steps"] if engine.paths else 0
 
     def run(self, inbox: Connection) -> None:
         """Until the worker closes the pipe (its stop, or its death): then checkpoint, when it
@@ -518,11 +520,13 @@ class LearnerLoop:
         paths = self.engine.paths
         if paths is None:
             return
-        before = paths.stats()["m_steps"]
         try:
             self.engine.maybe_m_step()
-            if paths.stats()["m_steps"] != before:
+            installed = paths.stats()["m_steps"]
+            if installed != self.m_steps_handed:  # also one whose save failed before
                 paths.save(self.engine.checkpoint_dir / "dr")
                 self.outbox.send(("paths", paths.stats()))
+                self.m_steps_handed = installed
         except Exception:  # noqa: BLE001 - the paths in force keep serving
-            log.exception("Deep Retrieval M-step failed")
+            log.exception("Deep Retrieval M-step failed, or saving its paths did "
+                          "(tried again at the next check)")

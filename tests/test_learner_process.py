@@ -134,6 +134,39 @@ def test_paths_read_aside_are_served_with_what_reports_brought_meanwhile(tmp_pat
                                                                      sources=["dr"])
 
 
+def test_new_paths_whose_save_failed_are_saved_and_handed_over_at_the_next_check(
+        tmp_path, monkeypatch):
+    """The M-step is installed in the learner before its paths are saved: a save that fails
+    (a full disk) must not leave the worker serving the old paths until the next M-step."""
+    from stream_app.learner_process import LearnerLoop
+
+    examples, _ = examples_and_histories(300)
+    settings = settings_for(tmp_path)
+    learning = Engine(settings)
+    learning.users = 240
+    learning.learn_reported(examples, step=32)
+    said = []
+    loop = LearnerLoop(learning, settings, SimpleNamespace(send=said.append))
+    learning.paths.last_m_step_at = 0.0  # due
+    loop.m_step()  # starts it aside
+    learning.paths._running.result(60)
+    save = learning.paths.save
+
+    def full_disk(directory):
+        monkeypatch.setattr(learning.paths, "save", save)  # this once
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(learning.paths, "save", full_disk)
+    loop.m_step()
+    assert said == [] and learning.paths.stats()["m_steps"] == 1
+    loop.m_step()
+    assert [kind for kind, _ in said] == ["paths"]
+    reread = Engine(settings, replica=True).read_paths()
+    np.testing.assert_array_equal(reread.assignment, learning.paths.model.assignment)
+    loop.m_step()
+    assert len(said) == 1  # handed once
+
+
 def test_reports_in_the_pipe_behind_the_learners_new_paths_are_kept_for_their_install(
         tmp_path):
     """The learner saves new paths, says so, and goes on learning: its reports stand in the
