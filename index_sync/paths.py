@@ -70,8 +70,9 @@ class PathRetrieval:
         belongs; learning them would teach every item's paths to the same x, so they are
         skipped. The unit scaling keeps the softmax layers' input the same size whatever the
         item vectors' norms, which drift as the item model learns."""
-        self.model.assign_new(items)
         x = unit_rows(phis)
+        beam = self.model.config.new_item_paths == "beam"
+        self.model.assign_new(items, x=x.astype(np.float32) if beam else None)
         informative = np.flatnonzero(np.any(x != 0, axis=1))
         if not len(informative):
             return float("nan")

@@ -608,3 +608,21 @@ def test_update_many_equals_updates_one_by_one(seed, top_s, eta, vector_round_mi
         many.update_many(rows, codes, scores)
         np.testing.assert_array_equal(many.codes, one.codes)
         np.testing.assert_array_equal(many.scores, one.scores)
+
+
+def test_deep_retrievals_beam_placement_of_new_items_holds_through_the_workers_source():
+    """``new_item_paths="beam"``: an item met for the first time takes the most probable paths
+    of the user it is met with, also when the worker's source learns it (which gave every new
+    item random paths before the structure model saw it)."""
+    from index_sync.paths import PathRetrieval, unit_rows
+
+    config = DRConfig(input_dim=4, width=3, depth=2, new_item_paths="beam", seed=2)
+    phis = np.random.default_rng(1).normal(size=(2, 4))
+    paths = PathRetrieval(config)
+    paths.learn(phis, ["new-1", "new-2"])
+    alone = DeepRetrieval(config)
+    alone.learn(unit_rows(phis), ["new-1", "new-2"])
+    np.testing.assert_array_equal(paths.model.assignment, alone.assignment)
+    expected, _ = beam_search(DeepRetrieval(config).model, unit_rows(phis),
+                              config.paths_per_item)
+    np.testing.assert_array_equal(paths.model.assignment, expected)
