@@ -111,6 +111,17 @@ def histories_to_write(events: list[Event], repeated: list[bool],
             **updated}
 
 
+def of_generation(taken: list, generation: int | None) -> list:
+    """The (message, event) pairs of ``taken`` fetched in consumer generation ``generation``.
+
+    A rebalance during the awaits between a batch's fetch and its apply (its dead letters and
+    moved events are sent first) may have given a partition to another worker, which reads it
+    again from the committed offset: stored here too, its events would reach that worker's
+    histories twice (this worker's writes go to the same changelog partition). Nothing is
+    lost: the intake acknowledges no message of an older generation."""
+    return [(message, event) for message, event in taken if message.generation_id == generation]
+
+
 def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                learner: LearnerProcess | None = None) -> faust.App:
     """The app. With a ``learner`` process, the learn agent hands training messages to it and
@@ -162,6 +173,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     history_table = BatchedTable(histories)
     history_reader = BatchedTable(histories)  # the responder's reads: one per task
     intake_lag = IntakeLag(lambda partition: app.consumer.highwater(partition))
+    missing = BatchIntake.missing(app) if settings.batch_intake else []
+    # the batch intake acknowledges no message of an older consumer generation, so apply may
+    # leave them out; Faust's stream acknowledges every message handed to it
+    stale_left_out = settings.batch_intake and not missing
 
     async def dead_letter(error: InvalidMessage, message) -> Sent:
         """The message to the DLQ with its reason. Never raises: a letter whose send fails
@@ -231,7 +246,13 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     def apply(taken: list[tuple[Message, Event]]) -> list[TrainExample]:
         """Valid events into the users' histories (one table read and one write per user of
         the batch, on the partition of that user's events, in one store batch per partition,
-        the write's changelog record queued for the batch's flush) and training examples."""
+        the write's changelog record queued for the batch's flush) and training examples.
+        Through the batch intake, only events fetched in the consumer's current generation
+        (:func:`of_generation`; no await comes between that check and the writes)."""
+        if stale_left_out:
+            taken = of_generation(taken, app.consumer_generation_id)
+        if not taken:
+            return []
         last_message = {event.user_id: message for message, event in taken}
         last = {user: faust.Event(app, message.key, message.value, message.headers, message)
                 for user, message in last_message.items()}  # what the table's writes read
@@ -310,7 +331,6 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             log.exception("could not make the training messages of %d examples",
                           len(examples))
 
-    missing = BatchIntake.missing(app) if settings.batch_intake else []
     if missing:
         log.warning("this Faust lacks %s: events are taken through Faust's stream", missing)
     if settings.batch_intake and not missing:
