@@ -182,20 +182,25 @@ class RequestReader:
         from aiokafka import TopicPartition
 
         partitions = [TopicPartition(self.topic, p) for p in sorted(self._partitions)]
+        starts = await self._where_the_app_left_off(partitions)
+        # no await from here to the seeks: a fetch in between would read from the oldest
+        # request, and a getmany waiting meanwhile would hand those requests to be answered
         self._consumer.assign(partitions)
-        await self._start_where_the_app_left_off(partitions)
+        for tp, offset in starts.items():
+            self._consumer.seek(tp, offset)
+            log.info("reading %s from offset %d, where the app's group left it", tp, offset)
 
-    async def _start_where_the_app_left_off(self, partitions: list) -> None:
-        """A partition this reader's group never committed starts where the app's own group
-        committed it, if it did: a Faust agent of the app read requests until this reader
-        replaced it, and an upgraded worker goes on from there instead of answering every
-        retained request again. Otherwise (a new app, or that lookup failing) it starts at the
+    async def _where_the_app_left_off(self, partitions: list) -> dict:
+        """Where to start each partition this reader's group never committed: where the app's
+        own group committed it, if it did. A Faust agent of the app read requests until this
+        reader replaced it, and an upgraded worker goes on from there instead of answering
+        every retained request again. Others (a new app, or that lookup failing) start at the
         oldest request."""
         from aiokafka.admin import AIOKafkaAdminClient
 
         fresh = [tp for tp in partitions if await self._consumer.committed(tp) is None]
         if not fresh:
-            return
+            return {}
         admin = AIOKafkaAdminClient(client_id=self.group_id, **aiokafka_config(self.settings))
         try:
             await admin.start()
@@ -204,14 +209,11 @@ class RequestReader:
         except Exception:  # noqa: BLE001 - see the docstring
             log.warning("could not read the app's request offsets; reading %s from the oldest",
                         fresh, exc_info=True)
-            return
+            return {}
         finally:
             await admin.close()
-        for tp in fresh:
-            if tp in offsets and offsets[tp].offset >= 0:
-                self._consumer.seek(tp, offsets[tp].offset)
-                log.info("reading %s from offset %d, where the app's group left it", tp,
-                         offsets[tp].offset)
+        return {tp: offsets[tp].offset for tp in fresh
+                if tp in offsets and offsets[tp].offset >= 0}
 
     async def _handle(self, batches: dict) -> None:
         for tp, records in batches.items():

@@ -121,3 +121,89 @@ def test_a_recovery_completed_after_a_newer_rebalance_began_does_not_move_the_re
         return read
 
     assert asyncio.run(scenario()) == [0.0, 2.0]
+
+
+def test_a_partition_started_where_the_apps_group_left_it_is_never_read_from_the_oldest(
+        monkeypatch, tmp_path):
+    """A reader assigned a partition its group never committed looks up where the app's own
+    group left it before assigning: assigned first, the fetcher read from the oldest request
+    while the lookup went on, and a getmany waiting then handed those old requests over."""
+    import aiokafka
+    import aiokafka.admin
+
+    state = SimpleNamespace(fetched=None, lookup=None, seeks=[])
+
+    class Consumer:
+        def __init__(self, **kwargs) -> None:
+            self.assigned = False
+
+        async def start(self) -> None: ...
+
+        async def stop(self) -> None: ...
+
+        async def commit(self, offsets) -> None: ...
+
+        def assign(self, partitions) -> None:
+            self.assigned = True
+            # the fetcher runs at the loop's next turn: from the oldest request unless the
+            # partition was sought by then
+            if partitions:
+                asyncio.get_running_loop().call_soon(self.fetch, partitions[0])
+
+        def fetch(self, tp) -> None:
+            if state.fetched is not None and not state.fetched.done():
+                state.fetched.set_result({} if state.seeks else records(tp, 0, 1, 2))
+
+        async def committed(self, tp):
+            return None  # this reader's group never committed
+
+        def seek(self, tp, offset: int) -> None:
+            state.seeks.append((tp.partition, offset))
+
+        async def getmany(self, timeout_ms: int, max_records: int) -> dict:
+            state.fetched = asyncio.get_running_loop().create_future()
+            try:
+                return await asyncio.wait_for(state.fetched, timeout_ms / 1000)
+            except asyncio.TimeoutError:
+                return {}
+
+    class Admin:
+        def __init__(self, **kwargs) -> None: ...
+
+        async def start(self) -> None:
+            await state.lookup  # the network's round trips
+
+        async def close(self) -> None: ...
+
+        async def list_consumer_group_offsets(self, group, partitions):
+            return {tp: SimpleNamespace(offset=100) for tp in partitions}
+
+    async def one_partition(consumer, topic):
+        return frozenset({0})
+
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", Consumer)
+    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", Admin)
+    monkeypatch.setattr(reader_module, "topic_partitions", one_partition)
+    answered = []
+
+    async def answer(record):
+        answered.append(record.offset)
+
+    async def scenario():
+        state.lookup = asyncio.get_running_loop().create_future()
+        reader = RequestReader(Settings(data_dir=tmp_path, partitions=1, compat_fixes=False),
+                               answer)
+        reader._guard = None
+        task = asyncio.ensure_future(reader.run())
+        await asyncio.sleep(0.05)  # reading nothing yet, a getmany waiting
+        follow = asyncio.ensure_future(reader.follow([0]))
+        await asyncio.sleep(0.05)
+        state.lookup.set_result(None)
+        await asyncio.wait_for(follow, 2)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert state.seeks == [(0, 100)]
+    assert answered == []
