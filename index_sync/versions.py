@@ -74,7 +74,8 @@ def write_version(root: Path, index: ServedIndex) -> Path:
             _write_text(tmp / f"ids-{k}.json", json.dumps(part.ids))
         if isinstance(index, ClusteredIndex):
             np.save(tmp / "centroids.npy", index.centroids, allow_pickle=False)
-        files = {path.name: _sha256(path) for path in sorted(tmp.iterdir())}
+        # hnswlib and numpy write the graphs and centroids: on the disk before the rename
+        files = {path.name: _sha256(path, sync=True) for path in sorted(tmp.iterdir())}
         manifest = {**index.manifest.to_json(), "files": files, "format": INDEX_FORMAT}
         _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
         sync_folder(tmp)
@@ -92,11 +93,15 @@ def _write_text(path: Path, text: str) -> None:
         write_through(handle)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, sync: bool = False) -> str:
+    """The file's SHA-256; with ``sync``, its bytes are put on the disk too (a version renamed
+    into place after a power loss must not hold a graph cut short)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+        if sync:
+            os.fsync(handle.fileno())
     return digest.hexdigest()
 
 

@@ -98,6 +98,26 @@ def test_versions_round_trip_and_the_newest_valid_one_loads(tmp_path):
         write_version(tmp_path, ItemIndex.build(ids, vectors, version=2, model_version=7))
 
 
+def test_every_file_of_a_version_is_on_the_disk_before_it_is_renamed_into_place(
+        tmp_path, monkeypatch):
+    """The graphs (written by hnswlib) and centroids are synced as the ids and manifest are:
+    after a power loss a renamed version could otherwise hold a graph cut short."""
+    import index_sync.versions as versions
+
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(descriptor: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{descriptor}")))
+        fsync(descriptor)
+
+    monkeypatch.setattr(versions.os, "fsync", recording)
+    clustered = ClusteredIndex.build(ids_of(300), model_like(300), 2, version=1,
+                                     model_version=1)
+    final = write_version(tmp_path, clustered)
+    assert {path.name for path in final.iterdir()} <= set(synced)
+
+
 @pytest.mark.parametrize("damage", ["truncated index", "changed checksum", "missing ids",
                                     "bad manifest", "manifest not an object",
                                     "clusters null", "files a list", "temp folder only"])
