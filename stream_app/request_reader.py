@@ -87,6 +87,9 @@ class RequestReader:
         self._partitions: frozenset[int] = frozenset()
         self._generation = 0  # bumped by every change of the partitions read
         self._next: dict[Any, int] = {}  # partition -> offset after the last request handled
+        # partition number -> offset after the last request handed to ``answer``, for the
+        # partitions read now (the commits can lag it, behind answers not settled)
+        self._handed: dict[int, int] = {}
         # partition -> (offset after a request, its answer's delivery), oldest first: answers
         # not known to be settled, and the requests after them
         self._unsettled: dict[Any, collections.deque[tuple[int, asyncio.Future | None]]] = {}
@@ -168,6 +171,7 @@ class RequestReader:
             for tp in [tp for tp in self._unsettled if tp.partition not in wanted]:
                 del self._unsettled[tp]  # answers not settled in time: the next reader's
             self._partitions = wanted
+            self._handed = {p: offset for p, offset in self._handed.items() if p in wanted}
             self._generation += 1
             if self._consumer is not None:
                 try:
@@ -189,6 +193,9 @@ class RequestReader:
         for tp, offset in starts.items():
             self._consumer.seek(tp, offset)
             log.info("reading %s from offset %d, where the app's group left it", tp, offset)
+        for tp in partitions:  # kept: on after what was handed, not from the commit (which
+            if tp.partition in self._handed:  # an answer in flight holds back): no repeats
+                self._consumer.seek(tp, self._handed[tp.partition])
 
     async def _where_the_app_left_off(self, partitions: list) -> dict:
         """Where to start each partition this reader's group never committed: where the app's
@@ -227,6 +234,7 @@ class RequestReader:
                     log.exception("request at %s/%d/%d failed", record.topic, record.partition,
                                   record.offset)
                 self._handled(tp, record.offset + 1, settles)
+                self._handed[tp.partition] = record.offset + 1
 
     def _handled(self, tp: Any, next_offset: int, settles: Awaitable | None) -> None:
         """The request before ``next_offset`` is answered; committed once ``settles`` has,

@@ -123,87 +123,153 @@ def test_a_recovery_completed_after_a_newer_rebalance_began_does_not_move_the_re
     assert asyncio.run(scenario()) == [0.0, 2.0]
 
 
+class FakeRequestLog:
+    """A request topic without a broker, read as aiokafka reads it: ``ends[p]`` requests on
+    partition p, the commits of the reader's group and of the app's, and a consumer whose
+    ``assign`` sets every assigned partition's position anew when the fetcher next looks (from
+    the group's commit, else the oldest request) unless it was sought before; ``getmany``
+    hands over what lies past the positions. ``lookup``: a future the admin client's start
+    waits on (the network's round trips)."""
+
+    def __init__(self, ends: dict[int, int], app_offsets: dict[int, int] | None = None):
+        self.ends, self.app_offsets = ends, app_offsets or {}
+        self.committed: dict[int, int] = {}
+        self.seeks: list[tuple[int, int]] = []
+        self.lookup: asyncio.Future | None = None
+        log = self
+
+        class Consumer:
+            def __init__(self, **kwargs) -> None:
+                self.positions: dict = {}
+
+            async def start(self) -> None: ...
+
+            async def stop(self) -> None: ...
+
+            async def commit(self, offsets) -> None:
+                log.committed.update({tp.partition: offset for tp, offset in offsets.items()})
+
+            def assign(self, partitions) -> None:
+                self.positions = {tp: None for tp in partitions}
+
+            async def committed(self, tp):
+                return log.committed.get(tp.partition)
+
+            def seek(self, tp, offset: int) -> None:
+                log.seeks.append((tp.partition, offset))
+                self.positions[tp] = offset
+
+            async def getmany(self, timeout_ms: int, max_records: int) -> dict:
+                for _ in range(max(1, timeout_ms // 10)):
+                    await asyncio.sleep(0.01)
+                    batches = {}
+                    for tp, position in self.positions.items():
+                        if position is None:  # the fetcher's reset
+                            position = log.committed.get(tp.partition, 0)
+                        end = log.ends.get(tp.partition, 0)
+                        if position < end:
+                            batches.update(records(tp, *range(position, end)))
+                            self.positions[tp] = end
+                    if batches:
+                        return batches
+                return {}
+
+        class Admin:
+            def __init__(self, **kwargs) -> None: ...
+
+            async def start(self) -> None:
+                if log.lookup is not None:
+                    await log.lookup
+
+            async def close(self) -> None: ...
+
+            async def list_consumer_group_offsets(self, group, partitions):
+                return {tp: SimpleNamespace(offset=log.app_offsets[tp.partition])
+                        for tp in partitions if tp.partition in log.app_offsets}
+
+        self.Consumer, self.Admin = Consumer, Admin
+
+    def install(self, monkeypatch) -> None:
+        import aiokafka
+        import aiokafka.admin
+
+        async def partitions(consumer, topic):
+            return frozenset(self.ends)
+
+        monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", self.Consumer)
+        monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", self.Admin)
+        monkeypatch.setattr(reader_module, "topic_partitions", partitions)
+
+
+def reading(tmp_path, answer) -> tuple[RequestReader, asyncio.Task]:
+    reader = RequestReader(Settings(data_dir=tmp_path, partitions=2, compat_fixes=False),
+                           answer, commit_every_s=0.0)
+    reader._guard = None
+    return reader, asyncio.ensure_future(reader.run())
+
+
+async def stopped(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def test_a_partition_started_where_the_apps_group_left_it_is_never_read_from_the_oldest(
         monkeypatch, tmp_path):
     """A reader assigned a partition its group never committed looks up where the app's own
     group left it before assigning: assigned first, the fetcher read from the oldest request
     while the lookup went on, and a getmany waiting then handed those old requests over."""
-    import aiokafka
-    import aiokafka.admin
-
-    state = SimpleNamespace(fetched=None, lookup=None, seeks=[])
-
-    class Consumer:
-        def __init__(self, **kwargs) -> None:
-            self.assigned = False
-
-        async def start(self) -> None: ...
-
-        async def stop(self) -> None: ...
-
-        async def commit(self, offsets) -> None: ...
-
-        def assign(self, partitions) -> None:
-            self.assigned = True
-            # the fetcher runs at the loop's next turn: from the oldest request unless the
-            # partition was sought by then
-            if partitions:
-                asyncio.get_running_loop().call_soon(self.fetch, partitions[0])
-
-        def fetch(self, tp) -> None:
-            if state.fetched is not None and not state.fetched.done():
-                state.fetched.set_result({} if state.seeks else records(tp, 0, 1, 2))
-
-        async def committed(self, tp):
-            return None  # this reader's group never committed
-
-        def seek(self, tp, offset: int) -> None:
-            state.seeks.append((tp.partition, offset))
-
-        async def getmany(self, timeout_ms: int, max_records: int) -> dict:
-            state.fetched = asyncio.get_running_loop().create_future()
-            try:
-                return await asyncio.wait_for(state.fetched, timeout_ms / 1000)
-            except asyncio.TimeoutError:
-                return {}
-
-    class Admin:
-        def __init__(self, **kwargs) -> None: ...
-
-        async def start(self) -> None:
-            await state.lookup  # the network's round trips
-
-        async def close(self) -> None: ...
-
-        async def list_consumer_group_offsets(self, group, partitions):
-            return {tp: SimpleNamespace(offset=100) for tp in partitions}
-
-    async def one_partition(consumer, topic):
-        return frozenset({0})
-
-    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", Consumer)
-    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", Admin)
-    monkeypatch.setattr(reader_module, "topic_partitions", one_partition)
+    log = FakeRequestLog({0: 103}, app_offsets={0: 100})
+    log.install(monkeypatch)
     answered = []
 
     async def answer(record):
         answered.append(record.offset)
 
     async def scenario():
-        state.lookup = asyncio.get_running_loop().create_future()
-        reader = RequestReader(Settings(data_dir=tmp_path, partitions=1, compat_fixes=False),
-                               answer)
-        reader._guard = None
-        task = asyncio.ensure_future(reader.run())
+        log.lookup = asyncio.get_running_loop().create_future()
+        reader, task = reading(tmp_path, answer)
         await asyncio.sleep(0.05)  # reading nothing yet, a getmany waiting
         follow = asyncio.ensure_future(reader.follow([0]))
         await asyncio.sleep(0.05)
-        state.lookup.set_result(None)
+        log.lookup.set_result(None)
         await asyncio.wait_for(follow, 2)
         await asyncio.sleep(0.1)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await stopped(task)
 
     asyncio.run(scenario())
-    assert state.seeks == [(0, 100)]
-    assert answered == []
+    assert log.seeks == [(0, 100)]
+    assert answered == [100, 101, 102]
+
+
+def test_a_partition_kept_through_a_change_of_partitions_is_not_read_again(monkeypatch,
+                                                                         tmp_path):
+    """An answer still unsettled holds its partition's commit back; when the reader is given
+    another partition besides, the one it keeps goes on after the last request it handed
+    rather than from that commit (aiokafka's assign sets every position anew), so the
+    requests after the unsettled answer are not answered twice."""
+    monkeypatch.setattr(reader_module, "SETTLE_WAIT_S", 0.05)
+    log = FakeRequestLog({0: 5, 1: 2})
+    log.install(monkeypatch)
+    answered = []
+    never = None
+
+    async def answer(record):
+        answered.append((record.partition, record.offset))
+        return never if record.offset == 1 and record.partition == 0 else None
+
+    async def scenario():
+        nonlocal never
+        never = asyncio.get_running_loop().create_future()
+        reader, task = reading(tmp_path, answer)
+        await reader.follow([0])
+        while len(answered) < 5:
+            await asyncio.sleep(0.01)
+        await reader.follow([0, 1])
+        while len(answered) < 7:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        await stopped(task)
+
+    asyncio.run(scenario())
+    assert sorted(answered) == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1)]
+    assert log.committed[0] == 1  # held at the unsettled answer
