@@ -171,8 +171,8 @@ class ServingIndex:
         row without its id.
         ``behind``: events the worker has yet to take in (``RebuildPolicy.backlog_events``)."""
         if not self.config.enabled or not self.rebuilder.due(
-                max(len(self._changed), len(self.learner) if self._rebuild_all else 0),
-                len(self.learner), behind=behind, overflowing=self._overflowing()):
+                self._changed_count(), len(self.learner), behind=behind,
+                overflowing=self._overflowing()):
             return False
         plan = (None, None) if self._rebuild_all else self._update_plan()
         snapshot = Snapshot(self.learner.item_ids, self.learner.item_matrix, model_version,
@@ -180,6 +180,15 @@ class ServingIndex:
         self._changed.clear()
         self.rebuilder.submit(snapshot)
         return True
+
+    def _changed_count(self) -> int:
+        """Items changed for the rebuild policy: every item while no index serves (a restart
+        without one on disk, as after ``streamrec bootstrap``: answers scan the whole catalogue
+        until a build, which waited for a first learned item before) or the version read at
+        start does (its moves were not kept)."""
+        if self._rebuild_all or self.holder.current is None:
+            return max(len(self._changed), len(self.learner))
+        return len(self._changed)
 
     def _overflowing(self) -> bool:
         """More rows moved since the serving version's snapshot than answers score exactly

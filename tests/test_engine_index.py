@@ -412,6 +412,23 @@ def test_after_a_restart_builds_stay_from_scratch_until_one_replaces_the_loaded_
                                atol=1e-5)
 
 
+def test_a_restart_without_an_index_on_disk_builds_one_without_waiting_for_learning(
+        tmp_path):
+    """A model that no index version holds (written by ``streamrec bootstrap``, or whose
+    versions were lost) is indexed at the first check: answers scanned the whole catalogue
+    until something was learned."""
+    engine = engine_with_index(tmp_path, index_enabled=False)
+    run_stream(engine, planted_stream())
+    engine.save()
+    restarted = engine_with_index(tmp_path)
+    assert restarted.load() and restarted.index.version is None
+    restarted.index.rebuilder.last_snapshot_at = 0.0  # the interval since has passed
+    assert restarted.maybe_rebuild_index()
+    restarted.index.rebuilder._running.result(60)
+    assert restarted.index.version == 1
+    assert not restarted.maybe_rebuild_index()  # then as the policy says
+
+
 def test_a_version_of_another_model_dimension_is_not_served(tmp_path):
     """After the model dimension changed (and its checkpoints went), the versions on disk
     cannot answer the new queries: the worker answers by exact search and builds anew."""
