@@ -783,7 +783,9 @@ class Engine:
         """:meth:`user_vector`, and the learner rows of the history it came from (−1:
         unknown), which the responder also excludes: one id lookup per history item."""
         extra = list(request.history or ())
-        now = history.ts[-1] if history.ts else 0.0
+        # the request's items are the newest events: as recent as the newest stored one (a
+        # history keeps arrival order, and an event may arrive after a newer one)
+        now = max(history.ts) if history.ts else 0.0
         rows = self.learner.rows_of(list(history.items) + extra)
         weights = self._kind_weights(list(history.kinds) + ["view"] * len(extra))
         phi = self._encode_rows(rows, weights, list(history.ts) + [now] * len(extra),

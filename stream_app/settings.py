@@ -347,6 +347,14 @@ class Settings(BaseSettings):
         return list(dict.fromkeys(sources))
 
     @model_validator(mode="after")
+    def _ials_fold_in_is_regularized(self) -> Settings:
+        if self.encoder == "ials" and self.l2 <= 0:
+            raise ValueError("encoder ials needs l2 > 0: its fold-in solves (α0 G + λI), "
+                             "which is singular while the catalogue has fewer items than "
+                             "model_dim, and every answer and event would fail")
+        return self
+
+    @model_validator(mode="after")
     def _top_s_holds_the_paths(self) -> Settings:
         if self.dr_enabled and self.dr_top_s < self.dr_paths_per_item:
             raise ValueError(f"dr_top_s ({self.dr_top_s}) must be >= dr_paths_per_item "

@@ -116,6 +116,21 @@ def test_training_examples_carry_event_times_only_for_an_encoder_that_reads_them
     np.testing.assert_array_equal(twin.learner.item_matrix, timed.learner.item_matrix)
 
 
+def test_a_requests_items_count_as_recent_as_the_newest_stored_event(tmp_path):
+    """With a decay by time, the items a request carries are the user's newest events: as
+    recent as the newest stored one, also when an older event arrived last (a history keeps
+    arrival order; they were decayed against that event's time)."""
+    engine = Engine(Settings(data_dir=tmp_path, popularity_refresh_s=0,
+                             encoder_half_life_s=10.0, serve_tuning_every=0,
+                             serve_half_life_events=None))
+    feed(engine, [ev("u1", "a", ts=10.0), ev("u1", "b", ts=20.0), ev("u2", "c", ts=30.0)])
+    request = RecRequest(request_id="r", history=["c"])
+    in_order = History(items=("b", "a"), kinds=("view",) * 2, ts=(0.0, 1000.0))
+    late = History(items=("a", "b"), kinds=("view",) * 2, ts=(1000.0, 0.0))
+    np.testing.assert_allclose(engine.user_vector(request, late),
+                               engine.user_vector(request, in_order), rtol=1e-12)
+
+
 def test_a_batch_writes_again_the_history_of_a_user_whose_events_were_all_there(engine):
     """Redelivered events add nothing, but their user's stored history is written again (its
     changelog record with it), unless another event of the batch changed it; a user with

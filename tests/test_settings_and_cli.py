@@ -83,6 +83,12 @@ def test_bad_settings_are_refused(monkeypatch):
     monkeypatch.setenv("STREAMREC_DR_ENABLED", "false")
     monkeypatch.setenv("STREAMREC_DEFAULT_SOURCES", '["ann", "popular"]')
     assert Settings().dr_top_s == 2  # no Deep Retrieval: nothing to check
+    monkeypatch.setenv("STREAMREC_ENCODER", "ials")
+    monkeypatch.setenv("STREAMREC_L2", "0")  # a singular fold-in while items < model_dim
+    with pytest.raises(ValidationError, match="ials needs l2 > 0"):
+        Settings()
+    monkeypatch.setenv("STREAMREC_ENCODER", "mean")
+    assert Settings().l2 == 0  # the mean encoder solves nothing
 
 
 @pytest.mark.parametrize("name, value", [
