@@ -64,6 +64,9 @@ class DecayedPopularity:
         self._order: np.ndarray = np.empty(0, dtype=np.int64)
         self._order_at = -math.inf
         self._order_complete = False  # the cached ranking holds every item (as of then)
+        # how deep rankings go: the deepest asked for so far, in powers of two (requests a
+        # little deeper each would otherwise each rank the whole catalogue again)
+        self._depth = RANKED_AT_LEAST
         self._dirty = False
 
     def __len__(self) -> int:
@@ -126,7 +129,8 @@ class DecayedPopularity:
         shallow = depth > len(self._order) and not self._order_complete
         if (self._dirty and stale) or shallow:
             mass = self._log_mass[: len(self._ids)]
-            self._order = top_rows(mass, max(depth, RANKED_AT_LEAST))
+            self._depth = max(self._depth, 1 << (depth - 1).bit_length())
+            self._order = top_rows(mass, self._depth)
             self._order_complete = len(self._order) == len(mass)
             self._order_at = self._clock()
             self._dirty = False
