@@ -144,22 +144,31 @@ class ClusteredIndex:
         return affinity_from_vector(query, self.centroids)
 
     def search(self, query: np.ndarray, k: int, exclude: Collection[str] = (), *,
-               diversity: float | None = None,
-               history: Sequence[str] = ()) -> list[tuple[str, float]]:
+               diversity: float | None = None, history: Sequence[str] = (),
+               fresh: Sequence[tuple[str, float, int]] = ()) -> list[tuple[str, float]]:
         """Top ``k`` by quota merge: cluster c contributes its best M_c (α = ``diversity``,
         default 1), the union is ordered by score. Clusters with fewer items than their quota
-        hand the rest to the others, so the answer has k items whenever the index holds them."""
+        hand the rest to the others, so the answer has k items whenever the index holds them.
+
+        ``fresh``: (item, score, cluster) of items scored outside the graphs (new since the
+        build, or moved: the graphs hold them with old vectors, and are not asked for them),
+        each competing for its cluster's quota (:meth:`clusters_for`)."""
         alpha = 1.0 if diversity is None else diversity
         counts = quotas(self.affinity(query, history), alpha, k)
+        by_cluster: dict[int, list[tuple[str, float]]] = {}
+        for item, score, cluster in fresh:
+            by_cluster.setdefault(cluster, []).append((item, score))
+        exclude = set(exclude) | {item for item, _, _ in fresh}
         found: list[tuple[str, float]] = []
         spare = 0
-        for part, quota in sorted(zip(self.parts, counts), key=lambda pc: -pc[1]):
-            want = int(quota) + spare
-            got = part.search(query, want, exclude) if want else []
+        for cluster in np.argsort(-counts, kind="stable").tolist():
+            want = int(counts[cluster]) + spare
+            got = self.parts[cluster].search(query, want, exclude) if want else []
+            got = sorted(got + by_cluster.pop(cluster, []), key=lambda pair: -pair[1])[:want]
             spare = want - len(got)
             found += got
         if spare:  # the last clusters ran dry too: take what any cluster still has
-            taken = {item for item, _ in found} | set(exclude)
+            taken = {item for item, _ in found} | exclude
             for part in self.parts:
                 extra = part.search(query, spare, taken)
                 found += extra
@@ -168,3 +177,16 @@ class ClusteredIndex:
                     break
         found.sort(key=lambda pair: -pair[1])  # an item lies in one cluster: no duplicates
         return found[:k]
+
+    def clusters_for(self, item_ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        """The cluster of each item: the one it was built into, else (an item new since the
+        build) the nearest centroid, k-means's own rule (on the vectors without their bias)."""
+        if not len(item_ids):
+            return np.empty(0, dtype=np.int64)
+        vectors = np.asarray(vectors, dtype=np.float64).reshape(len(item_ids), -1)[:, :-1]
+        centroids = self.centroids[:, :-1]
+        distances = (np.einsum("ij,ij->i", centroids, centroids)[None, :]
+                     - 2.0 * vectors @ centroids.T)  # ‖v − c‖² less ‖v‖², the same order
+        nearest = np.argmin(distances, axis=1)
+        return np.array([self.cluster_of.get(item, int(near))
+                         for item, near in zip(item_ids, nearest)], dtype=np.int64)

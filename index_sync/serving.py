@@ -243,10 +243,12 @@ class ServingIndex:
             return rows, None
         excluded = set(exclude_rows.tolist())
         excluded.discard(-1)
+        if isinstance(index, ClusteredIndex) and diversity is not None:
+            return self._diverse(index, query, n, excluded, diversity, history), index.version
         if isinstance(index, ClusteredIndex):
             unknown = self._extra_for_unknown(index, n)  # dropped below: asked for on top
             found = index.search(query, n + unknown, set(self.learner.item_ids_at(excluded)),
-                                 diversity=diversity, history=history)
+                                 history=history)
             rows = self.learner.rows_of(item for item, _ in found)
             rows = rows[rows >= 0][:n]
         else:
@@ -254,6 +256,23 @@ class ServingIndex:
         rows = np.concatenate([rows, self._fresh(index, query, n, excluded)])
         _, first = np.unique(rows, return_index=True)  # a moved row may come from both
         return rows[np.sort(first)], index.version
+
+    def _diverse(self, index: ClusteredIndex, query: np.ndarray, n: int, excluded: set[int],
+                 diversity: float, history: Sequence[str]) -> np.ndarray:
+        """A ``diversity`` request's ``n`` rows, by the clusters' quotas alone: the rows
+        scored outside the graphs (new or moved since the build) compete within their
+        clusters' quotas. Appended after the merge, as other requests have them, they took
+        the answer back to the user's main cluster in the engine's rerank."""
+        fresh = self._fresh(index, query, n, excluded)
+        ids = self.learner.item_ids_at(fresh.tolist())
+        vectors = self.learner.item_matrix[fresh]
+        scored = list(zip(ids, (vectors @ query).tolist(),
+                          index.clusters_for(ids, vectors).tolist()))
+        unknown = self._extra_for_unknown(index, n)  # dropped below: asked for on top
+        found = index.search(query, n + unknown, set(self.learner.item_ids_at(excluded)),
+                             diversity=diversity, history=history, fresh=scored)
+        rows = self.learner.rows_of(item for item, _ in found)
+        return rows[rows >= 0][:n]
 
     def _search_rows(self, index: ItemIndex, query: np.ndarray, n: int,
                      excluded: set[int]) -> np.ndarray:

@@ -445,16 +445,27 @@ def test_a_version_of_another_model_dimension_is_not_served(tmp_path):
     assert wider.index.version == 2 and wider.index.current.manifest.dim == 33
 
 
-def test_clustered_index_with_diversity(tmp_path):
+@pytest.mark.parametrize("learned_after_the_build", [0, 200])
+def test_clustered_index_with_diversity(tmp_path, learned_after_the_build):
+    """Quotas per cluster decide a diversity request's answer, also while rows moved since
+    the build are scored beside the graphs (they took the answer back to the user's own
+    cluster: c3 only, in a worker that learns)."""
     engine = engine_with_index(tmp_path, index_clusters=6)
-    histories = run_stream(engine, planted_stream())
+    stream = planted_stream()
+    cut = len(stream) - learned_after_the_build
+    histories = run_stream(engine, stream[:cut])
     build_now(engine)
+    histories = run_stream(engine, stream[cut:], histories=histories)
+    moved = engine.index._rows_moved_since(engine.index._snapshot_mark(engine.index.current))
+    assert len(moved) >= learned_after_the_build // 2
     user = "u3"  # cluster 3
     focused = answer(engine, user, histories[user], k=10, diversity=100.0)
     assert sum(i.item_id.startswith("c3-") for i in focused.items) >= 9
     spread = answer(engine, user, histories[user], k=12, diversity=0.0)
     clusters = {i.item_id.split("-")[0] for i in spread.items if i.source == "ann"}
     assert len(clusters) >= 4  # equal quotas reach other clusters
+    assert spread.index_version == 1 and len(spread.items) == 12
+    assert len({i.item_id for i in spread.items}) == 12
 
 
 def test_a_clustered_version_built_here_is_placed_among_the_rows_without_a_lookup_per_item(

@@ -312,6 +312,27 @@ def test_fewer_distinct_rows_than_clusters_leave_no_empty_cluster():
     assert {item for item, _ in found} == {f"i{n}" for n in range(5)}
 
 
+def test_items_scored_outside_the_graphs_compete_within_their_clusters_quota():
+    """Two well-apart groups: an item new since the build goes to the group whose centroid is
+    nearest, an indexed one stays where it was built; with equal quotas (α = 0) a fresh item
+    of top score takes a place of its own cluster, not of the other."""
+    rng = np.random.default_rng(3)
+    left = np.c_[rng.normal(-5.0, 0.1, (20, 2)), np.zeros(20)]
+    right = np.c_[rng.normal(5.0, 0.1, (20, 2)), np.zeros(20)]
+    ids = [f"l{n}" for n in range(20)] + [f"r{n}" for n in range(20)]
+    index = ClusteredIndex.build(ids, np.vstack([left, right]), 2, version=1, model_version=0)
+    near_left = np.array([[-4.0, -4.0, 0.0]])
+    left_cluster = index.cluster_of["l0"]
+    assert index.clusters_for(["new"], near_left).tolist() == [left_cluster]
+    assert index.clusters_for(["r3"], near_left).tolist() == [index.cluster_of["r3"]]
+    query = np.array([1.0, 1.0, 0.0])  # the right group scores higher
+    fresh = [("new", 100.0, left_cluster)]
+    found = index.search(query, 6, diversity=0.0, fresh=fresh)
+    assert [item for item, _ in found][0] == "new"
+    assert sum(item.startswith("r") for item, _ in found) == 3  # its quota kept
+    assert sum(item.startswith("l") or item == "new" for item, _ in found) == 3
+
+
 def test_a_clustered_version_round_trips(tmp_path):
     vectors, ids = model_like(400), ids_of(400)
     index = ClusteredIndex.build(ids, vectors, 3, version=1, model_version=2)
