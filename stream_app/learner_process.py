@@ -47,6 +47,7 @@ import multiprocessing
 import os
 import signal
 import struct
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -415,6 +416,19 @@ def child_main(settings: Settings, inbox: Connection, outbox: Connection) -> Non
     outbox.send(("ready", len(engine.learner), engine.learner.steps))
     LearnerLoop(engine, settings, outbox).run(inbox)  # checkpoints on the way out
     held.close()
+    exit_now(outbox)
+
+
+def exit_now(outbox: Connection) -> None:
+    """End the process once its checkpoint is written, without the interpreter's exit: that
+    joins every thread, and an M-step under way (minutes at a million items) would hold the
+    process, past the worker's stop deadline (then killed) or, when the worker was killed,
+    beside the next worker's learner with a second copy of the model."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    outbox.close()
+    os._exit(0)
 
 
 def freeze_startup_objects() -> int:

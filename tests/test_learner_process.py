@@ -1058,3 +1058,42 @@ def test_before_the_item_rows_catch_up_a_worker_hands_nothing_over(tmp_path, cau
     # caught up: the hand-over settles, and the stop settles and checkpoints
     assert sorted(calls) == (["checkpoint", "settle", "settle"] if caught_up else [])
 
+
+
+def child_with_a_slow_m_step(settings, inbox, outbox):
+    """The learner process whose M-steps take a minute, as at a large catalogue."""
+    from models.deep_retrieval import DeepRetrieval
+    from stream_app.learner_process import child_main
+
+    compute = DeepRetrieval.compute_m_step
+
+    def slow(self, snapshot):
+        time.sleep(60)
+        return compute(self, snapshot)
+
+    DeepRetrieval.compute_m_step = slow
+    child_main(settings, inbox, outbox)
+
+
+def test_a_learner_stops_once_checkpointed_while_an_m_step_runs_aside(tmp_path, monkeypatch):
+    """Its interpreter's exit joined the M-step thread: the worker's stop ran out of time and
+    killed it, and a learner left by a killed worker held a copy of the model for minutes."""
+    import stream_app.learner_process as module
+
+    monkeypatch.setattr(module, "child_main", child_with_a_slow_m_step)
+    examples, _ = examples_and_histories(200)
+    settings = settings_for(tmp_path, dr_m_step_interval_s=0.2, index_check_s=0.1)
+    learner = LearnerProcess(settings).start()
+
+    async def main():
+        await learner.attach(on_report=lambda report: None, on_paths=lambda stats: None,
+                             on_saved=lambda through: None, on_death=lambda: None)
+        await learner.learn([TrainBatch(examples=examples).to_bytes()], 240)
+        assert await learner.settle(30)
+        await asyncio.sleep(1.0)  # an M-step is under way aside
+
+    asyncio.run(main())
+    started = time.monotonic()
+    assert learner.stop(30)
+    assert time.monotonic() - started < 15 and learner._process.exitcode == 0
+    assert (tmp_path / "checkpoints" / "model.npz").exists()
