@@ -188,6 +188,18 @@ def _start_serving(settings: Settings, engine: Engine, learner: LearnerProcess |
     return server, worker
 
 
+def save_on_exit(engine: Engine, app, learner: LearnerProcess | None) -> None:
+    """The worker's last checkpoint. The model is the engine's to save only without a
+    learner process (which saved its own), and not while item sharing still catches up:
+    the file's time would then pass this worker's own rows published before the last stop
+    and not installed yet, and the next start's catch-up would leave them out."""
+    sharing = getattr(app, "streamrec_sharing", None)
+    catching_up = sharing is not None and not sharing.caught_up.is_set()
+    engine.save(model=learner is None and not catching_up)
+    log.info("checkpoint written to %s%s", engine.checkpoint_dir,
+             " (not the model: item sharing had not caught up)" if catching_up else "")
+
+
 def run_worker(settings: Settings) -> int:
     """Block until SIGTERM/SIGINT; checkpoint the model state on the way out."""
     held = lock_data_dir(settings.data_dir)  # for the life of the process
@@ -218,8 +230,7 @@ def run_worker(settings: Settings) -> int:
             engine.paths.close()
         if learner is not None:  # also after a death: joined here, not in multiprocessing's atexit
             learner.stop(settings.shutdown_timeout_s)
-        engine.save(model=learner is None)
-        log.info("checkpoint written to %s", engine.checkpoint_dir)
+        save_on_exit(engine, worker.app, learner)
         if server is not None:
             server.shutdown()
         held.close()  # the data dir is free for the next worker

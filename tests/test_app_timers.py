@@ -37,3 +37,24 @@ def test_a_popularity_checkpoint_the_disk_refuses_does_not_stop_the_worker(tmp_p
         asyncio.run(timer(app, "checkpoint")())
     assert saves == [1]
     assert "could not write the popularity checkpoint" in caplog.text
+
+
+def test_the_last_checkpoint_leaves_the_model_alone_while_item_sharing_catches_up(tmp_path):
+    """Without a learner process the worker saves the model at exit, except during item
+    sharing's catch-up: its time would then pass own rows published before the last stop and
+    not installed yet, which the next start's catch-up would leave out."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from stream_app.worker import save_on_exit
+
+    saved = []
+    engine = SimpleNamespace(save=lambda model: saved.append(model), checkpoint_dir=tmp_path)
+    caught_up = asyncio.Event()
+    sharing_app = SimpleNamespace(streamrec_sharing=SimpleNamespace(caught_up=caught_up))
+    save_on_exit(engine, sharing_app, learner=None)
+    caught_up.set()
+    save_on_exit(engine, sharing_app, learner=None)
+    save_on_exit(engine, SimpleNamespace(streamrec_sharing=None), learner=None)
+    save_on_exit(engine, SimpleNamespace(), learner=object())  # the learner saved its own
+    assert saved == [False, True, True, False]
