@@ -901,6 +901,14 @@ class Engine:
     def checkpoint_dir(self) -> Path:
         return self.settings.data_dir / "checkpoints"
 
+    @property
+    def paths_handoff_dir(self) -> Path:
+        """Where a learner process leaves Deep Retrieval's state after an M-step for its
+        worker to read (:meth:`read_paths`): apart from the checkpoint's, which would
+        otherwise run ahead of the positions the checkpoint holds (the messages delivered
+        again after a crash were then learned twice by Deep Retrieval)."""
+        return self.checkpoint_dir / "dr-handoff"
+
     def save(self, *, model: bool = True, popularity: bool = True) -> None:
         """Checkpoint ``popularity`` and (``model``) the item model and Deep Retrieval; an
         engine that follows a learner process leaves the model to it (its replica has no
@@ -909,12 +917,12 @@ class Engine:
         if popularity:
             self.popularity.save(self.checkpoint_dir / "popularity.npz")
         if model:
+            if self.paths is not None:  # before the positions: a crash between the two can
+                self.paths.save(self.checkpoint_dir / "dr")  # make it learn again, not miss
             self.learner.save(self.checkpoint_dir / "model.npz",
                               also={**self.positions.to_arrays(),
                                     **self.event_positions.to_arrays()})
             save_npz(self.checkpoint_dir / "serving.npz", self.serving_choice.state())
-            if self.paths is not None:
-                self.paths.save(self.checkpoint_dir / "dr")
             self.checkpointed_at = time.time()
 
     def _restore_positions(self, data: dict[str, np.ndarray]) -> None:
@@ -965,7 +973,7 @@ class Engine:
             return None
         fresh = DeepRetrieval(self.paths.model.config,
                               track_scores=self.paths.model.tracker is not None)
-        return fresh if fresh.load(self.checkpoint_dir / "dr") else None
+        return fresh if fresh.load(self.paths_handoff_dir) else None
 
     def install_paths(self, fresh: DeepRetrieval | None, reported_stats: dict,
                       followed: list[tuple]) -> bool:

@@ -79,7 +79,7 @@ def test_an_engine_that_follows_the_reports_answers_like_the_learning_engine(tmp
     early = answers(following, histories, sources=["dr"])
     assert early == answers(learning, histories, sources=["dr"]) and all(early)
     assert learning.paths.run_m_step_now(timeout=60) is not None
-    learning.paths.save(learning.checkpoint_dir / "dr")
+    learning.paths.save(learning.paths_handoff_dir)
     assert following.reload_paths(learning.paths.stats())
     assert following.dr_stats()["m_steps"] == 1  # an M-step after the last report counts
     np.testing.assert_array_equal(following.learner.item_matrix, learning.learner.item_matrix)
@@ -119,7 +119,7 @@ def test_paths_read_aside_are_served_with_what_reports_brought_meanwhile(tmp_pat
     learning.users = 240
     following.follow(learning.learn_reported(examples[:150], step=32))
     assert learning.paths.run_m_step_now(timeout=60) is not None
-    learning.paths.save(learning.checkpoint_dir / "dr")
+    learning.paths.save(learning.paths_handoff_dir)
     saved_items = len(learning.paths.model)
     followed = following.begin_paths_read()
     fresh = following.read_paths()  # as in the worker's thread
@@ -165,6 +165,29 @@ def test_new_paths_whose_save_failed_are_saved_and_handed_over_at_the_next_check
     np.testing.assert_array_equal(reread.assignment, learning.paths.model.assignment)
     loop.m_step()
     assert len(said) == 1  # handed once
+    # handed over apart: the checkpoint's Deep Retrieval stays with its positions
+    assert not (learning.checkpoint_dir / "dr").exists()
+
+
+def test_deep_retrieval_is_checkpointed_before_the_positions(tmp_path, monkeypatch):
+    """A checkpoint whose Deep Retrieval write fails (or a crash between the two) leaves the
+    previous positions in force: the messages since are delivered again and learned again,
+    where the positions written first made Deep Retrieval miss them for good."""
+    examples, _ = examples_and_histories(300)
+    learning = Engine(settings_for(tmp_path))
+    learning.users = 240
+    learning.learn_reported(examples[:150], step=32)
+    learning.save()
+    saved_at = learning.model_saved_at()
+    learning.learn_reported(examples[150:], step=32)
+
+    def full_disk(directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(learning.paths, "save", full_disk)
+    with pytest.raises(OSError):
+        learning.save()
+    assert learning.model_saved_at() == saved_at
 
 
 def test_reports_in_the_pipe_behind_the_learners_new_paths_are_kept_for_their_install(
@@ -183,7 +206,7 @@ def test_reports_in_the_pipe_behind_the_learners_new_paths_are_kept_for_their_in
     learning.users = 240
     following.follow(learning.learn_reported(examples[:150], step=32))
     assert learning.paths.run_m_step_now(timeout=60) is not None
-    learning.paths.save(learning.checkpoint_dir / "dr")
+    learning.paths.save(learning.paths_handoff_dir)
     pipe = SimpleNamespace()
 
     async def attach(on_report, on_paths, on_saved, on_death) -> None:
@@ -198,7 +221,7 @@ def test_reports_in_the_pipe_behind_the_learners_new_paths_are_kept_for_their_in
         await follow_learner()
         pipe.paths(learning.paths.stats())  # as the pipe's messages are dispatched, in order
         pipe.report(learning.learn_reported(examples[150:250], step=32))
-        learning.paths.save(learning.checkpoint_dir / "dr")  # the next M-step's, say
+        learning.paths.save(learning.paths_handoff_dir)  # the next M-step's, say
         pipe.paths(learning.paths.stats())  # a second read, begun before the first is in
         pipe.report(learning.learn_reported(examples[250:], step=32))
         await asyncio.sleep(0.5)  # the reads: in threads, milliseconds at this size
