@@ -111,6 +111,7 @@ class ServingIndex:
         self._moved: dict[int, int] = {}
         self._moves = 0  # notes so far: the stamp of the last
         self._exact: _ExactBlock | None = None
+        self._appended_scored = 0  # rows appended since the serving index, at the last answer
         # a version loaded at start: the moves since its snapshot were not kept, so builds
         # are from scratch (not updates of it), and due at the first check, until one of them
         # replaces it (one that fails leaves it serving)
@@ -192,12 +193,17 @@ class ServingIndex:
 
     def _overflowing(self) -> bool:
         """More rows moved since the serving version's snapshot than answers score exactly
-        beside it (``stale_limit``): the rest are found only by their snapshot vectors. Counts
-        at most ``stale_limit`` + 1 moves, so a check costs the same at any catalog size."""
+        beside it (``stale_limit``): the rest are found only by their snapshot vectors. Or
+        more rows missing from it than that: every answer scores them all (a cold replay at a
+        million items adds hundreds of thousands between builds). Counts at most
+        ``stale_limit`` + 1 moves, so a check costs the same at any catalog size."""
         index = self.holder.current
         if index is None:
             return False
         limit = self.config.stale_limit
+        coverage = self._coverage_of(index)
+        if len(coverage.missing) + len(self.learner) - coverage.covered > limit:
+            return True
         moved = itertools.islice(self._moved_after(self._snapshot_mark(index)), limit + 1)
         return sum(1 for _ in moved) > limit
 
@@ -295,15 +301,24 @@ class ServingIndex:
                excluded: set[int]) -> np.ndarray:
         """The best ``n``, exactly, of the learner's rows that ``index`` does not hold or
         holds with a vector that has moved since."""
-        rows, vectors = self._scored_exactly(index)
-        if len(rows) == 0:
-            return rows
-        best = top_k((vectors @ query)[None, :], n + len(excluded))[0]
-        return _first_not_in(rows[best], excluded, n)
+        found, scores = [], []
+        for rows, vectors in self._scored_exactly(index):
+            if len(rows):
+                row_scores = vectors @ query
+                best = top_k(row_scores[None, :], n + len(excluded))[0]
+                found.append(rows[best])
+                scores.append(row_scores[best])
+        if not found:
+            return np.empty(0, dtype=np.int64)
+        order = np.argsort(-np.concatenate(scores), kind="stable")
+        return _first_not_in(np.concatenate(found)[order], excluded, n)
 
-    def _scored_exactly(self, index: ServedIndex) -> tuple[np.ndarray, np.ndarray]:
-        """Rows missing from ``index`` and rows moved since its snapshot, with their vectors
-        gathered into one block, once per (index version, note of moved rows, learner size).
+    def _scored_exactly(self, index: ServedIndex) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The rows answers score beside ``index``, with their vectors, in two parts: the
+        rows appended since it (a view of the learner's own, current vectors: no copy, which
+        at hundreds of thousands of new rows in a cold replay took 0.3 s of every first
+        answer after a step), and a block of the other rows it lacks and the rows moved since
+        its snapshot, gathered once per (index version, note of moved rows, learner size).
 
         Gathering up to ``stale_limit`` scattered rows at every answer, then sorting all their
         scores, tripled an answer's time in a worker that learns (p50 1.5–1.8 ms at the limit
@@ -312,13 +327,18 @@ class ServingIndex:
         without a note (:meth:`learned`; the bootstrap, a cold start) would pick candidates
         by its previous vector until the next note, as the graph picks them by the snapshot's;
         the answer's scores are the current vectors' either way (the rerank)."""
+        coverage = self._coverage_of(index)
         key = (index.version, self._moves, len(self.learner))
         if self._exact is None or self._exact.key != key:
-            rows = np.unique(np.concatenate([
-                self._rows_missing_from(index),
-                self._rows_moved_since(self._snapshot_mark(index))]))
+            moved = self._rows_moved_since(self._snapshot_mark(index))
+            rows = np.unique(np.concatenate([coverage.missing,
+                                             moved[moved < coverage.covered]]))
             self._exact = _ExactBlock(key, rows, self.learner.item_matrix[rows])
-        return self._exact.rows, self._exact.vectors
+        # rows are only ever appended: every row past those checked (once per version) is new
+        appended = np.arange(coverage.covered, len(self.learner), dtype=np.int64)
+        self._appended_scored = len(appended)
+        return [(self._exact.rows, self._exact.vectors),
+                (appended, self.learner.item_matrix[coverage.covered:])]
 
     def _rows_moved_since(self, mark: int) -> np.ndarray:
         """The rows moved after the note ``mark`` (the index's snapshot's), newest moves
@@ -335,13 +355,6 @@ class ServingIndex:
         """Rows moved after the note ``mark``, newest move first."""
         moves = itertools.takewhile(lambda move: move[1] > mark, reversed(self._moved.items()))
         return (row for row, _ in moves)
-
-    def _rows_missing_from(self, index: ServedIndex) -> np.ndarray:
-        """Learner rows the index lacks. Rows are only ever appended, so once the rows up to
-        ``covered`` are checked (once per index version), every later row is missing too."""
-        coverage = self._coverage_of(index)
-        return np.concatenate([coverage.missing,
-                               np.arange(coverage.covered, len(self.learner), dtype=np.int64)])
 
     def _coverage_of(self, index: ServedIndex) -> _Coverage:
         """How ``index`` lines up with the learner's rows, worked out once per version."""
@@ -366,7 +379,8 @@ class ServingIndex:
             "updates": float(self.rebuilder.updates),
             "waiting_seconds": self.rebuilder.waiting_seconds(now),
             # as of the last answer; read, not worked out, since scrapes come from a thread
-            "exact_rows": float(len(self._exact.rows)) if self._exact else 0.0,
+            "exact_rows": float((len(self._exact.rows) if self._exact else 0)
+                                + self._appended_scored),
         }
 
     def close(self) -> None:

@@ -140,7 +140,7 @@ def test_a_build_after_rows_were_installed_holds_them_though_no_step_came_betwee
     index = engine.index.current
     assert index.version == 2 and index.manifest.model_version == engine.learner.steps
     assert not engine.index._overflowing()
-    assert len(engine.index._scored_exactly(index)[0]) == 0
+    assert sum(len(rows) for rows, _ in engine.index._scored_exactly(index)) == 0
 
 
 def test_a_version_newer_than_the_checkpoint_scores_the_rows_moved_since_the_restart(tmp_path):
@@ -217,6 +217,57 @@ def test_a_rebuild_falls_due_once_more_rows_moved_than_answers_score_exactly(tmp
     assert all(expected == built for expected, built in due)
     engine.index.rebuilder._running.result(60)
     assert engine.index.version == 2
+
+
+def test_a_rebuild_falls_due_once_more_rows_are_missing_than_the_stale_limit(tmp_path):
+    """Rows new since the build are scored by every answer, all of them: past the stale
+    limit a build falls due, as for moved rows (a cold replay at a million items added
+    hundreds of thousands between builds, each answer gathering them again)."""
+    limit = 100
+    engine = engine_with_index(tmp_path, index_changed_items=10**6, index_stale_limit=limit,
+                               index_build_share=1.0)
+    run_stream(engine, planted_stream())
+    build_now(engine)
+    rng = np.random.default_rng(0)
+
+    def new_items(ids):  # met without a learning step that moves other rows
+        engine.learner.assign(ids, rng.normal(size=(len(ids), engine.settings.model_dim + 1)))
+        engine.index.learned(ids)
+
+    new_items([f"new-{n}" for n in range(limit)])
+    assert not engine.maybe_rebuild_index()  # as many as the limit: scored beside the graph
+    new_items(["one-more"])
+    assert engine.maybe_rebuild_index()
+    engine.index.rebuilder._running.result(60)
+    assert engine.index.version == 2
+
+
+def test_rows_appended_since_the_build_are_scored_from_the_learners_own_rows(tmp_path):
+    """New rows are not gathered into the block of moved rows at every step (0.3 s of the
+    first answer after each step at 500,000 new rows): answers score them from a view of the
+    learner's rows, so with their vectors as they are now, noted or not."""
+    engine = engine_with_index(tmp_path)
+    run_stream(engine, planted_stream())
+    build_now(engine)
+    index = engine.index.current
+    dim = engine.settings.model_dim + 1
+    ids = [f"new-{n}" for n in range(50)]
+    engine.learner.assign(ids, np.random.default_rng(0).normal(0.0, 0.01, (50, dim)))
+    engine.index.learned(ids, engine.learner.rows_of(ids))
+    (moved, _), (appended, vectors) = engine.index._scored_exactly(index)
+    assert set(appended.tolist()) == set(engine.learner.rows_of(ids).tolist())
+    assert not set(moved.tolist()) & set(appended.tolist())
+    assert np.shares_memory(vectors, engine.learner.item_matrix)  # not a copy
+    query = np.r_[1.0, np.zeros(dim - 1)]
+    engine.learner.assign(["new-7"], -100.0 * query[None, :])
+    engine.index.learned(["new-7"], engine.learner.rows_of(["new-7"]))
+    nothing = np.empty(0, dtype=np.int64)
+    row = engine.learner.rows_of(["new-7"])[0]
+    assert row not in engine.index.retrieve(query, 5, nothing)[0]
+    engine.learner.assign(["new-7"], 100.0 * query[None, :])  # moved without a note
+    rows, version = engine.index.retrieve(query, 5, nothing)
+    assert version == index.version and row in rows
+    assert engine.index.stats(time.time())["exact_rows"] >= 50
 
 
 def test_a_version_after_a_few_steps_updates_the_served_one_and_answers_as_exact_search(
