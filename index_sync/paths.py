@@ -53,8 +53,6 @@ class PathRetrieval:
         self.model = DeepRetrieval(config, track_scores=track_scores)
         self.policy = policy
         self.max_candidates = max_candidates
-        self.events_since_m_step = 0
-        self.last_m_step_at = time.time()
         self.failures = 0
         self.last_error: str | None = None
         self._executor = background_executor("dr-m-step", policy.niceness)
@@ -76,9 +74,12 @@ class PathRetrieval:
         informative = np.flatnonzero(np.any(x != 0, axis=1))
         if not len(informative):
             return float("nan")
-        loss = self.model.learn(x[informative], [items[k] for k in informative])
-        self.events_since_m_step += len(informative)
-        return loss
+        return self.model.learn(x[informative], [items[k] for k in informative])
+
+    @property
+    def events_since_m_step(self) -> int:
+        """Pairs learned since the last M-step began (kept in the checkpoint)."""
+        return self.model.pairs_since_m_step
 
     def maybe_m_step(self, now: float | None = None) -> bool:
         """Install a finished M-step; start one if due. True when one was started."""
@@ -92,8 +93,7 @@ class PathRetrieval:
     def _start(self, now: float) -> None:
         """Copy the path scores here (learn thread) and run the descent on the copy aside."""
         snapshot = self.model.m_step_snapshot()
-        self.events_since_m_step = 0
-        self.last_m_step_at = now
+        self.model.m_step_at = now
         self._running = self._executor.submit(self.model.compute_m_step, snapshot)
         self._running.snapshot = snapshot
 
@@ -101,7 +101,7 @@ class PathRetrieval:
         if self.events_since_m_step == 0 or len(self.model) == 0:
             return False
         return (self.events_since_m_step >= self.policy.events
-                or now - self.last_m_step_at >= self.policy.interval_s)
+                or now - self.model.m_step_at >= self.policy.interval_s)
 
     def _install_finished(self) -> MStepResult | None:
         running = self._running

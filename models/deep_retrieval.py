@@ -471,6 +471,9 @@ class DeepRetrieval:
                         if track_scores else None)
         self.optimizer = self._adam()
         self._pairs_learned = 0  # the stream position that picks the tracked pairs
+        # the pairs learned and the time when the last M-step took its snapshot: saved, so a
+        # worker restarted more often than the M-step interval still runs M-steps
+        self.m_step_pairs, self.m_step_at = 0, time.time()
         self._row: dict[str, int] = {}
         self._ids: list[str] = []
         self._counts = np.zeros(1024, dtype=np.float64)
@@ -679,8 +682,14 @@ class DeepRetrieval:
         on (learn thread; O(n·S) copies)."""
         self._tracking()
         n = len(self._ids)
+        self.m_step_pairs, self.m_step_at = self._pairs_learned, time.time()
         return MStepSnapshot(n, self.tracker.codes.copy(), self.tracker.scores.copy(),
                              self._counts[:n].copy(), self._assign[:n].copy())
+
+    @property
+    def pairs_since_m_step(self) -> int:
+        """Pairs learned since the last M-step's snapshot."""
+        return self._pairs_learned - self.m_step_pairs
 
     def compute_m_step(self, snapshot: MStepSnapshot) -> MStepResult:
         """The coordinate descent on a snapshot; touches no state, so any thread may run it."""
@@ -756,7 +765,9 @@ class DeepRetrieval:
             **{WEIGHTS_PREFIX + name: value
                for name, value in self.structure_weights().items()},
             "meta": np.array(json.dumps({"config": asdict(self.config), "m_steps": self._m_steps,
-                                         "pairs_learned": self._pairs_learned}),
+                                         "pairs_learned": self._pairs_learned,
+                                         "m_step_pairs": self.m_step_pairs,
+                                         "m_step_at": self.m_step_at}),
                              dtype=np.str_),
         }
         atomic_write(directory / self.STATE_FILE, lambda f: np.savez(f, **arrays))
@@ -828,4 +839,6 @@ class DeepRetrieval:
         self._row = {item: row for row, item in enumerate(ids)}
         self._m_steps = int(meta["m_steps"])
         self._pairs_learned = int(meta.get("pairs_learned", 0))  # older checkpoints: restart
+        self.m_step_pairs = int(meta.get("m_step_pairs", self._pairs_learned))  # older: now
+        self.m_step_at = float(meta.get("m_step_at", time.time()))
         self._serving = _Serving(PathIndex.build(self._assign[:n]), {}, self._ids)

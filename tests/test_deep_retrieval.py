@@ -626,3 +626,26 @@ def test_deep_retrievals_beam_placement_of_new_items_holds_through_the_workers_s
     expected, _ = beam_search(DeepRetrieval(config).model, unit_rows(phis),
                               config.paths_per_item)
     np.testing.assert_array_equal(paths.model.assignment, expected)
+
+
+def test_the_m_step_policy_holds_across_a_restart(tmp_path):
+    """The pairs learned since the last M-step and its time are kept in the checkpoint: a
+    worker restarted more often than the M-step interval, with fewer pairs between restarts
+    than the policy's count, ran no M-step ever, as both started again at each start."""
+    from index_sync.paths import MStepPolicy, PathRetrieval
+
+    config = DRConfig(input_dim=4, width=3, depth=2, seed=1)
+    policy = MStepPolicy(interval_s=300.0, events=1000)
+    phis = np.random.default_rng(0).normal(size=(40, 4))
+    first = PathRetrieval(config, policy)
+    first.learn(phis, [f"i{n % 7}" for n in range(40)])
+    first.model.m_step_at = 1000.0
+    first.model.save(tmp_path)
+    restarted = PathRetrieval(config, policy)
+    assert restarted.model.load(tmp_path)
+    assert restarted.events_since_m_step == 40 and restarted.model.m_step_at == 1000.0
+    assert not restarted.maybe_m_step(now=1200.0)  # neither due by count nor by time
+    assert restarted.maybe_m_step(now=1300.0)
+    restarted.run_m_step_now(timeout=60)
+    assert restarted.events_since_m_step == 0 and restarted.model.m_step_at == 1300.0
+    restarted.close()

@@ -147,7 +147,7 @@ def test_new_paths_whose_save_failed_are_saved_and_handed_over_at_the_next_check
     learning.learn_reported(examples, step=32)
     said = []
     loop = LearnerLoop(learning, settings, SimpleNamespace(send=said.append))
-    learning.paths.last_m_step_at = 0.0  # due
+    learning.paths.model.m_step_at = 0.0  # due
     loop.m_step()  # starts it aside
     learning.paths._running.result(60)
     save = learning.paths.save
