@@ -172,14 +172,15 @@ class RequestReader:
                 del self._unsettled[tp]  # answers not settled in time: the next reader's
             self._partitions = wanted
             self._handed = {p: offset for p, offset in self._handed.items() if p in wanted}
-            self._generation += 1
-            if self._consumer is not None:
-                try:
+            try:
+                if self._consumer is not None:
                     await self._assign()
-                except Exception:  # noqa: BLE001 - raised here, it would stop the rebalance
-                    log.exception("could not assign the request partitions %s; the reader "
-                                  "starts a new consumer", sorted(wanted))
-                    self._consumer_failed = True
+            except Exception:  # noqa: BLE001 - raised here, it would stop the rebalance
+                log.exception("could not assign the request partitions %s; the reader "
+                              "starts a new consumer", sorted(wanted))
+                self._consumer_failed = True
+            finally:  # after the assign's awaits: a batch fetched during them is dropped too
+                self._generation += 1
         log.info("reading requests of partitions %s", sorted(wanted))
 
     async def _assign(self) -> None:

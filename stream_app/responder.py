@@ -241,7 +241,7 @@ class Responder:
             if sent is not None:
                 try:
                     async with asyncio.timeout(DELIVERY_TIMEOUT_S):
-                        await sent
+                        await asyncio.shield(sent)  # the producer settles it, not this wait
                     return
                 except Exception as failure:  # noqa: BLE001 - sent again below
                     log.warning("the error response of request at %s/%d/%d was not "

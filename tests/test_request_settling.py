@@ -273,3 +273,35 @@ def test_a_partition_kept_through_a_change_of_partitions_is_not_read_again(monke
     asyncio.run(scenario())
     assert sorted(answered) == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1)]
     assert log.committed[0] == 1  # held at the unsettled answer
+
+
+def test_requests_fetched_while_a_change_of_partitions_looks_up_offsets_are_answered_once(
+        monkeypatch, tmp_path):
+    """A change that adds a partition new to the reader's group looks up the app's offsets
+    (awaits) before it assigns: requests of a kept partition fetched meanwhile belong to the
+    old assignment, and are read again after the seek to the last one handed (answered once,
+    not once from each fetch)."""
+    log = FakeRequestLog({0: 5, 1: 0})
+    log.install(monkeypatch)
+    answered = []
+
+    async def answer(record):
+        answered.append((record.partition, record.offset))
+
+    async def scenario():
+        reader, task = reading(tmp_path, answer)
+        await reader.follow([0])
+        while len(answered) < 5:
+            await asyncio.sleep(0.01)
+        log.lookup = asyncio.get_running_loop().create_future()
+        follow = asyncio.ensure_future(reader.follow([0, 1]))
+        await asyncio.sleep(0.02)
+        log.ends[0] = 8  # requests keep arriving on the kept partition
+        await asyncio.sleep(0.1)  # a getmany returns them while the lookup goes on
+        log.lookup.set_result(None)
+        await asyncio.wait_for(follow, 2)
+        await asyncio.sleep(0.3)
+        await stopped(task)
+
+    asyncio.run(scenario())
+    assert sorted(answered) == [(0, offset) for offset in range(8)]

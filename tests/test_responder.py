@@ -293,15 +293,15 @@ def test_a_delivery_given_up_on_is_left_for_the_producer_to_settle(world, monkey
     """The wait for an answer's delivery times out without cancelling the delivery itself:
     the producer settles it later (Faust's callbacks then raised InvalidStateError)."""
     monkeypatch.setattr(responder_module, "DELIVERY_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(responder_module, "FIRST_RETRY_PAUSE_S", 0.01)
 
     async def scenario():
         settles = await world.responder.answer(request())
-        while len(world.broker.sent) < 2:  # the answer, then the error that replaces it
+        while len(world.broker.sent) < 3:  # the answer, its error, that error again
             await asyncio.sleep(0.01)
-        first = world.broker.sent[0][4]
-        world.broker.settle(1)
+        world.broker.settle(2)
         await asyncio.wait_for(settles, 1)
-        return first
+        return [delivery for *_, delivery in world.broker.sent[:2]]
 
-    first = asyncio.run(scenario())
-    assert not first.cancelled()
+    answer, error = asyncio.run(scenario())
+    assert not answer.cancelled() and not error.cancelled()
