@@ -69,9 +69,11 @@ class PathRetrieval:
         skipped. The unit scaling keeps the softmax layers' input the same size whatever the
         item vectors' norms, which drift as the item model learns."""
         x = unit_rows(phis)
-        beam = self.model.config.new_item_paths == "beam"
-        self.model.assign_new(items, x=x.astype(np.float32) if beam else None)
         informative = np.flatnonzero(np.any(x != 0, axis=1))
+        if self.model.config.new_item_paths == "beam":  # the beam of a zero x says nothing
+            self.model.assign_new([items[k] for k in informative],
+                                  x=x[informative].astype(np.float32))
+        self.model.assign_new(items)
         if not len(informative):
             return float("nan")
         return self.model.learn(x[informative], [items[k] for k in informative])

@@ -649,3 +649,14 @@ def test_the_m_step_policy_holds_across_a_restart(tmp_path):
     restarted.run_m_step_now(timeout=60)
     assert restarted.events_since_m_step == 0 and restarted.model.m_step_at == 1300.0
     restarted.close()
+
+
+def test_new_items_met_with_a_first_user_who_is_new_too_are_spread_at_random():
+    """A zero user vector (a user's first event) tells nothing of where an item belongs: by
+    the beam of x = 0, every such new item took the same paths."""
+    from index_sync.paths import PathRetrieval
+
+    config = DRConfig(input_dim=4, width=3, depth=2, new_item_paths="beam", seed=2)
+    paths = PathRetrieval(config)
+    paths.learn(np.zeros((6, 4)), [f"new-{n}" for n in range(6)])
+    assert len({tuple(row) for row in paths.model.assignment.tolist()}) > 1
