@@ -454,6 +454,7 @@ class ItemLearner:
         self._lane_mass -= np.bincount(self._pos_lane[slots], weights=mass,
                                        minlength=len(self._lane_mass))
         np.maximum(self._lane_mass, 0.0, out=self._lane_mass)  # rounding, not positives
+        self._pos_gram[slots], self._pos_target[slots] = 0.0, 0.0  # counted out once
         self._slot[rows] = -1
         self._free_slots.extend(slots.tolist())
 
@@ -839,13 +840,27 @@ class ItemLearner:
         self._free_slots = np.flatnonzero(~held).tolist()  # forgotten before the save
         self._load_lanes(data)
         lanes = len(self._lane_clock)
+        orphaned = self._empty_free_slots()
         saved = data["lane_mass"] if "lane_mass" in data else np.zeros(0)
         if len(saved) == lanes:
-            self._lane_mass = np.asarray(saved, dtype=np.float64)
+            self._lane_mass = np.maximum(np.asarray(saved, dtype=np.float64) - orphaned, 0.0)
         else:  # older checkpoints or another number of lanes: the mass as lanes that ran evenly
-            mass = (float(data["positive_mass"][0]) if "positive_mass" in data
-                    else self._positive_mass_now())  # older still
-            self._lane_mass = np.full(lanes, mass / lanes)
+            mass = (float(data["positive_mass"][0]) - orphaned.sum()
+                    if "positive_mass" in data
+                    else self._positive_mass_now())  # older still: of the held slots
+            self._lane_mass = np.full(lanes, max(mass, 0.0) / lanes)
+
+    def _empty_free_slots(self) -> np.ndarray:
+        """Empty the free slots that still hold statistics, and return their mass per lane
+        (discounted to now): a checkpoint of an earlier version forgot items' positives
+        (:meth:`forget_positives`) but kept their mass, which the relative α0 must not count
+        now that those items no longer count among its items."""
+        slots = np.array(self._free_slots, dtype=np.int64)
+        if not len(slots):
+            return np.zeros(len(self._lane_clock))
+        mass = self._pos_gram[slots, -1].astype(np.float64) * self._discount_since_update(slots)
+        self._pos_gram[slots], self._pos_target[slots] = 0.0, 0.0
+        return np.bincount(self._pos_lane[slots], weights=mass, minlength=len(self._lane_clock))
 
     def _load_lanes(self, data) -> None:
         """The lane clocks and each slot's lane. A checkpoint with another number of lanes

@@ -436,6 +436,27 @@ def test_forgotten_positives_leave_the_mass_and_the_items_of_the_relative_alpha0
     np.testing.assert_array_equal(restored.item_matrix, learner.item_matrix)
 
 
+def test_positives_forgotten_by_an_earlier_version_leave_the_relative_alpha0_at_load(
+        tmp_path):
+    """An earlier version's forget_positives unlinked the items' slots but kept their mass:
+    loaded now, the slots are free and their mass leaves the positives' mass too (else α0 came
+    out 1.37 times too high on this stream, and for good without a half-life)."""
+    learner, config, _, seen, _, clock = solve_stream(0, None, relative=True)
+    gone = ["a", "d"]
+    learner._slot[learner.rows_of(gone)] = -1  # what the earlier version did
+    learner.save(tmp_path / "earlier.npz")
+    loaded = ItemLearner(config)
+    assert loaded.load(tmp_path / "earlier.npz")
+    kept = [item for item, positives in seen.items() if positives and item not in gone]
+    mass = sum(sum(discounted_alphas(config, seen[item], clock[0])) for item in kept)
+    assert loaded.positive_mass == pytest.approx(mass, rel=1e-6)
+    assert loaded.items_with_positives == len(kept)
+    loaded.save(tmp_path / "again.npz")  # counted out once: not again at the next load
+    again = ItemLearner(config)
+    assert again.load(tmp_path / "again.npz")
+    assert again.positive_mass == pytest.approx(mass, rel=1e-6)
+
+
 def test_a_checkpoint_holding_whole_statistics_loads_into_the_packed_pool(tmp_path):
     """A_i is stored by its upper triangle; checkpoints written before hold it whole
     (``pos_gram``, (n, d+1, d+1)). They load and resume the stream exactly as the packed one."""
