@@ -171,9 +171,10 @@ class ServingIndex:
         its rows (it keeps the old buffer), and ids are copied here, so the build never sees a
         row without its id.
         ``behind``: events the worker has yet to take in (``RebuildPolicy.backlog_events``)."""
+        unindexed = self.holder.current is None or self._rebuild_all  # due at once
         if not self.config.enabled or not self.rebuilder.due(
                 self._changed_count(), len(self.learner), behind=behind,
-                overflowing=self._overflowing()):
+                overflowing=unindexed or self._overflowing()):
             return False
         plan = (None, None) if self._rebuild_all else self._update_plan()
         snapshot = Snapshot(self.learner.item_ids, self.learner.item_matrix, model_version,
@@ -185,8 +186,9 @@ class ServingIndex:
     def _changed_count(self) -> int:
         """Items changed for the rebuild policy: every item while no index serves (a restart
         without one on disk, as after ``streamrec bootstrap``: answers scan the whole catalogue
-        until a build, which waited for a first learned item before) or the version read at
-        start does (its moves were not kept)."""
+        until a build, which waited for a first learned item, then for the interval, before)
+        or the version read at start does (its moves were not kept); a build is then due at
+        once, whatever the interval and the count."""
         if self._rebuild_all or self.holder.current is None:
             return max(len(self._changed), len(self.learner))
         return len(self._changed)

@@ -471,10 +471,9 @@ def test_a_restart_without_an_index_on_disk_builds_one_without_waiting_for_learn
     engine = engine_with_index(tmp_path, index_enabled=False)
     run_stream(engine, planted_stream())
     engine.save()
-    restarted = engine_with_index(tmp_path)
+    restarted = engine_with_index(tmp_path, index_changed_items=10**6)  # more than it has
     assert restarted.load() and restarted.index.version is None
-    restarted.index.rebuilder.last_snapshot_at = 0.0  # the interval since has passed
-    assert restarted.maybe_rebuild_index()
+    assert restarted.maybe_rebuild_index()  # neither the interval nor the count needed
     restarted.index.rebuilder._running.result(60)
     assert restarted.index.version == 1
     assert not restarted.maybe_rebuild_index()  # then as the policy says
