@@ -147,8 +147,8 @@ class PathRetrieval:
         return stats
 
     # -- persistence -------------------------------------------------------------------------
-    def save(self, directory: Path) -> None:
-        self.model.save(directory)
+    def save(self, directory: Path, *, scores: bool = True) -> None:
+        self.model.save(directory, scores=scores)
 
     def load(self, directory: Path) -> bool:
         return self.model.load(directory)

@@ -743,7 +743,7 @@ class DeepRetrieval:
         return [ids[r] for r in dict.fromkeys(ordered)]
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, *, scores: bool = True) -> None:
         """Write the structure model's weights and the arrays into one npz, written to a temp
         file renamed into place: a reader (a worker reading the paths its learner saved, for
         seconds at a million items) has the weights of the arrays it read, however many saves
@@ -752,7 +752,8 @@ class DeepRetrieval:
 
         Checkpoints written before kept the weights in a file of their own that the npz named
         (``dr_model.<generation>.pt``); a save removes those, and :meth:`load` still reads
-        them.
+        them. Without ``scores``, the tracked path scores are left out (a quarter of a GB at a
+        million items): for a reader that only serves, which does not read them.
         """
         self._tracking()
         directory = Path(directory)
@@ -760,8 +761,8 @@ class DeepRetrieval:
         n = len(self._ids)
         arrays = {
             **ids_to_arrays(self._ids), "counts": self._counts[:n],
-            "assignment": self._assign[:n], "codes": self.tracker.codes,
-            "scores": self.tracker.scores,
+            "assignment": self._assign[:n],
+            **({"codes": self.tracker.codes, "scores": self.tracker.scores} if scores else {}),
             **{WEIGHTS_PREFIX + name: value
                for name, value in self.structure_weights().items()},
             "meta": np.array(json.dumps({"config": asdict(self.config), "m_steps": self._m_steps,
@@ -795,6 +796,9 @@ class DeepRetrieval:
         if weights is None:
             return False
         ids = ids_from_arrays(arrays, where=f"Deep Retrieval's {self.STATE_FILE}")
+        if self.tracker is not None and not {"codes", "scores"} <= arrays.keys():
+            raise DamagedCheckpoint(f"Deep Retrieval's {state_path} holds no path scores (it "
+                                    "was written for serving), which learning needs")
         expected = {name: tuple(value.shape) for name, value in self.model.state_dict().items()}
         if {name: tuple(value.shape) for name, value in weights.items()} != expected:
             raise DamagedCheckpoint(f"Deep Retrieval's {state_path} does not hold this "

@@ -538,7 +538,7 @@ class LearnerLoop:
             self.engine.maybe_m_step()
             installed = paths.stats()["m_steps"]
             if installed != self.m_steps_handed:  # also one whose save failed before
-                paths.save(self.engine.paths_handoff_dir)
+                paths.save(self.engine.paths_handoff_dir, scores=False)  # the worker serves
                 self.outbox.send(("paths", paths.stats()))
                 self.m_steps_handed = installed
         except Exception:  # noqa: BLE001 - the paths in force keep serving

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from models.learner import ItemLearner
+from state.gramian import DamagedCheckpoint
 from state.history import History
 from stream_app.engine import Engine, item_partition
 from stream_app.item_sharing import ItemSharing, install_records
@@ -152,7 +153,7 @@ def test_new_paths_whose_save_failed_are_saved_and_handed_over_at_the_next_check
     learning.paths._running.result(60)
     save = learning.paths.save
 
-    def full_disk(directory):
+    def full_disk(directory, **kwargs):
         monkeypatch.setattr(learning.paths, "save", save)  # this once
         raise OSError(28, "No space left on device")
 
@@ -167,6 +168,10 @@ def test_new_paths_whose_save_failed_are_saved_and_handed_over_at_the_next_check
     assert len(said) == 1  # handed once
     # handed over apart: the checkpoint's Deep Retrieval stays with its positions
     assert not (learning.checkpoint_dir / "dr").exists()
+    with np.load(learning.paths_handoff_dir / "dr_state.npz") as handed:
+        assert "scores" not in handed.files  # the worker serves: no path scores
+    with pytest.raises(DamagedCheckpoint, match="no path scores"):
+        Engine(settings).paths.load(learning.paths_handoff_dir)  # not to learn from
 
 
 def test_deep_retrieval_is_checkpointed_before_the_positions(tmp_path, monkeypatch):
@@ -181,7 +186,7 @@ def test_deep_retrieval_is_checkpointed_before_the_positions(tmp_path, monkeypat
     saved_at = learning.model_saved_at()
     learning.learn_reported(examples[150:], step=32)
 
-    def full_disk(directory):
+    def full_disk(directory, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(learning.paths, "save", full_disk)
