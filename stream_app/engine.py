@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from river import stats
 
+from index_sync.clusters import ClusteredIndex
 from index_sync.paths import PathRetrieval
 from index_sync.serving import ServingIndex
 from models.deep_retrieval import DeepRetrieval
@@ -765,6 +766,10 @@ class Engine:
         if "dr" in (request.sources or ()) and self.paths is None:
             raise InvalidMessage("schema", "source 'dr' is off on this worker "
                                  "(STREAMREC_DR_ENABLED=false)")
+        if request.diversity is not None and (not self.settings.index_enabled
+                                              or self.settings.index_clusters < 2):
+            raise InvalidMessage("schema", "diversity needs a clustered index, which this "
+                                 "worker does not build (STREAMREC_INDEX_CLUSTERS < 2)")
 
     def user_vector(self, request: RecRequest, history: History) -> np.ndarray | None:
         """φ(u) from the stored history plus the request's, with the *current* item vectors
@@ -812,18 +817,21 @@ class Engine:
         phi, history_rows = self._user_vector_and_rows(request, history)
         clock = self._stage("embed", clock)
         if phi is not None and len(self.learner):
+            # quotas apply from the first clustered build on; until then a plain request
+            diverse = (request.diversity is not None
+                       and isinstance(self.index.current, ClusteredIndex))
             query = self.serving_query(phi)
             found: list[tuple[np.ndarray, str]] = []  # candidate rows, the source that found them
             if "ann" in sources:
                 rows, index_version = self.index.retrieve(
-                    query, self._candidates_wanted(request),
+                    query, self._candidates_wanted(request, diverse),
                     history_rows if request.exclude_seen else history_rows[:0],
                     diversity=request.diversity,
                     history=list(history.items) + list(request.history or ()))
                 clock = self._stage("ann", clock)
                 self._count_candidates("ann", len(rows))
                 found.append((rows, "ann"))
-            if "dr" in sources and self.paths is not None and self._dr_wanted(request):
+            if "dr" in sources and self.paths is not None and self._dr_wanted(request, diverse):
                 candidates = self.paths.retrieve(phi, seen)
                 clock = self._stage("dr", clock)
                 self._count_candidates("dr", len(candidates))
@@ -842,21 +850,21 @@ class Engine:
                            model_version=self.model_version, index_version=index_version,
                            took_ms=(time.perf_counter() - started) * 1000.0)
 
-    def _candidates_wanted(self, request: RecRequest) -> int:
+    def _candidates_wanted(self, request: RecRequest, diverse: bool) -> int:
         """``rerank_candidates`` to choose the top k from; exactly k when the request sets a
-        ``diversity``: then the quota merge of a clustered index decides which clusters the
+        ``diversity`` and a clustered index serves (``diverse``): then the quota merge of a clustered index decides which clusters the
         k answers come from (Kuaishou: the final list is the top M_k of each cluster), and a
         rerank of a wider pool would give them all back to the user's main cluster."""
-        if request.diversity is not None:
+        if diverse:
             return request.k
         return max(request.k, self.settings.rerank_candidates)
 
     @staticmethod
-    def _dr_wanted(request: RecRequest) -> bool:
+    def _dr_wanted(request: RecRequest, diverse: bool) -> bool:
         """A ``diversity`` request leaves the final list to the cluster quotas of the index;
         dr candidates would compete with them in the rerank, so they join only when the
         request names dr itself."""
-        return request.diversity is None or "dr" in (request.sources or ())
+        return not diverse or "dr" in (request.sources or ())
 
     def _rerank(self, query: np.ndarray, found: list[tuple[np.ndarray, str]],
                 k: int) -> list[RecItem]:

@@ -518,6 +518,24 @@ def test_clustered_index_with_diversity(tmp_path, learned_after_the_build):
     assert len({i.item_id for i in spread.items}) == 12
 
 
+def test_diversity_is_refused_without_clusters_and_plain_until_the_first_clustered_build(
+        tmp_path):
+    """A worker that builds no clustered index cannot honour a ``diversity``: the request
+    gets an error, not an answer from a k-wide pool without Deep Retrieval. One that builds
+    them answers it as a plain request until the first is built."""
+    from stream_app.wire import InvalidMessage
+
+    plain = engine_with_index(tmp_path / "plain")
+    with pytest.raises(InvalidMessage, match="clustered index"):
+        plain.check_request(RecRequest(request_id="r", user_id="u3", diversity=0.0))
+    engine = engine_with_index(tmp_path / "clustered", index_clusters=6)
+    histories = run_stream(engine, planted_stream())
+    engine.check_request(RecRequest(request_id="r", user_id="u3", diversity=0.0))
+    assert engine.index.current is None
+    diverse = answer(engine, "u3", histories["u3"], k=12, diversity=0.0)
+    assert diverse.items == answer(engine, "u3", histories["u3"], k=12).items
+
+
 def test_a_clustered_version_built_here_is_placed_among_the_rows_without_a_lookup_per_item(
         tmp_path, monkeypatch):
     """Its ids are compared with the learner's first rows, as a single index's are: looking
