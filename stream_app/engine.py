@@ -852,9 +852,10 @@ class Engine:
 
     def _candidates_wanted(self, request: RecRequest, diverse: bool) -> int:
         """``rerank_candidates`` to choose the top k from; exactly k when the request sets a
-        ``diversity`` and a clustered index serves (``diverse``): then the quota merge of a clustered index decides which clusters the
-        k answers come from (Kuaishou: the final list is the top M_k of each cluster), and a
-        rerank of a wider pool would give them all back to the user's main cluster."""
+        ``diversity`` and a clustered index serves (``diverse``): then the quota merge of a
+        clustered index decides which clusters the k answers come from (Kuaishou: the final
+        list is the top M_k of each cluster), and a rerank of a wider pool would give them all
+        back to the user's main cluster."""
         if diverse:
             return request.k
         return max(request.k, self.settings.rerank_candidates)
