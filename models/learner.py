@@ -450,11 +450,8 @@ class ItemLearner:
         if not len(rows):
             return
         slots = self._slot[rows]
-        mass = self._pos_gram[slots, -1].astype(np.float64) * self._discount_since_update(slots)
-        self._lane_mass -= np.bincount(self._pos_lane[slots], weights=mass,
-                                       minlength=len(self._lane_mass))
+        self._lane_mass -= self._empty_slots(slots)
         np.maximum(self._lane_mass, 0.0, out=self._lane_mass)  # rounding, not positives
-        self._pos_gram[slots], self._pos_target[slots] = 0.0, 0.0  # counted out once
         self._slot[rows] = -1
         self._free_slots.extend(slots.tolist())
 
@@ -635,11 +632,10 @@ class ItemLearner:
         return self._slot[rows]
 
     def _new_slots(self, count: int) -> np.ndarray:
-        """``count`` empty statistics slots: forgotten ones first (emptied), then new ones."""
+        """``count`` empty statistics slots: forgotten ones first (emptied as they were freed,
+        :meth:`_empty_slots`), then new ones."""
         reused = np.array(self._free_slots[:count], dtype=np.int64)
         del self._free_slots[:count]
-        self._pos_gram[reused], self._pos_target[reused] = 0.0, 0.0
-        self._pos_at[reused], self._pos_lane[reused] = 0.0, 0
         needed = self._slots_used + count - len(reused)
         if needed > len(self._pos_gram):
             size = max(needed, 2 * len(self._pos_gram), 256)
@@ -836,11 +832,13 @@ class ItemLearner:
             self._pos_gram, self._pos_target, self._pos_at = _no_statistics(self.config.dim + 1)
         self._slots_used = len(self._pos_gram)
         held = np.zeros(self._slots_used, dtype=bool)
-        held[self._slot[: len(self._ids)][self._slot[: len(self._ids)] >= 0]] = True
+        held[self._held_slots()] = True
         self._free_slots = np.flatnonzero(~held).tolist()  # forgotten before the save
         self._load_lanes(data)
         lanes = len(self._lane_clock)
-        orphaned = self._empty_free_slots()
+        # an earlier version's forget_positives kept the forgotten items' statistics and mass,
+        # which the relative α0 must not count now that those items are not among its items
+        orphaned = self._empty_slots(np.array(self._free_slots, dtype=np.int64))
         saved = data["lane_mass"] if "lane_mass" in data else np.zeros(0)
         if len(saved) == lanes:
             self._lane_mass = np.maximum(np.asarray(saved, dtype=np.float64) - orphaned, 0.0)
@@ -850,17 +848,25 @@ class ItemLearner:
                     else self._positive_mass_now())  # older still: of the held slots
             self._lane_mass = np.full(lanes, max(mass, 0.0) / lanes)
 
-    def _empty_free_slots(self) -> np.ndarray:
-        """Empty the free slots that still hold statistics, and return their mass per lane
-        (discounted to now): a checkpoint of an earlier version forgot items' positives
-        (:meth:`forget_positives`) but kept their mass, which the relative α0 must not count
-        now that those items no longer count among its items."""
-        slots = np.array(self._free_slots, dtype=np.int64)
-        if not len(slots):
-            return np.zeros(len(self._lane_clock))
-        mass = self._pos_gram[slots, -1].astype(np.float64) * self._discount_since_update(slots)
+    def _empty_slots(self, slots: np.ndarray) -> np.ndarray:
+        """Empty the statistics of ``slots`` and return their mass per lane (discounted to
+        now), which leaves :attr:`positive_mass` with them: a free slot holds nothing, and
+        its mass is counted out once."""
+        mass = np.bincount(self._pos_lane[slots], weights=self._slot_masses(slots),
+                           minlength=len(self._lane_clock))
         self._pos_gram[slots], self._pos_target[slots] = 0.0, 0.0
-        return np.bincount(self._pos_lane[slots], weights=mass, minlength=len(self._lane_clock))
+        return mass
+
+    def _held_slots(self) -> np.ndarray:
+        """The slots of the items that hold positives learned here."""
+        slots = self._slot[: len(self._ids)]
+        return slots[slots >= 0]
+
+    def _slot_masses(self, slots: np.ndarray) -> np.ndarray:
+        """Each slot's Σ α as of now: the last coordinate of φ̃ is 1, so A_i's corner entry is
+        item i's Σ α (as of its last update, discounted since). Reads that one column, not a
+        copy of the whole pool."""
+        return self._pos_gram[slots, -1].astype(np.float64) * self._discount_since_update(slots)
 
     def _load_lanes(self, data) -> None:
         """The lane clocks and each slot's lane. A checkpoint with another number of lanes
@@ -878,13 +884,8 @@ class ItemLearner:
         self._pos_lane = np.zeros(len(self._pos_gram), dtype=np.int64)
 
     def _positive_mass_now(self) -> float:
-        """Σ α of the positives as of now, read from the statistics: the last coordinate of φ̃
-        is 1, so A_i's corner entry is item i's Σ α (as of its last update, discounted since).
-        Reads that one column, not a copy of the whole pool."""
-        slots = self._slot[: len(self._ids)]
-        slots = slots[slots >= 0]
-        corners = self._pos_gram[slots, -1].astype(np.float64)
-        return float(corners @ self._discount_since_update(slots))
+        """Σ α of the positives as of now, read from the statistics (:meth:`_slot_masses`)."""
+        return float(self._slot_masses(self._held_slots()).sum())
 
 
 class ItemReplica(ItemLearner):
