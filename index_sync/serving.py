@@ -171,9 +171,14 @@ class ServingIndex:
         its rows (it keeps the old buffer), and ids are copied here, so the build never sees a
         row without its id.
         ``behind``: events the worker has yet to take in (``RebuildPolicy.backlog_events``)."""
-        unindexed = self.holder.current is None or self._rebuild_all  # due at once
+        # with no index, or the one read at start, every item counts as changed and a build
+        # is due at once, whatever the interval and the count (after ``streamrec bootstrap``
+        # answers scanned the whole catalogue until a first item was learned, then the
+        # interval passed); the moves since the version read at start were not kept
+        unindexed = self.holder.current is None or self._rebuild_all
+        changed = max(len(self._changed), len(self.learner)) if unindexed else len(self._changed)
         if not self.config.enabled or not self.rebuilder.due(
-                self._changed_count(), len(self.learner), behind=behind,
+                changed, len(self.learner), behind=behind,
                 overflowing=unindexed or self._overflowing()):
             return False
         plan = (None, None) if self._rebuild_all else self._update_plan()
@@ -182,16 +187,6 @@ class ServingIndex:
         self._changed.clear()
         self.rebuilder.submit(snapshot)
         return True
-
-    def _changed_count(self) -> int:
-        """Items changed for the rebuild policy: every item while no index serves (a restart
-        without one on disk, as after ``streamrec bootstrap``: answers scan the whole catalogue
-        until a build, which waited for a first learned item, then for the interval, before)
-        or the version read at start does (its moves were not kept); a build is then due at
-        once, whatever the interval and the count."""
-        if self._rebuild_all or self.holder.current is None:
-            return max(len(self._changed), len(self.learner))
-        return len(self._changed)
 
     def _overflowing(self) -> bool:
         """More rows moved since the serving version's snapshot than answers score exactly
@@ -251,27 +246,28 @@ class ServingIndex:
             return rows, None
         excluded = set(exclude_rows.tolist())
         excluded.discard(-1)
+        fresh = self._fresh(index, query, n, excluded)
         if isinstance(index, ClusteredIndex) and diversity is not None:
-            return self._diverse(index, query, n, excluded, diversity, history), index.version
+            # the rows scored outside the graphs (new or moved since the build) compete within
+            # their clusters' quotas: appended after the merge, as other requests have them,
+            # they took the answer back to the user's main cluster in the engine's rerank
+            return (self._cluster_rows(index, query, n, excluded, history, diversity, fresh),
+                    index.version)
         if isinstance(index, ClusteredIndex):
-            unknown = self._extra_for_unknown(index, n)  # dropped below: asked for on top
-            found = index.search(query, n + unknown, set(self.learner.item_ids_at(excluded)),
-                                 history=history)
-            rows = self.learner.rows_of(item for item, _ in found)
-            rows = rows[rows >= 0][:n]
+            rows = self._cluster_rows(index, query, n, excluded, history)
         else:
             rows = self._search_rows(index, query, n, excluded)
-        rows = np.concatenate([rows, self._fresh(index, query, n, excluded)])
+        rows = np.concatenate([rows, fresh])
         _, first = np.unique(rows, return_index=True)  # a moved row may come from both
         return rows[np.sort(first)], index.version
 
-    def _diverse(self, index: ClusteredIndex, query: np.ndarray, n: int, excluded: set[int],
-                 diversity: float, history: Sequence[str]) -> np.ndarray:
-        """A ``diversity`` request's ``n`` rows, by the clusters' quotas alone: the rows
-        scored outside the graphs (new or moved since the build) compete within their
-        clusters' quotas. Appended after the merge, as other requests have them, they took
-        the answer back to the user's main cluster in the engine's rerank."""
-        fresh = self._fresh(index, query, n, excluded)
+    def _cluster_rows(self, index: ClusteredIndex, query: np.ndarray, n: int,
+                      excluded: set[int], history: Sequence[str],
+                      diversity: float | None = None,
+                      fresh: np.ndarray | None = None) -> np.ndarray:
+        """The quota merge's best ``n`` as learner rows, with the ``fresh`` rows (scored
+        outside the graphs) each competing in its cluster."""
+        fresh = np.empty(0, dtype=np.int64) if fresh is None else fresh
         ids = self.learner.item_ids_at(fresh.tolist())
         vectors = self.learner.item_matrix[fresh]
         scored = list(zip(ids, (vectors @ query).tolist(),
