@@ -623,6 +623,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     app.streamrec_histories = histories  # for tests and tools that inspect the table
     app.streamrec_sharing = sharing
+    app.streamrec_restoring = restoring  # for the worker's last checkpoint
     return app
 
 

@@ -193,8 +193,7 @@ def save_on_exit(engine: Engine, app, learner: LearnerProcess | None) -> None:
     learner process (which saved its own), and not while item sharing still catches up:
     the file's time would then pass this worker's own rows published before the last stop
     and not installed yet, and the next start's catch-up would leave them out."""
-    sharing = getattr(app, "streamrec_sharing", None)
-    catching_up = sharing is not None and not sharing.caught_up.is_set()
+    catching_up = app.streamrec_restoring()  # the app's own test (create_app's restoring)
     engine.save(model=learner is None and not catching_up)
     log.info("checkpoint written to %s%s", engine.checkpoint_dir,
              " (not the model: item sharing had not caught up)" if catching_up else "")

@@ -43,18 +43,20 @@ def test_the_last_checkpoint_leaves_the_model_alone_while_item_sharing_catches_u
     """Without a learner process the worker saves the model at exit, except during item
     sharing's catch-up: its time would then pass own rows published before the last stop and
     not installed yet, which the next start's catch-up would leave out."""
-    import asyncio
-    from types import SimpleNamespace
-
     from stream_app.worker import save_on_exit
 
     saved = []
     engine = SimpleNamespace(save=lambda model: saved.append(model), checkpoint_dir=tmp_path)
-    caught_up = asyncio.Event()
-    sharing_app = SimpleNamespace(streamrec_sharing=SimpleNamespace(caught_up=caught_up))
-    save_on_exit(engine, sharing_app, learner=None)
-    caught_up.set()
-    save_on_exit(engine, sharing_app, learner=None)
-    save_on_exit(engine, SimpleNamespace(streamrec_sharing=None), learner=None)
-    save_on_exit(engine, SimpleNamespace(), learner=object())  # the learner saved its own
-    assert saved == [False, True, True, False]
+    def app_of(**changes):
+        settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", metrics_port=0,
+                            learner_process=False, **changes)
+        worker_engine = Engine(settings)
+        return create_app(settings, worker_engine, build_metrics(worker_engine))
+
+    app = app_of(share_items=True)
+    save_on_exit(engine, app, learner=None)
+    app.streamrec_sharing.caught_up.set()
+    save_on_exit(engine, app, learner=None)
+    save_on_exit(engine, app, learner=object())  # the learner saved its own
+    save_on_exit(engine, app_of(), learner=None)
+    assert saved == [False, True, False, True]
