@@ -41,7 +41,8 @@ from state.history import History
 from .engine import Engine
 from .metrics import Metrics
 from .settings import Settings
-from .wire import InvalidMessage, RecResponse, decode_request, headers_kept, salvage_request
+from .wire import (MAX_ERROR_CHARS, InvalidMessage, RecResponse, decode_request,
+                   headers_kept, salvage_request)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,6 @@ FAILED_REPLY_TOPICS_KEPT = 1_000
 DELIVERY_TIMEOUT_S = 30.0
 #: pauses between sends of an error response the broker did not take
 FIRST_RETRY_PAUSE_S, MAX_RETRY_PAUSE_S = 0.5, 30.0
-#: longest error text an error response carries (one over the producer's request size would
-#: be refused, sent again, refused, and hold its partition's commits for ever)
-MAX_ERROR_CHARS = 2_000
 
 
 class Responder:

@@ -293,6 +293,9 @@ class DecodedTraining:
 #: or it could never be sent, and the events behind it would never be committed
 DEAD_LETTER_PAYLOAD_BYTES = 512 * 1024
 DEAD_LETTER_KEY_BYTES = 16 * 1024
+#: longest error text a dead letter or an error response carries (one over the producer's
+#: request size would be refused, sent again, refused, and hold its partition for ever)
+MAX_ERROR_CHARS = 2_000
 #: most bytes (names and values) of a message's headers that its dead letter, or its copy
 #: moved to its user's partition, carries: the first headers that fit, in their order
 KEPT_HEADER_BYTES = 16 * 1024
@@ -341,8 +344,8 @@ class DeadLetter(_Wire):
         truncated = len(raw) > max_payload_bytes
         left_out = headers_kept(headers)[1]
         return cls(
-            reason=error.reason, detail=error.detail[:2000], topic=topic, partition=partition,
-            offset=offset,
+            reason=error.reason, detail=error.detail[:MAX_ERROR_CHARS], topic=topic,
+            partition=partition, offset=offset,
             key_b64=None if key is None else base64.b64encode(cls.key_kept(key)).decode(),
             payload_b64=base64.b64encode(raw[:max_payload_bytes]).decode(),
             truncated=truncated, size=len(raw) if truncated else None,
