@@ -414,6 +414,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     if settings.batch_intake and not missing:
         train_intake = BatchIntake(app, train, settings.learn_batch, settings.learn_batch_wait_s)
         train_intake.install()
+        # with sharing, the publish timer acknowledges: room comes back within share_items_s
         train_acks = AcksAfterCheckpoint(train_intake, ask_checkpoint=lambda: save_model())
         train_acks.export(metrics)
 
@@ -454,8 +455,13 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             await sharing.caught_up.wait()
 
     def checkpointed(through: int) -> None:
+        """A checkpoint of the model holds the batches up to ``through``. With item sharing
+        it does not acknowledge them: it holds this worker's rows for this worker, while after
+        a crash the items may go to another worker, which starts them from the item-rows topic;
+        only a publish of their rows (:func:`rows_published`) makes their learning durable for
+        whoever learns them next."""
         engine.checkpointed_at = time.time()
-        if train_acks is not None:
+        if train_acks is not None and sharing is None:
             train_acks.checkpointed(through)
 
     def batches_followed() -> int:
@@ -623,6 +629,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     app.streamrec_histories = histories  # for tests and tools that inspect the table
     app.streamrec_sharing = sharing
+    app.streamrec_train_acks = train_acks
     app.streamrec_restoring = restoring  # for the worker's last checkpoint
     return app
 

@@ -8,9 +8,10 @@ everything the checkpoint lacks, and the positions saved with the model
 (:mod:`state.stream_positions`) skip what it holds. Each training message is learned once
 across crashes, restarts and rebalances of one worker.
 
-With ``STREAMREC_SHARE_ITEMS`` a publish of the item rows is durable too (a crashed worker
-gets them back from the topic): the batches whose learning the published rows hold are
-acknowledged once it is flushed.
+With ``STREAMREC_SHARE_ITEMS`` only a publish of the item rows acknowledges: the batches whose
+learning the published rows hold are acknowledged once it is flushed. A checkpoint then counts
+for this worker alone (the app's ``checkpointed`` leaves the acks): after a crash its items may
+go to another worker, which starts them from the item-rows topic, not from this checkpoint.
 
 The cost: offsets of the training topic are committed once per checkpoint
 (``STREAMREC_CHECKPOINT_INTERVAL_S``) instead of every few seconds, so a restart reads up to

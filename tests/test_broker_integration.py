@@ -1140,6 +1140,30 @@ def test_a_crashed_worker_gets_back_the_rows_it_published_after_its_checkpoint(s
     assert metric(restarted, "streamrec_item_rows_published") == 0  # installs are not sent back
 
 
+def test_a_worker_that_takes_over_a_crashed_ones_items_learns_what_it_never_published(
+        settings, start_worker):
+    """With sharing, the worker that takes the items of a crashed one over starts them from
+    the item-rows topic, not from the crashed one's checkpoint: the training messages whose
+    learning no publish holds are delivered to it again. A checkpoint that committed them
+    lost that learning (here: every item, since nothing was published)."""
+    from stream_app.processes import free_port
+
+    from .test_engine_model import planted_stream
+
+    shared = sharing_settings(settings, share_items_s=3600.0, checkpoint_interval_s=1.0)
+    stream = planted_stream()
+    crashing = start_worker(shared)
+    produce(settings, [(e.user_id.encode(), e.to_bytes()) for e in stream])
+    wait_until(lambda: metric(crashing, "streamrec_learned_events_total") == len(stream), 120)
+    time.sleep(4.0)  # checkpoints, and Faust's commits of what they acknowledge (every 2.8 s)
+    assert metric(crashing, "streamrec_item_rows_published") == 0
+    crashing.child.kill()
+    taking_over = start_worker(shared.replace(data_dir=settings.data_dir.parent / "second",
+                                              metrics_port=free_port()))
+    wait_until(lambda: metric(taking_over, "streamrec_model_items") == CLUSTERS_ITEMS, 120)
+    assert metric(taking_over, "streamrec_learned_events_total") == len(stream)
+
+
 def learner_pid(worker) -> int:
     """The pid of the worker's learner process: its child that multiprocessing spawned."""
     parent = worker.child.process.pid
