@@ -155,6 +155,8 @@ class Engine:
     #: finds for the user. Their candidates are scored once, together, and each returned item
     #: names the source that produced it ("ann" where both did); "popular" fills up.
     available_sources = ("ann", "dr", "popular")
+    #: the sources that rank with the user's vector
+    model_sources = frozenset({"ann", "dr"})
 
     def __init__(self, settings: Settings, metrics=None, *, replica: bool = False) -> None:
         """``replica``: the item model is learned elsewhere (a learner process) and this engine
@@ -814,8 +816,10 @@ class Engine:
         items: list[RecItem] = []
         index_version = None
         clock = time.perf_counter()
-        phi, history_rows = self._user_vector_and_rows(request, history)
-        clock = self._stage("embed", clock)
+        phi = None  # popularity alone needs no user vector (iALS: a solve of d unknowns)
+        if self.model_sources & set(sources):
+            phi, history_rows = self._user_vector_and_rows(request, history)
+            clock = self._stage("embed", clock)
         if phi is not None and len(self.learner):
             # quotas apply from the first clustered build on; until then a plain request
             diverse = (request.diversity is not None

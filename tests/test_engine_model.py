@@ -75,6 +75,24 @@ def test_one_streaming_pass_retrieves_the_users_own_cluster(engine):
     assert engine.model_version > 0 and engine.learned == USERS * PER_USER
 
 
+def test_a_popularity_answer_encodes_no_user(engine, monkeypatch):
+    """Popularity ranks without the user's vector: a request for it alone does not encode
+    the history (for iALS a solve of d unknowns per answer), and answers as before."""
+    histories = run_stream(engine, planted_stream()[:600])
+    user, history = next(iter(histories.items()))
+    request = RecRequest(request_id="r", user_id=user, k=5, sources=["popular"])
+    expected = engine.popularity.top(5, exclude=set(history.items))
+    encoded = []
+    encode = engine._encode_rows
+    monkeypatch.setattr(engine, "_encode_rows", lambda *args: encoded.append(1) or encode(*args))
+    answer = engine.answer(request, history, time.perf_counter())
+    assert [(item.item_id, item.score) for item in answer.items] == expected
+    assert encoded == []
+    engine.answer(request.model_copy(update={"sources": ["ann", "popular"]}), history,
+                  time.perf_counter())
+    assert encoded == [1]
+
+
 def test_recommendations_change_as_a_history_grows(engine):
     run_stream(engine, planted_stream())
     request = RecRequest(request_id="r", user_id="newcomer", k=10)
