@@ -6,9 +6,9 @@ and the item learner, unlike the histories (which recognise an event id they hol
 a training message twice. So the positions are saved in the model's checkpoint file, in the
 same atomic write as the rows they produced (what Kafka Streams and Flink do with their source
 offsets): a message below its partition's position is one the model already holds, and is
-skipped. The worker commits a training message only once a checkpoint holds it
-(``stream_app/app.py``), so that a crash loses nothing either: between the two, each message
-is learned once.
+skipped. The worker commits a training message only once a checkpoint holds it (with item
+sharing, a publish of its rows: ``stream_app/app.py``), so that a crash loses nothing
+either: between the two, each message is learned once.
 
 Positions belong to one topic: a checkpoint made on another training topic name starts with
 none. A training topic deleted and made again restarts its offsets at 0, below every saved

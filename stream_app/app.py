@@ -141,7 +141,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         web_enabled=False,
         autodiscover=False,
         stream_wait_empty=False,
-        # training offsets are committed once per checkpoint (stream_app/checkpoint_acks.py)
+        # training offsets are committed once per checkpoint, or with sharing per publish
+        # (stream_app/checkpoint_acks.py)
         broker_commit_livelock_soft_timeout=max(300.0, 3 * settings.checkpoint_interval_s),
         consumer_max_fetch_size=settings.fetch_partition_bytes,
         broker_max_poll_records=settings.poll_records,
@@ -414,14 +415,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     if settings.batch_intake and not missing:
         train_intake = BatchIntake(app, train, settings.learn_batch, settings.learn_batch_wait_s)
         train_intake.install()
-        # with sharing, the publish timer acknowledges: room comes back within share_items_s
+        # with sharing a publish acknowledges: room comes back with the next (share_items_s)
         train_acks = AcksAfterCheckpoint(train_intake, ask_checkpoint=lambda: save_model())
         train_acks.export(metrics)
 
         @app.task
         async def learn() -> None:
-            """Training messages in micro-batches, acknowledged once a checkpoint holds what
-            they taught (:mod:`stream_app.checkpoint_acks`)."""
+            """Training messages in micro-batches, acknowledged once a checkpoint (with
+            sharing, a publish) holds what they taught (:mod:`stream_app.checkpoint_acks`)."""
             await item_rows_restored()
             while True:
                 await train_acks.room.wait()
@@ -470,8 +471,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     async def rows_published(through: int) -> None:
         """A publish of the item rows (sharing) holds the learning of the batches up to
-        ``through``: a crashed worker gets those rows back from the topic, so their training
-        messages are committed now, as after a checkpoint (the producer is flushed first)."""
+        ``through``: whichever worker learns their items next gets those rows from the topic,
+        so their training messages are committed now (the producer is flushed first)."""
         if train_acks is not None:
             train_acks.checkpointed(through)
             await app.producer.flush()  # the rows on the broker before the commit

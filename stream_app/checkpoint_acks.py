@@ -31,13 +31,14 @@ from .batch_intake import BatchIntake
 #: messages held unacknowledged before the learn task asks for an early checkpoint and waits
 #: for it (a few hundred bytes each: their values are dropped). A checkpoint interval holds far
 #: fewer (one training message per item partition and ingest batch); saves that keep failing
-#: (a full disk) stop the intake here instead of filling the memory.
+#: (a full disk), or with sharing publishes that keep failing (the next publish, not the
+#: checkpoint asked for, makes room), stop the intake here instead of filling the memory.
 UNCOMMITTED_LIMIT = 100_000
 
 
 class AcksAfterCheckpoint:
     """Batches of one intake, numbered as they are handed to the learner, acknowledged when a
-    checkpoint (or a publish of item rows) holding them is written."""
+    checkpoint (with sharing, a publish of item rows) holding them is written."""
 
     def __init__(self, intake: BatchIntake, ask_checkpoint: Callable[[], None] = lambda: None,
                  limit: int = UNCOMMITTED_LIMIT) -> None:
@@ -75,5 +76,5 @@ class AcksAfterCheckpoint:
         """Its gauge on the worker's metrics page."""
         metrics.gauge("streamrec_train_uncommitted_messages",
                       "Training messages handed to the learner whose offsets wait for a "
-                      "checkpoint (or, sharing, a publish of their rows) to hold them before "
+                      "checkpoint (with sharing, a publish of their rows) to hold them before "
                       "they are committed.", lambda: self.waiting)

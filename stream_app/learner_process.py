@@ -26,14 +26,14 @@ its death) tells the child to checkpoint (when it learned since its last) and ex
 If the child dies, the worker stops (and its supervisor or container restarts it from the last
 checkpoint): a worker that takes events in but cannot learn would look healthy while its model
 froze. Nothing learned is lost (with the batch intake, the default): the worker acknowledges a
-training message only once a checkpoint holds it (:mod:`stream_app.checkpoint_acks`; the child
-says which batches a checkpoint holds), so Kafka delivers again what the dead child had not
-saved, and each learn frame carries its messages' training-topic positions, which the child
-saves with the model and which let it skip what it holds (:mod:`state.stream_positions`). A
-worker that stops on its own waits for the child to learn everything handed over
-(:meth:`LearnerProcess.settle`) and to checkpoint it (:meth:`LearnerProcess.checkpoint`) before
-Faust's last commit; a worker that dies alone closes the pipe, and the child checkpoints what
-it was handed.
+training message only once a checkpoint holds it (with item sharing, a publish of its rows:
+:mod:`stream_app.checkpoint_acks`; the child says which batches a checkpoint holds), so Kafka
+delivers again what the dead child had not saved, and each learn frame carries its messages'
+training-topic positions, which the child saves with the model and which let it skip what it
+holds (:mod:`state.stream_positions`). A worker that stops on its own waits for the child to
+learn everything handed over (:meth:`LearnerProcess.settle`) and to checkpoint it
+(:meth:`LearnerProcess.checkpoint`) before Faust's last commit; a worker that dies alone closes
+the pipe, and the child checkpoints what it was handed.
 """
 
 from __future__ import annotations

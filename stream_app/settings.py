@@ -236,7 +236,8 @@ class Settings(BaseSettings):
         True, description="Hand the events and training topics' messages to the ingest and "
         "learn tasks in batches, without Faust's per-message event, stream and take_events "
         "layers (stream_app/batch_intake.py), training messages acknowledged once a checkpoint "
-        "holds them (stream_app/checkpoint_acks.py); false: agents on Faust's stream.")
+        "(with share_items, a publish) holds them (stream_app/checkpoint_acks.py); false: "
+        "agents on Faust's stream.")
     # The worker's one consumer reads events, training examples and requests. Faust hands an
     # agent every record of a poll before it polls again, and aiokafka returns a partition's
     # buffered records before those of partitions fetched later; with the client defaults
