@@ -1047,9 +1047,11 @@ def test_a_model_learned_unshared_is_published_whole_when_sharing_is_turned_on(s
                                          metrics_port=free_port()))
     wait_until(lambda: metric(second, "streamrec_model_items") == CLUSTERS_ITEMS, 60)
     assert metric(second, "streamrec_learned_events_total") == 0
+    # each leaves only once the group settled without it: the embedded broker keeps a leader
+    # that leaves a group still forming, and no later member can join (README)
+    wait_until(lambda: [metric(w, "streamrec_request_partitions") for w in (first, second)]
+               == [1.0, 1.0], 60)
     assert second.stop() == 0
-    # the group settled on the first alone before it leaves too: the embedded broker keeps a
-    # leader that leaves a group still forming, and no later member can join (README)
     wait_until(lambda: metric(first, "streamrec_request_partitions") == 2.0, 60)
     assert first.stop() == 0
     again = start_worker(shared)
