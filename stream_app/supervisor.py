@@ -3,13 +3,12 @@ unit that starts together and stops together on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import shutil
 import signal
-import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -55,6 +54,7 @@ class System:
 
     def start(self, ready_timeout_s: float = 120.0) -> System:
         s = self.settings
+        dump_stacks_on_request()
         if s.embedded:
             self.broker = EmbeddedBroker(s.embedded_host, s.embedded_port,
                                          log_path=self.logs / "broker.log").start()
@@ -116,6 +116,14 @@ class System:
         ])
 
 
+def dump_stacks_on_request(signum: int = signal.SIGUSR1) -> None:
+    """``kill -USR1`` prints every thread's stack to stderr: a supervisor whose stop hangs
+    says where. Written from the signal handler in C (:mod:`faulthandler`), so it answers
+    even when the interpreter's main thread is stuck. (A worker's SIGUSR1 is Faust's: it
+    logs the worker's asyncio tasks.)"""
+    faulthandler.register(signum, all_threads=True)
+
+
 def forget_broker_state(settings: Settings) -> list[str]:
     """What the data dir holds of an earlier run's topics, dropped once an embedded broker has
     started: it keeps nothing, so every topic starts anew. Faust's local table state (the
@@ -155,23 +163,25 @@ def forget_broker_state(settings: Settings) -> list[str]:
     return dropped
 
 
-def wait_for_signal(system: System, on_tick: Callable[[], None] | None = None) -> int:
+def wait_for_signal(system: System) -> int:
     """Block until SIGINT/SIGTERM or until the worker dies. Returns 0 after a signal, and
     after the worker's death the status to exit with: the worker's own (76: its learner
     process died; 75: it did not stop in time; 128 + N, as a shell says it, when signal N
     killed it), or 1 where it exited 0 unasked, so that a service manager or a script sees a
     system that stopped by itself as failed."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+    # a list, not a threading.Event: the handler runs on the main thread between two of its
+    # steps, and Event.set takes a lock that the main thread may hold there (in Event.wait)
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _: received.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop.is_set():
+        while not received:
             if system.worker is not None and not system.worker.alive():
                 status = system.worker.process.poll()
                 log.error("the worker exited (status %s):\n%s", status,
                           tail(system.logs / "worker.log"))
                 return 128 - status if status < 0 else status or 1  # killed by a signal: 128+N
-            stop.wait(0.5)
+            time.sleep(0.1)
         return 0
     finally:
         for sig, handler in previous.items():

@@ -74,10 +74,13 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> lis
 
 def wait_stopped(process: subprocess.Popen, env: dict, timeout_s: float = 60) -> int:
     """``process.wait``, except that a stop that overruns fails with what the supervisor
-    printed and the ends of the worker's and the broker's logs, which say who held it up."""
+    printed (with every thread's stack: ``dump_stacks_on_request``) and the ends of the
+    worker's and the broker's logs, which say who held it up."""
     try:
         return process.wait(timeout_s)
     except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
         process.kill()  # its children die with it (they are started with a death signal)
         printed, _ = process.communicate(timeout=10)
         logs = Path(env["STREAMREC_DATA_DIR"]) / "logs"

@@ -337,3 +337,50 @@ def test_a_streamrec_variable_that_names_no_setting_is_reported(monkeypatch, cap
     err = capsys.readouterr().err
     assert "STREAMREC_FETCH_POLL_RECORDS is not a setting" in err
     assert "STREAMREC_DATA_DIR" not in err
+
+
+def test_the_supervisor_prints_every_threads_stack_on_sigusr1():
+    """`kill -USR1` of `streamrec up` prints where each of its threads is, even with the main
+    thread stuck: a stop that hangs says why."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\n"
+            "from stream_app.supervisor import dump_stacks_on_request\n"
+            "dump_stacks_on_request()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.5)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "Current thread" in result.stderr and 'File "<string>", line 4' in result.stderr
+
+
+WAITS_FOR_SIGNALS = """
+import os, signal, threading, time
+from types import SimpleNamespace
+from stream_app.supervisor import wait_for_signal
+
+worker = SimpleNamespace(alive=lambda: True)
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+started = time.monotonic()
+print(wait_for_signal(SimpleNamespace(worker=worker)), round(time.monotonic() - started, 1))
+print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+dead = SimpleNamespace(alive=lambda: False, process=SimpleNamespace(poll=lambda: -9))
+print(wait_for_signal(SimpleNamespace(worker=dead, logs=__import__("pathlib").Path("."))))
+"""
+
+
+def test_the_supervisor_returns_on_ctrl_c_or_its_workers_death():
+    """`streamrec up` waits for SIGINT/SIGTERM (then 0) or the worker's death (then 128 + the
+    signal that killed it), and gives the signals their handlers back."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", WAITS_FOR_SIGNALS], capture_output=True,
+                            text=True, timeout=60, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    first, restored, died = result.stdout.split("\n")[:3]
+    status, seconds = first.split()
+    assert status == "0" and float(seconds) < 5.0
+    assert restored == "True" and died == "137"
