@@ -170,7 +170,9 @@ def wait_for_signal(system: System) -> int:
     killed it), or 1 where it exited 0 unasked, so that a service manager or a script sees a
     system that stopped by itself as failed."""
     # a list, not a threading.Event: the handler runs on the main thread between two of its
-    # steps, and Event.set takes a lock that the main thread may hold there (in Event.wait)
+    # steps, and Event.set takes a lock that the main thread may hold there (in Event.wait):
+    # under CPU contention a Ctrl-C then hung `streamrec up` for good (seen, and reproduced
+    # with a script: the handler waits in Event.set, its thread in Condition.wait)
     received: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _: received.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
