@@ -6,6 +6,7 @@ These are what any application does to talk to streamrec; nothing here needs Fau
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -81,7 +82,8 @@ class RecClient:
     The consumer is positioned at the end of the response topic before the first request is
     sent, and answers are matched by ``request_id``; answers to requests this client did not
     send (or is not waiting for) are skipped, so a long-lived client on a shared response topic
-    keeps only its own.
+    keeps only its own. Threads may share one client (a web server's): one polls at a time,
+    for all of them.
 
     The fetch wait is short (``fetch_wait_ms``): the embedded broker parks a fetch that finds
     nothing for the whole wait, and every answer is one fetch away. On the embedded broker a
@@ -117,6 +119,7 @@ class RecClient:
             raise
         self._awaited: set[str] = set()  # sent or waited for, not yet answered
         self._pending: dict[str, RecResponse] = {}
+        self._polling = threading.Lock()  # held by the one thread that polls
 
     def _read_replies(self) -> None:
         """Read the reply topic from its end (made first where it is not the responses
@@ -203,20 +206,32 @@ class RecClient:
         return self._wait_until(request_id, time.monotonic() + timeout_s, timeout_s)
 
     def _wait_until(self, request_id: str, deadline: float, timeout_s: float) -> RecResponse:
+        """Poll until ``request_id`` is answered. Threads that share the client wait at the
+        same time: one polls at once (kafka-python's consumer is not thread-safe), for all,
+        and the others find their answers among what it took."""
         self._awaited.add(request_id)
         while request_id not in self._pending:
             left = deadline - time.monotonic()
             if left <= 0:  # a late answer is not kept: a long-lived client would grow
                 self._awaited.discard(request_id)
                 raise ResponseTimeout(f"no response to {request_id} within {timeout_s:g} s")
-            batches = self._consumer.poll(timeout_ms=int(min(left, 0.2) * 1000))
-            for records in batches.values():
-                for record in records:
-                    self._take(record.value)
-            if self._guard is not None:
-                self._guard_fetch_wait()
+            if not self._polling.acquire(timeout=min(left, 0.2)):
+                continue
+            try:
+                if request_id not in self._pending:  # not taken by the thread before
+                    self._poll(min(left, 0.2))
+            finally:
+                self._polling.release()
         self._awaited.discard(request_id)
         return self._pending.pop(request_id)
+
+    def _poll(self, timeout_s: float) -> None:
+        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        for records in batches.values():
+            for record in records:
+                self._take(record.value)
+        if self._guard is not None:
+            self._guard_fetch_wait()
 
     @property
     def fetch_wait_ms(self) -> int:

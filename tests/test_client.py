@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from types import SimpleNamespace
@@ -95,6 +96,7 @@ def offline_client(clock: list[float], error: Exception | None = None) -> RecCli
     client.reply_to = client.settings.topic_responses
     client._guard = None
     client._awaited, client._pending = set(), {}
+    client._polling = threading.Lock()
     client._producer = SimpleNamespace(send=lambda *args, **kwargs: Sending(clock, error))
 
     def poll(timeout_ms: int) -> dict:
@@ -205,3 +207,44 @@ def test_a_replay_whose_events_the_broker_refused_raises_not_reports_them_sent(m
     with pytest.raises(RuntimeError, match="did not take 1 of the 3 events"):
         client_module.replay(Settings(), events)
     assert len(sends) == 3
+
+
+def test_one_client_serves_many_threads(settings):
+    """A web server's threads share one client: each waits for its own answer at the same
+    time as the others, and gets it (kafka-python's consumer is not thread-safe: one thread
+    at a time polls, for all)."""
+    ensure_topics(settings, [settings.topic_responses])
+    ids = [uuid.uuid4().hex for _ in range(16)]
+    got: dict[str, str] = {}
+    failed: list[BaseException] = []
+    with RecClient(settings) as client:
+        polling, most = [0], [0]  # threads in the consumer's poll: now, at most
+        poll = client._consumer.poll
+
+        def counted_poll(**kwargs):
+            polling[0] += 1
+            most[0] = max(most[0], polling[0])
+            try:
+                return poll(**kwargs)
+            finally:
+                polling[0] -= 1
+
+        client._consumer.poll = counted_poll
+
+        def wait(request_id: str) -> None:
+            try:
+                got[request_id] = client.wait(request_id, timeout_s=30.0).request_id
+            except BaseException as error:  # noqa: BLE001 - reported below
+                failed.append(error)
+
+        threads = [threading.Thread(target=wait, args=(request_id,)) for request_id in ids]
+        for thread in threads:
+            thread.start()
+        for request_id in reversed(ids):
+            answer(settings, request_id)
+        for thread in threads:
+            thread.join(60)
+        assert not failed, failed
+        assert got == {request_id: request_id for request_id in ids}
+        assert client._pending == {} and client._awaited == set()
+        assert most == [1]
