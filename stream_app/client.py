@@ -120,6 +120,7 @@ class RecClient:
         self._awaited: set[str] = set()  # sent or waited for, not yet answered
         self._pending: dict[str, RecResponse] = {}
         self._polling = threading.Lock()  # held by the one thread that polls
+        self._book = threading.Lock()  # over the two above: an answer is kept or forgotten
 
     def _read_replies(self) -> None:
         """Read the reply topic from its end (made first where it is not the responses
@@ -198,9 +199,10 @@ class RecClient:
     def _forget(self, request_ids: Iterable[str]) -> None:
         """No longer wait for these requests, nor keep their answers (a long-lived client
         would grow with every answer that comes after its wait gave up)."""
-        for request_id in request_ids:
-            self._awaited.discard(request_id)
-            self._pending.pop(request_id, None)
+        with self._book:
+            for request_id in request_ids:
+                self._awaited.discard(request_id)
+                self._pending.pop(request_id, None)
 
     def wait(self, request_id: str, timeout_s: float) -> RecResponse:
         return self._wait_until(request_id, time.monotonic() + timeout_s, timeout_s)
@@ -213,7 +215,7 @@ class RecClient:
         while request_id not in self._pending:
             left = deadline - time.monotonic()
             if left <= 0:  # a late answer is not kept: a long-lived client would grow
-                self._awaited.discard(request_id)
+                self._forget([request_id])
                 raise ResponseTimeout(f"no response to {request_id} within {timeout_s:g} s")
             if not self._polling.acquire(timeout=min(left, 0.2)):
                 continue
@@ -222,8 +224,9 @@ class RecClient:
                     self._poll(min(left, 0.2))
             finally:
                 self._polling.release()
-        self._awaited.discard(request_id)
-        return self._pending.pop(request_id)
+        with self._book:
+            self._awaited.discard(request_id)
+            return self._pending.pop(request_id)
 
     def _poll(self, timeout_s: float) -> None:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
@@ -251,8 +254,9 @@ class RecClient:
             response = RecResponse.model_validate_json(raw)
         except ValueError:
             return
-        if response.request_id in self._awaited:
-            self._pending[response.request_id] = response
+        with self._book:  # not kept for a wait that has just given up
+            if response.request_id in self._awaited:
+                self._pending[response.request_id] = response
 
     def ask_many(self, requests: Iterable[RecRequest], timeout_s: float = 30.0,
                  in_flight: int = 256) -> dict[str, RecResponse]:

@@ -96,7 +96,7 @@ def offline_client(clock: list[float], error: Exception | None = None) -> RecCli
     client.reply_to = client.settings.topic_responses
     client._guard = None
     client._awaited, client._pending = set(), {}
-    client._polling = threading.Lock()
+    client._polling, client._book = threading.Lock(), threading.Lock()
     client._producer = SimpleNamespace(send=lambda *args, **kwargs: Sending(clock, error))
 
     def poll(timeout_ms: int) -> dict:
