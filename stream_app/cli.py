@@ -146,8 +146,9 @@ def cmd_worker(settings: Settings, args) -> int:
 
 
 def cmd_up(settings: Settings, args) -> int:
-    from .supervisor import System, wait_for_signal
+    from .supervisor import System, dump_stacks_on_request, wait_for_signal
 
+    dump_stacks_on_request()
     system = System(settings)
     try:
         system.start()
@@ -219,7 +220,8 @@ def cmd_demo(settings: Settings, args) -> int:
 
     from .client import RecClient, replay
     from .datasets import load
-    from .supervisor import System, wait_for_signal, wait_ingested, wait_learned
+    from .supervisor import (System, dump_stacks_on_request, wait_for_signal, wait_ingested,
+                             wait_learned)
 
     if settings.metrics_port == 0:  # said now, not after the whole replay
         raise ValueError("the demo follows the ingest on the worker's metrics, which "
@@ -227,6 +229,7 @@ def cmd_demo(settings: Settings, args) -> int:
     path = args.path or settings.datasets_dir / DEMO_DATASET
     log = load(path, args.format)
     total = min(len(log), args.limit or len(log))
+    dump_stacks_on_request()
     system = System(settings)
     try:
         system.start()

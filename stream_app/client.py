@@ -83,7 +83,7 @@ class RecClient:
     sent, and answers are matched by ``request_id``; answers to requests this client did not
     send (or is not waiting for) are skipped, so a long-lived client on a shared response topic
     keeps only its own. Threads may share one client (a web server's): one polls at a time,
-    for all of them.
+    for all of them; close it once none waits.
 
     The fetch wait is short (``fetch_wait_ms``): the embedded broker parks a fetch that finds
     nothing for the whole wait, and every answer is one fetch away. On the embedded broker a
@@ -119,7 +119,8 @@ class RecClient:
             raise
         self._awaited: set[str] = set()  # sent or waited for, not yet answered
         self._pending: dict[str, RecResponse] = {}
-        self._polling = threading.Lock()  # held by the one thread that polls
+        self._turn = threading.Condition()  # over _polling: whose turn it is to poll
+        self._polling = False
         self._book = threading.Lock()  # over the two above: an answer is kept or forgotten
 
     def _read_replies(self) -> None:
@@ -217,16 +218,31 @@ class RecClient:
             if left <= 0:  # a late answer is not kept: a long-lived client would grow
                 self._forget([request_id])
                 raise ResponseTimeout(f"no response to {request_id} within {timeout_s:g} s")
-            if not self._polling.acquire(timeout=min(left, 0.2)):
-                continue
+            if not self._take_turn(min(left, 0.2)):
+                continue  # another thread polled: its answers may hold this one
             try:
-                if request_id not in self._pending:  # not taken by the thread before
+                if request_id not in self._pending:  # not taken by the poll before
                     self._poll(min(left, 0.2))
             finally:
-                self._polling.release()
+                self._end_turn()
         with self._book:
             self._awaited.discard(request_id)
             return self._pending.pop(request_id)
+
+    def _take_turn(self, timeout_s: float) -> bool:
+        """True: this thread polls now. False once the thread that polled has ended its poll
+        (woken at once: what it took may be this thread's answer), or after ``timeout_s``."""
+        with self._turn:
+            if self._polling:
+                self._turn.wait(timeout_s)
+                return False
+            self._polling = True
+            return True
+
+    def _end_turn(self) -> None:
+        with self._turn:
+            self._polling = False
+            self._turn.notify_all()
 
     def _poll(self, timeout_s: float) -> None:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))

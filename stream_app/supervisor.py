@@ -54,7 +54,6 @@ class System:
 
     def start(self, ready_timeout_s: float = 120.0) -> System:
         s = self.settings
-        dump_stacks_on_request()
         if s.embedded:
             self.broker = EmbeddedBroker(s.embedded_host, s.embedded_port,
                                          log_path=self.logs / "broker.log").start()
@@ -119,9 +118,14 @@ class System:
 def dump_stacks_on_request(signum: int = signal.SIGUSR1) -> None:
     """``kill -USR1`` prints every thread's stack to stderr: a supervisor whose stop hangs
     says where. Written from the signal handler in C (:mod:`faulthandler`), so it answers
-    even when the interpreter's main thread is stuck. (A worker's SIGUSR1 is Faust's: it
-    logs the worker's asyncio tasks.)"""
-    faulthandler.register(signum, all_threads=True)
+    even when the interpreter's main thread is stuck. For the CLI's processes (``up``,
+    ``demo``), whose stderr is a file: it replaces the signal's handler for good. (A worker's
+    SIGUSR1 is Faust's: it logs the worker's asyncio tasks.) Not where stderr is no file (a
+    caller that captures it in memory)."""
+    try:
+        faulthandler.register(signum, all_threads=True)
+    except (AttributeError, ValueError, OSError, RuntimeError):  # io.UnsupportedOperation too
+        log.debug("no stack dump on signal %d: stderr is not a file", signum)
 
 
 def forget_broker_state(settings: Settings) -> list[str]:

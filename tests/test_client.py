@@ -96,7 +96,7 @@ def offline_client(clock: list[float], error: Exception | None = None) -> RecCli
     client.reply_to = client.settings.topic_responses
     client._guard = None
     client._awaited, client._pending = set(), {}
-    client._polling, client._book = threading.Lock(), threading.Lock()
+    client._turn, client._polling, client._book = threading.Condition(), False, threading.Lock()
     client._producer = SimpleNamespace(send=lambda *args, **kwargs: Sending(clock, error))
 
     def poll(timeout_ms: int) -> dict:
@@ -240,6 +240,8 @@ def test_one_client_serves_many_threads(settings):
         threads = [threading.Thread(target=wait, args=(request_id,)) for request_id in ids]
         for thread in threads:
             thread.start()
+        while len(client._awaited) < len(ids):  # an answer before its wait is not kept
+            time.sleep(0.01)
         for request_id in reversed(ids):
             answer(settings, request_id)
         for thread in threads:
