@@ -121,7 +121,7 @@ class RecClient:
         self._pending: dict[str, RecResponse] = {}
         self._turn = threading.Condition()  # over _polling: whose turn it is to poll
         self._polling = False
-        self._book = threading.Lock()  # over the two above: an answer is kept or forgotten
+        self._book = threading.Lock()  # over _awaited and _pending: an answer kept or forgotten
 
     def _read_replies(self) -> None:
         """Read the reply topic from its end (made first where it is not the responses
