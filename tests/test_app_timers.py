@@ -18,6 +18,13 @@ def timer(app, name: str):
                 if inspect.unwrap(task).__name__ == name)
 
 
+def offline_app(data_dir, learner=None, **changes):
+    """A worker's app, made and not started: it reaches no broker."""
+    settings = Settings(data_dir=data_dir, broker="127.0.0.1:1", metrics_port=0, **changes)
+    engine = Engine(settings)
+    return create_app(settings, engine, build_metrics(engine), learner)
+
+
 def test_a_popularity_checkpoint_the_disk_refuses_does_not_stop_the_worker(tmp_path, caplog):
     """With a learner process, the checkpoint timer writes popularity here and asks the
     learner for the model's checkpoint: a full disk is logged, the learner is still asked
@@ -48,10 +55,7 @@ def test_the_last_checkpoint_leaves_the_model_alone_while_item_sharing_catches_u
     saved = []
     engine = SimpleNamespace(save=lambda model: saved.append(model), checkpoint_dir=tmp_path)
     def app_of(**changes):
-        settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", metrics_port=0,
-                            learner_process=False, **changes)
-        worker_engine = Engine(settings)
-        return create_app(settings, worker_engine, build_metrics(worker_engine))
+        return offline_app(tmp_path, learner_process=False, **changes)
 
     app = app_of(share_items=True)
     save_on_exit(engine, app, learner=None)
@@ -68,16 +72,13 @@ def test_with_item_sharing_a_checkpoint_does_not_commit_training_messages(tmp_pa
     messages are acknowledged once a publish holds their learning, not at a checkpoint (a
     crash between the two, then a move of the partitions, lost that learning)."""
     def acked_at_checkpoint(share_items: bool) -> list:
-        settings = Settings(data_dir=tmp_path / str(share_items), broker="127.0.0.1:1",
-                            metrics_port=0, share_items=share_items)
-        engine = Engine(settings)
         hooks = {}
 
         async def attach(**callbacks):
             hooks.update(callbacks)
 
         learner = SimpleNamespace(attach=attach, drained=None)
-        app = create_app(settings, engine, build_metrics(engine), learner)
+        app = offline_app(tmp_path / str(share_items), learner, share_items=share_items)
         asyncio.run(timer(app, "follow_learner")())
         acked = []
         acks = app.streamrec_train_acks

@@ -339,19 +339,25 @@ def test_a_streamrec_variable_that_names_no_setting_is_reported(monkeypatch, cap
     assert "STREAMREC_DATA_DIR" not in err
 
 
-def test_the_supervisor_prints_every_threads_stack_on_sigusr1():
-    """`kill -USR1` of `streamrec up` prints where each of its threads is, even with the main
-    thread stuck: a stop that hangs says why."""
+def python_c(code: str):
+    """``code`` run by a Python of its own in the project's folder: signals sent to it reach
+    no test."""
     import subprocess
     import sys
 
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).parents[1])
+
+
+def test_the_supervisor_prints_every_threads_stack_on_sigusr1():
+    """`kill -USR1` of `streamrec up` prints where each of its threads is, even with the main
+    thread stuck: a stop that hangs says why."""
     code = ("import os, signal, time\n"
             "from stream_app.supervisor import dump_stacks_on_request\n"
             "dump_stacks_on_request()\n"
             "os.kill(os.getpid(), signal.SIGUSR1)\n"
             "time.sleep(0.5)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, cwd=Path(__file__).parents[1])
+    result = python_c(code)
     assert result.returncode == 0, result.stderr
     assert "Current thread" in result.stderr and 'File "<string>", line 4' in result.stderr
 
@@ -375,11 +381,7 @@ print(wait_for_signal(SimpleNamespace(worker=dead, logs=__import__("pathlib").Pa
 def test_the_supervisor_returns_on_ctrl_c_or_its_workers_death():
     """`streamrec up` waits for SIGINT/SIGTERM (then 0) or the worker's death (then 128 + the
     signal that killed it), and gives the signals their handlers back."""
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-c", WAITS_FOR_SIGNALS], capture_output=True,
-                            text=True, timeout=60, cwd=Path(__file__).parents[1])
+    result = python_c(WAITS_FOR_SIGNALS)
     assert result.returncode == 0, result.stderr
     first, restored, died = result.stdout.split("\n")[:3]
     status, seconds = first.split()
