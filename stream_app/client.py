@@ -117,6 +117,10 @@ class RecClient:
         except BaseException:  # no client to close: its sockets and threads go now
             self.close()
             raise
+        self._begin_waits()
+
+    def _begin_waits(self) -> None:
+        """What the waits for answers share, empty."""
         self._awaited: set[str] = set()  # sent or waited for, not yet answered
         self._pending: dict[str, RecResponse] = {}
         self._turn = threading.Condition()  # over _polling: whose turn it is to poll

@@ -95,8 +95,7 @@ def offline_client(clock: list[float], error: Exception | None = None) -> RecCli
     client.settings = Settings()
     client.reply_to = client.settings.topic_responses
     client._guard = None
-    client._awaited, client._pending = set(), {}
-    client._turn, client._polling, client._book = threading.Condition(), False, threading.Lock()
+    client._begin_waits()
     client._producer = SimpleNamespace(send=lambda *args, **kwargs: Sending(clock, error))
 
     def poll(timeout_ms: int) -> dict:
