@@ -215,20 +215,25 @@ class RecClient:
     def _wait_until(self, request_id: str, deadline: float, timeout_s: float) -> RecResponse:
         """Poll until ``request_id`` is answered. Threads that share the client wait at the
         same time: one polls at once (kafka-python's consumer is not thread-safe), for all,
-        and the others find their answers among what it took."""
+        and the others find their answers among what it took. A wait that ends without its
+        answer (a timeout, a poll's error, an interrupt) forgets the request: its late answer
+        is not kept (a long-lived client would grow)."""
         self._awaited.add(request_id)
-        while request_id not in self._pending:
-            left = deadline - time.monotonic()
-            if left <= 0:  # a late answer is not kept: a long-lived client would grow
-                self._forget([request_id])
-                raise ResponseTimeout(f"no response to {request_id} within {timeout_s:g} s")
-            if not self._take_turn(min(left, 0.2)):
-                continue  # another thread polled: its answers may hold this one
-            try:
-                if request_id not in self._pending:  # not taken by the poll before
-                    self._poll(min(left, 0.2))
-            finally:
-                self._end_turn()
+        try:
+            while request_id not in self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResponseTimeout(f"no response to {request_id} within {timeout_s:g} s")
+                if not self._take_turn(min(left, 0.2)):
+                    continue  # another thread polled: its answers may hold this one
+                try:
+                    if request_id not in self._pending:  # not taken by the poll before
+                        self._poll(min(left, 0.2))
+                finally:
+                    self._end_turn()
+        except BaseException:
+            self._forget([request_id])
+            raise
         with self._book:
             self._awaited.discard(request_id)
             return self._pending.pop(request_id)

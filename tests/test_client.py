@@ -14,7 +14,7 @@ from stream_app import client as client_module
 from stream_app.client import RecClient, ResponseTimeout
 from stream_app.kafka import ensure_topics
 from stream_app.settings import Settings
-from stream_app.wire import RecRequest
+from stream_app.wire import RecRequest, RecResponse
 
 from .conftest import answer
 
@@ -249,3 +249,19 @@ def test_one_client_serves_many_threads(settings):
         assert got == {request_id: request_id for request_id in ids}
         assert client._pending == {} and client._awaited == set()
         assert most == [1]
+
+
+def test_a_wait_whose_poll_fails_forgets_its_request():
+    """A poll that raises (a broker error, an interrupt) ends the wait with that error; the
+    request is no longer awaited, so its late answer is not kept for ever."""
+    client = offline_client([0.0])
+
+    def failing_poll(timeout_ms: int) -> dict:
+        raise KeyboardInterrupt
+
+    client._consumer = SimpleNamespace(poll=failing_poll)
+    with pytest.raises(KeyboardInterrupt):
+        client.wait("r1", timeout_s=5.0)
+    assert client._awaited == set() and not client._polling
+    client._take(RecResponse(request_id="r1", items=[]).to_bytes())
+    assert client._pending == {}
