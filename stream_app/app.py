@@ -415,8 +415,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     if settings.batch_intake and not missing:
         train_intake = BatchIntake(app, train, settings.learn_batch, settings.learn_batch_wait_s)
         train_intake.install()
-        # with sharing a publish acknowledges: room comes back with the next (share_items_s)
-        train_acks = AcksAfterCheckpoint(train_intake, ask_checkpoint=lambda: save_model())
+        # with sharing a publish acknowledges: room comes back with the next (share_items_s),
+        # and a checkpoint asked for would free nothing
+        train_acks = (AcksAfterCheckpoint(train_intake) if sharing is not None
+                      else AcksAfterCheckpoint(train_intake, ask_checkpoint=lambda: save_model()))
         train_acks.export(metrics)
 
         @app.task

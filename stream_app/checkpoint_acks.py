@@ -29,10 +29,11 @@ from collections.abc import Callable
 from .batch_intake import BatchIntake
 
 #: messages held unacknowledged before the learn task asks for an early checkpoint and waits
-#: for it (a few hundred bytes each: their values are dropped). A checkpoint interval holds far
-#: fewer (one training message per item partition and ingest batch); saves that keep failing
-#: (a full disk), or with sharing publishes that keep failing (the next publish, not the
-#: checkpoint asked for, makes room), stop the intake here instead of filling the memory.
+#: for it (a few hundred bytes each: their values are dropped); with sharing it asks for
+#: nothing and waits for the next publish, which alone makes room. A checkpoint interval holds
+#: far fewer (one training message per item partition and ingest batch); saves that keep
+#: failing (a full disk), or with sharing publishes that keep failing, stop the intake here
+#: instead of filling the memory.
 UNCOMMITTED_LIMIT = 100_000
 
 

@@ -90,3 +90,21 @@ def test_with_item_sharing_a_checkpoint_does_not_commit_training_messages(tmp_pa
 
     assert acked_at_checkpoint(share_items=True) == []
     assert len(acked_at_checkpoint(share_items=False)) == 1
+
+
+def test_with_item_sharing_a_full_intake_asks_for_no_checkpoint(tmp_path):
+    """At ``UNCOMMITTED_LIMIT`` the learn task waits for room. Without sharing a checkpoint
+    makes it, and is asked for; with sharing only the next publish does, so a checkpoint
+    would be a save of the model for nothing."""
+    def saves_asked(share_items: bool) -> list:
+        saves = []
+        learner = SimpleNamespace(request_save=lambda: saves.append(1), drained=None)
+        app = offline_app(tmp_path / str(share_items), learner, share_items=share_items)
+        acks = app.streamrec_train_acks
+        acks.limit = 2
+        acks.handed(1, [SimpleNamespace(value=b"an example")] * 2)
+        assert not acks.room.is_set()
+        return saves
+
+    assert saves_asked(share_items=True) == []
+    assert saves_asked(share_items=False) == [1]
