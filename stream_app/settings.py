@@ -223,7 +223,12 @@ class Settings(BaseSettings):
         "with 0.01 the worker's batches held 60-80 events, with 0.05 they are full, and every "
         "batch's fixed costs (a changelog write, a training message per item partition, a "
         "learner step's share) are paid a third as often (docs/throughput.md).")
-    learn_batch: int = Field(256, ge=1, description="Largest micro-batch of training examples.")
+    learn_batch: int = Field(
+        512, ge=1, description="Largest micro-batch of training examples (a learning step), "
+        "and most training messages the learn task takes at once. A step's fixed costs (the "
+        "structure model's Adam step, the item solve's setup, the serving pick's pool) are "
+        "shared by its examples: a learner step cost about 30 % less an example at 512 than "
+        "at 256, and NDCG@10 stayed within a standard error (docs/throughput.md).")
     learn_batch_wait_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
     learner_process: bool = Field(
         True, description="Learn in a child process of the worker (the event loop keeps a "
