@@ -108,3 +108,49 @@ def test_with_item_sharing_a_full_intake_asks_for_no_checkpoint(tmp_path):
 
     assert saves_asked(share_items=True) == []
     assert saves_asked(share_items=False) == [1]
+
+
+def test_with_item_sharing_a_publish_commits_the_training_messages_its_rows_hold(tmp_path):
+    """The publish timer sends the due rows, then acknowledges the batches whose learning
+    they hold (those the loop had followed when it began) and commits them after the
+    producer's flush; later batches, and a publish that failed, commit nothing."""
+    steps = []
+
+    async def attach(**callbacks):
+        pass
+
+    learner = SimpleNamespace(attach=attach, drained=None, batches_followed=1)
+    app = offline_app(tmp_path, learner, share_items=True)
+    sharing, acks = app.streamrec_sharing, app.streamrec_train_acks
+    sharing.caught_up.set()
+    acks.intake = SimpleNamespace(ack=lambda batch: steps.append(("ack", len(batch))))
+
+    async def publish(*args):
+        steps.append(("publish",))
+        learner.batches_followed = 2  # learned while the rows went out: not in them
+
+    async def flush():
+        steps.append(("flush",))
+
+    async def commit_finished():
+        return False
+
+    async def commit():
+        steps.append(("commit",))
+
+    sharing.publish = publish
+    app.producer = SimpleNamespace(flush=flush)
+    app.consumer = SimpleNamespace(maybe_wait_for_commit_to_finish=commit_finished,
+                                   commit=commit)
+    for number in (1, 2):
+        acks.handed(number, [SimpleNamespace(value=b"an example")] * number)
+    asyncio.run(timer(app, "publish_item_rows")())
+    assert steps == [("publish",), ("ack", 1), ("flush",), ("commit",)]
+    assert acks.waiting == 2
+
+    async def failing_publish(*args):
+        raise RuntimeError("the broker refused 3 item rows")
+
+    sharing.publish, steps[:] = failing_publish, []
+    asyncio.run(timer(app, "publish_item_rows")())
+    assert steps == [] and acks.waiting == 2
