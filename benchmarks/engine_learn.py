@@ -31,7 +31,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=Settings.model_fields["learn_batch"].default,
-                        help="examples per step (default: the worker's, STREAMREC_LEARN_BATCH's)")
+                        help="examples per step (default: a worker's default)")
     parser.add_argument("--batches", type=int, default=40, help="timed batches per variant")
     parser.add_argument("--history", type=int, default=50, help="events per example's history")
     parser.add_argument("--quick", action="store_true", help="10,000 items, 10 batches")

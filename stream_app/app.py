@@ -413,7 +413,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     train_acks: AcksAfterCheckpoint | None = None
     if settings.batch_intake and not missing:
-        train_intake = BatchIntake(app, train, settings.learn_batch, settings.learn_batch_wait_s)
+        train_intake = BatchIntake(app, train, settings.learn_take_messages,
+                                   settings.learn_batch_wait_s)
         train_intake.install()
         # with sharing a publish acknowledges: room comes back with the next (share_items_s),
         # and a checkpoint asked for would free nothing
@@ -439,7 +440,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             """The same through Faust's stream, which acknowledges a batch when the agent asks
             for the next: a crash loses what was learned since the last checkpoint."""
             await item_rows_restored()
-            async for values in stream.take(settings.learn_batch,
+            async for values in stream.take(settings.learn_take_messages,
                                             within=settings.learn_batch_wait_s):
                 await learn_batch(list(values), None)
 

@@ -224,11 +224,17 @@ class Settings(BaseSettings):
         "batch's fixed costs (a changelog write, a training message per item partition, a "
         "learner step's share) are paid a third as often (docs/throughput.md).")
     learn_batch: int = Field(
-        512, ge=1, description="Largest micro-batch of training examples (a learning step), "
-        "and most training messages the learn task takes at once. A step's fixed costs (the "
-        "structure model's Adam step, the item solve's setup, the serving pick's pool) are "
-        "shared by its examples: a learner step cost about 30 % less an example at 512 than "
-        "at 256, and NDCG@10 stayed within a standard error (docs/throughput.md).")
+        512, ge=1, description="Largest micro-batch of training examples (a learning step). "
+        "A step's fixed costs (the structure model's Adam step, the item solve's setup, the "
+        "serving pick's pool) are shared by its examples: a step cost about a sixth less an "
+        "example at 512 than at 256, and NDCG@10 was not better at either on all three "
+        "datasets (docs/throughput.md, 'Learning steps of 512 examples').")
+    learn_take_messages: int = Field(
+        256, ge=1, description="Most training messages the learn task takes at once (one "
+        "frame to the learner, learned in steps of learn_batch examples, then one report to "
+        "the loop that answers). A message holds tens of examples in a backlog (an ingest "
+        "batch's share of one item partition), so this bounds the memory a frame takes and "
+        "how long the answering replica waits for the rows it moved.")
     learn_batch_wait_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
     learner_process: bool = Field(
         True, description="Learn in a child process of the worker (the event loop keeps a "

@@ -154,3 +154,11 @@ def test_with_item_sharing_a_publish_commits_the_training_messages_its_rows_hold
     sharing.publish, steps[:] = failing_publish, []
     asyncio.run(timer(app, "publish_item_rows")())
     assert steps == [] and acks.waiting == 2
+
+
+def test_the_learn_task_takes_its_own_count_of_messages_not_a_steps_examples(tmp_path):
+    """A training message holds tens of examples: the learn task takes
+    ``learn_take_messages`` of them at once, whatever the step (``learn_batch``) is."""
+    app = offline_app(tmp_path, SimpleNamespace(attach=None, drained=None), learn_batch=512,
+                      learn_take_messages=64)
+    assert app.streamrec_train_acks.intake.batch_size == 64
