@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .wire import MAX_REQUEST_HISTORY
+
 DEFAULT_KIND_WEIGHTS = {"view": 1.0, "click": 4.0, "cart": 6.0, "sale": 10.0}
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -101,7 +103,8 @@ class Settings(BaseSettings):
         "lead the event-time clocks of popularity and decay, and every other item would read "
         "as forgotten. 'none' = no limit.")
     max_request_bytes: int = Field(65_536, ge=256, description="Larger requests get an error.")
-    max_request_history: int = Field(1000, ge=0, description="Items a request may carry.")
+    max_request_history: int = Field(1000, ge=0, le=MAX_REQUEST_HISTORY,
+                                     description="Items a request may carry.")
     max_reply_topics: int = Field(
         64, ge=1, description="Most reply topics (a request's reply_to other than the "
         "responses topic) a worker sends to; a request naming one more gets its error on the "

@@ -252,10 +252,11 @@ def test_answers_errors_and_moved_requests_carry_the_requests_headers(world):
 
 
 def test_a_request_with_thousands_of_errors_gets_a_short_error_response(world):
-    """pydantic reports one problem per bad element of a list: a 64 KiB request of bad
+    """pydantic reported one problem per bad element of a list: a 64 KiB request of bad
     history entries made a 1.5 MB error response, which the producer refuses (1 MB), so it
-    was sent again for ever and its partition's commits stopped. The response names the first
-    problems and counts the rest."""
+    was sent again for ever and its partition's commits stopped. A list is now refused at its
+    first bad element (``wire.RecRequest``); a response names at most the first problems and
+    counts the rest (:func:`stream_app.wire._describe`)."""
     bad_history = [0] * 20_000
     assert len(json.dumps({"history": bad_history})) < world.settings.max_request_bytes
 
@@ -267,7 +268,6 @@ def test_a_request_with_thousands_of_errors_gets_a_short_error_response(world):
     asyncio.run(scenario())
     (error,) = world.broker.answers(world.settings.topic_responses)
     assert error["request_id"] == "r-1" and "history.0: " in error["error"]
-    assert f"and {20_000 - 10} more" in error["error"]
     assert len(error["error"]) <= responder_module.MAX_ERROR_CHARS + 50
 
 
