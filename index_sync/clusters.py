@@ -152,29 +152,30 @@ class ClusteredIndex:
 
         ``fresh``: (item, score, cluster) of items scored outside the graphs (new since the
         build, or moved: the graphs hold them with old vectors, and are not asked for them),
-        each competing for its cluster's quota (:meth:`clusters_for`)."""
+        each competing for its cluster's quota (:meth:`clusters_for`); those its quota left
+        out still compete for what the clusters that ran dry hand on."""
         alpha = 1.0 if diversity is None else diversity
         counts = quotas(self.affinity(query, history), alpha, k)
         by_cluster: dict[int, list[tuple[str, float]]] = {}
         for item, score, cluster in fresh:
             by_cluster.setdefault(cluster, []).append((item, score))
-        exclude = set(exclude) | {item for item, _, _ in fresh}
+        fresh_ids = {item for item, _, _ in fresh}
+        exclude = set(exclude) | fresh_ids
         found: list[tuple[str, float]] = []
+        fresh_left: list[tuple[str, float]] = []  # cut by their cluster's quota
         spare = 0
         for cluster in np.argsort(-counts, kind="stable").tolist():
             want = int(counts[cluster]) + spare
             got = self.parts[cluster].search(query, want, exclude) if want else []
-            got = sorted(got + by_cluster.pop(cluster, []), key=lambda pair: -pair[1])[:want]
-            spare = want - len(got)
-            found += got
-        if spare:  # the last clusters ran dry too: take what any cluster still has
+            ranked = sorted(got + by_cluster.pop(cluster, []), key=lambda pair: -pair[1])
+            fresh_left += [pair for pair in ranked[want:] if pair[0] in fresh_ids]
+            spare = want - len(ranked[:want])
+            found += ranked[:want]
+        if spare:  # the last clusters ran dry too: the best of what any cluster still has
             taken = {item for item, _ in found} | exclude
-            for part in self.parts:
-                extra = part.search(query, spare, taken)
-                found += extra
-                spare -= len(extra)
-                if spare <= 0:
-                    break
+            extra = fresh_left + [pair for part in self.parts
+                                  for pair in part.search(query, spare, taken)]
+            found += sorted(extra, key=lambda pair: -pair[1])[:spare]
         found.sort(key=lambda pair: -pair[1])  # an item lies in one cluster: no duplicates
         return found[:k]
 

@@ -668,3 +668,24 @@ def test_closing_the_rebuilder_stops_a_build_under_way_between_blocks_of_rows(tm
     stopped = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
     done, total = map(int, stopped[0].split("stopped after ")[1].split(" rows")[0].split(" of "))
     assert 0 < done < total == n
+
+
+def test_fresh_items_their_quota_left_out_fill_what_other_clusters_lack():
+    """Equal quotas (α = 0) over a large and a small group, and many items new since the build,
+    all nearest the large one: its quota takes the best of them; the small group runs dry,
+    and what it hands on goes to the best items left anywhere, those fresh ones included
+    (before, only the graphs were searched again: the answer came back short)."""
+    rng = np.random.default_rng(4)
+    big = np.c_[rng.normal(-5.0, 0.1, (20, 2)), np.zeros(20)]
+    small = np.c_[rng.normal(5.0, 0.1, (4, 2)), np.zeros(4)]
+    ids = [f"b{n}" for n in range(20)] + [f"s{n}" for n in range(4)]
+    index = ClusteredIndex.build(ids, np.vstack([big, small]), 2, version=1, model_version=0)
+    big_cluster = index.cluster_of["b0"]
+    fresh = [(f"new{n}", 50.0 - n, big_cluster) for n in range(30)]
+    query = np.array([-1.0, -1.0, 0.0])
+    found = index.search(query, 40, diversity=0.0, fresh=fresh)
+    items = [item for item, _ in found]
+    assert len(items) == len(set(items)) == 40
+    assert {f"new{n}" for n in range(30)} <= set(items)  # they outscore every indexed item
+    assert [score for _, score in found] == sorted((score for _, score in found), reverse=True)
+    assert len(index.search(query, 60, diversity=0.0, fresh=fresh)) == 54  # all there is
