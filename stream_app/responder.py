@@ -41,8 +41,8 @@ from state.history import History
 from .engine import Engine
 from .metrics import Metrics
 from .settings import Settings
-from .wire import (MAX_ERROR_CHARS, InvalidMessage, RecResponse, decode_request,
-                   headers_kept, salvage_request)
+from .wire import (MAX_ANSWER_BYTES, MAX_ERROR_CHARS, InvalidMessage, RecResponse,
+                   decode_request, headers_kept, salvage_request)
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,14 @@ class Responder:
                        headers) -> Awaitable:
         """Send ``response``, keyed by its request id, with the request's ``headers`` (a
         trace id set on a request comes back on its answer; :func:`headers_kept`)."""
+        value = response.to_bytes()
+        if len(value) > MAX_ANSWER_BYTES and response.error is None:  # errors are cut short
+            raise InvalidMessage("too_large", f"the answer of {len(response.items)} items is "
+                                 f"{len(value)} bytes, over the {MAX_ANSWER_BYTES} a worker "
+                                 "sends: ask for fewer items (k)")
         topic = await self._reply_topic(reply_to)
         key = response.request_id.encode() if response.request_id else None
-        delivery = await topic.send(key=key, value=response.to_bytes(),
-                                    headers=headers_kept(headers)[0])
+        delivery = await topic.send(key=key, value=value, headers=headers_kept(headers)[0])
         self.metrics.requests.labels("error" if response.error else "ok").inc()
         self.metrics.request_latency.observe(time.perf_counter() - started)
         return delivery

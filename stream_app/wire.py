@@ -301,6 +301,10 @@ class DecodedTraining:
 #: or it could never be sent, and the events behind it would never be committed
 DEAD_LETTER_PAYLOAD_BYTES = 512 * 1024
 DEAD_LETTER_KEY_BYTES = 16 * 1024
+#: largest answer a worker sends (under the producer's request limit with the key and the
+#: headers kept): k = 1000 items of long ids, JSON-escaped, can make 1.6 MB, which the
+#: producer would refuse, and the client would only hear of it on the responses topic
+MAX_ANSWER_BYTES = 900_000
 #: longest error text a dead letter or an error response carries (one over the producer's
 #: request size would be refused, sent again, refused, and hold its partition for ever)
 MAX_ERROR_CHARS = 2_000

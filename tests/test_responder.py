@@ -305,3 +305,20 @@ def test_a_delivery_given_up_on_is_left_for_the_producer_to_settle(world, monkey
 
     answer, error = asyncio.run(scenario())
     assert not answer.cancelled() and not error.cancelled()
+
+
+def test_an_answer_too_large_to_send_is_an_error_on_its_own_reply_topic(world, monkeypatch):
+    """k = 1000 items of long ids can make an answer the producer refuses (over 1 MB); the
+    client, which reads its own reply topic, hears why there, not a timeout."""
+    monkeypatch.setattr(responder_module, "MAX_ANSWER_BYTES", 50)  # any answer is larger
+    reply_to = world.settings.topic_responses + ".mine"
+
+    async def scenario():
+        settles = await world.responder.answer(request(reply_to=reply_to))
+        world.broker.settle(0)
+        await asyncio.wait_for(settles, 1)
+
+    asyncio.run(scenario())
+    (error,) = world.broker.answers(reply_to)
+    assert error["request_id"] == "r-1" and error["error"].startswith("too_large: ")
+    assert not world.broker.answers(world.settings.topic_responses)
