@@ -167,9 +167,12 @@ class RequestReader:
         async with self._lock:
             if wanted == self._partitions:
                 return
-            await self._commit()
+            await self._commit()  # none between two consumers: the next commits what stays
             for tp in [tp for tp in self._unsettled if tp.partition not in wanted]:
                 del self._unsettled[tp]  # answers not settled in time: the next reader's
+            # a commit naming a partition the consumer no longer holds is refused whole
+            self._next = {tp: offset for tp, offset in self._next.items()
+                          if tp.partition in wanted}
             self._partitions = wanted
             self._handed = {p: offset for p, offset in self._handed.items() if p in wanted}
             try:

@@ -305,3 +305,21 @@ def test_requests_fetched_while_a_change_of_partitions_looks_up_offsets_are_answ
 
     asyncio.run(scenario())
     assert sorted(answered) == [(0, offset) for offset in range(8)]
+
+
+def test_a_partition_taken_away_between_two_consumers_leaves_the_others_commits(monkeypatch):
+    """A change of partitions while the reader has no consumer (it starts a new one after a
+    failure) cannot commit; the partitions it keeps are committed by the next consumer, and
+    the one it lost is left out: named in a commit, the consumer would refuse them all."""
+    zero, one = TopicPartition("requests", 0), TopicPartition("requests", 1)
+
+    async def scenario() -> list[dict]:
+        reader = reader_answering({5: None, 9: None})
+        await reader._handle({**records(zero, 5), **records(one, 9)})
+        reader._consumer = None  # between two consumers
+        await reader.follow([1])
+        reader._consumer = RecordingConsumer()
+        await reader._commit()
+        return reader._consumer.commits
+
+    assert asyncio.run(scenario()) == [{one: 10}]
