@@ -18,7 +18,8 @@ from typing import Annotated, ClassVar, Literal, TypeVar
 import numpy as np
 import orjson
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError)
 from pydantic import field_validator
 
 WIRE_VERSION = 1
@@ -93,7 +94,7 @@ class RecRequest(_Wire):
     # the worker's default sources)
     sources: list[Literal["ann", "dr", "popular"]] | None = Field(
         None, min_length=1, max_length=len(SOURCES), fail_fast=True)
-    diversity: float | None = Field(None, ge=0, le=100)
+    diversity: StrictFloat | None = Field(None, ge=0, le=100)  # an int is a float too
     reply_to: StrictStr | None = None
 
     @field_validator("reply_to")

@@ -109,6 +109,8 @@ def test_a_good_request_and_its_defaults():
     ({"request_id": "r", "reply_to": "no spaces allowed"}, "reply_to"),
     ({"request_id": "r", "history": ["a", "b", "c", "d"]}, "history"),
     ({"request_id": "r", "exclude_seen": "yes"}, "exclude_seen"),
+    ({"request_id": "r", "diversity": True}, "diversity"),  # a number, as k is
+    ({"request_id": "r", "diversity": "0.5"}, "diversity"),
 ])
 def test_bad_requests_say_what_is_wrong(fields, fragment):
     with pytest.raises(InvalidMessage) as caught:
