@@ -153,7 +153,8 @@ class ClusteredIndex:
         ``fresh``: (item, score, cluster) of items scored outside the graphs (new since the
         build, or moved: the graphs hold them with old vectors, and are not asked for them),
         each competing for its cluster's quota (:meth:`clusters_for`); those its quota left
-        out still compete for what the clusters that ran dry hand on."""
+        out compete again, by score, in the last pass, which fills what the clusters could
+        not (a shortfall before the last cluster goes to the next cluster, as the quotas')."""
         alpha = 1.0 if diversity is None else diversity
         counts = quotas(self.affinity(query, history), alpha, k)
         by_cluster: dict[int, list[tuple[str, float]]] = {}
@@ -173,8 +174,13 @@ class ClusteredIndex:
             found += ranked[:want]
         if spare:  # the last clusters ran dry too: the best of what any cluster still has
             taken = {item for item, _ in found} | exclude
-            extra = fresh_left + [pair for part in self.parts
-                                  for pair in part.search(query, spare, taken)]
+            extra, needed = list(fresh_left), spare
+            for part in self.parts:  # graphs searched until they could fill it alone
+                got = part.search(query, needed, taken)
+                extra += got
+                needed -= len(got)
+                if needed <= 0:
+                    break
             found += sorted(extra, key=lambda pair: -pair[1])[:spare]
         found.sort(key=lambda pair: -pair[1])  # an item lies in one cluster: no duplicates
         return found[:k]

@@ -167,7 +167,7 @@ class Responder:
         trace id set on a request comes back on its answer; :func:`headers_kept`)."""
         value = response.to_bytes()
         if len(value) > MAX_ANSWER_BYTES and response.error is None:  # errors are cut short
-            raise InvalidMessage("too_large", f"the answer of {len(response.items)} items is "
+            raise InvalidMessage("oversized", f"the answer of {len(response.items)} items is "
                                  f"{len(value)} bytes, over the {MAX_ANSWER_BYTES} a worker "
                                  "sends: ask for fewer items (k)")
         topic = await self._reply_topic(reply_to)

@@ -320,5 +320,5 @@ def test_an_answer_too_large_to_send_is_an_error_on_its_own_reply_topic(world, m
 
     asyncio.run(scenario())
     (error,) = world.broker.answers(reply_to)
-    assert error["request_id"] == "r-1" and error["error"].startswith("too_large: ")
+    assert error["request_id"] == "r-1" and error["error"].startswith("oversized: the answer of ")
     assert not world.broker.answers(world.settings.topic_responses)

@@ -373,8 +373,16 @@ def test_a_request_of_thousands_of_bad_list_items_is_refused_at_the_first(body):
     assert caught.value.reason == "schema" and "more" not in str(caught.value)
 
 
+@pytest.mark.parametrize("items", [1_001, MAX_REQUEST_HISTORY + 1])
+def test_a_history_too_long_is_refused_with_the_limit_in_force(items):
+    """Over the schema's own bound too, the error names the worker's limit (1,000 here)."""
+    raw = encode(request_id="r", history=["a"] * items)
+    with pytest.raises(InvalidMessage, match=f"history has {items} items > 1000"):
+        decode_request(raw, max_bytes=len(raw), max_history=1_000)
+
+
 def test_an_error_names_its_first_problems_and_counts_the_rest():
-    problems = [{"loc": ("history", n), "msg": "Input should be a valid string"}
+    problems = [{"type": "string_type", "loc": ("history", n), "msg": "Input should be a string"}
                 for n in range(25)]
     text = wire_module._describe(problems)
     assert text.count("history.") == wire_module.MAX_PROBLEMS_NAMED
