@@ -227,11 +227,13 @@ class Settings(BaseSettings):
         "batch's fixed costs (a changelog write, a training message per item partition, a "
         "learner step's share) are paid a third as often (docs/throughput.md).")
     learn_batch: int = Field(
-        512, ge=1, description="Largest micro-batch of training examples (a learning step). "
+        256, ge=1, description="Largest micro-batch of training examples (a learning step). "
         "A step's fixed costs (the structure model's Adam step, the item solve's setup, the "
         "serving pick's pool) are shared by its examples: a step cost about a sixth less an "
-        "example at 512 than at 256, and NDCG@10 was not better at either on all three "
-        "datasets (docs/throughput.md, 'Learning steps of 512 examples').")
+        "example at 512, and NDCG@10 was not better at either on all three datasets, but "
+        "each touched item is solved once a step, and a short stream (a few thousand events) "
+        "learned less well in half as many steps; the default stays 256 "
+        "(docs/throughput.md, 'Learning steps of 512 examples').")
     learn_take_messages: int = Field(
         256, ge=1, description="Most training messages the learn task takes at once (one "
         "frame to the learner, learned in steps of learn_batch examples, then one report to "
