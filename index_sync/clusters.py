@@ -154,7 +154,7 @@ class ClusteredIndex:
         build, or moved: the graphs hold them with old vectors, and are not asked for them),
         each competing for its cluster's quota (:meth:`clusters_for`); those its quota left
         out compete again, by score, in the last pass, which fills what the clusters could
-        not (a shortfall before the last cluster goes to the next cluster, as the quotas')."""
+        not (a cluster that runs short before the last hands the rest to the next one)."""
         alpha = 1.0 if diversity is None else diversity
         counts = quotas(self.affinity(query, history), alpha, k)
         by_cluster: dict[int, list[tuple[str, float]]] = {}
