@@ -182,10 +182,12 @@ def overview() -> dict:
                target("streamrec_index_failures", "failed builds {{instance}}", "C"),
                target("streamrec_index_updates", "updated in place {{instance}}", "D"),
                target("streamrec_index_waiting_seconds", "waiting for a backlog s {{instance}}",
-                      "E")],
+                      "E"),
+               target("streamrec_index_filled_answers", "filled exactly {{instance}}", "F")],
               "Seconds since the serving index was made, the last build's or update's seconds, "
               "failed builds (the previous version kept serving), versions made by updating the "
-              "previous one in place, seconds a due build has waited for a backlog.",
+              "previous one in place, seconds a due build has waited for a backlog, answers "
+              "whose graph search came back short and were filled by exact search.",
               whole=False)],
         [timeseries("Online quality (NDCG@k)",
                     [target("streamrec_serving_ndcg", "answering {{instance}}", "A"),

@@ -249,7 +249,9 @@ class ItemIndex:
                     raise
                 if len(self.ids) <= EXACT_FALLBACK_ROWS:
                     return self._exact_labels(padded, k)
-                k //= 2  # a graph too large to score whole: the best it can reach
+                # a graph too large to score whole: the best it can reach (the serving
+                # path fills the rest by exact search, ServingIndex._filled)
+                k //= 2
                 if k == 0:
                     return np.empty(0, dtype=np.int64), np.empty(0)
 

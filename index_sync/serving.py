@@ -112,6 +112,7 @@ class ServingIndex:
         self._moves = 0  # notes so far: the stamp of the last
         self._exact: _ExactBlock | None = None
         self._appended_scored = 0  # rows appended since the serving index, at the last answer
+        self.filled_answers = 0  # answers whose search came back short, filled exactly
         # a version loaded at start: the moves since its snapshot were not kept, so builds
         # are from scratch (not updates of it), and due at the first check, until one of them
         # replaces it (one that fails leaves it serving)
@@ -251,15 +252,34 @@ class ServingIndex:
             # the rows scored outside the graphs (new or moved since the build) compete within
             # their clusters' quotas: appended after the merge, as other requests have them,
             # they took the answer back to the user's main cluster in the engine's rerank
-            return (self._cluster_rows(index, query, n, excluded, history, diversity, fresh),
-                    index.version)
+            rows = self._cluster_rows(index, query, n, excluded, history, diversity, fresh)
+            return self._filled(rows, query, n, excluded), index.version
         if isinstance(index, ClusteredIndex):
             rows = self._cluster_rows(index, query, n, excluded, history)
         else:
             rows = self._search_rows(index, query, n, excluded)
         rows = np.concatenate([rows, fresh])
         _, first = np.unique(rows, return_index=True)  # a moved row may come from both
-        return rows[np.sort(first)], index.version
+        return self._filled(rows[np.sort(first)], query, n, excluded), index.version
+
+    def _filled(self, rows: np.ndarray, query: np.ndarray, n: int,
+                excluded: set[int]) -> np.ndarray:
+        """``rows``, then, where they are fewer than ``n`` and the learner holds more items
+        that may be answered, the best of those by exact search over the current rows.
+
+        A graph search can reach fewer items than asked for: in the ``ip`` space rows of very
+        different norms leave some out of every search, and a graph over
+        :data:`~index_sync.hnsw.EXACT_FALLBACK_ROWS` rows then answers with what it reached
+        (at worst half). An answer short of k while the catalogue holds more is not what a
+        client asked for; the exact pass costs what the answers before the first build cost
+        (a product with every row), and only such answers pay it."""
+        short = n - len(rows)
+        if short <= 0 or len(self.learner) - len(excluded) <= len(rows):
+            return rows
+        skipped = np.fromiter(itertools.chain(excluded, rows.tolist()), dtype=np.int64)
+        more, _ = self.learner.top_rows(query[:-1], short, skipped, bias_weight=query[-1])
+        self.filled_answers += 1
+        return np.concatenate([rows, more])
 
     def _cluster_rows(self, index: ClusteredIndex, query: np.ndarray, n: int,
                       excluded: set[int], history: Sequence[str],
@@ -379,6 +399,7 @@ class ServingIndex:
             # as of the last answer; read, not worked out, since scrapes come from a thread
             "exact_rows": float((len(self._exact.rows) if self._exact else 0)
                                 + self._appended_scored),
+            "filled_answers": float(self.filled_answers),
         }
 
     def close(self) -> None:

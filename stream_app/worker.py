@@ -88,6 +88,8 @@ def build_metrics(engine: Engine) -> Metrics:
         "exact_rows": "Items scored exactly beside the serving index (moved since its "
                       "snapshot, or new), as of the last answer: what an answer adds to the "
                       "graph search.",
+        "filled_answers": "Answers whose index search reached fewer candidates than asked for, "
+                          "filled by exact search over every item (a product with every row).",
     }
     for key, doc in index_gauges.items():
         metrics.gauge(f"streamrec_index_{key}", doc,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -380,6 +382,35 @@ def test_items_of_the_index_the_learner_lacks_do_not_shorten_what_the_graph_give
     if not clusters:  # a clustered index's quotas may pick others than the exact best
         np.testing.assert_array_equal(np.sort(found), np.sort(engine.learner.top_rows(
             phi, 10, np.empty(0, dtype=np.int64))[0]))
+
+
+def test_a_graph_search_that_reaches_too_few_items_is_filled_by_exact_search(tmp_path,
+                                                                            monkeypatch):
+    """hnswlib raises where a search reaches fewer items than asked for, and a graph too
+    large to score whole then answers with what it reached: the answer is filled from the
+    exact search over every item, so it is the exact answer, k items long, and counted."""
+    import index_sync.hnsw as hnsw
+
+    engine = engine_with_index(tmp_path)
+    histories = run_stream(engine, planted_stream())
+    exact = answer(engine, "u1", histories["u1"], k=20)
+    build_now(engine)
+    monkeypatch.setattr(hnsw, "EXACT_FALLBACK_ROWS", 0)
+    graph = engine.index.current.graph
+    reached = 7  # what a search of this graph reaches
+
+    def knn_query(query, k):
+        if k > reached:
+            raise RuntimeError("Cannot return the results in a contiguous 2D array. "
+                               "Probably ef or M is too small")
+        return graph.knn_query(query, k=k)
+
+    monkeypatch.setattr(engine.index.current, "graph", SimpleNamespace(knn_query=knn_query))
+    assert 0 < len(engine.index.current.search_labels(np.ones(17), 20)[0]) <= reached
+    filled = answer(engine, "u1", histories["u1"], k=20)
+    assert filled.index_version == 1 and len(filled.items) == 20
+    assert [i.item_id for i in filled.items] == [i.item_id for i in exact.items]
+    assert engine.index.stats(time.time())["filled_answers"] == 1
 
 
 def test_rebuilds_happen_aside_when_enough_items_changed_and_load_after_restart(tmp_path):
