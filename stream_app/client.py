@@ -26,6 +26,12 @@ CLOSE_TIMEOUT_S = 10.0
 #: longest a client waits for its reply topic to show, unless its connection has a timeout
 #: (``connect_timeout_s``), which bounds this wait too
 TOPIC_WAIT_S = 10.0
+#: how long the answer to a request sent without a wait (``send``) is awaited and kept for a
+#: later ``wait``: a caller that never waits for some requests would otherwise grow the
+#: client by each of their answers, for as long as it lives
+UNWAITED_KEEP_S = 600.0
+#: how often a poll forgets the requests sent without a wait that are past UNWAITED_KEEP_S
+FORGET_EVERY_S = 10.0
 
 
 def bootstrap_within(timeout_s: float | None) -> dict:
@@ -82,8 +88,10 @@ class RecClient:
     The consumer is positioned at the end of the response topic before the first request is
     sent, and answers are matched by ``request_id``; answers to requests this client did not
     send (or is not waiting for) are skipped, so a long-lived client on a shared response topic
-    keeps only its own. Threads may share one client (a web server's): one polls at a time,
-    for all of them; close it once none waits.
+    keeps only its own. A request sent with :meth:`send` that no :meth:`wait` follows is
+    awaited for :data:`UNWAITED_KEEP_S`, then forgotten with its answer. Threads may share
+    one client (a web server's): one polls at a time, for all of them; close it once none
+    waits.
 
     The fetch wait is short (``fetch_wait_ms``): the embedded broker parks a fetch that finds
     nothing for the whole wait, and every answer is one fetch away. On the embedded broker a
@@ -121,7 +129,9 @@ class RecClient:
 
     def _begin_waits(self) -> None:
         """What the waits for answers share, empty."""
-        self._awaited: set[str] = set()  # sent or waited for, not yet answered
+        # sent or waited for, not yet answered: the moment it may be forgotten (monotonic)
+        self._awaited: dict[str, float] = {}
+        self._next_forget = time.monotonic() + FORGET_EVERY_S
         self._pending: dict[str, RecResponse] = {}
         self._turn = threading.Condition()  # over _polling: whose turn it is to poll
         self._polling = False
@@ -161,7 +171,8 @@ class RecClient:
         from kafka.errors import KafkaTimeoutError
 
         request = self._replied_here(request)
-        self._awaited.add(request.request_id)
+        with self._book:
+            self._awaited[request.request_id] = time.monotonic() + UNWAITED_KEEP_S
         key = (request.user_id or request.request_id).encode()
         try:  # kafka-python waits up to max_block_ms here for metadata or buffer room
             sending = self._producer.send(self.settings.topic_requests, key=key,
@@ -206,7 +217,7 @@ class RecClient:
         would grow with every answer that comes after its wait gave up)."""
         with self._book:
             for request_id in request_ids:
-                self._awaited.discard(request_id)
+                self._awaited.pop(request_id, None)
                 self._pending.pop(request_id, None)
 
     def wait(self, request_id: str, timeout_s: float) -> RecResponse:
@@ -218,7 +229,8 @@ class RecClient:
         and the others find their answers among what it took. A wait that ends without its
         answer (a timeout, a poll's error, an interrupt) forgets the request: its late answer
         is not kept (a long-lived client would grow)."""
-        self._awaited.add(request_id)
+        with self._book:  # not forgotten while waited for, however long after its send
+            self._awaited[request_id] = max(self._awaited.get(request_id, 0.0), deadline)
         try:
             while request_id not in self._pending:
                 left = deadline - time.monotonic()
@@ -235,7 +247,7 @@ class RecClient:
             self._forget([request_id])
             raise
         with self._book:
-            self._awaited.discard(request_id)
+            self._awaited.pop(request_id, None)
             return self._pending.pop(request_id)
 
     def _take_turn(self, timeout_s: float) -> bool:
@@ -260,6 +272,17 @@ class RecClient:
                 self._take(record.value)
         if self._guard is not None:
             self._guard_fetch_wait()
+        if time.monotonic() >= self._next_forget:
+            self._forget_unwaited()
+
+    def _forget_unwaited(self) -> None:
+        """Forget the requests past their moment (:data:`UNWAITED_KEEP_S` after a send
+        that no wait followed), and their answers: a scan every :data:`FORGET_EVERY_S`."""
+        now = time.monotonic()
+        with self._book:
+            past = [request_id for request_id, until in self._awaited.items() if until < now]
+        self._forget(past)
+        self._next_forget = now + FORGET_EVERY_S
 
     @property
     def fetch_wait_ms(self) -> int:

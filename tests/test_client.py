@@ -30,7 +30,7 @@ def test_a_client_keeps_only_answers_it_waits_for(settings):
         later = uuid.uuid4().hex
         answer(settings, mine, theirs, later)  # a duplicate of mine, theirs again, then later
         assert client.wait(later, timeout_s=20.0).request_id == later
-        assert client._pending == {} and client._awaited == set()
+        assert client._pending == {} and not client._awaited
 
 
 def test_an_answer_that_comes_after_its_wait_gave_up_is_not_kept(settings):
@@ -43,7 +43,7 @@ def test_an_answer_that_comes_after_its_wait_gave_up_is_not_kept(settings):
             client.wait(late, timeout_s=0.5)
         answer(settings, late, later)
         assert client.wait(later, timeout_s=20.0).request_id == later
-        assert client._pending == {} and client._awaited == set()
+        assert client._pending == {} and not client._awaited
 
 
 def test_a_reply_topic_the_workers_would_refuse_is_refused_at_once(settings):
@@ -73,7 +73,7 @@ def test_requests_of_a_window_that_timed_out_are_forgotten_with_their_late_answe
         later = uuid.uuid4().hex
         answer(settings, *(request.request_id for request in window), later)
         assert client.wait(later, timeout_s=20.0).request_id == later
-        assert client._pending == {} and client._awaited == set()
+        assert client._pending == {} and not client._awaited
 
 
 class Sending:
@@ -114,7 +114,7 @@ def test_a_window_of_requests_is_bounded_by_one_timeout_not_one_per_request(monk
     with pytest.raises(ResponseTimeout):
         client.ask_many(window, timeout_s=1.0)
     assert clock[0] == pytest.approx(1.0, abs=0.21)  # not five seconds
-    assert client._awaited == set()
+    assert not client._awaited
 
 
 @pytest.mark.parametrize("error, raised", [
@@ -130,7 +130,7 @@ def test_a_request_that_was_not_sent_raises_at_once(monkeypatch, error, raised):
         client.recommend("u1", timeout_s=5.0)
     with pytest.raises(raised):
         client.ask_many([RecRequest(request_id="r", history=["a"])], timeout_s=5.0)
-    assert clock[0] == 0.0 and client._awaited == set()
+    assert clock[0] == 0.0 and not client._awaited
 
 
 def test_a_request_the_producer_could_not_take_is_not_awaited(monkeypatch):
@@ -150,12 +150,12 @@ def test_a_request_the_producer_could_not_take_is_not_awaited(monkeypatch):
     client._producer = SimpleNamespace(send=send)
     with pytest.raises(ResponseTimeout):
         client.ask_many([RecRequest(request_id=f"r{n}", history=["a"]) for n in range(3)])
-    assert client._awaited == set()
+    assert not client._awaited
     sends.clear()
     sends.append(None)  # the next send raises
     with pytest.raises(ResponseTimeout):
         client.recommend("u1")
-    assert client._awaited == set()
+    assert not client._awaited
 
 
 def test_requests_are_answered_on_the_topic_the_client_reads():
@@ -247,7 +247,7 @@ def test_one_client_serves_many_threads(settings):
             thread.join(60)
         assert not failed, failed
         assert got == {request_id: request_id for request_id in ids}
-        assert client._pending == {} and client._awaited == set()
+        assert client._pending == {} and not client._awaited
         assert most == [1]
 
 
@@ -262,6 +262,39 @@ def test_a_wait_whose_poll_fails_forgets_its_request():
     client._consumer = SimpleNamespace(poll=failing_poll)
     with pytest.raises(KeyboardInterrupt):
         client.wait("r1", timeout_s=5.0)
-    assert client._awaited == set() and not client._polling
+    assert not client._awaited and not client._polling
     client._take(RecResponse(request_id="r1", items=[]).to_bytes())
     assert client._pending == {}
+
+
+def test_a_request_sent_without_a_wait_is_forgotten_with_its_answer_after_a_while(
+        monkeypatch):
+    """A caller may send requests it never waits for: their answers are kept for a later
+    wait only ``UNWAITED_KEEP_S``, then forgotten by a poll, so a long-lived client does not
+    grow by each of them. A wait keeps its request however long after the send it began."""
+    clock = [0.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
+    client = offline_client(clock)
+    for request_id in ("never-waited", "waited-late", "waited-long"):
+        client.send(RecRequest(request_id=request_id, history=["a"]))
+    client._take(RecResponse(request_id="never-waited").to_bytes())
+    clock[0] = client_module.UNWAITED_KEEP_S - 1
+    client._take(RecResponse(request_id="waited-late").to_bytes())
+    assert client.wait("waited-late", timeout_s=1.0).request_id == "waited-late"
+    with pytest.raises(ResponseTimeout):  # polls past the moment of the two others
+        client.wait("waited-long", timeout_s=client_module.FORGET_EVERY_S + 5)
+    assert not client._awaited and client._pending == {}
+
+    client.send(RecRequest(request_id="waited-for-a-long-time", history=["a"]))
+    waited = []
+
+    def poll(timeout_ms: int) -> dict:  # answers once the request is far past its moment
+        clock[0] += timeout_ms / 1000
+        if clock[0] > 2 * client_module.UNWAITED_KEEP_S + 100 and not waited:
+            waited.append(1)
+            client._take(RecResponse(request_id="waited-for-a-long-time").to_bytes())
+        return {}
+
+    client._consumer.poll = poll
+    late = client.wait("waited-for-a-long-time", timeout_s=client_module.UNWAITED_KEEP_S + 200)
+    assert late.request_id == "waited-for-a-long-time" and not client._awaited
