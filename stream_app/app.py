@@ -31,7 +31,7 @@ from .batch_intake import BatchIntake
 from .changelog import BatchedTable
 from .checkpoint_acks import AcksAfterCheckpoint
 from .compat import guard_fetch_wait
-from .confirmed_acks import AcksAfterDelivery, Sent, sent, until_delivered
+from .confirmed_acks import AcksAfterDelivery, Sent, failed, sent, until_delivered
 from .delivery import install_direct_delivery, patch_consumer
 from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_active_only_polls, install_fair_fetch, install_full_seeks
@@ -56,6 +56,8 @@ CHANGELOG_BATCH_BYTES = 256 * 1024
 #: longest a stopping worker waits for the broker to confirm its last event batches' records
 #: (the stop's other waits share STREAMREC_SHUTDOWN_TIMEOUT_S with it)
 STOP_DELIVERY_WAIT_S = 2.0
+#: a valid event with the message it came in
+Taken = tuple[Message, Event]
 
 
 def training_messages(examples: list[TrainExample], partitions: int, compression_level: int,
@@ -244,7 +246,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                                              message))
         return None
 
-    def apply(taken: list[tuple[Message, Event]]) -> list[TrainExample]:
+    def apply(taken: list[Taken]) -> list[TrainExample]:
         """Valid events into the users' histories (one table read and one write per user of
         the batch, on the partition of that user's events, in one store batch per partition,
         the write's changelog record queued for the batch's flush) and training examples.
@@ -271,16 +273,24 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             metrics.events.labels(kind, outcome).inc(count)
         return [example for example in examples if example is not None]
 
-    async def take_batch(batch: list[Message], records: list[Sent]) -> list[TrainExample]:
-        """:func:`apply` to the valid events of a batch of messages; if that fails, event by
-        event, so a poison event goes to the DLQ alone (events before it in the failed
-        attempt may then count twice in popularity: a bounded error, where skipping them
-        would lose them). What it sends is added to ``records``."""
+    async def decode_batch(batch: list[Message], records: list[Sent]) -> list[Taken]:
+        """The valid events of a batch of messages, each with its message; the others go to
+        the DLQ or to their user's partition (those sends added to ``records``). Never
+        raises, and runs once per batch: what it sends is never sent twice."""
+        intake_lag.observe((message.tp, message.offset) for message in batch)
+        metrics.ingest_batch.observe(len(batch))
         taken = []
         for message in batch:
             event = await decode_guarded(message, records)
             if event is not None:
                 taken.append((message, event))
+        return taken
+
+    async def take_batch(taken: list[Taken], records: list[Sent]) -> list[TrainExample]:
+        """:func:`apply` to the decoded events of a batch; if that fails, event by event, so
+        a poison event goes to the DLQ alone (events before it in the failed attempt may
+        then count twice in popularity: a bounded error, where skipping them would lose
+        them). What it sends is added to ``records``."""
         try:
             return apply(taken)
         except Exception:  # noqa: BLE001 - an agent must survive anything
@@ -314,23 +324,45 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         return await send(value=TrainBatch.without_sources(
             value, settings.train_compression_level))
 
-    async def ingest_batch(batch: list[Message], records: list[Sent]) -> None:
-        """Validate a batch of event messages; invalid ones go to the DLQ with a reason,
-        nothing raises. Adds what it hands to the producer (the histories' changelog
-        records, the training messages, dead letters and re-routed events) to ``records``,
-        also when it raises: the batch may be acknowledged once the broker has all of it
-        (:class:`AcksAfterDelivery`)."""
-        intake_lag.observe((message.tp, message.offset) for message in batch)
-        metrics.ingest_batch.observe(len(batch))
+    async def ingest_decoded(taken: list[Taken], records: list[Sent]) -> None:
+        """A batch's decoded events into the histories, and their training messages out.
+        Adds what it hands to the producer (the histories' changelog records, the training
+        messages, dead letters) to ``records``, also when it raises: the batch may be
+        acknowledged once the broker has all of it (:class:`AcksAfterDelivery`)."""
         try:
-            examples = await take_batch(batch, records)
+            examples = await take_batch(taken, records)
         finally:  # what was stored goes to the changelog before anything is acknowledged
-            records.extend(await history_table.flush())
+            await flush_histories(records)
         try:
             await send_training(examples, records)
         except Exception:  # noqa: BLE001 - a message that would not encode; histories stored
             log.exception("could not make the training messages of %d examples",
                           len(examples))
+
+    async def flush_histories(records: list[Sent]) -> None:
+        """The histories' changelog records to the producer (their sends added to
+        ``records``). A flush that raises (no producer to take them: the worker is stopping)
+        leaves them queued, and is one failed delivery whose resend flushes again: the
+        batch is not acknowledged before the broker has its histories (at a stop, it is read
+        again at the next start). Taking the batch again event by event would store its
+        events a second time as repeats, send its dead letters twice, and dead-letter its
+        valid events for the flush's error."""
+        try:
+            records.extend(await history_table.flush())
+        except Exception as error:  # noqa: BLE001 - held, and flushed again
+            log.warning("could not hand the histories' changelog records to the producer "
+                        "(%r): their batch waits for a flush that can", error)
+            records.append(Sent("changelog", failed(error), flush_histories_again))
+
+    async def flush_histories_again() -> asyncio.Future:
+        """What is queued now, flushed; a delivery that ends once the broker has all of it
+        (each part sent again until it does)."""
+        return asyncio.ensure_future(until_delivered(await history_table.flush(), metrics))
+
+    async def ingest_batch(batch: list[Message], records: list[Sent]) -> None:
+        """Validate a batch of event messages; invalid ones go to the DLQ with a reason, valid
+        ones into the histories and the training messages (:func:`ingest_decoded`)."""
+        await ingest_decoded(await decode_batch(batch, records), records)
 
     if missing:
         log.warning("this Faust lacks %s: events are taken through Faust's stream", missing)
@@ -347,15 +379,21 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             while True:
                 await delivered.room.wait()  # a broker that refuses what batches write
                 batch = await intake.take()
-                records: list[Sent] = []
-                try:
-                    await ingest_batch(batch, records)
-                except Exception:  # noqa: BLE001 - the task must survive anything
-                    log.exception("a batch of %d events failed; taking them one at a time",
-                                  len(batch))
-                    await ingest_one_by_one(batch, records)
-                delivered.hold(batch, records, size=sum(
+                delivered.hold(batch, await take_in(batch), size=sum(
                     len(message.value or b"") for message in batch))
+
+        async def take_in(batch: list[Message]) -> list[Sent]:
+            """A batch of event messages taken in: what it handed to the producer."""
+            records: list[Sent] = []
+            taken = await decode_batch(batch, records)
+            try:
+                await ingest_decoded(taken, records)
+            except Exception:  # noqa: BLE001 - the task must survive anything
+                log.exception("a batch of %d events failed; taking them one at a time",
+                              len(taken))
+                await ingest_one_by_one(taken, records)
+            return records
+
 
         @app.on_before_shutdown.connect
         async def acknowledge_what_was_delivered(app: faust.App, **kwargs) -> None:
@@ -369,11 +407,12 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                             wait_s)
             delivered.close()
 
-        async def ingest_one_by_one(batch: list[Message], records: list[Sent]) -> None:
-            """Each message as a batch of its own; one that still fails goes to the DLQ."""
-            for message in batch:
+        async def ingest_one_by_one(taken: list[Taken], records: list[Sent]) -> None:
+            """Each decoded event as a batch of its own; one that still fails goes to the
+            DLQ."""
+            for message, event in taken:
                 try:
-                    await ingest_batch([message], records)
+                    await ingest_decoded([(message, event)], records)
                 except Exception as error:  # noqa: BLE001
                     log.exception("event at %s/%d/%d failed", message.topic,
                                   message.partition, message.offset)
@@ -632,6 +671,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             log.exception("could not start a Deep Retrieval M-step")
 
     app.streamrec_histories = histories  # for tests and tools that inspect the table
+    app.streamrec_history_writes = history_table  # the intake's reads, writes and flushes
+    app.streamrec_take_in = take_in if settings.batch_intake and not missing else None
     app.streamrec_sharing = sharing
     app.streamrec_train_acks = train_acks
     app.streamrec_restoring = restoring  # for the worker's last checkpoint
