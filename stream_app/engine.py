@@ -830,7 +830,9 @@ class Engine:
                 rows, index_version = self.index.retrieve(
                     query, self._candidates_wanted(request, diverse),
                     history_rows if request.exclude_seen else history_rows[:0],
-                    diversity=request.diversity,
+                    # as decided above: a clustered index that a build swaps in meanwhile
+                    # (on its own thread) is searched as for the plain request decided
+                    diversity=request.diversity if diverse else None,
                     history=list(history.items) + list(request.history or ()))
                 clock = self._stage("ann", clock)
                 self._count_candidates("ann", len(rows))

@@ -567,6 +567,30 @@ def test_diversity_is_refused_without_clusters_and_plain_until_the_first_cluster
     assert diverse.items == answer(engine, "u3", histories["u3"], k=12).items
 
 
+def test_a_diversity_request_decided_plain_stays_plain_when_the_first_clustered_index_swaps_in(
+        tmp_path, monkeypatch):
+    """Builds swap in on their own thread: one may land between the answer's look at the
+    serving index (none clustered yet: a plain request, ``rerank_candidates`` wide) and the
+    retrieval. The retrieval then searches the clustered index as for a plain request, not
+    by the quotas with a pool sized for a plain one."""
+    engine = engine_with_index(tmp_path, index_clusters=6)
+    histories = run_stream(engine, planted_stream())
+    learner = engine.learner
+    built = engine.index.rebuilder.build(learner.item_ids, learner.item_matrix,
+                                         model_version=learner.steps)
+    wanted = engine._candidates_wanted
+
+    def swapped_meanwhile(request, diverse):
+        engine.index.holder.swap(built)
+        return wanted(request, diverse)
+
+    monkeypatch.setattr(engine, "_candidates_wanted", swapped_meanwhile)
+    raced = answer(engine, "u3", histories["u3"], k=12, diversity=0.0)
+    monkeypatch.undo()
+    assert raced.index_version == engine.index.version == built.version
+    assert raced.items == answer(engine, "u3", histories["u3"], k=12).items
+
+
 def test_a_clustered_version_built_here_is_placed_among_the_rows_without_a_lookup_per_item(
         tmp_path, monkeypatch):
     """Its ids are compared with the learner's first rows, as a single index's are: looking
