@@ -1,5 +1,5 @@
-"""A batch of events through the worker's intake without a broker: what it hands the
-producer when a part of it fails."""
+"""A batch of events through the worker's intake without a broker: what it stores and hands
+the producer when a part of it fails, or a rebalance comes while it is taken in."""
 
 from __future__ import annotations
 
@@ -15,11 +15,51 @@ from stream_app.engine import item_partition
 from .conftest import event
 from .test_app_timers import offline_app
 
+DEAD_LETTERS = "timeline-events-dlq"
+
 
 def message(offset: int, value: bytes, user: str = "u1"):
-    """An events message on partition 0, where the app's offline consumer puts every user."""
+    """An events message on partition 0, where the offline consumer puts every user."""
     return SimpleNamespace(topic="events", partition=0, offset=offset, key=user.encode(),
                            value=value, headers=[], tp=TP("events", 0), generation_id=1)
+
+
+class OfflineIntake:
+    """A worker's app whose consumer, history table and producer are stand-ins: the table
+    stores in ``stored``, the producer takes every record at once into ``sent``, and
+    ``on_send`` runs before each send (a rebalance that comes meanwhile)."""
+
+    def __init__(self, tmp_path) -> None:
+        self.app = app = offline_app(tmp_path, learner_process=False)
+        app.consumer = SimpleNamespace(topic_partitions=lambda topic: None,
+                                       highwater=lambda partition: None)
+        app.consumer_generation_id = 1
+        self.histories = histories = app.streamrec_history_writes
+        self.stored: dict = {}
+        self.sent: list[tuple[str, bytes]] = []
+        self.on_send = lambda topic: None
+        histories.get_many = lambda last: {}
+        histories.set_many = lambda writes: self.stored.update(
+            (user, value) for user, value, _ in writes)
+
+        async def flushed():
+            return []
+
+        async def producer():
+            return SimpleNamespace(send=self._send)
+
+        histories.flush = flushed
+        app.maybe_start_producer = producer
+
+    async def _send(self, topic, key, value, **kwargs) -> asyncio.Future:
+        self.on_send(topic)
+        self.sent.append((topic, value))
+        delivery = asyncio.get_running_loop().create_future()
+        delivery.set_result(None)
+        return delivery
+
+    def sent_to(self, suffix: str) -> list[bytes]:
+        return [value for topic, value in self.sent if topic.endswith(suffix)]
 
 
 @pytest.mark.timeout(60)
@@ -29,26 +69,8 @@ def test_a_flush_the_producer_refuses_holds_the_batch_and_sends_nothing_twice(tm
     once the broker has its histories), and is not taken again event by event: that sent
     the malformed event's dead letter twice and dead-lettered the valid events for the
     flush's error."""
-    app = offline_app(tmp_path, learner_process=False)
-    app.consumer = SimpleNamespace(topic_partitions=lambda topic: None,
-                                   highwater=lambda partition: None)
-    app.consumer_generation_id = 1
-    histories = app.streamrec_history_writes
-    stored, flushes = {}, []
-    histories.get_many = lambda last: {}
-    histories.set_many = lambda writes: stored.update((user, value) for user, value, _ in writes)
-    sent = []  # (topic, value) of every record the producer took
-
-    async def send(topic, key, value, **kwargs) -> asyncio.Future:
-        sent.append((topic, value))
-        delivery = asyncio.get_running_loop().create_future()
-        delivery.set_result(None)
-        return delivery
-
-    async def producer():
-        return SimpleNamespace(send=send)
-
-    app.maybe_start_producer = producer
+    intake = OfflineIntake(tmp_path)
+    histories, flushes = intake.histories, []
 
     async def refused():
         flushes.append("refused")
@@ -62,7 +84,7 @@ def test_a_flush_the_producer_refuses_holds_the_batch_and_sends_nothing_twice(tm
         histories.flush = refused
         batch = [message(0, event("u1", "a")), message(1, b"{not json"),
                  message(2, event("u1", "b"))]
-        records = await app.streamrec_take_in(batch)
+        records = await intake.app.streamrec_take_in(batch)
         changelog = [record for record in records if record.record == "changelog"]
         assert len(changelog) == 1 and not taken_by_broker(changelog[0].delivery)
         histories.flush = taken
@@ -73,8 +95,33 @@ def test_a_flush_the_producer_refuses_holds_the_batch_and_sends_nothing_twice(tm
     records, delivery = asyncio.run(run())
     assert taken_by_broker(delivery) and flushes == ["refused", "taken"]
     assert [record.record for record in records].count("dead_letter") == 1
-    letters = [value for topic, value in sent if topic == "timeline-events-dlq"]
+    letters = intake.sent_to(DEAD_LETTERS)
     assert len(letters) == 1 and b"internal_error" not in letters[0]
-    assert set(stored) == {"u1"}
-    partitions = {item_partition(item, app.conf.topic_partitions) for item in ("a", "b")}
-    assert sum(topic.endswith("-train-examples") for topic, _ in sent) == len(partitions)
+    assert set(intake.stored) == {"u1"}
+    partitions = {item_partition(item, intake.app.conf.topic_partitions) for item in "ab"}
+    assert len(intake.sent_to("-train-examples")) == len(partitions)  # the two learn
+
+
+@pytest.mark.timeout(60)
+def test_events_fetched_before_a_rebalance_that_came_while_the_batch_was_decoded_are_left(
+        tmp_path):
+    """A batch's dead letters are sent before its events are stored: a rebalance during
+    that send may have given the partition to another worker, which reads the events again
+    from the committed offset. Stored here too they would reach that worker's histories
+    twice; they are left out (and never acknowledged here: read again). Events fetched after
+    the rebalance are stored."""
+    intake = OfflineIntake(tmp_path)
+
+    def rebalance(topic):
+        if topic == DEAD_LETTERS:
+            intake.app.consumer_generation_id = 2
+
+    intake.on_send = rebalance
+    fetched_after = message(3, event("u3", "c"), user="u3")
+    fetched_after.generation_id = 2
+    batch = [message(0, event("u1", "a")), message(1, b"{not json"),
+             message(2, event("u2", "b"), user="u2"), fetched_after]
+    asyncio.run(intake.app.streamrec_take_in(batch))
+    assert len(intake.sent_to(DEAD_LETTERS)) == 1
+    assert set(intake.stored) == {"u3"}
+    assert len(intake.sent_to("-train-examples")) == 1
