@@ -31,7 +31,7 @@ from .batch_intake import BatchIntake
 from .changelog import BatchedTable
 from .checkpoint_acks import AcksAfterCheckpoint
 from .compat import guard_fetch_wait
-from .confirmed_acks import AcksAfterDelivery, Sent, failed, sent, until_delivered
+from .confirmed_acks import AcksAfterDelivery, Sent, sent, until_delivered
 from .delivery import install_direct_delivery, patch_consumer
 from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_active_only_polls, install_fair_fetch, install_full_seeks
@@ -332,32 +332,12 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         try:
             examples = await take_batch(taken, records)
         finally:  # what was stored goes to the changelog before anything is acknowledged
-            await flush_histories(records)
+            records.extend(await history_table.flush())
         try:
             await send_training(examples, records)
         except Exception:  # noqa: BLE001 - a message that would not encode; histories stored
             log.exception("could not make the training messages of %d examples",
                           len(examples))
-
-    async def flush_histories(records: list[Sent]) -> None:
-        """The histories' changelog records to the producer (their sends added to
-        ``records``). A flush that raises (no producer to take them: the worker is stopping)
-        leaves them queued, and is one failed delivery whose resend flushes again: the
-        batch is not acknowledged before the broker has its histories (at a stop, it is read
-        again at the next start). Taking the batch again event by event would store its
-        events a second time as repeats, send its dead letters twice, and dead-letter its
-        valid events for the flush's error."""
-        try:
-            records.extend(await history_table.flush())
-        except Exception as error:  # noqa: BLE001 - held, and flushed again
-            log.warning("could not hand the histories' changelog records to the producer "
-                        "(%r): their batch waits for a flush that can", error)
-            records.append(Sent("changelog", failed(error), flush_histories_again))
-
-    async def flush_histories_again() -> asyncio.Future:
-        """What is queued now, flushed; a delivery that ends once the broker has all of it
-        (each part sent again until it does)."""
-        return asyncio.ensure_future(until_delivered(await history_table.flush(), metrics))
 
     async def ingest_batch(batch: list[Message], records: list[Sent]) -> None:
         """Validate a batch of event messages; invalid ones go to the DLQ with a reason, valid
@@ -393,7 +373,6 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                               len(taken))
                 await ingest_one_by_one(taken, records)
             return records
-
 
         @app.on_before_shutdown.connect
         async def acknowledge_what_was_delivered(app: faust.App, **kwargs) -> None:

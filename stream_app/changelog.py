@@ -198,9 +198,17 @@ class BatchedTable:
         when a batch fills up); returns each batch's :class:`Sent`, whose resend sends its
         keys' histories as stored then (:meth:`resend`). Empty where this Faust has no
         batching producer: the records then take Faust's own path, one send each, whose
-        deliveries Faust follows."""
-        client = self._client()  # before the records leave the queue: it raises when stopped
+        deliveries Faust follows. Where the producer is not there (a worker that stops), each
+        partition's records are a failed delivery all the same, sent again by their resend
+        while the consumer generation holds: a batch that wrote them is not acknowledged
+        before the broker has them."""
         pending, self._pending = self._pending, {}
+        try:
+            client = self._client()
+        except Exception as error:  # noqa: BLE001 - no producer (a stop): sent again later
+            return [Sent("changelog", failed(error), functools.partial(
+                self._resend_of(partition), [key for key, _ in records]))
+                for partition, records in pending.items()]
         if client is None:
             for partition, records in pending.items():
                 for key, value in records:

@@ -171,8 +171,9 @@ class RecClient:
         from kafka.errors import KafkaTimeoutError
 
         request = self._replied_here(request)
-        with self._book:
-            self._awaited[request.request_id] = time.monotonic() + UNWAITED_KEEP_S
+        self._keep([request.request_id], time.monotonic() + UNWAITED_KEEP_S)
+        if time.monotonic() >= self._next_forget:  # also for a caller that never waits
+            self._forget_unwaited()
         key = (request.user_id or request.request_id).encode()
         try:  # kafka-python waits up to max_block_ms here for metadata or buffer room
             sending = self._producer.send(self.settings.topic_requests, key=key,
@@ -229,8 +230,7 @@ class RecClient:
         and the others find their answers among what it took. A wait that ends without its
         answer (a timeout, a poll's error, an interrupt) forgets the request: its late answer
         is not kept (a long-lived client would grow)."""
-        with self._book:  # not forgotten while waited for, however long after its send
-            self._awaited[request_id] = max(self._awaited.get(request_id, 0.0), deadline)
+        self._keep([request_id], deadline)  # not forgotten while waited for
         try:
             while request_id not in self._pending:
                 left = deadline - time.monotonic()
@@ -275,14 +275,23 @@ class RecClient:
         if time.monotonic() >= self._next_forget:
             self._forget_unwaited()
 
+    def _keep(self, request_ids: Iterable[str], until: float) -> None:
+        """Await these requests (and keep their answers) at least until ``until``."""
+        with self._book:
+            for request_id in request_ids:
+                self._awaited[request_id] = max(self._awaited.get(request_id, until), until)
+
     def _forget_unwaited(self) -> None:
         """Forget the requests past their moment (:data:`UNWAITED_KEEP_S` after a send
-        that no wait followed), and their answers: a scan every :data:`FORGET_EVERY_S`."""
-        now = time.monotonic()
+        that no wait followed), and their answers: a scan every :data:`FORGET_EVERY_S`, by
+        a poll or a send."""
         with self._book:
-            past = [request_id for request_id, until in self._awaited.items() if until < now]
-        self._forget(past)
-        self._next_forget = now + FORGET_EVERY_S
+            now = time.monotonic()
+            self._next_forget = now + FORGET_EVERY_S
+            for request_id in [request_id for request_id, until in self._awaited.items()
+                               if until < now]:
+                del self._awaited[request_id]
+                self._pending.pop(request_id, None)
 
     @property
     def fetch_wait_ms(self) -> int:
@@ -328,6 +337,7 @@ class RecClient:
 
     def _collect(self, window: dict, answers: dict, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
+        self._keep(window, deadline)  # answers that come while an earlier one is waited for
         self._check_sent(window, deadline)
         try:
             for request_id in window:

@@ -449,6 +449,37 @@ def test_a_resend_while_the_store_is_closed_raises_to_be_tried_again(tmp_path):
     assert producer.sent == [(producer.sent[0][0], 3, [(b'"u1"', b'{"items":["i1"]}')])]
 
 
+def test_a_flush_without_a_producer_is_a_failed_delivery_per_partition_sent_again_later(
+        tmp_path):
+    """A stopping worker's producer is gone (Faust raises where it would hand it out): the
+    flush takes the records off the queue all the same and gives each partition's a failed
+    delivery, whose resend sends the values as stored then once a producer is there. A later
+    flush sends only what was written since."""
+    producer = RecordingProducer(1 << 20)
+    batched = batched_on_rocksdb(tmp_path, producer)
+
+    def gone():
+        raise RuntimeError("Producer service not yet started")
+
+    async def run():
+        batched.set("u1", {"items": ["i1"]}, event_on(0))
+        batched.set("u2", {"items": ["i2"]}, event_on(1))
+        batched._client = gone
+        refused = await batched.flush()
+        assert [type(each.delivery.exception()) for each in refused] == [RuntimeError] * 2
+        assert batched.pending == 0
+        batched._client = lambda: producer
+        batched.set("u1", {"items": ["i1", "newer"]}, event_on(0))
+        await (await refused[0].resend())
+        [later] = await batched.flush()
+        await later.delivery
+
+    asyncio.run(run())
+    assert [(partition, records) for _, partition, records in producer.sent] == [
+        (0, [(b'"u1"', b'{"items":["i1","newer"]}')]),
+        (0, [(b'"u1"', b'{"items":["i1","newer"]}')])]
+
+
 class SlowProducer(RefusingProducer):
     """Its second send (the resend) yields to the loop before the batch joins the queue, as
     aiokafka's ``send_batch`` does while an earlier batch of the partition is queued."""

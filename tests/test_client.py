@@ -289,7 +289,7 @@ def test_a_request_sent_without_a_wait_is_forgotten_with_its_answer_after_a_whil
     waited = []
 
     def poll(timeout_ms: int) -> dict:  # answers once the request is far past its moment
-        clock[0] += timeout_ms / 1000
+        clock[0] += max(timeout_ms, 1) / 1000  # a poll of 0 ms takes some time too
         if clock[0] > 2 * client_module.UNWAITED_KEEP_S + 100 and not waited:
             waited.append(1)
             client._take(RecResponse(request_id="waited-for-a-long-time").to_bytes())
@@ -298,3 +298,37 @@ def test_a_request_sent_without_a_wait_is_forgotten_with_its_answer_after_a_whil
     client._consumer.poll = poll
     late = client.wait("waited-for-a-long-time", timeout_s=client_module.UNWAITED_KEEP_S + 200)
     assert late.request_id == "waited-for-a-long-time" and not client._awaited
+
+
+def test_a_caller_that_only_sends_does_not_grow_the_client(monkeypatch):
+    """Without any wait no poll runs: the sends themselves forget the requests past their
+    moment."""
+    clock = [0.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
+    client = offline_client(clock)
+    for n in range(100):
+        client.send(RecRequest(request_id=f"r{n}", history=["a"]))
+        clock[0] += client_module.UNWAITED_KEEP_S / 20
+    assert 0 < len(client._awaited) <= 21
+
+
+def test_a_window_longer_than_the_keep_of_a_send_keeps_the_answers_that_came_early(
+        monkeypatch):
+    """``ask_many`` sends a window, then waits for its requests one after the other: the
+    answers of later requests that come while an earlier one is waited for are kept for
+    the window's whole timeout, also one longer than ``UNWAITED_KEEP_S``."""
+    clock = [0.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
+    client = offline_client(clock)
+    late = client_module.UNWAITED_KEEP_S + 100
+
+    def poll(timeout_ms: int) -> dict:  # r1 and r2 answered at once, r0 after `late` s
+        clock[0] += max(timeout_ms, 1) / 1000  # a poll of 0 ms takes some time too
+        for request_id in ("r1", "r2") if clock[0] < 1 else ("r0",) if clock[0] > late else ():
+            client._take(RecResponse(request_id=request_id).to_bytes())
+        return {}
+
+    client._consumer.poll = poll
+    window = [RecRequest(request_id=f"r{n}", history=["a"]) for n in range(3)]
+    answers = client.ask_many(window, timeout_s=late + 200)
+    assert sorted(answers) == ["r0", "r1", "r2"] and not client._awaited

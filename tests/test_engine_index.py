@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-
 from types import SimpleNamespace
 
 import numpy as np

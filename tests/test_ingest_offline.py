@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from faust.types import TP
 
-from stream_app.confirmed_acks import taken_by_broker
+from stream_app.confirmed_acks import AcksAfterDelivery
 from stream_app.engine import item_partition
 
 from .conftest import event
@@ -39,8 +39,14 @@ class OfflineIntake:
         self.sent: list[tuple[str, bytes]] = []
         self.on_send = lambda topic: None
         histories.get_many = lambda last: {}
-        histories.set_many = lambda writes: self.stored.update(
-            (user, value) for user, value, _ in writes)
+
+        def set_many(writes):  # stored, and queued for the changelog as the table's own
+            for user, value, _ in writes:
+                self.stored[user] = value
+                histories._pending.setdefault(0, []).append(
+                    (histories._key_bytes(user), histories._value_bytes(value)))
+
+        histories.set_many = set_many
 
         async def flushed():
             return []
@@ -63,38 +69,40 @@ class OfflineIntake:
 
 
 @pytest.mark.timeout(60)
-def test_a_flush_the_producer_refuses_holds_the_batch_and_sends_nothing_twice(tmp_path):
-    """A stopping worker's producer raises on the histories' flush. The batch then holds a
-    failed changelog delivery, whose resend flushes again (the batch is acknowledged only
-    once the broker has its histories), and is not taken again event by event: that sent
-    the malformed event's dead letter twice and dead-lettered the valid events for the
-    flush's error."""
+def test_a_flush_without_a_producer_holds_the_batch_and_sends_nothing_twice(tmp_path):
+    """A stopping worker's producer is gone when the histories are flushed. The batch then
+    holds a failed changelog delivery, and is acknowledged only once its resend is
+    delivered; it is not taken again event by event, which sent the malformed event's dead
+    letter twice and dead-lettered the valid events for the flush's error."""
     intake = OfflineIntake(tmp_path)
-    histories, flushes = intake.histories, []
+    histories, resent = intake.histories, []
 
-    async def refused():
-        flushes.append("refused")
+    def gone():
         raise RuntimeError("Producer service not yet started")
 
-    async def taken():
-        flushes.append("taken")
-        return []
+    async def resend(partition, generation, keys):  # the store's, once a producer is back
+        resent.append((partition, keys))
+        delivery = asyncio.get_running_loop().create_future()
+        delivery.set_result(None)
+        return delivery
+
+    del histories.flush  # the table's own, with no producer to hand out
+    histories._client, histories.resend = gone, resend
+    acked = []
+    delivered = AcksAfterDelivery(acked.append, first_pause_s=0.05)
+    batch = [message(0, event("u1", "a")), message(1, b"{not json"),
+             message(2, event("u1", "b"))]
 
     async def run():
-        histories.flush = refused
-        batch = [message(0, event("u1", "a")), message(1, b"{not json"),
-                 message(2, event("u1", "b"))]
         records = await intake.app.streamrec_take_in(batch)
-        changelog = [record for record in records if record.record == "changelog"]
-        assert len(changelog) == 1 and not taken_by_broker(changelog[0].delivery)
-        histories.flush = taken
-        delivery = await changelog[0].resend()
-        await asyncio.wait_for(delivery, 5)
-        return records, delivery
+        delivered.hold(batch, records)
+        assert acked == [] and resent == []
+        await asyncio.wait_for(delivered.settled(None), 5)
+        return records
 
-    records, delivery = asyncio.run(run())
-    assert taken_by_broker(delivery) and flushes == ["refused", "taken"]
-    assert [record.record for record in records].count("dead_letter") == 1
+    records = asyncio.run(run())
+    assert acked == [batch] and resent == [(0, [b'"u1"'])]
+    assert [record.record for record in records].count("changelog") == 1
     letters = intake.sent_to(DEAD_LETTERS)
     assert len(letters) == 1 and b"internal_error" not in letters[0]
     assert set(intake.stored) == {"u1"}
