@@ -30,7 +30,8 @@ TOPIC_WAIT_S = 10.0
 #: later ``wait``: a caller that never waits for some requests would otherwise grow the
 #: client by each of their answers, for as long as it lives
 UNWAITED_KEEP_S = 600.0
-#: how often a poll forgets the requests sent without a wait that are past UNWAITED_KEEP_S
+#: how often a poll or a send forgets the requests sent without a wait that are past
+#: UNWAITED_KEEP_S
 FORGET_EVERY_S = 10.0
 
 
