@@ -249,7 +249,10 @@ class RecClient:
             raise
         with self._book:
             self._awaited.pop(request_id, None)
-            return self._pending.pop(request_id)
+            answer = self._pending.pop(request_id, None)
+        if answer is None:  # forgotten meanwhile by another thread: past its deadline
+            raise ResponseTimeout(f"no response to {request_id} within {timeout_s:g} s")
+        return answer
 
     def _take_turn(self, timeout_s: float) -> bool:
         """True: this thread polls now. False once the thread that polled has ended its poll
