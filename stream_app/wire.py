@@ -380,6 +380,11 @@ class DeadLetter(_Wire):
 MAX_PROBLEMS_NAMED = 10
 
 
+def _too_long(where: str, length: int, limit: int) -> str:
+    """The error of a list over the limit in force: the schema's check and the worker's."""
+    return f"{where} has {length} items > {limit}"
+
+
 def _describe(problems: list, limits: dict[str, int] | None = None) -> str:
     """The first problems, each with where it is; a list over one of ``limits`` (field:
     the limit in force, which a schema's own larger bound would misstate) says that limit."""
@@ -388,7 +393,7 @@ def _describe(problems: list, limits: dict[str, int] | None = None) -> str:
         where = ".".join(str(p) for p in problem["loc"]) or "message"
         limit = (limits or {}).get(where)
         if problem["type"] == "too_long" and limit is not None:
-            parts.append(f"{where} has {problem['ctx']['actual_length']} items > {limit}")
+            parts.append(_too_long(where, problem["ctx"]["actual_length"], limit))
         else:
             parts.append(f"{where}: {problem['msg']}")
     if len(problems) > MAX_PROBLEMS_NAMED:
@@ -434,7 +439,7 @@ def decode_request(raw: bytes | None, *, max_bytes: int, max_history: int) -> Re
     request = _decode(raw, RecRequest, max_bytes, {"history": max_history})
     assert isinstance(request, RecRequest)
     if request.history is not None and len(request.history) > max_history:
-        raise InvalidMessage("schema", f"history has {len(request.history)} items > {max_history}")
+        raise InvalidMessage("schema", _too_long("history", len(request.history), max_history))
     return request
 
 
