@@ -272,7 +272,7 @@ class ServingIndex:
         :data:`~index_sync.hnsw.EXACT_FALLBACK_ROWS` rows then answers with what it reached
         (at worst half). An answer short of k while the catalogue holds more is not what a
         client asked for; the exact pass costs what the answers before the first build cost
-        (a product with every row: 10 ms at 100,000 items, 110 ms at a million), and only
+        (a product with every row: 10 ms at 100,000 items, 86-112 ms at a million), and only
         such answers pay it. They are rare: on a graph of 100,000 rows whose norms spread
         over a factor of 50, none of 50 searches reached too few, for each k of 10, 64, 200,
         500 and 1,000. Before, such an answer was padded with popular items by the engine's
