@@ -6,6 +6,7 @@ values taken from it) from the factory that builds them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -413,9 +414,9 @@ class Settings(BaseSettings):
     def _weights_positive(cls, weights: dict[str, float]) -> dict[str, float]:
         if not weights:
             raise ValueError("at least one event kind is required")
-        bad = {kind: w for kind, w in weights.items() if not w > 0}
-        if bad:
-            raise ValueError(f"kind weights must be > 0: {bad}")
+        bad = {kind: w for kind, w in weights.items() if not (math.isfinite(w) and w > 0)}
+        if bad:  # a weight is every event's α: training examples refuse any other
+            raise ValueError(f"kind weights must be finite and > 0: {bad}")
         return weights
 
     # -- derived -----------------------------------------------------------------------------------

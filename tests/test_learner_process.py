@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import signal
 import time
 from types import SimpleNamespace
@@ -444,6 +445,22 @@ def test_the_worker_hears_when_its_learner_process_dies(tmp_path):
 def test_training_messages_that_do_not_decode_are_counted(values, bad):
     examples, failed = TrainBatch.examples_of(values)
     assert examples == [] and failed == bad
+
+
+@pytest.mark.parametrize("damage", [b'"alpha":NaN', b'"alpha":-1000000.0'])
+def test_a_message_with_a_poisonous_weight_is_skipped_and_the_model_stays_finite(tmp_path,
+                                                                               damage):
+    """One NaN or negative α took α0 with it, and so every row the next batches solved."""
+    examples, _ = examples_and_histories(60)
+    engine = Engine(settings_for(tmp_path, dr_enabled=False))
+    engine.users = 100
+    engine.learn_messages([TrainBatch(examples=examples[:30]).to_bytes()], 32)
+    poisoned = re.sub(rb'"alpha":[0-9.e+-]+', damage,
+                      TrainBatch(examples=examples[30:40]).to_bytes(), count=1)
+    assert poisoned.count(damage) == 1
+    report = engine.learn_messages([poisoned, TrainBatch(examples=examples[40:]).to_bytes()], 32)
+    assert report.examples == 20
+    assert np.isfinite(engine.learner.item_matrix).all() and engine.learner.alpha0 > 0
 
 
 def test_an_event_place_past_kafkas_range_does_not_decode_and_a_checkpoint_goes_on(tmp_path):

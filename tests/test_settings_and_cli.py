@@ -62,9 +62,10 @@ def test_defaults_mean_the_embedded_broker_on_loopback():
 
 
 def test_bad_settings_are_refused(monkeypatch):
-    monkeypatch.setenv("STREAMREC_KIND_WEIGHTS", '{"view": 0}')
-    with pytest.raises(ValidationError, match="kind weights"):
-        Settings()
+    for weights in ('{"view": 0}', '{"view": 1e400}', '{"view": NaN}'):
+        monkeypatch.setenv("STREAMREC_KIND_WEIGHTS", weights)
+        with pytest.raises(ValidationError, match="kind weights"):
+            Settings()
     monkeypatch.setenv("STREAMREC_KIND_WEIGHTS", '{"view": 1}')
     monkeypatch.setenv("STREAMREC_PARTITIONS", "0")
     with pytest.raises(ValidationError):

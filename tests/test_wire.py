@@ -298,6 +298,28 @@ def test_a_training_example_may_leave_out_its_history_times_but_not_misalign_the
         TrainExample(**fields, history_ts=[1.0])
     with pytest.raises(ValueError, match="weights"):
         TrainExample(**{**fields, "weights": [1.0]}, history_ts=[])
+    # left out, history_ts takes its default: the lengths are checked all the same
+    for weights in ([1.0], [1.0, 3.0, 2.0]):
+        with pytest.raises(ValueError, match="weights"):
+            TrainExample(**{**fields, "weights": weights})
+        with pytest.raises(ValueError, match="weights"):
+            TrainExample.model_validate_json(orjson.dumps({**fields, "weights": weights}))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("alpha", float("nan")), ("alpha", float("inf")), ("alpha", -1e6), ("alpha", 0.0),
+    ("ts", float("nan")), ("weights", [1.0, float("nan")]), ("weights", [1.0, -2.0]),
+    ("history_ts", [1.0, float("inf")])])
+def test_a_training_example_refuses_numbers_that_would_poison_the_model(field, value):
+    """Every number of an example reaches the item solve (α through α0 too): one NaN or
+    negative weight there would make every row NaN, and every checkpoint after."""
+    from stream_app.wire import TrainExample
+
+    fields = dict(user_id="u1", item_id="i2", alpha=1.0, ts=5.0, history=["i1", "i0"],
+                  weights=[1.0, 3.0], history_ts=[1.0, 2.0])
+    TrainExample(**fields)
+    with pytest.raises(ValueError, match=field):
+        TrainExample(**{**fields, field: value})
 
 
 def test_offset_steps_round_trip_as_float32_and_refuse_other_shapes():
