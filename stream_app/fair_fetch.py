@@ -87,6 +87,7 @@ def seek_uncommitted_too(consumer: Any) -> None:
     changelog, and the recovery seeks there), and a standby replica would read its whole
     changelog again from the start."""
     thread = consumer._thread
+    given = record_given(consumer)
 
     async def seek_to_committed(self):
         kafka_consumer = self._ensure_consumer()
@@ -94,9 +95,11 @@ def seek_uncommitted_too(consumer: Any) -> None:
 
         async def seek():
             committed = await kafka_consumer.seek_to_committed()
+            generation = consumer.app.consumer_generation_id
             await rewind_uncommitted(kafka_consumer, {
                 tp: offset for tp, offset in committed.items() if tp.topic not in changelogs},
-                delivered=consumer._read_offset)
+                delivered={tp: offset for tp, (of_generation, offset) in given.items()
+                           if of_generation == generation})
             return committed
 
         return await self.call_thread(seek)
@@ -104,19 +107,38 @@ def seek_uncommitted_too(consumer: Any) -> None:
     thread.seek_to_committed = types.MethodType(seek_to_committed, thread)
 
 
+def record_given(consumer: Any) -> dict:
+    """Partition → (consumer generation, offset) of the last message the consumer's drain loop
+    gave its streams, kept by wrapping its callback (read once, when the loop starts).
+
+    Faust's own ``_read_offset`` cannot say this after a rebalance: the revocation clears a
+    partition's entry while the drain loop waits on the delivery of a message, and the loop
+    then writes that message's offset back. A rewind past it would skip what the old
+    generation fetched and the intake dropped unacknowledged, never to be read again."""
+    given: dict = {}
+    stock = consumer.callback
+
+    def callback(message):  # the coroutine as the stock one makes it: delivery's checks hold
+        given[message.tp] = (message.generation_id, message.offset)
+        return stock(message)
+
+    consumer.callback = callback
+    return given
+
+
 async def rewind_uncommitted(kafka_consumer: Any, committed: dict,
                              delivered: Mapping | None = None) -> list:
     """Seek the partitions of ``committed`` (aiokafka's answer to a seek to the committed
     offsets: partition → offset) that have no committed offset back to the first record not
-    delivered: past the last offset ``delivered`` names for it (Faust's offsets read since the
-    partition was assigned), else to its first offset, where a group whose reset policy is
-    "earliest" starts it; returns those partitions. Nothing for another policy. aiokafka's
-    seek leaves such a partition (and one committed at 0) where its last poll left it, and a
-    seek to its start would deliver again what the streams took between the recovery's resume
-    of the flow and its seek. A partition no longer assigned is left alone: its next
-    assignment starts it from the reset policy. Never raises: a seek that fails leaves the
-    positions as aiokafka's own seek did (logged), and the seek to the committed offsets
-    goes on, where an error would stop a table recovery."""
+    delivered: past the last offset ``delivered`` names for it (the last offsets given to the
+    streams in this consumer generation, :func:`record_given`), else to its first offset,
+    where a group whose reset policy is "earliest" starts it; returns those partitions.
+    Nothing for another policy. aiokafka's seek leaves such a partition (and one committed at
+    0) where its last poll left it, and a seek to its start would deliver again what the
+    streams took between the recovery's resume of the flow and its seek. A partition no
+    longer assigned is left alone: its next assignment starts it from the reset policy. Never
+    raises: a seek that fails leaves the positions as aiokafka's own seek did (logged), and
+    the seek to the committed offsets goes on, where an error would stop a table recovery."""
     if kafka_consumer._fetcher._default_reset_strategy != OffsetResetStrategy.EARLIEST:
         return []
     uncommitted = [tp for tp, offset in committed.items() if not offset or offset < 0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from types import SimpleNamespace
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import OffsetResetStrategy
@@ -109,8 +110,13 @@ def test_the_worker_apps_seek_to_committed_rewinds_the_uncommitted(tmp_path):
     """``create_app`` installs it: its consumer thread's seek to the committed offsets seeks
     the partitions without a committed offset (none, or 0) to their start, in the same
     thread call, and answers the committed offsets as before; one whose records Faust gave
-    its streams up to an offset, past that offset. A table's changelog, which the group never
-    commits, is left where the recovery put it."""
+    its streams up to an offset in this consumer generation, past that offset. A table's
+    changelog, which the group never commits, is left where the recovery put it.
+
+    An offset given in an older generation counts for nothing, whatever Faust's read offsets
+    say: a revocation clears a partition's read offset while the drain loop waits on a
+    delivery, and the loop writes that message's offset back; a rewind past it skipped what
+    the old generation fetched and the intake dropped unacknowledged."""
     from stream_app.app import create_app
     from stream_app.engine import Engine
     from stream_app.settings import Settings
@@ -124,7 +130,11 @@ def test_the_worker_apps_seek_to_committed_rewinds_the_uncommitted(tmp_path):
     changelog = TopicPartition(next(iter(app.tables.changelog_topics)), 0)
     read = TopicPartition("t", 3)
     kafka_consumer.committed = {**Recorded.committed, changelog: None, read: None}
-    app.consumer._read_offset[read] = 4  # Faust's last offset given to the streams
+    app.consumer_generation_id = 2
+    for tp, offset, generation in ((TopicPartition("t", 2), 7, 1), (read, 4, 2)):
+        app.consumer.callback(SimpleNamespace(tp=tp, offset=offset,
+                                              generation_id=generation)).close()
+        app.consumer._read_offset[tp] = offset  # as the drain loop leaves it, stale or not
     thread._ensure_consumer = lambda: kafka_consumer
     calls = []
 
@@ -137,3 +147,59 @@ def test_the_worker_apps_seek_to_committed_rewinds_the_uncommitted(tmp_path):
     assert kafka_consumer.sought == [TopicPartition("t", 0), TopicPartition("t", 2)]
     assert kafka_consumer.placed == {read: 5}
     assert len(calls) == 1
+
+
+def test_a_revocation_during_a_delivery_does_not_move_the_rewind_past_dropped_messages(tmp_path):
+    """Faust's own drain loop, delivering a partition never committed, meets a revocation in
+    the middle of a delivery: the loop writes that message's offset back as its read offset.
+    The seek of the next generation still goes back to the partition's start, since the
+    intake drops the messages the old generation fetched, unacknowledged."""
+    from faust.types import TP
+
+    from stream_app.app import create_app
+    from stream_app.engine import Engine
+    from stream_app.settings import Settings
+    from stream_app.worker import build_metrics
+
+    settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", embedded_compat=True,
+                        learner_process=False)
+    engine = Engine(settings)
+    app = create_app(settings, engine, build_metrics(engine))
+    consumer, tp = app.consumer, TP(settings.train_topic, 0)
+    fetcher = SimpleNamespace(_stopped=asyncio.Event())
+    given = consumer.callback  # the worker's, as the drain loop reads it
+
+    async def deliver(message):  # the intake takes it; the rebalance begins at offset 3
+        if message.offset == 3:
+            asyncio.get_running_loop().create_task(consumer.on_partitions_revoked({tp}))
+
+    async def revoked(partitions):  # the app's first steps of a revocation
+        consumer.stop_flow()
+        app.flow_control.suspend()
+
+    async def getmany(timeout):
+        for offset in range(6):
+            if not consumer.flow_active:
+                break
+            yield tp, SimpleNamespace(tp=tp, topic=tp.topic, partition=0, offset=offset,
+                                      generation_id=1)
+        fetcher._stopped.set()
+
+    consumer.callback = lambda message: (given(message).close(), deliver(message))[1]
+    consumer._on_partitions_revoked = revoked
+    consumer.getmany = getmany
+    app.consumer_generation_id = 1
+    asyncio.run(consumer._drain_messages(fetcher))
+    assert consumer._read_offset[tp] == 3  # written back after the revocation cleared it
+    app.consumer_generation_id = 2
+    kafka_consumer = Recorded()
+    kafka_consumer.committed = {TopicPartition(tp.topic, 0): None}
+    consumer._thread._ensure_consumer = lambda: kafka_consumer
+
+    async def call_thread(fun, *args, **kwargs):
+        return await fun(*args, **kwargs)
+
+    consumer._thread.call_thread = call_thread
+    asyncio.run(consumer._thread.seek_to_committed())
+    assert kafka_consumer.placed == {}
+    assert kafka_consumer.sought == [TopicPartition(tp.topic, 0)]
