@@ -14,6 +14,7 @@ search over all items: on a small catalog that is as fast and never wrong.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
@@ -95,6 +96,54 @@ class IndexConfig:
     stale_limit: int = 4096
 
 
+class _MovedRows:
+    """Rows moved since index snapshots, each with the note (:meth:`ServingIndex.learned`)
+    of its last move, oldest first (a row that moves again goes to the end), so that the
+    rows moved since a snapshot are a suffix.
+
+    Kept in two parts: the rows under ``below`` (the serving index holds them) and the rest.
+    Only the first need scoring beside the index, up to ``stale_limit``; the rest are scored
+    as appended rows. In one list, a burst of new items (a replay, a cold start) took every
+    place, and the rows that moved went unscored; filtered as they are read, every answer
+    after a step walked past all of them."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, int] = {}
+        self.beyond: dict[int, int] = {}
+        self.below = 0
+
+    def note(self, rows: Sequence[int], stamp: int) -> None:
+        for row in rows:
+            part = self.held if row < self.below else self.beyond
+            part.pop(row, None)
+            part[row] = stamp
+
+    def split_at(self, below: int) -> None:
+        """Split anew at ``below`` (another index serves), the note order kept."""
+        if below == self.below:
+            return
+        held: dict[int, int] = {}
+        beyond: dict[int, int] = {}
+        for row, stamp in heapq.merge(self.held.items(), self.beyond.items(),
+                                      key=lambda move: move[1]):
+            (held if row < below else beyond)[row] = stamp
+        self.held, self.beyond, self.below = held, beyond, below
+
+    def forget_until(self, mark: int) -> None:
+        """Forget the moves of notes up to ``mark`` (a snapshot holds them)."""
+        for part in (self.held, self.beyond):
+            while part:
+                oldest = next(iter(part))
+                if part[oldest] > mark:
+                    break
+                del part[oldest]
+
+    def held_after(self, mark: int) -> Iterator[int]:
+        """Rows under ``below`` moved after the note ``mark``, newest move first."""
+        moves = itertools.takewhile(lambda move: move[1] > mark, reversed(self.held.items()))
+        return (row for row, _ in moves)
+
+
 class ServingIndex:
     """Retrieval for one learner: the serving HNSW version, exact search for what it lacks."""
 
@@ -106,9 +155,7 @@ class ServingIndex:
                                         config.seed)
         self._changed: set[str] = set()
         self._coverage: dict[int, _Coverage] = {}
-        # row -> the note (:meth:`learned`) of its last move, oldest first (a row that moves
-        # again goes to the end), so the rows moved since a snapshot are a suffix
-        self._moved: dict[int, int] = {}
+        self._moved = _MovedRows()
         self._moves = 0  # notes so far: the stamp of the last
         self._exact: _ExactBlock | None = None
         self._appended_scored = 0  # rows appended since the serving index, at the last answer
@@ -130,9 +177,7 @@ class ServingIndex:
             return
         self._changed.update(item_ids)
         self._moves += 1
-        for row in np.asarray(moved_rows, dtype=np.int64).tolist():
-            self._moved.pop(row, None)
-            self._moved[row] = self._moves
+        self._moved.note(np.asarray(moved_rows, dtype=np.int64).tolist(), self._moves)
 
     def load_existing(self) -> bool:
         """Serve the newest version on disk that fits the learner's rows (at start). It was
@@ -192,18 +237,20 @@ class ServingIndex:
     def _overflowing(self) -> bool:
         """More rows moved since the serving version's snapshot than answers score exactly
         beside it (``stale_limit``): the rest are found only by their snapshot vectors. Or
-        more rows missing from it than that: every answer scores them all (a cold replay at a
-        million items adds hundreds of thousands between builds). Counts at most
-        ``stale_limit`` + 1 moves, so a check costs the same at any catalog size."""
+        more rows missing from it than that, new rows and moved ones together: every answer
+        scores them all (a cold replay at a million items adds hundreds of thousands between
+        builds). Counts at most ``stale_limit`` + 1 moves, so a check costs the same at any
+        catalog size."""
         index = self.holder.current
         if index is None:
             return False
-        limit = self.config.stale_limit
         coverage = self._coverage_of(index)
-        if len(coverage.missing) + len(self.learner) - coverage.covered > limit:
+        room = self.config.stale_limit - len(coverage.missing) - (len(self.learner)
+                                                                 - coverage.covered)
+        if room < 0:
             return True
-        moved = itertools.islice(self._moved_after(self._snapshot_mark(index)), limit + 1)
-        return sum(1 for _ in moved) > limit
+        moved = itertools.islice(self._moved_after(self._snapshot_mark(index), index), room + 1)
+        return sum(1 for _ in moved) > room
 
     def _update_plan(self) -> tuple[np.ndarray | None, int | None]:
         """The rows in which the learner differs from the serving index (moved since its
@@ -216,7 +263,8 @@ class ServingIndex:
         coverage = self._coverage_of(index)
         if coverage.label_rows is not None or len(coverage.missing):
             return None, None
-        moved = np.fromiter(self._moved_after(self._snapshot_mark(index)), dtype=np.int64)
+        moved = np.fromiter(self._moved_after(self._snapshot_mark(index), index),
+                            dtype=np.int64)
         new = np.arange(coverage.covered, len(self.learner), dtype=np.int64)
         return np.union1d(moved, new), index.version
 
@@ -352,9 +400,8 @@ class ServingIndex:
         coverage = self._coverage_of(index)
         key = (index.version, self._moves, len(self.learner))
         if self._exact is None or self._exact.key != key:
-            moved = self._rows_moved_since(self._snapshot_mark(index))
-            rows = np.unique(np.concatenate([coverage.missing,
-                                             moved[moved < coverage.covered]]))
+            moved = self._rows_moved_since(self._snapshot_mark(index), index)
+            rows = np.unique(np.concatenate([coverage.missing, moved]))
             self._exact = _ExactBlock(key, rows, self.learner.item_matrix[rows])
         # rows are only ever appended: every row past those checked (once per version) is new
         appended = np.arange(coverage.covered, len(self.learner), dtype=np.int64)
@@ -362,21 +409,18 @@ class ServingIndex:
         return [(self._exact.rows, self._exact.vectors),
                 (appended, self.learner.item_matrix[coverage.covered:])]
 
-    def _rows_moved_since(self, mark: int) -> np.ndarray:
-        """The rows moved after the note ``mark`` (the index's snapshot's), newest moves
-        first, at most ``stale_limit``; older moves are forgotten."""
-        while self._moved:
-            oldest = next(iter(self._moved))
-            if self._moved[oldest] > mark:
-                break
-            del self._moved[oldest]
-        newest = itertools.islice(self._moved_after(mark), self.config.stale_limit)
+    def _rows_moved_since(self, mark: int, index: ServedIndex | None = None) -> np.ndarray:
+        """:meth:`_moved_after` ``mark`` (the index's snapshot's), at most ``stale_limit``;
+        older moves are forgotten."""
+        self._moved.forget_until(mark)
+        newest = itertools.islice(self._moved_after(mark, index), self.config.stale_limit)
         return np.fromiter(newest, dtype=np.int64)
 
-    def _moved_after(self, mark: int) -> Iterator[int]:
-        """Rows moved after the note ``mark``, newest move first."""
-        moves = itertools.takewhile(lambda move: move[1] > mark, reversed(self._moved.items()))
-        return (row for row, _ in moves)
+    def _moved_after(self, mark: int, index: ServedIndex | None = None) -> Iterator[int]:
+        """The rows ``index`` (by default the one serving) holds, those it covers, that moved
+        after the note ``mark``, newest move first."""
+        self._moved.split_at(self._coverage_of(index or self.holder.current).covered)
+        return self._moved.held_after(mark)
 
     def _coverage_of(self, index: ServedIndex) -> _Coverage:
         """How ``index`` lines up with the learner's rows, worked out once per version."""

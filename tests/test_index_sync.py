@@ -689,3 +689,64 @@ def test_fresh_items_their_quota_left_out_fill_what_other_clusters_lack():
     assert {f"new{n}" for n in range(30)} <= set(items)  # they outscore every indexed item
     assert [score for _, score in found] == sorted((score for _, score in found), reverse=True)
     assert len(index.search(query, 60, diversity=0.0, fresh=fresh)) == 54  # all there is
+
+
+def test_new_rows_leave_the_places_of_moved_rows_to_them(tmp_path):
+    """The rows scored beside the graph, at most ``stale_limit``, are the rows moved since the
+    snapshot among those the index holds: new rows, scored apart as appended, took every
+    place once as many had come (a replay, a cold start), and an item that moved to be the
+    query's best was no longer found."""
+    from models.learner import ItemLearner, LearnerConfig
+    from index_sync.serving import IndexConfig, ServingIndex
+
+    dim, rng = 8, np.random.default_rng(0)
+    learner = ItemLearner(LearnerConfig(dim=dim))
+
+    def add(ids):
+        learner.assign(ids, np.hstack([0.1 * rng.normal(size=(len(ids), dim)),
+                                       np.zeros((len(ids), 1))]))
+
+    ids = ids_of(2000)
+    add(ids)
+    serving = ServingIndex(learner, IndexConfig(
+        root=tmp_path, stale_limit=5,
+        policy=RebuildPolicy(interval_s=1e9, min_items=1, backlog_events=0,
+                             changed_items=10**9)))
+    serving.learned(ids, learner.rows_of(ids))
+    assert serving.maybe_rebuild(0)
+    serving.rebuilder._running.result(60)
+    query = np.append(np.eye(dim)[0], 1.0)
+    learner.assign(["i7"], np.append(5 * np.eye(dim)[0], 0.0)[None, :])  # the best, by far
+    serving.learned(["i7"], [7])
+    new = ids_of(5, prefix="new")
+    add(new)
+    serving.learned(new, learner.rows_of(new))
+    rows, version = serving.retrieve(query, 10, np.empty(0, dtype=np.int64))
+    assert version == 1 and 7 in rows.tolist()
+    assert serving._overflowing()  # 5 new rows and 1 moved: one more than the limit
+
+
+def test_moved_rows_split_anew_keep_each_rows_last_move_in_note_order():
+    """Oracle: after any notes and splits, the rows under the split, newest move first,
+    are those of one list of last moves filtered, as a single dict kept them (in any order
+    among the rows of one note)."""
+    from index_sync.serving import _MovedRows
+
+    rng = np.random.default_rng(3)
+    moved, oracle = _MovedRows(), {}
+    for stamp in range(1, 200):
+        rows = rng.integers(0, 50, size=int(rng.integers(0, 6))).tolist()
+        moved.note(rows, stamp)
+        for row in rows:
+            oracle.pop(row, None)
+            oracle[row] = stamp
+        if rng.random() < 0.3:
+            moved.split_at(int(rng.integers(0, 60)))
+        mark = int(rng.integers(0, stamp + 1))
+        if rng.random() < 0.1:
+            moved.forget_until(mark)
+            oracle = {row: s for row, s in oracle.items() if s > mark}
+        expected = [row for row, s in reversed(oracle.items()) if s > mark and row < moved.below]
+        held = list(moved.held_after(mark))
+        assert sorted(held) == sorted(expected)
+        assert [oracle[row] for row in held] == [oracle[row] for row in expected]
