@@ -156,8 +156,8 @@ def cmd_up(settings: Settings, args) -> int:
         status = wait_for_signal(system)
     finally:
         system.stop()
-    print("streamrec stopped" if status == 0 else "streamrec stopped: the worker exited; its "
-          f"log is in {system.logs}", flush=True)
+    print("streamrec stopped" if status == 0 else "streamrec stopped: the worker or the broker "
+          f"exited; their logs are in {system.logs}", flush=True)
     return status
 
 

@@ -168,11 +168,13 @@ def forget_broker_state(settings: Settings) -> list[str]:
 
 
 def wait_for_signal(system: System) -> int:
-    """Block until SIGINT/SIGTERM or until the worker dies. Returns 0 after a signal, and
-    after the worker's death the status to exit with: the worker's own (76: its learner
-    process died; 75: it did not stop in time; 128 + N, as a shell says it, when signal N
-    killed it), or 1 where it exited 0 unasked, so that a service manager or a script sees a
-    system that stopped by itself as failed."""
+    """Block until SIGINT/SIGTERM or until the worker or the embedded broker dies. Returns 0
+    after a signal, and after a death the status to exit with: the process's own (the
+    worker's 76: its learner process died; 75: it did not stop in time; 128 + N, as a shell
+    says it, when signal N killed it), or 1 where it exited 0 unasked, so that a service
+    manager or a script sees a system that stopped by itself as failed. The broker counts as
+    the worker does: it keeps every topic in memory, and a worker whose broker is gone only
+    retries it."""
     # a list, not a threading.Event: the handler runs on the main thread between two of its
     # steps, and Event.set takes a lock that the main thread may hold there (in Event.wait):
     # under CPU contention a Ctrl-C then hung `streamrec up` for good (seen, and reproduced
@@ -182,11 +184,13 @@ def wait_for_signal(system: System) -> int:
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not received:
-            if system.worker is not None and not system.worker.alive():
-                status = system.worker.process.poll()
-                log.error("the worker exited (status %s):\n%s", status,
-                          tail(system.logs / "worker.log"))
-                return 128 - status if status < 0 else status or 1  # killed by a signal: 128+N
+            for name, child in (("worker", system.worker),
+                                ("broker", getattr(system, "broker", None))):
+                if child is not None and not child.alive():
+                    status = child.process.poll()
+                    log.error("the %s exited (status %s):\n%s", name, status,
+                              tail(system.logs / f"{name}.log"))
+                    return 128 - status if status < 0 else status or 1  # by signal N: 128+N
             time.sleep(0.1)
         return 0
     finally:

@@ -376,15 +376,20 @@ print(wait_for_signal(SimpleNamespace(worker=worker)), round(time.monotonic() - 
 print(signal.getsignal(signal.SIGINT) is before)
 dead = SimpleNamespace(alive=lambda: False, process=SimpleNamespace(poll=lambda: -9))
 print(wait_for_signal(SimpleNamespace(worker=dead, logs=__import__("pathlib").Path("."))))
+gone = SimpleNamespace(alive=lambda: False, process=SimpleNamespace(poll=lambda: 0))
+print(wait_for_signal(SimpleNamespace(worker=worker, broker=gone,
+                                      logs=__import__("pathlib").Path("."))))
 """
 
 
 def test_the_supervisor_returns_on_ctrl_c_or_its_workers_death():
     """`streamrec up` waits for SIGINT/SIGTERM (then 0) or the worker's death (then 128 + the
-    signal that killed it), and gives the signals their handlers back."""
+    signal that killed it) or the embedded broker's (1 for an exit it was not asked for: the
+    worker would only retry it), and gives the signals their handlers back."""
     result = python_c(WAITS_FOR_SIGNALS)
     assert result.returncode == 0, result.stderr
-    first, restored, died = result.stdout.split("\n")[:3]
+    first, restored, died, broker_gone = result.stdout.split("\n")[:4]
+    assert broker_gone == "1"
     status, seconds = first.split()
     assert status == "0" and float(seconds) < 5.0
     assert restored == "True" and died == "137"
