@@ -12,6 +12,7 @@ Items met while it ran keep the paths they were given on arrival.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class PathRetrieval:
         self.failures = 0
         self.last_error: str | None = None
         self._executor = background_executor("dr-m-step", policy.niceness)
+        self._stopping = threading.Event()
         self._running: Future | None = None
 
     # -- learning (learn thread) -----------------------------------------------------------
@@ -96,7 +98,8 @@ class PathRetrieval:
         """Copy the path scores here (learn thread) and run the descent on the copy aside."""
         snapshot = self.model.m_step_snapshot()
         self.model.m_step_at = now
-        self._running = self._executor.submit(self.model.compute_m_step, snapshot)
+        self._running = self._executor.submit(self.model.compute_m_step, snapshot,
+                                              self._stopping.is_set)
         self._running.snapshot = snapshot
 
     def _due(self, now: float) -> bool:
@@ -154,4 +157,8 @@ class PathRetrieval:
         return self.model.load(directory)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop an M-step under way (within a chunk of its descent) and wait for it: the
+        interpreter's exit joins its thread, and a worker that learns on its event loop waited
+        there for minutes at a million items, past its stop deadline."""
+        self._stopping.set()
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -372,7 +372,7 @@ def _pick_paths(codes: list, scores: list, n_v: float, j_paths: int, alpha: floa
 
 def m_step(path_codes: np.ndarray, path_scores: np.ndarray, counts: np.ndarray,
            current: np.ndarray, J: int, penalty: float, passes: int = 3,
-           chunk: int = 65536) -> MStepResult:
+           chunk: int = 8192, stop: Callable[[], bool] | None = None) -> MStepResult:
     """Penalized coordinate descent over item → path assignments (DR §3, Alg. 2).
 
     For each pass and each item with a positive score: its old paths leave the size counts, then
@@ -388,7 +388,9 @@ def m_step(path_codes: np.ndarray, path_scores: np.ndarray, counts: np.ndarray,
     An item whose candidates run out before J picks keeps its first pick in the empty slots (the
     duplicate is one path: it counts once in |c| and in the loss). Items without a positive score
     keep their paths. The per-item work is a short Python loop over S candidates; rows are turned
-    into Python lists a ``chunk`` at a time to bound memory.
+    into Python lists a ``chunk`` at a time to bound memory. ``stop`` is asked before each
+    chunk (a few tenths of a second): true, the descent ends with :class:`MStepStopped`, so a
+    worker that stops does not wait minutes for it.
 
     >>> codes = np.array([[4, 7, -1], [4, 7, -1]]); scores = np.array([[2., 1., 0.], [2., 1., 0.]])
     >>> m_step(codes, scores, np.ones(2), np.zeros((2, 1), np.int64), 1, 10.0).assignment.ravel()
@@ -401,12 +403,18 @@ def m_step(path_codes: np.ndarray, path_scores: np.ndarray, counts: np.ndarray,
     counts = np.asarray(counts, dtype=np.float64)
     for _ in range(passes):
         for lo in range(0, rows.size, chunk):
+            if stop is not None and stop():
+                raise MStepStopped(f"stopped after {lo} of {rows.size} items of a pass")
             block = rows[lo:lo + chunk]
             _descend_block(block, path_codes[block].tolist(), path_scores[block].tolist(),
                            counts[block].tolist(), assignment, J, penalty, sizes)
     nonempty = {c: n for c, n in sizes.items() if n > 0}
     return MStepResult(assignment, max(nonempty.values(), default=0), len(nonempty),
                        time.perf_counter() - start, int(rows.size))
+
+
+class MStepStopped(Exception):
+    """An M-step given up because its process stops (:func:`m_step`'s ``stop``)."""
 
 
 def _descend_block(block: np.ndarray, codes: list, scores: list, counts: list,
@@ -691,11 +699,13 @@ class DeepRetrieval:
         """Pairs learned since the last M-step's snapshot."""
         return self._pairs_learned - self.m_step_pairs
 
-    def compute_m_step(self, snapshot: MStepSnapshot) -> MStepResult:
-        """The coordinate descent on a snapshot; touches no state, so any thread may run it."""
+    def compute_m_step(self, snapshot: MStepSnapshot,
+                       stop: Callable[[], bool] | None = None) -> MStepResult:
+        """The coordinate descent on a snapshot; touches no state, so any thread may run it
+        (``stop``: see :func:`m_step`)."""
         cfg = self.config
         return m_step(snapshot.codes, snapshot.scores, snapshot.counts, snapshot.assignment,
-                      cfg.paths_per_item, cfg.penalty, cfg.mstep_passes)
+                      cfg.paths_per_item, cfg.penalty, cfg.mstep_passes, stop=stop)
 
     def install_m_step(self, snapshot: MStepSnapshot, result: MStepResult) -> None:
         """Take the new paths of the snapshot's items and swap in a rebuilt index (learn thread).

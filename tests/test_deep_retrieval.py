@@ -276,6 +276,27 @@ def test_m_step_picks_j_distinct_paths_and_keeps_unscored_items():
     assert result.items_updated == 2 and result.nonempty_paths == 5 and result.largest_path == 1
 
 
+def test_m_step_stops_between_chunks_when_asked_and_chunks_change_nothing():
+    """Chunks bound memory and let a stopping process end the descent; the result is the same
+    whatever their size, since items are descended in row order either way."""
+    from models.deep_retrieval import MStepStopped
+
+    rng = np.random.default_rng(0)
+    codes, scores = rng.integers(0, 50, (300, 4)), rng.random((300, 4))
+    current, counts = rng.integers(0, 50, (300, 2)), rng.random(300) + 0.5
+    whole = m_step(codes, scores, counts, current, J=2, penalty=1e-3, chunk=1000)
+    chunked = m_step(codes, scores, counts, current, J=2, penalty=1e-3, chunk=7)
+    np.testing.assert_array_equal(whole.assignment, chunked.assignment)
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 3
+
+    with pytest.raises(MStepStopped, match="after 21 of 300"):
+        m_step(codes, scores, counts, current, J=2, penalty=1e-3, chunk=7, stop=stop)
+
+
 # ---- planted clusters: the whole EM loop ----------------------------------------------------
 
 N_CLUSTERS, PER_CLUSTER, DIM = 4, 30, 8

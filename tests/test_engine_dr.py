@@ -119,12 +119,39 @@ def test_checkpoint_restores_the_same_dr_answers(learned, tmp_path):
                                    [i.score for i in after.items])
 
 
+def test_closing_the_paths_stops_an_m_step_under_way(tmp_path, monkeypatch):
+    """The interpreter's exit joins the M-step's thread: a worker that learns on its event
+    loop waited there for the descent (minutes at a million items), past its stop deadline."""
+    import threading
+
+    from models.deep_retrieval import MStepStopped
+
+    engine = make_engine(tmp_path)
+    run_stream(engine, planted_stream()[:300])
+    started = threading.Event()
+
+    def descent(snapshot, stop=lambda: False):  # as m_step asks between its chunks
+        started.set()
+        ends = time.monotonic() + 5.0
+        while time.monotonic() < ends:
+            if stop():
+                raise MStepStopped("stopped")
+            time.sleep(0.01)
+        return None
+
+    monkeypatch.setattr(engine.paths.model, "compute_m_step", descent)
+    engine.paths._start(time.time())
+    assert started.wait(10)
+    engine.paths.close()
+    assert engine.paths._running.done()
+
+
 def test_a_failed_m_step_keeps_the_paths_in_force(tmp_path, monkeypatch):
     engine = make_engine(tmp_path)
     run_stream(engine, planted_stream()[:600])
     before = engine.paths.model.assignment.copy()
 
-    def broken(snapshot):
+    def broken(snapshot, stop=None):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(engine.paths.model, "compute_m_step", broken)
