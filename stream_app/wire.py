@@ -558,7 +558,7 @@ def decode_offset_steps(raw: bytes, dim: int) -> tuple[list[str], np.ndarray]:
     size = int.from_bytes(raw[1:5], "little")
     try:
         ids = json.loads(raw[5:5 + size])
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # deep nesting: the last
         raise ValueError(f"an offset-steps message with damaged item ids: {error}") from None
     if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids):
         raise ValueError("an offset-steps message whose item ids are not a list of strings")

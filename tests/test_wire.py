@@ -337,8 +337,10 @@ def test_offset_steps_round_trip_as_float32_and_refuse_other_shapes():
     assert ids == ["a", "bé", "c"]
     np.testing.assert_array_equal(back, steps.astype(np.float32))
     infinite = encode_offset_steps(["a"], np.array([[1.0, np.inf, 0.0, 0.0]]))
+    nested = b"[" * 100_000  # the JSON reader's recursion, not a ValueError: it ended a learner
+    deep = b"\x02" + len(nested).to_bytes(4, "little") + nested
     for bad in (raw[:-4], raw + b"\0" * 4, raw[:3], b"\x02" + b"\xff" * 8, infinite,
-                encode_offset_steps(["a", "b", "c"], steps[:, :3])):
+                encode_offset_steps(["a", "b", "c"], steps[:, :3]), deep):
         with pytest.raises(ValueError):
             decode_offset_steps(bad, dim=4)
 
