@@ -674,11 +674,11 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
         return frozenset(tp.partition for tp in app.consumer.assignment()
                          if tp.topic == settings.train_topic)
 
-    def install(records: list[tuple[bytes, bytes]]) -> None:
-        if learner is not None:
-            learner.install_rows(records)  # its report brings them to the replica
-        else:
-            install_records(engine, records)  # the engine learns here: it is the model
+    def install(records: list[tuple[bytes, bytes]], keep_statistics: bool) -> None:
+        if learner is not None:  # its report brings them to the replica
+            learner.install_rows(records, keep_statistics=keep_statistics)
+        else:  # the engine learns here: it is the model
+            install_records(engine, records, keep_statistics=keep_statistics)
 
     # read before the learner process writes its next checkpoint: the one it started from
     sharing = ItemSharing(settings, engine, owned, install, engine.model_saved_at(),

@@ -583,18 +583,25 @@ class Engine:
             examples=len(examples) - failed, failed=failed,
             serving=self.serving_choice.state(), input_steps=self.learner.take_input_steps())
 
-    def install_rows(self, item_ids: list[str], rows: np.ndarray, offsets: np.ndarray
-                     ) -> LearnedReport:
+    def install_rows(self, item_ids: list[str], rows: np.ndarray, offsets: np.ndarray, *,
+                     keep_statistics: bool = False) -> LearnedReport:
         """Item rows another worker learns (their training partitions are its): each set
         here, created where unknown, with its input offset, the item Gramian kept exact; and
         the report that lets a follower (the worker's replica) take them as a learning step's.
         They are not learned here: they move when their owner publishes them again, or once a
-        rebalance gives this worker their partition and it learns them itself."""
+        rebalance gives this worker their partition and it learns them itself.
+
+        Their items' solve statistics are forgotten (another learner's positives made these
+        rows), unless ``keep_statistics``: rows of this worker's own items that it published
+        after its checkpoint and before a crash, installed by the catch-up at its restart.
+        Those statistics are its own learning; forgotten, every item learned since the
+        checkpoint started again from one batch's positives, and α0 with them."""
         first_row = len(self.learner)
         self.learner.assign(item_ids, rows)
         at = self.learner.rows_of(item_ids)
         self.learner.set_offsets(at, offsets)
-        self.learner.forget_positives(at)
+        if not keep_statistics:
+            self.learner.forget_positives(at)
         self.index.learned(item_ids, at)
         return self._rows_report(self.learner.delta(first_row, at[at < first_row], at),
                                  list(item_ids), installed=True)

@@ -138,7 +138,8 @@ def _decoded(records: Records, decode: Callable[[bytes], Any], what: str
     return decoded
 
 
-def install_records(engine: Engine, records: Records) -> LearnedReport | None:
+def install_records(engine: Engine, records: Records, *,
+                    keep_statistics: bool = False) -> LearnedReport | None:
     """:meth:`Engine.install_rows` of item-rows records that decode (the last of an item's,
     when it comes twice); None when none did."""
     dim = engine.settings.model_dim
@@ -146,7 +147,8 @@ def install_records(engine: Engine, records: Records) -> LearnedReport | None:
     if not latest:
         return None
     rows, offsets = zip(*latest.values())
-    return engine.install_rows(list(latest), np.stack(rows), np.stack(offsets))
+    return engine.install_rows(list(latest), np.stack(rows), np.stack(offsets),
+                               keep_statistics=keep_statistics)
 
 
 class ItemSharing:
@@ -154,8 +156,9 @@ class ItemSharing:
     the steps it took on the others' items' input offsets to the training topic (their
     owners learn them as training messages: :meth:`Engine.learn_messages`).
 
-    ``owned()`` gives the training partitions this worker holds now; ``install(records)``
-    hands item-rows records (key, value) to its learner; ``own_rows_after`` is when the
+    ``owned()`` gives the training partitions this worker holds now; ``install(records,
+    keep_statistics)`` hands item-rows records (key, value) to its learner
+    (:meth:`Engine.install_rows`); ``own_rows_after`` is when the
     learner's checkpoint was written
     (epoch seconds, 0 without one): the catch-up installs the worker's own items' rows
     published after it. ``taken()``, when given, is awaited after handing records on, until
@@ -164,7 +167,8 @@ class ItemSharing:
     that owns some sends them all."""
 
     def __init__(self, settings: Settings, engine: Engine,
-                 owned: Callable[[], frozenset[int]], install: Callable[[Records], None],
+                 owned: Callable[[], frozenset[int]],
+                 install: Callable[[Records, bool], None],
                  own_rows_after: float = math.inf,
                  taken: Callable[[], Awaitable[None]] | None = None,
                  owes_every_row: bool = False) -> None:
@@ -430,10 +434,12 @@ class ItemSharing:
             catch_up = await self._assign(consumer)
             while True:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
-                records = self._to_install(batches, catch_up)
-                if records:
-                    self._install(records)
-                    self.installed += len(records)
+                others, own = self._to_install(batches, catch_up)
+                records = own + others
+                for part, keep_statistics in ((own, True), (others, False)):  # in topic order
+                    if part:
+                        self._install(part, keep_statistics)
+                self.installed += len(records)
                 self._rows_taken(batches)
                 if self._taken is not None and records:
                     await self._taken()  # the learner's pace, not the topic's
@@ -480,19 +486,27 @@ class ItemSharing:
             if batch:
                 self._rows_next[tp.partition] = batch[-1].offset + 1
 
-    def _to_install(self, batches: dict, catch_up: dict) -> Records:
+    def _to_install(self, batches: dict, catch_up: dict) -> tuple[Records, Records]:
         """:meth:`wanted` of fetched ``batches``, the records before ``catch_up``'s end offsets
-        (the topic's ends when this reader started) as the catch-up's."""
-        records: Records = []
+        (the topic's ends when this reader started) as the catch-up's: the records whose
+        items' statistics go, and those of the catch-up that are this worker's own items,
+        whose statistics stay (:meth:`Engine.install_rows`). Every record of the second
+        comes before any of the first of the same item (an item's records share a partition,
+        and the catch-up's come first in it)."""
+        others: Records = []
+        own: Records = []
+        owned = self._owned()
         for tp, batch in batches.items():
             end = catch_up.get(tp, 0)
             early = [record for record in batch if record.offset < end]
-            records += self.wanted([(record.key, record.value) for record in early],
-                                   [record.timestamp / 1000 for record in early])
+            for key, value in self.wanted([(record.key, record.value) for record in early],
+                                          [record.timestamp / 1000 for record in early]):
+                mine = self._owns(key.decode(errors="replace"), owned)
+                (own if mine else others).append((key, value))
             live = batch[len(early):]
-            records += self.wanted([(record.key, record.value) for record in live],
-                                   publishers=[publisher_of(record) for record in live])
-        return records
+            others += self.wanted([(record.key, record.value) for record in live],
+                                  publishers=[publisher_of(record) for record in live])
+        return others, own
 
 
 def publisher_of(record: Any) -> bytes | None:

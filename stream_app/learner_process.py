@@ -254,10 +254,12 @@ class LearnerProcess:
         except TimeoutError:
             return False
 
-    def install_rows(self, records: list[tuple[bytes, bytes]]) -> None:
+    def install_rows(self, records: list[tuple[bytes, bytes]], *,
+                     keep_statistics: bool = False) -> None:
         """Hand other workers' item rows (item-rows topic records: key, value) to the child,
-        which installs them and reports them like a learning step."""
-        self._writer.write(rows_frame(records))
+        which installs them and reports them like a learning step (``keep_statistics``: see
+        :meth:`Engine.install_rows`)."""
+        self._writer.write(rows_frame(records, keep_statistics))
 
     def _receive(self) -> None:
         try:
@@ -339,14 +341,17 @@ def learn_frame(values: list[bytes], users: int,
     return frame(LEARN, head + _values_body(values, users))
 
 
-def rows_frame(records: list[tuple[bytes, bytes]]) -> bytes:
-    """Item-rows records, laid out as a learn frame's values: key, value, key, value, …"""
-    return frame(ROWS, _values_body([part for record in records for part in record], 0))
+def rows_frame(records: list[tuple[bytes, bytes]], keep_statistics: bool = False) -> bytes:
+    """Item-rows records, laid out as a learn frame's values: key, value, key, value, …; the
+    frame's count of users says whether their items keep their statistics (1) or not (0)."""
+    return frame(ROWS, _values_body([part for record in records for part in record],
+                                    int(keep_statistics)))
 
 
-def parse_rows(body: memoryview) -> list[tuple[bytes, bytes]]:
-    parts, _ = _parse_values(body)
-    return list(zip(parts[::2], parts[1::2]))
+def parse_rows(body: memoryview) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """A rows frame's records, and whether their items keep their statistics."""
+    parts, keep = _parse_values(body)
+    return list(zip(parts[::2], parts[1::2])), bool(keep)
 
 
 def parse_learn(body: memoryview) -> tuple[list[bytes], int, list[tuple[int, int]] | None]:
@@ -503,7 +508,8 @@ class LearnerLoop:
                 self.outbox.send(("saved", True))
         elif kind == ROWS:
             self.installed_since_save = True
-            report = install_records(self.engine, parse_rows(body))
+            records, keep_statistics = parse_rows(body)
+            report = install_records(self.engine, records, keep_statistics=keep_statistics)
             if report is not None:
                 self.outbox.send(("inputs", report))
         elif kind == SETTLE:  # everything learned goes out, then the answer

@@ -950,7 +950,8 @@ def test_a_restarted_item_rows_reader_installs_the_hand_overs_published_while_it
     installed: list[str] = []
     held: set[int] = set()  # no partition before the worker's first assignment
     sharing = ItemSharing(shared, Engine(shared), lambda: frozenset(held),
-                          lambda records: installed.extend(key.decode() for key, _ in records))
+                          lambda records, keep: installed.extend(key.decode()
+                                                                 for key, _ in records))
 
     def publish(name: str, publisher: bytes) -> None:
         row = encode_item_row(np.ones(shared.model_dim + 1), np.zeros(shared.model_dim))

@@ -46,7 +46,7 @@ def test_a_worker_whose_rows_the_topic_may_lack_publishes_every_row_it_owns_once
         pass
 
     def sharing_of() -> ItemSharing:
-        return ItemSharing(settings, engine, lambda: frozenset(held), lambda records: None,
+        return ItemSharing(settings, engine, lambda: frozenset(held), lambda records, keep: None,
                            owes_every_row=not rows_shared_mark(settings).exists())
 
     def publish(sharing: ItemSharing) -> None:
@@ -85,7 +85,7 @@ def test_steps_go_out_in_messages_within_the_size_limit_and_only_finite_ones(tmp
     engine.learner.assign(ids, np.ones((len(ids), 5)))
     steps = np.arange(4.0 * len(ids)).reshape(len(ids), 4)
     steps[-1, 0] = 1e39  # finite in float64, not in float32
-    sharing = ItemSharing(settings, engine, frozenset, lambda records: None)
+    sharing = ItemSharing(settings, engine, frozenset, lambda records, keep: None)
     empty = np.empty(0, dtype=np.int64)
     sharing.note(SimpleNamespace(steps_added=0, installed=False,
                                  delta=SimpleNamespace(rows=empty, input_rows=empty),
@@ -114,7 +114,7 @@ def test_rows_and_steps_whose_delivery_the_broker_refuses_are_due_again(tmp_path
     engine.learner.assign(ids, np.ones((3, 5)))
     rows_shared_mark(settings).parent.mkdir(parents=True, exist_ok=True)
     rows_shared_mark(settings).touch()
-    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records: None)
+    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records, keep: None)
     empty = np.empty(0, dtype=np.int64)
 
     def learned(rows, steps=None) -> None:
@@ -159,7 +159,7 @@ def test_a_publish_whose_send_fails_follows_what_it_sent_before_it(tmp_path):
     engine.learner.assign(["a", "b"], np.ones((2, 5)))
     rows_shared_mark(settings).parent.mkdir(parents=True, exist_ok=True)
     rows_shared_mark(settings).touch()
-    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records: None)
+    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records, keep: None)
     empty = np.empty(0, dtype=np.int64)
     sharing.note(SimpleNamespace(steps_added=0, installed=False, input_steps=None,
                                  delta=SimpleNamespace(rows=np.array([0, 1]), input_rows=empty)))
@@ -195,7 +195,7 @@ def test_steps_sent_before_a_failed_send_and_refused_are_held_again(tmp_path):
     settings = Settings(data_dir=tmp_path, model_dim=2, partitions=2, share_items=True)
     engine = Engine(settings)
     engine.learner.assign(["x", "y", "z"], np.ones((3, 3)))
-    sharing = ItemSharing(settings, engine, frozenset, lambda records: None)
+    sharing = ItemSharing(settings, engine, frozenset, lambda records, keep: None)
     messages = [(0, encode_offset_steps(["x"], np.array([[1.0, 0.0]]))),
                 (1, encode_offset_steps(["y"], np.array([[2.0, 0.0]]))),
                 (0, encode_offset_steps(["z"], np.array([[3.0, 0.0]])))]

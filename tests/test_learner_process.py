@@ -622,7 +622,7 @@ def test_a_worker_publishes_the_rows_it_owns_and_installs_the_others():
     engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
     engine.users = 240
     owned = frozenset({0})
-    sharing = ItemSharing(engine.settings, engine, lambda: owned, lambda records: None)
+    sharing = ItemSharing(engine.settings, engine, lambda: owned, lambda records, keep: None)
     sharing.note(engine.learn_reported(examples, step=32))
     records = sharing.due()
     mine = {item for item in engine.learner.item_ids if item_partition(item, 2) == 0}
@@ -650,7 +650,7 @@ def test_steps_on_other_workers_items_go_to_their_owner_who_adds_them():
     owner.learn_reported(examples, step=32)  # the owner knows every item
     start = np.zeros((len(owner.learner), 16))  # zero for rows to come
     start[:len(sender.learner)] = sender.learner.offsets
-    sharing = ItemSharing(settings, sender, lambda: frozenset({0}), lambda records: None)
+    sharing = ItemSharing(settings, sender, lambda: frozenset({0}), lambda records, keep: None)
     for part in (examples[100:200], examples[200:]):
         sharing.note(sender.learn_reported(part, step=32))
     messages = sharing.steps_due()
@@ -675,7 +675,7 @@ def test_steps_on_other_workers_items_go_to_their_owner_who_adds_them():
     assert report.steps_added == len(items) and report.examples == 0
     assert sorted(report.delta.input_rows.tolist()) == sorted(at.tolist())
     assert "never-seen" not in owner.learner
-    owning = ItemSharing(settings, owner, lambda: frozenset({1}), lambda records: None)
+    owning = ItemSharing(settings, owner, lambda: frozenset({1}), lambda records, keep: None)
     owning.note(report)
     assert owning.steps_added == len(items)
     assert {key.decode() for key, _ in owning.due()} == set(items)
@@ -718,7 +718,7 @@ def test_a_publish_that_fails_leaves_what_it_did_not_send_due_for_the_next():
     settings = Settings(model_dim=16, partitions=2, dr_enabled=False, share_items=True)
     engine = Engine(settings)
     engine.users = 240
-    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records: None)
+    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records, keep: None)
     sharing.note(engine.learn_reported(examples[:200], step=32))
     rows_before, steps_before = sharing.due(), sharing.steps_due()
     sharing.retake(rows_before, steps_before)  # as if none had been sent
@@ -768,7 +768,7 @@ def test_publishes_go_out_one_at_a_time():
     publish has sent all of its records: an item's newer row is sent last."""
     engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
     sharing = ItemSharing(engine.settings, engine, lambda: frozenset({0, 1}),
-                          lambda records: None)
+                          lambda records, keep: None)
     order: list[str] = []
 
     async def send(key: bytes, value: bytes) -> None:
@@ -799,6 +799,9 @@ def fetched_rows(items: list[str], first_offset: int, published_at: float,
 
 
 def keys(records) -> set[str]:
+    """The items of records, or of the two parts of ``ItemSharing._to_install``'s answer."""
+    if isinstance(records, tuple):
+        records = records[0] + records[1]
     return {key.decode() for key, _ in records}
 
 
@@ -812,7 +815,8 @@ def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
     engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
     items = [f"i{n}" for n in range(40)]
     mine = [item for item in items if item_partition(item, 2) == 0]
-    sharing = ItemSharing(engine.settings, engine, lambda: frozenset({0}), lambda records: None,
+    sharing = ItemSharing(engine.settings, engine, lambda: frozenset({0}),
+                          lambda records, keep: None,
                           own_rows_after=1_000.0)
     tp = TopicPartition(engine.settings.items_topic, 0)
 
@@ -821,7 +825,8 @@ def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
 
     catch_up = {tp: 2 * len(items)}  # the topic's end when the reader started
     assert keys(sharing._to_install(fetched(0, 999.0), catch_up)) == set(items) - set(mine)
-    assert keys(sharing._to_install(fetched(len(items), 1_001.0), catch_up)) == set(items)
+    others, own = sharing._to_install(fetched(len(items), 1_001.0), catch_up)
+    assert keys(others) == set(items) - set(mine) and keys(own) == set(mine)  # theirs kept
     assert keys(sharing._to_install(fetched(2 * len(items), 1_002.0), catch_up)) \
         == set(items) - set(mine)  # published after the reader started: live records
     own = [(mine[0].encode(), b"row")]
@@ -842,7 +847,7 @@ def test_a_hand_over_publishes_the_rows_of_the_partitions_held_and_their_next_ow
     examples, _ = examples_and_histories(200)
     engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
     engine.users = 240
-    old_owner = ItemSharing(engine.settings, engine, frozenset, lambda records: None)
+    old_owner = ItemSharing(engine.settings, engine, frozenset, lambda records, keep: None)
     old_owner.held = frozenset({0, 1})  # as last assigned; the revocation took them
     old_owner.note(engine.learn_reported(examples, step=32))
     rows, steps = old_owner.handed_over()
@@ -851,7 +856,7 @@ def test_a_hand_over_publishes_the_rows_of_the_partitions_held_and_their_next_ow
     assert old_owner.handed_over_rows == old_owner.published == len(rows)
 
     new_owner = ItemSharing(engine.settings, engine, lambda: frozenset({0}),
-                            lambda records: None, own_rows_after=1_000.0)
+                            lambda records, keep: None, own_rows_after=1_000.0)
     mine = [item for item in engine.learner.item_ids if item_partition(item, 2) == 0]
     theirs = [item for item in engine.learner.item_ids if item_partition(item, 2) == 1]
     tp = TopicPartition(engine.settings.items_topic, 0)
@@ -974,13 +979,45 @@ def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
     read, write = os.pipe()
     os.write(write, rows_frame(records))
     kind, body = read_frame(read)
-    assert kind == ROWS and parse_rows(body) == records
+    assert kind == ROWS and parse_rows(body) == (records, False)
     sent: list = []
     engine = Engine(settings_for(tmp_path))
     LearnerLoop(engine, engine.settings, SimpleNamespace(send=sent.append)).handle(kind, body)
     [(message, report)] = sent
     assert message == "inputs" and report.delta.new_ids == ["a"]
     np.testing.assert_array_equal(engine.learner.item_matrix, np.full((1, 17), 0.5))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_own_rows_of_the_catch_up_keep_their_statistics_and_others_lose_them(tmp_path, keep):
+    """After a crash, the catch-up installs the rows of the worker's own items that it
+    published after its checkpoint: their statistics are its own learning, and forgotten,
+    every item learned since the checkpoint started again from one batch's positives (α0
+    with them). Rows another learner made leave the statistics of their items behind."""
+    from stream_app.learner_process import ROWS, LearnerLoop, parse_rows, rows_frame
+
+    examples, _ = examples_and_histories(200)
+    engine = Engine(settings_for(tmp_path, dr_enabled=False))
+    engine.users = 240
+    engine.learn_reported(examples, step=32)
+    learned, alpha0 = engine.learner.items_with_positives, engine.learner.alpha0
+    ids = engine.learner.item_ids
+    rows = engine.learner.item_matrix + 0.01
+    records = [(item.encode(), encode_item_row(row, np.zeros(16)))
+               for item, row in zip(ids, rows)]
+    read, write = os.pipe()
+    os.write(write, rows_frame(records, keep))  # a few KB: the pipe holds it
+    kind, body = read_frame(read)
+    os.close(write)
+    os.close(read)
+    assert kind == ROWS and parse_rows(body) == (records, keep)
+    LearnerLoop(engine, engine.settings, SimpleNamespace(send=lambda _: None)).handle(kind, body)
+    np.testing.assert_allclose(engine.learner.item_matrix, rows.astype(np.float32), rtol=1e-6)
+    if keep:
+        assert engine.learner.items_with_positives == learned > 0
+        assert engine.learner.alpha0 == pytest.approx(alpha0)
+    else:
+        assert engine.learner.items_with_positives == 0
 
 
 def test_the_learner_process_skips_what_its_model_holds_and_says_what_a_checkpoint_holds(
