@@ -248,7 +248,7 @@ def test_up_exits_with_the_workers_status_when_the_worker_dies(tmp_path, monkeyp
     monkeypatch.setattr(supervisor, "System", DyingSystem)
     monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
     assert main(["up"]) == expected
-    assert "streamrec stopped: the worker exited" in capsys.readouterr().out
+    assert "streamrec stopped: the worker or the broker exited" in capsys.readouterr().out
 
 
 def test_a_broker_error_is_a_message_and_status_1_not_a_traceback(monkeypatch, capsys,
