@@ -313,9 +313,14 @@ MAX_ANSWER_BYTES = 900_000
 #: longest error text a dead letter or an error response carries (one over the producer's
 #: request size would be refused, sent again, refused, and hold its partition for ever)
 MAX_ERROR_CHARS = 2_000
-#: most bytes (names and values) of a message's headers that its dead letter, or its copy
-#: moved to its user's partition, carries: the first headers that fit, in their order
+#: most bytes (names, values and their lengths) of a message's headers that its dead letter,
+#: its copy moved to its user's partition, or its answer carries: the first headers that fit,
+#: in their order
 KEPT_HEADER_BYTES = 16 * 1024
+#: what a header takes in a record beside its name and value: two lengths, each a varint of
+#: at most 5 bytes. Not counted, empty headers passed the bound in any number: 490,000 of them
+#: made a dead letter over the producer's limit, refused and sent again for ever
+HEADER_OVERHEAD_BYTES = 10
 
 
 def headers_kept(headers) -> tuple[list[tuple[str, bytes | None]], int]:
@@ -327,7 +332,7 @@ def headers_kept(headers) -> tuple[list[tuple[str, bytes | None]], int]:
     pairs = list(headers.items() if hasattr(headers, "items") else headers or ())
     kept, size = [], 0
     for name, value in pairs:
-        size += len(name.encode("utf-8", "replace")) + len(value or b"")
+        size += len(name.encode("utf-8", "replace")) + len(value or b"") + HEADER_OVERHEAD_BYTES
         if size > KEPT_HEADER_BYTES:
             break
         kept.append((name, value))

@@ -10,10 +10,10 @@ import orjson
 import pytest
 
 from stream_app import wire as wire_module
-from stream_app.wire import (DEAD_LETTER_PAYLOAD_BYTES, KEPT_HEADER_BYTES, MAX_REQUEST_HISTORY,
-                             DeadLetter, InvalidMessage, RecRequest, RecResponse, decode_event,
-                             decode_item_row, decode_request, encode_item_row, headers_kept,
-                             salvage_request)
+from stream_app.wire import (DEAD_LETTER_PAYLOAD_BYTES, HEADER_OVERHEAD_BYTES, KEPT_HEADER_BYTES,
+                             MAX_REQUEST_HISTORY, DeadLetter, InvalidMessage, RecRequest,
+                             RecResponse, decode_event, decode_item_row, decode_request,
+                             encode_item_row, headers_kept, salvage_request)
 
 KINDS = frozenset({"view", "click", "sale"})
 
@@ -188,9 +188,13 @@ def test_headers_are_kept_up_to_a_bound_in_their_order_and_a_letter_says_how_man
     assert headers_kept(small) == (small, 0)
     assert headers_kept(None) == ([], 0) and headers_kept(()) == ([], 0)
     assert headers_kept({"trace": b"t-1"}) == ([("trace", b"t-1")], 0)
-    big = [("a", b"x" * (KEPT_HEADER_BYTES - 10)), ("b", b"y" * 20), ("c", b"z")]
+    big = [("a", b"x" * (KEPT_HEADER_BYTES - 20)), ("b", b"y" * 20), ("c", b"z")]
     kept, left_out = headers_kept(big)
     assert kept == big[:1] and left_out == 2  # the first that fit; none after one that did not
+    empty = [("", b"")] * 490_000  # under a client's 1 MiB limit on the wire: 2 bytes each
+    kept, left_out = headers_kept(empty)
+    assert len(kept) == KEPT_HEADER_BYTES // HEADER_OVERHEAD_BYTES
+    assert left_out == len(empty) - len(kept)
     letter = DeadLetter.model_validate_json(DeadLetter.of(
         InvalidMessage("bad_json", "x"), b"{", b"u1", topic="t", partition=0, offset=1,
         headers=big).to_bytes())
