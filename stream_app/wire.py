@@ -455,10 +455,16 @@ def decode_request(raw: bytes | None, *, max_bytes: int, max_history: int) -> Re
 def salvage_request(raw: bytes | None) -> dict[str, str | None]:
     """Best-effort ``request_id``, ``user_id`` and ``reply_to`` of a request that failed
     validation, so that its error response can still be matched and routed: only strings an
-    error response can carry (UTF-8: a lone surrogate escape is not)."""
+    error response can carry (UTF-8: a lone surrogate escape is not).
+
+    Read leniently, as what failed validation often is: bytes that are not UTF-8 elsewhere in
+    the value are replaced, and integers are not converted (one of more than 4,300 digits
+    raises); strictly, either lost the request's id and its reply topic, and the client that
+    waits there never heard of its error."""
     try:
-        value = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
+        text = raw.decode("utf-8", "replace") if raw else ""
+        value = json.loads(text, parse_int=lambda digits: 0) if text else None
+    except (ValueError, RecursionError):  # deep nesting: RecursionError
         value = None
     fields: dict[str, str | None] = {"request_id": None, "user_id": None, "reply_to": None}
     if isinstance(value, dict):

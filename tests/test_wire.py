@@ -137,6 +137,17 @@ def test_salvage_keeps_only_what_an_error_response_can_carry():
     assert salvage_request(encode(request_id="r3", reply_to="rec-responses\n"))["reply_to"] is None
 
 
+@pytest.mark.parametrize("damage", [b'"note":"caf\xe9"', b'"n":' + b"7" * 5000])
+def test_salvage_reads_past_what_made_the_request_fail(damage):
+    """A byte that is not UTF-8, or an integer too long for the json module, elsewhere in the
+    request: it fails validation, and its error still reaches the client's own reply topic."""
+    raw = b'{"request_id":"r-42","reply_to":"rec-responses-client7","k":0,' + damage + b"}"
+    with pytest.raises(InvalidMessage):
+        decode(raw)
+    assert salvage_request(raw) == {"request_id": "r-42", "user_id": None,
+                                    "reply_to": "rec-responses-client7"}
+
+
 def test_a_reply_topic_ending_in_a_newline_is_refused():
     with pytest.raises(InvalidMessage, match="reply_to"):
         decode(encode(request_id="r", reply_to="rec-responses\n"))
