@@ -455,6 +455,10 @@ class ItemLearner:
         self._slot[rows] = -1
         self._free_slots.extend(slots.tolist())
 
+    def rows_with_positives(self) -> np.ndarray:
+        """The rows whose items hold positives learned here (a statistics slot each)."""
+        return np.flatnonzero(self._slot[: len(self._ids)] >= 0)
+
     @property
     def items_with_positives(self) -> int:
         """How many items hold positives learned here (a statistics slot each)."""

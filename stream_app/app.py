@@ -714,8 +714,13 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
 
     @app.on_partitions_assigned.connect
     async def hold(app: faust.App, assigned, **kwargs) -> None:
-        sharing.held = frozenset(tp.partition for tp in assigned
-                                 if tp.topic == settings.train_topic)
+        held = frozenset(tp.partition for tp in assigned if tp.topic == settings.train_topic)
+        lost, sharing.held = sharing.held - held, held
+        if lost:  # handed over at the revocation: their next owner learns them now
+            if learner is not None:
+                learner.forget_partitions(lost)
+            else:
+                engine.forget_partitions(lost)
         sharing.assigned.set()
 
     async def hand_over() -> None:

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -590,6 +590,20 @@ class Engine:
             dr_new_items=new_items, dr_new_paths=new_paths, dr_weights=dr_weights,
             examples=len(examples) - failed, failed=failed,
             serving=self.serving_choice.state(), input_steps=self.learner.take_input_steps())
+
+    def forget_partitions(self, partitions: Collection[int]) -> int:
+        """Forget the solve statistics of the items of the training ``partitions``, which this
+        worker no longer holds; returns how many items held some. Kept, the background
+        re-solve went on moving this worker's copies of rows another worker now learns, from
+        statistics that no longer grow, until that worker's rows replaced them; and their
+        positives' mass stayed in this worker's α0."""
+        rows = self.learner.rows_with_positives()
+        partitions = frozenset(partitions)
+        lost = np.fromiter((item_partition(item, self.settings.partitions) in partitions
+                            for item in self.learner.item_ids_at(rows)),
+                           dtype=bool, count=len(rows))
+        self.learner.forget_positives(rows[lost])
+        return int(lost.sum())
 
     def install_rows(self, item_ids: list[str], rows: np.ndarray, offsets: np.ndarray, *,
                      keep_statistics: bool = False) -> LearnedReport:

@@ -49,7 +49,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -261,6 +261,10 @@ class LearnerProcess:
         :meth:`Engine.install_rows`)."""
         self._writer.write(rows_frame(records, keep_statistics))
 
+    def forget_partitions(self, partitions: Collection[int]) -> None:
+        """Tell the child to forget the statistics of the items of ``partitions``."""
+        self._writer.write(forget_frame(partitions))
+
     def _receive(self) -> None:
         try:
             while self._from_child.poll():
@@ -313,7 +317,7 @@ class LearnerProcess:
 
 
 # -- frames to the child: a length, a kind, the raw Kafka values (no pickle) ---------------------
-LEARN, SAVE, ROWS, SETTLE = b"L", b"S", b"R", b"W"
+LEARN, SAVE, ROWS, SETTLE, FORGET = b"L", b"S", b"R", b"W", b"F"
 _LENGTH = struct.Struct("!I")
 _LEARN_HEAD = struct.Struct("!QI")  # users, number of values
 _COUNT = struct.Struct("!i")  # positions in a learn frame; -1: none
@@ -346,6 +350,15 @@ def rows_frame(records: list[tuple[bytes, bytes]], keep_statistics: bool = False
     frame's count of users says whether their items keep their statistics (1) or not (0)."""
     return frame(ROWS, _values_body([part for record in records for part in record],
                                     int(keep_statistics)))
+
+
+def forget_frame(partitions: Collection[int]) -> bytes:
+    """Training partitions this worker no longer holds (:meth:`Engine.forget_partitions`)."""
+    return frame(FORGET, b",".join(b"%d" % partition for partition in sorted(partitions)))
+
+
+def parse_forget(body: memoryview) -> frozenset[int]:
+    return frozenset(int(part) for part in bytes(body).split(b",") if part)
 
 
 def parse_rows(body: memoryview) -> tuple[list[tuple[bytes, bytes]], bool]:
@@ -512,6 +525,10 @@ class LearnerLoop:
             report = install_records(self.engine, records, keep_statistics=keep_statistics)
             if report is not None:
                 self.outbox.send(("inputs", report))
+        elif kind == FORGET:
+            self.installed_since_save = True
+            forgotten = self.engine.forget_partitions(parse_forget(body))
+            log.info("forgot the statistics of %d items of partitions moved away", forgotten)
         elif kind == SETTLE:  # everything learned goes out, then the answer
             self.send_inputs()
             self.outbox.send(("settled",))

@@ -215,3 +215,40 @@ def test_steps_sent_before_a_failed_send_and_refused_are_held_again(tmp_path):
     held = {engine.learner.item_ids_at([row])[0]: step.tolist()
             for row, step in sharing._steps.items()}
     assert held == {"y": [2.0, 0.0], "z": [3.0, 0.0]}
+
+
+def test_a_worker_whose_training_partitions_move_away_forgets_their_items_statistics(tmp_path):
+    """The worker's app, learning on its event loop: an assignment without a training
+    partition it held before forgets the solve statistics of that partition's items (their
+    next owner learns them); those of the partitions kept stay."""
+    from aiokafka import TopicPartition
+
+    from stream_app.app import create_app
+    from stream_app.wire import TrainExample
+    from stream_app.worker import build_metrics
+
+    settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", metrics_port=0, model_dim=4,
+                        partitions=2, share_items=True, learner_process=False,
+                        dr_enabled=False)
+    engine = Engine(settings)
+    items = [f"item-{n}" for n in range(30)]
+    engine.learn([TrainExample(user_id=f"u{n}", item_id=item, alpha=1.0, ts=1.0,
+                               history=[items[n - 1]], weights=[1.0])
+                  for n, item in enumerate(items)], users=30)
+    app = create_app(settings, engine, build_metrics(engine))
+
+    def statistics() -> set[int]:
+        held = engine.learner.item_ids_at(engine.learner.rows_with_positives())
+        return {item_partition(item, 2) for item in held}
+
+    def train(*partitions: int) -> set:
+        return {TopicPartition(settings.train_topic, p) for p in partitions}
+
+    async def scenario() -> list[set[int]]:
+        seen = []
+        for assigned in (train(0, 1), train(0), train(0, 1)):
+            await app.on_partitions_assigned.send(assigned)
+            seen.append(statistics())
+        return seen
+
+    assert asyncio.run(scenario()) == [{0, 1}, {0}, {0}]

@@ -1179,3 +1179,29 @@ def test_a_learner_stops_once_checkpointed_while_an_m_step_runs_aside(tmp_path, 
     assert learner.stop(30)
     assert time.monotonic() - started < 15 and learner._process.exitcode == 0
     assert (tmp_path / "checkpoints" / "model.npz").exists()
+
+
+def test_a_worker_forgets_the_statistics_of_the_partitions_it_no_longer_holds(tmp_path):
+    """Items moved to another worker keep no statistics here: the background re-solve moved
+    this worker's copies of their rows from statistics that no longer grow, and their mass
+    stayed in α0. The child is told by a frame; the items of the partitions kept keep theirs."""
+    from stream_app.learner_process import FORGET, LearnerLoop, forget_frame, parse_forget
+
+    examples, _ = examples_and_histories(200)
+    engine = Engine(settings_for(tmp_path, dr_enabled=False, partitions=2))
+    engine.users = 240
+    engine.learn_reported(examples, step=32)
+    rows = engine.learner.rows_with_positives()
+    ids = engine.learner.item_ids_at(rows)
+    kept = {item for item in ids if item_partition(item, 2) == 0}
+    assert kept and len(kept) < len(ids)
+    read, write = os.pipe()
+    os.write(write, forget_frame({1}))
+    kind, body = read_frame(read)
+    os.close(write)
+    os.close(read)
+    assert kind == FORGET and parse_forget(body) == {1}
+    LearnerLoop(engine, engine.settings, SimpleNamespace(send=lambda _: None)).handle(kind, body)
+    left = engine.learner.item_ids_at(engine.learner.rows_with_positives())
+    assert set(left) == kept
+    assert engine.learner.positive_mass > 0
