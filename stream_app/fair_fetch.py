@@ -98,8 +98,8 @@ def seek_uncommitted_too(consumer: Any) -> None:
             generation = consumer.app.consumer_generation_id
             await rewind_uncommitted(kafka_consumer, {
                 tp: offset for tp, offset in committed.items() if tp.topic not in changelogs},
-                delivered={tp: offset for tp, (of_generation, offset) in given.items()
-                           if of_generation == generation})
+                delivered={tp: offset for tp, (of_generation, offset) in given.copy().items()
+                           if of_generation == generation})  # a copy: the loop adds to it
             return committed
 
         return await self.call_thread(seek)

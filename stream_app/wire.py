@@ -461,11 +461,14 @@ def salvage_request(raw: bytes | None) -> dict[str, str | None]:
     the value are replaced, and integers are not converted (one of more than 4,300 digits
     raises); strictly, either lost the request's id and its reply topic, and the client that
     waits there never heard of its error."""
-    try:
-        text = raw.decode("utf-8", "replace") if raw else ""
-        value = json.loads(text, parse_int=lambda digits: 0) if text else None
-    except (ValueError, RecursionError):  # deep nesting: RecursionError
-        value = None
+    value = None
+    for lenient in (False, True):  # as it came first: the json module reads a BOM, UTF-16
+        try:
+            text = raw.decode("utf-8", "replace") if lenient and raw else raw
+            value = json.loads(text, parse_int=lambda digits: 0) if text else None
+            break
+        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: Recursion…
+            value = None
     fields: dict[str, str | None] = {"request_id": None, "user_id": None, "reply_to": None}
     if isinstance(value, dict):
         for name in fields:

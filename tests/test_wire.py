@@ -148,6 +148,13 @@ def test_salvage_reads_past_what_made_the_request_fail(damage):
                                     "reply_to": "rec-responses-client7"}
 
 
+def test_salvage_reads_what_the_json_module_reads_a_bom_and_utf16_included():
+    text = '{"request_id":"r1","reply_to":"rec-responses-x","k":0}'
+    for raw in (b"\xef\xbb\xbf" + text.encode(), text.encode("utf-16")):
+        assert salvage_request(raw)["request_id"] == "r1"
+        assert salvage_request(raw)["reply_to"] == "rec-responses-x"
+
+
 def test_a_reply_topic_ending_in_a_newline_is_refused():
     with pytest.raises(InvalidMessage, match="reply_to"):
         decode(encode(request_id="r", reply_to="rec-responses\n"))
