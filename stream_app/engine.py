@@ -351,15 +351,8 @@ class Engine:
                 ) -> tuple[History, list[float], TrainExample] | None:
         """The event appended to a history whose events weigh ``weights``: the new history
         (its stored user vector not refreshed), its weights and the training example; None
-        for a redelivery. The caller counts the event in the popularity.
-
-        A redelivery is an event whose id the window holds, or one with an id from a message
-        the history has taken in (``source`` at or below where it stands) whose id has left
-        the window: read again after a crash with more than a window of its user's events,
-        the first ones, appended again, pushed the rest out, and every event was taken in
-        twice."""
-        if history.has_event(event.event_id) or (event.event_id
-                                                 and history.read_before(source)):
+        for a redelivery. The caller counts the event in the popularity."""
+        if history.has_event(event.event_id):
             return None
         if not history:
             self.users += 1
@@ -383,9 +376,8 @@ class Engine:
                 source: tuple[int, int]) -> TrainExample:
         """The example of an event that ``history`` holds already, made again from the
         events before its last occurrence there: the example it had, unless events have left
-        the window since (then its history is shorter; empty for an event that left it)."""
-        ids = history.event_ids
-        place = len(ids) - 1 - ids[::-1].index(event.event_id) if event.event_id in ids else 0
+        the window since (then its history is shorter)."""
+        place = len(history.event_ids) - 1 - history.event_ids[::-1].index(event.event_id)
         return self._example(event, self._weight_of_kind[event.kind], history.items[:place],
                              weights[:place], history.ts[:place], source)
 

@@ -174,25 +174,6 @@ def test_an_event_read_again_gets_its_example_again_and_a_clients_duplicate_none
     assert elsewhere.examples == [None]
 
 
-def test_more_than_a_window_of_events_read_again_changes_nothing(tmp_path):
-    """Five events of a user read again after a crash, with a window of three: the first two,
-    whose ids have left the window, were appended again and pushed the rest out, so every
-    event was taken in twice (counted twice in the popularity, and made examples whose
-    histories held later events). Their messages were taken in already: nothing changes, and
-    an example made again holds only events before its own, none for those that left."""
-    engine = Engine(Settings(data_dir=tmp_path, history_length=3, popularity_refresh_s=0))
-    events = [Event(user_id="a", item_id=f"i{n}", kind="view", ts=float(n), event_id=f"e{n}")
-              for n in range(5)]
-    sources = [(0, 100 + n) for n in range(5)]
-    stored, examples, _ = engine.ingest_many(events, {}, sources)
-    counts = [engine.popularity.count(f"i{n}") for n in range(5)]
-    updated, again, repeated = engine.ingest_many(events, stored, sources)
-    assert repeated == [True] * 5 and "a" not in updated  # nothing to write again
-    assert [engine.popularity.count(f"i{n}") for n in range(5)] == counts
-    assert [example.history for example in again] == [[], [], [], ["i2"], ["i2", "i3"]]
-    assert [example.source for example in again] == sources
-
-
 def test_a_history_read_again_keeps_where_it_stands(tmp_path):
     """An event without an id is added again when its partition is read again; the history
     stays at the last offset it took in, so a later event with an id read again still gets
