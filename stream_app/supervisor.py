@@ -69,9 +69,11 @@ class System:
         deadline = time.monotonic() + timeout_s
         with RecClient(self.settings) as client:
             while time.monotonic() < deadline:
-                if not self.worker.alive():
-                    raise RuntimeError(f"the worker exited; see {self.logs / 'worker.log'}\n"
-                                       + tail(self.logs / "worker.log"))
+                for name, child in (("worker", self.worker), ("broker", self.broker)):
+                    if child is not None and not child.alive():
+                        log_path = self.logs / f"{name}.log"
+                        raise RuntimeError(f"the {name} exited; see {log_path}\n"
+                                           + tail(log_path))
                 try:
                     client.recommend(user_id=None, k=1, timeout_s=2.0)
                     return

@@ -393,3 +393,34 @@ def test_the_supervisor_returns_on_ctrl_c_or_its_workers_death():
     status, seconds = first.split()
     assert status == "0" and float(seconds) < 5.0
     assert restored == "True" and died == "137"
+
+
+def test_a_start_whose_broker_dies_says_so(tmp_path, monkeypatch):
+    """The wait for a first answer watches the embedded broker too: gone, it is named with
+    its log, not left for the 120 s of the wait to end in the worker's name."""
+    from types import SimpleNamespace
+
+    from stream_app import supervisor
+    from stream_app.client import ResponseTimeout
+
+    class Unanswered:
+        def __init__(self, settings) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def recommend(self, **kwargs):
+            raise ResponseTimeout("no answer")
+
+    monkeypatch.setattr(supervisor, "RecClient", Unanswered)
+    system = supervisor.System(Settings(data_dir=tmp_path))
+    system.worker = SimpleNamespace(alive=lambda: True)
+    system.broker = SimpleNamespace(alive=lambda: False)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "broker.log").write_text("out of memory\n")
+    with pytest.raises(RuntimeError, match="the broker exited(.|\n)*out of memory"):
+        system.wait_ready(5.0)
