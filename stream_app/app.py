@@ -38,7 +38,7 @@ from .fair_fetch import install_active_only_polls, install_fair_fetch, install_f
 from .intake import IntakeLag
 from .kafka import faust_credentials, key_partition
 from .item_sharing import (PUBLISHER, ItemSharing, Records, StepMessages, forget_rows_shared,
-                           install_records, rows_shared_mark)
+                           install_records, own_publishers, rows_shared_mark)
 from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .request_reader import RequestReader
@@ -684,6 +684,7 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
     sharing = ItemSharing(settings, engine, owned, install, engine.model_saved_at(),
                           taken=learner.drained if learner is not None else None,
                           owes_every_row=not rows_shared_mark(settings).exists())
+    sharing.own_publishers = own_publishers(settings, sharing.instance)
     sharing.export(metrics)
 
     @app.task

@@ -182,6 +182,9 @@ class ItemSharing:
         # or a row of its own items published before a crash would overwrite newer learning
         self.caught_up = asyncio.Event()
         self.instance = uuid.uuid4().hex.encode()  # this process, in its records' headers
+        # earlier processes of this data dir (:func:`own_publishers`): rows they published
+        # after the checkpoint are this worker's own learning, kept with its statistics
+        self.own_publishers: frozenset[bytes] = frozenset()
         self.held: frozenset[int] = frozenset()  # training partitions as last assigned
         # set at the worker's first assignment: the catch-up waits for it, since before it
         # no item is this worker's and every row of its own items would be installed, those
@@ -490,23 +493,48 @@ class ItemSharing:
         """:meth:`wanted` of fetched ``batches``, the records before ``catch_up``'s end offsets
         (the topic's ends when this reader started) as the catch-up's: the records whose
         items' statistics go, and those of the catch-up that are this worker's own items,
-        whose statistics stay (:meth:`Engine.install_rows`). Every record of the second
-        comes before any of the first of the same item (an item's records share a partition,
-        and the catch-up's come first in it)."""
+        whose statistics stay (:meth:`Engine.install_rows`): those an earlier process of this
+        data dir published last (:attr:`own_publishers`), not another worker that held the
+        items meanwhile. An item's records all go to one part, and every record of the
+        second comes before any of the first of the same item (an item's records share a
+        partition, and the catch-up's come first in it)."""
         others: Records = []
         own: Records = []
         owned = self._owned()
         for tp, batch in batches.items():
             end = catch_up.get(tp, 0)
             early = [record for record in batch if record.offset < end]
+            last_publisher = {record.key: publisher_of(record) for record in early}
             for key, value in self.wanted([(record.key, record.value) for record in early],
                                           [record.timestamp / 1000 for record in early]):
-                mine = self._owns(key.decode(errors="replace"), owned)
+                mine = (last_publisher[key] in self.own_publishers
+                        and self._owns(key.decode(errors="replace"), owned))
                 (own if mine else others).append((key, value))
             live = batch[len(early):]
             others += self.wanted([(record.key, record.value) for record in live],
                                   publishers=[publisher_of(record) for record in live])
         return others, own
+
+
+#: the file in a data dir naming the processes that published item rows from it, newest last
+PUBLISHERS_FILE = "item-rows-publishers"
+#: how many of them it keeps (a worker that restarts in a loop)
+PUBLISHERS_KEPT = 16
+
+
+def own_publishers(settings: Settings, instance: bytes) -> frozenset[bytes]:
+    """The publishers of the earlier processes of this data dir, and ``instance`` noted
+    among them for the next start (the file written aside and renamed into place)."""
+    path = settings.data_dir / PUBLISHERS_FILE
+    try:
+        earlier = path.read_bytes().split()
+    except FileNotFoundError:
+        earlier = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(path.name + ".tmp")
+    aside.write_bytes(b"\n".join((earlier + [instance])[-PUBLISHERS_KEPT:]) + b"\n")
+    aside.replace(path)
+    return frozenset(earlier)
 
 
 def publisher_of(record: Any) -> bytes | None:

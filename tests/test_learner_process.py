@@ -809,8 +809,12 @@ def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
     """While a starting worker reads what the topic held when it started, the rows of its own
     items published after its checkpoint come in too (a joining worker's items start from
     their last owner's rows, a crashed one's from its last publish), whenever its partitions
-    are assigned; older ones, and any own row after the catch-up, stay out."""
+    are assigned; older ones, and any own row after the catch-up, stay out. Those an earlier
+    process of its data dir published keep their statistics; those of another worker that
+    held the items meanwhile do not."""
     from aiokafka import TopicPartition
+
+    from stream_app.item_sharing import PUBLISHER
 
     engine = Engine(Settings(model_dim=16, partitions=2, dr_enabled=False))
     items = [f"i{n}" for n in range(40)]
@@ -826,7 +830,13 @@ def test_the_catch_up_installs_own_rows_published_after_the_checkpoint():
     catch_up = {tp: 2 * len(items)}  # the topic's end when the reader started
     assert keys(sharing._to_install(fetched(0, 999.0), catch_up)) == set(items) - set(mine)
     others, own = sharing._to_install(fetched(len(items), 1_001.0), catch_up)
+    assert keys(others) == set(items) and own == []  # by no earlier process of this data dir
+    sharing.own_publishers = frozenset({b"earlier"})
+    by = {tp: fetched_rows(items, len(items), 1_001.0, ((PUBLISHER, b"earlier"),))}
+    others, own = sharing._to_install(by, catch_up)
     assert keys(others) == set(items) - set(mine) and keys(own) == set(mine)  # theirs kept
+    by = {tp: fetched_rows(items, len(items), 1_001.0, ((PUBLISHER, b"another-worker"),))}
+    assert sharing._to_install(by, catch_up)[1] == []  # it held them meanwhile: theirs go
     assert keys(sharing._to_install(fetched(2 * len(items), 1_002.0), catch_up)) \
         == set(items) - set(mine)  # published after the reader started: live records
     own = [(mine[0].encode(), b"row")]
@@ -968,6 +978,18 @@ def test_a_stopping_worker_waits_for_its_learner_before_its_last_commit(tmp_path
     app = create_app(settings, engine, build_metrics(engine), learner)
     asyncio.run(app.on_before_shutdown.send())
     assert waits == ([] if died else [("settle", 7.0), ("checkpoint", 7.0)])
+
+
+def test_each_process_of_a_data_dir_is_noted_among_its_publishers(tmp_path):
+    from stream_app.item_sharing import PUBLISHERS_KEPT, own_publishers
+
+    settings = settings_for(tmp_path)
+    assert own_publishers(settings, b"first") == frozenset()
+    assert own_publishers(settings, b"second") == {b"first"}
+    for n in range(2 * PUBLISHERS_KEPT):
+        own_publishers(settings, b"p%d" % n)
+    newest = range(PUBLISHERS_KEPT, 2 * PUBLISHERS_KEPT)
+    assert own_publishers(settings, b"last") == {b"p%d" % n for n in newest}
 
 
 def test_the_learner_process_installs_rows_that_come_in_a_frame(tmp_path):
