@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from state.gramian import atomic_write
 from state.stream_positions import ROWS_SHARED
 
 from .compat import FetchWaitGuard, check_aiokafka, exact_end_offsets
@@ -524,16 +525,15 @@ PUBLISHERS_KEPT = 16
 
 def own_publishers(settings: Settings, instance: bytes) -> frozenset[bytes]:
     """The publishers of the earlier processes of this data dir, and ``instance`` noted
-    among them for the next start (the file written aside and renamed into place)."""
+    among them for the next start (written atomically: a crash leaves the old list)."""
     path = settings.data_dir / PUBLISHERS_FILE
     try:
         earlier = path.read_bytes().split()
     except FileNotFoundError:
         earlier = []
     path.parent.mkdir(parents=True, exist_ok=True)
-    aside = path.with_name(path.name + ".tmp")
-    aside.write_bytes(b"\n".join((earlier + [instance])[-PUBLISHERS_KEPT:]) + b"\n")
-    aside.replace(path)
+    noted = b"\n".join((earlier + [instance])[-PUBLISHERS_KEPT:]) + b"\n"
+    atomic_write(path, lambda handle: handle.write(noted))
     return frozenset(earlier)
 
 
