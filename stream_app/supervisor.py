@@ -69,11 +69,11 @@ class System:
         deadline = time.monotonic() + timeout_s
         with RecClient(self.settings) as client:
             while time.monotonic() < deadline:
-                for name, child in (("worker", self.worker), ("broker", self.broker)):
-                    if child is not None and not child.alive():
-                        log_path = self.logs / f"{name}.log"
-                        raise RuntimeError(f"the {name} exited; see {log_path}\n"
-                                           + tail(log_path))
+                dead = dead_child(self)
+                if dead is not None:
+                    log_path = self.logs / f"{dead[0]}.log"
+                    raise RuntimeError(f"the {dead[0]} exited; see {log_path}\n"
+                                       + tail(log_path))
                 try:
                     client.recommend(user_id=None, k=1, timeout_s=2.0)
                     return
@@ -169,6 +169,14 @@ def forget_broker_state(settings: Settings) -> list[str]:
     return dropped
 
 
+def dead_child(system: System) -> tuple[str, Child] | None:
+    """The worker or the embedded broker (by name) when it is no longer running, else None."""
+    for name, child in (("worker", system.worker), ("broker", getattr(system, "broker", None))):
+        if child is not None and not child.alive():
+            return name, child
+    return None
+
+
 def wait_for_signal(system: System) -> int:
     """Block until SIGINT/SIGTERM or until the worker or the embedded broker dies. Returns 0
     after a signal, and after a death the status to exit with: the process's own (the
@@ -186,13 +194,13 @@ def wait_for_signal(system: System) -> int:
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not received:
-            for name, child in (("worker", system.worker),
-                                ("broker", getattr(system, "broker", None))):
-                if child is not None and not child.alive():
-                    status = child.process.poll()
-                    log.error("the %s exited (status %s):\n%s", name, status,
-                              tail(system.logs / f"{name}.log"))
-                    return 128 - status if status < 0 else status or 1  # by signal N: 128+N
+            dead = dead_child(system)
+            if dead is not None:
+                name, child = dead
+                status = child.process.poll()
+                log.error("the %s exited (status %s):\n%s", name, status,
+                          tail(system.logs / f"{name}.log"))
+                return 128 - status if status < 0 else status or 1  # by signal N: 128+N
             time.sleep(0.1)
         return 0
     finally:
