@@ -462,13 +462,13 @@ def salvage_request(raw: bytes | None) -> dict[str, str | None]:
     raises); strictly, either lost the request's id and its reply topic, and the client that
     waits there never heard of its error."""
     value = None
-    for lenient in (False, True):  # as it came first: the json module reads a BOM, UTF-16
+    # as it came first (the json module reads a BOM, UTF-16), then with bad bytes replaced
+    for text in (raw, raw.decode("utf-8", "replace")) if raw else ():
         try:
-            text = raw.decode("utf-8", "replace") if lenient and raw else raw
-            value = json.loads(text, parse_int=lambda digits: 0) if text else None
+            value = json.loads(text, parse_int=lambda digits: 0)
             break
-        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: Recursion…
-            value = None
+        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
+            continue
     fields: dict[str, str | None] = {"request_id": None, "user_id": None, "reply_to": None}
     if isinstance(value, dict):
         for name in fields:
