@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -377,7 +378,7 @@ def _prequential_batch(stream: Stream, spec: ModelSpec,
             model = spec.build(**spec.grid[0])
             train = interaction_matrix(ev.users[:lo], ev.items[:lo], stream.dataset.n_users,
                                        stream.dataset.n_items)
-            spent += _timed(lambda: model.fit(train))
+            spent += _timed(partial(model.fit, train))
             learned += int(lo)
             slots = np.flatnonzero((stream.scored >= lo) & (stream.scored < hi))
             for part in np.array_split(slots, max(1, -(-len(slots) // config.batch_size))):
