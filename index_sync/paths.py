@@ -39,10 +39,13 @@ class MStepPolicy:
 
 
 def unit_rows(phis: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero): the structure model's input."""
+    """Rows scaled to unit length: the structure model's input. Zero rows stay zero, and so
+    do rows that are not finite (a NaN norm fails ``> 0``, but an infinite one passed, and
+    inf/inf made one NaN input that turned every weight to NaN at the next step)."""
     phis = np.atleast_2d(np.asarray(phis, dtype=np.float64))
     norms = np.linalg.norm(phis, axis=1, keepdims=True)
-    return np.divide(phis, norms, out=np.zeros_like(phis), where=norms > 0)
+    return np.divide(phis, norms, out=np.zeros_like(phis),
+                     where=(norms > 0) & np.isfinite(norms))
 
 
 class PathRetrieval:
@@ -96,8 +99,7 @@ class PathRetrieval:
 
     def _start(self, now: float) -> None:
         """Copy the path scores here (learn thread) and run the descent on the copy aside."""
-        snapshot = self.model.m_step_snapshot()
-        self.model.m_step_at = now
+        snapshot = self.model.m_step_snapshot(now)
         self._running = self._executor.submit(self.model.compute_m_step, snapshot,
                                               self._stopping.is_set)
         self._running.snapshot = snapshot
@@ -116,6 +118,7 @@ class PathRetrieval:
         try:
             result = running.result()
         except Exception as error:  # noqa: BLE001 - the paths in force keep serving
+            self.model.m_step_ended(running.snapshot)  # tried again when due, not at once
             self.failures += 1
             self.last_error = repr(error)
             log.exception("M-step failed; the previous paths keep serving")

@@ -445,6 +445,10 @@ class MStepSnapshot:
     scores: np.ndarray
     counts: np.ndarray
     assignment: np.ndarray
+    # the stream's pairs and the time at the snapshot: the marks of the last M-step once it
+    # is installed (or failed), not before (a checkpoint of one under way keeps the earlier)
+    pairs: int = 0
+    at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -547,6 +551,10 @@ class DeepRetrieval:
         """
         self._tracking()
         x = np.asarray(x, dtype=np.float32).reshape(len(item_ids), self.config.input_dim)
+        if not len(x):
+            return float("nan")
+        if not np.isfinite(x).all():  # one such row turns every weight to NaN for good
+            raise ValueError("user vectors must be finite")
         cfg = self.config
         rows = self.assign_new(item_ids, x=x if cfg.new_item_paths == "beam" else None)
         paths = decode_paths(self._assign[rows], cfg.width, cfg.depth)
@@ -685,18 +693,25 @@ class DeepRetrieval:
         self.install_m_step(snapshot, result)
         return result
 
-    def m_step_snapshot(self) -> MStepSnapshot:
+    def m_step_snapshot(self, now: float | None = None) -> MStepSnapshot:
         """Copies of what the M-step reads, so it can run on another thread while learning goes
-        on (learn thread; O(n·S) copies)."""
+        on (learn thread; O(n·S) copies). ``now``: the M-step's start (default: the clock)."""
         self._tracking()
         n = len(self._ids)
-        self.m_step_pairs, self.m_step_at = self._pairs_learned, time.time()
         return MStepSnapshot(n, self.tracker.codes.copy(), self.tracker.scores.copy(),
-                             self._counts[:n].copy(), self._assign[:n].copy())
+                             self._counts[:n].copy(), self._assign[:n].copy(),
+                             self._pairs_learned, time.time() if now is None else now)
+
+    def m_step_ended(self, snapshot: MStepSnapshot) -> None:
+        """Count the M-step of ``snapshot`` as the last one (installed, or failed: the next
+        waits for the policy as after one that ran). One stopped before its end is not
+        counted: a checkpoint then keeps the marks of the one before, and a restarted worker
+        runs it again when due, rather than an interval after a reassignment it never made."""
+        self.m_step_pairs, self.m_step_at = snapshot.pairs, snapshot.at
 
     @property
     def pairs_since_m_step(self) -> int:
-        """Pairs learned since the last M-step's snapshot."""
+        """Pairs learned since the snapshot of the last M-step that ended."""
         return self._pairs_learned - self.m_step_pairs
 
     def compute_m_step(self, snapshot: MStepSnapshot,
@@ -717,6 +732,7 @@ class DeepRetrieval:
         assign[:snapshot.n] = result.assignment
         index = PathIndex.build(assign[:len(self._ids)])
         self._assign, self._serving = assign, _Serving(index, {}, self._ids)
+        self.m_step_ended(snapshot)
         self._m_steps += 1
         self._last_m_step_seconds = result.seconds
 

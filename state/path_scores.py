@@ -230,6 +230,10 @@ class PathScoreTracker:
         self.grow(len(codes))
         self._codes[:self._n] = codes
         self._scores[:self._n] = scores
+        # rows past the loaded ones are the next items' and must start empty (grow keeps
+        # the arrays it has: a load onto a longer state left another item's scores there)
+        self._codes[self._n:] = EMPTY
+        self._scores[self._n:] = 0.0
 
 
 @dataclass(frozen=True)

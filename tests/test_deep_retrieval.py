@@ -681,3 +681,91 @@ def test_new_items_met_with_a_first_user_who_is_new_too_are_spread_at_random():
     paths = PathRetrieval(config)
     paths.learn(np.zeros((6, 4)), [f"new-{n}" for n in range(6)])
     assert len({tuple(row) for row in paths.model.assignment.tolist()}) > 1
+
+
+def _weights_finite(model: DeepRetrieval) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.model.parameters())
+
+
+def test_a_user_vector_that_is_not_finite_leaves_the_structure_model_finite():
+    """An infinite user vector passed the zero-row check (inf > 0) and became NaN at the unit
+    scaling: one Adam step then turned every weight NaN, in every checkpoint after."""
+    from index_sync.paths import PathRetrieval
+
+    config = DRConfig(input_dim=4, width=3, depth=2, top_s=4, paths_per_item=2, seed=0)
+    paths = PathRetrieval(config)
+    bad = np.array([[np.inf, 1.0, 1.0, 1.0], [np.nan, 0.0, 0.0, 1.0]])
+    assert math.isnan(paths.learn(bad, ["a", "b"]))  # nothing to learn from either
+    assert _weights_finite(paths.model)
+    mixed = np.array([[np.inf, 1.0, 1.0, 1.0], [0.5, 0.1, 0.0, 1.0]])
+    assert math.isfinite(paths.learn(mixed, ["a", "b"]))
+    assert _weights_finite(paths.model)
+    assert np.isfinite(paths.model.tracker.scores).all()
+    with pytest.raises(ValueError, match="finite"):  # the model itself refuses them
+        paths.model.learn(np.array([[np.nan, 0.0, 0.0, 1.0]], dtype=np.float32), ["a"])
+    assert _weights_finite(paths.model)
+    paths.close()
+
+
+def test_an_empty_batch_learns_nothing():
+    model = DeepRetrieval(DRConfig(input_dim=4, width=3, depth=2, seed=0))
+    assert math.isnan(model.learn(np.zeros((0, 4)), []))
+    assert len(model) == 0 and model.pairs_since_m_step == 0
+
+
+def test_a_checkpoint_loaded_onto_a_longer_state_leaves_the_next_items_unscored(tmp_path):
+    """Loading kept the tracker's arrays past the loaded rows: the next new item took the
+    scores of an item of the state loaded over, so the M-step moved it as if it were scored."""
+    config = DRConfig(input_dim=4, width=3, depth=2, top_s=4, paths_per_item=2, seed=0)
+    rng = np.random.default_rng(0)
+    model = DeepRetrieval(config)
+    model.learn(rng.normal(size=(10, 4)), [f"i{k}" for k in range(10)])
+    model.save(tmp_path)
+    model.learn(rng.normal(size=(50, 4)), [f"j{k}" for k in range(50)])
+    assert model.load(tmp_path)
+    row = model.assign_new(["new"])[0]
+    assert row == 10
+    assert (model.tracker.codes[row] == -1).all() and (model.tracker.scores[row] == 0).all()
+
+
+def test_an_m_step_counts_for_the_policy_once_it_ended(tmp_path):
+    """A checkpoint taken while an M-step runs keeps the marks of the one before: the marks
+    moved when it started, so a worker stopped during it (its descent cancelled) came back as
+    if it had reassigned the items, and waited a whole interval to try again."""
+    from index_sync.paths import MStepPolicy, PathRetrieval
+
+    config = DRConfig(input_dim=4, width=3, depth=2, seed=1)
+    policy = MStepPolicy(interval_s=300.0, events=1000)
+    phis = np.random.default_rng(0).normal(size=(40, 4))
+    paths = PathRetrieval(config, policy)
+    paths.learn(phis, [f"i{n % 7}" for n in range(40)])
+    paths.model.m_step_at = 1000.0
+    assert paths.maybe_m_step(now=1300.0)  # started, not installed
+    paths.model.save(tmp_path)
+    restarted = PathRetrieval(config, policy)
+    assert restarted.model.load(tmp_path)
+    assert restarted.events_since_m_step == 40 and restarted.model.m_step_at == 1000.0
+    assert restarted.maybe_m_step(now=1300.0)  # due again at once
+    restarted.close()
+    paths.run_m_step_now(timeout=60)  # installs the one under way
+    assert paths.events_since_m_step == 0 and paths.model.m_step_at == 1300.0
+    paths.close()
+
+
+def test_a_failed_m_step_waits_for_the_policy_before_it_is_tried_again(monkeypatch):
+    from index_sync.paths import MStepPolicy, PathRetrieval
+
+    config = DRConfig(input_dim=4, width=3, depth=2, seed=1)
+    paths = PathRetrieval(config, MStepPolicy(interval_s=300.0, events=1000))
+    paths.learn(np.random.default_rng(0).normal(size=(40, 4)), [f"i{n % 7}" for n in range(40)])
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("descent failed")
+
+    monkeypatch.setattr(paths.model, "compute_m_step", fail)
+    paths.model.m_step_at = 1000.0
+    assert paths.maybe_m_step(now=1300.0)
+    assert paths.run_m_step_now(timeout=60) is None and paths.failures == 1
+    assert paths.events_since_m_step == 0 and paths.model.m_step_at == 1300.0
+    assert not paths.maybe_m_step(now=1400.0)
+    paths.close()
