@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from evaluation.cli import add_eval_parser, cmd_eval
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings()
-    except ValidationError as error:
+    except (ValidationError, SettingsError) as error:  # SettingsError: a value not JSON
         print(f"streamrec: invalid configuration:\n{error}", file=sys.stderr)
         return 2
     for name in unknown_settings(os.environ):

@@ -29,10 +29,21 @@ def unknown_settings(environ: Mapping[str, str]) -> list[str]:
                   if name.upper().startswith("STREAMREC_") and name.upper() not in known)
 
 
+def broker_servers(broker: str) -> list[str]:
+    """``host:port`` strings of a ``broker`` setting: servers split at ``,`` or ``;``, each
+    with or without ``kafka://``, spaces around them left out."""
+    parts = (part.strip() for part in broker.replace(",", ";").split(";"))
+    return [part.removeprefix("kafka://").strip() for part in parts if part.removeprefix(
+        "kafka://").strip()]
+
+
 class Settings(BaseSettings):
     """streamrec configuration. Every field maps to ``STREAMREC_<FIELD>`` (case-insensitive)."""
 
-    model_config = SettingsConfigDict(env_prefix="STREAMREC_", frozen=True, extra="ignore")
+    # A variable set to nothing (``STREAMREC_BROKER=`` in an env file) is read as unset: the
+    # default, where pydantic-settings would read "" (no broker servers at all, Path("."))
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", frozen=True, extra="ignore",
+                                      env_ignore_empty=True)
 
     # -- broker --------------------------------------------------------------------------
     broker: str | None = Field(
@@ -357,12 +368,37 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 disables the endpoint.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("broker")
+    @classmethod
+    def _names_servers(cls, broker: str | None) -> str | None:
+        if broker is not None and not broker_servers(broker):
+            raise ValueError(f"broker {broker!r} names no server (unset it for the embedded "
+                             "broker)")
+        return broker
+
     @field_validator("default_sources")
     @classmethod
     def _some_source(cls, sources: list[str]) -> list[str]:
         if not sources:
             raise ValueError("at least one default source is required")
         return list(dict.fromkeys(sources))
+
+    @model_validator(mode="after")
+    def _security_settings_agree(self) -> Settings:
+        """Settings a client would drop without a word, or that fail only at each client's
+        handshake, are refused at start (every mechanism here needs a user and a password)."""
+        protocol = self.security_protocol
+        if protocol.startswith("SASL") and (not self.sasl_username or self.sasl_password is None):
+            raise ValueError(f"security_protocol {protocol} needs sasl_username and "
+                             "sasl_password")
+        files = [name for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+                 if getattr(self, name) is not None]
+        if files and not protocol.endswith("SSL"):
+            raise ValueError(f"{', '.join(files)} are read only with security_protocol SSL or "
+                             f"SASL_SSL, not {protocol}")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile needs ssl_certfile (the key's certificate)")
+        return self
 
     @model_validator(mode="after")
     def _ials_fold_in_is_regularized(self) -> Settings:
@@ -391,7 +427,8 @@ class Settings(BaseSettings):
                      mode="before")
     @classmethod
     def _none_word(cls, value):
-        """``none`` (or an empty value) in the environment turns a decay with a default off."""
+        """``none`` in the environment turns a decay with a default off (a blank variable is
+        unset, as every setting's: the default)."""
         if isinstance(value, str) and value.strip().lower() in ("", "none"):
             return None
         return value
@@ -434,8 +471,7 @@ class Settings(BaseSettings):
         """``host:port`` strings for kafka-python, whatever form ``broker`` was given in."""
         if self.broker is None:
             return [f"{self.embedded_host}:{self.embedded_port}"]
-        raw = self.broker.removeprefix("kafka://")
-        return [part.removeprefix("kafka://") for part in raw.replace(",", ";").split(";") if part]
+        return broker_servers(self.broker)
 
     @property
     def faust_broker_url(self) -> str:

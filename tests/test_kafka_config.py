@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import faust
+import pytest
 
 from kafka.partitioner import DefaultPartitioner
 
@@ -72,3 +73,20 @@ def test_a_key_goes_to_the_partition_kafkas_default_partitioner_picks():
                                   available_partitions_for_topic=lambda _: every)
         assert [key_partition(key, partitions) for key in keys] == [
             DefaultPartitioner().partition("t", key, key, None, None, cluster) for key in keys]
+
+
+@pytest.mark.parametrize("settings, refusal", [
+    ({"security_protocol": "SASL_SSL"}, "needs sasl_username"),
+    ({"security_protocol": "SASL_PLAINTEXT", "sasl_username": "svc"}, "needs sasl_username"),
+    ({"ssl_cafile": "ca.pem"}, "ssl_cafile are read only with"),
+    ({"security_protocol": "SASL_PLAINTEXT", "sasl_username": "svc", "sasl_password": "pw",
+      "ssl_certfile": "c.pem", "ssl_keyfile": "k.pem"}, "read only with"),
+    ({"security_protocol": "SSL", "ssl_keyfile": "k.pem"}, "needs ssl_certfile"),
+])
+def test_security_settings_a_client_would_drop_are_refused(settings, refusal):
+    """Before, a TLS file with a plain protocol was ignored by every client, a key without its
+    certificate dropped, and SASL without credentials failed at each client's handshake."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=refusal):
+        Settings(broker="k:9093", **settings)

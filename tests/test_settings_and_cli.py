@@ -61,6 +61,35 @@ def test_defaults_mean_the_embedded_broker_on_loopback():
     assert settings.worker_fetch_max_wait_ms == 10
 
 
+def test_a_blank_variable_is_unset(monkeypatch):
+    """``STREAMREC_BROKER=`` in an env file meant no servers at all (every client then failed
+    to pick one), a blank file setting the current directory, a blank number an error."""
+    for name in ("BROKER", "SSL_CAFILE", "EMBEDDED_COMPAT", "FETCH_MAX_WAIT_MS", "PARTITIONS"):
+        monkeypatch.setenv(f"STREAMREC_{name}", "")
+    settings = Settings()
+    assert settings.embedded and settings.bootstrap_servers == ["127.0.0.1:9092"]
+    assert settings.ssl_cafile is None and settings.compat_fixes
+    assert settings.partitions == Settings.model_fields["partitions"].default
+
+
+def test_broker_servers_are_read_with_spaces_around_them(monkeypatch):
+    monkeypatch.setenv("STREAMREC_BROKER", " a:9092, b:9093 ;kafka://c:9094 ")
+    assert Settings().bootstrap_servers == ["a:9092", "b:9093", "c:9094"]
+    assert Settings().faust_broker_url == "kafka://a:9092;kafka://b:9093;kafka://c:9094"
+    monkeypatch.setenv("STREAMREC_BROKER", " ; kafka:// ,")
+    with pytest.raises(ValidationError, match="names no server"):
+        Settings()
+
+
+def test_a_setting_that_is_not_json_is_an_invalid_configuration(monkeypatch, capsys):
+    """A list setting typed with commas failed inside pydantic-settings, before validation:
+    a traceback, where every other bad setting gets the message and exit code 2."""
+    monkeypatch.setenv("STREAMREC_DEFAULT_SOURCES", "ann,popular")
+    assert main(["recommend", "--user", "u"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err and "default_sources" in err
+
+
 def test_bad_settings_are_refused(monkeypatch):
     for weights in ('{"view": 0}', '{"view": 1e400}', '{"view": NaN}'):
         monkeypatch.setenv("STREAMREC_KIND_WEIGHTS", weights)
