@@ -8,6 +8,11 @@ Formats (the three of the shared datasets, plus our own wire format):
 - ``pairs``: one line per interaction, ``user item``, each user's lines in time order.
 - ``jsonl``: one wire-format event (JSON object) per line.
 
+Every event gets an id (what makes a redelivery harmless): a JSONL event keeps its own; the
+others are named by the file's content and the event's place in its user's order, so the same
+file replayed twice repeats its ids (and the second replay is ignored), while another file's
+events, of the same users, never take them.
+
 Files without timestamps become a stream that interleaves users while keeping each user's own
 order: every user's events get sorted uniform random times (seeded), and the log is sorted by
 them. This is a uniformly random merge of the per-user sequences, so the stream never replays
@@ -17,6 +22,7 @@ them. This is a uniformly random merge of the per-user sequences, so the stream 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,25 +43,35 @@ class InteractionLog:
     kinds: np.ndarray  # str
     ts: np.ndarray  # float64, non-decreasing
     order: np.ndarray  # int64
+    source: str = ""  # names the file's content in the event ids made for it
+    event_ids: np.ndarray | None = None  # str, the file's own ("" where an event had none)
 
     def __len__(self) -> int:
         return len(self.users)
 
     def events(self) -> Iterator[dict]:
+        prefix = f"{self.source}:" if self.source else ""
         for i in range(len(self)):
-            yield {"v": 1, "event_id": f"{self.users[i]}:{self.order[i]}",
+            own = str(self.event_ids[i]) if self.event_ids is not None else ""
+            yield {"v": 1, "event_id": own or f"{prefix}{self.users[i]}:{self.order[i]}",
                    "user_id": str(self.users[i]), "item_id": str(self.items[i]),
                    "kind": str(self.kinds[i]), "ts": float(self.ts[i])}
 
 
+GUESS_LINES = 100
+
+
 def guess_format(path: Path) -> str:
+    """By the suffix, else by the first lines: ``pairs`` when each has two columns (a
+    ``sequences`` file whose first user has one item reads as pairs by its first line)."""
     if path.suffix == ".jsonl":
         return "jsonl"
     if path.suffix == ".csv":
         return "movielens"
     with open(path) as handle:
-        first = handle.readline().split()
-    return "pairs" if len(first) == 2 else "sequences"
+        widths = {len(line.split()) for _, line in zip(range(GUESS_LINES), handle)
+                  if line.strip()}
+    return "pairs" if widths == {2} else "sequences"
 
 
 def load(path: Path, fmt: str | None = None, *, seed: int = 0) -> InteractionLog:
@@ -64,8 +80,16 @@ def load(path: Path, fmt: str | None = None, *, seed: int = 0) -> InteractionLog
     fmt = fmt or guess_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    return {"movielens": _movielens, "sequences": _sequences, "pairs": _pairs,
-            "jsonl": _jsonl}[fmt](path, seed)
+    log = {"movielens": _movielens, "sequences": _sequences, "pairs": _pairs,
+           "jsonl": _jsonl}[fmt](path, seed)
+    log.source = content_tag(path)
+    return log
+
+
+def content_tag(path: Path) -> str:
+    """A short digest of the file's bytes, for the event ids made for its events."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=6)).hexdigest()
 
 
 def _resolve(path: Path) -> Path:
@@ -104,16 +128,19 @@ def _sequences(path: Path, seed: int) -> InteractionLog:
 def _pairs(path: Path, seed: int) -> InteractionLog:
     users, items = [], []
     with open(path) as handle:
-        for line in handle:
+        for number, line in enumerate(handle, 1):
             if line.strip():
-                user, item = line.split()[:2]
-                users.append(user)
-                items.append(item)
+                fields = line.split()
+                if len(fields) != 2:
+                    raise ValueError(f"{path}:{number}: a pairs line is 'user item', this one "
+                                     f"has {len(fields)} fields (--format sequences?)")
+                users.append(fields[0])
+                items.append(fields[1])
     return interleave(np.array(users, dtype=np.str_), np.array(items, dtype=np.str_), seed)
 
 
 def _jsonl(path: Path, seed: int) -> InteractionLog:
-    users, items, kinds, ts = [], [], [], []
+    users, items, kinds, ts, ids = [], [], [], [], []
     with open(path) as handle:
         for line in handle:
             if line.strip():
@@ -122,11 +149,14 @@ def _jsonl(path: Path, seed: int) -> InteractionLog:
                 items.append(event["item_id"])
                 kinds.append(event.get("kind", "view"))
                 ts.append(float(event["ts"]))
+                ids.append(event.get("event_id") or "")
     ts_arr = np.array(ts, dtype=np.float64)
     by_time = np.argsort(ts_arr, kind="stable")
-    return _with_order(np.array(users, dtype=np.str_)[by_time],
-                       np.array(items, dtype=np.str_)[by_time],
-                       np.array(kinds, dtype=np.str_)[by_time], ts_arr[by_time])
+    log = _with_order(np.array(users, dtype=np.str_)[by_time],
+                      np.array(items, dtype=np.str_)[by_time],
+                      np.array(kinds, dtype=np.str_)[by_time], ts_arr[by_time])
+    log.event_ids = np.array(ids, dtype=object)[by_time]
+    return log
 
 
 def interleave(users: np.ndarray, items: np.ndarray, seed: int) -> InteractionLog:

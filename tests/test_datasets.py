@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from stream_app.datasets import interleave, load
 
@@ -49,3 +50,36 @@ def test_loaders_read_the_three_formats(tmp_path, shared_data):
     assert set(np.unique(movielens.kinds)) == {"click", "view"}
     events = list(__import__("itertools").islice(movielens.events(), 2))
     assert {"user_id", "item_id", "kind", "ts", "event_id", "v"} == set(events[0])
+
+
+def test_event_ids_name_the_file_so_another_file_of_the_same_users_is_not_a_redelivery(
+        tmp_path):
+    """Ids were the user's place alone: a second file's first event of a user took the id of
+    the first file's, and the worker ignored it as a redelivery."""
+    import json
+
+    from stream_app.datasets import content_tag
+
+    first, second = tmp_path / "day1.txt", tmp_path / "day2.txt"
+    first.write_text("u1 a\nu1 b\n")
+    second.write_text("u1 c\n")
+    ids_first = [e["event_id"] for e in load(first).events()]
+    ids_second = [e["event_id"] for e in load(second).events()]
+    assert len(set(ids_first) | set(ids_second)) == 3
+    assert ids_first == [e["event_id"] for e in load(first).events()]  # a replay repeats them
+    assert ids_first[0] == f"{content_tag(first)}:u1:0"
+    lines = [{"user_id": "u1", "item_id": "x", "ts": 2.0, "event_id": "mon-1"},
+             {"user_id": "u1", "item_id": "y", "ts": 1.0}]
+    (tmp_path / "own.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    events = list(load(tmp_path / "own.jsonl").events())
+    assert [e["item_id"] for e in events] == ["y", "x"]
+    assert events[1]["event_id"] == "mon-1"  # its own, kept
+    assert events[0]["event_id"].endswith(":u1:0")
+
+
+def test_the_format_is_guessed_from_more_than_the_first_line(tmp_path):
+    (tmp_path / "seq.txt").write_text("u1 a\nu2 b c d e\n")
+    assert len(load(tmp_path / "seq.txt")) == 5
+    (tmp_path / "timed.txt").write_text("u1 a 1700000000\n")
+    with pytest.raises(ValueError, match="3 fields"):
+        load(tmp_path / "timed.txt", "pairs")
