@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,10 +36,17 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+class Bootstrapped(NamedTuple):
+    model: Path  # the model checkpoint written
+    items: int  # items given a vector
+    events: int  # events of the log taken (as a worker takes them)
+    left_out: int  # events of the log a worker would leave out
+
+
 def write_bootstrap(settings: Settings, events: InteractionLog, *, window: int | None = None,
-                    force: bool = False) -> Path:
-    """Write the bootstrap checkpoint of ``events`` into ``settings.data_dir``; returns the
-    model file. Raises FileExistsError where a model checkpoint exists (unless ``force``),
+                    force: bool = False) -> Bootstrapped:
+    """Write the bootstrap checkpoint of ``events`` into ``settings.data_dir``; returns what
+    it wrote. Raises FileExistsError where a model checkpoint exists (unless ``force``),
     :class:`~stream_app.processes.DataDirInUse` while a worker or its learner holds the data
     dir, ValueError for a log with fewer items than the model's dimension."""
     model = settings.data_dir / "checkpoints" / "model.npz"
@@ -57,8 +65,9 @@ def write_bootstrap(settings: Settings, events: InteractionLog, *, window: int |
         forget_rows_shared(settings)  # none of these rows is on the item-rows topic
         if settings.embedded:  # an embedded run may take this data dir (nothing to drop)
             (settings.data_dir / EMBEDDED_MARK).touch()
-    log.info("bootstrapped %d items from %d events into %s", len(ids), int(taken.sum()), model)
-    return model
+    used = int(taken.sum())
+    log.info("bootstrapped %d items from %d events into %s", len(ids), used, model)
+    return Bootstrapped(model, len(ids), used, len(events) - used)
 
 
 def _as_a_worker_takes(settings: Settings, events: InteractionLog) -> np.ndarray:

@@ -182,9 +182,11 @@ def cmd_bootstrap(settings: Settings, args) -> int:
     from .datasets import load
 
     events = load(args.path, args.format, seed=args.seed)
-    model = write_bootstrap(settings, events, window=args.window, force=args.force)
-    print(f"model checkpoint of {len(set(events.items.tolist()))} items from {len(events)} "
-          f"events written to {model}; start the worker on this data dir")
+    written = write_bootstrap(settings, events, window=args.window, force=args.force)
+    left_out = (f" ({written.left_out} left out: a kind not configured, or a time too far "
+                "ahead)" if written.left_out else "")
+    print(f"model checkpoint of {written.items} items from {written.events} events"
+          f"{left_out} written to {written.model}; start the worker on this data dir")
     return 0
 
 

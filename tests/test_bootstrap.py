@@ -129,6 +129,9 @@ def test_streamrec_bootstrap_starts_a_model_whose_items_and_answers_follow_the_l
     monkeypatch.setenv("STREAMREC_MODEL_DIM", "16")
     monkeypatch.delenv("STREAMREC_BROKER", raising=False)
     assert main(["bootstrap", str(log)]) == 0
+    events = len(planted_stream())
+    assert (f"of 180 items from {events} events (2 left out"
+            in capsys.readouterr().out)  # what was used, not the whole log
     assert (tmp_path / "data" / "embedded-broker").exists()  # `streamrec up` takes it
     engine = Engine(Settings(index_enabled=False))
     assert engine.load()
