@@ -52,6 +52,10 @@ ANSWER_TIMEOUT_S = 10.0
 REPLY_TOPIC_RETRY_S = 60.0
 #: reply topic names that failed, remembered at most (the oldest is forgotten first)
 FAILED_REPLY_TOPICS_KEPT = 1_000
+#: a reply topic no answer went to for this long gives its place to a new one: the cap bounds
+#: the topics in use (and new topics to at most the cap per this time), not those ever named
+#: over a worker's life, which refused every new name once the cap had been reached once
+REPLY_TOPIC_IDLE_S = 600.0
 #: longest wait for the broker to take an answer before an error response goes instead
 #: (the producer's own limit is Faust's, 20 minutes: the reader commits nothing past it)
 DELIVERY_TIMEOUT_S = 30.0
@@ -78,7 +82,8 @@ class Responder:
         self._requests = requests
         self._users_partition = users_partition
         self._stored_history = stored_history
-        self.reply_topics: dict[str, Any] = {}
+        self.reply_topics: dict[str, Any] = {}  # least recently used first
+        self._reply_used: dict[str, float] = {}  # name -> when an answer last went there
         self._failed_topics: dict[str, float] = {}  # name -> when making it failed
         self._deliveries: set[asyncio.Task] = set()
 
@@ -126,18 +131,30 @@ class Responder:
 
     def reply_allowed(self, name: str | None) -> bool:
         """The responses topic, a reply topic in use, or a new one while fewer than
-        ``max_reply_topics`` others are (a request may name any topic with the responses
-        prefix)."""
+        ``max_reply_topics`` others are, or once the one used longest ago has been idle for
+        ``REPLY_TOPIC_IDLE_S`` (it is forgotten; a request may name any topic with the
+        responses prefix)."""
         default = self.settings.topic_responses
         if name is None or name == default or name in self.reply_topics:
             return True
         others = sum(topic != default for topic in self.reply_topics)
-        return others < self.settings.max_reply_topics
+        return others < self.settings.max_reply_topics or self._forget_idle_reply_topic()
+
+    def _forget_idle_reply_topic(self) -> bool:
+        """Forget the reply topic used longest ago if it is idle; True when one was."""
+        default = self.settings.topic_responses
+        oldest = next((name for name in self.reply_topics if name != default), None)
+        if oldest is None or time.monotonic() - self._reply_used[oldest] < REPLY_TOPIC_IDLE_S:
+            return False
+        del self.reply_topics[oldest], self._reply_used[oldest]
+        return True
 
     async def _reply_topic(self, name: str | None) -> Any:
         name = name or self.settings.topic_responses
-        topic = self.reply_topics.get(name)
-        if topic is not None:
+        topic = self.reply_topics.pop(name, None)
+        if topic is not None:  # to the end: the order is of last use
+            self.reply_topics[name] = topic
+            self._reply_used[name] = time.monotonic()
             return topic
         failed_at = self._failed_topics.get(name)  # never the responses topic's
         if failed_at is not None and time.monotonic() - failed_at < REPLY_TOPIC_RETRY_S:
@@ -152,6 +169,7 @@ class Responder:
             raise
         self._failed_topics.pop(name, None)
         self.reply_topics[name] = topic
+        self._reply_used[name] = time.monotonic()
         return topic
 
     def _remember_failure(self, name: str) -> None:

@@ -119,9 +119,10 @@ class Settings(BaseSettings):
                                      description="Items a request may carry.")
     max_reply_topics: int = Field(
         64, ge=1, description="Most reply topics (a request's reply_to other than the "
-        "responses topic) a worker sends to; a request naming one more gets its error on the "
-        "responses topic. Each is a topic the worker may create and keeps open: requests must "
-        "not make it open them without bound.")
+        "responses topic) a worker sends to at once; a request naming one more takes the "
+        "place of the one used longest ago if that one is idle (10 minutes), else gets its "
+        "error on the responses topic. Each is a topic the worker may create and keeps open: "
+        "requests must not make it open them without bound.")
     popularity_half_life_s: float = Field(
         7 * 86400.0, gt=0, description="Half-life of item popularity, in event time."
     )

@@ -322,3 +322,37 @@ def test_an_answer_too_large_to_send_is_an_error_on_its_own_reply_topic(world, m
     (error,) = world.broker.answers(reply_to)
     assert error["request_id"] == "r-1" and error["error"].startswith("oversized: the answer of ")
     assert not world.broker.answers(world.settings.topic_responses)
+
+
+def test_a_reply_topic_idle_for_long_gives_its_place_to_a_new_one(tmp_path, monkeypatch):
+    """The cap counted every reply topic named over the worker's life: once clients had named
+    ``max_reply_topics`` of them (one per client instance, say), every new one was refused
+    until a restart. Now the one used longest ago gives way once idle, and only then."""
+    settings = Settings(data_dir=tmp_path, dr_enabled=False, index_enabled=False,
+                        max_reply_topics=2)
+    broker = FakeBroker()
+    responder = Responder(settings, Engine(settings), Metrics(), broker.topic,
+                          broker.topic(settings.topic_requests), lambda message, key: None,
+                          lambda user, partition: None)
+    clock = [100.0]
+    monkeypatch.setattr(responder_module.time, "monotonic", lambda: clock[0])
+    first, second, third = (settings.topic_responses + name for name in (".a", ".b", ".c"))
+
+    async def ask(reply_to: str, request_id: str) -> None:
+        await responder.answer(request(request_id=request_id, reply_to=reply_to))
+
+    async def scenario():
+        await ask(first, "r-1")
+        await ask(second, "r-2")
+        clock[0] += responder_module.REPLY_TOPIC_IDLE_S - 1
+        await ask(first, "r-3")  # first used again: second is now the one used longest ago
+        await ask(third, "r-4")  # refused: second is not idle yet
+        clock[0] += 2
+        await ask(third, "r-5")  # second has been idle long enough: third takes its place
+        await ask(settings.topic_responses, "r-6")  # the responses topic is never counted
+
+    asyncio.run(scenario())
+    assert [a["request_id"] for a in broker.answers(third)] == ["r-5"]
+    refused = [a for a in broker.answers(settings.topic_responses) if a["request_id"] == "r-4"]
+    assert refused and "STREAMREC_MAX_REPLY_TOPICS" in refused[0]["error"]
+    assert list(responder.reply_topics) == [first, third, settings.topic_responses]
