@@ -47,6 +47,10 @@ from state.gramian import (DecayedGramian, ExactGramian, ids_from_arrays, ids_to
 
 InitVector = Callable[[str], "np.ndarray | None"]
 
+#: an item without a positive for this many ``positives_half_life`` is retired from the
+#: statistics at its next sweep (what is left of its positives: 2⁻²⁰, under a millionth)
+RETIRE_AFTER_HALF_LIVES = 20
+
 
 @dataclass(frozen=True)
 class RowDelta:
@@ -92,7 +96,8 @@ class LearnerConfig:
     - ``alpha0_relative``: read ``alpha0`` as a multiple of the positives' density instead of
       a weight per pair: the weight per pair is then α0 · M / (I · |C|), with M the positives'
       Σ α discounted like A_i (``positives_half_life``), I the items with positives (every
-      known item with ``adagrad``, which keeps no statistics) and |C| the active users, so the
+      known item with ``adagrad``, which keeps no statistics; with a half-life, none whose
+      last positive is ``RETIRE_AFTER_HALF_LIVES`` old) and |C| the active users, so the
       all-pairs mass on an item, α0_pair · |C|, is α0 times the mean item's positive mass
       M / I. A fixed weight per pair makes that mass grow with |C|: on
       MovieLens (610 users, 1.7 % of the user-item pairs consumed) 0.05 was best, on the
@@ -618,14 +623,32 @@ class ItemLearner:
         self.item_gramian.update(before, self._psi[rows])
 
     def _sweep(self, G_C: np.ndarray) -> np.ndarray:
-        """Re-solve the next ``sweep_per_step`` rows; returns them."""
+        """Re-solve the next ``sweep_per_step`` rows, first retiring those whose positives
+        have all but vanished (:meth:`_retire_faded`); returns them."""
         n, size = len(self._ids), self.config.sweep_per_step
         if self.config.solver != "solve" or not n or not size:
             return np.empty(0, dtype=np.int64)
         rows = (self._sweep_at + np.arange(min(size, n))) % n
         self._sweep_at = int(rows[-1] + 1) % n
+        self._retire_faded(rows)
         self.resolve(rows, G_C)
         return rows
+
+    def _retire_faded(self, rows: np.ndarray) -> None:
+        """Forget the positives of ``rows`` that had none for ``RETIRE_AFTER_HALF_LIVES``
+        half-lives (what is left of them weighs under a millionth): their slots go to the
+        next items met, and they leave the items the relative α0 divides the positives' mass
+        by. Kept, a catalogue that turns over (items of a season, of a day's news) counted
+        every item it ever had there, under a mass that counts only recent positives: the
+        all-pairs weight fell as 1/(items ever learned), by half each time the stream's
+        length doubled. The row stays as last solved (near its prior by then), and a later
+        positive starts the item afresh, as after :meth:`forget_positives`."""
+        if self.config.positives_half_life is None:
+            return
+        rows = rows[self._slot[rows] >= 0]
+        faded = self._discount_since_update(self._slot[rows]) < 0.5 ** RETIRE_AFTER_HALF_LIVES
+        if faded.any():
+            self.forget_positives(rows[faded])
 
     def _slots_for(self, rows: np.ndarray) -> np.ndarray:
         """Statistics slots of ``rows``, allocated at an item's first positive (so items only

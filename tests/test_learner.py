@@ -656,3 +656,43 @@ def test_lanes_out_of_range_are_refused_before_anything_is_learned():
     with pytest.raises(ValueError, match="lanes"):
         learner.learn(np.ones((2, 3)), ["a", "b"], np.ones(2), lanes=np.array([0, 2]))
     assert len(learner) == 0 and learner.events == 0 and learner.steps == 0
+
+
+@pytest.mark.parametrize("sweep", [10_000, 7])
+def test_items_without_positives_for_long_are_retired_and_alpha0_holds_on_a_turning_catalogue(
+        sweep):
+    """A catalogue that turns over (five new items a "day"): the relative α0 divides the
+    positives' recent mass by the items holding positives, which counted every item ever
+    learned, so α0 fell as 1/(items so far). Oracle: once swept, an item whose last positive
+    is more than ``RETIRE_AFTER_HALF_LIVES`` half-lives old holds no slot (every item is swept
+    each step with a large sweep; with a small one, an item is retired within a sweep cycle
+    of that age, never before it); the mass left is that of the slots held."""
+    from models.learner import RETIRE_AFTER_HALF_LIVES
+
+    half_life = 100.0
+    config = LearnerConfig(dim=4, alpha0=0.1, alpha0_relative=True, sweep_per_step=sweep,
+                           positives_half_life=half_life)
+    learner = ItemLearner(config)
+    rng = np.random.default_rng(0)
+    last: dict[str, float] = {}
+    alpha0_by_day = []
+    for day in range(60):
+        items = [f"d{day}-{k}" for k in range(5)]
+        for _ in range(10):
+            batch = [items[k] for k in rng.integers(0, 5, 50)]
+            learner.learn(rng.normal(size=(50, 4)), batch, np.ones(50), n_users=100)
+            for item in batch:
+                last[item] = learner.events
+        alpha0_by_day.append(learner.alpha0)
+    horizon = RETIRE_AFTER_HALF_LIVES * half_life
+    recent = {item for item, at in last.items() if learner.events - at <= horizon}
+    held = set(learner.item_ids_at(learner.rows_with_positives()))
+    assert recent <= held
+    if sweep >= len(last):
+        assert held == recent
+    else:  # a sweep cycle of len(last) / sweep steps, each of 50 events
+        cycle = -(-len(last) // sweep) * 50
+        assert all(learner.events - last[item] <= horizon + cycle for item in held)
+    assert learner.items_with_positives == len(held) < len(last) / 4
+    assert learner.positive_mass == pytest.approx(learner._positive_mass_now(), rel=1e-5)
+    assert alpha0_by_day[-1] > 0.5 * alpha0_by_day[20]  # held: it had fallen to a third
