@@ -6,7 +6,22 @@ become numpy arrays without a Python loop per event when the learners need them.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+_SEQUENCES = (list, tuple)
+
+
+class DamagedHistory(ValueError):
+    """A stored value that is not a history this code wrote (a damaged changelog record)."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Stands for a stored value that could not be decoded at all, with the reason."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -73,9 +88,46 @@ class History:
 
     @classmethod
     def from_json(cls, value: dict | None) -> History:
+        """The history of a stored value; raises :class:`DamagedHistory` for one that is not
+        a history (wrong fields, types or lengths), which every later event of the user
+        would otherwise fail on, or take in as it is and pass on to the learner."""
         if not value:
             return cls()
-        at = value.get("at")
-        return cls(items=tuple(value["items"]), kinds=tuple(value["kinds"]),
-                   ts=tuple(value["ts"]), event_ids=tuple(value.get("ids", ())),
-                   phi_b64=value.get("phi", ""), at=None if at is None else tuple(at))
+        if isinstance(value, Unreadable):
+            raise DamagedHistory(value.reason)
+        if not isinstance(value, dict):
+            raise DamagedHistory(f"a stored history is a JSON object, not {type(value).__name__}")
+        try:
+            return cls._checked(value)
+        except (KeyError, TypeError, ValueError) as error:
+            raise DamagedHistory(f"{type(error).__name__}: {error}") from None
+
+    @classmethod
+    def _checked(cls, value: dict) -> History:
+        items, kinds, ts = value["items"], value["kinds"], value["ts"]
+        ids, phi, at = value.get("ids", ()), value.get("phi", ""), value.get("at")
+        if not all(isinstance(part, _SEQUENCES) for part in (items, kinds, ts, ids)):
+            raise TypeError("items, kinds, ts and ids are lists")
+        if not len(items) == len(kinds) == len(ts) or len(ids) not in (0, len(items)):
+            raise ValueError("items, kinds, ts and ids differ in length")
+        "".join(items), "".join(kinds), "".join(ids)  # TypeError unless all are strings
+        # sum: TypeError unless all are numbers; not finite if one is not (or past 1e308)
+        if not math.isfinite(sum(ts)) or not isinstance(phi, str):
+            raise ValueError("times are finite numbers, the vector a string")
+        if at is not None and not (isinstance(at, _SEQUENCES) and len(at) == 2 and all(
+                type(n) is int and n >= 0 for n in at)):
+            raise ValueError("at is a partition and an offset")
+        return cls(items=tuple(items), kinds=tuple(kinds), ts=tuple(ts),
+                   event_ids=tuple(ids), phi_b64=phi, at=None if at is None else tuple(at))
+
+    @classmethod
+    def from_stored(cls, value: dict | None,
+                    damaged: Callable[[DamagedHistory], None]) -> History:
+        """:meth:`from_json`, or an empty history for a damaged value (after ``damaged`` is
+        told): the user starts again, and the next write replaces the record, where a
+        damaged one failed every event and answer of the user for good."""
+        try:
+            return cls.from_json(value)
+        except DamagedHistory as error:
+            damaged(error)
+            return cls()

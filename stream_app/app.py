@@ -259,7 +259,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         last_message = {event.user_id: message for message, event in taken}
         last = {user: faust.Event(app, message.key, message.value, message.headers, message)
                 for user, message in last_message.items()}  # what the table's writes read
-        stored = {user: History.from_json(value)
+        stored = {user: History.from_stored(value, metrics.history_damaged("ingest", user))
                   for user, value in history_table.get_many(last).items()}
         events = [event for _, event in taken]
         updated, examples, repeated = engine.ingest_many(

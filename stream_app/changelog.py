@@ -49,6 +49,8 @@ from faust.types import TP
 from faust.utils import json as faust_json
 from mode.utils.compat import want_bytes
 
+from state.history import Unreadable
+
 from .confirmed_acks import Sent, failed
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,15 @@ class BatchedTable:
                                                  serializer=table.value_serializer)
 
     def _value_of(self, stored: bytes) -> Any:
+        """The value of stored bytes, or :class:`~state.history.Unreadable` with the reason
+        for bytes that do not decode (a damaged record): one such value must not fail the
+        reads of a whole batch, every time the key is read."""
+        try:
+            return self._decoded(stored)
+        except Exception as error:  # noqa: BLE001 - the codec's errors vary by serializer
+            return Unreadable(f"stored value does not decode: {error!r}"[:500])
+
+    def _decoded(self, stored: bytes) -> Any:
         if self._plain_json:
             value = faust_json.loads(stored)
             if not (isinstance(value, dict) and FAUST_MODEL_KEY in value):

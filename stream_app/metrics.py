@@ -6,10 +6,13 @@ collector, so the hot path never updates a gauge it does not have to.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger(__name__)
 
 #: up to 30 s: an answer may take up to 10 s, and a request may wait longer in Kafka through a
 #: rebalance or a restart; a p99 past the last bucket reads as that bucket on the dashboard
@@ -48,6 +51,11 @@ class Metrics:
                                "reroute) whose delivery failed: sent again (retried), or not "
                                "(given_up: their partition moved to another worker).",
                                ["record", "outcome"], registry=r)
+        self.damaged_histories = Counter(
+            "streamrec_damaged_histories_total",
+            "Stored histories that did not read as one (a damaged changelog record), by where "
+            "they were read (ingest, answer): the user started again from an empty history.",
+            ["read_by"], registry=r)
         self.requests = Counter("streamrec_requests_total", "Recommendation requests by status.",
                                 ["status"], registry=r)
         self.request_latency = Histogram("streamrec_request_latency_seconds",
@@ -82,6 +90,15 @@ class Metrics:
                                       registry=r)
         self._gauges = _ScrapeTimeGauges()
         r.register(self._gauges)
+
+    def history_damaged(self, read_by: str, user_id: str | None) -> Callable[[Exception], None]:
+        """What reports a damaged stored history of ``user_id`` read by ``read_by``
+        (``History.from_stored``): the count, and a line with the user and the reason."""
+        def report(error: Exception) -> None:
+            self.damaged_histories.labels(read_by).inc()
+            log.warning("the stored history of user %r does not read (%s); the user starts "
+                        "again from an empty history", user_id, error)
+        return report
 
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """Export ``name`` whose value is ``read()`` at scrape time."""

@@ -126,7 +126,9 @@ class Responder:
                 return delivery, True
         stored = (self._stored_history(request.user_id, message.partition)
                   if request.user_id is not None else None)
-        response = self.engine.answer(request, History.from_json(stored), started)
+        history = History.from_stored(stored, self.metrics.history_damaged(
+            "answer", request.user_id))
+        response = self.engine.answer(request, history, started)
         return await self._respond(response, request.reply_to, started, message.headers), False
 
     def reply_allowed(self, name: str | None) -> bool:

@@ -511,3 +511,20 @@ def test_a_flush_during_a_resend_lands_after_it(tmp_path):
     asyncio.run(run())
     assert [json.loads(value) for _, _, records in producer.sent for _, value in records] == [
         {"items": ["old"]}, {"items": ["new"]}]
+
+
+def test_a_stored_value_that_does_not_decode_reads_as_unreadable(tmp_path):
+    """Bytes that are not the codec's (a damaged record) raised out of ``get_many``, failing
+    the reads of a whole batch each time their key was read; they now read as
+    :class:`~state.history.Unreadable`, with the reason, beside the others' values."""
+    from state.history import Unreadable
+
+    table = rocksdb_table(tmp_path)
+    batched = BatchedTable(table)
+    batched.set("good", {"items": ["a"]}, event_on(1))
+    batched.set("bad", {"items": ["b"]}, event_on(1))
+    table.data._db_for_partition(1)[batched._key_bytes("bad")] = b"{not json"
+    read = batched.get_many({"good": event_on(1), "bad": event_on(1)})
+    assert read["good"] == {"items": ["a"]}
+    assert isinstance(read["bad"], Unreadable) and "decode" in read["bad"].reason
+    assert isinstance(BatchedTable(table).get_on("bad", 1), Unreadable)

@@ -41,6 +41,35 @@ def test_history_keeps_the_last_t_events_in_arrival_order():
     assert history.has_event("e4") and not history.has_event("e0") and not history.has_event(None)
 
 
+GOOD = {"items": ["a", "b"], "kinds": ["view", "sale"], "ts": [1.0, 2], "ids": ["x", ""],
+        "phi": "", "at": [0, 7]}
+
+
+@pytest.mark.parametrize("damage", [
+    {"items": None}, {"items": "ab"}, {"items": ["a", 5]}, {"items": ["a"]},
+    {"kinds": ["view", None]}, {"ts": [1.0, None]}, {"ts": [1.0, float("nan")]},
+    {"ts": [1.0, "2"]}, {"ids": ["x"]}, {"ids": [1, 2]}, {"phi": 3}, {"at": [0]},
+    {"at": [0, -1]}, {"at": [0, "7"]}, {"at": [True, 7]}, {"at": 7},
+])
+def test_a_stored_value_that_is_not_a_history_is_damage(damage):
+    """Values a damaged changelog record could hold: each failed every later event of its
+    user (a KeyError, an IndexError in ``read_before``), or was taken in as it was and
+    failed the learner's check of the training message that carried it, for many users."""
+    from state.history import DamagedHistory, Unreadable
+
+    assert History.from_json(GOOD).at == (0, 7)
+    with pytest.raises(DamagedHistory):
+        History.from_json({**GOOD, **damage})
+    for value in (["a"], "x", Unreadable("does not decode"), {"kinds": ["view"]}):
+        with pytest.raises(DamagedHistory):
+            History.from_json(value)
+    told = []
+    assert History.from_stored({**GOOD, **damage}, told.append) == History()
+    assert len(told) == 1 and isinstance(told[0], DamagedHistory)
+    older = {key: value for key, value in GOOD.items() if key not in ("ids", "at", "phi")}
+    assert History.from_stored(older, told.append).items == ("a", "b") and len(told) == 1
+
+
 def test_ingest_counts_users_weights_kinds_and_ignores_redeliveries(engine):
     histories = feed(engine, [ev("u1", "a", "sale", event_id="x"), ev("u1", "a", "sale", event_id="x"),
                               ev("u2", "b", "click"), ev("u2", "a")])

@@ -133,3 +133,25 @@ def test_events_fetched_before_a_rebalance_that_came_while_the_batch_was_decoded
     assert len(intake.sent_to(DEAD_LETTERS)) == 1
     assert set(intake.stored) == {"u3"}
     assert len(intake.sent_to("-train-examples")) == 1
+
+
+def test_a_damaged_stored_history_starts_its_user_again(tmp_path, caplog):
+    """A changelog record that is not a history (wrong fields, or bytes that do not decode)
+    failed the batch, then each of the user's events alone: every event of that user went
+    to the dead-letter topic as an internal error, for good, since the record was never
+    written over. Now the user starts again from an empty history, which is stored."""
+    from state.history import Unreadable
+
+    intake = OfflineIntake(tmp_path)
+    intake.histories.get_many = lambda last: {
+        "u1": {"kinds": ["view"]}, "u2": Unreadable("stored value does not decode")}
+    batch = [message(0, event("u1", "a")), message(1, event("u2", "b"), user="u2"),
+             message(2, event("u1", "c"))]
+    with caplog.at_level("WARNING"):
+        asyncio.run(intake.app.streamrec_take_in(batch))
+    assert not intake.sent_to(DEAD_LETTERS)
+    assert intake.stored["u1"]["items"] == ["a", "c"] and intake.stored["u2"]["items"] == ["b"]
+    damaged = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
+    assert len(damaged) == 2 and "'u1'" in damaged[0] and "KeyError" in damaged[0]
+    assert "does not decode" in damaged[1]
+    assert len(intake.sent_to("-train-examples")) >= 1  # their events are learned

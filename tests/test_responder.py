@@ -356,3 +356,21 @@ def test_a_reply_topic_idle_for_long_gives_its_place_to_a_new_one(tmp_path, monk
     refused = [a for a in broker.answers(settings.topic_responses) if a["request_id"] == "r-4"]
     assert refused and "STREAMREC_MAX_REPLY_TOPICS" in refused[0]["error"]
     assert list(responder.reply_topics) == [first, third, settings.topic_responses]
+
+
+def test_a_user_whose_stored_history_is_damaged_is_answered_as_a_new_one(tmp_path):
+    """A damaged record answered every request of its user with an internal error."""
+    settings = Settings(data_dir=tmp_path, dr_enabled=False, index_enabled=False)
+    broker, metrics = FakeBroker(), Metrics()
+    responder = Responder(settings, Engine(settings), metrics, broker.topic,
+                          broker.topic(settings.topic_requests), lambda message, key: None,
+                          lambda user, partition: {"kinds": ["view"]})
+
+    async def scenario():
+        await responder.answer(request(sources=["popular"]))
+
+    asyncio.run(scenario())
+    (answer,) = broker.answers(settings.topic_responses)
+    assert answer["error"] is None
+    assert metrics.registry.get_sample_value("streamrec_damaged_histories_total",
+                                             {"read_by": "answer"}) == 1.0
