@@ -94,10 +94,13 @@ def overview() -> dict:
          timeseries("Dead letters by reason",
                     [target(rate("streamrec_dead_letters_total", "reason"), "{{reason}}", "A"),
                      target(rate("streamrec_record_resends_total", "record, outcome"),
-                            "resent {{record}} {{outcome}}", "B")],
+                            "resent {{record}} {{outcome}}", "B"),
+                     target(rate("streamrec_damaged_histories_total", "read_by"),
+                            "damaged history ({{read_by}})", "C")],
                     "ops", "Events sent to the dead-letter topic per second; records of event "
                            "batches (changelog, training messages, dead letters) whose delivery "
-                           "failed, sent again (retried) or given up (their partition moved).")],
+                           "failed, sent again (retried) or given up (their partition moved); "
+                           "stored histories that did not read (their users start again).")],
         [timeseries("Requests by status",
                     [target(rate("streamrec_requests_total", "status"), "{{status}}")], "reqps",
                     "Recommendation requests answered per second."),
