@@ -225,7 +225,7 @@ class TrainBatch(_Wire):
     """
 
     examples: list[TrainExample]
-    users: int | None = Field(None, ge=0)
+    users: int | None = Field(None, ge=0, le=2**53)  # past it, |C| is not a float exactly
     partition: int | None = Field(None, ge=0, le=2**31 - 1)  # a Kafka partition number
 
     #: largest decompressed message accepted (a worker writes at most 512 KiB of examples)
@@ -266,6 +266,8 @@ class TrainBatch(_Wire):
             raise ValueError(f"not a training message: {error}") from None
         if inflater.unconsumed_tail or not inflater.eof:
             raise ValueError("a training message that is cut short or too large")
+        if inflater.unused_data:  # a second message after the first, or bytes of none
+            raise ValueError("bytes after the end of a training message")
         return data
 
     @staticmethod

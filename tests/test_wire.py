@@ -284,7 +284,10 @@ def test_training_messages_travel_compressed_and_damage_is_counted_not_raised():
     assert plain[:1] == b"{" and len(packed) * 3 < len(plain)
     assert TrainBatch.examples_of([packed, plain]) == (examples * 2, 0)
     bomb = zlib.compress(b"{" + b" " * (TrainBatch.MAX_DECOMPRESSED + 10) + b"}", 9)
-    damaged = [packed[:-5], packed[:10] + b"\x00" * 20 + packed[30:], b"\x78junk", bomb]
+    damaged = [packed[:-5], packed[:10] + b"\x00" * 20 + packed[30:], b"\x78junk", bomb,
+               packed + b"garbage",  # read as the message alone, before
+               packed + packed,  # two messages as one: the second's examples were lost
+               TrainBatch.encode_parts(parts, 1, users=10**30)]  # a count no worker holds
     for value in damaged:
         assert TrainBatch.examples_of([packed, value]) == (examples, 1)
 
