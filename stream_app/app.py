@@ -601,7 +601,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     @histories.on_recover
     async def count_users() -> None:
-        engine.users = sum(1 for _ in histories.keys())
+        engine.users = await history_table.count_keys()
         log.info("user histories recovered: %d users", engine.users)
 
     @app.timer(settings.checkpoint_interval_s)

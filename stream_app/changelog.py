@@ -158,6 +158,25 @@ class BatchedTable:
         stored = None if database is None else database.get(self._key_bytes(key))
         return table.get(key) if stored is None else self._value_of(stored)
 
+    async def count_keys(self, turn_every: int = 65_536) -> int:
+        """How many keys the table holds on the partitions this worker has active: Faust's
+        own count (``len(table.keys())``), read as raw keys of the rocksdb store. Faust's
+        ``keys()`` decodes every key, about 14 s a million here, on the event loop at every
+        recovery; the raw keys take about 1 s, with a turn of the loop every
+        ``turn_every`` keys. Faust's own count without the rocksdb store."""
+        store = self.table.data
+        actives = getattr(store, "_dbs_for_actives", None)
+        visible = getattr(store, "_visible_keys", None)
+        if actives is None or visible is None:
+            return sum(1 for _ in self.table.keys())
+        count = 0
+        for db in actives():
+            for _ in visible(db):
+                count += 1
+                if count % turn_every == 0:
+                    await asyncio.sleep(0)
+        return count
+
     def set(self, key: str, value: Any, event: faust.EventT) -> None:
         """Store ``table[key] = value`` on the partition of ``event`` (the key's partition) and
         queue its changelog record."""
