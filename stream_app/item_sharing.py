@@ -78,7 +78,7 @@ from .kafka import aiokafka_config, topic_partitions
 from .request_reader import keep_reading
 from .settings import Settings
 from .wire import (chunks_by_size, decode_item_row, decode_offset_steps, encode_item_row,
-                   encode_offset_steps, offset_steps_size)
+                   encode_offset_steps, is_item_id, offset_steps_size)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,10 @@ def _decoded(records: Records, decode: Callable[[bytes], Any], what: str
     decoded, bad = [], 0
     for key, value in records:
         try:
-            decoded.append((key.decode(), decode(value)))
+            item = key.decode()
+            if not is_item_id(item):  # no event could name it: an empty key, a NUL
+                raise ValueError(f"not an item id: {item[:40]!r}")
+            decoded.append((item, decode(value)))
         except (ValueError, UnicodeDecodeError, AttributeError):
             bad += 1
     if bad:

@@ -31,6 +31,13 @@ TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # fullmatch: "$" would let a 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]
 
 
+def is_item_id(text: str) -> bool:
+    """Whether ``text`` is an id an event may carry (:data:`Id`): for ids read from this
+    app's own topics, which no schema checks."""
+    return 0 < len(text) <= 256 and "\x00" not in text
+
+
+
 #: most items a request's history may hold (``Settings.max_request_history`` is at most this):
 #: a bound of the schema itself, so that a request of thousands of bad items is refused at the
 #: first bad one or at this length, not after an error for each (a 64 KiB request of 32,000 bad
@@ -517,9 +524,21 @@ def _versioned_floats(raw: bytes | None, version: bytes, count: int, what: str) 
         raise ValueError(f"not {what} ({0 if raw is None else len(raw)} bytes, {size} "
                          f"expected)")
     values = np.frombuffer(raw, dtype="<f4", offset=1).astype(np.float64)
+    _check_shared_numbers(values, what)
+    return values
+
+
+#: largest magnitude a number of a shared row or offset step may have: a learned row is of
+#: order 1, and one damaged row of 3e38 was first in every answer, and made every score of a
+#: user whose history held it 3e38
+MAX_SHARED_VALUE = 1e6
+
+
+def _check_shared_numbers(values: np.ndarray, what: str) -> None:
     if not np.isfinite(values).all():
         raise ValueError(f"{what} with numbers that are not finite")
-    return values
+    if values.size and np.abs(values).max() > MAX_SHARED_VALUE:
+        raise ValueError(f"{what} with numbers beyond ±{MAX_SHARED_VALUE:g}")
 
 
 def chunks_by_size(parts: Sequence[T], limit: int,
@@ -576,13 +595,13 @@ def decode_offset_steps(raw: bytes, dim: int) -> tuple[list[str], np.ndarray]:
         ids = json.loads(raw[5:5 + size])
     except (ValueError, UnicodeDecodeError, RecursionError) as error:  # deep nesting: the last
         raise ValueError(f"an offset-steps message with damaged item ids: {error}") from None
-    if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids):
-        raise ValueError("an offset-steps message whose item ids are not a list of strings")
+    if not isinstance(ids, list) or not all(isinstance(item, str) and is_item_id(item)
+                                            for item in ids):
+        raise ValueError("an offset-steps message whose item ids are not a list of ids")
     floats = raw[5 + size:]
     if len(floats) != 4 * dim * len(ids):
         raise ValueError(f"an offset-steps message of {len(floats)} bytes of steps, "
                          f"{4 * dim * len(ids)} expected for {len(ids)} items of d = {dim}")
     steps = np.frombuffer(floats, dtype="<f4").astype(np.float64).reshape(len(ids), dim)
-    if not np.isfinite(steps).all():
-        raise ValueError("an offset-steps message with numbers that are not finite")
+    _check_shared_numbers(steps, "an offset-steps message")
     return ids, steps

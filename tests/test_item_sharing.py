@@ -252,3 +252,17 @@ def test_a_worker_whose_training_partitions_move_away_forgets_their_items_statis
         return seen
 
     assert asyncio.run(scenario()) == [{0, 1}, {0}, {0}]
+
+
+def test_item_rows_under_keys_no_event_could_name_are_skipped(tmp_path):
+    """The key of an item-rows record is the item's id: an empty key or one with a NUL was
+    installed as an item that no event can name, and answers could recommend it."""
+    from stream_app.wire import encode_item_row
+
+    settings = Settings(data_dir=tmp_path, dr_enabled=False, index_enabled=False,
+                        model_dim=4)
+    engine = Engine(settings)
+    row = encode_item_row(np.ones(5), np.zeros(4))
+    report = item_sharing.install_records(
+        engine, [(b"", row), (b"a\x00", row), (b"x" * 257, row), (b"ok", row)])
+    assert report is not None and engine.learner.item_ids == ["ok"]

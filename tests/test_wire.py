@@ -364,8 +364,10 @@ def test_offset_steps_round_trip_as_float32_and_refuse_other_shapes():
     infinite = encode_offset_steps(["a"], np.array([[1.0, np.inf, 0.0, 0.0]]))
     nested = b"[" * 100_000  # the JSON reader's recursion, not a ValueError: it ended a learner
     deep = b"\x02" + len(nested).to_bytes(4, "little") + nested
+    huge = encode_offset_steps(["a"], np.array([[1.0, 3e38, 0.0, 0.0]]))
+    no_ids = [encode_offset_steps([item], steps[:1]) for item in ("", "a\x00", "x" * 257)]
     for bad in (raw[:-4], raw + b"\0" * 4, raw[:3], b"\x02" + b"\xff" * 8, infinite,
-                encode_offset_steps(["a", "b", "c"], steps[:, :3]), deep):
+                encode_offset_steps(["a", "b", "c"], steps[:, :3]), deep, huge, *no_ids):
         with pytest.raises(ValueError):
             decode_offset_steps(bad, dim=4)
 
@@ -379,7 +381,8 @@ def test_an_item_row_round_trips_as_float32_and_refuses_other_shapes():
     np.testing.assert_array_equal(got_row, row.astype(np.float32))
     np.testing.assert_array_equal(got_offset, offset.astype(np.float32))
     for bad in (raw[:-4], raw + b"\0" * 4, b"\x02" + raw[1:], None,
-                encode_item_row(np.append(row[:4], np.nan), offset)):
+                encode_item_row(np.append(row[:4], np.nan), offset),
+                encode_item_row(np.append(row[:4], 3e38), offset)):  # first in every answer
         with pytest.raises(ValueError):
             decode_item_row(bad, dim=4)
     with pytest.raises(ValueError):
