@@ -358,7 +358,10 @@ def forget_frame(partitions: Collection[int]) -> bytes:
 
 
 def parse_forget(body: memoryview) -> frozenset[int]:
-    return frozenset(int(part) for part in bytes(body).split(b",") if part)
+    parts = bytes(body).split(b",")
+    if not all(part.isdigit() for part in parts if part):
+        raise EOFError("a forget frame that is not partition numbers")
+    return frozenset(int(part) for part in parts if part)
 
 
 def parse_rows(body: memoryview) -> tuple[list[tuple[bytes, bytes]], bool]:
@@ -371,6 +374,8 @@ def parse_learn(body: memoryview) -> tuple[list[bytes], int, list[tuple[int, int
     """A learn frame's values, users and positions (None where the worker had none)."""
     (count,) = _COUNT.unpack_from(body)
     at, positions = _COUNT.size, None
+    if count < -1 or at + 16 * count > len(body):
+        raise EOFError("a learn frame cut short")
     if count >= 0:
         pairs = np.frombuffer(body, dtype=">i8", count=2 * count, offset=at).reshape(count, 2)
         positions = [(int(p), int(o)) for p, o in pairs.tolist()]
@@ -387,8 +392,12 @@ def _parse_values(body: memoryview) -> tuple[list[bytes], int]:
     for _ in range(count):
         (size,) = _LENGTH.unpack_from(body, at)
         at += _LENGTH.size
+        if at + size > len(body):
+            raise EOFError("a frame cut short")
         values.append(bytes(body[at:at + size]))
         at += size
+    if at != len(body):  # a writer's bug: the frames after it cannot be trusted either
+        raise EOFError("a frame with bytes after its values")
     return values, users
 
 

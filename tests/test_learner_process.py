@@ -497,6 +497,27 @@ def test_frames_carry_the_values_unchanged_and_a_cut_frame_reads_as_the_end():
     os.close(read)
 
 
+def test_a_frame_whose_body_does_not_add_up_reads_as_the_end():
+    """A body cut short or with bytes left over (a writer's bug) raised a ValueError, or read
+    as fewer values, where the learner's loop stops, checkpointed, only at an EOFError."""
+    from stream_app.learner_process import parse_forget, parse_rows, rows_frame
+
+    values, positions = [b"abcdef", b"xyz"], [(0, 1), (0, 2)]
+    body = learn_frame(values, 7, positions)[5:]  # past the length and the kind
+    assert parse_learn(memoryview(body)) == (values, 7, positions)
+    rows = rows_frame([(b"k", b"v")])[5:]
+    for damaged in (body[:-2], body + b"\0", b"\x00\x00\x00\x02" + b"\x00" * 25,
+                    b"\xff\xff\xff\xf9" + body[4:]):  # cut, a byte more, no room, count -7
+        with pytest.raises(EOFError):
+            parse_learn(memoryview(damaged))
+    for damaged in (rows[:-1], rows + b"x"):
+        with pytest.raises(EOFError):
+            parse_rows(memoryview(damaged))
+    assert parse_forget(memoryview(b"1,3")) == {1, 3}
+    with pytest.raises(EOFError):
+        parse_forget(memoryview(b"x"))
+
+
 def test_input_offsets_reach_a_follower_at_most_input_follow_s_late(tmp_path, monkeypatch):
     """While batches queue behind one another, the moved inputs travel in the first report and
     then in the first report after each ``input_follow_s``, all rows moved since in one go:
