@@ -619,7 +619,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         written."""
         if learner is None:
             save_here()
-        else:
+        elif learner.save_due():  # not while one is asked, nor most of the learner's time
             learner.request_save()
 
     def save_here() -> None:

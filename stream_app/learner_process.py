@@ -68,6 +68,12 @@ IN_FLIGHT = 2
 #: bytes of other frames (item rows) the worker holds for the child before their
 #: sender waits (:meth:`LearnerProcess.drained`)
 FRAME_BUFFER = 32 * 1024 * 1024
+#: most of its time the learner spends in the checkpoints the worker's timer asks for: a
+#: save of a large model (11.7 KB a learned item, 9 s at 100,000 on a slow disk) is asked
+#: again only (1/share − 1) times its duration after it was written, and never while one is
+#: asked and not yet written (the timer's requests queued behind a long save, and the learner
+#: did little but save)
+SAVE_SHARE = 0.25
 
 
 class _PipeToChild(asyncio.Protocol):
@@ -111,6 +117,8 @@ class LearnerProcess:
         self._settles: collections.deque[asyncio.Future] = collections.deque()  # in frame order
         # per SAVE frame, in frame order: the last batch it holds, and who waits for it
         self._saves: collections.deque[tuple[int, asyncio.Future | None]] = collections.deque()
+        self._save_asked: collections.deque[float] = collections.deque()  # when, per SAVE
+        self._last_save: tuple[float, float] | None = None  # asked, written (monotonic)
         self._batches_written = 0  # learn frames
         self._batches_learned = 0  # their reports, in order
         #: the batches whose learning the follower holds whole (input offsets included)
@@ -240,7 +248,19 @@ class LearnerProcess:
     def _request_save(self, waiting: asyncio.Future | None) -> int:
         self._writer.write(frame(SAVE))
         self._saves.append((self._batches_written, waiting))
+        self._save_asked.append(time.monotonic())
         return self._batches_written
+
+    def save_due(self, share: float = SAVE_SHARE) -> bool:
+        """Whether the timer should ask for a checkpoint now (:data:`SAVE_SHARE`): none is
+        asked and unwritten, and the last one was written at least (1/share − 1) times the
+        time it took (from asking, so its wait behind learning counts too) ago."""
+        if self._saves:
+            return False
+        if self._last_save is None:
+            return True
+        asked, written = self._last_save
+        return time.monotonic() - written >= (written - asked) * (1.0 / share - 1.0)
 
     async def checkpoint(self, timeout_s: float) -> bool:
         """A checkpoint of everything handed over so far, written; at most ``timeout_s``.
@@ -288,6 +308,7 @@ class LearnerProcess:
                 waiting.set_result(False)
         self._settles.clear()
         self._saves.clear()
+        self._save_asked.clear()
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]
@@ -306,6 +327,7 @@ class LearnerProcess:
             self._on_paths(message[1])
         elif kind == "saved":
             through, waiting = self._saves.popleft()
+            self._last_save = (self._save_asked.popleft(), time.monotonic())
             if message[1]:
                 self._on_saved(through)
             if waiting is not None and not waiting.done():

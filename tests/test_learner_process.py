@@ -1248,3 +1248,35 @@ def test_a_worker_forgets_the_statistics_of_the_partitions_it_no_longer_holds(tm
     left = engine.learner.item_ids_at(engine.learner.rows_with_positives())
     assert set(left) == kept
     assert engine.learner.positive_mass > 0
+
+
+def test_the_timer_asks_for_no_checkpoint_while_one_is_unwritten_or_soon_after_a_long_one(
+        tmp_path, monkeypatch):
+    """A save of a large model outlasted the timer: its requests queued behind it, and the
+    learner did little but save. Now none is asked while one is unwritten, nor before
+    (1/SAVE_SHARE − 1) times the last one's duration has passed since it was written."""
+    from types import SimpleNamespace
+
+    from stream_app import learner_process as module
+    from stream_app.learner_process import SAVE_SHARE, LearnerProcess
+
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    learner = LearnerProcess(settings_for(tmp_path))
+    learner._writer = SimpleNamespace(write=lambda data: None)
+    learner._on_saved = lambda through: None
+    assert learner.save_due()
+    learner.request_save()
+    assert not learner.save_due()  # asked, not written
+    clock[0] += 40.0  # a save of 40 s
+    learner._dispatch(("saved", True))
+    wait = 40.0 * (1 / SAVE_SHARE - 1)
+    clock[0] += wait - 1
+    assert not learner.save_due()
+    clock[0] += 1
+    assert learner.save_due()
+    learner.request_save()
+    clock[0] += 1.0
+    learner._dispatch(("saved", False))  # a failed write counts as one that took its time
+    clock[0] += 1 / SAVE_SHARE - 1
+    assert learner.save_due()
