@@ -23,6 +23,11 @@ from .gramian import ids_from_arrays, ids_to_arrays, load_npz, save_npz
 
 #: the fewest items a ranking keeps: a request that needs more (k + its exclusions) ranks again
 RANKED_AT_LEAST = 1024
+#: an item whose count has decayed below this (20 half-lives after one event of weight 1) is
+#: forgotten at a save, once they are a hundredth of the items: kept, every item ever named,
+#: junk ids included, stayed in the memory, the file saved every 30 s and every full ranking
+FORGET_BELOW = 2.0 ** -20
+FORGET_SHARE = 0.01
 
 
 def top_rows(values: np.ndarray, depth: int) -> np.ndarray:
@@ -154,8 +159,30 @@ class DecayedPopularity:
         return picked
 
     # -- persistence (npz, no pickle) -----------------------------------------------------
+    def forget_faded(self) -> int:
+        """Forget the items whose count is below ``FORGET_BELOW`` now, once they are
+        ``FORGET_SHARE`` of all (the index is rebuilt: not at every call); returns how many.
+        Their counts read 0 from then on, and they rank after every item still counted."""
+        n = len(self._ids)
+        faded = self._log_mass[:n] - self.rate * self.now < math.log(FORGET_BELOW)
+        count = int(np.count_nonzero(faded))
+        if not count or count < FORGET_SHARE * n:
+            return 0
+        kept = np.flatnonzero(~faded)
+        self._ids = [self._ids[row] for row in kept.tolist()]
+        self._index = {item_id: row for row, item_id in enumerate(self._ids)}
+        mass = self._log_mass[kept]
+        self._log_mass = np.empty(max(1024, 2 * len(kept)), dtype=np.float64)
+        self._log_mass[: len(kept)] = mass
+        self._order, self._order_at, self._order_complete = (np.empty(0, dtype=np.int64),
+                                                             -math.inf, False)
+        self._dirty = True
+        return count
+
     def save(self, path: Path) -> None:
-        """Write atomically: a reader sees the old file or the new one, never half of one."""
+        """Write atomically: a reader sees the old file or the new one, never half of one.
+        Items faded below notice are forgotten first (:meth:`forget_faded`)."""
+        self.forget_faded()
         save_npz(path, {**ids_to_arrays(self._ids),
                         "log_mass": self._log_mass[: len(self._ids)], "rate": self.rate,
                         "now": self.now})

@@ -194,3 +194,38 @@ def test_the_checkpoints_that_hold_ids_do_not_widen_them_to_the_longest(tmp_path
         assert learned.load(tmp_path / f"model {label}.npz") and learned.item_ids == ids
     for short_size, long_size in zip(sizes["short"], sizes["one long"]):
         assert long_size < short_size + 2048, sizes
+
+
+def test_items_faded_below_notice_are_forgotten_at_a_save(tmp_path):
+    """Every item ever named stayed, junk ids included, in the memory, in the file saved every
+    30 s and in every full ranking. Oracle: after a save, the items counted at least
+    FORGET_BELOW keep their counts and their order, the others read 0 and are gone from the
+    file; a save with fewer than FORGET_SHARE of them faded forgets none."""
+    from state.popularity import FORGET_BELOW, FORGET_SHARE
+
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    events = [(f"old-{k}", 0.0, 1.0) for k in range(300)]  # 30 half-lives before the rest
+    events += [(f"new-{k % 50}", 30 * HALF_LIFE + k, 1.0 + k % 3) for k in range(200)]
+    events += [("edge", 10 * HALF_LIFE + 300, 1.0)]  # under 20 half-lives old: kept, just
+    for item, ts, weight in events:
+        popularity.add(item, ts, weight)
+    before = {item: popularity.count(item) for item, *_ in events}
+    ranked = popularity.top(60)
+    popularity.save(tmp_path / "p.npz")
+    kept = {item for item, count in before.items() if count >= FORGET_BELOW}
+    assert "edge" in kept and not any(item.startswith("old") for item in kept)
+    assert len(popularity) == len(kept) == 51
+    for item, count in before.items():
+        assert popularity.count(item) == (count if item in kept else 0.0)
+    assert popularity.top(60) == [pair for pair in ranked if pair[0] in kept]
+    loaded = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    assert loaded.load(tmp_path / "p.npz") and len(loaded) == 51
+    popularity.add("fresh", popularity.now)
+    assert popularity.count("fresh") == pytest.approx(1.0)
+
+    few = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    for k in range(int(1 / FORGET_SHARE) * 2):
+        few.add(f"n{k}", 30 * HALF_LIFE)
+    few.add("old", 0.0)  # under a hundredth of the items
+    few.save(tmp_path / "q.npz")
+    assert "old" in few and few.forget_faded() == 0
