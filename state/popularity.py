@@ -24,10 +24,9 @@ from .gramian import ids_from_arrays, ids_to_arrays, load_npz, save_npz
 #: the fewest items a ranking keeps: a request that needs more (k + its exclusions) ranks again
 RANKED_AT_LEAST = 1024
 #: an item whose count has decayed below this (20 half-lives after one event of weight 1) is
-#: forgotten at a save, once they are a hundredth of the items: kept, every item ever named,
-#: junk ids included, stayed in the memory, the file saved every 30 s and every full ranking
+#: forgotten at a save: kept, every item ever named, junk ids included, stayed in the memory,
+#: the file saved every 30 s and every full ranking
 FORGET_BELOW = 2.0 ** -20
-FORGET_SHARE = 0.01
 
 
 def top_rows(values: np.ndarray, depth: int) -> np.ndarray:
@@ -63,7 +62,8 @@ class DecayedPopularity:
         self.refresh_s = refresh_s
         self._clock = clock
         self._index: dict[str, int] = {}
-        self._ids: list[str] = []
+        self._ids: list[str | None] = []  # None: a free row (log mass −inf), reused first
+        self._free: list[int] = []
         self._log_mass = np.empty(1024, dtype=np.float64)
         self.now = 0.0  # latest event time seen (event-time clock)
         self._order: np.ndarray = np.empty(0, dtype=np.int64)
@@ -75,7 +75,7 @@ class DecayedPopularity:
         self._dirty = False
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._index)
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._index
@@ -113,11 +113,15 @@ class DecayedPopularity:
         self._dirty = True
 
     def _append(self, item_id: str) -> int:
-        row = len(self._ids)
-        if row == len(self._log_mass):
-            self._log_mass = np.resize(self._log_mass, 2 * row)
+        if self._free:
+            row = self._free.pop()
+            self._ids[row] = item_id
+        else:
+            row = len(self._ids)
+            if row == len(self._log_mass):
+                self._log_mass = np.resize(self._log_mass, 2 * row)
+            self._ids.append(item_id)
         self._index[item_id] = row
-        self._ids.append(item_id)
         return row
 
     def count(self, item_id: str, at: float | None = None) -> float:
@@ -151,7 +155,7 @@ class DecayedPopularity:
         picked: list[tuple[str, float]] = []
         for row in self._ranking(k + len(excluded)):
             item_id = self._ids[row]
-            if item_id in excluded:
+            if item_id is None or item_id in excluded:  # None: a forgotten item's row
                 continue
             picked.append((item_id, self.count(item_id)))
             if len(picked) == k:
@@ -160,32 +164,30 @@ class DecayedPopularity:
 
     # -- persistence (npz, no pickle) -----------------------------------------------------
     def forget_faded(self) -> int:
-        """Forget the items whose count is below ``FORGET_BELOW`` now, once they are
-        ``FORGET_SHARE`` of all (the index is rebuilt: not at every call); returns how many.
-        Their counts read 0 from then on, and they rank after every item still counted."""
-        n = len(self._ids)
-        faded = self._log_mass[:n] - self.rate * self.now < math.log(FORGET_BELOW)
-        count = int(np.count_nonzero(faded))
-        if not count or count < FORGET_SHARE * n:
-            return 0
-        kept = np.flatnonzero(~faded)
-        self._ids = [self._ids[row] for row in kept.tolist()]
-        self._index = {item_id: row for row, item_id in enumerate(self._ids)}
-        mass = self._log_mass[kept]
-        self._log_mass = np.empty(max(1024, 2 * len(kept)), dtype=np.float64)
-        self._log_mass[: len(kept)] = mass
-        self._order, self._order_at, self._order_complete = (np.empty(0, dtype=np.int64),
-                                                             -math.inf, False)
-        self._dirty = True
-        return count
+        """Forget the items whose count is below ``FORGET_BELOW`` now; returns how many. Their
+        counts read 0 from then on, and their rows (log mass −inf, ranked last and skipped)
+        go to the next new items: nothing is renumbered, so the cost is one pass of numpy
+        over the masses and a step per item forgotten."""
+        mass = self._log_mass[: len(self._ids)]
+        faded = np.flatnonzero((mass - self.rate * self.now < math.log(FORGET_BELOW))
+                               & np.isfinite(mass))  # −inf: a row free already
+        for row in faded.tolist():
+            del self._index[self._ids[row]]
+            self._ids[row] = None
+        mass[faded] = -np.inf
+        self._free.extend(faded.tolist())
+        if len(faded):
+            self._dirty = True
+        return len(faded)
 
     def save(self, path: Path) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one.
         Items faded below notice are forgotten first (:meth:`forget_faded`)."""
         self.forget_faded()
-        save_npz(path, {**ids_to_arrays(self._ids),
-                        "log_mass": self._log_mass[: len(self._ids)], "rate": self.rate,
-                        "now": self.now})
+        rows = np.flatnonzero(np.isfinite(self._log_mass[: len(self._ids)]))  # not free rows
+        ids = self._ids if len(rows) == len(self._ids) else [self._ids[r] for r in rows.tolist()]
+        save_npz(path, {**ids_to_arrays(ids), "log_mass": self._log_mass[rows],
+                        "rate": self.rate, "now": self.now})
 
     def load(self, path: Path) -> bool:
         """Replace the counts with those saved at ``path``; False if there is no file."""
@@ -194,7 +196,7 @@ class DecayedPopularity:
             return False
         ids = ids_from_arrays(data, where=path)
         self._index = {item_id: row for row, item_id in enumerate(ids)}
-        self._ids = ids
+        self._ids, self._free = ids, []
         self._log_mass = np.array(data["log_mass"], dtype=np.float64)
         if len(self._log_mass) == 0:
             self._log_mass = np.empty(1024, dtype=np.float64)

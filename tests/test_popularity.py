@@ -200,8 +200,8 @@ def test_items_faded_below_notice_are_forgotten_at_a_save(tmp_path):
     """Every item ever named stayed, junk ids included, in the memory, in the file saved every
     30 s and in every full ranking. Oracle: after a save, the items counted at least
     FORGET_BELOW keep their counts and their order, the others read 0 and are gone from the
-    file; a save with fewer than FORGET_SHARE of them faded forgets none."""
-    from state.popularity import FORGET_BELOW, FORGET_SHARE
+    file; their rows go to new items."""
+    from state.popularity import FORGET_BELOW
 
     popularity = DecayedPopularity(HALF_LIFE, refresh_s=0)
     events = [(f"old-{k}", 0.0, 1.0) for k in range(300)]  # 30 half-lives before the rest
@@ -220,12 +220,13 @@ def test_items_faded_below_notice_are_forgotten_at_a_save(tmp_path):
     assert popularity.top(60) == [pair for pair in ranked if pair[0] in kept]
     loaded = DecayedPopularity(HALF_LIFE, refresh_s=0)
     assert loaded.load(tmp_path / "p.npz") and len(loaded) == 51
+    rows = len(popularity._ids)
     popularity.add("fresh", popularity.now)
-    assert popularity.count("fresh") == pytest.approx(1.0)
-
-    few = DecayedPopularity(HALF_LIFE, refresh_s=0)
-    for k in range(int(1 / FORGET_SHARE) * 2):
-        few.add(f"n{k}", 30 * HALF_LIFE)
-    few.add("old", 0.0)  # under a hundredth of the items
-    few.save(tmp_path / "q.npz")
-    assert "old" in few and few.forget_faded() == 0
+    popularity.add_many(["fresh-too", "old-3"], [popularity.now] * 2, [2.0, 3.0])
+    assert popularity.count("fresh") == pytest.approx(1.0) and len(popularity) == 54
+    assert len(popularity._ids) == rows  # forgotten rows taken again
+    ranked = popularity.top(100)  # every item counted, the reused rows among them
+    counts = [count for _, count in ranked]
+    assert len(ranked) == 54 and counts == sorted(counts, reverse=True)
+    assert dict(ranked)["old-3"] == pytest.approx(3.0)
+    assert popularity.forget_faded() == 0  # free rows are not forgotten twice
