@@ -111,8 +111,10 @@ class History:
         if not len(items) == len(kinds) == len(ts) or len(ids) not in (0, len(items)):
             raise ValueError("items, kinds, ts and ids differ in length")
         "".join(items), "".join(kinds), "".join(ids)  # TypeError unless all are strings
-        # sum: TypeError unless all are numbers; not finite if one is not (or past 1e308)
-        if not math.isfinite(sum(ts)) or not isinstance(phi, str):
+        # sum: TypeError unless all are numbers; not finite if one is not, or if the sum
+        # passes 1e308 (then each is looked at)
+        if not (math.isfinite(sum(ts)) or all(map(math.isfinite, ts))) \
+                or not isinstance(phi, str):
             raise ValueError("times are finite numbers, the vector a string")
         if at is not None and not (isinstance(at, _SEQUENCES) and len(at) == 2 and all(
                 type(n) is int and n >= 0 for n in at)):

@@ -437,7 +437,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         # with sharing a publish acknowledges: room comes back with the next (share_items_s),
         # and a checkpoint asked for would free nothing
         train_acks = (AcksAfterCheckpoint(train_intake) if sharing is not None
-                      else AcksAfterCheckpoint(train_intake, ask_checkpoint=lambda: save_model()))
+                      else AcksAfterCheckpoint(train_intake,
+                                              ask_checkpoint=lambda: save_model(waiting=True)))
         train_acks.export(metrics)
 
         @app.task
@@ -614,12 +615,12 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         if not restoring():
             save_model()
 
-    def save_model() -> None:
+    def save_model(waiting: bool = False) -> None:
         """A checkpoint of the model: here, or by the learner process, which says when it is
-        written."""
+        written (``waiting``: the intake waits for it, see ``LearnerProcess.save_due``)."""
         if learner is None:
             save_here()
-        elif learner.save_due():  # not while one is asked, nor most of the learner's time
+        elif learner.save_due(waiting=waiting):  # not while one is asked, nor too often
             learner.request_save()
 
     def save_here() -> None:

@@ -170,7 +170,7 @@ class BatchedTable:
         if actives is None or visible is None:
             return sum(1 for _ in self.table.keys())
         count = 0
-        for db in actives():
+        for db in list(actives()):  # a rebalance during a turn of the loop changes the map
             for _ in visible(db):
                 count += 1
                 if count % turn_every == 0:

@@ -53,9 +53,20 @@ class InteractionLog:
         prefix = f"{self.source}:" if self.source else ""
         for i in range(len(self)):
             own = str(self.event_ids[i]) if self.event_ids is not None else ""
-            yield {"v": 1, "event_id": own or f"{prefix}{self.users[i]}:{self.order[i]}",
+            yield {"v": 1, "event_id": own or made_event_id(prefix, str(self.users[i]),
+                                                            int(self.order[i])),
                    "user_id": str(self.users[i]), "item_id": str(self.items[i]),
                    "kind": str(self.kinds[i]), "ts": float(self.ts[i])}
+
+
+def made_event_id(prefix: str, user: str, order: int) -> str:
+    """``PREFIX USER:ORDER``, within an id's 256 characters: a user id too long for it is
+    replaced by its digest (the user's events stay told apart)."""
+    made = f"{prefix}{user}:{order}"
+    if len(made) <= 256:
+        return made
+    digest = hashlib.blake2b(user.encode(), digest_size=16).hexdigest()
+    return f"{prefix}{digest}:{order}"
 
 
 GUESS_LINES = 100

@@ -251,13 +251,15 @@ class LearnerProcess:
         self._save_asked.append(time.monotonic())
         return self._batches_written
 
-    def save_due(self, share: float = SAVE_SHARE) -> bool:
+    def save_due(self, share: float = SAVE_SHARE, *, waiting: bool = False) -> bool:
         """Whether the timer should ask for a checkpoint now (:data:`SAVE_SHARE`): none is
         asked and unwritten, and the last one was written at least (1/share − 1) times the
-        time it took (from asking, so its wait behind learning counts too) ago."""
+        time it took (from asking, so its wait behind learning counts too) ago. ``waiting``:
+        intake waits for the checkpoint (too many messages unacknowledged), so only the
+        first condition holds it back."""
         if self._saves:
             return False
-        if self._last_save is None:
+        if self._last_save is None or waiting:
             return True
         asked, written = self._last_save
         return time.monotonic() - written >= (written - asked) * (1.0 / share - 1.0)

@@ -56,6 +56,8 @@ class Metrics:
             "Stored histories that did not read as one (a damaged changelog record), by where "
             "they were read (ingest, answer): the user started again from an empty history.",
             ["read_by"], registry=r)
+        for read_by in ("ingest", "answer"):  # exported at 0: a dashboard reads a rate of them
+            self.damaged_histories.labels(read_by)
         self.requests = Counter("streamrec_requests_total", "Recommendation requests by status.",
                                 ["status"], registry=r)
         self.request_latency = Histogram("streamrec_request_latency_seconds",

@@ -51,7 +51,8 @@ class Settings(BaseSettings):
         description="Kafka bootstrap servers, e.g. 'kafka:9092' or 'kafka://a:9092;b:9092'. "
         "Unset: `streamrec up` starts the embedded broker.",
     )
-    embedded_host: str = Field("127.0.0.1", description="Listen address of the embedded broker.")
+    embedded_host: str = Field("127.0.0.1", min_length=1,
+                               description="Listen address of the embedded broker.")
     embedded_port: int = Field(9092, ge=1, le=65535, description="Port of the embedded broker.")
     embedded_compat: bool | None = Field(
         None,
@@ -365,7 +366,9 @@ class Settings(BaseSettings):
                     "per request, so it is opt-in: per request, or here.")
 
     # -- observability ---------------------------------------------------------------------------
-    metrics_host: str = "127.0.0.1"
+    # not "": a child process reads a blank variable as unset (127.0.0.1); 0.0.0.0 listens on
+    # every interface
+    metrics_host: str = Field("127.0.0.1", min_length=1)
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 disables the endpoint.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -389,7 +392,8 @@ class Settings(BaseSettings):
         """Settings a client would drop without a word, or that fail only at each client's
         handshake, are refused at start (every mechanism here needs a user and a password)."""
         protocol = self.security_protocol
-        if protocol.startswith("SASL") and (not self.sasl_username or self.sasl_password is None):
+        password = self.sasl_password.get_secret_value() if self.sasl_password else ""
+        if protocol.startswith("SASL") and not (self.sasl_username and password):
             raise ValueError(f"security_protocol {protocol} needs sasl_username and "
                              "sasl_password")
         files = [name for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")

@@ -33,7 +33,7 @@ def test_a_popularity_checkpoint_the_disk_refuses_does_not_stop_the_worker(tmp_p
     settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", metrics_port=0)
     engine = Engine(settings)
     saves = []
-    learner = SimpleNamespace(request_save=lambda: saves.append(1), save_due=lambda: True)
+    learner = SimpleNamespace(request_save=lambda: saves.append(1), save_due=lambda **kwargs: True)
     app = create_app(settings, engine, build_metrics(engine), learner)
 
     def full_disk(**kwargs):
@@ -99,7 +99,7 @@ def test_with_item_sharing_a_full_intake_asks_for_no_checkpoint(tmp_path):
     def saves_asked(share_items: bool) -> list:
         saves = []
         learner = SimpleNamespace(request_save=lambda: saves.append(1), drained=None,
-                                  save_due=lambda: True)
+                                  save_due=lambda **kwargs: True)
         app = offline_app(tmp_path / str(share_items), learner, share_items=share_items)
         acks = app.streamrec_train_acks
         acks.limit = 2

@@ -546,3 +546,15 @@ def test_the_keys_counted_raw_are_fausts_own_count_of_the_active_partitions(tmp_
     faust_count = sum(1 for _ in table.keys())
     assert faust_count == 50 - len(range(2, 50, 4))  # partition 2 is not active here
     assert asyncio.run(batched.count_keys(turn_every=7)) == faust_count
+
+    async def rebalanced_meanwhile() -> int:  # a partition revoked during a turn of the loop
+        async def revoke() -> None:
+            await asyncio.sleep(0)
+            table.data._dbs.pop(3)
+
+        revoking = asyncio.create_task(revoke())
+        count = await batched.count_keys(turn_every=1)
+        await revoking
+        return count
+
+    assert asyncio.run(rebalanced_meanwhile()) == faust_count  # what it had taken to count

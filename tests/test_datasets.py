@@ -75,6 +75,10 @@ def test_event_ids_name_the_file_so_another_file_of_the_same_users_is_not_a_rede
     assert [e["item_id"] for e in events] == ["y", "x"]
     assert events[1]["event_id"] == "mon-1"  # its own, kept
     assert events[0]["event_id"].endswith(":u1:0")
+    long_user = "u" * 250  # a valid user id, whose made id would pass 256 characters
+    (tmp_path / "long.txt").write_text(f"{long_user} a\n{long_user} b\n")
+    made = [e["event_id"] for e in load(tmp_path / "long.txt").events()]
+    assert len(set(made)) == 2 and all(len(made_id) <= 256 for made_id in made)
 
 
 def test_the_format_is_guessed_from_more_than_the_first_line(tmp_path):

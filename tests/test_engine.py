@@ -66,6 +66,8 @@ def test_a_stored_value_that_is_not_a_history_is_damage(damage):
     told = []
     assert History.from_stored({**GOOD, **damage}, told.append) == History()
     assert len(told) == 1 and isinstance(told[0], DamagedHistory)
+    huge = {**GOOD, "ts": [1.7e308, 1.7e308]}  # a sum past 1e308, each time finite
+    assert History.from_json(huge).ts == (1.7e308, 1.7e308)
     older = {key: value for key, value in GOOD.items() if key not in ("ids", "at", "phi")}
     assert History.from_stored(older, told.append).items == ("a", "b") and len(told) == 1
 

@@ -78,6 +78,8 @@ def test_a_key_goes_to_the_partition_kafkas_default_partitioner_picks():
 @pytest.mark.parametrize("settings, refusal", [
     ({"security_protocol": "SASL_SSL"}, "needs sasl_username"),
     ({"security_protocol": "SASL_PLAINTEXT", "sasl_username": "svc"}, "needs sasl_username"),
+    ({"security_protocol": "SASL_SSL", "sasl_username": "svc", "sasl_password": ""},
+     "needs sasl_username"),  # a child process would read the blank password as unset
     ({"ssl_cafile": "ca.pem"}, "ssl_cafile are read only with"),
     ({"security_protocol": "SASL_PLAINTEXT", "sasl_username": "svc", "sasl_password": "pw",
       "ssl_certfile": "c.pem", "ssl_keyfile": "k.pem"}, "read only with"),

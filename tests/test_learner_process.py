@@ -1267,12 +1267,13 @@ def test_the_timer_asks_for_no_checkpoint_while_one_is_unwritten_or_soon_after_a
     learner._on_saved = lambda through: None
     assert learner.save_due()
     learner.request_save()
-    assert not learner.save_due()  # asked, not written
+    assert not learner.save_due() and not learner.save_due(waiting=True)  # asked, unwritten
     clock[0] += 40.0  # a save of 40 s
     learner._dispatch(("saved", True))
     wait = 40.0 * (1 / SAVE_SHARE - 1)
     clock[0] += wait - 1
     assert not learner.save_due()
+    assert learner.save_due(waiting=True)  # intake waits for it: asked at once
     clock[0] += 1
     assert learner.save_due()
     learner.request_save()

@@ -70,6 +70,8 @@ def test_a_blank_variable_is_unset(monkeypatch):
     assert settings.embedded and settings.bootstrap_servers == ["127.0.0.1:9092"]
     assert settings.ssl_cafile is None and settings.compat_fixes
     assert settings.partitions == Settings.model_fields["partitions"].default
+    with pytest.raises(ValidationError):  # a child would read it as unset: 127.0.0.1
+        Settings(metrics_host="")
 
 
 def test_broker_servers_are_read_with_spaces_around_them(monkeypatch):
