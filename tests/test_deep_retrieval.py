@@ -649,20 +649,26 @@ def test_deep_retrievals_beam_placement_of_new_items_holds_through_the_workers_s
     np.testing.assert_array_equal(paths.model.assignment, expected)
 
 
-def test_the_m_step_policy_holds_across_a_restart(tmp_path):
-    """The pairs learned since the last M-step and its time are kept in the checkpoint: a
-    worker restarted more often than the M-step interval, with fewer pairs between restarts
-    than the policy's count, ran no M-step ever, as both started again at each start."""
+def paths_with_an_m_step_at_1000():
+    """Paths that learned 40 pairs of 7 items since an M-step at time 1000, under a policy of
+    every 300 s or 1000 pairs; and a maker of more paths like them (a restart)."""
     from index_sync.paths import MStepPolicy, PathRetrieval
 
     config = DRConfig(input_dim=4, width=3, depth=2, seed=1)
     policy = MStepPolicy(interval_s=300.0, events=1000)
-    phis = np.random.default_rng(0).normal(size=(40, 4))
-    first = PathRetrieval(config, policy)
-    first.learn(phis, [f"i{n % 7}" for n in range(40)])
-    first.model.m_step_at = 1000.0
+    paths = PathRetrieval(config, policy)
+    paths.learn(np.random.default_rng(0).normal(size=(40, 4)), [f"i{n % 7}" for n in range(40)])
+    paths.model.m_step_at = 1000.0
+    return paths, lambda: PathRetrieval(config, policy)
+
+
+def test_the_m_step_policy_holds_across_a_restart(tmp_path):
+    """The pairs learned since the last M-step and its time are kept in the checkpoint: a
+    worker restarted more often than the M-step interval, with fewer pairs between restarts
+    than the policy's count, ran no M-step ever, as both started again at each start."""
+    first, restart = paths_with_an_m_step_at_1000()
     first.model.save(tmp_path)
-    restarted = PathRetrieval(config, policy)
+    restarted = restart()
     assert restarted.model.load(tmp_path)
     assert restarted.events_since_m_step == 40 and restarted.model.m_step_at == 1000.0
     assert not restarted.maybe_m_step(now=1200.0)  # neither due by count nor by time
@@ -732,17 +738,10 @@ def test_an_m_step_counts_for_the_policy_once_it_ended(tmp_path):
     """A checkpoint taken while an M-step runs keeps the marks of the one before: the marks
     moved when it started, so a worker stopped during it (its descent cancelled) came back as
     if it had reassigned the items, and waited a whole interval to try again."""
-    from index_sync.paths import MStepPolicy, PathRetrieval
-
-    config = DRConfig(input_dim=4, width=3, depth=2, seed=1)
-    policy = MStepPolicy(interval_s=300.0, events=1000)
-    phis = np.random.default_rng(0).normal(size=(40, 4))
-    paths = PathRetrieval(config, policy)
-    paths.learn(phis, [f"i{n % 7}" for n in range(40)])
-    paths.model.m_step_at = 1000.0
+    paths, restart = paths_with_an_m_step_at_1000()
     assert paths.maybe_m_step(now=1300.0)  # started, not installed
     paths.model.save(tmp_path)
-    restarted = PathRetrieval(config, policy)
+    restarted = restart()
     assert restarted.model.load(tmp_path)
     assert restarted.events_since_m_step == 40 and restarted.model.m_step_at == 1000.0
     assert restarted.maybe_m_step(now=1300.0)  # due again at once
@@ -753,17 +752,12 @@ def test_an_m_step_counts_for_the_policy_once_it_ended(tmp_path):
 
 
 def test_a_failed_m_step_waits_for_the_policy_before_it_is_tried_again(monkeypatch):
-    from index_sync.paths import MStepPolicy, PathRetrieval
-
-    config = DRConfig(input_dim=4, width=3, depth=2, seed=1)
-    paths = PathRetrieval(config, MStepPolicy(interval_s=300.0, events=1000))
-    paths.learn(np.random.default_rng(0).normal(size=(40, 4)), [f"i{n % 7}" for n in range(40)])
+    paths, _ = paths_with_an_m_step_at_1000()
 
     def fail(*args, **kwargs):
         raise RuntimeError("descent failed")
 
     monkeypatch.setattr(paths.model, "compute_m_step", fail)
-    paths.model.m_step_at = 1000.0
     assert paths.maybe_m_step(now=1300.0)
     assert paths.run_m_step_now(timeout=60) is None and paths.failures == 1
     assert paths.events_since_m_step == 0 and paths.model.m_step_at == 1300.0
