@@ -155,3 +155,26 @@ def test_a_damaged_stored_history_starts_its_user_again(tmp_path, caplog):
     assert len(damaged) == 2 and "'u1'" in damaged[0] and "KeyError" in damaged[0]
     assert "does not decode" in damaged[1]
     assert len(intake.sent_to("-train-examples")) >= 1  # their events are learned
+
+
+def test_an_event_whose_ingest_fails_goes_to_the_dead_letter_topic_alone(tmp_path):
+    """A batch whose ingest raises is taken again event by event: the event that fails goes
+    to the dead-letter topic as ``internal_error``, the others of its batch are taken in once.
+    The failure here: the store's read of one user's history raises."""
+    import json
+
+    intake = OfflineIntake(tmp_path)
+
+    def get_many(last):
+        if "u2" in last:
+            raise OSError("the store could not be read")
+        return {user: intake.stored[user] for user in last if user in intake.stored}
+
+    intake.histories.get_many = get_many
+    batch = [message(0, event("u1", "a")), message(1, event("u2", "b"), user="u2"),
+             message(2, event("u1", "c"))]
+    asyncio.run(intake.app.streamrec_take_in(batch))
+    (letter,) = intake.sent_to(DEAD_LETTERS)
+    assert json.loads(letter)["reason"] == "internal_error"
+    assert json.loads(letter)["offset"] == 1
+    assert intake.stored["u1"]["items"] == ["a", "c"] and "u2" not in intake.stored
