@@ -161,9 +161,9 @@ class BatchedTable:
     async def count_keys(self, turn_every: int = 65_536) -> int:
         """How many keys the table holds on the partitions this worker has active: Faust's
         own count (``len(table.keys())``), read as raw keys of the rocksdb store. Faust's
-        ``keys()`` decodes every key, about 14 s a million here, on the event loop at every
-        recovery; the raw keys take about 1 s, with a turn of the loop every
-        ``turn_every`` keys. Faust's own count without the rocksdb store."""
+        ``keys()`` decodes every key, on the event loop at every recovery: 0.65–0.94 s for
+        200,000 here, against 0.08–0.10 s for the raw keys, which also give the loop a turn
+        every ``turn_every`` keys. Faust's own count without the rocksdb store."""
         store = self.table.data
         actives = getattr(store, "_dbs_for_actives", None)
         visible = getattr(store, "_visible_keys", None)
