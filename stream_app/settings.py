@@ -32,9 +32,9 @@ def unknown_settings(environ: Mapping[str, str]) -> list[str]:
 def broker_servers(broker: str) -> list[str]:
     """``host:port`` strings of a ``broker`` setting: servers split at ``,`` or ``;``, each
     with or without ``kafka://``, spaces around them left out."""
-    parts = (part.strip() for part in broker.replace(",", ";").split(";"))
-    return [part.removeprefix("kafka://").strip() for part in parts if part.removeprefix(
-        "kafka://").strip()]
+    servers = (part.strip().removeprefix("kafka://").strip()
+               for part in broker.replace(",", ";").split(";"))
+    return [server for server in servers if server]
 
 
 class Settings(BaseSettings):
