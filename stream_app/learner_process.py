@@ -115,9 +115,10 @@ class LearnerProcess:
         self._on_saved: Callable[[int], None] | None = None
         self._on_death: Callable[[], None] | None = None
         self._settles: collections.deque[asyncio.Future] = collections.deque()  # in frame order
-        # per SAVE frame, in frame order: the last batch it holds, and who waits for it
-        self._saves: collections.deque[tuple[int, asyncio.Future | None]] = collections.deque()
-        self._save_asked: collections.deque[float] = collections.deque()  # when, per SAVE
+        # per SAVE frame, in frame order: the last batch it holds, who waits for it, and when
+        # it was asked (monotonic)
+        self._saves: collections.deque[tuple[int, asyncio.Future | None, float]] = \
+            collections.deque()
         self._last_save: tuple[float, float] | None = None  # asked, written (monotonic)
         self._batches_written = 0  # learn frames
         self._batches_learned = 0  # their reports, in order
@@ -247,8 +248,7 @@ class LearnerProcess:
 
     def _request_save(self, waiting: asyncio.Future | None) -> int:
         self._writer.write(frame(SAVE))
-        self._saves.append((self._batches_written, waiting))
-        self._save_asked.append(time.monotonic())
+        self._saves.append((self._batches_written, waiting, time.monotonic()))
         return self._batches_written
 
     def save_due(self, share: float = SAVE_SHARE, *, waiting: bool = False) -> bool:
@@ -305,12 +305,11 @@ class LearnerProcess:
         for answer in self._settles:
             if not answer.done():
                 answer.set_result(None)
-        for _, waiting in self._saves:
+        for _, waiting, _ in self._saves:
             if waiting is not None and not waiting.done():
                 waiting.set_result(False)
         self._settles.clear()
         self._saves.clear()
-        self._save_asked.clear()
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]
@@ -328,8 +327,8 @@ class LearnerProcess:
         elif kind == "paths":
             self._on_paths(message[1])
         elif kind == "saved":
-            through, waiting = self._saves.popleft()
-            self._last_save = (self._save_asked.popleft(), time.monotonic())
+            through, waiting, asked = self._saves.popleft()
+            self._last_save = (asked, time.monotonic())
             if message[1]:
                 self._on_saved(through)
             if waiting is not None and not waiting.done():
