@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .wire import MAX_ID_CHARS
+
 FORMATS = ("movielens", "sequences", "pairs", "jsonl")
 SYNTHETIC_EPOCH = 1_600_000_000.0
 
@@ -60,10 +62,10 @@ class InteractionLog:
 
 
 def made_event_id(prefix: str, user: str, order: int) -> str:
-    """``PREFIX USER:ORDER``, within an id's 256 characters: a user id too long for it is
+    """``PREFIX USER:ORDER``, within an id's ``MAX_ID_CHARS``: a user id too long for it is
     replaced by its digest (the user's events stay told apart)."""
     made = f"{prefix}{user}:{order}"
-    if len(made) <= 256:
+    if len(made) <= MAX_ID_CHARS:
         return made
     digest = hashlib.blake2b(user.encode(), digest_size=16).hexdigest()
     return f"{prefix}{digest}:{order}"

@@ -26,16 +26,17 @@ WIRE_VERSION = 1
 SOURCES = ("ann", "dr", "popular")
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # fullmatch: "$" would let a "\n" end it
 
+#: longest id (of an event, a user, an item, a request) in characters
+MAX_ID_CHARS = 256
 #: no NUL: numpy's string arrays, in which checkpoints keep the ids, drop trailing NULs, so
 #: "sku\0" would come back from a restart as "sku", another item's name
-Id = Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]
+Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[^\x00]*$")]
 
 
 def is_item_id(text: str) -> bool:
     """Whether ``text`` is an id an event may carry (:data:`Id`): for ids read from this
     app's own topics, which no schema checks."""
-    return 0 < len(text) <= 256 and "\x00" not in text
-
+    return 0 < len(text) <= MAX_ID_CHARS and "\x00" not in text
 
 
 #: most items a request's history may hold (``Settings.max_request_history`` is at most this):
@@ -481,7 +482,7 @@ def salvage_request(raw: bytes | None) -> dict[str, str | None]:
     fields: dict[str, str | None] = {"request_id": None, "user_id": None, "reply_to": None}
     if isinstance(value, dict):
         for name in fields:
-            if isinstance(value.get(name), str) and 0 < len(value[name]) <= 256 \
+            if isinstance(value.get(name), str) and 0 < len(value[name]) <= MAX_ID_CHARS \
                     and _utf8(value[name]):
                 fields[name] = value[name]
     if fields["reply_to"] is not None and not TOPIC_NAME.fullmatch(fields["reply_to"]):
