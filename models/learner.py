@@ -42,8 +42,9 @@ import scipy.sparse as sp
 
 from models.embedding import (augment_users, item_gradient, item_solve, item_solve_cg,
                               pack_symmetric, packed_outer, packed_size, unpack_symmetric)
-from state.gramian import (DecayedGramian, ExactGramian, ids_from_arrays, ids_to_arrays, load_npz,
-                          read_only_view, save_npz)
+from state.delta_checkpoint import ChainWriter, Table, load_checkpoint
+from state.gramian import (DecayedGramian, ExactGramian, ids_from_arrays, ids_to_arrays,
+                          read_only_view)
 
 InitVector = Callable[[str], "np.ndarray | None"]
 
@@ -259,6 +260,10 @@ class ItemLearner:
         self.log_input_steps = False
         self._input_steps: list[tuple[np.ndarray, np.ndarray]] = []
         self.last_drift = 0.0
+        # rows and slots written since the last save: a save writes only them (a delta)
+        self._checkpoints = ChainWriter()
+        self._rows_changed = np.zeros(0, dtype=bool)
+        self._slots_changed = np.zeros(0, dtype=bool)
 
     # -- reads (never create state) -------------------------------------------------------
     def __len__(self) -> int:
@@ -418,6 +423,7 @@ class ItemLearner:
         self.item_gramian.update(before, self._psi[uniq])
         swept = self._sweep(G_C)
         self.changed_rows = np.union1d(uniq, swept)
+        self._note_rows(self.changed_rows)
         self._tick()
         return loss
 
@@ -434,6 +440,7 @@ class ItemLearner:
         self._offset_squares[rows] = squares
         steps = -self.config.input_lr * grads / np.sqrt(self.config.input_adagrad_init + squares)
         self._offset[rows] += steps
+        self._note_rows(rows)
         if self.log_input_steps:
             self._input_steps.append((rows, steps))
         self._offsets_learned = True
@@ -458,6 +465,7 @@ class ItemLearner:
         self._lane_mass -= self._empty_slots(slots)
         np.maximum(self._lane_mass, 0.0, out=self._lane_mass)  # rounding, not positives
         self._slot[rows] = -1
+        self._note_rows(rows)
         self._free_slots.extend(slots.tolist())
 
     def rows_with_positives(self) -> np.ndarray:
@@ -478,6 +486,7 @@ class ItemLearner:
         if len(rows) == 0 or (not self._offsets_learned and not offsets.any()):
             return
         self._offset[rows] = offsets
+        self._note_rows(rows)
         self._offsets_learned = True
 
     def take_input_steps(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -503,6 +512,7 @@ class ItemLearner:
         if len(rows) == 0:
             return
         np.add.at(self._offset, rows, steps)
+        self._note_rows(rows)
         self._offsets_learned = True
 
     def _checked_lanes(self, lanes: np.ndarray | None, size: int) -> np.ndarray:
@@ -565,6 +575,7 @@ class ItemLearner:
         self._pos_gram[slots], self._pos_target[slots] = gram, target
         self._pos_lane[slots] = lanes
         self._pos_at[slots] = self._lane_clock[lanes]
+        self._note_slots(slots)
         self._psi[rows] = self._solved(rows, gram, target, G_C)
 
     def _statistics_now(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -620,6 +631,7 @@ class ItemLearner:
         before = self._psi[rows].copy()
         G_C = self.user_gramian.value() if G_C is None else G_C
         self._psi[rows] = self._solved(rows, *self._statistics_now(slots), G_C)
+        self._note_rows(rows)
         self.item_gramian.update(before, self._psi[rows])
 
     def _sweep(self, G_C: np.ndarray) -> np.ndarray:
@@ -717,6 +729,7 @@ class ItemLearner:
         self.item_gramian.update(self._psi[known], new_rows[~fresh])
         self._psi[known] = new_rows[~fresh]
         self._prior[known] = new_rows[~fresh]
+        self._note_rows(known)
 
     def _ensure_rows(self, item_ids: Sequence[str]) -> np.ndarray:
         index = self._index
@@ -770,32 +783,51 @@ class ItemLearner:
         self._offset_squares = _grow(self._offset_squares, grown, 0.0)
 
     # -- persistence (npz, no pickle) -----------------------------------------------------
-    def save(self, path: Path, also: dict[str, np.ndarray] | None = None) -> None:
-        """Write every piece of state to one npz, atomically (tmp file + rename); ``also``:
-        arrays of the caller's that must stand or fall with the model's (the stream positions
-        it learned up to), under names of their own."""
-        n, slots = len(self._ids), self._slots_used
-        # views, not copies: nothing learns while a save runs (the learner's thread saves),
-        # and the statistics alone are 8.6 KB an item, a copy of which doubled a save's memory
-        arrays = {
-            **ids_to_arrays(self._ids), "psi": self._psi[:n],
-            "accum": self._accum[:n], "count": self._count[:n],
-            "count_at": self._count_at[:n], "prior": self._prior[:n], "slot": self._slot[:n],
-            "pos_gram_upper": self._pos_gram[:slots], "pos_target": self._pos_target[:slots],
-            "pos_at": self._pos_at[:slots], "pos_lane": self._pos_lane[:slots],
-            "lane_clock": self._lane_clock,
-            "clock": np.array([self.events, self.steps, self._sweep_at], dtype=np.int64),
-            "positive_mass": np.array([self.positive_mass]), "alpha0": np.array([self.alpha0]),
-            "lane_mass": self._lane_mass,
-            "offset": self._offset[:n], "offset_squares": self._offset_squares[:n],
-            "config": np.array(json.dumps(asdict(self.config))),
-        }
-        arrays.update(self.item_gramian.to_arrays("item_"))
-        arrays.update(self.user_gramian.to_arrays("user_"))
-        clash = set(arrays) & set(also or {})
+    def save(self, path: Path, also: dict[str, np.ndarray] | None = None) -> str:
+        """Write the state to the checkpoint at ``path``: the rows changed since the last save
+        to ``path`` (a delta), or all of them (a base), beside the small arrays in ``path``
+        itself (:mod:`state.delta_checkpoint`); returns "delta" or "base". ``also``: arrays
+        of the caller's that must stand or fall with the model's (the stream positions it
+        learned up to), under names of their own."""
+        tables, whole = self._checkpoint_arrays()
+        clash = set(whole) & set(also or {})
         if clash:
             raise ValueError(f"arrays {sorted(clash)} would overwrite the model's")
-        save_npz(path, {**arrays, **(also or {})})
+        kind = self._checkpoints.save(path, tables, {**whole, **(also or {})})
+        self._rows_changed[:] = False
+        self._slots_changed[:] = False
+        return kind
+
+    def _checkpoint_arrays(self) -> tuple[dict[str, Table], dict[str, np.ndarray]]:
+        """The state as tables of a row per item and per statistics slot, with the rows
+        written since the last save, and the arrays saved whole. Views, not copies: nothing
+        learns while a save runs (the learner's thread saves), and the statistics alone are
+        8.6 KB an item, a copy of which doubled a save's memory."""
+        n, slots = len(self._ids), self._slots_used
+        items = {"psi": self._psi, "accum": self._accum, "count": self._count,
+                 "count_at": self._count_at, "prior": self._prior, "slot": self._slot,
+                 "offset": self._offset, "offset_squares": self._offset_squares}
+        statistics = {"pos_gram_upper": self._pos_gram, "pos_target": self._pos_target,
+                      "pos_at": self._pos_at, "pos_lane": self._pos_lane}
+        tables = {"items": Table(items, n, np.flatnonzero(self._rows_changed[:n])),
+                  "slots": Table(statistics, slots, np.flatnonzero(self._slots_changed[:slots]))}
+        whole = {
+            **ids_to_arrays(self._ids), "lane_clock": self._lane_clock,
+            "clock": np.array([self.events, self.steps, self._sweep_at], dtype=np.int64),
+            "positive_mass": np.array([self.positive_mass]), "alpha0": np.array([self.alpha0]),
+            "lane_mass": self._lane_mass, "config": np.array(json.dumps(asdict(self.config))),
+            **self.item_gramian.to_arrays("item_"), **self.user_gramian.to_arrays("user_"),
+        }
+        return tables, whole
+
+    def _note_rows(self, rows: np.ndarray) -> None:
+        """Rows written: the next save writes them (every write of item-row state notes its
+        rows, or a checkpoint loses it)."""
+        self._rows_changed = _noted(self._rows_changed, rows, len(self._psi))
+
+    def _note_slots(self, slots: np.ndarray) -> None:
+        """Statistics slots written (as :meth:`_note_rows`)."""
+        self._slots_changed = _noted(self._slots_changed, slots, len(self._pos_gram))
 
     def load(self, path: Path, restore: Callable[[dict], None] | None = None) -> bool:
         """Replace all state with the one saved at ``path``; False if there is no file.
@@ -809,6 +841,9 @@ class ItemLearner:
             return False
         if restore is not None:
             restore(data)
+        self._rows_changed = np.zeros(0, dtype=bool)
+        self._slots_changed = np.zeros(0, dtype=bool)
+        self._checkpoints.continue_from(path, data)  # its next save is a delta of this one
         self._load_rows(data)
         self._accum = data["accum"]
         self._offset_squares = (data["offset_squares"] if "offset_squares" in data  # older
@@ -820,7 +855,7 @@ class ItemLearner:
         return True
 
     def _checkpoint(self, path: Path):
-        data = load_npz(path)
+        data = load_checkpoint(path)
         if data is not None:
             saved_dim = json.loads(str(data["config"]))["dim"]
             if saved_dim != self.config.dim:
@@ -881,6 +916,7 @@ class ItemLearner:
         mass = np.bincount(self._pos_lane[slots], weights=self._slot_masses(slots),
                            minlength=len(self._lane_clock))
         self._pos_gram[slots], self._pos_target[slots] = 0.0, 0.0
+        self._note_slots(slots)
         return mass
 
     def _held_slots(self) -> np.ndarray:
@@ -908,6 +944,7 @@ class ItemLearner:
         self._lane_clock = np.full(lanes, saved.sum() / lanes)
         self._pos_at = self._pos_at * (len(saved) / lanes)
         self._pos_lane = np.zeros(len(self._pos_gram), dtype=np.int64)
+        self._note_slots(np.arange(len(self._pos_gram)))  # every slot differs from the file
 
     def _positive_mass_now(self) -> float:
         """Σ α of the positives as of now, read from the statistics (:meth:`_slot_masses`)."""
@@ -985,6 +1022,15 @@ def _no_statistics(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     updated at."""
     return (np.zeros((0, packed_size(width)), dtype=np.float32), np.zeros((0, width)),
             np.zeros(0))
+
+
+def _noted(marks: np.ndarray, rows: np.ndarray, capacity: int) -> np.ndarray:
+    """``marks`` (a flag per row, grown to ``capacity`` where the table grew) with ``rows``
+    set."""
+    if len(marks) < capacity:
+        marks = _grow(marks, capacity, False)
+    marks[rows] = True
+    return marks
 
 
 def _grow(array: np.ndarray, size: int, fill: float) -> np.ndarray:

@@ -4,6 +4,7 @@ planted clusters learned in a single streaming pass by both solvers."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from models.embedding import augment_users, item_gradient, packed_size, unpack_symmetric
 from models.encoders import mean_encoder, mean_encoder_batch, pack_histories
 from models.learner import ItemLearner, ItemReplica, LearnerConfig
+from state.delta_checkpoint import CHAIN_KEY, ChainWriter, load_checkpoint
 
 N_CLUSTERS, PER_CLUSTER, N_USERS = 8, 50, 400
 
@@ -59,6 +61,22 @@ def stream_pass(learner: ItemLearner, users, items, batch: int = 64):
         ids = [item_id(i) for i in items[start: start + batch]]
         losses.append(learner.learn(phi, ids, np.ones(len(ids)), n_users=len(seen)))
     return seen, np.array(losses)
+
+
+def as_whole(path) -> dict[str, np.ndarray]:
+    """The arrays of the checkpoint at ``path`` as one whole checkpoint, as every one was
+    written before deltas (tests of older checkpoints take out what those lacked)."""
+    data = load_checkpoint(path)
+    data.pop(CHAIN_KEY)
+    return data
+
+
+def state_of(learner: ItemLearner) -> dict[str, np.ndarray]:
+    """Every array a checkpoint of ``learner`` holds, from memory."""
+    tables, whole = learner._checkpoint_arrays()
+    rows = {name: array[: table.rows] for table in tables.values()
+            for name, array in table.arrays.items()}
+    return {**rows, **whole}
 
 
 def own_cluster_precision(ranked: list[list[int]], user_cluster) -> float:
@@ -260,8 +278,8 @@ def test_lane_clocks_round_trip_and_an_older_checkpoint_reads_as_even_lanes(tmp_
 
     one_clock, config, *_ = solve_stream(0, 10.0)
     one_clock.save(tmp_path / "one.npz")
-    with np.load(tmp_path / "one.npz") as data:
-        arrays = {k: v for k, v in data.items() if k not in ("lane_clock", "pos_lane")}
+    arrays = {k: v for k, v in as_whole(tmp_path / "one.npz").items()
+              if k not in ("lane_clock", "pos_lane")}
     np.savez(tmp_path / "before-lanes.npz", **arrays)
     four = ItemLearner(replace(config, positive_lanes=4))
     assert four.load(tmp_path / "before-lanes.npz")
@@ -386,7 +404,8 @@ def test_save_and_load_resume_the_same_stream(tmp_path, relative):
     original.save(tmp_path / "learner.npz")
     restored = ItemLearner(config)
     assert restored.load(tmp_path / "learner.npz")
-    assert [p.name for p in tmp_path.iterdir()] == ["learner.npz"]
+    # no temporary file is left: the head and its one part, the base
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["learner.npz", "learner.part000001.npz"]
     phi = np.random.default_rng(0).normal(size=(6, 8))
     ids = ["item-1", "item-2", "item-1", "brand-new", "item-399", "item-7"]
     assert restored.learn(phi, ids, np.ones(6)) == original.learn(phi, ids, np.ones(6))
@@ -466,8 +485,7 @@ def test_a_checkpoint_holding_whole_statistics_loads_into_the_packed_pool(tmp_pa
     stream_pass(original, users, items)
     assert original._pos_gram.shape[1:] == (packed_size(9),)  # 45 floats an item, not 81
     original.save(tmp_path / "packed.npz")
-    with np.load(tmp_path / "packed.npz") as data:
-        arrays = dict(data)
+    arrays = as_whole(tmp_path / "packed.npz")
     arrays["pos_gram"] = unpack_symmetric(arrays.pop("pos_gram_upper"), 9)
     np.savez(tmp_path / "whole.npz", **arrays)
     restored = ItemLearner(config)
@@ -488,8 +506,8 @@ def test_a_checkpoint_without_the_positives_mass_reads_it_from_the_statistics(tm
     original = ItemLearner(config)
     stream_pass(original, users, items)
     original.save(tmp_path / "new.npz")
-    with np.load(tmp_path / "new.npz") as data:
-        arrays = {k: v for k, v in data.items() if k not in ("positive_mass", "alpha0")}
+    arrays = {k: v for k, v in as_whole(tmp_path / "new.npz").items()
+              if k not in ("positive_mass", "alpha0")}
     np.savez(tmp_path / "old.npz", **arrays)
     restored = ItemLearner(config)
     assert restored.load(tmp_path / "old.npz")
@@ -587,8 +605,8 @@ def test_a_checkpoint_without_offsets_loads_the_tied_model(tmp_path):
     learner = ItemLearner(config)
     learner.learn(np.ones((3, 4)), ["a", "b", "c"], np.ones(3), n_users=3)
     learner.save(tmp_path / "model.npz")
-    with np.load(tmp_path / "model.npz") as data:  # as written before offsets existed
-        older = {key: data[key] for key in data.files if not key.startswith("offset")}
+    older = {key: value for key, value in as_whole(tmp_path / "model.npz").items()
+             if not key.startswith("offset")}  # as written before offsets existed
     np.savez(tmp_path / "older.npz", **older)
     for restored in (ItemLearner(config), ItemReplica(config)):
         assert restored.load(tmp_path / "older.npz")
@@ -696,3 +714,86 @@ def test_items_without_positives_for_long_are_retired_and_alpha0_holds_on_a_turn
     assert learner.items_with_positives == len(held) < len(last) / 4
     assert learner.positive_mass == pytest.approx(learner._positive_mass_now(), rel=1e-5)
     assert alpha0_by_day[-1] > 0.5 * alpha0_by_day[20]  # held: it had fallen to a third
+
+
+@pytest.mark.parametrize("solver", ["solve", "adagrad"])
+def test_a_checkpoint_of_deltas_reads_back_the_whole_state_after_any_writes(tmp_path, solver):
+    """Oracle of the incremental checkpoint: whatever wrote the state (learning, the sweep
+    and its retirements, forgetting, assignments, the input offsets' steps, set and added),
+    the base and deltas on the disk read back every array the learner holds, the whole
+    state. A loaded learner goes on with the same chain."""
+    config = LearnerConfig(dim=6, solver=solver, positives_half_life=6.0, sweep_per_step=5,
+                           positive_lanes=2, input_lr=0.1, recompute_every=3)
+    learner, path = ItemLearner(config), tmp_path / "model.npz"
+    rng, kinds = np.random.default_rng(7), []
+    for turn in range(40):
+        learner._checkpoints = ChainWriter(compact_share=1.5, max_deltas=6)
+        if turn:  # a learner that loaded the chain goes on with it
+            learner._checkpoints.continue_from(path, load_checkpoint(path))
+        ids = [item_id(i) for i in rng.integers(0, 60 + 3 * turn, 12)]
+        learner.learn(rng.normal(size=(12, 6)), ids, rng.uniform(0.5, 2, 12), n_users=30,
+                      lanes=rng.integers(0, 2, 12))
+        rows = rng.choice(len(learner), 4, replace=False)
+        match turn % 5:
+            case 0:
+                learner.learn_inputs(rows, rng.normal(size=(4, 6)))
+            case 1:
+                learner.forget_positives(rows)
+            case 2:
+                learner.set_offsets(rows, rng.normal(size=(4, 6)))
+                learner.add_offsets(rng.integers(0, len(learner), 3), rng.normal(size=(3, 6)))
+            case 3:
+                learner.assign([item_id(0), f"assigned-{turn}"], rng.normal(size=(2, 7)))
+            case 4:
+                learner.resolve(rows)
+        kinds.append(learner.save(path))
+        restored = ItemLearner(config)
+        assert restored.load(path)
+        expected, read = state_of(learner), state_of(restored)
+        assert sorted(read) == sorted(expected)
+        for name, array in expected.items():
+            np.testing.assert_array_equal(read[name], array, err_msg=f"{name}, turn {turn}")
+        if turn % 7 == 6:
+            learner = restored
+    assert kinds.count("delta") > 20 and kinds.count("base") > 2, kinds
+    parts = sorted(p.name for p in tmp_path.iterdir() if p.name != "model.npz")
+    assert len(parts) == len(as_chain(path)["parts"])  # the parts of earlier chains are gone
+
+
+def as_chain(path) -> dict:
+    return json.loads(str(load_checkpoint(path)[CHAIN_KEY]))
+
+
+def test_a_delta_holds_the_rows_written_since_the_last_save_and_the_new_ones(tmp_path):
+    config = LearnerConfig(dim=4, sweep_per_step=0)
+    learner, path = ItemLearner(config), tmp_path / "model.npz"
+    learner.learn(np.ones((400, 4)), [f"i{k}" for k in range(400)], np.ones(400), n_users=3)
+    assert learner.save(path) == "base"
+    learner.learn(np.ones((3, 4)), ["i1", "i5", "new"], np.ones(3), n_users=3)
+    assert learner.save(path) == "delta"
+    chain = as_chain(path)
+    delta = np.load(tmp_path / chain["parts"][1])
+    np.testing.assert_array_equal(delta["rows.items"], [1, 5, 400])
+    np.testing.assert_array_equal(delta["rows.slots"], [1, 5, 400])
+    assert chain["sizes"][1] < chain["sizes"][0] / 20
+    assert learner.save(path) == "delta"  # nothing written since: an empty one
+    assert len(np.load(tmp_path / as_chain(path)["parts"][2])["rows.items"]) == 0
+
+
+def test_a_chain_loaded_with_another_number_of_lanes_saves_what_the_load_changed(tmp_path):
+    """A load that reads the lanes anew (another ``positive_lanes``) rewrites every slot's
+    update time and lane: the next save must write them, though nothing was learned."""
+    one_lane, config, *_ = solve_stream(0, 10.0)
+    one_lane._checkpoints.compact_share = 100.0  # deltas however large: this one is
+    one_lane.save(tmp_path / "model.npz")
+    one_lane.learn(np.ones((2, 3)), ["a", "b"], np.ones(2), n_users=20)
+    assert one_lane.save(tmp_path / "model.npz") == "delta"
+    four = ItemLearner(replace(config, positive_lanes=4))
+    four._checkpoints.compact_share = 100.0
+    assert four.load(tmp_path / "model.npz")
+    assert four.save(tmp_path / "model.npz") == "delta"
+    again = ItemLearner(replace(config, positive_lanes=4))
+    assert again.load(tmp_path / "model.npz")
+    expected, read = state_of(four), state_of(again)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(read[name], array, err_msg=name)
