@@ -48,7 +48,8 @@ class DRConfig:
       the beam used to score a training pair), ``decay`` (η of the streaming score update).
     - ``penalty`` (α of f(|c|) = |c|⁴/4): adding an item to a path of size n costs
       α·((n+1)⁴ − n⁴)/4 ≈ α n³, traded against N_v·log(1 + s/Σ_prev), whose typical size is
-      N_v (an item's pairs) times a log-ratio of order 1. The paper used 3·10⁻⁵ on MovieLens-20M
+      N_v (an item's pairs, decayed as its scores: at most 1/(1 − η), 1,000 at η = 0.999)
+      times a log-ratio of order 1. The paper used 3·10⁻⁵ on MovieLens-20M
       (20k items, N_v ≈ 500) and 3·10⁻⁷ on Amazon books (1.5M items, N_v ≈ 6): in both the
       penalty matches the likelihood gain at |c| ≈ 250. With 10⁻⁶ and N_v of 10–100, the balance
       is at |c| ≈ 200–450: for 10⁴–10⁶ items on 10⁶ paths (mean size ≤ 3) it leaves ordinary paths
@@ -370,6 +371,11 @@ def _pick_paths(codes: list, scores: list, n_v: float, j_paths: int, alpha: floa
     return picked
 
 
+def _decayed_count(pairs: np.ndarray, eta: float) -> np.ndarray:
+    """N_v of ``pairs`` unit pairs, each decayed by η per later one: Σ_{k<N} η^k."""
+    return pairs if eta == 1.0 else (1.0 - eta ** pairs) / (1.0 - eta)
+
+
 def m_step(path_codes: np.ndarray, path_scores: np.ndarray, counts: np.ndarray,
            current: np.ndarray, J: int, penalty: float, passes: int = 3,
            chunk: int = 8192, stop: Callable[[], bool] | None = None) -> MStepResult:
@@ -543,11 +549,8 @@ class DeepRetrieval:
         −log Σ_j p(π_j(v) | x) on the items' current paths, then each pair's top-S beam paths
         with probabilities p(c | x) (not logs: s[v, c] is a sum of probabilities) are merged into
         the item's tracked scores (the pairs :meth:`_tracked_pairs` picks: all of them with
-        ``track_every`` 1), and N_v grows by the pair's weight (default 1).
-
-        N_v is a lifetime count while s[v, c] decays by η^track_every per tracked pair of the
-        item; the M-step gain only uses ratios of scores, so the decay does not bias it, but an
-        item's old pairs keep weighing its likelihood term against the penalty.
+        ``track_every`` 1), and N_v takes the pair's weight (default 1), decayed as the scores
+        are (:meth:`_count_pairs`).
         """
         self._tracking()
         x = np.asarray(x, dtype=np.float32).reshape(len(item_ids), self.config.input_dim)
@@ -567,9 +570,25 @@ class DeepRetrieval:
             codes, logp = beam_search(self.model, x[tracked], cfg.top_s)
             self.tracker.update_many(rows[tracked], codes, np.exp(logp))
         weight = np.ones(len(rows)) if counts_weight is None else np.asarray(counts_weight, float)
-        np.add.at(self._counts, rows, np.broadcast_to(weight, rows.shape))
+        self._count_pairs(rows, np.broadcast_to(weight, rows.shape))
         self._last_loss = float(loss.detach())
         return self._last_loss
+
+    def _count_pairs(self, rows: np.ndarray, weights: np.ndarray) -> None:
+        """Add the pairs of ``rows`` (in stream order) to N_v, each earlier pair of the item
+        decayed by η per later one: N_v = Σ_k w_k η^(the item's pairs since k), the pairs the
+        tracked scores s[v, c] still hold (they decay by η^track_every per tracked pair, η
+        per pair on average). The M-step weighs N_v·log(1 + s/Σ_prev) against the penalty
+        of a path's size; a lifetime count grew without bound on a long stream while the
+        scores kept a horizon of 1/(1 − η) pairs, and the size at which the penalty stops a
+        popular item's paths from growing rose as N_v^(1/3) week after week."""
+        eta = self.config.decay
+        order = np.argsort(rows, kind="stable")
+        items, first, pairs = np.unique(rows[order], return_index=True, return_counts=True)
+        # each pair's place in its item's run of the batch: how many of the item's come after
+        later = np.repeat(first + pairs, pairs) - 1 - np.arange(len(rows))
+        added = np.add.reduceat(weights[order] * eta ** later, first) if len(rows) else 0.0
+        self._counts[items] = self._counts[items] * eta ** pairs + added
 
     def _tracked_pairs(self, rows: np.ndarray) -> np.ndarray:
         """Positions in a batch of pairs (their items' ``rows``) to track: those whose stream
@@ -792,6 +811,7 @@ class DeepRetrieval:
             **{WEIGHTS_PREFIX + name: value
                for name, value in self.structure_weights().items()},
             "meta": np.array(json.dumps({"config": asdict(self.config), "m_steps": self._m_steps,
+                                         "counts": "decayed",
                                          "pairs_learned": self._pairs_learned,
                                          "m_step_pairs": self.m_step_pairs,
                                          "m_step_at": self.m_step_at}),
@@ -863,6 +883,8 @@ class DeepRetrieval:
         self._assign[:n] = arrays["assignment"]
         self._counts = np.zeros(max(n, 1024))
         self._counts[:n] = arrays["counts"]
+        if meta.get("counts") != "decayed":  # older checkpoints: lifetime counts of unit pairs
+            self._counts[:n] = _decayed_count(self._counts[:n], self.config.decay)
         if self.tracker is not None:
             self.tracker.load_arrays(arrays["codes"], arrays["scores"])
         self._ids = ids

@@ -329,6 +329,31 @@ class Planted:
         return losses
 
 
+def decayed_counts(ids: list[str], eta: float, weights=None) -> dict[str, float]:
+    """N_v by its definition: Σ_k w_k η^(the item's pairs after k), from every pair in order."""
+    pairs: dict[str, list[float]] = {}
+    for item, weight in zip(ids, np.ones(len(ids)) if weights is None else weights):
+        pairs.setdefault(item, []).append(float(weight))
+    return {item: sum(w * eta ** (len(ws) - 1 - k) for k, w in enumerate(ws))
+            for item, ws in pairs.items()}
+
+
+def assert_counts_are(dr: DeepRetrieval, expected: dict[str, float]) -> None:
+    assert len(expected) == len(dr)
+    np.testing.assert_allclose(dr.counts[dr.rows_of(list(expected))], list(expected.values()),
+                               rtol=1e-12)
+
+
+def planted_items(seed: int, steps: int, batch: int = 64) -> list[str]:
+    """The items :meth:`Planted.stream` learns from ``Planted(seed)`` in ``steps`` steps."""
+    data, items = Planted(seed), []
+    for _ in range(steps):
+        drawn = data.rng.integers(0, len(data.ids), batch)
+        data.users(data.cluster[drawn])  # the same draws
+        items += [data.ids[i] for i in drawn]
+    return items
+
+
 def run_em(seed: int, penalty: float, **config) -> tuple[Planted, DeepRetrieval, list[float]]:
     data = Planted(seed)
     dr = DeepRetrieval(dataclasses.replace(PLANTED, seed=seed, penalty=penalty, **config))
@@ -351,7 +376,8 @@ def test_learn_streams_and_m_step_counts(planted):
     stats = dr.stats
     assert stats["items"] == 120 and stats["m_steps"] == EM_ROUNDS
     assert stats["last_loss"] == losses[-1]
-    assert dr.counts.sum() == EM_ROUNDS * STEPS_PER_ROUND * 64
+    items = planted_items(0, EM_ROUNDS * STEPS_PER_ROUND)
+    assert_counts_are(dr, decayed_counts(items, PLANTED.decay))
     assert np.all(dr.tracker.codes[:, 0] >= 0)  # every item has scored paths
 
 
@@ -379,7 +405,8 @@ def test_path_scores_from_every_fourth_pair_still_group_clusters():
     """The worker's default samples the pairs it tracks; the EM loop still finds the clusters
     (each item has ~96 pairs over the run, so ~24 are scored)."""
     data, dr, _ = run_em(seed=0, penalty=PLANTED.penalty, track_every=4)
-    assert dr.counts.sum() == EM_ROUNDS * STEPS_PER_ROUND * 64  # N_v counts every pair
+    items = planted_items(0, EM_ROUNDS * STEPS_PER_ROUND)
+    assert_counts_are(dr, decayed_counts(items, PLANTED.decay))  # N_v counts every pair
     assert_paths_group_clusters(data, dr)
 
 
@@ -393,7 +420,7 @@ def test_tracked_pairs_are_every_nth_of_the_stream(every, tmp_path):
     config = dataclasses.replace(PLANTED, track_every=every, decay=0.9)
     dr, twin = DeepRetrieval(config), DeepRetrieval(dataclasses.replace(config, track_every=1))
     oracle = PathScoreTracker(config.top_s, 0.9 ** every)
-    position, scored, unscored_tracked, tracked = 0, set(), 0, 0
+    position, scored, unscored_tracked, tracked, learned = 0, set(), 0, 0, []
     for k, size in enumerate([5, 7, 1, 2, 9, 4, 6, 30, 30, 30]):
         if k == 3:  # a restart from a checkpoint continues the stream position
             dr.save(tmp_path)
@@ -402,6 +429,7 @@ def test_tracked_pairs_are_every_nth_of_the_stream(every, tmp_path):
         items = data.rng.integers(0, len(data.ids), size)
         x, ids = data.users(data.cluster[items]), [data.ids[i] for i in items]
         loss = dr.learn(x, ids)
+        learned += ids
         assert loss == pytest.approx(twin.learn(x, ids), rel=1e-6) or k >= 3  # Adam restarts
         rows = dr.rows_of(ids)
         oracle.grow(len(dr))
@@ -416,7 +444,7 @@ def test_tracked_pairs_are_every_nth_of_the_stream(every, tmp_path):
     assert len(dr) == oracle.n
     np.testing.assert_array_equal(dr.tracker.codes, oracle.codes)
     np.testing.assert_allclose(dr.tracker.scores, oracle.scores, rtol=1e-12)
-    assert dr.counts.sum() == position
+    assert_counts_are(dr, decayed_counts(learned, 0.9))  # every pair, decayed per pair
 
 
 def test_larger_penalty_gives_smaller_largest_path(planted):
@@ -763,3 +791,37 @@ def test_a_failed_m_step_waits_for_the_policy_before_it_is_tried_again(monkeypat
     assert paths.events_since_m_step == 0 and paths.model.m_step_at == 1300.0
     assert not paths.maybe_m_step(now=1400.0)
     paths.close()
+
+
+def test_n_v_holds_each_items_pairs_decayed_as_its_scores_are(tmp_path):
+    """Oracle of N_v: Σ_k w_k η^(the item's pairs after k), over batches that repeat items,
+    with weights, across a checkpoint; it stays under 1/(1 − η) however long the stream. An
+    older checkpoint's lifetime counts read as the decayed count of as many unit pairs."""
+    config = dataclasses.replace(PLANTED, decay=0.8)
+    data, rng = Planted(3), np.random.default_rng(2)
+    dr, learned, weights = DeepRetrieval(config), [], []
+    for k, size in enumerate([6, 1, 9, 30, 4, 64, 64]):
+        if k == 2:
+            dr.save(tmp_path)
+            dr = DeepRetrieval(config)
+            assert dr.load(tmp_path)
+        items = rng.integers(0, 8, size)  # few items: repeats within a batch
+        ids, weight = [data.ids[i] for i in items], rng.uniform(0.5, 2.0, size)
+        dr.learn(data.users(data.cluster[items]), ids, counts_weight=weight)
+        learned, weights = learned + ids, weights + weight.tolist()
+    assert_counts_are(dr, decayed_counts(learned, 0.8, weights))
+    assert dr.counts.max() <= 2.0 / (1 - 0.8)  # weights up to 2
+    assert max(learned.count(item) for item in set(learned)) > 10  # far past the horizon
+
+    dr.save(tmp_path)
+    with np.load(tmp_path / DeepRetrieval.STATE_FILE) as saved:
+        arrays = dict(saved)
+    meta = json.loads(str(arrays["meta"]))
+    del meta["counts"]  # as written before: lifetime counts
+    lifetime = np.arange(len(dr), dtype=np.float64)
+    arrays["meta"], arrays["counts"] = np.array(json.dumps(meta)), lifetime
+    np.savez(tmp_path / DeepRetrieval.STATE_FILE, **arrays)
+    older = DeepRetrieval(config)
+    assert older.load(tmp_path)
+    np.testing.assert_allclose(older.counts, [sum(0.8 ** k for k in range(int(n)))
+                                              for n in lifetime], rtol=1e-12)
