@@ -7,8 +7,10 @@ file at every save, and learning waited for it. Here a save writes only the rows
 the last save into a part file of their own (a delta); the head, the file the caller names,
 holds the small arrays and lists the parts in order: first a base, whole, then its deltas.
 When the deltas weigh more than ``compact_share`` of their base, or are ``max_deltas`` in
-number, a save writes a new base instead: the parts on the disk stay under
-(1 + ``compact_share``) times the state, and a load reads no more than that.
+number, a save writes a new base instead: between saves the parts on the disk stay under
+(1 + ``compact_share``) times the state, and a load reads no more than that. While a new base
+is written the old parts are still there (they go once its head is): up to about
+(2 + ``compact_share``) times the state for that while.
 
 Crash safety: a part is on the disk (fsync, rename) before the head that names it replaces the
 old head (:func:`state.gramian.save_npz`), so a reader sees the old checkpoint or the new one,
@@ -26,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,29 +135,31 @@ class ChainWriter:
         return rows
 
 
-def load_checkpoint(head: Path) -> dict[str, np.ndarray] | None:
-    """Every array of the checkpoint at ``head``, its tables assembled from their base and
-    deltas (and its :data:`CHAIN_KEY`, for :meth:`ChainWriter.continue_from`); None if there
-    is no head. A whole checkpoint reads as it is. Raises :class:`DamagedCheckpoint` for a
-    file that does not read, or a part named that is gone."""
+def load_checkpoint(head: Path, skip: Collection[str] = ()) -> dict[str, np.ndarray] | None:
+    """Every array of the checkpoint at ``head`` but those named in ``skip``, its tables
+    assembled from their base and deltas (and its :data:`CHAIN_KEY`, for
+    :meth:`ChainWriter.continue_from`); None if there is no head. A whole checkpoint reads as
+    it is. Raises :class:`DamagedCheckpoint` for a file that does not read, or a part named
+    that is gone."""
     head = Path(head)
     for attempt in range(2):
-        data = load_npz(head)
+        data = load_npz(head, skip)
         if data is None or CHAIN_KEY not in data:
             return data
         try:
             chain = json.loads(str(data[CHAIN_KEY]))
-            return {**data, **_assembled(head.parent, chain)}
+            return {**data, **_assembled(head, chain, skip)}
         except _PartGone as gone:
-            if attempt:  # the head named it twice: not a compaction under way
-                raise DamagedCheckpoint(f"{head} names {gone} which is not there: restore it, "
-                                        "or remove the head to start the model empty") from None
-        except (KeyError, TypeError, ValueError, IndexError) as error:
-            if isinstance(error, DamagedCheckpoint):
-                raise
+            if attempt:  # the head named it twice: not a new base under way
+                raise DamagedCheckpoint(f"{head} names {gone}, which is not there: restore it, "
+                                        "or remove the head and its parts to start the model "
+                                        "empty") from None
+        except DamagedCheckpoint:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
             raise DamagedCheckpoint(f"{head} and its parts do not add up ({error!r}): restore "
-                                    "them, or remove the head to start the model empty"
-                                    ) from error
+                                    "them, or remove the head and its parts to start the model "
+                                    "empty") from error
     raise AssertionError("unreachable")
 
 
@@ -163,28 +167,29 @@ class _PartGone(Exception):
     pass
 
 
-def _assembled(folder: Path, chain: dict) -> dict[str, np.ndarray]:
+def _assembled(head: Path, chain: dict, skip: Collection[str]) -> dict[str, np.ndarray]:
     """The tables of ``chain``: its base's rows, grown to the rows saved last, then each
     delta's rows written over them in order. Every row must come from some part."""
     parts = chain["parts"]
-    base = _read_part(folder, parts[0])
+    base = _read_part(head, parts[0], skip)
     arrays, covered = {}, {}
     for table, meta in chain["tables"].items():
         rows = int(meta["rows"])
-        based = 0
-        for name in meta["layout"]:
-            saved = base[name]
-            based = len(saved)
-            if based > rows:
-                raise ValueError(f"{parts[0]} holds {based} rows of {name}, not {rows}")
+        based = int(base[f"based.{table}"])
+        if based > rows:
+            raise ValueError(f"{parts[0]} holds {based} rows of {table}, not {rows}")
+        for name in (name for name in meta["layout"] if name not in skip):
+            saved = base.pop(name)  # not held beside its grown copy
+            if len(saved) != based:
+                raise ValueError(f"{parts[0]} holds {len(saved)} rows of {name}, not {based}")
             arrays[name] = saved if based == rows else _grown(saved, rows)
         covered[table] = np.zeros(rows, dtype=bool)
         covered[table][:based] = True
     for part in parts[1:]:
-        delta = _read_part(folder, part)
+        delta = _read_part(head, part, skip)
         for table, meta in chain["tables"].items():
             rows = delta[f"rows.{table}"]
-            for name in meta["layout"]:
+            for name in (name for name in meta["layout"] if name not in skip):
                 arrays[name][rows] = delta[name]
             covered[table][rows] = True
     for table, done in covered.items():
@@ -193,10 +198,15 @@ def _assembled(folder: Path, chain: dict) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _read_part(folder: Path, name: str) -> dict[str, np.ndarray]:
+def _read_part(head: Path, name: str, skip: Collection[str]) -> dict[str, np.ndarray]:
     if Path(name).name != name:
         raise ValueError(f"a part named {name!r} outside the head's folder")
-    data = load_npz(folder / name)
+    try:
+        data = load_npz(head.parent / name, skip)
+    except DamagedCheckpoint as error:
+        raise DamagedCheckpoint(f"{name}, a part of the checkpoint {head}, does not read "
+                                f"({error.__cause__!r}): restore it, or remove the head and "
+                                "its parts to start the model empty") from error
     if data is None:
         raise _PartGone(name)
     return data
@@ -233,8 +243,10 @@ def _rows_to_write(table: Table, saved_rows: int) -> np.ndarray:
 
 def _base_arrays(tables: Mapping[str, Table]) -> dict[str, np.ndarray]:
     # views, not copies: a base is the whole state, and a copy would double a save's memory
-    return {name: array[: table.rows] for table in tables.values()
-            for name, array in table.arrays.items()}
+    arrays = {f"based.{name}": np.array(table.rows) for name, table in tables.items()}
+    arrays.update({name: array[: table.rows] for table in tables.values()
+                   for name, array in table.arrays.items()})
+    return arrays
 
 
 def _delta_arrays(tables: Mapping[str, Table],
@@ -247,7 +259,7 @@ def _delta_arrays(tables: Mapping[str, Table],
 
 
 def _part_pattern(head: Path) -> re.Pattern:
-    return re.compile(re.escape(head.stem) + r"\.part(\d+)\.npz")
+    return re.compile(re.escape(head.name) + r"\.part(\d+)")
 
 
 def _next_part(head: Path) -> Path:
@@ -256,7 +268,7 @@ def _next_part(head: Path) -> Path:
     pattern = _part_pattern(head)
     numbers = [int(found.group(1)) for found in map(pattern.fullmatch, _names_beside(head))
                if found]
-    return head.with_name(f"{head.stem}.part{max(numbers, default=0) + 1:06d}.npz")
+    return head.with_name(f"{head.name}.part{max(numbers, default=0) + 1:06d}")
 
 
 def _remove_parts_but(head: Path, kept: set[str]) -> None:

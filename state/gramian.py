@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,18 +66,19 @@ def sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def load_npz(path: Path) -> dict[str, np.ndarray] | None:
-    """All arrays of an npz (never unpickling anything); None if there is no file; a file
-    that does not read raises :class:`DamagedCheckpoint`, naming it."""
+def load_npz(path: Path, skip: Collection[str] = ()) -> dict[str, np.ndarray] | None:
+    """The arrays of an npz but those named in ``skip`` (never unpickling anything); None if
+    there is no file; a file that does not read raises :class:`DamagedCheckpoint`, naming
+    it."""
     path = Path(path)
-    if not path.exists():
-        return None
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):  # one array (.npy), not an npz
             raise ValueError(f"one array of shape {np.shape(data)}, not an npz archive")
         with data:
-            return {key: data[key] for key in data.files}
+            return {key: data[key] for key in data.files if key not in skip}
+    except FileNotFoundError:
+        return None
     except (ValueError, EOFError, OSError, zipfile.BadZipFile) as error:
         raise DamagedCheckpoint(f"{path} does not read ({error!r}): restore it, or remove it "
                                 "to start that part of the model empty") from error

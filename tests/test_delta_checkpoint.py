@@ -154,19 +154,19 @@ def test_a_read_that_meets_a_new_base_reads_the_head_again(tmp_path, monkeypatch
     heads_read = []
     real = delta_checkpoint.load_npz
 
-    def first_the_stale_head(path):
+    def first_the_stale_head(path, skip=()):
         if path == head:
             heads_read.append(path)
             if len(heads_read) == 1:
                 return stale_head  # read just before the save that removed its base
-        return real(path)
+        return real(path, skip)
 
     monkeypatch.setattr(delta_checkpoint, "load_npz", first_the_stale_head)
     tables.assert_read_back(head)
     assert len(heads_read) == 2
     monkeypatch.setattr(delta_checkpoint, "load_npz",
-                        lambda path: stale_head if path == head else real(path))
-    with pytest.raises(DamagedCheckpoint, match="part000001.npz"):
+                        lambda path, skip=(): stale_head if path == head else real(path, skip))
+    with pytest.raises(DamagedCheckpoint, match="model.npz.part000001"):
         load_checkpoint(head)  # named twice: gone for good
 
 
@@ -178,13 +178,18 @@ def test_a_head_and_parts_that_do_not_add_up_are_damaged(tmp_path):
         tables.save(writer, head)
     data = load_checkpoint(head)
     chain = chain_of(head)
-    for damage in ({"parts": ["../model.part000001.npz"]},  # a part outside the folder
+    for damage in ({"parts": ["../model.npz.part000001"]},  # a part outside the folder
                    {"tables": {**chain["tables"], "rows": {**chain["tables"]["rows"],
                                                            "rows": 10_000}}},  # rows in none
-                   {"parts": chain["parts"][1:]}):  # no base
+                   {"parts": chain["parts"][1:]},  # no base
+                   {"tables": []}):  # not the tables
         save_npz(head, {**data, CHAIN_KEY: np.array(json.dumps({**chain, **damage}))})
         with pytest.raises(DamagedCheckpoint):
             load_checkpoint(head)
+    save_npz(head, data)
+    (tmp_path / chain["parts"][1]).write_bytes(b"not an npz")
+    with pytest.raises(DamagedCheckpoint, match=f"{chain['parts'][1]}, a part of the checkpoint"):
+        load_checkpoint(head)
 
 
 def test_a_whole_checkpoint_reads_as_it_is(tmp_path):
@@ -198,3 +203,26 @@ def test_names_that_clash_are_refused(tmp_path):
     table = Table({"x": np.zeros(2)}, 2, np.zeros(0, dtype=np.int64))
     with pytest.raises(ValueError, match="distinct"):
         ChainWriter().save(tmp_path / "m.npz", {"t": table}, {"x": np.zeros(1)})
+
+
+def test_a_read_leaves_out_the_arrays_it_skips(tmp_path):
+    head, tables = tmp_path / "model.npz", Tables(seed=6)
+    writer = ChainWriter()
+    for _ in range(3):
+        tables.change()
+        tables.save(writer, head)
+    data = load_checkpoint(head, skip={"pool", "flag"})
+    assert "pool" not in data and "flag" not in data
+    np.testing.assert_array_equal(data["x"], tables.rows[: tables.used["rows"]])
+
+
+def test_a_part_that_vanishes_as_it_is_opened_reads_as_gone(tmp_path, monkeypatch):
+    """Between a part's listing and its opening a writer may remove it: that is the read
+    again of :func:`load_checkpoint`, not a damaged file."""
+    save_npz(tmp_path / "x.npz", {"x": np.zeros(1)})
+
+    def removed_meanwhile(path, **kwargs):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(np, "load", removed_meanwhile)
+    assert delta_checkpoint.load_npz(tmp_path / "x.npz") is None

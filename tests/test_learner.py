@@ -405,7 +405,7 @@ def test_save_and_load_resume_the_same_stream(tmp_path, relative):
     restored = ItemLearner(config)
     assert restored.load(tmp_path / "learner.npz")
     # no temporary file is left: the head and its one part, the base
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["learner.npz", "learner.part000001.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["learner.npz", "learner.npz.part000001"]
     phi = np.random.default_rng(0).normal(size=(6, 8))
     ids = ["item-1", "item-2", "item-1", "brand-new", "item-399", "item-7"]
     assert restored.learn(phi, ids, np.ones(6)) == original.learn(phi, ids, np.ones(6))
@@ -797,3 +797,57 @@ def test_a_chain_loaded_with_another_number_of_lanes_saves_what_the_load_changed
     expected, read = state_of(four), state_of(again)
     for name, array in expected.items():
         np.testing.assert_array_equal(read[name], array, err_msg=name)
+
+
+def test_a_step_that_fails_midway_is_still_in_the_next_delta(tmp_path, monkeypatch):
+    """A batch whose solve raises has written its items' counts and slots already; the
+    worker goes on (the batch is logged as lost), and the next delta must hold those writes."""
+    import models.learner as learner_module
+
+    config = LearnerConfig(dim=4, sweep_per_step=0)
+    learner, path = ItemLearner(config), tmp_path / "model.npz"
+    learner._checkpoints.compact_share = 100.0
+    learner.learn(np.ones((50, 4)), [f"i{k}" for k in range(50)], np.ones(50), n_users=3)
+    learner.assign(["cold"], np.zeros((1, 5)))
+    learner.save(path)
+
+    def failing(*args, **kwargs):
+        raise np.linalg.LinAlgError("singular")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(learner_module, "item_solve", failing)
+        patched.setattr(learner_module, "item_solve_cg", failing)
+        with pytest.raises(np.linalg.LinAlgError):
+            learner.learn(np.ones((3, 4)), ["i1", "cold", "new"], np.ones(3), n_users=3)
+    learner.learn(np.ones((1, 4)), ["i7"], np.ones(1), n_users=3)
+    assert learner.save(path) == "delta"
+    restored = ItemLearner(config)
+    assert restored.load(path)
+    expected, read = state_of(learner), state_of(restored)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(read[name], array, err_msg=name)
+
+
+def test_a_replica_reads_the_rows_and_leaves_the_learning_state_on_the_disk(tmp_path,
+                                                                            monkeypatch):
+    import state.delta_checkpoint as delta_checkpoint
+
+    learner = ItemLearner(LearnerConfig(dim=4, input_lr=0.1))
+    learner.learn(np.ones((5, 4)), [f"i{k}" for k in range(5)], np.ones(5), n_users=3)
+    learner.learn_inputs(np.array([1, 2]), np.ones((2, 4)))
+    learner.save(tmp_path / "model.npz")
+    read = []
+    real = delta_checkpoint.load_npz
+
+    def noting(path, skip=()):
+        data = real(path, skip)
+        read.extend(data or ())
+        return data
+
+    monkeypatch.setattr(delta_checkpoint, "load_npz", noting)
+    replica = ItemReplica(learner.config)
+    assert replica.load(tmp_path / "model.npz")
+    assert {"psi", "offset", "ids_utf8"} <= set(read) and not set(read) & {"pos_gram_upper",
+                                                                            "accum", "prior"}
+    np.testing.assert_array_equal(replica.item_matrix, learner.item_matrix)
+    np.testing.assert_array_equal(replica.offsets, learner.offsets)
