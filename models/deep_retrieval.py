@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from state.delta_checkpoint import ChainWriter, Table, load_checkpoint
 from state.gramian import DamagedCheckpoint, atomic_write, ids_from_arrays, ids_to_arrays
 from state.path_scores import EMPTY, PathIndex, PathScoreTracker
 
@@ -500,6 +501,9 @@ class DeepRetrieval:
         self._m_steps = 0
         self._last_m_step_seconds = 0.0
         self._last_loss = math.nan
+        # items whose counts, paths or scores moved since the last save: a save writes them
+        self._checkpoints = ChainWriter()
+        self._rows_changed = np.zeros(0, dtype=bool)
 
     # ---- state access -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -560,6 +564,7 @@ class DeepRetrieval:
             raise ValueError("user vectors must be finite")
         cfg = self.config
         rows = self.assign_new(item_ids, x=x if cfg.new_item_paths == "beam" else None)
+        self._note_rows(rows)
         paths = decode_paths(self._assign[rows], cfg.width, cfg.depth)
         self.optimizer.zero_grad()
         loss = multi_path_loss(self.model, torch.from_numpy(x), paths)
@@ -749,6 +754,8 @@ class DeepRetrieval:
         """
         assign = self._assign.copy()
         assign[:snapshot.n] = result.assignment
+        self._note_rows(np.flatnonzero((assign[:snapshot.n] != self._assign[:snapshot.n])
+                                       .any(axis=1)))
         index = PathIndex.build(assign[:len(self._ids)])
         self._assign, self._serving = assign, _Serving(index, {}, self._ids)
         self.m_step_ended(snapshot)
@@ -789,25 +796,29 @@ class DeepRetrieval:
 
     # ---- checkpoints --------------------------------------------------------------------
     def save(self, directory: Path, *, scores: bool = True) -> None:
-        """Write the structure model's weights and the arrays into one npz, written to a temp
-        file renamed into place: a reader (a worker reading the paths its learner saved, for
-        seconds at a million items) has the weights of the arrays it read, however many saves
-        came meanwhile. The Adam moments are not saved: after a reload the optimizer restarts
-        cold, which only changes the size of the first steps.
+        """Write the structure model's weights and the arrays as the checkpoint in
+        ``directory``: the items whose counts, paths or scores moved since the last save there
+        (a delta), or all of them (a base), beside the weights and the ids in the head file,
+        replaced last (:mod:`state.delta_checkpoint`). A reader (a worker reading the paths
+        its learner saved, for seconds at a million items) has the weights of the arrays it
+        read. The Adam moments are not saved: after a reload the optimizer restarts cold,
+        which only changes the size of the first steps.
 
         Checkpoints written before kept the weights in a file of their own that the npz named
         (``dr_model.<generation>.pt``); a save removes those, and :meth:`load` still reads
         them. Without ``scores``, the tracked path scores are left out (a quarter of a GB at a
-        million items): for a reader that only serves, which does not read them.
+        million items) and the file is written whole: for a reader that only serves, which
+        does not read them.
         """
         self._tracking()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         n = len(self._ids)
-        arrays = {
-            **ids_to_arrays(self._ids), "counts": self._counts[:n],
-            "assignment": self._assign[:n],
-            **({"codes": self.tracker.codes, "scores": self.tracker.scores} if scores else {}),
+        items = {"counts": self._counts, "assignment": self._assign,
+                 **({"codes": self.tracker.codes, "scores": self.tracker.scores} if scores
+                    else {})}
+        whole = {
+            **ids_to_arrays(self._ids),
             **{WEIGHTS_PREFIX + name: value
                for name, value in self.structure_weights().items()},
             "meta": np.array(json.dumps({"config": asdict(self.config), "m_steps": self._m_steps,
@@ -817,9 +828,24 @@ class DeepRetrieval:
                                          "m_step_at": self.m_step_at}),
                              dtype=np.str_),
         }
-        atomic_write(directory / self.STATE_FILE, lambda f: np.savez(f, **arrays))
+        if scores:
+            changed = np.flatnonzero(self._rows_changed[:n])
+            self._checkpoints.save(directory / self.STATE_FILE,
+                                   {"items": Table(items, n, changed)}, whole)
+            self._rows_changed[:] = False
+        else:
+            arrays = {**{name: array[:n] for name, array in items.items()}, **whole}
+            atomic_write(directory / self.STATE_FILE, lambda f: np.savez(f, **arrays))
         for old in directory.glob("dr_model.*.pt*"):  # older checkpoints' weights
             old.unlink(missing_ok=True)
+
+    def _note_rows(self, rows: np.ndarray) -> None:
+        """Items whose counts, paths or scores are written: the next save writes them."""
+        if len(self._rows_changed) < len(self._assign):
+            grown = np.zeros(len(self._assign), dtype=bool)
+            grown[: len(self._rows_changed)] = self._rows_changed
+            self._rows_changed = grown
+        self._rows_changed[rows] = True
 
     def load(self, directory: Path) -> bool:
         """Restore a checkpoint written by :meth:`save`; False when there is none.
@@ -827,11 +853,10 @@ class DeepRetrieval:
         Raises ValueError when the checkpoint was written with a different shape of model.
         """
         state_path = Path(directory) / self.STATE_FILE
-        if not state_path.exists():
-            return False
         skipped = () if self.tracker is not None else ("codes", "scores")
-        with np.load(state_path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files if k not in skipped}
+        arrays = load_checkpoint(state_path, skip=skipped)
+        if arrays is None:
+            return False
         meta = json.loads(str(arrays["meta"]))
         shape_keys = ("input_dim", "width", "depth", "paths_per_item", "top_s", "node_dim",
                       "hidden")
@@ -852,6 +877,8 @@ class DeepRetrieval:
         self.model.load_state_dict(weights)
         self.optimizer = self._adam()  # cold moments (see save)
         self._install(ids, arrays, meta)
+        self._rows_changed = np.zeros(0, dtype=bool)
+        self._checkpoints.continue_from(state_path, arrays)  # its next save: a delta of it
         return True
 
     @staticmethod

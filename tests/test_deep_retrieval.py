@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from models.deep_retrieval import (DeepRetrieval, DRConfig, StructureModel, beam_search,
                                    decode_paths, encode_paths, m_step, multi_path_loss)
+from state.delta_checkpoint import CHAIN_KEY, load_checkpoint
 from state.gramian import DamagedCheckpoint
 from state.path_scores import PathIndex, PathScoreTracker
 
@@ -329,6 +330,14 @@ class Planted:
         return losses
 
 
+def written_whole(directory) -> dict[str, np.ndarray]:
+    """The checkpoint in ``directory`` as one whole file, as every one was written before
+    deltas (tests of older checkpoints rewrite it so)."""
+    arrays = load_checkpoint(directory / DeepRetrieval.STATE_FILE)
+    arrays.pop(CHAIN_KEY)
+    return arrays
+
+
 def decayed_counts(ids: list[str], eta: float, weights=None) -> dict[str, float]:
     """N_v by its definition: Σ_k w_k η^(the item's pairs after k), from every pair in order."""
     pairs: dict[str, list[float]] = {}
@@ -491,8 +500,7 @@ def test_a_checkpoint_with_its_weights_in_a_file_of_their_own_loads(planted, tmp
     they load, a missing file reads as no checkpoint, and the next save removes the file."""
     _, dr, _ = planted
     dr.save(tmp_path)
-    with np.load(tmp_path / DeepRetrieval.STATE_FILE) as data:
-        arrays = {k: v for k, v in data.items() if not k.startswith("weights.")}
+    arrays = {k: v for k, v in written_whole(tmp_path).items() if not k.startswith("weights.")}
     meta = json.loads(str(arrays["meta"]))
     arrays["meta"] = np.array(json.dumps({**meta, "model_file": "dr_model.17.pt"}))
     np.savez(tmp_path / DeepRetrieval.STATE_FILE, **arrays)
@@ -503,14 +511,13 @@ def test_a_checkpoint_with_its_weights_in_a_file_of_their_own_loads(planted, tmp
     for name, value in older.structure_weights().items():
         np.testing.assert_array_equal(value, dr.structure_weights()[name])
     older.save(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [DeepRetrieval.STATE_FILE]
+    assert not list(tmp_path.glob("dr_model.*"))
 
 
 def test_weights_that_are_not_the_models_read_as_a_damaged_checkpoint(planted, tmp_path):
     _, dr, _ = planted
     dr.save(tmp_path)
-    with np.load(tmp_path / DeepRetrieval.STATE_FILE) as data:
-        arrays = dict(data)
+    arrays = written_whole(tmp_path)
     arrays["weights.layers.0.weight"] = arrays["weights.layers.0.weight"][:, :1]
     np.savez(tmp_path / DeepRetrieval.STATE_FILE, **arrays)
     fresh = DeepRetrieval(PLANTED)
@@ -527,7 +534,8 @@ def test_save_load_round_trip(planted, tmp_path):
     fresh = DeepRetrieval(PLANTED)
     assert fresh.load(tmp_path) is False
     dr.save(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [DeepRetrieval.STATE_FILE]  # one file
+    head = DeepRetrieval.STATE_FILE  # and the one part it names, the base
+    assert sorted(p.name for p in tmp_path.iterdir()) == [head, f"{head}.part000001"]
     first_state = (tmp_path / DeepRetrieval.STATE_FILE).read_bytes()  # as a reader took it
     first_weights = dr.structure_weights()
     dr.model.layers[0].weight.data += 1.0  # the learner moves on and saves twice meanwhile
@@ -814,8 +822,7 @@ def test_n_v_holds_each_items_pairs_decayed_as_its_scores_are(tmp_path):
     assert max(learned.count(item) for item in set(learned)) > 10  # far past the horizon
 
     dr.save(tmp_path)
-    with np.load(tmp_path / DeepRetrieval.STATE_FILE) as saved:
-        arrays = dict(saved)
+    arrays = written_whole(tmp_path)
     meta = json.loads(str(arrays["meta"]))
     del meta["counts"]  # as written before: lifetime counts
     lifetime = np.arange(len(dr), dtype=np.float64)
@@ -825,3 +832,32 @@ def test_n_v_holds_each_items_pairs_decayed_as_its_scores_are(tmp_path):
     assert older.load(tmp_path)
     np.testing.assert_allclose(older.counts, [sum(0.8 ** k for k in range(int(n)))
                                               for n in lifetime], rtol=1e-12)
+
+
+def test_a_checkpoint_of_deltas_reads_back_the_whole_state(tmp_path):
+    """Oracle of Deep Retrieval's incremental checkpoint: after learning (new items among
+    the pairs) and M-steps, in any order, the base and deltas on the disk read back every
+    item's counts, paths and tracked scores, and the weights; a loaded state goes on with
+    the chain."""
+    data, rng = Planted(4), np.random.default_rng(4)
+    dr, kinds = DeepRetrieval(PLANTED), []
+    for turn in range(16):
+        dr._checkpoints.max_deltas, dr._checkpoints.compact_share = 4, 3.0
+        items = rng.integers(0, min(20 + 8 * turn, len(data.ids)), 12)
+        dr.learn(data.users(data.cluster[items]), [data.ids[i] for i in items])
+        if turn % 5 == 4:
+            dr.run_m_step()
+        dr.save(tmp_path)
+        kinds.append(dr._checkpoints.last_kind)
+        restored = DeepRetrieval(PLANTED)
+        assert restored.load(tmp_path)
+        assert restored._ids == dr._ids
+        np.testing.assert_array_equal(restored.counts, dr.counts)
+        np.testing.assert_array_equal(restored.assignment, dr.assignment)
+        np.testing.assert_array_equal(restored.tracker.codes, dr.tracker.codes)
+        np.testing.assert_array_equal(restored.tracker.scores, dr.tracker.scores)
+        for name, value in restored.structure_weights().items():
+            np.testing.assert_array_equal(value, dr.structure_weights()[name])
+        if turn % 6 == 5:
+            dr = restored
+    assert kinds.count("delta") > 8 and kinds.count("base") > 2, kinds
