@@ -3,10 +3,11 @@ changed in one checkpoint interval), in bytes and seconds (docs/throughput.md, "
 of the rows changed"); the same for Deep Retrieval's state.
 
 Every item of the catalogue is learned first (each holds solve statistics, 8.6 KB at
-d = 64; and tracked path scores), then ``--events`` training examples of Zipf-drawn items are
-learned in batches of a worker's size, with the sweep's re-solves, as in a checkpoint interval
-(100,000 events: about 30 s of a worker's intake), and the state is saved: first as a delta,
-then whole.
+d = 64; and tracked path scores), then ``--events`` training examples of Zipf-drawn items,
+each with a history of 50 Zipf-drawn items (whose input offsets learn), go through the
+engine's learning step in batches of a worker's size, as in a checkpoint interval (100,000
+events: about 30 s of a worker's intake), and the state is saved: first as a delta, then
+whole.
 
     python benchmarks/checkpoint_deltas.py --quick     # 20,000 items
     python benchmarks/checkpoint_deltas.py             # 200,000 items
@@ -21,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.deep_retrieval import DeepRetrieval
 from stream_app.engine import Engine
 from stream_app.learner_process import limit_threads
 from stream_app.settings import Settings
+from stream_app.wire import TrainExample
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,19 +38,17 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def learn(learner, ids: list[str], rng: np.random.Generator, batch: int) -> None:
-    dim = learner.config.dim
-    for start in range(0, len(ids), batch):
-        chunk = ids[start: start + batch]
-        learner.learn(rng.normal(0.0, 0.1, (len(chunk), dim)), chunk, np.ones(len(chunk)),
-                      n_users=10_000)
+def learn(engine: Engine, items: np.ndarray, rng: np.random.Generator, batch: int,
+          catalogue: int) -> None:
+    """Training examples of ``items`` as a worker sends them, through the learning step."""
+    def drawn(count: int) -> list[str]:
+        return [f"i{k}" for k in np.minimum(rng.zipf(1.2, count), catalogue) - 1]
 
-
-def learn_paths(dr: DeepRetrieval, ids: list[str], rng: np.random.Generator,
-                batch: int) -> None:
-    for start in range(0, len(ids), batch):
-        chunk = ids[start: start + batch]
-        dr.learn(rng.normal(0.0, 1.0, (len(chunk), dr.config.input_dim)), chunk)
+    for start in range(0, len(items), batch):
+        examples = [TrainExample(user_id=f"u{start + k}", item_id=f"i{item}", alpha=1.0,
+                                 ts=1.7e9, history=drawn(50), weights=[1.0] * 50)
+                    for k, item in enumerate(items[start: start + batch])]
+        engine.learn_reported(examples, batch)
 
 
 def timed_save(state, save) -> tuple[str, float, float]:
@@ -75,35 +74,31 @@ def main() -> None:
         args.items, args.events = 20_000, 20_000
     limit_threads()
     rng = np.random.default_rng(args.seed)
-    catalogue = [f"i{k}" for k in range(args.items)]
-    drawn = [f"i{k}" for k in np.minimum(rng.zipf(1.2, args.events), args.items) - 1]
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(data_dir=folder, index_enabled=False, dr_enabled=True)
         engine, batch = Engine(settings), settings.learn_batch
+        engine.users = 10_000
         learner, dr = engine.learner, engine.paths.model
         for state in (learner, dr):
             state._checkpoints.compact_share = float("inf")  # the delta, however large
-        learn(learner, catalogue, rng, 1024)
-        path = Path(folder) / "model.npz"
-        saves = [timed_save(learner, lambda: learner.save(path))]
-        learn(learner, drawn, rng, batch)
-        changed = int(learner._rows_changed.sum())
-        saves.append(timed_save(learner, lambda: learner.save(path)))
-        learner._checkpoints.reset()  # the same state, whole
-        saves.append(timed_save(learner, lambda: learner.save(path)))
-        report(f"item model: {args.items:,} items learned (d = {settings.model_dim}); then "
-               f"{args.events:,} examples in batches of {batch}: {changed:,} item rows changed",
-               tuple(saves))
-        learn_paths(dr, catalogue, rng, 1024)
-        folder_dr = Path(folder) / "dr"
-        saves = [timed_save(dr, lambda: dr.save(folder_dr))]
-        learn_paths(dr, drawn, rng, batch)
-        changed = int(dr._rows_changed.sum())
-        saves.append(timed_save(dr, lambda: dr.save(folder_dr)))
-        dr._checkpoints.reset()
-        saves.append(timed_save(dr, lambda: dr.save(folder_dr)))
-        report(f"Deep Retrieval: the same items and examples: {changed:,} items changed",
-               tuple(saves))
+        learn(engine, rng.permutation(args.items), rng, batch, args.items)
+        model, paths = Path(folder) / "model.npz", Path(folder) / "dr"
+        item_saves = [timed_save(learner, lambda: learner.save(model))]
+        dr_saves = [timed_save(dr, lambda: dr.save(paths))]
+        learn(engine, np.minimum(rng.zipf(1.2, args.events), args.items) - 1, rng, batch,
+              args.items)
+        changed = {name: int(marks.sum()) for name, marks in learner._changed.items()}
+        dr_changed = int(dr._rows_changed.sum())
+        item_saves.append(timed_save(learner, lambda: learner.save(model)))
+        dr_saves.append(timed_save(dr, lambda: dr.save(paths)))
+        for state in (learner, dr):
+            state._checkpoints.reset()  # the same state, whole
+        item_saves.append(timed_save(learner, lambda: learner.save(model)))
+        dr_saves.append(timed_save(dr, lambda: dr.save(paths)))
+    report(f"item model: {args.items:,} items learned (d = {settings.model_dim}); then "
+           f"{args.events:,} examples in batches of {batch}, rows changed: {changed}",
+           tuple(item_saves))
+    report(f"Deep Retrieval: {dr_changed:,} items changed", tuple(dr_saves))
 
 
 if __name__ == "__main__":

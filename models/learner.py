@@ -262,8 +262,7 @@ class ItemLearner:
         self.last_drift = 0.0
         # rows and slots written since the last save: a save writes only them (a delta)
         self._checkpoints = ChainWriter()
-        self._rows_changed = np.zeros(0, dtype=bool)
-        self._slots_changed = np.zeros(0, dtype=bool)
+        self._changed = _no_marks()
 
     # -- reads (never create state) -------------------------------------------------------
     def __len__(self) -> int:
@@ -400,7 +399,8 @@ class ItemLearner:
         phi_aug = augment_users(np.asarray(phi_batch, dtype=np.float64).reshape(len(item_ids), -1))
         alphas = np.asarray(alphas, dtype=np.float64)
         rows = self._ensure_rows(item_ids)
-        self._note_rows(rows)  # before they are written: a step that fails midway wrote some
+        self._note(rows, "vectors", "items")  # before they are written: a step that fails
+        # midway wrote some (swept rows: resolve and forget_positives note their own)
         self.user_gramian.update(phi_aug, n_users, user_weights)
         G_C = self.user_gramian.value()
         uniq, inverse = np.unique(rows, return_inverse=True)
@@ -424,7 +424,6 @@ class ItemLearner:
         self.item_gramian.update(before, self._psi[uniq])
         swept = self._sweep(G_C)
         self.changed_rows = np.union1d(uniq, swept)
-        self._note_rows(swept)
         self._tick()
         return loss
 
@@ -441,7 +440,7 @@ class ItemLearner:
         self._offset_squares[rows] = squares
         steps = -self.config.input_lr * grads / np.sqrt(self.config.input_adagrad_init + squares)
         self._offset[rows] += steps
-        self._note_rows(rows)
+        self._note(rows, "offsets")
         if self.log_input_steps:
             self._input_steps.append((rows, steps))
         self._offsets_learned = True
@@ -466,7 +465,7 @@ class ItemLearner:
         self._lane_mass -= self._empty_slots(slots)
         np.maximum(self._lane_mass, 0.0, out=self._lane_mass)  # rounding, not positives
         self._slot[rows] = -1
-        self._note_rows(rows)
+        self._note(rows, "items")
         self._free_slots.extend(slots.tolist())
 
     def rows_with_positives(self) -> np.ndarray:
@@ -487,7 +486,7 @@ class ItemLearner:
         if len(rows) == 0 or (not self._offsets_learned and not offsets.any()):
             return
         self._offset[rows] = offsets
-        self._note_rows(rows)
+        self._note(rows, "offsets")
         self._offsets_learned = True
 
     def take_input_steps(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -513,7 +512,7 @@ class ItemLearner:
         if len(rows) == 0:
             return
         np.add.at(self._offset, rows, steps)
-        self._note_rows(rows)
+        self._note(rows, "offsets")
         self._offsets_learned = True
 
     def _checked_lanes(self, lanes: np.ndarray | None, size: int) -> np.ndarray:
@@ -576,7 +575,7 @@ class ItemLearner:
         self._pos_gram[slots], self._pos_target[slots] = gram, target
         self._pos_lane[slots] = lanes
         self._pos_at[slots] = self._lane_clock[lanes]
-        self._note_slots(slots)
+        self._note(slots, "slots")
         self._psi[rows] = self._solved(rows, gram, target, G_C)
 
     def _statistics_now(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -632,7 +631,7 @@ class ItemLearner:
         before = self._psi[rows].copy()
         G_C = self.user_gramian.value() if G_C is None else G_C
         self._psi[rows] = self._solved(rows, *self._statistics_now(slots), G_C)
-        self._note_rows(rows)
+        self._note(rows, "vectors")
         self.item_gramian.update(before, self._psi[rows])
 
     def _sweep(self, G_C: np.ndarray) -> np.ndarray:
@@ -730,7 +729,7 @@ class ItemLearner:
         self.item_gramian.update(self._psi[known], new_rows[~fresh])
         self._psi[known] = new_rows[~fresh]
         self._prior[known] = new_rows[~fresh]
-        self._note_rows(known)
+        self._note(known, "vectors", "items")
 
     def _ensure_rows(self, item_ids: Sequence[str]) -> np.ndarray:
         index = self._index
@@ -795,23 +794,29 @@ class ItemLearner:
         if clash:
             raise ValueError(f"arrays {sorted(clash)} would overwrite the model's")
         kind = self._checkpoints.save(path, tables, {**whole, **(also or {})})
-        self._rows_changed[:] = False
-        self._slots_changed[:] = False
+        self._changed = _no_marks()
         return kind
 
     def _checkpoint_arrays(self) -> tuple[dict[str, Table], dict[str, np.ndarray]]:
-        """The state as tables of a row per item and per statistics slot, with the rows
-        written since the last save, and the arrays saved whole. Views, not copies: nothing
-        learns while a save runs (the learner's thread saves), and the statistics alone are
-        8.6 KB an item, a copy of which doubled a save's memory."""
+        """The state as tables of a row per item (split by what changes together: the
+        vectors the sweep re-solves, the input offsets every history's items move, the rest
+        of an item's state) and per statistics slot, with the rows written since the last
+        save, and the arrays saved whole. Views, not copies: nothing learns while a save runs
+        (the learner's thread saves), and the statistics alone are 8.6 KB an item, a copy of
+        which doubled a save's memory."""
         n, slots = len(self._ids), self._slots_used
-        items = {"psi": self._psi, "accum": self._accum, "count": self._count,
-                 "count_at": self._count_at, "prior": self._prior, "slot": self._slot,
-                 "offset": self._offset, "offset_squares": self._offset_squares}
-        statistics = {"pos_gram_upper": self._pos_gram, "pos_target": self._pos_target,
-                      "pos_at": self._pos_at, "pos_lane": self._pos_lane}
-        tables = {"items": Table(items, n, np.flatnonzero(self._rows_changed[:n])),
-                  "slots": Table(statistics, slots, np.flatnonzero(self._slots_changed[:slots]))}
+        arrays = {
+            "vectors": {"psi": self._psi},
+            "offsets": {"offset": self._offset, "offset_squares": self._offset_squares},
+            "items": {"accum": self._accum, "count": self._count, "count_at": self._count_at,
+                      "prior": self._prior, "slot": self._slot},
+            "slots": {"pos_gram_upper": self._pos_gram, "pos_target": self._pos_target,
+                      "pos_at": self._pos_at, "pos_lane": self._pos_lane},
+        }
+        tables = {}
+        for name, table in arrays.items():
+            rows = slots if name == "slots" else n
+            tables[name] = Table(table, rows, np.flatnonzero(self._changed[name][:rows]))
         whole = {
             **ids_to_arrays(self._ids), "lane_clock": self._lane_clock,
             "clock": np.array([self.events, self.steps, self._sweep_at], dtype=np.int64),
@@ -821,14 +826,12 @@ class ItemLearner:
         }
         return tables, whole
 
-    def _note_rows(self, rows: np.ndarray) -> None:
-        """Rows written: the next save writes them (every write of item-row state notes its
-        rows, or a checkpoint loses it)."""
-        self._rows_changed = _noted(self._rows_changed, rows, len(self._psi))
-
-    def _note_slots(self, slots: np.ndarray) -> None:
-        """Statistics slots written (as :meth:`_note_rows`)."""
-        self._slots_changed = _noted(self._slots_changed, slots, len(self._pos_gram))
+    def _note(self, rows: np.ndarray, *tables: str) -> None:
+        """Rows of ``tables`` (:meth:`_checkpoint_arrays`) written: the next save writes them.
+        Every write of the state notes its rows, or a checkpoint loses it."""
+        for table in tables:
+            capacity = len(self._pos_gram) if table == "slots" else len(self._psi)
+            self._changed[table] = _noted(self._changed[table], rows, capacity)
 
     def load(self, path: Path, restore: Callable[[dict], None] | None = None) -> bool:
         """Replace all state with the one saved at ``path``; False if there is no file.
@@ -842,8 +845,7 @@ class ItemLearner:
             return False
         if restore is not None:
             restore(data)
-        self._rows_changed = np.zeros(0, dtype=bool)
-        self._slots_changed = np.zeros(0, dtype=bool)
+        self._changed = _no_marks()
         self._checkpoints.continue_from(path, data)  # its next save is a delta of this one
         self._load_rows(data)
         self._accum = data["accum"]
@@ -917,7 +919,7 @@ class ItemLearner:
         mass = np.bincount(self._pos_lane[slots], weights=self._slot_masses(slots),
                            minlength=len(self._lane_clock))
         self._pos_gram[slots], self._pos_target[slots] = 0.0, 0.0
-        self._note_slots(slots)
+        self._note(slots, "slots")
         return mass
 
     def _held_slots(self) -> np.ndarray:
@@ -945,7 +947,7 @@ class ItemLearner:
         self._lane_clock = np.full(lanes, saved.sum() / lanes)
         self._pos_at = self._pos_at * (len(saved) / lanes)
         self._pos_lane = np.zeros(len(self._pos_gram), dtype=np.int64)
-        self._note_slots(np.arange(len(self._pos_gram)))  # every slot differs from the file
+        self._note(np.arange(len(self._pos_gram)), "slots")  # every slot differs from the file
 
     def _positive_mass_now(self) -> float:
         """Σ α of the positives as of now, read from the statistics (:meth:`_slot_masses`)."""
@@ -1029,6 +1031,11 @@ def _no_statistics(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     updated at."""
     return (np.zeros((0, packed_size(width)), dtype=np.float32), np.zeros((0, width)),
             np.zeros(0))
+
+
+def _no_marks() -> dict[str, np.ndarray]:
+    """No row of any table written since the last save (flags grow as rows are noted)."""
+    return {table: np.zeros(0, dtype=bool) for table in ("vectors", "offsets", "items", "slots")}
 
 
 def _noted(marks: np.ndarray, rows: np.ndarray, capacity: int) -> np.ndarray:
