@@ -229,8 +229,11 @@ class ItemLearner:
         self._index: dict[str, int] = {}
         self._ids: list[str] = []
         self._psi = np.zeros((1024, width))
+        # Adagrad's accumulators, for the adagrad solver only (no columns for solve: filled
+        # with their start, they took 520 bytes an item of memory and of every base)
         self._accum_init = np.append(np.full(config.dim, config.adagrad_init),
-                                     config.bias_adagrad_init)
+                                     config.bias_adagrad_init)[: width * (config.solver
+                                                                          == "adagrad")]
         self._accum = np.tile(self._accum_init, (1024, 1))
         self._count = np.zeros(1024)
         self._count_at = np.zeros(1024)
@@ -848,7 +851,7 @@ class ItemLearner:
         self._changed = _no_marks()
         self._checkpoints.continue_from(path, data)  # its next save is a delta of this one
         self._load_rows(data)
-        self._accum = data["accum"]
+        self._accum = self._loaded_accumulators(data)
         self._offset_squares = (data["offset_squares"] if "offset_squares" in data  # older
                                 else np.zeros((len(self._ids), self.config.dim)))
         self._count, self._count_at = data["count"], data["count_at"]
@@ -856,6 +859,14 @@ class ItemLearner:
         self._reserve(max(len(self._ids), 1024))
         self.user_gramian.set_arrays(data, "user_")
         return True
+
+    def _loaded_accumulators(self, data) -> np.ndarray:
+        """The checkpoint's Adagrad accumulators where this solver keeps them; a checkpoint
+        of the other solver gives none (solve) or each item's start (adagrad)."""
+        saved = data["accum"]
+        if saved.shape[1:] == self._accum_init.shape:
+            return saved
+        return np.tile(self._accum_init, (len(self._ids), 1))
 
     def _checkpoint(self, path: Path, skip: Collection[str] = ()):
         data = load_checkpoint(path, skip=skip)
