@@ -158,6 +158,14 @@ def overview() -> dict:
               "committed; messages skipped since the worker started because the model held "
               "them (delivered again after a crash or a rebalance); examples skipped because "
               "the model had learned their events (made again for events read again)."),
+         timeseries("Checkpoint writes",
+                    [target("streamrec_checkpoint_bytes / 1e6", "MB {{instance}}", "A"),
+                     target("streamrec_checkpoint_seconds", "seconds {{instance}}", "B"),
+                     target("sum by (kind) (increase(streamrec_checkpoints_total[1h]))",
+                            "{{kind}}s in the last hour", "C")], "none",
+                    "What the last model checkpoint wrote and how long it took; checkpoints "
+                    "in the last hour by kind: a delta writes the rows changed since the last, "
+                    "a base the whole model, once the deltas since weigh half of it."),
          stat("All-pairs weight α0", [target("streamrec_alpha0", "{{instance}}")],
               "Weight of each (user, item) pair in the all-pairs term now; with "
               "STREAMREC_ALPHA0_RELATIVE it follows the density of the positives.",

@@ -839,6 +839,11 @@ class DeepRetrieval:
         for old in directory.glob("dr_model.*.pt*"):  # older checkpoints' weights
             old.unlink(missing_ok=True)
 
+    @property
+    def last_save_bytes(self) -> int:
+        """The bytes the last checkpoint :meth:`save` wrote (0 before one)."""
+        return self._checkpoints.last_save_bytes
+
     def _note_rows(self, rows: np.ndarray) -> None:
         """Items whose counts, paths or scores are written: the next save writes them."""
         if len(self._rows_changed) < len(self._assign):

@@ -800,6 +800,11 @@ class ItemLearner:
         self._changed = _no_marks()
         return kind
 
+    @property
+    def last_save_bytes(self) -> int:
+        """The bytes the last :meth:`save` wrote (0 before one)."""
+        return self._checkpoints.last_save_bytes
+
     def _checkpoint_arrays(self) -> tuple[dict[str, Table], dict[str, np.ndarray]]:
         """The state as tables of a row per item (split by what changes together: the
         vectors the sweep re-solves, the input offsets every history's items move, the rest

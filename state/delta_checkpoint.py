@@ -74,8 +74,13 @@ class ChainWriter:
     def reset(self) -> None:
         self._head: Path | None = None
         self._chain: dict | None = None
-        #: "base" or "delta", and the bytes of the part the last save wrote
-        self.last_kind, self.last_bytes = "", 0
+        #: "base" or "delta", the bytes of the part the last save wrote, and of its head
+        self.last_kind, self.last_bytes, self.last_head_bytes = "", 0, 0
+
+    @property
+    def last_save_bytes(self) -> int:
+        """The bytes the last save wrote: its part and its head."""
+        return self.last_bytes + self.last_head_bytes
 
     def continue_from(self, head: Path, data: Mapping[str, np.ndarray]) -> None:
         """Go on with the chain of the checkpoint ``data`` that :func:`load_checkpoint` read
@@ -108,7 +113,7 @@ class ChainWriter:
                             for name, table in tables.items()}}
         save_npz(head, {**whole, CHAIN_KEY: np.array(json.dumps(chain))})
         self._head, self._chain = head, chain
-        self.last_kind, self.last_bytes = kind, size
+        self.last_kind, self.last_bytes, self.last_head_bytes = kind, size, head.stat().st_size
         _remove_parts_but(head, set(chain["parts"]))
         log.debug("checkpoint %s: a %s of %.1f MB", head, kind, size / 1e6)
         return kind

@@ -484,6 +484,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         only a publish of their rows (:func:`rows_published`) makes their learning durable for
         whoever learns them next."""
         engine.checkpointed_at = time.time()
+        written = engine.last_checkpoint if learner is None else learner.last_written
+        if written is not None:  # a checkpoint was written (not one with nothing new)
+            engine.last_checkpoint = written  # for the gauges of a worker with a learner
+            metrics.checkpoints.labels(written.kind).inc()
         if train_acks is not None and sharing is None:
             train_acks.checkpointed(through)
 

@@ -85,6 +85,14 @@ class _Histories:
                           None if self.ts is None else self.ts[known], [])
 
 
+class CheckpointWritten(NamedTuple):
+    """What the last checkpoint of the model wrote (``Engine.save``), for the metrics."""
+
+    kind: str  # "base" (the item model written whole) or "delta" (its rows changed since)
+    bytes: int  # the item model's and Deep Retrieval's files written
+    seconds: float
+
+
 class Ingested(NamedTuple):
     """What :meth:`Engine.ingest_many` made of a batch of events."""
 
@@ -193,6 +201,7 @@ class Engine:
         self.event_positions = EventPositions(settings.topic_events)
         self.repeated_examples = 0  # examples skipped: made again for events it learned
         self.checkpointed_at = time.time()
+        self.last_checkpoint: CheckpointWritten | None = None  # none yet by this process
         # How requests are answered: the settings' pair, then the best measured on the
         # stream (models/serving_choice.py); a replica takes the learner's from its reports.
         self.serving_choice = settings.serving_choice()
@@ -953,13 +962,22 @@ class Engine:
         if popularity:
             self.popularity.save(self.checkpoint_dir / "popularity.npz")
         if model:
+            started = time.perf_counter()
             if self.paths is not None:  # before the positions: a crash between the two can
                 self.paths.save(self.checkpoint_dir / "dr")  # make it learn again, not miss
-            self.learner.save(self.checkpoint_dir / "model.npz",
-                              also={**self.positions.to_arrays(),
-                                    **self.event_positions.to_arrays()})
+            kind = self.learner.save(self.checkpoint_dir / "model.npz",
+                                     also={**self.positions.to_arrays(),
+                                           **self.event_positions.to_arrays()})
             save_npz(self.checkpoint_dir / "serving.npz", self.serving_choice.state())
             self.checkpointed_at = time.time()
+            self.last_checkpoint = CheckpointWritten(kind, self._bytes_written(),
+                                                     time.perf_counter() - started)
+
+    def _bytes_written(self) -> int:
+        """The bytes the last checkpoint wrote: the item model's part and head, and Deep
+        Retrieval's."""
+        dr = self.paths.model.last_save_bytes if self.paths is not None else 0
+        return self.learner.last_save_bytes + dr
 
     def _restore_positions(self, data: dict[str, np.ndarray]) -> None:
         if positions_void(self.checkpoint_dir / "model.npz"):

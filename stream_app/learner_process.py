@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from .engine import Engine, LearnedReport
+from .engine import CheckpointWritten, Engine, LearnedReport
 from .item_sharing import install_records
 from .processes import LEARNER_LOCK, LEARNER_LOCK_WAIT_S, lock_data_dir
 from .settings import Settings
@@ -120,6 +120,8 @@ class LearnerProcess:
         self._saves: collections.deque[tuple[int, asyncio.Future | None, float]] = \
             collections.deque()
         self._last_save: tuple[float, float] | None = None  # asked, written (monotonic)
+        #: what the checkpoint the learner last reported wrote (None: it had nothing to write)
+        self.last_written: CheckpointWritten | None = None
         self._batches_written = 0  # learn frames
         self._batches_learned = 0  # their reports, in order
         #: the batches whose learning the follower holds whole (input offsets included)
@@ -329,6 +331,7 @@ class LearnerProcess:
         elif kind == "saved":
             through, waiting, asked = self._saves.popleft()
             self._last_save = (asked, time.monotonic())
+            self.last_written = None if message[2] is None else CheckpointWritten(*message[2])
             if message[1]:
                 self._on_saved(through)
             if waiting is not None and not waiting.done():
@@ -542,15 +545,17 @@ class LearnerLoop:
             self.learned_since_save = True
             self.outbox.send(("learned", self.learn(*parse_learn(body), caught_up=caught_up)))
         elif kind == SAVE:  # the worker commits what it holds only once it is written
+            written = None  # nothing to write: the checkpoint there holds it all
             try:
                 if self.learned_since_save or self.installed_since_save:
                     self.engine.save(popularity=False)  # the worker's to save
+                    written = tuple(self.engine.last_checkpoint)
             except Exception:  # noqa: BLE001 - a full disk: learning goes on, commits wait
                 log.exception("could not write the checkpoint")
-                self.outbox.send(("saved", False))
+                self.outbox.send(("saved", False, None))
             else:
                 self.learned_since_save = self.installed_since_save = False
-                self.outbox.send(("saved", True))
+                self.outbox.send(("saved", True, written))
         elif kind == ROWS:
             self.installed_since_save = True
             records, keep_statistics = parse_rows(body)

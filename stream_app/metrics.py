@@ -73,6 +73,12 @@ class Metrics:
                                       "batch wait ran out first.",
                                       buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 4096),
                                       registry=r)
+        self.checkpoints = Counter("streamrec_checkpoints_total",
+                                   "Model checkpoints written, by kind: base (the item model "
+                                   "whole) or delta (its rows changed since the last).",
+                                   ["kind"], registry=r)
+        for kind in ("base", "delta"):  # exported at 0: a dashboard reads their increase
+            self.checkpoints.labels(kind)
         self.learned = Counter("streamrec_learned_events_total",
                                "Training examples applied to the item model.", registry=r)
         self.learn_seconds = Histogram("streamrec_learn_step_seconds",

@@ -47,6 +47,13 @@ def build_metrics(engine: Engine) -> Metrics:
                   "density of the positives).", lambda: engine.learner.alpha0)
     metrics.gauge("streamrec_checkpoint_age_seconds", "Seconds since the last checkpoint.",
                   lambda: time.time() - engine.checkpointed_at)
+    metrics.gauge("streamrec_checkpoint_bytes",
+                  "Bytes the last model checkpoint wrote (the item model's and Deep "
+                  "Retrieval's files; 0 before one).",
+                  lambda: engine.last_checkpoint.bytes if engine.last_checkpoint else 0)
+    metrics.gauge("streamrec_checkpoint_seconds",
+                  "Seconds the last model checkpoint took to write (0 before one).",
+                  lambda: engine.last_checkpoint.seconds if engine.last_checkpoint else 0)
     metrics.gauge("streamrec_train_redelivered_messages",
                   "Training messages skipped since the worker started: the model held them "
                   "already (delivered again after a crash or a rebalance).",

@@ -6,6 +6,8 @@ import asyncio
 import inspect
 from types import SimpleNamespace
 
+import numpy as np
+
 from stream_app.app import create_app
 from stream_app.engine import Engine
 from stream_app.settings import Settings
@@ -77,7 +79,7 @@ def test_with_item_sharing_a_checkpoint_does_not_commit_training_messages(tmp_pa
         async def attach(**callbacks):
             hooks.update(callbacks)
 
-        learner = SimpleNamespace(attach=attach, drained=None)
+        learner = SimpleNamespace(attach=attach, drained=None, last_written=None)
         app = offline_app(tmp_path / str(share_items), learner, share_items=share_items)
         asyncio.run(timer(app, "follow_learner")())
         acked = []
@@ -163,3 +165,46 @@ def test_the_learn_task_takes_its_own_count_of_messages_not_a_steps_examples(tmp
     app = offline_app(tmp_path, SimpleNamespace(attach=None, drained=None), learn_batch=512,
                       learn_take_messages=64)
     assert app.streamrec_train_acks.intake.batch_size == 64
+
+
+def test_the_checkpoints_written_are_counted_by_kind_with_the_last_ones_size(tmp_path):
+    """A learner process's report of a checkpoint says what it wrote: the worker counts it
+    by kind and shows its bytes and seconds; one that had nothing to write counts nothing.
+    A worker that learns on its loop counts its own."""
+    from stream_app.engine import CheckpointWritten
+
+    hooks = {}
+
+    async def attach(**callbacks):
+        hooks.update(callbacks)
+
+    learner = SimpleNamespace(attach=attach, drained=None, last_written=None)
+    settings = Settings(data_dir=tmp_path / "learner", broker="127.0.0.1:1", metrics_port=0)
+    engine = Engine(settings)
+    metrics = build_metrics(engine)
+    app = create_app(settings, engine, metrics, learner)
+    asyncio.run(timer(app, "follow_learner")())
+
+    def count(kind: str) -> float:
+        return metrics.registry.get_sample_value("streamrec_checkpoints_total", {"kind": kind})
+
+    def gauge(name: str) -> float:
+        return metrics.registry.get_sample_value(name)
+
+    assert (count("base"), count("delta"), gauge("streamrec_checkpoint_bytes")) == (0, 0, 0)
+    for written in (CheckpointWritten("base", 5000, 2.5), None,
+                    CheckpointWritten("delta", 700, 0.25)):
+        learner.last_written = written
+        hooks["on_saved"](1)
+    assert (count("base"), count("delta")) == (1, 1)
+    assert (gauge("streamrec_checkpoint_bytes"), gauge("streamrec_checkpoint_seconds")) == (
+        700, 0.25)
+
+    settings = Settings(data_dir=tmp_path / "loop", broker="127.0.0.1:1", metrics_port=0)
+    engine = Engine(settings)
+    metrics = build_metrics(engine)
+    app = create_app(settings, engine, metrics, None)
+    engine.learner.learn(np.ones((2, settings.model_dim)), ["a", "b"], np.ones(2), n_users=2)
+    asyncio.run(timer(app, "checkpoint")())
+    assert (count("base"), count("delta")) == (1, 0)
+    assert gauge("streamrec_checkpoint_bytes") == engine.last_checkpoint.bytes > 0

@@ -273,7 +273,11 @@ def test_a_learner_with_nothing_new_answers_a_checkpoint_request_without_writing
     handle(frame(SAVE))
     second = written()
     assert second > first
-    assert [message for message in said if message[0] == "saved"] == [("saved", True)] * 3
+    saves = [message for message in said if message[0] == "saved"]
+    assert [message[:2] for message in saves] == [("saved", True)] * 3
+    kinds = [None if message[2] is None else message[2][0] for message in saves]
+    assert kinds == ["base", None, "delta"]  # what each wrote, for the worker's metrics
+    assert saves[0][2][1] > saves[2][2][1] > 0  # bytes: the whole model, then a few rows
     time.sleep(0.01)
     handle(rows_frame([(b"installed-later", row)]))
     loop.run(SimpleNamespace(poll=lambda timeout: (_ for _ in ()).throw(EOFError)))
@@ -1269,7 +1273,7 @@ def test_the_timer_asks_for_no_checkpoint_while_one_is_unwritten_or_soon_after_a
     learner.request_save()
     assert not learner.save_due() and not learner.save_due(waiting=True)  # asked, unwritten
     clock[0] += 40.0  # a save of 40 s
-    learner._dispatch(("saved", True))
+    learner._dispatch(("saved", True, None))
     wait = 40.0 * (1 / SAVE_SHARE - 1)
     clock[0] += wait - 1
     assert not learner.save_due()
@@ -1278,6 +1282,6 @@ def test_the_timer_asks_for_no_checkpoint_while_one_is_unwritten_or_soon_after_a
     assert learner.save_due()
     learner.request_save()
     clock[0] += 1.0
-    learner._dispatch(("saved", False))  # a failed write counts as one that took its time
+    learner._dispatch(("saved", False, None))  # a failed write counts as one that took its time
     clock[0] += 1 / SAVE_SHARE - 1
     assert learner.save_due()
