@@ -13,9 +13,11 @@ time is ``exp(a_i − λ t)``. Nothing has to be rescanned when time moves, and 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,6 +50,17 @@ def top_rows(values: np.ndarray, depth: int) -> np.ndarray:
     return rows[np.argsort(-values[rows], kind="stable")]
 
 
+class PopularitySnapshot(NamedTuple):
+    """The counts as of one moment (:meth:`DecayedPopularity.snapshot`), to be written away
+    from the loop that keeps counting (:meth:`DecayedPopularity.write`)."""
+
+    ids: list[str]
+    log_mass: np.ndarray
+    rate: float
+    now: float
+    number: int  # the snapshots of one instance in the order taken
+
+
 class DecayedPopularity:
     """Decayed, weighted event counts per item with a cached ranking.
 
@@ -73,6 +86,9 @@ class DecayedPopularity:
         # little deeper each would otherwise each rank the whole catalogue again)
         self._depth = RANKED_AT_LEAST
         self._dirty = False
+        self._snapshots = 0  # taken
+        self._written = 0  # the number of the newest snapshot written
+        self._write_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._index)
@@ -183,11 +199,31 @@ class DecayedPopularity:
     def save(self, path: Path) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one.
         Items faded below notice are forgotten first (:meth:`forget_faded`)."""
+        self.write(self.snapshot(), path)
+
+    def snapshot(self) -> PopularitySnapshot:
+        """The counts as of now, copied, for :meth:`write` on another thread: a million items
+        took 130–240 ms to write on the event loop that counts and answers, their copy
+        14–25 ms. Items faded below notice are forgotten first (:meth:`forget_faded`)."""
         self.forget_faded()
         rows = np.flatnonzero(np.isfinite(self._log_mass[: len(self._ids)]))  # not free rows
-        ids = self._ids if len(rows) == len(self._ids) else [self._ids[r] for r in rows.tolist()]
-        save_npz(path, {**ids_to_arrays(ids), "log_mass": self._log_mass[rows],
-                        "rate": self.rate, "now": self.now})
+        ids = (list(self._ids) if len(rows) == len(self._ids)
+               else [self._ids[r] for r in rows.tolist()])
+        self._snapshots += 1
+        return PopularitySnapshot(ids, self._log_mass[rows], self.rate, self.now,
+                                  self._snapshots)
+
+    def write(self, snapshot: PopularitySnapshot, path: Path) -> bool:
+        """Write ``snapshot`` to ``path`` atomically, from any thread; False (nothing
+        written) when a newer snapshot was written already: a write that started late, or
+        ran long, must not put older counts over newer ones (the last save at a stop)."""
+        with self._write_lock:  # one at a time: they share the file's temporary name
+            if snapshot.number <= self._written:
+                return False
+            save_npz(path, {**ids_to_arrays(snapshot.ids), "log_mass": snapshot.log_mass,
+                            "rate": snapshot.rate, "now": snapshot.now})
+            self._written = snapshot.number
+            return True
 
     def load(self, path: Path) -> bool:
         """Replace the counts with those saved at ``path``; False if there is no file."""

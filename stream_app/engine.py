@@ -954,13 +954,17 @@ class Engine:
         again after a crash were then learned twice by Deep Retrieval)."""
         return self.checkpoint_dir / "dr-handoff"
 
+    @property
+    def popularity_path(self) -> Path:
+        return self.checkpoint_dir / "popularity.npz"
+
     def save(self, *, model: bool = True, popularity: bool = True) -> None:
         """Checkpoint ``popularity`` and (``model``) the item model and Deep Retrieval; an
         engine that follows a learner process leaves the model to it (its replica has no
         learning state to save), and the learner process leaves popularity to the worker,
         which counts the events (the learner's is the one it loaded at its start)."""
         if popularity:
-            self.popularity.save(self.checkpoint_dir / "popularity.npz")
+            self.popularity.save(self.popularity_path)
         if model:
             started = time.perf_counter()
             if self.paths is not None:  # before the positions: a crash between the two can
@@ -1048,7 +1052,7 @@ class Engine:
     def load(self) -> bool:
         """The last checkpoint and the newest valid index version, where they exist (a
         replica takes the item rows only)."""
-        found = self.popularity.load(self.checkpoint_dir / "popularity.npz")
+        found = self.popularity.load(self.popularity_path)
         found = self.learner.load(self.checkpoint_dir / "model.npz",
                                   restore=self._restore_positions) or found
         self._load_serving(self.checkpoint_dir / "serving.npz")

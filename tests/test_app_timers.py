@@ -38,13 +38,17 @@ def test_a_popularity_checkpoint_the_disk_refuses_does_not_stop_the_worker(tmp_p
     learner = SimpleNamespace(request_save=lambda: saves.append(1), save_due=lambda **kwargs: True)
     app = create_app(settings, engine, build_metrics(engine), learner)
 
-    def full_disk(**kwargs):
+    engine.popularity.add("an item", 1.0)
+    asyncio.run(timer(app, "checkpoint")())  # written in a thread
+    assert engine.popularity_path.exists() and saves == [1]
+
+    def full_disk(*args):
         raise OSError(28, "No space left on device")
 
-    engine.save = full_disk
+    engine.popularity.write = full_disk
     with caplog.at_level("ERROR"):
         asyncio.run(timer(app, "checkpoint")())
-    assert saves == [1]
+    assert saves == [1, 1]
     assert "could not write the popularity checkpoint" in caplog.text
 
 

@@ -230,3 +230,26 @@ def test_items_faded_below_notice_are_forgotten_at_a_save(tmp_path):
     assert len(ranked) == 54 and counts == sorted(counts, reverse=True)
     assert dict(ranked)["old-3"] == pytest.approx(3.0)
     assert popularity.forget_faded() == 0  # free rows are not forgotten twice
+
+
+def test_a_snapshot_is_written_as_taken_and_never_over_a_newer_one(tmp_path):
+    """The worker writes popularity in a thread from a snapshot taken on its loop: counts
+    added after the snapshot are not in that file, and a write of an older snapshot that
+    comes after a newer one's (a timer's write outrun by the save at a stop) writes
+    nothing."""
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    popularity.add("a", 100.0)
+    older = popularity.snapshot()
+    popularity.add("b", 200.0, 3.0)
+    popularity.add("a", 200.0)
+    newer = popularity.snapshot()
+    popularity.add("c", 300.0)  # after both: in neither
+    path = tmp_path / "popularity.npz"
+    assert popularity.write(newer, path)
+    assert not popularity.write(older, path)
+    read = DecayedPopularity(HALF_LIFE, refresh_s=0)
+    assert read.load(path)
+    assert sorted(read._index) == ["a", "b"] and read.now == 200.0
+    assert read.top(2)[0][0] == "b"
+    assert popularity.write(popularity.snapshot(), path)  # a later one is written
+    assert read.load(path) and sorted(read._index) == ["a", "b", "c"]
