@@ -57,6 +57,15 @@ class Tables:
         np.testing.assert_array_equal(data["pool"], self.pool[: self.used["pool"]])
 
 
+def saved_three_times(head, seed: int) -> Tables:
+    """Tables changed and saved three times at ``head``: a base and two deltas."""
+    tables, writer = Tables(seed), ChainWriter()
+    for _ in range(3):
+        tables.change()
+        tables.save(writer, head)
+    return tables
+
+
 def parts_beside(head) -> list[str]:
     return sorted(p.name for p in head.parent.iterdir() if p.name != head.name)
 
@@ -171,11 +180,8 @@ def test_a_read_that_meets_a_new_base_reads_the_head_again(tmp_path, monkeypatch
 
 
 def test_a_head_and_parts_that_do_not_add_up_are_damaged(tmp_path):
-    head, tables = tmp_path / "model.npz", Tables(seed=5)
-    writer = ChainWriter()
-    for _ in range(3):
-        tables.change()
-        tables.save(writer, head)
+    head = tmp_path / "model.npz"
+    saved_three_times(head, seed=5)
     data = load_checkpoint(head)
     chain = chain_of(head)
     for damage in ({"parts": ["../model.npz.part000001"]},  # a part outside the folder
@@ -206,11 +212,8 @@ def test_names_that_clash_are_refused(tmp_path):
 
 
 def test_a_read_leaves_out_the_arrays_it_skips(tmp_path):
-    head, tables = tmp_path / "model.npz", Tables(seed=6)
-    writer = ChainWriter()
-    for _ in range(3):
-        tables.change()
-        tables.save(writer, head)
+    head = tmp_path / "model.npz"
+    tables = saved_three_times(head, seed=6)
     data = load_checkpoint(head, skip={"pool", "flag"})
     assert "pool" not in data and "flag" not in data
     np.testing.assert_array_equal(data["x"], tables.rows[: tables.used["rows"]])
