@@ -55,7 +55,7 @@ def timed_save(state, save) -> tuple[str, float, float]:
     started = time.perf_counter()
     save()
     seconds = time.perf_counter() - started
-    return state._checkpoints.last_kind, seconds, state._checkpoints.last_bytes / 1e6
+    return state.checkpoints.last_kind, seconds, state.checkpoints.last_bytes / 1e6
 
 
 def report(label: str, saves: tuple) -> None:
@@ -80,7 +80,7 @@ def main() -> None:
         engine.users = 10_000
         learner, dr = engine.learner, engine.paths.model
         for state in (learner, dr):
-            state._checkpoints.compact_share = float("inf")  # the delta, however large
+            state.checkpoints.compact_share = float("inf")  # the delta, however large
         learn(engine, rng.permutation(args.items), rng, batch, args.items)
         model, paths = Path(folder) / "model.npz", Path(folder) / "dr"
         item_saves = [timed_save(learner, lambda: learner.save(model))]
@@ -92,7 +92,7 @@ def main() -> None:
         item_saves.append(timed_save(learner, lambda: learner.save(model)))
         dr_saves.append(timed_save(dr, lambda: dr.save(paths)))
         for state in (learner, dr):
-            state._checkpoints.reset()  # the same state, whole
+            state.checkpoints.reset()  # the same state, whole
         item_saves.append(timed_save(learner, lambda: learner.save(model)))
         dr_saves.append(timed_save(dr, lambda: dr.save(paths)))
     report(f"item model: {args.items:,} items learned (d = {settings.model_dim}); then "

@@ -501,8 +501,9 @@ class DeepRetrieval:
         self._m_steps = 0
         self._last_m_step_seconds = 0.0
         self._last_loss = math.nan
-        # items whose counts, paths or scores moved since the last save: a save writes them
-        self._checkpoints = ChainWriter()
+        #: how :meth:`save` writes: the items whose counts, paths or scores moved since the last
+        #: save (a delta), noted in ``_rows_changed``, or all of them
+        self.checkpoints = ChainWriter()
         self._rows_changed = np.zeros(0, dtype=bool)
 
     # ---- state access -------------------------------------------------------------------
@@ -830,7 +831,7 @@ class DeepRetrieval:
         }
         if scores:
             changed = np.flatnonzero(self._rows_changed[:n])
-            self._checkpoints.save(directory / self.STATE_FILE,
+            self.checkpoints.save(directory / self.STATE_FILE,
                                    {"items": Table(items, n, changed)}, whole)
             self._rows_changed[:] = False
         else:
@@ -838,11 +839,6 @@ class DeepRetrieval:
             atomic_write(directory / self.STATE_FILE, lambda f: np.savez(f, **arrays))
         for old in directory.glob("dr_model.*.pt*"):  # older checkpoints' weights
             old.unlink(missing_ok=True)
-
-    @property
-    def last_save_bytes(self) -> int:
-        """The bytes the last checkpoint :meth:`save` wrote (0 before one)."""
-        return self._checkpoints.last_save_bytes
 
     def _note_rows(self, rows: np.ndarray) -> None:
         """Items whose counts, paths or scores are written: the next save writes them."""
@@ -883,7 +879,7 @@ class DeepRetrieval:
         self.optimizer = self._adam()  # cold moments (see save)
         self._install(ids, arrays, meta)
         self._rows_changed = np.zeros(0, dtype=bool)
-        self._checkpoints.continue_from(state_path, arrays)  # its next save: a delta of it
+        self.checkpoints.continue_from(state_path, arrays)  # its next save: a delta of it
         return True
 
     @staticmethod

@@ -263,8 +263,9 @@ class ItemLearner:
         self.log_input_steps = False
         self._input_steps: list[tuple[np.ndarray, np.ndarray]] = []
         self.last_drift = 0.0
-        # rows and slots written since the last save: a save writes only them (a delta)
-        self._checkpoints = ChainWriter()
+        #: how :meth:`save` writes: the rows written since the last save (a delta), noted in
+        #: ``_changed``, or all of them (:mod:`state.delta_checkpoint`)
+        self.checkpoints = ChainWriter()
         self._changed = _no_marks()
 
     # -- reads (never create state) -------------------------------------------------------
@@ -796,14 +797,9 @@ class ItemLearner:
         clash = set(whole) & set(also or {})
         if clash:
             raise ValueError(f"arrays {sorted(clash)} would overwrite the model's")
-        kind = self._checkpoints.save(path, tables, {**whole, **(also or {})})
+        kind = self.checkpoints.save(path, tables, {**whole, **(also or {})})
         self._changed = _no_marks()
         return kind
-
-    @property
-    def last_save_bytes(self) -> int:
-        """The bytes the last :meth:`save` wrote (0 before one)."""
-        return self._checkpoints.last_save_bytes
 
     def _checkpoint_arrays(self) -> tuple[dict[str, Table], dict[str, np.ndarray]]:
         """The state as tables of a row per item (split by what changes together: the
@@ -854,7 +850,7 @@ class ItemLearner:
         if restore is not None:
             restore(data)
         self._changed = _no_marks()
-        self._checkpoints.continue_from(path, data)  # its next save is a delta of this one
+        self.checkpoints.continue_from(path, data)  # its next save is a delta of this one
         self._load_rows(data)
         self._accum = self._loaded_accumulators(data)
         self._offset_squares = (data["offset_squares"] if "offset_squares" in data  # older

@@ -175,11 +175,13 @@ class Engine:
                                             refresh_s=settings.popularity_refresh_s)
         self.learner = (ItemReplica if replica else ItemLearner)(settings.learner_config())
         self.learner.log_input_steps = settings.share_items and not replica
+        self.learner.checkpoints.compact_share = settings.checkpoint_delta_share
         self.index = ServingIndex(self.learner, settings.index_config())
         self.paths: PathRetrieval | None = None
         if settings.dr_enabled:
             self.paths = PathRetrieval(settings.dr_config(), settings.m_step_policy(),
                                        settings.dr_max_candidates, track_scores=not replica)
+            self.paths.model.checkpoints.compact_share = settings.checkpoint_delta_share
         self.dr_loss = stats.EWMean(fading_factor=0.05)
         self.last_dr_loss = float("nan")
         self.loss = stats.EWMean(fading_factor=0.05)
@@ -980,8 +982,8 @@ class Engine:
     def _bytes_written(self) -> int:
         """The bytes the last checkpoint wrote: the item model's part and head, and Deep
         Retrieval's."""
-        dr = self.paths.model.last_save_bytes if self.paths is not None else 0
-        return self.learner.last_save_bytes + dr
+        dr = self.paths.model.checkpoints.last_save_bytes if self.paths is not None else 0
+        return self.learner.checkpoints.last_save_bytes + dr
 
     def _restore_positions(self, data: dict[str, np.ndarray]) -> None:
         if positions_void(self.checkpoint_dir / "model.npz"):

@@ -131,6 +131,11 @@ class Settings(BaseSettings):
         0.5, ge=0, description="How stale the cached popularity order may get."
     )
     checkpoint_interval_s: float = Field(30.0, gt=0)
+    checkpoint_delta_share: float = Field(
+        0.5, ge=0, description="A model checkpoint writes the rows changed since the last one "
+        "(a delta) until the deltas since the last whole write weigh this share of it, then "
+        "the whole model (a base): the files on the disk stay under 1 + this share times the "
+        "model between checkpoints, and a load reads no more. 0: every checkpoint whole.")
     shutdown_timeout_s: float = Field(
         20.0, gt=0, description="Longest graceful stop of a worker before it exits anyway.")
 

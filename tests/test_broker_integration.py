@@ -566,8 +566,13 @@ def test_a_worker_that_dies_before_its_training_messages_loses_no_event(settings
 
 
 def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings, start_worker):
+    """... from a checkpoint of a base and the deltas after it (a checkpoint every second,
+    and deltas however large)."""
+    from state.delta_checkpoint import CHAIN_KEY, load_checkpoint
+
     from .test_engine_model import planted_stream
 
+    settings = settings.replace(checkpoint_delta_share=1e6)
     worker = start_worker(settings)
     stream = planted_stream()
     # As a live stream comes: in ten slices, each learned before the next. Produced at once,
@@ -602,6 +607,9 @@ def test_the_stream_learns_and_a_restart_continues_from_the_checkpoint(settings,
     assert ids(warm) != ids(cold)  # the history changed the answer
     assert moved_to_cluster(warm, "c5-"), listing(warm)  # ... towards the newcomer's cluster
     assert worker.stop() == 0  # checkpoints on the way out
+    for head in ("model.npz", "dr/dr_state.npz"):
+        chain = load_checkpoint(settings.data_dir / "checkpoints" / head)[CHAIN_KEY]
+        assert len(json.loads(str(chain))["parts"]) > 2, head  # a base and deltas
 
     again = start_worker(settings)
     with RecClient(settings) as client:

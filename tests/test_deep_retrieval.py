@@ -842,13 +842,13 @@ def test_a_checkpoint_of_deltas_reads_back_the_whole_state(tmp_path):
     data, rng = Planted(4), np.random.default_rng(4)
     dr, kinds = DeepRetrieval(PLANTED), []
     for turn in range(16):
-        dr._checkpoints.max_deltas, dr._checkpoints.compact_share = 4, 3.0
+        dr.checkpoints.max_deltas, dr.checkpoints.compact_share = 4, 3.0
         items = rng.integers(0, min(20 + 8 * turn, len(data.ids)), 12)
         dr.learn(data.users(data.cluster[items]), [data.ids[i] for i in items])
         if turn % 5 == 4:
             dr.run_m_step()
         dr.save(tmp_path)
-        kinds.append(dr._checkpoints.last_kind)
+        kinds.append(dr.checkpoints.last_kind)
         restored = DeepRetrieval(PLANTED)
         assert restored.load(tmp_path)
         assert restored._ids == dr._ids

@@ -120,6 +120,25 @@ def test_checkpoint_round_trip(engine, tmp_path):
     assert again.popularity.top(2) == engine.popularity.top(2)
 
 
+@pytest.mark.parametrize("share, kinds", [(0.5, ["base", "delta"]), (0.0, ["base", "base"])])
+def test_the_checkpoints_delta_share_is_the_settings(tmp_path, share, kinds):
+    """STREAMREC_CHECKPOINT_DELTA_SHARE reaches the item model's and Deep Retrieval's
+    checkpoints: 0 writes every checkpoint whole."""
+    import numpy as np
+
+    engine = Engine(Settings(data_dir=tmp_path, checkpoint_delta_share=share))
+    learned = []
+    for count in (400, 3):  # all of the items, then a few of them
+        ids = [f"i{k}" for k in range(count)]
+        engine.learner.learn(np.ones((count, engine.settings.model_dim)), ids, np.ones(count),
+                             n_users=3)
+        engine.paths.model.learn(np.ones((count, engine.settings.model_dim)), ids)
+        engine.save()
+        learned.append((engine.last_checkpoint.kind, engine.paths.model.checkpoints.last_kind))
+    assert learned == list(zip(kinds, kinds))
+    assert engine.last_checkpoint.bytes > 0
+
+
 def test_training_examples_carry_event_times_only_for_an_encoder_that_reads_them(tmp_path):
     """The default encoder decays by events, so examples leave their history's times out
     (half the message); the decay in seconds needs them. An example without times, met by an

@@ -727,9 +727,9 @@ def test_a_checkpoint_of_deltas_reads_back_the_whole_state_after_any_writes(tmp_
     learner, path = ItemLearner(config), tmp_path / "model.npz"
     rng, kinds = np.random.default_rng(7), []
     for turn in range(40):
-        learner._checkpoints = ChainWriter(compact_share=1.5, max_deltas=6)
+        learner.checkpoints = ChainWriter(compact_share=1.5, max_deltas=6)
         if turn:  # a learner that loaded the chain goes on with it
-            learner._checkpoints.continue_from(path, load_checkpoint(path))
+            learner.checkpoints.continue_from(path, load_checkpoint(path))
         ids = [item_id(i) for i in rng.integers(0, 60 + 3 * turn, 12)]
         learner.learn(rng.normal(size=(12, 6)), ids, rng.uniform(0.5, 2, 12), n_users=30,
                       lanes=rng.integers(0, 2, 12))
@@ -784,12 +784,12 @@ def test_a_chain_loaded_with_another_number_of_lanes_saves_what_the_load_changed
     """A load that reads the lanes anew (another ``positive_lanes``) rewrites every slot's
     update time and lane: the next save must write them, though nothing was learned."""
     one_lane, config, *_ = solve_stream(0, 10.0)
-    one_lane._checkpoints.compact_share = 100.0  # deltas however large: this one is
+    one_lane.checkpoints.compact_share = 100.0  # deltas however large: this one is
     one_lane.save(tmp_path / "model.npz")
     one_lane.learn(np.ones((2, 3)), ["a", "b"], np.ones(2), n_users=20)
     assert one_lane.save(tmp_path / "model.npz") == "delta"
     four = ItemLearner(replace(config, positive_lanes=4))
-    four._checkpoints.compact_share = 100.0
+    four.checkpoints.compact_share = 100.0
     assert four.load(tmp_path / "model.npz")
     assert four.save(tmp_path / "model.npz") == "delta"
     again = ItemLearner(replace(config, positive_lanes=4))
@@ -806,7 +806,7 @@ def test_a_step_that_fails_midway_is_still_in_the_next_delta(tmp_path, monkeypat
 
     config = LearnerConfig(dim=4, sweep_per_step=0)
     learner, path = ItemLearner(config), tmp_path / "model.npz"
-    learner._checkpoints.compact_share = 100.0
+    learner.checkpoints.compact_share = 100.0
     learner.learn(np.ones((50, 4)), [f"i{k}" for k in range(50)], np.ones(50), n_users=3)
     learner.assign(["cold"], np.zeros((1, 5)))
     learner.save(path)
