@@ -182,7 +182,11 @@ class LearnerConfig:
       :meth:`learn_inputs`. It costs dim floats per item for δ (the worker's replica too) and
       as many for its accumulators, and one more sparse product per batch of user vectors;
       with 0 those pages are never written.
-      ``input_adagrad_init`` is its accumulators' start.
+      ``input_adagrad_init`` is its accumulators' start. The accumulators forget as the
+      positives do (half of them per ``positives_half_life`` learned events, none without
+      one): summed for good, an item's step shrank as one over the root of every step it
+      ever took, so on a stream of weeks the offsets of the items met most stopped moving
+      while their vectors went on with their recent positives.
     """
 
     dim: int = 64
@@ -243,6 +247,7 @@ class ItemLearner:
         # both zero until learned, so a tied model (input_lr 0) never writes their pages
         self._offset = np.zeros((1024, config.dim))
         self._offset_squares = np.zeros((1024, config.dim))
+        self._offset_at = np.zeros(1024)  # the learned events when each row's sum was made
         self._offsets_learned = False
         self._pos_gram, self._pos_target, self._pos_at = _no_statistics(width)
         self._pos_lane = np.zeros(0, dtype=np.int64)  # slot → the lane whose clock it reads
@@ -440,8 +445,9 @@ class ItemLearner:
         if len(rows) == 0 or self.config.input_lr == 0:
             return
         grads = np.asarray(grads, dtype=np.float64)
-        squares = self._offset_squares[rows] + grads ** 2
+        squares = self._offset_squares[rows] * self._inputs_discount(rows)[:, None] + grads ** 2
         self._offset_squares[rows] = squares
+        self._offset_at[rows] = self.events
         steps = -self.config.input_lr * grads / np.sqrt(self.config.input_adagrad_init + squares)
         self._offset[rows] += steps
         self._note(rows, "offsets")
@@ -449,6 +455,14 @@ class ItemLearner:
             self._input_steps.append((rows, steps))
         self._offsets_learned = True
         self.changed_input_rows = np.union1d(self.changed_input_rows, rows)
+
+    def _inputs_discount(self, rows: np.ndarray) -> np.ndarray:
+        """0.5 per ``positives_half_life`` learned events since each row's offset
+        accumulators were last summed (1 without a half-life)."""
+        half_life = self.config.positives_half_life
+        if half_life is None:
+            return np.ones(len(rows))
+        return 0.5 ** ((self.events - self._offset_at[rows]) / half_life)
 
     def forget_positives(self, rows: np.ndarray) -> None:
         """Leave ``rows`` with no positives learned here: another learner owns their items now
@@ -785,6 +799,7 @@ class ItemLearner:
         self._slot = _grow(self._slot, grown, -1)
         self._offset = _grow(self._offset, grown, 0.0)
         self._offset_squares = _grow(self._offset_squares, grown, 0.0)
+        self._offset_at = _grow(self._offset_at, grown, 0.0)
 
     # -- persistence (npz, no pickle) -----------------------------------------------------
     def save(self, path: Path, also: dict[str, np.ndarray] | None = None) -> str:
@@ -811,7 +826,8 @@ class ItemLearner:
         n, slots = len(self._ids), self._slots_used
         arrays = {
             "vectors": {"psi": self._psi},
-            "offsets": {"offset": self._offset, "offset_squares": self._offset_squares},
+            "offsets": {"offset": self._offset, "offset_squares": self._offset_squares,
+                        "offset_at": self._offset_at},
             "items": {"accum": self._accum, "count": self._count, "count_at": self._count_at,
                       "prior": self._prior, "slot": self._slot},
             "slots": {"pos_gram_upper": self._pos_gram, "pos_target": self._pos_target,
@@ -855,6 +871,8 @@ class ItemLearner:
         self._accum = self._loaded_accumulators(data)
         self._offset_squares = (data["offset_squares"] if "offset_squares" in data  # older
                                 else np.zeros((len(self._ids), self.config.dim)))
+        self._offset_at = (data["offset_at"] if "offset_at" in data  # older: summed as of now
+                           else np.full(len(self._ids), float(self.events)))
         self._count, self._count_at = data["count"], data["count_at"]
         self._load_statistics(data)
         self._reserve(max(len(self._ids), 1024))
@@ -969,7 +987,8 @@ class ItemLearner:
 #: the arrays of a checkpoint that only learning reads (a replica leaves them on the disk:
 #: about 10 of the 11.2 KB an item at d = 64)
 LEARNING_STATE = frozenset({"accum", "count", "count_at", "prior", "slot", "offset_squares",
-                            "pos_gram_upper", "pos_target", "pos_at", "pos_lane", "pos_gram"})
+                            "offset_at", "pos_gram_upper", "pos_target", "pos_at", "pos_lane",
+                            "pos_gram"})
 
 
 class ItemReplica(ItemLearner):

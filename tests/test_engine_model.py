@@ -431,8 +431,12 @@ def test_the_inputs_step_is_adagrad_on_the_autograd_gradient_of_the_examples_los
                              weights=rng.uniform(1, 4, length).tolist())
                 for b, length in enumerate([40, 3, 1, 12])]
     offsets_before = learner.offsets.copy()
-    accum_before = learner.config.input_adagrad_init + learner._offset_squares[:len(learner)]
+    squares_before = learner._offset_squares[:len(learner)].copy()
+    summed_at = learner._offset_at[:len(learner)].copy()
     engine.learn(examples)
+    # the accumulators forget half of themselves per positives' half-life of learned events
+    forgotten = 0.5 ** ((learner.events - summed_at) / learner.config.positives_half_life)
+    accum_before = learner.config.input_adagrad_init + squares_before * forgotten[:, None]
     inputs = torch.tensor(learner.item_matrix[:, :d] + offsets_before, requires_grad=True)
     G_I = torch.tensor(learner.item_gramian.matrix)
     loss, used = 0.0, set()

@@ -875,3 +875,40 @@ def test_only_the_adagrad_solver_keeps_accumulators_and_each_reads_the_others_ch
     assert back.load(tmp_path / "adagrad.npz")
     assert back._accum.nbytes == 0
     np.testing.assert_array_equal(back.item_matrix, adagrad.item_matrix)
+
+
+@pytest.mark.parametrize("half_life", [None, 50.0])
+def test_the_input_offsets_accumulators_forget_as_the_positives_do(tmp_path, half_life):
+    """Oracle: the input offsets' step is input_lr·g / √(init + Σ_k g_k² 0.5^(events since k
+    / positives_half_life)), the sum over every earlier step of the row (all of them, whole,
+    without a half-life), across a checkpoint; an older checkpoint's sums count as made at
+    its clock."""
+    config = LearnerConfig(dim=3, input_lr=0.5, positives_half_life=half_life)
+    learner, rng = ItemLearner(config), np.random.default_rng(8)
+    learner.learn(np.ones((4, 3)), ["a", "b", "c", "d"], np.ones(4), n_users=4)
+    steps = []  # (events, row, grad)
+    for turn in range(12):
+        rows = np.sort(rng.choice(4, 2, replace=False))
+        grads = rng.normal(size=(2, 3))
+        learner.events += int(rng.integers(0, 40))  # learning between the steps
+        if turn == 6:
+            learner.save(tmp_path / "model.npz")
+            learner = ItemLearner(config)
+            assert learner.load(tmp_path / "model.npz")
+        before = learner._offset[rows].copy()  # offsets reads None before the first step
+        learner.learn_inputs(rows, grads)
+        def decayed(at: int) -> float:
+            return 1.0 if half_life is None else 0.5 ** ((learner.events - at) / half_life)
+        for k, row in enumerate(rows.tolist()):
+            summed = sum(g ** 2 * decayed(at) for at, r, g in steps if r == row)
+            accumulated = config.input_adagrad_init + summed + grads[k] ** 2
+            expected = -0.5 * grads[k] / np.sqrt(accumulated)
+            np.testing.assert_allclose(learner._offset[row] - before[k], expected, rtol=1e-10)
+        steps += [(learner.events, row, grads[k]) for k, row in enumerate(rows.tolist())]
+    older = as_whole(tmp_path / "model.npz")
+    del older["offset_at"]  # as written before the accumulators forgot
+    np.savez(tmp_path / "older.npz", **older)
+    restored = ItemLearner(config)
+    assert restored.load(tmp_path / "older.npz")
+    np.testing.assert_array_equal(restored._offset_at[: len(restored)],
+                                  np.full(len(restored), float(restored.events)))
