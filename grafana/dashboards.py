@@ -165,7 +165,8 @@ def overview() -> dict:
                             "{{kind}}s in the last hour", "C")], "none",
                     "What the last model checkpoint wrote and how long it took; checkpoints "
                     "in the last hour by kind: a delta writes the rows changed since the last, "
-                    "a base the whole model, once the deltas since weigh half of it."),
+                    "a base the whole model, once the deltas since weigh "
+                    "STREAMREC_CHECKPOINT_DELTA_SHARE of it (half by default)."),
          stat("All-pairs weight α0", [target("streamrec_alpha0", "{{instance}}")],
               "Weight of each (user, item) pair in the all-pairs term now; with "
               "STREAMREC_ALPHA0_RELATIVE it follows the density of the positives.",

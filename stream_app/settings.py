@@ -218,7 +218,8 @@ class Settings(BaseSettings):
         "current row; 0: an exact solve.")
     positives_half_life: float | None = Field(
         30_000.0, gt=0, description="Half-life, in learned events, of an item's "
-        "accumulated positives (solve); unset: they count forever.")
+        "accumulated positives (solve) and of the input offsets' Adagrad accumulators; "
+        "unset: they count forever.")
     positives_by_partition: bool = Field(
         True, description="Count the positives' discount on one clock per item partition, so "
         "that a learner that reads its partitions out of step weighs them as in step "
