@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from state.delta_checkpoint import ChainWriter, Table, load_checkpoint
-from state.gramian import DamagedCheckpoint, atomic_write, ids_from_arrays, ids_to_arrays
+from state.delta_checkpoint import ChainWriter, Table, load_checkpoint, mark_rows
+from state.gramian import DamagedCheckpoint, ids_from_arrays, ids_to_arrays, save_npz
 from state.path_scores import EMPTY, PathIndex, PathScoreTracker
 
 NearFn = Callable[[str], "str | None"]
@@ -835,18 +835,14 @@ class DeepRetrieval:
                                    {"items": Table(items, n, changed)}, whole)
             self._rows_changed[:] = False
         else:
-            arrays = {**{name: array[:n] for name, array in items.items()}, **whole}
-            atomic_write(directory / self.STATE_FILE, lambda f: np.savez(f, **arrays))
+            save_npz(directory / self.STATE_FILE,
+                     {**{name: array[:n] for name, array in items.items()}, **whole})
         for old in directory.glob("dr_model.*.pt*"):  # older checkpoints' weights
             old.unlink(missing_ok=True)
 
     def _note_rows(self, rows: np.ndarray) -> None:
         """Items whose counts, paths or scores are written: the next save writes them."""
-        if len(self._rows_changed) < len(self._assign):
-            grown = np.zeros(len(self._assign), dtype=bool)
-            grown[: len(self._rows_changed)] = self._rows_changed
-            self._rows_changed = grown
-        self._rows_changed[rows] = True
+        self._rows_changed = mark_rows(self._rows_changed, rows, len(self._assign))
 
     def load(self, directory: Path) -> bool:
         """Restore a checkpoint written by :meth:`save`; False when there is none.

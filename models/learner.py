@@ -42,7 +42,7 @@ import scipy.sparse as sp
 
 from models.embedding import (augment_users, item_gradient, item_solve, item_solve_cg,
                               pack_symmetric, packed_outer, packed_size, unpack_symmetric)
-from state.delta_checkpoint import ChainWriter, Table, load_checkpoint
+from state.delta_checkpoint import ChainWriter, Table, load_checkpoint, mark_rows
 from state.gramian import (DecayedGramian, ExactGramian, ids_from_arrays, ids_to_arrays,
                           read_only_view)
 
@@ -851,7 +851,7 @@ class ItemLearner:
         Every write of the state notes its rows, or a checkpoint loses it."""
         for table in tables:
             capacity = len(self._pos_gram) if table == "slots" else len(self._psi)
-            self._changed[table] = _noted(self._changed[table], rows, capacity)
+            self._changed[table] = mark_rows(self._changed[table], rows, capacity)
 
     def load(self, path: Path, restore: Callable[[dict], None] | None = None) -> bool:
         """Replace all state with the one saved at ``path``; False if there is no file.
@@ -1067,15 +1067,6 @@ def _no_statistics(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _no_marks() -> dict[str, np.ndarray]:
     """No row of any table written since the last save (flags grow as rows are noted)."""
     return {table: np.zeros(0, dtype=bool) for table in ("vectors", "offsets", "items", "slots")}
-
-
-def _noted(marks: np.ndarray, rows: np.ndarray, capacity: int) -> np.ndarray:
-    """``marks`` (a flag per row, grown to ``capacity`` where the table grew) with ``rows``
-    set."""
-    if len(marks) < capacity:
-        marks = _grow(marks, capacity, False)
-    marks[rows] = True
-    return marks
 
 
 def _grow(array: np.ndarray, size: int, fill: float) -> np.ndarray:

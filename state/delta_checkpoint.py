@@ -50,6 +50,18 @@ MAX_DELTAS = 32
 ARRAY_OVERHEAD = 512
 
 
+def mark_rows(marks: np.ndarray, rows: np.ndarray, capacity: int) -> np.ndarray:
+    """``marks`` (a flag per row of a table: written since the last save), grown to
+    ``capacity`` where the table grew, with ``rows`` set; the caller keeps what it returns
+    and hands ``np.flatnonzero`` of it to its :class:`Table`."""
+    if len(marks) < capacity:
+        grown = np.zeros(capacity, dtype=bool)
+        grown[: len(marks)] = marks
+        marks = grown
+    marks[rows] = True
+    return marks
+
+
 @dataclass(frozen=True)
 class Table:
     """A table to save: its arrays, each of at least ``rows`` rows (rows ``[0, rows)`` are
