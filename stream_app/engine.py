@@ -960,6 +960,11 @@ class Engine:
     def popularity_path(self) -> Path:
         return self.checkpoint_dir / "popularity.npz"
 
+    @property
+    def model_path(self) -> Path:
+        """The item model's checkpoint: the head file that names its parts."""
+        return self.checkpoint_dir / "model.npz"
+
     def save(self, *, model: bool = True, popularity: bool = True) -> None:
         """Checkpoint ``popularity`` and (``model``) the item model and Deep Retrieval; an
         engine that follows a learner process leaves the model to it (its replica has no
@@ -971,7 +976,7 @@ class Engine:
             started = time.perf_counter()
             if self.paths is not None:  # before the positions: a crash between the two can
                 self.paths.save(self.checkpoint_dir / "dr")  # make it learn again, not miss
-            kind = self.learner.save(self.checkpoint_dir / "model.npz",
+            kind = self.learner.save(self.model_path,
                                      also={**self.positions.to_arrays(),
                                            **self.event_positions.to_arrays()})
             save_npz(self.checkpoint_dir / "serving.npz", self.serving_choice.state())
@@ -986,7 +991,7 @@ class Engine:
         return self.learner.checkpoints.last_save_bytes + dr
 
     def _restore_positions(self, data: dict[str, np.ndarray]) -> None:
-        if positions_void(self.checkpoint_dir / "model.npz"):
+        if positions_void(self.model_path):
             log.info("the topics started anew since the checkpoint: its positions are void")
             return
         self.positions.set_arrays(data)
@@ -996,7 +1001,7 @@ class Engine:
         """When the item model's checkpoint in the data dir was written (epoch seconds; 0.0
         without one)."""
         try:
-            return (self.checkpoint_dir / "model.npz").stat().st_mtime
+            return self.model_path.stat().st_mtime
         except FileNotFoundError:
             return 0.0
 
@@ -1055,7 +1060,7 @@ class Engine:
         """The last checkpoint and the newest valid index version, where they exist (a
         replica takes the item rows only)."""
         found = self.popularity.load(self.popularity_path)
-        found = self.learner.load(self.checkpoint_dir / "model.npz",
+        found = self.learner.load(self.model_path,
                                   restore=self._restore_positions) or found
         self._load_serving(self.checkpoint_dir / "serving.npz")
         if self.paths is not None:
