@@ -44,8 +44,8 @@ from .metrics import Metrics
 from .request_reader import RequestReader
 from .responder import Responder
 from .settings import Settings
-from .wire import (DeadLetter, Event, InvalidMessage, TrainBatch, TrainExample, chunks_by_size,
-                   decode_event, headers_kept)
+from .wire import (DeadLetter, Event, ForgetUser, InvalidMessage, TrainBatch, TrainExample,
+                   chunks_by_size, decode_event, headers_kept)
 
 log = logging.getLogger(__name__)
 HISTORY_TABLE = "user-histories"
@@ -57,7 +57,7 @@ CHANGELOG_BATCH_BYTES = 256 * 1024
 #: (the stop's other waits share STREAMREC_SHUTDOWN_TIMEOUT_S with it)
 STOP_DELIVERY_WAIT_S = 2.0
 #: a valid event with the message it came in
-Taken = tuple[Message, Event]
+Taken = tuple[Message, Event | ForgetUser]
 
 
 def training_messages(examples: list[TrainExample], partitions: int, compression_level: int,
@@ -99,7 +99,7 @@ def with_moved_id(message, max_bytes: int) -> bytes:
     return value if len(value) <= max_bytes else message.value
 
 
-def histories_to_write(events: list[Event], repeated: list[bool],
+def histories_to_write(events: list[Event | ForgetUser], repeated: list[bool],
                        updated: dict[str, History],
                        stored: dict[str, History]) -> dict[str, History]:
     """The histories a batch writes: those its events changed, and the stored history of a
@@ -107,7 +107,7 @@ def histories_to_write(events: list[Event], repeated: list[bool],
     again, that history's changelog record is sent again: its first one may not have reached
     the broker before the events were read again (a crash, or a rebalance that gave up its
     resend, ``stream_app/confirmed_acks.py``), and no later event of the user may come to
-    write it."""
+    write it. An empty history (a user erased) is to be deleted, not written."""
     again = {event.user_id for event, seen in zip(events, repeated) if seen}
     return {**{user: stored[user] for user in again - updated.keys() if user in stored},
             **updated}
@@ -217,11 +217,11 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         home = key_partition(user_key, partitions)
         return None if message.key == user_key and message.partition == home else home
 
-    async def decode_guarded(message, records: list[Sent]) -> Event | None:
-        """The valid event of a message; None when the message went to the DLQ (with a
-        reason) or was re-sent to its user's partition, under its user's key, with its headers
-        and with an ``event_id`` that names where it came from when it had none
-        (:func:`moved_event_id`); either send is added to ``records``."""
+    async def decode_guarded(message, records: list[Sent]) -> Event | ForgetUser | None:
+        """The valid event (or erasure) of a message; None when the message went to the DLQ
+        (with a reason) or was re-sent to its user's partition, under its user's key, with its
+        headers and, for an event, with an ``event_id`` that names where it came from when it
+        had none (:func:`moved_event_id`); either send is added to ``records``."""
         try:
             event = decode_event(message.value, kinds=event_kinds,
                                  max_bytes=settings.max_event_bytes,
@@ -230,8 +230,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             home = users_partition(message, user_key)
             if home is None:
                 return event
-            value = (message.value if event.event_id is not None
-                     else with_moved_id(message, settings.max_event_bytes))
+            value = (message.value if isinstance(event, ForgetUser) or event.event_id
+                     is not None else with_moved_id(message, settings.max_event_bytes))
             records.append(await sent("reroute", lambda: events.send(
                 key=user_key, partition=home, value=value,
                 headers=headers_kept(message.headers)[0])))
@@ -266,7 +266,9 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             events, stored, [(message.partition, message.offset) for message, _ in taken])
         written = histories_to_write(events, repeated, updated, stored)
         history_table.set_many((user, history.to_json(), last[user])
-                               for user, history in written.items())
+                               for user, history in written.items() if history)
+        history_table.delete_many((user, last[user])
+                                  for user, history in written.items() if not history)
         outcomes = Counter((event.kind, "duplicate" if seen else "accepted")
                            for event, seen in zip(events, repeated))
         for (kind, outcome), count in outcomes.items():

@@ -85,7 +85,7 @@ class BatchedTable:
 
     def __init__(self, table: faust.Table) -> None:
         self.table = table
-        self._pending: dict[int, list[tuple[bytes, bytes]]] = {}
+        self._pending: dict[int, list[tuple[bytes, bytes | None]]] = {}  # None: a tombstone
         # per partition: a flush's sends, or a resend's read and sends
         self._sending: collections.defaultdict[int, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock)
@@ -212,6 +212,30 @@ class BatchedTable:
         for partition, batch in batches.items():
             store._db_for_partition(partition).write(batch)
 
+    def delete_many(self, deletes: Iterable[tuple[str, faust.EventT]]) -> None:
+        """Delete every ``(key, event)``'s key from the store of its event's partition, in one
+        rocksdb write batch per partition, and queue its tombstone: a changelog record
+        without a value, which Faust's recovery applies as a delete (and a compacted topic
+        drops in time). Faust's own delete, one by one, where the store is not Faust's
+        rocksdict store."""
+        store = self.table.data
+        if not (getattr(store, "use_rocksdict", False) and hasattr(store, "_key_index")
+                and hasattr(store, "_db_for_partition")):
+            for key, event in deletes:
+                with acting_for(event):
+                    self.table.pop(key, None)
+            return
+        batches: dict[int, rocksdict.WriteBatch] = {}
+        for key, event in deletes:
+            key_bytes, partition = self._key_bytes(key), event.message.partition
+            if partition not in batches:
+                batches[partition] = rocksdict.WriteBatch(raw_mode=True)
+            batches[partition].delete(key_bytes)
+            store._key_index.pop(key_bytes, None)
+            self._pending.setdefault(partition, []).append((key_bytes, None))
+        for partition, batch in batches.items():
+            store._db_for_partition(partition).write(batch)
+
     def _client(self):
         """The aiokafka producer Faust flushes on commit; None if this Faust has none to
         give (the records then take Faust's own path, one send each)."""
@@ -265,7 +289,8 @@ class BatchedTable:
     def _generation(self) -> int | None:
         return getattr(self.table.app, "consumer_generation_id", None)
 
-    async def _send_records(self, client, partition: int, records: list[tuple[bytes, bytes]],
+    async def _send_records(self, client, partition: int,
+                            records: list[tuple[bytes, bytes | None]],
                             resend: Callable[[list[bytes]], Awaitable]) -> list[Sent]:
         topic = self.table.changelog_topic.get_topic_name()
         sent, keys = [], []
@@ -294,9 +319,9 @@ class BatchedTable:
     async def resend(self, partition: int, generation: int | None,
                      keys: list[bytes]) -> asyncio.Future | None:
         """The changelog records of ``keys`` again, with their values as stored now in the
-        partition's store; one delivery for them all. Sent while no flush of the partition
-        is: a flush of a newer value then comes after it, and one of an older value before
-        it or with a value no newer than this one.
+        partition's store (a tombstone for a key deleted); one delivery for them all. Sent
+        while no flush of the partition is: a flush of a newer value then comes after it,
+        and one of an older value before it or with a value no newer than this one.
 
         None, nothing sent, once the consumer generation that held the partition has passed:
         the batch's acknowledgement no longer counts, and the partition's owner (maybe this
@@ -311,8 +336,8 @@ class BatchedTable:
             client = self._client()
             if database is None or client is None:
                 raise LookupError(f"the store of changelog partition {partition} is not open")
-            records = [(key, value) for key, value in zip(keys, database.get(keys))
-                       if value is not None]
+            # a key no longer stored was deleted since: its tombstone
+            records = list(zip(keys, database.get(keys)))
             sent = await self._send_records(client, partition, records,
                                             self._resend_of(partition))
         return asyncio.gather(*(each.delivery for each in sent))

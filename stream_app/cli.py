@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--timeout", type=positive_float, default=10.0,
                            help="seconds to wait for the answer (default 10)")
     recommend.add_argument("--json", action="store_true", help="print the raw JSON response")
+    forget = commands.add_parser(
+        "forget", help="erase users' histories (the item model keeps what it learned, as an "
+                       "aggregate over every user)")
+    forget.add_argument("users", nargs="+", metavar="USER", help="user ids")
     add_eval_parser(commands)
     return parser
 
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("stream_app").setLevel(max(logging.WARNING, logging.root.level))
     handler = {"up": cmd_up, "worker": cmd_worker, "demo": cmd_demo, "produce": cmd_produce,
                "bootstrap": cmd_bootstrap, "recommend": cmd_recommend,
-               "eval": cmd_eval}[args.command]
+               "forget": cmd_forget, "eval": cmd_eval}[args.command]
     from kafka.errors import KafkaError  # not a RuntimeError in kafka-python 3
 
     try:
@@ -204,6 +208,15 @@ def cmd_recommend(settings: Settings, args) -> int:
     else:
         print_response(response)
     return 1 if response.error else 0
+
+
+def cmd_forget(settings: Settings, args) -> int:
+    from .client import forget_users
+
+    sent = forget_users(settings, args.users)
+    print(f"sent {sent} erasures to {settings.topic_events}: each history is deleted when "
+          "the worker reaches it, after the user's events sent before it")
+    return 0
 
 
 def print_response(response, titles: dict[str, str] | None = None) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from .compat import FetchWaitGuard
 from .kafka import client_config, ensure_topics
 from .settings import Settings
-from .wire import RecRequest, RecResponse
+from .wire import ForgetUser, RecRequest, RecResponse
 
 
 class ResponseTimeout(TimeoutError):
@@ -81,6 +81,14 @@ def replay(settings: Settings, events: Iterable[dict], *, rate: float | None = N
         raise RuntimeError(f"the broker did not take {len(refused)} of the {sent} events "
                            f"sent (the first: {refused[0]!r})")
     return sent
+
+
+def forget_users(settings: Settings, user_ids: Iterable[str]) -> int:
+    """Erase each user's history: a :class:`~stream_app.wire.ForgetUser` on the events topic,
+    keyed by the user, so the worker takes it after the user's events sent before it. Raises
+    ``ValueError`` (pydantic's) for an id no event could carry, before anything is sent."""
+    erasures = [ForgetUser(user_id=user, forget=True).model_dump() for user in user_ids]
+    return replay(settings, erasures)
 
 
 class RecClient:

@@ -36,8 +36,9 @@ from state.popularity import DecayedPopularity
 from state.stream_positions import EventPositions, StreamPositions, positions_void
 
 from .settings import Settings
-from .wire import (SOURCES, DecodedTraining, Event, InvalidMessage, RecItem, RecRequest,
-                   RecResponse, TrainBatch, TrainExample, decode_offset_steps, is_offset_steps)
+from .wire import (SOURCES, DecodedTraining, Event, ForgetUser, InvalidMessage, RecItem,
+                   RecRequest, RecResponse, TrainBatch, TrainExample, decode_offset_steps,
+                   is_offset_steps)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ class CheckpointWritten(NamedTuple):
 class Ingested(NamedTuple):
     """What :meth:`Engine.ingest_many` made of a batch of events."""
 
-    updated: dict[str, History]  # the new history of every user whose history changed
+    # the new history of every user whose history changed; an empty one for a user erased by
+    # a ForgetUser with no event of theirs after it, whose history is to be deleted
+    updated: dict[str, History]
     # one training example per event; for an event its history holds already, the example
     # made again where the history took in its message before (a redelivery), else None
     examples: list[TrainExample | None]
@@ -307,10 +310,12 @@ class Engine:
                                   offsets=self.learner.offsets)
 
     # -- events ---------------------------------------------------------------------------
-    def ingest_many(self, events: Sequence[Event], histories: Mapping[str, History],
+    def ingest_many(self, events: Sequence[Event | ForgetUser],
+                    histories: Mapping[str, History],
                     sources: Sequence[tuple[int, int]] | None = None) -> Ingested:
         """:meth:`ingest` of a batch of valid events in stream order, against the users' stored
-        histories (a user missing from ``histories`` has none).
+        histories (a user missing from ``histories`` has none). A :class:`ForgetUser` erases
+        its user's history as of its place in the batch (no example; ``repeated`` False).
 
         ``sources``: each event's (partition, offset) in the events topic, carried by its
         training example and kept by the history as where it stands. With them, an event that
@@ -332,6 +337,11 @@ class Engine:
         examples: list[TrainExample | None] = []
         repeated: list[bool] = []
         for n, event in enumerate(events):
+            if isinstance(event, ForgetUser):
+                self._forget(event.user_id, current, histories)
+                examples.append(None)
+                repeated.append(False)
+                continue
             taken = current.get(event.user_id)
             if taken is None:
                 history = histories.get(event.user_id) or History()
@@ -346,16 +356,29 @@ class Engine:
             history, weights, example = step
             current[event.user_id] = (history, weights)
             examples.append(example)
-        counted = [example for example, again in zip(examples, repeated) if not again]
+        counted = [example for example, again in zip(examples, repeated)
+                   if example is not None and not again]
         self.popularity.add_many([example.item_id for example in counted],
                                  [example.ts for example in counted],
                                  [example.alpha for example in counted])
-        phis = self._encode_many([history.items for history, _ in current.values()],
-                                 [weights for _, weights in current.values()],
-                                 [history.ts for history, _ in current.values()])
-        updated = {user: history.with_phi(encode_phi(phi))
-                   for (user, (history, _)), phi in zip(current.items(), phis)}
+        kept = [(user, taken) for user, taken in current.items() if taken[0]]
+        phis = self._encode_many([history.items for _, (history, _) in kept],
+                                 [weights for _, (_, weights) in kept],
+                                 [history.ts for _, (history, _) in kept])
+        updated = {user: history for user, (history, _) in current.items() if not history}
+        updated.update((user, history.with_phi(encode_phi(phi)))
+                       for (user, (history, _)), phi in zip(kept, phis))
         return Ingested(updated, examples, repeated)
+
+    def _forget(self, user: str, current: dict[str, tuple[History, list[float]]],
+                histories: Mapping[str, History]) -> None:
+        """Erase ``user``'s history in ``current`` (the batch's histories so far): an empty
+        one, which the user's next event starts again and :meth:`ingest_many` reports as it
+        is if none comes. The user no longer counts among :attr:`users`."""
+        taken = current.get(user)
+        if (taken[0] if taken is not None else histories.get(user)):
+            self.users -= 1
+        current[user] = (History(), [])
 
     def _append(self, event: Event, history: History, weights: list[float],
                 source: tuple[int, int] | None = None

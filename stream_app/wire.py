@@ -89,6 +89,27 @@ class Event(_Wire):
         return seconds
 
 
+class ForgetUser(_Wire):
+    """Erase a user's history (key: ``user_id``): ``{"v": 1, "user_id": "u1", "forget": true}``.
+
+    Sent on the events topic, so that it is taken in the order of the user's events: those
+    before it are learned and then erased with the history, those after it start a new one.
+    The item model, Deep Retrieval and popularity keep what they learned from the user's
+    events, as aggregates over every user; nothing in them is kept per user."""
+
+    user_id: Id
+    forget: StrictBool  # true itself, not 1
+
+    @field_validator("forget")
+    @classmethod
+    def _true(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("forget must be true (an event has item_id, kind and ts instead)")
+        return value
+
+    kind: ClassVar[str] = "forget"  # its label among the events' kinds in the metrics
+
+
 class RecRequest(_Wire):
     """A request for recommendations (key: ``user_id`` so it meets the user's history)."""
 
@@ -440,10 +461,16 @@ def _decode(raw: bytes | None, model: type[_Wire], max_bytes: int,
 
 
 def decode_event(raw: bytes | None, *, kinds: frozenset[str], max_bytes: int,
-                 latest_ts: float | None = None) -> Event:
-    """Parse and validate one event; unknown kinds are rejected (their weight is undefined),
-    and so is a ``ts`` past ``latest_ts`` (a time in the future, or in milliseconds)."""
-    event = _decode(raw, Event, max_bytes)
+                 latest_ts: float | None = None) -> Event | ForgetUser:
+    """Parse and validate one event, or a :class:`ForgetUser`; unknown kinds are rejected
+    (their weight is undefined), and so is a ``ts`` past ``latest_ts`` (a time in the future,
+    or in milliseconds)."""
+    try:
+        event = _decode(raw, Event, max_bytes)
+    except InvalidMessage as error:
+        if error.reason != "schema":
+            raise
+        return _forget_user(raw, error)
     assert isinstance(event, Event)
     if event.kind not in kinds:
         raise InvalidMessage("unknown_kind", f"kind {event.kind!r} is not one of {sorted(kinds)}")
@@ -452,6 +479,27 @@ def decode_event(raw: bytes | None, *, kinds: frozenset[str], max_bytes: int,
                              f"the latest time accepted now ({latest_ts:.0f}); ts is in "
                              "seconds since the epoch (one in milliseconds is 1000 times it)")
     return event
+
+
+def _forget_user(raw: bytes, not_an_event: InvalidMessage) -> ForgetUser:
+    """The :class:`ForgetUser` of a message that is not an event (tried second: events are
+    nearly all the messages); for a message with neither schema, the error of the one it
+    names: a ``forget`` field asks for an erasure, and its error says what is wrong with it."""
+    try:
+        return ForgetUser.model_validate_json(raw)
+    except ValidationError as error:
+        if not _names_forget(raw):
+            raise not_an_event from None
+        raise InvalidMessage("schema", _describe(error.errors(include_url=False))) from None
+
+
+def _names_forget(raw: bytes) -> bool:
+    """Whether a JSON object (valid: pydantic has read it) has a ``forget`` field. The
+    standard library's parser, which reads numbers past float's range, as pydantic does."""
+    try:
+        return "forget" in json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
 
 
 def decode_request(raw: bytes | None, *, max_bytes: int, max_history: int) -> RecRequest:

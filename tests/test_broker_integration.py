@@ -18,7 +18,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_app.client import RecClient
+from stream_app.client import RecClient, forget_users
 from stream_app.kafka import client_config, ensure_topics, key_partition
 from stream_app.wire import DeadLetter, RecRequest, RecResponse
 
@@ -456,6 +456,43 @@ def test_fresh_worker_recovers_histories_from_the_changelog(settings, start_work
         for user in (7, 48, 49):  # u49's last event is the changelog's very last record
             seen = {f"i{i}" for i in range(user, 500, 50)}
             assert set(ids(client.recommend(f"u{user}", k=1000, **POPULAR))) == everything - seen
+
+
+def test_a_forgotten_users_history_is_deleted_and_a_fresh_worker_finds_it_deleted(
+        settings, start_worker):
+    """``streamrec forget``'s erasures, taken in the order of the users' events: u3's history
+    is deleted (an answer leaves none of its items out), u4's starts again with the event
+    sent after the erasure, an unknown user's changes nothing, and the user count falls by
+    one. A fresh worker, whose histories come from the changelog (the deletes as its
+    tombstones), answers the same."""
+    worker = start_worker(settings)
+    stream = [(f"u{i % 10}".encode(), event(f"u{i % 10}", f"i{i}", event_id=f"e{i}"))
+              for i in range(100)]
+    produce(settings, stream)
+    worker.wait_metric("streamrec_events_total", len(stream))  # stored: the erasures come later
+    assert forget_users(settings, ["u3", "u4", "nobody"]) == 3
+    produce(settings, [(b"u4", event("u4", "late", event_id="late"))])
+    worker.wait_metric("streamrec_events_total", len(stream) + 4)
+    everything = {f"i{i}" for i in range(100)} | {"late"}
+    expected_seen = {**{f"u{user}": {f"i{i}" for i in range(user, 100, 10)}
+                        for user in range(10)}, "u3": set(), "u4": {"late"}, "nobody": set()}
+
+    def check(on) -> None:
+        with RecClient(on) as client:
+            for user, seen in expected_seen.items():
+                answer = client.recommend(user, k=1000, **POPULAR)
+                assert set(ids(answer)) == everything - seen, user
+
+    time.sleep(1.0)  # the changelog's records delivered
+    assert worker.metrics()["streamrec_users"] == 9
+    check(settings)
+    worker.stop()
+
+    fresh = settings.replace(data_dir=settings.data_dir.parent / "fresh")
+    shutil.copytree(settings.data_dir / "checkpoints", fresh.data_dir / "checkpoints")
+    again = start_worker(fresh)  # no local table state: histories come from the changelog
+    assert again.metrics()["streamrec_users"] == 9
+    check(fresh)
 
 
 def test_records_the_broker_refused_are_sent_again_before_their_events_commit(

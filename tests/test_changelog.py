@@ -558,3 +558,57 @@ def test_the_keys_counted_raw_are_fausts_own_count_of_the_active_partitions(tmp_
         return count
 
     assert asyncio.run(rebalanced_meanwhile()) == faust_count  # what it had taken to count
+
+
+def test_a_delete_leaves_nothing_to_read_and_its_tombstone_is_sent_again_too(tmp_path):
+    """delete_many removes each key from its partition's store (Faust's reads, with and
+    without the event, and get_many find nothing) and queues a record without a value; a
+    refused batch of tombstones is sent again as tombstones, so that the changelog's last
+    record of every key is what the store holds (nothing for a key deleted)."""
+    producer = RefusingProducer(refuse={3})
+    batched = batched_on_rocksdb(tmp_path, producer)
+    users = {f"u{u}": event_on(u % 2) for u in range(4)}
+
+    async def run():
+        batched.set_many((user, {"items": [user]}, event) for user, event in users.items())
+        assert all(sent.delivery.result() for sent in await batched.flush())
+        batched.delete_many([("u0", users["u0"]), ("u1", users["u1"]), ("never", event_on(1))])
+        assert batched._pending == {0: [(b'"u0"', None)],
+                                    1: [(b'"u1"', None), (b'"never"', None)]}
+        refused, delivered = await batched.flush()  # partition 0's tombstone is refused
+        assert isinstance(refused.delivery.exception(), TimeoutError) and delivered.delivery
+        await (await refused.resend())
+
+    asyncio.run(run())
+    for user, event in users.items():
+        with acting_for(event):
+            assert (batched.table.get(user) is None) == (user in ("u0", "u1"))
+        assert (batched.table.get(user) is None) == (user in ("u0", "u1"))
+    assert batched.get_many(users) == {"u0": None, "u1": None, "u2": {"items": ["u2"]},
+                                       "u3": {"items": ["u3"]}}
+    for partition in (0, 1):
+        last = {}
+        for _, sent_to, records in producer.sent:
+            if sent_to == partition:
+                last.update(records)
+        stored = dict(batched.table.data._db_for_partition(partition).items())
+        stored.pop(b"__faust\x00offset__", None)
+        assert {key: value for key, value in last.items() if value is not None} == stored
+        assert {key for key, value in last.items() if value is None} == (
+            {b'"u0"'} if partition == 0 else {b'"u1"', b'"never"'})
+    assert [partition for _, partition, _ in producer.sent] == [0, 1, 1, 0]
+
+
+def test_delete_many_without_a_rocksdict_store_is_fausts_own_delete():
+    table, producer = make_table(batch_bytes=1 << 20)
+    removed = []
+
+    class Table(SimpleNamespace):
+        def pop(self, key, default):
+            removed.append((key, current_event().message.partition))
+
+    table = Table(**vars(table))
+    table.data = PlainStore()
+    writer = BatchedTable(table)
+    writer.delete_many([("a", event_on(2)), ("b", event_on(0))])
+    assert removed == [("a", 2), ("b", 0)] and writer.pending == 0

@@ -10,7 +10,7 @@ import pytest
 from state.history import History
 from stream_app.engine import Engine
 from stream_app.settings import Settings
-from stream_app.wire import Event, InvalidMessage, RecRequest
+from stream_app.wire import Event, ForgetUser, InvalidMessage, RecRequest
 
 
 @pytest.fixture
@@ -241,3 +241,55 @@ def test_a_history_read_again_keeps_where_it_stands(tmp_path):
     moved = History().appended("x", "view", 1.0, None, 5, (1, 30)).appended(
         "y", "view", 2.0, None, 5, (0, 3))  # the topic's partitions changed
     assert moved.at == (0, 3)
+
+
+def forget(user: str) -> ForgetUser:
+    return ForgetUser(user_id=user, forget=True)
+
+
+def stored_after(engine: Engine, batches: list[list], stored: dict[str, History]) -> list:
+    """Each batch through ``ingest_many`` as the ingest does (an empty history deleted);
+    the examples of every batch."""
+    examples = []
+    for batch in batches:
+        updated, made, _ = engine.ingest_many(batch, stored)
+        stored.update(updated)
+        for user in [user for user, history in updated.items() if not history]:
+            del stored[user]
+        examples.extend(made)
+    return examples
+
+
+def test_a_forget_erases_the_history_where_it_stands_among_the_users_events(tmp_path):
+    """Oracle: whatever the batches, a user's history after a stream of events and erasures
+    is the history of their events after their last erasure alone (the window of 4 included),
+    a user erased last is deleted, the user count is the users with a history, every event
+    gets its example and is counted in the popularity, and an erasure gets no example."""
+    def run(split: int) -> tuple:
+        engine = Engine(Settings(data_dir=tmp_path / str(split), history_length=4,
+                                 popularity_refresh_s=0))
+        stream = [ev("a", "x1", event_id="a1"), ev("b", "y1", event_id="b1"), forget("a"),
+                  ev("a", "x2", event_id="a2"), ev("c", "z1", event_id="c1"), forget("b"),
+                  forget("nobody"), ev("a", "x3", event_id="a3"), forget("c"),
+                  ev("c", "z2", event_id="c2"), ev("c", "z3", event_id="c3"), forget("c"),
+                  ev("d", "w1", event_id="d1"), ev("a", "x4", event_id="a4"),
+                  ev("a", "x5", event_id="a5"), ev("a", "x6", event_id="a6")]
+        stored = {"b": History().appended("y0", "view", 1.0, "b0", 4)}
+        engine.users = 1
+        batches = [stream[start:start + split] for start in range(0, len(stream), split)]
+        examples = stored_after(engine, batches, stored)
+        assert [example is None for example in examples] == [
+            isinstance(message, ForgetUser) for message in stream]
+        return engine, stored
+
+    for split in (1, 3, 5, 16):
+        engine, stored = run(split)
+        assert set(stored) == {"a", "d"}, split
+        assert stored["a"].items == ("x3", "x4", "x5", "x6") and stored["d"].items == ("w1",)
+        alone = Engine(Settings(data_dir=tmp_path / "alone", history_length=4))
+        fresh = {}
+        stored_after(alone, [[ev("a", f"x{n}", event_id=f"a{n}") for n in range(2, 7)]], fresh)
+        assert stored["a"] == fresh["a"], split  # its user vector too
+        assert engine.users == 2, split
+        assert engine.popularity.count("z3", 100.0) == pytest.approx(1.0)
+        assert len(engine.popularity) == 11, split

@@ -194,6 +194,13 @@ def test_produce_reports_a_missing_file(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_forget_refuses_an_id_no_event_could_carry_before_it_sends_anything(capsys,
+                                                                             monkeypatch):
+    monkeypatch.setenv("STREAMREC_BROKER", "127.0.0.1:1")  # nothing listens: nothing is sent
+    assert main(["forget", "u1", "bad\x00id"]) == 1
+    assert "user_id" in capsys.readouterr().err
+
+
 def test_help_reads_well(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])

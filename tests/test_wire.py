@@ -439,3 +439,26 @@ def test_an_error_names_its_first_problems_and_counts_the_rest():
     text = wire_module._describe(problems)
     assert text.count("history.") == wire_module.MAX_PROBLEMS_NAMED
     assert text.endswith(f"and {25 - wire_module.MAX_PROBLEMS_NAMED} more")
+
+
+def test_an_erasure_decodes_and_its_errors_name_its_own_fields():
+    """``{"user_id", "forget": true}`` is a ForgetUser; a message with a ``forget`` field gets
+    the erasure's error, one without it the event's; true is only true; a message with an
+    event's fields is an event."""
+    from stream_app.wire import ForgetUser
+
+    erasure = decode_event(encode(user_id="u1", forget=True), kinds=KINDS, max_bytes=4096)
+    assert erasure == ForgetUser(user_id="u1", forget=True) and erasure.kind == "forget"
+    assert decode_event(erasure.to_bytes(), kinds=KINDS, max_bytes=4096) == erasure
+    for wrong, named in [({"forget": 1}, "forget"), ({"forget": False}, "forget"),
+                         ({"forget": "true"}, "forget"), ({"user_id": ""}, "user_id")]:
+        with pytest.raises(InvalidMessage) as caught:
+            decode_event(encode(**{"user_id": "u1", "forget": True, **wrong}), kinds=KINDS,
+                         max_bytes=4096)
+        assert caught.value.reason == "schema" and caught.value.detail.startswith(named)
+    with pytest.raises(InvalidMessage) as caught:
+        decode_event(encode(user_id="u1"), kinds=KINDS, max_bytes=4096)
+    assert "item_id" in caught.value.detail and "forget" not in caught.value.detail
+    assert reason_of_event(encode(forget=True, user_id="u1", v=2)) == "bad_version"
+    both = decode_event(encode(**good_event(forget=True)), kinds=KINDS, max_bytes=4096)
+    assert both.item_id == "i1"
