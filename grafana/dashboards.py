@@ -89,8 +89,12 @@ def overview() -> dict:
     rows = [
         [timeseries("Events by kind and outcome",
                     [target(rate("streamrec_events_total", "kind, outcome"),
-                            "{{kind}} {{outcome}}")], "ops",
-                    "Timeline events per second, summed over workers."),
+                            "{{kind}} {{outcome}}", "A"),
+                     target(f"sum(rate(streamrec_expired_histories_total[{RATE_WINDOW}]))",
+                            "histories expired", "B")], "ops",
+                    "Timeline events per second, summed over workers (kind forget: users "
+                    "erased); histories deleted per second for having no event for "
+                    "STREAMREC_HISTORY_TTL_S."),
          timeseries("Dead letters by reason",
                     [target(rate("streamrec_dead_letters_total", "reason"), "{{reason}}", "A"),
                      target(rate("streamrec_record_resends_total", "record, outcome"),

@@ -10,7 +10,29 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import orjson
+
 _SEQUENCES = (list, tuple)
+
+
+def last_active(stored: bytes) -> float | None:
+    """The newest event time of a history as stored (its JSON), read without building the
+    history: a sweep for expired histories reads every one a worker holds. None for bytes
+    that do not read as a history with events (a damaged record is left to the reads that
+    report it)."""
+    try:
+        times = orjson.loads(stored)["ts"]
+        newest = max(times)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return float(newest) if isinstance(newest, int | float) and math.isfinite(newest) else None
+
+
+def inactive_before(stored: bytes, before: float) -> bool:
+    """Whether a stored history's newest event is older than ``before`` (never for one that
+    does not read as a history: :func:`last_active`)."""
+    newest = last_active(stored)
+    return newest is not None and newest < before
 
 
 class DamagedHistory(ValueError):

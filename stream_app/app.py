@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import faust
 from faust.types import Message
 
-from state.history import History
+from state.history import History, inactive_before
 
 from .batch_intake import BatchIntake
 from .changelog import BatchedTable
@@ -174,6 +174,11 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     histories = app.Table(HISTORY_TABLE, partitions=settings.partitions,
                           schema=faust.Schema(key_serializer="raw", value_serializer="json"))
     history_table = BatchedTable(histories)
+    # held by an event batch from its first write to its flush, and by the expiry sweep's
+    # flush: the sweep's tombstones wait in the same queue as the batches' writes (a key's
+    # records must reach the changelog in the order they were made), and its flush must not
+    # take a batch's records, which that batch's acknowledgement waits for
+    batch_writing = asyncio.Lock()
     history_reader = BatchedTable(histories)  # the responder's reads: one per task
     intake_lag = IntakeLag(lambda partition: app.consumer.highwater(partition))
     missing = BatchIntake.missing(app) if settings.batch_intake else []
@@ -331,10 +336,11 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         Adds what it hands to the producer (the histories' changelog records, the training
         messages, dead letters) to ``records``, also when it raises: the batch may be
         acknowledged once the broker has all of it (:class:`AcksAfterDelivery`)."""
-        try:
-            examples = await take_batch(taken, records)
-        finally:  # what was stored goes to the changelog before anything is acknowledged
-            records.extend(await history_table.flush())
+        async with batch_writing:  # a batch taken one event at a time awaits between them
+            try:
+                examples = await take_batch(taken, records)
+            finally:  # what was stored goes to the changelog before anything is acknowledged
+                records.extend(await history_table.flush())
         try:
             await send_training(examples, records)
         except Exception:  # noqa: BLE001 - a message that would not encode; histories stored
@@ -611,6 +617,31 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         engine.users = await history_table.count_keys()
         log.info("user histories recovered: %d users", engine.users)
 
+    if settings.history_ttl_s is not None:
+        @app.timer(settings.history_sweep_s)
+        async def expire_histories() -> None:
+            await sweep_expired_histories()
+
+    async def sweep_expired_histories() -> int:
+        """Delete the histories whose newest event is ``history_ttl_s`` older than the newest
+        event taken in since this start (at most the clock: one event from a day ahead must
+        not expire a day of users), and wait until the broker has their tombstones. Not
+        before an event is taken in, nor while a rebalance or a recovery runs (a history it
+        recovers after the delete would be back here, though deleted in the changelog)."""
+        if not engine.newest_event_ts or app.rebalancing or getattr(app, "in_recovery", False):
+            return 0
+        before = min(engine.newest_event_ts, time.time()) - settings.history_ttl_s
+        deleted = await history_table.delete_where(
+            functools.partial(inactive_before, before=before))
+        engine.users -= deleted
+        metrics.expired_histories.inc(deleted)
+        if deleted:
+            log.info("%d user histories expired (no event since %.0f)", deleted, before)
+        async with batch_writing:  # a batch's records are its own flush's to hold it by
+            records = await history_table.flush()
+        await until_delivered(records, metrics)
+        return deleted
+
     @app.timer(settings.checkpoint_interval_s)
     async def checkpoint() -> None:
         if learner is not None or restoring():
@@ -660,6 +691,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     app.streamrec_histories = histories  # for tests and tools that inspect the table
     app.streamrec_history_writes = history_table  # the intake's reads, writes and flushes
+    app.streamrec_sweep_expired = sweep_expired_histories
     app.streamrec_take_in = take_in if settings.batch_intake and not missing else None
     app.streamrec_sharing = sharing
     app.streamrec_train_acks = train_acks

@@ -37,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import itertools
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
@@ -225,16 +226,64 @@ class BatchedTable:
                 with acting_for(event):
                     self.table.pop(key, None)
             return
-        batches: dict[int, rocksdict.WriteBatch] = {}
+        by_partition: dict[int, list[bytes]] = {}
         for key, event in deletes:
-            key_bytes, partition = self._key_bytes(key), event.message.partition
-            if partition not in batches:
-                batches[partition] = rocksdict.WriteBatch(raw_mode=True)
-            batches[partition].delete(key_bytes)
-            store._key_index.pop(key_bytes, None)
-            self._pending.setdefault(partition, []).append((key_bytes, None))
-        for partition, batch in batches.items():
-            store._db_for_partition(partition).write(batch)
+            by_partition.setdefault(event.message.partition, []).append(self._key_bytes(key))
+        for partition, keys in by_partition.items():
+            self._delete_keys(partition, keys)
+
+    async def delete_where(self, doomed: Callable[[bytes], bool],
+                           turn_every: int = 1024) -> int:
+        """Delete every key of the partitions this worker has active whose stored bytes
+        ``doomed`` picks, and queue its tombstone; returns how many. Reads ``turn_every``
+        records at a time and gives the loop a turn between them (a million histories take
+        seconds). A chunk is read and deleted with no turn between: an event taken in during
+        a turn is stored before the next chunk reads its user. The store's iterator is made
+        again after each turn, from the last key read, never held across one: a rebalance
+        may close the partition meanwhile, and then its sweep stops. Nothing where the store
+        is not Faust's rocksdict store."""
+        store = self.table.data
+        if not (getattr(store, "use_rocksdict", False) and hasattr(store, "_key_index")
+                and hasattr(store, "_dbs")):
+            return 0
+        deleted = 0
+        for partition in self._active_partitions():
+            after: bytes | None = None
+            while partition in self._active_partitions():
+                records = self._records_after(store._dbs[partition], after, turn_every)
+                chosen = [key for key, value in records
+                          if key != store.offset_key and doomed(value)]
+                self._delete_keys(partition, chosen)
+                deleted += len(chosen)
+                if len(records) < turn_every:
+                    break
+                after = records[-1][0]
+                await asyncio.sleep(0)
+        return deleted
+
+    @staticmethod
+    def _records_after(database, after: bytes | None, count: int) -> list[tuple[bytes, bytes]]:
+        """The first ``count`` records of ``database`` past the key ``after`` (from the first
+        where None), which may have been deleted since."""
+        records = itertools.islice(database.items(from_key=after), count + 1)
+        return [record for record in records if record[0] != after][:count]
+
+    def _active_partitions(self) -> list[int]:
+        """The partitions of the table whose store is open here as an active (not a standby)."""
+        topic = self.table.changelog_topic_name
+        actives = self.table.app.assignor.assigned_actives()
+        return [partition for partition in self.table.data._dbs
+                if TP(topic, partition) in actives]
+
+    def _delete_keys(self, partition: int, keys: list[bytes]) -> None:
+        if not keys:
+            return
+        store, batch = self.table.data, rocksdict.WriteBatch(raw_mode=True)
+        for key in keys:
+            batch.delete(key)
+            store._key_index.pop(key, None)
+        store._db_for_partition(partition).write(batch)
+        self._pending.setdefault(partition, []).extend((key, None) for key in keys)
 
     def _client(self):
         """The aiokafka producer Faust flushes on commit; None if this Faust has none to

@@ -197,6 +197,8 @@ class Engine:
         self._followed_during_reads: list[list[tuple]] = []
         self._weight_of_kind = _WeightOfKind(settings.kind_weights)
         self.users = 0  # users whose history this worker holds
+        # the newest event time taken in since this start: the clock of history expiry
+        self.newest_event_ts = 0.0
         self.behind = 0  # events the worker has yet to take in (stream_app.intake.IntakeLag)
         self.learned = 0  # training examples applied
         # the training topic's offsets the model holds, saved with it (a replica's stay empty)
@@ -358,9 +360,11 @@ class Engine:
             examples.append(example)
         counted = [example for example, again in zip(examples, repeated)
                    if example is not None and not again]
-        self.popularity.add_many([example.item_id for example in counted],
-                                 [example.ts for example in counted],
+        times = [example.ts for example in counted]
+        self.popularity.add_many([example.item_id for example in counted], times,
                                  [example.alpha for example in counted])
+        if times:
+            self.newest_event_ts = max(self.newest_event_ts, max(times))
         kept = [(user, taken) for user, taken in current.items() if taken[0]]
         phis = self._encode_many([history.items for _, (history, _) in kept],
                                  [weights for _, (_, weights) in kept],

@@ -51,6 +51,10 @@ class Metrics:
                                "reroute) whose delivery failed: sent again (retried), or not "
                                "(given_up: their partition moved to another worker).",
                                ["record", "outcome"], registry=r)
+        self.expired_histories = Counter(
+            "streamrec_expired_histories_total",
+            "User histories deleted for having no event for STREAMREC_HISTORY_TTL_S.",
+            registry=r)
         self.damaged_histories = Counter(
             "streamrec_damaged_histories_total",
             "Stored histories that did not read as one (a damaged changelog record), by where "

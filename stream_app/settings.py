@@ -109,6 +109,15 @@ class Settings(BaseSettings):
         description="Event kinds and their confidence weights (JSON object).",
     )
     history_length: int = Field(50, ge=1, le=10_000, description="Events kept per user (T).")
+    history_ttl_s: float | None = Field(
+        None, gt=0, description="A user's history is deleted (from the store and, as a "
+        "tombstone, from the changelog) once its newest event is this much older than the "
+        "newest event the worker has taken in (event time, at most the worker's clock): a "
+        "product whose users come and go holds the histories of those who come back, not of "
+        "everyone ever seen. 'none' = kept for ever.")
+    history_sweep_s: float = Field(
+        600.0, gt=0, description="How often a worker looks for expired histories (a read of "
+        "every history it holds, a short turn of its event loop at a time).")
     max_event_bytes: int = Field(16_384, ge=256, description="Larger events go to the DLQ.")
     max_event_ahead_s: float | None = Field(
         86_400.0, gt=0, description="Events whose ts is further ahead of the worker's clock go "

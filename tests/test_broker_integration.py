@@ -495,6 +495,48 @@ def test_a_forgotten_users_history_is_deleted_and_a_fresh_worker_finds_it_delete
     check(fresh)
 
 
+def test_histories_without_an_event_for_their_ttl_expire_here_and_in_the_changelog(
+        settings, start_worker):
+    """With STREAMREC_HISTORY_TTL_S, the sweep deletes the histories whose newest event is
+    that much older than the newest event taken in (u0-u4, last seen 2,000 s before u5-u9),
+    keeps the others (u5's old event is followed by a new one), counts them, and a fresh
+    worker, recovering from the changelog, holds only the histories kept."""
+    ttl = settings.replace(history_ttl_s=1000.0, history_sweep_s=0.5)
+    worker = start_worker(ttl)
+    now = 1_700_000_000.0
+    old = [(f"u{u}".encode(), event(f"u{u}", f"i{u}", ts=now - 2000 - u, event_id=f"old{u}"))
+           for u in range(6)]
+    produce(ttl, old)
+    worker.wait_metric("streamrec_events_total", len(old))
+    time.sleep(1.5)  # sweeps: none has expired against the newest event yet
+    assert worker.metrics()["streamrec_users"] == 6
+    new = [(f"u{u}".encode(), event(f"u{u}", f"j{u}", ts=now, event_id=f"new{u}"))
+           for u in range(5, 10)]
+    produce(ttl, new)
+    worker.wait_metric("streamrec_expired_histories_total", 5)
+    everything = {f"i{u}" for u in range(6)} | {f"j{u}" for u in range(5, 10)}
+    expected_seen = {**{f"u{u}": set() for u in range(5)},
+                     "u5": {"i5", "j5"}, **{f"u{u}": {f"j{u}"} for u in range(6, 10)}}
+
+    def check(on) -> None:
+        with RecClient(on) as client:
+            for user, seen in expected_seen.items():
+                answer = client.recommend(user, k=1000, **POPULAR)
+                assert set(ids(answer)) == everything - seen, user
+
+    time.sleep(1.0)
+    metrics = worker.metrics()
+    assert metrics["streamrec_users"] == 5 and metrics["streamrec_expired_histories_total"] == 5
+    check(ttl)
+    worker.stop()
+
+    fresh = ttl.replace(data_dir=ttl.data_dir.parent / "fresh")
+    shutil.copytree(ttl.data_dir / "checkpoints", fresh.data_dir / "checkpoints")
+    again = start_worker(fresh)  # no local table state: histories come from the changelog
+    assert again.metrics()["streamrec_users"] == 5
+    check(fresh)
+
+
 def test_records_the_broker_refused_are_sent_again_before_their_events_commit(
         settings, start_worker):
     """A worker whose producer has the first delivery of a changelog batch and of a dead

@@ -14,6 +14,7 @@ import faust
 from aiokafka.producer.message_accumulator import BatchBuilder
 from faust.serializers.registry import Registry
 from faust.streams import current_event
+from faust.types import TP
 
 from stream_app.changelog import BatchedTable, acting_for
 
@@ -612,3 +613,68 @@ def test_delete_many_without_a_rocksdict_store_is_fausts_own_delete():
     writer = BatchedTable(table)
     writer.delete_many([("a", event_on(2)), ("b", event_on(0))])
     assert removed == [("a", 2), ("b", 0)] and writer.pending == 0
+
+
+def test_a_sweep_deletes_what_it_picks_on_the_active_partitions_a_chunk_at_a_time(tmp_path):
+    """delete_where: every key of an active partition whose stored bytes are picked is
+    deleted and its tombstone queued, the others and the inactive partition's untouched,
+    the store's offset key never offered; the loop gets a turn between chunks; a partition
+    revoked during a turn stops its sweep there."""
+    table = rocksdb_table(tmp_path)
+    batched = BatchedTable(table)
+    rng = random.Random(5)
+    ages = {f"u{u}": rng.randrange(100) for u in range(1200)}
+    batched.set_many((user, {"ts": [age]}, event_on(n % 4))
+                     for n, (user, age) in enumerate(ages.items()))
+    batched._pending.clear()
+    table.data.set_persisted_offset(TP(table.changelog_topic.get_topic_name(), 1), 7)
+    active = [0, 1, 2]
+    batched._active_partitions = lambda: list(active)
+    offered, turns = [], [0]
+
+    def old(stored: bytes) -> bool:
+        offered.append(stored)
+        return json.loads(stored)["ts"][0] < 30
+
+    async def other_task():
+        while True:
+            turns[0] += 1
+            await asyncio.sleep(0)
+
+    async def run() -> int:
+        beside = asyncio.ensure_future(other_task())
+        try:
+            return await batched.delete_where(old, turn_every=50)
+        finally:
+            beside.cancel()
+
+    deleted = asyncio.run(run())
+    doomed = {user for n, (user, age) in enumerate(ages.items()) if age < 30 and n % 4 != 3}
+    assert deleted == len(doomed) and len(offered) == 900 and turns[0] >= 900 // 50 - 3
+    for n, user in enumerate(ages):
+        with acting_for(event_on(n % 4)):
+            assert (table.get(user) is None) == (user in doomed), user
+    queued = {key for records in batched._pending.values() for key, value in records
+              if value is None}
+    assert queued == {json.dumps(user).encode() for user in doomed}
+    assert sum(map(len, batched._pending.values())) == len(doomed)
+
+    def revoke_after_two_turns():
+        active.remove(0) if turns[0] >= 2 and 0 in active else None
+        return list(active)
+
+    again = BatchedTable(rocksdb_table(tmp_path / "again"))
+    again.set_many((user, {"ts": [0]}, event_on(0)) for user in ages)
+    again._pending.clear()
+    active[:] = [0]
+    turns[0] = 0
+    again._active_partitions = revoke_after_two_turns
+
+    async def run_again() -> int:
+        beside = asyncio.ensure_future(other_task())
+        try:
+            return await again.delete_where(lambda stored: True, turn_every=100)
+        finally:
+            beside.cancel()
+
+    assert asyncio.run(run_again()) in (200, 300)  # two or three chunks, not all twelve

@@ -293,3 +293,25 @@ def test_a_forget_erases_the_history_where_it_stands_among_the_users_events(tmp_
         assert engine.users == 2, split
         assert engine.popularity.count("z3", 100.0) == pytest.approx(1.0)
         assert len(engine.popularity) == 11, split
+
+
+def test_the_newest_event_time_read_from_stored_bytes_is_the_historys():
+    """Oracle: last_active of a history's JSON is the largest of its times as History reads
+    them (arrival order is not time order); None for bytes that are not a history with
+    events, so a sweep leaves a damaged record alone."""
+    import json
+
+    from state.history import inactive_before, last_active
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        history = History()
+        for n in range(int(rng.integers(1, 9))):
+            history = history.appended(f"i{n}", "view", float(rng.uniform(0, 2e9)), f"e{n}", 5)
+        stored = json.dumps(history.to_json()).encode()
+        assert last_active(stored) == max(History.from_json(json.loads(stored)).ts)
+        assert inactive_before(stored, max(history.ts) + 1e-3)
+        assert not inactive_before(stored, max(history.ts))
+    for damaged in (b"", b"{", b"[]", b"{}", b'{"ts": []}', b'{"ts": "1"}', b'{"ts": ["a"]}',
+                    b'{"ts": [1e999]}'):
+        assert last_active(damaged) is None and not inactive_before(damaged, 1e18), damaged
