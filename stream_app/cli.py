@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--k", type=k_value, default=10, help="how many items (1..1000)")
     recommend.add_argument("--include-seen", action="store_true",
                            help="do not exclude items the user has seen")
+    recommend.add_argument("--exclude", type=item_list, default=None,
+                           help="comma-separated item ids never to answer with")
     recommend.add_argument("--timeout", type=positive_float, default=10.0,
                            help="seconds to wait for the answer (default 10)")
     recommend.add_argument("--json", action="store_true", help="print the raw JSON response")
@@ -202,7 +204,8 @@ def cmd_recommend(settings: Settings, args) -> int:
         return 2
     with RecClient(settings, connect_timeout_s=args.timeout) as client:
         response = client.recommend(args.user, history=args.history, k=args.k,
-                                    exclude_seen=not args.include_seen, timeout_s=args.timeout)
+                                    exclude_seen=not args.include_seen, exclude=args.exclude,
+                                    timeout_s=args.timeout)
     if args.json:
         print(response.model_dump_json(indent=2))
     else:

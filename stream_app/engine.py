@@ -866,11 +866,11 @@ class Engine:
         """Top-k for the user: model candidates (the serving index, or exact search, and Deep
         Retrieval's paths) scored once with the current item vectors, then, when the sources
         name ``popular``, popularity to fill; seen items (stored history plus the request's)
-        are excluded when ``exclude_seen``; an unknown user gets plain popularity (or nothing
-        from sources without it)."""
-        seen: set[str] = set()
+        are excluded when ``exclude_seen``, the request's ``exclude`` always; an unknown user
+        gets plain popularity (or nothing from sources without it)."""
+        seen = set(request.exclude or ())  # the request's exclusions: never answered
         if request.exclude_seen:
-            seen = set(history.items) | set(request.history or ())
+            seen |= set(history.items) | set(request.history or ())
         sources = request.sources or self.settings.default_sources
         items: list[RecItem] = []
         index_version = None
@@ -888,7 +888,7 @@ class Engine:
             if "ann" in sources:
                 rows, index_version = self.index.retrieve(
                     query, self._candidates_wanted(request, diverse),
-                    history_rows if request.exclude_seen else history_rows[:0],
+                    self._excluded_rows(request, history_rows),
                     # as decided above: a clustered index that a build swaps in meanwhile
                     # (on its own thread) is searched as for the plain request decided
                     diversity=request.diversity if diverse else None,
@@ -914,6 +914,14 @@ class Engine:
         return RecResponse(request_id=request.request_id, user_id=request.user_id, items=items,
                            model_version=self.model_version, index_version=index_version,
                            took_ms=(time.perf_counter() - started) * 1000.0)
+
+    def _excluded_rows(self, request: RecRequest, history_rows: np.ndarray) -> np.ndarray:
+        """The learner rows an answer leaves out (−1: an item not learned): the history's
+        (``history_rows``) when ``exclude_seen``, and the request's ``exclude``."""
+        rows = history_rows if request.exclude_seen else history_rows[:0]
+        if request.exclude:
+            rows = np.concatenate([rows, self.learner.rows_of(request.exclude)])
+        return rows
 
     def _candidates_wanted(self, request: RecRequest, diverse: bool) -> int:
         """``rerank_candidates`` to choose the top k from; exactly k when the request sets a

@@ -119,6 +119,9 @@ class RecRequest(_Wire):
     history: list[Id] | None = Field(None, max_length=MAX_REQUEST_HISTORY, fail_fast=True)
     k: StrictInt = Field(10, ge=1, le=1000)
     exclude_seen: StrictBool = True
+    # items never to answer with, whatever exclude_seen says (in the cart, out of stock here,
+    # shown on this page already): the client knows what the stream does not
+    exclude: list[Id] | None = Field(None, max_length=MAX_REQUEST_HISTORY, fail_fast=True)
     # at least one: an empty list would ask for nothing (None, or leaving it out, asks for
     # the worker's default sources)
     sources: list[Literal["ann", "dr", "popular"]] | None = Field(

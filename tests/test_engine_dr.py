@@ -175,3 +175,28 @@ def test_an_engine_that_follows_a_learner_never_loads_torchs_compiler(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.split() == ["False", "True"]
+
+
+def test_a_requests_exclusions_are_never_answered_from_any_source(learned):
+    """Oracle: the items of ``exclude`` (and an id never seen) are left out of every source's
+    candidates, whatever ``exclude_seen`` says; from exact search and popularity the answer is
+    the longer answer without them, so nothing else moves."""
+    engine, histories = learned
+    assert engine.index.current is None  # exact search: the oracle holds exactly
+    for user, history in list(histories.items())[:8]:
+        for sources in (["ann"], ["popular"], ["ann", "dr", "popular"], ["dr"]):
+            for exclude_seen in (True, False):
+                fields = dict(request_id="r", user_id=user, sources=sources,
+                              exclude_seen=exclude_seen)
+                first = engine.answer(RecRequest(**fields, k=10), history, time.perf_counter())
+                shown = [item.item_id for item in first.items]
+                exclude = shown[::2] + [history.items[0], "never-seen"]
+                longer = engine.answer(RecRequest(**fields, k=10 + len(exclude)), history,
+                                       time.perf_counter())
+                answer = engine.answer(RecRequest(**fields, k=10, exclude=exclude), history,
+                                       time.perf_counter())
+                got = [item.item_id for item in answer.items]
+                assert got and not set(got) & set(exclude), (sources, exclude_seen)
+                if sources != ["ann", "dr", "popular"] and sources != ["dr"]:
+                    assert got == [item.item_id for item in longer.items
+                                   if item.item_id not in exclude][:10], sources

@@ -97,6 +97,7 @@ def test_a_good_request_and_its_defaults():
     full = decode(encode(request_id="r", history=["a", "b"], k=1000, sources=["ann", "popular"],
                          diversity=0.5, reply_to="rec-responses.mine"))
     assert full.history == ["a", "b"] and full.sources == ["ann", "popular"]
+    assert decode(encode(request_id="r", exclude=["a", "b"])).exclude == ["a", "b"]
 
 
 @pytest.mark.parametrize("fields, fragment", [
@@ -109,6 +110,8 @@ def test_a_good_request_and_its_defaults():
     ({"request_id": "r", "reply_to": "no spaces allowed"}, "reply_to"),
     ({"request_id": "r", "history": ["a", "b", "c", "d"]}, "history"),
     ({"request_id": "r", "exclude_seen": "yes"}, "exclude_seen"),
+    ({"request_id": "r", "exclude": ["ok", ""]}, "exclude"),
+    ({"request_id": "r", "exclude": "sku-1"}, "exclude"),
     ({"request_id": "r", "diversity": True}, "diversity"),  # a number, as k is
     ({"request_id": "r", "diversity": "0.5"}, "diversity"),
 ])
