@@ -44,6 +44,7 @@ from .metrics import Metrics
 from .request_reader import RequestReader
 from .responder import Responder
 from .settings import Settings
+from .withdrawals import Withdrawals
 from .wire import (DeadLetter, Event, ForgetUser, InvalidMessage, TrainBatch, TrainExample,
                    chunks_by_size, decode_event, headers_kept)
 
@@ -642,6 +643,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         await until_delivered(records, metrics)
         return deleted
 
+    withdrawals = Withdrawals(settings, functools.partial(setattr, engine, "withdrawn"),
+                              metrics.withdrawals_skipped.inc)
+
+    @app.task
+    async def read_withdrawals() -> None:
+        """The withdrawn-items topic, all of it, into the items answers leave out."""
+        await withdrawals.read()
+
     @app.timer(settings.checkpoint_interval_s)
     async def checkpoint() -> None:
         if learner is not None or restoring():
@@ -692,6 +701,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     app.streamrec_histories = histories  # for tests and tools that inspect the table
     app.streamrec_history_writes = history_table  # the intake's reads, writes and flushes
     app.streamrec_sweep_expired = sweep_expired_histories
+    app.streamrec_withdrawals = withdrawals
     app.streamrec_take_in = take_in if settings.batch_intake and not missing else None
     app.streamrec_sharing = sharing
     app.streamrec_train_acks = train_acks

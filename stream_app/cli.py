@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         "forget", help="erase users' histories (the item model keeps what it learned, as an "
                        "aggregate over every user)")
     forget.add_argument("users", nargs="+", metavar="USER", help="user ids")
+    withdraw = commands.add_parser(
+        "withdraw", help="withdraw items from the catalogue: no worker answers with them until "
+                         "they are restored")
+    withdraw.add_argument("items", nargs="+", metavar="ITEM", help="item ids")
+    withdraw.add_argument("--restore", action="store_true",
+                          help="restore the items instead")
     add_eval_parser(commands)
     return parser
 
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("stream_app").setLevel(max(logging.WARNING, logging.root.level))
     handler = {"up": cmd_up, "worker": cmd_worker, "demo": cmd_demo, "produce": cmd_produce,
                "bootstrap": cmd_bootstrap, "recommend": cmd_recommend,
-               "forget": cmd_forget, "eval": cmd_eval}[args.command]
+               "forget": cmd_forget, "withdraw": cmd_withdraw, "eval": cmd_eval}[args.command]
     from kafka.errors import KafkaError  # not a RuntimeError in kafka-python 3
 
     try:
@@ -219,6 +225,15 @@ def cmd_forget(settings: Settings, args) -> int:
     sent = forget_users(settings, args.users)
     print(f"sent {sent} erasures to {settings.topic_events}: each history is deleted when "
           "the worker reaches it, after the user's events sent before it")
+    return 0
+
+
+def cmd_withdraw(settings: Settings, args) -> int:
+    from .client import withdraw_items
+
+    sent = withdraw_items(settings, args.items, withdrawn=not args.restore)
+    done = "restored" if args.restore else "withdrawn"
+    print(f"{sent} items {done} on {settings.withdrawn_topic}: every worker follows it")
     return 0
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from .compat import FetchWaitGuard
 from .kafka import client_config, ensure_topics
 from .settings import Settings
-from .wire import ForgetUser, RecRequest, RecResponse
+from .wire import ForgetUser, ItemWithdrawal, RecRequest, RecResponse
 
 
 class ResponseTimeout(TimeoutError):
@@ -58,15 +58,22 @@ def replay(settings: Settings, events: Iterable[dict], *, rate: float | None = N
            progress=None) -> int:
     """Send events (wire-format dicts) keyed by ``user_id``; ``rate`` caps events per second.
     Returns how many were sent after all are acknowledged."""
+    records = ((event["user_id"].encode(), json.dumps(event, separators=(",", ":")).encode())
+               for event in events)
+    return send_all(settings, settings.topic_events, records, rate=rate, progress=progress)
+
+
+def send_all(settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes]], *,
+             rate: float | None = None, progress=None) -> int:
+    """Send ``(key, value)`` records to ``topic``; ``rate`` caps records per second. Returns
+    how many were sent once all are acknowledged; raises if the broker refused any."""
     sink = producer(settings)
     sent = 0
     refused: list[BaseException] = []  # deliveries that failed (flush() does not raise them)
     started = time.monotonic()
     try:
-        for event in events:
-            sink.send(settings.topic_events, key=event["user_id"].encode(),
-                      value=json.dumps(event, separators=(",", ":")).encode()
-                      ).add_errback(refused.append)
+        for key, value in records:
+            sink.send(topic, key=key, value=value).add_errback(refused.append)
             sent += 1
             if progress is not None:
                 progress.update(1)
@@ -78,8 +85,8 @@ def replay(settings: Settings, events: Iterable[dict], *, rate: float | None = N
     finally:
         sink.close(timeout=CLOSE_TIMEOUT_S)
     if refused:
-        raise RuntimeError(f"the broker did not take {len(refused)} of the {sent} events "
-                           f"sent (the first: {refused[0]!r})")
+        raise RuntimeError(f"the broker did not take {len(refused)} of the {sent} records "
+                           f"sent to {topic} (the first: {refused[0]!r})")
     return sent
 
 
@@ -89,6 +96,18 @@ def forget_users(settings: Settings, user_ids: Iterable[str]) -> int:
     ``ValueError`` (pydantic's) for an id no event could carry, before anything is sent."""
     erasures = [ForgetUser(user_id=user, forget=True).model_dump() for user in user_ids]
     return replay(settings, erasures)
+
+
+def withdraw_items(settings: Settings, item_ids: Iterable[str], *,
+                   withdrawn: bool = True) -> int:
+    """Withdraw items from the catalogue (``withdrawn=False``: restore them): an
+    :class:`~stream_app.wire.ItemWithdrawal` each on the withdrawn-items topic, which every
+    worker reads (:mod:`stream_app.withdrawals`). Raises ``ValueError`` (pydantic's) for an id
+    no event could carry, before anything is sent."""
+    records = [(item.encode(), ItemWithdrawal(item_id=item, withdrawn=withdrawn).to_bytes())
+               for item in item_ids]
+    ensure_topics(settings, [settings.withdrawn_topic])  # compacted, if no worker made it
+    return send_all(settings, settings.withdrawn_topic, records)
 
 
 class RecClient:

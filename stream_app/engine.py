@@ -199,6 +199,8 @@ class Engine:
         self.users = 0  # users whose history this worker holds
         # the newest event time taken in since this start: the clock of history expiry
         self.newest_event_ts = 0.0
+        # items withdrawn from the catalogue (stream_app.withdrawals): never answered
+        self.withdrawn: frozenset[str] = frozenset()
         self.behind = 0  # events the worker has yet to take in (stream_app.intake.IntakeLag)
         self.learned = 0  # training examples applied
         # the training topic's offsets the model holds, saved with it (a replica's stay empty)
@@ -904,9 +906,9 @@ class Engine:
                     self.metrics.dr_retrieved.observe(len(candidates))
                 rows = self.learner.rows_of(candidates)
                 found.append((rows[rows >= 0], "dr"))
-            items = self._rerank(query, found, request.k)
+            items = self._rerank(query, self._without_withdrawn(found), request.k)
         if len(items) < request.k and "popular" in sources:
-            taken = seen | {item.item_id for item in items}
+            taken = seen | {item.item_id for item in items} | self.withdrawn
             popular = self.popularity.top(request.k - len(items), exclude=taken)
             self._count_candidates("popular", len(popular))
             items += [RecItem(item_id, score, "popular") for item_id, score in popular]
@@ -914,6 +916,21 @@ class Engine:
         return RecResponse(request_id=request.request_id, user_id=request.user_id, items=items,
                            model_version=self.model_version, index_version=index_version,
                            took_ms=(time.perf_counter() - started) * 1000.0)
+
+    def _without_withdrawn(self, found: list[tuple[np.ndarray, str]]
+                           ) -> list[tuple[np.ndarray, str]]:
+        """The candidate rows of each source but those of withdrawn items. Taken out of the
+        candidates, not asked of the search as exclusions: a search asks for as many more as
+        it excludes, and a catalogue may withdraw thousands. The candidates are
+        ``rerank_candidates`` (at least k), so a few withdrawn among a user's best leave the
+        answer its k; popularity fills what they leave short."""
+        withdrawn = self.withdrawn
+        if not withdrawn:
+            return found
+        return [(rows[np.fromiter((item not in withdrawn
+                                   for item in self.learner.item_ids_at(rows.tolist())),
+                                  dtype=bool, count=len(rows))], source)
+                for rows, source in found]
 
     def _excluded_rows(self, request: RecRequest, history_rows: np.ndarray) -> np.ndarray:
         """The learner rows an answer leaves out (−1: an item not learned): the history's

@@ -102,7 +102,7 @@ def faust_credentials(settings: Settings):
 def service_topics(settings: Settings) -> list[str]:
     shared = [settings.items_topic] if settings.share_items else []
     return [settings.topic_events, settings.topic_dead_letters, settings.topic_requests,
-            settings.topic_responses, settings.train_topic, *shared]
+            settings.topic_responses, settings.train_topic, settings.withdrawn_topic, *shared]
 
 
 class Topics(NamedTuple):
@@ -139,9 +139,10 @@ def ensure_topics(settings: Settings, names: list[str] | None = None,
         existing = set(admin.list_topics())
         missing = [name for name in names if name not in existing]
         for name in missing:
-            # the item rows keep each item's last row only (a reader starts from the
-            # beginning)
-            configs = {"cleanup.policy": "compact"} if name == settings.items_topic else {}
+            # the item rows and the withdrawals keep each item's last record only (a
+            # reader starts from the beginning)
+            compacted = name in (settings.items_topic, settings.withdrawn_topic)
+            configs = {"cleanup.policy": "compact"} if compacted else {}
             try:
                 admin.create_topics([NewTopic(name, settings.partitions,
                                               settings.replication_factor,

@@ -51,6 +51,10 @@ class Metrics:
                                "reroute) whose delivery failed: sent again (retried), or not "
                                "(given_up: their partition moved to another worker).",
                                ["record", "outcome"], registry=r)
+        self.withdrawals_skipped = Counter(
+            "streamrec_withdrawals_skipped_total",
+            "Records of the withdrawn-items topic that are not a withdrawal (logged, skipped).",
+            registry=r)
         self.expired_histories = Counter(
             "streamrec_expired_histories_total",
             "User histories deleted for having no event for STREAMREC_HISTORY_TTL_S.",

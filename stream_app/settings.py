@@ -95,6 +95,9 @@ class Settings(BaseSettings):
         "before its last commit (stopping).")
     topic_items: str | None = Field(
         None, description="Item rows keyed by item (compacted). Default '<app_id>-item-rows'.")
+    topic_withdrawn: str | None = Field(
+        None, description="Items withdrawn from the catalogue, keyed by item (compacted; every "
+        "worker reads all of it). Default '<app_id>-withdrawn-items'.")
     replication_factor: int = Field(1, ge=1)
     session_timeout_s: float = Field(
         10.0, gt=0, description="Consumer group session timeout; joins wait about half of it."
@@ -573,6 +576,10 @@ class Settings(BaseSettings):
     @property
     def items_topic(self) -> str:
         return self.topic_items or f"{self.app_id}-item-rows"
+
+    @property
+    def withdrawn_topic(self) -> str:
+        return self.topic_withdrawn or f"{self.app_id}-withdrawn-items"
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated again)."""

@@ -110,6 +110,14 @@ class ForgetUser(_Wire):
     kind: ClassVar[str] = "forget"  # its label among the events' kinds in the metrics
 
 
+class ItemWithdrawal(_Wire):
+    """An item withdrawn from the catalogue, or restored (key: ``item_id``), on the withdrawn
+    items topic: ``{"v": 1, "item_id": "sku-9", "withdrawn": true}``."""
+
+    item_id: Id
+    withdrawn: StrictBool
+
+
 class RecRequest(_Wire):
     """A request for recommendations (key: ``user_id`` so it meets the user's history)."""
 

@@ -33,6 +33,9 @@ def build_metrics(engine: Engine) -> Metrics:
     metrics.gauge("streamrec_ingest_lag_events",
                   "Events this worker has yet to take in (high watermarks of its partitions "
                   "minus the last offsets taken).", lambda: engine.behind)
+    metrics.gauge("streamrec_withdrawn_items",
+                  "Items withdrawn from the catalogue (the withdrawn-items topic): never "
+                  "answered.", lambda: len(engine.withdrawn))
     metrics.gauge("streamrec_model_version", "Version of the model serving requests.",
                   lambda: engine.model_version)
     metrics.gauge("streamrec_model_items", "Items with a learned vector.",

@@ -18,7 +18,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_app.client import RecClient, forget_users
+from stream_app.client import RecClient, forget_users, withdraw_items
 from stream_app.kafka import client_config, ensure_topics, key_partition
 from stream_app.wire import DeadLetter, RecRequest, RecResponse
 
@@ -535,6 +535,40 @@ def test_histories_without_an_event_for_their_ttl_expire_here_and_in_the_changel
     again = start_worker(fresh)  # no local table state: histories come from the changelog
     assert again.metrics()["streamrec_users"] == 5
     check(fresh)
+
+
+def test_withdrawn_items_leave_every_answer_until_restored_also_after_a_restart(
+        settings, start_worker):
+    """``streamrec withdraw``: the items leave the answers (here popularity's) while the
+    worker runs, one restored comes back, and a restarted worker, reading the topic from its
+    beginning, still leaves out the one withdrawn."""
+    worker = start_worker(settings)
+    stream = [(f"u{n % 7}".encode(), event(f"u{n % 7}", f"i{n % 5}", event_id=f"e{n}"))
+              for n in range(40)]
+    produce(settings, stream)
+    worker.wait_metric("streamrec_events_total", len(stream))
+    everything = {f"i{n}" for n in range(5)}
+
+    def answered_until(expected: set[str], timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with RecClient(settings) as client:
+            while True:
+                got = set(ids(client.recommend("new-user", k=10, **POPULAR)))
+                if got == expected or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        assert got == expected
+
+    answered_until(everything)
+    assert withdraw_items(settings, ["i1", "i3"]) == 2
+    answered_until(everything - {"i1", "i3"})
+    assert worker.metrics()["streamrec_withdrawn_items"] == 2
+    assert withdraw_items(settings, ["i3"], withdrawn=False) == 1
+    answered_until(everything - {"i1"})
+    worker.stop()
+    again = start_worker(settings)
+    answered_until(everything - {"i1"})
+    assert again.metrics()["streamrec_withdrawn_items"] == 1
 
 
 def test_records_the_broker_refused_are_sent_again_before_their_events_commit(

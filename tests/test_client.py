@@ -203,7 +203,7 @@ def test_a_replay_whose_events_the_broker_refused_raises_not_reports_them_sent(m
     monkeypatch.setattr(client_module, "producer", lambda settings: sink)
     events = [{"v": 1, "user_id": f"u{n}", "item_id": "i", "kind": "view", "ts": 1.0}
               for n in range(3)]
-    with pytest.raises(RuntimeError, match="did not take 1 of the 3 events"):
+    with pytest.raises(RuntimeError, match="did not take 1 of the 3 records"):
         client_module.replay(Settings(), events)
     assert len(sends) == 3
 

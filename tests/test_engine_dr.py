@@ -200,3 +200,28 @@ def test_a_requests_exclusions_are_never_answered_from_any_source(learned):
                 if sources != ["ann", "dr", "popular"] and sources != ["dr"]:
                     assert got == [item.item_id for item in longer.items
                                    if item.item_id not in exclude][:10], sources
+
+
+def test_withdrawn_items_are_answered_by_no_source_until_restored(learned):
+    """Oracle: with items withdrawn, every source's answer is the answer before without them
+    (exact search and popularity keep their order; each source is asked for more, so that the
+    answer's first items are the same items); restored, the answers are those before."""
+    engine, histories = learned
+    assert engine.index.current is None
+    user, history = next(iter(histories.items()))
+    for sources in (["ann"], ["popular"], ["dr"], ["ann", "dr", "popular"]):
+        def answer(k: int) -> list[str]:
+            request = RecRequest(request_id="r", user_id=user, k=k, sources=sources)
+            return [item.item_id for item in engine.answer(request, history,
+                                                           time.perf_counter()).items]
+
+        before = answer(40)
+        engine.withdrawn = frozenset(before[1:20:3]) | {"never-seen"}
+        try:
+            during = answer(10)
+            assert during and not set(during) & engine.withdrawn, sources
+            if sources in (["ann"], ["popular"]):
+                assert during == [item for item in before if item not in engine.withdrawn][:10]
+        finally:
+            engine.withdrawn = frozenset()
+        assert answer(40) == before
