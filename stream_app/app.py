@@ -262,6 +262,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             taken = of_generation(taken, app.consumer_generation_id)
         if not taken:
             return []
+        users = engine.users
+        try:
+            return apply_taken(taken)
+        except Exception:
+            engine.users = users  # counted again when the events are taken one by one
+            raise
+
+    def apply_taken(taken: list[Taken]) -> list[TrainExample]:
         last_message = {event.user_id: message for message, event in taken}
         last = {user: faust.Event(app, message.key, message.value, message.headers, message)
                 for user, message in last_message.items()}  # what the table's writes read
@@ -623,23 +631,36 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         async def expire_histories() -> None:
             await sweep_expired_histories()
 
+    def sweep_may_run() -> bool:
+        """Not while a rebalance or a recovery runs: a history recovered after its delete
+        would be back here, though deleted in the changelog."""
+        return not (app.rebalancing or getattr(app, "in_recovery", False))
+
     async def sweep_expired_histories() -> int:
         """Delete the histories whose newest event is ``history_ttl_s`` older than the newest
-        event taken in since this start (at most the clock: one event from a day ahead must
-        not expire a day of users), and wait until the broker has their tombstones. Not
-        before an event is taken in, nor while a rebalance or a recovery runs (a history it
-        recovers after the delete would be back here, though deleted in the changelog)."""
-        if not engine.newest_event_ts or app.rebalancing or getattr(app, "in_recovery", False):
+        event taken in from their partition since this start (at most the clock: one event
+        from a day ahead must not expire a day of users; a partition taken over with an old
+        backlog expires nobody before its backlog is read), and wait until the broker has
+        their tombstones. Each chunk's tombstones are handed to the producer before the
+        next chunk is read, and the sweep stops when a rebalance or a recovery begins."""
+        if not sweep_may_run():
             return 0
-        before = min(engine.newest_event_ts, time.time()) - settings.history_ttl_s
-        deleted = await history_table.delete_where(
-            functools.partial(inactive_before, before=before))
+        now = time.time()
+        doomed = {partition: functools.partial(inactive_before,
+                                               before=min(newest, now) - settings.history_ttl_s)
+                  for partition, newest in engine.newest_event_ts.items()}
+        records: list[Sent] = []
+
+        async def between() -> bool:
+            async with batch_writing:  # a batch's records are its own flush's to hold it by
+                records.extend(await history_table.flush())
+            return sweep_may_run()
+
+        deleted = await history_table.delete_where(doomed, between)
         engine.users -= deleted
         metrics.expired_histories.inc(deleted)
         if deleted:
-            log.info("%d user histories expired (no event since %.0f)", deleted, before)
-        async with batch_writing:  # a batch's records are its own flush's to hold it by
-            records = await history_table.flush()
+            log.info("%d user histories expired", deleted)
         await until_delivered(records, metrics)
         return deleted
 

@@ -40,7 +40,7 @@ import functools
 import itertools
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import faust
@@ -232,16 +232,20 @@ class BatchedTable:
         for partition, keys in by_partition.items():
             self._delete_keys(partition, keys)
 
-    async def delete_where(self, doomed: Callable[[bytes], bool],
+    async def delete_where(self, doomed: Mapping[int, Callable[[bytes], bool]],
+                           between: Callable[[], Awaitable[bool]],
                            turn_every: int = 1024) -> int:
-        """Delete every key of the partitions this worker has active whose stored bytes
-        ``doomed`` picks, and queue its tombstone; returns how many. Reads ``turn_every``
-        records at a time and gives the loop a turn between them (a million histories take
-        seconds). A chunk is read and deleted with no turn between: an event taken in during
-        a turn is stored before the next chunk reads its user. The store's iterator is made
-        again after each turn, from the last key read, never held across one: a rebalance
-        may close the partition meanwhile, and then its sweep stops. Nothing where the store
-        is not Faust's rocksdict store."""
+        """Delete every key of the partitions in ``doomed`` that this worker has active whose
+        stored bytes the partition's ``doomed`` picks, and queue its tombstone; returns how
+        many. Reads ``turn_every`` records at a time (a million histories take seconds) and
+        awaits ``between()`` after each chunk: the caller's turn, to flush the tombstones
+        before anything else is written (a key's records must reach its changelog partition
+        while this worker holds it, in the order they were made), and to say whether to go
+        on (False: stop, a rebalance has begun). A chunk is read and deleted with no turn
+        between: an event taken in during a turn is stored before the next chunk reads its
+        user. The store's iterator is made again after each turn, from the last key read,
+        never held across one: a revocation may close the partition meanwhile, and then its
+        sweep stops. Nothing where the store is not Faust's rocksdict store."""
         store = self.table.data
         if not (getattr(store, "use_rocksdict", False) and hasattr(store, "_key_index")
                 and hasattr(store, "_dbs")):
@@ -249,16 +253,18 @@ class BatchedTable:
         deleted = 0
         for partition in self._active_partitions():
             after: bytes | None = None
-            while partition in self._active_partitions():
+            while partition in doomed and partition in self._active_partitions():
                 records = self._records_after(store._dbs[partition], after, turn_every)
                 chosen = [key for key, value in records
-                          if key != store.offset_key and doomed(value)]
+                          if key != store.offset_key and doomed[partition](value)]
                 self._delete_keys(partition, chosen)
                 deleted += len(chosen)
+                if not await between():
+                    return deleted
                 if len(records) < turn_every:
                     break
                 after = records[-1][0]
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # a turn of the loop, also when nothing was deleted
         return deleted
 
     @staticmethod

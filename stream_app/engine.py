@@ -197,8 +197,9 @@ class Engine:
         self._followed_during_reads: list[list[tuple]] = []
         self._weight_of_kind = _WeightOfKind(settings.kind_weights)
         self.users = 0  # users whose history this worker holds
-        # the newest event time taken in since this start: the clock of history expiry
-        self.newest_event_ts = 0.0
+        # per events partition, the newest event time taken in from it since this start: the
+        # clocks of history expiry (one partition's backlog must not expire another's users)
+        self.newest_event_ts: dict[int, float] = {}
         # items withdrawn from the catalogue (stream_app.withdrawals): never answered
         self.withdrawn: frozenset[str] = frozenset()
         self.behind = 0  # events the worker has yet to take in (stream_app.intake.IntakeLag)
@@ -330,7 +331,9 @@ class Engine:
         most once by its source (``state.stream_positions.EventPositions``). The history
         keeps its last offset, not one per event: a client's duplicate read again with the
         rest after a crash passes for a redelivery too, and its example is learned if no
-        later example of its training partition was.
+        later example of its training partition was. An event whose message the stored history
+        has taken in (read again after a crash: one without an id, or one after an erasure
+        in its batch) is not counted in the popularity again.
 
         Without ``sources``, equal to calling :meth:`ingest` event by event (tested), but each
         user's vector is encoded once, after the user's last event of the batch, and all of
@@ -340,6 +343,7 @@ class Engine:
         current: dict[str, tuple[History, list[float]]] = {}
         examples: list[TrainExample | None] = []
         repeated: list[bool] = []
+        counted: list[TrainExample] = []  # into the popularity
         for n, event in enumerate(events):
             if isinstance(event, ForgetUser):
                 self._forget(event.user_id, current, histories)
@@ -360,13 +364,14 @@ class Engine:
             history, weights, example = step
             current[event.user_id] = (history, weights)
             examples.append(example)
-        counted = [example for example, again in zip(examples, repeated)
-                   if example is not None and not again]
-        times = [example.ts for example in counted]
-        self.popularity.add_many([example.item_id for example in counted], times,
+            stored = histories.get(event.user_id)
+            if stored is None or not stored.read_before(source):  # else counted when read first
+                counted.append(example)
+        self.popularity.add_many([example.item_id for example in counted],
+                                 [example.ts for example in counted],
                                  [example.alpha for example in counted])
-        if times:
-            self.newest_event_ts = max(self.newest_event_ts, max(times))
+        if sources is not None:
+            self._note_event_times(events, sources)
         kept = [(user, taken) for user, taken in current.items() if taken[0]]
         phis = self._encode_many([history.items for _, (history, _) in kept],
                                  [weights for _, (_, weights) in kept],
@@ -375,6 +380,13 @@ class Engine:
         updated.update((user, history.with_phi(encode_phi(phi)))
                        for (user, (history, _)), phi in zip(kept, phis))
         return Ingested(updated, examples, repeated)
+
+    def _note_event_times(self, events: Sequence[Event | ForgetUser],
+                          sources: Sequence[tuple[int, int]]) -> None:
+        newest = self.newest_event_ts
+        for event, (partition, _) in zip(events, sources):
+            if isinstance(event, Event) and event.ts > newest.get(partition, -math.inf):
+                newest[partition] = event.ts
 
     def _forget(self, user: str, current: dict[str, tuple[History, list[float]]],
                 histories: Mapping[str, History]) -> None:

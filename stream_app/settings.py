@@ -115,7 +115,8 @@ class Settings(BaseSettings):
     history_ttl_s: float | None = Field(
         None, gt=0, description="A user's history is deleted (from the store and, as a "
         "tombstone, from the changelog) once its newest event is this much older than the "
-        "newest event the worker has taken in (event time, at most the worker's clock): a "
+        "newest event the worker has taken in from its partition (event time, at most the "
+        "worker's clock): a "
         "product whose users come and go holds the histories of those who come back, not of "
         "everyone ever seen. 'none' = kept for ever.")
     history_sweep_s: float = Field(
@@ -129,7 +130,8 @@ class Settings(BaseSettings):
         "as forgotten. 'none' = no limit.")
     max_request_bytes: int = Field(65_536, ge=256, description="Larger requests get an error.")
     max_request_history: int = Field(1000, ge=0, le=MAX_REQUEST_HISTORY,
-                                     description="Items a request may carry.")
+                                     description="Items a request's history may carry, and "
+                                     "its exclude.")
     max_reply_topics: int = Field(
         64, ge=1, description="Most reply topics (a request's reply_to other than the "
         "responses topic) a worker sends to at once; a request naming one more takes the "
@@ -447,11 +449,12 @@ class Settings(BaseSettings):
 
     @field_validator("positives_half_life", "encoder_half_life_events",
                      "encoder_half_life_s", "serve_half_life_events", "max_event_ahead_s",
-                     mode="before")
+                     "history_ttl_s", "fetch_max_wait_ms", mode="before")
     @classmethod
     def _none_word(cls, value):
-        """``none`` in the environment turns a decay with a default off (a blank variable is
-        unset, as every setting's: the default)."""
+        """``none`` in the environment: no value, which turns a decay or a limit with a
+        default off (the fetch wait: its own default). A blank variable is unset, as every
+        setting's: the default."""
         if isinstance(value, str) and value.strip().lower() in ("", "none"):
             return None
         return value

@@ -514,10 +514,15 @@ def _names_forget(raw: bytes) -> bool:
 
 
 def decode_request(raw: bytes | None, *, max_bytes: int, max_history: int) -> RecRequest:
-    request = _decode(raw, RecRequest, max_bytes, {"history": max_history})
+    """A request; its ``history`` and its ``exclude`` hold at most ``max_history`` items each
+    (a search asks for as many more candidates as it excludes)."""
+    request = _decode(raw, RecRequest, max_bytes, {"history": max_history,
+                                                   "exclude": max_history})
     assert isinstance(request, RecRequest)
-    if request.history is not None and len(request.history) > max_history:
-        raise InvalidMessage("schema", _too_long("history", len(request.history), max_history))
+    for name in ("history", "exclude"):
+        items = getattr(request, name)
+        if items is not None and len(items) > max_history:
+            raise InvalidMessage("schema", _too_long(name, len(items), max_history))
     return request
 
 

@@ -498,9 +498,10 @@ def test_a_forgotten_users_history_is_deleted_and_a_fresh_worker_finds_it_delete
 def test_histories_without_an_event_for_their_ttl_expire_here_and_in_the_changelog(
         settings, start_worker):
     """With STREAMREC_HISTORY_TTL_S, the sweep deletes the histories whose newest event is
-    that much older than the newest event taken in (u0-u4, last seen 2,000 s before u5-u9),
-    keeps the others (u5's old event is followed by a new one), counts them, and a fresh
-    worker, recovering from the changelog, holds only the histories kept."""
+    that much older than the newest event taken in from their partition (u0-u4, last seen
+    2,000 s before u5-u9 and v0-v19, whose events reach every partition), keeps the others
+    (u5's old event is followed by a new one), counts them, and a fresh worker, recovering
+    from the changelog, holds only the histories kept."""
     ttl = settings.replace(history_ttl_s=1000.0, history_sweep_s=0.5)
     worker = start_worker(ttl)
     now = 1_700_000_000.0
@@ -510,13 +511,16 @@ def test_histories_without_an_event_for_their_ttl_expire_here_and_in_the_changel
     worker.wait_metric("streamrec_events_total", len(old))
     time.sleep(1.5)  # sweeps: none has expired against the newest event yet
     assert worker.metrics()["streamrec_users"] == 6
-    new = [(f"u{u}".encode(), event(f"u{u}", f"j{u}", ts=now, event_id=f"new{u}"))
-           for u in range(5, 10)]
+    newer = [f"u{u}" for u in range(5, 10)] + [f"v{v}" for v in range(20)]
+    assert {key_partition(user.encode(), ttl.partitions) for user in newer} == set(
+        range(ttl.partitions))
+    new = [(user.encode(), event(user, f"j-{user}", ts=now, event_id=f"new-{user}"))
+           for user in newer]
     produce(ttl, new)
     worker.wait_metric("streamrec_expired_histories_total", 5)
-    everything = {f"i{u}" for u in range(6)} | {f"j{u}" for u in range(5, 10)}
-    expected_seen = {**{f"u{u}": set() for u in range(5)},
-                     "u5": {"i5", "j5"}, **{f"u{u}": {f"j{u}"} for u in range(6, 10)}}
+    everything = {f"i{u}" for u in range(6)} | {f"j-{user}" for user in newer}
+    expected_seen = {**{f"u{u}": set() for u in range(5)}, "u5": {"i5", "j-u5"},
+                     **{f"u{u}": {f"j-u{u}"} for u in range(6, 10)}}
 
     def check(on) -> None:
         with RecClient(on) as client:
@@ -526,14 +530,14 @@ def test_histories_without_an_event_for_their_ttl_expire_here_and_in_the_changel
 
     time.sleep(1.0)
     metrics = worker.metrics()
-    assert metrics["streamrec_users"] == 5 and metrics["streamrec_expired_histories_total"] == 5
+    assert metrics["streamrec_users"] == 25 and metrics["streamrec_expired_histories_total"] == 5
     check(ttl)
     worker.stop()
 
     fresh = ttl.replace(data_dir=ttl.data_dir.parent / "fresh")
     shutil.copytree(ttl.data_dir / "checkpoints", fresh.data_dir / "checkpoints")
     again = start_worker(fresh)  # no local table state: histories come from the changelog
-    assert again.metrics()["streamrec_users"] == 5
+    assert again.metrics()["streamrec_users"] == 25
     check(fresh)
 
 

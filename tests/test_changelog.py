@@ -616,25 +616,35 @@ def test_delete_many_without_a_rocksdict_store_is_fausts_own_delete():
 
 
 def test_a_sweep_deletes_what_it_picks_on_the_active_partitions_a_chunk_at_a_time(tmp_path):
-    """delete_where: every key of an active partition whose stored bytes are picked is
-    deleted and its tombstone queued, the others and the inactive partition's untouched,
-    the store's offset key never offered; the loop gets a turn between chunks; a partition
-    revoked during a turn stops its sweep there."""
+    """delete_where: every key of an active partition whose stored bytes its partition's
+    predicate picks is deleted and its tombstone queued, the others, the partition without a
+    predicate and the inactive partition untouched, the store's offset key never offered;
+    ``between`` is awaited after each chunk (here it flushes) and the loop gets a turn
+    there; the active partitions are those Faust's assignor gives this worker."""
     table = rocksdb_table(tmp_path)
     batched = BatchedTable(table)
+    producer = RecordingProducer(1 << 20)
+    batched._client = lambda: producer
     rng = random.Random(5)
-    ages = {f"u{u}": rng.randrange(100) for u in range(1200)}
+    ages = {f"u{u}": rng.randrange(100) for u in range(1600)}
     batched.set_many((user, {"ts": [age]}, event_on(n % 4))
                      for n, (user, age) in enumerate(ages.items()))
     batched._pending.clear()
-    table.data.set_persisted_offset(TP(table.changelog_topic.get_topic_name(), 1), 7)
-    active = [0, 1, 2]
-    batched._active_partitions = lambda: list(active)
-    offered, turns = [], [0]
+    changelog = table.changelog_topic.get_topic_name()
+    table.data.set_persisted_offset(TP(changelog, 1), 7)
+    table.app.assignor.assigned_actives = lambda: {TP(changelog, p) for p in (0, 1, 2)}
+    offered, turns, betweens = [], [0], [0]
 
-    def old(stored: bytes) -> bool:
-        offered.append(stored)
-        return json.loads(stored)["ts"][0] < 30
+    def older_than(limit: int):
+        def old(stored: bytes) -> bool:
+            offered.append(stored)
+            return json.loads(stored)["ts"][0] < limit
+        return old
+
+    async def between() -> bool:
+        betweens[0] += 1
+        await batched.flush()
+        return True
 
     async def other_task():
         while True:
@@ -643,38 +653,46 @@ def test_a_sweep_deletes_what_it_picks_on_the_active_partitions_a_chunk_at_a_tim
 
     async def run() -> int:
         beside = asyncio.ensure_future(other_task())
-        try:
-            return await batched.delete_where(old, turn_every=50)
+        try:  # partition 2 active but no predicate (no event taken from it): not read
+            return await batched.delete_where({0: older_than(30), 1: older_than(60),
+                                               3: older_than(100)}, between, turn_every=50)
         finally:
             beside.cancel()
 
     deleted = asyncio.run(run())
-    doomed = {user for n, (user, age) in enumerate(ages.items()) if age < 30 and n % 4 != 3}
-    assert deleted == len(doomed) and len(offered) == 900 and turns[0] >= 900 // 50 - 3
+    limits = {0: 30, 1: 60}
+    doomed = {user for n, (user, age) in enumerate(ages.items())
+              if n % 4 in limits and age < limits[n % 4]}
+    assert deleted == len(doomed) and len(offered) == 800
+    assert betweens[0] == 2 * 9 and turns[0] >= 2 * 8 - 2  # 400 a partition: 8 full chunks
     for n, user in enumerate(ages):
         with acting_for(event_on(n % 4)):
             assert (table.get(user) is None) == (user in doomed), user
-    queued = {key for records in batched._pending.values() for key, value in records
-              if value is None}
-    assert queued == {json.dumps(user).encode() for user in doomed}
-    assert sum(map(len, batched._pending.values())) == len(doomed)
+    assert batched.pending == 0
+    sent = {key for _, _, records in producer.sent for key, value in records if value is None}
+    assert sent == {json.dumps(user).encode() for user in doomed}
+    assert sum(map(len, (records for _, _, records in producer.sent))) == len(doomed)
 
-    def revoke_after_two_turns():
-        active.remove(0) if turns[0] >= 2 and 0 in active else None
-        return list(active)
 
-    again = BatchedTable(rocksdb_table(tmp_path / "again"))
-    again.set_many((user, {"ts": [0]}, event_on(0)) for user in ages)
-    again._pending.clear()
-    active[:] = [0]
-    turns[0] = 0
-    again._active_partitions = revoke_after_two_turns
+def test_a_sweep_stops_when_its_caller_says_so_or_the_partition_is_revoked(tmp_path):
+    users = [f"u{u}" for u in range(1200)]
+    stores = iter(range(3))
 
-    async def run_again() -> int:
-        beside = asyncio.ensure_future(other_task())
-        try:
-            return await again.delete_where(lambda stored: True, turn_every=100)
-        finally:
-            beside.cancel()
+    def sweep(between_answers: list[bool], revoke_after: int | None) -> int:
+        batched = BatchedTable(rocksdb_table(tmp_path / str(next(stores))))
+        batched.set_many((user, {"ts": [0]}, event_on(0)) for user in users)
+        batched._pending.clear()
+        calls = [0]
+        batched._active_partitions = lambda: [] if revoke_after is not None and \
+            calls[0] >= revoke_after else [0]
 
-    assert asyncio.run(run_again()) in (200, 300)  # two or three chunks, not all twelve
+        async def between() -> bool:
+            calls[0] += 1
+            return between_answers[min(calls[0], len(between_answers)) - 1]
+
+        return asyncio.run(batched.delete_where({0: lambda stored: True}, between,
+                                                turn_every=100))
+
+    assert sweep([True, True, False], None) == 300  # three chunks, then told to stop
+    assert sweep([True], 2) == 200  # revoked after two chunks
+    assert sweep([True], None) == 1200

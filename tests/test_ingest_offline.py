@@ -9,11 +9,13 @@ from types import SimpleNamespace
 import pytest
 from faust.types import TP
 
+from stream_app.app import create_app
 from stream_app.confirmed_acks import AcksAfterDelivery
-from stream_app.engine import item_partition
+from stream_app.engine import Engine, item_partition
+from stream_app.settings import Settings
+from stream_app.worker import build_metrics
 
 from .conftest import event
-from .test_app_timers import offline_app
 
 DEAD_LETTERS = "timeline-events-dlq"
 
@@ -30,7 +32,10 @@ class OfflineIntake:
     ``on_send`` runs before each send (a rebalance that comes meanwhile)."""
 
     def __init__(self, tmp_path) -> None:
-        self.app = app = offline_app(tmp_path, learner_process=False)
+        settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", metrics_port=0,
+                            learner_process=False)
+        self.engine = Engine(settings)
+        self.app = app = create_app(settings, self.engine, build_metrics(self.engine))
         app.consumer = SimpleNamespace(topic_partitions=lambda topic: None,
                                        highwater=lambda partition: None)
         app.consumer_generation_id = 1
@@ -46,7 +51,12 @@ class OfflineIntake:
                 histories._pending.setdefault(0, []).append(
                     (histories._key_bytes(user), histories._value_bytes(value)))
 
-        histories.set_many = set_many
+        def delete_many(deletes):
+            for user, _ in deletes:
+                del self.stored[user]
+                histories._pending.setdefault(0, []).append((histories._key_bytes(user), None))
+
+        histories.set_many, histories.delete_many = set_many, delete_many
 
         async def flushed():
             return []
@@ -178,3 +188,33 @@ def test_an_event_whose_ingest_fails_goes_to_the_dead_letter_topic_alone(tmp_pat
     assert json.loads(letter)["reason"] == "internal_error"
     assert json.loads(letter)["offset"] == 1
     assert intake.stored["u1"]["items"] == ["a", "c"] and "u2" not in intake.stored
+
+
+def forget(user: str) -> bytes:
+    return f'{{"v": 1, "user_id": "{user}", "forget": true}}'.encode()
+
+
+def test_an_erasure_deletes_and_a_batch_that_fails_counts_its_users_once(tmp_path):
+    """A user's erasure deletes the history its events before it made, and one after it
+    starts a new history; a batch whose writes fail is taken again event by event, and the
+    user count is that of the histories stored (the failed attempt's counts undone)."""
+    intake = OfflineIntake(tmp_path)
+    intake.histories.get_many = lambda last: {user: intake.stored[user] for user in last
+                                              if user in intake.stored}
+    table_set_many, failures = intake.histories.set_many, [1]
+
+    def set_many_failing_once(writes):
+        if failures:
+            failures.pop()
+            raise OSError("the store could not be written")
+        table_set_many(writes)
+
+    intake.histories.set_many = set_many_failing_once
+    batch = [message(0, event("u1", "a")), message(1, event("u2", "b"), user="u2"),
+             message(2, forget("u1")), message(3, event("u3", "c"), user="u3"),
+             message(4, forget("u3"), user="u3"), message(5, event("u3", "d"), user="u3")]
+    asyncio.run(intake.app.streamrec_take_in(batch))
+    assert not intake.sent_to(DEAD_LETTERS)
+    assert set(intake.stored) == {"u2", "u3"} and intake.stored["u3"]["items"] == ["d"]
+    assert intake.engine.users == 2
+    assert intake.engine.popularity.count("c") > 0  # learned before its erasure

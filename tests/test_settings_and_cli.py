@@ -153,11 +153,13 @@ def test_a_serving_grid_reads_from_the_environment(monkeypatch):
     assert (choice.margin_z, choice.k) == (1.5, 20)
 
 
-@pytest.mark.parametrize("name", ["STREAMREC_POSITIVES_HALF_LIFE",
-                                  "STREAMREC_ENCODER_HALF_LIFE_EVENTS",
-                                  "STREAMREC_ENCODER_HALF_LIFE_S",
-                                  "STREAMREC_SERVE_HALF_LIFE_EVENTS"])
-def test_every_optional_half_life_is_turned_off_by_the_word_none(monkeypatch, name):
+#: every number that may be None: the README's tables say 'none' turns each off
+OPTIONAL_NUMBERS = [f"STREAMREC_{name.upper()}" for name, field in Settings.model_fields.items()
+                    if field.annotation in (float | None, int | None)]
+
+
+@pytest.mark.parametrize("name", OPTIONAL_NUMBERS)
+def test_every_optional_number_is_turned_off_by_the_word_none(monkeypatch, name):
     monkeypatch.setenv(name, "none")
     assert getattr(Settings(), name.removeprefix("STREAMREC_").lower()) is None
     monkeypatch.setenv(name, "30")

@@ -112,6 +112,7 @@ def test_a_good_request_and_its_defaults():
     ({"request_id": "r", "exclude_seen": "yes"}, "exclude_seen"),
     ({"request_id": "r", "exclude": ["ok", ""]}, "exclude"),
     ({"request_id": "r", "exclude": "sku-1"}, "exclude"),
+    ({"request_id": "r", "exclude": ["a", "b", "c", "d"]}, "exclude"),
     ({"request_id": "r", "diversity": True}, "diversity"),  # a number, as k is
     ({"request_id": "r", "diversity": "0.5"}, "diversity"),
 ])
