@@ -120,9 +120,9 @@ def overview() -> dict:
               "Users with history; each user lives on one worker, so the sum is the total."),
          stat("Items", [target("streamrec_items", "{{instance}}")],
               "Distinct items each worker has seen (workers overlap, so no sum)."),
-         stat("Withdrawn items", [target("max(streamrec_withdrawn_items)", "withdrawn")],
-              "Items withdrawn from the catalogue (the same on every worker), left out of "
-              "every answer."),
+         stat("Withdrawn items", [target("streamrec_withdrawn_items", "{{instance}}")],
+              "Items withdrawn from the catalogue, left out of every answer (each worker reads "
+              "them all: the same everywhere once read)."),
          stat("Model version", [target("streamrec_model_version", "{{instance}}")],
               "Model version serving requests, per worker.")],
         [timeseries("Learning",
