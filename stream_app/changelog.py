@@ -234,10 +234,11 @@ class BatchedTable:
 
     async def delete_where(self, doomed: Mapping[int, Callable[[bytes], bool]],
                            between: Callable[[], Awaitable[bool]],
-                           turn_every: int = 1024) -> int:
+                           turn_every: int = 256) -> int:
         """Delete every key of the partitions in ``doomed`` that this worker has active whose
         stored bytes the partition's ``doomed`` picks, and queue its tombstone; returns how
-        many. Reads ``turn_every`` records at a time (a million histories take seconds) and
+        many. Reads ``turn_every`` records at a time (a million histories take seconds; 256
+        of 50 events hold the loop about 4 ms, 1,024 about 18: benchmarks/history_sweep.py) and
         awaits ``between()`` after each chunk: the caller's turn, to flush the tombstones
         before anything else is written (a key's records must reach its changelog partition
         while this worker holds it, in the order they were made), and to say whether to go
