@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -161,22 +161,32 @@ class DecayedPopularity:
             self._dirty = False
         return self._order
 
-    def top(self, k: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
-        """The ``k`` most popular items not in ``exclude``, with their decayed counts.
+    def top(self, k: int, exclude: Iterable[str] = (),
+            skip: Container[str] = frozenset()) -> list[tuple[str, float]]:
+        """The ``k`` most popular items not in ``exclude`` nor in ``skip``, with their decayed
+        counts. ``skip`` is tested item by item, never copied, and the ranking is made deeper
+        only when its items used up the depth asked for: a set every request shares (the
+        withdrawn items), thousands of which would cost each answer a copy and a ranking of
+        that depth.
 
         The ranking is cached for ``refresh_s`` seconds, so answers may lag the stream by that
         much; the counts themselves are always current.
         """
         excluded = set(exclude)
-        picked: list[tuple[str, float]] = []
-        for row in self._ranking(k + len(excluded)):
-            item_id = self._ids[row]
-            if item_id is None or item_id in excluded:  # None: a forgotten item's row
-                continue
-            picked.append((item_id, self.count(item_id)))
-            if len(picked) == k:
-                break
-        return picked
+        depth = k + len(excluded)
+        while True:
+            ranking = self._ranking(depth)
+            picked: list[tuple[str, float]] = []
+            for row in ranking:
+                item_id = self._ids[row]
+                if item_id is None or item_id in excluded or item_id in skip:
+                    continue  # None: a forgotten item's row
+                picked.append((item_id, self.count(item_id)))
+                if len(picked) == k:
+                    return picked
+            if self._order_complete or not len(ranking):
+                return picked
+            depth = 2 * len(ranking)
 
     # -- persistence (npz, no pickle) -----------------------------------------------------
     def forget_faded(self) -> int:

@@ -605,6 +605,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         await reader.follow(())
 
     assigned_in = [0]  # the rebalance (Faust's count) that last assigned partitions
+    withdrawals = Withdrawals(settings, functools.partial(setattr, engine, "withdrawn"),
+                              metrics.withdrawals_skipped.inc)
 
     @app.on_partitions_assigned.connect
     async def note_the_assignment(app: faust.App, assigned, **kwargs) -> None:
@@ -615,11 +617,25 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         """The request partitions numbered as the event partitions this worker holds: their
         users' histories are here, recovered. Not when another rebalance has begun since the
         assignment whose recovery this completes (Faust says so before it checks): its
-        revocation stopped the reading, and the partitions may be another worker's now."""
+        revocation stopped the reading, and the partitions may be another worker's now. The
+        first time, once the items withdrawn before this start are read (or after a bounded
+        wait), by a task of its own: answers must not name them, and Faust starts the app's
+        tasks, the withdrawals' reader among them, only after this returns."""
         if app.rebalancing_count != assigned_in[0]:
             return
+        if withdrawals.caught_up.is_set():
+            await follow_requests()
+        else:
+            asyncio.ensure_future(follow_requests_once_withdrawals_read(assigned_in[0]))
+
+    async def follow_requests() -> None:
         await reader.follow(tp.partition for tp in app.consumer.assignment()
                             if tp.topic == settings.topic_events)
+
+    async def follow_requests_once_withdrawals_read(assignment: int) -> None:
+        await withdrawals.wait_caught_up()
+        if app.rebalancing_count == assignment:
+            await follow_requests()
 
     @histories.on_recover
     async def count_users() -> None:
@@ -663,9 +679,6 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             log.info("%d user histories expired", deleted)
         await until_delivered(records, metrics)
         return deleted
-
-    withdrawals = Withdrawals(settings, functools.partial(setattr, engine, "withdrawn"),
-                              metrics.withdrawals_skipped.inc)
 
     @app.task
     async def read_withdrawals() -> None:

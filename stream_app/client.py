@@ -64,10 +64,11 @@ def replay(settings: Settings, events: Iterable[dict], *, rate: float | None = N
 
 
 def send_all(settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes]], *,
-             rate: float | None = None, progress=None) -> int:
+             rate: float | None = None, progress=None, acks: int | str = 1) -> int:
     """Send ``(key, value)`` records to ``topic``; ``rate`` caps records per second. Returns
-    how many were sent once all are acknowledged; raises if the broker refused any."""
-    sink = producer(settings)
+    how many were sent once all are acknowledged (by the leader, or with ``acks="all"`` by
+    every in-sync replica); raises if the broker refused any."""
+    sink = producer(settings, acks=acks)
     sent = 0
     refused: list[BaseException] = []  # deliveries that failed (flush() does not raise them)
     started = time.monotonic()
@@ -94,8 +95,9 @@ def forget_users(settings: Settings, user_ids: Iterable[str]) -> int:
     """Erase each user's history: a :class:`~stream_app.wire.ForgetUser` on the events topic,
     keyed by the user, so the worker takes it after the user's events sent before it. Raises
     ``ValueError`` (pydantic's) for an id no event could carry, before anything is sent."""
-    erasures = [ForgetUser(user_id=user, forget=True).model_dump() for user in user_ids]
-    return replay(settings, erasures)
+    erasures = [(user.encode(), ForgetUser(user_id=user, forget=True).to_bytes())
+                for user in user_ids]
+    return send_all(settings, settings.topic_events, erasures, acks="all")  # none to lose
 
 
 def withdraw_items(settings: Settings, item_ids: Iterable[str], *,
@@ -107,7 +109,7 @@ def withdraw_items(settings: Settings, item_ids: Iterable[str], *,
     records = [(item.encode(), ItemWithdrawal(item_id=item, withdrawn=withdrawn).to_bytes())
                for item in item_ids]
     ensure_topics(settings, [settings.withdrawn_topic])  # compacted, if no worker made it
-    return send_all(settings, settings.withdrawn_topic, records)
+    return send_all(settings, settings.withdrawn_topic, records, acks="all")
 
 
 class RecClient:

@@ -331,9 +331,9 @@ class Engine:
         most once by its source (``state.stream_positions.EventPositions``). The history
         keeps its last offset, not one per event: a client's duplicate read again with the
         rest after a crash passes for a redelivery too, and its example is learned if no
-        later example of its training partition was. An event whose message the stored history
-        has taken in (read again after a crash: one without an id, or one after an erasure
-        in its batch) is not counted in the popularity again.
+        later example of its training partition was. An event after an erasure in its batch
+        that the stored history took in (read again after a crash) is not counted in the
+        popularity again.
 
         Without ``sources``, equal to calling :meth:`ingest` event by event (tested), but each
         user's vector is encoded once, after the user's last event of the batch, and all of
@@ -364,8 +364,7 @@ class Engine:
             history, weights, example = step
             current[event.user_id] = (history, weights)
             examples.append(example)
-            stored = histories.get(event.user_id)
-            if stored is None or not stored.read_before(source):  # else counted when read first
+            if not self._counted_before(event, histories.get(event.user_id), source):
                 counted.append(example)
         self.popularity.add_many([example.item_id for example in counted],
                                  [example.ts for example in counted],
@@ -380,6 +379,17 @@ class Engine:
         updated.update((user, history.with_phi(encode_phi(phi)))
                        for (user, (history, _)), phi in zip(kept, phis))
         return Ingested(updated, examples, repeated)
+
+    @staticmethod
+    def _counted_before(event: Event, stored: History | None,
+                        source: tuple[int, int] | None) -> bool:
+        """Whether the stored history took in this very event, from this message: read again
+        after a crash, an event after an erasure in its batch is appended to the history the
+        erasure started again, where its id is not found, but it was counted when first read.
+        By its id and its message both: a message at an old offset of a topic made again is
+        a new event, with its own id."""
+        return stored is not None and stored.has_event(event.event_id) \
+            and stored.read_before(source)
 
     def _note_event_times(self, events: Sequence[Event | ForgetUser],
                           sources: Sequence[tuple[int, int]]) -> None:
@@ -920,8 +930,9 @@ class Engine:
                 found.append((rows[rows >= 0], "dr"))
             items = self._rerank(query, self._without_withdrawn(found), request.k)
         if len(items) < request.k and "popular" in sources:
-            taken = seen | {item.item_id for item in items} | self.withdrawn
-            popular = self.popularity.top(request.k - len(items), exclude=taken)
+            taken = seen | {item.item_id for item in items}
+            popular = self.popularity.top(request.k - len(items), exclude=taken,
+                                          skip=self.withdrawn)
             self._count_candidates("popular", len(popular))
             items += [RecItem(item_id, score, "popular") for item_id, score in popular]
         self._stage("merge", clock)

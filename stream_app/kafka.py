@@ -119,8 +119,9 @@ _NO_ID = "00000000-0000-0000-0000-000000000000"
 
 def ensure_topics(settings: Settings, names: list[str] | None = None,
                   timeout_s: float = 30.0) -> Topics:
-    """Create the topics (all with ``settings.partitions``) unless they exist; retries until
-    the broker answers or ``timeout_s`` passes. Returns their ids and those it created."""
+    """Create the topics (all with ``settings.partitions`` but the withdrawn items', with one)
+    unless they exist; retries until the broker answers or ``timeout_s`` passes. Returns
+    their ids and those it created."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -143,8 +144,11 @@ def ensure_topics(settings: Settings, names: list[str] | None = None,
             # reader starts from the beginning)
             compacted = name in (settings.items_topic, settings.withdrawn_topic)
             configs = {"cleanup.policy": "compact"} if compacted else {}
+            # the withdrawals in one partition: every worker reads all of them, and an
+            # item's records stay in order whatever partitioner their producer hashes with
+            partitions = 1 if name == settings.withdrawn_topic else settings.partitions
             try:
-                admin.create_topics([NewTopic(name, settings.partitions,
+                admin.create_topics([NewTopic(name, partitions,
                                               settings.replication_factor,
                                               topic_configs=configs)])
             except TopicAlreadyExistsError:

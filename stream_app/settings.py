@@ -120,8 +120,9 @@ class Settings(BaseSettings):
         "product whose users come and go holds the histories of those who come back, not of "
         "everyone ever seen. 'none' = kept for ever.")
     history_sweep_s: float = Field(
-        600.0, gt=0, description="How often a worker looks for expired histories (a read of "
-        "every history it holds, a short turn of its event loop at a time).")
+        3600.0, gt=0, description="How often a worker looks for expired histories: a read of "
+        "every history it holds, 256 between turns of its event loop (about 25 s of CPU at a "
+        "million histories of 50 events: under 1 % of a core hourly).")
     max_event_bytes: int = Field(16_384, ge=256, description="Larger events go to the DLQ.")
     max_event_ahead_s: float | None = Field(
         86_400.0, gt=0, description="Events whose ts is further ahead of the worker's clock go "

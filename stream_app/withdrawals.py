@@ -13,6 +13,7 @@ the topic is an operator's, and nothing of a user's is lost with it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -20,13 +21,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .compat import FetchWaitGuard, check_aiokafka
+from .compat import FetchWaitGuard, check_aiokafka, exact_end_offsets
 from .kafka import aiokafka_config, topic_partitions
 from .request_reader import keep_reading
 from .settings import Settings
 from .wire import ItemWithdrawal, is_item_id
 
 log = logging.getLogger(__name__)
+
+#: longest the first answers of a worker wait for the withdrawn items to be read to the
+#: topic's end; past it they are answered, and the wait is logged
+CATCH_UP_WAIT_S = 30.0
 
 
 class Withdrawals:
@@ -41,6 +46,21 @@ class Withdrawals:
         self.skipped = 0  # records that are not a withdrawal
         self._on_change, self._on_skip = on_change, on_skip
         self._next: dict[int, int] = {}  # partition: the offset a new consumer starts from
+        # set once the topic is read to the end it had when the first reader started
+        self.caught_up = asyncio.Event()
+        self._catch_up: dict[Any, int] | None = None  # partition: end offset, until read
+
+    async def wait_caught_up(self, timeout_s: float = CATCH_UP_WAIT_S) -> bool:
+        """Wait until the withdrawals written before this start are read (True), or for
+        ``timeout_s`` (False, logged): a worker that answered before would answer with items
+        withdrawn, and one whose reader cannot read the topic must still answer."""
+        try:
+            await asyncio.wait_for(self.caught_up.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("the withdrawn items are not read after %.0f s: answering without "
+                        "the rest of them", timeout_s)
+            return False
+        return True
 
     def take(self, records: Iterable[Any]) -> None:
         """Records (``key``, ``value``) in topic order: each item's last record decides."""
@@ -80,6 +100,14 @@ class Withdrawals:
                     getattr(record, "offset", "?"), reason[:300])
         return None
 
+    def _note_caught_up(self) -> None:
+        """Whether every partition is read to the end it had when the first reader started."""
+        if self._catch_up is None or self.caught_up.is_set():
+            return
+        if all(self._next.get(partition, 0) >= end for partition, end in self._catch_up.items()):
+            log.info("withdrawn items read: %d withdrawn", len(self.items))
+            self.caught_up.set()
+
     async def read(self, retry_after_s: float = 1.0) -> None:
         """Follow the topic until cancelled; a failed consumer is logged and a new one goes on
         from where it left the topic."""
@@ -108,8 +136,15 @@ class Withdrawals:
                     consumer.seek(tp, self._next[tp.partition])
                 else:
                     await consumer.seek_to_beginning(tp)
+            if self._catch_up is None:
+                ends = (await exact_end_offsets(consumer, assigned) if settings.compat_fixes
+                        else await consumer.end_offsets(assigned))
+                self._catch_up = {tp.partition: end for tp, end in ends.items() if end > 0}
             while True:
-                batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+                self._note_caught_up()
+                # a thousand records a fetch: the first read of a long topic gives the loop
+                # a turn every few milliseconds
+                batches = await consumer.getmany(timeout_ms=1000, max_records=1000)
                 self.take(record for batch in batches.values() for record in batch)
                 for tp, batch in batches.items():
                     if batch:

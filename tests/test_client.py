@@ -200,7 +200,7 @@ def test_a_replay_whose_events_the_broker_refused_raises_not_reports_them_sent(m
         send=lambda topic, key, value: sends.append(key) or Delivery(
             MessageSizeTooLargeError() if len(sends) == 2 else None),
         flush=lambda: None, close=lambda timeout=None: None)
-    monkeypatch.setattr(client_module, "producer", lambda settings: sink)
+    monkeypatch.setattr(client_module, "producer", lambda settings, **options: sink)
     events = [{"v": 1, "user_id": f"u{n}", "item_id": "i", "kind": "view", "ts": 1.0}
               for n in range(3)]
     with pytest.raises(RuntimeError, match="did not take 1 of the 3 records"):

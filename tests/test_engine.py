@@ -319,17 +319,22 @@ def test_the_newest_event_time_read_from_stored_bytes_is_the_historys():
 
 def test_events_read_again_are_not_counted_again_in_the_popularity(engine):
     """A batch read again after a crash (its messages at or below where the stored history
-    stands) adds nothing to the popularity: neither an event after an erasure (its history
-    was started again, so its id is not found there) nor one without an id; the history it
-    leaves is the same."""
+    stands) adds nothing to the popularity for an event after an erasure, whose id the
+    history started again does not hold, but was counted; the history it leaves is the same.
+    An event the erasure took away with the history is counted again, as one without an id
+    is (the history holds nothing of it). The same id in a later message (a client's
+    duplicate) is not counted, and a new event with its own id at an old offset (a topic
+    made again) is."""
     first = [ev("u", "x", event_id="x1"), forget("u"), ev("u", "y", event_id="y1"),
-             ev("u", "z")]
+             ev("u", "z", event_id="z1")]
     sources = [(0, 10), (0, 11), (0, 12), (0, 13)]
     stored = dict(engine.ingest_many(first, {}, sources).updated)
     counts = {item: engine.popularity.count(item, 100.0) for item in "xyz"}
     assert counts == {"x": 1.0, "y": 1.0, "z": 1.0}
     again = engine.ingest_many(first, stored, sources)
-    assert {item: engine.popularity.count(item, 100.0) for item in "xyz"} == counts
+    assert {item: engine.popularity.count(item, 100.0) for item in "xyz"} == {**counts, "x": 2.0}
     assert again.updated["u"].items == stored["u"].items == ("y", "z")
-    later = engine.ingest_many([ev("u", "z")], again.updated, [(0, 14)])  # a new message
-    assert engine.popularity.count("z", 100.0) == 2.0 and later.updated["u"].items[-1] == "z"
+    engine.ingest_many([ev("u", "z", event_id="z1")], stored, [(0, 14)])
+    assert engine.popularity.count("z", 100.0) == 1.0
+    engine.ingest_many([ev("u", "z", event_id="z2")], stored, [(0, 5)])  # a topic made again
+    assert engine.popularity.count("z", 100.0) == 2.0

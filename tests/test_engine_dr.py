@@ -203,9 +203,10 @@ def test_a_requests_exclusions_are_never_answered_from_any_source(learned):
 
 
 def test_withdrawn_items_are_answered_by_no_source_until_restored(learned):
-    """Oracle: with items withdrawn, every source's answer is the answer before without them
-    (exact search and popularity keep their order; each source is asked for more, so that the
-    answer's first items are the same items); restored, the answers are those before."""
+    """With items withdrawn, no source answers with them; from exact search and popularity
+    the answer is the longer answer before without them (the oracle), from Deep Retrieval
+    and the three sources together an answer without them; restored, the answers are those
+    before."""
     engine, histories = learned
     assert engine.index.current is None
     user, history = next(iter(histories.items()))

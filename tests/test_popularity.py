@@ -253,3 +253,21 @@ def test_a_snapshot_is_written_as_taken_and_never_over_a_newer_one(tmp_path):
     assert read.top(2)[0][0] == "b"
     assert popularity.write(popularity.snapshot(), path)  # a later one is written
     assert read.load(path) and sorted(read._index) == ["a", "b", "c"]
+
+
+def test_skipped_items_are_left_out_as_excluded_ones_with_the_ranking_deepened_as_needed():
+    """Oracle: top(k, exclude, skip) is the first k of the whole ranking not in either, also
+    when the skipped items use up every depth the ranking had (3,000 of the best 3,010)."""
+    weights = np.random.default_rng(8).uniform(0.1, 100.0, 5000)
+
+    def counted() -> DecayedPopularity:  # a ranking not deepened yet
+        popularity = DecayedPopularity(3600.0, refresh_s=60.0)
+        popularity.add_many([f"i{n}" for n in range(5000)], np.full(5000, 10.0), weights)
+        return popularity
+
+    whole = [item for item, _ in counted().top(5000)]
+    for skipped, excluded, k in [(set(whole[:3000]), set(whole[3000:3005]), 10),
+                                 (set(whole[::2]), set(), 50), (set(whole), set(), 5),
+                                 (set(), set(whole[:7]), 3)]:
+        got = [item for item, _ in counted().top(k, exclude=excluded, skip=skipped)]
+        assert got == [item for item in whole if item not in skipped | excluded][:k]

@@ -57,3 +57,68 @@ def test_a_tombstone_whose_key_is_not_an_item_is_skipped(tmp_path):
                       SimpleNamespace(key=b"\xff", value=None, topic="w", partition=0, offset=1),
                       SimpleNamespace(key=None, value=None, topic="w", partition=0, offset=2)])
     assert withdrawals.items == {"a"} and withdrawals.skipped == 2
+
+
+class FakeConsumer:
+    """aiokafka's consumer as the reader uses it, over a topic of ``records`` on one
+    partition, fetched ``per_fetch`` at a time; ``fetched`` counts the fetches."""
+
+    def __init__(self, records: list, per_fetch: int) -> None:
+        self.records, self.per_fetch, self.position, self.fetched = records, per_fetch, 0, 0
+        self._client = SimpleNamespace(fetch_all_metadata=self._metadata)
+
+    async def _metadata(self):
+        return SimpleNamespace(partitions_for_topic=lambda topic: {0})
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def assign(self, partitions) -> None:
+        self.partitions = partitions
+
+    async def seek_to_beginning(self, tp) -> None:
+        self.position = 0
+
+    async def end_offsets(self, partitions) -> dict:
+        return {tp: len(self.records) for tp in partitions}
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict:
+        import asyncio
+
+        self.fetched += 1
+        batch = self.records[self.position:self.position + min(self.per_fetch, max_records)]
+        self.position += len(batch)
+        await asyncio.sleep(0 if batch else 0.01)
+        return {self.partitions[0]: batch} if batch else {}
+
+
+def test_the_reader_is_caught_up_once_it_has_read_to_the_end_it_saw_at_its_start(
+        tmp_path, monkeypatch):
+    """caught_up is set once every record written before the reader started is read, and
+    not before (the worker answers only then); a record written after it is read too."""
+    import asyncio
+
+    import aiokafka
+
+    records = [record(f"x{n}", n % 2 == 0, offset=n) for n in range(2500)]
+    records.append(record("last", True, offset=2500))
+    consumer = FakeConsumer(records, per_fetch=400)
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", lambda **options: consumer)
+    withdrawals = Withdrawals(Settings(data_dir=tmp_path, embedded_compat=False))
+    seen_when_caught_up = []
+
+    async def run() -> None:
+        reading = asyncio.ensure_future(withdrawals.read())
+        assert await withdrawals.wait_caught_up(5.0)
+        seen_when_caught_up.extend([consumer.position, "last" in withdrawals.items])
+        consumer.records.append(record("later", True, offset=2501))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if "later" in withdrawals.items:
+                break
+        reading.cancel()
+
+    asyncio.run(run())
+    assert seen_when_caught_up == [2501, True] and consumer.fetched >= 7
+    assert "later" in withdrawals.items and len(withdrawals.items) == 1250 + 2
