@@ -108,6 +108,7 @@ def test_a_recovery_completed_after_a_newer_rebalance_began_does_not_move_the_re
         return metrics.registry.get_sample_value("streamrec_request_partitions")
 
     async def scenario() -> list[float]:
+        app.streamrec_withdrawals.caught_up.set()  # no withdrawals to wait for
         read = []
         app.rebalancing_count = 1
         await app.on_partitions_assigned.send(held)
@@ -121,6 +122,41 @@ def test_a_recovery_completed_after_a_newer_rebalance_began_does_not_move_the_re
         return read
 
     assert asyncio.run(scenario()) == [0.0, 2.0]
+
+
+def test_requests_are_read_once_the_withdrawals_before_the_start_are_read(tmp_path):
+    """A worker's first assignment: its request partitions are read only once the withdrawn
+    items written before its start are (a task waits for them, so the rebalance goes on);
+    then at once at every assignment."""
+    from stream_app.app import create_app
+    from stream_app.engine import Engine
+    from stream_app.worker import build_metrics
+
+    settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", metrics_port=0)
+    engine = Engine(settings)
+    metrics = build_metrics(engine)
+    app = create_app(settings, engine, metrics)
+    held = {TopicPartition(settings.topic_events, p) for p in (0, 1, 2)}
+    app.consumer.assignment = lambda: held
+
+    def partitions_read() -> float:
+        return metrics.registry.get_sample_value("streamrec_request_partitions")
+
+    async def scenario() -> list[float]:
+        read = []
+        app.rebalancing_count = 1
+        await app.on_partitions_assigned.send(held)
+        await asyncio.wait_for(app.on_rebalance_complete.send(), 1.0)  # does not wait
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        read.append(partitions_read())
+        app.streamrec_withdrawals.caught_up.set()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        read.append(partitions_read())
+        return read
+
+    assert asyncio.run(scenario()) == [0.0, 3.0]
 
 
 class FakeRequestLog:
