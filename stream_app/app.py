@@ -607,6 +607,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     assigned_in = [0]  # the rebalance (Faust's count) that last assigned partitions
     withdrawals = Withdrawals(settings, functools.partial(setattr, engine, "withdrawn"),
                               metrics.withdrawals_skipped.inc)
+    waits_for_withdrawals: set[asyncio.Future] = set()
 
     @app.on_partitions_assigned.connect
     async def note_the_assignment(app: faust.App, assigned, **kwargs) -> None:
@@ -625,8 +626,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             return
         if withdrawals.caught_up.is_set():
             await follow_requests()
-        else:
-            asyncio.ensure_future(follow_requests_once_withdrawals_read(assigned_in[0]))
+        else:  # kept until done: the loop holds a task weakly
+            waiting = asyncio.ensure_future(follow_requests_once_withdrawals_read(assigned_in[0]))
+            waits_for_withdrawals.add(waiting)
+            waiting.add_done_callback(waits_for_withdrawals.discard)
 
     async def follow_requests() -> None:
         await reader.follow(tp.partition for tp in app.consumer.assignment()
@@ -645,7 +648,10 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
     if settings.history_ttl_s is not None:
         @app.timer(settings.history_sweep_s)
         async def expire_histories() -> None:
-            await sweep_expired_histories()
+            try:
+                await sweep_expired_histories()
+            except Exception:  # noqa: BLE001 - a timer's exception would stop the worker
+                log.exception("the sweep of expired histories failed; the next one goes on")
 
     def sweep_may_run() -> bool:
         """Not while a rebalance or a recovery runs: a history recovered after its delete

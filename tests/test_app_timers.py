@@ -212,3 +212,20 @@ def test_the_checkpoints_written_are_counted_by_kind_with_the_last_ones_size(tmp
     asyncio.run(timer(app, "checkpoint")())
     assert (count("base"), count("delta")) == (1, 0)
     assert gauge("streamrec_checkpoint_bytes") == engine.last_checkpoint.bytes > 0
+
+
+def test_a_sweep_of_expired_histories_that_fails_does_not_stop_the_worker(tmp_path, caplog):
+    """The expiry timer's sweep raising (a store that cannot be read) is logged, and the
+    timer's task does not raise (Faust would stop the worker); no sweep without a TTL."""
+    assert not any(inspect.unwrap(task).__name__ == "expire_histories"
+                   for task in offline_app(tmp_path / "off")._app_tasks)
+    app = offline_app(tmp_path, history_ttl_s=60.0)
+    app.rebalancing = False
+
+    async def unreadable(*args, **kwargs):
+        raise OSError("the store could not be read")
+
+    app.streamrec_history_writes.delete_where = unreadable
+    with caplog.at_level("ERROR"):
+        asyncio.run(timer(app, "expire_histories")())
+    assert any("sweep of expired histories failed" in r.getMessage() for r in caplog.records)

@@ -477,22 +477,31 @@ def test_a_forgotten_users_history_is_deleted_and_a_fresh_worker_finds_it_delete
     expected_seen = {**{f"u{user}": {f"i{i}" for i in range(user, 100, 10)}
                         for user in range(10)}, "u3": set(), "u4": {"late"}, "nobody": set()}
 
-    def check(on) -> None:
-        with RecClient(on) as client:
-            for user, seen in expected_seen.items():
-                answer = client.recommend(user, k=1000, **POPULAR)
-                assert set(ids(answer)) == everything - seen, user
-
     time.sleep(1.0)  # the changelog's records delivered
     assert worker.metrics()["streamrec_users"] == 9
-    check(settings)
+    popular_answers_leave_out_the_seen(settings, everything, expected_seen)
     worker.stop()
 
+    fresh, again = fresh_worker(settings, start_worker)
+    assert again.metrics()["streamrec_users"] == 9
+    popular_answers_leave_out_the_seen(fresh, everything, expected_seen)
+
+
+def popular_answers_leave_out_the_seen(on, everything: set[str],
+                                       seen_by: dict[str, set[str]]) -> None:
+    """Each user's answer from popularity is every item but those the user has seen."""
+    with RecClient(on) as client:
+        for user, seen in seen_by.items():
+            answer = client.recommend(user, k=1000, **POPULAR)
+            assert set(ids(answer)) == everything - seen, user
+
+
+def fresh_worker(settings, start_worker):
+    """Settings for a data dir with a copy of the checkpoints and no local table state, and
+    a worker started on it: its histories come from the changelog."""
     fresh = settings.replace(data_dir=settings.data_dir.parent / "fresh")
     shutil.copytree(settings.data_dir / "checkpoints", fresh.data_dir / "checkpoints")
-    again = start_worker(fresh)  # no local table state: histories come from the changelog
-    assert again.metrics()["streamrec_users"] == 9
-    check(fresh)
+    return fresh, start_worker(fresh)
 
 
 def test_histories_without_an_event_for_their_ttl_expire_here_and_in_the_changelog(
@@ -522,23 +531,15 @@ def test_histories_without_an_event_for_their_ttl_expire_here_and_in_the_changel
     expected_seen = {**{f"u{u}": set() for u in range(5)}, "u5": {"i5", "j-u5"},
                      **{f"u{u}": {f"j-u{u}"} for u in range(6, 10)}}
 
-    def check(on) -> None:
-        with RecClient(on) as client:
-            for user, seen in expected_seen.items():
-                answer = client.recommend(user, k=1000, **POPULAR)
-                assert set(ids(answer)) == everything - seen, user
-
     time.sleep(1.0)
     metrics = worker.metrics()
     assert metrics["streamrec_users"] == 25 and metrics["streamrec_expired_histories_total"] == 5
-    check(ttl)
+    popular_answers_leave_out_the_seen(ttl, everything, expected_seen)
     worker.stop()
 
-    fresh = ttl.replace(data_dir=ttl.data_dir.parent / "fresh")
-    shutil.copytree(ttl.data_dir / "checkpoints", fresh.data_dir / "checkpoints")
-    again = start_worker(fresh)  # no local table state: histories come from the changelog
+    fresh, again = fresh_worker(ttl, start_worker)
     assert again.metrics()["streamrec_users"] == 25
-    check(fresh)
+    popular_answers_leave_out_the_seen(fresh, everything, expected_seen)
 
 
 def test_withdrawn_items_leave_every_answer_until_restored_also_after_a_restart(
