@@ -196,8 +196,7 @@ class BatchedTable:
         per partition (a put per key was a twentieth of the ingest agent's time); as
         :meth:`set` one by one where the store is not Faust's rocksdict store."""
         store = self.table.data
-        if not (getattr(store, "use_rocksdict", False) and hasattr(store, "_key_index")
-                and hasattr(store, "_db_for_partition")):
+        if not self._rocksdict_store():
             for key, value, event in writes:
                 self.set(key, value, event)
             return
@@ -219,9 +218,7 @@ class BatchedTable:
         without a value, which Faust's recovery applies as a delete (and a compacted topic
         drops in time). Faust's own delete, one by one, where the store is not Faust's
         rocksdict store."""
-        store = self.table.data
-        if not (getattr(store, "use_rocksdict", False) and hasattr(store, "_key_index")
-                and hasattr(store, "_db_for_partition")):
+        if not self._rocksdict_store():
             for key, event in deletes:
                 with acting_for(event):
                     self.table.pop(key, None)
@@ -248,8 +245,7 @@ class BatchedTable:
         never held across one: a revocation may close the partition meanwhile, and then its
         sweep stops. Nothing where the store is not Faust's rocksdict store."""
         store = self.table.data
-        if not (getattr(store, "use_rocksdict", False) and hasattr(store, "_key_index")
-                and hasattr(store, "_dbs")):
+        if not self._rocksdict_store():
             return 0
         deleted = 0
         for partition in self._active_partitions():
@@ -281,6 +277,14 @@ class BatchedTable:
         actives = self.table.app.assignor.assigned_actives()
         return [partition for partition in self.table.data._dbs
                 if TP(topic, partition) in actives]
+
+    def _rocksdict_store(self) -> bool:
+        """Whether the table's store is Faust's rocksdict store, whose databases per
+        partition and key index the batched writes, deletes and sweeps use; other stores
+        (memory, or a Faust without them) take Faust's own one-by-one path."""
+        store = self.table.data
+        return (getattr(store, "use_rocksdict", False) and hasattr(store, "_key_index")
+                and hasattr(store, "_db_for_partition") and hasattr(store, "_dbs"))
 
     def _delete_keys(self, partition: int, keys: list[bytes]) -> None:
         if not keys:

@@ -71,10 +71,10 @@ import numpy as np
 from state.gramian import atomic_write
 from state.stream_positions import ROWS_SHARED
 
-from .compat import FetchWaitGuard, check_aiokafka, exact_end_offsets
+from .compat import FetchWaitGuard, check_aiokafka
 from .confirmed_acks import taken_by_broker
 from .engine import Engine, LearnedReport, item_partition
-from .kafka import aiokafka_config, topic_partitions
+from .kafka import aiokafka_config, assign_whole_topic
 from .request_reader import keep_reading
 from .settings import Settings
 from .wire import (chunks_by_size, decode_item_row, decode_offset_steps, encode_item_row,
@@ -468,21 +468,8 @@ class ItemSharing:
         last reader left it (at the first start, from its beginning). Returns the catch-up's
         partitions still unread and their end offsets (at the first start, the ends now).
         Raises while the cluster reports no partition of the topic."""
-        from aiokafka import TopicPartition
-
-        topic = self.settings.items_topic
-        partitions = await topic_partitions(consumer, topic)
-        if not partitions:  # started again (keep_reading), not caught up on nothing
-            raise LookupError(f"the item-rows topic {topic} has no partitions on the cluster")
-        assigned = [TopicPartition(topic, partition) for partition in sorted(partitions)]
-        consumer.assign(assigned)
-        ends = (await exact_end_offsets(consumer, assigned) if self.settings.compat_fixes
-                else await consumer.end_offsets(assigned))
-        for tp in assigned:
-            if tp.partition in self._rows_next:
-                consumer.seek(tp, self._rows_next[tp.partition])
-            else:
-                await consumer.seek_to_beginning(tp)
+        ends = await assign_whole_topic(consumer, self.settings.items_topic, self._rows_next,
+                                        self.settings)
         if self._catch_up is None:
             self._catch_up = {tp: end for tp, end in ends.items() if end > 0}
         return self._catch_up

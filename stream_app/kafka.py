@@ -6,10 +6,12 @@ import functools
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from aiokafka.partitioner import murmur2
 
+from .compat import exact_end_offsets
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,31 @@ async def topic_partitions(consumer, topic: str) -> frozenset[int]:
     (a null list), as ``topics()`` does, and reads that answer."""
     cluster = await consumer._client.fetch_all_metadata()
     return frozenset(cluster.partitions_for_topic(topic) or ())
+
+
+async def assign_whole_topic(consumer, topic: str, next_offsets: Mapping[int, int],
+                             settings: Settings) -> dict:
+    """Assign an aiokafka ``consumer`` every partition of ``topic``, each from
+    ``next_offsets[partition]`` (where the last reader of this process left it) or from its
+    beginning; returns each partition's end offset now. For the readers that follow a whole
+    topic outside any group (the item rows, the withdrawn items). Raises LookupError while
+    the cluster reports no partition of the topic, so that the reader's retry starts again
+    instead of taking an empty topic for one read to its end."""
+    from aiokafka import TopicPartition
+
+    partitions = await topic_partitions(consumer, topic)
+    if not partitions:
+        raise LookupError(f"the topic {topic} has no partitions on the cluster")
+    assigned = [TopicPartition(topic, partition) for partition in sorted(partitions)]
+    consumer.assign(assigned)
+    ends = (await exact_end_offsets(consumer, assigned) if settings.compat_fixes
+            else await consumer.end_offsets(assigned))
+    for tp in assigned:
+        if tp.partition in next_offsets:
+            consumer.seek(tp, next_offsets[tp.partition])
+        else:
+            await consumer.seek_to_beginning(tp)
+    return ends
 
 
 def client_config(settings: Settings) -> dict:

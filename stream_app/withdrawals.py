@@ -21,8 +21,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .compat import FetchWaitGuard, check_aiokafka, exact_end_offsets
-from .kafka import aiokafka_config, topic_partitions
+from .compat import FetchWaitGuard, check_aiokafka
+from .kafka import aiokafka_config, assign_whole_topic
 from .request_reader import keep_reading
 from .settings import Settings
 from .wire import ItemWithdrawal, is_item_id
@@ -114,7 +114,7 @@ class Withdrawals:
         await keep_reading(self._read, "the withdrawn-items reader", retry_after_s)
 
     async def _read(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import AIOKafkaConsumer
 
         settings = self.settings
         consumer: Any = AIOKafkaConsumer(
@@ -125,20 +125,9 @@ class Withdrawals:
                  if settings.compat_fixes else None)
         try:
             await consumer.start()
-            topic = settings.withdrawn_topic
-            partitions = await topic_partitions(consumer, topic)
-            if not partitions:
-                raise LookupError(f"the withdrawn-items topic {topic} has no partitions")
-            assigned = [TopicPartition(topic, partition) for partition in sorted(partitions)]
-            consumer.assign(assigned)
-            for tp in assigned:
-                if tp.partition in self._next:
-                    consumer.seek(tp, self._next[tp.partition])
-                else:
-                    await consumer.seek_to_beginning(tp)
+            ends = await assign_whole_topic(consumer, settings.withdrawn_topic, self._next,
+                                            settings)
             if self._catch_up is None:
-                ends = (await exact_end_offsets(consumer, assigned) if settings.compat_fixes
-                        else await consumer.end_offsets(assigned))
                 self._catch_up = {tp.partition: end for tp, end in ends.items() if end > 0}
             while True:
                 self._note_caught_up()
