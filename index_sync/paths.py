@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,11 +140,14 @@ class PathRetrieval:
         return self._install_finished()
 
     # -- serving (any thread) --------------------------------------------------------------
-    def retrieve(self, phi: np.ndarray, exclude: set[str], beam: int | None = None) -> list[str]:
-        """Items on the beam's paths, best path first, without ``exclude``, at most
-        ``max_candidates`` (the rerank's cost is linear in them)."""
+    def retrieve(self, phi: np.ndarray, exclude: Collection[str], beam: int | None = None, *,
+                 skip: Collection[str] = frozenset()) -> list[str]:
+        """Items on the beam's paths, best path first, without ``exclude`` or ``skip`` (two
+        sets, so that a large one, the withdrawn items, is not copied into a union per
+        answer), at most ``max_candidates`` (the rerank's cost is linear in them): the cut
+        comes after both, so an item left out leaves room for the next."""
         found = [item for item in self.model.retrieve(unit_rows(phi)[0], beam)
-                 if item not in exclude]
+                 if item not in exclude and item not in skip]
         return found[: self.max_candidates]
 
     def stats(self) -> dict:

@@ -42,6 +42,10 @@ from .wire import (SOURCES, DecodedTraining, Event, ForgetUser, InvalidMessage, 
 
 log = logging.getLogger(__name__)
 
+# searches of the serving index asked again when the withdrawn items among the candidates
+# leave fewer than k (Engine._index_rows): each excludes the withdrawn rows the last found
+WITHDRAWN_RETRIES = 3
+
 
 def item_partition(item_id: str, partitions: int) -> int:
     """The train-topic partition (and so the learner) that owns an item: a stable hash, the
@@ -910,18 +914,13 @@ class Engine:
             query = self.serving_query(phi)
             found: list[tuple[np.ndarray, str]] = []  # candidate rows, the source that found them
             if "ann" in sources:
-                rows, index_version = self.index.retrieve(
-                    query, self._candidates_wanted(request, diverse),
-                    self._excluded_rows(request, history_rows),
-                    # as decided above: a clustered index that a build swaps in meanwhile
-                    # (on its own thread) is searched as for the plain request decided
-                    diversity=request.diversity if diverse else None,
-                    history=list(history.items) + list(request.history or ()))
+                rows, index_version = self._index_rows(request, query, diverse, history,
+                                                       history_rows)
                 clock = self._stage("ann", clock)
                 self._count_candidates("ann", len(rows))
                 found.append((rows, "ann"))
             if "dr" in sources and self.paths is not None and self._dr_wanted(request, diverse):
-                candidates = self.paths.retrieve(phi, seen)
+                candidates = self.paths.retrieve(phi, seen, skip=self.withdrawn)
                 clock = self._stage("dr", clock)
                 self._count_candidates("dr", len(candidates))
                 if self.metrics is not None:
@@ -940,20 +939,49 @@ class Engine:
                            model_version=self.model_version, index_version=index_version,
                            took_ms=(time.perf_counter() - started) * 1000.0)
 
+    def _index_rows(self, request: RecRequest, query: np.ndarray, diverse: bool,
+                    history: History, history_rows: np.ndarray
+                    ) -> tuple[np.ndarray, int | None]:
+        """The serving index's candidates (or exact search's) and the index version. When
+        the withdrawn items among them leave fewer than k, the search is asked again with
+        those rows excluded too (at most :data:`WITHDRAWN_RETRIES` times): a ``diversity``
+        request takes exactly k, and its cluster quotas are then filled as if the
+        withdrawn items were not in the index. Only the withdrawn rows found are excluded,
+        never the whole withdrawn set: a search asks for as many more as it excludes, and a
+        catalogue may withdraw thousands."""
+        excluded = self._excluded_rows(request, history_rows)
+        wanted = self._candidates_wanted(request, diverse)
+        for _ in range(WITHDRAWN_RETRIES + 1):
+            rows, version = self.index.retrieve(
+                query, wanted, excluded,
+                # as decided by the caller: a clustered index that a build swaps in meanwhile
+                # (on its own thread) is searched as for the plain request decided
+                diversity=request.diversity if diverse else None,
+                history=list(history.items) + list(request.history or ()))
+            withdrawn = rows[~self._kept(rows)]
+            if len(rows) - len(withdrawn) >= request.k or not len(withdrawn):
+                break
+            excluded = np.concatenate([excluded, withdrawn])
+        return rows, version
+
     def _without_withdrawn(self, found: list[tuple[np.ndarray, str]]
                            ) -> list[tuple[np.ndarray, str]]:
         """The candidate rows of each source but those of withdrawn items. Taken out of the
-        candidates, not asked of the search as exclusions: a search asks for as many more as
-        it excludes, and a catalogue may withdraw thousands. The candidates are
-        ``rerank_candidates`` (at least k), so a few withdrawn among a user's best leave the
-        answer its k; popularity fills what they leave short."""
+        candidates, not asked of the search as exclusions (:meth:`_index_rows`). The
+        candidates are ``rerank_candidates`` (at least k), so a few withdrawn among a user's
+        best leave the answer its k; popularity fills what they leave short."""
+        if not self.withdrawn:
+            return found
+        return [(rows[self._kept(rows)], source) for rows, source in found]
+
+    def _kept(self, rows: np.ndarray) -> np.ndarray:
+        """Which learner ``rows`` are of items not withdrawn (a boolean mask)."""
         withdrawn = self.withdrawn
         if not withdrawn:
-            return found
-        return [(rows[np.fromiter((item not in withdrawn
-                                   for item in self.learner.item_ids_at(rows.tolist())),
-                                  dtype=bool, count=len(rows))], source)
-                for rows, source in found]
+            return np.ones(len(rows), dtype=bool)
+        return np.fromiter((item not in withdrawn
+                            for item in self.learner.item_ids_at(rows.tolist())),
+                           dtype=bool, count=len(rows))
 
     def _excluded_rows(self, request: RecRequest, history_rows: np.ndarray) -> np.ndarray:
         """The learner rows an answer leaves out (−1: an item not learned): the history's

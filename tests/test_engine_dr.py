@@ -226,3 +226,28 @@ def test_withdrawn_items_are_answered_by_no_source_until_restored(learned):
         finally:
             engine.withdrawn = frozenset()
         assert answer(40) == before
+
+
+def test_dr_leaves_out_withdrawn_items_before_it_cuts_its_candidates(learned):
+    """Oracle: the dr candidates are the items on the beam's paths without the seen and the
+    withdrawn ones, then cut to ``max_candidates``; withdrawn ones cut first left the rerank
+    fewer, and an answer of as many items as the cut came back short."""
+    from index_sync.paths import unit_rows
+
+    engine, histories = learned
+    paths, cut = engine.paths, engine.paths.max_candidates
+    user, history = next(iter(histories.items()))
+    phi = engine.user_vector(RecRequest(request_id="r", k=1), history)
+    on_paths = [item for item in paths.model.retrieve(unit_rows(phi)[0])
+                if item not in history.items]
+    assert len(on_paths) >= 8
+    withdrawn = frozenset(on_paths[:4:2])
+    try:
+        paths.max_candidates = 4
+        got = paths.retrieve(phi, set(history.items), skip=withdrawn)
+        engine.withdrawn = withdrawn
+        answered = ask(engine, user, history, ["dr"], k=4)
+    finally:
+        paths.max_candidates, engine.withdrawn = cut, frozenset()
+    assert got == [item for item in on_paths if item not in withdrawn][:4]
+    assert sorted(item.item_id for item in answered.items) == sorted(got)

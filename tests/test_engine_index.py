@@ -548,6 +548,28 @@ def test_clustered_index_with_diversity(tmp_path, learned_after_the_build):
     assert len({i.item_id for i in spread.items}) == 12
 
 
+def test_a_diversity_requests_withdrawn_items_leave_it_as_if_the_request_excluded_them(
+        tmp_path):
+    """A diversity request takes exactly k from the index's cluster quotas: withdrawn items
+    among them left it short. The index is now asked again without them, and the answer is
+    the one the request gets when it excludes those items itself (the oracle), k long."""
+    engine = engine_with_index(tmp_path, index_clusters=6)
+    histories = run_stream(engine, planted_stream())
+    build_now(engine)
+
+    def ask(**fields) -> list[str]:
+        return [item.item_id for item in answer(engine, "u3", histories["u3"], k=12,
+                                                diversity=0.0, sources=["ann"], **fields).items]
+
+    before = ask()
+    withdrawn = before[::3]
+    excluded_by_the_request = ask(exclude=withdrawn)
+    engine.withdrawn = frozenset(withdrawn)
+    during = ask()
+    assert len(during) == 12 and not set(during) & set(withdrawn)
+    assert during == excluded_by_the_request
+
+
 def test_diversity_is_refused_without_clusters_and_plain_until_the_first_clustered_build(
         tmp_path):
     """A worker that builds no clustered index cannot honour a ``diversity``: the request
