@@ -273,8 +273,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         last_message = {event.user_id: message for message, event in taken}
         last = {user: faust.Event(app, message.key, message.value, message.headers, message)
                 for user, message in last_message.items()}  # what the table's writes read
-        stored = {user: History.from_stored(value, metrics.history_damaged("ingest", user))
-                  for user, value in history_table.get_many(last).items()}
+        stored = read_histories(last)
         events = [event for _, event in taken]
         updated, examples, repeated = engine.ingest_many(
             events, stored, [(message.partition, message.offset) for message, _ in taken])
@@ -288,6 +287,26 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         for (kind, outcome), count in outcomes.items():
             metrics.events.labels(kind, outcome).inc(count)
         return [example for example in examples if example is not None]
+
+    def read_histories(last: dict[str, faust.Event]) -> dict[str, History]:
+        """The stored histories of the batch's users. A damaged record reads as no history,
+        and the user's next event counts the user anew, or an erasure deletes the record
+        without lowering the count: so the user, counted among :attr:`Engine.users` while
+        the record was stored, is taken off the count here."""
+        damaged: list[str] = []
+
+        def told(user: str) -> Callable[[Exception], None]:
+            report = metrics.history_damaged("ingest", user)
+
+            def noted(error: Exception) -> None:
+                damaged.append(user)
+                report(error)
+            return noted
+
+        stored = {user: History.from_stored(value, told(user))
+                  for user, value in history_table.get_many(last).items()}
+        engine.users -= len(damaged)
+        return stored
 
     async def decode_batch(batch: list[Message], records: list[Sent]) -> list[Taken]:
         """The valid events of a batch of messages, each with its message; the others go to
@@ -320,7 +339,18 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                               message.offset)
                 records.append(await dead_letter(
                     InvalidMessage("internal_error", repr(error)), message))
+        await recount_users()
         return examples
+
+    async def recount_users() -> None:
+        """The users counted again from the store, after a batch that failed: its writes
+        may have failed partway, and the histories written before the failure were then
+        found by the events taken one by one, as ones that held them, and not counted. A
+        failed batch is rare; a count of the raw keys is 0.1 s at 200,000 users."""
+        try:
+            engine.users = await history_table.count_keys()
+        except Exception:  # noqa: BLE001 - the count is a metric and a learning weight
+            log.exception("the users could not be counted again after a failed batch")
 
     async def send_training(examples: list[TrainExample], records: list[Sent]) -> None:
         """The batch's :func:`training_messages`, each to its item partition (added to

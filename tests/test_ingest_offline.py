@@ -61,6 +61,11 @@ class OfflineIntake:
         async def flushed():
             return []
 
+        async def count_keys():
+            return len(self.stored)
+
+        histories.count_keys = count_keys
+
         async def producer():
             return SimpleNamespace(send=self._send)
 
@@ -155,12 +160,14 @@ def test_a_damaged_stored_history_starts_its_user_again(tmp_path, caplog):
     intake = OfflineIntake(tmp_path)
     intake.histories.get_many = lambda last: {
         "u1": {"kinds": ["view"]}, "u2": Unreadable("stored value does not decode")}
+    intake.engine.users = 2  # the records, as counted from the store at the start
     batch = [message(0, event("u1", "a")), message(1, event("u2", "b"), user="u2"),
              message(2, event("u1", "c"))]
     with caplog.at_level("WARNING"):
         asyncio.run(intake.app.streamrec_take_in(batch))
     assert not intake.sent_to(DEAD_LETTERS)
     assert intake.stored["u1"]["items"] == ["a", "c"] and intake.stored["u2"]["items"] == ["b"]
+    assert intake.engine.users == 2  # each counted once: the record's count taken off
     damaged = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
     assert len(damaged) == 2 and "'u1'" in damaged[0] and "KeyError" in damaged[0]
     assert "does not decode" in damaged[1]
@@ -218,3 +225,43 @@ def test_an_erasure_deletes_and_a_batch_that_fails_counts_its_users_once(tmp_pat
     assert set(intake.stored) == {"u2", "u3"} and intake.stored["u3"]["items"] == ["d"]
     assert intake.engine.users == 2
     assert intake.engine.popularity.count("c") > 0  # learned before its erasure
+
+
+def test_an_erased_damaged_history_is_deleted_and_its_user_no_longer_counted(tmp_path):
+    """A damaged record reads as no history, so its erasure lowered no count: the user stayed
+    among ``streamrec_users`` for good."""
+    from state.history import Unreadable
+
+    intake = OfflineIntake(tmp_path)
+    intake.stored["u2"] = "damaged"
+    intake.histories.get_many = lambda last: {"u2": Unreadable("stored value does not decode")}
+    intake.engine.users = 1
+    asyncio.run(intake.app.streamrec_take_in([message(0, forget("u2"), user="u2")]))
+    assert "u2" not in intake.stored and intake.engine.users == 0
+
+
+def test_a_batch_whose_writes_fail_partway_counts_the_histories_stored(tmp_path):
+    """The writes of a batch reach the store partition by partition: those before a failure
+    stay. Taken again one by one, their events find histories that hold them and count no
+    new user; the users are counted again from the store after a failed batch."""
+    intake = OfflineIntake(tmp_path)
+    intake.histories.get_many = lambda last: {user: intake.stored[user] for user in last
+                                              if user in intake.stored}
+    table_set_many, failures = intake.histories.set_many, [1]
+
+    def set_many_failing_partway(writes):
+        writes = list(writes)
+        table_set_many(writes[:1])
+        if failures:
+            failures.pop()
+            raise OSError("the store could not be written")
+        table_set_many(writes[1:])
+
+    intake.histories.set_many = set_many_failing_partway
+    batch = [message(0, event("u1", "a", event_id="e1")),
+             message(1, event("u2", "b", event_id="e2"), user="u2"),
+             message(2, event("u3", "c", event_id="e3"), user="u3")]
+    asyncio.run(intake.app.streamrec_take_in(batch))
+    assert not intake.sent_to(DEAD_LETTERS)
+    assert set(intake.stored) == {"u1", "u2", "u3"}
+    assert intake.engine.users == 3
