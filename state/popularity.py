@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .gramian import ids_from_arrays, ids_to_arrays, load_npz, save_npz
+from .stream_positions import StreamPositions
 
 #: the fewest items a ranking keeps: a request that needs more (k + its exclusions) ranks again
 RANKED_AT_LEAST = 1024
@@ -59,6 +60,7 @@ class PopularitySnapshot(NamedTuple):
     rate: float
     now: float
     number: int  # the snapshots of one instance in the order taken
+    places: dict[str, np.ndarray]  # where the counts stand in the events topic
 
 
 class DecayedPopularity:
@@ -68,9 +70,12 @@ class DecayedPopularity:
     """
 
     def __init__(self, half_life_s: float, *, refresh_s: float = 0.5,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, events_topic: str = "") -> None:
         if not half_life_s > 0:
             raise ValueError("half_life_s must be > 0")
+        # the next offset to count per partition of the events topic, saved with the counts:
+        # an event read again after a crash is counted if the saved counts lack it, once
+        self.places = StreamPositions(events_topic)
         self.rate = math.log(2.0) / half_life_s
         self.refresh_s = refresh_s
         self._clock = clock
@@ -127,6 +132,21 @@ class DecayedPopularity:
         np.logaddexp.at(self._log_mass, rows, terms)
         self.now = max(self.now, float(times.max()))
         self._dirty = True
+
+    def add_unheld(self, item_ids: Sequence[str], ts: Sequence[float],
+                   weights: Sequence[float], places: Sequence[tuple[int, int]]) -> list[bool]:
+        """:meth:`add_many` of the events the counts do not hold, by their ``places``
+        ((partition, offset) in the events topic, each partition's in the order read): those
+        at or past their partition's place in :attr:`places`, which then moves past them.
+        Returns which were added. Read again after a crash, an event is counted where the
+        saved counts lack it, and only there: whether or not it has an id, and whether or
+        not an erasure took it from its user's history since."""
+        held = self.places.admit([partition for partition, _ in places],
+                                 [offset for _, offset in places])
+        added = [n for n, new in enumerate(held) if new]
+        self.add_many([item_ids[n] for n in added], [ts[n] for n in added],
+                      [weights[n] for n in added])
+        return held
 
     def _append(self, item_id: str) -> int:
         if self._free:
@@ -221,7 +241,7 @@ class DecayedPopularity:
                else [self._ids[r] for r in rows.tolist()])
         self._snapshots += 1
         return PopularitySnapshot(ids, self._log_mass[rows], self.rate, self.now,
-                                  self._snapshots)
+                                  self._snapshots, self.places.to_arrays())
 
     def write(self, snapshot: PopularitySnapshot, path: Path) -> bool:
         """Write ``snapshot`` to ``path`` atomically, from any thread; False (nothing
@@ -231,15 +251,19 @@ class DecayedPopularity:
             if snapshot.number <= self._written:
                 return False
             save_npz(path, {**ids_to_arrays(snapshot.ids), "log_mass": snapshot.log_mass,
-                            "rate": snapshot.rate, "now": snapshot.now})
+                            "rate": snapshot.rate, "now": snapshot.now, **snapshot.places})
             self._written = snapshot.number
             return True
 
-    def load(self, path: Path) -> bool:
-        """Replace the counts with those saved at ``path``; False if there is no file."""
+    def load(self, path: Path, *, places_void: bool = False) -> bool:
+        """Replace the counts, and where they stand in the events topic, with those saved
+        at ``path``; False if there is no file. ``places_void``: the events topic was made
+        again since (its offsets start anew), so the counts are kept and every event is
+        counted. A file from before the places were saved has none: likewise."""
         data = load_npz(path)
         if data is None:
             return False
+        self.places.set_arrays({} if places_void else data)
         ids = ids_from_arrays(data, where=path)
         self._index = {item_id: row for row, item_id in enumerate(ids)}
         self._ids, self._free = ids, []

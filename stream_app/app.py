@@ -323,9 +323,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
 
     async def take_batch(taken: list[Taken], records: list[Sent]) -> list[TrainExample]:
         """:func:`apply` to the decoded events of a batch; if that fails, event by event, so
-        a poison event goes to the DLQ alone (events before it in the failed attempt may
-        then count twice in popularity: a bounded error, where skipping them would lose
-        them). What it sends is added to ``records``."""
+        a poison event goes to the DLQ alone (the popularity counts each event once, by its
+        place: ``Engine._count``). What it sends is added to ``records``."""
         try:
             return apply(taken)
         except Exception:  # noqa: BLE001 - an agent must survive anything

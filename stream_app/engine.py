@@ -179,7 +179,8 @@ class Engine:
         self.settings = settings
         self.metrics = metrics  # a stream_app.metrics.Metrics, or None (tools, the harness)
         self.popularity = DecayedPopularity(settings.popularity_half_life_s,
-                                            refresh_s=settings.popularity_refresh_s)
+                                            refresh_s=settings.popularity_refresh_s,
+                                            events_topic=settings.topic_events)
         self.learner = (ItemReplica if replica else ItemLearner)(settings.learner_config())
         self.learner.log_input_steps = settings.share_items and not replica
         self.learner.checkpoints.compact_share = settings.checkpoint_delta_share
@@ -335,9 +336,8 @@ class Engine:
         most once by its source (``state.stream_positions.EventPositions``). The history
         keeps its last offset, not one per event: a client's duplicate read again with the
         rest after a crash passes for a redelivery too, and its example is learned if no
-        later example of its training partition was. An event after an erasure in its batch
-        that the stored history took in (read again after a crash) is not counted in the
-        popularity again.
+        later example of its training partition was. The popularity counts each event whose
+        place it does not hold (a redelivery too, where a crash lost its count), once.
 
         Without ``sources``, equal to calling :meth:`ingest` event by event (tested), but each
         user's vector is encoded once, after the user's last event of the batch, and all of
@@ -347,7 +347,7 @@ class Engine:
         current: dict[str, tuple[History, list[float]]] = {}
         examples: list[TrainExample | None] = []
         repeated: list[bool] = []
-        counted: list[TrainExample] = []  # into the popularity
+        countable: list[TrainExample] = []  # into the popularity, where it lacks them
         for n, event in enumerate(events):
             if isinstance(event, ForgetUser):
                 self._forget(event.user_id, current, histories)
@@ -364,15 +364,14 @@ class Engine:
             if step is None:
                 read_before = taken[0].read_before(source)  # not a client's duplicate
                 examples.append(self._remade(event, *taken, source) if read_before else None)
+                if read_before:  # a redelivery: counted if the popularity lost it
+                    countable.append(examples[-1])
                 continue
             history, weights, example = step
             current[event.user_id] = (history, weights)
             examples.append(example)
-            if not self._counted_before(event, histories.get(event.user_id), source):
-                counted.append(example)
-        self.popularity.add_many([example.item_id for example in counted],
-                                 [example.ts for example in counted],
-                                 [example.alpha for example in counted])
+            countable.append(example)
+        self._count(countable)
         if sources is not None:
             self._note_event_times(events, sources)
         kept = [(user, taken) for user, taken in current.items() if taken[0]]
@@ -384,16 +383,21 @@ class Engine:
                        for (user, (history, _)), phi in zip(kept, phis))
         return Ingested(updated, examples, repeated)
 
-    @staticmethod
-    def _counted_before(event: Event, stored: History | None,
-                        source: tuple[int, int] | None) -> bool:
-        """Whether the stored history took in this very event, from this message: read again
-        after a crash, an event after an erasure in its batch is appended to the history the
-        erasure started again, where its id is not found, but it was counted when first read.
-        By its id and its message both: a message at an old offset of a topic made again is
-        a new event, with its own id."""
-        return stored is not None and stored.has_event(event.event_id) \
-            and stored.read_before(source)
+    def _count(self, examples: list[TrainExample]) -> None:
+        """The events of ``examples`` into the popularity: by their places in the events
+        topic, those it does not hold (:meth:`DecayedPopularity.add_unheld`), all of them
+        where they have none (an offline ingest, which never reads an event twice). Done
+        last in a batch, so a batch that fails before it counts nothing, and one that fails
+        after it counts its events once though it is taken again event by event."""
+        if examples and examples[0].source is not None:
+            self.popularity.add_unheld([example.item_id for example in examples],
+                                       [example.ts for example in examples],
+                                       [example.alpha for example in examples],
+                                       [example.source for example in examples])
+            return
+        self.popularity.add_many([example.item_id for example in examples],
+                                 [example.ts for example in examples],
+                                 [example.alpha for example in examples])
 
     def _note_event_times(self, events: Sequence[Event | ForgetUser],
                           sources: Sequence[tuple[int, int]]) -> None:
@@ -1162,7 +1166,8 @@ class Engine:
     def load(self) -> bool:
         """The last checkpoint and the newest valid index version, where they exist (a
         replica takes the item rows only)."""
-        found = self.popularity.load(self.popularity_path)
+        found = self.popularity.load(self.popularity_path,
+                                     places_void=positions_void(self.popularity_path))
         found = self.learner.load(self.model_path,
                                   restore=self._restore_positions) or found
         self._load_serving(self.checkpoint_dir / "serving.npz")

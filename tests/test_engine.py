@@ -317,24 +317,42 @@ def test_the_newest_event_time_read_from_stored_bytes_is_the_historys():
         assert last_active(damaged) is None and not inactive_before(damaged, 1e18), damaged
 
 
-def test_events_read_again_are_not_counted_again_in_the_popularity(engine):
-    """A batch read again after a crash (its messages at or below where the stored history
-    stands) adds nothing to the popularity for an event after an erasure, whose id the
-    history started again does not hold, but was counted; the history it leaves is the same.
-    An event the erasure took away with the history is counted again, as one without an id
-    is (the history holds nothing of it). The same id in a later message (a client's
-    duplicate) is not counted, and a new event with its own id at an old offset (a topic
-    made again) is."""
+def test_each_event_is_counted_once_in_the_popularity_by_its_place(engine, tmp_path):
+    """The popularity counts an event by its place in the events topic, once. Read again
+    (after a crash), a batch adds nothing: neither an event after an erasure, whose id the
+    history started again does not hold, nor one the erasure took away with the history,
+    which were counted again before, nor an event without an id. The same id in a later
+    message (a client's duplicate) is not counted. After a restart from saved counts, the
+    events they lack are counted once, redeliveries too (a crash lost their counts); after
+    the topic was made again (its offsets start anew), events at old offsets count."""
+    from state.stream_positions import mark_topics_renewed
+
     first = [ev("u", "x", event_id="x1"), forget("u"), ev("u", "y", event_id="y1"),
-             ev("u", "z", event_id="z1")]
-    sources = [(0, 10), (0, 11), (0, 12), (0, 13)]
+             ev("u", "z", event_id="z1"), ev("v", "w")]
+    sources = [(0, 10), (0, 11), (0, 12), (0, 13), (1, 3)]
     stored = dict(engine.ingest_many(first, {}, sources).updated)
-    counts = {item: engine.popularity.count(item, 100.0) for item in "xyz"}
-    assert counts == {"x": 1.0, "y": 1.0, "z": 1.0}
+
+    def counts() -> dict[str, float]:
+        return {item: engine.popularity.count(item, 100.0) for item in "xyzw"}
+
+    assert counts() == dict.fromkeys("xyzw", 1.0)
     again = engine.ingest_many(first, stored, sources)
-    assert {item: engine.popularity.count(item, 100.0) for item in "xyz"} == {**counts, "x": 2.0}
+    assert counts() == dict.fromkeys("xyzw", 1.0)
     assert again.updated["u"].items == stored["u"].items == ("y", "z")
-    engine.ingest_many([ev("u", "z", event_id="z1")], stored, [(0, 14)])
-    assert engine.popularity.count("z", 100.0) == 1.0
-    engine.ingest_many([ev("u", "z", event_id="z2")], stored, [(0, 5)])  # a topic made again
-    assert engine.popularity.count("z", 100.0) == 2.0
+    engine.ingest_many([ev("u", "z", event_id="z1")], stored, [(0, 14)])  # a duplicate
+    assert counts()["z"] == 1.0
+
+    engine.save(model=False)
+    later = [ev("u", "x", event_id="x2"), ev("v", "w")]
+    stored.update(engine.ingest_many(later, stored, [(0, 15), (1, 4)]).updated)
+    assert counts() == {**dict.fromkeys("yz", 1.0), "x": 2.0, "w": 2.0}
+    engine.popularity = Engine(engine.settings).popularity  # a crash: the saved counts
+    assert engine.popularity.load(engine.popularity_path)
+    assert counts() == dict.fromkeys("xyzw", 1.0)
+    engine.ingest_many(first[2:] + later, stored, sources[2:] + [(0, 15), (1, 4)])
+    assert counts() == {**dict.fromkeys("yz", 1.0), "x": 2.0, "w": 2.0}
+
+    mark_topics_renewed(engine.checkpoint_dir)
+    assert engine.load()
+    engine.ingest_many([ev("u", "y", event_id="y9")], stored, [(0, 2)])
+    assert counts()["y"] == 2.0
