@@ -324,6 +324,44 @@ def test_restarted_worker_keeps_histories(settings, start_worker):
         assert ids(client.recommend("nobody", k=4, **POPULAR)) == ["c", "b", "a", "d"]  # counts too
 
 
+def test_events_read_again_add_nothing_to_the_saved_popularity(settings, start_worker):
+    """The popularity is saved with its place in each events partition. Events read again
+    from before it (a crash after a checkpoint and before the commit that would have covered
+    them; here the group's offsets are moved back while the worker is stopped) add nothing
+    to it. Before, those without an id were counted again, and so were those an erasure had
+    taken from their user's history."""
+    worker = start_worker(settings)
+    produce(settings, [(user.encode(), event(user, item, kind)) for user, item, kind in STREAM]
+            + [(b"u3", b'{"v": 1, "user_id": "u3", "forget": true}')])
+    worker.wait_metric("streamrec_events_total", len(STREAM))
+    wait_until(lambda: metric(worker, "streamrec_users") == 3, 10)
+    with RecClient(settings) as client:
+        before = client.recommend("nobody", k=4, **POPULAR).items
+    assert [item.item_id for item in before] == ["c", "b", "a", "d"]
+    assert worker.stop() == 0
+    forget_group_offsets(settings)
+    again = start_worker(settings)
+    again.wait_metric("streamrec_events_total", len(STREAM))
+    wait_until(lambda: metric(again, "streamrec_users") == 3, 10)
+    with RecClient(settings) as client:
+        after = client.recommend("nobody", k=4, **POPULAR).items
+    assert [(item.item_id, round(item.score, 6)) for item in after] == \
+        [(item.item_id, round(item.score, 6)) for item in before]
+
+
+def forget_group_offsets(settings) -> None:
+    """Delete the app's consumer group (no member alive), and with it every offset it
+    committed: a worker started next reads every topic from its beginning."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(**client_config(settings))
+    try:
+        admin.delete_groups([settings.app_id])
+    finally:
+        admin.close()
+    assert set(committed_event_offsets(settings).values()) == {0}
+
+
 def committed_event_offsets(settings, topic: str | None = None) -> dict[int, int]:
     """The app group's committed offset of each events (or ``topic``) partition (0 where
     none)."""
