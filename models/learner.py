@@ -459,10 +459,7 @@ class ItemLearner:
     def _inputs_discount(self, rows: np.ndarray) -> np.ndarray:
         """0.5 per ``positives_half_life`` learned events since each row's offset
         accumulators were last summed (1 without a half-life)."""
-        half_life = self.config.positives_half_life
-        if half_life is None:
-            return np.ones(len(rows))
-        return 0.5 ** ((self.events - self._offset_at[rows]) / half_life)
+        return halved(self.events - self._offset_at[rows], self.config.positives_half_life)
 
     def forget_positives(self, rows: np.ndarray) -> None:
         """Leave ``rows`` with no positives learned here: another learner owns their items now
@@ -553,8 +550,7 @@ class ItemLearner:
         count = len(self._lane_clock)
         half_life = self.config.positives_half_life
         if half_life is not None:
-            events = np.bincount(lanes, minlength=count)
-            self._lane_mass *= 0.5 ** (events / (half_life / count))
+            self._lane_mass *= halved(np.bincount(lanes, minlength=count), half_life / count)
         self._lane_mass += np.bincount(lanes, weights=alphas, minlength=count)
 
     @property
@@ -615,10 +611,8 @@ class ItemLearner:
         """0.5 per ``positives_half_life`` events since each slot's last update, counted on
         its lane's clock (1 without a half-life)."""
         half_life = self.config.positives_half_life
-        if half_life is None:
-            return np.ones(len(slots))
         since = self._lane_clock[self._pos_lane[slots]] - self._pos_at[slots]
-        return 0.5 ** (since / (half_life / len(self._lane_clock)))
+        return halved(since, None if half_life is None else half_life / len(self._lane_clock))
 
     def _solved(self, rows: np.ndarray, gram: np.ndarray, target: np.ndarray,
                 G_C: np.ndarray) -> np.ndarray:
@@ -716,9 +710,7 @@ class ItemLearner:
 
     # -- counts ---------------------------------------------------------------------------
     def _decay(self, rows: np.ndarray, now: float) -> np.ndarray:
-        if self.config.count_half_life is None:
-            return np.ones(len(rows))
-        return np.exp2(-(now - self._count_at[rows]) / self.config.count_half_life)
+        return halved(now - self._count_at[rows], self.config.count_half_life)
 
     def _decayed_counts(self, rows: np.ndarray) -> np.ndarray:
         return self._count[rows] * self._decay(rows, self.events)
@@ -1054,6 +1046,16 @@ class ItemReplica(ItemLearner):
         raise TypeError("an ItemReplica only follows the learner it replicates")
 
     learn = learn_inputs = assign = resolve = save = delta = count = _learning
+
+
+def halved(elapsed: np.ndarray, half_life: float | None) -> np.ndarray:
+    """0.5 per ``half_life`` of ``elapsed`` (events, each entry its own): the one discount
+    of the learner's decayed quantities (counts, positives, offset accumulators); ones
+    without a half-life (kept for ever)."""
+    elapsed = np.asarray(elapsed, dtype=np.float64)
+    if half_life is None:
+        return np.ones(elapsed.shape)
+    return 0.5 ** (elapsed / half_life)
 
 
 def _no_statistics(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -912,3 +912,12 @@ def test_the_input_offsets_accumulators_forget_as_the_positives_do(tmp_path, hal
     assert restored.load(tmp_path / "older.npz")
     np.testing.assert_array_equal(restored._offset_at[: len(restored)],
                                   np.full(len(restored), float(restored.events)))
+
+
+def test_the_learners_one_discount_halves_per_half_life_and_keeps_without_one():
+    from models.learner import halved
+
+    elapsed = np.array([0.0, 100.0, 250.0, 1e6])
+    assert halved(elapsed, 100.0) == pytest.approx([1.0, 0.5, 2 ** -2.5, 0.0])
+    assert halved(elapsed, None).tolist() == [1.0] * 4
+    assert halved(np.array([], dtype=np.int64), 5.0).shape == (0,)
