@@ -6,6 +6,7 @@ records); here the batching itself, and reads against a real rocksdb store."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 from types import SimpleNamespace
@@ -633,7 +634,7 @@ def test_a_sweep_deletes_what_it_picks_on_the_active_partitions_a_chunk_at_a_tim
     changelog = table.changelog_topic.get_topic_name()
     table.data.set_persisted_offset(TP(changelog, 1), 7)
     table.app.assignor.assigned_actives = lambda: {TP(changelog, p) for p in (0, 1, 2)}
-    offered, turns, betweens = [], [0], [0]
+    offered, turns, betweens, chunks, told = [], [0], [0], [], []
 
     def older_than(limit: int):
         def old(stored: bytes) -> bool:
@@ -643,6 +644,7 @@ def test_a_sweep_deletes_what_it_picks_on_the_active_partitions_a_chunk_at_a_tim
 
     async def between() -> bool:
         betweens[0] += 1
+        told.append(sum(chunks))  # each chunk told before its turn
         await batched.flush()
         return True
 
@@ -655,7 +657,8 @@ def test_a_sweep_deletes_what_it_picks_on_the_active_partitions_a_chunk_at_a_tim
         beside = asyncio.ensure_future(other_task())
         try:  # partition 2 active but no predicate (no event taken from it): not read
             return await batched.delete_where({0: older_than(30), 1: older_than(60),
-                                               3: older_than(100)}, between, turn_every=50)
+                                               3: older_than(100)}, between, turn_every=50,
+                                              deleted=chunks.append)
         finally:
             beside.cancel()
 
@@ -665,6 +668,7 @@ def test_a_sweep_deletes_what_it_picks_on_the_active_partitions_a_chunk_at_a_tim
               if n % 4 in limits and age < limits[n % 4]}
     assert deleted == len(doomed) and len(offered) == 800
     assert betweens[0] == 2 * 9 and turns[0] >= 2 * 8 - 2  # 400 a partition: 8 full chunks
+    assert told == list(itertools.accumulate(chunks)) and sum(chunks) == deleted
     for n, user in enumerate(ages):
         with acting_for(event_on(n % 4)):
             assert (table.get(user) is None) == (user in doomed), user
