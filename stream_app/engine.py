@@ -348,6 +348,7 @@ class Engine:
         examples: list[TrainExample | None] = []
         repeated: list[bool] = []
         countable: list[TrainExample] = []  # into the popularity, where it lacks them
+        redelivered: set[tuple[str, str]] = set()  # (user, event id) of redeliveries
         for n, event in enumerate(events):
             if isinstance(event, ForgetUser):
                 self._forget(event.user_id, current, histories)
@@ -364,14 +365,13 @@ class Engine:
             if step is None:
                 read_before = taken[0].read_before(source)  # not a client's duplicate
                 examples.append(self._remade(event, *taken, source) if read_before else None)
-                if read_before:  # a redelivery: counted if the popularity lost it
-                    countable.append(examples[-1])
+                if read_before and self._first_redelivery(event, redelivered):
+                    countable.append(examples[-1])  # counted if the popularity lost it
                 continue
             history, weights, example = step
             current[event.user_id] = (history, weights)
             examples.append(example)
             countable.append(example)
-        self._count(countable)
         if sources is not None:
             self._note_event_times(events, sources)
         kept = [(user, taken) for user, taken in current.items() if taken[0]]
@@ -381,14 +381,31 @@ class Engine:
         updated = {user: history for user, (history, _) in current.items() if not history}
         updated.update((user, history.with_phi(encode_phi(phi)))
                        for (user, (history, _)), phi in zip(kept, phis))
+        self._count(countable)
         return Ingested(updated, examples, repeated)
+
+    @staticmethod
+    def _first_redelivery(event: Event, redelivered: set[tuple[str, str]]) -> bool:
+        """Whether ``event``, read again, is the first of its id for its user in the batch:
+        the history keeps the offset of its last event, not one per event, so a client's
+        duplicate (the same id at a later offset) read again with the rest after a crash
+        passes for a redelivery too. Within a batch it is told apart here; read again in
+        another batch than its original, it is counted as one more event."""
+        if event.event_id is None:
+            return True
+        key = (event.user_id, event.event_id)
+        if key in redelivered:
+            return False
+        redelivered.add(key)
+        return True
 
     def _count(self, examples: list[TrainExample]) -> None:
         """The events of ``examples`` into the popularity: by their places in the events
         topic, those it does not hold (:meth:`DecayedPopularity.add_unheld`), all of them
         where they have none (an offline ingest, which never reads an event twice). Done
         last in a batch, so a batch that fails before it counts nothing, and one that fails
-        after it counts its events once though it is taken again event by event."""
+        after it (its writes) counts its events once though it is taken again event by
+        event."""
         if examples and examples[0].source is not None:
             self.popularity.add_unheld([example.item_id for example in examples],
                                        [example.ts for example in examples],
@@ -1166,6 +1183,9 @@ class Engine:
     def load(self) -> bool:
         """The last checkpoint and the newest valid index version, where they exist (a
         replica takes the item rows only)."""
+        # the mark of topics made again does not say which: the popularity's places go
+        # also when only the training topic was, and the events read again after such a
+        # start (those since the last commit) are then counted again
         found = self.popularity.load(self.popularity_path,
                                      places_void=positions_void(self.popularity_path))
         found = self.learner.load(self.model_path,

@@ -49,10 +49,12 @@ async def topic_partitions(consumer, topic: str) -> frozenset[int]:
 
 
 async def assign_whole_topic(consumer, topic: str, next_offsets: Mapping[int, int],
-                             settings: Settings) -> dict:
+                             settings: Settings, *, ends: bool = True) -> dict:
     """Assign an aiokafka ``consumer`` every partition of ``topic``, each from
     ``next_offsets[partition]`` (where the last reader of this process left it) or from its
-    beginning; returns each partition's end offset now. For the readers that follow a whole
+    beginning; returns each partition's end offset now (none without ``ends``: with the
+    embedded broker's fixes, asking takes a consumer of its own, up to seconds, which a
+    reader that has caught up once does not need). For the readers that follow a whole
     topic outside any group (the item rows, the withdrawn items). Raises LookupError while
     the cluster reports no partition of the topic, so that the reader's retry starts again
     instead of taking an empty topic for one read to its end."""
@@ -63,14 +65,16 @@ async def assign_whole_topic(consumer, topic: str, next_offsets: Mapping[int, in
         raise LookupError(f"the topic {topic} has no partitions on the cluster")
     assigned = [TopicPartition(topic, partition) for partition in sorted(partitions)]
     consumer.assign(assigned)
-    ends = (await exact_end_offsets(consumer, assigned) if settings.compat_fixes
-            else await consumer.end_offsets(assigned))
+    found = {}
+    if ends:
+        found = (await exact_end_offsets(consumer, assigned) if settings.compat_fixes
+                 else await consumer.end_offsets(assigned))
     for tp in assigned:
         if tp.partition in next_offsets:
             consumer.seek(tp, next_offsets[tp.partition])
         else:
             await consumer.seek_to_beginning(tp)
-    return ends
+    return found
 
 
 def client_config(settings: Settings) -> dict:

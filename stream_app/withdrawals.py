@@ -126,7 +126,7 @@ class Withdrawals:
         try:
             await consumer.start()
             ends = await assign_whole_topic(consumer, settings.withdrawn_topic, self._next,
-                                            settings)
+                                            settings, ends=self._catch_up is None)
             if self._catch_up is None:
                 self._catch_up = {tp.partition: end for tp, end in ends.items() if end > 0}
             while True:

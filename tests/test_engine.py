@@ -356,3 +356,19 @@ def test_each_event_is_counted_once_in_the_popularity_by_its_place(engine, tmp_p
     assert engine.load()
     engine.ingest_many([ev("u", "y", event_id="y9")], stored, [(0, 2)])
     assert counts()["y"] == 2.0
+
+
+def test_a_clients_duplicate_read_again_with_its_original_is_counted_once(engine):
+    """After a crash that lost their counts, an event and a client's duplicate of it (the
+    same id at a later offset) read again in one batch count once: the history keeps its
+    last offset only, so the duplicate passes for a redelivery too."""
+    batch = [ev("d", "x", event_id="e5"), ev("d", "x", event_id="e5"),
+             ev("d", "y", event_id="e6")]
+    sources = [(0, 20), (0, 21), (0, 22)]
+    engine.save(model=False)  # the counts before the batch
+    stored = dict(engine.ingest_many(batch, {}, sources).updated)
+    assert [engine.popularity.count(item, 100.0) for item in "xy"] == [1.0, 1.0]
+    engine.popularity = Engine(engine.settings).popularity  # a crash: the saved counts
+    assert engine.popularity.load(engine.popularity_path)
+    engine.ingest_many(batch, stored, sources)
+    assert [engine.popularity.count(item, 100.0) for item in "xy"] == [1.0, 1.0]

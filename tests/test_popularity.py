@@ -308,3 +308,20 @@ def test_events_read_again_from_any_earlier_offset_are_counted_once(tmp_path, se
     assert renewed.add_unheld([item], [ts], [weight], [(0, 0)]) == [True]
     other_topic = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="other")
     assert other_topic.load(tmp_path / "p.npz") and other_topic.places.next_offsets() == {}
+
+
+def test_events_whose_count_fails_are_not_taken_for_held(monkeypatch):
+    """A count that raises leaves the places where they were: the events, taken again, are
+    counted then."""
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
+    popularity.add_unheld(["a"], [1e9], [1.0], [(0, 0)])
+
+    def failing(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(popularity, "add_many", failing)
+    with pytest.raises(MemoryError):
+        popularity.add_unheld(["b"], [1e9], [1.0], [(0, 1)])
+    monkeypatch.undo()
+    assert popularity.add_unheld(["b"], [1e9], [1.0], [(0, 1)]) == [True]
+    assert popularity.count("b", 1e9) == 1.0 and popularity.places.next_offsets() == {0: 2}
