@@ -12,7 +12,6 @@ time is ``exp(a_i − λ t)``. Nothing has to be rescanned when time moves, and 
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 import time
@@ -142,7 +141,7 @@ class DecayedPopularity:
         Returns which were added. Read again after a crash, an event is counted where the
         saved counts lack it, and only there: whether or not it has an id, and whether or
         not an erasure took it from its user's history since."""
-        before = copy.deepcopy(self.places)
+        before = self.places.next_offsets()  # a copy
         held = self.places.admit([partition for partition, _ in places],
                                  [offset for _, offset in places])
         added = [n for n, new in enumerate(held) if new]
@@ -150,7 +149,7 @@ class DecayedPopularity:
             self.add_many([item_ids[n] for n in added], [ts[n] for n in added],
                           [weights[n] for n in added])
         except BaseException:
-            self.places = before  # not counted: counted when taken again
+            self.places.restore(before)  # not counted: counted when taken again
             raise
         return held
 

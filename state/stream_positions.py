@@ -60,6 +60,11 @@ class _Positions:
     def next_offsets(self) -> dict:
         return dict(self._next)
 
+    def restore(self, next_offsets: Mapping) -> None:
+        """Put the positions back to ``next_offsets`` (of :meth:`next_offsets`): the messages
+        admitted since were not taken after all."""
+        self._next = dict(next_offsets)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         streams = sorted(self._next)
         return {f"{self.prefix}topic": np.array(self.topic),
