@@ -12,17 +12,21 @@ time is ``exp(a_i − λ t)``. Nothing has to be rescanned when time moves, and 
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import orjson
 
 from .gramian import ids_from_arrays, ids_to_arrays, load_npz, save_npz
 from .stream_positions import StreamPositions
+
+log = logging.getLogger(__name__)
 
 #: the fewest items a ranking keeps: a request that needs more (k + its exclusions) ranks again
 RANKED_AT_LEAST = 1024
@@ -61,6 +65,90 @@ class PopularitySnapshot(NamedTuple):
     now: float
     number: int  # the snapshots of one instance in the order taken
     places: dict[str, np.ndarray]  # where the counts stand in the events topic
+    journal: int  # the counts hold the journal files up to this number (0: none kept)
+
+
+class CountJournal:
+    """The events counted since the last snapshot, appended beside the saved counts so that
+    a process that dies loses none of them: one JSON line per counted batch (items, times,
+    weights, and the events' partitions and offsets), in numbered files
+    ``<counts file>.journal.N``. A snapshot starts the next file; once it is written, the
+    files it holds go. Loading the counts replays the files through the places, which skip
+    what the counts hold already (:meth:`DecayedPopularity.load`).
+
+    Written through the page cache, without a sync: a worker process that is killed loses
+    nothing, a machine that loses power may lose the last lines (as it may lose Kafka's
+    unsynced records). A line cut short by the death of its writer is skipped at the replay."""
+
+    def __init__(self, counts_path: Path, topic: str) -> None:
+        self.directory, self.prefix = counts_path.parent, counts_path.name + ".journal."
+        self.topic = topic
+        self.number = max((number for number, _ in journal_files(counts_path)), default=0) + 1
+        self._handle = None
+
+    def append(self, item_ids: Sequence[str], ts: Sequence[float], weights: Sequence[float],
+               places: Sequence[tuple[int, int]]) -> None:
+        """One counted batch, on the disk (its write handed to the system) when it returns."""
+        if self._handle is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.directory / f"{self.prefix}{self.number:06d}", "ab")
+        self._handle.write(orjson.dumps({
+            "topic": self.topic, "items": list(item_ids), "ts": list(ts),
+            "weights": list(weights), "places": [list(place) for place in places]}) + b"\n")
+        self._handle.flush()
+
+    def next_file(self) -> int:
+        """Start the next file; returns the number of the last one the counts now hold."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self.number += 1
+        return self.number - 1
+
+    def drop_through(self, counts_path: Path, number: int) -> None:
+        """Remove the files up to ``number``: saved counts hold them."""
+        for held, path in journal_files(counts_path):
+            if held <= number:
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def journal_files(counts_path: Path) -> list[tuple[int, Path]]:
+    """The journal files of the counts at ``counts_path``, by number."""
+    prefix = counts_path.name + ".journal."
+    found = []
+    for path in counts_path.parent.glob(prefix + "*"):
+        suffix = path.name[len(prefix):]
+        if suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def journal_batches(path: Path) -> Iterator[dict]:
+    """The counted batches of one journal file; a line that does not read as one (cut short
+    by the death of its writer) is skipped."""
+    with open(path, "rb") as handle:
+        for line in handle:
+            try:
+                batch = orjson.loads(line)
+                if not isinstance(batch, dict):
+                    raise ValueError("not a batch")
+                columns = [batch[name] for name in ("items", "ts", "weights", "places")]
+                if len({len(column) for column in columns}) != 1:
+                    raise ValueError("columns of unequal lengths")
+                if not all(isinstance(item, str) for item in batch["items"]):
+                    raise ValueError("an item id that is not a string")
+                batch["places"] = [(int(partition), int(offset))
+                                   for partition, offset in batch["places"]]
+            except (ValueError, KeyError, TypeError) as error:
+                log.warning("a line of the popularity journal %s does not read (%s): "
+                            "skipped", path.name, error)
+                continue
+            yield batch
 
 
 class DecayedPopularity:
@@ -94,6 +182,7 @@ class DecayedPopularity:
         self._snapshots = 0  # taken
         self._written = 0  # the number of the newest snapshot written
         self._write_lock = threading.Lock()
+        self.journal: CountJournal | None = None  # kept by the process that saves the counts
 
     def __len__(self) -> int:
         return len(self._index)
@@ -145,13 +234,29 @@ class DecayedPopularity:
         held = self.places.admit([partition for partition, _ in places],
                                  [offset for _, offset in places])
         added = [n for n, new in enumerate(held) if new]
+        columns = ([item_ids[n] for n in added], [ts[n] for n in added],
+                   [weights[n] for n in added])
         try:
-            self.add_many([item_ids[n] for n in added], [ts[n] for n in added],
-                          [weights[n] for n in added])
+            self.add_many(*columns)
         except BaseException:
             self.places.restore(before)  # not counted: counted when taken again
             raise
+        if self.journal is not None and added:
+            self._journal(*columns, [places[n] for n in added])
         return held
+
+    def keep_journal(self, counts_path: Path) -> None:
+        """From now on, append the events :meth:`add_unheld` counts to a
+        :class:`CountJournal` beside the counts saved at ``counts_path`` (the worker's, not
+        a process that only reads the counts)."""
+        self.journal = CountJournal(counts_path, self.places.topic)
+
+    def _journal(self, item_ids: list[str], ts: list[float], weights: list[float],
+                 places: list[tuple[int, int]]) -> None:
+        try:
+            self.journal.append(item_ids, ts, weights, places)
+        except OSError as error:  # a full disk: the counts go on, the next save holds them
+            log.warning("could not append to the popularity journal: %s", error)
 
     def _append(self, item_id: str) -> int:
         if self._free:
@@ -245,8 +350,9 @@ class DecayedPopularity:
         ids = (list(self._ids) if len(rows) == len(self._ids)
                else [self._ids[r] for r in rows.tolist()])
         self._snapshots += 1
+        journal = self.journal.next_file() if self.journal is not None else 0
         return PopularitySnapshot(ids, self._log_mass[rows], self.rate, self.now,
-                                  self._snapshots, self.places.to_arrays())
+                                  self._snapshots, self.places.to_arrays(), journal)
 
     def write(self, snapshot: PopularitySnapshot, path: Path) -> bool:
         """Write ``snapshot`` to ``path`` atomically, from any thread; False (nothing
@@ -258,16 +364,29 @@ class DecayedPopularity:
             save_npz(path, {**ids_to_arrays(snapshot.ids), "log_mass": snapshot.log_mass,
                             "rate": snapshot.rate, "now": snapshot.now, **snapshot.places})
             self._written = snapshot.number
+            if self.journal is not None and snapshot.journal:
+                self.journal.drop_through(path, snapshot.journal)
             return True
 
     def load(self, path: Path, *, places_void: bool = False) -> bool:
         """Replace the counts, and where they stand in the events topic, with those saved
-        at ``path``; False if there is no file. ``places_void``: the events topic was made
-        again since (its offsets start anew), so the counts are kept and every event is
-        counted. A file from before the places were saved has none: likewise."""
+        at ``path``, then count the events of its journal files (:class:`CountJournal`)
+        that they do not hold; False if there is neither. ``places_void``: the events topic
+        was made again since (its offsets start anew), so the counts are kept and every
+        event is counted. A file from before the places were saved has none: likewise."""
         data = load_npz(path)
-        if data is None:
+        journals = journal_files(path)
+        if data is None and not journals:
             return False
+        if data is not None:
+            self._load_counts(data, path, places_void)
+        for _, journal in journals:
+            self._replay(journal)
+        if places_void:
+            self.places.set_arrays({})
+        return True
+
+    def _load_counts(self, data: dict, path: Path, places_void: bool) -> None:
         self.places.set_arrays({} if places_void else data)
         ids = ids_from_arrays(data, where=path)
         self._index = {item_id: row for row, item_id in enumerate(ids)}
@@ -283,4 +402,22 @@ class DecayedPopularity:
             self._log_mass[: len(ids)] += (self.rate - saved_rate) * self.now
         self._dirty = True
         self._order_at = -math.inf
-        return True
+
+    def _replay(self, journal: Path) -> None:
+        """Count the batches of a journal file that the counts do not hold, by their places;
+        those of another events topic than this one's are all counted (their places mean
+        nothing here)."""
+        kept, self.journal = self.journal, None  # not appended again while replayed
+        try:
+            for batch in journal_batches(journal):
+                columns = (batch["items"], batch["ts"], batch["weights"])
+                try:
+                    if batch.get("topic") == self.places.topic:
+                        self.add_unheld(*columns, batch["places"])
+                    else:
+                        self.add_many(*columns)
+                except (ValueError, TypeError) as error:  # not numbers, or not ids
+                    log.warning("a batch of the popularity journal %s does not count (%s): "
+                                "skipped", journal.name, error)
+        finally:
+            self.journal = kept

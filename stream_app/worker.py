@@ -187,6 +187,7 @@ def _start_serving(settings: Settings, engine: Engine, learner: LearnerProcess |
     metrics server (None when off) and the worker."""
     if engine.load():
         log.info("loaded checkpoint: %d items", len(engine.popularity))
+    engine.popularity.keep_journal(engine.popularity_path)  # this process saves the counts
     metrics = build_metrics(engine)
     server = None
     if settings.metrics_port:

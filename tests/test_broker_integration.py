@@ -349,6 +349,24 @@ def test_events_read_again_add_nothing_to_the_saved_popularity(settings, start_w
         [(item.item_id, round(item.score, 6)) for item in before]
 
 
+def test_a_killed_worker_loses_no_popularity_and_counts_none_twice(settings, start_worker):
+    """The counts since the popularity's last save are in its journal beside it: a worker
+    killed before any save (its events committed) restarts with every count, once. Before,
+    they were lost with the process."""
+    crashy = settings.replace(checkpoint_interval_s=3600.0)
+    worker = start_worker(crashy)
+    produce_stream(settings)
+    worker.wait_metric("streamrec_events_total", len(STREAM))
+    time.sleep(4.0)  # Faust's commits of the acknowledged offsets (every 2.8 s)
+    worker.child.kill()
+    again = start_worker(crashy)
+    again.wait_metric("streamrec_users", 4)
+    with RecClient(settings) as client:
+        unknown = client.recommend("nobody", k=4, **POPULAR)
+    assert [(item.item_id, round(item.score, 6)) for item in unknown.items] == [
+        ("c", 10.0), ("b", 8.0), ("a", 3.0), ("d", 1.0)]
+
+
 def forget_group_offsets(settings) -> None:
     """Delete the app's consumer group (no member alive), and with it every offset it
     committed: a worker started next reads every topic from its beginning."""

@@ -325,3 +325,72 @@ def test_events_whose_count_fails_are_not_taken_for_held(monkeypatch):
     monkeypatch.undo()
     assert popularity.add_unheld(["b"], [1e9], [1.0], [(0, 1)]) == [True]
     assert popularity.count("b", 1e9) == 1.0 and popularity.places.next_offsets() == {0: 2}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_process_that_dies_loses_no_count_and_counts_none_twice(tmp_path, seed):
+    """Oracle: events read (and read again from any earlier offset), the counts saved now
+    and then, and the process killed at random moments (its instance dropped unsaved, a new
+    one loading the counts and their journal): the counts equal counting each event read
+    once, those since the last save too. The journal files a save holds are removed."""
+    from state.popularity import journal_files
+
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "popularity.npz"
+    streams = {partition: [(f"i{rng.integers(8)}", float(1e9 + rng.uniform(0, 1e5)), 2.0)
+                           for _ in range(60)] for partition in range(2)}
+
+    def started() -> DecayedPopularity:
+        popularity = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
+        popularity.load(path)
+        popularity.keep_journal(path)
+        return popularity
+
+    popularity, read_to = started(), dict.fromkeys(streams, 0)
+    for _ in range(40):
+        partition = int(rng.integers(2))
+        start = int(rng.integers(0, read_to[partition] + 1))
+        end = min(len(streams[partition]), start + int(rng.integers(1, 10)))
+        events = streams[partition][start:end]
+        popularity.add_unheld([e[0] for e in events], [e[1] for e in events],
+                              [e[2] for e in events],
+                              [(partition, offset) for offset in range(start, end)])
+        read_to[partition] = max(read_to[partition], end)
+        if rng.random() < 0.25:
+            popularity.save(path)
+            assert [number for number, _ in journal_files(path)] in ([], [
+                popularity.journal.number])
+        if rng.random() < 0.25:  # killed: nothing saved
+            popularity.journal.close()
+            popularity = started()
+    once = [event for partition, events in streams.items()
+            for event in events[:read_to[partition]]]
+    at = 1e9 + 2e5
+    for item in {event[0] for event in once}:
+        assert popularity.count(item, at) == pytest.approx(direct_count(once, item, at))
+
+
+def test_a_journal_line_cut_short_or_not_a_batch_is_skipped(tmp_path, caplog):
+    path = tmp_path / "popularity.npz"
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
+    popularity.keep_journal(path)
+    popularity.add_unheld(["a", "b"], [1e9, 1e9], [1.0, 1.0], [(0, 0), (0, 1)])
+    popularity.journal.close()
+    (journal,) = path.parent.glob("popularity.npz.journal.*")
+    with open(journal, "ab") as handle:
+        handle.write(b'{"topic": "events", "items": ["c"], "ts": [1e9], "weights": [1.0], '
+                     b'"places": [[0, 2]]}\n')
+        handle.write(b'{"topic": "events", "items": [5], "ts": [1e9], "weights": [1.0], '
+                     b'"places": [[0, 3]]}\n')
+        handle.write(b'{"topic": "events", "items": ["d"], "ts": ["x"], "weights": [1.0], '
+                     b'"places": [[0, 4]]}\n')
+        handle.write(b'{"topic": "events", "items": ["e"], "ts": [1e9], "weights": [1.0], '
+                     b'"places": [[0, 5]]}\n')
+        handle.write(b'{"topic": "events", "items": ["f"], "ts": [1e9], "wei')  # cut short
+    loaded = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
+    with caplog.at_level("WARNING"):
+        assert loaded.load(path)
+    assert {item: loaded.count(item, 1e9) for item in "abcdef"} == {
+        "a": 1.0, "b": 1.0, "c": 1.0, "d": 0.0, "e": 1.0, "f": 0.0}
+    assert loaded.places.next_offsets() == {0: 6}
+    assert sum("does not" in record.getMessage() for record in caplog.records) == 3
