@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from .gramian import ids_from_arrays, ids_to_arrays, load_npz, save_npz
-from .stream_positions import StreamPositions
+from .stream_positions import StreamPositions, written_before_renewal
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,12 @@ class CountJournal:
     nothing, a machine that loses power may lose the last lines (as it may lose Kafka's
     unsynced records). A line cut short by the death of its writer is skipped at the replay."""
 
-    def __init__(self, counts_path: Path, topic: str) -> None:
+    def __init__(self, counts_path: Path, topic: str, held: int = 0) -> None:
+        """``held``: the last file number the saved counts hold; numbers go on above it and
+        above every file there, so that no new file passes for one they hold."""
         self.directory, self.prefix = counts_path.parent, counts_path.name + ".journal."
         self.topic = topic
-        self.number = max((number for number, _ in journal_files(counts_path)), default=0) + 1
+        self.number = max([held, *(number for number, _ in journal_files(counts_path))]) + 1
         self._handle = None
 
     def append(self, item_ids: Sequence[str], ts: Sequence[float], weights: Sequence[float],
@@ -98,7 +100,8 @@ class CountJournal:
         self._handle.flush()
 
     def next_file(self) -> int:
-        """Start the next file; returns the number of the last one the counts now hold."""
+        """Start the next file (a snapshot, or a write that failed: a line left half
+        written ends its file); returns the number of the last one the counts now hold."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -183,6 +186,8 @@ class DecayedPopularity:
         self._written = 0  # the number of the newest snapshot written
         self._write_lock = threading.Lock()
         self.journal: CountJournal | None = None  # kept by the process that saves the counts
+        self._journal_held = 0  # the last journal file the loaded counts hold
+        self._journal_failing = False  # warned of a failed append, none has worked since
 
     def __len__(self) -> int:
         return len(self._index)
@@ -249,14 +254,20 @@ class DecayedPopularity:
         """From now on, append the events :meth:`add_unheld` counts to a
         :class:`CountJournal` beside the counts saved at ``counts_path`` (the worker's, not
         a process that only reads the counts)."""
-        self.journal = CountJournal(counts_path, self.places.topic)
+        self.journal = CountJournal(counts_path, self.places.topic, self._journal_held)
 
     def _journal(self, item_ids: list[str], ts: list[float], weights: list[float],
                  places: list[tuple[int, int]]) -> None:
         try:
             self.journal.append(item_ids, ts, weights, places)
         except OSError as error:  # a full disk: the counts go on, the next save holds them
-            log.warning("could not append to the popularity journal: %s", error)
+            self.journal.next_file()  # not after a line the failure may have cut short
+            if not self._journal_failing:
+                log.warning("could not append to the popularity journal (%s): the counts "
+                            "since the last save are lost if the worker dies", error)
+            self._journal_failing = True
+        else:
+            self._journal_failing = False
 
     def _append(self, item_id: str) -> int:
         if self._free:
@@ -362,32 +373,39 @@ class DecayedPopularity:
             if snapshot.number <= self._written:
                 return False
             save_npz(path, {**ids_to_arrays(snapshot.ids), "log_mass": snapshot.log_mass,
-                            "rate": snapshot.rate, "now": snapshot.now, **snapshot.places})
+                            "rate": snapshot.rate, "now": snapshot.now, **snapshot.places,
+                            "journal": snapshot.journal})
             self._written = snapshot.number
             if self.journal is not None and snapshot.journal:
                 self.journal.drop_through(path, snapshot.journal)
             return True
 
-    def load(self, path: Path, *, places_void: bool = False) -> bool:
+    def load(self, path: Path, *, renewed_at: float | None = None,
+             journal: bool = True) -> bool:
         """Replace the counts, and where they stand in the events topic, with those saved
-        at ``path``, then count the events of its journal files (:class:`CountJournal`)
-        that they do not hold; False if there is neither. ``places_void``: the events topic
-        was made again since (its offsets start anew), so the counts are kept and every
-        event is counted. A file from before the places were saved has none: likewise."""
+        at ``path``, then count the events of its journal files (:class:`CountJournal`;
+        without ``journal``, not: a process that only reads the counts) that they do not
+        hold; False if there is neither.
+
+        ``renewed_at``: when the topics were last made anew (their offsets start again):
+        places saved before it are void, so the counts are kept and every event is counted;
+        a journal file written before it is counted whole, without places (its events were
+        counted before the crash, in the old topic), one written after it by its places,
+        from none. A file from before the places were saved has none: likewise."""
         data = load_npz(path)
-        journals = journal_files(path)
+        journals = journal_files(path) if journal else []
         if data is None and not journals:
             return False
         if data is not None:
-            self._load_counts(data, path, places_void)
-        for _, journal in journals:
-            self._replay(journal)
-        if places_void:
-            self.places.set_arrays({})
+            self._load_counts(data, path, written_before_renewal(path, renewed_at))
+        for number, file in journals:
+            if number > self._journal_held:  # else the saved counts hold it
+                self._replay(file, by_places=not written_before_renewal(file, renewed_at))
         return True
 
     def _load_counts(self, data: dict, path: Path, places_void: bool) -> None:
         self.places.set_arrays({} if places_void else data)
+        self._journal_held = int(data["journal"]) if "journal" in data else 0
         ids = ids_from_arrays(data, where=path)
         self._index = {item_id: row for row, item_id in enumerate(ids)}
         self._ids, self._free = ids, []
@@ -403,16 +421,17 @@ class DecayedPopularity:
         self._dirty = True
         self._order_at = -math.inf
 
-    def _replay(self, journal: Path) -> None:
+    def _replay(self, journal: Path, by_places: bool) -> None:
         """Count the batches of a journal file that the counts do not hold, by their places;
-        those of another events topic than this one's are all counted (their places mean
-        nothing here)."""
+        all of them where ``by_places`` is False (written before the topics were made anew)
+        or they are of another events topic than this one's (their places mean nothing
+        here)."""
         kept, self.journal = self.journal, None  # not appended again while replayed
         try:
             for batch in journal_batches(journal):
                 columns = (batch["items"], batch["ts"], batch["weights"])
                 try:
-                    if batch.get("topic") == self.places.topic:
+                    if by_places and batch.get("topic") == self.places.topic:
                         self.add_unheld(*columns, batch["places"])
                     else:
                         self.add_many(*columns)

@@ -156,9 +156,23 @@ def mark_topics_renewed(checkpoint_dir: Path) -> None:
 def positions_void(model_path: Path) -> bool:
     """Whether the positions in the checkpoint at ``model_path`` predate the last renewal of
     the topics (:func:`mark_topics_renewed`): a checkpoint written since holds new ones."""
+    return written_before_renewal(model_path, renewed_at(model_path.parent))
+
+
+def renewed_at(checkpoint_dir: Path) -> float | None:
+    """When the topics were last made anew (:func:`mark_topics_renewed`; its file's time),
+    None if never."""
     try:
-        return (model_path.with_name(RENEWED).stat().st_mtime
-                >= model_path.stat().st_mtime)
+        return (checkpoint_dir / RENEWED).stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def written_before_renewal(path: Path, renewal: float | None) -> bool:
+    """Whether the file at ``path`` was last written before the topics' ``renewal`` (its
+    places are in topics since made anew); False for a file that does not exist."""
+    try:
+        return renewal is not None and renewal >= path.stat().st_mtime
     except FileNotFoundError:
         return False
 

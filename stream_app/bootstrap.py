@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from models.bootstrap import assign_log_priors
+from state.popularity import journal_files
 
 from .datasets import InteractionLog
 from .engine import Engine
@@ -62,6 +63,8 @@ def write_bootstrap(settings: Settings, events: InteractionLog, *, window: int |
         engine.popularity.add_many(events.items[taken].tolist(), events.ts[taken].tolist(),
                                    [weights[str(kind)] for kind in events.kinds[taken]])
         engine.save()
+        for _, journal in journal_files(engine.popularity_path):  # a replaced run's counts
+            journal.unlink()
         forget_rows_shared(settings)  # none of these rows is on the item-rows topic
         if settings.embedded:  # an embedded run may take this data dir (nothing to drop)
             (settings.data_dir / EMBEDDED_MARK).touch()

@@ -33,7 +33,8 @@ from models.serving_choice import (ServingCandidate, ndcg_of_ranks, pool_positio
 from state.gramian import load_npz, save_npz
 from state.history import History
 from state.popularity import DecayedPopularity
-from state.stream_positions import EventPositions, StreamPositions, positions_void
+from state.stream_positions import (EventPositions, StreamPositions, positions_void,
+                                   renewed_at)
 
 from .settings import Settings
 from .wire import (SOURCES, DecodedTraining, Event, ForgetUser, InvalidMessage, RecItem,
@@ -1180,14 +1181,16 @@ class Engine:
         self.paths.model = fresh
         return True
 
-    def load(self) -> bool:
+    def load(self, *, popularity_journal: bool = True) -> bool:
         """The last checkpoint and the newest valid index version, where they exist (a
-        replica takes the item rows only)."""
+        replica takes the item rows only); without ``popularity_journal``, the popularity's
+        counts as saved (a learner process, which answers nothing, skips the journal)."""
         # the mark of topics made again does not say which: the popularity's places go
         # also when only the training topic was, and the events read again after such a
         # start (those since the last commit) are then counted again
         found = self.popularity.load(self.popularity_path,
-                                     places_void=positions_void(self.popularity_path))
+                                     renewed_at=renewed_at(self.checkpoint_dir),
+                                     journal=popularity_journal)
         found = self.learner.load(self.model_path,
                                   restore=self._restore_positions) or found
         self._load_serving(self.checkpoint_dir / "serving.npz")

@@ -461,7 +461,7 @@ def child_main(settings: Settings, inbox: Connection, outbox: Connection) -> Non
     held = lock_data_dir(settings.data_dir, LEARNER_LOCK, wait_s=LEARNER_LOCK_WAIT_S)
     engine = Engine(settings.replace(index_enabled=False))  # the index lives with the answers
     try:
-        engine.load()
+        engine.load(popularity_journal=False)  # the worker counts and answers popularity
     except Exception as error:  # the worker says why it cannot start, not "pipe closed"
         outbox.send(("failed", f"{type(error).__name__}: {error}", 0))
         raise

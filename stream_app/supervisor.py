@@ -161,7 +161,7 @@ def forget_broker_state(settings: Settings) -> list[str]:
         if has_tables:
             shutil.rmtree(tables)
             dropped.append("users' histories")
-        if model.exists():
+        if model.exists() or any(model.parent.glob("popularity.npz*")):  # its journal too
             mark_topics_renewed(model.parent)
             dropped.append("the model's places in the topics")
     for what in dropped:

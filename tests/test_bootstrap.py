@@ -156,8 +156,11 @@ def test_streamrec_bootstrap_starts_a_model_whose_items_and_answers_follow_the_l
         assert main(["bootstrap", str(log), "--force"]) == 1  # a worker holds the data dir
     shared = tmp_path / "data" / "checkpoints" / "rows-shared"
     shared.touch()  # the replaced model's rows were on the item-rows topic; these are not
+    journal = tmp_path / "data" / "checkpoints" / "popularity.npz.journal.000009"
+    journal.write_bytes(b'{"topic": "", "items": ["c3-0"], "ts": [1e9], "weights": [1.0], '
+                        b'"places": [[0, 0]]}\n')  # the replaced run's counts since its save
     assert main(["bootstrap", str(log), "--force"]) == 0
-    assert not shared.exists()
+    assert not shared.exists() and not journal.exists()
 
 
 def test_prior_rows_keep_the_directions_at_the_norm_of_a_new_items_random_row():

@@ -309,3 +309,19 @@ def test_an_embedded_broker_that_does_not_listen_in_time_is_stopped_not_left_run
     with pytest.raises(TimeoutError):
         broker.start(timeout_s=0.0)
     assert broker.process.poll() is not None
+
+
+def test_an_embedded_start_voids_the_places_of_a_popularity_saved_without_a_model(tmp_path):
+    """A worker killed before its first model checkpoint leaves the popularity's counts or
+    journal alone: the embedded broker's new topics void their places too, or the new
+    topic's first events would pass for ones counted."""
+    from stream_app.settings import Settings
+    from stream_app.supervisor import EMBEDDED_MARK, forget_broker_state
+
+    data = tmp_path / "state"
+    (data / "checkpoints").mkdir(parents=True)
+    (data / EMBEDDED_MARK).touch()
+    (data / "checkpoints" / "popularity.npz.journal.000001").write_bytes(b"")
+    dropped = forget_broker_state(Settings(data_dir=data))
+    assert (data / "checkpoints" / "topics-renewed").exists()
+    assert dropped == ["the model's places in the topics"]

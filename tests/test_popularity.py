@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.popularity import DecayedPopularity
+from state.popularity import DecayedPopularity, journal_files
 
 HALF_LIFE = 3600.0
 
@@ -303,7 +304,7 @@ def test_events_read_again_from_any_earlier_offset_are_counted_once(tmp_path, se
         assert popularity.count(item, at) == pytest.approx(direct_count(once, item, at))
     popularity.save(tmp_path / "p.npz")
     renewed = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
-    assert renewed.load(tmp_path / "p.npz", places_void=True)
+    assert renewed.load(tmp_path / "p.npz", renewed_at=time.time() + 10)
     item, ts, weight = streams[0][0]
     assert renewed.add_unheld([item], [ts], [weight], [(0, 0)]) == [True]
     other_topic = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="other")
@@ -394,3 +395,98 @@ def test_a_journal_line_cut_short_or_not_a_batch_is_skipped(tmp_path, caplog):
         "a": 1.0, "b": 1.0, "c": 1.0, "d": 0.0, "e": 1.0, "f": 0.0}
     assert loaded.places.next_offsets() == {0: 6}
     assert sum("does not" in record.getMessage() for record in caplog.records) == 3
+
+
+def test_journals_from_before_the_topics_were_made_again_count_whole_later_ones_by_place(
+        tmp_path):
+    """Topics made anew restart their offsets. A journal file written before that counts
+    whole (its events were counted in the old topic before the crash), one written after
+    it by its places from none: the new topic's first events count, once, also after a
+    second crash; the saved counts' places go."""
+    from state.stream_positions import mark_topics_renewed, renewed_at
+
+    path = tmp_path / "popularity.npz"
+
+    def started() -> DecayedPopularity:
+        popularity = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
+        popularity.load(path, renewed_at=renewed_at(tmp_path))
+        popularity.keep_journal(path)
+        return popularity
+
+    def count(popularity, item: str, offsets: range) -> None:
+        popularity.add_unheld([item] * len(offsets), [1e9] * len(offsets),
+                              [1.0] * len(offsets), [(0, offset) for offset in offsets])
+
+    first = started()
+    count(first, "a", range(0, 5))
+    first.save(path)
+    count(first, "b", range(5, 8))  # in the journal only
+    first.journal.close()  # killed
+    time.sleep(0.05)
+    mark_topics_renewed(tmp_path)  # an embedded broker started anew
+    time.sleep(0.05)
+    second = started()
+    assert [second.count(item, 1e9) for item in "ab"] == pytest.approx([5.0, 3.0])
+    assert second.places.next_offsets() == {}
+    count(second, "c", range(0, 10))  # the new topic's first events
+    second.journal.close()  # killed again, before a save
+    third = started()
+    assert [third.count(item, 1e9) for item in "abc"] == pytest.approx([5, 3, 10])
+    count(third, "c", range(0, 12))  # read again from the start, and two new
+    assert third.count("c", 1e9) == pytest.approx(12.0)
+    assert third.places.next_offsets() == {0: 12}
+
+
+def test_a_death_between_a_save_and_its_journals_removal_counts_them_once(tmp_path):
+    """The saved counts name the last journal file they hold: a file a save covered, left
+    on the disk by a death before its removal, is not counted again, also where the places
+    cannot tell (the topics made anew since); files numbered after it are, and a new
+    process numbers its files above it."""
+    from state.stream_positions import mark_topics_renewed, renewed_at
+
+    path = tmp_path / "popularity.npz"
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="")
+    popularity.keep_journal(path)
+    popularity.add_unheld(["a"], [1e9], [1.0], [(0, 0)])
+    (covered,) = [file for _, file in journal_files(path)]
+    kept = covered.read_bytes()
+    popularity.save(path)
+    covered.write_bytes(kept)  # as if the save's removal had not come
+    popularity.add_unheld(["b"], [1e9], [1.0], [(1, 0)])  # the next file
+    popularity.journal.close()
+    time.sleep(0.05)
+    mark_topics_renewed(tmp_path)
+    loaded = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="")
+    assert loaded.load(path, renewed_at=renewed_at(tmp_path))
+    assert [loaded.count(item, 1e9) for item in "ab"] == pytest.approx([1.0, 1.0])
+    for _, file in journal_files(path):
+        file.unlink()
+    again = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="")
+    again.load(path)
+    again.keep_journal(path)
+    assert again.journal.number > 1  # above the file the saved counts hold
+
+
+def test_a_journal_that_cannot_be_written_warns_once_and_starts_a_new_file(tmp_path, caplog,
+                                                                             monkeypatch):
+    """A full disk: the counts go on; one warning until an append works again, and no line
+    after one the failure may have cut short."""
+    path = tmp_path / "popularity.npz"
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
+    popularity.keep_journal(path)
+    append = popularity.journal.append
+    failing = [2]
+
+    def full(*args):
+        if failing[0]:
+            failing[0] -= 1
+            raise OSError(28, "No space left on device")
+        append(*args)
+
+    monkeypatch.setattr(popularity.journal, "append", full)
+    with caplog.at_level("WARNING"):
+        for offset in range(3):
+            popularity.add_unheld(["a"], [1e9], [1.0], [(0, offset)])
+    assert popularity.count("a", 1e9) == pytest.approx(3.0)
+    assert sum("could not append" in r.getMessage() for r in caplog.records) == 1
+    assert [number for number, _ in journal_files(path)] == [3]
