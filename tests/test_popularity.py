@@ -274,6 +274,20 @@ def test_skipped_items_are_left_out_as_excluded_ones_with_the_ranking_deepened_a
         assert got == [item for item in whole if item not in skipped | excluded][:k]
 
 
+def read_a_span(rng, popularity: DecayedPopularity, streams: dict, read_to: dict,
+                longest: int) -> None:
+    """Count a span of up to ``longest`` events of a random partition's stream, from
+    anywhere it was read to before (a crash, a rebalance), as a worker reads them."""
+    partition = int(rng.integers(len(streams)))
+    start = int(rng.integers(0, read_to[partition] + 1))
+    end = min(len(streams[partition]), start + int(rng.integers(1, longest + 1)))
+    events = streams[partition][start:end]
+    popularity.add_unheld([e[0] for e in events], [e[1] for e in events],
+                          [e[2] for e in events],
+                          [(partition, offset) for offset in range(start, end)])
+    read_to[partition] = max(read_to[partition], end)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_events_read_again_from_any_earlier_offset_are_counted_once(tmp_path, seed):
     """Oracle: a stream of partitions read in fetches that go back to any earlier offset
@@ -285,14 +299,7 @@ def test_events_read_again_from_any_earlier_offset_are_counted_once(tmp_path, se
     popularity = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
     read_to = dict.fromkeys(streams, 0)
     for _ in range(30):
-        partition = int(rng.integers(3))
-        start = int(rng.integers(0, read_to[partition] + 1))  # anywhere it was read to
-        end = min(len(streams[partition]), start + int(rng.integers(1, 12)))
-        events = streams[partition][start:end]
-        popularity.add_unheld([e[0] for e in events], [e[1] for e in events],
-                              [e[2] for e in events],
-                              [(partition, offset) for offset in range(start, end)])
-        read_to[partition] = max(read_to[partition], end)
+        read_a_span(rng, popularity, streams, read_to, longest=11)
         if rng.random() < 0.3:
             popularity.save(tmp_path / "p.npz")
             popularity = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
@@ -349,14 +356,7 @@ def test_a_process_that_dies_loses_no_count_and_counts_none_twice(tmp_path, seed
 
     popularity, read_to = started(), dict.fromkeys(streams, 0)
     for _ in range(40):
-        partition = int(rng.integers(2))
-        start = int(rng.integers(0, read_to[partition] + 1))
-        end = min(len(streams[partition]), start + int(rng.integers(1, 10)))
-        events = streams[partition][start:end]
-        popularity.add_unheld([e[0] for e in events], [e[1] for e in events],
-                              [e[2] for e in events],
-                              [(partition, offset) for offset in range(start, end)])
-        read_to[partition] = max(read_to[partition], end)
+        read_a_span(rng, popularity, streams, read_to, longest=9)
         if rng.random() < 0.25:
             popularity.save(path)
             assert [number for number, _ in journal_files(path)] in ([], [
