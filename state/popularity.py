@@ -102,9 +102,7 @@ class CountJournal:
     def next_file(self) -> int:
         """Start the next file (a snapshot, or a write that failed: a line left half
         written ends its file); returns the number of the last one the counts now hold."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self.close()
         self.number += 1
         return self.number - 1
 
@@ -115,9 +113,15 @@ class CountJournal:
                 path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Close the file being appended to. A close that fails (the buffered rest of a line
+        a full disk refused) leaves it closed all the same: that line is lost, the counts
+        hold its events and the next save keeps them."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError as error:
+                log.warning("the popularity journal's file did not close cleanly: %s", error)
 
 
 def journal_files(counts_path: Path) -> list[tuple[int, Path]]:
@@ -260,8 +264,8 @@ class DecayedPopularity:
                  places: list[tuple[int, int]]) -> None:
         try:
             self.journal.append(item_ids, ts, weights, places)
-        except OSError as error:  # a full disk: the counts go on, the next save holds them
-            self.journal.next_file()  # not after a line the failure may have cut short
+        except (OSError, ValueError) as error:  # a full disk: the counts go on, the next
+            self.journal.next_file()  # save holds them; no line after one cut short
             if not self._journal_failing:
                 log.warning("could not append to the popularity journal (%s): the counts "
                             "since the last save are lost if the worker dies", error)

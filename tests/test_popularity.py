@@ -490,3 +490,35 @@ def test_a_journal_that_cannot_be_written_warns_once_and_starts_a_new_file(tmp_p
     assert popularity.count("a", 1e9) == pytest.approx(3.0)
     assert sum("could not append" in r.getMessage() for r in caplog.records) == 1
     assert [number for number, _ in journal_files(path)] == [3]
+
+
+def test_a_journal_whose_buffered_line_the_disk_refuses_goes_on_in_a_new_file(tmp_path):
+    """A short line stays in the file's buffer and fails at its flush, and again at the
+    close that ends the file: the close must still leave the file for a new one, or every
+    later batch failed on the closed file (an error per batch until the next save)."""
+
+    class FullDisk:
+        closed = False
+
+        def write(self, data):
+            return len(data)
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.closed = True
+            raise OSError(28, "No space left on device")
+
+    path = tmp_path / "popularity.npz"
+    popularity = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
+    popularity.keep_journal(path)
+    full = FullDisk()
+    popularity.journal._handle = full
+    popularity.add_unheld(["a"], [1e9], [1.0], [(0, 0)])
+    assert full.closed and popularity.journal._handle is None
+    popularity.add_unheld(["b"], [1e9], [1.0], [(0, 1)])  # the disk has room again
+    popularity.journal.close()
+    assert [popularity.count(item, 1e9) for item in "ab"] == pytest.approx([1.0, 1.0])
+    (written,) = [file for _, file in journal_files(path)]
+    assert b'"b"' in written.read_bytes()
