@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import faust
 from faust.types import Message
 
-from state.history import History, inactive_before
+from state.history import DamagedHistory, History, inactive_before
 
 from .batch_intake import BatchIntake
 from .changelog import BatchedTable
@@ -294,19 +294,14 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         and the user's next event counts the user anew, or an erasure deletes the record
         without lowering the count: so the user, counted among :attr:`Engine.users` while
         the record was stored, is taken off the count here."""
-        damaged: list[str] = []
-
-        def told(user: str) -> Callable[[Exception], None]:
-            report = metrics.history_damaged("ingest", user)
-
-            def noted(error: Exception) -> None:
-                damaged.append(user)
-                report(error)
-            return noted
-
-        stored = {user: History.from_stored(value, told(user))
-                  for user, value in history_table.get_many(last).items()}
-        engine.users -= len(damaged)
+        stored = {}
+        for user, value in history_table.get_many(last).items():
+            try:
+                stored[user] = History.from_json(value)
+            except DamagedHistory as error:  # History.from_stored, with the count
+                metrics.history_damaged("ingest", user)(error)
+                engine.users -= 1
+                stored[user] = History()
         return stored
 
     async def decode_batch(batch: list[Message], records: list[Sent]) -> list[Taken]:

@@ -949,7 +949,7 @@ class Engine:
                     self.metrics.dr_retrieved.observe(len(candidates))
                 rows = self.learner.rows_of(candidates)
                 found.append((rows[rows >= 0], "dr"))
-            items = self._rerank(query, self._without_withdrawn(found), request.k)
+            items = self._rerank(query, found, request.k)
         if len(items) < request.k and "popular" in sources:
             taken = seen | {item.item_id for item in items}
             popular = self.popularity.top(request.k - len(items), exclude=taken,
@@ -964,13 +964,16 @@ class Engine:
     def _index_rows(self, request: RecRequest, query: np.ndarray, diverse: bool,
                     history: History, history_rows: np.ndarray
                     ) -> tuple[np.ndarray, int | None]:
-        """The serving index's candidates (or exact search's) and the index version. When
-        the withdrawn items among them leave fewer than k, the search is asked again with
-        those rows excluded too (at most :data:`WITHDRAWN_RETRIES` times): a ``diversity``
-        request takes exactly k, and its cluster quotas are then filled as if the
-        withdrawn items were not in the index. Only the withdrawn rows found are excluded,
-        never the whole withdrawn set: a search asks for as many more as it excludes, and a
-        catalogue may withdraw thousands."""
+        """The serving index's candidates (or exact search's) but the withdrawn items', and
+        the index version. The candidates are ``rerank_candidates`` (at least k), so a few
+        withdrawn among a user's best leave the answer its k. When the withdrawn items among
+        them leave fewer than k, the search is asked again with those rows excluded too (at
+        most :data:`WITHDRAWN_RETRIES` times): a ``diversity`` request takes exactly k, and
+        its cluster quotas are then filled as if the withdrawn items were not in the index.
+        Only the withdrawn rows found are excluded, never the whole withdrawn set: a search
+        asks for as many more as it excludes, and a catalogue may withdraw thousands. Deep
+        Retrieval leaves them out itself (``PathRetrieval.retrieve``'s ``skip``), popularity
+        too (``top``'s ``skip``)."""
         excluded = self._excluded_rows(request, history_rows)
         wanted = self._candidates_wanted(request, diverse)
         for _ in range(WITHDRAWN_RETRIES + 1):
@@ -980,21 +983,11 @@ class Engine:
                 # (on its own thread) is searched as for the plain request decided
                 diversity=request.diversity if diverse else None,
                 history=list(history.items) + list(request.history or ()))
-            withdrawn = rows[~self._kept(rows)]
-            if len(rows) - len(withdrawn) >= request.k or not len(withdrawn):
+            kept = self._kept(rows)
+            if kept.all() or np.count_nonzero(kept) >= request.k:
                 break
-            excluded = np.concatenate([excluded, withdrawn])
-        return rows, version
-
-    def _without_withdrawn(self, found: list[tuple[np.ndarray, str]]
-                           ) -> list[tuple[np.ndarray, str]]:
-        """The candidate rows of each source but those of withdrawn items. Taken out of the
-        candidates, not asked of the search as exclusions (:meth:`_index_rows`). The
-        candidates are ``rerank_candidates`` (at least k), so a few withdrawn among a user's
-        best leave the answer its k; popularity fills what they leave short."""
-        if not self.withdrawn:
-            return found
-        return [(rows[self._kept(rows)], source) for rows, source in found]
+            excluded = np.concatenate([excluded, rows[~kept]])
+        return rows[kept], version
 
     def _kept(self, rows: np.ndarray) -> np.ndarray:
         """Which learner ``rows`` are of items not withdrawn (a boolean mask)."""
