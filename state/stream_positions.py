@@ -134,7 +134,8 @@ class EventPositions(_Positions):
 
 
 #: beside the model checkpoint: its topics started anew at this file's time (an embedded
-#: broker, which keeps nothing, started again), so positions saved before it are void
+#: broker, which keeps nothing, started again), so positions saved before it are void; the
+#: same name and ``.<topic>`` marks one topic made anew (``note_topic_ids``)
 RENEWED = "topics-renewed"
 
 
@@ -143,29 +144,42 @@ RENEWED = "topics-renewed"
 ROWS_SHARED = "rows-shared"
 
 
-def mark_topics_renewed(checkpoint_dir: Path) -> None:
+def mark_topics_renewed(checkpoint_dir: Path, topics: Iterable[str] | None = None) -> None:
     """Make the positions of the checkpoints written so far void (not the model): for topics
     made anew, whose offsets start again below them (their messages would be skipped until
-    they pass them). A mark, not a rewrite of the model file, which can be gigabytes. The
-    item-rows topic, new too, no longer holds the rows this worker published."""
+    they pass them). A mark, not a rewrite of the model file, which can be gigabytes.
+    ``topics``: the topics made anew, each marked alone (the places in the others hold);
+    all of them where None (an embedded broker's start). Then the item-rows topic, new too,
+    no longer holds the rows this worker published; for one topic, the caller, who knows
+    which topic holds them, says so (``stream_app.worker.note_topics``)."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if topics is not None:
+        for topic in topics:
+            (checkpoint_dir / f"{RENEWED}.{topic}").touch()
+        return
     (checkpoint_dir / RENEWED).touch()
     (checkpoint_dir / ROWS_SHARED).unlink(missing_ok=True)
 
 
-def positions_void(model_path: Path) -> bool:
-    """Whether the positions in the checkpoint at ``model_path`` predate the last renewal of
-    the topics (:func:`mark_topics_renewed`): a checkpoint written since holds new ones."""
-    return written_before_renewal(model_path, renewed_at(model_path.parent))
+def positions_void(model_path: Path, topic: str | None = None) -> bool:
+    """Whether the positions in ``topic`` saved in the checkpoint at ``model_path`` predate
+    its last renewal (:func:`renewed_at`): a checkpoint written since holds new ones."""
+    return written_before_renewal(model_path, renewed_at(model_path.parent, topic))
 
 
-def renewed_at(checkpoint_dir: Path) -> float | None:
-    """When the topics were last made anew (:func:`mark_topics_renewed`; its file's time),
-    None if never."""
-    try:
-        return (checkpoint_dir / RENEWED).stat().st_mtime
-    except FileNotFoundError:
-        return None
+def renewed_at(checkpoint_dir: Path, topic: str | None = None) -> float | None:
+    """When ``topic`` was last made anew (:func:`mark_topics_renewed`; its mark's time, or
+    the mark of all topics' where newer), None if never; for no ``topic``, when any was."""
+    marks = ([checkpoint_dir / RENEWED, checkpoint_dir / f"{RENEWED}.{topic}"]
+             if topic is not None else
+             [checkpoint_dir / RENEWED, *checkpoint_dir.glob(f"{RENEWED}.*")])
+    times = []
+    for mark in marks:
+        try:
+            times.append(mark.stat().st_mtime)
+        except FileNotFoundError:
+            pass
+    return max(times, default=None)
 
 
 def written_before_renewal(path: Path, renewal: float | None) -> bool:
@@ -186,8 +200,8 @@ def note_topic_ids(checkpoint_dir: Path, ids: Mapping[str, str],
                    created: Iterable[str] = ()) -> list[str]:
     """Note the ids the broker gives the topics now (``ids``: topic → id) and return the
     topics made again since the last note: those whose id changed, and those of ``created``
-    (made by this start, as they were missing) noted before. Where there are any, the
-    checkpoint's positions are void (:func:`mark_topics_renewed`): a topic deleted and made
+    (made by this start, as they were missing) noted before. The checkpoint's positions in
+    those topics are void (:func:`mark_topics_renewed`, each alone): a topic deleted and made
     again restarts its offsets at 0, and its messages would be skipped as held until they
     passed the old positions. A topic never noted (a first start, a start from before the
     notes were kept) is taken as it is; so is one the broker gives no id (before Kafka 2.8).
@@ -200,7 +214,7 @@ def note_topic_ids(checkpoint_dir: Path, ids: Mapping[str, str],
                       if noted.get(topic, topic_id) != topic_id}
                      | {topic for topic in created if topic in noted})
     if renewed:
-        mark_topics_renewed(checkpoint_dir)
+        mark_topics_renewed(checkpoint_dir, renewed)
     current = {**noted, **ids}
     for topic in created:
         if topic not in ids:  # made now, its id not known yet: noted at the next start

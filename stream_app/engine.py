@@ -1109,11 +1109,14 @@ class Engine:
         return self.learner.checkpoints.last_save_bytes + dr
 
     def _restore_positions(self, data: dict[str, np.ndarray]) -> None:
-        if positions_void(self.model_path):
-            log.info("the topics started anew since the checkpoint: its positions are void")
-            return
-        self.positions.set_arrays(data)
-        self.event_positions.set_arrays(data)
+        """The checkpoint's places in the training and events topics, each but where its
+        topic started anew since (``state.stream_positions.positions_void``)."""
+        for positions in (self.positions, self.event_positions):
+            if positions_void(self.model_path, positions.topic):
+                log.info("topic %s started anew since the checkpoint: the checkpoint's places "
+                         "in it are void", positions.topic)
+            else:
+                positions.set_arrays(data)
 
     def model_saved_at(self) -> float:
         """When the item model's checkpoint in the data dir was written (epoch seconds; 0.0
@@ -1178,12 +1181,9 @@ class Engine:
         """The last checkpoint and the newest valid index version, where they exist (a
         replica takes the item rows only); without ``popularity_journal``, the popularity's
         counts as saved (a learner process, which answers nothing, skips the journal)."""
-        # the mark of topics made again does not say which: the popularity's places go
-        # also when only the training topic was, and the events read again after such a
-        # start (those since the last commit) are then counted again
-        found = self.popularity.load(self.popularity_path,
-                                     renewed_at=renewed_at(self.checkpoint_dir),
-                                     journal=popularity_journal)
+        found = self.popularity.load(
+            self.popularity_path, journal=popularity_journal,
+            renewed_at=renewed_at(self.checkpoint_dir, self.settings.topic_events))
         found = self.learner.load(self.model_path,
                                   restore=self._restore_positions) or found
         self._load_serving(self.checkpoint_dir / "serving.npz")

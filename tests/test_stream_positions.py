@@ -308,6 +308,63 @@ def test_positions_saved_before_the_topics_were_renewed_are_void(tmp_path):
     assert third.positions.next_offsets() == {0: 3, 1: 3}
 
 
+def test_one_topic_made_again_voids_the_places_in_it_alone(tmp_path):
+    """A mark of the training topic alone voids the checkpoint's positions in it and keeps
+    its places in the events topic, the popularity's too (events read again are not counted
+    twice); a mark of the events topic voids those and keeps the training positions."""
+    from state.stream_positions import RENEWED, mark_topics_renewed
+
+    values, positions = messages_at()
+    settings = settings_for(tmp_path)
+    engine = Engine(settings)
+    engine.users = 240
+    engine.learn_messages(values[:6], 32, positions=positions[:6])
+    engine.event_positions.admit([0], [(1, 5)])
+    engine.popularity.add_unheld(["a"], [1e9], [1.0], [(1, 5)])
+    engine.save()
+    saved = {"train": engine.positions.next_offsets(),
+             "events": engine.event_positions.next_offsets(),
+             "popularity": engine.popularity.places.next_offsets()}
+    assert all(saved.values())
+    checkpoints = tmp_path / "checkpoints"
+    past = time.time() - 20  # the checkpoint, written before the topic was made again
+    for file in checkpoints.iterdir():
+        os.utime(file, (past, past))
+    for topic, void in ((settings.train_topic, {"train"}),
+                        (settings.topic_events, {"events", "popularity"})):
+        for mark in checkpoints.glob(f"{RENEWED}*"):
+            mark.unlink()
+        mark_topics_renewed(checkpoints, [topic])
+        again = Engine(settings)
+        assert again.load()
+        assert {"train": again.positions.next_offsets(),
+                "events": again.event_positions.next_offsets(),
+                "popularity": again.popularity.places.next_offsets()} == {
+                    name: ({} if name in void else places) for name, places in saved.items()}
+        assert again.popularity.count("a", 1e9) == 1.0
+
+
+def test_the_item_rows_topic_made_again_owes_every_row_and_another_topic_does_not(tmp_path):
+    """At a start that finds the item-rows topic made again, the mark that it holds every row
+    of the worker's items goes (the next publish sends them all); another topic made again
+    leaves it."""
+    from state.stream_positions import ROWS_SHARED
+    from stream_app.kafka import Topics
+    from stream_app.worker import note_topics
+
+    settings = Settings(data_dir=tmp_path, broker="127.0.0.1:1", share_items=True)
+    ids = {settings.topic_events: "a", settings.train_topic: "b", settings.items_topic: "c"}
+    assert note_topics(settings, Topics(ids, [])) == []
+    mark = tmp_path / "checkpoints" / ROWS_SHARED
+    mark.touch()
+    ids[settings.train_topic] = "b2"
+    assert note_topics(settings, Topics(ids, [])) == [settings.train_topic]
+    assert mark.exists()
+    ids[settings.items_topic] = "c2"
+    assert note_topics(settings, Topics(ids, [])) == [settings.items_topic]
+    assert not mark.exists()
+
+
 def test_topics_renewed_and_a_worker_without_sharing_owe_the_item_rows_topic_every_row(tmp_path):
     """The mark that the item-rows topic holds every row of the worker's items goes when the
     topics start anew, and when a worker runs without sharing (what it learns is not
@@ -331,10 +388,11 @@ def test_topics_renewed_and_a_worker_without_sharing_owe_the_item_rows_topic_eve
     assert not mark.exists()
 
 
-def test_a_topic_made_again_voids_the_positions_and_others_do_not(tmp_path):
+def test_a_topic_made_again_voids_the_positions_in_it_and_others_do_not(tmp_path):
     """The ids noted at one start against those of the next: the same ids, or a topic never
     noted, keep the positions; a changed id, or a topic made by this start that was noted
-    before, voids them. A note that is not a JSON object of ids is not trusted."""
+    before, voids those in that topic alone. A note that is not a JSON object of ids is not
+    trusted."""
     from state.stream_positions import RENEWED, TOPIC_IDS, note_topic_ids, positions_void
 
     checkpoints = tmp_path / "checkpoints"
@@ -342,24 +400,29 @@ def test_a_topic_made_again_voids_the_positions_and_others_do_not(tmp_path):
 
     def start(ids, created=()):
         checkpoints.mkdir(exist_ok=True)
-        (checkpoints / RENEWED).unlink(missing_ok=True)  # a mark of this start's only
+        for mark in checkpoints.glob(f"{RENEWED}*"):  # the marks of this start's only
+            mark.unlink()
         model.write_bytes(b"a checkpoint")
         past = time.time() - 20
         os.utime(model, (past, past))
-        return note_topic_ids(checkpoints, ids, created), positions_void(model)
+        renewed = note_topic_ids(checkpoints, ids, created)
+        return renewed, {topic for topic in ("events", "train", "rows")
+                         if positions_void(model, topic)}
 
-    assert start({"events": "a", "train": "b"}) == ([], False)  # the first start notes them
-    assert start({"events": "a", "train": "b", "rows": "c"}) == ([], False)
-    assert start({"events": "a"}) == ([], False)  # one not described keeps its note
-    assert start({"events": "a", "train": "b2"}) == (["train"], True)
+    assert start({"events": "a", "train": "b"}) == ([], set())  # the first start notes them
+    assert start({"events": "a", "train": "b", "rows": "c"}) == ([], set())
+    assert start({"events": "a"}) == ([], set())  # one not described keeps its note
+    assert start({"events": "a", "train": "b2"}) == (["train"], {"train"})
+    assert positions_void(model)  # a topic was made again
     assert json.loads((checkpoints / TOPIC_IDS).read_text()) == {
         "events": "a", "train": "b2", "rows": "c"}
-    assert start({"events": "a", "train": "b2"}) == ([], False)
-    assert start({"train": "b2"}, created=["events"]) == (["events"], True)  # its id unknown
-    assert start({"events": "a3"}, created=["events"]) == ([], False)  # noted since: no id
-    assert start({"events": "a4"}) == (["events"], True)
+    assert start({"events": "a", "train": "b2"}) == ([], set())
+    assert not positions_void(model)
+    assert start({"train": "b2"}, created=["events"]) == (["events"], {"events"})  # no id
+    assert start({"events": "a3"}, created=["events"]) == ([], set())  # noted since: no id
+    assert start({"events": "a4", "rows": "c2"}) == (["events", "rows"], {"events", "rows"})
     (checkpoints / TOPIC_IDS).write_text('["events", "a5"]')
-    assert start({"events": "a5"}) == ([], False)
+    assert start({"events": "a5"}) == ([], set())
     (checkpoints / TOPIC_IDS).write_bytes(b"\xff")
-    assert start({"events": "a6"}) == ([], False)
-    assert start({"events": "a6"}) == ([], False)
+    assert start({"events": "a6"}) == ([], set())
+    assert start({"events": "a6"}) == ([], set())
