@@ -80,7 +80,8 @@ class Settings(BaseSettings):
         None, description="Training examples keyed by item. Default '<app_id>-train-examples': "
         "the topic is internal to one app, like its changelogs (two apps on one cluster must not "
         "learn each other's examples).")
-    partitions: int = Field(4, ge=1, le=1024, description="Partitions of every topic.")
+    partitions: int = Field(4, ge=1, le=1024, description="Partitions of every topic but "
+                            "the withdrawn items' (one).")
     # Several workers of one app: each learns the items of its training partitions; with
     # share_items each publishes the rows it owns and installs the others' (README, "Several
     # workers"), so every worker encodes users and answers with the whole catalogue.
