@@ -391,7 +391,7 @@ class DecayedPopularity:
         without ``journal``, not: a process that only reads the counts) that they do not
         hold; False if there is neither.
 
-        ``renewed_at``: when the topics were last made anew (their offsets start again):
+        ``renewed_at``: when the events topic was last made anew (its offsets start again):
         places saved before it are void, so the counts are kept and every event is counted;
         a journal file written before it is counted whole, without places (its events were
         counted before the crash, in the old topic), one written after it by its places,

@@ -140,25 +140,27 @@ RENEWED = "topics-renewed"
 
 
 #: beside the model checkpoint: the item-rows topic holds every row of this worker's items
-#: (``stream_app.item_sharing``); gone when the topics start anew
+#: (``stream_app.item_sharing``); gone when that topic, or every topic, starts anew
 ROWS_SHARED = "rows-shared"
 
 
-def mark_topics_renewed(checkpoint_dir: Path, topics: Iterable[str] | None = None) -> None:
+def mark_topics_renewed(checkpoint_dir: Path, topics: Iterable[str] | None = None, *,
+                        rows_topic: str | None = None) -> None:
     """Make the positions of the checkpoints written so far void (not the model): for topics
     made anew, whose offsets start again below them (their messages would be skipped until
     they pass them). A mark, not a rewrite of the model file, which can be gigabytes.
     ``topics``: the topics made anew, each marked alone (the places in the others hold);
-    all of them where None (an embedded broker's start). Then the item-rows topic, new too,
-    no longer holds the rows this worker published; for one topic, the caller, who knows
-    which topic holds them, says so (``stream_app.worker.note_topics``)."""
+    all of them where None (an embedded broker's start). When they include the item-rows
+    topic (``rows_topic``), it no longer holds the rows this worker published."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    if topics is not None:
+    if topics is None:
+        (checkpoint_dir / RENEWED).touch()
+    else:
+        topics = list(topics)
         for topic in topics:
             (checkpoint_dir / f"{RENEWED}.{topic}").touch()
-        return
-    (checkpoint_dir / RENEWED).touch()
-    (checkpoint_dir / ROWS_SHARED).unlink(missing_ok=True)
+    if topics is None or rows_topic in topics:
+        (checkpoint_dir / ROWS_SHARED).unlink(missing_ok=True)
 
 
 def positions_void(model_path: Path, topic: str | None = None) -> bool:
@@ -197,7 +199,7 @@ TOPIC_IDS = "topic-ids.json"
 
 
 def note_topic_ids(checkpoint_dir: Path, ids: Mapping[str, str],
-                   created: Iterable[str] = ()) -> list[str]:
+                   created: Iterable[str] = (), *, rows_topic: str | None = None) -> list[str]:
     """Note the ids the broker gives the topics now (``ids``: topic → id) and return the
     topics made again since the last note: those whose id changed, and those of ``created``
     (made by this start, as they were missing) noted before. The checkpoint's positions in
@@ -206,7 +208,9 @@ def note_topic_ids(checkpoint_dir: Path, ids: Mapping[str, str],
     passed the old positions. A topic never noted (a first start, a start from before the
     notes were kept) is taken as it is; so is one the broker gives no id (before Kafka 2.8).
     Why ids and not offsets: a topic made again may hold more messages than the old one did by
-    the time the worker starts, so no offset tells the two apart."""
+    the time the worker starts, so no offset tells the two apart. ``rows_topic``: the
+    item-rows topic, which, made anew, no longer holds the rows this worker published; the
+    marks are made before the ids are noted, so a death between the two loses neither."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_dir / TOPIC_IDS
     noted = _read_topic_ids(path)
@@ -214,7 +218,7 @@ def note_topic_ids(checkpoint_dir: Path, ids: Mapping[str, str],
                       if noted.get(topic, topic_id) != topic_id}
                      | {topic for topic in created if topic in noted})
     if renewed:
-        mark_topics_renewed(checkpoint_dir, renewed)
+        mark_topics_renewed(checkpoint_dir, renewed, rows_topic=rows_topic)
     current = {**noted, **ids}
     for topic in created:
         if topic not in ids:  # made now, its id not known yet: noted at the next start

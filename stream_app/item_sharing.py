@@ -118,9 +118,8 @@ def rows_shared_mark(settings: Settings) -> Path:
 
 
 def forget_rows_shared(settings: Settings) -> None:
-    """The item-rows topic may lack rows of this worker's items: those it learns from now on
-    are not published (it runs without sharing), or the topic was made anew. Its next start
-    with sharing publishes all of them once."""
+    """The rows this worker learns from now on are not published (it runs without sharing):
+    its next start with sharing publishes all of them once."""
     rows_shared_mark(settings).unlink(missing_ok=True)
 
 

@@ -15,7 +15,6 @@ from state.stream_positions import note_topic_ids
 from .app import create_app
 from .compat import install_embedded_broker_fixes
 from .engine import Engine
-from .item_sharing import forget_rows_shared
 from .kafka import Topics, ensure_topics
 from .learner_process import LearnerProcess, freeze_startup_objects, limit_threads
 from .metrics import Metrics
@@ -176,9 +175,8 @@ def note_topics(settings: Settings, topics: Topics) -> list[str]:
     ids = {topic: topic_id for topic, topic_id in topics.ids.items() if topic in kept}
     with lock_data_dir(settings.data_dir, LEARNER_LOCK, wait_s=LEARNER_LOCK_WAIT_S):
         renewed = note_topic_ids(settings.data_dir / "checkpoints", ids,
-                                 [topic for topic in topics.created if topic in kept])
-    if settings.items_topic in renewed:
-        forget_rows_shared(settings)  # the new topic lacks them: the next publish sends all
+                                 [topic for topic in topics.created if topic in kept],
+                                 rows_topic=settings.items_topic)
     if renewed:
         log.warning("topics %s were made again since the last start: the checkpoint's places "
                     "in them are void, the model is kept", renewed)
