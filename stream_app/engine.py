@@ -44,8 +44,11 @@ from .wire import (SOURCES, DecodedTraining, Event, ForgetUser, InvalidMessage, 
 log = logging.getLogger(__name__)
 
 # searches of the serving index asked again when the withdrawn items among the candidates
-# leave fewer than k (Engine._index_rows): each excludes the withdrawn rows the last found
+# leave fewer than k (Engine._index_rows): each excludes the withdrawn rows the last found,
+# and the last of them every withdrawn row (of at most WITHDRAWN_EXCLUDED_AT_MOST withdrawn
+# items: a search asks for as many more candidates as it excludes)
 WITHDRAWN_RETRIES = 3
+WITHDRAWN_EXCLUDED_AT_MOST = 50_000
 
 
 def item_partition(item_id: str, partitions: int) -> int:
@@ -970,13 +973,17 @@ class Engine:
         them leave fewer than k, the search is asked again with those rows excluded too (at
         most :data:`WITHDRAWN_RETRIES` times): a ``diversity`` request takes exactly k, and
         its cluster quotas are then filled as if the withdrawn items were not in the index.
-        Only the withdrawn rows found are excluded, never the whole withdrawn set: a search
-        asks for as many more as it excludes, and a catalogue may withdraw thousands. Deep
-        Retrieval leaves them out itself (``PathRetrieval.retrieve``'s ``skip``), popularity
-        too (``top``'s ``skip``)."""
-        excluded = self._excluded_rows(request, history_rows)
+        Only the withdrawn rows found are excluded, not the whole withdrawn set: a search
+        asks for as many more as it excludes, and a catalogue may withdraw thousands. The
+        last search excludes them all all the same (the rows of up to
+        :data:`WITHDRAWN_EXCLUDED_AT_MOST` items): a user whose best items were withdrawn
+        by the dozen, in every cluster, got a ``diversity`` answer without a single item
+        from those excluded as found (k of them a search). Deep Retrieval leaves them out
+        itself (``PathRetrieval.retrieve``'s ``skip``), popularity too (``top``'s ``skip``)."""
+        asked = self._excluded_rows(request, history_rows)
         wanted = self._candidates_wanted(request, diverse)
-        for _ in range(WITHDRAWN_RETRIES + 1):
+        excluded = asked
+        for retries_left in range(WITHDRAWN_RETRIES, -1, -1):
             rows, version = self.index.retrieve(
                 query, wanted, excluded,
                 # as decided by the caller: a clustered index that a build swaps in meanwhile
@@ -987,6 +994,8 @@ class Engine:
             if kept.all() or np.count_nonzero(kept) >= request.k:
                 break
             excluded = np.concatenate([excluded, rows[~kept]])
+            if retries_left == 1 and len(self.withdrawn) <= WITHDRAWN_EXCLUDED_AT_MOST:
+                excluded = np.concatenate([asked, self.learner.rows_of(self.withdrawn)])
         return rows[kept], version
 
     def _kept(self, rows: np.ndarray) -> np.ndarray:
