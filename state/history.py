@@ -14,6 +14,15 @@ import orjson
 
 _SEQUENCES = (list, tuple)
 
+#: most bytes of a stored history (its JSON): its changelog record, with its key, must stay
+#: under the producer's request limit (Faust's ``producer_max_request_size``, 1,000,000
+#: bytes), or the broker refuses it, it is sent again for ever, and its batch of events is
+#: never committed
+MAX_STORED_BYTES = 900_000
+#: most bytes one event takes in a stored history: an item id and an event id of 256
+#: characters that JSON escapes to 6 bytes each (a control character), a kind of 64, a time
+WORST_EVENT_BYTES = (256 + 256 + 64) * 6 + 40
+
 
 def last_active(stored: bytes) -> float | None:
     """The newest event time of a history as stored (its JSON), read without building the
@@ -100,6 +109,31 @@ class History:
         # the constructor, not dataclasses.replace, which took twice as long: the ingest agent
         # calls this for every user of every batch
         return History(self.items, self.kinds, self.ts, self.event_ids, phi_b64, self.at)
+
+    def fitting(self, max_bytes: int = MAX_STORED_BYTES) -> History:
+        """The history, or, where its stored JSON is over ``max_bytes``, its newest events
+        whose JSON is not (the longest such suffix). Only a long history with long ids comes
+        near: a ``history_length`` of 300 events of the longest ids the wire takes."""
+        if self.stored_bytes() <= max_bytes:
+            return self
+        fits, over = 0, len(self)  # events kept: the newest ``fits`` fit, ``over`` do not
+        while over - fits > 1:
+            middle = (fits + over) // 2
+            if self.newest(middle).stored_bytes() <= max_bytes:
+                fits = middle
+            else:
+                over = middle
+        return self.newest(fits)
+
+    def newest(self, count: int) -> History:
+        """The history of the newest ``count`` events (its vector and place kept)."""
+        keep = slice(len(self) - count, None)
+        return History(self.items[keep], self.kinds[keep], self.ts[keep],
+                       self.event_ids[keep], self.phi_b64, self.at)
+
+    def stored_bytes(self) -> int:
+        """The bytes of the JSON it is stored as (the table's codec is orjson's)."""
+        return len(orjson.dumps(self.to_json()))
 
     def to_json(self) -> dict:
         stored = {"items": list(self.items), "kinds": list(self.kinds), "ts": list(self.ts),

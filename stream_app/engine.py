@@ -31,7 +31,7 @@ from models.learner import ItemLearner, ItemReplica, RowDelta
 from models.serving_choice import (ServingCandidate, ndcg_of_ranks, pool_positions,
                                    target_ranks)
 from state.gramian import load_npz, save_npz
-from state.history import History
+from state.history import MAX_STORED_BYTES, WORST_EVENT_BYTES, History
 from state.popularity import DecayedPopularity
 from state.stream_positions import (EventPositions, StreamPositions, positions_void,
                                    renewed_at)
@@ -205,6 +205,12 @@ class Engine:
         # what reports brought Deep Retrieval since each read of the paths under way began
         self._followed_during_reads: list[list[tuple]] = []
         self._weight_of_kind = _WeightOfKind(settings.kind_weights)
+        # a stored history's bytes but its events': the user vector (base64 of d + 1 floats,
+        # reserved whole: a new user's comes after the check) and the record's keys
+        self._stored_bytes_for_events = MAX_STORED_BYTES - 8 * (settings.model_dim + 1) - 256
+        # histories of at most this many events fit whatever their ids: not measured
+        self._events_always_fit = self._stored_bytes_for_events // WORST_EVENT_BYTES
+        self.histories_cut = 0  # histories cut to their newest events to fit (History.fitting)
         self.users = 0  # users whose history this worker holds
         # per events partition, the newest event time taken in from it since this start: the
         # clocks of history expiry (one partition's backlog must not expire another's users)
@@ -378,6 +384,8 @@ class Engine:
             countable.append(example)
         if sources is not None:
             self._note_event_times(events, sources)
+        if self.settings.history_length > self._events_always_fit:
+            self._fit_histories(current)
         kept = [(user, taken) for user, taken in current.items() if taken[0]]
         phis = self._encode_many([history.items for _, (history, _) in kept],
                                  [weights for _, (_, weights) in kept],
@@ -387,6 +395,30 @@ class Engine:
                        for (user, (history, _)), phi in zip(kept, phis))
         self._count(countable)
         return Ingested(updated, examples, repeated)
+
+    def _fit_histories(self, current: dict[str, tuple[History, list[float]]]) -> None:
+        """Each history of ``current`` (with its weights) cut to its newest events whose
+        stored record fits under the producer's limit (:meth:`History.fitting`): a
+        ``history_length`` of hundreds, and ids of hundreds of characters, make records the
+        broker refuses, and the batch that wrote one was never committed. Only histories
+        longer than any that always fit are measured."""
+        for user, (history, weights) in current.items():
+            fitting = self._fitted(user, history)
+            if fitting is not history:
+                current[user] = (fitting, weights[len(weights) - len(fitting):])
+
+    def _fitted(self, user: str, history: History) -> History:
+        """:meth:`History.fitting` of ``user``'s history, counted and logged where cut."""
+        if len(history) <= self._events_always_fit:
+            return history
+        fitting = history.fitting(self._stored_bytes_for_events)
+        if fitting is not history:
+            self.histories_cut += 1
+            (log.warning if self.histories_cut == 1 else log.debug)(
+                "the history of user %r is cut to its newest %d events of %d: its record "
+                "would pass %d bytes (STREAMREC_HISTORY_LENGTH %d, long ids)", user,
+                len(fitting), len(history), MAX_STORED_BYTES, self.settings.history_length)
+        return fitting
 
     @staticmethod
     def _first_redelivery(event: Event, redelivered: set[tuple[str, str]]) -> bool:
@@ -481,6 +513,7 @@ class Engine:
             return None
         updated, _, example = step
         self.popularity.add(event.item_id, event.ts, example.alpha)
+        updated = self._fitted(event.user_id, updated)
         return updated.with_phi(encode_phi(self._encode_history(updated))), example
 
     def learn(self, examples: Sequence[TrainExample], users: int | None = None) -> float:

@@ -41,6 +41,63 @@ def test_history_keeps_the_last_t_events_in_arrival_order():
     assert history.has_event("e4") and not history.has_event("e0") and not history.has_event(None)
 
 
+def test_a_history_fits_its_record_by_its_newest_events_and_the_worst_event_is_bounded():
+    """Oracle: :meth:`History.fitting` is the history where its record fits, else the
+    longest suffix whose record fits; and no event takes more than ``WORST_EVENT_BYTES``
+    (ids and a kind of the most characters JSON escapes to six bytes each)."""
+    from state.history import WORST_EVENT_BYTES
+
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        history = History()
+        for n in range(int(rng.integers(0, 40))):
+            length = int(rng.integers(1, 200))
+            history = history.appended("\x01" * length, "view", float(n), f"e{n}" * length,
+                                       limit=100, at=(0, n))
+        limit = int(rng.integers(30, 20_000))
+        fitting = history.fitting(limit)
+        if history.stored_bytes() <= limit:
+            assert fitting is history
+            continue
+        kept = len(fitting)
+        assert fitting == history.newest(kept) and fitting.at == history.at
+        assert fitting.stored_bytes() <= limit < history.newest(kept + 1).stored_bytes()
+    worst = History()
+    for n in range(20):
+        worst = worst.appended("\x1f" * 256, "\x02" * 64, 1.7e9 + n / 3, "\x03" * 256,
+                               limit=100)
+    assert worst.stored_bytes() - History().stored_bytes() <= 20 * WORST_EVENT_BYTES
+
+
+def test_histories_too_long_for_a_record_keep_their_newest_events_that_fit(tmp_path):
+    """A ``history_length`` of 400 and ids of 256 characters that JSON escapes six times
+    over made a record of 1.1 MB that the broker refuses: the worker sent it again for
+    ever and never committed the batch. The history keeps its newest events whose record
+    fits, the same event by event as in a batch, and every event still makes its example."""
+    from state.history import MAX_STORED_BYTES
+    from stream_app.engine import encode_phi
+
+    settings = Settings(data_dir=tmp_path, history_length=400, popularity_refresh_s=0,
+                        kind_weights={"view": 1.0, "\x02" * 64: 2.0})
+    events = [Event(user_id="u", item_id=f"{n:04d}" + "\x01" * 252, kind="\x02" * 64,
+                    ts=1.7e9 + n, event_id=f"{n:04d}" + "\x03" * 252) for n in range(400)]
+    batched = Engine(settings)
+    taken = batched.ingest_many(events, {})
+    history = taken.updated["u"]
+    assert len(taken.examples) == 400 and all(taken.examples)
+    assert 200 < len(history) < 400 and batched.histories_cut > 0
+    assert history.items == tuple(event.item_id for event in events[-len(history):])
+    assert len(history.items) == len(history.event_ids) == len(history.ts)
+    assert MAX_STORED_BYTES - 4000 < history.stored_bytes() <= MAX_STORED_BYTES
+    one_by_one = Engine(settings)
+    stored = History()
+    for event in events:
+        stored = one_by_one.ingest(event, stored)[0]
+    assert stored.items == history.items and stored.phi_b64 == history.phi_b64
+    phi = batched._encode_history(history)
+    assert history.phi_b64 == encode_phi(phi)  # the vector of the events kept
+
+
 GOOD = {"items": ["a", "b"], "kinds": ["view", "sale"], "ts": [1.0, 2], "ids": ["x", ""],
         "phi": "", "at": [0, 7]}
 
