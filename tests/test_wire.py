@@ -448,7 +448,8 @@ def test_an_error_names_its_first_problems_and_counts_the_rest():
 def test_an_erasure_decodes_and_its_errors_name_its_own_fields():
     """``{"user_id", "forget": true}`` is a ForgetUser; a message with a ``forget`` field gets
     the erasure's error, one without it the event's; true is only true; a message with an
-    event's fields is an event."""
+    event's fields and ``forget`` (but false) is neither: taken as an event, it lost the
+    erasure without a word."""
     from stream_app.wire import ForgetUser
 
     erasure = decode_event(encode(user_id="u1", forget=True), kinds=KINDS, max_bytes=4096)
@@ -464,5 +465,13 @@ def test_an_erasure_decodes_and_its_errors_name_its_own_fields():
         decode_event(encode(user_id="u1"), kinds=KINDS, max_bytes=4096)
     assert "item_id" in caught.value.detail and "forget" not in caught.value.detail
     assert reason_of_event(encode(forget=True, user_id="u1", v=2)) == "bad_version"
-    both = decode_event(encode(**good_event(forget=True)), kinds=KINDS, max_bytes=4096)
-    assert both.item_id == "i1"
+    for both in (encode(**good_event(forget=True)), encode(**good_event(forget=1)),
+                 encode(**good_event(forget=None)),
+                 encode(**good_event()).replace(b"{", b'{"\\u0066orget": true, ', 1)):
+        with pytest.raises(InvalidMessage) as caught:
+            decode_event(both, kinds=KINDS, max_bytes=4096)
+        assert caught.value.reason == "schema" and caught.value.detail.startswith("forget")
+    assert decode_event(encode(**good_event(forget=False)), kinds=KINDS,
+                        max_bytes=4096).item_id == "i1"
+    assert decode_event(encode(**good_event(item_id="\u00e9\\u")), kinds=KINDS,
+                        max_bytes=4096).item_id == "\u00e9\\u"
