@@ -228,6 +228,12 @@ def note_topic_ids(checkpoint_dir: Path, ids: Mapping[str, str],
     return renewed
 
 
+def noted_topic_id(checkpoint_dir: Path, topic: str) -> str | None:
+    """The id of ``topic`` noted at the worker's last start (:func:`note_topic_ids`), None
+    where none was."""
+    return _read_topic_ids(checkpoint_dir / TOPIC_IDS).get(topic)
+
+
 def _read_topic_ids(path: Path) -> dict[str, str]:
     """The ids noted at ``path``; none where there is no note, or one that is not a JSON
     object of strings (a note this module did not write is not trusted)."""

@@ -63,19 +63,22 @@ Taken = tuple[Message, Event | ForgetUser]
 
 
 def training_messages(examples: list[TrainExample], partitions: int, compression_level: int,
-                      users: int | None) -> Iterator[tuple[int, bytes]]:
+                      users: int | None, events_topic: str | None = None
+                      ) -> Iterator[tuple[int, bytes]]:
     """(train-topic partition, message value) for a batch's examples: one message per item
     partition (and per ``TRAIN_MESSAGE_BYTES``), the partition chosen by a stable hash of the
     item id so each item is always learned by the same owner; each message says how many
-    users the ingesting worker holds (``users``), as of its examples, and which partition it
-    is for. The examples keep their order, which their events' offsets follow."""
+    users the ingesting worker holds (``users``), as of its examples, which partition it is
+    for, and the id of the events topic their places are in (``events_topic``). The
+    examples keep their order, which their events' offsets follow."""
     by_partition: dict[int, list[bytes]] = {}
     for example in examples:
         partition = item_partition(example.item_id, partitions)
         by_partition.setdefault(partition, []).append(example.to_bytes())
     for partition, parts in by_partition.items():
         for chunk in chunks_by_size(parts, TRAIN_MESSAGE_BYTES):
-            yield partition, TrainBatch.encode_parts(chunk, compression_level, users, partition)
+            yield partition, TrainBatch.encode_parts(chunk, compression_level, users, partition,
+                                                     events_topic)
 
 
 def moved_event_id(message) -> str:
@@ -357,7 +360,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         (``state.stream_positions.EventPositions``)."""
         for partition, value in training_messages(examples, settings.partitions,
                                                   settings.train_compression_level,
-                                                  engine.users):
+                                                  engine.users, engine.events_topic_id):
             send = functools.partial(train.send, key=str(partition).encode(),
                                      partition=partition)
             records.append(await sent("train", functools.partial(send, value=value),

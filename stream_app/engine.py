@@ -33,8 +33,8 @@ from models.serving_choice import (ServingCandidate, ndcg_of_ranks, pool_positio
 from state.gramian import load_npz, save_npz
 from state.history import MAX_STORED_BYTES, WORST_EVENT_BYTES, History
 from state.popularity import DecayedPopularity
-from state.stream_positions import (EventPositions, StreamPositions, positions_void,
-                                   renewed_at)
+from state.stream_positions import (EventPositions, StreamPositions, noted_topic_id,
+                                   positions_void, renewed_at)
 
 from .settings import Settings
 from .wire import (SOURCES, DecodedTraining, Event, ForgetUser, InvalidMessage, RecItem,
@@ -224,6 +224,10 @@ class Engine:
         self.redelivered = 0  # training messages skipped: the model held them already
         # the events topic's offsets whose examples the model holds, saved with it
         self.event_positions = EventPositions(settings.topic_events)
+        # the broker's id of the events topic, as noted at this worker's start (load): the
+        # training messages name it, and a learner takes the places of those that name
+        # another (an events topic since made anew) for none (_sources_here)
+        self.events_topic_id: str | None = None
         self.repeated_examples = 0  # examples skipped: made again for events it learned
         self.checkpointed_at = time.time()
         self.last_checkpoint: CheckpointWritten | None = None  # none yet by this process
@@ -843,8 +847,7 @@ class Engine:
                       ) -> tuple[list[TrainExample], list[int | None], int]:
         """The examples (and their messages' user counts) whose events the model has not
         learned, and how many it has (examples made again after a crash)."""
-        fresh = self.event_positions.admit(decoded.partitions,
-                                           [example.source for example in decoded.examples])
+        fresh = self.event_positions.admit(decoded.partitions, self._sources_here(decoded))
         repeated = len(fresh) - sum(fresh)
         if not repeated:
             return decoded.examples, decoded.users, 0
@@ -852,6 +855,17 @@ class Engine:
         kept = [n for n, new in enumerate(fresh) if new]
         return ([decoded.examples[n] for n in kept], [decoded.users[n] for n in kept],
                 repeated)
+
+    def _sources_here(self, decoded: DecodedTraining) -> list[tuple[int, int] | None]:
+        """Each example's place in the events topic; none for an example whose message names
+        another events topic than this worker's (one since made anew, whose offsets started
+        again): learned by its place, it took the new topic's events below that place for
+        learned ones. A message or a worker that names none keeps its places."""
+        here = self.events_topic_id
+        if here is None:
+            return [example.source for example in decoded.examples]
+        return [example.source if topic is None or topic == here else None
+                for example, topic in zip(decoded.examples, decoded.events_topics)]
 
     def follow(self, report: LearnedReport) -> None:
         """Take in what a learner elsewhere learned (this engine's learner is its replica):
@@ -1223,6 +1237,7 @@ class Engine:
         """The last checkpoint and the newest valid index version, where they exist (a
         replica takes the item rows only); without ``popularity_journal``, the popularity's
         counts as saved (a learner process, which answers nothing, skips the journal)."""
+        self.events_topic_id = noted_topic_id(self.checkpoint_dir, self.settings.topic_events)
         found = self.popularity.load(
             self.popularity_path, journal=popularity_journal,
             renewed_at=renewed_at(self.checkpoint_dir, self.settings.topic_events))

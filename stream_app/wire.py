@@ -12,7 +12,7 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, ClassVar, Literal, TypeVar
 
 import numpy as np
@@ -262,11 +262,17 @@ class TrainBatch(_Wire):
 
     ``partition``: the training partition the ingest sent it to, where the examples' event
     offsets rise (``state.stream_positions.EventPositions``); None in older messages.
+
+    ``events_topic``: the broker's id of the events topic the examples' places are in, as
+    the ingesting worker noted it at its start (None where it had none). An events topic
+    made anew starts its offsets again: a learner that learned a message of the old one
+    by its places took the new topic's first events for learned ones.
     """
 
     examples: list[TrainExample]
     users: int | None = Field(None, ge=0, le=2**53)  # past it, |C| is not a float exactly
     partition: int | None = Field(None, ge=0, le=2**31 - 1)  # a Kafka partition number
+    events_topic: str | None = Field(None, max_length=64)
 
     #: largest decompressed message accepted (a worker writes at most 512 KiB of examples)
     MAX_DECOMPRESSED: ClassVar[int] = 8 * 1024 * 1024
@@ -280,8 +286,9 @@ class TrainBatch(_Wire):
 
     @classmethod
     def decode_many(cls, values) -> DecodedTraining:
-        """:meth:`examples_of`, with each example's message's ``users`` and ``partition``."""
-        decoded = DecodedTraining([], [], [], 0)
+        """:meth:`examples_of`, with each example's message's ``users``, ``partition`` and
+        ``events_topic``."""
+        decoded = DecodedTraining([], [], [], 0, [])
         for value in values:
             try:
                 batch = cls.model_validate_json(cls.plain(value))
@@ -291,6 +298,7 @@ class TrainBatch(_Wire):
             decoded.examples.extend(batch.examples)
             decoded.users.extend([batch.users] * len(batch.examples))
             decoded.partitions.extend([batch.partition] * len(batch.examples))
+            decoded.events_topics.extend([batch.events_topic] * len(batch.examples))
         return decoded
 
     @classmethod
@@ -312,11 +320,13 @@ class TrainBatch(_Wire):
 
     @staticmethod
     def encode_parts(parts: list[bytes], compression_level: int = 0,
-                     users: int | None = None, partition: int | None = None) -> bytes:
+                     users: int | None = None, partition: int | None = None,
+                     events_topic: str | None = None) -> bytes:
         """The message for already serialized examples (each serialized once, when it is
         measured for the size limit), zlib-compressed at ``compression_level`` (0: plain)."""
         head = b'{"v":1,' + (b'"users":%d,' % users if users is not None else b"") \
-            + (b'"partition":%d,' % partition if partition is not None else b"")
+            + (b'"partition":%d,' % partition if partition is not None else b"") \
+            + (b'"events_topic":%s,' % orjson.dumps(events_topic) if events_topic else b"")
         data = head + b'"examples":[' + b",".join(parts) + b"]}"
         return zlib.compress(data, compression_level) if compression_level else data
 
@@ -328,18 +338,21 @@ class TrainBatch(_Wire):
         batch = cls.model_validate_json(cls.plain(value))
         parts = [example.model_copy(update={"source": None}).to_bytes()
                  for example in batch.examples]
-        return cls.encode_parts(parts, compression_level, batch.users, batch.partition)
+        return cls.encode_parts(parts, compression_level, batch.users, batch.partition,
+                                batch.events_topic)
 
 
 @dataclass
 class DecodedTraining:
     """Training messages decoded (:meth:`TrainBatch.decode_many`): their examples, for each
-    example its message's ``users`` and ``partition``, and how many messages did not decode."""
+    example its message's ``users``, ``partition`` and ``events_topic``, and how many
+    messages did not decode."""
 
     examples: list[TrainExample]
     users: list[int | None]
     partitions: list[int | None]
     bad: int
+    events_topics: list[str | None] = field(default_factory=list)
 
 
 #: most original bytes a dead letter carries of the message's value, and of its key (sent

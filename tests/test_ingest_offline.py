@@ -271,3 +271,23 @@ def test_a_batch_whose_writes_fail_partway_counts_the_histories_stored(tmp_path)
     assert not intake.sent_to(DEAD_LETTERS)
     assert set(intake.stored) == {"u1", "u2", "u3"}
     assert intake.engine.users == 3
+
+
+@pytest.mark.timeout(60)
+def test_training_messages_name_the_events_topic_noted_at_the_start(tmp_path):
+    """The id of the events topic noted at the worker's start (loaded with the checkpoint)
+    goes with each training message: a learner tells by it the places of an events topic
+    since made anew from those of its own."""
+    from state.stream_positions import note_topic_ids
+    from stream_app.wire import TrainBatch
+
+    intake = OfflineIntake(tmp_path)
+    engine = intake.engine
+    note_topic_ids(engine.checkpoint_dir, {engine.settings.topic_events: "events-id-1"})
+    engine.load()
+    assert engine.events_topic_id == "events-id-1"
+    asyncio.run(intake.app.streamrec_take_in([message(0, event("u1", "a")),
+                                              message(1, event("u2", "b"), user="u2")]))
+    sent = intake.sent_to("-train-examples")
+    decoded = TrainBatch.decode_many(sent)
+    assert decoded.events_topics == ["events-id-1"] * 2

@@ -205,6 +205,32 @@ def test_each_event_is_learned_once_whatever_is_sent_again():
         assert len(admitted) == 2 * 60
 
 
+def test_examples_made_from_an_events_topic_since_made_anew_keep_no_place(tmp_path):
+    """Training messages name the id of the events topic their places are in. A learner
+    whose noted events topic is another (made anew since: its offsets start again) learns
+    the older messages' examples without their places: by them, it took the new topic's
+    first events for learned ones. A message that names none keeps its places."""
+    from stream_app.wire import TrainExample
+
+    def message(offsets, events_topic):
+        examples = [TrainExample(user_id=f"u{n}", item_id=f"i{n % 5}", alpha=1.0, ts=1.0,
+                                 history=["i0"], weights=[1.0], source=(0, n))
+                    for n in offsets]
+        return TrainBatch.encode_parts([e.to_bytes() for e in examples], 1, users=10,
+                                       partition=0, events_topic=events_topic)
+
+    engine = Engine(settings_for(tmp_path))
+    engine.events_topic_id = "new"
+    engine.users = 10
+    engine.learn_messages([message(range(1000, 1010), "old"), message(range(10), "new")], 1)
+    assert engine.learner.events == 20 and engine.repeated_examples == 0
+    assert engine.event_positions.next_offsets() == {(0, 0): 10}
+    engine.learn_messages([message(range(5, 15), "new")], 2)  # read again: five new
+    assert engine.learner.events == 25 and engine.repeated_examples == 5
+    engine.learn_messages([message(range(12, 16), None)], 3)  # an older message: by place
+    assert engine.learner.events == 26 and engine.event_positions.next_offsets() == {(0, 0): 16}
+
+
 def test_event_positions_are_restored_for_their_topic_and_leave_placeless_examples_alone():
     positions = EventPositions("events")
     assert positions.admit([0, 0, 1, None, 1], [(2, 5), (2, 3), (2, 3), (2, 1), None]) == [

@@ -262,13 +262,16 @@ def test_a_resent_training_message_keeps_everything_but_the_event_offsets():
     examples = [TrainExample(user_id=f"u{k}", item_id="i", alpha=1.0, ts=float(k),
                              history=["a"] * k, weights=[1.0] * k, source=(1, 10 + k))
                 for k in range(3)]
-    value = TrainBatch.encode_parts([e.to_bytes() for e in examples], 1, users=7, partition=4)
+    value = TrainBatch.encode_parts([e.to_bytes() for e in examples], 1, users=7, partition=4,
+                                    events_topic='id-"1"')
     resent = TrainBatch.without_sources(value, 1)
     assert resent[:1] != b"{"  # compressed
     batch = TrainBatch.model_validate_json(TrainBatch.plain(resent))
-    assert (batch.users, batch.partition) == (7, 4)
+    assert (batch.users, batch.partition, batch.events_topic) == (7, 4, 'id-"1"')
     assert batch.examples == [e.model_copy(update={"source": None}) for e in examples]
-    assert TrainBatch.decode_many([value]).partitions == [4] * 3
+    decoded = TrainBatch.decode_many([value, TrainBatch.encode_parts([examples[0].to_bytes()])])
+    assert decoded.partitions == [4] * 3 + [None]
+    assert decoded.events_topics == ['id-"1"'] * 3 + [None]  # an older message names none
 
 
 def test_training_messages_travel_compressed_and_damage_is_counted_not_raised():
