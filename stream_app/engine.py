@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 # and the last of them every withdrawn row (of at most WITHDRAWN_EXCLUDED_AT_MOST withdrawn
 # items: a search asks for as many more candidates as it excludes)
 WITHDRAWN_RETRIES = 3
-WITHDRAWN_EXCLUDED_AT_MOST = 50_000
+WITHDRAWN_EXCLUDED_AT_MOST = 5_000
+# a history whose record would pass the producer's limit is cut to its newest events that
+# fit in this share of it (Engine._fitted): the next events grow it back before another cut
+HISTORY_CUT_TO = 0.9
 
 
 def item_partition(item_id: str, partitions: int) -> int:
@@ -217,6 +220,8 @@ class Engine:
         self.newest_event_ts: dict[int, float] = {}
         # items withdrawn from the catalogue (stream_app.withdrawals): never answered
         self.withdrawn: frozenset[str] = frozenset()
+        # (the withdrawn set, the items learned then, their rows): Engine._withdrawn_rows
+        self._withdrawn_rows_cache: tuple[frozenset[str], int, np.ndarray] | None = None
         self.behind = 0  # events the worker has yet to take in (stream_app.intake.IntakeLag)
         self.learned = 0  # training examples applied
         # the training topic's offsets the model holds, saved with it (a replica's stay empty)
@@ -383,13 +388,14 @@ class Engine:
                     countable.append(examples[-1])  # counted if the popularity lost it
                 continue
             history, weights, example = step
+            if len(history) > self._events_always_fit:  # never at the default length
+                fitting = self._fitted(event.user_id, history)
+                history, weights = fitting, weights[len(weights) - len(fitting):]
             current[event.user_id] = (history, weights)
             examples.append(example)
             countable.append(example)
         if sources is not None:
             self._note_event_times(events, sources)
-        if self.settings.history_length > self._events_always_fit:
-            self._fit_histories(current)
         kept = [(user, taken) for user, taken in current.items() if taken[0]]
         phis = self._encode_many([history.items for _, (history, _) in kept],
                                  [weights for _, (_, weights) in kept],
@@ -400,28 +406,23 @@ class Engine:
         self._count(countable)
         return Ingested(updated, examples, repeated)
 
-    def _fit_histories(self, current: dict[str, tuple[History, list[float]]]) -> None:
-        """Each history of ``current`` (with its weights) cut to its newest events whose
-        stored record fits under the producer's limit (:meth:`History.fitting`): a
-        ``history_length`` of hundreds, and ids of hundreds of characters, make records the
-        broker refuses, and the batch that wrote one was never committed. Only histories
-        longer than any that always fit are measured."""
-        for user, (history, weights) in current.items():
-            fitting = self._fitted(user, history)
-            if fitting is not history:
-                current[user] = (fitting, weights[len(weights) - len(fitting):])
-
     def _fitted(self, user: str, history: History) -> History:
-        """:meth:`History.fitting` of ``user``'s history, counted and logged where cut."""
-        if len(history) <= self._events_always_fit:
+        """``user``'s history, or, where its stored record would pass the producer's limit,
+        its newest events that fit in :data:`HISTORY_CUT_TO` of it (:meth:`History.fitting`),
+        counted and logged. A ``history_length`` of hundreds and ids of hundreds of
+        characters make records the broker refuses: the batch that wrote one was sent again
+        for ever and never committed. Cut below the limit, a history at it is not cut (and
+        measured by halves) again at each event. Only histories longer than any that always
+        fit are measured (one JSON encoding each)."""
+        if (len(history) <= self._events_always_fit
+                or history.stored_bytes() <= self._stored_bytes_for_events):
             return history
-        fitting = history.fitting(self._stored_bytes_for_events)
-        if fitting is not history:
-            self.histories_cut += 1
-            (log.warning if self.histories_cut == 1 else log.debug)(
-                "the history of user %r is cut to its newest %d events of %d: its record "
-                "would pass %d bytes (STREAMREC_HISTORY_LENGTH %d, long ids)", user,
-                len(fitting), len(history), MAX_STORED_BYTES, self.settings.history_length)
+        fitting = history.fitting(int(self._stored_bytes_for_events * HISTORY_CUT_TO))
+        self.histories_cut += 1
+        (log.warning if self.histories_cut == 1 else log.debug)(
+            "the history of user %r is cut to its newest %d events of %d: its record would "
+            "pass %d bytes (STREAMREC_HISTORY_LENGTH %d, long ids)", user, len(fitting),
+            len(history), MAX_STORED_BYTES, self.settings.history_length)
         return fitting
 
     @staticmethod
@@ -1042,8 +1043,19 @@ class Engine:
                 break
             excluded = np.concatenate([excluded, rows[~kept]])
             if retries_left == 1 and len(self.withdrawn) <= WITHDRAWN_EXCLUDED_AT_MOST:
-                excluded = np.concatenate([asked, self.learner.rows_of(self.withdrawn)])
+                excluded = np.concatenate([asked, self._withdrawn_rows()])
         return rows[kept], version
+
+    def _withdrawn_rows(self) -> np.ndarray:
+        """The learner rows of the withdrawn items (−1 for those not learned), looked up
+        again only when the withdrawn set or the number of items learned changes (rows
+        never move): one answer after another may need them all."""
+        withdrawn, items = self.withdrawn, len(self.learner)
+        cached = self._withdrawn_rows_cache
+        if cached is None or cached[0] is not withdrawn or cached[1] != items:
+            cached = self._withdrawn_rows_cache = (withdrawn, items,
+                                                   self.learner.rows_of(withdrawn))
+        return cached[2]
 
     def _kept(self, rows: np.ndarray) -> np.ndarray:
         """Which learner ``rows`` are of items not withdrawn (a boolean mask)."""

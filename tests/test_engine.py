@@ -72,10 +72,11 @@ def test_a_history_fits_its_record_by_its_newest_events_and_the_worst_event_is_b
 def test_histories_too_long_for_a_record_keep_their_newest_events_that_fit(tmp_path):
     """A ``history_length`` of 400 and ids of 256 characters that JSON escapes six times
     over made a record of 1.1 MB that the broker refuses: the worker sent it again for
-    ever and never committed the batch. The history keeps its newest events whose record
-    fits, the same event by event as in a batch, and every event still makes its example."""
+    ever and never committed the batch. A history about to pass the limit keeps its newest
+    events that fit in nine tenths of it, the same event by event as in a batch, and every
+    event still makes its example, from the history cut alike."""
     from state.history import MAX_STORED_BYTES
-    from stream_app.engine import encode_phi
+    from stream_app.engine import HISTORY_CUT_TO, encode_phi
 
     settings = Settings(data_dir=tmp_path, history_length=400, popularity_refresh_s=0,
                         kind_weights={"view": 1.0, "\x02" * 64: 2.0})
@@ -88,12 +89,16 @@ def test_histories_too_long_for_a_record_keep_their_newest_events_that_fit(tmp_p
     assert 200 < len(history) < 400 and batched.histories_cut > 0
     assert history.items == tuple(event.item_id for event in events[-len(history):])
     assert len(history.items) == len(history.event_ids) == len(history.ts)
-    assert MAX_STORED_BYTES - 4000 < history.stored_bytes() <= MAX_STORED_BYTES
+    assert HISTORY_CUT_TO * MAX_STORED_BYTES - 8000 < history.stored_bytes() <= MAX_STORED_BYTES
+    assert max(len(example.history) for example in taken.examples) < 300
+    assert batched.histories_cut < 20  # cut with room to grow, not at every event
     one_by_one = Engine(settings)
-    stored = History()
+    stored, examples = History(), []
     for event in events:
-        stored = one_by_one.ingest(event, stored)[0]
+        stored, example = one_by_one.ingest(event, stored)
+        examples.append(example)
     assert stored.items == history.items and stored.phi_b64 == history.phi_b64
+    assert examples == taken.examples
     phi = batched._encode_history(history)
     assert history.phi_b64 == encode_phi(phi)  # the vector of the events kept
 
@@ -429,3 +434,19 @@ def test_a_clients_duplicate_read_again_with_its_original_is_counted_once(engine
     assert engine.popularity.load(engine.popularity_path)
     engine.ingest_many(batch, stored, sources)
     assert [engine.popularity.count(item, 100.0) for item in "xy"] == [1.0, 1.0]
+
+
+def test_the_withdrawn_items_rows_are_looked_up_again_when_the_set_or_the_items_change(engine):
+    """The rows the last search asked again excludes are kept between answers, and looked up
+    again for another withdrawn set, or once more items are learned (one withdrawn may be
+    among them)."""
+    feed(engine, [ev("u", "a"), ev("u", "b")])
+    engine.withdrawn = frozenset({"a", "c"})
+    first = engine._withdrawn_rows()
+    assert sorted(first.tolist()) == sorted(engine.learner.rows_of(["a", "c"]).tolist())
+    assert -1 in first.tolist() and engine._withdrawn_rows() is first
+    feed(engine, [ev("u", "c")])
+    assert sorted(engine._withdrawn_rows().tolist()) == sorted(
+        engine.learner.rows_of(["a", "c"]).tolist()) and -1 not in engine._withdrawn_rows()
+    engine.withdrawn = frozenset({"b"})
+    assert engine._withdrawn_rows().tolist() == engine.learner.rows_of(["b"]).tolist()
