@@ -570,12 +570,16 @@ def test_a_diversity_requests_withdrawn_items_leave_it_as_if_the_request_exclude
     assert during == excluded_by_the_request
 
 
-@pytest.mark.parametrize("diversity", [0.0, 1.0, None])
-def test_a_users_best_items_withdrawn_by_the_dozen_leave_every_answer_its_k(tmp_path, diversity):
+@pytest.mark.parametrize("diversity, withdrawn_best", [(0.0, 64), (1.0, 64), (None, 20)])
+def test_a_users_best_items_withdrawn_by_the_dozen_leave_every_answer_its_k(
+        tmp_path, diversity, withdrawn_best):
     """A user's best 64 items withdrawn, in every cluster: each search found k more of them
     (a ``diversity`` request takes exactly k), and the answer came back short, or empty,
     while the catalogue held 100 more. The last search excludes every withdrawn item: the
-    answer is the one the request gets when it excludes them itself (the oracle), k long."""
+    answer is the one the request gets when it excludes them itself (the oracle), k long.
+    A plain request with its best 20 withdrawn ranked the 44 candidates left of the first
+    search, worse ones (4 of the oracle's 10): its searches now go on until its pool is
+    three quarters full."""
     engine = engine_with_index(tmp_path, index_clusters=6)
     histories = run_stream(engine, planted_stream())
     build_now(engine)
@@ -588,14 +592,13 @@ def test_a_users_best_items_withdrawn_by_the_dozen_leave_every_answer_its_k(tmp_
     best = [item.item_id for item in answer(engine, "u1", histories["u1"], k=1000,
                                             sources=["ann"]).items]
     assert len(best) >= 64 + 10
-    withdrawn = best[:64]
+    withdrawn = best[:withdrawn_best]
     excluded_by_the_request = ask(10, exclude=withdrawn)
     engine.withdrawn = frozenset(withdrawn)
     during = ask(10)
     assert len(during) == 10 and not set(during) & set(withdrawn)
-    if diversity is not None:
-        assert during == excluded_by_the_request
-    else:  # a plain search stops once k are found (its pool differs: not the oracle's)
+    assert during == excluded_by_the_request
+    if diversity is None:  # a plain request's pool: not left to what the first search kept
         engine.withdrawn = frozenset(best[::2])  # across the ranking: each search finds more
         rest = [item for item in best if item not in engine.withdrawn]
         assert sorted(ask(len(rest))) == sorted(rest)
