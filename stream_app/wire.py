@@ -12,7 +12,7 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, TypeVar
 
 import numpy as np
@@ -355,7 +355,7 @@ class DecodedTraining:
     users: list[int | None]
     partitions: list[int | None]
     bad: int
-    events_topics: list[str | None] = field(default_factory=list)
+    events_topics: list[str | None]
 
 
 #: most original bytes a dead letter carries of the message's value, and of its key (sent
