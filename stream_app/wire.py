@@ -60,7 +60,9 @@ class InvalidMessage(ValueError):
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    v: Literal[1] = WIRE_VERSION
+    # strict: JSON's true and 1.0 are not the version 1 (lax pydantic read both as 1, so a
+    # client's typo passed for the version this worker speaks)
+    v: Annotated[StrictInt, Field(ge=WIRE_VERSION, le=WIRE_VERSION)] = WIRE_VERSION
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

@@ -60,6 +60,9 @@ def test_a_missing_version_means_the_current_one():
     (encode(**good_event(event_id="e\u00001")), "schema"),
     (encode(**good_event(kind="teleport")), "unknown_kind"),
     (json.dumps({"v": 2, **good_event()}).encode(), "bad_version"),
+    (json.dumps({"v": True, **good_event()}).encode(), "bad_version"),
+    (json.dumps({"v": 1.0, **good_event()}).encode(), "bad_version"),
+    (json.dumps({"v": "1", **good_event()}).encode(), "bad_version"),
 ])
 def test_bad_events_are_rejected_with_a_reason(raw, reason):
     assert reason_of_event(raw) == reason
@@ -88,6 +91,16 @@ def test_schema_errors_name_the_field():
 
 def decode(raw: bytes) -> RecRequest:
     return decode_request(raw, max_bytes=4096, max_history=3)
+
+
+def test_a_request_names_the_version_as_the_integer_1_or_not_at_all():
+    """JSON's true and 1.0 read as 1 while the version was a lax literal: a client's typo
+    passed for the version this worker speaks."""
+    assert decode(json.dumps({"request_id": "r", "user_id": "u"}).encode()).v == 1
+    for version in (True, 1.0, "1", 2, None):
+        with pytest.raises(InvalidMessage) as caught:
+            decode(json.dumps({"v": version, "request_id": "r", "user_id": "u"}).encode())
+        assert caught.value.reason == "bad_version"
 
 
 def test_a_good_request_and_its_defaults():
@@ -468,6 +481,7 @@ def test_an_erasure_decodes_and_its_errors_name_its_own_fields():
         decode_event(encode(user_id="u1"), kinds=KINDS, max_bytes=4096)
     assert "item_id" in caught.value.detail and "forget" not in caught.value.detail
     assert reason_of_event(encode(forget=True, user_id="u1", v=2)) == "bad_version"
+    assert reason_of_event(encode(forget=True, user_id="u1", v=True)) == "bad_version"
     for both in (encode(**good_event(forget=True)), encode(**good_event(forget=1)),
                  encode(**good_event(forget=None)),
                  encode(**good_event()).replace(b"{", b'{"\\u0066orget": true, ', 1)):
