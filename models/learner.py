@@ -580,6 +580,7 @@ class ItemLearner:
         slots = self._slots_for(rows)
         batch = len(phi_aug)
         gram, target = self._statistics_now(slots)
+        self._move_lanes(slots, gram, lanes)
         # One sparse product sums the positives of each item (no Python loop, no np.add.at),
         # in the precision A_i is held in (float32 for CG), on the upper triangles only.
         by_item = sp.csr_matrix((alphas.astype(gram.dtype), (inverse, np.arange(batch))),
@@ -591,6 +592,21 @@ class ItemLearner:
         self._pos_at[slots] = self._lane_clock[lanes]
         self._note(slots, "slots")
         self._psi[rows] = self._solved(rows, gram, target, G_C)
+
+    def _move_lanes(self, slots: np.ndarray, gram_now: np.ndarray, lanes: np.ndarray) -> None:
+        """Move the mass of each slot whose item now comes on another lane to that lane
+        (after a checkpoint of another number of lanes, every slot is on lane 0 until its
+        next positive). Left behind, it was discounted on the old lane's clock and a forget
+        of the item took it from the new lane, which lacked it, so it stayed counted."""
+        moved = np.flatnonzero(self._pos_lane[slots] != lanes)
+        if len(moved) == 0:
+            return
+        mass = gram_now[moved, -1].astype(np.float64)  # A_i's corner: Σ α as of now
+        count = len(self._lane_clock)
+        self._lane_mass -= np.bincount(self._pos_lane[slots[moved]], weights=mass,
+                                       minlength=count)
+        self._lane_mass += np.bincount(lanes[moved], weights=mass, minlength=count)
+        np.maximum(self._lane_mass, 0.0, out=self._lane_mass)  # rounding
 
     def _statistics_now(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A_i and s_i of ``slots`` as of now: stored as of each slot's last update and
@@ -928,11 +944,12 @@ class ItemLearner:
         saved = data["lane_mass"] if "lane_mass" in data else np.zeros(0)
         if len(saved) == lanes:
             self._lane_mass = np.maximum(np.asarray(saved, dtype=np.float64) - orphaned, 0.0)
-        else:  # older checkpoints or another number of lanes: the mass as lanes that ran evenly
-            mass = (float(data["positive_mass"][0]) - orphaned.sum()
-                    if "positive_mass" in data
-                    else self._positive_mass_now())  # older still: of the held slots
-            self._lane_mass = np.full(lanes, max(mass, 0.0) / lanes)
+        else:  # older checkpoints or another number of lanes: each slot's mass on the lane
+            # _load_lanes put it on, which discounts it from now on as it discounts the slot
+            # (spread over the lanes, a forget of lane 0's slots found its share short)
+            held = self._held_slots()
+            self._lane_mass = np.bincount(self._pos_lane[held], weights=self._slot_masses(held),
+                                          minlength=lanes)
 
     def _empty_slots(self, slots: np.ndarray) -> np.ndarray:
         """Empty the statistics of ``slots`` and return their mass per lane (discounted to
@@ -957,17 +974,26 @@ class ItemLearner:
 
     def _load_lanes(self, data) -> None:
         """The lane clocks and each slot's lane. A checkpoint with another number of lanes
-        (older ones: one clock, the learned events) is read as lanes that ran evenly: every
-        clock at the saved events per new lane, the update times scaled alike, every slot on
-        lane 0 until its next positive."""
+        (older ones: one clock, the learned events; or ``positive_lanes`` changed) is read as
+        lanes that ran evenly: every clock at the saved events per new lane, every slot on
+        lane 0 until its next positive, as old in half-lives as it was on its saved lane.
+
+        The age is what is carried over, not the update time scaled: lanes run unevenly
+        (skewed traffic, a partition's lag), and a slot of a lane that ran ahead was dated
+        after the even clock, its discount above 1 and growing with the lag (2^133 at 4M
+        events of it: float32's inf in the solve, then NaN rows)."""
         lanes = len(self._lane_clock)
         saved = (np.asarray(data["lane_clock"], dtype=np.float64) if "lane_clock" in data
                  else np.array([float(self.events)]))
         if len(saved) == lanes and "pos_lane" in data:
             self._lane_clock, self._pos_lane = saved, data["pos_lane"].astype(np.int64)
             return
+        saved_lanes = (data["pos_lane"].astype(np.int64) if "pos_lane" in data
+                       else np.zeros(len(self._pos_at), dtype=np.int64))
+        # a lane's half-life is its share of positives_half_life: len(saved) / lanes of an age
+        ages = np.maximum(saved[saved_lanes] - self._pos_at, 0.0) * (len(saved) / lanes)
         self._lane_clock = np.full(lanes, saved.sum() / lanes)
-        self._pos_at = self._pos_at * (len(saved) / lanes)
+        self._pos_at = self._lane_clock[0] - ages
         self._pos_lane = np.zeros(len(self._pos_gram), dtype=np.int64)
         self._note(np.arange(len(self._pos_gram)), "slots")  # every slot differs from the file
 

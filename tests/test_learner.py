@@ -289,6 +289,42 @@ def test_lane_clocks_round_trip_and_an_older_checkpoint_reads_as_even_lanes(tmp_
     np.testing.assert_allclose(four._lane_clock, np.full(4, one_clock.events / 4))
 
 
+@pytest.mark.parametrize("lanes_now", [1, 2, 5])
+def test_uneven_lanes_loaded_into_another_number_keep_each_positives_discount(tmp_path,
+                                                                            lanes_now):
+    """Lanes that ran unevenly (one far ahead: a lagging partition) saved and loaded into
+    another number of lanes (``positives_by_partition`` turned off, partitions changed):
+    every slot keeps its discount as of the save, and the mass its lane holds. Before, the
+    update times were scaled to the even clock: a slot of the lane ahead was dated after it,
+    its discount 2^(lag / half-life) (inf in the float32 solve at 4M events of lag, NaN
+    rows), one of the lane behind was discounted away."""
+    config = LearnerConfig(dim=3, positives_half_life=30.0, positive_lanes=2)
+    learner = ItemLearner(config)
+    rng = np.random.default_rng(8)
+    for items, lane, count in ((["a", "b"], 0, 400), (["c", "d"], 1, 20), (["a", "c"], 0, 30)):
+        ids = list(rng.choice(items, count))
+        learner.learn(rng.normal(size=(count, 3)), ids, rng.uniform(0.5, 2.0, count),
+                      n_users=20, lanes=np.full(count, lane))
+    assert learner._lane_clock[0] > learner._lane_clock[1] + 300  # the lane ahead
+    learner.save(tmp_path / "uneven.npz")
+    loaded = ItemLearner(replace(config, positive_lanes=lanes_now))
+    assert loaded.load(tmp_path / "uneven.npz")
+    slots = learner._slot[learner.rows_of(list("abcd"))]
+    np.testing.assert_allclose(loaded._discount_since_update(slots),
+                               learner._discount_since_update(slots), rtol=1e-9)
+    assert (loaded._discount_since_update(slots) <= 1.0).all()
+    np.testing.assert_allclose(loaded._lane_mass.sum(), learner.positive_mass, rtol=1e-5)
+    np.testing.assert_allclose(loaded._lane_mass.sum(), loaded._positive_mass_now(), rtol=1e-6)
+    more = ["a", "c", "e"] * 4  # on lanes of their own, as items of partitions are
+    loaded.learn(rng.normal(size=(12, 3)), more, np.ones(12), n_users=20,
+                 lanes=np.array([lane_of(item, lanes_now) for item in more]))
+    assert np.isfinite(loaded.item_matrix).all() and np.isfinite(loaded.item_gramian.matrix).all()
+    mass = loaded.positive_mass
+    np.testing.assert_allclose(mass, loaded._positive_mass_now(), rtol=1e-6)
+    loaded.forget_positives(loaded.rows_of(list("abcde")))  # each lane gives back what it holds
+    assert loaded.positive_mass <= 1e-6 * mass
+
+
 @pytest.mark.parametrize("half_life, lanes", [(None, 1), (10.0, 1), (10.0, 3)])
 def test_a_relative_alpha0_scales_with_the_density_of_the_positives(half_life, lanes):
     """Oracle: the positives' mass kept by the learner equals the sum over every positive so
