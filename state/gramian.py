@@ -242,10 +242,10 @@ class DecayedGramian:
         rows = np.asarray(rows, dtype=np.float64).reshape(-1, self.dim)
         if n_active is not None:
             self.n_active = float(n_active)
-        if len(rows) == 0:
-            return
         w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=np.float64)
         total = w.sum()
+        if not total > 0.0:  # no rows, or weights of nothing: 0/0 would hold NaN for good
+            return
         batch = (rows.T * w) @ rows / total
         keep = (1.0 - self.beta) ** total
         self._moment = keep * self._moment + (1.0 - keep) * batch

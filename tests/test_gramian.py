@@ -129,6 +129,8 @@ def test_value_scales_with_the_active_user_count_at_once():
     np.testing.assert_allclose(gramian.value(), 10 * np.array([[4.0, 2.0], [2.0, 1.0]]))
     gramian.update(np.empty((0, 2)), n_active=20)
     np.testing.assert_allclose(gramian.value(), 20 * np.array([[4.0, 2.0], [2.0, 1.0]]))
+    gramian.update(np.ones((2, 2)), weights=np.zeros(2))  # weighs nothing: no 0/0
+    np.testing.assert_allclose(gramian.value(), 20 * np.array([[4.0, 2.0], [2.0, 1.0]]))
 
 
 def test_save_and_load_round_trip_without_pickle(tmp_path):
