@@ -345,8 +345,10 @@ class RecClient:
         except ValueError:
             return
         with self._book:  # not kept for a wait that has just given up
-            if response.request_id in self._awaited:
-                self._pending[response.request_id] = response
+            if response.request_id in self._awaited:  # the first answer to an id is kept:
+                # a second is a redelivery, or the worker's "undelivered" error for an answer
+                # the broker took late after all
+                self._pending.setdefault(response.request_id, response)
 
     def ask_many(self, requests: Iterable[RecRequest], timeout_s: float = 30.0,
                  in_flight: int = 256) -> dict[str, RecResponse]:

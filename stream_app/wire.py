@@ -559,13 +559,15 @@ def salvage_request(raw: bytes | None) -> dict[str, str | None]:
     raises); strictly, either lost the request's id and its reply topic, and the client that
     waits there never heard of its error."""
     value = None
-    # as it came first (the json module reads a BOM, UTF-16), then with bad bytes replaced
-    for text in (raw, raw.decode("utf-8", "replace")) if raw else ():
-        try:
-            value = json.loads(text, parse_int=lambda digits: 0)
+    for text in _lenient_texts(raw):
+        try:  # bytes after the value (a C client's NUL, a second request) are left unread
+            value = _SALVAGE_DECODER.raw_decode(text.lstrip())[0]
             break
-        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
+        except ValueError:
             continue
+        except RecursionError:  # nested deeper than the json module goes: the top level
+            value = _top_level_strings(text[:SALVAGE_SCAN_CHARS])
+            break
     fields: dict[str, str | None] = {"request_id": None, "user_id": None, "reply_to": None}
     if isinstance(value, dict):
         for name in fields:
@@ -574,6 +576,57 @@ def salvage_request(raw: bytes | None) -> dict[str, str | None]:
                 fields[name] = value[name]
     if fields["reply_to"] is not None and not TOPIC_NAME.fullmatch(fields["reply_to"]):
         fields["reply_to"] = None
+    return fields
+
+
+_SALVAGE_DECODER = json.JSONDecoder(parse_int=lambda digits: 0)
+#: how much of a request nested too deep is scanned for its fields: 25 ms at most (a
+#: megabyte of brackets took half a second, a stall of the request reader per message)
+SALVAGE_SCAN_CHARS = 65_536
+#: a JSON string, or one of the characters that nest or separate values
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]', re.DOTALL)
+
+
+def _lenient_texts(raw: bytes | None) -> Iterator[str]:
+    """The value as text: decoded as the json module decodes bytes (a BOM, UTF-16), then as
+    UTF-8 with the bytes that are not replaced."""
+    if not raw:
+        return
+    try:
+        yield raw.decode(json.detect_encoding(raw), "surrogatepass")
+    except UnicodeDecodeError:
+        pass
+    yield raw.decode("utf-8", "replace")
+
+
+def _top_level_strings(text: str) -> dict[str, str]:
+    """The string fields of a JSON object's top level, read without descending into its
+    values, however deeply they nest (the regular expression skips from token to token)."""
+    fields: dict[str, str] = {}
+    if not text.lstrip().startswith("{"):
+        return fields
+    depth, key, after_colon = 0, None, False
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in ("[", "{", "]", "}"):
+            depth += 1 if token in ("[", "{") else -1
+            key, after_colon = None, False
+        elif depth != 1:
+            continue
+        elif token == ":":
+            after_colon = key is not None
+        elif token == ",":
+            key, after_colon = None, False
+        else:  # a string: a key, or the value of the key before the colon
+            try:
+                string = json.loads(token)
+            except ValueError:
+                return fields
+            if after_colon:  # a key given twice: the last, as the json module reads it
+                fields[key] = string
+                key, after_colon = None, False
+            else:
+                key = string
     return fields
 
 

@@ -267,6 +267,19 @@ def test_a_wait_whose_poll_fails_forgets_its_request():
     assert client._pending == {}
 
 
+def test_the_first_of_two_answers_to_a_request_is_the_one_kept(monkeypatch):
+    """Two answers to one id taken before its wait (delivery is at least once; a worker
+    sends an "undelivered" error for an answer the broker took late after all): the first
+    is returned, as the request reader's docstring promises; the later one replaced it."""
+    clock = [0.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
+    client = offline_client(clock)
+    client.send(RecRequest(request_id="r1", history=["a"]))
+    client._take(RecResponse(request_id="r1", items=[]).to_bytes())
+    client._take(RecResponse(request_id="r1", error="undelivered: late").to_bytes())
+    assert client.wait("r1", timeout_s=1.0).error is None
+
+
 def test_a_request_sent_without_a_wait_is_forgotten_with_its_answer_after_a_while(
         monkeypatch):
     """A caller may send requests it never waits for: their answers are kept for a later

@@ -147,7 +147,7 @@ def test_salvage_keeps_only_what_an_error_response_can_carry():
     the json module, a lone surrogate escape (no UTF-8 for it), a topic name with a newline
     (a regex "$" matches before it)."""
     deep = b'{"request_id": "r2", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
-    assert salvage_request(deep) == {"request_id": None, "user_id": None, "reply_to": None}
+    assert salvage_request(deep) == {"request_id": "r2", "user_id": None, "reply_to": None}
     lone = salvage_request(b'{"request_id": "r1", "user_id": "\\ud800"}')
     assert lone == {"request_id": "r1", "user_id": None, "reply_to": None}
     RecResponse(request_id=lone["request_id"], user_id=lone["user_id"], error="e").to_bytes()
@@ -163,6 +163,27 @@ def test_salvage_reads_past_what_made_the_request_fail(damage):
         decode(raw)
     assert salvage_request(raw) == {"request_id": "r-42", "user_id": None,
                                     "reply_to": "rec-responses-client7"}
+
+
+def test_salvage_reads_the_top_level_past_bytes_after_it_and_nesting_too_deep():
+    """A C client's NUL after the request (strlen + 1 bytes), two requests in one value, and a
+    nesting deeper than the json module goes: each failed validation and lost its error
+    response's id and reply topic. The top level is read, not what nests in it."""
+    text = b'{"request_id":"r-7","reply_to":"rec-responses.app","k":0'
+    expected = {"request_id": "r-7", "user_id": None, "reply_to": "rec-responses.app"}
+    for raw in (text + b"}\x00", text + b'}{"request_id":"r-8"}', text + b"}\n garbage"):
+        with pytest.raises(InvalidMessage):
+            decode(raw)
+        assert salvage_request(raw) == expected
+    deep = (b'{"x": {"request_id": "nested", "y": ' + b"[" * 3000 + b'"\\"]"' + b"]" * 3000
+            + b'}, "request_id": "r-\\"9", "n": 5, "reply_to": "a", "reply_to": "rec-x",'
+            b' "u": ["user_id", "no"], "user_id": "caf\xc3\xa9"}')
+    assert salvage_request(deep) == {"request_id": 'r-"9', "user_id": "caf\u00e9",
+                                     "reply_to": "rec-x"}
+    assert json.loads(deep.replace(b"[" * 3000, b"[").replace(b"]" * 3000, b"]"))[
+        "request_id"] == 'r-"9'  # the same text, nested less, reads alike
+    assert salvage_request(b"[" * 3000 + b'"request_id", "r"') == {
+        "request_id": None, "user_id": None, "reply_to": None}
 
 
 def test_salvage_reads_what_the_json_module_reads_a_bom_and_utf16_included():
