@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from state.history import History
+from stream_app import engine as engine_module
 from stream_app.engine import Engine
 from stream_app.settings import Settings
 from stream_app.wire import RecRequest
@@ -602,6 +603,31 @@ def test_a_users_best_items_withdrawn_by_the_dozen_leave_every_answer_its_k(
         engine.withdrawn = frozenset(best[::2])  # across the ranking: each search finds more
         rest = [item for item in best if item not in engine.withdrawn]
         assert sorted(ask(len(rest))) == sorted(rest)
+
+
+@pytest.mark.parametrize("diversity, withdrawn_best", [(0.0, 64), (None, 100)])
+def test_more_withdrawn_than_a_search_excludes_leave_the_answer_to_an_exact_search(
+        tmp_path, monkeypatch, diversity, withdrawn_best):
+    """Past WITHDRAWN_EXCLUDED_AT_MOST withdrawn items the last search excludes only those
+    found; a user whose best items were all withdrawn (a whole category, for one) then got
+    an empty ``ann`` answer, or popular items alone. An answer still short after the last
+    search is now made by exact search without them: k long, the exact oracle's items."""
+    monkeypatch.setattr(engine_module, "WITHDRAWN_EXCLUDED_AT_MOST", 30)
+    # a plain request's pool of 20 (a diversity's: k) is short after three searches of it,
+    # in a graph without clusters (a clustered index's plain search reaches other clusters)
+    engine = engine_with_index(tmp_path, index_clusters=6 if diversity is not None else 0,
+                               rerank_candidates=20)
+    histories = run_stream(engine, planted_stream())
+    build_now(engine)
+    best = [item.item_id for item in answer(engine, "u1", histories["u1"], k=1000,
+                                            sources=["ann"]).items]
+    assert len(best) >= withdrawn_best + 10
+    engine.withdrawn = frozenset(best[:withdrawn_best])
+    during = answer(engine, "u1", histories["u1"], k=10, diversity=diversity, sources=["ann"])
+    got = [item.item_id for item in during.items]
+    assert len(got) == 10 and not set(got) & engine.withdrawn
+    assert during.index_version is None  # exact search
+    assert got == best[withdrawn_best:withdrawn_best + 10]  # the ranking after the withdrawn
 
 
 def test_diversity_is_refused_without_clusters_and_plain_until_the_first_clustered_build(
