@@ -30,7 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -43,8 +44,8 @@ import scipy.sparse as sp
 from models.embedding import (augment_users, item_gradient, item_solve, item_solve_cg,
                               pack_symmetric, packed_outer, packed_size, unpack_symmetric)
 from state.delta_checkpoint import ChainWriter, Table, load_checkpoint, mark_rows
-from state.gramian import (DecayedGramian, ExactGramian, ids_from_arrays, ids_to_arrays,
-                          read_only_view)
+from state.gramian import (DamagedCheckpoint, DecayedGramian, ExactGramian, ids_from_arrays,
+                          ids_to_arrays, read_only_view)
 
 InitVector = Callable[[str], "np.ndarray | None"]
 
@@ -871,6 +872,12 @@ class ItemLearner:
         data = self._checkpoint(path)
         if data is None:
             return False
+        with _named_damage(path):
+            self._load_learning(path, data, restore)
+        return True
+
+    def _load_learning(self, path: Path, data, restore: Callable[[dict], None] | None) -> None:
+        """:meth:`load`'s work, once the checkpoint has read."""
         if restore is not None:
             restore(data)
         self._changed = _no_marks()
@@ -885,7 +892,6 @@ class ItemLearner:
         self._load_statistics(data)
         self._reserve(max(len(self._ids), 1024))
         self.user_gramian.set_arrays(data, "user_")
-        return True
 
     def _loaded_accumulators(self, data) -> np.ndarray:
         """The checkpoint's Adagrad accumulators where this solver keeps them; a checkpoint
@@ -898,7 +904,8 @@ class ItemLearner:
     def _checkpoint(self, path: Path, skip: Collection[str] = ()):
         data = load_checkpoint(path, skip=skip)
         if data is not None:
-            saved_dim = json.loads(str(data["config"]))["dim"]
+            with _named_damage(path):
+                saved_dim = json.loads(str(data["config"]))["dim"]
             if saved_dim != self.config.dim:
                 raise ValueError(f"{path} holds dim={saved_dim}, this learner has "
                                  f"{self.config.dim}")
@@ -907,6 +914,7 @@ class ItemLearner:
     def _load_rows(self, data) -> None:
         """What a replica has too: ids, rows, the clock and the item Gramian."""
         self._ids = ids_from_arrays(data, where="the model's checkpoint (model.npz)")
+        _check_item_rows(data, len(self._ids))
         self._index = {item_id: row for row, item_id in enumerate(self._ids)}
         self._psi = data["psi"]
         self._offset = (data["offset"] if "offset" in data  # older checkpoints: no offsets
@@ -1060,9 +1068,10 @@ class ItemReplica(ItemLearner):
         data = self._checkpoint(path, skip=LEARNING_STATE)
         if data is None:
             return False
-        if restore is not None:
-            restore(data)
-        self._load_rows(data)
+        with _named_damage(path):
+            if restore is not None:
+                restore(data)
+            self._load_rows(data)
         self._reserve(max(len(self._ids), 1024))
         if "alpha0" in data:
             self._followed_alpha0 = float(data["alpha0"][0])
@@ -1072,6 +1081,32 @@ class ItemReplica(ItemLearner):
         raise TypeError("an ItemReplica only follows the learner it replicates")
 
     learn = learn_inputs = assign = resolve = save = delta = count = _learning
+
+
+#: the checkpoint's arrays of a row per item (those it holds: a replica skips some)
+ITEM_ARRAYS = ("psi", "offset", "accum", "count", "count_at", "prior", "slot",
+               "offset_squares", "offset_at")
+
+
+def _check_item_rows(data, items: int) -> None:
+    """Raise :class:`DamagedCheckpoint` unless each per-item array has a row per id: one id
+    more than rows loaded an item of zeros, and every later row under another item's id."""
+    for name in ITEM_ARRAYS:
+        if name in data and len(data[name]) != items:
+            raise DamagedCheckpoint(f"the model's checkpoint holds {items} item ids and "
+                                    f"{len(data[name])} rows of {name}: restore it, or remove "
+                                    "the head and its parts to start the model empty")
+
+
+@contextmanager
+def _named_damage(path: Path) -> Iterator[None]:
+    """A checkpoint that lacks an array the load reads raises :class:`DamagedCheckpoint`
+    naming the file, as any other damage does, not a bare KeyError."""
+    try:
+        yield
+    except KeyError as missing:
+        raise DamagedCheckpoint(f"{path} lacks {missing}: restore it, or remove the head and "
+                                "its parts to start the model empty") from None
 
 
 def halved(elapsed: np.ndarray, half_life: float | None) -> np.ndarray:

@@ -14,6 +14,7 @@ from models.embedding import augment_users, item_gradient, packed_size, unpack_s
 from models.encoders import mean_encoder, mean_encoder_batch, pack_histories
 from models.learner import ItemLearner, ItemReplica, LearnerConfig
 from state.delta_checkpoint import CHAIN_KEY, ChainWriter, load_checkpoint
+from state.gramian import DamagedCheckpoint, ids_to_arrays
 
 N_CLUSTERS, PER_CLUSTER, N_USERS = 8, 50, 400
 
@@ -287,6 +288,33 @@ def test_lane_clocks_round_trip_and_an_older_checkpoint_reads_as_even_lanes(tmp_
     np.testing.assert_allclose(four._discount_since_update(slots),
                                one_clock._discount_since_update(slots), rtol=1e-12)
     np.testing.assert_allclose(four._lane_clock, np.full(4, one_clock.events / 4))
+
+
+def test_a_checkpoint_whose_ids_and_rows_disagree_or_that_lacks_an_array_is_damaged(
+        tmp_path):
+    """One item id more than rows loaded an item of zeros and every later row under another
+    item's id; an array missing stopped the worker with a bare KeyError. Both now raise
+    DamagedCheckpoint, which names what is wrong, for the learner and for its replica."""
+    learner, config, *_ = solve_stream(0)
+    learner.save(tmp_path / "model.npz")
+    arrays = as_whole(tmp_path / "model.npz")
+    items = len(learner.item_ids)
+    np.savez(tmp_path / "more-ids.npz",
+             **{**arrays, **ids_to_arrays(list(learner.item_ids) + ["x"])})
+    for model in (ItemLearner(config), ItemReplica(config)):
+        with pytest.raises(DamagedCheckpoint, match=f"{items + 1} item ids and {items} rows"):
+            model.load(tmp_path / "more-ids.npz")
+    for missing, replica_reads in (("config", True), ("psi", True), ("clock", True),
+                                   ("count", False), ("pos_target", False)):
+        path = tmp_path / f"without-{missing}.npz"
+        np.savez(path, **{name: value for name, value in arrays.items() if name != missing})
+        with pytest.raises(DamagedCheckpoint, match=f"{path} lacks '{missing}'"):
+            ItemLearner(config).load(path)
+        if replica_reads:
+            with pytest.raises(DamagedCheckpoint, match=f"lacks '{missing}'"):
+                ItemReplica(config).load(path)
+        else:
+            assert ItemReplica(config).load(path)  # what only learning reads
 
 
 @pytest.mark.parametrize("lanes_now", [1, 2, 5])
