@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import time
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def load_version(folder: Path, params: HnswParams = HnswParams(),
         ids = json.loads((folder / f"ids-{k}.json").read_text())
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise CorruptVersion(f"ids-{k}.json is not a list of item ids")
+        _check_graph_dim(folder / f"index-{k}.bin", manifest.graph_dim)
         graph = hnswlib.Index(space="ip", dim=manifest.graph_dim)
         graph.load_index(str(folder / f"index-{k}.bin"),
                          max_elements=max(len(ids), capacity, 1))
@@ -136,6 +138,22 @@ def load_version(folder: Path, params: HnswParams = HnswParams(),
     return ClusteredIndex(parts, centroids, manifest)
 
 
+def _check_graph_dim(path: Path, dim: int) -> None:
+    """Raise :class:`CorruptVersion` unless the graph at ``path`` holds vectors of ``dim``
+    floats. hnswlib loads a graph with the dimension it is told and reads each vector with
+    that length, past its end or short of it (dropping the bias), so the manifest's word is
+    checked against the graph's header: six little-endian size_t, of which the fifth
+    (where a vector's label is) less the sixth (where its data is) is the vector's bytes."""
+    with open(path, "rb") as handle:
+        header = handle.read(48)
+    if len(header) < 48:
+        raise CorruptVersion(f"{path.name} is too short for an index")
+    label_offset, data_offset = struct.unpack("<6Q", header)[4:]
+    if label_offset - data_offset != 4 * dim:
+        raise CorruptVersion(f"{path.name} holds vectors of {(label_offset - data_offset) / 4:g} "
+                             f"floats, the manifest says {dim}")
+
+
 def _verified_manifest(folder: Path) -> Manifest:
     try:
         manifest = Manifest.from_json(json.loads((folder / "manifest.json").read_text()))
@@ -145,7 +163,11 @@ def _verified_manifest(folder: Path) -> Manifest:
         raise CorruptVersion(f"format {manifest.format}, this build reads {INDEX_FORMAT}")
     if f"v{manifest.version}" != folder.name:
         raise CorruptVersion(f"manifest version {manifest.version} in folder {folder.name}")
-    expected = {f"index-{k}.bin" for k in range(max(manifest.clusters, 1))}
+    # every file the load reads (a manifest that left out the ids had them read unchecked)
+    expected = {f"{name}-{k}.{kind}" for k in range(max(manifest.clusters, 1))
+                for name, kind in (("index", "bin"), ("ids", "json"))}
+    if manifest.clusters:
+        expected.add("centroids.npy")
     missing = expected - set(manifest.files)
     if missing:
         raise CorruptVersion(f"manifest lists no checksum for {sorted(missing)}")

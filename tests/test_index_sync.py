@@ -120,7 +120,9 @@ def test_every_file_of_a_version_is_on_the_disk_before_it_is_renamed_into_place(
 
 @pytest.mark.parametrize("damage", ["truncated index", "changed checksum", "missing ids",
                                     "bad manifest", "manifest not an object",
-                                    "clusters null", "files a list", "temp folder only"])
+                                    "clusters null", "files a list", "temp folder only",
+                                    "dim wider than the graph", "dim narrower than the graph",
+                                    "ids without a checksum"])
 def test_a_damaged_or_partial_version_is_never_loaded(tmp_path, damage, caplog):
     vectors, ids = model_like(200), ids_of(200)
     write_version(tmp_path, ItemIndex.build(ids, vectors, version=1, model_version=1))
@@ -143,6 +145,15 @@ def test_a_damaged_or_partial_version_is_never_loaded(tmp_path, damage, caplog):
         manifest = json.loads((newer / "manifest.json").read_text())
         manifest["clusters" if damage == "clusters null" else "files"] = (
             None if damage == "clusters null" else list(manifest["files"]))
+        (newer / "manifest.json").write_text(json.dumps(manifest))
+    elif damage.startswith("dim") or damage == "ids without a checksum":
+        # hnswlib reads each vector with the length it is told: past its end, or short of it
+        # (the bias dropped); ids left out of the files were read unchecked
+        manifest = json.loads((newer / "manifest.json").read_text())
+        if damage == "ids without a checksum":
+            del manifest["files"]["ids-0.json"]
+        else:
+            manifest["dim"] += 3 if "wider" in damage else -3
         (newer / "manifest.json").write_text(json.dumps(manifest))
     else:  # a build that died before its rename: only the temp folder exists
         newer.rename(tmp_path / ".tmp-v2-deadbeef")
