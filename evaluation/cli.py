@@ -58,7 +58,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, help="file format (default: guessed)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="loo",
                         help="loo: leave-one-out, full ranking (SASRec/ICLRec); heldout: "
-                             "held-out users, 80/20 fold-in (Mult-VAE); prequential: "
+                             "held-out users, 80/20 fold-in by time (Mult-VAE-style); prequential: "
                              "test-then-train over the stream (default loo)")
     parser.add_argument("--models", type=model_list, default=list(DEFAULT_MODELS),
                         help=f"comma-separated, from {','.join(MODELS)} "

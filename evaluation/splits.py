@@ -83,7 +83,9 @@ def leave_one_out(dataset: Dataset) -> Split:
 def heldout_users(dataset: Dataset, seed: int, *, validation_fraction: float = 0.1,
                   test_fraction: float = 0.2, fold_in: float = 0.8,
                   min_events: int = 5) -> Split:
-    """Mult-VAE strong generalization: held-out users never train the models.
+    """Mult-VAE's strong generalization: held-out users never train the models. Unlike
+    Mult-VAE, which keeps ratings of 4 and over and draws each user's 80 % at random, every
+    event of the dataset is kept (a rating below 4 is a ``view``) and the split is by time.
 
     A seeded ``test_fraction`` and ``validation_fraction`` of all users (drawn from those with at
     least ``min_events`` events) are held out; the models train on every event of the other

@@ -89,7 +89,9 @@ class OnlineEmbedding:
     :meth:`Engine.learn` (encode each example's user with the current item vectors, then the
     item step: closed-form per-item solves, or Adagrad, as the settings say). Ranking is exact
     MIPS over the learned items, with the history row the harness passes in as the user's
-    history (its stored values as confidence weights). Given ``times`` (the row's items with
+    history (its stored values as confidence weights: the splits store 1 for every item,
+    as a worker weighs a request's ``history``, so a dataset of several kinds, MovieLens, is
+    learned weighted by kind and scored unweighted). Given ``times`` (the row's items with
     the time of each), the history is read as a worker keeps it: in time order, the newest
     ``history_length`` items, with their times for the encoder's recency decay."""
 
