@@ -605,17 +605,36 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         """
         if restoring():  # nothing learned yet; the next start installs the rows again
             return
+        wait_s = settings.hand_over_wait_s
         if learner is None:
             if train_acks is not None:
-                save_here()
+                await checkpoint_between_publishes(wait_s)
             return
         if learner.died:  # what it had not saved is delivered again
             return
-        wait_s = settings.hand_over_wait_s
-        if not await learner.settle(wait_s) or not await learner.checkpoint(wait_s):
+        if not await learner.settle(wait_s) or not await checkpoint_between_publishes(wait_s):
             log.warning("the learner did not learn and checkpoint what it was handed in "
                         "%.1f s: the training messages since its last checkpoint will be "
                         "delivered again", wait_s)
+
+    async def checkpoint_between_publishes(wait_s: float) -> bool:
+        """The last checkpoint (here, or the learner's), with sharing not written while a
+        publish is under way (``ItemSharing.between_publishes``): none when that publish
+        outlasts ``wait_s``, and then what the checkpoint lacks is delivered again."""
+        async def write(timeout_s: float | None) -> bool:
+            if learner is None:
+                save_here()
+                return True
+            return await learner.checkpoint(timeout_s)
+
+        if sharing is None:
+            return await write(wait_s)
+        try:
+            async with asyncio.timeout(wait_s):
+                async with sharing.between_publishes():
+                    return await write(None)
+        except TimeoutError:
+            return False
 
     responder = Responder(settings, engine, metrics, lambda name: app.topic(name, **raw),
                           requests, users_partition, history_reader.get_on)
@@ -734,8 +753,16 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                                         engine.popularity_path)
             except Exception:  # noqa: BLE001 - a full disk must not stop the worker
                 log.exception("could not write the popularity checkpoint")
-        if not restoring():
+        if restoring():
+            return
+        if sharing is None:
             save_model()
+            return
+        async with sharing.between_publishes():  # see there: not between a read and a send
+            if learner is None:
+                save_here()
+            elif learner.save_due():  # written before the next publish reads its rows
+                await learner.checkpoint(None)  # a learner that dies answers at once
 
     def save_model(waiting: bool = False) -> None:
         """A checkpoint of the model: here, or by the learner process, which says when it is

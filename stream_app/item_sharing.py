@@ -58,11 +58,12 @@ Rows and steps are sent as raw float32 (``wire.py``), never pickled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,18 @@ class ItemSharing:
                 messages.append((partition, encode_offset_steps(items, np.stack(values))))
             self.steps_sent += len(taken)
         return messages
+
+    @contextlib.asynccontextmanager
+    async def between_publishes(self) -> AsyncIterator[None]:
+        """Hold publishes off while the caller writes a checkpoint of the model. A record's
+        time is when it was sent, and a restart's catch-up installs this worker's own rows
+        sent after its checkpoint over it: rows read before a checkpoint was written and sent
+        after it went back on the checkpoint's later learning, whose training messages the
+        checkpoint's places then skipped as learned when they were delivered again (the
+        publish had not acknowledged them). Between publishes, a record sent after a
+        checkpoint was also read after it."""
+        async with self._publishing:
+            yield
 
     async def publish(self, take: Callable[[], tuple[Records, StepMessages]],
                       send_row: Callable[[bytes, bytes], Awaitable[Any]],

@@ -266,8 +266,9 @@ class LearnerProcess:
         asked, written = self._last_save
         return time.monotonic() - written >= (written - asked) * (1.0 / share - 1.0)
 
-    async def checkpoint(self, timeout_s: float) -> bool:
-        """A checkpoint of everything handed over so far, written; at most ``timeout_s``.
+    async def checkpoint(self, timeout_s: float | None) -> bool:
+        """A checkpoint of everything handed over so far, written; at most ``timeout_s``
+        (None: as long as the write takes; a learner that dies meanwhile answers at once).
         False when it was not (a dead learner has none to write)."""
         if self._writer is None or self.died:
             return False

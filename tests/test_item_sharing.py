@@ -71,6 +71,51 @@ def test_a_worker_whose_rows_the_topic_may_lack_publishes_every_row_it_owns_once
     assert sent == []
 
 
+def test_a_checkpoint_between_publishes_is_written_before_a_publish_reads_or_after_it_sent(
+        tmp_path):
+    """A publish reads its rows, then sends them one by one; a record's time is its send's.
+    A checkpoint written in between passed for older than rows read before it, and a
+    restart's catch-up installed those over its later learning (whose messages it then
+    skipped as learned). ``between_publishes`` waits for a publish's last send, and a
+    publish waits to read until the checkpoint is written."""
+    settings = Settings(data_dir=tmp_path, model_dim=4, partitions=1, share_items=True)
+    engine = Engine(settings)
+    engine.learner.assign([f"item-{n}" for n in range(5)], np.ones((5, 5)))
+    sharing = ItemSharing(settings, engine, lambda: frozenset({0}), lambda records, keep: None,
+                          owes_every_row=True)
+    order: list[str] = []
+
+    def take():
+        order.append("read")
+        return sharing.due(), []
+
+    async def send_row(key: bytes, value: bytes) -> asyncio.Future:
+        await asyncio.sleep(0.01)
+        order.append("send")
+        return delivery()
+
+    async def send_steps(partition: int, value: bytes) -> None:
+        pass
+
+    async def checkpoint() -> None:
+        async with sharing.between_publishes():
+            order.append("checkpoint")
+            await asyncio.sleep(0.03)  # a write the publish must not read in
+
+    async def scenario() -> None:
+        publish = asyncio.create_task(sharing.publish(take, send_row, send_steps))
+        while "send" not in order:  # the publish has read and is sending
+            await asyncio.sleep(0.001)
+        await asyncio.gather(checkpoint(), publish)
+        writing = asyncio.create_task(checkpoint())
+        await asyncio.sleep(0.005)  # the checkpoint is being written
+        sharing._owes_every_row = True
+        await asyncio.gather(sharing.publish(take, send_row, send_steps), writing)
+
+    asyncio.run(scenario())
+    assert order == ["read"] + ["send"] * 5 + ["checkpoint", "checkpoint", "read"] + ["send"] * 5
+
+
 def test_steps_go_out_in_messages_within_the_size_limit_and_only_finite_ones(tmp_path,
                                                                            monkeypatch):
     """Messages of offset steps are cut by their measured size (JSON escapes a non-ASCII id
