@@ -583,8 +583,10 @@ _SALVAGE_DECODER = json.JSONDecoder(parse_int=lambda digits: 0)
 #: how much of a request nested too deep is scanned for its fields: 25 ms at most (a
 #: megabyte of brackets took half a second, a stall of the request reader per message)
 SALVAGE_SCAN_CHARS = 65_536
-#: a JSON string, or one of the characters that nest or separate values
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]', re.DOTALL)
+#: a JSON string (one not closed runs to the text's end: a string that failed to match was
+#: tried again from each quote in it, a time that grew with the square of its length, 18 s
+#: at 64 KiB), or one of the characters that nest or separate values
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[\[\]{}:,]', re.DOTALL)
 
 
 def _lenient_texts(raw: bytes | None) -> Iterator[str]:
@@ -601,28 +603,36 @@ def _lenient_texts(raw: bytes | None) -> Iterator[str]:
 
 def _top_level_strings(text: str) -> dict[str, str]:
     """The string fields of a JSON object's top level, read without descending into its
-    values, however deeply they nest (the regular expression skips from token to token)."""
+    values, however deeply they nest (the regular expression skips from token to token), up
+    to the object's end: as the json module reads them, a key given twice has its last value
+    (none here when that is not a string), and what follows the object is not read."""
     fields: dict[str, str] = {}
     if not text.lstrip().startswith("{"):
         return fields
     depth, key, after_colon = 0, None, False
     for match in _JSON_TOKEN.finditer(text):
         token = match.group()
-        if token in ("[", "{", "]", "}"):
-            depth += 1 if token in ("[", "{") else -1
+        if after_colon and not token.startswith('"'):  # a number, a literal, an array or
+            fields.pop(key, None)  # an object: the key's value is no string
             key, after_colon = None, False
+        if token in ("[", "{"):
+            depth += 1
+        elif token in ("]", "}"):
+            depth -= 1
+            if depth <= 0:  # the object's end
+                return fields
         elif depth != 1:
             continue
         elif token == ":":
             after_colon = key is not None
         elif token == ",":
-            key, after_colon = None, False
+            key = None
         else:  # a string: a key, or the value of the key before the colon
             try:
                 string = json.loads(token)
-            except ValueError:
+            except ValueError:  # not closed (the text's end) or not JSON: nothing more
                 return fields
-            if after_colon:  # a key given twice: the last, as the json module reads it
+            if after_colon:
                 fields[key] = string
                 key, after_colon = None, False
             else:

@@ -184,6 +184,17 @@ def test_salvage_reads_the_top_level_past_bytes_after_it_and_nesting_too_deep():
         "request_id"] == 'r-"9'  # the same text, nested less, reads alike
     assert salvage_request(b"[" * 3000 + b'"request_id", "r"') == {
         "request_id": None, "user_id": None, "reply_to": None}
+    nested = b'"x": ' + b"[" * 3000 + b"]" * 3000
+    for raw, request_id in (  # the object's end ends the scan; the last of a key decides
+            (b'{"request_id": "r-7", ' + nested + b'} {"request_id": "r-8"}', "r-7"),
+            (b'{"request_id": "r-7", ' + nested + b'], "request_id": "r-8"}', "r-7"),
+            (b'{"request_id": "r-7", "request_id": 5, ' + nested + b"}", None),
+            (b'{"request_id": "r-7", "request_id": {"a": 1}, ' + nested + b"}", None)):
+        assert salvage_request(raw)["request_id"] == request_id
+    # a string not closed, of escaped quotes: each quote was a new start of a string that
+    # failed at the text's end (18 s at 64 KiB); one pass now, and what came before it
+    unclosed = b'{"request_id": "r-9", "x": ' + b"[" * 3000 + b'"' + b'\\"' * 30_000
+    assert salvage_request(unclosed)["request_id"] == "r-9"
 
 
 def test_salvage_reads_what_the_json_module_reads_a_bom_and_utf16_included():
