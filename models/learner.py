@@ -952,12 +952,19 @@ class ItemLearner:
         saved = data["lane_mass"] if "lane_mass" in data else np.zeros(0)
         if len(saved) == lanes:
             self._lane_mass = np.maximum(np.asarray(saved, dtype=np.float64) - orphaned, 0.0)
-        else:  # older checkpoints or another number of lanes: each slot's mass on the lane
-            # _load_lanes put it on, which discounts it from now on as it discounts the slot
-            # (spread over the lanes, a forget of lane 0's slots found its share short)
+        else:  # older checkpoints or another number of lanes: the saved mass on the lanes
+            # _load_lanes put the slots on, as their masses are, each discounted from now on
+            # as its slots (spread evenly, a forget of lane 0's slots found its share short)
             held = self._held_slots()
-            self._lane_mass = np.bincount(self._pos_lane[held], weights=self._slot_masses(held),
-                                          minlength=lanes)
+            by_lane = np.bincount(self._pos_lane[held], weights=self._slot_masses(held),
+                                  minlength=lanes)
+            mass = max(float(data["positive_mass"][0]) - orphaned.sum()
+                       if "positive_mass" in data else by_lane.sum(), 0.0)
+            if by_lane.sum() > 0.0:
+                self._lane_mass = by_lane * (mass / by_lane.sum())
+            else:  # adagrad keeps no statistics, but α0 reads its mass all the same
+                self._lane_mass = np.zeros(lanes)
+                self._lane_mass[0] = mass
 
     def _empty_slots(self, slots: np.ndarray) -> np.ndarray:
         """Empty the statistics of ``slots`` and return their mass per lane (discounted to

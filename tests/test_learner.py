@@ -317,6 +317,30 @@ def test_a_checkpoint_whose_ids_and_rows_disagree_or_that_lacks_an_array_is_dama
             assert ItemReplica(config).load(path)  # what only learning reads
 
 
+@pytest.mark.parametrize("lanes_now", [1, 3])
+def test_an_adagrad_learners_positive_mass_survives_a_load_into_other_lanes(tmp_path,
+                                                                          lanes_now):
+    """Adagrad keeps no per-item statistics, but a relative α0 reads the positives' mass:
+    read from the statistics alone, a load into another number of lanes (or of a checkpoint
+    from before the lanes' masses) set it, and α0 with it, to 0."""
+    config = LearnerConfig(dim=3, solver="adagrad", alpha0_relative=True,
+                           positives_half_life=50.0, positive_lanes=2)
+    learner = ItemLearner(config)
+    rng = np.random.default_rng(9)
+    ids = list(rng.choice(list("abcdef"), 60))
+    learner.learn(rng.normal(size=(60, 3)), ids, rng.uniform(0.5, 2.0, 60), n_users=20,
+                  lanes=np.array([lane_of(item, 2) for item in ids]))
+    assert learner.positive_mass > 0 and learner.alpha0 > 0
+    learner.save(tmp_path / "adagrad.npz")
+    arrays = {k: v for k, v in as_whole(tmp_path / "adagrad.npz").items() if k != "lane_mass"}
+    np.savez(tmp_path / "before-lane-mass.npz", **arrays)
+    for path in ("adagrad.npz", "before-lane-mass.npz"):
+        loaded = ItemLearner(replace(config, positive_lanes=lanes_now))
+        assert loaded.load(tmp_path / path)
+        assert loaded.positive_mass == pytest.approx(learner.positive_mass, rel=1e-12)
+        assert loaded.alpha0 == pytest.approx(learner.alpha0, rel=1e-12)
+
+
 @pytest.mark.parametrize("lanes_now", [1, 2, 5])
 def test_uneven_lanes_loaded_into_another_number_keep_each_positives_discount(tmp_path,
                                                                             lanes_now):
