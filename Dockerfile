@@ -4,7 +4,9 @@
 # stage and the runtime image gets the finished virtual environment.
 FROM python:3.11-slim AS build
 
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# HNSWLIB_NO_NATIVE: hnswlib's build adds -march=native otherwise, and an image built on a
+# machine with AVX-512 stops with SIGILL at its first import on one without (a restart loop)
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HNSWLIB_NO_NATIVE=1
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*

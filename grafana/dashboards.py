@@ -116,7 +116,10 @@ def overview() -> dict:
                     "p50 and p99: from taking a request to sending its response, all workers. "
                     "Wait: from the request's timestamp to taking it (time in Kafka; compares "
                     "the client's clock with the worker's).")],
-        [stat("Users", [target("sum(streamrec_users)", "users")],
+        [stat("Workers up", [target('up{job="streamrec"}', "{{instance}}")],
+              "1 while Prometheus scrapes the worker, 0 once it does not answer (down, or "
+              "restarting: a dead worker's other panels only go quiet)."),
+         stat("Users", [target("sum(streamrec_users)", "users")],
               "Users with history; each user lives on one worker, so the sum is the total."),
          stat("Items", [target("streamrec_items", "{{instance}}")],
               "Distinct items each worker has seen (workers overlap, so no sum)."),

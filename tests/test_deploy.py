@@ -221,10 +221,25 @@ def test_workers_keep_state_on_their_own_volume(services, monkeypatch):
 
 
 def test_worker_healthcheck_probes_the_metrics_port(services, monkeypatch):
+    """By the container's own address, as Prometheus reaches it: a probe of 127.0.0.1 passed
+    while metrics bound to the loopback alone went unscraped."""
     for name, service in workers(services).items():
         settings = settings_from(streamrec_vars(environment(service)), monkeypatch)
         probe = " ".join(service["healthcheck"]["test"])
-        assert f":{settings.metrics_port}/metrics" in probe, name
+        assert f"{{socket.gethostname()}}:{settings.metrics_port}/metrics" in probe, name
+        assert "127.0.0.1" not in probe and "localhost" not in probe, name
+
+
+def test_compose_waits_for_a_workers_graceful_stop(services, monkeypatch):
+    """Docker kills a container stop_grace_period after its SIGTERM: it must be longer than
+    the worker's own bound on its graceful stop (its last checkpoint), or the kill comes
+    first, and exit status 75 (the stop overran) is never seen."""
+    for name, service in workers(services).items():
+        env = {**streamrec_vars(dockerfile_env()), **streamrec_vars(environment(service))}
+        settings = settings_from(env, monkeypatch)
+        grace = service["stop_grace_period"]
+        assert grace.endswith("s") and float(grace[:-1]) > settings.shutdown_timeout_s, name
+        assert service["restart"] in ("unless-stopped", "always", "on-failure"), name
 
 
 def test_kafka_is_a_single_kraft_node(services):
@@ -250,6 +265,18 @@ def test_dockerfile_installs_cpu_torch_under_the_constraints():
     assert installs and all("-c constraints.txt" in args for args in installs)
     assert all("--extra-index-url https://download.pytorch.org/whl/cpu" in a for a in installs)
     assert "torch==" in (ROOT / "constraints.txt").read_text()
+
+
+def test_dockerfile_builds_hnswlib_for_any_x86_64_cpu():
+    """hnswlib comes as a source distribution whose build adds -march=native unless
+    HNSWLIB_NO_NATIVE is set: an image built on a CPU with AVX-512 died with SIGILL on one
+    without. The build stage sets it before any pip install, and keeps no wheel cache."""
+    instructions = dockerfile_instructions()
+    first_install = next(n for n, (instruction, args) in enumerate(instructions)
+                         if instruction == "RUN" and "pip install" in args)
+    env = " ".join(args for instruction, args in instructions[:first_install]
+                   if instruction == "ENV")
+    assert "HNSWLIB_NO_NATIVE=1" in env.split() and "PIP_NO_CACHE_DIR=1" in env.split()
 
 
 def test_dockerfile_copies_only_existing_unignored_paths():
@@ -476,10 +503,21 @@ def test_the_readme_documents_every_metric():
 @pytest.mark.parametrize("name, build", dashboards.DASHBOARDS.items())
 def test_dashboard_metrics_exist_in_the_bundle(name, build):
     """A dashboard query naming a metric the worker does not export shows "No data" forever."""
-    exported = exposed_names(every_metric().registry)
+    exported = exposed_names(every_metric().registry) | {"up"}  # up: Prometheus's own
     used = set().union(*(promql_metric_names(e) for e in dashboards.expressions(build())))
     assert used, f"{name}: no metric names found"
     assert used <= exported, f"{name}: not exported: {sorted(used - exported)}"
+
+
+def test_the_dashboard_shows_a_worker_that_is_down():
+    """A dead worker's panels only went quiet; Prometheus's ``up`` of the workers' job says
+    it, per worker, in the job prometheus.yml scrapes them under."""
+    jobs = [job["job_name"] for job in
+            yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
+            ["scrape_configs"]]
+    ups = [e for e in dashboards.expressions(dashboards.overview())
+           if promql_metric_names(e) == {"up"}]
+    assert ups == [f'up{{job="{jobs[0]}"}}'] and len(jobs) == 1
 
 
 def test_stat_panels_of_fractions_are_not_rounded_to_whole_numbers():
