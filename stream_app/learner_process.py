@@ -128,8 +128,12 @@ class LearnerProcess:
         self.batches_followed = 0
 
     # -- life -------------------------------------------------------------------------------
-    def start(self, timeout_s: float = 120.0) -> LearnerProcess:
-        """Spawn the child and wait until it has loaded the checkpoint."""
+    def start(self, timeout_s: float | None = None) -> LearnerProcess:
+        """Spawn the child and wait until it has loaded the checkpoint, at most ``timeout_s``
+        (``learner_start_timeout_s``: a fixed 120 s was less than the lock's wait plus the
+        load of a model of millions of items, and such a worker failed every start); a child
+        that dies meanwhile is told at once."""
+        timeout_s = self.settings.learner_start_timeout_s if timeout_s is None else timeout_s
         context = multiprocessing.get_context("spawn")  # no forked copy of Faust's state
         child_in, self._to_child = context.Pipe(duplex=False)
         self._from_child, child_out = context.Pipe(duplex=False)

@@ -280,6 +280,10 @@ class Settings(BaseSettings):
     learner_process: bool = Field(
         True, description="Learn in a child process of the worker (the event loop keeps a "
         "replica of the item rows); false: learn on the worker's event loop.")
+    learner_start_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for the learner process to start: to take the "
+        "data dir's learner lock (up to 60 s, while a previous learner stops) and load the "
+        "checkpoint (11 KB an item at d = 64: minutes for millions of items on a slow disk).")
     direct_delivery: bool = Field(
         True, description="Hand each consumed message to its streams in place, without the "
         "four asyncio tasks Faust makes per message (stream_app/delivery.py); false: Faust's "

@@ -437,6 +437,23 @@ def test_a_learner_that_cannot_load_its_checkpoint_says_why_at_the_workers_start
         LearnerProcess(settings).start()
 
 
+def test_a_learner_start_waits_as_long_as_its_setting_and_no_longer(tmp_path):
+    """The start waits for the child's lock on the data dir and its load of the checkpoint
+    up to ``learner_start_timeout_s`` (a fixed 120 s fell short of a lock's wait and a model
+    of millions of items), then kills the child and says so."""
+    from stream_app.processes import LEARNER_LOCK, lock_data_dir
+
+    settings = settings_for(tmp_path, learner_start_timeout_s=1.5)
+    held = lock_data_dir(settings.data_dir, LEARNER_LOCK)  # a previous learner, stopping
+    try:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="did not start within 2 s"):
+            LearnerProcess(settings).start()
+        assert 1.5 <= time.monotonic() - started < 30
+    finally:
+        held.close()
+
+
 def test_the_worker_hears_when_its_learner_process_dies(tmp_path):
     learner = LearnerProcess(settings_for(tmp_path)).start()
     os.kill(learner.pid, signal.SIGKILL)
