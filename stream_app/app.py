@@ -888,9 +888,14 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
                 log.warning("the learner's batches in flight were not learned in %.1f s; "
                             "handing over without them", settings.hand_over_wait_s)
             through = followed()
-            await sharing.publish(sharing.handed_over, send_row, send_steps)
+            await sharing.publish(sharing.handed_over, send_row, send_steps,
+                                  wait_s=settings.hand_over_wait_s)
             await app.producer.flush()
             await published(through)
+        except TimeoutError:  # a checkpoint's write (see ItemSharing.between_publishes)
+            log.warning("the item rows were not handed over: a publish or checkpoint under "
+                        "way outlasted %.1f s; the next owner starts from the last publish",
+                        settings.hand_over_wait_s)
         except Exception:  # noqa: BLE001 - the next owner starts from the last publish
             log.exception("could not hand the item rows over")
 

@@ -291,12 +291,23 @@ class ItemSharing:
         checkpoint's places then skipped as learned when they were delivered again (the
         publish had not acknowledged them). Between publishes, a record sent after a
         checkpoint was also read after it."""
-        async with self._publishing:
+        async with self._held():
             yield
+
+    @contextlib.asynccontextmanager
+    async def _held(self, wait_s: float | None = None) -> AsyncIterator[None]:
+        """The publishing lock, waited for at most ``wait_s`` (TimeoutError after it)."""
+        async with asyncio.timeout(wait_s):
+            await self._publishing.acquire()
+        try:
+            yield
+        finally:
+            self._publishing.release()
 
     async def publish(self, take: Callable[[], tuple[Records, StepMessages]],
                       send_row: Callable[[bytes, bytes], Awaitable[Any]],
-                      send_steps: Callable[[int, bytes], Awaitable[Any]]) -> None:
+                      send_steps: Callable[[int, bytes], Awaitable[Any]], *,
+                      wait_s: float | None = None) -> None:
         """Send the records ``take`` gives (rows, steps: :meth:`due` and :meth:`steps_due`, or
         :meth:`handed_over`), one publish at a time: ``take`` runs once the one before has
         sent all of its records, so a hand-over's newer row of an item never goes out before
@@ -307,8 +318,10 @@ class ItemSharing:
         after it. The records the broker refused are due again (:meth:`retake`), and when
         a send fails those not sent too, once the deliveries of those sent are settled; then
         it raises. A publish of every owned row marks the topic as holding them
-        (:func:`rows_shared_mark`) only once the broker took them all."""
-        async with self._publishing:
+        (:func:`rows_shared_mark`) only once the broker took them all. ``wait_s``: the
+        longest wait for the publish (or checkpoint) under way, then TimeoutError, nothing
+        taken (a hand-over must not hold a rebalance for a whole checkpoint's write)."""
+        async with self._held(wait_s):
             self._took_every_row = False
             rows, steps = take()
             every_row, self._took_every_row = self._took_every_row, False

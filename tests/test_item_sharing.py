@@ -112,8 +112,22 @@ def test_a_checkpoint_between_publishes_is_written_before_a_publish_reads_or_aft
         sharing._owes_every_row = True
         await asyncio.gather(sharing.publish(take, send_row, send_steps), writing)
 
-    asyncio.run(scenario())
-    assert order == ["read"] + ["send"] * 5 + ["checkpoint", "checkpoint", "read"] + ["send"] * 5
+    async def hand_over_during_a_checkpoint() -> None:  # bounded: a rebalance waits for it
+        writing = asyncio.create_task(checkpoint())
+        await asyncio.sleep(0.005)
+        with pytest.raises(TimeoutError):
+            await sharing.publish(take, send_row, send_steps, wait_s=0.01)
+        await writing
+
+    async def both() -> None:  # one loop: the lock is bound to it
+        await scenario()
+        assert order == (["read"] + ["send"] * 5 + ["checkpoint", "checkpoint", "read"]
+                         + ["send"] * 5)
+        order.clear()
+        await hand_over_during_a_checkpoint()
+        assert order == ["checkpoint"]  # nothing read: the rows stay due
+
+    asyncio.run(both())
 
 
 def test_steps_go_out_in_messages_within_the_size_limit_and_only_finite_ones(tmp_path,
