@@ -77,9 +77,9 @@ class Settings(BaseSettings):
     topic_requests: str = "rec-requests"
     topic_responses: str = "rec-responses"
     topic_train: str | None = Field(
-        None, description="Training examples keyed by item. Default '<app_id>-train-examples': "
-        "the topic is internal to one app, like its changelogs (two apps on one cluster must not "
-        "learn each other's examples).")
+        None, description="Training examples, a message per item partition per ingest batch. "
+        "Default '<app_id>-train-examples': the topic is internal to one app, like its "
+        "changelogs (two apps on one cluster must not learn each other's examples).")
     partitions: int = Field(4, ge=1, le=1024, description="Partitions of every topic but "
                             "the withdrawn items' (one).")
     # Several workers of one app: each learns the items of its training partitions; with
