@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 FAUST_MODEL_KEY = "__faust"
 
 
+class GenerationPassed(RuntimeError):
+    """A changelog record not sent: the consumer generation it was written in has passed
+    (its resend gives it up, as any record of a passed generation)."""
+
+
 @contextlib.contextmanager
 def acting_for(event: faust.EventT):
     """Make ``event`` Faust's current event while a batch member is processed.
@@ -322,11 +327,16 @@ class BatchedTable:
         while the consumer generation holds: a batch that wrote them is not acknowledged
         before the broker has them."""
         pending, self._pending = self._pending, {}
+        # the generation the records were applied in, for every partition: read after the
+        # sends of the partitions before, one a rebalance passed was sent, or sent again, as
+        # the next generation's (an older history could land after the new owner's record,
+        # and a failed send was never given up: every later batch waited behind it)
+        generation = self._generation()
         try:
             client = self._client()
         except Exception as error:  # noqa: BLE001 - no producer (a stop): sent again later
             return [Sent("changelog", failed(error), functools.partial(
-                self._resend_of(partition), [key for key, _ in records]))
+                self.resend, partition, generation, [key for key, _ in records]))
                 for partition, records in pending.items()]
         if client is None:
             for partition, records in pending.items():
@@ -336,44 +346,47 @@ class BatchedTable:
             return []
         sent = []
         for partition, records in pending.items():
-            resend = self._resend_of(partition)
+            resend = functools.partial(self.resend, partition, generation)
             async with self._sending[partition]:
                 try:
-                    sent.extend(await self._send_records(client, partition, records, resend))
+                    sent.extend(await self._send_records(client, partition, records, resend,
+                                                         generation))
                 except Exception as error:  # noqa: BLE001 - held and sent again by its Sent
                     sent.append(Sent("changelog", failed(error),
                                      functools.partial(resend, [key for key, _ in records])))
         return sent
-
-    def _resend_of(self, partition: int) -> Callable[[list[bytes]], Awaitable]:
-        """:meth:`resend` bound to the partition and the consumer generation that holds it
-        now (not to the partition's store handle: a handle kept alive keeps rocksdb's lock
-        on the partition's files, and this worker could not open them again)."""
-        return functools.partial(self.resend, partition, self._generation())
 
     def _generation(self) -> int | None:
         return getattr(self.table.app, "consumer_generation_id", None)
 
     async def _send_records(self, client, partition: int,
                             records: list[tuple[bytes, bytes | None]],
-                            resend: Callable[[list[bytes]], Awaitable]) -> list[Sent]:
+                            resend: Callable[[list[bytes]], Awaitable],
+                            generation: int | None) -> list[Sent]:
+        """The records in record batches, each sent while ``generation`` (the consumer
+        generation the records belong to; ``resend`` is bound to it) holds."""
         topic = self.table.changelog_topic.get_topic_name()
         sent, keys = [], []
         batch = client.create_batch()
         for key, value in records:
             if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                sent.append(await self._send(client, batch, topic, partition, keys, resend))
+                sent.append(await self._send(client, batch, topic, partition, keys, resend,
+                                             generation))
                 batch, keys = client.create_batch(), []  # an empty batch takes any one record
                 batch.append(key=key, value=value, timestamp=None)
             keys.append(key)
         if batch.record_count():
-            sent.append(await self._send(client, batch, topic, partition, keys, resend))
+            sent.append(await self._send(client, batch, topic, partition, keys, resend,
+                                         generation))
         return sent
 
     async def _send(self, client, batch, topic: str, partition: int, keys: list[bytes],
-                    resend: Callable[[list[bytes]], Awaitable]) -> Sent:
+                    resend: Callable[[list[bytes]], Awaitable], generation: int | None) -> Sent:
         batch.close()
         again = functools.partial(resend, keys)
+        if self._generation() != generation:  # a rebalance since: its resend gives it up
+            return Sent("changelog", failed(GenerationPassed(
+                f"changelog partition {partition}: a rebalance came before the send")), again)
         try:
             delivery = await client.send_batch(batch, topic, partition=partition)
         except Exception as error:  # noqa: BLE001 - held and sent again by its Sent
@@ -404,7 +417,8 @@ class BatchedTable:
             # a key no longer stored was deleted since: its tombstone
             records = list(zip(keys, database.get(keys)))
             sent = await self._send_records(client, partition, records,
-                                            self._resend_of(partition))
+                                            functools.partial(self.resend, partition,
+                                                              generation), generation)
         return asyncio.gather(*(each.delivery for each in sent))
 
     def _persisted(self, done, topic: str, partition: int) -> None:

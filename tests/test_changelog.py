@@ -424,6 +424,39 @@ def test_no_resend_once_the_generation_that_held_the_partition_has_passed(tmp_pa
     assert producer.sent == []
 
 
+class RebalancingProducer(RefusingProducer):
+    """Sends, and a rebalance comes while its first send waits (for the partition's batch
+    before it to drain, as aiokafka's does)."""
+
+    async def send_batch(self, batch, topic, *, partition):
+        if not self.calls:
+            self.table.app.consumer_generation_id += 1
+        return await super().send_batch(batch, topic, partition=partition)
+
+
+def test_a_flush_that_a_rebalance_interrupts_sends_no_partition_as_the_next_generation(
+        tmp_path):
+    """A flush sends one partition after another. Its later partitions' records, written
+    in the generation before the rebalance, went out (or were sent again) as the next
+    generation's: an older history could land after the new owner's record, and a failed
+    send was never given up, every later batch waiting behind it. Now they are not sent,
+    and their resend gives them up, as any record of a passed generation."""
+    producer = RebalancingProducer(refuse=set())
+    batched = batched_on_rocksdb(tmp_path, producer)
+    producer.table = batched.table
+
+    async def run():
+        batched.set("u1", {"items": ["i1"]}, event_on(0))
+        batched.set("u2", {"items": ["i2"]}, event_on(1))
+        first, second = await batched.flush()
+        assert first.delivery.result().offset == 0  # sent before the rebalance came
+        assert "rebalance" in str(second.delivery.exception())
+        return await second.resend()
+
+    assert asyncio.run(run()) is None  # given up
+    assert [partition for _, partition, _ in producer.sent] == [0]
+
+
 def test_a_resend_while_the_store_is_closed_raises_to_be_tried_again(tmp_path):
     """Faust closes the partitions' stores when it stops (and when it revokes them, before
     the next generation): a resend then raises, so the batch stays unacknowledged (Faust's
