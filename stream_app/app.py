@@ -32,7 +32,7 @@ from .batch_intake import BatchIntake
 from .changelog import BatchedTable
 from .checkpoint_acks import AcksAfterCheckpoint
 from .compat import guard_fetch_wait
-from .confirmed_acks import AcksAfterDelivery, Sent, sent, until_delivered
+from .confirmed_acks import AcksAfterDelivery, Sent, held_size, sent, until_delivered
 from .delivery import install_direct_delivery, patch_consumer
 from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_active_only_polls, install_fair_fetch, install_full_seeks
@@ -202,7 +202,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         record = await sent("dead_letter",
                             lambda: dead_letters.send(key=DeadLetter.key_kept(message.key),
                                                       value=letter,
-                                                      headers=headers_kept(message.headers)[0]))
+                                                      headers=headers_kept(message.headers)[0]),
+                            held_bytes=len(letter))
         metrics.dead_letters.labels(error.reason).inc()
         metrics.events.labels("invalid", "dead_letter").inc()
         return record
@@ -244,7 +245,7 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
                      is not None else with_moved_id(message, settings.max_event_bytes))
             records.append(await sent("reroute", lambda: events.send(
                 key=user_key, partition=home, value=value,
-                headers=headers_kept(message.headers)[0])))
+                headers=headers_kept(message.headers)[0]), held_bytes=len(value)))
             moved = "rekeyed" if message.key != user_key else "rerouted"
             metrics.events.labels(event.kind, moved).inc()
         except InvalidMessage as error:
@@ -364,7 +365,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             send = functools.partial(train.send, key=str(partition).encode(),
                                      partition=partition)
             records.append(await sent("train", functools.partial(send, value=value),
-                                      functools.partial(resend_training, send, value)))
+                                      functools.partial(resend_training, send, value),
+                                      held_bytes=len(value)))
 
     async def resend_training(send, value: bytes) -> asyncio.Future:
         return await send(value=TrainBatch.without_sources(
@@ -406,8 +408,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             while True:
                 await delivered.room.wait()  # a broker that refuses what batches write
                 batch = await intake.take()
-                delivered.hold(batch, await take_in(batch), size=sum(
-                    len(message.value or b"") for message in batch))
+                records = await take_in(batch)
+                delivered.hold(batch, records, size=held_size(batch, records))
 
         async def take_in(batch: list[Message]) -> list[Sent]:
             """A batch of event messages taken in: what it handed to the producer."""

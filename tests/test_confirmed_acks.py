@@ -199,6 +199,30 @@ def test_past_its_limit_of_held_bytes_there_is_no_room_until_they_are_delivered(
     asyncio.run(run())
 
 
+def test_a_held_batch_counts_the_records_its_resends_keep_with_its_events():
+    """A batch of 29 kB of events held 89 kB of training messages (each example carries its
+    user's history), and 2.9 MB at 300 events of long ids: counted by its events alone,
+    1,000 held batches took gigabytes under the 256 MiB limit."""
+    from types import SimpleNamespace
+
+    from stream_app.confirmed_acks import held_size
+
+    async def run():
+        confirmed, _, _ = acks(limit=1000, limit_bytes=1000)
+        deliveries = Deliveries()
+        events = [SimpleNamespace(value=b"x" * 10), SimpleNamespace(value=None)]
+        records = [await sent("train", deliveries.send, held_bytes=900),
+                   await sent("changelog", deliveries.send)]
+        assert held_size(events, records) == 910
+        confirmed.hold(events, records, size=held_size(events, records))
+        assert confirmed.room.is_set()
+        confirmed.hold(events, [await sent("dead_letter", deliveries.send, held_bytes=90)],
+                       size=100)
+        assert not confirmed.room.is_set()  # 1,010 bytes held: the events alone were 20
+
+    asyncio.run(run())
+
+
 def test_past_its_limit_of_held_batches_there_is_no_room_until_one_is_delivered():
     async def run():
         confirmed, acked, _ = acks(limit=2)
