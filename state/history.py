@@ -175,8 +175,11 @@ class History:
         if at is not None and not (isinstance(at, _SEQUENCES) and len(at) == 2 and all(
                 type(n) is int and n >= 0 for n in at)):
             raise ValueError("at is a partition and an offset")
+        # no ids (a record written without them): an empty one each, so the lists stay in
+        # step as events are appended (one appended to none made a history read as damaged)
         return cls(items=tuple(items), kinds=tuple(kinds), ts=tuple(ts),
-                   event_ids=tuple(ids), phi_b64=phi, at=None if at is None else tuple(at))
+                   event_ids=tuple(ids) if ids else ("",) * len(items), phi_b64=phi,
+                   at=None if at is None else tuple(at))
 
     @classmethod
     def from_stored(cls, value: dict | None,

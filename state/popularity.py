@@ -218,6 +218,10 @@ class DecayedPopularity:
         agent counts a batch of events at once; one call per event was a tenth of its work."""
         if not item_ids:
             return
+        # read before any row is made: a time or weight that is not a number (a damaged
+        # journal line) left rows of its new items at no mass, never forgotten
+        times = np.asarray(ts, dtype=np.float64)
+        terms = np.log(np.asarray(weights, dtype=np.float64)) + self.rate * times
         rows = np.empty(len(item_ids), dtype=np.int64)
         for position, item_id in enumerate(item_ids):
             row = self._index.get(item_id)
@@ -225,8 +229,6 @@ class DecayedPopularity:
                 row = self._append(item_id)
                 self._log_mass[row] = -np.inf  # logaddexp(−inf, term) is term, exactly
             rows[position] = row
-        times = np.asarray(ts, dtype=np.float64)
-        terms = np.log(np.asarray(weights, dtype=np.float64)) + self.rate * times
         np.logaddexp.at(self._log_mass, rows, terms)
         self.now = max(self.now, float(times.max()))
         self._dirty = True

@@ -62,9 +62,11 @@ def write_bootstrap(settings: Settings, events: InteractionLog, *, window: int |
         weights = settings.kind_weights
         engine.popularity.add_many(events.items[taken].tolist(), events.ts[taken].tolist(),
                                    [weights[str(kind)] for kind in events.kinds[taken]])
-        engine.save()
-        for _, journal in journal_files(engine.popularity_path):  # a replaced run's counts
+        # a replaced run's counts, gone before the new ones are saved: removed after, a
+        # death in between had the next start replay them on top of the new counts
+        for _, journal in journal_files(engine.popularity_path):
             journal.unlink()
+        engine.save()
         forget_rows_shared(settings)  # none of these rows is on the item-rows topic
         if settings.embedded:  # an embedded run may take this data dir (nothing to drop)
             (settings.data_dir / EMBEDDED_MARK).touch()

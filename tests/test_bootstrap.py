@@ -159,8 +159,18 @@ def test_streamrec_bootstrap_starts_a_model_whose_items_and_answers_follow_the_l
     journal = tmp_path / "data" / "checkpoints" / "popularity.npz.journal.000009"
     journal.write_bytes(b'{"topic": "", "items": ["c3-0"], "ts": [1e9], "weights": [1.0], '
                         b'"places": [[0, 0]]}\n')  # the replaced run's counts since its save
+    journals_at_save, save = [], Engine.save
+
+    def noting_save(self, *args, **kwargs):
+        journals_at_save.append(journal.exists())
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "save", noting_save)
     assert main(["bootstrap", str(log), "--force"]) == 0
     assert not shared.exists() and not journal.exists()
+    # removed before the new counts are saved: after, a death between the two had the next
+    # start replay them on top of the new counts
+    assert journals_at_save == [False]
 
 
 def test_prior_rows_keep_the_directions_at_the_norm_of_a_new_items_random_row():

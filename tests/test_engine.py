@@ -107,6 +107,18 @@ GOOD = {"items": ["a", "b"], "kinds": ["view", "sale"], "ts": [1.0, 2], "ids": [
         "phi": "", "at": [0, 7]}
 
 
+def test_a_stored_history_without_ids_takes_events_and_reads_again():
+    """Ids are optional in a stored record: one without them was read, and the first event
+    appended one id to none, so the next read called the history damaged (the user's
+    events lost)."""
+    without_ids = {key: value for key, value in GOOD.items() if key != "ids"}
+    history = History.from_json(without_ids)
+    assert history.event_ids == ("", "")
+    grown = history.appended("c", "view", 3.0, "e-c", 50)
+    again = History.from_json(grown.to_json())
+    assert again.items == ("a", "b", "c") and again.event_ids == ("", "", "e-c")
+
+
 @pytest.mark.parametrize("damage", [
     {"items": None}, {"items": "ab"}, {"items": ["a", 5]}, {"items": ["a"]},
     {"kinds": ["view", None]}, {"ts": [1.0, None]}, {"ts": [1.0, float("nan")]},

@@ -393,6 +393,7 @@ def test_a_journal_line_cut_short_or_not_a_batch_is_skipped(tmp_path, caplog):
         assert loaded.load(path)
     assert {item: loaded.count(item, 1e9) for item in "abcdef"} == {
         "a": 1.0, "b": 1.0, "c": 1.0, "d": 0.0, "e": 1.0, "f": 0.0}
+    assert "d" not in loaded and len(loaded) == 4  # a bad time made no row of no mass
     assert loaded.places.next_offsets() == {0: 6}
     assert sum("does not" in record.getMessage() for record in caplog.records) == 3
 
