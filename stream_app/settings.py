@@ -42,8 +42,10 @@ class Settings(BaseSettings):
 
     # A variable set to nothing (``STREAMREC_BROKER=`` in an env file) is read as unset: the
     # default, where pydantic-settings would read "" (no broker servers at all, Path("."))
+    # hide_input_in_errors: a refused configuration printed the values it was given, the
+    # tail of STREAMREC_SASL_PASSWORD among them
     model_config = SettingsConfigDict(env_prefix="STREAMREC_", frozen=True, extra="ignore",
-                                      env_ignore_empty=True)
+                                      env_ignore_empty=True, hide_input_in_errors=True)
 
     # -- broker --------------------------------------------------------------------------
     broker: str | None = Field(
@@ -422,6 +424,10 @@ class Settings(BaseSettings):
         if protocol.startswith("SASL") and not (self.sasl_username and password):
             raise ValueError(f"security_protocol {protocol} needs sasl_username and "
                              "sasl_password")
+        if not protocol.startswith("SASL") and (self.sasl_username or password):
+            # else the credentials were dropped, and every client connected unauthenticated
+            raise ValueError("sasl_username and sasl_password are sent only with "
+                             f"security_protocol SASL_PLAINTEXT or SASL_SSL, not {protocol}")
         files = [name for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
                  if getattr(self, name) is not None]
         if files and not protocol.endswith("SSL"):

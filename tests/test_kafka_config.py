@@ -75,6 +75,18 @@ def test_a_key_goes_to_the_partition_kafkas_default_partitioner_picks():
             DefaultPartitioner().partition("t", key, key, None, None, cluster) for key in keys]
 
 
+def test_a_refused_configuration_does_not_print_the_password():
+    """pydantic printed the values it was given with the error, shortened to their ends:
+    the password's tail where it was the last one set."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as refused:
+        Settings(broker="k:9093", security_protocol="SASL_SSL",
+                 sasl_password="S3cr3t-tail-of-the-password")
+    assert "needs sasl_username" in str(refused.value)
+    assert "S3cr3t" not in str(refused.value) and "password'" not in str(refused.value)
+
+
 @pytest.mark.parametrize("settings, refusal", [
     ({"security_protocol": "SASL_SSL"}, "needs sasl_username"),
     ({"security_protocol": "SASL_PLAINTEXT", "sasl_username": "svc"}, "needs sasl_username"),
@@ -84,6 +96,8 @@ def test_a_key_goes_to_the_partition_kafkas_default_partitioner_picks():
     ({"security_protocol": "SASL_PLAINTEXT", "sasl_username": "svc", "sasl_password": "pw",
       "ssl_certfile": "c.pem", "ssl_keyfile": "k.pem"}, "read only with"),
     ({"security_protocol": "SSL", "ssl_keyfile": "k.pem"}, "needs ssl_certfile"),
+    ({"sasl_username": "svc", "sasl_password": "pw"}, "sent only with"),  # were dropped
+    ({"security_protocol": "SSL", "sasl_password": "pw"}, "sent only with"),
 ])
 def test_security_settings_a_client_would_drop_are_refused(settings, refusal):
     """Before, a TLS file with a plain protocol was ignored by every client, a key without its

@@ -19,6 +19,8 @@ def test_settings_come_from_prefixed_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("STREAMREC_BROKER", "kafka://a:9092;b:9093")
     monkeypatch.setenv("STREAMREC_KIND_WEIGHTS", '{"view": 1, "buy": 20}')
     monkeypatch.setenv("STREAMREC_PARTITIONS", "8")
+    monkeypatch.setenv("STREAMREC_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("STREAMREC_SASL_USERNAME", "svc")
     monkeypatch.setenv("STREAMREC_SASL_PASSWORD", "hunter2")
     monkeypatch.setenv("STREAMREC_DR_TRACK_EVERY", "7")
     monkeypatch.setenv("STREAMREC_INPUT_LR", "0.25")
