@@ -923,9 +923,10 @@ class Engine:
         client must not be able to make the worker produce into ``timeline-events`` or any
         other topic. A source this worker does not run (``dr`` with Deep Retrieval off) is an
         error, not an answer silently without it."""
-        prefix = self.settings.topic_responses
-        if request.reply_to is not None and not request.reply_to.startswith(prefix):
-            raise InvalidMessage("schema", f"reply_to must start with {prefix!r}")
+        refusal = (self.settings.reply_topic_refusal(request.reply_to)
+                   if request.reply_to is not None else None)
+        if refusal is not None:
+            raise InvalidMessage("schema", refusal)
         if "dr" in (request.sources or ()) and self.paths is None:
             raise InvalidMessage("schema", "source 'dr' is off on this worker "
                                  "(STREAMREC_DR_ENABLED=false)")

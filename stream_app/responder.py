@@ -165,10 +165,15 @@ class Responder:
         topic = self._make_topic(name)
         try:
             await topic.maybe_declare()
-        except BaseException:  # a refusal, or a create that outlasted the answer's time
+        except BaseException as error:  # a refusal, or a create that outlasted the answer's time
             if name != self.settings.topic_responses:  # where every error goes: tried always
                 self._remember_failure(name)
-            raise
+            if not isinstance(error, Exception):
+                raise
+            # the broker's reason is the client's to read (an internal error's text is not)
+            log.warning("the reply topic %s could not be made: %r", name, error)
+            raise InvalidMessage("reply_to", f"the topic {name} could not be made: "
+                                 f"{error!r}") from error
         self._failed_topics.pop(name, None)
         self.reply_topics[name] = topic
         self._reply_used[name] = time.monotonic()
@@ -205,10 +210,13 @@ class Responder:
         fields = salvage_request(message.value)
         reply_to = fields["reply_to"]
         if to_default or reply_to is not None and not (
-                reply_to.startswith(self.settings.topic_responses)
+                self.settings.reply_topic_refusal(reply_to) is None
                 and self.reply_allowed(reply_to)):
             reply_to = None
-        text = str(error) if isinstance(error, InvalidMessage) else f"internal error: {error!r}"
+        # an internal error's text stays in the log: it may hold paths or other users' ids
+        text = (str(error) if isinstance(error, InvalidMessage) else
+                f"internal error ({type(error).__name__}): the worker logs it with the "
+                f"request's place, {message.topic}/{message.partition}/{message.offset}")
         if len(text) > MAX_ERROR_CHARS:  # an answer the producer refuses would be sent forever
             text = text[:MAX_ERROR_CHARS] + f"… ({len(text) - MAX_ERROR_CHARS} more characters)"
         response = RecResponse(request_id=fields["request_id"], user_id=fields["user_id"],

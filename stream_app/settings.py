@@ -596,6 +596,21 @@ class Settings(BaseSettings):
     def withdrawn_topic(self) -> str:
         return self.topic_withdrawn or f"{self.app_id}-withdrawn-items"
 
+    def reply_topic_refusal(self, name: str) -> str | None:
+        """Why a request may not name ``name`` as its reply topic; None when it may. Only
+        response topics: a client must not make the worker write into its events or any
+        other topic, its own internal ones (``<app_id>-…``: changelogs, training examples,
+        item rows) included, also where the responses prefix is a prefix of them."""
+        prefix = self.topic_responses
+        if not name.startswith(prefix):
+            return f"reply_to must start with {prefix!r}"
+        own = {self.topic_events, self.topic_dead_letters, self.topic_requests,
+               self.train_topic, self.items_topic, self.withdrawn_topic}
+        internal = f"{self.app_id}-"
+        if name in own or name.startswith(internal) and not prefix.startswith(internal):
+            return f"reply_to {name!r} is one of this app's own topics"
+        return None
+
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated again)."""
         return type(self).model_validate({**self.model_dump(), **changes})

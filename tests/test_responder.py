@@ -284,9 +284,9 @@ def test_an_error_text_of_any_length_is_cut_to_the_limit(world, monkeypatch):
 
     asyncio.run(scenario())
     (error,) = world.broker.answers(world.settings.topic_responses)
-    assert error["error"].startswith("internal error: RuntimeError('xxx")
-    assert error["error"].endswith(" more characters)")
-    assert len(error["error"]) <= responder_module.MAX_ERROR_CHARS + 50
+    # its text stays in the worker's log (it may hold paths, or other users' ids)
+    assert error["error"].startswith("internal error (RuntimeError): the worker logs it")
+    assert "xxx" not in error["error"] and "/0/" in error["error"]  # the request's place
 
 
 def test_a_delivery_given_up_on_is_left_for_the_producer_to_settle(world, monkeypatch):

@@ -466,3 +466,23 @@ def test_a_start_whose_broker_dies_says_so(tmp_path, monkeypatch):
     (tmp_path / "logs" / "broker.log").write_text("out of memory\n")
     with pytest.raises(RuntimeError, match="the broker exited(.|\n)*out of memory"):
         system.wait_ready(5.0)
+
+
+def test_a_reply_topic_is_a_response_topic_and_never_one_of_the_apps_own():
+    """Only names under the responses prefix, and of those none of the app's own topics: a
+    responses prefix that is a prefix of them (``stream``, ``timeline``) let a request make
+    the worker write its answers into its changelogs, training examples or events."""
+    default = Settings()
+    assert default.reply_topic_refusal("rec-responses.client-7") is None
+    assert "must start with" in default.reply_topic_refusal("timeline-events")
+    short = Settings(topic_responses="stream")
+    assert short.reply_topic_refusal("stream-answers") is None
+    for internal in ("streamrec-train-examples", "streamrec-histories-changelog",
+                     "streamrec-item-rows"):
+        assert "own topics" in short.reply_topic_refusal(internal)
+    timeline = Settings(topic_responses="timeline")
+    assert "own topics" in timeline.reply_topic_refusal("timeline-events")
+    assert "own topics" in timeline.reply_topic_refusal("timeline-events-dlq")
+    assert timeline.reply_topic_refusal("timeline-answers") is None
+    own_prefix = Settings(topic_responses="streamrec-responses")  # under the app's own prefix
+    assert own_prefix.reply_topic_refusal("streamrec-responses.c1") is None
