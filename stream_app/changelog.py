@@ -52,16 +52,16 @@ from mode.utils.compat import want_bytes
 
 from state.history import Unreadable
 
-from .confirmed_acks import Sent, failed
+from .confirmed_acks import NotToBeSent, Sent, failed
 
 log = logging.getLogger(__name__)
 #: the key by which Faust's JSON marks a serialized model (``faust.models.base``)
 FAUST_MODEL_KEY = "__faust"
 
 
-class GenerationPassed(RuntimeError):
+class GenerationPassed(NotToBeSent):
     """A changelog record not sent: the consumer generation it was written in has passed
-    (its resend gives it up, as any record of a passed generation)."""
+    (given up, as a resend gives up any record of a passed generation)."""
 
 
 @contextlib.contextmanager
@@ -91,7 +91,8 @@ class BatchedTable:
 
     def __init__(self, table: faust.Table) -> None:
         self.table = table
-        self._pending: dict[int, list[tuple[bytes, bytes | None]]] = {}  # None: a tombstone
+        # (consumer generation, partition): records written then (a value of None: a tombstone)
+        self._pending: dict[tuple[int | None, int], list[tuple[bytes, bytes | None]]] = {}
         # per partition: a flush's sends, or a resend's read and sends
         self._sending: collections.defaultdict[int, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock)
@@ -194,7 +195,7 @@ class BatchedTable:
         key_bytes, value_bytes = self._key_bytes(key), self._value_bytes(value)
         with acting_for(event):  # the (rocksdb) store puts the bytes on the event's partition
             table.data._set(key_bytes, value_bytes)
-        self._pending.setdefault(event.message.partition, []).append((key_bytes, value_bytes))
+        self._queue(event.message.partition).append((key_bytes, value_bytes))
 
     def set_many(self, writes: Iterable[tuple[str, Any, faust.EventT]]) -> None:
         """:meth:`set` of every ``(key, value, event)``, stored with one rocksdb write batch
@@ -213,7 +214,7 @@ class BatchedTable:
                 batches[partition] = rocksdict.WriteBatch(raw_mode=True)  # as Faust's store
             batches[partition].put(key_bytes, value_bytes)
             store._key_index[key_bytes] = partition  # where Faust's _set records it
-            self._pending.setdefault(partition, []).append((key_bytes, value_bytes))
+            self._queue(partition).append((key_bytes, value_bytes))
         for partition, batch in batches.items():
             store._db_for_partition(partition).write(batch)
 
@@ -304,7 +305,7 @@ class BatchedTable:
             batch.delete(key)
             store._key_index.pop(key, None)
         store._db_for_partition(partition).write(batch)
-        self._pending.setdefault(partition, []).extend((key, None) for key in keys)
+        self._queue(partition).extend((key, None) for key in keys)
 
     def _client(self):
         """The aiokafka producer Faust flushes on commit; None if this Faust has none to
@@ -327,25 +328,25 @@ class BatchedTable:
         while the consumer generation holds: a batch that wrote them is not acknowledged
         before the broker has them."""
         pending, self._pending = self._pending, {}
-        # the generation the records were applied in, for every partition: read after the
-        # sends of the partitions before, one a rebalance passed was sent, or sent again, as
-        # the next generation's (an older history could land after the new owner's record,
-        # and a failed send was never given up: every later batch waited behind it)
-        generation = self._generation()
         try:
             client = self._client()
         except Exception as error:  # noqa: BLE001 - no producer (a stop): sent again later
             return [Sent("changelog", failed(error), functools.partial(
                 self.resend, partition, generation, [key for key, _ in records]))
-                for partition, records in pending.items()]
+                for (generation, partition), records in pending.items()]
         if client is None:
-            for partition, records in pending.items():
+            for (_, partition), records in pending.items():
                 for key, value in records:
                     self.table.send_changelog(partition, key, value, key_serializer="raw",
                                               value_serializer="raw")
             return []
         sent = []
-        for partition, records in pending.items():
+        # each partition's records bound to the consumer generation they were written in:
+        # bound to the one of the flush, records a rebalance passed (written before it, or
+        # sent after an earlier partition's wait) went out, or were sent again, as the next
+        # generation's (an older history could land after the new owner's record, and a
+        # failed send was never given up: every later batch waited behind it)
+        for (generation, partition), records in pending.items():
             resend = functools.partial(self.resend, partition, generation)
             async with self._sending[partition]:
                 try:
@@ -355,6 +356,10 @@ class BatchedTable:
                     sent.append(Sent("changelog", failed(error),
                                      functools.partial(resend, [key for key, _ in records])))
         return sent
+
+    def _queue(self, partition: int) -> list[tuple[bytes, bytes | None]]:
+        """The records waiting for the flush of ``partition`` written in this generation."""
+        return self._pending.setdefault((self._generation(), partition), [])
 
     def _generation(self) -> int | None:
         return getattr(self.table.app, "consumer_generation_id", None)

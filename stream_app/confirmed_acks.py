@@ -94,6 +94,11 @@ def held_size(messages: list, records: list[Sent]) -> int:
             + sum(record.held_bytes for record in records))
 
 
+class NotToBeSent(RuntimeError):
+    """The delivery of a record that must not be sent at all (a changelog record of a
+    consumer generation that has passed): given up at once, not sent again."""
+
+
 def failed(error: BaseException) -> asyncio.Future:
     delivery = asyncio.get_running_loop().create_future()
     delivery.set_exception(error)
@@ -189,6 +194,11 @@ class AcksAfterDelivery:
                 delivered()
                 return
             if self._closed:
+                return
+            if not finished.cancelled() and isinstance(finished.exception(), NotToBeSent):
+                log.info("a %s record was not sent: %s", record.record, finished.exception())
+                self._count("given_up", record)
+                delivered()  # as a resend that gives up: the batch may be acknowledged
                 return
             error = "cancelled" if finished.cancelled() else repr(finished.exception())
             # at the first failure and once the pause is at its longest, not at every retry

@@ -17,7 +17,7 @@ from faust.serializers.registry import Registry
 from faust.streams import current_event
 from faust.types import TP
 
-from stream_app.changelog import BatchedTable, acting_for
+from stream_app.changelog import BatchedTable, GenerationPassed, acting_for
 
 
 class RecordingStore:
@@ -457,6 +457,28 @@ def test_a_flush_that_a_rebalance_interrupts_sends_no_partition_as_the_next_gene
     assert [partition for _, partition, _ in producer.sent] == [0]
 
 
+def test_records_written_before_a_rebalance_and_flushed_after_it_are_not_sent(tmp_path):
+    """A batch's writes and its flush may straddle a rebalance (a dead letter sent between
+    two events of the one-at-a-time path, an expiry sweep waiting for the ingest's flush):
+    bound to the flush's generation, its records went out as the next generation's. They
+    are bound to the generation they were written in, and given up; those written after the
+    rebalance go out."""
+    producer = RefusingProducer(refuse=set())
+    batched = batched_on_rocksdb(tmp_path, producer)
+
+    async def run():
+        batched.set("u1", {"items": ["old"]}, event_on(2))
+        batched.table.app.consumer_generation_id += 1  # a rebalance before the flush
+        batched.set("u2", {"items": ["new"]}, event_on(3))
+        old, new = await batched.flush()
+        assert isinstance(old.delivery.exception(), GenerationPassed)
+        assert await old.resend() is None  # given up
+        assert new.delivery.result().offset == 0
+
+    asyncio.run(run())
+    assert [partition for _, partition, _ in producer.sent] == [3]
+
+
 def test_a_resend_while_the_store_is_closed_raises_to_be_tried_again(tmp_path):
     """Faust closes the partitions' stores when it stops (and when it revokes them, before
     the next generation): a resend then raises, so the batch stays unacknowledged (Faust's
@@ -608,8 +630,9 @@ def test_a_delete_leaves_nothing_to_read_and_its_tombstone_is_sent_again_too(tmp
         batched.set_many((user, {"items": [user]}, event) for user, event in users.items())
         assert all(sent.delivery.result() for sent in await batched.flush())
         batched.delete_many([("u0", users["u0"]), ("u1", users["u1"]), ("never", event_on(1))])
-        assert batched._pending == {0: [(b'"u0"', None)],
-                                    1: [(b'"u1"', None), (b'"never"', None)]}
+        generation = batched._generation()  # the records' keys: (generation, partition)
+        assert batched._pending == {(generation, 0): [(b'"u0"', None)],
+                                    (generation, 1): [(b'"u1"', None), (b'"never"', None)]}
         refused, delivered = await batched.flush()  # partition 0's tombstone is refused
         assert isinstance(refused.delivery.exception(), TimeoutError) and delivered.delivery
         await (await refused.resend())

@@ -199,6 +199,28 @@ def test_past_its_limit_of_held_bytes_there_is_no_room_until_they_are_delivered(
     asyncio.run(run())
 
 
+def test_a_record_not_to_be_sent_is_given_up_at_once_not_retried():
+    """A changelog record of a passed generation was counted as retried, warned about, and
+    given up only after the first pause, every later batch's acknowledgement waiting."""
+    from stream_app.confirmed_acks import NotToBeSent
+
+    async def run():
+        confirmed, acked, metrics = acks()
+        resent = []
+
+        async def resend():
+            resent.append(1)
+
+        confirmed.hold(["old"], [Sent("changelog", failed(NotToBeSent("passed")), resend)])
+        await settle()
+        assert acked == [["old"]] and not resent
+        return metrics
+
+    metrics = asyncio.run(run())
+    assert resends(metrics, "changelog", "given_up") == 1
+    assert resends(metrics, "changelog", "retried") == 0
+
+
 def test_a_held_batch_counts_the_records_its_resends_keep_with_its_events():
     """A batch of 29 kB of events held 89 kB of training messages (each example carries its
     user's history), and 2.9 MB at 300 events of long ids: counted by its events alone,
