@@ -221,7 +221,10 @@ class DecayedPopularity:
         # read before any row is made: a time or weight that is not a number (a damaged
         # journal line) left rows of its new items at no mass, never forgotten
         times = np.asarray(ts, dtype=np.float64)
-        terms = np.log(np.asarray(weights, dtype=np.float64)) + self.rate * times
+        with np.errstate(divide="ignore", invalid="ignore"):  # told below, once
+            terms = np.log(np.asarray(weights, dtype=np.float64)) + self.rate * times
+        if not np.isfinite(terms).all():  # a null time, a weight of 0 or below: no count
+            raise ValueError("popularity counts finite times and positive weights")
         rows = np.empty(len(item_ids), dtype=np.int64)
         for position, item_id in enumerate(item_ids):
             row = self._index.get(item_id)

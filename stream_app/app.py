@@ -38,8 +38,9 @@ from .engine import Engine, LearnedReport, item_partition
 from .fair_fetch import install_active_only_polls, install_fair_fetch, install_full_seeks
 from .intake import IntakeLag
 from .kafka import faust_credentials, key_partition
-from .item_sharing import (PUBLISHER, ItemSharing, Records, StepMessages, forget_rows_shared,
-                           install_records, own_publishers, rows_shared_mark)
+from .item_sharing import (PUBLISHER, ItemSharing, PublishBusy, Records, StepMessages,
+                           forget_rows_shared, install_records, own_publishers,
+                           rows_shared_mark)
 from .learner_process import LearnerProcess
 from .metrics import Metrics
 from .request_reader import RequestReader
@@ -885,19 +886,19 @@ def share_items(app: faust.App, settings: Settings, engine: Engine, metrics: Met
         the checkpoint's rows would replace newer ones on the topic."""
         if not sharing.caught_up.is_set():
             return
+        deadline = time.monotonic() + settings.hand_over_wait_s  # the settle's and publish's
         try:
             if learner is not None and not await learner.settle(settings.hand_over_wait_s):
                 log.warning("the learner's batches in flight were not learned in %.1f s; "
                             "handing over without them", settings.hand_over_wait_s)
             through = followed()
             await sharing.publish(sharing.handed_over, send_row, send_steps,
-                                  wait_s=settings.hand_over_wait_s)
+                                  wait_s=max(deadline - time.monotonic(), 0.0))
             await app.producer.flush()
             await published(through)
-        except TimeoutError:  # a checkpoint's write (see ItemSharing.between_publishes)
-            log.warning("the item rows were not handed over: a publish or checkpoint under "
-                        "way outlasted %.1f s; the next owner starts from the last publish",
-                        settings.hand_over_wait_s)
+        except PublishBusy as busy:  # a checkpoint's write (see ItemSharing.between_publishes)
+            log.warning("the item rows were not handed over (%s): the next owner starts from "
+                        "the last publish", busy)
         except Exception:  # noqa: BLE001 - the next owner starts from the last publish
             log.exception("could not hand the item rows over")
 

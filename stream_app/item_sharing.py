@@ -156,6 +156,10 @@ def install_records(engine: Engine, records: Records, *,
                                keep_statistics=keep_statistics)
 
 
+class PublishBusy(TimeoutError):
+    """A publish not made: the one (or the checkpoint) under way outlasted its wait."""
+
+
 class ItemSharing:
     """Publishes the owned rows a worker's engine moved and installs the others' rows; sends
     the steps it took on the others' items' input offsets to the training topic (their
@@ -296,9 +300,13 @@ class ItemSharing:
 
     @contextlib.asynccontextmanager
     async def _held(self, wait_s: float | None = None) -> AsyncIterator[None]:
-        """The publishing lock, waited for at most ``wait_s`` (TimeoutError after it)."""
-        async with asyncio.timeout(wait_s):
-            await self._publishing.acquire()
+        """The publishing lock, waited for at most ``wait_s`` (:class:`PublishBusy` after)."""
+        try:
+            async with asyncio.timeout(wait_s):
+                await self._publishing.acquire()
+        except TimeoutError:
+            raise PublishBusy(f"a publish or checkpoint under way outlasted {wait_s:.1f} s"
+                              ) from None
         try:
             yield
         finally:
@@ -319,7 +327,7 @@ class ItemSharing:
         a send fails those not sent too, once the deliveries of those sent are settled; then
         it raises. A publish of every owned row marks the topic as holding them
         (:func:`rows_shared_mark`) only once the broker took them all. ``wait_s``: the
-        longest wait for the publish (or checkpoint) under way, then TimeoutError, nothing
+        longest wait for the publish (or checkpoint) under way, then PublishBusy, nothing
         taken (a hand-over must not hold a rebalance for a whole checkpoint's write)."""
         async with self._held(wait_s):
             self._took_every_row = False

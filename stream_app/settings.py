@@ -94,8 +94,8 @@ class Settings(BaseSettings):
         2.0, gt=0, description="How often a worker publishes the rows it learned since.")
     hand_over_wait_s: float = Field(
         5.0, ge=0, description="Longest a worker losing partitions or stopping waits for its "
-        "learner's batches in flight: before it publishes the rows they moved (sharing), "
-        "before its last commit (stopping).")
+        "learner's batches in flight and, with sharing, a checkpoint being written: before it "
+        "publishes the rows they moved (sharing), before its last commit (stopping).")
     topic_items: str | None = Field(
         None, description="Item rows keyed by item (compacted). Default '<app_id>-item-rows'.")
     topic_withdrawn: str | None = Field(

@@ -42,6 +42,19 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+#: the wait for a worker's first answer beyond its learner's start (the consumer group's
+#: join, the first fetch)
+READY_AFTER_LEARNER_S = 120.0
+
+
+def ready_timeout(settings: Settings) -> float:
+    """How long ``streamrec up`` waits for its worker's first answer: a fixed 120 s fell
+    short of a learner allowed ``learner_start_timeout_s`` to load a large model (a worker
+    that dies meanwhile is told at once, not at the timeout)."""
+    learner = settings.learner_start_timeout_s if settings.learner_process else 0.0
+    return READY_AFTER_LEARNER_S + learner
+
+
 class System:
     """A running broker + worker. Use as a context manager; ``stop()`` is idempotent."""
 
@@ -52,8 +65,13 @@ class System:
         self.worker: Child | None = None
         self.forgotten: list[str] = []  # what an earlier run left that an empty broker voids
 
-    def start(self, ready_timeout_s: float = 120.0) -> System:
+    def start(self, ready_timeout_s: float | None = None) -> System:
+        """Start the broker (embedded) and a worker, and wait until a request is answered:
+        at most ``ready_timeout_s``, by default the learner's start
+        (``learner_start_timeout_s``, a model of millions of items) and two minutes more."""
         s = self.settings
+        if ready_timeout_s is None:
+            ready_timeout_s = ready_timeout(s)
         if s.embedded:
             self.broker = EmbeddedBroker(s.embedded_host, s.embedded_port,
                                          log_path=self.logs / "broker.log").start()

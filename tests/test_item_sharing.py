@@ -115,7 +115,7 @@ def test_a_checkpoint_between_publishes_is_written_before_a_publish_reads_or_aft
     async def hand_over_during_a_checkpoint() -> None:  # bounded: a rebalance waits for it
         writing = asyncio.create_task(checkpoint())
         await asyncio.sleep(0.005)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(item_sharing.PublishBusy):
             await sharing.publish(take, send_row, send_steps, wait_s=0.01)
         await writing
 

@@ -387,15 +387,22 @@ def test_a_journal_line_cut_short_or_not_a_batch_is_skipped(tmp_path, caplog):
                      b'"places": [[0, 4]]}\n')
         handle.write(b'{"topic": "events", "items": ["e"], "ts": [1e9], "weights": [1.0], '
                      b'"places": [[0, 5]]}\n')
+        handle.write(b'{"topic": "events", "items": ["g"], "ts": [null], "weights": [1.0], '
+                     b'"places": [[0, 6]]}\n')  # NaN: a row of no count, served by top()
+        handle.write(b'{"topic": "events", "items": ["h"], "ts": [1e9], "weights": [-1.0], '
+                     b'"places": [[0, 7]]}\n')
         handle.write(b'{"topic": "events", "items": ["f"], "ts": [1e9], "wei')  # cut short
     loaded = DecayedPopularity(HALF_LIFE, refresh_s=0, events_topic="events")
     with caplog.at_level("WARNING"):
         assert loaded.load(path)
-    assert {item: loaded.count(item, 1e9) for item in "abcdef"} == {
-        "a": 1.0, "b": 1.0, "c": 1.0, "d": 0.0, "e": 1.0, "f": 0.0}
-    assert "d" not in loaded and len(loaded) == 4  # a bad time made no row of no mass
+    assert {item: loaded.count(item, 1e9) for item in "abcdefgh"} == {
+        "a": 1.0, "b": 1.0, "c": 1.0, "d": 0.0, "e": 1.0, "f": 0.0, "g": 0.0, "h": 0.0}
+    assert not {"d", "g", "h"} & set(loaded._index) and len(loaded) == 4  # no row, no mass
+    top = loaded.top(10)
+    assert sorted(item for item, _ in top) == ["a", "b", "c", "e"]
+    assert all(count > 0 for _, count in top)  # NaN counts were served
     assert loaded.places.next_offsets() == {0: 6}
-    assert sum("does not" in record.getMessage() for record in caplog.records) == 3
+    assert sum("does not" in record.getMessage() for record in caplog.records) == 5
 
 
 def test_journals_from_before_the_topics_were_made_again_count_whole_later_ones_by_place(

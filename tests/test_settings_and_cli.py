@@ -486,3 +486,11 @@ def test_a_reply_topic_is_a_response_topic_and_never_one_of_the_apps_own():
     assert timeline.reply_topic_refusal("timeline-answers") is None
     own_prefix = Settings(topic_responses="streamrec-responses")  # under the app's own prefix
     assert own_prefix.reply_topic_refusal("streamrec-responses.c1") is None
+
+
+def test_streamrec_up_waits_for_its_worker_as_long_as_the_learner_may_take_to_start():
+    """A fixed 120 s fell short of a learner allowed ten minutes to load a large model."""
+    from stream_app.supervisor import READY_AFTER_LEARNER_S, ready_timeout
+
+    assert ready_timeout(Settings(learner_start_timeout_s=900)) == 900 + READY_AFTER_LEARNER_S
+    assert ready_timeout(Settings(learner_process=False)) == READY_AFTER_LEARNER_S
