@@ -48,13 +48,13 @@ class OfflineIntake:
         def set_many(writes):  # stored, and queued for the changelog as the table's own
             for user, value, _ in writes:
                 self.stored[user] = value
-                histories._pending.setdefault(0, []).append(
+                histories._queue(0).append(
                     (histories._key_bytes(user), histories._value_bytes(value)))
 
         def delete_many(deletes):
             for user, _ in deletes:
                 del self.stored[user]
-                histories._pending.setdefault(0, []).append((histories._key_bytes(user), None))
+                histories._queue(0).append((histories._key_bytes(user), None))
 
         histories.set_many, histories.delete_many = set_many, delete_many
 
