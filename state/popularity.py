@@ -221,7 +221,7 @@ class DecayedPopularity:
         # read before any row is made: a time or weight that is not a number (a damaged
         # journal line) left rows of its new items at no mass, never forgotten
         times = np.asarray(ts, dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):  # told below, once
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # told below
             terms = np.log(np.asarray(weights, dtype=np.float64)) + self.rate * times
         if not np.isfinite(terms).all():  # a null time, a weight of 0 or below: no count
             raise ValueError("popularity counts finite times and positive weights")

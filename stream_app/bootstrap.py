@@ -76,9 +76,11 @@ def write_bootstrap(settings: Settings, events: InteractionLog, *, window: int |
 
 
 def _as_a_worker_takes(settings: Settings, events: InteractionLog) -> np.ndarray:
-    """Which events a worker would take in (a mask): a configured kind, a time not further
-    ahead of now than ``max_event_ahead_s``."""
+    """Which events a worker would take in (a mask): a configured kind, a time that is a
+    finite number of seconds, 0 or more (the wire refuses others), and not further ahead of
+    now than ``max_event_ahead_s``."""
     taken = np.isin(events.kinds.astype(str), list(settings.kind_weights))
+    taken &= np.isfinite(events.ts) & (events.ts >= 0)
     if settings.max_event_ahead_s is not None:
         taken &= events.ts <= time.time() + settings.max_event_ahead_s
     return taken

@@ -182,3 +182,17 @@ def test_prior_rows_keep_the_directions_at_the_norm_of_a_new_items_random_row():
     assert np.linalg.norm(rows[:, :-1], axis=1).mean() == pytest.approx(0.1)
     np.testing.assert_allclose(rows[:, :-1] / np.linalg.norm(rows[:, :-1], axis=1)[:, None],
                                vectors / np.linalg.norm(vectors, axis=1)[:, None])
+
+
+def test_a_bootstrap_takes_the_events_a_worker_would_take():
+    """Times that are not finite, or below 0, are refused by the wire: a bootstrap took them,
+    and its popularity then failed (or, before, counted NaN) after the whole SVD."""
+    from types import SimpleNamespace
+
+    from stream_app.bootstrap import _as_a_worker_takes
+    from stream_app.settings import Settings
+
+    events = SimpleNamespace(kinds=np.array(["view", "view", "view", "view", "teleport"]),
+                             ts=np.array([1e9, np.nan, np.inf, -1.0, 1e9]))
+    taken = _as_a_worker_takes(Settings(max_event_ahead_s=None), events)
+    assert taken.tolist() == [True, False, False, False, False]
