@@ -296,6 +296,12 @@ class ServingIndex:
         return index if self.config.enabled else None
 
     # -- retrieval -------------------------------------------------------------------------
+    def exact_rows(self, query: np.ndarray, n: int, exclude_rows: np.ndarray) -> np.ndarray:
+        """The best ``n`` learner rows for the augmented ``query`` by exact search over every
+        row (a product with each: 10 ms at 100,000 items, about 100 at a million), none of
+        ``exclude_rows`` (−1 entries are ignored)."""
+        return self.learner.top_rows(query[:-1], n, exclude_rows, bias_weight=query[-1])[0]
+
     def retrieve(self, query: np.ndarray, n: int, exclude_rows: np.ndarray, *,
                  diversity: float | None = None,
                  history: Sequence[str] = ()) -> tuple[np.ndarray, int | None]:
@@ -309,8 +315,7 @@ class ServingIndex:
         """
         index = self.current
         if index is None:
-            rows, _ = self.learner.top_rows(query[:-1], n, exclude_rows, bias_weight=query[-1])
-            return rows, None
+            return self.exact_rows(query, n, exclude_rows), None
         excluded = set(exclude_rows.tolist())
         excluded.discard(-1)
         fresh = self._fresh(index, query, n, excluded)
@@ -347,7 +352,7 @@ class ServingIndex:
         if short <= 0 or len(self.learner) - len(excluded) <= len(rows):
             return rows
         skipped = np.fromiter(itertools.chain(excluded, rows.tolist()), dtype=np.int64)
-        more, _ = self.learner.top_rows(query[:-1], short, skipped, bias_weight=query[-1])
+        more = self.exact_rows(query, short, skipped)
         self.filled_answers += 1
         return np.concatenate([rows, more])
 
