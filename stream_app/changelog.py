@@ -347,14 +347,13 @@ class BatchedTable:
         # generation's (an older history could land after the new owner's record, and a
         # failed send was never given up: every later batch waited behind it)
         for (generation, partition), records in pending.items():
-            resend = functools.partial(self.resend, partition, generation)
             async with self._sending[partition]:
                 try:
-                    sent.extend(await self._send_records(client, partition, records, resend,
+                    sent.extend(await self._send_records(client, partition, records,
                                                          generation))
                 except Exception as error:  # noqa: BLE001 - held and sent again by its Sent
-                    sent.append(Sent("changelog", failed(error),
-                                     functools.partial(resend, [key for key, _ in records])))
+                    sent.append(Sent("changelog", failed(error), functools.partial(
+                        self.resend, partition, generation, [key for key, _ in records])))
         return sent
 
     def _queue(self, partition: int) -> list[tuple[bytes, bytes | None]]:
@@ -366,29 +365,27 @@ class BatchedTable:
 
     async def _send_records(self, client, partition: int,
                             records: list[tuple[bytes, bytes | None]],
-                            resend: Callable[[list[bytes]], Awaitable],
                             generation: int | None) -> list[Sent]:
         """The records in record batches, each sent while ``generation`` (the consumer
-        generation the records belong to; ``resend`` is bound to it) holds."""
+        generation the records belong to, which their resends are bound to) holds."""
         topic = self.table.changelog_topic.get_topic_name()
         sent, keys = [], []
         batch = client.create_batch()
         for key, value in records:
             if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                sent.append(await self._send(client, batch, topic, partition, keys, resend,
+                sent.append(await self._send(client, batch, topic, partition, keys,
                                              generation))
                 batch, keys = client.create_batch(), []  # an empty batch takes any one record
                 batch.append(key=key, value=value, timestamp=None)
             keys.append(key)
         if batch.record_count():
-            sent.append(await self._send(client, batch, topic, partition, keys, resend,
-                                         generation))
+            sent.append(await self._send(client, batch, topic, partition, keys, generation))
         return sent
 
     async def _send(self, client, batch, topic: str, partition: int, keys: list[bytes],
-                    resend: Callable[[list[bytes]], Awaitable], generation: int | None) -> Sent:
+                    generation: int | None) -> Sent:
         batch.close()
-        again = functools.partial(resend, keys)
+        again = functools.partial(self.resend, partition, generation, keys)
         if self._generation() != generation:  # a rebalance since: its resend gives it up
             return Sent("changelog", failed(GenerationPassed(
                 f"changelog partition {partition}: a rebalance came before the send")), again)
@@ -421,9 +418,7 @@ class BatchedTable:
                 raise LookupError(f"the store of changelog partition {partition} is not open")
             # a key no longer stored was deleted since: its tombstone
             records = list(zip(keys, database.get(keys)))
-            sent = await self._send_records(client, partition, records,
-                                            functools.partial(self.resend, partition,
-                                                              generation), generation)
+            sent = await self._send_records(client, partition, records, generation)
         return asyncio.gather(*(each.delivery for each in sent))
 
     def _persisted(self, done, topic: str, partition: int) -> None:
