@@ -624,20 +624,22 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
         """The last checkpoint (here, or the learner's), with sharing not written while a
         publish is under way (``ItemSharing.between_publishes``): none when that publish
         outlasts ``wait_s``, and then what the checkpoint lacks is delivered again."""
-        async def write(timeout_s: float | None) -> bool:
-            if learner is None:
-                save_here()
-                return True
-            return await learner.checkpoint(timeout_s)
-
         if sharing is None:
-            return await write(wait_s)
+            return await write_checkpoint(wait_s)
         try:
             async with asyncio.timeout(wait_s):
                 async with sharing.between_publishes():
-                    return await write(None)
+                    return await write_checkpoint(None)
         except TimeoutError:
             return False
+
+    async def write_checkpoint(timeout_s: float | None) -> bool:
+        """A checkpoint of the model written, here or by the learner process (at most
+        ``timeout_s``; None: as long as it takes); whether it was."""
+        if learner is None:
+            save_here()
+            return True
+        return await learner.checkpoint(timeout_s)
 
     responder = Responder(settings, engine, metrics, lambda name: app.topic(name, **raw),
                           requests, users_partition, history_reader.get_on)
@@ -762,10 +764,8 @@ def create_app(settings: Settings, engine: Engine, metrics: Metrics,
             save_model()
             return
         async with sharing.between_publishes():  # see there: not between a read and a send
-            if learner is None:
-                save_here()
-            elif learner.save_due():  # written before the next publish reads its rows
-                await learner.checkpoint(None)  # a learner that dies answers at once
+            if learner is None or learner.save_due():  # written before a publish reads rows
+                await write_checkpoint(None)  # a learner that dies answers at once
 
     def save_model(waiting: bool = False) -> None:
         """A checkpoint of the model: here, or by the learner process, which says when it is
