@@ -26,7 +26,6 @@ from typing import NamedTuple
 import numpy as np
 
 from models.bootstrap import assign_log_priors
-from state.popularity import journal_files
 
 from .datasets import InteractionLog
 from .engine import Engine
@@ -62,11 +61,12 @@ def write_bootstrap(settings: Settings, events: InteractionLog, *, window: int |
         weights = settings.kind_weights
         engine.popularity.add_many(events.items[taken].tolist(), events.ts[taken].tolist(),
                                    [weights[str(kind)] for kind in events.kinds[taken]])
-        # a replaced run's counts, gone before the new ones are saved: removed after, a
-        # death in between had the next start replay them on top of the new counts
-        for _, journal in journal_files(engine.popularity_path):
-            journal.unlink()
+        # a replaced run's journal files: the new counts are saved as holding them (a start
+        # skips them), and the save removes them; unlinked before the save, a death in
+        # between left the old model with its counts short of them
+        engine.popularity.keep_journal(engine.popularity_path)
         engine.save()
+        engine.popularity.journal.close()
         forget_rows_shared(settings)  # none of these rows is on the item-rows topic
         if settings.embedded:  # an embedded run may take this data dir (nothing to drop)
             (settings.data_dir / EMBEDDED_MARK).touch()
