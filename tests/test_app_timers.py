@@ -229,3 +229,102 @@ def test_a_sweep_of_expired_histories_that_fails_does_not_stop_the_worker(tmp_pa
     with caplog.at_level("ERROR"):
         asyncio.run(timer(app, "expire_histories")())
     assert any("sweep of expired histories failed" in r.getMessage() for r in caplog.records)
+
+
+def before_shutdown(app, name: str):
+    """One of the app's receivers of ``on_before_shutdown``, by name."""
+    return next(receiver for receiver in app.on_before_shutdown.iter_receivers(app)
+                if receiver.__name__ == name)
+
+
+def sharing_learner(steps: list, settle_s: float = 0.0):
+    """A learner process's stand-in that notes its checkpoints in ``steps``."""
+    async def checkpoint(timeout_s):
+        steps.append("checkpoint")
+        return True
+
+    async def settle(wait_s):
+        await asyncio.sleep(settle_s)
+        return True
+
+    return SimpleNamespace(drained=None, died=False, checkpoint=checkpoint, settle=settle,
+                           save_due=lambda **kwargs: True, batches_followed=0)
+
+
+def test_with_item_sharing_the_checkpoint_timer_writes_between_publishes(tmp_path):
+    """With sharing, the checkpoint timer's checkpoint waits for a publish under way (a
+    record read before a checkpoint and sent after it went back on the checkpoint's later
+    learning at the next start)."""
+    steps = []
+    app = offline_app(tmp_path, sharing_learner(steps), share_items=True)
+    sharing = app.streamrec_sharing
+    sharing.caught_up.set()
+
+    async def tick_during_a_publish():
+        async with sharing.between_publishes():  # as a publish holds it
+            tick = asyncio.ensure_future(timer(app, "checkpoint")())
+            await asyncio.sleep(0.2)
+            steps.append("published")
+        await tick
+
+    asyncio.run(tick_during_a_publish())
+    assert steps == ["published", "checkpoint"]
+
+
+def test_the_last_checkpoint_is_not_written_during_a_publish_that_outlasts_the_wait(
+        tmp_path, caplog):
+    """At a stop the last checkpoint waits for a publish under way at most
+    ``hand_over_wait_s``, then none is written (what it lacks is delivered again) and the
+    stop goes on."""
+    steps = []
+    app = offline_app(tmp_path, sharing_learner(steps), share_items=True, hand_over_wait_s=0.2)
+    sharing = app.streamrec_sharing
+    sharing.caught_up.set()
+    last_checkpoint = before_shutdown(app, "checkpoint_what_was_handed_over")
+
+    async def stop_during_a_publish(publish_s: float) -> list:
+        steps.clear()
+        async with sharing.between_publishes():
+            stop = asyncio.ensure_future(last_checkpoint(app))
+            await asyncio.sleep(publish_s)
+            steps.append("published")
+        await stop
+        return list(steps)
+
+    async def stops() -> tuple[list, list]:
+        return await stop_during_a_publish(1.0), await stop_during_a_publish(0.05)
+
+    with caplog.at_level("WARNING"):
+        outlasting, short = asyncio.run(stops())
+    assert outlasting == ["published"]
+    assert "will be delivered again" in caplog.text
+    assert short == ["published", "checkpoint"]
+
+
+def test_a_hand_over_waits_for_the_learner_and_the_publish_lock_within_one_deadline(tmp_path,
+                                                                                   caplog):
+    """A hand-over's settle of the learner and its wait for a checkpoint under way share
+    ``hand_over_wait_s``: a rebalance is held at most that long, then the next owner starts
+    from the last publish."""
+    waits = []
+    app = offline_app(tmp_path, sharing_learner([], settle_s=0.3), share_items=True,
+                      hand_over_wait_s=0.5)
+    sharing = app.streamrec_sharing
+    sharing.caught_up.set()
+    publish = sharing.publish
+
+    async def noting_publish(*args, wait_s=None):
+        waits.append(wait_s)
+        return await publish(*args, wait_s=wait_s)
+
+    sharing.publish = noting_publish
+    hand_over = before_shutdown(app, "hand_over_at_stop")
+
+    async def stop_during_a_checkpoint():
+        async with sharing.between_publishes():  # a checkpoint's write that does not end
+            await hand_over(app)
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(stop_during_a_checkpoint())
+    assert len(waits) == 1 and 0.0 <= waits[0] <= 0.5 - 0.3 + 0.05
+    assert "were not handed over" in caplog.text
