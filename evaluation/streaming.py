@@ -281,12 +281,12 @@ class OnlineDeepRetrieval(OnlineEmbedding):
         brute = self._brute_force(phis, max(k, self.compare_at), exclude)
         ranked = np.full((history.shape[0], min(k, self.n_items)), -1, dtype=np.int64)
         for row, phi in enumerate(phis):
-            banned = set() if exclude is None else set(
-                exclude.indices[exclude.indptr[row]: exclude.indptr[row + 1]].tolist())
-            started = time.perf_counter()
-            found = [int(i) for i in self.engine.paths.retrieve(phi, set())]
+            banned = set() if exclude is None else {
+                self._keys[i] for i in exclude.indices[exclude.indptr[row]:
+                                                       exclude.indptr[row + 1]].tolist()}
+            started = time.perf_counter()  # the history left out before the candidates' cut,
+            found = [int(i) for i in self.engine.paths.retrieve(phi, banned)]  # as a worker's
             self._seconds.append(time.perf_counter() - started)
-            found = [i for i in found if i not in banned]
             self._scored.append(len(found))
             scores = self.engine.learner.scores_of(phi, [self._keys[i] for i in found],
                                                    self.engine.serving.bias_weight)

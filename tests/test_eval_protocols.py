@@ -187,3 +187,26 @@ def test_prequential_hands_times_to_a_model_that_reads_them():
     assert sum(times.shape[0] for times in recorder.seen_times) == len(stream.scored)
     assert sum(times.nnz for times in recorder.seen_times) > 0
 
+
+def test_streaming_dr_leaves_the_history_out_before_the_candidates_cut(tmp_path):
+    """As a worker's answer: the items of the user's history leave room for the next
+    candidates on the beam's paths (``dr_max_candidates``), instead of taking part of it."""
+    from evaluation.streaming import OnlineDeepRetrieval
+    from index_sync.paths import unit_rows
+    from stream_app.settings import Settings
+
+    dataset = small_log()
+    settings = Settings(data_dir=tmp_path, model_dim=8, dr_width=4, dr_depth=2, dr_beam=3,
+                        dr_max_candidates=6, popularity_refresh_s=0)
+    model = OnlineDeepRetrieval(dataset.n_items, settings)
+    model.learn(dataset.events)
+    fold = leave_one_out(dataset).test
+    model.recommend(fold.history, 5, exclude=fold.history, times=fold.times)
+    expected = []
+    for row, phi in enumerate(model.user_vectors(fold.history, fold.times)):
+        seen = {str(i) for i in fold.history.indices[fold.history.indptr[row]:
+                                                      fold.history.indptr[row + 1]]}
+        on_paths = model.engine.paths.model.retrieve(unit_rows(phi)[0], None)
+        expected.append(min(len([item for item in on_paths if item not in seen]), 6))
+    assert model._scored == expected
+    assert sum(expected) > 0
