@@ -93,8 +93,8 @@ async def _true_high_watermarks(consumer, reported: Mapping) -> dict:
         sasl_plain_password=client._sasl_plain_password,
     )
     corrected = dict(reported)
-    await probe.start()
     try:
+        await probe.start()  # in the try: a start that fails has opened a client to close
         probe.assign(nonempty)
         for tp in nonempty:
             probe.seek(tp, reported[tp] - 1)

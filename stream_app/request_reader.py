@@ -25,6 +25,13 @@ answer to an id), and never committed with its answer still in the producer's bu
 partition this group never committed is read from where the app's own consumer group left it
 (the Faust agent that read requests before this reader did), else from its oldest request, as
 Faust's consumer read it.
+
+A poll shares its requests among the partitions with some buffered
+(:func:`~stream_app.fair_fetch.fair_records`), so a flood on one partition does not hold the
+others' answers. The periodic commit runs beside the answering, and every commit or lookup of
+the group's offsets waits for the coordinator at most ``COORDINATOR_WAIT_S``: a refused or
+timed-out commit goes with the next. A partition with ``MAX_UNSETTLED`` answers waiting behind
+one the broker has not settled is paused until they settle.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .compat import FetchWaitGuard, check_aiokafka
+from .fair_fetch import fair_records
 from .kafka import aiokafka_config, topic_partitions
 from .settings import Settings
 
@@ -47,7 +55,14 @@ MAX_BATCH = 100
 #: longest a change of partitions, or a stop, waits for the answers in flight before it
 #: commits (those not settled by then are answered again by the partition's next reader)
 SETTLE_WAIT_S = 5.0
-
+#: longest wait for the group's coordinator (a commit, or a lookup of the committed offsets):
+#: aiokafka retries both for as long as the coordinator is out of reach, and a change of
+#: partitions waits for them inside Faust's rebalance
+COORDINATOR_WAIT_S = 5.0
+#: most requests of a partition answered while the answer of the oldest has not settled (the
+#: broker neither took it nor refused it): past it the partition is paused until they settle,
+#: instead of holding a task and an entry for every request a refusing broker leaves behind
+MAX_UNSETTLED = 1000
 
 
 async def keep_reading(read: Callable[[], Awaitable[None]], name: str,
@@ -94,6 +109,7 @@ class RequestReader:
         # not known to be settled, and the requests after them
         self._unsettled: dict[Any, collections.deque[tuple[int, asyncio.Future | None]]] = {}
         self._committed_at = 0.0
+        self._committing: asyncio.Task | None = None  # the last periodic commit
         self._consumer_failed = False  # its partitions could not be assigned: start anew
         self._lock = asyncio.Lock()  # a batch in hand, or a change of partitions
         self._guard = FetchWaitGuard(settings.worker_fetch_max_wait_ms) \
@@ -127,15 +143,16 @@ class RequestReader:
                 self._consumer = consumer
                 await self._assign()
             while True:
-                batches = await consumer.getmany(timeout_ms=1000, max_records=MAX_BATCH)
+                batches = await self._poll(consumer, self.settings.fair_polls)
                 if self._consumer_failed:
                     raise RuntimeError("the request partitions were not assigned")
-                fetched_in = self._generation  # read as getmany returns, before any wait
+                fetched_in = self._generation  # read as the poll returns, before any wait
                 async with self._lock:
                     # a batch fetched before the partitions changed is read again from the
                     # commits made by that change; one fetched after it is the new set's
                     if fetched_in == self._generation:
                         await self._handle(batches)
+                    self._pause_unsettled(consumer)
                     await self._commit(due_only=True)
                 self._guard_fetch_wait()
         finally:
@@ -145,6 +162,35 @@ class RequestReader:
             finally:
                 self._consumer = None
                 await consumer.stop()  # also after a failed start: it closes what it opened
+
+    @staticmethod
+    async def _poll(consumer: Any, fair: bool = True) -> dict:
+        """Up to ``MAX_BATCH`` requests: an equal share for each partition with requests
+        buffered (:func:`~stream_app.fair_fetch.fair_records`; ``fair``, as
+        ``STREAMREC_FAIR_POLLS`` says), else aiokafka's poll, which waits for the next fetch. aiokafka's own order hands out a partition's buffered fetch
+        (up to a megabyte, thousands of requests) before the next partition's first request:
+        one user's flood held every other partition's answers."""
+        fetcher = getattr(consumer, "_fetcher", None)  # aiokafka 0.10-0.14's, as fair_fetch
+        if fair and isinstance(getattr(fetcher, "_records", None), dict) and not fetcher._closed:
+            with consumer._subscription.fetch_context():
+                records = await fair_records(fetcher, None, MAX_BATCH)
+            if records:
+                return records
+        return await consumer.getmany(timeout_ms=1000, max_records=MAX_BATCH)
+
+    def _pause_unsettled(self, consumer: Any) -> None:
+        """Pause a partition whose answers wait on more than ``MAX_UNSETTLED`` unsettled
+        ones, resume it once they settled (its buffered requests are fetched again)."""
+        self._advance()
+        paused = consumer.paused()
+        for tp in consumer.assignment():
+            waiting = len(self._unsettled.get(tp, ()))
+            if waiting >= MAX_UNSETTLED and tp not in paused:
+                log.warning("%d answers of %s are not delivered yet: its requests wait", waiting,
+                            tp)
+                consumer.pause(tp)
+            elif waiting < MAX_UNSETTLED and tp in paused:
+                consumer.resume(tp)
 
     async def _check_partition_count(self, consumer: Any) -> None:
         """Log an error when the request topic's partition count is not the events topic's as
@@ -209,7 +255,8 @@ class RequestReader:
         oldest request."""
         from aiokafka.admin import AIOKafkaAdminClient
 
-        fresh = [tp for tp in partitions if await self._consumer.committed(tp) is None]
+        fresh = [tp for tp in partitions if await asyncio.wait_for(
+            self._consumer.committed(tp), COORDINATOR_WAIT_S) is None]
         if not fresh:
             return {}
         admin = AIOKafkaAdminClient(client_id=self.group_id, **aiokafka_config(self.settings))
@@ -273,23 +320,41 @@ class RequestReader:
     async def _commit(self, due_only: bool = False) -> None:
         """Commit the offsets after the requests answered and settled (all, after a wait of
         at most ``SETTLE_WAIT_S`` for the answers in flight; or only when the last commit is
-        ``commit_every_s`` old, with no wait). A failed commit is logged: its requests may be
-        answered again after a move or a crash, nothing is lost."""
+        ``commit_every_s`` old, with no wait, beside the answering: a coordinator out of reach
+        must not stop it). A commit waits first for the periodic one under way, so that
+        commits land in order."""
         now = time.monotonic()
         if self._consumer is None or (
                 due_only and now - self._committed_at < self._commit_every_s):
             return
+        if due_only and self._committing is not None and not self._committing.done():
+            return
         if not due_only:
             await self._settle(SETTLE_WAIT_S)
+        if self._committing is not None:
+            await asyncio.wait([self._committing])  # bounded by COORDINATOR_WAIT_S
         self._advance()
         if not self._next:
             return
         offsets, self._next = self._next, {}
         self._committed_at = now
+        sending = self._send_commit(self._consumer, offsets)
+        if due_only:
+            self._committing = asyncio.ensure_future(sending)
+        else:
+            await sending
+
+    async def _send_commit(self, consumer: Any, offsets: dict) -> None:
+        """Commit ``offsets``, waiting at most ``COORDINATOR_WAIT_S``. A commit that failed
+        is logged, and its offsets go with the next one (a partition with no request after
+        them would otherwise keep its old commit, and its requests would be answered again
+        at the next rebalance)."""
         try:
-            await self._consumer.commit(offsets)
+            await asyncio.wait_for(consumer.commit(offsets), COORDINATOR_WAIT_S)
         except Exception:  # noqa: BLE001 - see the docstring
             log.warning("could not commit request offsets %s", offsets, exc_info=True)
+            for tp, offset in offsets.items():
+                self._next[tp] = max(offset, self._next.get(tp, offset))
 
     def _guard_fetch_wait(self) -> None:
         """Fix 3 of :mod:`stream_app.compat` (embedded broker only): raise the fetch wait while

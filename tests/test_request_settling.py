@@ -44,6 +44,13 @@ def reader_answering(deliveries: dict[int, asyncio.Future | None]) -> RequestRea
     return reader
 
 
+async def periodic_commit(reader: RequestReader) -> None:
+    """The reader's periodic commit, which runs beside the answering, waited for."""
+    await reader._commit(due_only=True)
+    if reader._committing is not None:
+        await reader._committing
+
+
 def test_a_partition_is_committed_up_to_its_first_answer_not_settled():
     zero, one = TopicPartition("requests", 0), TopicPartition("requests", 1)
 
@@ -53,13 +60,13 @@ def test_a_partition_is_committed_up_to_its_first_answer_not_settled():
         reader = reader_answering({0: None, 1: slow, 2: fast, 3: None, 10: failing})
         fast.set_result(None)
         await reader._handle({**records(zero, 0, 1, 2, 3), **records(one, 10)})
-        await reader._commit(due_only=True)
+        await periodic_commit(reader)
         failing.set_exception(RuntimeError("refused, and its error response too"))
         await asyncio.sleep(0)
-        await reader._commit(due_only=True)
+        await periodic_commit(reader)
         slow.set_result(None)
         await asyncio.sleep(0)
-        await reader._commit(due_only=True)
+        await periodic_commit(reader)
         return reader._consumer.commits
 
     first, second, third = asyncio.run(scenario())
@@ -187,6 +194,19 @@ class FakeRequestLog:
 
             def assign(self, partitions) -> None:
                 self.positions = {tp: None for tp in partitions}
+                self.paused_now: set = set()
+
+            def assignment(self) -> set:
+                return set(self.positions)
+
+            def paused(self) -> set:
+                return set(self.paused_now)
+
+            def pause(self, *partitions) -> None:
+                self.paused_now.update(partitions)
+
+            def resume(self, *partitions) -> None:
+                self.paused_now.difference_update(partitions)
 
             async def committed(self, tp):
                 return log.committed.get(tp.partition)
@@ -200,6 +220,8 @@ class FakeRequestLog:
                     await asyncio.sleep(0.01)
                     batches = {}
                     for tp, position in self.positions.items():
+                        if tp in self.paused_now:
+                            continue
                         if position is None:  # the fetcher's reset
                             position = log.committed.get(tp.partition, 0)
                         end = log.ends.get(tp.partition, 0)
@@ -359,3 +381,124 @@ def test_a_partition_taken_away_between_two_consumers_leaves_the_others_commits(
         return reader._consumer.commits
 
     assert asyncio.run(scenario()) == [{one: 10}]
+
+
+def test_a_commit_that_failed_goes_with_the_next_one(caplog):
+    """The offsets of a refused commit are kept: a partition with no request after them
+    would keep its old commit, and its requests would be answered again at the next
+    rebalance."""
+    zero, one = TopicPartition("requests", 0), TopicPartition("requests", 1)
+    reader = reader_answering({0: None, 1: None, 5: None})
+    refusals = [RuntimeError("the coordinator refused the commit")]
+    commit = reader._consumer.commit
+
+    async def refusing_once(offsets):
+        if refusals:
+            raise refusals.pop()
+        await commit(offsets)
+
+    reader._consumer.commit = refusing_once
+
+    async def scenario() -> None:
+        await reader._handle({**records(zero, 0, 1), **records(one, 5)})
+        await periodic_commit(reader)  # refused
+        await reader.follow([0, 1, 2])  # commits what was answered, the refused offsets too
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(scenario())
+    assert "could not commit request offsets" in caplog.text
+    assert reader._consumer.commits == [{zero: 2, one: 6}]
+
+
+def test_a_coordinator_out_of_reach_holds_neither_a_change_of_partitions_nor_the_answers(
+        monkeypatch):
+    """aiokafka retries a commit for as long as the group's coordinator is out of reach: the
+    periodic commit runs beside the answering, and a change of partitions (inside Faust's
+    rebalance) waits for it at most ``COORDINATOR_WAIT_S``."""
+    zero = TopicPartition("requests", 0)
+    monkeypatch.setattr(reader_module, "COORDINATOR_WAIT_S", 0.2)
+    reader = reader_answering({0: None, 1: None})
+    attempts = []
+
+    async def never(offsets):
+        attempts.append(dict(offsets))
+        await asyncio.Event().wait()
+
+    reader._consumer.commit = never
+
+    async def scenario() -> bool:
+        await reader._handle(records(zero, 0))
+        await reader._commit(due_only=True)  # returns at once: the commit waits aside
+        answering_went_on = not reader._committing.done()
+        await reader._handle(records(zero, 1))
+        await asyncio.wait_for(reader.follow([1]), 2.0)  # both commits given up in time
+        return answering_went_on
+
+    assert asyncio.run(scenario())
+    assert attempts == [{zero: 1}, {zero: 2}]  # the second carried the first's offsets too
+
+
+def test_a_partition_whose_answers_do_not_settle_is_paused_until_they_do(monkeypatch):
+    """Past ``MAX_UNSETTLED`` answers behind one that has not settled (a broker refusing the
+    responses), the partition is paused instead of holding an entry and a task for every
+    request; it is resumed once they settle."""
+    zero, one = TopicPartition("requests", 0), TopicPartition("requests", 1)
+    monkeypatch.setattr(reader_module, "MAX_UNSETTLED", 3)
+
+    class Pausing(RecordingConsumer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.paused_now: set = set()
+
+        def assignment(self) -> set:
+            return {zero, one}
+
+        def paused(self) -> set:
+            return set(self.paused_now)
+
+        def pause(self, *partitions) -> None:
+            self.paused_now.update(partitions)
+
+        def resume(self, *partitions) -> None:
+            self.paused_now.difference_update(partitions)
+
+    async def scenario() -> list[set]:
+        stuck = asyncio.get_running_loop().create_future()
+        reader = reader_answering({0: stuck, 1: None, 2: None, 7: None})
+        consumer = reader._consumer = Pausing()
+        seen = []
+        await reader._handle({**records(zero, 0, 1), **records(one, 7)})
+        reader._pause_unsettled(consumer)
+        seen.append(consumer.paused())
+        await reader._handle(records(zero, 2))
+        reader._pause_unsettled(consumer)
+        seen.append(consumer.paused())
+        stuck.set_result(None)
+        await asyncio.sleep(0)
+        reader._pause_unsettled(consumer)
+        seen.append(consumer.paused())
+        return seen
+
+    assert asyncio.run(scenario()) == [set(), {zero}, set()]
+
+
+def test_a_poll_gives_each_request_partition_its_share_of_the_buffered_requests():
+    """aiokafka hands out one partition's buffered fetch (thousands of requests) before the
+    next partition's first: one user's flood held every other partition's answers."""
+    import contextlib
+
+    from .test_fair_fetch import BufferedFetcher
+
+    flooded, quiet = TopicPartition("requests", 0), TopicPartition("requests", 1)
+    fetcher = BufferedFetcher({flooded: 5000, quiet: 10})
+    fetcher._closed = False
+    consumer = SimpleNamespace(_fetcher=fetcher,
+                               _subscription=SimpleNamespace(fetch_context=contextlib.nullcontext))
+
+    async def getmany(timeout_ms: int, max_records: int) -> dict:
+        return await fetcher.fetched_records(None, timeout_ms / 1000, max_records)
+
+    consumer.getmany = getmany
+    first = asyncio.run(RequestReader._poll(consumer, fair=True))
+    assert first[quiet] == list(range(10))
+    assert len(first[flooded]) == reader_module.MAX_BATCH - 10
