@@ -108,6 +108,10 @@ class LearnerProcess:
         self._from_child: Connection | None = None
         self._writer: asyncio.WriteTransport | None = None
         self._pipe: _PipeToChild | None = None
+        # frames asked for before :meth:`attach` (a rebalance, rows read or a checkpoint
+        # asked while the tables recover, before the app's tasks start), written first there
+        self._before_attach: list[bytes] = []
+        self._attached = asyncio.Event()
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_report: Callable[[LearnedReport], None] | None = None
@@ -142,18 +146,27 @@ class LearnerProcess:
         self._process.start()
         child_in.close()
         child_out.close()
-        if not self._from_child.poll(timeout_s):
-            self._process.kill()
-            raise RuntimeError(f"the learner process did not start within {timeout_s:.0f} s")
         try:
-            kind, items, steps = self._from_child.recv()
-        except EOFError:
-            kind, items = "failed", "it exited before it said why (see its log above)"
+            kind, items, steps = self._wait_ready(timeout_s)
+        except BaseException:  # a Ctrl-C too: the child ignores it, and would hold the exit
+            self._process.kill()
+            self._process.join()
+            self._to_child.close()
+            raise
         if kind == "failed":
             self._process.join(5.0)
             raise RuntimeError(f"the learner process could not load the checkpoint: {items}")
         log.info("learner process %d ready: %d items, %d steps", self._process.pid, items, steps)
         return self
+
+    def _wait_ready(self, timeout_s: float) -> tuple:
+        """The child's first message: ready (with its items and steps) or failed (why)."""
+        if not self._from_child.poll(timeout_s):
+            raise RuntimeError(f"the learner process did not start within {timeout_s:.0f} s")
+        try:
+            return self._from_child.recv()
+        except EOFError:
+            return "failed", "it exited before it said why (see its log above)", 0
 
     async def attach(self, *, on_report: Callable[[LearnedReport], None],
                      on_paths: Callable[[dict], None], on_saved: Callable[[int], None],
@@ -170,7 +183,18 @@ class LearnerProcess:
         self._writer, self._pipe = await self._loop.connect_write_pipe(_PipeToChild,
                                                                         self._to_child)
         self._writer.set_write_buffer_limits(high=self.frame_buffer)
+        for data in self._before_attach:
+            self._writer.write(data)
+        self._before_attach.clear()
+        self._attached.set()
         self._loop.add_reader(self._from_child.fileno(), self._receive)
+
+    def _send(self, data: bytes) -> None:
+        """A frame to the child, or held for :meth:`attach`."""
+        if self._writer is None:
+            self._before_attach.append(data)
+        else:
+            self._writer.write(data)
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Close the child's input: it checkpoints and exits. Waits for it, taking (and
@@ -204,6 +228,7 @@ class LearnerProcess:
         """Hand raw training messages (with their training-topic positions, when known) to
         the child; waits while ``in_flight`` batches are still being learned. Returns the
         batch's number: a checkpoint requested after it holds it."""
+        await self._attached.wait()
         await self._slots.acquire()
         self._batches_written += 1
         self._writer.write(learn_frame(values, users, positions))
@@ -243,9 +268,10 @@ class LearnerProcess:
         """Wait while the frames for the child held here are over ``frame_buffer`` bytes. Learn
         frames are bounded by their slots; a sender of item rows (a catch-up reads
         the whole item-rows topic, faster than the child may install it) waits here, so the
-        worker's memory does not grow with the topic."""
-        if self._pipe is not None:
-            await self._pipe.room.wait()
+        worker's memory does not grow with the topic. Before :meth:`attach`, what is held
+        here for it waits for the pipe, so a sender waits too."""
+        await self._attached.wait()  # what is held for it is not bounded by the pipe
+        await self._pipe.room.wait()
 
     def request_save(self) -> int:
         """Ask the child for a checkpoint; it holds every batch handed over so far, whose
@@ -253,7 +279,7 @@ class LearnerProcess:
         return self._request_save(None)
 
     def _request_save(self, waiting: asyncio.Future | None) -> int:
-        self._writer.write(frame(SAVE))
+        self._send(frame(SAVE))
         self._saves.append((self._batches_written, waiting, time.monotonic()))
         return self._batches_written
 
@@ -288,11 +314,11 @@ class LearnerProcess:
         """Hand other workers' item rows (item-rows topic records: key, value) to the child,
         which installs them and reports them like a learning step (``keep_statistics``: see
         :meth:`Engine.install_rows`)."""
-        self._writer.write(rows_frame(records, keep_statistics))
+        self._send(rows_frame(records, keep_statistics))
 
     def forget_partitions(self, partitions: Collection[int]) -> None:
         """Tell the child to forget the statistics of the items of ``partitions``."""
-        self._writer.write(forget_frame(partitions))
+        self._send(forget_frame(partitions))
 
     def _receive(self) -> None:
         try:

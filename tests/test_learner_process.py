@@ -1302,3 +1302,48 @@ def test_the_timer_asks_for_no_checkpoint_while_one_is_unwritten_or_soon_after_a
     learner._dispatch(("saved", False, None))  # a failed write counts as one that took its time
     clock[0] += 1 / SAVE_SHARE - 1
     assert learner.save_due()
+
+
+def test_what_is_asked_of_the_learner_before_it_is_attached_reaches_it_in_order(tmp_path):
+    """A rebalance (with item sharing: forget the partitions lost) and item rows read can
+    come while the tables recover, before the app's tasks start and attach the learner:
+    they are held and written, in order, once it is attached (they raised before, and Faust
+    crashed the worker)."""
+    settings = settings_for(tmp_path)
+    records = [(f"r{n}".encode(), encode_item_row(np.full(17, n / 1e4), np.zeros(16)))
+               for n in range(50)]
+    learner = LearnerProcess(settings).start()
+    follower = Engine(settings, replica=True)
+    seen = {}
+
+    async def main() -> None:
+        learner.forget_partitions([0, 1])
+        learner.install_rows(records)
+        waiting = asyncio.ensure_future(learner.drained())  # held here: waits for the pipe
+        await asyncio.sleep(0.05)
+        seen["drained before attach"] = waiting.done()
+        await learner.attach(on_report=follower.follow, on_paths=lambda stats: None,
+                             on_saved=lambda through: None, on_death=lambda: None)
+        await asyncio.wait_for(waiting, 60.0)
+        assert await learner.settle(60.0)
+        seen["items"] = len(follower.learner)
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert learner.stop()
+    assert seen == {"drained before attach": False, "items": len(records)}
+
+
+def test_an_interrupted_learner_start_leaves_no_child_behind(tmp_path, monkeypatch):
+    """A Ctrl-C reaches the whole process group; the child ignores it (its parent stops it),
+    so a start interrupted while it waits for the child kills it: left, it held the worker's
+    exit for good (the exit joins its children, and the child never saw its pipe close)."""
+    def interrupted(self, timeout_s):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LearnerProcess, "_wait_ready", interrupted)
+    learner = LearnerProcess(settings_for(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        learner.start()
+    assert not learner._process.is_alive()
