@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -22,11 +23,15 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
+    """Ask for SIGTERM when the parent dies; and go now if it died before the ask (the child
+    then has another parent already, and the signal would never come)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
-        pass  # not Linux: the parent's explicit stop still applies
+        return  # not Linux: the parent's explicit stop still applies
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,7 +77,8 @@ class Child:
         # broker that is gone.
         self.process = subprocess.Popen(
             self.argv, env=self.env, stdout=output, stderr=subprocess.STDOUT if output else None,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, start_new_session=True)
+            stdin=subprocess.DEVNULL, preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+            start_new_session=True)
         self._output = output
         log.info("started %s (pid %d)", self.name, self.process.pid)
         return self
