@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -104,9 +105,10 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
+    """A number of seconds or a rate: ``inf`` passed and overflowed where it became a wait."""
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -159,16 +161,17 @@ def cmd_worker(settings: Settings, args) -> int:
 
 
 def cmd_up(settings: Settings, args) -> int:
-    from .supervisor import System, dump_stacks_on_request, wait_for_signal
+    from .supervisor import System, dump_stacks_on_request, stop_signals_exit, wait_for_signal
 
     dump_stacks_on_request()
-    system = System(settings)
-    try:
-        system.start()
-        print(system.describe(), "\nCtrl-C stops everything.", flush=True)
-        status = wait_for_signal(system)
-    finally:
-        system.stop()
+    with stop_signals_exit():
+        system = System(settings)
+        try:
+            system.start()
+            print(system.describe(), "\nCtrl-C stops everything.", flush=True)
+            status = wait_for_signal(system)
+        finally:
+            system.stop()
     print("streamrec stopped" if status == 0 else "streamrec stopped: the worker or the broker "
           f"exited; their logs are in {system.logs}", flush=True)
     return status
@@ -254,8 +257,8 @@ def cmd_demo(settings: Settings, args) -> int:
 
     from .client import RecClient, replay
     from .datasets import load
-    from .supervisor import (System, dump_stacks_on_request, wait_for_signal, wait_ingested,
-                             wait_learned)
+    from .supervisor import (System, dump_stacks_on_request, stop_signals_exit, wait_for_signal,
+                             wait_ingested, wait_learned)
 
     if settings.metrics_port == 0:  # said now, not after the whole replay
         raise ValueError("the demo follows the ingest on the worker's metrics, which "
@@ -264,22 +267,23 @@ def cmd_demo(settings: Settings, args) -> int:
     log = load(path, args.format)
     total = min(len(log), args.limit or len(log))
     dump_stacks_on_request()
-    system = System(settings)
-    try:
-        system.start()
-        print(system.describe(), flush=True)
-        with tqdm(total=total, unit="ev", desc="producing", file=sys.stderr) as bar:
-            replay(settings, itertools.islice(log.events(), total), progress=bar)
-        with tqdm(total=total, unit="ev", desc="ingested ", file=sys.stderr) as bar:
-            wait_ingested(settings, total, progress=bar)
-        wait_learned(settings)
-        show_users(settings, log, total, args.users, titles_near(path), RecClient)
-        if not args.exit:
-            print("\nstreamrec is up; try `streamrec recommend --user "
-                  f"{log.users[0]}`. Ctrl-C stops everything.", flush=True)
-            return wait_for_signal(system)
-    finally:
-        system.stop()
+    with stop_signals_exit():
+        system = System(settings)
+        try:
+            system.start()
+            print(system.describe(), flush=True)
+            with tqdm(total=total, unit="ev", desc="producing", file=sys.stderr) as bar:
+                replay(settings, itertools.islice(log.events(), total), progress=bar)
+            with tqdm(total=total, unit="ev", desc="ingested ", file=sys.stderr) as bar:
+                wait_ingested(settings, total, progress=bar)
+            wait_learned(settings)
+            show_users(settings, log, total, args.users, titles_near(path), RecClient)
+            if not args.exit:
+                print("\nstreamrec is up; try `streamrec recommend --user "
+                      f"{log.users[0]}`. Ctrl-C stops everything.", flush=True)
+                return wait_for_signal(system)
+        finally:
+            system.stop()
     return 0
 
 

@@ -44,8 +44,11 @@ class Settings(BaseSettings):
     # default, where pydantic-settings would read "" (no broker servers at all, Path("."))
     # hide_input_in_errors: a refused configuration printed the values it was given, the
     # tail of STREAMREC_SASL_PASSWORD among them
+    # allow_inf_nan: no number here means anything at inf or nan ('none' turns a limit or a
+    # decay off); they passed, then failed far from here (`inf` seconds overflow a wait)
     model_config = SettingsConfigDict(env_prefix="STREAMREC_", frozen=True, extra="ignore",
-                                      env_ignore_empty=True, hide_input_in_errors=True)
+                                      env_ignore_empty=True, hide_input_in_errors=True,
+                                      allow_inf_nan=False)
 
     # -- broker --------------------------------------------------------------------------
     broker: str | None = Field(
@@ -459,6 +462,20 @@ class Settings(BaseSettings):
             raise ValueError("default_sources names dr, but dr_enabled is false")
         return self
 
+    @model_validator(mode="after")
+    def _topics_have_one_role_each(self) -> Settings:
+        """One topic for two roles loops or mixes messages: a dead letter written to the
+        events topic was read back, refused and written again for ever."""
+        setting_of: dict[str, str] = {}
+        for setting, topic in self.topics_by_setting().items():
+            if getattr(self, setting) is None:  # an internal topic's name made from app_id
+                setting = f"{setting} (its default)"
+            if topic in setting_of:
+                raise ValueError(f"{setting_of[topic]} and {setting} are both {topic!r}: each "
+                                 "of the app's topics needs a name of its own")
+            setting_of[topic] = setting
+        return self
+
     @field_validator("positives_half_life", "encoder_half_life_events",
                      "encoder_half_life_s", "serve_half_life_events", "max_event_ahead_s",
                      "history_ttl_s", "fetch_max_wait_ms", mode="before")
@@ -595,6 +612,14 @@ class Settings(BaseSettings):
     @property
     def withdrawn_topic(self) -> str:
         return self.topic_withdrawn or f"{self.app_id}-withdrawn-items"
+
+    def topics_by_setting(self) -> dict[str, str]:
+        """The app's topics by the setting that names them (its default where unset)."""
+        return {"topic_events": self.topic_events,
+                "topic_dead_letters": self.topic_dead_letters,
+                "topic_requests": self.topic_requests, "topic_responses": self.topic_responses,
+                "topic_train": self.train_topic, "topic_items": self.items_topic,
+                "topic_withdrawn": self.withdrawn_topic}
 
     def reply_topic_refusal(self, name: str) -> str | None:
         """Why a request may not name ``name`` as its reply topic; None when it may. Only

@@ -3,6 +3,7 @@ unit that starts together and stops together on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import shutil
@@ -146,6 +147,34 @@ def dump_stacks_on_request(signum: int = signal.SIGUSR1) -> None:
         faulthandler.register(signum, all_threads=True)
     except (AttributeError, ValueError, OSError, RuntimeError):  # io.UnsupportedOperation too
         log.debug("no stack dump on signal %d: stderr is not a file", signum)
+
+
+@contextlib.contextmanager
+def stop_signals_exit():
+    """SIGTERM and SIGHUP raise ``SystemExit(128 + N)`` in the block, as Ctrl-C raises
+    KeyboardInterrupt: `up` and `demo` run their ``finally`` (the worker's stop, then the
+    broker's) whenever the signal comes. With the default action, a service manager's stop
+    or a closed terminal while the system started (which can take minutes) killed the
+    supervisor alone, and the worker and the broker died together after it. Only the first
+    signal raises: another one must not cut short the stop it started. :func:`wait_for_signal`
+    takes SIGTERM over while it waits (a stop asked for then is a clean exit); the previous
+    handlers are back once the block ends. A signal that is ignored stays so (``nohup``'s
+    SIGHUP: the terminal's close must not stop the system)."""
+    raised: list[int] = []
+
+    def leave(signum: int, _frame) -> None:  # no logging: it may hold the stream's lock
+        if not raised:
+            raised.append(signum)
+            raise SystemExit(128 + signum)
+
+    defaults = [sig for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) == signal.SIG_DFL]
+    previous = {sig: signal.signal(sig, leave) for sig in defaults}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def forget_broker_state(settings: Settings) -> list[str]:

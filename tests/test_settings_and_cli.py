@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -97,7 +98,7 @@ def test_a_setting_that_is_not_json_is_an_invalid_configuration(monkeypatch, cap
 def test_bad_settings_are_refused(monkeypatch):
     for weights in ('{"view": 0}', '{"view": 1e400}', '{"view": NaN}'):
         monkeypatch.setenv("STREAMREC_KIND_WEIGHTS", weights)
-        with pytest.raises(ValidationError, match="kind weights"):
+        with pytest.raises(ValidationError, match="kind.weights"):
             Settings()
     monkeypatch.setenv("STREAMREC_KIND_WEIGHTS", '{"view": 1}')
     monkeypatch.setenv("STREAMREC_PARTITIONS", "0")
@@ -168,6 +169,65 @@ def test_every_optional_number_is_turned_off_by_the_word_none(monkeypatch, name)
     assert getattr(Settings(), name.removeprefix("STREAMREC_").lower()) == 30.0
 
 
+#: settings that are numbers, or may be ('none' turns each of those off)
+FLOAT_SETTINGS = [name for name, field in Settings.model_fields.items()
+                  if field.annotation in (float, float | None)]
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_no_number_setting_takes_infinity_or_nan(name):
+    """``inf`` seconds passed, then overflowed where they became a wait (the learner's start,
+    a worker's stop); no setting means anything at inf or nan."""
+    for value in (math.inf, -math.inf, math.nan):
+        with pytest.raises(ValidationError, match="finite number"):
+            Settings(**{name: value})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("STREAMREC_LEARNER_START_TIMEOUT_S", "inf"),
+    ("STREAMREC_SHUTDOWN_TIMEOUT_S", "Infinity"),
+    ("STREAMREC_HISTORY_TTL_S", "inf"),  # 'none' is its word for no limit
+    ("STREAMREC_POPULARITY_REFRESH_S", "nan"),
+    ("STREAMREC_SERVE_TUNING_HALF_LIVES", "[1, Infinity]"),
+    ("STREAMREC_SERVE_TUNING_BIAS_WEIGHTS", "[1, NaN]"),
+])
+def test_a_number_that_is_not_finite_is_an_invalid_configuration(monkeypatch, capsys,
+                                                                  tmp_path, name, value):
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("STREAMREC_BROKER", "127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv(name, value)
+    assert main(["recommend", "--user", "u", "--timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err and "finite number" in err
+    assert name.removeprefix("STREAMREC_").lower() in err
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("STREAMREC_TOPIC_DEAD_LETTERS", "timeline-events",
+     "topic_events and topic_dead_letters are both 'timeline-events'"),
+    ("STREAMREC_TOPIC_RESPONSES", "rec-requests",
+     "topic_requests and topic_responses are both 'rec-requests'"),
+    ("STREAMREC_TOPIC_TRAIN", "timeline-events",
+     "topic_events and topic_train are both 'timeline-events'"),
+    ("STREAMREC_TOPIC_ITEMS", "rec-responses",
+     "topic_responses and topic_items are both 'rec-responses'"),
+    ("STREAMREC_TOPIC_WITHDRAWN", "timeline-events-dlq",
+     "topic_dead_letters and topic_withdrawn are both 'timeline-events-dlq'"),
+    ("STREAMREC_TOPIC_EVENTS", "streamrec-withdrawn-items",
+     "topic_events and topic_withdrawn (its default) are both 'streamrec-withdrawn-items'"),
+])
+def test_one_topic_for_two_roles_is_an_invalid_configuration(monkeypatch, capsys, tmp_path,
+                                                             name, value, message):
+    """A dead letter written to the events topic was read back, refused and written again
+    for ever: every command refuses such settings, naming the two."""
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("STREAMREC_BROKER", "127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv(name, value)
+    assert main(["recommend", "--user", "u", "--timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err and message in err
+
+
 @pytest.mark.parametrize("argv", [
     [],
     ["launch"],
@@ -176,9 +236,12 @@ def test_every_optional_number_is_turned_off_by_the_word_none(monkeypatch, name)
     ["recommend", "--user", "u", "--k", "ten"],
     ["recommend", "--history", ""],
     ["recommend", "--user", "u", "--timeout", "-1"],
+    ["recommend", "--user", "u", "--timeout", "inf"],
+    ["recommend", "--user", "u", "--timeout", "nan"],
     ["produce"],
     ["produce", "x.txt", "--format", "parquet"],
     ["produce", "x.txt", "--rate", "0"],
+    ["produce", "x.txt", "--rate", "Infinity"],
     ["produce", "x.txt", "--limit", "-5"],
 ])
 def test_argument_errors_exit_with_usage(argv, capsys):
@@ -186,6 +249,12 @@ def test_argument_errors_exit_with_usage(argv, capsys):
         build_parser().parse_args(argv)
     assert exited.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_an_infinite_timeout_is_an_argument_error_not_an_overflow(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["recommend", "--user", "u", "--timeout", "inf"])
+    assert "--timeout: must be a finite number > 0, got inf" in capsys.readouterr().err
 
 
 def test_recommend_needs_a_user_or_a_history(capsys):

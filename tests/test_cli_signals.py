@@ -1,0 +1,94 @@
+"""`streamrec up` and `demo` stop in order on SIGTERM or SIGHUP that come while they start.
+
+Each case runs in a Python of its own: a signal that a fault lets through kills that process,
+not the test run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+#: `main(argv)` with a system whose start signals its own process, then would run on for
+#: seconds, and whose stop signals it again; prints whether the stop went through and
+#: whether the signals got their handlers back
+SIGNALLED_WHILE_STARTING = """
+import os, signal, sys, time
+import stream_app.datasets
+from stream_app import supervisor
+from stream_app.cli import main
+
+signum, argv = getattr(signal, sys.argv[1]), sys.argv[2:]
+
+
+class StartingSystem:
+    def __init__(self, settings) -> None:
+        self.logs = settings.data_dir / "logs"
+
+    def start(self) -> None:
+        os.kill(os.getpid(), signum)
+        time.sleep(5)
+        print("started", flush=True)
+
+    def stop(self) -> None:
+        os.kill(os.getpid(), signum)  # again: the stop must go on
+        time.sleep(0.1)
+        print("stopped", flush=True)
+
+
+class OneEvent:
+    users = ["u1"]
+
+    def __len__(self) -> int:
+        return 1
+
+
+supervisor.System = StartingSystem
+stream_app.datasets.load = lambda path, fmt: OneEvent()
+before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+try:
+    main(argv)
+finally:
+    restored = all(signal.getsignal(sig) is handler for sig, handler in before.items())
+    print("restored" if restored else "not restored", flush=True)
+"""
+
+
+def python_c(code: str, *args: str, data_dir: Path) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STREAMREC_")}
+    env["STREAMREC_DATA_DIR"] = str(data_dir)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parents[1])
+
+
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+@pytest.mark.parametrize("argv", [["up"], ["demo", "--exit"]])
+def test_a_stop_signal_while_starting_runs_the_ordered_stop(tmp_path, signame, status, argv):
+    """A service manager's stop or a closed terminal during a start of minutes killed the
+    supervisor with the signal's default action: its ``finally`` never stopped the worker
+    before the broker. Now the stop runs, and a second signal does not cut it short; the
+    status says which signal (128 + N), and the signals get their handlers back."""
+    result = python_c(SIGNALLED_WHILE_STARTING, signame, *argv, data_dir=tmp_path)
+    assert result.returncode == status, result.stderr
+    assert result.stdout.split() == ["stopped", "restored"]
+
+
+IGNORED_HANGUP = """
+import os, signal
+from stream_app.supervisor import stop_signals_exit
+
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+with stop_signals_exit():
+    os.kill(os.getpid(), signal.SIGHUP)
+    print("went on", signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)
+"""
+
+
+def test_an_ignored_hangup_stays_ignored(tmp_path):
+    """Under ``nohup`` the terminal's close must not stop the system."""
+    result = python_c(IGNORED_HANGUP, data_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["went", "on", "True"]
