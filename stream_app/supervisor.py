@@ -274,18 +274,23 @@ def scrape(settings: Settings) -> dict[str, float]:
 
 def wait_ingested(settings: Settings, count: int, timeout_s: float = 300.0,
                   progress=None) -> float:
-    """Wait until the worker has taken ``count`` events in (any outcome); returns the count."""
+    """Wait until the worker has taken ``count`` events in (any outcome); returns the count.
+    Gives up when no event was taken in for ``timeout_s``: a fixed bound from the start gave
+    up on a large log the worker was still taking in."""
     deadline = time.monotonic() + timeout_s
     taken = 0.0
     while time.monotonic() < deadline:
-        taken = scrape(settings).get("streamrec_events_total", 0.0)
+        now = scrape(settings).get("streamrec_events_total", 0.0)
         if progress is not None:
-            progress.n = int(min(taken, count))
+            progress.n = int(min(now, count))
             progress.refresh()
-        if taken >= count:
-            return taken
+        if now >= count:
+            return now
+        if now > taken:
+            taken, deadline = now, time.monotonic() + timeout_s
         time.sleep(0.25)
-    raise TimeoutError(f"the worker took {taken:.0f} of {count} events in {timeout_s:.0f} s")
+    raise TimeoutError(f"the worker took {taken:.0f} of {count} events, and none in the last "
+                       f"{timeout_s:.0f} s")
 
 
 def wait_learned(settings: Settings, timeout_s: float = 120.0) -> float:

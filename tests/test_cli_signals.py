@@ -92,3 +92,23 @@ def test_an_ignored_hangup_stays_ignored(tmp_path):
     result = python_c(IGNORED_HANGUP, data_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["went", "on", "True"]
+
+
+def test_the_demo_waits_for_its_events_while_the_worker_takes_them_in(monkeypatch):
+    """The demo's wait for the worker's intake gives up only when nothing was taken in for
+    its timeout, not at a bound from the start (a large log takes longer than any)."""
+    from stream_app import supervisor
+    from stream_app.settings import Settings
+
+    clock = [0.0]
+    counts = iter([0.0, 100.0, 200.0, 300.0, 400.0, 500.0])
+    monkeypatch.setattr(supervisor.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(supervisor.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + 4))
+    monkeypatch.setattr(supervisor, "scrape",
+                        lambda settings: {"streamrec_events_total": next(counts)})
+    assert supervisor.wait_ingested(Settings(), 500, timeout_s=5.0) == 500.0  # 20 s in all
+    stalled = iter([0.0, 100.0] + [100.0] * 10)
+    monkeypatch.setattr(supervisor, "scrape",
+                        lambda settings: {"streamrec_events_total": next(stalled)})
+    with pytest.raises(TimeoutError, match="took 100 of 500 events, and none in the last 5 s"):
+        supervisor.wait_ingested(Settings(), 500, timeout_s=5.0)
