@@ -17,6 +17,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .wire import MAX_REQUEST_HISTORY
 
 DEFAULT_KIND_WEIGHTS = {"view": 1.0, "click": 4.0, "cart": 6.0, "sale": 10.0}
+#: longest wait or interval a setting may give, in seconds (about 11 days): the system's
+#: waits take no more (a pipe's poll counts milliseconds in a C int), and `1e300` overflowed
+#: one far from where it was set
+MAX_WAIT_S = 1_000_000.0
+#: the settings that are waits or intervals (not ages or half-lives, which may be long)
+WAIT_SETTINGS = ("share_items_s", "hand_over_wait_s", "session_timeout_s", "history_sweep_s",
+                 "popularity_refresh_s", "checkpoint_interval_s", "shutdown_timeout_s",
+                 "input_follow_s", "ingest_batch_wait_s", "learn_batch_wait_s",
+                 "learner_start_timeout_s", "index_interval_s", "index_backlog_wait_s",
+                 "index_grace_s", "index_check_s", "dr_m_step_interval_s", "dr_follow_model_s")
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
@@ -460,6 +470,14 @@ class Settings(BaseSettings):
     def _default_sources_run_here(self) -> Settings:
         if "dr" in self.default_sources and not self.dr_enabled:
             raise ValueError("default_sources names dr, but dr_enabled is false")
+        return self
+
+    @model_validator(mode="after")
+    def _waits_fit_a_timer(self) -> Settings:
+        for name in WAIT_SETTINGS:
+            if getattr(self, name) > MAX_WAIT_S:
+                raise ValueError(f"{name} is {getattr(self, name):g} s: waits and intervals "
+                                 f"are at most {MAX_WAIT_S:g} s")
         return self
 
     @model_validator(mode="after")

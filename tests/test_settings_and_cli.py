@@ -202,6 +202,25 @@ def test_a_number_that_is_not_finite_is_an_invalid_configuration(monkeypatch, ca
     assert name.removeprefix("STREAMREC_").lower() in err
 
 
+@pytest.mark.parametrize("name", ["STREAMREC_SHUTDOWN_TIMEOUT_S",
+                                  "STREAMREC_LEARNER_START_TIMEOUT_S",
+                                  "STREAMREC_CHECKPOINT_INTERVAL_S"])
+def test_a_wait_longer_than_a_timer_takes_is_an_invalid_configuration(monkeypatch, capsys,
+                                                                     tmp_path, name):
+    """Finite but past what the system's waits take (a pipe's poll counts milliseconds in a
+    C int): refused where it is set, not an overflow where it is used."""
+    from stream_app.settings import MAX_WAIT_S, WAIT_SETTINGS, Settings
+
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv(name, "1e300")
+    assert main(["recommend", "--user", "u", "--timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err and name.removeprefix("STREAMREC_").lower() in err
+    assert all(name in Settings.model_fields for name in WAIT_SETTINGS)
+    monkeypatch.setenv(name, str(MAX_WAIT_S))
+    assert getattr(Settings(), name.removeprefix("STREAMREC_").lower()) == MAX_WAIT_S
+
+
 @pytest.mark.parametrize("name, value, message", [
     ("STREAMREC_TOPIC_DEAD_LETTERS", "timeline-events",
      "topic_events and topic_dead_letters are both 'timeline-events'"),
