@@ -128,14 +128,14 @@ def item_list(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in unknown_settings(os.environ):  # first: a typo may be why a value is refused
+        print(f"streamrec: {name} is not a setting; it is ignored (see the README's settings "
+              "table)", file=sys.stderr)
     try:
         settings = Settings()
     except (ValidationError, SettingsError) as error:  # SettingsError: a value not JSON
         print(f"streamrec: invalid configuration:\n{error}", file=sys.stderr)
         return 2
-    for name in unknown_settings(os.environ):
-        print(f"streamrec: {name} is not a setting; it is ignored (see the README's settings "
-              "table)", file=sys.stderr)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "aiokafka"):  # client chatter, not ours

@@ -468,6 +468,11 @@ def test_a_streamrec_variable_that_names_no_setting_is_reported(monkeypatch, cap
     err = capsys.readouterr().err
     assert "STREAMREC_FETCH_POLL_RECORDS is not a setting" in err
     assert "STREAMREC_DATA_DIR" not in err
+    monkeypatch.setenv("STREAMREC_BORKER", "kafka:9092")  # beside a value that is refused
+    monkeypatch.setenv("STREAMREC_LEARN_BATCH", "many")
+    assert main(["eval", "--dataset", "nowhere", "--k", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "STREAMREC_BORKER is not a setting" in err and "invalid configuration" in err
 
 
 def python_c(code: str):
