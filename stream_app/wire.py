@@ -520,20 +520,35 @@ def _forget_user(raw: bytes, not_an_event: InvalidMessage) -> ForgetUser:
     nearly all the messages); for a message with neither schema, the error of the one it
     names: a ``forget`` field asks for an erasure, and its error says what is wrong with it."""
     try:
-        return ForgetUser.model_validate_json(raw)
+        erasure = ForgetUser.model_validate_json(raw)
     except ValidationError as error:
         if not _names_forget(raw):
             raise not_an_event from None
         raise InvalidMessage("schema", _describe(error.errors(include_url=False))) from None
+    named = _EVENT_FIELDS & _top_level_names(raw)
+    if named:  # an event's, one of whose fields did not validate: not an erasure, which
+        # cannot be undone (a valid event with forget is refused in decode_event)
+        raise InvalidMessage("schema", f"forget: an erasure names its user_id alone, and this "
+                             f"message has {', '.join(sorted(named))} too ({not_an_event.detail})")
+    return erasure
+
+
+_EVENT_FIELDS = frozenset({"item_id", "kind", "ts"})
+
+
+def _top_level_names(raw: bytes) -> frozenset[str]:
+    """The field names of a JSON object (valid: pydantic has read it). The standard
+    library's parser, which reads numbers past float's range, as pydantic does."""
+    try:
+        fields = json.loads(raw)
+    except (ValueError, RecursionError):
+        return frozenset()
+    return frozenset(fields) if isinstance(fields, dict) else frozenset()
 
 
 def _names_forget(raw: bytes) -> bool:
-    """Whether a JSON object (valid: pydantic has read it) has a ``forget`` field. The
-    standard library's parser, which reads numbers past float's range, as pydantic does."""
-    try:
-        return "forget" in json.loads(raw)
-    except (ValueError, RecursionError):
-        return False
+    """Whether a JSON object (valid: pydantic has read it) has a ``forget`` field."""
+    return "forget" in _top_level_names(raw)
 
 
 def decode_request(raw: bytes | None, *, max_bytes: int, max_history: int) -> RecRequest:

@@ -522,5 +522,16 @@ def test_an_erasure_decodes_and_its_errors_name_its_own_fields():
         assert caught.value.reason == "schema" and caught.value.detail.startswith("forget")
     assert decode_event(encode(**good_event(forget=False)), kinds=KINDS,
                         max_bytes=4096).item_id == "i1"
+    # an event with forget one of whose fields is wrong: not an erasure either (it cannot be
+    # undone, and it was one when the event's fields failed to validate)
+    for wrong in ({"ts": -1}, {"ts": "1700000000"}, {"ts": None}, {"item_id": ""},
+                  {"item_id": 12}, {"kind": ""}):
+        with pytest.raises(InvalidMessage) as caught:
+            decode_event(encode(**good_event(forget=True, **wrong)), kinds=KINDS,
+                         max_bytes=4096)
+        assert caught.value.reason == "schema" and caught.value.detail.startswith("forget")
+    with pytest.raises(InvalidMessage) as caught:
+        decode_event(encode(user_id="u1", forget=True, ts=1.7e9), kinds=KINDS, max_bytes=4096)
+    assert "ts" in caught.value.detail
     assert decode_event(encode(**good_event(item_id="\u00e9\\u")), kinds=KINDS,
                         max_bytes=4096).item_id == "\u00e9\\u"
