@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 #: longest the first answers of a worker wait for the withdrawn items to be read to the
 #: topic's end; past it they are answered, and the wait is logged
 CATCH_UP_WAIT_S = 30.0
+#: during the first read of the topic, the set of more than ``QUIET_COPY_ITEMS`` withdrawn
+#: items is handed on at most every ``CATCH_UP_COPY_S``, and once read to the end: a copy per
+#: fetch of a thousand records made a million withdrawals a read of quadratic time, which
+#: held the loop hundreds of milliseconds a fetch and had not caught up after 30 s
+QUIET_COPY_ITEMS = 10_000
+CATCH_UP_COPY_S = 1.0
 
 
 class Withdrawals:
@@ -42,7 +49,10 @@ class Withdrawals:
                  on_change: Callable[[frozenset[str]], None] = lambda items: None,
                  on_skip: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
-        self.items: frozenset[str] = frozenset()
+        self.items: frozenset[str] = frozenset()  # as last handed on
+        self._items: set[str] = set()  # as read
+        self._changed = False  # since it was handed on
+        self._handed_at = -math.inf  # monotonic
         self.skipped = 0  # records that are not a withdrawal
         self._on_change, self._on_skip = on_change, on_skip
         self._next: dict[int, int] = {}  # partition: the offset a new consumer starts from
@@ -63,18 +73,29 @@ class Withdrawals:
         return True
 
     def take(self, records: Iterable[Any]) -> None:
-        """Records (``key``, ``value``) in topic order: each item's last record decides."""
-        items = set(self.items)
+        """Records (``key``, ``value``) in topic order: each item's last record decides. The
+        set is handed on (``items``, ``on_change``) when it changed, but for the pauses of a
+        long first read (:data:`QUIET_COPY_ITEMS`)."""
         for record in records:
             change = self._change_of(record)
-            if change is not None:
+            if change is not None and (change[0] in self._items) != change[1]:
                 item, withdrawn = change
                 if withdrawn:
-                    items.add(item)
+                    self._items.add(item)
                 else:
-                    items.discard(item)
-        if items != self.items:
-            self.items = frozenset(items)
+                    self._items.discard(item)
+                self._changed = True
+        quiet = (not self.caught_up.is_set() and len(self._items) > QUIET_COPY_ITEMS
+                 and time.monotonic() - self._handed_at < CATCH_UP_COPY_S)
+        if not quiet:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Hand the set read on, if a record changed it since it was handed on last."""
+        changed, self._changed = self._changed, False
+        if changed and self._items != self.items:  # a withdrawal and its restoration: not
+            self.items = frozenset(self._items)
+            self._handed_at = time.monotonic()
             self._on_change(self.items)
 
     def _change_of(self, record: Any) -> tuple[str, bool] | None:
@@ -101,10 +122,14 @@ class Withdrawals:
         return None
 
     def _note_caught_up(self) -> None:
-        """Whether every partition is read to the end it had when the first reader started."""
+        """Whether every partition is read to the end it had when the first reader started:
+        its position, not its last record's offset (the last offset of a topic written in
+        transactions is a marker no consumer is handed, and a log that retention emptied
+        has none; it was never caught up, and each rebalance held answers 30 s)."""
         if self._catch_up is None or self.caught_up.is_set():
             return
         if all(self._next.get(partition, 0) >= end for partition, end in self._catch_up.items()):
+            self._hand_on()
             log.info("withdrawn items read: %d withdrawn", len(self.items))
             self.caught_up.set()
 
@@ -134,10 +159,11 @@ class Withdrawals:
                 # a thousand records a fetch: the first read of a long topic gives the loop
                 # a turn every few milliseconds
                 batches = await consumer.getmany(timeout_ms=1000, max_records=1000)
-                self.take(record for batch in batches.values() for record in batch)
-                for tp, batch in batches.items():
-                    if batch:
-                        self._next[tp.partition] = batch[-1].offset + 1
+                records = [record for batch in batches.values() for record in batch]
+                if records:  # none: nothing to compare, a fetch costs no pass over the set
+                    self.take(records)
+                for tp in consumer.assignment():
+                    self._next[tp.partition] = await consumer.position(tp)
                 if guard is not None:
                     check_aiokafka(guard, consumer, time.monotonic())
         finally:

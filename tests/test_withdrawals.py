@@ -63,8 +63,12 @@ class FakeConsumer:
     """aiokafka's consumer as the reader uses it, over a topic of ``records`` on one
     partition, fetched ``per_fetch`` at a time; ``fetched`` counts the fetches."""
 
-    def __init__(self, records: list, per_fetch: int) -> None:
-        self.records, self.per_fetch, self.position, self.fetched = records, per_fetch, 0, 0
+    def __init__(self, records: list, per_fetch: int, *, end: int | None = None,
+                 first: int = 0) -> None:
+        """``end``: the topic's end offset when it is not its last record's (a transaction's
+        marker after it); ``first``: its first offset (retention removed those before)."""
+        self.records, self.per_fetch, self.at, self.fetched = records, per_fetch, first, 0
+        self.end, self.first = end, first
         self._client = SimpleNamespace(fetch_all_metadata=self._metadata)
 
     async def _metadata(self):
@@ -77,18 +81,27 @@ class FakeConsumer:
     def assign(self, partitions) -> None:
         self.partitions = partitions
 
+    def assignment(self) -> set:
+        return set(self.partitions)
+
+    async def position(self, tp) -> int:
+        return self.at
+
     async def seek_to_beginning(self, tp) -> None:
-        self.position = 0
+        self.at = self.first
 
     async def end_offsets(self, partitions) -> dict:
-        return {tp: len(self.records) for tp in partitions}
+        return {tp: self.end or len(self.records) for tp in partitions}
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict:
         import asyncio
 
         self.fetched += 1
-        batch = self.records[self.position:self.position + min(self.per_fetch, max_records)]
-        self.position += len(batch)
+        start = self.at - self.first
+        batch = self.records[start:start + min(self.per_fetch, max_records)]
+        self.at += len(batch)
+        if self.end is not None and self.at - self.first >= len(self.records):
+            self.at = max(self.at, self.end)  # past a marker no consumer is handed
         await asyncio.sleep(0 if batch else 0.01)
         return {self.partitions[0]: batch} if batch else {}
 
@@ -111,7 +124,7 @@ def test_the_reader_is_caught_up_once_it_has_read_to_the_end_it_saw_at_its_start
     async def run() -> None:
         reading = asyncio.ensure_future(withdrawals.read())
         assert await withdrawals.wait_caught_up(5.0)
-        seen_when_caught_up.extend([consumer.position, "last" in withdrawals.items])
+        seen_when_caught_up.extend([consumer.at, "last" in withdrawals.items])
         consumer.records.append(record("later", True, offset=2501))
         for _ in range(100):
             await asyncio.sleep(0.01)
@@ -122,3 +135,69 @@ def test_the_reader_is_caught_up_once_it_has_read_to_the_end_it_saw_at_its_start
     asyncio.run(run())
     assert seen_when_caught_up == [2501, True] and consumer.fetched >= 7
     assert "later" in withdrawals.items and len(withdrawals.items) == 1250 + 2
+
+
+def caught_up_within(withdrawals: Withdrawals, seconds: float) -> bool:
+    import asyncio
+
+    async def run() -> bool:
+        reading = asyncio.ensure_future(withdrawals.read())
+        try:
+            return await withdrawals.wait_caught_up(seconds)
+        finally:
+            reading.cancel()
+
+    return asyncio.run(run())
+
+
+def test_the_reader_is_caught_up_where_the_topic_ends_past_its_last_record(tmp_path,
+                                                                         monkeypatch):
+    """Read to the end by its position: a topic written in transactions ends with a marker
+    that no consumer is handed, and one that retention emptied has no record left; either
+    was never caught up by its last record's offset, and each rebalance held answers 30 s."""
+    import aiokafka
+
+    settings = Settings(data_dir=tmp_path, embedded_compat=False)
+    records = [record(f"x{n}", True, offset=n) for n in range(5)]
+    marked = FakeConsumer(records, per_fetch=2, end=6)
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", lambda **options: marked)
+    withdrawals = Withdrawals(settings)
+    assert caught_up_within(withdrawals, 5.0) and len(withdrawals.items) == 5
+    emptied = FakeConsumer([], per_fetch=2, end=7, first=7)
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", lambda **options: emptied)
+    assert caught_up_within(Withdrawals(settings), 5.0)
+
+
+def test_a_long_first_read_hands_the_set_on_in_pauses_and_whole_at_its_end(tmp_path,
+                                                                           monkeypatch):
+    """A copy of the set per fetch made a first read of a million withdrawals quadratic:
+    past ``QUIET_COPY_ITEMS`` it is handed on at most every ``CATCH_UP_COPY_S`` until the
+    topic is read to its end, then whole; afterwards every change is handed on."""
+    import asyncio
+
+    import aiokafka
+
+    from stream_app import withdrawals as module
+
+    monkeypatch.setattr(module, "QUIET_COPY_ITEMS", 10)
+    monkeypatch.setattr(module, "CATCH_UP_COPY_S", 60.0)
+    records = [record(f"x{n}", n % 3 != 0, offset=n) for n in range(3000)]
+    consumer = FakeConsumer(records, per_fetch=100)
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", lambda **options: consumer)
+    handed = []
+    withdrawals = Withdrawals(Settings(data_dir=tmp_path, embedded_compat=False),
+                              handed.append)
+
+    async def run() -> None:
+        reading = asyncio.ensure_future(withdrawals.read())
+        assert await withdrawals.wait_caught_up(5.0)
+        consumer.records.append(record("x0", True, offset=3000))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if "x0" in withdrawals.items:
+                break
+        reading.cancel()
+
+    asyncio.run(run())
+    expected = frozenset(f"x{n}" for n in range(3000) if n % 3 != 0)
+    assert len(handed) == 3 and handed[1] == expected and handed[2] == expected | {"x0"}
