@@ -37,7 +37,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-import itertools
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -237,15 +236,15 @@ class BatchedTable:
 
     async def delete_where(self, doomed: Mapping[int, Callable[[bytes], bool]],
                            between: Callable[[], Awaitable[bool]],
-                           turn_every: int = 256,
+                           turn_every: int = 256, turn_bytes: int = 1 << 20,
                            deleted: Callable[[int], None] = lambda count: None) -> int:
         """Delete every key of the partitions in ``doomed`` that this worker has active
         whose stored bytes the partition's ``doomed`` picks, and queue its tombstone;
         returns how many, and tells ``deleted`` each chunk's count in the step that deletes
         it (a count of the keys taken in a turn of the loop sees the store and the count
-        agree). Reads ``turn_every`` records at a time (a million histories take seconds;
-        256 of 50 events hold the loop about 4 ms, 1,024 about 18:
-        benchmarks/history_sweep.py) and awaits ``between()`` after each chunk: the caller's
+        agree). Reads ``turn_every`` records at a time, fewer where they pass ``turn_bytes``
+        (a million histories take seconds; 256 of 50 events hold the loop about 4 ms, 1,024
+        about 18: benchmarks/history_sweep.py; 256 of 10,000 events held it over a second) and awaits ``between()`` after each chunk: the caller's
         turn, to flush the tombstones before anything else is written (a key's records must
         reach its changelog partition while this worker holds it, in the order they were
         made), and to say whether to go on (False: stop, a rebalance has begun). A chunk is
@@ -261,7 +260,8 @@ class BatchedTable:
         for partition in self._active_partitions():
             after: bytes | None = None
             while partition in doomed and partition in self._active_partitions():
-                records = self._records_after(store._dbs[partition], after, turn_every)
+                records, more = self._records_after(store._dbs[partition], after, turn_every,
+                                                    turn_bytes)
                 chosen = [key for key, value in records
                           if key != store.offset_key and doomed[partition](value)]
                 self._delete_keys(partition, chosen)
@@ -269,18 +269,27 @@ class BatchedTable:
                 total += len(chosen)
                 if not await between():
                     return total
-                if len(records) < turn_every:
+                if not more:
                     break
                 after = records[-1][0]
                 await asyncio.sleep(0)  # a turn of the loop, also when nothing was deleted
         return total
 
     @staticmethod
-    def _records_after(database, after: bytes | None, count: int) -> list[tuple[bytes, bytes]]:
+    def _records_after(database, after: bytes | None, count: int, max_bytes: int
+                       ) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The first ``count`` records of ``database`` past the key ``after`` (from the first
-        where None), which may have been deleted since."""
-        records = itertools.islice(database.items(from_key=after), count + 1)
-        return [record for record in records if record[0] != after][:count]
+        where None, which may have been deleted since), fewer where their values pass
+        ``max_bytes`` (at least one); and whether more follow."""
+        records, size = [], 0
+        for key, value in database.items(from_key=after):
+            if key == after:
+                continue
+            if len(records) == count or (records and size >= max_bytes):
+                return records, True
+            records.append((key, value))
+            size += len(value)
+        return records, False
 
     def _active_partitions(self) -> list[int]:
         """The partitions of the table whose store is open here as an active (not a standby)."""

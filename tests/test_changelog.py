@@ -756,3 +756,23 @@ def test_a_sweep_stops_when_its_caller_says_so_or_the_partition_is_revoked(tmp_p
     assert sweep([True, True, False], None) == 300  # three chunks, then told to stop
     assert sweep([True], 2) == 200  # revoked after two chunks
     assert sweep([True], None) == 1200
+
+
+def test_a_sweeps_chunk_ends_where_its_histories_pass_its_bytes(tmp_path):
+    """A chunk of ``turn_every`` histories of 10,000 events each held the loop over a
+    second: it also ends once the values read pass ``turn_bytes``."""
+    batched = BatchedTable(rocksdb_table(tmp_path))
+    batched.set_many((f"u{u}", {"ts": [0], "items": ["x" * 1000]}, event_on(0))
+                     for u in range(100))
+    batched._pending.clear()
+    batched._active_partitions = lambda: [0]
+    chunks = []
+
+    async def between() -> bool:
+        return True
+
+    deleted = asyncio.run(batched.delete_where({0: lambda stored: True}, between,
+                                               turn_every=100, turn_bytes=10_000,
+                                               deleted=chunks.append))
+    assert deleted == 100 and sum(chunks) == 100
+    assert len(chunks) >= 9 and max(chunks) <= 10
