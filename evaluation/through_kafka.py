@@ -53,7 +53,7 @@ from stream_app.client import RecClient, replay
 from stream_app.processes import Child, free_port, worker_argv
 from stream_app.settings import Settings
 from stream_app.supervisor import System, scrape, settings_env
-from stream_app.wire import RecRequest
+from stream_app.wire import RecRequest, RecResponse
 
 from .data import Dataset, Events
 from .streaming import newest_in_time_order
@@ -155,6 +155,9 @@ def wait_index_rebuilt(read: Callable[[], list[dict[str, float]]], settings: Set
     A worker whose serving version was built before the change has items changed since its
     snapshot, which makes a rebuild due; one that swaps in none within
     :func:`rebuild_window` of the change raises :class:`TimeoutError`."""
+    def window(reading: IndexReading) -> float:
+        return rebuild_window(settings, reading.build_s, slack_s)
+
     earlier: list[IndexReading | None] = []
     while True:
         gauges = read()
@@ -162,15 +165,13 @@ def wait_index_rebuilt(read: Callable[[], list[dict[str, float]]], settings: Set
         readings = [IndexReading.of(worker, now) for worker in gauges]
         earlier = earlier or [None] * len(readings)
         waiting = [n for n, reading in enumerate(readings)
-                   if not answers_exactly(settings, gauges[n]) and not holds_change(
-                       reading, earlier[n], change,
-                       rebuild_window(settings, reading.build_s, slack_s), now)]
+                   if not answers_exactly(settings, gauges[n])
+                   and not holds_change(reading, earlier[n], change, window(reading), now)]
         if not waiting:
             return [0 if answers_exactly(settings, worker) else reading.version
                     for worker, reading in zip(gauges, readings)]
         for n in waiting:
-            _check_rebuilt_in_time(n, readings[n], change,
-                                   rebuild_window(settings, readings[n].build_s, slack_s), now)
+            _check_rebuilt_in_time(n, readings[n], change, window(readings[n]), now)
         earlier = readings
         sleep(poll_s)
 
@@ -326,7 +327,8 @@ class KafkaStreaming:
     def _wait_shared(self) -> None:
         """Until every worker holds the same items and no count of the sharing has moved for
         three publish intervals (the last rows published and installed everywhere, the last
-        offset steps added by their owners and published in turn)."""
+        offset steps added by their owners and published in turn). Rows installed move the
+        model too: its last change is then between the scrapes that saw the counts last move."""
         names = ("streamrec_model_items", "streamrec_item_rows_published",
                  "streamrec_item_rows_installed", "streamrec_item_steps_sent",
                  "streamrec_item_steps_added")
@@ -356,7 +358,8 @@ class KafkaStreaming:
         """The serving pair the worker answered with, read from its metrics as an operator
         reads them (``streamrec_serving_*``): the in-process row reports its own pick, and
         the two rows can differ by the pick alone. Also how many examples it was chosen on,
-        how often it moved and the lead of the best other pair, in standard errors."""
+        how often it moved and the lead of the best other pair, in standard errors, and what
+        the answers came from (:meth:`_answers_made`)."""
         metrics = scrape(self.settings)
 
         def gauge(key: str) -> float:
@@ -379,9 +382,10 @@ class KafkaStreaming:
         return chosen
 
     def _answers_made(self) -> dict:
-        """What the answers came from: the index version each worker served as the first
-        ranking began (0: exact search), the versions the answers name, and the rows short of
-        k though the worker had learned more items they could name (counted as misses)."""
+        """What the answers came from: the index version the worker served as the first
+        ranking began (0: exact search; the first worker's, when several), the versions the
+        answers name, and the rows of both folds that came back short of k though the worker
+        had learned more items they could name (counted as misses)."""
         return {"index_version": self.index_versions[0] if self.index_versions else None,
                 "answered_from_index_versions": sorted(self.answered_from),
                 "short_rows": self.short_rows}
@@ -480,7 +484,7 @@ class KafkaStreaming:
         fits = int(np.searchsorted(ends, room, side="right"))
         return min(fits, self.settings.max_request_history)
 
-    def _picked(self, response, excluded: set[int], k: int) -> list[int]:
+    def _picked(self, response: RecResponse, excluded: set[int], k: int) -> list[int]:
         """The answer's first ``k`` catalogue indices, none of ``excluded``."""
         return [index for index in (self.item_index.get(item.item_id, -1)
                                     for item in response.items)
@@ -494,9 +498,9 @@ class KafkaStreaming:
         if not short:
             return
         self.short_rows += short
-        log.warning("%d of %d answers came back with fewer than %d items though the worker "
-                    "learned more they could name (histories longer than a request holds); "
-                    "they count as misses (short_rows in the record)", short, rows, k)
+        log.warning("%d of %d answers held fewer than %d items though the worker learned "
+                    "more that they could name; they count as misses (short_rows in the record)",
+                    short, rows, k)
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
