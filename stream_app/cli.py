@@ -164,13 +164,14 @@ def cmd_up(settings: Settings, args) -> int:
     from .supervisor import System, dump_stacks_on_request, stop_signals_exit, wait_for_signal
 
     dump_stacks_on_request()
-    with stop_signals_exit():
+    with stop_signals_exit() as stopping:
         system = System(settings)
         try:
             system.start()
             print(system.describe(), "\nCtrl-C stops everything.", flush=True)
             status = wait_for_signal(system)
         finally:
+            stopping()
             system.stop()
     print("streamrec stopped" if status == 0 else "streamrec stopped: the worker or the broker "
           f"exited; their logs are in {system.logs}", flush=True)
@@ -267,7 +268,7 @@ def cmd_demo(settings: Settings, args) -> int:
     log = load(path, args.format)
     total = min(len(log), args.limit or len(log))
     dump_stacks_on_request()
-    with stop_signals_exit():
+    with stop_signals_exit() as stopping:
         system = System(settings)
         try:
             system.start()
@@ -283,6 +284,7 @@ def cmd_demo(settings: Settings, args) -> int:
                       f"{log.users[0]}`. Ctrl-C stops everything.", flush=True)
                 return wait_for_signal(system)
         finally:
+            stopping()
             system.stop()
     return 0
 

@@ -93,8 +93,9 @@ class Child:
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM, wait up to ``timeout_s``, then SIGKILL. Returns the exit code.
 
-        A KeyboardInterrupt while waiting (a second Ctrl-C) kills the process at once and is
-        raised again: an impatient user never leaves a process behind."""
+        A KeyboardInterrupt while waiting (a second Ctrl-C), or a SystemExit (a stop signal
+        turned into one), kills the process at once and is raised again: an impatient user
+        never leaves a process behind."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -104,7 +105,7 @@ class Child:
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
                 self.kill()
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, SystemExit):
                 self.kill()
                 raise
         if self._output is not None:

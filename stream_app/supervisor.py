@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -150,7 +151,7 @@ def dump_stacks_on_request(signum: int = signal.SIGUSR1) -> None:
 
 
 @contextlib.contextmanager
-def stop_signals_exit():
+def stop_signals_exit() -> Iterator[Callable[[], None]]:
     """SIGTERM and SIGHUP raise ``SystemExit(128 + N)`` in the block, as Ctrl-C raises
     KeyboardInterrupt: `up` and `demo` run their ``finally`` (the worker's stop, then the
     broker's) whenever the signal comes. With the default action, a service manager's stop
@@ -160,18 +161,23 @@ def stop_signals_exit():
     takes SIGTERM over while it waits (a stop asked for then is a clean exit); the previous
     handlers are back once the block ends. A signal that is ignored stays so (``nohup``'s
     SIGHUP: the terminal's close must not stop the system)."""
-    raised: list[int] = []
+    raised: list[int] = []  # a signal, or 0 once the stop has begun (``stopping()``)
 
     def leave(signum: int, _frame) -> None:  # no logging: it may hold the stream's lock
         if not raised:
             raised.append(signum)
             raise SystemExit(128 + signum)
 
+    def stopping() -> None:
+        """The stop begins: the signals that follow are let go (a first one taken by
+        :func:`wait_for_signal`, or a Ctrl-C, left this handler armed for the stop)."""
+        raised.append(0)
+
     defaults = [sig for sig in (signal.SIGTERM, signal.SIGHUP)
                 if signal.getsignal(sig) == signal.SIG_DFL]
     previous = {sig: signal.signal(sig, leave) for sig in defaults}
     try:
-        yield
+        yield stopping
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

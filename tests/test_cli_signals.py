@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,64 @@ def test_the_demo_waits_for_its_events_while_the_worker_takes_them_in(monkeypatc
                         lambda settings: {"streamrec_events_total": next(stalled)})
     with pytest.raises(TimeoutError, match="took 100 of 500 events, and none in the last 5 s"):
         supervisor.wait_ingested(Settings(), 500, timeout_s=5.0)
+
+
+#: `up` with a system that starts at once; SIGTERM comes while it waits (taken by its wait),
+#: and a SIGHUP during the stop
+SIGNALLED_WHILE_UP = """
+import os, signal, threading, time
+from stream_app import supervisor
+from stream_app.cli import main
+
+
+class UpSystem:
+    def __init__(self, settings) -> None:
+        self.logs = settings.data_dir / "logs"
+
+    def start(self) -> None:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    def describe(self) -> str:
+        return "up"
+
+    def stop(self) -> None:
+        os.kill(os.getpid(), signal.SIGHUP)  # a closed terminal while it stops
+        time.sleep(0.1)
+        print("stopped", flush=True)
+
+
+supervisor.System = UpSystem
+supervisor.dead_child = lambda system: None
+print("status", main(["up"]), flush=True)
+"""
+
+
+def test_a_signal_during_the_stop_that_a_first_one_began_does_not_cut_it_short(tmp_path):
+    """The first SIGTERM is taken by the wait (a clean stop), which gives the handler that
+    raises back for the stop: a SIGHUP then raised out of the stop, and the worker was
+    neither waited for nor killed while the broker stopped under it."""
+    result = python_c(SIGNALLED_WHILE_UP, data_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-3:] == ["stopped", "status", "0"]
+
+
+def test_a_child_stopped_by_an_impatient_signal_is_killed_not_left(tmp_path, monkeypatch):
+    """A stop signal turned into SystemExit while a child stops kills the child's group, as a
+    second Ctrl-C does: raised past the wait, it left the worker running."""
+    from stream_app.processes import Child
+
+    slow_to_stop = ("import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); "
+                    "print('ready', flush=True); time.sleep(60)")
+    child = Child("worker", [sys.executable, "-c", slow_to_stop],
+                  log_path=tmp_path / "worker.log").start()
+    while "ready" not in (tmp_path / "worker.log").read_text():  # its SIGTERM handler is set
+        time.sleep(0.05)
+
+    def interrupted(timeout=None):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(child.process, "wait", interrupted)
+    with pytest.raises(SystemExit):
+        child.stop(5.0)
+    monkeypatch.undo()
+    assert child.process.wait(10) is not None and not child.alive()
