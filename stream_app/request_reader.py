@@ -28,9 +28,10 @@ Faust's consumer read it.
 
 A poll shares its requests among the partitions with some buffered
 (:func:`~stream_app.fair_fetch.fair_records`), so a flood on one partition does not hold the
-others' answers. The periodic commit runs beside the answering, and every commit or lookup of
-the group's offsets waits for the coordinator at most ``COORDINATOR_WAIT_S``: a refused or
-timed-out commit goes with the next. A partition with ``MAX_UNSETTLED`` answers waiting behind
+others' answers. The periodic commit runs beside the answering; a change of partitions waits
+for the coordinator (its commit, and the lookups of the committed offsets) ``COORDINATOR_WAIT_S``
+in all: a refused or timed-out commit goes with the next, a lookup that did not end starts a new
+consumer. A partition with ``MAX_UNSETTLED`` answers waiting behind
 one the broker has not settled is paused until they settle.
 """
 
@@ -63,6 +64,16 @@ COORDINATOR_WAIT_S = 5.0
 #: broker neither took it nor refused it): past it the partition is paused until they settle,
 #: instead of holding a task and an entry for every request a refusing broker leaves behind
 MAX_UNSETTLED = 1000
+
+
+def _left(deadline: float) -> float:
+    """Seconds from now to ``deadline`` (monotonic), none below 0."""
+    return max(deadline - time.monotonic(), 0.0)
+
+
+def _loop_time(deadline: float) -> float:
+    """``deadline`` (monotonic) on the running loop's clock."""
+    return asyncio.get_running_loop().time() + _left(deadline)
 
 
 async def keep_reading(read: Callable[[], Awaitable[None]], name: str,
@@ -213,7 +224,9 @@ class RequestReader:
         async with self._lock:
             if wanted == self._partitions:
                 return
-            await self._commit()  # none between two consumers: the next commits what stays
+            # none between two consumers: the next commits what stays. The coordinator's waits
+            # of the commit and the assign share one deadline, inside Faust's rebalance
+            deadline = await self._commit()
             for tp in [tp for tp in self._unsettled if tp.partition not in wanted]:
                 del self._unsettled[tp]  # answers not settled in time: the next reader's
             # a commit naming a partition the consumer no longer holds is refused whole
@@ -223,7 +236,7 @@ class RequestReader:
             self._handed = {p: offset for p, offset in self._handed.items() if p in wanted}
             try:
                 if self._consumer is not None:
-                    await self._assign()
+                    await self._assign(deadline)
             except Exception:  # noqa: BLE001 - raised here, it would stop the rebalance
                 log.exception("could not assign the request partitions %s; the reader "
                               "starts a new consumer", sorted(wanted))
@@ -232,11 +245,17 @@ class RequestReader:
                 self._generation += 1
         log.info("reading requests of partitions %s", sorted(wanted))
 
-    async def _assign(self) -> None:
+    async def _assign(self, deadline: float | None = None) -> None:
+        """Assign the partitions followed, each from where it should be read; the lookups of
+        the group's offsets wait for the coordinator until ``deadline`` (monotonic; None:
+        ``COORDINATOR_WAIT_S`` from now), then raise TimeoutError (a new consumer tries
+        again)."""
         from aiokafka import TopicPartition
 
+        if deadline is None:
+            deadline = time.monotonic() + COORDINATOR_WAIT_S
         partitions = [TopicPartition(self.topic, p) for p in sorted(self._partitions)]
-        starts = await self._where_the_app_left_off(partitions)
+        starts = await self._where_the_app_left_off(partitions, deadline)
         # no await from here to the seeks: a fetch in between would read from the oldest
         # request, and a getmany waiting meanwhile would hand those requests to be answered
         self._consumer.assign(partitions)
@@ -247,23 +266,26 @@ class RequestReader:
             if tp.partition in self._handed:  # an answer in flight holds back): no repeats
                 self._consumer.seek(tp, self._handed[tp.partition])
 
-    async def _where_the_app_left_off(self, partitions: list) -> dict:
+    async def _where_the_app_left_off(self, partitions: list, deadline: float) -> dict:
         """Where to start each partition this reader's group never committed: where the app's
         own group committed it, if it did. A Faust agent of the app read requests until this
         reader replaced it, and an upgraded worker goes on from there instead of answering
         every retained request again. Others (a new app, or that lookup failing) start at the
-        oldest request."""
+        oldest request. A lookup still waiting at ``deadline`` raises TimeoutError."""
         from aiokafka.admin import AIOKafkaAdminClient
 
         fresh = [tp for tp in partitions if await asyncio.wait_for(
-            self._consumer.committed(tp), COORDINATOR_WAIT_S) is None]
+            self._consumer.committed(tp), _left(deadline)) is None]
         if not fresh:
             return {}
         admin = AIOKafkaAdminClient(client_id=self.group_id, **aiokafka_config(self.settings))
         try:
-            await admin.start()
-            offsets = await admin.list_consumer_group_offsets(self.settings.app_id,
-                                                              partitions=fresh)
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                await admin.start()
+                offsets = await admin.list_consumer_group_offsets(self.settings.app_id,
+                                                                  partitions=fresh)
+        except TimeoutError:
+            raise  # not "from the oldest": every retained request would be answered again
         except Exception:  # noqa: BLE001 - see the docstring
             log.warning("could not read the app's request offsets; reading %s from the oldest",
                         fresh, exc_info=True)
@@ -317,44 +339,52 @@ class RequestReader:
         if futures:
             await asyncio.wait(futures, timeout=timeout_s)
 
-    async def _commit(self, due_only: bool = False) -> None:
+    async def _commit(self, due_only: bool = False) -> float | None:
         """Commit the offsets after the requests answered and settled (all, after a wait of
         at most ``SETTLE_WAIT_S`` for the answers in flight; or only when the last commit is
         ``commit_every_s`` old, with no wait, beside the answering: a coordinator out of reach
-        must not stop it). A commit waits first for the periodic one under way, so that
-        commits land in order."""
+        must not stop it). A full commit first ends the periodic one under way (waited for,
+        then cancelled), so that commits land in order, and waits for the coordinator
+        ``COORDINATOR_WAIT_S`` in all; it returns that deadline (monotonic), for the
+        coordinator's waits that follow it."""
         now = time.monotonic()
         if self._consumer is None or (
                 due_only and now - self._committed_at < self._commit_every_s):
-            return
+            return None
         if due_only and self._committing is not None and not self._committing.done():
-            return
+            return None
         if not due_only:
             await self._settle(SETTLE_WAIT_S)
-        if self._committing is not None:
-            await asyncio.wait([self._committing])  # bounded by COORDINATOR_WAIT_S
+        deadline = time.monotonic() + COORDINATOR_WAIT_S
+        if self._committing is not None and not self._committing.done():
+            await asyncio.wait([self._committing], timeout=_left(deadline))
+            self._committing.cancel()  # its offsets go with this commit
+            await asyncio.wait([self._committing])
         self._advance()
         if not self._next:
-            return
+            return deadline
         offsets, self._next = self._next, {}
         self._committed_at = now
-        sending = self._send_commit(self._consumer, offsets)
+        sending = self._send_commit(self._consumer, offsets, deadline)
         if due_only:
             self._committing = asyncio.ensure_future(sending)
         else:
             await sending
+        return deadline
 
-    async def _send_commit(self, consumer: Any, offsets: dict) -> None:
-        """Commit ``offsets``, waiting at most ``COORDINATOR_WAIT_S``. A commit that failed
-        is logged, and its offsets go with the next one (a partition with no request after
-        them would otherwise keep its old commit, and its requests would be answered again
-        at the next rebalance)."""
+    async def _send_commit(self, consumer: Any, offsets: dict, deadline: float) -> None:
+        """Commit ``offsets``, waiting until ``deadline`` at most. A commit that failed (or
+        was cancelled) is logged, and its offsets go with the next one (a partition with no
+        request after them would otherwise keep its old commit, and its requests would be
+        answered again at the next rebalance)."""
         try:
-            await asyncio.wait_for(consumer.commit(offsets), COORDINATOR_WAIT_S)
-        except Exception:  # noqa: BLE001 - see the docstring
-            log.warning("could not commit request offsets %s", offsets, exc_info=True)
+            await asyncio.wait_for(consumer.commit(offsets), _left(deadline))
+        except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - see above
+            log.warning("could not commit request offsets %s: %r", offsets, error)
             for tp, offset in offsets.items():
                 self._next[tp] = max(offset, self._next.get(tp, offset))
+            if isinstance(error, asyncio.CancelledError):
+                raise
 
     def _guard_fetch_wait(self) -> None:
         """Fix 3 of :mod:`stream_app.compat` (embedded broker only): raise the fetch wait while
