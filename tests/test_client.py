@@ -345,3 +345,22 @@ def test_a_window_longer_than_the_keep_of_a_send_keeps_the_answers_that_came_ear
     window = [RecRequest(request_id=f"r{n}", history=["a"]) for n in range(3)]
     answers = client.ask_many(window, timeout_s=late + 200)
     assert sorted(answers) == ["r0", "r1", "r2"] and not client._awaited
+
+
+def test_the_clients_producers_keep_a_users_order_and_a_timeout_bounds_their_sends(
+        monkeypatch):
+    """One request in flight per connection: with several, a batch retried after a leader's
+    change could land after a later one, and a user's events reached the worker out of order.
+    A client with a connect timeout waits no longer for a topic's metadata at a send (60 s by
+    default)."""
+    import kafka
+
+    from stream_app.client import producer
+
+    made = []
+    monkeypatch.setattr(kafka, "KafkaProducer", lambda **options: made.append(options))
+    producer(Settings())
+    assert made[-1]["max_in_flight_requests_per_connection"] == 1
+    with pytest.raises(Exception):  # noqa: B017 - stops at the consumer, the producer made
+        RecClient(Settings(broker="127.0.0.1:1"), connect_timeout_s=2.5)
+    assert made[-1]["max_block_ms"] == 2500
