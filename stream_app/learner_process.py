@@ -196,6 +196,17 @@ class LearnerProcess:
         else:
             self._writer.write(data)
 
+    def _write_held(self) -> None:
+        """The frames held for an :meth:`attach` that never came (a stop during the first
+        recovery), written now, blocking: the child reads its input to the end (a forget of
+        partitions lost must precede its last checkpoint)."""
+        held, self._before_attach = self._before_attach, []
+        with contextlib.suppress(OSError):  # a child gone: what it had not saved is gone too
+            for data in held:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._to_child.fileno(), view):]
+
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Close the child's input: it checkpoints and exits. Waits for it, taking (and
         dropping) its last reports so that it never blocks on a full pipe; True when it
@@ -205,6 +216,7 @@ class LearnerProcess:
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(ValueError, OSError, RuntimeError):
                 self._loop.remove_reader(self._from_child.fileno())
+        self._write_held()
         self._to_child.close()  # a frame cut short reads as the end too
         deadline = time.monotonic() + timeout_s
         with contextlib.suppress(EOFError, OSError):

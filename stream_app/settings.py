@@ -119,7 +119,8 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Consumer group session timeout; joins wait about half of it."
     )
     fetch_max_wait_ms: int | None = Field(
-        None, ge=1, description="Worker fetch wait. Default: 10 on the embedded broker, else 1500."
+        None, ge=1, le=int(MAX_WAIT_S * 1000),
+        description="Worker fetch wait. Default: 10 on the embedded broker, else 1500."
     )
 
     # -- events and requests ---------------------------------------------------------------------

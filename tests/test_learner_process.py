@@ -1347,3 +1347,18 @@ def test_an_interrupted_learner_start_leaves_no_child_behind(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         learner.start()
     assert not learner._process.is_alive()
+
+
+def test_what_is_held_for_a_learner_never_attached_reaches_it_at_its_stop(tmp_path):
+    """A worker stopped during its first recovery (before its tasks attach the learner)
+    writes what it held for the learner at the stop, in order: the checkpoint it asked for
+    holds the rows it was handed before."""
+    settings = settings_for(tmp_path)
+    records = [(f"r{n}".encode(), encode_item_row(np.full(17, n / 1e4), np.zeros(16)))
+               for n in range(40)]
+    learner = LearnerProcess(settings).start()
+    learner.install_rows(records)
+    learner.request_save()  # held too, and written behind the rows
+    assert learner.stop()
+    engine = Engine(settings)
+    assert engine.load() and len(engine.learner) == len(records)
