@@ -6,7 +6,17 @@ Formats (the three of the shared datasets, plus our own wire format):
   ``click`` events (a strong positive), lower ratings ``view`` events.
 - ``sequences``: one line per user, ``user item item ...`` in time order, no timestamps.
 - ``pairs``: one line per interaction, ``user item``, each user's lines in time order.
-- ``jsonl``: one wire-format event (JSON object) per line.
+- ``jsonl``: one wire-format event (JSON object) per line, validated as a worker validates
+  it, except that any kind passes (a worker takes the kinds it is configured for, and a
+  bootstrap leaves out the others, as a worker would). A line a worker would refuse is not
+  repaired: the file is refused, at its first such line. So is an erasure line
+  (``{"user_id": "u1", "forget": true}``): the log is sorted by time and an erasure has none,
+  so a replay could not place it among the user's events (send it with ``streamrec forget``).
+
+Every file is read as UTF-8 (a byte-order mark, as Excel writes one, is skipped). A malformed
+file is refused with a ValueError that names the file, the line and what is wrong with it. The
+format, when not given, is guessed by the suffix and then by the first lines, and a file that
+they do not tell for sure is refused rather than misread (see :func:`guess_format`).
 
 Every event gets an id (what makes a redelivery harmless): a JSONL event keeps its own; the
 others are named by the file's content and the event's place in its user's order, so the same
@@ -23,14 +33,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .wire import MAX_ID_CHARS
+from .wire import MAX_ID_CHARS, Event, ForgetUser, InvalidMessage, decode_event
 
 FORMATS = ("movielens", "sequences", "pairs", "jsonl")
 SYNTHETIC_EPOCH = 1_600_000_000.0
@@ -76,25 +86,60 @@ GUESS_LINES = 100
 
 def guess_format(path: Path) -> str:
     """By the suffix, else by the first lines: ``pairs`` when each has two columns (a
-    ``sequences`` file whose first user has one item reads as pairs by its first line)."""
+    ``sequences`` file whose first users have one item each reads as pairs: the same events),
+    ``sequences`` when their lengths vary. Anything else is refused with a ValueError that asks
+    for ``--format``: a file misread as sequences gave events of ratings and times as items
+    (MovieLens' ``u.data``), or no events at all, and its replay said it had succeeded."""
     if path.suffix == ".jsonl":
         return "jsonl"
     if path.suffix == ".csv":
         return "movielens"
-    with open(path) as handle:
-        widths = {len(line.split()) for _, line in zip(range(GUESS_LINES), handle)
-                  if line.strip()}
-    return "pairs" if widths == {2} else "sequences"
+    with open(path, encoding="utf-8-sig") as handle:
+        lines = [(number, line) for number, line in zip(range(1, GUESS_LINES + 1), handle)
+                 if line.strip()]
+    doubt = _doubt(lines)
+    if doubt:
+        raise ValueError(f"{path}: {doubt}; its format is not guessed: name it with "
+                         f"--format {'|'.join(FORMATS)}")
+    return "pairs" if {len(line.split()) for _, line in lines} == {2} else "sequences"
+
+
+def _doubt(lines: list[tuple[int, str]]) -> str | None:
+    """Why the first lines (number, text) may be neither pairs nor sequences, or None."""
+    if not lines:
+        return "it has no lines with data"
+    for number, line in lines:
+        if line.lstrip().startswith(("{", "[", '"')):
+            return f"line {number} starts as JSON does (events: --format jsonl)"
+        if "::" in line:
+            return f"line {number} has '::' (MovieLens' ratings.dat?)"
+        if "," in line:
+            return f"line {number} has ',' (a CSV file?)"
+    widths = {len(line.split()) for _, line in lines}
+    if widths == {1}:
+        return "no line has an item after its user"
+    if len(widths) == 1 and widths != {2}:
+        return (f"each of its first {len(lines)} lines has {widths.pop()} fields: a table "
+                "(user, item, rating, time, as MovieLens' u.data?) rather than sequences, "
+                "whose lengths vary")
+    return None
 
 
 def load(path: Path, fmt: str | None = None, *, seed: int = 0) -> InteractionLog:
-    """Load ``path`` (a file, or a dataset folder holding exactly one known file)."""
+    """Load ``path`` (a file, or a dataset folder holding exactly one known file); ValueError
+    for a malformed file, and for one whose format, guessed, gives no events."""
     path = _resolve(Path(path))
-    fmt = fmt or guess_format(path)
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    log = {"movielens": _movielens, "sequences": _sequences, "pairs": _pairs,
-           "jsonl": _jsonl}[fmt](path, seed)
+    try:
+        read_as = fmt or guess_format(path)
+        log = {"movielens": _movielens, "sequences": _sequences, "pairs": _pairs,
+               "jsonl": _jsonl}[read_as](path, seed)
+    except UnicodeDecodeError as error:  # a ValueError that would not name the file
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason})") from None
+    if fmt is None and not len(log):
+        raise ValueError(f"{path}: no events when read as {read_as} (guessed); name its "
+                         f"format with --format {'|'.join(FORMATS)}")
     log.source = content_tag(path)
     return log
 
@@ -116,31 +161,74 @@ def _resolve(path: Path) -> Path:
     raise FileNotFoundError(f"no known data file in {path}")
 
 
+MOVIELENS_COLUMNS = ("userId", "movieId", "rating", "timestamp")
+
+
 def _movielens(path: Path, seed: int) -> InteractionLog:
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    users = np.array([row["userId"] for row in rows], dtype=np.str_)
-    items = np.array([row["movieId"] for row in rows], dtype=np.str_)
-    ratings = np.array([float(row["rating"]) for row in rows])
-    ts = np.array([float(row["timestamp"]) for row in rows])
-    kinds = np.where(ratings >= 4.0, "click", "view")
-    by_time = np.lexsort((np.arange(len(ts)), ts))  # stable: file order breaks ties
-    return _with_order(users[by_time], items[by_time], kinds[by_time], ts[by_time])
+    users, items, ratings, ts = [], [], [], []
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        columns = _movielens_columns(path, header)
+        for row in reader:
+            if row:  # a blank line
+                user, item, rating, time = _movielens_row(path, reader.line_num, row, header,
+                                                          columns)
+                users.append(user)
+                items.append(item)
+                ratings.append(rating)
+                ts.append(time)
+    users_arr, items_arr = np.array(users, dtype=np.str_), np.array(items, dtype=np.str_)
+    ts_arr = np.array(ts, dtype=np.float64)
+    kinds = np.where(np.array(ratings) >= 4.0, "click", "view")
+    by_time = np.lexsort((np.arange(len(ts_arr)), ts_arr))  # stable: file order breaks ties
+    return _with_order(users_arr[by_time], items_arr[by_time], kinds[by_time], ts_arr[by_time])
+
+
+def _movielens_columns(path: Path, header: list[str]) -> list[int]:
+    """Where each of ``MOVIELENS_COLUMNS`` is in the header (any order, more columns allowed)."""
+    missing = [name for name in MOVIELENS_COLUMNS if name not in header]
+    if missing:
+        raise ValueError(f"{path}:1: a movielens file starts with the header "
+                         f"{','.join(MOVIELENS_COLUMNS)}; this one's lacks {', '.join(missing)} "
+                         f"(its first line: {','.join(header)[:100]!r})")
+    return [header.index(name) for name in MOVIELENS_COLUMNS]
+
+
+def _movielens_row(path: Path, number: int, row: list[str], header: list[str],
+                   columns: list[int]) -> tuple[str, str, float, float]:
+    """``(user, item, rating, ts)`` of a row; ValueError for one that a worker would refuse
+    the event of (an empty id, a time that is not a number of seconds) or that is cut short."""
+    if len(row) != len(header):
+        raise ValueError(f"{path}:{number}: {len(row)} fields, where the header has "
+                         f"{len(header)}")
+    user, item, rating, time = (row[column] for column in columns)
+    if not user or not item:
+        raise ValueError(f"{path}:{number}: an empty userId or movieId")
+    try:
+        numbers = float(rating), float(time)
+    except ValueError:
+        numbers = (math.nan, math.nan)
+    if not all(math.isfinite(value) for value in numbers) or numbers[1] < 0:
+        raise ValueError(f"{path}:{number}: rating {rating!r} and timestamp {time!r} are not "
+                         "both numbers (the timestamp in seconds, >= 0)")
+    return user, item, numbers[0], numbers[1]
 
 
 def _sequences(path: Path, seed: int) -> InteractionLog:
     users, items = [], []
-    with open(path) as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for line in handle:
-            user, *sequence = line.split()
-            users.extend([user] * len(sequence))
-            items.extend(sequence)
+            if line.strip():
+                user, *sequence = line.split()
+                users.extend([user] * len(sequence))
+                items.extend(sequence)
     return interleave(np.array(users, dtype=np.str_), np.array(items, dtype=np.str_), seed)
 
 
 def _pairs(path: Path, seed: int) -> InteractionLog:
     users, items = [], []
-    with open(path) as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 fields = line.split()
@@ -154,15 +242,15 @@ def _pairs(path: Path, seed: int) -> InteractionLog:
 
 def _jsonl(path: Path, seed: int) -> InteractionLog:
     users, items, kinds, ts, ids = [], [], [], [], []
-    with open(path) as handle:
-        for line in handle:
+    with open(path, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, 1):
             if line.strip():
-                event = json.loads(line)
-                users.append(event["user_id"])
-                items.append(event["item_id"])
-                kinds.append(event.get("kind", "view"))
-                ts.append(float(event["ts"]))
-                ids.append(event.get("event_id") or "")
+                event = _logged_event(path, number, line)
+                users.append(event.user_id)
+                items.append(event.item_id)
+                kinds.append(event.kind)
+                ts.append(event.ts)
+                ids.append(event.event_id or "")
     ts_arr = np.array(ts, dtype=np.float64)
     by_time = np.argsort(ts_arr, kind="stable")
     log = _with_order(np.array(users, dtype=np.str_)[by_time],
@@ -170,6 +258,34 @@ def _jsonl(path: Path, seed: int) -> InteractionLog:
                       np.array(kinds, dtype=np.str_)[by_time], ts_arr[by_time])
     log.event_ids = np.array(ids, dtype=object)[by_time]
     return log
+
+
+class _EveryKind(frozenset):
+    """The kinds a log's line may have: any. They are checked where they are used: a worker
+    takes the kinds it is configured for, a bootstrap leaves out the others."""
+
+    def __contains__(self, kind: object) -> bool:
+        return True
+
+
+EVERY_KIND = _EveryKind()
+
+
+def _logged_event(path: Path, number: int, line: str) -> Event:
+    """Line ``number`` of a JSONL log, read as a worker reads an event; ValueError for a line
+    the worker would refuse (repaired here, a null user_id was sent as "None"), and for an
+    erasure, which has no time to be sorted by among the user's events."""
+    raw = line.encode()
+    try:  # any size: what is sent is the event's fields alone
+        event = decode_event(raw, kinds=EVERY_KIND, max_bytes=len(raw))
+    except InvalidMessage as error:
+        raise ValueError(f"{path}:{number}: not an event a worker takes ({error})") from None
+    if isinstance(event, ForgetUser):
+        raise ValueError(f"{path}:{number}: an erasure of user {event.user_id!r}, which a "
+                         "replay of a log sorted by time cannot place among the user's events; "
+                         "leave it out of the file (and the user's events before it), and send "
+                         "it with `streamrec forget`")
+    return event
 
 
 def interleave(users: np.ndarray, items: np.ndarray, seed: int) -> InteractionLog:
