@@ -238,21 +238,20 @@ class BatchedTable:
                            between: Callable[[], Awaitable[bool]],
                            turn_every: int = 256, turn_bytes: int = 1 << 20,
                            deleted: Callable[[int], None] = lambda count: None) -> int:
-        """Delete every key of the partitions in ``doomed`` that this worker has active
-        whose stored bytes the partition's ``doomed`` picks, and queue its tombstone;
-        returns how many, and tells ``deleted`` each chunk's count in the step that deletes
-        it (a count of the keys taken in a turn of the loop sees the store and the count
-        agree). Reads ``turn_every`` records at a time, fewer where they pass ``turn_bytes``
-        (a million histories take seconds; 256 of 50 events hold the loop about 4 ms, 1,024
-        about 18: benchmarks/history_sweep.py; 256 of 10,000 events held it over a second) and awaits ``between()`` after each chunk: the caller's
-        turn, to flush the tombstones before anything else is written (a key's records must
-        reach its changelog partition while this worker holds it, in the order they were
-        made), and to say whether to go on (False: stop, a rebalance has begun). A chunk is
-        read and deleted with no turn between: an event taken in during a turn is stored
-        before the next chunk reads its user. The store's iterator is made again after each
-        turn, from the last key read, never held across one: a revocation may close the
-        partition meanwhile, and then its sweep stops. Nothing where the store is not
-        Faust's rocksdict store."""
+        """Delete every key of the partitions in ``doomed`` that this worker has active whose
+        stored bytes the partition's ``doomed`` picks, and queue its tombstone; returns how many,
+        and tells ``deleted`` each chunk's count in the step that deletes it (a count of the keys
+        taken in a turn of the loop sees the store and the count agree). Reads ``turn_every``
+        records at a time, fewer where they pass ``turn_bytes`` (a million histories take seconds;
+        256 of 50 events hold the loop about 4 ms, 1,024 about 18: benchmarks/history_sweep.py; 256
+        of 10,000 events held it over a second) and awaits ``between()`` after each chunk: the
+        caller's turn, to flush the tombstones before anything else is written (a key's records
+        must reach its changelog partition while this worker holds it, in the order they were
+        made), and to say whether to go on (False: stop, a rebalance has begun). A chunk is read
+        and deleted with no turn between: an event taken in during a turn is stored before the next
+        chunk reads its user. The store's iterator is made again after each turn, from the last key
+        read, never held across one: a revocation may close the partition meanwhile, and then its
+        sweep stops. Nothing where the store is not Faust's rocksdict store."""
         store = self.table.data
         if not self._rocksdict_store():
             return 0

@@ -176,11 +176,11 @@ class RequestReader:
 
     @staticmethod
     async def _poll(consumer: Any, fair: bool = True) -> dict:
-        """Up to ``MAX_BATCH`` requests: an equal share for each partition with requests
-        buffered (:func:`~stream_app.fair_fetch.fair_records`; ``fair``, as
-        ``STREAMREC_FAIR_POLLS`` says), else aiokafka's poll, which waits for the next fetch. aiokafka's own order hands out a partition's buffered fetch
-        (up to a megabyte, thousands of requests) before the next partition's first request:
-        one user's flood held every other partition's answers."""
+        """Up to ``MAX_BATCH`` requests: an equal share for each partition with requests buffered
+        (:func:`~stream_app.fair_fetch.fair_records`; ``fair``, as ``STREAMREC_FAIR_POLLS`` says),
+        else aiokafka's poll, which waits for the next fetch. aiokafka's own order hands out a
+        partition's buffered fetch (up to a megabyte, thousands of requests) before the next
+        partition's first request: one user's flood held every other partition's answers."""
         fetcher = getattr(consumer, "_fetcher", None)  # aiokafka 0.10-0.14's, as fair_fetch
         if fair and isinstance(getattr(fetcher, "_records", None), dict) and not fetcher._closed:
             with consumer._subscription.fetch_context():

@@ -985,14 +985,26 @@ def test_item_rows_for_the_learner_wait_while_its_pipe_holds_too_much(tmp_path):
         await asyncio.sleep(0)
         seen["held"] = not waiting.done()
         await asyncio.wait_for(waiting, 60.0)
+
+    seen.update(run_settled(learner, main, follower))
+    assert seen == {"held": True, "items": len(records)}
+
+
+def run_settled(learner: LearnerProcess, main, follower: Engine) -> dict:
+    """``main()`` on an event loop, then the learner settled and stopped: the items its
+    follower then holds."""
+    seen = {}
+
+    async def settled() -> None:
+        await main()
         assert await learner.settle(60.0)
         seen["items"] = len(follower.learner)
 
     try:
-        asyncio.run(main())
+        asyncio.run(settled())
     finally:
         assert learner.stop()
-    assert seen == {"held": True, "items": len(records)}
+    return seen
 
 
 @pytest.mark.parametrize("died", [False, True])
@@ -1325,13 +1337,8 @@ def test_what_is_asked_of_the_learner_before_it_is_attached_reaches_it_in_order(
         await learner.attach(on_report=follower.follow, on_paths=lambda stats: None,
                              on_saved=lambda through: None, on_death=lambda: None)
         await asyncio.wait_for(waiting, 60.0)
-        assert await learner.settle(60.0)
-        seen["items"] = len(follower.learner)
 
-    try:
-        asyncio.run(main())
-    finally:
-        assert learner.stop()
+    seen.update(run_settled(learner, main, follower))
     assert seen == {"drained before attach": False, "items": len(records)}
 
 

@@ -13,6 +13,21 @@ from stream_app.request_reader import RequestReader
 from stream_app.settings import Settings
 
 
+class Pausing:
+    """aiokafka's pause and resume of partitions, as a fake consumer's."""
+
+    paused_now: frozenset = frozenset()
+
+    def paused(self) -> set:
+        return set(self.paused_now)
+
+    def pause(self, *partitions) -> None:
+        self.paused_now = self.paused_now | set(partitions)
+
+    def resume(self, *partitions) -> None:
+        self.paused_now = self.paused_now - set(partitions)
+
+
 class RecordingConsumer:
     def __init__(self) -> None:
         self.commits: list[dict] = []
@@ -181,7 +196,7 @@ class FakeRequestLog:
         self.lookup: asyncio.Future | None = None
         log = self
 
-        class Consumer:
+        class Consumer(Pausing):
             def __init__(self, **kwargs) -> None:
                 self.positions: dict = {}
 
@@ -194,19 +209,10 @@ class FakeRequestLog:
 
             def assign(self, partitions) -> None:
                 self.positions = {tp: None for tp in partitions}
-                self.paused_now: set = set()
+                self.paused_now = frozenset()
 
             def assignment(self) -> set:
                 return set(self.positions)
-
-            def paused(self) -> set:
-                return set(self.paused_now)
-
-            def pause(self, *partitions) -> None:
-                self.paused_now.update(partitions)
-
-            def resume(self, *partitions) -> None:
-                self.paused_now.difference_update(partitions)
 
             async def committed(self, tp):
                 return log.committed.get(tp.partition)
@@ -471,27 +477,14 @@ def test_a_partition_whose_answers_do_not_settle_is_paused_until_they_do(monkeyp
     zero, one = TopicPartition("requests", 0), TopicPartition("requests", 1)
     monkeypatch.setattr(reader_module, "MAX_UNSETTLED", 3)
 
-    class Pausing(RecordingConsumer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.paused_now: set = set()
-
+    class PausingConsumer(Pausing, RecordingConsumer):
         def assignment(self) -> set:
             return {zero, one}
-
-        def paused(self) -> set:
-            return set(self.paused_now)
-
-        def pause(self, *partitions) -> None:
-            self.paused_now.update(partitions)
-
-        def resume(self, *partitions) -> None:
-            self.paused_now.difference_update(partitions)
 
     async def scenario() -> list[set]:
         stuck = asyncio.get_running_loop().create_future()
         reader = reader_answering({0: stuck, 1: None, 2: None, 7: None})
-        consumer = reader._consumer = Pausing()
+        consumer = reader._consumer = PausingConsumer()
         seen = []
         await reader._handle({**records(zero, 0, 1), **records(one, 7)})
         reader._pause_unsettled(consumer)
