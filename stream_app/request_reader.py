@@ -29,9 +29,9 @@ Faust's consumer read it.
 A poll shares its requests among the partitions with some buffered
 (:func:`~stream_app.fair_fetch.fair_records`), so a flood on one partition does not hold the
 others' answers. The periodic commit runs beside the answering; a change of partitions waits
-for the coordinator (its commit, and the lookups of the committed offsets) ``COORDINATOR_WAIT_S``
-in all: a refused or timed-out commit goes with the next, a lookup that did not end starts a new
-consumer. A partition with ``MAX_UNSETTLED`` answers waiting behind
+for the coordinator (its commit, and the lookups of the committed offsets)
+``COORDINATOR_WAIT_S`` in all: a refused or timed-out commit goes with the next, a lookup that
+did not end starts a new consumer. A partition with ``MAX_UNSETTLED`` answers waiting behind
 one the broker has not settled is paused until they settle.
 """
 
