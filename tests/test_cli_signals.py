@@ -23,6 +23,8 @@ from stream_app import supervisor
 from stream_app.cli import main
 
 signum, argv = getattr(signal, sys.argv[1]), sys.argv[2:]
+for sig in (signal.SIGTERM, signal.SIGHUP):  # as a terminal's session has them (under nohup,
+    signal.signal(sig, signal.SIG_DFL)  # SIGHUP comes ignored, and stays so)
 
 
 class StartingSystem:
@@ -139,6 +141,7 @@ class UpSystem:
         print("stopped", flush=True)
 
 
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as a terminal's session has it
 supervisor.System = UpSystem
 supervisor.dead_child = lambda system: None
 print("status", main(["up"]), flush=True)
