@@ -65,6 +65,9 @@ class History:
     # (partition, offset) in the events topic of the last event taken in, where known: a
     # message of the user at or below it was taken in already (read again after a crash)
     at: tuple[int, int] | None = None
+    # the broker's id of the events topic ``at`` is in ("": not known): an events topic made
+    # anew starts its offsets again, and its messages were never taken in
+    topic: str = ""
 
     def __len__(self) -> int:
         return len(self.items)
@@ -76,16 +79,17 @@ class History:
         """True if an event with this id is already in the window (a redelivery)."""
         return bool(event_id) and event_id in self.event_ids
 
-    def read_before(self, at: tuple[int, int] | None) -> bool:
-        """True if the message at ``at`` (partition, offset) was taken into this history
-        already: a user's messages are taken in the order of its partition."""
+    def read_before(self, at: tuple[int, int] | None, topic: str = "") -> bool:
+        """True if the message at ``at`` (partition, offset) of the events topic ``topic``
+        (its id) was taken into this history already: a user's messages are taken in the
+        order of its partition."""
         return at is not None and self.at is not None and at[0] == self.at[0] \
-            and at[1] <= self.at[1]
+            and at[1] <= self.at[1] and topic == self.topic
 
     def appended(self, item_id: str, kind: str, ts: float, event_id: str | None,
-                 limit: int, at: tuple[int, int] | None = None) -> History:
-        """A new history with the event (from ``at`` in the events topic, where known)
-        added and only the last ``limit`` events kept.
+                 limit: int, at: tuple[int, int] | None = None, topic: str = "") -> History:
+        """A new history with the event (from ``at`` in the events topic of id ``topic``,
+        where known) added and only the last ``limit`` events kept.
 
         Events are kept in arrival order; out-of-order timestamps are kept as they came,
         because arrival order is what the stream learns from.
@@ -97,18 +101,21 @@ class History:
             ts=(self.ts + (float(ts),))[keep],
             event_ids=(self.event_ids + (event_id or "",))[keep],
             phi_b64=self.phi_b64,
-            at=self._last_taken(at),
+            **self._last_taken(at, topic),
         )
 
-    def _last_taken(self, at: tuple[int, int] | None) -> tuple[int, int] | None:
-        """Where the history stands once the message at ``at`` is taken in: never back (an
-        event added again while its partition is read again, one without an id, is below)."""
-        return self.at if at is None or self.read_before(at) else at
+    def _last_taken(self, at: tuple[int, int] | None, topic: str) -> dict:
+        """Where the history stands once the message at ``at`` of ``topic`` is taken in
+        (``at`` and ``topic``): never back within a topic."""
+        if at is None or self.read_before(at, topic):
+            return {"at": self.at, "topic": self.topic}
+        return {"at": at, "topic": topic}
 
     def with_phi(self, phi_b64: str) -> History:
         # the constructor, not dataclasses.replace, which took twice as long: the ingest agent
         # calls this for every user of every batch
-        return History(self.items, self.kinds, self.ts, self.event_ids, phi_b64, self.at)
+        return History(self.items, self.kinds, self.ts, self.event_ids, phi_b64, self.at,
+                       self.topic)
 
     def fitting(self, max_bytes: int = MAX_STORED_BYTES) -> History:
         """The history, or, where its stored JSON is over ``max_bytes``, its newest events
@@ -129,7 +136,7 @@ class History:
         """The history of the newest ``count`` events (its vector and place kept)."""
         keep = slice(len(self) - count, None)
         return History(self.items[keep], self.kinds[keep], self.ts[keep],
-                       self.event_ids[keep], self.phi_b64, self.at)
+                       self.event_ids[keep], self.phi_b64, self.at, self.topic)
 
     def stored_bytes(self) -> int:
         """The bytes of the JSON it is stored as (the table's codec is orjson's)."""
@@ -140,6 +147,8 @@ class History:
                   "ids": list(self.event_ids), "phi": self.phi_b64}
         if self.at is not None:
             stored["at"] = list(self.at)
+        if self.topic:
+            stored["topic"] = self.topic
         return stored
 
     @classmethod
@@ -162,6 +171,7 @@ class History:
     def _checked(cls, value: dict) -> History:
         items, kinds, ts = value["items"], value["kinds"], value["ts"]
         ids, phi, at = value.get("ids", ()), value.get("phi", ""), value.get("at")
+        topic = value.get("topic", "")
         if not all(isinstance(part, _SEQUENCES) for part in (items, kinds, ts, ids)):
             raise TypeError("items, kinds, ts and ids are lists")
         if not len(items) == len(kinds) == len(ts) or len(ids) not in (0, len(items)):
@@ -175,11 +185,13 @@ class History:
         if at is not None and not (isinstance(at, _SEQUENCES) and len(at) == 2 and all(
                 type(n) is int and n >= 0 for n in at)):
             raise ValueError("at is a partition and an offset")
+        if not isinstance(topic, str):
+            raise TypeError("topic is a string")
         # no ids (a record written without them): an empty one each, so the lists stay in
         # step as events are appended (one appended to none made a history read as damaged)
         return cls(items=tuple(items), kinds=tuple(kinds), ts=tuple(ts),
                    event_ids=tuple(ids) if ids else ("",) * len(items), phi_b64=phi,
-                   at=None if at is None else tuple(at))
+                   at=None if at is None else tuple(at), topic=topic)
 
     @classmethod
     def from_stored(cls, value: dict | None,

@@ -380,10 +380,17 @@ class Engine:
                 history = histories.get(event.user_id) or History()
                 taken = (history, self._kind_weight_list(history.kinds))
             source = None if sources is None else sources[n]
+            if self._taken_and_gone(event, taken[0], source):
+                examples.append(None)
+                repeated.append(True)
+                if self._first_redelivery(event, redelivered):  # counted if it was lost
+                    countable.append(self._example(event, self._weight_of_kind[event.kind],
+                                                   (), [], (), source))
+                continue
             step = self._append(event, *taken, source)
             repeated.append(step is None)
-            if step is None:
-                read_before = taken[0].read_before(source)  # not a client's duplicate
+            if step is None:  # not a client's duplicate: read again
+                read_before = taken[0].read_before(source, self._events_topic)
                 examples.append(self._remade(event, *taken, source) if read_before else None)
                 if read_before and self._first_redelivery(event, redelivered):
                     countable.append(examples[-1])  # counted if the popularity lost it
@@ -425,6 +432,24 @@ class Engine:
             "pass %d bytes (STREAMREC_HISTORY_LENGTH %d, long ids)", user, len(fitting),
             len(history), MAX_STORED_BYTES, self.settings.history_length)
         return fitting
+
+    @property
+    def _events_topic(self) -> str:
+        """The broker's id of the events topic, as the histories note it ("": not known)."""
+        return self.events_topic_id or ""
+
+    def _taken_and_gone(self, event: Event, history: History,
+                        source: tuple[int, int] | None) -> bool:
+        """Whether ``event``, read again (its place is at or below the history's, in the
+        same events topic), is no longer in the window: erased since (the history is a later
+        one), left it, or an event without an id, which the window cannot tell. It is not
+        taken in again: appended, it came after the events that followed it, and its
+        example from them. Only where the topic's id is known: an events topic made anew
+        under the same name starts its offsets again, and a history of the old one would
+        take its new messages for old ones."""
+        return (source is not None and bool(self._events_topic)
+                and history.read_before(source, self._events_topic)
+                and not history.has_event(event.event_id))
 
     @staticmethod
     def _first_redelivery(event: Event, redelivered: set[tuple[str, str]]) -> bool:
@@ -488,7 +513,7 @@ class Engine:
         weight = self._weight_of_kind[event.kind]
         limit = self.settings.history_length
         updated = history.appended(event.item_id, event.kind, event.ts, event.event_id, limit,
-                                   source)
+                                   source, self._events_topic)
         example = self._example(event, weight, history.items, weights, history.ts, source)
         return updated, (weights + [weight])[-limit:], example
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from state.history import History
+from state.history import DamagedHistory, History
 from stream_app.engine import Engine
 from stream_app.settings import Settings
 from stream_app.wire import Event, ForgetUser, InvalidMessage, RecRequest
@@ -462,3 +462,51 @@ def test_the_withdrawn_items_rows_are_looked_up_again_when_the_set_or_the_items_
         engine.learner.rows_of(["a", "c"]).tolist()) and -1 not in engine._withdrawn_rows()
     engine.withdrawn = frozenset({"b"})
     assert engine._withdrawn_rows().tolist() == engine.learner.rows_of(["b"]).tolist()
+
+
+def test_events_read_again_that_the_window_no_longer_holds_are_not_taken_again(tmp_path):
+    """With the events topic's id known, an event read again (its place at or below the
+    history's, in the same topic) that the window does not hold is not taken in again: an
+    event without an id (added twice before, its example from the wrong history), or the
+    events before an erasure (appended to the history begun after it, their examples from
+    events that came later). A client's duplicate still gets none, an event in the window
+    its example again, and each event is counted in the popularity once."""
+    engine = Engine(Settings(data_dir=tmp_path, history_length=10, popularity_refresh_s=0))
+    engine.events_topic_id = "topic-1"
+    batch = [Event(user_id="a", item_id="x", kind="view", ts=1.0, event_id="a1"),
+             Event(user_id="a", item_id="y", kind="view", ts=2.0),
+             forget("a"),
+             Event(user_id="a", item_id="z", kind="view", ts=3.0, event_id="a3"),
+             Event(user_id="b", item_id="w", kind="view", ts=4.0)]
+    places = [(0, 10), (0, 11), (0, 12), (0, 13), (0, 14)]
+    stored, examples, _ = engine.ingest_many(batch, {}, places)
+    assert stored["a"].items == ("z",) and stored["a"].topic == "topic-1"
+    counts = {item: engine.popularity.count(item) for item in "xyzw"}
+    updated, again, repeated = engine.ingest_many(batch, stored, places)  # after a crash
+    assert updated["a"] == stored["a"] and "b" not in updated  # nothing added twice
+    assert again == [None, None, None, examples[3], None]  # e3 after the erasure, again
+    assert repeated == [True, True, False, False, True]
+    assert {item: engine.popularity.count(item) for item in "xyzw"} == counts
+    new = Event(user_id="b", item_id="v", kind="view", ts=5.0)
+    assert engine.ingest_many([new], stored, [(0, 15)]).examples[0].history == ["w"]
+
+
+def test_a_history_of_another_events_topic_takes_the_new_topics_events(tmp_path):
+    """An events topic made anew starts its offsets again: a history whose place is in the
+    old topic (its id noted) takes the new topic's messages as new; and without the topic's
+    id (a broker that gives none) an event read again is taken as it was before."""
+    engine = Engine(Settings(data_dir=tmp_path, history_length=10, popularity_refresh_s=0))
+    engine.events_topic_id = "topic-2"
+    old = History().appended("x", "view", 1.0, None, 10, (0, 500), "topic-1")
+    assert History.from_json(old.to_json()) == old
+    with pytest.raises(DamagedHistory):
+        History.from_json({**old.to_json(), "topic": 7})
+    taken = engine.ingest_many([Event(user_id="a", item_id="y", kind="view", ts=2.0)],
+                               {"a": old}, [(0, 3)])
+    assert taken.updated["a"].items == ("x", "y") and taken.examples[0].history == ["x"]
+    assert (taken.updated["a"].at, taken.updated["a"].topic) == ((0, 3), "topic-2")
+    engine.events_topic_id = None
+    unnamed = History().appended("x", "view", 1.0, None, 10, (0, 500))
+    again = engine.ingest_many([Event(user_id="a", item_id="x", kind="view", ts=1.0)],
+                               {"a": unnamed}, [(0, 500)])
+    assert again.updated["a"].items == ("x", "x")  # as before: the window cannot tell
